@@ -1,0 +1,140 @@
+"""The `snd` command line: parsing, rich output and exit codes only; the work lives in `snd.stages`.
+
+Exit codes: 0 ok, 1 the job ran but some items failed (e.g. scenes in precompute), 2 bad input
+(an `SndError`: missing file, wrong format, bad option).
+"""
+from __future__ import annotations
+
+import inspect
+import sys
+from typing import Any  # noqa: F401
+
+import typer
+from rich.console import Console
+
+from snd.errors import SndError
+from snd.pipeline import config as C
+from snd.pipeline.options import command_from_config
+
+console = Console(stderr=True)
+
+app = typer.Typer(
+    name="snd",
+    help="Splat and Distill: 3D-consistent DINOv2 features from cached Gaussian scaffolds.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+data_app = typer.Typer(help="Datasets: generate procedural ScanNet++-layout scenes, inspect data.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks (JSON out): precompute, distill.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(bench_app, name="bench")
+
+
+def _exit_with(code: int) -> None:
+    if code:
+        raise typer.Exit(code)
+
+
+# ---- data --------------------------------------------------------------------------------------
+def _synth(cfg: C.SynthConfig) -> None:
+    from snd.data.synth import generate_dataset
+
+    names = generate_dataset(cfg, progress=True)
+    console.print(f"[green]wrote {len(names)} scenes[/] to {cfg.out}")
+
+
+command_from_config(data_app, "synth", C.SynthConfig, _synth,
+                    help="Generate procedural rooms in the raw ScanNet++ v2 layout (images, mesh, segments, poses).")
+
+
+# ---- stage one ---------------------------------------------------------------------------------
+def _precompute(cfg: C.PrecomputeConfig) -> None:
+    from snd.stages.precompute import run
+
+    summary = run(cfg)
+    _exit_with(1 if summary.failed else 0)
+
+
+command_from_config(app, "precompute", C.PrecomputeConfig, _precompute,
+                    help="Stage one: predict the Gaussian scaffold of every context pair once and store it in Zarr shards.")
+
+
+# ---- stage two ---------------------------------------------------------------------------------
+def _distill(cfg: C.DistillConfig) -> None:
+    from snd.stages.distill import run
+
+    run(cfg)
+
+
+command_from_config(app, "distill", C.DistillConfig, _distill,
+                    help="Stage two: distill 3D-consistent features into a LoRA student, streaming the cached scaffolds.")
+
+
+# ---- evaluation --------------------------------------------------------------------------------
+TASKS = ("all", "depth", "normals", "seg", "corr")
+
+
+def _eval(cfg: C.EvalConfig, task: str) -> None:
+    from snd.stages.evaluate import run
+
+    if task not in TASKS:
+        raise SndError(f"unknown eval task {task!r}; choose one of {', '.join(TASKS)}")
+    tasks = ["depth", "normals", "seg", "corr"] if task == "all" else [task]
+    run(cfg, tasks=tasks)
+
+
+_task_param = inspect.Parameter(
+    "task", inspect.Parameter.POSITIONAL_OR_KEYWORD,
+    default=typer.Argument("all", help=f"Probe to run: {' | '.join(TASKS)}."), annotation=str,
+)
+command_from_config(app, "eval", C.EvalConfig, _eval, extra=[_task_param],
+                    help="Frozen-feature probes: depth, surface normals, semantic segmentation, multi-view correspondence.")
+
+
+# ---- demo --------------------------------------------------------------------------------------
+@app.command("demo")
+def demo(
+    out: str = typer.Option("demo_out", help="Folder for the demo's data, cache, run and eval results."),
+    scenes: int = typer.Option(3, help="Procedural scenes to generate."),
+    iters: int = typer.Option(40, help="Distillation steps (tiny random-init ViT on CPU)."),
+    seed: int = typer.Option(0, help="Seed of everything."),
+) -> None:
+    """The whole pipeline on built-in procedural data with small models: synth -> precompute -> distill -> eval."""
+    from pathlib import Path
+
+    from snd.pipeline.demo import run_demo
+
+    run_demo(Path(out), scenes=scenes, iters=iters, seed=seed)
+
+
+# ---- benchmarks --------------------------------------------------------------------------------
+def _bench_precompute(cfg: C.BenchPrecomputeConfig) -> None:
+    from snd.stages.precompute import bench
+
+    bench(cfg)
+
+
+def _bench_distill(cfg: C.BenchDistillConfig) -> None:
+    from snd.stages.distill import bench
+
+    bench(cfg)
+
+
+command_from_config(bench_app, "precompute", C.BenchPrecomputeConfig, _bench_precompute,
+                    help="Stage-one pairs/s and MB/pair (JSON).")
+command_from_config(bench_app, "distill", C.BenchDistillConfig, _bench_distill,
+                    help="Stage-two it/s, ms per phase and peak memory (JSON).")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: SndError -> one red line + exit 2; usage errors are typer's; bugs keep tracebacks."""
+    try:
+        app(args=argv)
+    except SndError as e:
+        console.print(f"[bold red]error:[/] {e}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""snd.eval.datasets"""

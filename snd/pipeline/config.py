@@ -1,0 +1,202 @@
+"""Typed configs of every stage. Each field's ``help`` is the one-line *why* of its default; the CLI
+turns these fields into typer options, so `--help` and the code never disagree.
+
+Defaults are the paper's / official code's (see docs/ and shared reference notes); tests and the demo
+override sizes and iteration counts, never semantics.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from snd.errors import SndError
+
+
+def opt(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with CLI help text."""
+    if isinstance(default, (list, dict, tuple)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class SynthConfig:
+    """`snd data synth`: procedural rooms written in the raw ScanNet++ v2 layout."""
+
+    out: Path = opt(Path("data/synth"), "Output root (gets data/<scene>/... and splits/ like ScanNet++ v2).")
+    scenes: int = opt(4, "Number of scenes to generate.")
+    frames: int = opt(30, "Frames per scene along a smooth camera trajectory.")
+    height: int = opt(292, "Image height in pixels (ScanNet++ resized DSLR halved twice is ~292).")
+    width: int = opt(438, "Image width in pixels.")
+    objects: int = opt(6, "Objects per room (boxes, cylinders, spheres; one instance each).")
+    seed: int = opt(0, "Random seed; the same seed gives byte-identical scenes.")
+
+
+@dataclass
+class PrecomputeConfig:
+    """`snd precompute`: stage one, scaffolds of all context pairs into Zarr shards."""
+
+    data: Path = opt(Path("data/synth"), "Dataset root: raw ScanNet++ v2, FiT3D/SnD prepared layout, or `snd data synth` output.")
+    layout: Literal["auto", "scannetpp", "prepared"] = opt("auto", "Folder layout of --data; auto detects it.")
+    split: str = opt("distill", "Scene list: 'distill' = nvs_sem_train + nvs_sem_val (the paper's 280), or 'train'/'val'.")
+    scenes: Optional[int] = opt(None, "Take the first N scenes of the split (280 = the paper's training set); default all.")
+    out: Path = opt(Path("cache"), "Output Zarr store (a folder).")
+    source: Literal["depth", "mvsplat"] = opt("depth", "Scaffold source: dataset/mesh depth, or frozen MVSplat (needs --mvsplat-ckpt).")
+    mvsplat_ckpt: Optional[Path] = opt(None, "MVSplat Lightning checkpoint (re10k.ckpt or a ScanNet++ fine-tune).")
+    mvsplat_config: Literal["scannetpp", "re10k"] = opt("scannetpp", "MVSplat encoder config the checkpoint was trained with.")
+    height: int = opt(576, "Scaffold height: SnD's MVSplat input is 576x880.")
+    width: int = opt(880, "Scaffold width.")
+    near: float = opt(1.0, "MVSplat near plane (SnD's ScanNet++ experiment: 1).")
+    far: float = opt(100.0, "MVSplat far plane (SnD's ScanNet++ experiment: 100).")
+    gap_min: int = opt(8, "Smallest frame gap between the two context views (SnD 'bounded' sampler).")
+    gap_max: int = opt(12, "Largest frame gap between the two context views.")
+    pairs_per_scene: int = opt(180, "Context pairs kept per scene (~50k pairs over 280 scenes); 0 = all.")
+    targets_per_pair: int = opt(3, "Target views stored per pair (stage two draws one per step).")
+    batch_pairs: int = opt(4, "Pairs per MVSplat forward on GPU.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = opt("auto", "Network precision: auto = bf16 on CUDA, fp32 on CPU.")
+    device: str = opt("auto", "'auto', 'cpu' or 'cuda[:i]'.")
+    rank: int = opt(0, "This worker's index (also read from torchrun's RANK).")
+    world_size: int = opt(1, "Number of workers splitting the scenes (also read from WORLD_SIZE).")
+    seed: int = opt(0, "Seed of the pair sampler.")
+
+
+@dataclass
+class DistillConfig:
+    """`snd distill`: stage two, the SnD distillation loop over cached scaffolds."""
+
+    shards: Path = opt(Path("cache"), "Zarr store written by `snd precompute`.")
+    data: Optional[Path] = opt(None, "Dataset root for the images; default: the one recorded in the store's manifest.")
+    run: Path = opt(Path("runs/snd"), "Run directory (config, TensorBoard, checkpoints); an existing run resumes.")
+    model: str = opt("vit_small_patch14_dinov2", "timm backbone name (vit_{small,base}_patch14[_reg4]_dinov2, or snd_test_vit_patch14).")
+    weights: Optional[Path] = opt(None, "Backbone weights: official DINOv2 .pth, timm/HF .safetensors, or an HF cache folder.")
+    init: Literal["pretrained", "random"] = opt("pretrained", "'random' only for tests and the demo; SnD starts from DINOv2.")
+    img_height: int = opt(574, "Backbone input height (576 floored to a multiple of 14).")
+    img_width: int = opt(868, "Backbone input width (880 floored to a multiple of 14).")
+    lora_rank: int = opt(8, "LoRA rank on the student (paper: 8).")
+    lora_alpha: float = opt(8.0, "LoRA alpha (official: 8).")
+    lora_dropout: float = opt(0.1, "LoRA dropout (official: 0.1).")
+    lora_patch_embed: bool = opt(True, "Also adapt patch_embed.proj, as the official 'proj' suffix match does.")
+    head_hidden: int = opt(2048, "DINO head hidden width.")
+    head_bottleneck: int = opt(256, "DINO head bottleneck.")
+    head_prototypes: int = opt(65536, "DINO head prototypes (weight-normed, no bias).")
+    student_temp: float = opt(1.0, "Student softmax temperature (official: 1).")
+    teacher_temp: float = opt(1.0, "Teacher softmax temperature (official: 1, no centering).")
+    ema_momentum: float = opt(0.999, "Teacher EMA momentum.")
+    ema_every: int = opt(10, "Optimizer steps between EMA updates.")
+    lr: float = opt(2e-5, "Adam peak learning rate.")
+    warmup_pct: float = opt(0.01, "One-cycle cosine warm-up fraction.")
+    iters: int = opt(50000, "Optimizer steps.")
+    batch: int = opt(1, "Pairs per step (paper: 1).")
+    grad_clip: float = opt(0.5, "Gradient-norm clip.")
+    upsample: Literal["mask", "bilinear"] = opt("mask", "x14 upsampling of teacher features: mask-aware (paper) or plain bilinear (ablation B).")
+    blend: bool = opt(True, "Semantic blending of rendered features (off = ablation A / the correspondence variant).")
+    loss: Literal["dino", "cosine"] = opt("dino", "DINO-head cross-entropy (paper) or cosine on patch features (ablation C).")
+    frozen_teacher: bool = opt(False, "Never update the teacher (ablation D).")
+    render_to_context: bool = opt(False, "Render into the context views instead of a target between them (ablation E).")
+    feature_render_loss: bool = opt(False, "Direct feature-rendering loss on a fixed teacher (ablation G).")
+    renderer: Literal["auto", "gsplat", "torch"] = opt("auto", "Splatting backend: gsplat on CUDA, pure torch elsewhere.")
+    amp: Literal["auto", "bf16", "fp32"] = opt("auto", "Autocast: bf16 on CUDA, fp32 on CPU.")
+    compile: bool = opt(False, "torch.compile the student step (CUDA).")
+    num_workers: int = opt(2, "DataLoader worker processes reading shards and images.")
+    prefetch: int = opt(4, "Batches prefetched per worker.")
+    log_every: int = opt(10, "Steps between logged scalars (one host sync each).")
+    ckpt_every: int = opt(1000, "Steps between checkpoints (and at the end).")
+    seed: int = opt(0, "Seed of init, LoRA dropout and shard shuffling.")
+    device: str = opt("auto", "'auto', 'cpu' or 'cuda[:i]'.")
+
+
+@dataclass
+class EvalConfig:
+    """`snd eval`: frozen-feature probes (depth, normals, segmentation, correspondence)."""
+
+    model: str = opt("dinov2_vits14", "Backbone: dinov2_vits14/vitb14, a timm name, an SnD run dir, or a checkpoint/export.")
+    weights: Optional[Path] = opt(None, "Weights for --model when it is a name (official .pth or safetensors).")
+    init: Literal["pretrained", "random"] = opt("pretrained", "'random' only for tests and the demo.")
+    baseline: Optional[str] = opt(None, "A second backbone evaluated the same way, reported side by side with deltas.")
+    baseline_weights: Optional[Path] = opt(None, "Weights for --baseline.")
+    data_root: Path = opt(Path("data"), "Folder holding the datasets (nyuv2/, scannetpp/, scannet/, kitti/, ade20k/, voc/, scannet1500/, synth/).")
+    datasets: list[str] = opt([], "Datasets to use (default: every one found for the task).")
+    out: Path = opt(Path("eval_out"), "Output folder: results.json, tables (markdown), figures, probe checkpoints.")
+    feature_cache: Optional[Path] = opt(None, "Feature cache folder (default <out>/features).")
+    img_height: int = opt(476, "Probe input height (multiple of 14).")
+    img_width: int = opt(630, "Probe input width (multiple of 14).")
+    iters: Optional[int] = opt(None, "Override every probe's iterations (the paper's schedules are 10^5 scale).")
+    batch: Optional[int] = opt(None, "Override the probe batch size.")
+    max_images: Optional[int] = opt(None, "Use at most this many images per split (quick runs).")
+    seed: int = opt(0, "Seed of probe init and sampling.")
+    device: str = opt("auto", "'auto', 'cpu' or 'cuda[:i]'.")
+
+
+def to_jsonable(cfg: Any) -> dict:
+    """A config as plain JSON types (Paths as strings)."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        out[f.name] = str(v) if isinstance(v, Path) else v
+    return out
+
+
+def save_config(cfg: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps({"type": type(cfg).__name__, "config": to_jsonable(cfg)}, indent=2))
+    tmp.replace(path)
+
+
+def load_config(cls: type, path: Path) -> Any:
+    """Read a config written by `save_config`; unknown keys are an error, not silently dropped."""
+    try:
+        raw = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SndError(f"cannot read config {path}: {e}", path=path) from e
+    values = raw.get("config", raw)
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise SndError(f"unknown {cls.__name__} keys in {path}: {unknown}", path=path)
+    kwargs = {}
+    for k, v in values.items():
+        default = names[k].default if names[k].default is not dataclasses.MISSING else None
+        if v is not None and (isinstance(default, Path) or "Path" in str(names[k].type)):
+            v = Path(v)
+        kwargs[k] = v
+    return cls(**kwargs)
+
+
+@dataclass
+class BenchPrecomputeConfig:
+    """`snd bench precompute`: stage-one throughput and cache size on generated pairs."""
+
+    source: Literal["depth", "mvsplat"] = opt("mvsplat", "Scaffold source to time (mvsplat uses random init unless --mvsplat-ckpt).")
+    mvsplat_config: Literal["scannetpp", "re10k"] = opt("scannetpp", "MVSplat encoder config.")
+    mvsplat_ckpt: Optional[Path] = opt(None, "Optional real checkpoint (speed does not depend on it).")
+    height: int = opt(576, "Scaffold height (SnD's MVSplat input).")
+    width: int = opt(880, "Scaffold width.")
+    pairs: int = opt(64, "Timed pairs (after warm-up).")
+    batch_pairs: int = opt(4, "Pairs per forward.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = opt("auto", "auto = bf16 on CUDA, fp32 on CPU.")
+    device: str = opt("auto", "'auto', 'cpu' or 'cuda[:i]'.")
+    workdir: Optional[Path] = opt(None, "Where the scratch dataset and store go (default: a temp folder).")
+    out: Optional[Path] = opt(None, "Write the JSON result here too (always printed).")
+
+
+@dataclass
+class BenchDistillConfig:
+    """`snd bench distill`: stage-two step time per phase, it/s and peak memory."""
+
+    models: list[str] = opt(["vit_small_patch14_dinov2", "vit_base_patch14_dinov2"], "Backbones to time (random init).")
+    img_height: int = opt(574, "Backbone input height.")
+    img_width: int = opt(868, "Backbone input width.")
+    scaffold_height: int = opt(576, "Scaffold (render) height.")
+    scaffold_width: int = opt(880, "Scaffold (render) width.")
+    head_prototypes: int = opt(65536, "DINO head prototypes.")
+    iters: int = opt(50, "Timed steps (after warm-up).")
+    warmup: int = opt(10, "Untimed warm-up steps.")
+    renderer: Literal["auto", "gsplat", "torch"] = opt("auto", "Splatting backend.")
+    compile: bool = opt(False, "torch.compile the student step.")
+    device: str = opt("auto", "'auto', 'cpu' or 'cuda[:i]'.")
+    workdir: Optional[Path] = opt(None, "Scratch folder for the generated store (default: temp).")
+    out: Optional[Path] = opt(None, "Write the JSON result here too (always printed).")
