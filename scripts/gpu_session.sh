@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# One device call: install the carried wheels, run the GPU tests and the benchmarks, leave JSON + logs in $OUT.
+# Usage (on the GPU machine, repo root, with .whl carried): bash scripts/gpu_session.sh [what...]
+#   what: tests | bench-precompute | bench-distill | all (default)
+set -uo pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+python3 -c "import torch, gsplat, zarr; print('torch', torch.__version__, 'gsplat', gsplat.__version__, 'zarr', zarr.__version__)"
+# build gsplat's kernels once, up front, so no test or benchmark times the JIT compile
+python3 - <<'PY' 2>&1 | tail -3
+import time, torch
+t = time.time()
+from gsplat import rasterization
+m = torch.randn(100, 3, device="cuda") + torch.tensor([0, 0, 5.0], device="cuda")
+q = torch.nn.functional.normalize(torch.randn(100, 4, device="cuda"), dim=-1)
+s = torch.full((100, 3), 0.05, device="cuda"); o = torch.full((100,), 0.5, device="cuda")
+c = torch.rand(100, 3, device="cuda"); K = torch.tensor([[100., 0, 32], [0, 100., 32], [0, 0, 1]], device="cuda")
+rasterization(m, q, s, o, c, torch.eye(4, device="cuda")[None], K[None], 64, 64)
+torch.cuda.synchronize(); print(f"gsplat build+first render {time.time() - t:.1f}s")
+PY
+what=${*:-all}
+run() { echo "== $1"; shift; "$@"; echo "rc=$?"; }
+if [[ $what == *tests* || $what == all ]]; then
+  run gpu-tests python3 -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
+fi
+if [[ $what == *bench-precompute* || $what == all ]]; then
+  run bench-precompute python3 -m snd.cli bench precompute --out "$OUT/bench_precompute.json" 2>&1 | tail -30
+fi
+if [[ $what == *bench-distill* || $what == all ]]; then
+  run bench-distill python3 -m snd.cli bench distill --out "$OUT/bench_distill.json" 2>&1 | tail -30
+fi
