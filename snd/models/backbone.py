@@ -1,0 +1,196 @@
+"""DINOv2 backbones through timm: creation, weight loading, normalisation and patch-feature extraction.
+
+Why timm: its `VisionTransformer` is the DINOv2 architecture (layer scale, registers, dynamic input size),
+has a pretrained-config table (mean/std, source URL) and `forward_features`, so snd keeps no model code.
+Weights never come from the network: `init="pretrained"` needs a local file (`--weights`), which
+`snd.models.weights` converts (official DINOv2 .pth, timm/HF safetensors, released SnD files) and loads
+strictly.
+
+Tokens vs. grid: the models are built at the weights' native grid (518 px = 37x37 patches for DINOv2)
+with `dynamic_img_size=True`, so any multiple of 14 works; `img_size=(H, W)` additionally resamples the
+position embedding once to that grid, so a fixed-size training loop does no per-step interpolation.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Literal
+
+import timm
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+from torch import Tensor, nn
+
+from snd.errors import SndError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ALIASES", "SUPPORTED", "create_backbone", "extract", "normalize", "resolve_name", "patch_size",
+           "embed_dim", "set_input_size"]
+
+# Official torch.hub names -> timm architecture names (the weights are the same; see snd.models.weights).
+ALIASES: dict[str, str] = {
+    "dinov2_vits14": "vit_small_patch14_dinov2",
+    "dinov2_vitb14": "vit_base_patch14_dinov2",
+    "dinov2_vits14_reg": "vit_small_patch14_reg4_dinov2",
+    "dinov2_vitb14_reg": "vit_base_patch14_reg4_dinov2",
+}
+SUPPORTED = (
+    "vit_small_patch14_dinov2", "vit_base_patch14_dinov2",
+    "vit_small_patch14_reg4_dinov2", "vit_base_patch14_reg4_dinov2",
+    "snd_test_vit_patch14",
+)
+TEST_MODEL = "snd_test_vit_patch14"
+
+# ---- the tiny test model ---------------------------------------------------------------------------
+# Why: tests and the CPU demo need a DINOv2-shaped ViT (patch 14, CLS token, layer scale, final norm)
+# that runs in milliseconds; registered in timm so every code path (timm.create_model, pretrained_cfg,
+# forward_features) is the same as for the real models.
+default_cfgs = generate_default_cfgs({
+    TEST_MODEL: {
+        "url": "", "num_classes": 0, "input_size": (3, 56, 56), "crop_pct": 1.0,
+        "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD, "license": "apache-2.0",
+        "first_conv": "patch_embed.proj", "classifier": "head",
+    },
+})
+
+
+@register_model
+def snd_test_vit_patch14(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """DINOv2-style ViT (patch 14, depth 2, dim 64, 2 heads, layer scale) with random weights only."""
+    model_args = dict(patch_size=14, embed_dim=64, depth=2, num_heads=2, init_values=1e-5, img_size=56)
+    return build_model_with_cfg(VisionTransformer, TEST_MODEL, pretrained=False,
+                                pretrained_filter_fn=checkpoint_filter_fn, **dict(model_args, **kwargs))
+
+
+# ---- creation ----------------------------------------------------------------------------------------
+def resolve_name(name: str) -> str:
+    """timm architecture name for `name` (an alias, a timm name, or a timm name with a `.tag`)."""
+    base = ALIASES.get(name, name).split(".")[0]
+    if base not in SUPPORTED:
+        known = ", ".join(list(SUPPORTED) + list(ALIASES))
+        raise SndError(f"unknown backbone {name!r}", hint=f"use one of: {known}")
+    return base
+
+
+def _download_hint(arch: str) -> str:
+    cfg = timm.models.get_pretrained_cfg(arch + ".lvd142m")
+    url = getattr(cfg, "url", "") if cfg is not None else ""
+    hub = f"timm/{arch}.lvd142m"
+    return (f"download the official DINOv2 weights {url} (or the safetensors of the Hugging Face repo {hub}) "
+            f"and pass the file with --weights; use --init random only for tests and the demo")
+
+
+def create_backbone(
+    name: str,
+    *,
+    weights: str | Path | None = None,
+    init: Literal["pretrained", "random"] = "pretrained",
+    img_size: tuple[int, int] | int | None = None,
+) -> VisionTransformer:
+    """A DINOv2 ViT from timm with dynamic input size, weights loaded strictly from a local file.
+
+    Args:
+        name: timm name (`vit_{small,base}_patch14[_reg4]_dinov2`), torch.hub alias (`dinov2_vits14`, ...)
+            or `snd_test_vit_patch14` (tiny, random init only).
+        weights: local weights file (official .pth, .safetensors, pytorch_model.bin, released SnD .pth) or a
+            folder holding one (e.g. a Hugging Face cache folder). Required for `init="pretrained"`.
+        init: "pretrained" (needs `weights`) or "random" (seeded by the caller's torch RNG).
+        img_size: (H, W) in pixels (multiples of 14) to resample the position embedding to once; None keeps
+            the weights' grid (still dynamic: any multiple of 14 works, interpolated per forward).
+
+    Returns:
+        timm `VisionTransformer` in eval mode, `num_classes=0`, `dynamic_img_size=True`.
+    """
+    if init not in ("pretrained", "random"):
+        raise SndError(f"init must be 'pretrained' or 'random', got {init!r}")
+    arch = resolve_name(name)
+    if init == "pretrained" and arch == TEST_MODEL:
+        raise SndError(f"{TEST_MODEL} has no pretrained weights", hint="use --init random")
+    if init == "pretrained" and weights is None:
+        raise SndError(f"backbone {name!r} needs pretrained weights, and snd never downloads them",
+                       hint=_download_hint(arch))
+    model = timm.create_model(arch, pretrained=False, num_classes=0, dynamic_img_size=True)
+    if init == "pretrained":
+        from snd.models.weights import load_backbone_weights
+
+        report = load_backbone_weights(model, weights)
+        log.info("loaded %s into %s: %s", weights, arch, report)
+    elif weights is not None:
+        raise SndError("--weights given together with --init random", path=weights,
+                       hint="drop --weights, or use --init pretrained")
+    if img_size is not None:
+        set_input_size(model, img_size)
+    return model.eval()
+
+
+def set_input_size(model: VisionTransformer, img_size: tuple[int, int] | int) -> None:
+    """Resample the position embedding once to the grid of `img_size` (H, W) pixels (multiples of 14)."""
+    H, W = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    p = patch_size(model)
+    if H % p or W % p:
+        raise SndError(f"image size {H}x{W} is not a multiple of the patch size {p}",
+                       hint=f"use {H // p * p}x{W // p * p}")
+    model.set_input_size(img_size=(H, W))
+
+
+def patch_size(model: nn.Module) -> int:
+    ps = model.patch_embed.patch_size
+    return int(ps[0] if isinstance(ps, (tuple, list)) else ps)
+
+
+def embed_dim(model: nn.Module) -> int:
+    return int(model.embed_dim)
+
+
+# ---- inputs and outputs ------------------------------------------------------------------------------
+def normalize(model: nn.Module, images01: Tensor) -> Tensor:
+    """Images in [0, 1] [B, 3, H, W] -> normalised with the mean/std of the model's pretrained config."""
+    assert images01.ndim == 4 and images01.shape[1] == 3, f"images must be [B, 3, H, W], got {tuple(images01.shape)}"
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    mean = torch.tensor(cfg.get("mean", IMAGENET_DEFAULT_MEAN), dtype=images01.dtype, device=images01.device)
+    std = torch.tensor(cfg.get("std", IMAGENET_DEFAULT_STD), dtype=images01.dtype, device=images01.device)
+    return (images01 - mean[:, None, None]) / std[:, None, None]
+
+
+def extract(model: nn.Module, images: Tensor) -> tuple[Tensor, Tensor]:
+    """Final-norm CLS token and patch features of normalised images.
+
+    Args:
+        model: a timm ViT (plain, or wrapped by peft: anything with `forward_features`).
+        images: [B, 3, H, W] normalised, H and W multiples of the patch size.
+
+    Returns:
+        cls [B, C] and patches [B, C, H/14, W/14] (register tokens dropped).
+    """
+    base = _unwrap(model)
+    p = patch_size(base)
+    B, three, H, W = images.shape
+    assert three == 3, f"images must be [B, 3, H, W], got {tuple(images.shape)}"
+    assert H % p == 0 and W % p == 0, f"image size {H}x{W} must be a multiple of patch size {p}"
+    tokens = model.forward_features(images)  # [B, prefix + h*w, C]
+    n_prefix = base.num_prefix_tokens
+    h, w = H // p, W // p
+    assert tokens.shape[1] == n_prefix + h * w, f"tokens {tuple(tokens.shape)} vs grid {h}x{w} + {n_prefix}"
+    cls = tokens[:, 0]
+    patches = tokens[:, n_prefix:].transpose(1, 2).reshape(B, tokens.shape[-1], h, w)
+    return cls, patches
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The timm ViT inside a peft / DDP / compile wrapper."""
+    seen = 0
+    while not isinstance(model, VisionTransformer) and seen < 8:
+        for attr in ("module", "_orig_mod", "base_model", "model"):
+            inner = getattr(model, attr, None)
+            if isinstance(inner, nn.Module):
+                model = inner
+                break
+        else:
+            break
+        seen += 1
+    if not isinstance(model, VisionTransformer):
+        raise TypeError(f"expected a timm VisionTransformer (maybe wrapped), got {type(model).__name__}")
+    return model
