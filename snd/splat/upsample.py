@@ -1,0 +1,193 @@
+"""Patch-grid features -> scaffold resolution, optionally mask-aware (SnD paper, eq. 3).
+
+Geometry: the h x w patch grid and the H x W pixel grid cover the same field of view, and patch (i, j)
+sits at the centre of its footprint. That is PyTorch's ``align_corners=False`` mapping, so pixel y reads
+low-res coordinate ``max(0, (y + 0.5) * h / H - 0.5)`` (clamped at the borders exactly like
+``F.interpolate``), and patch i's centre is at pixel ``(i + 0.5) * H / h - 0.5``. The ratio need not be
+an integer (41 x 62 patches -> 576 x 880 pixels). The official SnD code uses the ``align_corners=True``
+mapping (``linspace(0, h - 1, H)``), which stretches the grid by half a patch at every border; snd
+keeps the one mapping that matches how the student's patches see the image.
+
+Mask-aware mode: each pixel takes the 4 bilinear neighbours, keeps those whose *patch label* equals
+the pixel's label and renormalises the kept weights. The patch label is the high-res mask sampled
+(nearest) at the patch-centre position. When no neighbour with a positive weight matches (thin
+structures, label islands smaller than a patch), ``fallback="bilinear"`` keeps the plain bilinear
+value; ``fallback="zero"`` gives 0, which is what the official code does.
+
+Memory: C = 768 at 576 x 880 is 1.5 GB per view in float32, so the 4 neighbours are gathered with
+separable row/column indices, one channel chunk at a time, into a preallocated output.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+UpsampleMode = Literal["mask", "bilinear"]
+Fallback = Literal["bilinear", "zero"]
+_MODES = ("mask", "bilinear")
+_FALLBACKS = ("bilinear", "zero")
+
+
+def source_coords(n_out: int, n_in: int, device: torch.device | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """1D bilinear taps for resizing n_in -> n_out with align_corners=False (PyTorch's clamping).
+
+    Returns (i0 [n_out] long, i1 [n_out] long, frac [n_out] float32): value = (1-frac)*f[i0] + frac*f[i1].
+    """
+    scale = n_in / n_out
+    dst = torch.arange(n_out, device=device, dtype=torch.float64)
+    src = ((dst + 0.5) * scale - 0.5).clamp_min(0.0)
+    i0 = src.floor().long().clamp_max(n_in - 1)
+    i1 = (i0 + 1).clamp_max(n_in - 1)
+    frac = (src - i0.to(torch.float64)).to(torch.float32)
+    frac = torch.where(i1 == i0, torch.zeros_like(frac), frac)
+    return i0, i1, frac
+
+
+def patch_centres(n_patch: int, n_pix: int, device: torch.device | None = None) -> Tensor:
+    """Pixel index [n_patch] nearest to each patch centre ((i + 0.5) * n_pix / n_patch - 0.5, rounded half up)."""
+    c = (torch.arange(n_patch, device=device, dtype=torch.float64) + 0.5) * (n_pix / n_patch) - 0.5
+    return (c + 0.5).floor().long().clamp(0, n_pix - 1)
+
+
+def patch_labels(masks: Tensor, h: int, w: int) -> Tensor:
+    """High-res masks [V, H, W] -> patch-grid labels [V, h, w] (the mask at each patch centre)."""
+    assert masks.dim() == 3, f"masks must be [V, H, W], got {tuple(masks.shape)}"
+    _, H, W = masks.shape
+    ry = patch_centres(h, H, masks.device)
+    rx = patch_centres(w, W, masks.device)
+    return masks[:, ry][:, :, rx]
+
+
+def upsample_weights(
+    masks: Tensor | None,  # [V, H, W] int
+    h: int,
+    w: int,
+    H: int,
+    W: int,
+    *,
+    fallback: Fallback = "bilinear",
+) -> tuple[tuple[Tensor, Tensor, Tensor, Tensor], Tensor]:
+    """Row/column taps and per-pixel weights of the 4 neighbours.
+
+    Returns ((y0 [H], y1 [H], x0 [W], x1 [W]), weights [V, 4, H, W]) with neighbour order
+    (y0,x0), (y0,x1), (y1,x0), (y1,x1). ``masks=None`` gives plain bilinear weights with V = 1.
+    """
+    device = masks.device if masks is not None else None
+    y0, y1, fy = source_coords(H, h, device)
+    x0, x1, fx = source_coords(W, w, device)
+    wy = torch.stack([1 - fy, fy])  # [2, H]
+    wx = torch.stack([1 - fx, fx])  # [2, W]
+    bil = (wy[:, None, :, None] * wx[None, :, None, :]).reshape(4, H, W)  # [4, H, W]
+    if masks is None:
+        return (y0, y1, x0, x1), bil[None]
+    lab = patch_labels(masks, h, w)  # [V, h, w]
+    neigh = torch.stack([lab[:, y0][:, :, x0], lab[:, y0][:, :, x1],
+                         lab[:, y1][:, :, x0], lab[:, y1][:, :, x1]], dim=1)  # [V, 4, H, W]
+    keep = neigh == masks[:, None]  # [V, 4, H, W]
+    wm = bil[None] * keep  # [V, 4, H, W]
+    total = wm.sum(1, keepdim=True)  # [V, 1, H, W]
+    matched = total > 0
+    wm = wm / torch.where(matched, total, torch.ones_like(total))
+    if fallback == "bilinear":
+        wm = torch.where(matched, wm, bil[None].expand_as(wm))
+    return (y0, y1, x0, x1), wm
+
+
+def upsample_features(
+    feats: Tensor,  # [V, C, h, w]
+    masks: Tensor,  # [V, H, W] int
+    *,
+    mode: UpsampleMode = "mask",
+    fallback: Fallback = "bilinear",
+    channel_chunk: int = 64,
+) -> Tensor:
+    """Patch features [V, C, h, w] -> pixel features [V, C, H, W] (H, W from `masks`).
+
+    Args:
+        feats: [V, C, h, w] patch features.
+        masks: [V, H, W] integer instance labels at the target resolution (only their shape is used
+            when ``mode="bilinear"``).
+        mode: "mask" = mask-aware bilinear (paper eq. 3), "bilinear" = plain bilinear (ablation B).
+        fallback: mask mode only: value of a pixel none of whose neighbours shares its label.
+        channel_chunk: channels gathered at once (bounds temporary memory).
+
+    Returns:
+        [V, C, H, W] in feats' dtype. "bilinear" equals ``F.interpolate(..., mode="bilinear",
+        align_corners=False)``.
+    """
+    if mode not in _MODES:
+        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+    if fallback not in _FALLBACKS:
+        raise ValueError(f"fallback must be one of {_FALLBACKS}, got {fallback!r}")
+    assert feats.dim() == 4, f"feats must be [V, C, h, w], got {tuple(feats.shape)}"
+    V, C, h, w = feats.shape
+    assert masks.dim() == 3 and masks.shape[0] == V, f"masks must be [V={V}, H, W], got {tuple(masks.shape)}"
+    _, H, W = masks.shape
+    (y0, y1, x0, x1), wts = upsample_weights(masks if mode == "mask" else None, h, w, H, W, fallback=fallback)
+    wts = wts.to(device=feats.device, dtype=feats.dtype)  # [V or 1, 4, H, W]
+    y0, y1, x0, x1 = (t.to(feats.device) for t in (y0, y1, x0, x1))
+    out = feats.new_empty(V, C, H, W)
+    step = max(1, int(channel_chunk))
+    for v in range(V):
+        wv = wts[min(v, wts.shape[0] - 1)]  # [4, H, W]
+        for c0 in range(0, C, step):
+            f = feats[v, c0:c0 + step]  # [c, h, w]
+            r0, r1 = f[:, y0], f[:, y1]  # [c, H, w]
+            acc = r0[:, :, x0] * wv[0]
+            acc += r0[:, :, x1] * wv[1]
+            acc += r1[:, :, x0] * wv[2]
+            acc += r1[:, :, x1] * wv[3]
+            out[v, c0:c0 + step] = acc
+    return out
+
+
+def upsample_features_reference(
+    feats: Tensor,  # [V, C, h, w]
+    masks: Tensor,  # [V, H, W] int
+    *,
+    mode: UpsampleMode = "mask",
+    fallback: Fallback = "bilinear",
+) -> Tensor:
+    """Slow, obviously-correct version of `upsample_features` (explicit loops; tiny inputs only)."""
+    V, C, h, w = feats.shape
+    _, H, W = masks.shape
+    out = torch.zeros(V, C, H, W, dtype=torch.float64)
+    f64 = feats.to(torch.float64)
+
+    def taps(n_out: int, n_in: int, d: int) -> list[tuple[int, float]]:
+        s = max(0.0, (d + 0.5) * n_in / n_out - 0.5)
+        i0 = min(int(s // 1), n_in - 1)
+        i1 = min(i0 + 1, n_in - 1)
+        fr = s - i0 if i1 != i0 else 0.0
+        return [(i0, 1.0 - fr), (i1, fr)]
+
+    def centre(i: int, n_patch: int, n_pix: int) -> int:
+        c = (i + 0.5) * n_pix / n_patch - 0.5
+        return min(max(int((c + 0.5) // 1), 0), n_pix - 1)
+
+    for v in range(V):
+        for y in range(H):
+            for x in range(W):
+                nb = [(iy, ix, wy * wx) for iy, wy in taps(H, h, y) for ix, wx in taps(W, w, x)]
+                if mode == "mask":
+                    lab = int(masks[v, y, x])
+                    kept = [(iy, ix, wt) for iy, ix, wt in nb
+                            if int(masks[v, centre(iy, h, H), centre(ix, w, W)]) == lab]
+                    tot = sum(wt for _, _, wt in kept)
+                    if tot > 0:
+                        nb = [(iy, ix, wt / tot) for iy, ix, wt in kept]
+                    elif fallback == "zero":
+                        nb = []
+                for iy, ix, wt in nb:
+                    out[v, :, y, x] += wt * f64[v, :, iy, ix]
+    return out.to(feats.dtype)
+
+
+def bilinear_resize(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """[..., C, h, w] -> [..., C, H, W] plain bilinear (align_corners=False, no antialias)."""
+    lead = x.shape[:-3]
+    y = F.interpolate(x.reshape(-1, *x.shape[-3:]), size=size, mode="bilinear", align_corners=False)
+    return y.reshape(*lead, *y.shape[-3:])
