@@ -1,0 +1,89 @@
+"""The one sample format every probe dataset yields, and the base class that produces it.
+
+A subclass lists its items and loads one raw sample at native resolution (`RawSample`, numpy); the base
+class crops/resizes it to `img_hw` with the rules of `transforms.py` and converts to tensors:
+
+    image   [3, H, W] float32 in [0, 1]
+    depth   [H, W]    float32 metres, 0 = invalid             (task "depth")
+    normals [3, H, W] float32 unit vectors, all-zero = invalid (task "normals")
+    seg     [H, W]    int64 class ids 0..C-1, 255 = ignore    (task "seg")
+    meta    dict: dataset (str), split (str), index (int), id (str)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from snd.eval.datasets.registry import SPLITS, TASKS
+from snd.eval.datasets.transforms import Fit, resize_depth, resize_image, resize_labels, resize_normals
+from snd.errors import SndError
+
+IGNORE = 255
+
+
+@dataclass
+class RawSample:
+    """One sample at native resolution; targets the task does not need may be None."""
+
+    image: np.ndarray  # [H, W, 3] uint8
+    id: str
+    depth: Optional[np.ndarray] = None  # [H', W'] float32 metres (may differ in size from the image)
+    normals: Optional[np.ndarray] = None  # [H', W', 3] float32
+    seg: Optional[np.ndarray] = None  # [H', W'] int64, 255 ignore
+
+
+def check_args(name: str, split: str, task: str, tasks: tuple[str, ...], img_hw: tuple[int, int]) -> None:
+    if split not in SPLITS:
+        raise SndError(f"{name}: unknown split {split!r}; expected one of {list(SPLITS)}")
+    if task not in TASKS:
+        raise SndError(f"{name}: unknown task {task!r}; expected one of {list(TASKS)}")
+    if task not in tasks:
+        raise SndError(f"dataset {name!r} has no {task!r} task; it supports {list(tasks)}")
+    if len(img_hw) != 2 or min(img_hw) <= 0:
+        raise SndError(f"{name}: img_hw must be (height, width) > 0, got {img_hw}")
+
+
+class ProbeDataset(torch.utils.data.Dataset):
+    """Base of every single-image probe dataset (see the module docstring for the sample format)."""
+
+    name: str = "?"
+    tasks: tuple[str, ...] = ()
+
+    def __init__(self, split: str, task: str, img_hw: tuple[int, int], *, fit: Fit = "crop"):
+        check_args(self.name, split, task, self.tasks, img_hw)
+        if fit not in ("crop", "resize"):
+            raise SndError(f"{self.name}: fit must be 'crop' or 'resize', got {fit!r}")
+        self.split, self.task, self.fit = split, task, fit
+        self.img_hw = (int(img_hw[0]), int(img_hw[1]))
+
+    # -- subclass API ------------------------------------------------------------------------------
+    def __len__(self) -> int:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def load(self, index: int) -> RawSample:  # pragma: no cover - abstract
+        """Raw sample `index` at native resolution, with the target of `self.task` filled in."""
+        raise NotImplementedError
+
+    # -- the common part ---------------------------------------------------------------------------
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"{self.name}: index {index} out of range [0, {len(self)})")
+        raw = self.load(index)
+        out: dict[str, Any] = {"image": resize_image(raw.image, self.img_hw, fit=self.fit)}
+        if self.task == "depth":
+            if raw.depth is None:
+                raise SndError(f"{self.name}: sample {raw.id} has no depth")
+            out["depth"] = resize_depth(raw.depth, self.img_hw, fit=self.fit)
+        elif self.task == "normals":
+            if raw.normals is None:
+                raise SndError(f"{self.name}: sample {raw.id} has no normals")
+            out["normals"] = resize_normals(raw.normals, self.img_hw, fit=self.fit)
+        elif self.task == "seg":
+            if raw.seg is None:
+                raise SndError(f"{self.name}: sample {raw.id} has no segmentation")
+            out["seg"] = resize_labels(raw.seg, self.img_hw, fit=self.fit)
+        out["meta"] = {"dataset": self.name, "split": self.split, "index": int(index), "id": str(raw.id)}
+        return out

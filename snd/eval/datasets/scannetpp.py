@@ -1,0 +1,39 @@
+"""ScanNet++ probe data: DSLR frames with depth and semantics ray cast from the annotated mesh.
+
+Read through `snd.data.open_dataset(<data_root>/scannetpp)` (raw ScanNet++ v2 layout:
+`data/<scene>/dslr/...`, `data/<scene>/scans/mesh_aligned_0.05.ply`, `segments.json`,
+`segments_anno.json`, `splits/nvs_sem_{train,val}.txt`). split "train" = nvs_sem_train (230 scenes, the
+probe's training set), "val" = nvs_sem_val (50 scenes, reported), as in FiT3D / SnD.
+Segmentation: the Scene's class ids 1..100 (ScanNet++ top-100 semantic classes) -> 0..99, others -> 255.
+Depth above 10 m is set invalid by the probes' depth range (indoor scenes).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from snd.eval.datasets.registry import register_dataset
+from snd.eval.datasets.scenes import SceneFrames
+
+URL = "https://kaldir.vc.in.tum.de/scannetpp/ (ScanNet++ v2: dslr, scans, splits)"
+NUM_CLASSES = 100
+
+
+def _check(path: Path) -> str:
+    raw = (path / "data").is_dir() and (path / "splits" / "nvs_sem_train.txt").is_file()
+    if raw:
+        return "ok"
+    if (path / "scenes").is_dir() and (path / "metadata" / "nvs_sem_train.txt").is_file():
+        return ("ok (prepared FiT3D/SnD layout: depth/semantics need the raw v2 meshes "
+                f"data/<scene>/scans/ in {path})")
+    return f"missing {path / 'data'} and {path / 'splits' / 'nvs_sem_train.txt'} (download {URL} into {path})"
+
+
+@register_dataset("scannetpp", folder="scannetpp", tasks=("depth", "normals", "seg"), check=_check,
+                  num_classes=NUM_CLASSES, depth_range=(1e-3, 10.0),
+                  protocol="nvs_sem_train (probe train) / nvs_sem_val (report); mesh-rendered depth/semantics")
+def build(path: Path, split: str, task: str, img_hw: tuple[int, int], **kw) -> SceneFrames:
+    from snd.data import open_dataset
+
+    layout = kw.pop("layout", "auto")
+    names = open_dataset(path, layout, cache_dir=kw.get("cache_dir")).scene_names(split)
+    return SceneFrames("scannetpp", path, names, split, task, img_hw, num_classes=NUM_CLASSES, layout=layout, **kw)
