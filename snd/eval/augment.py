@@ -1,0 +1,40 @@
+"""Training-time augmentation for the live (`--no-feature-cache`) probe path.
+
+The official probes augment every step; the parts that do not change the label geometry's meaning are
+reproduced here on whole batches: horizontal flip (p=0.5; normals' x component changes sign) and the
+official depth `ColorAug` (p=0.5: gamma in [0.9, 1.1], brightness in [0.75, 1.25], per-channel colour in
+[0.9, 1.1]). Random crop / rotation / rescale are not reproduced (the images are already at the probe size).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["augment_batch"]
+
+
+def augment_batch(batch: dict[str, Tensor], generator: torch.Generator) -> dict[str, Tensor]:
+    """Flip + colour jitter of `batch["image"] [B,3,H,W]` and the matching targets, one draw per item."""
+    img = batch["image"]
+    B = img.shape[0]
+    out = dict(batch)
+    flip = torch.rand(B, generator=generator) < 0.5
+    if flip.any():
+        f = flip.to(img.device)
+        for key in ("image", "depth", "seg", "normals"):
+            if key in out and isinstance(out[key], Tensor) and out[key].shape[0] == B:
+                x = out[key]
+                fx = x.flip(-1)
+                if key == "normals":
+                    fx = fx.clone()
+                    fx[:, 0] = -fx[:, 0]
+                shape = (B,) + (1,) * (x.ndim - 1)
+                out[key] = torch.where(f.view(shape), fx, x)
+    colour = torch.rand(B, generator=generator) < 0.5
+    gamma = torch.empty(B).uniform_(0.9, 1.1, generator=generator)
+    bright = torch.empty(B).uniform_(0.75, 1.25, generator=generator)
+    chan = torch.empty(B, 3).uniform_(0.9, 1.1, generator=generator)
+    x = out["image"]
+    jit = (x.clamp(0, 1) ** gamma.view(B, 1, 1, 1).to(x)) * bright.view(B, 1, 1, 1).to(x) * chan.view(B, 3, 1, 1).to(x)
+    out["image"] = torch.where(colour.view(B, 1, 1, 1).to(x.device), jit.clamp(0, 1), x)
+    return out

@@ -1,0 +1,290 @@
+"""Frozen-backbone tokens for the probes, and their on-disk cache.
+
+What is extracted: the output of the **last transformer block before the final LayerNorm**, CLS token first,
+then the h*w patch tokens (register tokens dropped), `tokens [N, 1 + h*w, C]`. Why pre-norm: the official
+probes disagree about the final norm — depth (`create_depther`, `final_norm=False`) and normals (probe3d's
+block loop) read the raw block output, segmentation (`get_intermediate_layers`, norm=True) reads the normed
+one. LayerNorm acts per token, so caching the raw tokens plus the norm's weights (`final_norm.safetensors`)
+serves every probe without touching the backbone again (`apply_final_norm`).
+
+Cache layout (one folder per model weights + input size, so a changed checkpoint never reads stale
+features):
+
+    <cache>/<key>/final_norm.safetensors         LayerNorm weight/bias (+ eps in the metadata)
+    <cache>/<key>/model.json                     what the key was computed from
+    <cache>/<key>/<dataset>/<split>[_n<N>].zarr  Zarr v3 array `tokens` [N, 1+h*w, C] float16, one chunk/image
+    <cache>/<key>/<dataset>/<split>[_n<N>].json  progress: {"n", "n_done", "complete", grid, dim, ...}
+
+`key` = sha256 of every tensor of the state dict (names, shapes, dtypes, bytes), the input size and
+`FEATURE_VERSION`. Extraction writes images in order and replaces the progress JSON atomically after each
+batch, so a killed run resumes at `n_done`; chunks past `n_done` may be half-written and are simply
+rewritten. Readers accept a store only when `complete` is true.
+
+Departure from the paper (documented in docs/evaluation.md): the official probes augment every training
+step (random crop/flip/rotate/colour), which needs a backbone forward per step; cached features are
+computed once on un-augmented images. `snd eval --no-feature-cache` is the faithful path: it runs the frozen
+backbone every step on flipped / colour-jittered images (see `snd.eval.augment`).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from snd.errors import SndError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["FEATURE_VERSION", "load_eval_backbone", "weights_fingerprint", "cache_key", "extract_tokens",
+           "final_norm_params", "apply_final_norm", "split_tokens", "FeatureStore", "ensure_features"]
+
+# Bump when what is stored changes (layer, token order, dtype), so old caches are not read.
+FEATURE_VERSION = 1
+
+
+# ---- the backbone --------------------------------------------------------------------------------
+def load_eval_backbone(model: str, *, weights: str | Path | None = None, init: str = "pretrained",
+                       seed: int = 0) -> nn.Module:
+    """A frozen backbone for probing: an SnD run dir / checkpoint / export path, or a backbone name.
+
+    Args:
+        model: existing path -> `snd.train.checkpoint.load_backbone_from_run(path)` (LoRA merged);
+            otherwise a name for `snd.models.backbone.create_backbone` (`dinov2_vits14`, a timm name, ...).
+        weights, init: passed to `create_backbone` for names.
+        seed: seeds the random init (`init="random"`), so a baseline built twice is the same network.
+    """
+    p = Path(model)
+    if p.exists():
+        from snd.train.checkpoint import load_backbone_from_run
+
+        net = load_backbone_from_run(p)
+    else:
+        from snd.models.backbone import create_backbone
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            net = create_backbone(model, weights=weights, init=init)  # type: ignore[arg-type]
+    net.eval()
+    for q in net.parameters():
+        q.requires_grad_(False)
+    return net
+
+
+def _vit(model: nn.Module) -> nn.Module:
+    from snd.models.backbone import _unwrap
+
+    try:
+        return _unwrap(model)
+    except TypeError as e:
+        raise SndError(f"probes need a timm VisionTransformer backbone: {e}") from e
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """sha256 over the state dict (sorted names, dtype, shape, raw bytes): equal iff the weights are equal."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def cache_key(model: nn.Module, img_hw: tuple[int, int]) -> str:
+    """Folder name of a model's features at one input size (16 hex digits)."""
+    text = f"{weights_fingerprint(model)}|{img_hw[0]}x{img_hw[1]}|v{FEATURE_VERSION}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@torch.no_grad()
+def extract_tokens(model: nn.Module, images01: Tensor) -> Tensor:
+    """Last-block tokens before the final norm.
+
+    Args:
+        model: timm ViT (maybe wrapped).
+        images01: [B, 3, H, W] in [0, 1], H and W multiples of the patch size.
+
+    Returns:
+        tokens [B, 1 + h*w, C] float32: CLS first, then patches in row-major order (registers dropped).
+    """
+    from snd.models.backbone import normalize, patch_size
+
+    vit = _vit(model)
+    B, three, H, W = images01.shape
+    assert three == 3, f"images must be [B,3,H,W], got {tuple(images01.shape)}"
+    p = patch_size(vit)
+    assert H % p == 0 and W % p == 0, f"image size {H}x{W} is not a multiple of the patch size {p}"
+    out = vit.forward_intermediates(normalize(vit, images01), indices=1, norm=False, return_prefix_tokens=True,
+                                    intermediates_only=True, output_fmt="NLC")
+    spatial, prefix = out[0]  # [B, h*w, C], [B, n_prefix, C]
+    assert spatial.shape[1] == (H // p) * (W // p), f"{tuple(spatial.shape)} vs grid {H // p}x{W // p}"
+    if getattr(vit, "cls_token", None) is None:
+        raise SndError("the backbone has no CLS token; the depth probe (CLS ⊕ patch) needs one")
+    return torch.cat([prefix[:, :1], spatial], 1).float()
+
+
+def final_norm_params(model: nn.Module) -> dict[str, Tensor]:
+    """The final LayerNorm as tensors {"weight", "bias", "eps"} (what `apply_final_norm` needs)."""
+    norm = _vit(model).norm
+    if not isinstance(norm, nn.LayerNorm):
+        raise SndError(f"expected a final LayerNorm, got {type(norm).__name__}")
+    return {"weight": norm.weight.detach().float().cpu().clone(), "bias": norm.bias.detach().float().cpu().clone(),
+            "eps": torch.tensor([norm.eps], dtype=torch.float64)}
+
+
+def apply_final_norm(tokens: Tensor, params: dict[str, Tensor]) -> Tensor:
+    """tokens [..., C] -> the backbone's final-norm output (what `forward_features` returns)."""
+    w, b = params["weight"].to(tokens), params["bias"].to(tokens)
+    return torch.nn.functional.layer_norm(tokens, (tokens.shape[-1],), w, b, float(params["eps"]))
+
+
+def split_tokens(tokens: Tensor, grid: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """tokens [B, 1 + h*w, C] -> cls [B, C], patches [B, C, h, w]."""
+    B, T, C = tokens.shape
+    h, w = grid
+    assert T == 1 + h * w, f"tokens {tuple(tokens.shape)} do not match grid {h}x{w} + CLS"
+    return tokens[:, 0], tokens[:, 1:].transpose(1, 2).reshape(B, C, h, w)
+
+
+# ---- the cache -----------------------------------------------------------------------------------
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+@dataclass
+class FeatureStore:
+    """Cached tokens of one (model key, dataset, split): `len(store)`, `store.tokens(i) -> [1+h*w, C]`."""
+
+    path: Path  # the .zarr folder
+    n: int
+    grid: tuple[int, int]
+    dim: int
+    norm: dict[str, Tensor]
+    _arr: Any = None
+
+    def __len__(self) -> int:
+        return self.n
+
+    def tokens(self, i: int) -> Tensor:
+        if self._arr is None:  # opened lazily: once per DataLoader worker process
+            import zarr
+
+            self._arr = zarr.open_array(str(self.path / "tokens"), mode="r")
+        return torch.from_numpy(np.asarray(self._arr[i], dtype=np.float32))
+
+    def __getstate__(self) -> dict:
+        d = dict(self.__dict__)
+        d["_arr"] = None
+        return d
+
+
+def _store_paths(cache_dir: Path, key: str, dataset: str, split: str, n: int, full_n: int) -> tuple[Path, Path]:
+    stem = split if n == full_n else f"{split}_n{n}"
+    folder = cache_dir / key / dataset
+    return folder / f"{stem}.zarr", folder / f"{stem}.json"
+
+
+def ensure_features(
+    model: nn.Module,
+    dataset: torch.utils.data.Dataset,
+    *,
+    cache_dir: Path,
+    dataset_name: str,
+    split: str,
+    img_hw: tuple[int, int],
+    indices: list[int] | None = None,
+    key: str | None = None,
+    batch: int = 16,
+    device: str | torch.device = "cpu",
+    num_workers: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+) -> FeatureStore:
+    """Tokens of `dataset[indices]` (all items when None) from the cache, extracting what is missing.
+
+    Args:
+        model: frozen backbone. Only called on a cache miss or to finish an interrupted extraction.
+        dataset: items with `image [3,H,W]` in [0,1] at `img_hw`.
+        cache_dir: cache root; `key` defaults to `cache_key(model, img_hw)`.
+        indices: the subset of items (e.g. `--max-images`); the store's i-th row is `dataset[indices[i]]`.
+        progress: called with (done, total) after each batch.
+
+    Returns:
+        a complete `FeatureStore`.
+    """
+    key = key or cache_key(model, img_hw)
+    indices = list(range(len(dataset))) if indices is None else list(indices)  # type: ignore[arg-type]
+    n = len(indices)
+    zpath, jpath = _store_paths(Path(cache_dir), key, dataset_name, split, n, len(dataset))  # type: ignore[arg-type]
+    norm_path = Path(cache_dir) / key / "final_norm.safetensors"
+    from safetensors.torch import load_file, save_file
+
+    vit = _vit(model)
+    from snd.models.backbone import patch_size
+
+    p = patch_size(vit)
+    grid = (img_hw[0] // p, img_hw[1] // p)
+    dim = int(vit.embed_dim)
+    want = {"n": n, "grid": list(grid), "dim": dim, "img_hw": list(img_hw), "version": FEATURE_VERSION,
+            "indices_sha": hashlib.sha256(json.dumps(indices).encode()).hexdigest()[:16]}
+    state = json.loads(jpath.read_text()) if jpath.is_file() else None
+    if state is not None and any(state.get(k) != v for k, v in want.items()):
+        log.info("feature store %s does not match (%s vs %s); rebuilding", zpath, state, want)
+        state = None
+    if state is not None and state.get("complete") and norm_path.is_file():
+        return FeatureStore(zpath, n, grid, dim, _load_norm(norm_path))
+
+    import zarr
+
+    zpath.parent.mkdir(parents=True, exist_ok=True)
+    if not norm_path.is_file():
+        params = final_norm_params(model)
+        save_file({k: v.float() for k, v in params.items()}, str(norm_path.with_suffix(".tmp")))
+        os.replace(norm_path.with_suffix(".tmp"), norm_path)
+        _write_json(Path(cache_dir) / key / "model.json", {"key": key, "img_hw": list(img_hw), "dim": dim,
+                                                            "class": type(vit).__name__, "version": FEATURE_VERSION})
+    if state is None:
+        group = zarr.open_group(str(zpath), mode="w")
+        group.create_array("tokens", shape=(n, 1 + grid[0] * grid[1], dim), chunks=(1, 1 + grid[0] * grid[1], dim),
+                           dtype="float16", compressors=None)
+        state = dict(want, n_done=0, complete=False)
+        _write_json(jpath, state)
+    arr = zarr.open_array(str(zpath / "tokens"), mode="r+")
+    start = int(state["n_done"])
+    if start:
+        log.info("resuming feature extraction of %s at %d/%d", zpath, start, n)
+    sub = torch.utils.data.Subset(dataset, indices[start:])
+    loader = torch.utils.data.DataLoader(sub, batch_size=batch, shuffle=False, num_workers=num_workers,
+                                         collate_fn=_collate_images)
+    model = model.to(device)
+    i = start
+    for images in loader:
+        tok = extract_tokens(model, images.to(device))
+        assert tok.shape[1:] == (1 + grid[0] * grid[1], dim), f"tokens {tuple(tok.shape)} vs grid {grid} dim {dim}"
+        arr[i:i + len(tok)] = tok.half().cpu().numpy()
+        i += len(tok)
+        state["n_done"] = i
+        _write_json(jpath, state)
+        if progress is not None:
+            progress(i, n)
+    state["complete"] = True
+    _write_json(jpath, state)
+    return FeatureStore(zpath, n, grid, dim, _load_norm(norm_path))
+
+
+def _load_norm(path: Path) -> dict[str, Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def _collate_images(items: list[dict]) -> Tensor:
+    return torch.stack([it["image"] for it in items])

@@ -1,0 +1,108 @@
+"""Linear depth probe: AdaBins-style 256 uniform bins over CLS ⊕ patch tokens (paper App. A.4).
+
+Follows the official `evaluation1` depth code (DINOv2's `BNHead` with `classify=True`):
+* input: last-block patch tokens *without* the final norm (`final_norm=False`) with the CLS token
+  concatenated to every patch, bilinearly upsampled x4 (align_corners=False);
+* a 1x1 conv -> 256 logits; bins = linspace(min_depth, max_depth, 256) (the bin "centres");
+  p = (ReLU(logits) + 0.1) / sum (eps = 0.1 in the official code); depth = sum_k p_k bin_k;
+* bilinear upsample of the depth to the label size;
+* loss: SigLoss sqrt(Var(g) + 0.15 mean(g)^2), g = log(d + 1e-3) - log(d* + 1e-3) over valid pixels of the
+  whole batch (Var unbiased), with the official 100-step warm-up sqrt(0.15 mean(g)^2).
+  The paper calls this a "classification loss"; the code regresses the bin-weighted depth with SigLoss.
+  The config also lists GradientLoss (weight 0.5), but the official implementation slices dims 0 and 1
+  of a [B,1,H,W] tensor (batch and channel, not rows and columns) and so contributes exactly 0 at batch 2;
+  `grad_weight` (default 0, matching the official numbers) enables a correct multi-scale version.
+* AdamW lr 1e-4, betas (0.9, 0.999), wd 0.01, batch 2, 307,200 iters, cosine with 12,800 linear warm-up
+  iters (ratio 1e-3, min lr ratio 1e-8), grad-norm clip 35.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from snd.eval.probes.base import Probe, ProbeSpec, patches_nchw
+
+__all__ = ["DepthProbe", "DEPTH_SPEC", "sig_loss", "gradient_loss", "DEPTH_RANGE"]
+
+DEPTH_SPEC = ProbeSpec(iters=307_200, batch=2, lr=1e-4, weight_decay=0.01, schedule="mmcv_cosine", warmup=12_800,
+                       warmup_ratio=1e-3, min_ratio=1e-8, grad_clip=35.0)
+
+# Official (min, max) depth per dataset, metres (evaluation1/evaluation/configs/*_depth_linear_config.py).
+DEPTH_RANGE = {"nyuv2": (1e-3, 10.0), "scannet": (1e-3, 10.0), "scannetpp": (1e-3, 20.0), "kitti": (1e-3, 80.0)}
+
+
+def sig_loss(pred: Tensor, gt: Tensor, *, warm_up: bool = False, eps: float = 1e-3) -> Tensor:
+    """Scale-invariant log loss over pixels with gt > 0 (AdaBins / DINOv2 form, lambda = 0.15)."""
+    valid = gt > 0
+    g = torch.log(pred[valid] + eps) - torch.log(gt[valid] + eps)
+    if g.numel() == 0:
+        return pred.sum() * 0.0
+    if warm_up or g.numel() < 2:
+        return torch.sqrt(0.15 * g.mean() ** 2 + 1e-12)
+    return torch.sqrt(torch.var(g) + 0.15 * g.mean() ** 2)
+
+
+def gradient_loss(pred: Tensor, gt: Tensor, *, eps: float = 1e-3) -> Tensor:
+    """Multi-scale log-depth gradient matching (MegaDepth) on [B, H, W] maps, over valid pixels."""
+    total = pred.new_zeros(())
+    for s in (1, 2, 4, 6):  # the official scales: full, then ::2, ::4, ::6
+        p, g = pred[..., ::s, ::s], gt[..., ::s, ::s]
+        valid = (g > 0).float()
+        n = valid.sum().clamp_min(1)
+        d = (torch.log(p + eps) - torch.log(g + eps)) * valid
+        v = (d[..., :-2, :] - d[..., 2:, :]).abs() * valid[..., :-2, :] * valid[..., 2:, :]
+        h = (d[..., :, :-2] - d[..., :, 2:]).abs() * valid[..., :, :-2] * valid[..., :, 2:]
+        total = total + (v.sum() + h.sum()) / n
+    return total
+
+
+class DepthProbe(Probe):
+    """Linear bin-classification depth head on CLS ⊕ patch tokens."""
+
+    task = "depth"
+
+    def __init__(self, dim: int, *, min_depth: float, max_depth: float, n_bins: int = 256, upsample: int = 4,
+                 warmup_loss_iters: int = 100, grad_weight: float = 0.0):
+        super().__init__()
+        if not 0 <= min_depth < max_depth:
+            raise ValueError(f"need 0 <= min_depth < max_depth, got {min_depth}, {max_depth}")
+        self.dim, self.min_depth, self.max_depth, self.n_bins = dim, float(min_depth), float(max_depth), n_bins
+        self.upsample, self.warmup_loss_iters, self.grad_weight = upsample, warmup_loss_iters, grad_weight
+        self.conv = nn.Conv2d(2 * dim, n_bins, kernel_size=1)
+        self.register_buffer("bins", torch.linspace(min_depth, max_depth, n_bins), persistent=False)
+
+    def config(self) -> dict:
+        return {"dim": self.dim, "min_depth": self.min_depth, "max_depth": self.max_depth, "n_bins": self.n_bins,
+                "upsample": self.upsample, "warmup_loss_iters": self.warmup_loss_iters,
+                "grad_weight": self.grad_weight}
+
+    def prepare(self, tokens: Tensor, grid: tuple[int, int], norm: dict[str, Tensor]) -> Tensor:
+        x = patches_nchw(tokens, grid)  # [B,C,h,w], no final norm (official final_norm=False)
+        cls = tokens[:, 0, :, None, None].expand_as(x)
+        return torch.cat([x, cls], 1)  # [B,2C,h,w]
+
+    def forward(self, feats: Tensor) -> Tensor:
+        """feats [B, 2C, h, w] -> depth [B, 1, 4h, 4w] in metres."""
+        assert feats.ndim == 4 and feats.shape[1] == 2 * self.dim, f"expected [B,{2 * self.dim},h,w], got {tuple(feats.shape)}"
+        h, w = feats.shape[-2:]
+        x = F.interpolate(feats, size=(h * self.upsample, w * self.upsample), mode="bilinear", align_corners=False)
+        p = torch.relu(self.conv(x)) + 0.1
+        p = p / p.sum(1, keepdim=True)
+        return torch.einsum("bkhw,k->bhw", p, self.bins)[:, None]
+
+    def _at(self, feats: Tensor, out_hw: tuple[int, int]) -> Tensor:
+        return F.interpolate(self(feats), size=out_hw, mode="bilinear", align_corners=False)[:, 0]  # [B,H,W]
+
+    def loss(self, feats: Tensor, batch: dict[str, Tensor], *, step: int) -> Tensor:
+        gt = batch["depth"]  # [B,H,W]
+        gt = torch.where(torch.isfinite(gt) & (gt <= self.max_depth), gt, torch.zeros_like(gt))
+        pred = self._at(feats, tuple(gt.shape[-2:]))
+        loss = sig_loss(pred, gt, warm_up=step < self.warmup_loss_iters)
+        if self.grad_weight:
+            loss = loss + self.grad_weight * gradient_loss(pred, gt)
+        return loss
+
+    @torch.no_grad()
+    def predict(self, feats: Tensor, out_hw: tuple[int, int]) -> Tensor:
+        return self._at(feats, out_hw)

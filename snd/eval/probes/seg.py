@@ -1,0 +1,62 @@
+"""Linear semantic-segmentation probe (paper App. A.4; official `evaluation1` segmentation configs).
+
+* input: last-layer patch tokens **with** the final norm (`get_intermediate_layers(norm=True)`), no CLS
+  (`output_cls_token=False`, "to match FiT3D");
+* 1x1 conv (init normal std 0.01, bias 0; dropout 0) -> class logits at the patch grid;
+* bilinear upsample (align_corners=False) to the label size; cross-entropy, ignore label 255;
+* AdamW lr 1e-3, wd 1e-4, betas (0.9, 0.999), batch 2, 320,000 iters, poly (power 1, min lr 0) with 1,500
+  linear warm-up iters (ratio 1e-6).
+The official configs list `norm_cfg=SyncBN` but their `BNHead` never applies it, so there is no BN here.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from snd.eval.features import apply_final_norm
+from snd.eval.probes.base import Probe, ProbeSpec, patches_nchw
+
+__all__ = ["SegProbe", "SEG_SPEC"]
+
+SEG_SPEC = ProbeSpec(iters=320_000, batch=2, lr=1e-3, weight_decay=1e-4, schedule="mmcv_poly", warmup=1_500,
+                     warmup_ratio=1e-6, min_ratio=0.0)
+
+
+class SegProbe(Probe):
+    """Linear classifier on normed patch tokens."""
+
+    task = "seg"
+
+    def __init__(self, dim: int, *, num_classes: int, ignore_index: int = 255):
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"need at least 2 classes, got {num_classes}")
+        self.dim, self.num_classes, self.ignore_index = dim, int(num_classes), int(ignore_index)
+        self.conv = nn.Conv2d(dim, num_classes, kernel_size=1)
+        nn.init.normal_(self.conv.weight, std=0.01)
+        nn.init.zeros_(self.conv.bias)
+
+    def config(self) -> dict:
+        return {"dim": self.dim, "num_classes": self.num_classes, "ignore_index": self.ignore_index}
+
+    def prepare(self, tokens: Tensor, grid: tuple[int, int], norm: dict[str, Tensor]) -> Tensor:
+        return patches_nchw(apply_final_norm(tokens, norm), grid)
+
+    def forward(self, feats: Tensor) -> Tensor:
+        """feats [B, C, h, w] -> logits [B, K, h, w]."""
+        assert feats.ndim == 4 and feats.shape[1] == self.dim, f"expected [B,{self.dim},h,w], got {tuple(feats.shape)}"
+        return self.conv(feats)
+
+    def _at(self, feats: Tensor, out_hw: tuple[int, int]) -> Tensor:
+        return F.interpolate(self(feats), size=out_hw, mode="bilinear", align_corners=False)
+
+    def loss(self, feats: Tensor, batch: dict[str, Tensor], *, step: int) -> Tensor:
+        gt = batch["seg"].long()  # [B,H,W]
+        if not (gt != self.ignore_index).any():
+            return self.conv.weight.sum() * 0.0  # keeps the graph: a batch of only ignore labels
+        return F.cross_entropy(self._at(feats, tuple(gt.shape[-2:])), gt, ignore_index=self.ignore_index)
+
+    @torch.no_grad()
+    def predict(self, feats: Tensor, out_hw: tuple[int, int]) -> Tensor:
+        return self._at(feats, out_hw).argmax(1)
