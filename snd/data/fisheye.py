@@ -1,0 +1,69 @@
+"""Fisheye -> pinhole undistortion in numpy (OpenCV's equidistant fisheye model, bilinear remap).
+
+Why: ScanNet++ DSLR ``resized_images`` are fisheye (``camera_model: OPENCV_FISHEYE``, k1..k4);
+MVSplat and the splatting renderer assume pinhole cameras. The ScanNet++ toolkit's ``dslr/undistort.py``
+writes ``resized_undistorted_images`` with OpenCV; when a download lacks them, snd undistorts on the fly
+with this module (no OpenCV dependency) and ray-casts masks and depth with the resulting pinhole camera.
+
+Model (OpenCV ``cv2.fisheye``): a camera-frame direction with normalised pinhole coordinates (x, y),
+r = |(x, y)|, theta = atan(r), is imaged at distorted normalised coordinates
+(x, y) * theta_d / r with theta_d = theta (1 + k1 theta^2 + k2 theta^4 + k3 theta^6 + k4 theta^8),
+then mapped to pixels by the fisheye's K. The pinhole camera snd uses keeps the fisheye's K (so the
+undistorted image shows the central part of the fisheye view at the same focal length; the toolkit
+instead picks a new K with ``estimateNewCameraMatrixForUndistortRectify(balance=0)`` and centres cx, cy).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def fisheye_distort_normalized(xy: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """Undistorted normalised coordinates [..., 2] -> distorted normalised coordinates [..., 2]."""
+    xy = np.asarray(xy, dtype=np.float64)
+    k1, k2, k3, k4 = (float(v) for v in k)
+    r = np.linalg.norm(xy, axis=-1)
+    th = np.arctan(r)
+    th2 = th * th
+    thd = th * (1 + th2 * (k1 + th2 * (k2 + th2 * (k3 + th2 * k4))))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale = np.where(r > 1e-12, thd / r, 1.0)
+    return xy * scale[..., None]
+
+
+def fisheye_undistort_map(K_fish: np.ndarray, k: np.ndarray, K_pin: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Source coordinates in the fisheye image for every pinhole pixel.
+
+    Args:
+        K_fish: [3, 3] fisheye intrinsics (pixels).
+        k: [4] k1..k4.
+        K_pin: [3, 3] intrinsics of the output pinhole image.
+    Returns:
+        (map_x [H, W], map_y [H, W]) float64 fisheye pixel coordinates (pixel centres at integers).
+    """
+    v, u = np.meshgrid(np.arange(height, dtype=np.float64), np.arange(width, dtype=np.float64), indexing="ij")
+    x = (u - K_pin[0, 2]) / K_pin[0, 0]
+    y = (v - K_pin[1, 2]) / K_pin[1, 1]
+    d = fisheye_distort_normalized(np.stack([x, y], -1), k)
+    return K_fish[0, 0] * d[..., 0] + K_fish[0, 2], K_fish[1, 1] * d[..., 1] + K_fish[1, 2]
+
+
+def remap_bilinear(image: np.ndarray, map_x: np.ndarray, map_y: np.ndarray) -> np.ndarray:
+    """Sample `image` [H, W] or [H, W, C] at (map_x, map_y) [h, w] bilinearly; edges clamp.
+
+    The output has the input's dtype (uint8 is rounded).
+    """
+    img = np.asarray(image)
+    H, W = img.shape[:2]
+    x = np.clip(map_x, 0, W - 1)
+    y = np.clip(map_y, 0, H - 1)
+    x0 = np.clip(np.floor(x).astype(np.int64), 0, W - 2 if W > 1 else 0)
+    y0 = np.clip(np.floor(y).astype(np.int64), 0, H - 2 if H > 1 else 0)
+    x1, y1 = np.minimum(x0 + 1, W - 1), np.minimum(y0 + 1, H - 1)
+    fx, fy = x - x0, y - y0
+    f = img.astype(np.float64)
+    if f.ndim == 3:
+        fx, fy = fx[..., None], fy[..., None]
+    out = (f[y0, x0] * (1 - fx) + f[y0, x1] * fx) * (1 - fy) + (f[y1, x0] * (1 - fx) + f[y1, x1] * fx) * fy
+    if img.dtype == np.uint8:
+        return np.clip(np.round(out), 0, 255).astype(np.uint8)
+    return out.astype(img.dtype)

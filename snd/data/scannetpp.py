@@ -1,0 +1,215 @@
+"""Reader of the raw ScanNet++ v2 release layout (also what `snd data synth` writes).
+
+Per scene ``<root>/data/<scene>/``:
+
+* images + intrinsics: ``dslr/resized_undistorted_images/`` with ``dslr/nerfstudio/transforms_undistorted.json``
+  (pinhole; preferred), else fisheye ``dslr/resized_images/`` with ``dslr/nerfstudio/transforms.json``
+  (``OPENCV_FISHEYE``, k1..k4), undistorted here to a pinhole camera with the same K (`snd.data.fisheye`).
+* poses: ``dslr/colmap/images.txt`` (OpenCV world-to-camera in the mesh's world) when present, else the
+  transforms' ``transform_matrix`` (OpenGL, toolkit-permuted world; see `snd.data.formats`).
+* frames: ``frames`` + ``test_frames`` whose image file exists, ordered by the number in the file name
+  (SnD's rule), so list-index gaps and file-number gaps can be compared by the pair sampler.
+* geometry: ``scans/mesh_aligned_0.05.ply`` + ``scans/segments.json`` (``segIndices`` per vertex) +
+  ``scans/segments_anno.json`` (``segGroups``: ``objectId`` >= 1, ``label``, ``segments``). Instance id
+  of a pixel = ``objectId`` of the first mesh face its ray hits (face label = majority of its vertices),
+  0 where unannotated or a miss. Semantic id = 1 + index of the label in the class table (0 = ignore).
+* depth, instance and semantic maps are ray-cast at the requested size and cached as npz.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from snd.data.camera import Camera, intrinsics
+from snd.data.fisheye import fisheye_undistort_map, remap_bilinear
+from snd.data.formats import frame_number, nerfstudio_to_mesh_c2w, read_colmap_images, read_json
+from snd.data.imageio import read_rgb, resize_rgb
+from snd.data.ply import read_mesh
+from snd.data.raycast import MeshRaycaster, face_labels_from_vertices, lookup
+from snd.data.render_cache import MapCache, file_signature
+from snd.errors import SndError
+
+log = logging.getLogger(__name__)
+
+
+def _intrinsics_from(tf: dict, path: Path) -> tuple[np.ndarray, int, int]:
+    try:
+        K = intrinsics(float(tf["fl_x"]), float(tf.get("fl_y", tf["fl_x"])), float(tf["cx"]), float(tf["cy"]))
+        h, w = int(tf["h"]), int(tf["w"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise SndError(f"transforms file lacks a valid {e} (need fl_x, fl_y, cx, cy, w, h): {path}", path=path) from e
+    return K, h, w
+
+
+class ScanNetppScene:
+    """One raw ScanNet++ v2 scene as a `snd.data.scene.Scene`.
+
+    Args:
+        scene_dir: ``<root>/data/<scene>``.
+        height, width: output size (default: the transforms' ``h`` x ``w``).
+        cache: where ray-cast maps are cached (`MapCache(None)` = no caching).
+        classes: semantic class table (id = index + 1); None = the sorted labels of this scene.
+    """
+
+    def __init__(self, scene_dir: str | Path, *, height: int | None = None, width: int | None = None, cache: MapCache | None = None, classes: list[str] | None = None):
+        self.dir = Path(scene_dir)
+        self.name = self.dir.name
+        dslr = self.dir / "dslr"
+        und_img, und_tf = dslr / "resized_undistorted_images", dslr / "nerfstudio" / "transforms_undistorted.json"
+        fish_img, fish_tf = dslr / "resized_images", dslr / "nerfstudio" / "transforms.json"
+        if und_tf.is_file() and und_img.is_dir():
+            self.image_dir, tf_path = und_img, und_tf
+        elif fish_tf.is_file() and fish_img.is_dir():
+            self.image_dir, tf_path = fish_img, fish_tf
+        elif und_tf.is_file() or fish_tf.is_file():
+            missing = und_img if und_tf.is_file() else fish_img
+            raise SndError(f"missing image folder {missing}", path=missing)
+        else:
+            raise SndError(
+                f"missing transforms for scene {self.name}: {und_tf}",
+                path=und_tf,
+                hint="run the ScanNet++ toolkit's dslr/undistort.py, or download dslr/nerfstudio/transforms.json with resized_images/",
+            )
+        self.transforms_path = tf_path
+        tf = read_json(tf_path, "transforms file")
+        if not isinstance(tf, dict) or not isinstance(tf.get("frames"), list):
+            raise SndError(f"malformed transforms file (no 'frames' list): {tf_path}", path=tf_path)
+        K, h, w = _intrinsics_from(tf, tf_path)
+        model = str(tf.get("camera_model", "PINHOLE")).upper()
+        self.fisheye = model == "OPENCV_FISHEYE" and any(abs(float(tf.get(k, 0.0))) > 0 for k in ("k1", "k2", "k3", "k4"))
+        if model not in ("PINHOLE", "OPENCV_FISHEYE", "SIMPLE_PINHOLE"):
+            raise SndError(f"unsupported camera_model {model!r} in {tf_path} (PINHOLE or OPENCV_FISHEYE)", path=tf_path)
+        self._dist = np.array([float(tf.get(k, 0.0)) for k in ("k1", "k2", "k3", "k4")])
+        self._map = None
+        self.native_camera_K, self.native_hw = K, (h, w)
+
+        frames = list(tf["frames"]) + list(tf.get("test_frames", []) or [])
+        rows = []
+        for fr in frames:
+            try:
+                name = Path(str(fr["file_path"])).name
+                M = np.asarray(fr["transform_matrix"], dtype=np.float64)
+            except (KeyError, TypeError, ValueError) as e:
+                raise SndError(f"malformed frame entry in {tf_path}: {str(fr)[:120]}", path=tf_path) from e
+            if M.shape != (4, 4):
+                raise SndError(f"transform_matrix of {name} is not 4x4 in {tf_path}", path=tf_path)
+            if (self.image_dir / name).is_file():
+                rows.append((frame_number(name), name, M, bool(fr.get("is_bad", False))))
+        if not rows:
+            raise SndError(f"no frame of {tf_path} has an image in {self.image_dir}", path=tf_path)
+        rows.sort(key=lambda r: (r[0], r[1]))
+        self.frame_ids = [r[1] for r in rows]
+        self.is_bad = [r[3] for r in rows]
+        colmap = dslr / "colmap" / "images.txt"
+        poses = read_colmap_images(colmap) if colmap.is_file() else {}
+        self.pose_source = "colmap" if poses else "transforms"
+        self._c2w = [poses[r[1]] if r[1] in poses else nerfstudio_to_mesh_c2w(r[2]) for r in rows]
+
+        self.height = int(height) if height is not None else h
+        self.width = int(width) if width is not None else w
+        self._base = Camera(K=K, c2w=np.eye(4), height=h, width=w)
+        self._K = self._base.scaled(self.height, self.width).K
+        self.cache = cache if cache is not None else MapCache(None)
+        self._classes = classes
+        self._geom = None
+
+    # -- Scene protocol ------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.frame_ids)
+
+    def camera(self, i: int) -> Camera:
+        return Camera(K=self._K, c2w=self._c2w[i], height=self.height, width=self.width)
+
+    def image(self, i: int) -> np.ndarray:
+        path = self.image_dir / self.frame_ids[i]
+        img = read_rgb(path)
+        h, w = self.native_hw
+        if img.shape[:2] != (h, w):
+            raise SndError(f"image is {img.shape[1]}x{img.shape[0]} but {self.transforms_path.name} says {w}x{h}: {path}", path=path)
+        if self.fisheye:
+            if self._map is None:
+                self._map = fisheye_undistort_map(self.native_camera_K, self._dist, self.native_camera_K, h, w)
+            img = remap_bilinear(img, *self._map)
+        return resize_rgb(img, self.height, self.width)
+
+    def instance_mask(self, i: int) -> np.ndarray:
+        return self._maps(i)["instance"]
+
+    def depth(self, i: int) -> np.ndarray:
+        return self._maps(i)["depth"]
+
+    def semantic_mask(self, i: int) -> np.ndarray:
+        return self._maps(i)["semantic"]
+
+    # -- geometry ------------------------------------------------------------------------------
+    @property
+    def classes(self) -> list[str]:
+        """Semantic class names; class id = index + 1 (0 = ignore)."""
+        return self._geometry()["classes"]
+
+    def _geometry(self) -> dict:
+        if self._geom is not None:
+            return self._geom
+        scans = self.dir / "scans"
+        mesh_p, seg_p, anno_p = scans / "mesh_aligned_0.05.ply", scans / "segments.json", scans / "segments_anno.json"
+        vertices, faces, _ = read_mesh(mesh_p)
+        seg = read_json(seg_p, "segments file")
+        seg_idx = seg.get("segIndices") if isinstance(seg, dict) else None
+        if not isinstance(seg_idx, list):
+            raise SndError(f"segments file has no 'segIndices' list: {seg_p}", path=seg_p)
+        seg_idx = np.asarray(seg_idx, dtype=np.int64)
+        if len(seg_idx) != len(vertices):
+            raise SndError(f"segments length mismatch: {len(seg_idx)} segIndices for {len(vertices)} mesh vertices in {seg_p}", path=seg_p, hint=f"segments.json must belong to {mesh_p.name}")
+        anno = read_json(anno_p, "segment annotation file")
+        groups = anno.get("segGroups") if isinstance(anno, dict) else None
+        if not isinstance(groups, list):
+            raise SndError(f"segment annotation file has no 'segGroups' list: {anno_p}", path=anno_p)
+        labels = sorted({str(g.get("label", "")) for g in groups if isinstance(g, dict)})
+        classes = list(self._classes) if self._classes is not None else labels
+        cls_id = {c: k + 1 for k, c in enumerate(classes)}
+        # segment id -> (object id, class id); segment ids are arbitrary ints, so use a dict then an array
+        n_seg = int(seg_idx.max()) + 1 if len(seg_idx) else 0
+        seg_obj = np.zeros(n_seg, dtype=np.int32)
+        seg_cls = np.zeros(n_seg, dtype=np.int32)
+        for g in groups:
+            try:
+                oid = int(g.get("objectId", g.get("id")))
+                segs = np.asarray(g["segments"], dtype=np.int64)
+            except (KeyError, TypeError, ValueError) as e:
+                raise SndError(f"malformed segGroup in {anno_p}: {str(g)[:120]}", path=anno_p) from e
+            segs = segs[(segs >= 0) & (segs < n_seg)]
+            seg_obj[segs] = oid
+            seg_cls[segs] = cls_id.get(str(g.get("label", "")), 0)
+        v_obj = np.where(seg_idx >= 0, seg_obj[np.clip(seg_idx, 0, max(n_seg - 1, 0))], 0) if n_seg else np.zeros(len(vertices), np.int32)
+        v_cls = np.where(seg_idx >= 0, seg_cls[np.clip(seg_idx, 0, max(n_seg - 1, 0))], 0) if n_seg else np.zeros(len(vertices), np.int32)
+        self._geom = {
+            "raycaster": MeshRaycaster(vertices, faces),
+            "face_instance": face_labels_from_vertices(faces, v_obj).astype(np.int32),
+            "face_semantic": face_labels_from_vertices(faces, v_cls).astype(np.int32),
+            "classes": classes,
+            "signature": file_signature(mesh_p, seg_p, anno_p) + "|" + ",".join(classes),
+        }
+        return self._geom
+
+    def _maps(self, i: int) -> dict[str, np.ndarray]:
+        cam = self.camera(i)
+        key = None
+        if self.cache.folder is not None:
+            scans = self.dir / "scans"
+            sig = file_signature(scans / "mesh_aligned_0.05.ply", scans / "segments.json", scans / "segments_anno.json")
+            extra = sig + "|" + (",".join(self._classes) if self._classes is not None else "<scene-labels>")
+            key = self.cache.key(self.name, self.frame_ids[i], self.height, self.width, K=cam.K, c2w=cam.c2w, extra=extra)
+            hit = self.cache.load(key)
+            if hit is not None:
+                return hit
+        g = self._geometry()
+        hits = g["raycaster"].cast(cam)
+        out = {
+            "depth": hits.depth,
+            "instance": lookup(hits.face, g["face_instance"]),
+            "semantic": lookup(hits.face, g["face_semantic"]),
+        }
+        self.cache.save(key, out)
+        return out

@@ -1,0 +1,503 @@
+"""Procedural rooms written in the raw ScanNet++ v2 layout (`snd data synth`).
+
+Why: every stage (precompute, distill, eval) must run end to end on a laptop and in CI without the
+1.5 TB ScanNet++ download, against ground truth we know exactly. A scene is a box-shaped room (floor,
+ceiling, four walls) with a handful of boxes, cylinders and spheres standing on the floor, each one
+annotated instance with a semantic class, seen by a camera gliding along an arc of an ellipse around the
+room's centre while looking at its contents (neighbouring frames overlap strongly; frames 8-12 apart
+still share most of the view, as SnD's context sampler needs).
+
+Images come from the same ray caster the readers use for masks and depth (`snd.data.raycast`), shaded
+with a point light and a procedural solid texture per surface (stripes, checkers, dots, sums of
+sinusoids) so that DINOv2 has texture to describe. Output per scene, exactly the ScanNet++ v2 files::
+
+    <out>/data/<scene>/dslr/resized_undistorted_images/DSC00001.JPG ...   (pinhole)
+    <out>/data/<scene>/dslr/nerfstudio/transforms_undistorted.json        (nerfstudio, OpenGL c2w)
+    <out>/data/<scene>/dslr/colmap/images.txt, cameras.txt                (OpenCV w2c, mesh world)
+    <out>/data/<scene>/dslr/train_test_lists.json
+    <out>/data/<scene>/scans/mesh_aligned_0.05.ply                        (binary, vertex colours)
+    <out>/data/<scene>/scans/segments.json, segments_anno.json
+    <out>/splits/nvs_sem_train.txt, nvs_sem_val.txt
+    <out>/metadata/semantic_classes.txt
+
+Poses in transforms_undistorted.json use the toolkit's permuted nerfstudio world (see
+`snd.data.formats`), like the real release. Every random choice comes from ``numpy.random.default_rng``
+seeded by (seed, scene index), and every file is written by fixed-layout writers, so the same config
+gives byte-identical output. Each scene is built in a temporary folder and renamed into place.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from snd.data.camera import Camera, intrinsics, look_at
+from snd.data.formats import (
+    SYNTH_CLASSES,
+    atomic_write_text,
+    mesh_c2w_to_nerfstudio,
+    write_colmap_images,
+    write_json,
+)
+from snd.data.ply import write_ply
+from snd.data.raycast import MeshRaycaster
+from snd.errors import SndError
+
+log = logging.getLogger(__name__)
+
+CLASS_ID = {name: i + 1 for i, name in enumerate(SYNTH_CLASSES)}
+
+
+# ------------------------------------------------------------------------------------------------
+# Geometry
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class Part:
+    """One annotated surface group: its own vertices (never shared with other parts), one instance."""
+
+    vertices: np.ndarray  # [n, 3]
+    normals: np.ndarray  # [n, 3] unit, per vertex (flat parts repeat the face normal)
+    faces: np.ndarray  # [f, 3] local indices
+    face_segment: np.ndarray  # [f] local segment number (0..k-1)
+    label: str
+    texture: dict = field(default_factory=dict)
+    shape: dict = field(default_factory=dict)  # analytic description (kind, centre, sizes, yaw)
+
+
+def _grid(origin, u, v, nu: int, nv: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A planar grid patch: corner `origin`, edges `u`, `v` -> (vertices, normals, faces), normal = u x v."""
+    origin, u, v = (np.asarray(a, dtype=np.float64) for a in (origin, u, v))
+    a, b = np.meshgrid(np.linspace(0, 1, nu + 1), np.linspace(0, 1, nv + 1), indexing="ij")
+    verts = origin + a.reshape(-1, 1) * u + b.reshape(-1, 1) * v
+    n = np.cross(u, v)
+    n /= np.linalg.norm(n)
+    idx = np.arange((nu + 1) * (nv + 1)).reshape(nu + 1, nv + 1)
+    p00, p10, p01, p11 = idx[:-1, :-1].ravel(), idx[1:, :-1].ravel(), idx[:-1, 1:].ravel(), idx[1:, 1:].ravel()
+    faces = np.concatenate([np.stack([p00, p10, p11], 1), np.stack([p00, p11, p01], 1)])
+    return verts, np.broadcast_to(n, verts.shape).copy(), faces
+
+
+def _merge(pieces: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Concatenate (vertices, normals, faces) pieces; the piece index becomes the face's segment."""
+    V, N, F, S, off = [], [], [], [], 0
+    for k, (v, n, f) in enumerate(pieces):
+        V.append(v)
+        N.append(n)
+        F.append(f + off)
+        S.append(np.full(len(f), k))
+        off += len(v)
+    return np.concatenate(V), np.concatenate(N), np.concatenate(F), np.concatenate(S)
+
+
+def _rot_z(yaw: float) -> np.ndarray:
+    c, s = np.cos(yaw), np.sin(yaw)
+    return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+
+
+def _room_parts(lx: float, ly: float, lz: float, step: float = 0.25) -> list[Part]:
+    """Floor, ceiling and four walls of an axis-aligned room [-lx/2, lx/2] x [-ly/2, ly/2] x [0, lz], normals inward."""
+    hx, hy = lx / 2, ly / 2
+    n = lambda L: max(1, int(np.ceil(L / step)))  # noqa: E731
+    specs = [
+        ("floor", (-hx, -hy, 0), (lx, 0, 0), (0, ly, 0), n(lx), n(ly)),
+        ("ceiling", (-hx, -hy, lz), (0, ly, 0), (lx, 0, 0), n(ly), n(lx)),
+        ("wall", (-hx, -hy, 0), (0, 0, lz), (lx, 0, 0), n(lz), n(lx)),  # y = -hy, normal +y
+        ("wall", (-hx, hy, 0), (lx, 0, 0), (0, 0, lz), n(lx), n(lz)),  # y = +hy, normal -y
+        ("wall", (-hx, -hy, 0), (0, ly, 0), (0, 0, lz), n(ly), n(lz)),  # x = -hx, normal +x
+        ("wall", (hx, -hy, 0), (0, 0, lz), (0, ly, 0), n(lz), n(ly)),  # x = +hx, normal -x
+    ]
+    parts = []
+    for label, o, u, v, nu, nv in specs:
+        verts, norms, faces = _grid(o, u, v, nu, nv)
+        parts.append(Part(verts, norms, faces, np.zeros(len(faces), dtype=np.int64), label))
+    return parts
+
+
+def box_part(centre_xy, size, yaw: float, step: float = 0.2) -> Part:
+    """A box standing on the floor: footprint centre (x, y), size (sx, sy, sz), rotated by `yaw` about z."""
+    h = np.asarray(size, dtype=np.float64) / 2
+    R = _rot_z(yaw)
+    c = np.array([centre_xy[0], centre_xy[1], h[2]])
+    e = np.eye(3)
+    pieces = []
+    for a in range(3):
+        b, cax = (a + 1) % 3, (a + 2) % 3
+        for s in (1.0, -1.0):
+            u, v = e[b] * 2 * h[b], e[cax] * 2 * h[cax]
+            if s < 0:
+                u, v = v, u
+            corner = s * h[a] * e[a] - h[b] * e[b] - h[cax] * e[cax]
+            nu = max(1, int(np.ceil(np.linalg.norm(u) / step)))
+            nv = max(1, int(np.ceil(np.linalg.norm(v) / step)))
+            verts, norms, faces = _grid(corner, u, v, nu, nv)
+            pieces.append((verts @ R.T + c, norms @ R.T, faces))
+    V, N, F, S = _merge(pieces)
+    return Part(V, N, F, S, "box", shape={"kind": "box", "centre": c.tolist(), "size": (2 * h).tolist(), "yaw": float(yaw)})
+
+
+def cylinder_part(centre_xy, radius: float, height: float, segments: int = 40) -> Part:
+    """An upright cylinder standing on the floor (side + both caps)."""
+    ang = np.linspace(0, 2 * np.pi, segments + 1)
+    rings = max(2, int(np.ceil(height / 0.2)) + 1)
+    z = np.linspace(0, height, rings)
+    A, Z = np.meshgrid(ang, z, indexing="ij")  # [segments+1, rings]
+    side_v = np.stack([radius * np.cos(A), radius * np.sin(A), Z], -1).reshape(-1, 3)
+    side_n = np.stack([np.cos(A), np.sin(A), np.zeros_like(A)], -1).reshape(-1, 3)
+    idx = np.arange((segments + 1) * rings).reshape(segments + 1, rings)
+    p00, p10, p01, p11 = idx[:-1, :-1].ravel(), idx[1:, :-1].ravel(), idx[:-1, 1:].ravel(), idx[1:, 1:].ravel()
+    side_f = np.concatenate([np.stack([p00, p10, p11], 1), np.stack([p00, p11, p01], 1)])
+    pieces = [(side_v, side_n, side_f)]
+    for zc, sgn in ((height, 1.0), (0.0, -1.0)):
+        ring = np.stack([radius * np.cos(ang[:-1]), radius * np.sin(ang[:-1]), np.full(segments, zc)], -1)
+        verts = np.concatenate([[[0.0, 0.0, zc]], ring])
+        j = np.arange(segments)
+        faces = np.stack([np.zeros(segments, dtype=np.int64), 1 + j, 1 + (j + 1) % segments], 1)
+        if sgn < 0:
+            faces = faces[:, [0, 2, 1]]
+        pieces.append((verts, np.broadcast_to([0.0, 0.0, sgn], verts.shape).copy(), faces))
+    V, N, F, S = _merge(pieces)
+    c = np.array([centre_xy[0], centre_xy[1], 0.0])
+    return Part(V + c, N, F, S, "cylinder", shape={"kind": "cylinder", "centre": c.tolist(), "radius": radius, "height": height})
+
+
+def sphere_part(centre, radius: float, subdivisions: int = 3) -> Part:
+    """An icosphere (vertices on the true sphere) centred at `centre`."""
+    import trimesh
+
+    ico = trimesh.creation.icosphere(subdivisions=subdivisions)
+    unit = np.asarray(ico.vertices, dtype=np.float64)
+    unit /= np.linalg.norm(unit, axis=1, keepdims=True)
+    faces = np.asarray(ico.faces, dtype=np.int64)
+    c = np.asarray(centre, dtype=np.float64)
+    return Part(c + radius * unit, unit.copy(), faces, np.zeros(len(faces), dtype=np.int64), "sphere", shape={"kind": "sphere", "centre": c.tolist(), "radius": radius})
+
+
+# ------------------------------------------------------------------------------------------------
+# Appearance
+# ------------------------------------------------------------------------------------------------
+def _hsv(h: float, s: float, v: float) -> np.ndarray:
+    i = int(h * 6) % 6
+    f = h * 6 - int(h * 6)
+    p, q, t = v * (1 - s), v * (1 - f * s), v * (1 - (1 - f) * s)
+    return np.array([(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)][i])
+
+
+def _random_rotation(rng: np.random.Generator) -> np.ndarray:
+    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
+    return q * np.sign(np.diag(r))
+
+
+def _texture_params(rng: np.random.Generator, label: str) -> dict:
+    kinds = {"floor": ["planks", "checker"], "ceiling": ["waves"], "wall": ["stripes", "waves", "dots"]}
+    kind = str(rng.choice(kinds.get(label, ["checker", "stripes", "dots", "waves"])))
+    hue = rng.uniform()
+    sat = rng.uniform(0.15, 0.35) if label in ("wall", "ceiling") else rng.uniform(0.4, 0.85)
+    val = rng.uniform(0.7, 0.95) if label in ("wall", "ceiling") else rng.uniform(0.55, 0.95)
+    c1 = _hsv(hue, sat, val)
+    c2 = _hsv((hue + rng.uniform(0.3, 0.7)) % 1.0, rng.uniform(0.3, 0.8), rng.uniform(0.3, 0.7))
+    if label == "ceiling":
+        c2 = c1 * 0.85
+    return {
+        "kind": kind,
+        "c1": c1,
+        "c2": c2,
+        "freq": rng.uniform(2.0, 5.0),
+        "rot": _random_rotation(rng),
+        "waves": rng.normal(size=(4, 3)) * rng.uniform(1.5, 4.0),
+        "phase": rng.uniform(0, 2 * np.pi, size=4),
+    }
+
+
+def texture(points: np.ndarray, tex: dict) -> np.ndarray:
+    """Unshaded albedo [M, 3] in [0, 1] of a procedural solid texture at world points [M, 3]."""
+    p = points @ tex["rot"].T
+    f = tex["freq"]
+    kind = tex["kind"]
+    if kind == "checker":
+        g = np.floor(p * f + 0.013).sum(axis=1)
+        m = (g % 2).astype(np.float64)
+    elif kind == "stripes":
+        m = 0.5 + 0.5 * np.tanh(3.0 * np.sin(2 * np.pi * f * p[:, 0]))
+    elif kind == "planks":
+        m = 0.5 + 0.5 * np.sin(2 * np.pi * 1.5 * f * p[:, 0] + 2.0 * np.sin(3.0 * p[:, 1]))
+        m = 0.6 * m + 0.4 * (np.floor(p[:, 1] * f * 0.7) % 2)
+    elif kind == "dots":
+        q = p * f
+        d = np.linalg.norm(q - np.round(q), axis=1)
+        m = (d < 0.32).astype(np.float64)
+    else:  # waves: a sum of four sinusoids
+        m = 0.5 + 0.125 * np.sin(p @ tex["waves"].T + tex["phase"]).sum(axis=1)
+    low = 0.9 + 0.1 * np.sin(points @ tex["waves"][0] * 0.3 + tex["phase"][0])
+    col = tex["c1"][None] * (1 - m[:, None]) + tex["c2"][None] * m[:, None]
+    return np.clip(col * low[:, None], 0.0, 1.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# A procedural scene
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class SynthScene:
+    """Everything about one procedural scene, in memory (what `generate_dataset` writes to disk)."""
+
+    name: str
+    parts: list[Part]
+    object_ids: list[int]  # per part: ScanNet++ objectId (>= 1)
+    cameras: list[Camera]  # OpenCV, mesh world
+    frame_names: list[str]
+    light: np.ndarray  # [3]
+
+    # derived, built by `finish`
+    vertices: np.ndarray = None  # type: ignore[assignment]
+    normals: np.ndarray = None  # type: ignore[assignment]
+    faces: np.ndarray = None  # type: ignore[assignment]
+    face_part: np.ndarray = None  # type: ignore[assignment]
+    vertex_segment: np.ndarray = None  # type: ignore[assignment]
+    segments_of_part: list[list[int]] = None  # type: ignore[assignment]
+
+    def finish(self) -> "SynthScene":
+        V, N, F, FP, VS, segs, off, seg_off = [], [], [], [], [], [], 0, 0
+        for k, part in enumerate(self.parts):
+            V.append(part.vertices)
+            N.append(part.normals)
+            F.append(part.faces + off)
+            FP.append(np.full(len(part.faces), k))
+            # vertex -> segment: vertices of a part belong to the segment of any face using them
+            vs = np.zeros(len(part.vertices), dtype=np.int64)
+            vs[part.faces.ravel()] = np.repeat(part.face_segment, 3)
+            n_seg = int(part.face_segment.max()) + 1
+            VS.append(vs + seg_off)
+            segs.append(list(range(seg_off, seg_off + n_seg)))
+            seg_off += n_seg
+            off += len(part.vertices)
+        self.vertices, self.normals = np.concatenate(V), np.concatenate(N)
+        self.faces, self.face_part = np.concatenate(F), np.concatenate(FP)
+        self.vertex_segment, self.segments_of_part = np.concatenate(VS), segs
+        return self
+
+    def render(self, raycaster: MeshRaycaster, cam: Camera) -> np.ndarray:
+        """RGB image [H, W, 3] uint8 of camera `cam` (Lambert + ambient, procedural albedo)."""
+        hits = raycaster.cast(cam)
+        H, W = cam.height, cam.width
+        face = hits.face.reshape(-1)
+        ok = face >= 0
+        rgb = np.zeros((H * W, 3))
+        pts = hits.points.reshape(-1, 3)
+        bary = hits.bary.reshape(-1, 3)
+        fidx = face[ok]
+        tri_n = self.normals[self.faces[fidx]]  # [M, 3, 3]
+        n = np.einsum("mk,mkd->md", bary[ok], tri_n)
+        n /= np.linalg.norm(n, axis=1, keepdims=True) + 1e-12
+        view = pts[ok] - cam.center
+        n = np.where((np.einsum("md,md->m", n, view) > 0)[:, None], -n, n)  # face the camera
+        to_light = self.light - pts[ok]
+        dist = np.linalg.norm(to_light, axis=1, keepdims=True)
+        lam = np.clip(np.einsum("md,md->m", n, to_light / dist), 0, None)
+        shade = 0.35 + 0.75 * lam / (1.0 + 0.04 * dist[:, 0] ** 2)
+        albedo = np.zeros((len(fidx), 3))
+        part_of = self.face_part[fidx]
+        for k in np.unique(part_of):
+            sel = part_of == k
+            albedo[sel] = texture(pts[ok][sel], self.parts[k].texture)
+        rgb[ok] = albedo * shade[:, None]
+        rgb = np.clip(rgb, 0, 1) ** (1 / 1.6)
+        return np.round(rgb * 255).astype(np.uint8).reshape(H, W, 3)
+
+    def vertex_colors(self) -> np.ndarray:
+        cols = np.zeros((len(self.vertices), 3))
+        off = 0
+        for part in self.parts:
+            n = len(part.vertices)
+            cols[off : off + n] = texture(part.vertices, part.texture)
+            off += n
+        return np.round(cols * 255).astype(np.uint8)
+
+
+def scene_name(seed: int, index: int) -> str:
+    """ScanNet++-style 10-hex-digit scene id, stable for (seed, index)."""
+    return hashlib.sha1(f"snd-synth-{seed}-{index}".encode()).hexdigest()[:10]
+
+
+def build_scene(seed: int, index: int, *, frames: int, height: int, width: int, objects: int) -> SynthScene:
+    """Sample one procedural scene (pure function of its arguments)."""
+    if frames < 1 or height < 8 or width < 8 or objects < 0:
+        raise SndError(f"synth: need frames >= 1, height/width >= 8, objects >= 0 (got {frames}, {height}x{width}, {objects})")
+    rng = np.random.default_rng([seed, index])
+    lx, ly, lz = rng.uniform(4.5, 7.0), rng.uniform(4.0, 6.0), rng.uniform(2.6, 3.0)
+    hx, hy = lx / 2, ly / 2
+
+    # camera path: an arc of the ellipse at 0.8 of the half extents, looking at the room's centre
+    step = np.deg2rad(rng.uniform(3.0, 4.0)) * rng.choice([-1.0, 1.0])
+    theta0 = rng.uniform(0, 2 * np.pi)
+    phase = rng.uniform(0, 2 * np.pi)
+    fx = 0.75 * width
+    K = intrinsics(fx, fx, (width - 1) / 2, (height - 1) / 2)
+    cams = []
+    for i in range(frames):
+        th = theta0 + i * step
+        eye = np.array([0.8 * hx * np.cos(th), 0.8 * hy * np.sin(th), 1.45 + 0.12 * np.sin(2 * th + phase)])
+        target = np.array([0.15 * hx * np.sin(1.3 * th + phase), 0.15 * hy * np.cos(0.9 * th), 0.6])
+        cams.append(Camera(K=K, c2w=look_at(eye, target), height=height, width=width))
+    eyes = np.array([c.center[:2] for c in cams])
+
+    # objects on the floor, not overlapping each other nor the camera path
+    kinds = ["box", "cylinder", "sphere"]
+    order = [kinds[i % 3] for i in range(objects)]
+    rng.shuffle(order)
+    placed: list[tuple[np.ndarray, float]] = []
+    obj_parts: list[Part] = []
+    for kind in order:
+        for _ in range(200):
+            if kind == "box":
+                size = rng.uniform([0.3, 0.3, 0.3], [0.8, 0.8, 1.0])
+                foot = 0.5 * float(np.hypot(size[0], size[1]))
+            elif kind == "cylinder":
+                r, h = rng.uniform(0.15, 0.35), rng.uniform(0.4, 1.1)
+                foot = r
+            else:
+                r = rng.uniform(0.2, 0.4)
+                foot = r
+            xy = rng.uniform([-0.5 * hx, -0.5 * hy], [0.5 * hx, 0.5 * hy])
+            if np.min(np.linalg.norm(eyes - xy, axis=1)) < foot + 0.4:
+                continue
+            if any(np.linalg.norm(xy - q) < foot + fq + 0.1 for q, fq in placed):
+                continue
+            placed.append((xy, foot))
+            if kind == "box":
+                obj_parts.append(box_part(xy, size, rng.uniform(0, np.pi)))
+            elif kind == "cylinder":
+                obj_parts.append(cylinder_part(xy, r, h))
+            else:
+                obj_parts.append(sphere_part([xy[0], xy[1], r], r))
+            break
+        else:
+            log.debug("synth scene %d: could not place a %s; skipped", index, kind)
+
+    parts = _room_parts(lx, ly, lz) + obj_parts
+    for p in parts:
+        p.texture = _texture_params(rng, p.label)
+    names = [f"DSC{i + 1:05d}.JPG" for i in range(frames)]
+    light = np.array([rng.uniform(-0.3, 0.3) * hx, rng.uniform(-0.3, 0.3) * hy, lz - 0.3])
+    sc = SynthScene(scene_name(seed, index), parts, list(range(1, len(parts) + 1)), cams, names, light)
+    return sc.finish()
+
+
+# ------------------------------------------------------------------------------------------------
+# Writing
+# ------------------------------------------------------------------------------------------------
+def _jpeg_bytes(rgb: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="JPEG", quality=92)
+    return buf.getvalue()
+
+
+def write_scene(sc: SynthScene, scene_dir: Path) -> None:
+    """Write one scene's ScanNet++ v2 files under `scene_dir` (which must not exist yet)."""
+    dslr = scene_dir / "dslr"
+    img_dir = dslr / "resized_undistorted_images"
+    img_dir.mkdir(parents=True)
+    (dslr / "nerfstudio").mkdir()
+    (dslr / "colmap").mkdir()
+    (scene_dir / "scans").mkdir()
+
+    rc = MeshRaycaster(sc.vertices, sc.faces)
+    for name, cam in zip(sc.frame_names, sc.cameras):
+        (img_dir / name).write_bytes(_jpeg_bytes(sc.render(rc, cam)))
+
+    cam0 = sc.cameras[0]
+    n_test = max(0, min(2, len(sc.frame_names) // 8))
+    train, test = sc.frame_names[: len(sc.frame_names) - n_test], sc.frame_names[len(sc.frame_names) - n_test :]
+
+    def frame(name: str, cam: Camera) -> dict:
+        return {"file_path": name, "transform_matrix": mesh_c2w_to_nerfstudio(cam.c2w).round(10).tolist(), "is_bad": False}
+
+    frames = [frame(n, c) for n, c in zip(sc.frame_names, sc.cameras)]
+    transforms = {
+        "fl_x": float(cam0.K[0, 0]),
+        "fl_y": float(cam0.K[1, 1]),
+        "cx": float(cam0.K[0, 2]),
+        "cy": float(cam0.K[1, 2]),
+        "w": cam0.width,
+        "h": cam0.height,
+        "camera_model": "PINHOLE",
+        "k1": 0.0,
+        "k2": 0.0,
+        "k3": 0.0,
+        "k4": 0.0,
+        "has_mask": False,
+        "frames": frames[: len(train)],
+        "test_frames": frames[len(train) :],
+        "train_filenames": train,
+        "test_filenames": test,
+    }
+    write_json(dslr / "nerfstudio" / "transforms_undistorted.json", transforms)
+    write_json(dslr / "train_test_lists.json", {"train": train, "test": test})
+    write_colmap_images(dslr / "colmap" / "images.txt", sc.frame_names, [c.c2w for c in sc.cameras])
+    K = cam0.K
+    atomic_write_text(
+        dslr / "colmap" / "cameras.txt",
+        "# Camera list with one line of data per camera:\n#   CAMERA_ID, MODEL, WIDTH, HEIGHT, PARAMS[]\n"
+        f"1 PINHOLE {cam0.width} {cam0.height} {K[0, 0]:.10f} {K[1, 1]:.10f} {K[0, 2]:.10f} {K[1, 2]:.10f}\n",
+    )
+
+    write_ply(scene_dir / "scans" / "mesh_aligned_0.05.ply", sc.vertices, sc.faces, sc.vertex_colors())
+    write_json(scene_dir / "scans" / "segments.json", {"sceneId": sc.name, "segIndices": sc.vertex_segment.tolist()})
+    groups = []
+    for k, (part, oid) in enumerate(zip(sc.parts, sc.object_ids)):
+        v = part.vertices
+        groups.append(
+            {
+                "id": oid,
+                "objectId": oid,
+                "label": part.label,
+                "segments": sc.segments_of_part[k],
+                "obb": {"centroid": ((v.min(0) + v.max(0)) / 2).round(6).tolist(), "axesLengths": (v.max(0) - v.min(0)).round(6).tolist(), "normalizedAxes": np.eye(3).ravel().tolist()},
+            }
+        )
+    write_json(scene_dir / "scans" / "segments_anno.json", {"sceneId": sc.name, "segGroups": groups})
+
+
+def generate_dataset(cfg, progress: bool = False) -> list[str]:
+    """Write `cfg.scenes` procedural scenes under `cfg.out` (raw ScanNet++ v2 layout); return their names.
+
+    Args:
+        cfg: `snd.pipeline.config.SynthConfig` (out, scenes, frames, height, width, objects, seed).
+        progress: show a progress bar over scenes.
+    """
+    out = Path(cfg.out)
+    if cfg.scenes < 1:
+        raise SndError(f"synth: --scenes must be >= 1, got {cfg.scenes}")
+    data = out / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    names = []
+    it = range(cfg.scenes)
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(it, desc="synth scenes", unit="scene")
+    for i in it:
+        sc = build_scene(cfg.seed, i, frames=cfg.frames, height=cfg.height, width=cfg.width, objects=cfg.objects)
+        tmp = Path(tempfile.mkdtemp(dir=data, prefix=f".tmp-{sc.name}-"))
+        try:
+            os.chmod(tmp, 0o755)
+            write_scene(sc, tmp / "scene")
+            final = data / sc.name
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp / "scene", final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        names.append(sc.name)
+    n_val = 0 if len(names) < 2 else max(1, round(0.25 * len(names)))
+    train, val = names[: len(names) - n_val], names[len(names) - n_val :]
+    atomic_write_text(out / "splits" / "nvs_sem_train.txt", "".join(f"{n}\n" for n in train))
+    atomic_write_text(out / "splits" / "nvs_sem_val.txt", "".join(f"{n}\n" for n in val))
+    atomic_write_text(out / "metadata" / "semantic_classes.txt", "".join(f"{c}\n" for c in SYNTH_CLASSES))
+    return names
