@@ -1,0 +1,154 @@
+"""Read scene groups of a scaffold store: one pair at a time, checksum-verified, decoded to float32.
+
+Why per pair: stage two reads random pairs; each field is chunked per pair inside its shard, so one pair
+costs one ranged read and one decompression per array. Every read is checked twice: Zarr's crc32c codec
+on each chunk, then snd's per-pair CRC table (recorded at write time, itself pinned by a SHA-256 in the
+scene's completion marker). Any mismatch raises an `SndError` naming the scene and the pair.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from snd.cache import manifest as M
+from snd.cache.encode import decode_scaffold
+from snd.cache.schema import CHECKSUM_ARRAY, SCHEMA_VERSION, Encoding, delta_decode, layout
+from snd.cache.writer import crc32c
+from snd.errors import SndError
+
+
+def _corrupt(root: Path, scene: str, pair: int | None, what: str) -> SndError:
+    where = f"scene {scene!r}" + (f" pair {pair}" if pair is not None else "")
+    return SndError(f"corrupted scaffold cache: {where}: {what}", path=Path(root) / scene,
+                    hint=f"delete {Path(root) / scene} and {M.markers_dir(root) / (scene + '.json')}, then rerun "
+                         "`snd precompute` with the same options (it redoes only that scene)")
+
+
+@dataclass
+class DecodedPair:
+    """One pair of a scene, decoded (float32 Gaussians at the scaffold size)."""
+
+    scene: str
+    pair: int
+    means: Tensor  # [2,H,W,3]
+    quats: Tensor  # [2,H,W,4]
+    scales: Tensor  # [2,H,W,3]
+    opacities: Tensor  # [2,H,W]
+    ctx_masks: Tensor  # [2,H,W] int64
+    tgt_masks: Tensor  # [T,H,W] int64
+    ctx_K: Tensor  # [2,3,3] float32
+    ctx_c2w: Tensor  # [2,4,4] float32
+    tgt_K: Tensor  # [T,3,3]
+    tgt_c2w: Tensor  # [T,4,4]
+    ctx_index: tuple[int, int]
+    tgt_index: tuple[int, ...]  # -1 = no target in that slot
+
+
+class SceneReader:
+    """Random access to the pairs of one complete scene group."""
+
+    def __init__(self, root: Path, scene: str, record: dict, *, verify: bool = True):
+        import zarr
+
+        self.root, self.scene, self.verify = Path(root), scene, verify
+        try:
+            self.group = zarr.open_group(store=str(self.root / scene), mode="r")
+            attrs = dict(self.group.attrs)
+        except Exception as e:  # noqa: BLE001 - any failure to open is a damaged store for the user
+            raise _corrupt(root, scene, None, f"cannot open group ({type(e).__name__}: {e})") from e
+        if attrs.get("schema_version") != SCHEMA_VERSION:
+            raise _corrupt(root, scene, None, f"schema version {attrs.get('schema_version')} != {SCHEMA_VERSION}")
+        self.attrs = attrs
+        self.height, self.width = int(attrs["height"]), int(attrs["width"])
+        self.n_pairs, self.n_targets = int(attrs["n_pairs"]), int(attrs["n_targets"])
+        self.enc = Encoding.from_dict(attrs["encoding"])
+        self.frame_ids: list[str] = list(attrs.get("frame_ids", []))
+        self.specs = layout(self.height, self.width, self.n_targets, self.enc)
+        self._small = {n: self._read_whole(n) for n, s in self.specs.items() if s.kind == "small"}
+        self._crc = self._read_whole(CHECKSUM_ARRAY)
+        if verify and hashlib.sha256(np.ascontiguousarray(self._crc).tobytes()).hexdigest() != record.get("checksums_sha256"):
+            raise _corrupt(root, scene, None, "checksum table does not match the manifest")
+        self._cols = {n: i for i, n in enumerate(self.specs)}
+
+    def _read_whole(self, name: str) -> np.ndarray:
+        try:
+            return self.group[name][...]
+        except Exception as e:  # noqa: BLE001
+            raise _corrupt(self.root, self.scene, None, f"array {name!r} unreadable ({type(e).__name__}: {e})") from e
+
+    def read_stored(self, p: int) -> dict[str, np.ndarray]:
+        """Pair `p`'s arrays as stored (row deltas undone), checksum-verified."""
+        if not 0 <= p < self.n_pairs:
+            raise IndexError(f"scene {self.scene}: pair {p} out of range [0, {self.n_pairs})")
+        out = {}
+        for name, s in self.specs.items():
+            if s.kind == "small":
+                a = self._small[name][p]
+            else:
+                try:
+                    a = self.group[name][p]
+                except Exception as e:  # noqa: BLE001 - codec/crc errors of a damaged chunk
+                    raise _corrupt(self.root, self.scene, p, f"array {name!r} unreadable ({type(e).__name__}: {e})") from e
+            if self.verify and crc32c(a) != int(self._crc[p, self._cols[name]]):
+                raise _corrupt(self.root, self.scene, p, f"array {name!r} checksum mismatch")
+            out[name] = delta_decode(a) if s.delta else a
+        return out
+
+    def pair(self, p: int) -> DecodedPair:
+        """Pair `p` decoded to float32 Gaussians, int64 masks and float32 cameras."""
+        st = self.read_stored(p)
+        K = torch.from_numpy(st["ctx_K"])[None]
+        c2w = torch.from_numpy(st["ctx_c2w"])[None]
+        fields = {k: st[k][None] for k in ("depth", "quats", "scales", "opacity", "offset_range", "scale_range")}
+        if self.enc.offset:
+            fields["offset"] = st["offset"][None]
+        means, quats, scales, opac = decode_scaffold(fields, K, c2w, enc=self.enc)
+        f32 = torch.float32
+        return DecodedPair(
+            scene=self.scene, pair=p, means=means[0], quats=quats[0], scales=scales[0], opacities=opac[0],
+            ctx_masks=torch.from_numpy(st["ctx_mask"].astype(np.int64)),
+            tgt_masks=torch.from_numpy(st["tgt_mask"].astype(np.int64)),
+            ctx_K=torch.from_numpy(st["ctx_K"]).to(f32), ctx_c2w=torch.from_numpy(st["ctx_c2w"]).to(f32),
+            tgt_K=torch.from_numpy(st["tgt_K"]).to(f32), tgt_c2w=torch.from_numpy(st["tgt_c2w"]).to(f32),
+            ctx_index=tuple(int(i) for i in st["ctx_index"]), tgt_index=tuple(int(i) for i in st["tgt_index"]),
+        )
+
+
+class CacheReader:
+    """A scaffold store opened for reading: the merged manifest plus lazily opened scene readers."""
+
+    def __init__(self, root: str | Path, *, verify: bool = True):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise SndError(f"missing scaffold cache folder: {self.root}", path=self.root,
+                           hint="run `snd precompute --out <folder>` first")
+        self.manifest = M.read_manifest(self.root)
+        self.verify = verify
+        self.records = {n: r for n, r in self.manifest["scenes"].items() if r.get("status") == "complete"}
+        self._open: dict[str, SceneReader] = {}
+
+    @property
+    def scenes(self) -> list[str]:
+        return sorted(self.records)
+
+    def scene(self, name: str) -> SceneReader:
+        if name not in self.records:
+            raise SndError(f"scene {name!r} is not complete in cache {self.root}", path=self.root)
+        if name not in self._open:
+            self._open[name] = SceneReader(self.root, name, self.records[name], verify=self.verify)
+        return self._open[name]
+
+    def verify_all(self) -> int:
+        """Read every pair of every complete scene (raises on the first corruption); returns pairs checked."""
+        n = 0
+        for s in self.scenes:
+            r = SceneReader(self.root, s, self.records[s], verify=True)
+            for p in range(r.n_pairs):
+                r.read_stored(p)
+                n += 1
+        return n

@@ -1,0 +1,139 @@
+"""The scaffold store's schema: which arrays a scene group holds, their stored dtypes/layouts and codecs.
+
+Why one table: the writer, the reader, the stream and docs/cache-format.md must agree on every array;
+bump `SCHEMA_VERSION` whenever a stored meaning changes (readers refuse other versions).
+
+Stored layout of one scene group (P pairs, T targets per pair, scaffold H x W):
+
+* per-pair *fields* (one Zarr chunk per pair, `PAIRS_PER_SHARD` pairs per shard file):
+  ``depth [P,2,H,W] float16``, ``offset [P,2,2,H,W] int8`` (only if the source has sub-pixel offsets),
+  ``quats [P,2,4,H,W] int8|int16``, ``scales [P,2,3,H,W] uint8|uint16``, ``opacity [P,2,H,W] uint8``,
+  ``ctx_mask [P,2,H,W] int32``, ``tgt_mask [P,T,H,W] int32``. Channels are stored planar (C before H, W)
+  and the quantised integer fields hold *row deltas* along W (`delta_encode`), both because zstd then
+  sees long runs of small numbers.
+* small per-pair arrays (one chunk each): ``offset_range [P,2] f32``, ``scale_range [P,2,2] f32``,
+  ``ctx_index [P,2] i32``, ``tgt_index [P,T] i32`` (-1 = no target), ``ctx_K [P,2,3,3] f64``,
+  ``ctx_c2w [P,2,4,4] f64``, ``tgt_K [P,T,3,3] f64``, ``tgt_c2w [P,T,4,4] f64``, and
+  ``crc32c [P,A] uint32`` (per pair, per array in `CHECKED_ARRAYS`, of the stored bytes).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+FORMAT_NAME = "snd-scaffold-cache"
+PAIRS_PER_SHARD = 16  # pairs per shard file: ~100 MB files at 576x880, few files per scene
+
+Kind = Literal["field", "small"]
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """Quantisation knobs; recorded in every scene group's attributes (``encoding``).
+
+    quat_bits:  8 -> int8 (component error <= 1/254), 16 -> int16.
+    scale_bits: 8 -> uint8 over the per-view log2 range (relative error <= range/510 octaves), 16 -> uint16.
+    offset:     store sub-pixel offsets of the means (sources whose Gaussians leave the pixel ray).
+    delta:      row-delta filter on the integer fields (exact; smaller files for smooth fields).
+    """
+
+    quat_bits: Literal[8, 16] = 8
+    scale_bits: Literal[8, 16] = 8
+    offset: bool = False
+    delta: bool = True
+
+    def __post_init__(self) -> None:
+        if self.quat_bits not in (8, 16):
+            raise ValueError(f"quat_bits must be 8 or 16, got {self.quat_bits}")
+        if self.scale_bits not in (8, 16):
+            raise ValueError(f"scale_bits must be 8 or 16, got {self.scale_bits}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Encoding":
+        return cls(**d)
+
+    @property
+    def quat_dtype(self) -> np.dtype:
+        return np.dtype(np.int8 if self.quat_bits == 8 else np.int16)
+
+    @property
+    def scale_dtype(self) -> np.dtype:
+        return np.dtype(np.uint8 if self.scale_bits == 8 else np.uint16)
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """One stored array: per-pair shape (the leading P axis excluded), dtype, kind, filters."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    kind: Kind
+    delta: bool = False  # row deltas along the last axis (integer fields only)
+    codec: Literal["zstd", "blosc-bitshuffle", "blosc-shuffle"] = "zstd"
+
+
+def layout(height: int, width: int, targets: int, enc: Encoding) -> dict[str, ArraySpec]:
+    """All arrays of a scene group in a fixed order (the order of the checksum table's columns)."""
+    H, W, T = height, width, targets
+    d = enc.delta
+    specs = [
+        ArraySpec("depth", (2, H, W), np.dtype(np.float16), "field", codec="blosc-bitshuffle"),
+        *([ArraySpec("offset", (2, 2, H, W), np.dtype(np.int8), "field", delta=d)] if enc.offset else []),
+        ArraySpec("quats", (2, 4, H, W), enc.quat_dtype, "field", delta=d),
+        ArraySpec("scales", (2, 3, H, W), enc.scale_dtype, "field", delta=d),
+        ArraySpec("opacity", (2, H, W), np.dtype(np.uint8), "field", delta=d),
+        ArraySpec("ctx_mask", (2, H, W), np.dtype(np.int32), "field", codec="blosc-shuffle"),
+        ArraySpec("tgt_mask", (T, H, W), np.dtype(np.int32), "field", codec="blosc-shuffle"),
+        ArraySpec("offset_range", (2,), np.dtype(np.float32), "small"),
+        ArraySpec("scale_range", (2, 2), np.dtype(np.float32), "small"),
+        ArraySpec("ctx_index", (2,), np.dtype(np.int32), "small"),
+        ArraySpec("tgt_index", (T,), np.dtype(np.int32), "small"),
+        ArraySpec("ctx_K", (2, 3, 3), np.dtype(np.float64), "small"),
+        ArraySpec("ctx_c2w", (2, 4, 4), np.dtype(np.float64), "small"),
+        ArraySpec("tgt_K", (T, 3, 3), np.dtype(np.float64), "small"),
+        ArraySpec("tgt_c2w", (T, 4, 4), np.dtype(np.float64), "small"),
+    ]
+    return {s.name: s for s in specs}
+
+
+CHECKSUM_ARRAY = "crc32c"
+
+
+def delta_encode(a: np.ndarray) -> np.ndarray:
+    """Differences along the last axis in the array's own (wrapping) integer type; exact inverse below."""
+    assert np.issubdtype(a.dtype, np.integer), a.dtype
+    out = np.empty_like(a)
+    out[..., :1] = a[..., :1]
+    np.subtract(a[..., 1:], a[..., :-1], out=out[..., 1:], casting="unsafe")
+    return out
+
+
+def delta_decode(d: np.ndarray) -> np.ndarray:
+    """Inverse of `delta_encode`: cumulative sum with the same wrap-around."""
+    assert np.issubdtype(d.dtype, np.integer), d.dtype
+    return np.cumsum(d, axis=-1, dtype=d.dtype)
+
+
+def codecs_for(spec: ArraySpec) -> list:
+    """Zarr v3 bytes->bytes codecs of one array's chunks (compressor + a crc32c of every chunk).
+
+    Choices measured on MVSplat-like and depth-source fields (docs/cache-format.md): plain zstd on the
+    delta-filtered 1-byte fields, blosc/zstd with bit-shuffle on float16 depth, blosc/zstd with byte
+    shuffle on int32 masks (their high bytes are zero).
+    """
+    from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
+
+    if spec.codec == "zstd":
+        comp = ZstdCodec(level=3)
+    elif spec.codec == "blosc-bitshuffle":
+        comp = BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle", typesize=spec.dtype.itemsize)
+    else:
+        comp = BloscCodec(cname="zstd", clevel=5, shuffle="shuffle", typesize=spec.dtype.itemsize)
+    return [comp, Crc32cCodec()]

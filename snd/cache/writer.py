@@ -1,0 +1,149 @@
+"""Atomic scene-group writer: build the group in a temp folder inside the store, then rename it in place.
+
+Why: a killed precompute (even ``kill -9``) must never leave a half-written scene that looks complete.
+A scene becomes visible only by `os.rename` of its finished folder plus its completion marker; a rerun
+skips scenes with a marker and redoes everything else (see `snd.cache.manifest`).
+
+Pairs arrive in order, a batch at a time; fields are written one full shard (`PAIRS_PER_SHARD` pairs)
+at a time so no shard file is ever rewritten (no read-modify-write), and at most one shard of pairs is
+held in memory.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import google_crc32c
+import numpy as np
+
+from snd.cache import manifest as M
+from snd.cache.schema import CHECKSUM_ARRAY, PAIRS_PER_SHARD, SCHEMA_VERSION, ArraySpec, Encoding, codecs_for, delta_encode, layout
+
+log = logging.getLogger(__name__)
+
+
+def crc32c(a: np.ndarray) -> int:
+    """CRC-32C of an array's C-order bytes."""
+    return int(google_crc32c.value(np.ascontiguousarray(a).tobytes()))
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def to_stored(spec: ArraySpec, a: np.ndarray) -> np.ndarray:
+    """A batch of one array as it is stored: dtype checked, row deltas for the delta-filtered fields."""
+    a = np.asarray(a)
+    if a.dtype != spec.dtype:
+        if np.issubdtype(spec.dtype, np.floating) or spec.name.endswith("mask") or spec.name.endswith("index"):
+            a = a.astype(spec.dtype)
+        else:
+            raise TypeError(f"{spec.name}: expected dtype {spec.dtype}, got {a.dtype}")
+    assert a.shape[1:] == spec.shape, f"{spec.name} must be [B, {', '.join(map(str, spec.shape))}], got {a.shape}"
+    return delta_encode(a) if spec.delta else np.ascontiguousarray(a)
+
+
+class SceneWriter:
+    """Write one scene group of `n_pairs` pairs into ``<store>/_snd/tmp``; `commit` renames it into place."""
+
+    def __init__(self, root: Path, scene: str, *, n_pairs: int, n_targets: int, height: int, width: int,
+                 enc: Encoding, attrs: dict, pairs_per_shard: int = PAIRS_PER_SHARD):
+        import zarr
+
+        M.check_scene_name(scene)
+        if n_pairs < 1:
+            raise ValueError(f"scene {scene}: need at least one pair, got {n_pairs}")
+        self.root, self.scene, self.n_pairs = Path(root), scene, n_pairs
+        self.specs = layout(height, width, n_targets, enc)
+        self.enc = enc
+        self.tmp = M.tmp_dir(self.root) / f"{scene}.{uuid.uuid4().hex[:12]}"
+        self.tmp.parent.mkdir(parents=True, exist_ok=True)
+        self.group = zarr.open_group(store=str(self.tmp), mode="w", zarr_format=3, attributes={
+            "format": M.FORMAT_NAME, "schema_version": SCHEMA_VERSION, "scene": scene, "height": height,
+            "width": width, "n_pairs": n_pairs, "n_targets": n_targets, "encoding": enc.to_dict(),
+            "checksum": {"algorithm": "crc32c", "of": "stored bytes of each pair", "arrays": list(self.specs)},
+            **attrs,
+        })
+        self.pps = min(pairs_per_shard, n_pairs)
+        self.arrays = {}
+        for name, s in self.specs.items():
+            if s.kind == "field":
+                from zarr.codecs import BytesCodec
+
+                self.arrays[name] = self.group.create_array(
+                    name, shape=(n_pairs, *s.shape), dtype=s.dtype, chunks=(1, *s.shape), shards=(self.pps, *s.shape),
+                    serializer=BytesCodec(), compressors=codecs_for(s), fill_value=0, dimension_names=None)
+        self._small: dict[str, list[np.ndarray]] = {n: [] for n, s in self.specs.items() if s.kind == "small"}
+        self._pending: dict[str, list[np.ndarray]] = {n: [] for n, s in self.specs.items() if s.kind == "field"}
+        self._crc = np.zeros((n_pairs, len(self.specs)), np.uint32)
+        self._added = 0  # pairs received
+        self._flushed = 0  # pairs written to disk
+
+    def add(self, fields: dict[str, np.ndarray]) -> None:
+        """Append a batch of B pairs: every array of the layout with a leading B axis (logical values)."""
+        missing = sorted(set(self.specs) - set(fields))
+        if missing:
+            raise KeyError(f"scene {self.scene}: batch lacks arrays {missing}")
+        B = len(fields["depth"])
+        if self._added + B > self.n_pairs:
+            raise ValueError(f"scene {self.scene}: {self._added + B} pairs added, declared {self.n_pairs}")
+        for col, (name, s) in enumerate(self.specs.items()):
+            a = to_stored(s, fields[name])
+            assert len(a) == B, f"{name}: batch of {len(a)} pairs, expected {B}"
+            for i in range(B):
+                self._crc[self._added + i, col] = crc32c(a[i])
+            (self._small if s.kind == "small" else self._pending)[name].append(a)
+        self._added += B
+        self._flush(final=False)
+
+    def _flush(self, *, final: bool) -> None:
+        while True:
+            buffered = self._added - self._flushed
+            if buffered == 0 or (buffered < self.pps and not final):
+                return
+            n = min(self.pps, buffered)
+            for name, parts in self._pending.items():
+                block = np.concatenate(parts) if len(parts) > 1 else parts[0]
+                self.arrays[name][self._flushed:self._flushed + n] = block[:n]
+                self._pending[name] = [block[n:]] if len(block) > n else []
+            self._flushed += n
+
+    def commit(self) -> dict:
+        """Flush, write the small arrays and the checksum table, rename into place; returns the marker record."""
+        if self._added != self.n_pairs:
+            raise ValueError(f"scene {self.scene}: commit after {self._added} of {self.n_pairs} pairs")
+        self._flush(final=True)
+        from zarr.codecs import BytesCodec, Crc32cCodec, ZstdCodec
+
+        for name, parts in self._small.items():
+            a = np.concatenate(parts)
+            self.group.create_array(name, shape=a.shape, dtype=a.dtype, chunks=a.shape, serializer=BytesCodec(),
+                                    compressors=[ZstdCodec(level=3), Crc32cCodec()], fill_value=0)[...] = a
+        self.group.create_array(CHECKSUM_ARRAY, shape=self._crc.shape, dtype=np.uint32, chunks=self._crc.shape,
+                                serializer=BytesCodec(), compressors=[Crc32cCodec()], fill_value=0)[...] = self._crc
+        nbytes = folder_bytes(self.tmp)
+        final = self.root / self.scene
+        if final.exists():  # a renamed group whose marker never got written (killed in between): redo it
+            shutil.rmtree(final)
+        os.rename(self.tmp, final)
+        tgt = np.concatenate(self._small["tgt_index"])
+        return {"pairs": self.n_pairs, "items": int((tgt >= 0).sum()), "targets": (tgt >= 0).sum(1).tolist(),
+                "bytes": nbytes, "checksums_sha256": hashlib.sha256(self._crc.tobytes()).hexdigest()}
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def clear_stale(root: Path, scene: str) -> None:
+    """Remove leftovers of an interrupted attempt at `scene` (temp groups, an unmarked final group)."""
+    root = Path(root)
+    tdir = M.tmp_dir(root)
+    if tdir.is_dir():
+        for p in tdir.glob(f"{scene}.*"):
+            shutil.rmtree(p, ignore_errors=True)
+    if M.complete_record(root, scene) is None and (root / scene).exists():
+        shutil.rmtree(root / scene)
