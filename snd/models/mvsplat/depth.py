@@ -1,0 +1,164 @@
+"""MVSplat's depth predictor: plane-sweep cost volume -> cost-volume U-Net -> softmax over inverse-depth
+candidates -> full-resolution refinement U-Net -> per-pixel depth, confidence and raw Gaussian
+parameters.
+
+Reimplemented from github.com/donydchen/mvsplat `src/model/encoder/costvolume/depth_predictor_multiview.py`
+(module names equal upstream's). Batches are (b v)-ordered here ([B*V, ...]); upstream uses (v b).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import MVSplatConfig
+from .geometry import inverse_depth_candidates, plane_sweep_grid, rigid_inverse
+from .unet import UNetModel
+
+# Upper bound on the fp32 warped-feature chunk of the cost volume (bytes); the volume is built in
+# depth chunks so memory stays flat with batch size.
+WARP_CHUNK_BYTES = 1 << 30
+
+# to_gaussians channels actually used by SnD: 2 offsets + 3 scales + 4 rotation (SH colours dropped).
+USED_RAW_CHANNELS = 9
+
+
+@dataclass
+class DepthPrediction:
+    """Per-pixel outputs at full resolution ([B, V, ...])."""
+
+    depth: Tensor  # [B, V, H, W] fp32, in [near, far]
+    density: Tensor  # [B, V, H, W] fp32 in (0, 1), the confidence upstream maps to opacity
+    raw: Tensor  # [B, V, H, W, 9] fp32: offset logits (2), scale logits (3), rotation xyzw (4)
+    coarse_depth: Tensor  # [B, V, h, w] fp32, the cost volume's softmax estimate at 1/4 resolution
+
+
+def correlation_volume(feat_ref: Tensor, feat_src: Tensor, grid: Tensor, *, chunk_bytes: int = WARP_CHUNK_BYTES) -> Tensor:
+    """<f_ref(p), f_src(warp(p, d))> / sqrt(C) for every pixel and depth candidate.
+
+    Args:
+        feat_ref, feat_src: [N, C, h, w] (any float dtype; sampled in fp32).
+        grid: [N, D, h, w, 2] from `plane_sweep_grid`.
+    Returns:
+        [N, D, h, w] fp32.
+    """
+    N, C, h, w = feat_ref.shape
+    D = grid.shape[1]
+    assert grid.shape == (N, D, h, w, 2), f"grid {tuple(grid.shape)} vs features {tuple(feat_ref.shape)}"
+    ref = feat_ref.float()
+    src = feat_src.float().contiguous()
+    step = max(1, min(D, chunk_bytes // max(1, N * C * h * w * 4)))
+    out = []
+    for d0 in range(0, D, step):
+        g = grid[:, d0:d0 + step]
+        dc = g.shape[1]
+        warped = F.grid_sample(src, g.reshape(N, dc * h, w, 2), mode="bilinear", padding_mode="zeros",
+                               align_corners=True).view(N, C, dc, h, w)
+        out.append((ref[:, :, None] * warped).sum(1))
+    return torch.cat(out, 1) / math.sqrt(C)
+
+
+class DepthPredictorMultiView(nn.Module):
+    def __init__(self, cfg: MVSplatConfig):
+        super().__init__()
+        C, D = cfg.d_feature, cfg.num_depth_candidates
+        self.num_depth_candidates = D
+        self.upscale_factor = cfg.downscale_factor
+        cv_ch = cfg.costvolume_unet_feat_dim
+        cv_in = D + C
+        self.corr_refine_net = nn.Sequential(
+            nn.Conv2d(cv_in, cv_ch, 3, 1, 1),
+            nn.GroupNorm(8, cv_ch),
+            nn.GELU(),
+            UNetModel(cv_ch, cv_ch, cv_ch, attention_resolutions=cfg.costvolume_unet_attn_res,
+                      channel_mult=cfg.costvolume_unet_channel_mult, num_views=cfg.num_views),
+            nn.Conv2d(cv_ch, D, 3, 1, 1),
+        )
+        self.regressor_residual = nn.Conv2d(cv_in, D, 1, 1, 0)
+        self.depth_head_lowres = nn.Sequential(nn.Conv2d(D, 2 * D, 3, 1, 1), nn.GELU(), nn.Conv2d(2 * D, D, 3, 1, 1))
+        self.upsampler = nn.Sequential(
+            nn.Conv2d(2 * C, C, 3, 1, 1),
+            nn.Upsample(scale_factor=cfg.downscale_factor, mode="bilinear", align_corners=True),
+            nn.GELU(),
+        )
+        fd = cfg.depth_unet_feat_dim
+        self.proj_feature = nn.Conv2d(C, fd, 3, 1, 1)
+        self.refine_unet = nn.Sequential(
+            nn.Conv2d(3 + fd + 1 + 1, fd, 3, 1, 1),
+            nn.GroupNorm(4, fd),
+            nn.GELU(),
+            UNetModel(fd, fd, fd, attention_resolutions=cfg.depth_unet_attn_res,
+                      channel_mult=cfg.depth_unet_channel_mult, num_views=cfg.num_views),
+        )
+        raw = cfg.gaussian_raw_channels
+        self.to_gaussians = nn.Sequential(nn.Conv2d(fd + 3 + C, 2 * raw, 3, 1, 1), nn.GELU(), nn.Conv2d(2 * raw, raw, 3, 1, 1))
+        self.to_disparity = nn.Sequential(nn.Conv2d(fd, 2 * fd, 3, 1, 1), nn.GELU(), nn.Conv2d(2 * fd, 2, 3, 1, 1))
+
+    @staticmethod
+    def _gn32(gn: nn.GroupNorm, x: Tensor) -> Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return F.group_norm(x.float(), gn.num_groups, gn.weight, gn.bias, gn.eps).to(x.dtype)
+
+    def forward(self, feats: Tensor, cnn_feats: Tensor, images: Tensor, K_norm: Tensor, c2w: Tensor,
+                near: Tensor, far: Tensor) -> DepthPrediction:
+        """feats, cnn_feats: [B, V, C, h, w]; images [B, V, 3, H, W] in [0, 1]; K_norm [B, V, 3, 3];
+        c2w [B, V, 4, 4]; near, far [B, V]."""
+        B, V, C, h, w = feats.shape
+        H, W = images.shape[-2:]
+        N, D = B * V, self.num_depth_candidates
+        f_ref = feats.reshape(N, C, h, w)
+        assert V == 2, f"the cost volume is implemented for 2 context views, got {V}"
+        f_src = feats.flip(1).reshape(N, C, h, w)  # V == 2: the source view of view v is 1 - v
+
+        with torch.autocast(device_type=feats.device.type, enabled=False):
+            Kf = K_norm.float().clone()
+            Kf[..., 0, :] *= w
+            Kf[..., 1, :] *= h
+            ref_to_src = rigid_inverse(c2w.flip(1)) @ c2w.float()  # [B, V, 4, 4]
+            disp = inverse_depth_candidates(near, far, D).reshape(N, D)  # [N, D]
+            grid = plane_sweep_grid(Kf.reshape(N, 3, 3), Kf.flip(1).reshape(N, 3, 3),
+                                    ref_to_src.reshape(N, 4, 4), disp, h, w)
+            corr = correlation_volume(f_ref, f_src, grid)  # [N, D, h, w] fp32
+
+        x = torch.cat([corr.to(f_ref.dtype), f_ref], 1)  # [N, D + C, h, w]
+        net = self.corr_refine_net
+        y = self._gn32(net[1], net[0](x))
+        y = net[4](net[3](net[2](y)))
+        raw_corr = y + self.regressor_residual(x)
+        logits = self.depth_head_lowres(raw_corr)
+        with torch.autocast(device_type=feats.device.type, enabled=False):
+            pdf = torch.softmax(logits.float(), dim=1)  # [N, D, h, w]
+            coarse_disp = (disp[:, :, None, None] * pdf).sum(1, keepdim=True)
+            pdf_max = F.interpolate(pdf.amax(1, keepdim=True), scale_factor=self.upscale_factor, mode="nearest")
+            full_disp = F.interpolate(coarse_disp, scale_factor=self.upscale_factor, mode="bilinear", align_corners=True)
+
+        proj_full = self.upsampler(torch.cat([f_ref, cnn_feats.reshape(N, C, h, w).to(f_ref.dtype)], 1))
+        proj = self.proj_feature(proj_full)
+        imgs = images.reshape(N, 3, H, W)
+        cdt = proj.dtype
+        r = self.refine_unet
+        z = r[0](torch.cat([imgs.to(cdt), proj, full_disp.to(cdt), pdf_max.to(cdt)], 1))
+        refine_out = r[3](r[2](self._gn32(r[1], z)))
+
+        g_in = torch.cat([refine_out, imgs.to(refine_out.dtype), proj_full.to(refine_out.dtype)], 1)
+        g = self.to_gaussians[1](self.to_gaussians[0](g_in))
+        last = self.to_gaussians[2]
+        raw = F.conv2d(g, last.weight[:USED_RAW_CHANNELS], last.bias[:USED_RAW_CHANNELS], padding=1)
+        dd = self.to_disparity(refine_out)
+
+        with torch.autocast(device_type=feats.device.type, enabled=False):
+            dd = dd.float()
+            lo = (1.0 / far.float()).reshape(N, 1, 1, 1)
+            hi = (1.0 / near.float()).reshape(N, 1, 1, 1)
+            fine_disp = torch.minimum(torch.maximum(full_disp + dd[:, :1], lo), hi)
+            depth = (1.0 / fine_disp).reshape(B, V, H, W)
+            density = torch.sigmoid(dd[:, 1]).reshape(B, V, H, W)
+            raw = raw.float().permute(0, 2, 3, 1).reshape(B, V, H, W, USED_RAW_CHANNELS)
+            coarse = (1.0 / coarse_disp).reshape(B, V, h, w)
+        return DepthPrediction(depth=depth, density=density, raw=raw, coarse_depth=coarse)
+
+
+__all__ = ["DepthPredictorMultiView", "DepthPrediction", "correlation_volume", "WARP_CHUNK_BYTES"]
