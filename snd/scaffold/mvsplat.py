@@ -1,0 +1,93 @@
+"""The "mvsplat" scaffold source: a frozen MVSplat encoder predicts the Gaussians of each context pair.
+
+Why a thin wrapper: the network, its checkpoint conversion and its precision handling live in
+`snd.models.mvsplat` (imported lazily here, so `--source depth` never imports it); this file only
+adapts snd cameras to MVSplat's and records what produced the scaffolds (checkpoint SHA-256) for the
+cache manifest.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from snd.errors import SndError, require_file
+from snd.scaffold.base import ScaffoldSource, register_source, resolve_device
+from snd.splat.gaussians import PixelGaussians
+
+log = logging.getLogger(__name__)
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@register_source("mvsplat")
+class MVSplatScaffold(ScaffoldSource):
+    """Frozen MVSplat (`snd.models.mvsplat`) on pairs of context views.
+
+    Args:
+        ckpt: MVSplat Lightning checkpoint (re10k.ckpt or a ScanNet++ fine-tune); required unless
+            `random_init` (benchmarks only: speed does not depend on the weights).
+        config: encoder preset the checkpoint was trained with ("scannetpp" or "re10k").
+        device, precision: where and in which autocast dtype the network runs ('auto' = bf16 on CUDA).
+        near, far: plane-sweep depth range (SnD ScanNet++: 1 and 100).
+    """
+
+    name = "mvsplat"
+    needs_depth = False
+    has_offset = True
+
+    def __init__(self, *, ckpt: str | Path | None = None, config: str = "scannetpp", device: str = "auto",
+                 precision: str = "auto", near: float = 1.0, far: float = 100.0, random_init: bool = False, **_ignored):
+        if ckpt is None and not random_init:
+            raise SndError("--source mvsplat needs an MVSplat checkpoint",
+                           hint="pass --mvsplat-ckpt <re10k.ckpt or a ScanNet++ fine-tune> (with the matching "
+                                "--mvsplat-config), or use --source depth for data with depth")
+        self.device = resolve_device(device)
+        self.config, self.precision, self.near, self.far = config, precision, float(near), float(far)
+        self.ckpt = Path(ckpt) if ckpt is not None else None
+        if self.ckpt is not None:
+            require_file(self.ckpt, "MVSplat checkpoint", hint="pass --mvsplat-ckpt <path to re10k.ckpt>")
+        try:
+            from snd.models.mvsplat.encoder import MVSplatEncoder
+            from snd.models.mvsplat.load import load_mvsplat
+        except ImportError as e:  # pragma: no cover - only if the models package is broken
+            raise SndError(f"MVSplat is not available in this install ({e})") from e
+        if self.ckpt is not None:
+            self.ckpt_sha256: str | None = sha256_file(self.ckpt)
+            self.net = load_mvsplat(self.ckpt, config, device=self.device)
+        else:
+            self.ckpt_sha256 = None
+            torch.manual_seed(0)
+            self.net = MVSplatEncoder(config).to(self.device).eval()
+            for p in self.net.parameters():
+                p.requires_grad_(False)
+            log.info("MVSplat with random weights (benchmark only)")
+        if self.device.type == "cuda":
+            self.net.use_channels_last(True)
+
+    @torch.no_grad()
+    def predict(self, images: Tensor, K: Tensor, c2w: Tensor, *, depth: Tensor | None = None) -> list[PixelGaussians]:
+        from snd.models.mvsplat.geometry import pixel_K_to_normalized
+
+        B, V, three, H, W = images.shape
+        assert V == 2 and three == 3, f"images must be [B, 2, 3, H, W], got {tuple(images.shape)}"
+        dev = self.device
+        K_norm = pixel_K_to_normalized(K.to(dev), H, W)
+        near = torch.full((B, 2), self.near, device=dev)
+        far = torch.full((B, 2), self.far, device=dev)
+        out = self.net(images.to(dev, non_blocking=True), K_norm, c2w.to(dev, torch.float32), near, far,
+                       precision=self.precision)
+        return list(out.gaussians)
+
+    def describe(self) -> dict:
+        return {"name": self.name, "config": self.config, "ckpt": str(self.ckpt) if self.ckpt else None,
+                "ckpt_sha256": self.ckpt_sha256, "near": self.near, "far": self.far, "precision": self.precision}
