@@ -82,6 +82,8 @@ def _elements(buf: bytes, pos: int, e: str):
         payload = buf[start : start + nbytes]
         if mtype == _MI_COMPRESSED:
             yield from _elements(zlib.decompress(payload), 0, e)
+            while nxt < len(buf) and nxt % 8 and buf[nxt] == 0:  # tolerate writers that pad them anyway
+                nxt += 1
         elif mtype == _MI_MATRIX:
             yield _matrix(payload, e)
         pos = nxt

@@ -94,7 +94,7 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
         ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.numeric", "_frombuffer"),
         ("numpy._core.numeric", "_frombuffer"), ("copy_reg", "_reconstructor"), ("copyreg", "_reconstructor"),
-        ("__builtin__", "object"), ("builtins", "object"),
+        ("__builtin__", "object"), ("builtins", "object"), ("_codecs", "encode"),  # bytes in protocol-2 pickles
     }
 
     def find_class(self, module: str, name: str):

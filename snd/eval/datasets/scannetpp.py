@@ -4,13 +4,17 @@ Read through `snd.data.open_dataset(<data_root>/scannetpp)` (raw ScanNet++ v2 la
 `data/<scene>/dslr/...`, `data/<scene>/scans/mesh_aligned_0.05.ply`, `segments.json`,
 `segments_anno.json`, `splits/nvs_sem_{train,val}.txt`). split "train" = nvs_sem_train (230 scenes, the
 probe's training set), "val" = nvs_sem_val (50 scenes, reported), as in FiT3D / SnD.
-Segmentation: the Scene's class ids 1..100 (ScanNet++ top-100 semantic classes) -> 0..99, others -> 255.
+Segmentation: the Scene's class ids 1..100 -> 0..99, others -> 255. The ids must come from one
+dataset-wide table: `snd.data` reads `<root>/metadata/semantic_classes.txt` (copy the release's
+`metadata/semantic_benchmark/top100.txt` there); without it class ids are per scene, so the seg task
+refuses to run.
 Depth above 10 m is set invalid by the probes' depth range (indoor scenes).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
+from snd.errors import SndError
 from snd.eval.datasets.registry import register_dataset
 from snd.eval.datasets.scenes import SceneFrames
 
@@ -35,5 +39,10 @@ def build(path: Path, split: str, task: str, img_hw: tuple[int, int], **kw) -> S
     from snd.data import open_dataset
 
     layout = kw.pop("layout", "auto")
-    names = open_dataset(path, layout, cache_dir=kw.get("cache_dir")).scene_names(split)
+    ds = open_dataset(path, layout, cache_dir=kw.get("cache_dir"))
+    if task == "seg" and ds.semantic_classes() is None:
+        f = Path(path) / "metadata" / "semantic_classes.txt"
+        raise SndError(f"ScanNet++ seg needs a dataset-wide class table: missing {f}", path=f,
+                       hint="copy the release's metadata/semantic_benchmark/top100.txt to that path")
+    names = ds.scene_names(split)
     return SceneFrames("scannetpp", path, names, split, task, img_hw, num_classes=NUM_CLASSES, layout=layout, **kw)

@@ -12,21 +12,11 @@ from pathlib import Path
 from snd.eval.datasets.registry import register_dataset
 from snd.eval.datasets.scenes import SceneFrames
 
-NUM_CLASSES_FALLBACK = 16
-
-
 def synth_num_classes() -> int:
-    """Semantic classes of the generator (its own constant when it exposes one)."""
-    try:
-        from snd.data import synth as gen
-    except ImportError:
-        return NUM_CLASSES_FALLBACK
-    for attr in ("NUM_CLASSES", "NUM_SEMANTIC_CLASSES"):
-        if hasattr(gen, attr):
-            return int(getattr(gen, attr))
-    if hasattr(gen, "CLASS_NAMES"):
-        return len(gen.CLASS_NAMES)
-    return NUM_CLASSES_FALLBACK
+    """Semantic classes of the generator (`snd.data.formats.SYNTH_CLASSES`; id k+1 in the Scene -> k here)."""
+    from snd.data.formats import SYNTH_CLASSES
+
+    return len(SYNTH_CLASSES)
 
 
 def synth_split(path: Path, split: str) -> list[str]:
@@ -50,7 +40,7 @@ def _check(path: Path) -> str:
 
 
 @register_dataset("synth", folder="synth", tasks=("depth", "normals", "seg", "correspondence"), check=_check,
-                  num_classes=None, depth_range=(1e-3, 20.0),
+                  num_classes=None, depth_range=(1e-3, 10.0),
                   protocol="procedural rooms; split files or last scene = val; exact depth/semantics")
 def build(path: Path, split: str, task: str, img_hw: tuple[int, int], **kw):
     if task == "correspondence":

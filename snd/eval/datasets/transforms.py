@@ -38,7 +38,7 @@ def resize_image(image: np.ndarray, img_hw: tuple[int, int], *, fit: Fit = "crop
     """RGB [H, W, 3] uint8 -> [3, h, w] float32 in [0, 1]."""
     assert image.ndim == 3 and image.shape[2] == 3, f"image must be [H,W,3], got {image.shape}"
     h, w = _check_hw(img_hw)
-    t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+    t = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1).float().div_(255.0)
     t = _crop(t, img_hw, fit)
     if tuple(t.shape[-2:]) != (h, w):
         t = F.interpolate(t[None], size=(h, w), mode="bilinear", align_corners=False, antialias=True)[0]
@@ -57,7 +57,7 @@ def _crop(t: torch.Tensor, img_hw: tuple[int, int], fit: Fit) -> torch.Tensor:
 def resize_nearest(arr: np.ndarray, img_hw: tuple[int, int], *, fit: Fit = "crop") -> torch.Tensor:
     """[H, W] or [H, W, C] array -> tensor [h, w] or [C, h, w] by nearest-exact sampling (same crop as the image)."""
     h, w = _check_hw(img_hw)
-    t = torch.from_numpy(np.ascontiguousarray(arr))
+    t = torch.from_numpy(np.array(arr, copy=True))
     chw = t.ndim == 3
     if chw:
         t = t.permute(2, 0, 1)
