@@ -8,7 +8,8 @@ to ~1e-12 relative for planar geometry (what the tests check against analytic pl
 
 Backends: ``"embree"`` (embreex, fast), ``"trimesh"`` (trimesh's pure-numpy triangle intersector,
 slow but dependency-free), ``"reference"`` (a brute-force Moller-Trumbore over all faces, the obviously
-correct reference for tests; tiny meshes only). ``"auto"`` = embree if importable, else trimesh.
+correct reference for tests; tiny meshes only). ``"auto"`` = embree if importable, else trimesh if its
+spatial index (``rtree``) imports, else the reference (with a log line: it is very slow).
 """
 from __future__ import annotations
 
@@ -32,6 +33,15 @@ def embree_available() -> bool:
         import embreex.mesh_construction  # noqa: F401
         import embreex.rtcore_scene  # noqa: F401
     except Exception:  # pragma: no cover - depends on the platform
+        return False
+    return True
+
+
+def trimesh_available() -> bool:
+    """True if trimesh's pure-numpy intersector can run (it needs the ``rtree`` package)."""
+    try:
+        import rtree  # noqa: F401
+    except Exception:
         return False
     return True
 
@@ -76,7 +86,9 @@ class MeshRaycaster:
         if len(faces) and (faces.min() < 0 or faces.max() >= len(vertices)):
             raise ValueError(f"face indices out of range [0, {len(vertices)}): {faces.min()}..{faces.max()}")
         if backend == "auto":
-            backend = "embree" if embree_available() else "trimesh"
+            backend = "embree" if embree_available() else "trimesh" if trimesh_available() else "reference"
+            if backend == "reference":
+                log.info("neither embreex nor rtree is installed: ray casting uses the slow brute-force reference")
         self.backend = backend
         self.vertices = vertices
         self.faces = faces
