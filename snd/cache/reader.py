@@ -96,7 +96,7 @@ class SceneReader:
                     raise _corrupt(self.root, self.scene, p, f"array {name!r} unreadable ({type(e).__name__}: {e})") from e
             if self.verify and crc32c(a) != int(self._crc[p, self._cols[name]]):
                 raise _corrupt(self.root, self.scene, p, f"array {name!r} checksum mismatch")
-            out[name] = delta_decode(a) if s.delta else a
+            out[name] = delta_decode(a) if s.delta else np.array(a, copy=True)
         return out
 
     def pair(self, p: int) -> DecodedPair:

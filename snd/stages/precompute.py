@@ -1,0 +1,451 @@
+"""Stage one: predict the Gaussian scaffold of every context pair once and store it in Zarr shards.
+
+Three threads keep the device busy: a *loader* reads frames (images, masks, depth, cameras; a small pool
+decodes in parallel, an LRU keeps frames shared by neighbouring pairs) one batch ahead into a bounded
+queue; the *main* thread runs the scaffold source and quantises on the device; a *writer* compresses and
+writes shards, commits scenes atomically and records them in the manifest. Time the main thread spends
+blocked on the loader queue is reported ("the device waited on I/O").
+
+Scenes are split over ranks (``names[rank::world_size]``, from --rank/--world-size or torchrun's RANK /
+WORLD_SIZE); a scene that fails (missing file, bad image) is reported by name and the run goes on.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import queue
+import tempfile
+import threading
+import time
+import traceback
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from snd.cache import manifest as M
+from snd.cache.encode import encode_scaffold
+from snd.cache.schema import Encoding
+from snd.cache.writer import SceneWriter, clear_stale
+from snd.errors import SndError
+from snd.pipeline.config import BenchPrecomputeConfig, PrecomputeConfig, to_jsonable
+from snd.scaffold import ScaffoldSource, create_source
+
+log = logging.getLogger(__name__)
+console = Console(stderr=True)
+
+FRAME_CACHE = 64  # frames kept per scene (pairs are sorted by context index, so neighbours share frames)
+LOAD_THREADS = 4  # parallel frame decoders
+
+
+@dataclass
+class Summary:
+    """What a precompute run did (the CLI exits 1 when `failed` > 0)."""
+
+    scenes_done: int = 0
+    scenes_skipped: int = 0
+    failed: int = 0
+    failures: dict[str, str] = field(default_factory=dict)
+    pairs: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    wait_data_s: float = 0.0  # main (device) thread blocked on the loader queue
+    wait_write_s: float = 0.0  # main thread blocked on a full writer queue
+    batch_times: list[tuple[float, int, float, float]] = field(default_factory=list, repr=False)  # (t_end, pairs, wait_data, wait_write)
+
+    @property
+    def pairs_per_s(self) -> float:
+        return self.pairs / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def mb_per_pair(self) -> float:
+        return self.bytes / 1e6 / self.pairs if self.pairs else 0.0
+
+
+def resolve_rank(cfg_rank: int, cfg_world: int) -> tuple[int, int]:
+    """--rank/--world-size, or torchrun's RANK/WORLD_SIZE when the options are left at 0/1."""
+    rank, world = cfg_rank, cfg_world
+    if world == 1 and rank == 0 and "WORLD_SIZE" in os.environ:
+        rank, world = int(os.environ.get("RANK", "0")), int(os.environ["WORLD_SIZE"])
+    if world < 1 or not 0 <= rank < world:
+        raise SndError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world}")
+    return rank, world
+
+
+def store_header(cfg: PrecomputeConfig, ds: Any, source: ScaffoldSource, enc: Encoding) -> dict:
+    src = source.describe()
+    return {
+        "dataset": {"layout": ds.layout, "split": cfg.split},
+        "data_root": str(Path(cfg.data).resolve()),
+        "source": {k: v for k, v in src.items() if k != "ckpt"},
+        "source_files": {"ckpt": src.get("ckpt")},
+        "scaffold": {"height": cfg.height, "width": cfg.width},
+        "sampler": {"gap_min": cfg.gap_min, "gap_max": cfg.gap_max, "pairs_per_scene": cfg.pairs_per_scene,
+                    "targets_per_pair": cfg.targets_per_pair, "seed": cfg.seed},
+        "encoding": enc.to_dict(),
+        "config": {k: v for k, v in to_jsonable(cfg).items() if k not in ("rank", "world_size")},
+    }
+
+
+# -- loader --------------------------------------------------------------------------------------
+@dataclass
+class _Frame:
+    image: np.ndarray  # [H,W,3] uint8
+    mask: np.ndarray  # [H,W] int32
+    depth: np.ndarray | None  # [H,W] float32
+    K: np.ndarray
+    c2w: np.ndarray
+
+
+class _FrameCache:
+    def __init__(self, scene: Any, *, need_depth: bool, pool: ThreadPoolExecutor, hw: tuple[int, int]):
+        self.scene, self.need_depth, self.pool, self.hw = scene, need_depth, pool, hw
+        self.cache: OrderedDict[int, _Frame] = OrderedDict()
+
+    def _load(self, i: int) -> _Frame:
+        s = self.scene
+        H, W = self.hw
+        cam = s.camera(i)
+        img = np.asarray(s.image(i))
+        mask = np.asarray(s.instance_mask(i))
+        depth = s.depth(i) if self.need_depth else None
+        if img.shape != (H, W, 3) or img.dtype != np.uint8:
+            raise SndError(f"frame {s.frame_ids[i]}: image is {img.shape} {img.dtype}, expected ({H}, {W}, 3) uint8")
+        if mask.shape != (H, W):
+            raise SndError(f"frame {s.frame_ids[i]}: instance mask is {mask.shape}, expected ({H}, {W})")
+        if self.need_depth:
+            if depth is None:
+                raise SndError(f"scene {s.name} has no depth, which --source depth needs",
+                               hint="use --source mvsplat (with --mvsplat-ckpt) for data without depth")
+            depth = np.asarray(depth, np.float32)
+        if (cam.height, cam.width) != (H, W):
+            raise SndError(f"frame {s.frame_ids[i]}: camera is {cam.height}x{cam.width}, expected {H}x{W}")
+        return _Frame(img, mask.astype(np.int32, copy=False), depth, cam.K, cam.c2w)
+
+    def get(self, idx: list[int]) -> dict[int, _Frame]:
+        need = [i for i in dict.fromkeys(idx) if i not in self.cache]
+        for i, fr in zip(need, self.pool.map(self._load, need)):
+            self.cache[i] = fr
+        out = {}
+        for i in idx:
+            self.cache.move_to_end(i)
+            out[i] = self.cache[i]
+        while len(self.cache) > max(FRAME_CACHE, len(set(idx))):
+            self.cache.popitem(last=False)
+        return out
+
+
+@dataclass
+class _Batch:
+    scene: str
+    images: torch.Tensor  # [B,2,H,W,3] uint8
+    depth: torch.Tensor | None  # [B,2,H,W]
+    ctx_K: np.ndarray  # [B,2,3,3]
+    ctx_c2w: np.ndarray
+    extra: dict[str, np.ndarray]  # masks, indices, target cameras
+
+
+def _pack(scene: str, pairs: list, frames: dict[int, _Frame], T: int, H: int, W: int, need_depth: bool, pin: bool) -> _Batch:
+    B = len(pairs)
+    imgs = np.stack([[frames[i].image for i in p.ctx] for p in pairs])  # [B,2,H,W,3]
+    depth = np.stack([[frames[i].depth for i in p.ctx] for p in pairs]) if need_depth else None
+    ctx_K = np.stack([[frames[i].K for i in p.ctx] for p in pairs])
+    ctx_c2w = np.stack([[frames[i].c2w for i in p.ctx] for p in pairs])
+    tgt_index = np.full((B, T), -1, np.int32)
+    tgt_mask = np.zeros((B, T, H, W), np.int32)
+    tgt_K = np.zeros((B, T, 3, 3))
+    tgt_c2w = np.tile(np.eye(4), (B, T, 1, 1))
+    for b, p in enumerate(pairs):
+        for t, i in enumerate(p.targets[:T]):
+            tgt_index[b, t] = i
+            tgt_mask[b, t] = frames[i].mask
+            tgt_K[b, t] = frames[i].K
+            tgt_c2w[b, t] = frames[i].c2w
+    extra = {
+        "ctx_mask": np.stack([[frames[i].mask for i in p.ctx] for p in pairs]).astype(np.int32),
+        "tgt_mask": tgt_mask, "ctx_index": np.array([p.ctx for p in pairs], np.int32), "tgt_index": tgt_index,
+        "ctx_K": ctx_K, "ctx_c2w": ctx_c2w, "tgt_K": tgt_K, "tgt_c2w": tgt_c2w,
+    }
+    images = torch.from_numpy(imgs)
+    dt = torch.from_numpy(depth) if depth is not None else None
+    if pin:
+        images = images.pin_memory()
+        dt = dt.pin_memory() if dt is not None else None
+    return _Batch(scene, images, dt, ctx_K, ctx_c2w, extra)
+
+
+def _loader(jobs: list[str], ds: Any, cfg: PrecomputeConfig, source: ScaffoldSource, out: Path,
+            q: "queue.Queue", stop: threading.Event) -> None:
+    from snd.data.pairs import sample_pairs
+
+    T, H, W = cfg.targets_per_pair, cfg.height, cfg.width
+    pin = source.device.type == "cuda"
+
+    def put(msg: tuple) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(msg, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    with ThreadPoolExecutor(LOAD_THREADS, thread_name_prefix="snd-load") as pool:
+        for name in jobs:
+            if stop.is_set():
+                return
+            if M.complete_record(out, name) is not None:
+                if not put(("skip", name)):
+                    return
+                continue
+            started = False
+            try:
+                clear_stale(out, name)
+                scene = ds.scene(name)
+                pairs = sample_pairs(scene, gap_min=cfg.gap_min, gap_max=cfg.gap_max, pairs_per_scene=cfg.pairs_per_scene,
+                                     targets_per_pair=T, seed=cfg.seed)
+                if not pairs:
+                    raise SndError(f"no context pairs with a frame gap of {cfg.gap_min}-{cfg.gap_max} among {len(scene)} frames")
+                pairs = sorted(pairs, key=lambda p: (p.ctx, p.targets))
+                if not put(("start", name, pairs, list(scene.frame_ids))):
+                    return
+                started = True
+                fc = _FrameCache(scene, need_depth=source.needs_depth, pool=pool, hw=(H, W))
+                for s in range(0, len(pairs), cfg.batch_pairs):
+                    chunk = pairs[s:s + cfg.batch_pairs]
+                    frames = fc.get([i for p in chunk for i in (*p.ctx, *p.targets[:T])])
+                    if not put(("batch", _pack(name, chunk, frames, T, H, W, source.needs_depth, pin))):
+                        return
+                if not put(("end", name)):
+                    return
+            except Exception as e:  # noqa: BLE001 - a bad scene is reported, the run goes on
+                log.debug("scene %s failed:\n%s", name, traceback.format_exc())
+                msg = str(e) if isinstance(e, SndError) else f"{type(e).__name__}: {e}"
+                if not put(("fail", name, msg, started)):
+                    return
+    put(("done",))
+
+
+# -- writer --------------------------------------------------------------------------------------
+class _Writer(threading.Thread):
+    """Executes (start | add | commit | abort) per scene in order; a failing scene is recorded, not fatal."""
+
+    def __init__(self, out: Path, cfg: PrecomputeConfig, enc: Encoding, on_commit: Callable[[str, dict], None],
+                 on_fail: Callable[[str, str], None], maxsize: int = 2):
+        super().__init__(name="snd-writer", daemon=True)
+        self.q: queue.Queue = queue.Queue(maxsize=maxsize)
+        self.out, self.cfg, self.enc = out, cfg, enc
+        self.on_commit, self.on_fail = on_commit, on_fail
+        self.writers: dict[str, SceneWriter] = {}
+        self.bad: set[str] = set()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        while True:
+            op = self.q.get()
+            if op[0] == "stop":
+                return
+            kind, name = op[0], op[1]
+            if name in self.bad and kind != "start":
+                continue
+            try:
+                if kind == "start":
+                    self.bad.discard(name)
+                    _, _, n_pairs, frame_ids = op
+                    self.writers[name] = SceneWriter(
+                        self.out, name, n_pairs=n_pairs, n_targets=self.cfg.targets_per_pair, height=self.cfg.height,
+                        width=self.cfg.width, enc=self.enc, attrs={"frame_ids": frame_ids})
+                elif kind == "add":
+                    self.writers[name].add(op[2])
+                elif kind == "commit":
+                    rec = self.writers.pop(name).commit()
+                    M.write_marker(self.out, name, rec)
+                    M.merge_manifest(self.out)
+                    self.on_commit(name, rec)
+                elif kind == "abort":
+                    w = self.writers.pop(name, None)
+                    if w is not None:
+                        w.abort()
+            except Exception as e:  # noqa: BLE001 - e.g. disk full for one scene: report it, go on
+                log.debug("writing scene %s failed:\n%s", name, traceback.format_exc())
+                self.bad.add(name)
+                w = self.writers.pop(name, None)
+                if w is not None:
+                    w.abort()
+                self.on_fail(name, f"writing failed: {type(e).__name__}: {e}")
+
+
+# -- run -----------------------------------------------------------------------------------------
+def make_source(cfg: PrecomputeConfig | BenchPrecomputeConfig, *, random_init: bool = False) -> ScaffoldSource:
+    return create_source(cfg.source, device=cfg.device, ckpt=cfg.mvsplat_ckpt, config=cfg.mvsplat_config,
+                         precision=cfg.precision, near=getattr(cfg, "near", 1.0), far=getattr(cfg, "far", 100.0),
+                         random_init=random_init)
+
+
+def run(cfg: PrecomputeConfig, *, source: ScaffoldSource | None = None, progress: bool = True,
+        on_batch: Callable[[str, int], None] | None = None) -> Summary:
+    """Precompute scaffolds of this rank's scenes into the store `cfg.out`.
+
+    Args:
+        cfg: the stage's options.
+        source: a ready scaffold source (default: built from cfg).
+        progress: show rich progress and the summary table.
+        on_batch: called as on_batch(scene, pairs_done_in_scene) after each batch is queued for writing
+            (tests use it to kill the process mid-scene).
+    """
+    from snd.data import open_dataset
+
+    if cfg.batch_pairs < 1:
+        raise SndError(f"--batch-pairs must be >= 1, got {cfg.batch_pairs}")
+    rank, world = resolve_rank(cfg.rank, cfg.world_size)
+    ds = open_dataset(cfg.data, cfg.layout, height=cfg.height, width=cfg.width)
+    names = ds.scene_names(cfg.split)
+    if cfg.scenes is not None:
+        names = names[: cfg.scenes]
+    if not names:
+        raise SndError(f"no scenes in split {cfg.split!r} of {cfg.data}", path=cfg.data)
+    for n in names:
+        M.check_scene_name(n)
+    jobs = names[rank::world]
+    source = source if source is not None else make_source(cfg)
+    enc = Encoding(offset=source.has_offset)
+    out = Path(cfg.out)
+    M.init_store(out, store_header(cfg, ds, source, enc))
+
+    summary = Summary()
+    lock = threading.Lock()
+
+    def on_commit(name: str, rec: dict) -> None:
+        with lock:
+            summary.scenes_done += 1
+            summary.pairs += rec["pairs"]
+            summary.bytes += rec["bytes"]
+
+    def on_fail(name: str, msg: str) -> None:
+        with lock:
+            if name not in summary.failures:
+                summary.failures[name] = msg
+                summary.failed += 1
+        try:
+            M.write_failure(out, name, msg)
+        except OSError:  # pragma: no cover
+            log.warning("could not record the failure of scene %s", name)
+
+    t0 = time.perf_counter()
+    lq: queue.Queue = queue.Queue(maxsize=2)
+    stop = threading.Event()
+    loader = threading.Thread(target=_loader, args=(jobs, ds, cfg, source, out, lq, stop), name="snd-loader", daemon=True)
+    writer = _Writer(out, cfg, enc, on_commit, on_fail)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    prog = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                    TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not progress, transient=False)
+    est = cfg.pairs_per_scene * len(jobs) if cfg.pairs_per_scene else None
+    t_scenes = prog.add_task(f"scenes (rank {rank}/{world})", total=len(jobs), info="")
+    t_pairs = prog.add_task("pairs", total=est, info="")
+    loader.start()
+    writer.start()
+    in_scene: dict[str, int] = {}
+    queued_pairs = 0
+    try:
+        with prog:
+            while True:
+                tw = time.perf_counter()
+                msg = lq.get()
+                wait_data = time.perf_counter() - tw
+                summary.wait_data_s += wait_data
+                kind = msg[0]
+                wait_write = 0.0
+                if kind == "done":
+                    break
+                if kind == "skip":
+                    summary.scenes_skipped += 1
+                    prog.advance(t_scenes)
+                    continue
+                if kind == "start":
+                    in_scene[msg[1]] = 0
+                    tw = time.perf_counter()
+                    writer.q.put(("start", msg[1], len(msg[2]), msg[3]))
+                    if est is not None and len(msg[2]) < cfg.pairs_per_scene:
+                        est -= cfg.pairs_per_scene - len(msg[2])
+                        prog.update(t_pairs, total=est)
+                    continue
+                if kind == "fail":
+                    name = msg[1]
+                    if msg[3]:
+                        writer.q.put(("abort", name))
+                    on_fail(name, msg[2])
+                    prog.advance(t_scenes)
+                    continue
+                if kind == "end":
+                    writer.q.put(("commit", msg[1]))
+                    prog.advance(t_scenes)
+                    continue
+                b: _Batch = msg[1]
+                fields = _predict_encode(source, b, enc)
+                tw = time.perf_counter()
+                writer.q.put(("add", b.scene, fields))
+                wait_write = time.perf_counter() - tw
+                summary.wait_write_s += wait_write
+                n = len(b.ctx_K)
+                in_scene[b.scene] += n
+                queued_pairs += n
+                summary.batch_times.append((time.perf_counter() - t0, n, wait_data, wait_write))
+                el = time.perf_counter() - t0
+                prog.update(t_pairs, advance=n, info=f"{queued_pairs / max(el, 1e-9):.1f} pairs/s, "
+                                                    f"{summary.bytes / 1e6:.0f} MB written")
+                if on_batch is not None:
+                    on_batch(b.scene, in_scene[b.scene])
+            writer.q.put(("stop",))
+            writer.join()
+    finally:
+        stop.set()
+        if writer.is_alive():
+            with _suppress_full():
+                writer.q.put_nowait(("stop",))
+        loader.join(timeout=5)
+    summary.seconds = time.perf_counter() - t0
+    if progress:
+        print_summary(summary, out)
+    return summary
+
+
+class _suppress_full:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, et, e, tb) -> bool:
+        return et is queue.Full
+
+
+def _predict_encode(source: ScaffoldSource, b: _Batch, enc: Encoding) -> dict[str, np.ndarray]:
+    dev = source.device
+    images = b.images.to(dev, non_blocking=True).permute(0, 1, 4, 2, 3).float().div_(255.0)  # [B,2,3,H,W]
+    K = torch.from_numpy(b.ctx_K)
+    c2w = torch.from_numpy(b.ctx_c2w)
+    depth = b.depth.to(dev, non_blocking=True) if b.depth is not None else None
+    gs = source.predict(images, K.float(), c2w.float(), depth=depth)
+    stack = [torch.stack([getattr(g, k) for g in gs]) for k in ("means", "quats", "scales", "opacities")]
+    fields = encode_scaffold(*stack, K.to(dev), c2w.to(dev), enc=enc)
+    fields.update(b.extra)
+    return fields
+
+
+def print_summary(s: Summary, out: Path) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"snd precompute -> {out}")
+    for col in ("scenes done", "skipped", "failed", "pairs", "pairs/s", "MB written", "MB/pair", "waited on data"):
+        t.add_column(col, justify="right")
+    t.add_row(str(s.scenes_done), str(s.scenes_skipped), str(s.failed), str(s.pairs), f"{s.pairs_per_s:.2f}",
+              f"{s.bytes / 1e6:.1f}", f"{s.mb_per_pair:.2f}", f"{s.wait_data_s:.1f} s")
+    console.print(t)
+    for name, msg in s.failures.items():
+        console.print(f"[red]failed[/] {name}: {msg}")
