@@ -105,9 +105,14 @@ def read_state_dict(path: "str | Path") -> dict[str, Tensor]:
     try:
         obj = torch.load(str(p), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        text = str(e)
+        blocked = next((ln.strip() for ln in text.splitlines() if "Unsupported global" in ln), None)
+        if blocked is None:  # not a pickled-object refusal: the file is corrupt or not a checkpoint
+            raise SndError(f"cannot read {p} as a torch checkpoint: {text.splitlines()[0] if text else e!r}",
+                           path=p) from e
+        blocked = blocked.split(" was not an allowed global")[0].replace("WeightsUnpickler error: ", "")
         raise SndError(
-            f"{p} holds Python objects besides tensors, which snd will not unpickle ({first})",
+            f"{p} holds Python objects besides tensors, which snd will not unpickle ({blocked})",
             path=p,
             hint=("if you trust the file, save only its weights once: "
                   f"python -m snd.models.mvsplat.resave {p} {p.with_suffix('')}_encoder.safetensors "
