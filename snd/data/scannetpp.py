@@ -18,6 +18,7 @@ Per scene ``<root>/data/<scene>/``:
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -114,6 +115,7 @@ class ScanNetppScene:
         self.cache = cache if cache is not None else MapCache(None)
         self._classes = classes
         self._geom = None
+        self._lock = threading.Lock()  # loader threads share a scene: build the mesh/ray caster once
 
     # -- Scene protocol ------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -129,8 +131,9 @@ class ScanNetppScene:
         if img.shape[:2] != (h, w):
             raise SndError(f"image is {img.shape[1]}x{img.shape[0]} but {self.transforms_path.name} says {w}x{h}: {path}", path=path)
         if self.fisheye:
-            if self._map is None:
-                self._map = fisheye_undistort_map(self.native_camera_K, self._dist, self.native_camera_K, h, w)
+            with self._lock:
+                if self._map is None:
+                    self._map = fisheye_undistort_map(self.native_camera_K, self._dist, self.native_camera_K, h, w)
             img = remap_bilinear(img, *self._map)
         return resize_rgb(img, self.height, self.width)
 
@@ -152,6 +155,12 @@ class ScanNetppScene:
     def _geometry(self) -> dict:
         if self._geom is not None:
             return self._geom
+        with self._lock:
+            if self._geom is None:
+                self._geom = self._load_geometry()
+        return self._geom
+
+    def _load_geometry(self) -> dict:
         scans = self.dir / "scans"
         mesh_p, seg_p, anno_p = scans / "mesh_aligned_0.05.ply", scans / "segments.json", scans / "segments_anno.json"
         vertices, faces, _ = read_mesh(mesh_p)
@@ -184,14 +193,12 @@ class ScanNetppScene:
             seg_cls[segs] = cls_id.get(str(g.get("label", "")), 0)
         v_obj = np.where(seg_idx >= 0, seg_obj[np.clip(seg_idx, 0, max(n_seg - 1, 0))], 0) if n_seg else np.zeros(len(vertices), np.int32)
         v_cls = np.where(seg_idx >= 0, seg_cls[np.clip(seg_idx, 0, max(n_seg - 1, 0))], 0) if n_seg else np.zeros(len(vertices), np.int32)
-        self._geom = {
+        return {
             "raycaster": MeshRaycaster(vertices, faces),
             "face_instance": face_labels_from_vertices(faces, v_obj).astype(np.int32),
             "face_semantic": face_labels_from_vertices(faces, v_cls).astype(np.int32),
             "classes": classes,
-            "signature": file_signature(mesh_p, seg_p, anno_p) + "|" + ",".join(classes),
         }
-        return self._geom
 
     def _maps(self, i: int) -> dict[str, np.ndarray]:
         cam = self.camera(i)
