@@ -178,6 +178,20 @@ def _bin_key(lo: float, hi: float) -> str:
     return f"{lo:g}-{hi:g}"
 
 
+def bin_by_rotation(values: Sequence[float], angles_deg: Sequence[float],
+                    bins: Sequence[tuple[float, float]]) -> tuple[dict, dict]:
+    """Mean of per-pair `values` per rotation bin [lo, hi) (the last bin closed) -> ({bin: mean|None}, {bin: count})."""
+    v, a = np.asarray(values, dtype=np.float64), np.asarray(angles_deg, dtype=np.float64)
+    assert v.shape == a.shape, f"{v.shape} values vs {a.shape} angles"
+    means, counts = {}, {}
+    for bi, (lo, hi) in enumerate(bins):
+        last = bi == len(bins) - 1
+        m = (a >= lo) & ((a <= hi) if last else (a < hi))
+        means[_bin_key(lo, hi)] = float(v[m].mean()) if m.any() else None
+        counts[_bin_key(lo, hi)] = int(m.sum())
+    return means, counts
+
+
 def evaluate_correspondence(
     model_fn: ModelFn,
     pairs_dataset: torch.utils.data.Dataset,
@@ -246,14 +260,7 @@ def evaluate_correspondence(
     def recall(th: float) -> float:
         return float((all_err < th).double().mean()) if total else 0.0
 
-    rec_pairs = np.array(per_pair_bin_recall)
-    ang = np.array(angles)
-    by_rot, counts = {}, {}
-    for bi, (lo, hi) in enumerate(rotation_bins):
-        last = bi == len(rotation_bins) - 1
-        m = (ang >= lo) & ((ang <= hi) if last else (ang < hi))
-        by_rot[_bin_key(lo, hi)] = float(rec_pairs[m].mean()) if m.any() else None
-        counts[_bin_key(lo, hi)] = int(m.sum())
+    by_rot, counts = bin_by_rotation(per_pair_bin_recall, angles, rotation_bins)
     cmax = float(curve_max_px if curve_max_px is not None else 2 * max(thresholds))
     px = np.linspace(0, cmax, int(cmax) + 1) if cmax >= 1 else np.array([0.0, cmax])
     return {
