@@ -1,0 +1,373 @@
+"""`snd eval`: frozen-feature probes of a model (and a baseline) on every dataset found, with reports.
+
+For each task and each available dataset: cache the backbone's tokens (`snd.eval.features`), train the
+linear probe (`snd.eval.probes`), evaluate it (`snd.eval.metrics`), and write
+
+    <out>/results.json                    every record (metrics, sizes, timings) + what was not evaluated
+    <out>/results.md, results_<task>.md   markdown tables: model | baseline | Δ | paper numbers
+    <out>/figures/<task>_<dataset>.png    predictions next to GT (correspondence: recall curves)
+    <out>/results/<model>/<dataset>_<task>.json   one record per finished (model, dataset, task)
+    <out>/probes/<model>/<dataset>_<task>.safetensors   probe checkpoints (resumable)
+
+Resumable: finished (model, dataset, task) records are reused and a half-trained probe resumes, as long as
+the protocol (iters, batch, image size, subset, caching, seed) is the same: `<model>` is the model's feature
+key plus a hash of that protocol. A missing dataset is a note naming what to download and where to put it;
+the stage fails (SndError, exit 2) only when nothing at all could be evaluated.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from snd.errors import SndError
+from snd.pipeline.config import EvalConfig, save_config, to_jsonable
+
+log = logging.getLogger(__name__)
+
+__all__ = ["run", "TASK_TO_DATASET_TASK"]
+
+# `snd eval` task names -> the dataset registry's task names
+TASK_TO_DATASET_TASK = {"depth": "depth", "normals": "normals", "seg": "seg", "corr": "correspondence"}
+EXTRACT_BATCH = 8
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=_jsonable))
+    os.replace(tmp, path)
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    if isinstance(x, Path):
+        return str(x)
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+def _clean(v: Any) -> Any:
+    """NaN -> None so results.json is valid JSON."""
+    if isinstance(v, float) and math.isnan(v):
+        return None
+    return v
+
+
+def _subset(n: int, max_images: int | None) -> list[int]:
+    """Evenly spaced indices (deterministic): every scene stays represented in a quick run."""
+    if max_images is None or max_images >= n:
+        return list(range(n))
+    return sorted(set(np.linspace(0, n - 1, max_images).round().astype(int).tolist()))
+
+
+def _plan(cfg: EvalConfig, tasks: list[str]) -> tuple[list[tuple[str, str]], list[str]]:
+    """(task, dataset) pairs to evaluate, and one note per task/dataset that cannot be evaluated."""
+    from snd.eval.datasets import available, list_datasets
+
+    status = available(cfg.data_root)
+    known = set(status)
+    unknown = [d for d in cfg.datasets if d not in known]
+    if unknown:
+        raise SndError(f"unknown dataset(s) {unknown}; known: {', '.join(sorted(known))}")
+    plan, notes = [], []
+    for task in tasks:
+        if task not in TASK_TO_DATASET_TASK:
+            raise SndError(f"unknown eval task {task!r}; expected one of {list(TASK_TO_DATASET_TASK)}")
+        names = list_datasets(TASK_TO_DATASET_TASK[task])
+        if cfg.datasets:
+            names = [d for d in names if d in cfg.datasets]
+        missing = []
+        for name in names:
+            if str(status[name]).startswith("ok"):
+                plan.append((task, name))
+            else:
+                missing.append(f"{name}: {status[name]}")
+        if not names:
+            notes.append(f"{task}: none of --datasets {cfg.datasets} supports this task")
+        elif not any(t == task for t, _ in plan):
+            notes.append(f"{task}: no dataset found under {cfg.data_root} — " + "; ".join(missing))
+        else:
+            notes += [f"{task}/{m}" for m in missing]
+    return plan, notes
+
+
+def _protocol(cfg: EvalConfig) -> dict:
+    return {"img_hw": [cfg.img_height, cfg.img_width], "iters": cfg.iters, "batch": cfg.batch,
+            "max_images": cfg.max_images, "feature_cache": cfg.feature_cache, "seed": cfg.seed}
+
+
+class _Role:
+    """One backbone under evaluation ("model" or "baseline"), loaded on first use."""
+
+    def __init__(self, role: str, name: str, weights: Path | None, cfg: EvalConfig):
+        self.role, self.name, self.weights, self.cfg = role, name, weights, cfg
+        self.label = Path(name).name if Path(name).exists() else name
+        self._net: torch.nn.Module | None = None
+        self.key = ""
+
+    @property
+    def net(self) -> torch.nn.Module:
+        if self._net is None:
+            from snd.eval.features import cache_key, load_eval_backbone
+
+            self._net = load_eval_backbone(self.name, weights=self.weights, init=self.cfg.init, seed=self.cfg.seed)
+            self.key = cache_key(self._net, (self.cfg.img_height, self.cfg.img_width))
+        return self._net
+
+    def folder(self) -> str:
+        self.net  # noqa: B018 - computes the key
+        proto = hashlib.sha256(json.dumps(_protocol(self.cfg), sort_keys=True).encode()).hexdigest()[:8]
+        return f"{self.key}-{proto}"
+
+    def size(self) -> str | None:
+        from snd.eval.paper import backbone_size
+        from snd.models.backbone import _unwrap, patch_size
+
+        vit = _unwrap(self.net)
+        return backbone_size(int(vit.embed_dim), patch_size(vit))
+
+
+def _progress():
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                    TimeRemainingColumn(), console=Console(stderr=True), transient=True)
+
+
+def _eval_probe(role: _Role, task: str, name: str, cfg: EvalConfig, device: torch.device, folder: Path,
+                progress) -> tuple[dict, list[dict]]:
+    from snd.eval import datasets as D
+    from snd.eval.features import ensure_features, final_norm_params
+    from snd.eval.probes import DEPTH_RANGE, DepthProbe, NormalProbe, ProbeData, SegProbe, default_spec
+    from snd.eval.probes import evaluate_probe, train_probe
+    from snd.models.backbone import _unwrap, patch_size
+
+    hw = (cfg.img_height, cfg.img_width)
+    net = role.net
+    vit = _unwrap(net)
+    p = patch_size(vit)
+    if hw[0] % p or hw[1] % p:
+        raise SndError(f"probe input {hw[0]}x{hw[1]} is not a multiple of the patch size {p}",
+                       hint=f"use --img-height {hw[0] // p * p} --img-width {hw[1] // p * p}")
+    grid, dim = (hw[0] // p, hw[1] // p), int(vit.embed_dim)
+    train_ds = D.get_dataset(name, cfg.data_root, "train", task, hw)
+    val_ds = D.get_dataset(name, cfg.data_root, "val", task, hw)
+    idx_tr, idx_va = _subset(len(train_ds), cfg.max_images), _subset(len(val_ds), cfg.max_images)
+    if not idx_tr or not idx_va:
+        raise SndError(f"{name}: empty split (train {len(idx_tr)}, val {len(idx_va)} images) for {task}")
+    norm = final_norm_params(net)
+    stores = {}
+    if cfg.feature_cache:
+        cache_dir = cfg.feature_cache_dir or cfg.out / "features"
+        for split, ds, idx in (("train", train_ds, idx_tr), ("val", val_ds, idx_va)):
+            bar = progress.add_task(f"{role.label} · {name} {split} features", total=len(idx), info="")
+            stores[split] = ensure_features(net, ds, cache_dir=cache_dir, dataset_name=name, split=split, img_hw=hw,
+                                            indices=idx, key=role.key, batch=EXTRACT_BATCH, device=device,
+                                            num_workers=cfg.num_workers,
+                                            progress=lambda d, t, b=bar: progress.update(b, completed=d))
+            progress.remove_task(bar)
+    data_tr = ProbeData(train_ds, idx_tr, task, stores.get("train"))
+    data_va = ProbeData(val_ds, idx_va, task, stores.get("val"), with_image=True)
+    info = D.dataset_info(name)
+    torch.manual_seed(cfg.seed)
+    if task == "depth":
+        lo, hi = info.depth_range or DEPTH_RANGE.get(name, (1e-3, 10.0))
+        probe = DepthProbe(dim, min_depth=lo, max_depth=hi)
+    elif task == "normals":
+        probe = NormalProbe(dim)
+    else:
+        k = D.num_classes(name)
+        if not k:
+            raise SndError(f"{name}: unknown number of segmentation classes")
+        probe = SegProbe(dim, num_classes=k, ignore_index=255)
+    spec = default_spec(task, len(idx_tr)).with_overrides(iters=cfg.iters, batch=cfg.batch)
+    live = None if cfg.feature_cache else net
+    bar = progress.add_task(f"{role.label} · {name} {task} probe", total=spec.iters, info="")
+    t0 = time.perf_counter()
+    stats = train_probe(probe, data_tr, spec, grid=grid, norm=norm, ckpt=folder / f"{name}_{task}.safetensors",
+                        backbone=live, augment=live is not None, device=device, seed=cfg.seed,
+                        num_workers=cfg.num_workers, ckpt_every=max(min(2000, spec.iters // 4), 1),
+                        progress=lambda s, t, l, b=bar: progress.update(b, completed=s, info=f"loss {l:.4f}"))
+    progress.remove_task(bar)
+    metrics, samples = evaluate_probe(probe, data_va, grid=grid, norm=norm, backbone=live, device=device,
+                                      num_workers=cfg.num_workers)
+    record = {"metrics": {k: _clean(v) for k, v in metrics.items()}, "n_train": len(idx_tr), "n_val": len(idx_va),
+              "iters": spec.iters, "batch": spec.batch, "train_loss": _clean(stats["loss"]),
+              "train_seconds": time.perf_counter() - t0, "probe": probe.config(), "recipe": spec.to_json()}
+    return record, samples
+
+
+def _eval_corr(role: _Role, name: str, cfg: EvalConfig, device: torch.device) -> dict:
+    from snd.eval import datasets as D
+    from snd.eval.correspondence import evaluate_correspondence
+    from snd.eval.features import split_tokens
+    from snd.eval.features import extract_tokens
+    from snd.models.backbone import _unwrap, patch_size
+
+    hw = (cfg.img_height, cfg.img_width)
+    net = role.net.to(device)
+    p = patch_size(_unwrap(net))
+
+    def model_fn(images: torch.Tensor) -> torch.Tensor:
+        tok = extract_tokens(net, images.to(device))
+        return split_tokens(tok, (images.shape[-2] // p, images.shape[-1] // p))[1]  # raw last-block patches
+
+    pairs = D.get_dataset(name, cfg.data_root, "val", "correspondence", hw)
+    res = evaluate_correspondence(model_fn, pairs, max_pairs=cfg.max_images)
+    metrics = {f"recall_{k}": 100 * v for k, v in res["recall"].items()}
+    for k, v in res["recall_by_rotation"].items():
+        metrics[f"recall_10px_rot_{k}"] = None if v is None else 100 * v
+    return {"metrics": metrics, "curve": res["curve"], "n_val": res["num_pairs"],
+            "pairs_by_rotation": res["pairs_by_rotation"], "num_correspondences": res["num_correspondences"]}
+
+
+def _save_samples(path: Path, samples: list[dict]) -> None:
+    from safetensors.torch import save_file
+
+    t = {}
+    for i, s in enumerate(samples):
+        for k in ("image", "gt", "pred"):
+            if s.get(k) is not None:
+                t[f"{k}.{i}"] = s[k].contiguous().float() if k != "gt" or s[k].is_floating_point() else s[k].contiguous()
+    if t:
+        save_file(t, str(path.with_name(path.name + ".tmp")))
+        os.replace(path.with_name(path.name + ".tmp"), path)
+
+
+def _load_samples(path: Path) -> list[dict]:
+    from safetensors.torch import load_file
+
+    t = load_file(str(path))
+    n = 1 + max(int(k.split(".")[1]) for k in t)
+    return [{k: t.get(f"{k}.{i}") for k in ("image", "gt", "pred")} for i in range(n)]
+
+
+def _figures(records: list[dict], out: Path) -> list[Path]:
+    from snd.eval.correspondence import write_recall_curve_png
+    from snd.eval.figures import prediction_grid
+
+    written = []
+    keys = sorted({(r["task"], r["dataset"]) for r in records if r.get("status") == "ok"})
+    for task, name in keys:
+        rs = [r for r in records if r["task"] == task and r["dataset"] == name and r.get("status") == "ok"]
+        rs.sort(key=lambda r: r["role"] != "model")
+        try:
+            if task == "corr":
+                curves = {f"{r['role']}: {r['label']}": r["curve"] for r in rs if r.get("curve")}
+                if curves:
+                    written.append(write_recall_curve_png(curves, out / "figures" / f"corr_{name}.png",
+                                                          title=f"correspondence recall ({name})"))
+                continue
+            samples = {f"{r['role']}: {r['label']}": _load_samples(Path(r["samples"])) for r in rs
+                       if r.get("samples") and Path(r["samples"]).is_file()}
+            if samples:
+                written.append(prediction_grid(task, samples, out / "figures" / f"{task}_{name}.png"))
+        except Exception as e:  # a figure must never lose the numbers
+            log.warning("figure %s/%s failed: %s", task, name, e)
+    return written
+
+
+def run(cfg: EvalConfig, tasks: list[str]) -> dict:
+    """Evaluate `cfg.model` (and `cfg.baseline`) on `tasks` ("depth", "normals", "seg", "corr").
+
+    Returns:
+        {"records": [...], "notes": [...], "out": str, "tables": markdown of all tasks}.
+    Raises:
+        SndError when no (task, dataset) could be evaluated (the message lists what is missing).
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from snd.eval.report import all_tables, console_rows, task_table
+
+    console = Console(stderr=True)
+    tasks = ["corr" if t == "correspondence" else t for t in tasks]
+    out = Path(cfg.out)
+    plan, notes = _plan(cfg, tasks)
+    for n in notes:
+        console.print(f"[yellow]not evaluated[/] {n}")
+    if not plan:
+        raise SndError("nothing could be evaluated: " + " | ".join(notes),
+                       hint=f"put the datasets under {cfg.data_root} (see docs/datasets.md), or generate the "
+                            f"procedural one: snd data synth --out {Path(cfg.data_root) / 'synth'}")
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.json")
+    device = _device(cfg.device)
+    roles = [_Role("model", cfg.model, cfg.weights, cfg)]
+    if cfg.baseline:
+        roles.append(_Role("baseline", cfg.baseline, cfg.baseline_weights, cfg))
+    records: list[dict] = []
+    with _progress() as progress:
+        for role in roles:
+            folder = role.folder()
+            for task, name in plan:
+                rpath = out / "results" / folder / f"{name}_{task}.json"
+                if rpath.is_file():
+                    rec = json.loads(rpath.read_text())
+                    if rec.get("status") == "ok":
+                        # same weights + protocol: reuse (also when the baseline equals the model)
+                        rec.update(role=role.role, label=role.label, model=role.name)
+                        console.print(f"[dim]done before[/] {role.role} {role.label} · {name} · {task}")
+                        records.append(rec)
+                        continue
+                base = {"role": role.role, "label": role.label, "model": role.name, "key": role.key,
+                        "size": role.size(), "dataset": name, "task": task}
+                t0 = time.perf_counter()
+                try:
+                    if task == "corr":
+                        rec = dict(base, **_eval_corr(role, name, cfg, device))
+                    else:
+                        res, samples = _eval_probe(role, task, name, cfg, device, out / "probes" / folder, progress)
+                        rec = dict(base, **res)
+                        spath = rpath.with_name(f"{name}_{task}_samples.safetensors")
+                        spath.parent.mkdir(parents=True, exist_ok=True)
+                        _save_samples(spath, samples)
+                        rec["samples"] = str(spath)
+                    rec.update(status="ok", seconds=time.perf_counter() - t0)
+                    _write_json(rpath, rec)
+                    console.print(f"[green]done[/] {role.role} {role.label} · {name} · {task} "
+                                  f"({rec['seconds']:.0f} s)")
+                except SndError as e:
+                    rec = dict(base, status="failed", error=str(e))
+                    notes.append(f"{task}/{name} ({role.role}): {e}")
+                    console.print(f"[red]failed[/] {role.role} {role.label} · {name} · {task}: {e}")
+                records.append(rec)
+    ok = [r for r in records if r.get("status") == "ok"]
+    tables = all_tables(records, tasks, notes=notes)
+    (out / "results.md").write_text(tables)
+    for t in tasks:
+        tab = task_table(records, t)
+        if tab:
+            (out / f"results_{t}.md").write_text(tab)
+    figs = _figures(records, out)
+    _write_json(out / "results.json", {"config": to_jsonable(cfg), "records": records, "notes": notes,
+                                       "figures": [str(f) for f in figs]})
+    for t in tasks:
+        head, rows = console_rows(records, t)
+        if rows:
+            table = Table(title=t, show_lines=False)
+            for h in head:
+                table.add_column(h, justify="left" if h in ("dataset", "metric") else "right")
+            for r in rows:
+                table.add_row(*r)
+            Console().print(table)
+    if not ok:
+        raise SndError("nothing could be evaluated: " + " | ".join(notes))
+    console.print(f"results: {out / 'results.md'}")
+    return {"records": records, "notes": notes, "out": str(out), "tables": tables}
