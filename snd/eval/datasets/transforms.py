@@ -8,7 +8,7 @@ stretches (what mmseg-style "resize to a fixed size" does when aspect ratios dif
 """
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal
 
 import numpy as np
 import torch
