@@ -54,7 +54,7 @@ def gaussians_from_depth(
     K: Tensor,  # [V, 3, 3]
     c2w: Tensor,  # [V, 4, 4]
     *,
-    scale_mult: float = 1.0,
+    scale_mult: float = 0.5,
     opacity: float = 0.9,
 ) -> PixelGaussians:
     """One isotropic Gaussian per valid pixel at its unprojected depth.
@@ -63,9 +63,12 @@ def gaussians_from_depth(
         depth: [V, H, W] z-depth in metres, 0 (or non-finite) = invalid.
         K:     [V, 3, 3] pixel intrinsics for H x W.
         c2w:   [V, 4, 4] camera-to-world (OpenCV axes).
-        scale_mult: standard deviation in units of the pixel footprint (depth / focal). 1.0 lets
-            neighbouring Gaussians overlap enough that a slightly different target view sees no holes
-            on oblique surfaces, at the price of about one pixel of extra blur.
+        scale_mult: standard deviation in units of the pixel footprint (depth / focal). Splatting sorts
+            whole Gaussians by depth, so on every surface that recedes across the screen the nearer
+            neighbours overlap a pixel first and pull its value toward them: measured on a procedural
+            plane scene (tests), the rendered point lands ~0.9 px from the true one at 0.5 (opacity 0.9),
+            ~2 px at 1.0 and ~0.4 px at 0.3. Below ~0.5 a target view 1.5x closer than the context
+            shows holes; 0.5 keeps full coverage there and stays sub-pixel.
         opacity: opacity of every valid Gaussian (invalid pixels get 0, so renderers skip them).
 
     Returns:
