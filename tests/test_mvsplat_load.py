@@ -74,7 +74,7 @@ def test_lightning_ckpt_round_trip_identical_outputs(tmp_path: Path, re10k_sd) -
     ref = MVSplatEncoder("re10k").eval()
     ref.load_state_dict(re10k_sd, strict=True)
     torch.manual_seed(0)
-    B, H, W = 1, 32, 48
+    B, H, W = 1, 32, 32
     images = torch.rand(B, 2, 3, H, W)
     K = torch.tensor([[0.9, 0.0, 0.5], [0.0, 1.2, 0.5], [0.0, 0.0, 1.0]]).expand(B, 2, 3, 3)
     c2w = torch.eye(4).repeat(B, 2, 1, 1)

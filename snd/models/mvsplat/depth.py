@@ -61,6 +61,33 @@ def correlation_volume(feat_ref: Tensor, feat_src: Tensor, grid: Tensor, *, chun
     return torch.cat(out, 1) / math.sqrt(C)
 
 
+def plane_sweep_correlation(feats: Tensor, K_norm: Tensor, c2w: Tensor, near: Tensor, far: Tensor, num: int, *,
+                            chunk_bytes: int = WARP_CHUNK_BYTES) -> tuple[Tensor, Tensor]:
+    """Two-view plane-sweep cost volume (fp32, autocast off).
+
+    Args:
+        feats: [B, 2, C, h, w] per-view features; view v is matched against view 1 - v.
+        K_norm: [B, 2, 3, 3] normalised intrinsics.  c2w: [B, 2, 4, 4].  near, far: [B, 2].
+        num: depth candidates, uniform in inverse depth between 1/far and 1/near.
+    Returns:
+        (correlation [B*2, num, h, w], candidate disparities [B*2, num]), (b v)-ordered.
+    """
+    B, V, C, h, w = feats.shape
+    assert V == 2, f"the cost volume is implemented for 2 context views, got {V}"
+    N = B * V
+    with torch.autocast(device_type=feats.device.type, enabled=False):
+        Kf = K_norm.float().clone()  # upstream: normalised K times the feature size
+        Kf[..., 0, :] *= w
+        Kf[..., 1, :] *= h
+        ref_to_src = rigid_inverse(c2w.flip(1)) @ c2w.float()  # [B, V, 4, 4]
+        disp = inverse_depth_candidates(near, far, num).reshape(N, num)
+        grid = plane_sweep_grid(Kf.reshape(N, 3, 3), Kf.flip(1).reshape(N, 3, 3), ref_to_src.reshape(N, 4, 4),
+                                disp, h, w)
+        corr = correlation_volume(feats.reshape(N, C, h, w), feats.flip(1).reshape(N, C, h, w), grid,
+                                  chunk_bytes=chunk_bytes)
+    return corr, disp
+
+
 class DepthPredictorMultiView(nn.Module):
     def __init__(self, cfg: MVSplatConfig):
         super().__init__()
@@ -110,19 +137,8 @@ class DepthPredictorMultiView(nn.Module):
         H, W = images.shape[-2:]
         N, D = B * V, self.num_depth_candidates
         f_ref = feats.reshape(N, C, h, w)
-        assert V == 2, f"the cost volume is implemented for 2 context views, got {V}"
-        f_src = feats.flip(1).reshape(N, C, h, w)  # V == 2: the source view of view v is 1 - v
 
-        with torch.autocast(device_type=feats.device.type, enabled=False):
-            Kf = K_norm.float().clone()
-            Kf[..., 0, :] *= w
-            Kf[..., 1, :] *= h
-            ref_to_src = rigid_inverse(c2w.flip(1)) @ c2w.float()  # [B, V, 4, 4]
-            disp = inverse_depth_candidates(near, far, D).reshape(N, D)  # [N, D]
-            grid = plane_sweep_grid(Kf.reshape(N, 3, 3), Kf.flip(1).reshape(N, 3, 3),
-                                    ref_to_src.reshape(N, 4, 4), disp, h, w)
-            corr = correlation_volume(f_ref, f_src, grid)  # [N, D, h, w] fp32
-
+        corr, disp = plane_sweep_correlation(feats, K_norm, c2w, near, far, D)  # fp32 [N, D, h, w], [N, D]
         x = torch.cat([corr.to(f_ref.dtype), f_ref], 1)  # [N, D + C, h, w]
         net = self.corr_refine_net
         y = self._gn32(net[1], net[0](x))
@@ -161,4 +177,5 @@ class DepthPredictorMultiView(nn.Module):
         return DepthPrediction(depth=depth, density=density, raw=raw, coarse_depth=coarse)
 
 
-__all__ = ["DepthPredictorMultiView", "DepthPrediction", "correlation_volume", "WARP_CHUNK_BYTES"]
+__all__ = ["DepthPredictorMultiView", "DepthPrediction", "correlation_volume", "plane_sweep_correlation",
+           "WARP_CHUNK_BYTES"]
