@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from .config import MVSplatConfig
 from .geometry import inverse_depth_candidates, plane_sweep_grid, rigid_inverse
-from .unet import UNetModel
+from .unet import GroupNormF32, UNetModel
 
 # Upper bound on the fp32 warped-feature chunk of the cost volume (bytes); the volume is built in
 # depth chunks so memory stays flat with batch size.
@@ -98,7 +98,7 @@ class DepthPredictorMultiView(nn.Module):
         cv_in = D + C
         self.corr_refine_net = nn.Sequential(
             nn.Conv2d(cv_in, cv_ch, 3, 1, 1),
-            nn.GroupNorm(8, cv_ch),
+            GroupNormF32(8, cv_ch),
             nn.GELU(),
             UNetModel(cv_ch, cv_ch, cv_ch, attention_resolutions=cfg.costvolume_unet_attn_res,
                       channel_mult=cfg.costvolume_unet_channel_mult, num_views=cfg.num_views),
@@ -115,7 +115,7 @@ class DepthPredictorMultiView(nn.Module):
         self.proj_feature = nn.Conv2d(C, fd, 3, 1, 1)
         self.refine_unet = nn.Sequential(
             nn.Conv2d(3 + fd + 1 + 1, fd, 3, 1, 1),
-            nn.GroupNorm(4, fd),
+            GroupNormF32(4, fd),
             nn.GELU(),
             UNetModel(fd, fd, fd, attention_resolutions=cfg.depth_unet_attn_res,
                       channel_mult=cfg.depth_unet_channel_mult, num_views=cfg.num_views),
@@ -123,11 +123,6 @@ class DepthPredictorMultiView(nn.Module):
         raw = cfg.gaussian_raw_channels
         self.to_gaussians = nn.Sequential(nn.Conv2d(fd + 3 + C, 2 * raw, 3, 1, 1), nn.GELU(), nn.Conv2d(2 * raw, raw, 3, 1, 1))
         self.to_disparity = nn.Sequential(nn.Conv2d(fd, 2 * fd, 3, 1, 1), nn.GELU(), nn.Conv2d(2 * fd, 2, 3, 1, 1))
-
-    @staticmethod
-    def _gn32(gn: nn.GroupNorm, x: Tensor) -> Tensor:
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            return F.group_norm(x.float(), gn.num_groups, gn.weight, gn.bias, gn.eps).to(x.dtype)
 
     def forward(self, feats: Tensor, cnn_feats: Tensor, images: Tensor, K_norm: Tensor, c2w: Tensor,
                 near: Tensor, far: Tensor) -> DepthPrediction:
@@ -140,10 +135,7 @@ class DepthPredictorMultiView(nn.Module):
 
         corr, disp = plane_sweep_correlation(feats, K_norm, c2w, near, far, D)  # fp32 [N, D, h, w], [N, D]
         x = torch.cat([corr.to(f_ref.dtype), f_ref], 1)  # [N, D + C, h, w]
-        net = self.corr_refine_net
-        y = self._gn32(net[1], net[0](x))
-        y = net[4](net[3](net[2](y)))
-        raw_corr = y + self.regressor_residual(x)
+        raw_corr = self.corr_refine_net(x) + self.regressor_residual(x)
         logits = self.depth_head_lowres(raw_corr)
         with torch.autocast(device_type=feats.device.type, enabled=False):
             pdf = torch.softmax(logits.float(), dim=1)  # [N, D, h, w]
@@ -155,9 +147,7 @@ class DepthPredictorMultiView(nn.Module):
         proj = self.proj_feature(proj_full)
         imgs = images.reshape(N, 3, H, W)
         cdt = proj.dtype
-        r = self.refine_unet
-        z = r[0](torch.cat([imgs.to(cdt), proj, full_disp.to(cdt), pdf_max.to(cdt)], 1))
-        refine_out = r[3](r[2](self._gn32(r[1], z)))
+        refine_out = self.refine_unet(torch.cat([imgs.to(cdt), proj, full_disp.to(cdt), pdf_max.to(cdt)], 1))
 
         g_in = torch.cat([refine_out, imgs.to(refine_out.dtype), proj_full.to(refine_out.dtype)], 1)
         g = self.to_gaussians[1](self.to_gaussians[0](g_in))
