@@ -45,6 +45,15 @@ def _toy(n: int, seed: int):
     return items, FakeStore(tokens)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These heads run many tiny ops: one thread avoids OpenMP spin contention on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 NORM = {"weight": torch.ones(C), "bias": torch.zeros(C), "eps": torch.tensor([1e-6], dtype=torch.float64)}
 QUICK = ProbeSpec(iters=150, batch=4, lr=2e-2, weight_decay=0.0, schedule="constant", warmup=0)
 

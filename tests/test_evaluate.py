@@ -1,0 +1,86 @@
+"""`snd eval` end to end on the procedural dataset: every task, tables, figures, resume, missing data."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from snd.errors import SndError
+from snd.pipeline.config import EvalConfig
+from snd.stages import evaluate
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny probes: one thread avoids OpenMP spin contention on a busy 2-core machine."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _cfg(data_root, out, **kw):
+    base = dict(model="snd_test_vit_patch14", init="random", baseline="snd_test_vit_patch14", data_root=data_root,
+                datasets=["synth"], out=out, img_height=56, img_width=84, iters=4, batch=2, max_images=4,
+                device="cpu", seed=0, num_workers=0)
+    base.update(kw)
+    return EvalConfig(**base)
+
+
+def test_eval_end_to_end_on_synth_then_resume(synth_root, tmp_path, monkeypatch):
+    out = tmp_path / "eval"
+    res = evaluate.run(_cfg(synth_root, out), tasks=["depth", "normals", "seg", "corr"])
+    recs = json.loads((out / "results.json").read_text())["records"]
+    got = {(r["role"], r["task"]) for r in recs if r["status"] == "ok"}
+    assert got == {(role, t) for role in ("model", "baseline") for t in ("depth", "normals", "seg", "corr")}
+    by = {(r["role"], r["task"]): r for r in recs}
+    assert 0 < by["model", "depth"]["metrics"]["abs_rel"] < 10
+    assert 0 <= by["model", "seg"]["metrics"]["mIoU"] <= 100
+    assert 0 <= by["model", "corr"]["metrics"]["recall_10px"] <= 100
+    assert by["model", "normals"]["n_train"] == 4 and by["model", "normals"]["iters"] == 4
+    # same weights: the baseline reuses the model's records, so every delta is "="
+    md = (out / "results.md").read_text()
+    assert "baseline: snd_test_vit_patch14" in md
+    delta_cells = [ln.strip("|").split("|")[4].strip() for ln in md.splitlines()
+                   if ln.startswith("| synth")]
+    assert len(delta_cells) == 22 and all(c.endswith("=") or c == "–" for c in delta_cells), delta_cells
+    for t in ("depth", "normals", "seg", "corr"):
+        assert (out / f"results_{t}.md").is_file()
+    for f in ("depth_synth.png", "normals_synth.png", "seg_synth.png", "corr_synth.png"):
+        assert (out / "figures" / f).stat().st_size > 0
+    assert res["tables"] == md
+
+    # second run: every (model, dataset, task) is finished -> nothing is trained or extracted again
+    import snd.eval.probes as probes
+
+    def no_training(*a, **k):
+        raise AssertionError("a finished probe was trained again")
+
+    monkeypatch.setattr(probes, "train_probe", no_training)
+    again = evaluate.run(_cfg(synth_root, out), tasks=["depth", "seg"])
+    assert {r["task"] for r in again["records"]} == {"depth", "seg"}
+    assert again["records"][0]["metrics"] == by["model", "depth"]["metrics"]
+
+
+def test_eval_without_data_names_what_is_missing(tmp_path):
+    with pytest.raises(SndError) as e:
+        evaluate.run(_cfg(tmp_path / "empty", tmp_path / "out", datasets=[]), tasks=["depth", "normals"])
+    msg = str(e.value)
+    assert "depth: no dataset found" in msg and "normals: no dataset found" in msg
+    assert "nyuv2" in msg and "synth" in msg and "snd data synth" in msg
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_eval_rejects_unknown_dataset(tmp_path):
+    with pytest.raises(SndError, match="unknown dataset"):
+        evaluate.run(_cfg(tmp_path, tmp_path / "out", datasets=["nope"]), tasks=["depth"])
+
+
+def test_eval_live_path_without_feature_cache(synth_root, tmp_path):
+    out = tmp_path / "live"
+    res = evaluate.run(_cfg(synth_root, out, baseline=None, feature_cache=False, iters=2), tasks=["normals"])
+    (rec,) = res["records"]
+    assert rec["status"] == "ok" and rec["task"] == "normals" and 0 <= rec["metrics"]["rmse"] <= 180
+    assert not (out / "features").exists()  # the backbone ran per step instead
