@@ -135,11 +135,13 @@ def upsample_features(
         wv = wts[min(v, wts.shape[0] - 1)]  # [4, H, W]
         for c0 in range(0, C, step):
             f = feats[v, c0:c0 + step]  # [c, h, w]
-            r0, r1 = f[:, y0], f[:, y1]  # [c, H, w]
-            acc = r0[:, :, x0] * wv[0]
-            acc += r0[:, :, x1] * wv[1]
-            acc += r1[:, :, x0] * wv[2]
-            acc += r1[:, :, x1] * wv[3]
+            # columns first on the small grid (gathering along the last dim is the slow direction),
+            # then whole rows, which are contiguous copies
+            c0_, c1_ = f[:, :, x0], f[:, :, x1]  # [c, h, W]
+            acc = c0_.index_select(1, y0).mul_(wv[0])
+            acc.addcmul_(c1_.index_select(1, y0), wv[1])
+            acc.addcmul_(c0_.index_select(1, y1), wv[2])
+            acc.addcmul_(c1_.index_select(1, y1), wv[3])
             out[v, c0:c0 + step] = acc
     return out
 
