@@ -1,0 +1,1 @@
+"""snd.train: the stage-two distillation loop, its schedule, checkpoints and run directory."""

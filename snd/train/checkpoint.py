@@ -1,0 +1,174 @@
+"""Run checkpoints (safetensors + JSON, atomic) and loading a trained backbone from a run.
+
+A run directory holds:
+    config.json                   resolved DistillConfig (`snd.pipeline.config.save_config`)
+    backbone_base.safetensors     the base backbone (timm keys, native position grid), written once
+    checkpoints/step_NNNNNNN.safetensors   student LoRA + head, teacher (EMA) LoRA + head, Adam moments
+    checkpoints/step_NNNNNNN.json          step, data position, per-rank RNG states, scheduler state
+    checkpoints/latest.json                pointer to the newest complete checkpoint (written last)
+
+Why this split: tensors go to safetensors (no pickle), everything else to readable JSON; the pointer is
+replaced only after both files are complete, so a run killed mid-save resumes from the previous one.
+Only the tensors that change are stored; the base backbone (frozen) is stored once, so a run is
+self-contained (`load_backbone_from_run` needs no --weights).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from snd.errors import SndError
+
+__all__ = ["BASE_FILE", "CKPT_DIR", "CONFIG_FILE", "KEEP", "latest_checkpoint", "load_backbone_from_run",
+           "load_checkpoint", "rng_state", "save_base", "save_checkpoint", "set_rng_state", "atomic_write_text"]
+
+CONFIG_FILE = "config.json"
+BASE_FILE = "backbone_base.safetensors"
+CKPT_DIR = "checkpoints"
+LATEST = "latest.json"
+KEEP = 2  # checkpoints kept (older ones are deleted after a new one is complete)
+
+
+# ---- atomic files --------------------------------------------------------------------------------------
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _atomic_save_tensors(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+# ---- RNG -----------------------------------------------------------------------------------------------
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """All RNG states of this process as JSON lists (torch CPU, CUDA of `device`, python, numpy)."""
+    np_state = np.random.get_state()
+    py = random.getstate()
+    return {
+        "torch": torch.get_rng_state().tolist(),
+        "cuda": torch.cuda.get_rng_state(device).tolist() if device.type == "cuda" else None,
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    }
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if state.get("cuda") is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8), device)
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+
+
+# ---- save / load ---------------------------------------------------------------------------------------
+def save_base(run_dir: Path, base_state: dict[str, Tensor]) -> Path:
+    """Write the base backbone once (frozen weights the LoRA adapters sit on)."""
+    path = Path(run_dir) / BASE_FILE
+    if not path.is_file():
+        _atomic_save_tensors(base_state, path, metadata={"format": "timm"})
+    return path
+
+
+def save_checkpoint(run_dir: Path, *, step: int, tensors: dict[str, Tensor], meta: dict[str, Any]) -> Path:
+    """Write step_N.{safetensors,json} atomically, then point latest.json at them; keep the last KEEP."""
+    ck = Path(run_dir) / CKPT_DIR
+    ck.mkdir(parents=True, exist_ok=True)
+    stem = f"step_{step:07d}"
+    _atomic_save_tensors(tensors, ck / f"{stem}.safetensors")
+    atomic_write_text(ck / f"{stem}.json", json.dumps({"step": step, **meta}))
+    atomic_write_text(ck / LATEST, json.dumps({"step": step, "stem": stem}))
+    old = sorted(p for p in ck.glob("step_*.safetensors") if p.stem != stem)
+    for p in old[: max(len(old) - (KEEP - 1), 0)]:
+        p.unlink(missing_ok=True)
+        p.with_suffix(".json").unlink(missing_ok=True)
+    return ck / f"{stem}.safetensors"
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint's .safetensors path, or None."""
+    ptr = Path(run_dir) / CKPT_DIR / LATEST
+    if not ptr.is_file():
+        return None
+    stem = json.loads(ptr.read_text())["stem"]
+    path = ptr.parent / f"{stem}.safetensors"
+    if not path.is_file() or not path.with_suffix(".json").is_file():
+        raise SndError(f"checkpoint {path} named by {ptr} is missing", path=path,
+                       hint="delete checkpoints/latest.json to restart the run, or restore the file")
+    return path
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """(tensors, meta) of a checkpoint written by `save_checkpoint`."""
+    path = Path(path)
+    return load_file(str(path)), json.loads(path.with_suffix(".json").read_text())
+
+
+# ---- a trained backbone for evaluation / export ----------------------------------------------------
+def _run_dir_of(path: Path) -> tuple[Path, Path | None]:
+    path = Path(path)
+    if path.is_dir():
+        return path, None
+    if path.suffix == ".safetensors" and path.parent.name == CKPT_DIR:
+        return path.parent.parent, path
+    raise SndError(f"{path} is neither an snd run directory nor one of its checkpoints", path=path,
+                   hint="pass the --run folder of `snd distill` (it holds config.json and checkpoints/)")
+
+
+def load_backbone_from_run(path: str | Path, *, which: Literal["student", "teacher"] = "student",
+                           img_size: tuple[int, int] | None = None) -> nn.Module:
+    """The run's trained backbone with LoRA merged: a plain timm ViT (eval mode, no grads).
+
+    Args:
+        path: run directory (uses its latest checkpoint) or a `checkpoints/step_N.safetensors` file.
+        which: "student" (what SnD releases) or "teacher" (the EMA copy).
+        img_size: optional (H, W) to resample the position embedding to; default the native grid.
+    """
+    from snd.models.backbone import create_backbone, set_input_size
+    from snd.models.lora import apply_lora, merged_copy
+    from snd.models.weights import load_backbone_weights
+    from snd.pipeline.config import DistillConfig, load_config
+    from snd.train.distiller import lora_spec
+
+    run_dir, ckpt = _run_dir_of(Path(path))
+    cfg_path = run_dir / CONFIG_FILE
+    if not cfg_path.is_file():
+        raise SndError(f"{run_dir} has no {CONFIG_FILE}; not an snd run directory", path=run_dir)
+    cfg = load_config(DistillConfig, cfg_path)
+    ckpt = ckpt or latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise SndError(f"run {run_dir} has no checkpoint yet", path=run_dir,
+                       hint="wait for the first checkpoint (--ckpt-every) or let the run finish")
+    base_file = run_dir / BASE_FILE
+    if not base_file.is_file():
+        raise SndError(f"run {run_dir} lacks {BASE_FILE}", path=base_file)
+    model = create_backbone(cfg.model, init="random")
+    load_backbone_weights(model, base_file)
+    model = apply_lora(model, lora_spec(cfg))
+    tensors, _ = load_checkpoint(ckpt)
+    prefix = "student." if which == "student" else "teacher."
+    lora = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    own = {n: p for n, p in model.named_parameters() if ".lora_" in n}
+    if set(lora) != set(own):
+        missing, extra = sorted(set(own) - set(lora)), sorted(set(lora) - set(own))
+        raise SndError(f"checkpoint {ckpt} does not match its run's LoRA layout (missing {missing[:3]}, extra {extra[:3]})",
+                       path=ckpt)
+    with torch.no_grad():
+        for n, p in own.items():
+            p.copy_(lora[n])
+    plain = merged_copy(model).eval()
+    if img_size is not None:
+        set_input_size(plain, img_size)
+    return plain

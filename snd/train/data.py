@@ -1,0 +1,95 @@
+"""Batches for the distillation loop: the shard stream in a DataLoader, device transfer, view selection.
+
+Exact resume: the data position is the number of global stream items consumed (`start`); a resumed run
+opens the stream at that position and sees the same next batches. Each rank streams a disjoint part
+(the stream splits by rank and DataLoader worker). The DataLoader gets its own torch.Generator so that
+creating its iterator never draws from the global RNG (which drives LoRA dropout and must resume exactly).
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset
+
+from snd.errors import SndError
+from snd.pipeline.config import DistillConfig
+
+__all__ = ["StreamFactory", "BatchIterator", "shard_stream_factory", "to_device", "select_views", "TENSOR_KEYS"]
+
+# (start, rank, world_size) -> IterableDataset of stream items
+StreamFactory = Callable[[int, int, int], IterableDataset]
+
+TENSOR_KEYS = ("ctx_images", "tgt_image", "means", "quats", "scales", "opacities", "ctx_masks", "tgt_mask",
+               "ctx_K", "ctx_c2w", "tgt_K", "tgt_c2w", "index")
+
+
+def shard_stream_factory(cfg: DistillConfig) -> StreamFactory:
+    """Streams from the Zarr store `cfg.shards` (helper 'cache''s `ShardStream`)."""
+    def make(start: int, rank: int, world_size: int) -> IterableDataset:
+        from snd.cache.stream import ShardStream
+
+        return ShardStream(cfg.shards, data_root=cfg.data, img_hw=(cfg.img_height, cfg.img_width), seed=cfg.seed,
+                           rank=rank, world_size=world_size, start=start)
+    return make
+
+
+class BatchIterator:
+    """Endless batches from a stream factory; tracks the global data position for checkpoints.
+
+    When one pass of the stream ends, the stream is reopened at the current global position (a stream
+    that orders several epochs by position continues; one that yields nothing there is an error)."""
+
+    def __init__(self, factory: StreamFactory, *, batch: int, start: int, rank: int, world_size: int,
+                 num_workers: int, prefetch: int, pin_memory: bool, seed: int):
+        self.factory, self.batch, self.rank, self.world_size = factory, batch, rank, world_size
+        self.num_workers, self.prefetch, self.pin_memory, self.seed = num_workers, prefetch, pin_memory, seed
+        self.position = start  # global items consumed (all ranks)
+        self._it: Iterator | None = None
+
+    def _open(self) -> Iterator:
+        gen = torch.Generator().manual_seed(self.seed)
+        kw = dict(num_workers=self.num_workers, pin_memory=self.pin_memory, generator=gen)
+        if self.num_workers > 0:
+            kw.update(prefetch_factor=self.prefetch, persistent_workers=False)
+        loader = DataLoader(self.factory(self.position, self.rank, self.world_size), batch_size=self.batch,
+                            drop_last=True, **kw)
+        return iter(loader)
+
+    def __next__(self) -> dict:
+        if self._it is None:
+            self._it = self._open()
+        try:
+            out = next(self._it)
+        except StopIteration:
+            self._it = self._open()
+            try:
+                out = next(self._it)
+            except StopIteration:
+                raise SndError(f"the stream yielded no items at position {self.position} (rank {self.rank})",
+                               hint="is the store empty, or smaller than world_size x batch items?") from None
+        self.position += self.batch * self.world_size
+        return out
+
+    def __iter__(self) -> "BatchIterator":
+        return self
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """Tensors to `device` (non-blocking from pinned memory); other values as they are."""
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, Tensor) else v) for k, v in batch.items()}
+
+
+def select_views(batch: dict, *, render_to_context: bool) -> dict:
+    """Ablation E: make context view j = index % 2 the target (image, mask, camera); otherwise unchanged."""
+    if not render_to_context:
+        return batch
+    out = dict(batch)
+    j = (batch["index"] % 2).long()  # [B]
+    ar = torch.arange(j.shape[0], device=j.device)
+    out["tgt_image"] = batch["ctx_images"][ar, j]
+    out["tgt_mask"] = batch["ctx_masks"][ar, j]
+    out["tgt_K"] = batch["ctx_K"][ar, j]
+    out["tgt_c2w"] = batch["ctx_c2w"][ar, j]
+    return out

@@ -1,0 +1,92 @@
+"""Data-parallel helpers for torchrun (NCCL on GPU, gloo on CPU).
+
+Why all-reduce by hand instead of wrapping in DistributedDataParallel: only the LoRA adapters and the
+head train (a few tens of MB of gradients), the student is called outside a single `forward`, and a plain
+flat all-reduce after `backward` keeps the compiled student step free of DDP hooks. The result is the same
+update as DDP (gradients averaged over ranks, identical parameters everywhere).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = ["DistEnv", "all_reduce_grads", "broadcast_params", "dist_env", "init_distributed", "all_gather_objects",
+           "resolve_device"]
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def dist_env() -> DistEnv:
+    """Rank / world size / local rank from torchrun's environment (defaults: single process)."""
+    return DistEnv(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def resolve_device(name: str, env: DistEnv) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(name)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", env.local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    return dev
+
+
+def init_distributed(env: DistEnv, device: torch.device) -> bool:
+    """Join the process group if world_size > 1 and none exists; returns True if this call created it."""
+    if not env.distributed or dist.is_initialized():
+        return False
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    kw = {"device_id": device} if device.type == "cuda" else {}
+    dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size, **kw)
+    return True
+
+
+@torch.no_grad()
+def all_reduce_grads(params: list[Tensor], world_size: int) -> None:
+    """Average the gradients of `params` over ranks with one flat all-reduce."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if world_size <= 1 or not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat.div_(world_size)
+    off = 0
+    for g in grads:
+        n = g.numel()
+        g.copy_(flat[off:off + n].view_as(g))
+        off += n
+
+
+@torch.no_grad()
+def broadcast_params(tensors: list[Tensor], world_size: int) -> None:
+    """Rank 0's values to every rank (start from identical parameters)."""
+    if world_size <= 1:
+        return
+    for t in tensors:
+        dist.broadcast(t, src=0)
+
+
+def all_gather_objects(obj, world_size: int) -> list:
+    if world_size <= 1:
+        return [obj]
+    out = [None] * world_size
+    dist.all_gather_object(out, obj)
+    return out

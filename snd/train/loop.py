@@ -1,0 +1,256 @@
+"""The distillation loop: run directory, resume, data, steps, logging, checkpoints, multi-process.
+
+Exact resume: a checkpoint holds every tensor that changes (student/teacher LoRA + heads, Adam moments),
+the scheduler state, the global data position and each rank's RNG states; a resumed run rebuilds the
+networks (base weights from the run folder), restores all of it, opens the stream at the saved position
+and continues with bit-identical losses (tested on CPU).
+
+Multi-process: start with `torchrun --nproc_per_node=N -m snd.cli distill ...` (or call `train` in
+processes that set RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT): each rank streams a disjoint part of the
+items, gradients are averaged by one all-reduce per step, only rank 0 writes logs and checkpoints.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from snd.errors import SndError
+from snd.pipeline.config import DistillConfig, load_config, save_config, to_jsonable
+from snd.train.checkpoint import (BASE_FILE, CONFIG_FILE, latest_checkpoint, load_checkpoint, rng_state, save_base,
+                                  save_checkpoint, set_rng_state)
+from snd.train.data import BatchIterator, StreamFactory, shard_stream_factory
+from snd.train.distiller import Distiller, TargetFn, build_base_backbone
+from snd.train.distributed import DistEnv, all_gather_objects, broadcast_params, dist_env, init_distributed, resolve_device
+from snd.train.rundir import RunLogger
+from snd.train.step import StepRunner
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TrainSummary", "train", "RESUME_MAY_DIFFER"]
+
+# Options that may change between a run and its resume (they do not change the math).
+RESUME_MAY_DIFFER = {"run", "shards", "data", "weights", "num_workers", "prefetch", "log_every", "ckpt_every",
+                     "device", "compile"}
+
+
+@dataclass
+class TrainSummary:
+    run: Path
+    start_step: int
+    step: int
+    losses: dict[int, float] = field(default_factory=dict)  # this session's per-step losses (rank-averaged)
+    lrs: dict[int, float] = field(default_factory=dict)
+    skipped: int = 0
+    ema_updates: int = 0
+    seconds: float = 0.0
+    it_per_s: float = 0.0
+    checkpoint: Path | None = None
+    seen_indices: list[int] = field(default_factory=list)  # stream items this rank trained on
+    rank: int = 0
+    world_size: int = 1
+    param_digest: float = 0.0  # sum of squares of the trainable parameters at the end (ranks must agree)
+
+
+def _check_resume_config(run_dir: Path, cfg: DistillConfig) -> None:
+    path = run_dir / CONFIG_FILE
+    if not path.is_file():
+        return
+    old = to_jsonable(load_config(DistillConfig, path))
+    new = to_jsonable(cfg)
+    diff = {k: (old[k], new[k]) for k in new if k not in RESUME_MAY_DIFFER and old.get(k) != new[k]}
+    if diff:
+        shown = "; ".join(f"{k}: run has {a!r}, now {b!r}" for k, (a, b) in sorted(diff.items()))
+        raise SndError(f"run {run_dir} was started with other settings ({shown})", path=path,
+                       hint="resume with the run's settings, or pass a new --run folder")
+
+
+def _default_target_fn() -> TargetFn:
+    from snd.splat.target import target_features
+
+    return target_features
+
+
+def _restore(runner: StepRunner, d: Distiller, tensors: dict, meta: dict, device: torch.device) -> None:
+    with torch.no_grad():
+        for name, p in list(runner.named.items()) + list(d.teacher_state().items()):
+            if name not in tensors:
+                raise SndError(f"checkpoint lacks tensor {name}; it belongs to another model/config")
+            p.copy_(tensors[name].to(device))
+    d.teacher.sync_merged()
+    state = {}
+    for i, name in enumerate(runner.named):
+        state[i] = {k: tensors[f"optim.{name}.{k}"].to(device) for k in ("step", "exp_avg", "exp_avg_sq")
+                    if f"optim.{name}.{k}" in tensors}
+        state[i] = state[i] or {}
+    sd = runner.opt.state_dict()
+    sd["state"] = {i: s for i, s in state.items() if s}
+    groups = meta["optimizer_groups"]
+    if len(groups) != len(sd["param_groups"]) or any(g["params"] != h["params"] for g, h in zip(groups, sd["param_groups"])):
+        raise SndError("checkpoint optimizer groups do not match this model's trainable parameters")
+    sd["param_groups"] = [{**g, "betas": tuple(g["betas"])} for g in groups]  # lr as the schedule left it
+    runner.opt.load_state_dict(sd)
+    runner.opt.found_inf = torch.zeros((), dtype=torch.float32, device=device)
+    runner.sched.load_state_dict(meta["scheduler"])
+    runner.skipped.fill_(float(meta.get("skipped", 0)))
+    runner.ema_updates = int(meta.get("ema_updates", 0))
+
+
+def _checkpoint_tensors(runner: StepRunner, d: Distiller) -> dict:
+    out = {n: p.detach() for n, p in runner.named.items()}
+    out.update({n: p.detach() for n, p in d.teacher_state().items()})
+    for name, p in runner.named.items():
+        for k, v in runner.opt.state.get(p, {}).items():
+            out[f"optim.{name}.{k}"] = v.detach()
+    return out
+
+
+def train(cfg: DistillConfig, *, stream_factory: StreamFactory | None = None, target_fn: TargetFn | None = None,
+          stop_after: int | None = None, progress: bool = True, env: DistEnv | None = None) -> TrainSummary:
+    """Run (or resume) the distillation described by `cfg` in `cfg.run`.
+
+    Args:
+        cfg: the stage config.
+        stream_factory: (start, rank, world_size) -> IterableDataset of stream items; default the Zarr
+            store `cfg.shards` through `snd.cache.stream.ShardStream`.
+        target_fn: default `snd.splat.target.target_features`.
+        stop_after: stop (as if killed, no extra checkpoint) after this global step; for tests.
+        progress: show a rich progress bar on rank 0.
+        env: rank/world size; default from torchrun's environment variables.
+    """
+    env = env or dist_env()
+    device = resolve_device(cfg.device, env)
+    created_pg = init_distributed(env, device)
+    try:
+        return _train(cfg, env, device, stream_factory or shard_stream_factory(cfg), target_fn or _default_target_fn(),
+                      stop_after, progress)
+    finally:
+        if created_pg:
+            dist.destroy_process_group()
+
+
+def _train(cfg: DistillConfig, env: DistEnv, device: torch.device, factory: StreamFactory, target_fn: TargetFn,
+           stop_after: int | None, progress: bool) -> TrainSummary:
+    run_dir = Path(cfg.run)
+    if cfg.iters < 1:
+        raise SndError(f"--iters must be >= 1, got {cfg.iters}")
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is not None:
+        _check_resume_config(run_dir, cfg)
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / CONFIG_FILE)
+
+    # networks: the same seed on every rank (identical init, also broadcast below)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    base = build_base_backbone(cfg, run_dir / BASE_FILE if ckpt is not None else None)
+    if env.is_main:
+        save_base(run_dir, base.state_dict())
+    d = Distiller(cfg, base).to(device).train()
+    runner = StepRunner(d, cfg, device=device, target_fn=target_fn, world_size=env.world_size)
+
+    step, position = 0, 0
+    if ckpt is not None:
+        tensors, meta = load_checkpoint(ckpt)
+        _restore(runner, d, tensors, meta, device)
+        step, position = int(meta["step"]), int(meta["data_position"])
+        log.info("resuming %s from step %d (data position %d)", run_dir, step, position)
+    else:
+        broadcast_params(list(runner.named.values()) + list(d.teacher_state().values()), env.world_size)
+        if env.world_size > 1:
+            d.teacher.sync_merged()
+
+    batches = BatchIterator(factory, batch=cfg.batch, start=position, rank=env.rank, world_size=env.world_size,
+                            num_workers=cfg.num_workers, prefetch=cfg.prefetch, pin_memory=device.type == "cuda",
+                            seed=cfg.seed)
+    if ckpt is not None:
+        rngs = meta["rng"]
+        if len(rngs) != env.world_size:
+            raise SndError(f"checkpoint {ckpt} was written by {len(rngs)} processes, this run has {env.world_size}",
+                           path=ckpt, hint="resume with the same number of processes")
+        set_rng_state(rngs[env.rank], device)
+    else:
+        torch.manual_seed(cfg.seed + 7919 * (env.rank + 1))  # per-rank LoRA dropout stream
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    summary = TrainSummary(run=run_dir, start_step=step, step=step, rank=env.rank, world_size=env.world_size)
+    logger = RunLogger(run_dir, total=cfg.iters, start=step, active=env.is_main, progress=progress)
+    log_every = max(int(cfg.log_every), 1)
+    pending: list[tuple[int, torch.Tensor, float]] = []
+    t_start = t_log = time.perf_counter()
+    steps_since_log = 0
+    try:
+        while step < cfg.iters:
+            batch = next(batches)
+            summary.seen_indices.extend(int(i) for i in batch["index"].reshape(-1).tolist())  # CPU tensor: no sync
+            lr = runner.lr
+            loss = runner.step(batch, step + 1)
+            step += 1
+            steps_since_log += 1
+            pending.append((step, loss, lr))
+            last = step == cfg.iters
+            if step % log_every == 0 or last or (stop_after is not None and step >= stop_after):
+                t_now = time.perf_counter()
+                _flush(pending, runner, logger, summary, env, device, steps_since_log / max(t_now - t_log, 1e-9))
+                pending, t_log, steps_since_log = [], t_now, 0
+            if step % cfg.ckpt_every == 0 or last:
+                summary.checkpoint = _save(run_dir, runner, d, step, batches.position, env, device, cfg)
+            if stop_after is not None and step >= stop_after:
+                break
+    finally:
+        logger.close()
+    summary.step = step
+    summary.seconds = time.perf_counter() - t_start
+    summary.it_per_s = (step - summary.start_step) / max(summary.seconds, 1e-9)
+    summary.skipped = int(runner.skipped.item())
+    summary.ema_updates = runner.ema_updates
+    with torch.no_grad():
+        summary.param_digest = float(sum(p.double().square().sum() for p in runner.params))
+    return summary
+
+
+def _flush(pending, runner: StepRunner, logger: RunLogger, summary: TrainSummary, env: DistEnv,
+           device: torch.device, it_per_s: float) -> None:
+    """The one host sync per `log_every` steps: losses (averaged over ranks), skipped count, memory."""
+    if not pending:
+        return
+    losses = torch.stack([p[1] for p in pending]).float()
+    if env.world_size > 1:
+        dist.all_reduce(losses)
+        losses /= env.world_size
+    values = losses.tolist()
+    skipped = float(runner.skipped.item())
+    rows = []
+    for (step, _, lr), loss in zip(pending, values):
+        summary.losses[step] = loss
+        summary.lrs[step] = lr
+        rows.append({"step": step, "loss": loss, "lr": lr})
+    logger.steps(rows)
+    step = pending[-1][0]
+    finite = [v for v in values if v == v and abs(v) != float("inf")]
+    scalars = {"train/loss": sum(finite) / max(len(finite), 1), "train/lr": pending[-1][2],
+               "train/skipped_steps": skipped, "perf/it_per_s": it_per_s, "train/ema_updates": runner.ema_updates}
+    if device.type == "cuda":
+        scalars["perf/gpu_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    logger.scalars(step, scalars)
+
+
+def _save(run_dir: Path, runner: StepRunner, d: Distiller, step: int, position: int, env: DistEnv,
+          device: torch.device, cfg: DistillConfig) -> Path | None:
+    rngs = all_gather_objects(rng_state(device), env.world_size)
+    if not env.is_main:
+        return None
+    meta = {"data_position": position, "rng": rngs, "scheduler": runner.sched.state_dict(),
+            "optimizer_groups": runner.opt.state_dict()["param_groups"],
+            "skipped": int(runner.skipped.item()), "ema_updates": runner.ema_updates, "world_size": env.world_size,
+            "batch": cfg.batch, "torch": torch.__version__}
+    return save_checkpoint(run_dir, step=step, tensors=_checkpoint_tensors(runner, d), meta=meta)

@@ -1,0 +1,75 @@
+"""Run-directory logging: TensorBoard scalars, a metrics.jsonl for scripts, rich progress with ETA.
+
+Only rank 0 logs (the other ranks get a logger whose methods do nothing). Values reach the logger at
+`log_every` boundaries, where the loop does its one host sync.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+__all__ = ["RunLogger", "METRICS_FILE", "TB_DIR"]
+
+log = logging.getLogger(__name__)
+METRICS_FILE = "metrics.jsonl"
+TB_DIR = "tb"
+
+
+class RunLogger:
+    """TensorBoard + metrics.jsonl + progress bar for one run (no-ops where `active` is False)."""
+
+    def __init__(self, run_dir: Path, *, total: int, start: int, active: bool, progress: bool = True):
+        self.active = active
+        self.run_dir = Path(run_dir)
+        self._tb = None
+        self._progress = None
+        self._task = None
+        if not active:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._metrics = (self.run_dir / METRICS_FILE).open("a")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.run_dir / TB_DIR), purge_step=start + 1 if start else None)
+        except Exception as e:  # noqa: BLE001 - TensorBoard is optional; metrics.jsonl still has everything
+            log.warning("TensorBoard logging disabled: %s", e)
+        if progress:
+            self._progress = Progress(
+                TextColumn("[bold]distill"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=Console(stderr=True),
+                transient=False,
+            )
+            self._progress.start()
+            self._task = self._progress.add_task("distill", total=total, completed=start, info="")
+
+    def steps(self, rows: list[dict]) -> None:
+        """Per-step rows (step, loss, lr, ...) into metrics.jsonl."""
+        if not self.active:
+            return
+        for r in rows:
+            self._metrics.write(json.dumps(r) + "\n")
+        self._metrics.flush()
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if not self.active:
+            return
+        if self._tb is not None:
+            for k, v in values.items():
+                self._tb.add_scalar(k, v, step)
+        if self._progress is not None:
+            info = f"loss {values.get('train/loss', float('nan')):.4f}  {values.get('perf/it_per_s', 0):.1f} it/s"
+            self._progress.update(self._task, completed=step, info=info)
+
+    def close(self) -> None:
+        if not self.active:
+            return
+        if self._progress is not None:
+            self._progress.stop()
+        if self._tb is not None:
+            self._tb.close()
+        self._metrics.close()
