@@ -8,7 +8,7 @@ Stored layout of one scene group (P pairs, T targets per pair, scaffold H x W):
 * per-pair *fields* (one Zarr chunk per pair, `PAIRS_PER_SHARD` pairs per shard file):
   ``depth [P,2,H,W] float16``, ``offset [P,2,2,H,W] int8`` (only if the source has sub-pixel offsets),
   ``quats [P,2,4,H,W] int8|int16``, ``scales [P,2,3,H,W] uint8|uint16``, ``opacity [P,2,H,W] uint8``,
-  ``ctx_mask [P,2,H,W] int32``, ``tgt_mask [P,T,H,W] int32``. Channels are stored planar (C before H, W)
+  ``ctx_mask [P,2,H,W] uint16``, ``tgt_mask [P,T,H,W] uint16`` (instance ids < 65536). Channels are stored planar (C before H, W)
   and the quantised integer fields hold *row deltas* along W (`delta_encode`), both because zstd then
   sees long runs of small numbers.
 * small per-pair arrays (one chunk each): ``offset_range [P,2] f32``, ``scale_range [P,2,2] f32``,
@@ -76,7 +76,7 @@ class ArraySpec:
     dtype: np.dtype
     kind: Kind
     delta: bool = False  # row deltas along the last axis (integer fields only)
-    codec: Literal["zstd", "blosc-bitshuffle", "blosc-shuffle"] = "zstd"
+    codec: Literal["zstd", "blosc-zstd", "blosc-bitshuffle", "blosc-shuffle"] = "blosc-zstd"
 
 
 def layout(height: int, width: int, targets: int, enc: Encoding) -> dict[str, ArraySpec]:
@@ -89,8 +89,8 @@ def layout(height: int, width: int, targets: int, enc: Encoding) -> dict[str, Ar
         ArraySpec("quats", (2, 4, H, W), enc.quat_dtype, "field", delta=d),
         ArraySpec("scales", (2, 3, H, W), enc.scale_dtype, "field", delta=d),
         ArraySpec("opacity", (2, H, W), np.dtype(np.uint8), "field", delta=d),
-        ArraySpec("ctx_mask", (2, H, W), np.dtype(np.int32), "field", codec="blosc-shuffle"),
-        ArraySpec("tgt_mask", (T, H, W), np.dtype(np.int32), "field", codec="blosc-shuffle"),
+        ArraySpec("ctx_mask", (2, H, W), np.dtype(np.uint16), "field", codec="blosc-shuffle"),
+        ArraySpec("tgt_mask", (T, H, W), np.dtype(np.uint16), "field", codec="blosc-shuffle"),
         ArraySpec("offset_range", (2,), np.dtype(np.float32), "small"),
         ArraySpec("scale_range", (2, 2), np.dtype(np.float32), "small"),
         ArraySpec("ctx_index", (2,), np.dtype(np.int32), "small"),
@@ -124,14 +124,16 @@ def delta_decode(d: np.ndarray) -> np.ndarray:
 def codecs_for(spec: ArraySpec) -> list:
     """Zarr v3 bytes->bytes codecs of one array's chunks (compressor + a crc32c of every chunk).
 
-    Choices measured on MVSplat-like and depth-source fields (docs/cache-format.md): plain zstd on the
-    delta-filtered 1-byte fields, blosc/zstd with bit-shuffle on float16 depth, blosc/zstd with byte
-    shuffle on int32 masks (their high bytes are zero).
+    Choices measured on MVSplat-like and depth-source fields (docs/cache-format.md): blosc/zstd (blosc
+    compresses blocks on its own threads, so one writer uses every core) without shuffle on the
+    delta-filtered 1-byte fields, with bit-shuffle on float16 depth, with byte shuffle on uint16 masks.
     """
     from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
     if spec.codec == "zstd":
         comp = ZstdCodec(level=3)
+    elif spec.codec == "blosc-zstd":
+        comp = BloscCodec(cname="zstd", clevel=3, shuffle="noshuffle", typesize=spec.dtype.itemsize)
     elif spec.codec == "blosc-bitshuffle":
         comp = BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle", typesize=spec.dtype.itemsize)
     else:

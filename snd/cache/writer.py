@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import google_crc32c
@@ -38,6 +39,8 @@ def folder_bytes(path: Path) -> int:
 def to_stored(spec: ArraySpec, a: np.ndarray) -> np.ndarray:
     """A batch of one array as it is stored: dtype checked, row deltas for the delta-filtered fields."""
     a = np.asarray(a)
+    if spec.name.endswith("mask") and a.dtype != spec.dtype and a.size and (a.min() < 0 or a.max() > np.iinfo(spec.dtype).max):
+        raise ValueError(f"{spec.name}: instance ids must be in [0, {np.iinfo(spec.dtype).max}], got [{a.min()}, {a.max()}]")
     if a.dtype != spec.dtype:
         if np.issubdtype(spec.dtype, np.floating) or spec.name.endswith("mask") or spec.name.endswith("index"):
             a = a.astype(spec.dtype)
@@ -45,6 +48,16 @@ def to_stored(spec: ArraySpec, a: np.ndarray) -> np.ndarray:
             raise TypeError(f"{spec.name}: expected dtype {spec.dtype}, got {a.dtype}")
     assert a.shape[1:] == spec.shape, f"{spec.name} must be [B, {', '.join(map(str, spec.shape))}], got {a.shape}"
     return delta_encode(a) if spec.delta else np.ascontiguousarray(a)
+
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="snd-shard")
+    return _POOL
 
 
 class SceneWriter:
@@ -76,7 +89,8 @@ class SceneWriter:
 
                 self.arrays[name] = self.group.create_array(
                     name, shape=(n_pairs, *s.shape), dtype=s.dtype, chunks=(1, *s.shape), shards=(self.pps, *s.shape),
-                    serializer=BytesCodec(), compressors=codecs_for(s), fill_value=0, dimension_names=None)
+                    serializer=BytesCodec(), compressors=codecs_for(s), fill_value=0,
+                    config={"write_empty_chunks": True})  # skips a per-chunk emptiness scan; every chunk exists
         self._small: dict[str, list[np.ndarray]] = {n: [] for n, s in self.specs.items() if s.kind == "small"}
         self._pending: dict[str, list[np.ndarray]] = {n: [] for n, s in self.specs.items() if s.kind == "field"}
         self._crc = np.zeros((n_pairs, len(self.specs)), np.uint32)
@@ -106,10 +120,18 @@ class SceneWriter:
             if buffered == 0 or (buffered < self.pps and not final):
                 return
             n = min(self.pps, buffered)
+            blocks = {}
             for name, parts in self._pending.items():
                 block = np.concatenate(parts) if len(parts) > 1 else parts[0]
-                self.arrays[name][self._flushed:self._flushed + n] = block[:n]
+                blocks[name] = block[:n]
                 self._pending[name] = [block[n:]] if len(block) > n else []
+            lo = self._flushed
+
+            def put(name: str) -> None:
+                self.arrays[name][lo:lo + n] = blocks[name]
+
+            # one shard file per array: written concurrently (compression and file I/O release the GIL)
+            list(_pool().map(put, list(blocks)))
             self._flushed += n
 
     def commit(self) -> dict:
