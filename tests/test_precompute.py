@@ -232,6 +232,30 @@ def test_missing_mvsplat_checkpoint_is_a_clear_error(synth_root, tmp_path):
         run(make_cfg(synth_root, tmp_path / "c", source="mvsplat", mvsplat_ckpt=tmp_path / "nope.ckpt"), progress=False)
 
 
+def test_mvsplat_source_through_the_stage_on_cpu(synth_root, tmp_path):
+    """Random-init MVSplat (tiny size): offsets are stored and the decoded means match the fp32 ones."""
+    from snd.scaffold import create_source
+
+    src = create_source("mvsplat", device="cpu", random_init=True, config="re10k")
+    cfg = make_cfg(synth_root, tmp_path / "c", height=64, width=96, scenes=1, pairs_per_scene=1, targets_per_pair=1,
+                   source="mvsplat", mvsplat_config="re10k")
+    s = run(cfg, source=src, progress=False)
+    assert (s.scenes_done, s.failed, s.pairs) == (1, 0, 1)
+    r = CacheReader(tmp_path / "c")
+    assert r.manifest["encoding"]["offset"] is True and r.manifest["source"]["name"] == "mvsplat"
+    sr = r.scene(r.scenes[0])
+    p = sr.pair(0)
+    from snd.data import open_dataset
+
+    scene = open_dataset(synth_root, height=64, width=96).scene(r.scenes[0])
+    imgs = torch.stack([torch.from_numpy(np.array(scene.image(i))).permute(2, 0, 1).float() / 255 for i in p.ctx_index])[None]
+    st = sr.read_stored(0)
+    g = src.predict(imgs, torch.from_numpy(st["ctx_K"])[None].float(), torch.from_numpy(st["ctx_c2w"])[None].float())[0]
+    rel = (p.means - g.means).norm(dim=-1) / (g.means - p.ctx_c2w[:, None, None, :3, 3]).norm(dim=-1)
+    assert rel.max() < 1e-3, rel.max()
+    assert (p.opacities - g.opacities).abs().max() <= 0.5 / 255 + 1e-6
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_mvsplat_random_init_precompute_on_gpu(tmp_path):

@@ -31,7 +31,7 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
 
 @register_source("mvsplat")
 class MVSplatScaffold(ScaffoldSource):
-    """Frozen MVSplat (`snd.models.mvsplat`) on pairs of context views.
+    """Frozen MVSplat (`snd.models.mvsplat.source.MVSplatSource`) on pairs of context views.
 
     Args:
         ckpt: MVSplat Lightning checkpoint (re10k.ckpt or a ScanNet++ fine-tune); required unless
@@ -57,22 +57,15 @@ class MVSplatScaffold(ScaffoldSource):
         if self.ckpt is not None:
             require_file(self.ckpt, "MVSplat checkpoint", hint="pass --mvsplat-ckpt <path to re10k.ckpt>")
         try:
-            from snd.models.mvsplat.encoder import MVSplatEncoder
-            from snd.models.mvsplat.load import load_mvsplat
+            from snd.models.mvsplat.source import MVSplatSource
         except ImportError as e:  # pragma: no cover - only if the models package is broken
             raise SndError(f"MVSplat is not available in this install ({e})") from e
-        if self.ckpt is not None:
-            self.ckpt_sha256: str | None = sha256_file(self.ckpt)
-            self.net = load_mvsplat(self.ckpt, config, device=self.device)
-        else:
-            self.ckpt_sha256 = None
-            torch.manual_seed(0)
-            self.net = MVSplatEncoder(config).to(self.device).eval()
-            for p in self.net.parameters():
-                p.requires_grad_(False)
+        self.ckpt_sha256: str | None = sha256_file(self.ckpt) if self.ckpt is not None else None
+        if self.ckpt is None:
             log.info("MVSplat with random weights (benchmark only)")
-        if self.device.type == "cuda":
-            self.net.use_channels_last(True)
+        # MVSplatSource: strict checkpoint loading (clear errors), eval + frozen, channels-last on CUDA
+        self.impl = MVSplatSource(self.ckpt, config, self.device, precision, seed=0)
+        self.net = self.impl.encoder
 
     @torch.no_grad()
     def predict(self, images: Tensor, K: Tensor, c2w: Tensor, *, depth: Tensor | None = None) -> list[PixelGaussians]:
