@@ -104,3 +104,16 @@ def test_subset_gets_its_own_store(model, tmp_path):
     assert len(s) == 2 and s.path.name == "train_n2.zarr"
     want = extract_tokens(model, data[3]["image"][None])[0]
     torch.testing.assert_close(s.tokens(1), want, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_tokens_match_cpu_and_cache_extracts_on_cuda(model, tmp_path):
+    data = _images(3, seed=3)
+    imgs = torch.stack([d["image"] for d in data])
+    cpu = extract_tokens(model, imgs)
+    gpu = extract_tokens(model.cuda(), imgs.cuda()).cpu()
+    torch.testing.assert_close(gpu, cpu, rtol=1e-3, atol=1e-3)  # TF32 / kernel differences only
+    s = ensure_features(model, data, cache_dir=tmp_path, dataset_name="toy", split="train", img_hw=HW, batch=2,
+                        device="cuda")
+    torch.testing.assert_close(torch.stack([s.tokens(i) for i in range(3)]), cpu, rtol=3e-3, atol=3e-3)

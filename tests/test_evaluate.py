@@ -84,3 +84,12 @@ def test_eval_live_path_without_feature_cache(synth_root, tmp_path):
     (rec,) = res["records"]
     assert rec["status"] == "ok" and rec["task"] == "normals" and 0 <= rec["metrics"]["rmse"] <= 180
     assert not (out / "features").exists()  # the backbone ran per step instead
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+def test_eval_end_to_end_on_cuda(synth_root, tmp_path):
+    res = evaluate.run(_cfg(synth_root, tmp_path / "gpu", device="cuda", baseline=None, iters=20, num_workers=2),
+                       tasks=["depth", "normals", "seg", "corr"])
+    assert {r["task"] for r in res["records"] if r["status"] == "ok"} == {"depth", "normals", "seg", "corr"}
+    assert (tmp_path / "gpu" / "results.md").is_file()

@@ -300,12 +300,12 @@ def run(cfg: EvalConfig, tasks: list[str]) -> dict:
     tasks = ["corr" if t == "correspondence" else t for t in tasks]
     out = Path(cfg.out)
     plan, notes = _plan(cfg, tasks)
-    for n in notes:
-        console.print(f"[yellow]not evaluated[/] {n}")
     if not plan:
-        raise SndError("nothing could be evaluated: " + " | ".join(notes),
+        raise SndError("nothing could be evaluated:\n  " + "\n  ".join(notes),
                        hint=f"put the datasets under {cfg.data_root} (see docs/datasets.md), or generate the "
                             f"procedural one: snd data synth --out {Path(cfg.data_root) / 'synth'}")
+    for n in notes:
+        console.print(f"[yellow]not evaluated[/] {n}")
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.json")
     device = _device(cfg.device)
@@ -368,6 +368,6 @@ def run(cfg: EvalConfig, tasks: list[str]) -> dict:
                 table.add_row(*r)
             Console().print(table)
     if not ok:
-        raise SndError("nothing could be evaluated: " + " | ".join(notes))
+        raise SndError("nothing could be evaluated:\n  " + "\n  ".join(notes))
     console.print(f"results: {out / 'results.md'}")
     return {"records": records, "notes": notes, "out": str(out), "tables": tables}
