@@ -238,3 +238,21 @@ def test_cuda_matches_cpu(run) -> None:
         rel = ((o.depth.cpu() - cpu.depth).abs() / cpu.depth).median()
         assert rel < 0.05, (prec, float(rel))
         assert (o.opacities.cpu() - cpu.opacities).abs().median() < 0.05, prec
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_compiled_matches_eager(run) -> None:
+    """torch.compile of the networks (fused cost volume etc.) gives the eager bf16 result."""
+    gpu = MVSplatEncoder("scannetpp").eval()
+    gpu.load_state_dict(run["enc"].state_dict())
+    gpu = gpu.cuda().use_channels_last(True)
+    args = [t.cuda() for t in (run["img"], run["K"], run["c2w"])] + [torch.full((1, 2), NEAR, device="cuda"),
+                                                                       torch.full((1, 2), FAR, device="cuda")]
+    eager = gpu(*args, precision="bf16")
+    gpu.compile_networks(dynamic=False)
+    comp = gpu(*args, precision="bf16")
+    rel = ((comp.depth - eager.depth).abs() / eager.depth).median()
+    assert rel < 0.02, float(rel)
+    assert (comp.opacities - eager.opacities).abs().median() < 0.02

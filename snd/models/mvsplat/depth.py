@@ -48,7 +48,7 @@ def correlation_volume(feat_ref: Tensor, feat_src: Tensor, grid: Tensor, *, chun
     N, C, h, w = feat_ref.shape
     D = grid.shape[1]
     assert grid.shape == (N, D, h, w, 2), f"grid {tuple(grid.shape)} vs features {tuple(feat_ref.shape)}"
-    ref = feat_ref.float()
+    ref = feat_ref.float().contiguous()
     src = feat_src.float().contiguous()
     step = max(1, min(D, chunk_bytes // max(1, N * C * h * w * 4)))
     out = []
