@@ -34,7 +34,7 @@ def _cfg(run: Path, **kw) -> DistillConfig:
 def _factory(distinct=None, nan_at=None):
     def make(start, rank, world_size):
         s = SyntheticStream(img_hw=IMG, scaffold_hw=SCAFFOLD, seed=0, rank=rank, world_size=world_size, start=start,
-                            distinct=distinct)
+                            batch_size=1, distinct=distinct)
         if nan_at is None:
             return s
         return _Poison(s, nan_at)
@@ -186,7 +186,7 @@ def test_two_process_gloo(tmp_path):
     assert r0["losses"] == r1["losses"]  # rank-averaged
     assert latest_checkpoint(tmp_path / "ddp") is not None
     meta = json.loads(latest_checkpoint(tmp_path / "ddp").with_suffix(".json").read_text())
-    assert meta["data_position"] == 6 and len(meta["rng"]) == 2
+    assert meta["data_position"] == 3 and len(meta["rng"]) == 2  # items per rank
 
 
 @pytest.mark.gpu

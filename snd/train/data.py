@@ -1,8 +1,9 @@
 """Batches for the distillation loop: the shard stream in a DataLoader, device transfer, view selection.
 
-Exact resume: the data position is the number of global stream items consumed (`start`); a resumed run
-opens the stream at that position and sees the same next batches. Each rank streams a disjoint part
-(the stream splits by rank and DataLoader worker). The DataLoader gets its own torch.Generator so that
+Exact resume: the data position is the number of stream items each rank has consumed (the stream's
+*local* position `start`, the same on every rank); a resumed run opens the stream there and sees the same
+next batches. Each rank streams a disjoint part (the stream splits by rank, then by DataLoader worker in
+blocks of the batch size, so the loader's output order does not depend on the number of workers). The DataLoader gets its own torch.Generator so that
 creating its iterator never draws from the global RNG (which drives LoRA dropout and must resume exactly).
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ from snd.pipeline.config import DistillConfig
 
 __all__ = ["StreamFactory", "BatchIterator", "shard_stream_factory", "to_device", "select_views", "TENSOR_KEYS"]
 
-# (start, rank, world_size) -> IterableDataset of stream items
+# (start = local position, rank, world_size) -> IterableDataset of stream items (split as ShardStream)
 StreamFactory = Callable[[int, int, int], IterableDataset]
 
 TENSOR_KEYS = ("ctx_images", "tgt_image", "means", "quats", "scales", "opacities", "ctx_masks", "tgt_mask",
@@ -31,7 +32,7 @@ def shard_stream_factory(cfg: DistillConfig) -> StreamFactory:
         from snd.cache.stream import ShardStream
 
         return ShardStream(cfg.shards, data_root=cfg.data, img_hw=(cfg.img_height, cfg.img_width), seed=cfg.seed,
-                           rank=rank, world_size=world_size, start=start)
+                           rank=rank, world_size=world_size, start=start, batch_size=cfg.batch)
     return make
 
 
@@ -45,7 +46,7 @@ class BatchIterator:
                  num_workers: int, prefetch: int, pin_memory: bool, seed: int):
         self.factory, self.batch, self.rank, self.world_size = factory, batch, rank, world_size
         self.num_workers, self.prefetch, self.pin_memory, self.seed = num_workers, prefetch, pin_memory, seed
-        self.position = start  # global items consumed (all ranks)
+        self.position = start  # items consumed by this rank (= by every rank)
         self._it: Iterator | None = None
 
     def _open(self) -> Iterator:
@@ -69,7 +70,7 @@ class BatchIterator:
             except StopIteration:
                 raise SndError(f"the stream yielded no items at position {self.position} (rank {self.rank})",
                                hint="is the store empty, or smaller than world_size x batch items?") from None
-        self.position += self.batch * self.world_size
+        self.position += self.batch
         return out
 
     def __iter__(self) -> "BatchIterator":

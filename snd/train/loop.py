@@ -1,7 +1,7 @@
 """The distillation loop: run directory, resume, data, steps, logging, checkpoints, multi-process.
 
 Exact resume: a checkpoint holds every tensor that changes (student/teacher LoRA + heads, Adam moments),
-the scheduler state, the global data position and each rank's RNG states; a resumed run rebuilds the
+the scheduler state, the data position (items consumed per rank) and each rank's RNG states; a resumed run rebuilds the
 networks (base weights from the run folder), restores all of it, opens the stream at the saved position
 and continues with bit-identical losses (tested on CPU).
 

@@ -88,27 +88,31 @@ def synthetic_sample(index: int, *, img_hw: tuple[int, int], scaffold_hw: tuple[
 
 
 class SyntheticStream(IterableDataset):
-    """An endless stream split like ShardStream: global item i goes to rank i % world_size, then to
-    DataLoader worker (i // world_size) % num_workers; the first `start` global items are skipped (exact
-    resume). Item i shows scene i % `distinct` (None: every item differs) and carries `index` = i."""
+    """An endless stream split exactly like `snd.cache.stream.ShardStream`: rank r of R owns the global
+    positions g = j * R + r (j = local position, from `start`); local positions are cut into blocks of
+    `batch_size` that go to DataLoader workers round-robin. Item g shows scene g % `distinct` (None: every
+    item differs) and carries `index` = g."""
 
-    def __init__(self, *, img_hw: tuple[int, int], scaffold_hw: tuple[int, int], seed: int = 0,
-                 rank: int = 0, world_size: int = 1, start: int = 0, distinct: int | None = None):
+    def __init__(self, *, img_hw: tuple[int, int], scaffold_hw: tuple[int, int], seed: int = 0, rank: int = 0,
+                 world_size: int = 1, start: int = 0, batch_size: int = 1, distinct: int | None = None):
         super().__init__()
         self.img_hw, self.scaffold_hw, self.seed = tuple(img_hw), tuple(scaffold_hw), seed
         self.rank, self.world_size, self.start, self.distinct = rank, world_size, start, distinct
+        self.batch_size = batch_size
 
     def __iter__(self):
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-        i = self.start
+        block = wid
         while True:
-            if i % self.world_size == self.rank and (i // self.world_size) % nw == wid:
-                scene = i if self.distinct is None else i % self.distinct
+            first = self.start + block * self.batch_size
+            for j in range(first, first + self.batch_size):
+                g = j * self.world_size + self.rank
+                scene = g if self.distinct is None else g % self.distinct
                 item = synthetic_sample(scene, img_hw=self.img_hw, scaffold_hw=self.scaffold_hw, seed=self.seed)
-                item["index"] = torch.tensor(i, dtype=torch.int64)
+                item["index"] = torch.tensor(g, dtype=torch.int64)
                 yield item
-            i += 1
+            block += nw
 
 
 def spawn_worker(rank: int, world_size: int, cfg, port: int, out_dir: str, distinct: int | None = None) -> None:
@@ -126,7 +130,7 @@ def spawn_worker(rank: int, world_size: int, cfg, port: int, out_dir: str, disti
 
     def factory(start: int, r: int, ws: int) -> SyntheticStream:
         return SyntheticStream(img_hw=(cfg.img_height, cfg.img_width), scaffold_hw=(cfg.img_height // 4, cfg.img_width // 4),
-                               seed=cfg.seed, rank=r, world_size=ws, start=start, distinct=distinct)
+                               seed=cfg.seed, rank=r, world_size=ws, start=start, batch_size=cfg.batch, distinct=distinct)
 
     s = train(cfg, stream_factory=factory, progress=False, env=DistEnv(rank, world_size, 0))
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
