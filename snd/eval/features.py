@@ -225,7 +225,7 @@ def ensure_features(
     n = len(indices)
     zpath, jpath = _store_paths(Path(cache_dir), key, dataset_name, split, n, len(dataset))  # type: ignore[arg-type]
     norm_path = Path(cache_dir) / key / "final_norm.safetensors"
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     vit = _vit(model)
     from snd.models.backbone import patch_size
