@@ -94,8 +94,8 @@ def unit_rays(offset_xy: Tensor, K_norm: Tensor, c2w: Tensor) -> Tensor:
     Kinv = torch.linalg.inv(K_norm.float())[..., None, None, :, :]  # [..., 1, 1, 3, 3]
     d = Kinv[..., 0] * u[..., None] + Kinv[..., 1] * v[..., None] + Kinv[..., 2]  # [..., H, W, 3]
     d = d / d.norm(dim=-1, keepdim=True)
-    R = c2w[..., :3, :3].float()[..., None, None, :, :]
-    return (R @ d[..., None])[..., 0]
+    R = c2w[..., :3, :3].float()[..., None, None, :, :]  # [..., 1, 1, 3, 3]
+    return (R * d[..., None, :]).sum(-1)  # elementwise, not a million tiny batched matmuls
 
 
 def gaussian_means(depth: Tensor, offset_xy: Tensor, K_norm: Tensor, c2w: Tensor) -> Tensor:
