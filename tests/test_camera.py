@@ -65,3 +65,13 @@ def test_scaled_keeps_pixel_edges():
 def test_bad_shapes_raise():
     with pytest.raises(ValueError, match="K must be"):
         Camera(K=np.eye(4), c2w=np.eye(4), height=2, width=2)
+
+
+def test_normalized_K_maps_pixel_centres_to_unit_square():
+    cam = _cam(5)
+    Kn = cam.normalized_K()
+    # pixel centre (0, 0) -> normalised (0.5/W, 0.5/H); centre (W-1, H-1) -> (1 - 0.5/W, 1 - 0.5/H)
+    for u, v in [(0, 0), (cam.width - 1, cam.height - 1)]:
+        d = cam.pixel_to_camera_dirs(np.array([u, v], dtype=float))
+        n = Kn @ d
+        np.testing.assert_allclose(n[:2], [(u + 0.5) / cam.width, (v + 0.5) / cam.height], atol=1e-12)

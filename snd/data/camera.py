@@ -72,8 +72,13 @@ class Camera:
         return self.c2w[:3, 3].copy()
 
     def normalized_K(self) -> np.ndarray:
-        """Intrinsics divided by image size (MVSplat's convention: fx/W, cx/W, fy/H, cy/H)."""
+        """Intrinsics for coordinates normalised by image size (MVSplat's convention).
+
+        MVSplat puts pixel x's centre at (x + 0.5) / W, so cx_n = (cx + 0.5) / W (not cx / W).
+        """
         Kn = self.K.copy()
+        Kn[0, 2] += 0.5
+        Kn[1, 2] += 0.5
         Kn[0] /= self.width
         Kn[1] /= self.height
         return Kn
