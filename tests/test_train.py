@@ -68,6 +68,18 @@ def test_short_run_lowers_loss(tmp_path):
     assert (tmp_path / "run" / "tb").is_dir() and (tmp_path / "run" / "config.json").is_file()
 
 
+def test_rigid_inverse():
+    from snd.data.camera import Camera  # noqa: F401  (the OpenCV c2w convention the stream uses)
+    from snd.splat.gaussians import quat_to_rotmat
+    from snd.train.distiller import rigid_inverse
+
+    c2w = torch.eye(4)
+    c2w[:3, :3] = quat_to_rotmat(torch.tensor([0.9, 0.2, -0.3, 0.1]))
+    c2w[:3, 3] = torch.tensor([1.0, -2.0, 0.5])
+    assert torch.allclose(rigid_inverse(c2w) @ c2w, torch.eye(4), atol=1e-6)
+    assert torch.allclose(rigid_inverse(c2w), torch.linalg.inv(c2w), atol=1e-6)
+
+
 def test_one_cycle_schedule():
     from snd.train.schedule import make_optimizer, make_scheduler
 

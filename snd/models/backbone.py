@@ -149,10 +149,24 @@ def embed_dim(model: nn.Module) -> int:
 def normalize(model: nn.Module, images01: Tensor) -> Tensor:
     """Images in [0, 1] [B, 3, H, W] -> normalised with the mean/std of the model's pretrained config."""
     assert images01.ndim == 4 and images01.shape[1] == 3, f"images must be [B, 3, H, W], got {tuple(images01.shape)}"
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    mean = torch.tensor(cfg.get("mean", IMAGENET_DEFAULT_MEAN), dtype=images01.dtype, device=images01.device)
-    std = torch.tensor(cfg.get("std", IMAGENET_DEFAULT_STD), dtype=images01.dtype, device=images01.device)
-    return (images01 - mean[:, None, None]) / std[:, None, None]
+    try:
+        base = _unwrap(model)
+    except TypeError:  # not a timm ViT: anything with a pretrained_cfg (or ImageNet defaults)
+        base = model
+    mean, std = _mean_std(base, images01.device, images01.dtype)
+    return (images01 - mean) / std
+
+
+def _mean_std(model: nn.Module, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """[3, 1, 1] mean/std from the pretrained config, cached per device/dtype (no host-to-device copy per step)."""
+    cache = model.__dict__.setdefault("_snd_mean_std", {})
+    key = (str(device), dtype)
+    if key not in cache:
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        mean = torch.tensor(cfg.get("mean", IMAGENET_DEFAULT_MEAN), dtype=dtype).view(3, 1, 1).to(device)
+        std = torch.tensor(cfg.get("std", IMAGENET_DEFAULT_STD), dtype=dtype).view(3, 1, 1).to(device)
+        cache[key] = (mean, std)
+    return cache[key]
 
 
 def extract(model: nn.Module, images: Tensor) -> tuple[Tensor, Tensor]:

@@ -94,3 +94,41 @@ def select_views(batch: dict, *, render_to_context: bool) -> dict:
     out["tgt_K"] = batch["ctx_K"][ar, j]
     out["tgt_c2w"] = batch["ctx_c2w"][ar, j]
     return out
+
+
+class DevicePrefetcher:
+    """Moves the next batch to the GPU on a side stream while the current step computes.
+
+    Returns (stream indices of the batch as a list, batch on device). On CPU it just passes batches on.
+    The data position is not tracked here: the loop counts trained batches, so the one batch fetched
+    ahead is never counted (exact resume is unaffected)."""
+
+    def __init__(self, it: Iterator[dict], device: torch.device):
+        self.it, self.device = it, device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._next: tuple[list[int], dict] | None = None
+
+    def _load(self) -> tuple[list[int], dict]:
+        cpu = next(self.it)
+        idx = [int(i) for i in cpu["index"].reshape(-1).tolist()]  # CPU tensor: no sync
+        if self.stream is None:
+            return idx, cpu
+        with torch.cuda.stream(self.stream):
+            return idx, to_device(cpu, self.device)
+
+    def __next__(self) -> tuple[list[int], dict]:
+        if self.stream is None:
+            return self._load()
+        if self._next is None:
+            self._next = self._load()
+        idx, batch = self._next
+        current = torch.cuda.current_stream(self.device)
+        current.wait_stream(self.stream)
+        for v in batch.values():
+            if isinstance(v, Tensor) and v.device.type == "cuda":
+                v.record_stream(current)
+        self._next = self._load()
+        return idx, batch
+
+    def __iter__(self) -> "DevicePrefetcher":
+        return self

@@ -11,7 +11,6 @@ and `snd bench distill` can time each phase.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -51,10 +50,15 @@ def build_base_backbone(cfg: DistillConfig, base_file: Path | None = None) -> nn
     return create_backbone(cfg.model, weights=cfg.weights if cfg.init == "pretrained" else None, init=cfg.init)
 
 
-@dataclass
-class StepOutputs:
-    loss: Tensor  # [] fp32
-    n_valid: Tensor  # [] number of valid target patches
+def rigid_inverse(c2w: Tensor) -> Tensor:
+    """[4, 4] camera-to-world -> world-to-camera as [R^T, -R^T t] (exact for rigid poses; unlike
+    torch.linalg.inv on CUDA it never waits for the GPU to report singular matrices)."""
+    R, t = c2w[:3, :3], c2w[:3, 3]
+    out = torch.zeros_like(c2w)
+    out[:3, :3] = R.t()
+    out[:3, 3] = -(R.t() @ t)
+    out[3, 3] = 1.0
+    return out
 
 
 class Distiller(nn.Module):
@@ -76,6 +80,7 @@ class Distiller(nn.Module):
         self.ema_enabled = not (cfg.frozen_teacher or cfg.feature_render_loss)
         self.patch = patch_size(self.student)
         self.grid = (cfg.img_height // self.patch, cfg.img_width // self.patch)
+        self.ce_dtype: torch.dtype | None = None  # matmul dtype of the fused CE (the autocast dtype; set by StepRunner)
 
     # ---- parameters --------------------------------------------------------------------------------
     def trainable(self) -> dict[str, nn.Parameter]:
@@ -119,7 +124,7 @@ class Distiller(nn.Module):
         for b in range(B):
             g = PixelGaussians(batch["means"][b], batch["quats"][b], batch["scales"][b], batch["opacities"][b])
             f, v = target_fn(ctx_feats[b].float(), g, batch["ctx_masks"][b], batch["tgt_mask"][b], batch["tgt_K"][b],
-                             torch.linalg.inv(batch["tgt_c2w"][b].float()), self.grid, upsample=self.cfg.upsample,
+                             rigid_inverse(batch["tgt_c2w"][b].float()), self.grid, upsample=self.cfg.upsample,
                              blend=self.cfg.blend, backend=self.cfg.renderer)
             feats.append(f)
             valid.append(v)
@@ -143,4 +148,5 @@ class Distiller(nn.Module):
             w_t = self.teacher.head.prototypes()
         z_s = self.student_head.bottleneck(s_tok)
         w_s = self.student_head.prototypes()
-        return dino_ce(z_s, w_s, z_t, w_t, v, student_temp=self.cfg.student_temp, teacher_temp=self.cfg.teacher_temp)
+        return dino_ce(z_s, w_s, z_t, w_t, v, student_temp=self.cfg.student_temp, teacher_temp=self.cfg.teacher_temp,
+                       compute_dtype=self.ce_dtype or z_s.dtype)

@@ -25,7 +25,7 @@ from snd.errors import SndError
 from snd.pipeline.config import DistillConfig, load_config, save_config, to_jsonable
 from snd.train.checkpoint import (BASE_FILE, CONFIG_FILE, latest_checkpoint, load_checkpoint, rng_state, save_base,
                                   save_checkpoint, set_rng_state)
-from snd.train.data import BatchIterator, StreamFactory, shard_stream_factory
+from snd.train.data import BatchIterator, DevicePrefetcher, StreamFactory, shard_stream_factory
 from snd.train.distiller import Distiller, TargetFn, build_base_backbone
 from snd.train.distributed import DistEnv, all_gather_objects, broadcast_params, dist_env, init_distributed, resolve_device
 from snd.train.rundir import RunLogger
@@ -168,9 +168,11 @@ def _train(cfg: DistillConfig, env: DistEnv, device: torch.device, factory: Stre
         if env.world_size > 1:
             d.teacher.sync_merged()
 
-    batches = BatchIterator(factory, batch=cfg.batch, start=position, rank=env.rank, world_size=env.world_size,
-                            num_workers=cfg.num_workers, prefetch=cfg.prefetch, pin_memory=device.type == "cuda",
-                            seed=cfg.seed)
+    batches = DevicePrefetcher(
+        BatchIterator(factory, batch=cfg.batch, start=position, rank=env.rank, world_size=env.world_size,
+                      num_workers=cfg.num_workers, prefetch=cfg.prefetch, pin_memory=device.type == "cuda", seed=cfg.seed),
+        device)
+    start_step, start_position = step, position
     if ckpt is not None:
         rngs = meta["rng"]
         if len(rngs) != env.world_size:
@@ -190,8 +192,8 @@ def _train(cfg: DistillConfig, env: DistEnv, device: torch.device, factory: Stre
     steps_since_log = 0
     try:
         while step < cfg.iters:
-            batch = next(batches)
-            summary.seen_indices.extend(int(i) for i in batch["index"].reshape(-1).tolist())  # CPU tensor: no sync
+            indices, batch = next(batches)
+            summary.seen_indices.extend(indices)
             lr = runner.lr
             loss = runner.step(batch, step + 1)
             step += 1
@@ -203,7 +205,8 @@ def _train(cfg: DistillConfig, env: DistEnv, device: torch.device, factory: Stre
                 _flush(pending, runner, logger, summary, env, device, steps_since_log / max(t_now - t_log, 1e-9))
                 pending, t_log, steps_since_log = [], t_now, 0
             if step % cfg.ckpt_every == 0 or last:
-                summary.checkpoint = _save(run_dir, runner, d, step, batches.position, env, device, cfg)
+                position = start_position + (step - start_step) * cfg.batch  # items trained on, per rank
+                summary.checkpoint = _save(run_dir, runner, d, step, position, env, device, cfg)
             if stop_after is not None and step >= stop_after:
                 break
     finally:

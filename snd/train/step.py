@@ -46,6 +46,7 @@ class StepRunner:
         self.opt = make_optimizer(self.params, lr=cfg.lr)
         self.sched = make_scheduler(self.opt, lr=cfg.lr, iters=cfg.iters, warmup_pct=cfg.warmup_pct)
         self.amp = amp_dtype(cfg.amp, device)
+        distiller.ce_dtype = self.amp
         self.skipped = torch.zeros((), dtype=torch.float32, device=device)
         self.ema_updates = 0
         self.teacher_fn: Callable[[Tensor], Tensor] = distiller.teacher_features
