@@ -23,11 +23,13 @@ PY
 what=${*:-all}
 run() { echo "== $1"; shift; "$@"; echo "rc=$?"; }
 if [[ $what == *tests* || $what == all ]]; then
-  run gpu-tests python3 -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
+  run gpu-tests timeout 300 python3 -m pytest -q -m "gpu and not slow" tests -p no:cacheprovider -x --durations=10 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
 fi
 if [[ $what == *bench-precompute* || $what == all ]]; then
-  run bench-precompute python3 -m snd.cli bench precompute --out "$OUT/bench_precompute.json" 2>&1 | tail -30
+  run bench-precompute timeout 420 python3 -m snd.cli bench precompute --source mvsplat --device cuda --workdir /tmp/snd-bench-pre --out "$OUT/bench_precompute.json" 2>&1 | tail -40
+  run bench-mvsplat timeout 200 python3 -m snd.models.mvsplat.bench --batch 1 4 8 --precision bf16 fp32 --channels-last 1 --compile 0 2>&1 | tee "$OUT/bench_mvsplat.jsonl" | tail -8
 fi
 if [[ $what == *bench-distill* || $what == all ]]; then
-  run bench-distill python3 -m snd.cli bench distill --out "$OUT/bench_distill.json" 2>&1 | tail -30
+  run bench-distill timeout 240 python3 -m snd.cli bench distill --iters 30 --warmup 10 --out "$OUT/bench_distill.json" 2>&1 | grep -v "^ " | tail -5
+  run bench-distill-compiled timeout 240 python3 -m snd.cli bench distill --models vit_small_patch14_dinov2 --compile --iters 30 --warmup 10 --out "$OUT/bench_distill_compiled.json" 2>&1 | grep -v "^ " | tail -5
 fi
