@@ -23,7 +23,7 @@ PY
 what=${*:-all}
 run() { echo "== $1"; shift; "$@"; echo "rc=$?"; }
 if [[ $what == *tests* || $what == all ]]; then
-  run gpu-tests timeout 300 python3 -m pytest -q -m "gpu and not slow" tests -p no:cacheprovider -x --durations=10 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
+  run gpu-tests timeout 300 python3 -m pytest -q -m "gpu and not slow" tests -p no:cacheprovider --durations=10 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
 fi
 if [[ $what == *bench-precompute* || $what == all ]]; then
   run bench-precompute timeout 420 python3 -m snd.cli bench precompute --source mvsplat --device cuda --workdir /tmp/snd-bench-pre --out "$OUT/bench_precompute.json" 2>&1 | tail -40
