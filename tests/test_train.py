@@ -69,7 +69,6 @@ def test_short_run_lowers_loss(tmp_path):
 
 
 def test_rigid_inverse():
-    from snd.data.camera import Camera  # noqa: F401  (the OpenCV c2w convention the stream uses)
     from snd.splat.gaussians import quat_to_rotmat
     from snd.train.distiller import rigid_inverse
 
