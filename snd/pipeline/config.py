@@ -127,6 +127,7 @@ class EvalConfig:
     img_width: int = opt(630, "Probe input width (multiple of 14).")
     iters: Optional[int] = opt(None, "Override every probe's iterations (the paper's schedules are 10^5 scale).")
     batch: Optional[int] = opt(None, "Override the probe batch size.")
+    lr_scale: float = opt(1.0, "Multiply every probe's learning rate; quick runs with few --iters need more (e.g. 10).")
     max_images: Optional[int] = opt(None, "Use at most this many images per split (quick runs).")
     seed: int = opt(0, "Seed of probe init and sampling.")
     device: str = opt("auto", "'auto', 'cpu' or 'cuda[:i]'.")
