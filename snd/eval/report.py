@@ -2,7 +2,10 @@
 paper's numbers where dataset and backbone size match.
 
 Input is the list of result records written by `snd.stages.evaluate` (also in `results.json`):
-`{"role": "model"|"baseline", "label", "size", "dataset", "task", "metrics": {name: float}, ...}`.
+`{"role": "model"|"baseline", "label", "size", "dataset", "task", "metrics": {name: float}, ...}`, and
+optionally the trivial baselines (`results.json["trivial"]`, see `snd.eval.trivial`):
+`{"dataset", "task", "predictor": str, "metrics": {name: float}, ...}`, shown as a "trivial" column so a
+probe that learned nothing is visible at a glance.
 """
 from __future__ import annotations
 
@@ -69,9 +72,10 @@ def _index(records: Iterable[dict]) -> dict[tuple[str, str, str], dict]:
     return {(r["role"], r["dataset"], r["task"]): r for r in records if r.get("status", "ok") == "ok"}
 
 
-def task_table(records: list[dict], task: str, *, heading: bool = True) -> str:
-    """One markdown table for `task`: rows (dataset, metric); columns model, baseline, Δ, paper rows."""
+def task_table(records: list[dict], task: str, *, heading: bool = True, trivial: Optional[list[dict]] = None) -> str:
+    """One markdown table for `task`: rows (dataset, metric); columns model, baseline, Δ, trivial, paper rows."""
     idx = _index(records)
+    triv = {t["dataset"]: t for t in (trivial or []) if t.get("task") == task}
     datasets = sorted({d for (_, d, t) in idx if t == task})
     if not datasets:
         return ""
@@ -85,6 +89,9 @@ def task_table(records: list[dict], task: str, *, heading: bool = True) -> str:
     head = ["dataset", "metric", f"model: {labels.get('model', '?')}"]
     if has_base:
         head += [f"baseline: {labels.get('baseline', '?')}", "Δ (model − baseline)"]
+    has_triv = any(d in triv for d in datasets)
+    if has_triv:
+        head += ["trivial"]
     size_label = {"vits": "ViT-S", "vitb": "ViT-B"}.get(size or "", "")
     head += [f"paper {row} {size_label}" for row in paper_rows]
     lines = []
@@ -101,21 +108,28 @@ def task_table(records: list[dict], task: str, *, heading: bool = True) -> str:
             cells = [d, f"{METRIC_LABEL.get((task, metric), metric)} {arrow}", format_value(task, metric, m.get(metric))]
             if has_base:
                 cells += [format_value(task, metric, b.get(metric)), delta_cell(task, metric, m.get(metric), b.get(metric))]
+            if has_triv:
+                cells += [format_value(task, metric, triv.get(d, {}).get("metrics", {}).get(metric))]
             cells += [format_value(task, metric, paper_number(size, d, task, row, metric)) for row in paper_rows]
             lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     if has_base:
         lines.append(f"{BETTER} model better than the baseline, {WORSE} worse (per the metric's direction: ↓ lower is "
                      f"better, ↑ higher is better).")
+    if has_triv:
+        preds = "; ".join(f"{d}: {triv[d].get('predictor', '?')}" for d in datasets if d in triv)
+        lines.append(f"trivial = a constant fit on the training split, scored on val with the same metrics ({preds}); "
+                     f"a probe that does not beat it learned nothing from the features.")
     lines.append("")
     return "\n".join(lines)
 
 
-def all_tables(records: list[dict], tasks: Iterable[str], *, notes: Optional[list[str]] = None) -> str:
+def all_tables(records: list[dict], tasks: Iterable[str], *, notes: Optional[list[str]] = None,
+               trivial: Optional[list[dict]] = None) -> str:
     """The combined report: one section per task with results, then notes (missing datasets etc.)."""
     parts = ["# snd probe results\n"]
     for t in tasks:
-        tab = task_table(records, t)
+        tab = task_table(records, t, trivial=trivial)
         if tab:
             parts.append(tab)
     if notes:
@@ -125,9 +139,10 @@ def all_tables(records: list[dict], tasks: Iterable[str], *, notes: Optional[lis
     return "\n".join(parts)
 
 
-def console_rows(records: list[dict], task: str) -> tuple[list[str], list[list[str]]]:
+def console_rows(records: list[dict], task: str, *, trivial: Optional[list[dict]] = None
+                 ) -> tuple[list[str], list[list[str]]]:
     """(header, rows) of `task_table` for a rich table (no markdown)."""
-    md = task_table(records, task, heading=False)
+    md = task_table(records, task, heading=False, trivial=trivial)
     rows = [ln for ln in md.splitlines() if ln.startswith("|")]
     if len(rows) < 2:
         return [], []

@@ -7,6 +7,7 @@ linear probe (`snd.eval.probes`), evaluate it (`snd.eval.metrics`), and write
     <out>/results.md, results_<task>.md   markdown tables: model | baseline | Δ | paper numbers
     <out>/figures/<task>_<dataset>.png    predictions next to GT (correspondence: recall curves)
     <out>/results/<model>/<dataset>_<task>.json   one record per finished (model, dataset, task)
+    <out>/results/trivial-<hash>/<dataset>_<task>.json   the constant-predictor floor (`snd.eval.trivial`)
     <out>/probes/<model>/<dataset>_<task>.safetensors   probe checkpoints (resumable)
 
 Resumable: finished (model, dataset, task) records are reused and a half-trained probe resumes, as long as
@@ -107,8 +108,55 @@ def _plan(cfg: EvalConfig, tasks: list[str]) -> tuple[list[tuple[str, str]], lis
 
 
 def _protocol(cfg: EvalConfig) -> dict:
-    return {"img_hw": [cfg.img_height, cfg.img_width], "iters": cfg.iters, "batch": cfg.batch,
-            "max_images": cfg.max_images, "feature_cache": cfg.feature_cache, "seed": cfg.seed}
+    proto = {"img_hw": [cfg.img_height, cfg.img_width], "iters": cfg.iters, "batch": cfg.batch,
+             "max_images": cfg.max_images, "feature_cache": cfg.feature_cache, "seed": cfg.seed}
+    if cfg.lr_scale != 1.0:  # only when set, so records made before the option existed keep their folder
+        proto["lr_scale"] = cfg.lr_scale
+    return proto
+
+
+def _trivial_folder(cfg: EvalConfig) -> str:
+    """Trivial baselines depend on the data seen (size, subset), not on the model or the probe recipe."""
+    proto = {"img_hw": [cfg.img_height, cfg.img_width], "max_images": cfg.max_images}
+    return "trivial-" + hashlib.sha256(json.dumps(proto, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def _depth_range(name: str) -> tuple[float, float]:
+    from snd.eval import datasets as D
+    from snd.eval.probes import DEPTH_RANGE
+
+    return D.dataset_info(name).depth_range or DEPTH_RANGE.get(name, (1e-3, 10.0))
+
+
+def _splits(task: str, name: str, cfg: EvalConfig):
+    """(train dataset, val dataset, train indices, val indices) of a dense task, subset per --max-images."""
+    from snd.eval import datasets as D
+
+    hw = (cfg.img_height, cfg.img_width)
+    train_ds = D.get_dataset(name, cfg.data_root, "train", task, hw)
+    val_ds = D.get_dataset(name, cfg.data_root, "val", task, hw)
+    idx_tr, idx_va = _subset(len(train_ds), cfg.max_images), _subset(len(val_ds), cfg.max_images)
+    if not idx_tr or not idx_va:
+        raise SndError(f"{name}: empty split (train {len(idx_tr)}, val {len(idx_va)} images) for {task}")
+    return train_ds, val_ds, idx_tr, idx_va
+
+
+def _eval_trivial(task: str, name: str, data_tr, data_va) -> dict:
+    """Constant predictor fit on `data_tr`, scored on `data_va` (`snd.eval.trivial`): the floor of a probe."""
+    from snd.eval import datasets as D
+    from snd.eval.trivial import evaluate_trivial, fit_trivial
+
+    t0 = time.perf_counter()
+    kw = {"max_depth": _depth_range(name)[1]} if task == "depth" else {}
+    if task == "seg":
+        kw = {"num_classes": D.num_classes(name), "ignore_index": 255}
+    try:
+        triv = fit_trivial(task, (data_tr.target(j) for j in range(len(data_tr))), **kw)
+    except ValueError as e:
+        raise SndError(f"{name}: no trivial {task} baseline: {e}") from e
+    metrics = evaluate_trivial(triv, (data_va.target(j) for j in range(len(data_va))), **kw)
+    return {"dataset": name, "task": task, **triv.to_json(), "metrics": {k: _clean(v) for k, v in metrics.items()},
+            "n_train": len(data_tr), "n_val": len(data_va), "seconds": time.perf_counter() - t0}
 
 
 class _Role:
@@ -151,10 +199,12 @@ def _progress():
 
 
 def _eval_probe(role: _Role, task: str, name: str, cfg: EvalConfig, device: torch.device, folder: Path,
-                progress) -> tuple[dict, list[dict]]:
+                progress, *, with_trivial: bool = False) -> tuple[dict, list[dict], dict | None]:
+    """Train and evaluate one probe; with `with_trivial`, also the trivial baseline of (task, dataset)
+    (computed before training, so its pass over the labels fills the in-RAM label cache training reads)."""
     from snd.eval import datasets as D
     from snd.eval.features import ensure_features, final_norm_params
-    from snd.eval.probes import DEPTH_RANGE, DepthProbe, NormalProbe, ProbeData, SegProbe, default_spec
+    from snd.eval.probes import DepthProbe, NormalProbe, ProbeData, SegProbe, default_spec
     from snd.eval.probes import evaluate_probe, train_probe
     from snd.models.backbone import _unwrap, patch_size
 
@@ -166,11 +216,7 @@ def _eval_probe(role: _Role, task: str, name: str, cfg: EvalConfig, device: torc
         raise SndError(f"probe input {hw[0]}x{hw[1]} is not a multiple of the patch size {p}",
                        hint=f"use --img-height {hw[0] // p * p} --img-width {hw[1] // p * p}")
     grid, dim = (hw[0] // p, hw[1] // p), int(vit.embed_dim)
-    train_ds = D.get_dataset(name, cfg.data_root, "train", task, hw)
-    val_ds = D.get_dataset(name, cfg.data_root, "val", task, hw)
-    idx_tr, idx_va = _subset(len(train_ds), cfg.max_images), _subset(len(val_ds), cfg.max_images)
-    if not idx_tr or not idx_va:
-        raise SndError(f"{name}: empty split (train {len(idx_tr)}, val {len(idx_va)} images) for {task}")
+    train_ds, val_ds, idx_tr, idx_va = _splits(task, name, cfg)
     norm = final_norm_params(net)
     stores = {}
     if cfg.feature_cache:
@@ -184,10 +230,10 @@ def _eval_probe(role: _Role, task: str, name: str, cfg: EvalConfig, device: torc
             progress.remove_task(bar)
     data_tr = ProbeData(train_ds, idx_tr, task, stores.get("train"))
     data_va = ProbeData(val_ds, idx_va, task, stores.get("val"), with_image=True)
-    info = D.dataset_info(name)
+    trivial = _eval_trivial(task, name, data_tr, data_va) if with_trivial else None
     torch.manual_seed(cfg.seed)
     if task == "depth":
-        lo, hi = info.depth_range or DEPTH_RANGE.get(name, (1e-3, 10.0))
+        lo, hi = _depth_range(name)
         probe = DepthProbe(dim, min_depth=lo, max_depth=hi)
     elif task == "normals":
         probe = NormalProbe(dim)
@@ -196,7 +242,7 @@ def _eval_probe(role: _Role, task: str, name: str, cfg: EvalConfig, device: torc
         if not k:
             raise SndError(f"{name}: unknown number of segmentation classes")
         probe = SegProbe(dim, num_classes=k, ignore_index=255)
-    spec = default_spec(task, len(idx_tr)).with_overrides(iters=cfg.iters, batch=cfg.batch)
+    spec = default_spec(task, len(idx_tr)).with_overrides(iters=cfg.iters, batch=cfg.batch, lr_scale=cfg.lr_scale)
     live = None if cfg.feature_cache else net
     bar = progress.add_task(f"{role.label} · {name} {task} probe", total=spec.iters, info="")
     t0 = time.perf_counter()
@@ -210,7 +256,7 @@ def _eval_probe(role: _Role, task: str, name: str, cfg: EvalConfig, device: torc
     record = {"metrics": {k: _clean(v) for k, v in metrics.items()}, "n_train": len(idx_tr), "n_val": len(idx_va),
               "iters": spec.iters, "batch": spec.batch, "train_loss": _clean(stats["loss"]),
               "train_seconds": time.perf_counter() - t0, "probe": probe.config(), "recipe": spec.to_json()}
-    return record, samples
+    return record, samples, trivial
 
 
 def _eval_corr(role: _Role, name: str, cfg: EvalConfig, device: torch.device) -> dict:
@@ -287,7 +333,8 @@ def run(cfg: EvalConfig, tasks: list[str]) -> dict:
     """Evaluate `cfg.model` (and `cfg.baseline`) on `tasks` ("depth", "normals", "seg", "corr").
 
     Returns:
-        {"records": [...], "notes": [...], "out": str, "tables": markdown of all tasks}.
+        {"records": [...], "trivial": [...] (one constant-predictor baseline per dense (task, dataset), see
+        `snd.eval.trivial`), "notes": [...], "out": str, "tables": markdown of all tasks}.
     Raises:
         SndError when no (task, dataset) could be evaluated (the message lists what is missing).
     """
@@ -313,6 +360,18 @@ def run(cfg: EvalConfig, tasks: list[str]) -> dict:
     if cfg.baseline:
         roles.append(_Role("baseline", cfg.baseline, cfg.baseline_weights, cfg))
     records: list[dict] = []
+    tfolder = out / "results" / _trivial_folder(cfg)
+    trivial: dict[tuple[str, str], dict] = {}
+    for task, name in plan:
+        tpath = tfolder / f"{name}_{task}.json"
+        if task != "corr" and tpath.is_file():
+            trivial[task, name] = json.loads(tpath.read_text())
+
+    def keep_trivial(task: str, name: str, rec: dict | None) -> None:
+        if rec is not None:
+            trivial[task, name] = rec
+            _write_json(tfolder / f"{name}_{task}.json", rec)
+
     with _progress() as progress:
         for role in roles:
             folder = role.folder()
@@ -333,7 +392,9 @@ def run(cfg: EvalConfig, tasks: list[str]) -> dict:
                     if task == "corr":
                         rec = dict(base, **_eval_corr(role, name, cfg, device))
                     else:
-                        res, samples = _eval_probe(role, task, name, cfg, device, out / "probes" / folder, progress)
+                        res, samples, triv = _eval_probe(role, task, name, cfg, device, out / "probes" / folder,
+                                                         progress, with_trivial=(task, name) not in trivial)
+                        keep_trivial(task, name, triv)
                         rec = dict(base, **res)
                         spath = rpath.with_name(f"{name}_{task}_samples.safetensors")
                         spath.parent.mkdir(parents=True, exist_ok=True)
@@ -348,20 +409,36 @@ def run(cfg: EvalConfig, tasks: list[str]) -> dict:
                     notes.append(f"{task}/{name} ({role.role}): {e}")
                     console.print(f"[red]failed[/] {role.role} {role.label} · {name} · {task}: {e}")
                 records.append(rec)
+        # records reused from a run made before trivial baselines existed: compute the missing ones alone
+        for task, name in plan:
+            if task == "corr" or (task, name) in trivial or not any(
+                    r.get("status") == "ok" and (r["task"], r["dataset"]) == (task, name) for r in records):
+                continue
+            try:
+                from snd.eval.probes import ProbeData
+
+                train_ds, val_ds, idx_tr, idx_va = _splits(task, name, cfg)
+                keep_trivial(task, name, _eval_trivial(task, name, ProbeData(train_ds, idx_tr, task),
+                                                       ProbeData(val_ds, idx_va, task)))
+            except SndError as e:
+                notes.append(f"{task}/{name} (trivial baseline): {e}")
+    trivial_list = [trivial[k] for k in sorted(trivial)]
     ok = [r for r in records if r.get("status") == "ok"]
-    tables = all_tables(records, tasks, notes=notes)
+    tables = all_tables(records, tasks, notes=notes, trivial=trivial_list)
     (out / "results.md").write_text(tables)
     for t in tasks:
-        tab = task_table(records, t)
+        tab = task_table(records, t, trivial=trivial_list)
         if tab:
             (out / f"results_{t}.md").write_text(tab)
     figs = _figures(records, out)
-    _write_json(out / "results.json", {"config": to_jsonable(cfg), "records": records, "notes": notes,
-                                       "figures": [str(f) for f in figs]})
+    _write_json(out / "results.json", {"config": to_jsonable(cfg), "records": records, "trivial": trivial_list,
+                                       "notes": notes, "figures": [str(f) for f in figs]})
     for t in tasks:
-        head, rows = console_rows(records, t)
+        head, rows = console_rows(records, t, trivial=trivial_list)
         if rows:
-            table = Table(title=t, show_lines=False)
+            preds = [f"{x['dataset']}: {x.get('predictor', '?')}" for x in trivial_list if x["task"] == t]
+            caption = ("trivial = constant fit on train, scored on val (" + "; ".join(preds) + ")") if preds else None
+            table = Table(title=t, caption=caption, show_lines=False)
             for h in head:
                 table.add_column(h, justify="left" if h in ("dataset", "metric") else "right")
             for r in rows:
@@ -370,4 +447,4 @@ def run(cfg: EvalConfig, tasks: list[str]) -> dict:
     if not ok:
         raise SndError("nothing could be evaluated:\n  " + "\n  ".join(notes))
     console.print(f"results: {out / 'results.md'}")
-    return {"records": records, "notes": notes, "out": str(out), "tables": tables}
+    return {"records": records, "trivial": trivial_list, "notes": notes, "out": str(out), "tables": tables}

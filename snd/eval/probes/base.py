@@ -6,6 +6,7 @@ A probe reads the cached last-block tokens `[B, 1 + h*w, C]` (pre final norm, CL
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
@@ -31,14 +32,22 @@ class ProbeSpec:
     grad_clip: float | None = None  # max grad norm
     betas: tuple[float, float] = (0.9, 0.999)
 
-    def with_overrides(self, *, iters: int | None = None, batch: int | None = None) -> "ProbeSpec":
-        """Quick runs: fewer iterations keep the warm-up *fraction* of the paper's schedule."""
+    def with_overrides(self, *, iters: int | None = None, batch: int | None = None,
+                       lr_scale: float = 1.0) -> "ProbeSpec":
+        """Quick runs: fewer iterations keep the warm-up *fraction* of the paper's schedule.
+
+        `lr_scale` multiplies the learning rate: the paper's rates are tuned for 10^5 steps, so a run of a
+        few hundred steps at those rates barely moves a randomly initialised probe.
+        """
+        if not (lr_scale > 0 and math.isfinite(lr_scale)):
+            raise ValueError(f"lr_scale must be a positive finite number, got {lr_scale}")
         out = dataclasses.replace(self)
         if iters is not None:
             out.iters = int(iters)
             out.warmup = int(round(self.warmup * iters / max(self.iters, 1)))
         if batch is not None:
             out.batch = int(batch)
+        out.lr = self.lr * float(lr_scale)
         return out
 
     def to_json(self) -> dict:

@@ -70,6 +70,10 @@ class ProbeData(torch.utils.data.Dataset):
             self._used += size
         return out
 
+    def target(self, j: int) -> Tensor:
+        """The task's target of row `j` (no tokens; filling the in-RAM cache as training would)."""
+        return self._item(j)[TARGETS[self.task][0]]
+
     def __getitem__(self, j: int) -> dict[str, Tensor]:
         out = dict(self._item(j))
         if self.store is not None:
