@@ -57,7 +57,8 @@ def target_features(
     blend_weight: float = 0.5,
     coverage_threshold: float = 0.5,
     upsample_fallback: Fallback = "bilinear",
-    channel_chunk: int | None = 128,
+    channel_chunk: int | None = None,
+    render_chunk: int = 128,
     near: float = 0.01,
     far: float = 1e10,
 ) -> tuple[Tensor, Tensor]:
@@ -77,7 +78,9 @@ def target_features(
         blend_weight: w of the blend (0.5 in the paper).
         coverage_threshold: a target pixel is covered when the render's alpha exceeds this.
         upsample_fallback: value of pixels whose label no neighbouring patch shares (mask mode).
-        channel_chunk: channels pushed through upsample/render/blend/downsample at once (None = all).
+        channel_chunk: channels pushed through upsample/render/blend/downsample at once; None = all at once
+            on CUDA (one projection + sort per target, the fast path) and 128 on CPU (bounds memory).
+        render_chunk: channels per gsplat rasteriser pass (its compiled widths: 32, 64, 128, 256, 512).
         near, far: camera-z range of Gaussians drawn.
 
     Returns:
@@ -112,10 +115,13 @@ def target_features(
     def render(f: Tensor) -> tuple[Tensor, Tensor]:
         if plan is not None:
             return plan.apply(f), plan.alpha
-        return render_gsplat(means, quats, scales, opac, f, K, w2c, Ht, Wt, near=near, far=far)
+        return render_gsplat(means, quats, scales, opac, f, K, w2c, Ht, Wt, near=near, far=far,
+                             channel_chunk=min(render_chunk, f.shape[1]))
 
     out = torch.empty(C, h2, w2, dtype=torch.float32, device=device)
     covered = None
+    if channel_chunk is None:
+        channel_chunk = None if device.type == "cuda" else 128
     step = C if not channel_chunk else int(channel_chunk)
     for c0 in range(0, C, step):
         up = upsample_features(ctx_feats[:, c0:c0 + step].float(), ctx_masks, mode=upsample,
