@@ -28,6 +28,9 @@ fi
 if [[ $what == *probe-target* ]]; then
   run probe-target timeout 200 python3 scripts/gpu_probe_target.py 2>&1 | tee "$OUT/probe_target.jsonl" | tail -30
 fi
+if [[ $what == *diag* ]]; then
+  run diag timeout 120 python3 scripts/gpu_diag_projection.py 2>&1 | tee "$OUT/diag.jsonl" | tail -12
+fi
 if [[ $what == *bench-precompute* || $what == all ]]; then
   run bench-precompute timeout 420 python3 -m snd.cli bench precompute --source mvsplat --device cuda --workdir /tmp/snd-bench-pre --out "$OUT/bench_precompute.json" 2>&1 | tail -40
   run bench-mvsplat timeout 200 python3 -m snd.models.mvsplat.bench --batch 1 4 8 --precision bf16 fp32 --channels-last 1 --compile 0 2>&1 | tee "$OUT/bench_mvsplat.jsonl" | tail -8

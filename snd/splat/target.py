@@ -58,7 +58,7 @@ def target_features(
     coverage_threshold: float = 0.5,
     upsample_fallback: Fallback = "bilinear",
     channel_chunk: int | None = None,
-    render_chunk: int = 128,
+    render_chunk: int = 32,
     near: float = 0.01,
     far: float = 1e10,
 ) -> tuple[Tensor, Tensor]:
@@ -80,7 +80,7 @@ def target_features(
         upsample_fallback: value of pixels whose label no neighbouring patch shares (mask mode).
         channel_chunk: channels pushed through upsample/render/blend/downsample at once; None = all at once
             on CUDA (one projection + sort per target, the fast path) and 128 on CPU (bounds memory).
-        render_chunk: channels per gsplat rasteriser pass (its compiled widths: 32, 64, 128, 256, 512).
+        render_chunk: channels per gsplat rasteriser pass (32 measured fastest on an H100: docs/performance.md).
         near, far: camera-z range of Gaussians drawn.
 
     Returns:
