@@ -1,0 +1,84 @@
+"""Trivial baselines: hand-computed constants and metrics, and `snd eval` probes beating them on procedural
+scenes (the honest check that the probe pipeline learns something from the features)."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from snd.eval.trivial import DEPTH_BINS, evaluate_trivial, fit_trivial, trivial_prediction
+from snd.pipeline.config import EvalConfig
+from snd.stages import evaluate
+
+NAN = float("nan")
+
+
+# ---- the constants and their metrics, by hand ---------------------------------------------------------
+def test_depth_median_and_metrics_by_hand():
+    train = [torch.tensor([[1.0, 2.0], [0.0, 3.0]]),  # 0 is invalid
+             torch.tensor([[4.0, NAN], [20.0, 2.0]])]  # NaN invalid, 20 >= max_depth 10 does not count
+    t = fit_trivial("depth", train, max_depth=10.0)
+    assert t.n_pixels == 5  # 1, 2, 2, 3, 4 -> median 2
+    width = 10.0 / DEPTH_BINS
+    assert abs(float(t.value) - 2.0) <= width
+    val = [torch.tensor([[2.0, 4.0], [1.0, 0.0]]), torch.zeros(2, 2)]  # the second image has no valid pixel
+    m = evaluate_trivial(t, val, max_depth=10.0)
+    c = float(t.value)
+    gt = [2.0, 4.0, 1.0]
+    assert m["abs_rel"] == pytest.approx(sum(abs(c - g) / g for g in gt) / 3, abs=1e-6)  # ~ (0 + .5 + 1) / 3
+    assert m["abs_rel"] == pytest.approx(0.5, abs=2 * width)
+    assert m["rmse"] == pytest.approx(math.sqrt(sum((c - g) ** 2 for g in gt) / 3), abs=1e-6)
+    assert m["delta1"] == pytest.approx(1 / 3)  # ratios ~1, 2, 2
+    assert m["delta3"] == pytest.approx(1 / 3)  # 2 > 1.25^3 = 1.95 still fails
+
+
+def test_depth_median_matches_torch_median_on_random_depths():
+    g = torch.Generator().manual_seed(0)
+    maps = [torch.rand(7, 9, generator=g) ** 2 * 12 for _ in range(3)]  # some beyond max_depth 10
+    t = fit_trivial("depth", maps, max_depth=10.0)
+    flat = torch.cat([d.reshape(-1) for d in maps])
+    flat = flat[(flat > 1e-3) & (flat < 10.0)]
+    assert t.n_pixels == flat.numel()
+    assert abs(float(t.value) - float(flat.median())) <= 10.0 / DEPTH_BINS  # torch: the lower median, as ours
+
+
+def test_normals_mean_direction_and_angles_by_hand():
+    train = [torch.tensor([[[0.0, 1.0, 0.0]], [[0.0, 0.0, 0.0]], [[1.0, 0.0, 0.0]]]),  # [3,1,3]: (0,0,1) (1,0,0) invalid
+             torch.tensor([[[0.0]], [[0.0]], [[2.0]]])]  # a non-unit normal counts once, like a unit one
+    t = fit_trivial("normals", train)
+    assert t.n_pixels == 3
+    assert torch.allclose(t.value, torch.tensor([1.0, 0.0, 2.0], dtype=torch.float64) / math.sqrt(5))
+    val = [torch.tensor([[[0.0, 1.0]], [[0.0, 0.0]], [[1.0, 0.0]]])]  # (0,0,1) and (1,0,0)
+    m = evaluate_trivial(t, val)
+    a, b = math.degrees(math.acos(2 / math.sqrt(5))), math.degrees(math.acos(1 / math.sqrt(5)))  # 26.57, 63.43
+    assert m["mean"] == pytest.approx((a + b) / 2, abs=1e-6) and m["mean"] == pytest.approx(45.0, abs=1e-6)
+    assert m["rmse"] == pytest.approx(math.sqrt((a * a + b * b) / 2), abs=1e-6)
+    assert m["pct_30"] == pytest.approx(50.0)
+    pred = trivial_prediction(t, torch.zeros(2, 3, 4, 5))
+    assert pred.shape == (2, 3, 4, 5) and torch.allclose(pred[1, :, 3, 4].double(), t.value, atol=1e-6)
+
+
+def test_seg_majority_class_and_metrics_by_hand():
+    train = [torch.tensor([[0, 1, 1], [255, 2, 1]])]  # counts 0:1 1:3 2:1 (255 ignored)
+    t = fit_trivial("seg", train, num_classes=3)
+    assert int(t.value) == 1 and t.n_pixels == 5
+    val = [torch.tensor([[1, 1, 0], [2, 255, 1]])]
+    m = evaluate_trivial(t, val, num_classes=3)
+    assert m["aAcc"] == pytest.approx(60.0)  # 3 of 5 labelled pixels are class 1
+    assert m["mIoU"] == pytest.approx((60.0 + 0.0 + 0.0) / 3)  # class 1: 3 / (3 + 5 - 3); 0 and 2: 0
+    assert m["mAcc"] == pytest.approx(100.0 / 3)
+    # ties go to the lowest class id
+    assert int(fit_trivial("seg", [torch.tensor([[2, 2, 1, 1]])], num_classes=3).value) == 1
+
+
+def test_no_valid_training_pixel_is_an_error():
+    with pytest.raises(ValueError, match="depth"):
+        fit_trivial("depth", [torch.zeros(3, 3)])
+    with pytest.raises(ValueError, match="normal"):
+        fit_trivial("normals", [torch.zeros(3, 2, 2)])
+    with pytest.raises(ValueError, match="labelled"):
+        fit_trivial("seg", [torch.full((2, 2), 255)], num_classes=3)
+    with pytest.raises(ValueError, match="task"):
+        fit_trivial("corr", [])
