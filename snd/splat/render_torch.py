@@ -61,6 +61,16 @@ class Projected:
     radii: Tensor
 
 
+def _mm(a: Tensor, b: Tensor) -> Tensor:
+    """Small matrix product as multiply + sum: full fp32 whatever the global matmul precision.
+
+    Why: `torch.set_float32_matmul_precision("high")` (set by the training loop on CUDA) turns `@` into
+    TF32 (10-bit mantissa), which moves radii and conics enough to change which pixels a Gaussian
+    touches; gsplat computes these in fp32, and the two backends must agree.
+    """
+    return (a.unsqueeze(-1) * b.unsqueeze(-3)).sum(-2)
+
+
 def project_gaussians(
     means: Tensor,  # [N, 3]
     quats: Tensor,  # [N, 4]
@@ -78,15 +88,15 @@ def project_gaussians(
     """gsplat's EWA projection + culling (see module docstring); K in snd's integer-centre convention."""
     dt = means.dtype
     R, t = w2c[:3, :3].to(dt), w2c[:3, 3].to(dt)
-    pc = means @ R.T + t  # [N, 3] camera frame
+    pc = _mm(means, R.T) + t  # [N, 3] camera frame
     z = pc[:, 2]
     keep = (z >= near) & (z <= far) & (opacities >= ALPHA_MIN)
     ids = keep.nonzero().squeeze(1)
     pc, z, o = pc[ids], z[ids], opacities[ids].to(dt)
     Rg = quat_to_rotmat(quats[ids].to(dt))  # [M, 3, 3]
     M_ = Rg * scales[ids].to(dt)[:, None, :]  # R S
-    cov_w = M_ @ M_.transpose(1, 2)  # [M, 3, 3]
-    cov_c = R @ cov_w @ R.T  # [M, 3, 3]
+    cov_w = _mm(M_, M_.transpose(1, 2))  # [M, 3, 3]
+    cov_c = _mm(_mm(R, cov_w), R.T)  # [M, 3, 3]
     fx, fy = float(K[0, 0]), float(K[1, 1])
     cx, cy = float(K[0, 2]) + 0.5, float(K[1, 2]) + 0.5  # gsplat convention
     tan_fx, tan_fy = 0.5 * width / fx, 0.5 * height / fy
@@ -97,7 +107,7 @@ def project_gaussians(
     ty = z * (y / z).clamp(-lim_yn, lim_yp)
     zero = torch.zeros_like(z)
     J = torch.stack([fx / z, zero, -fx * tx / z**2, zero, fy / z, -fy * ty / z**2], -1).reshape(-1, 2, 3)
-    cov2 = J @ cov_c @ J.transpose(1, 2)  # [M, 2, 2]
+    cov2 = _mm(_mm(J, cov_c), J.transpose(1, 2))  # [M, 2, 2]
     a = cov2[:, 0, 0] + eps2d
     b = cov2[:, 0, 1]
     c = cov2[:, 1, 1] + eps2d

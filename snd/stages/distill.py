@@ -40,9 +40,13 @@ def run(cfg: DistillConfig) -> TrainSummary:
     if not Path(cfg.shards).exists():
         raise SndError(f"scaffold store not found: {cfg.shards}", path=cfg.shards,
                        hint="run `snd precompute --out <store>` first, then pass it with --shards")
+    prev = torch.get_float32_matmul_precision()
     if torch.cuda.is_available() and cfg.device != "cpu":
-        torch.set_float32_matmul_precision("high")
-    summary = train(cfg)
+        torch.set_float32_matmul_precision("high")  # TF32 for the ViT; restored below (global state)
+    try:
+        summary = train(cfg)
+    finally:
+        torch.set_float32_matmul_precision(prev)
     if summary.rank == 0:
         last = summary.losses.get(summary.step)
         console.print(f"[green]distilled[/] {summary.step - summary.start_step} steps "
@@ -142,13 +146,17 @@ def bench(cfg: BenchDistillConfig) -> dict:
 
     _check_sizes(cfg.img_height, cfg.img_width)
     device = resolve_device(cfg.device, DistEnv())
-    if device.type == "cuda":
-        torch.set_float32_matmul_precision("high")
+    prev = torch.get_float32_matmul_precision()
     results = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
                "torch": torch.__version__, "models": []}
     for name in cfg.models:
         console.print(f"[bold]bench distill[/] {name} on {device} ...")
-        results["models"].append(_bench_one(name, cfg, device))
+        if device.type == "cuda":
+            torch.set_float32_matmul_precision("high")  # TF32 for the ViT, as in `run`; restored below
+        try:
+            results["models"].append(_bench_one(name, cfg, device))
+        finally:
+            torch.set_float32_matmul_precision(prev)
     text = json.dumps(results, indent=2)
     print(text)
     if cfg.out is not None:
