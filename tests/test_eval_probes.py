@@ -152,3 +152,19 @@ def test_losses_hand_computed():
     theta = math.acos(1 - 1e-4)
     want = math.log1p(math.exp(-kappa * math.pi)) - math.log1p(kappa ** 2) + kappa * theta
     assert angular_nll(pred, n, torch.ones(1, 1, 1, dtype=torch.bool)).item() == pytest.approx(want, rel=1e-4)
+
+
+def test_lr_scale_multiplies_the_recipe_lr_and_enters_the_protocol_hash_only_when_set():
+    from snd.eval.probes import default_spec
+    from snd.pipeline.config import EvalConfig
+    from snd.stages.evaluate import _protocol
+
+    base = default_spec("seg", 10)
+    quick = base.with_overrides(iters=300, lr_scale=10.0)
+    assert quick.lr == pytest.approx(10 * base.lr) and base.lr == 1e-3  # the paper's recipe is untouched
+    assert quick.iters == 300 and quick.warmup == round(base.warmup * 300 / base.iters)
+    assert base.with_overrides(iters=300).lr == base.lr
+    with pytest.raises(ValueError, match="lr_scale"):
+        base.with_overrides(lr_scale=0.0)
+    assert "lr_scale" not in _protocol(EvalConfig())  # old result folders keep their hash
+    assert _protocol(EvalConfig(lr_scale=10.0))["lr_scale"] == 10.0

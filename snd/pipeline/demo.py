@@ -40,8 +40,8 @@ def demo_configs(out: Path, *, scenes: int, iters: int, seed: int) -> tuple[Synt
                          lr=1e-3, iters=iters, num_workers=0, log_every=5, ckpt_every=max(iters // 2, 1),
                          device="cpu", seed=seed)
     ev = EvalConfig(model=str(dist.run), init="random", baseline=DEMO_MODEL, data_root=out / "data",
-                    datasets=["synth"], out=out / "eval", img_height=h, img_width=w, iters=150, batch=4,
-                    device="cpu", seed=seed)
+                    datasets=["synth"], out=out / "eval", img_height=h, img_width=w, iters=200, batch=4,
+                    lr_scale=10.0, device="cpu", seed=seed)
     return synth, pre, dist, ev
 
 
