@@ -14,7 +14,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -157,3 +157,28 @@ def frame_number(name: str) -> int:
         elif digits:
             break
     return int(digits) if digits else -1
+
+
+def read_transform_frames(
+    frames: list, tf_path: Path, image_dir: Path, to_name: Callable[[str], str]
+) -> tuple[list[str], list[bool], list[np.ndarray]]:
+    """Frames of a nerfstudio transforms file that have an image: (names, is_bad, OpenGL matrices [4, 4]).
+
+    Sorted by frame number as SnD does; `to_name` maps a `file_path` entry to its name under `image_dir`.
+    Both ScanNet++ layouts read their frame lists through this one function.
+    """
+    rows = []
+    for fr in frames:
+        try:
+            name = to_name(str(fr["file_path"]))
+            M = np.asarray(fr["transform_matrix"], dtype=np.float64)
+        except (KeyError, TypeError, ValueError) as e:
+            raise SndError(f"malformed frame entry in {tf_path}: {str(fr)[:120]}", path=tf_path) from e
+        if M.shape != (4, 4):
+            raise SndError(f"transform_matrix of {name} is not 4x4 in {tf_path}", path=tf_path)
+        if (image_dir / name).is_file():
+            rows.append((frame_number(name), name, M, bool(fr.get("is_bad", False))))
+    if not rows:
+        raise SndError(f"no frame of {tf_path} has an image in {image_dir}", path=tf_path)
+    rows.sort(key=lambda r: (r[0], r[1]))
+    return [r[1] for r in rows], [r[3] for r in rows], [r[2] for r in rows]

@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image
 
 from snd.data.camera import Camera, intrinsics, opencv_to_opengl, opengl_to_opencv
-from snd.data.formats import atomic_write_text, frame_number, read_json, write_json
+from snd.data.formats import atomic_write_text, read_json, read_transform_frames, write_json
 from snd.data.imageio import read_label_png, read_rgb, resize_labels, resize_rgb, write_label_png
 from snd.errors import SndError
 
@@ -50,25 +50,9 @@ class PreparedScene:
         self.transforms_path = tf_path
         self.image_dir = self.dir / "images"
         self.mask_dir = self.dir / "instance_segmentation"
-        rows = []
-        for fr in tf["frames"]:
-            try:
-                rel = str(fr["file_path"])
-                M = np.asarray(fr["transform_matrix"], dtype=np.float64)
-            except (KeyError, TypeError, ValueError) as e:
-                raise SndError(f"malformed frame entry in {tf_path}: {str(fr)[:120]}", path=tf_path) from e
-            if rel.startswith("images/"):
-                rel = rel[len("images/") :]
-            if M.shape != (4, 4):
-                raise SndError(f"transform_matrix of {rel} is not 4x4 in {tf_path}", path=tf_path)
-            if (self.image_dir / rel).is_file():
-                rows.append((frame_number(rel), rel, M, bool(fr.get("is_bad", False))))
-        if not rows:
-            raise SndError(f"no frame of {tf_path} has an image in {self.image_dir}", path=tf_path)
-        rows.sort(key=lambda r: (r[0], r[1]))
-        self.frame_ids = [r[1] for r in rows]
-        self.is_bad = [r[3] for r in rows]
-        self._c2w = [opengl_to_opencv(r[2]) for r in rows]
+        self.frame_ids, self.is_bad, mats = read_transform_frames(
+            tf["frames"], tf_path, self.image_dir, lambda rel: rel[len("images/"):] if rel.startswith("images/") else rel)
+        self._c2w = [opengl_to_opencv(m) for m in mats]
         try:
             K = intrinsics(float(tf["fl_x"]), float(tf.get("fl_y", tf["fl_x"])), float(tf["cx"]), float(tf["cy"]))
         except (KeyError, TypeError, ValueError) as e:

@@ -25,7 +25,7 @@ import numpy as np
 
 from snd.data.camera import Camera, intrinsics
 from snd.data.fisheye import fisheye_undistort_map, remap_bilinear
-from snd.data.formats import frame_number, nerfstudio_to_mesh_c2w, read_colmap_images, read_json
+from snd.data.formats import nerfstudio_to_mesh_c2w, read_colmap_images, read_json, read_transform_frames
 from snd.data.imageio import read_rgb, resize_rgb
 from snd.data.ply import read_mesh
 from snd.data.raycast import MeshRaycaster, face_labels_from_vertices, lookup
@@ -87,26 +87,11 @@ class ScanNetppScene:
         self.native_camera_K, self.native_hw = K, (h, w)
 
         frames = list(tf["frames"]) + list(tf.get("test_frames", []) or [])
-        rows = []
-        for fr in frames:
-            try:
-                name = Path(str(fr["file_path"])).name
-                M = np.asarray(fr["transform_matrix"], dtype=np.float64)
-            except (KeyError, TypeError, ValueError) as e:
-                raise SndError(f"malformed frame entry in {tf_path}: {str(fr)[:120]}", path=tf_path) from e
-            if M.shape != (4, 4):
-                raise SndError(f"transform_matrix of {name} is not 4x4 in {tf_path}", path=tf_path)
-            if (self.image_dir / name).is_file():
-                rows.append((frame_number(name), name, M, bool(fr.get("is_bad", False))))
-        if not rows:
-            raise SndError(f"no frame of {tf_path} has an image in {self.image_dir}", path=tf_path)
-        rows.sort(key=lambda r: (r[0], r[1]))
-        self.frame_ids = [r[1] for r in rows]
-        self.is_bad = [r[3] for r in rows]
+        self.frame_ids, self.is_bad, mats = read_transform_frames(frames, tf_path, self.image_dir, lambda p: Path(p).name)
         colmap = dslr / "colmap" / "images.txt"
         poses = read_colmap_images(colmap) if colmap.is_file() else {}
         self.pose_source = "colmap" if poses else "transforms"
-        self._c2w = [poses[r[1]] if r[1] in poses else nerfstudio_to_mesh_c2w(r[2]) for r in rows]
+        self._c2w = [poses[n] if n in poses else nerfstudio_to_mesh_c2w(m) for n, m in zip(self.frame_ids, mats)]
 
         self.height = int(height) if height is not None else h
         self.width = int(width) if width is not None else w
