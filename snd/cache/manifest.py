@@ -19,12 +19,12 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
-from snd.cache.schema import FORMAT_NAME, SCHEMA_VERSION
+from snd.cache.schema import FORMAT_NAME, READABLE_VERSIONS, SCHEMA_VERSION
 from snd.errors import SndError
 
 META_DIR = "_snd"
 # Header keys that must match for a rerun to add to an existing store (anything else may change).
-IDENTITY_KEYS = ("format", "schema_version", "dataset", "source", "scaffold", "sampler", "encoding")
+IDENTITY_KEYS = ("format", "schema_version", "dataset", "source", "scaffold", "sampler", "encoding", "operator")
 
 
 def meta_dir(root: Path) -> Path:
@@ -111,7 +111,7 @@ def read_header(root: Path) -> dict:
         raise SndError(f"not a scaffold cache (no {META_DIR}/header.json): {root}", path=root,
                        hint="point at the --out folder of `snd precompute`")
     header = _read_json(hpath)
-    if header.get("format") != FORMAT_NAME or header.get("schema_version") != SCHEMA_VERSION:
+    if header.get("format") != FORMAT_NAME or header.get("schema_version") not in READABLE_VERSIONS:
         raise SndError(f"cache {root} has format {header.get('format')!r} v{header.get('schema_version')}, "
                        f"this snd reads {FORMAT_NAME!r} v{SCHEMA_VERSION}", path=root,
                        hint="rebuild the cache with this version's `snd precompute`")

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from snd.cache import manifest as M
 from snd.cache.encode import decode_scaffold
-from snd.cache.schema import CHECKSUM_ARRAY, SCHEMA_VERSION, Encoding, delta_decode, layout
+from snd.cache.schema import CHECKSUM_ARRAY, READABLE_VERSIONS, Encoding, OperatorSpec, delta_decode, layout
 from snd.cache.writer import crc32c
 from snd.errors import SndError
 
@@ -47,6 +47,7 @@ class DecodedPair:
     tgt_c2w: Tensor  # [T,4,4]
     ctx_index: tuple[int, int]
     tgt_index: tuple[int, ...]  # -1 = no target in that slot
+    operator: dict[str, Tensor] | None = None  # op_* arrays [T, ...] as stored (schema v2), or None
 
 
 class SceneReader:
@@ -61,14 +62,15 @@ class SceneReader:
             attrs = dict(self.group.attrs)
         except Exception as e:  # noqa: BLE001 - any failure to open is a damaged store for the user
             raise _corrupt(root, scene, None, f"cannot open group ({type(e).__name__}: {e})") from e
-        if attrs.get("schema_version") != SCHEMA_VERSION:
-            raise _corrupt(root, scene, None, f"schema version {attrs.get('schema_version')} != {SCHEMA_VERSION}")
+        if attrs.get("schema_version") not in READABLE_VERSIONS:
+            raise _corrupt(root, scene, None, f"schema version {attrs.get('schema_version')} not in {READABLE_VERSIONS}")
         self.attrs = attrs
         self.height, self.width = int(attrs["height"]), int(attrs["width"])
         self.n_pairs, self.n_targets = int(attrs["n_pairs"]), int(attrs["n_targets"])
         self.enc = Encoding.from_dict(attrs["encoding"])
         self.frame_ids: list[str] = list(attrs.get("frame_ids", []))
-        self.specs = layout(self.height, self.width, self.n_targets, self.enc)
+        self.op = OperatorSpec.from_dict(attrs.get("operator"))
+        self.specs = layout(self.height, self.width, self.n_targets, self.enc, self.op)
         self._small = {n: self._read_whole(n) for n, s in self.specs.items() if s.kind == "small"}
         self._crc = self._read_whole(CHECKSUM_ARRAY)
         if verify and hashlib.sha256(np.ascontiguousarray(self._crc).tobytes()).hexdigest() != record.get("checksums_sha256"):
@@ -81,12 +83,14 @@ class SceneReader:
         except Exception as e:  # noqa: BLE001
             raise _corrupt(self.root, self.scene, None, f"array {name!r} unreadable ({type(e).__name__}: {e})") from e
 
-    def read_stored(self, p: int) -> dict[str, np.ndarray]:
-        """Pair `p`'s arrays as stored (row deltas undone), checksum-verified."""
+    def read_stored(self, p: int, names: "set[str] | None" = None) -> dict[str, np.ndarray]:
+        """Pair `p`'s arrays as stored (row deltas undone), checksum-verified; `names` limits which are read."""
         if not 0 <= p < self.n_pairs:
             raise IndexError(f"scene {self.scene}: pair {p} out of range [0, {self.n_pairs})")
         out = {}
         for name, s in self.specs.items():
+            if names is not None and name not in names:
+                continue
             if s.kind == "small":
                 a = self._small[name][p]
             else:
@@ -99,18 +103,31 @@ class SceneReader:
             out[name] = delta_decode(a) if s.delta else np.array(a, copy=True)
         return out
 
-    def pair(self, p: int) -> DecodedPair:
-        """Pair `p` decoded to float32 Gaussians, int64 masks and float32 cameras."""
-        st = self.read_stored(p)
-        K = torch.from_numpy(st["ctx_K"])[None]
-        c2w = torch.from_numpy(st["ctx_c2w"])[None]
-        fields = {k: st[k][None] for k in ("depth", "quats", "scales", "opacity", "offset_range", "scale_range")}
-        if self.enc.offset:
-            fields["offset"] = st["offset"][None]
-        means, quats, scales, opac = decode_scaffold(fields, K, c2w, enc=self.enc)
+    def pair(self, p: int, *, gaussians: bool = True, operator: bool = True) -> DecodedPair:
+        """Pair `p` decoded to float32 Gaussians (empty tensors when `gaussians=False`, which skips reading
+        and decoding them: stage two's operator path needs none), int64 masks and float32 cameras; with
+        `operator` (and a store that has them), the stored operator arrays [T, ...] as tensors."""
+        names = set(self.specs)
+        if not gaussians:
+            names -= {"depth", "offset", "quats", "scales", "opacity"}
+        if not operator:
+            names -= {n for n in self.specs if n.startswith("op_")}
+        st = self.read_stored(p, names)
+        if gaussians:
+            K = torch.from_numpy(st["ctx_K"])[None]
+            c2w = torch.from_numpy(st["ctx_c2w"])[None]
+            fields = {k: st[k][None] for k in ("depth", "quats", "scales", "opacity", "offset_range", "scale_range")}
+            if self.enc.offset:
+                fields["offset"] = st["offset"][None]
+            means, quats, scales, opac = (x[0] for x in decode_scaffold(fields, K, c2w, enc=self.enc))
+        else:
+            means = quats = scales = opac = torch.zeros(0)
+        ops = None
+        if operator and self.op is not None:
+            ops = {n: torch.from_numpy(np.ascontiguousarray(st[n])) for n in self.specs if n.startswith("op_")}
         f32 = torch.float32
         return DecodedPair(
-            scene=self.scene, pair=p, means=means[0], quats=quats[0], scales=scales[0], opacities=opac[0],
+            scene=self.scene, pair=p, means=means, quats=quats, scales=scales, opacities=opac, operator=ops,
             ctx_masks=torch.from_numpy(st["ctx_mask"].astype(np.int64)),
             tgt_masks=torch.from_numpy(st["tgt_mask"].astype(np.int64)),
             ctx_K=torch.from_numpy(st["ctx_K"]).to(f32), ctx_c2w=torch.from_numpy(st["ctx_c2w"]).to(f32),

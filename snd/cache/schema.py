@@ -15,6 +15,13 @@ Stored layout of one scene group (P pairs, T targets per pair, scaffold H x W):
   ``ctx_index [P,2] i32``, ``tgt_index [P,T] i32`` (-1 = no target), ``ctx_K [P,2,3,3] f64``,
   ``ctx_c2w [P,2,4,4] f64``, ``tgt_K [P,T,3,3] f64``, ``tgt_c2w [P,T,4,4] f64``, and
   ``crc32c [P,A] uint32`` (per pair, per array in `CHECKED_ARRAYS`, of the stored bytes).
+* v2 adds, when the store was built with an operator (`OperatorSpec`), per pair and target slot the
+  transfer operator of `snd.splat.operator` (R = row cap, K = instance cap, P = h2*w2 target patches,
+  J = 2*h*w context patches): ``op_cols [P,T,P,R] int16|int32``, ``op_vals [P,T,P,R] f16``,
+  ``op_inst [P,T,K,J] f16``, ``op_inst_ids [P,T,P,4] int16``, ``op_inst_w [P,T,P,4] f16``,
+  ``op_valid [P,T,P] uint8`` and ``op_stats [P,T,3] f32`` (dropped direct / instance mass, max row nnz).
+  float16 coefficients move targets by < 1e-3 of their scale (tested), below the bf16 teacher's own
+  rounding. v1 stores (no operator) stay readable.
 """
 from __future__ import annotations
 
@@ -23,7 +30,8 @@ from typing import Literal
 
 import numpy as np
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # v1 = v2 without operator arrays
 FORMAT_NAME = "snd-scaffold-cache"
 PAIRS_PER_SHARD = 16  # pairs per shard file: ~100 MB files at 576x880, few files per scene
 
@@ -68,6 +76,53 @@ class Encoding:
 
 
 @dataclass(frozen=True)
+class OperatorSpec:
+    """Shape and meaning of the stored transfer operators (recorded in the header and every scene group).
+
+    ctx_hw / out_hw: the teacher's context patch grid and the student's target patch grid (stage two's
+    backbone input size // patch size). The rest are `snd.splat.operator.build_operator`'s knobs; stage
+    two uses the stored operators only when its own settings equal these.
+    """
+
+    ctx_hw: tuple[int, int]
+    out_hw: tuple[int, int]
+    upsample: Literal["mask", "bilinear"] = "mask"
+    blend: bool = True
+    blend_weight: float = 0.5
+    coverage_threshold: float = 0.5
+    upsample_fallback: Literal["bilinear", "zero"] = "bilinear"
+    row_cap: int = 64
+    inst_cap: int = 128
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ctx_hw", tuple(int(x) for x in self.ctx_hw))
+        object.__setattr__(self, "out_hw", tuple(int(x) for x in self.out_hw))
+        if self.row_cap < 1 or self.inst_cap < 1:
+            raise ValueError(f"row_cap and inst_cap must be >= 1, got {self.row_cap}, {self.inst_cap}")
+
+    @property
+    def P(self) -> int:
+        return self.out_hw[0] * self.out_hw[1]
+
+    @property
+    def J(self) -> int:
+        return 2 * self.ctx_hw[0] * self.ctx_hw[1]
+
+    @property
+    def col_dtype(self) -> np.dtype:
+        return np.dtype(np.int16 if self.J <= np.iinfo(np.int16).max else np.int32)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["ctx_hw"], d["out_hw"] = list(self.ctx_hw), list(self.out_hw)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "OperatorSpec | None":
+        return None if not d else cls(**d)
+
+
+@dataclass(frozen=True)
 class ArraySpec:
     """One stored array: per-pair shape (the leading P axis excluded), dtype, kind, filters."""
 
@@ -79,7 +134,7 @@ class ArraySpec:
     codec: Literal["zstd", "blosc-zstd", "blosc-bitshuffle", "blosc-shuffle"] = "blosc-zstd"
 
 
-def layout(height: int, width: int, targets: int, enc: Encoding) -> dict[str, ArraySpec]:
+def layout(height: int, width: int, targets: int, enc: Encoding, op: OperatorSpec | None = None) -> dict[str, ArraySpec]:
     """All arrays of a scene group in a fixed order (the order of the checksum table's columns)."""
     H, W, T = height, width, targets
     d = enc.delta
@@ -100,6 +155,18 @@ def layout(height: int, width: int, targets: int, enc: Encoding) -> dict[str, Ar
         ArraySpec("tgt_K", (T, 3, 3), np.dtype(np.float64), "small"),
         ArraySpec("tgt_c2w", (T, 4, 4), np.dtype(np.float64), "small"),
     ]
+    if op is not None:
+        P, J, R, Kc = op.P, op.J, op.row_cap, op.inst_cap
+        f16 = np.dtype(np.float16)
+        specs += [
+            ArraySpec("op_cols", (T, P, R), op.col_dtype, "field", codec="blosc-shuffle"),
+            ArraySpec("op_vals", (T, P, R), f16, "field", codec="blosc-bitshuffle"),
+            ArraySpec("op_inst", (T, Kc, J), f16, "field", codec="blosc-bitshuffle"),
+            ArraySpec("op_inst_ids", (T, P, 4), np.dtype(np.int16), "field", codec="blosc-shuffle"),
+            ArraySpec("op_inst_w", (T, P, 4), f16, "field", codec="blosc-bitshuffle"),
+            ArraySpec("op_valid", (T, P), np.dtype(np.uint8), "field", codec="blosc-shuffle"),
+            ArraySpec("op_stats", (T, 3), np.dtype(np.float32), "small"),
+        ]
     return {s.name: s for s in specs}
 
 

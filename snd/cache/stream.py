@@ -46,10 +46,13 @@ class ShardStream(IterableDataset):
         start: local positions to skip (exact resume).
         batch_size: the DataLoader batch size the worker split is made for (`make_loader` sets it).
         verify: check per-pair checksums on every read.
+        gaussians: decode the scaffold Gaussians (the render path needs them; the operator path does not).
+        operator: add the target's stored transfer operator (``op_*`` keys) when the store has them.
     """
 
     def __init__(self, store_path: str | Path, *, data_root: str | Path | None = None, img_hw: tuple[int, int],
-                 seed: int, rank: int = 0, world_size: int = 1, start: int = 0, batch_size: int = 1, verify: bool = True):
+                 seed: int, rank: int = 0, world_size: int = 1, start: int = 0, batch_size: int = 1, verify: bool = True,
+                 gaussians: bool = True, operator: bool = True):
         super().__init__()
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
@@ -72,6 +75,7 @@ class ShardStream(IterableDataset):
         self.img_hw = (int(img_hw[0]), int(img_hw[1]))
         self.seed, self.rank, self.world_size, self.start = int(seed), rank, world_size, int(start)
         self.batch_size, self.verify = batch_size, verify
+        self.gaussians, self.operator = gaussians, operator
         self._reader: CacheReader | None = None
         self._dataset: Any = None
         self._scene_objs: OrderedDict[str, tuple[Any, dict[str, int]]] = OrderedDict()
@@ -143,10 +147,12 @@ class ShardStream(IterableDataset):
         si, p, t = self.item_at(g)
         name = self.scenes[si]
         sr = self._reader.scene(name)
-        d = sr.pair(p)
+        d = sr.pair(p, gaussians=self.gaussians, operator=self.operator)
         ti = d.tgt_index[t]
         ctx = torch.stack([self._image(name, i, sr.frame_ids) for i in d.ctx_index])
+        ops = {k: v[t] for k, v in d.operator.items()} if d.operator is not None else {}
         return {
+            **ops,
             "ctx_images": ctx, "tgt_image": self._image(name, ti, sr.frame_ids),
             "means": d.means, "quats": d.quats, "scales": d.scales, "opacities": d.opacities,
             "ctx_masks": d.ctx_masks, "tgt_mask": d.tgt_masks[t],

@@ -22,7 +22,8 @@ import google_crc32c
 import numpy as np
 
 from snd.cache import manifest as M
-from snd.cache.schema import CHECKSUM_ARRAY, PAIRS_PER_SHARD, SCHEMA_VERSION, ArraySpec, Encoding, codecs_for, delta_encode, layout
+from snd.cache.schema import (CHECKSUM_ARRAY, PAIRS_PER_SHARD, SCHEMA_VERSION, ArraySpec, Encoding, OperatorSpec, codecs_for,
+                              delta_encode, layout)
 
 log = logging.getLogger(__name__)
 
@@ -64,20 +65,21 @@ class SceneWriter:
     """Write one scene group of `n_pairs` pairs into ``<store>/_snd/tmp``; `commit` renames it into place."""
 
     def __init__(self, root: Path, scene: str, *, n_pairs: int, n_targets: int, height: int, width: int,
-                 enc: Encoding, attrs: dict, pairs_per_shard: int = PAIRS_PER_SHARD):
+                 enc: Encoding, attrs: dict, pairs_per_shard: int = PAIRS_PER_SHARD, op: OperatorSpec | None = None):
         import zarr
 
         M.check_scene_name(scene)
         if n_pairs < 1:
             raise ValueError(f"scene {scene}: need at least one pair, got {n_pairs}")
         self.root, self.scene, self.n_pairs = Path(root), scene, n_pairs
-        self.specs = layout(height, width, n_targets, enc)
+        self.specs = layout(height, width, n_targets, enc, op)
         self.enc = enc
         self.tmp = M.tmp_dir(self.root) / f"{scene}.{uuid.uuid4().hex[:12]}"
         self.tmp.parent.mkdir(parents=True, exist_ok=True)
         self.group = zarr.open_group(store=str(self.tmp), mode="w", zarr_format=3, attributes={
             "format": M.FORMAT_NAME, "schema_version": SCHEMA_VERSION, "scene": scene, "height": height,
             "width": width, "n_pairs": n_pairs, "n_targets": n_targets, "encoding": enc.to_dict(),
+            "operator": op.to_dict() if op is not None else None,
             "checksum": {"algorithm": "crc32c", "of": "stored bytes of each pair", "arrays": list(self.specs)},
             **attrs,
         })

@@ -31,8 +31,9 @@ import torch
 from rich.console import Console
 
 from snd.cache import manifest as M
-from snd.cache.encode import encode_scaffold
-from snd.cache.schema import Encoding
+from snd.cache.encode import decode_scaffold, encode_scaffold
+from snd.cache.opcodec import encode_operators
+from snd.cache.schema import Encoding, OperatorSpec
 from snd.cache.writer import SceneWriter, clear_stale
 from snd.errors import SndError
 from snd.pipeline.config import BenchPrecomputeConfig, PrecomputeConfig, to_jsonable
@@ -79,9 +80,28 @@ def resolve_rank(cfg_rank: int, cfg_world: int) -> tuple[int, int]:
     return rank, world
 
 
+PATCH = 14  # DINOv2's patch size: the operators are built for stage two's patch grids
+
+
+def operator_spec(cfg: PrecomputeConfig) -> OperatorSpec | None:
+    """The operator shape/knobs this run stores (None with --no-operator)."""
+    if not getattr(cfg, "operator", False):
+        return None
+    ih = cfg.operator_img_height or cfg.height // PATCH * PATCH
+    iw = cfg.operator_img_width or cfg.width // PATCH * PATCH
+    if ih % PATCH or iw % PATCH or ih < PATCH or iw < PATCH:
+        raise SndError(f"operator input size {ih}x{iw} is not a positive multiple of the patch size {PATCH}",
+                       hint="pass --operator-img-height/--operator-img-width as multiples of 14")
+    grid = (ih // PATCH, iw // PATCH)
+    return OperatorSpec(ctx_hw=grid, out_hw=grid, upsample=cfg.operator_upsample, blend=cfg.operator_blend,
+                        row_cap=cfg.operator_row_cap, inst_cap=cfg.operator_inst_cap)
+
+
 def store_header(cfg: PrecomputeConfig, ds: Any, source: ScaffoldSource, enc: Encoding) -> dict:
     src = source.describe()
+    op = operator_spec(cfg)
     return {
+        "operator": op.to_dict() if op is not None else None,
         "dataset": {"layout": ds.layout, "split": cfg.split},
         "data_root": str(Path(cfg.data).resolve()),
         "source": {k: v for k, v in src.items() if k != "ckpt"},
@@ -261,7 +281,7 @@ class _Writer(threading.Thread):
                     _, _, n_pairs, frame_ids = op
                     self.writers[name] = SceneWriter(
                         self.out, name, n_pairs=n_pairs, n_targets=self.cfg.targets_per_pair, height=self.cfg.height,
-                        width=self.cfg.width, enc=self.enc, attrs={"frame_ids": frame_ids})
+                        width=self.cfg.width, enc=self.enc, attrs={"frame_ids": frame_ids}, op=operator_spec(self.cfg))
                 elif kind == "add":
                     self.writers[name].add(op[2])
                 elif kind == "commit":
@@ -316,6 +336,7 @@ def run(cfg: PrecomputeConfig, *, source: ScaffoldSource | None = None, progress
     jobs = names[rank::world]
     source = source if source is not None else make_source(cfg)
     enc = Encoding(offset=source.has_offset)
+    op_spec = operator_spec(cfg)
     out = Path(cfg.out)
     M.init_store(out, store_header(cfg, ds, source, enc))
 
@@ -389,7 +410,7 @@ def run(cfg: PrecomputeConfig, *, source: ScaffoldSource | None = None, progress
                     prog.advance(t_scenes)
                     continue
                 b: _Batch = msg[1]
-                fields = _predict_encode(source, b, enc)
+                fields = _predict_encode(source, b, enc, op_spec)
                 tw = time.perf_counter()
                 writer.q.put(("add", b.scene, fields))
                 wait_write = time.perf_counter() - tw
@@ -425,7 +446,40 @@ class _suppress_full:
         return et is queue.Full
 
 
-def _predict_encode(source: ScaffoldSource, b: _Batch, enc: Encoding) -> dict[str, np.ndarray]:
+def _build_operators(fields: dict[str, np.ndarray], b: _Batch, enc: Encoding, spec: OperatorSpec,
+                     dev: torch.device) -> dict[str, np.ndarray]:
+    """Transfer operators of every (pair, target slot), built from the *decoded* stored scaffold, so that
+    stage two's operator path equals its render path on exactly what the cache holds."""
+    from snd.splat.gaussians import PixelGaussians
+    from snd.splat.operator import build_operator
+    from snd.train.distiller import rigid_inverse
+
+    K = torch.from_numpy(b.ctx_K).to(dev)
+    c2w = torch.from_numpy(b.ctx_c2w).to(dev)
+    dec = {k: v for k, v in fields.items() if k in ("depth", "offset", "quats", "scales", "opacity", "offset_range", "scale_range")}
+    means, quats, scales, opac = decode_scaffold(dec, K, c2w, enc=enc, device=dev)
+    ex = b.extra
+    ops = []
+    for i in range(len(b.ctx_K)):
+        g = PixelGaussians(means[i], quats[i], scales[i], opac[i])
+        ctx_masks = torch.from_numpy(ex["ctx_mask"][i].astype(np.int64)).to(dev)
+        row = []
+        for t, ti in enumerate(ex["tgt_index"][i]):
+            if ti < 0:
+                row.append(None)
+                continue
+            w2c = rigid_inverse(torch.from_numpy(ex["tgt_c2w"][i, t]).to(dev, torch.float32))
+            row.append(build_operator(
+                g, ctx_masks, torch.from_numpy(ex["tgt_mask"][i, t].astype(np.int64)).to(dev),
+                torch.from_numpy(ex["tgt_K"][i, t]).to(dev, torch.float32), w2c, spec.ctx_hw, spec.out_hw,
+                upsample=spec.upsample, blend=spec.blend, blend_weight=spec.blend_weight,
+                coverage_threshold=spec.coverage_threshold, upsample_fallback=spec.upsample_fallback,
+                row_cap=spec.row_cap, inst_cap=spec.inst_cap))
+        ops.append(row)
+    return encode_operators(ops, spec)
+
+
+def _predict_encode(source: ScaffoldSource, b: _Batch, enc: Encoding, spec: OperatorSpec | None = None) -> dict[str, np.ndarray]:
     dev = source.device
     images = b.images.to(dev, non_blocking=True).permute(0, 1, 4, 2, 3).float().div_(255.0)  # [B,2,3,H,W]
     K = torch.from_numpy(b.ctx_K)
@@ -435,6 +489,8 @@ def _predict_encode(source: ScaffoldSource, b: _Batch, enc: Encoding) -> dict[st
     stack = [torch.stack([getattr(g, k) for g in gs]) for k in ("means", "quats", "scales", "opacities")]
     fields = encode_scaffold(*stack, K.to(dev), c2w.to(dev), enc=enc)
     fields.update(b.extra)
+    if spec is not None:
+        fields.update(_build_operators(fields, b, enc, spec, torch.device(dev)))
     return fields
 
 

@@ -17,22 +17,49 @@ from torch.utils.data import DataLoader, IterableDataset
 from snd.errors import SndError
 from snd.pipeline.config import DistillConfig
 
-__all__ = ["StreamFactory", "BatchIterator", "shard_stream_factory", "to_device", "select_views", "TENSOR_KEYS"]
+__all__ = ["StreamFactory", "BatchIterator", "shard_stream_factory", "use_stored_operators", "to_device", "select_views", "TENSOR_KEYS"]
 
 # (start = local position, rank, world_size) -> IterableDataset of stream items (split as ShardStream)
 StreamFactory = Callable[[int, int, int], IterableDataset]
 
 TENSOR_KEYS = ("ctx_images", "tgt_image", "means", "quats", "scales", "opacities", "ctx_masks", "tgt_mask",
-               "ctx_K", "ctx_c2w", "tgt_K", "tgt_c2w", "index")
+               "ctx_K", "ctx_c2w", "tgt_K", "tgt_c2w", "index")  # + "op_*" (schema v2 operators) when in use
+
+
+def use_stored_operators(cfg: DistillConfig, header: dict, patch: int = 14) -> bool:
+    """Whether this run builds its targets from the store's operators (`--targets`, see DistillConfig).
+
+    The stored operators bake in the patch grids, the upsampling mode and blending; they serve a run only
+    when those equal the run's own, and never ablation E (targets in the context views)."""
+    if cfg.targets == "render":
+        return False
+    op = header.get("operator")
+    grid = [cfg.img_height // patch, cfg.img_width // patch]
+    want = {"ctx_hw": grid, "out_hw": grid, "upsample": cfg.upsample, "blend": cfg.blend}
+    have = {k: op.get(k) for k in want} if op else None
+    ok = have == want and not cfg.render_to_context
+    if cfg.targets == "operator" and not ok:
+        why = ("the store has no operators" if not op else
+               "--render-to-context needs rendering" if cfg.render_to_context else f"store has {have}, this run needs {want}")
+        raise SndError(f"--targets operator: the store's operators do not fit this run ({why})", path=cfg.shards,
+                       hint="use --targets render (or auto), or rebuild the store with `snd precompute` "
+                            "--operator-img-height/--operator-img-width/--operator-upsample/--operator-blend matching the run")
+    return ok
 
 
 def shard_stream_factory(cfg: DistillConfig) -> StreamFactory:
-    """Streams from the Zarr store `cfg.shards` (helper 'cache''s `ShardStream`)."""
+    """Streams from the Zarr store `cfg.shards` (`snd.cache.stream.ShardStream`); with stored operators in
+    use the stream skips decoding the Gaussians (the operator replaces them)."""
+    from snd.cache.manifest import read_header
+
+    use_op = use_stored_operators(cfg, read_header(cfg.shards))
+
     def make(start: int, rank: int, world_size: int) -> IterableDataset:
         from snd.cache.stream import ShardStream
 
         return ShardStream(cfg.shards, data_root=cfg.data, img_hw=(cfg.img_height, cfg.img_width), seed=cfg.seed,
-                           rank=rank, world_size=world_size, start=start, batch_size=cfg.batch)
+                           rank=rank, world_size=world_size, start=start, batch_size=cfg.batch,
+                           gaussians=not use_op, operator=use_op)
     return make
 
 

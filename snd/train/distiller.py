@@ -118,7 +118,14 @@ class Distiller(nn.Module):
 
     @torch.no_grad()
     def build_targets(self, ctx_feats: Tensor, batch: dict, target_fn: TargetFn) -> tuple[Tensor, Tensor]:
-        """Per pair b: render ctx_feats [B, 2, C, h, w] into its target view -> ([B, C, h, w], valid [B, h, w])."""
+        """ctx_feats [B, 2, C, h, w] -> targets in each pair's target view ([B, C, h, w], valid [B, h, w]):
+        through the batch's stored operators when it carries them (``op_*``, see `use_stored_operators`),
+        else by rendering each pair with `target_fn`."""
+        if "op_cols" in batch and self.cfg.targets != "render":
+            from snd.cache.opcodec import operator_from_batch
+            from snd.splat.operator import apply_operator
+
+            return apply_operator(operator_from_batch(batch), ctx_feats, self.grid)
         B = ctx_feats.shape[0]
         feats, valid = [], []
         for b in range(B):

@@ -1,0 +1,102 @@
+"""Stored transfer operators (schema v2): stage one writes them, stage two's operator path equals its render path."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from snd.cache.manifest import read_header
+from snd.cache.opcodec import operator_from_batch
+from snd.cache.reader import CacheReader
+from snd.cache.stream import ShardStream
+from snd.errors import SndError
+from snd.pipeline.config import DistillConfig, PrecomputeConfig
+from snd.splat.gaussians import PixelGaussians
+from snd.splat.operator import apply_operator
+from snd.splat.target import target_features
+from snd.train.data import use_stored_operators
+from snd.train.distiller import rigid_inverse
+
+HW = (56, 84)
+GRID = (4, 6)
+
+
+@pytest.fixture(scope="module")
+def store(synth_root, tmp_path_factory) -> Path:
+    from snd.stages.precompute import run
+
+    out = tmp_path_factory.mktemp("opstore") / "cache"
+    run(PrecomputeConfig(data=synth_root, out=out, height=HW[0], width=HW[1], pairs_per_scene=2, targets_per_pair=2,
+                         batch_pairs=2, device="cpu", source="depth"), progress=False)
+    return out
+
+
+def test_stored_operator_equals_rendering_the_stored_scaffold(store):
+    hdr = read_header(store)
+    assert hdr["schema_version"] == 2 and hdr["operator"]["ctx_hw"] == list(GRID)
+    r = CacheReader(store)
+    torch.manual_seed(0)
+    checked = 0
+    for name in r.scenes:
+        sr = r.scene(name)
+        for p in range(sr.n_pairs):
+            d = sr.pair(p)
+            assert d.operator is not None and d.operator["op_cols"].dtype == torch.int16
+            for t, ti in enumerate(d.tgt_index):
+                if ti < 0:
+                    continue
+                stats = d.operator["op_stats"][t]
+                assert stats[0] == 0 and stats[1] == 0 and 0 < stats[2] <= 64  # nothing dropped at the defaults
+                feats = torch.randn(2, 8, *GRID)
+                ref, ref_valid = target_features(
+                    feats, PixelGaussians(d.means, d.quats, d.scales, d.opacities), d.ctx_masks, d.tgt_masks[t],
+                    d.tgt_K[t], rigid_inverse(d.tgt_c2w[t]), GRID, backend="torch")
+                op = operator_from_batch({k: v[t][None] for k, v in d.operator.items()})
+                got, valid = apply_operator(op, feats[None], GRID)
+                assert torch.equal(valid[0], ref_valid)
+                scale = ref.abs().max()
+                assert scale > 0.1 and (got[0] - ref).abs().max() < 2e-3 * scale  # fp16 coefficients
+                checked += 1
+    assert checked >= 4
+
+
+def test_stream_without_gaussians_carries_operators(store):
+    s = ShardStream(store, img_hw=HW, seed=0, gaussians=False, operator=True)
+    x = s.sample(0)
+    assert x["means"].numel() == 0 and x["op_cols"].shape == (GRID[0] * GRID[1], 64)
+    assert x["op_inst"].shape == (128, 2 * GRID[0] * GRID[1]) and x["op_valid"].shape == (GRID[0] * GRID[1],)
+    full = ShardStream(store, img_hw=HW, seed=0).sample(0)
+    assert torch.equal(full["op_vals"], x["op_vals"]) and full["means"].shape[1:3] == HW
+
+
+def _cfg(store: Path, run: Path, **kw) -> DistillConfig:
+    base = dict(shards=store, run=run, model="snd_test_vit_patch14", init="random", img_height=HW[0], img_width=HW[1],
+                head_hidden=64, head_bottleneck=32, head_prototypes=256, iters=4, num_workers=0, log_every=1,
+                ckpt_every=100, device="cpu", renderer="torch", lora_dropout=0.0)
+    base.update(kw)
+    return DistillConfig(**base)
+
+
+def test_which_targets_a_run_uses(store, tmp_path):
+    hdr = read_header(store)
+    assert use_stored_operators(_cfg(store, tmp_path), hdr)
+    assert not use_stored_operators(_cfg(store, tmp_path, targets="render"), hdr)
+    assert not use_stored_operators(_cfg(store, tmp_path, upsample="bilinear"), hdr)  # auto falls back
+    assert not use_stored_operators(_cfg(store, tmp_path, render_to_context=True), hdr)
+    with pytest.raises(SndError, match="do not fit this run"):
+        use_stored_operators(_cfg(store, tmp_path, targets="operator", blend=False), hdr)
+    with pytest.raises(SndError, match="no operators"):
+        use_stored_operators(_cfg(store, tmp_path, targets="operator"), {"operator": None})
+
+
+def test_distill_operator_path_matches_render_path(store, tmp_path):
+    from snd.stages.distill import run
+
+    a = run(_cfg(store, tmp_path / "op", targets="operator"))
+    b = run(_cfg(store, tmp_path / "render", targets="render"))
+    la = [a.losses[s] for s in sorted(a.losses)]
+    lb = [b.losses[s] for s in sorted(b.losses)]
+    assert len(la) == 4 and all(math.isfinite(x) for x in la)
+    assert la == pytest.approx(lb, rel=2e-3, abs=1e-4)
