@@ -61,6 +61,13 @@ class PrecomputeConfig:
     rank: int = opt(0, "This worker's index (also read from torchrun's RANK).")
     world_size: int = opt(1, "Number of workers splitting the scenes (also read from WORLD_SIZE).")
     seed: int = opt(0, "Seed of the pair sampler.")
+    operator: bool = opt(True, "Also store each target's transfer operator: stage two then needs no render (fast path).")
+    operator_img_height: Optional[int] = opt(None, "Stage two's backbone input height the operators are built for (default: --height floored to a multiple of 14).")
+    operator_img_width: Optional[int] = opt(None, "Stage two's backbone input width (default: --width floored to a multiple of 14).")
+    operator_upsample: Literal["mask", "bilinear"] = opt("mask", "Upsampling baked into the operators (stage two must use the same).")
+    operator_blend: bool = opt(True, "Semantic blending baked into the operators (stage two must use the same).")
+    operator_row_cap: int = opt(64, "Kept context patches per target patch (dropped mass is reported; 0 at the default on procedural scenes).")
+    operator_inst_cap: int = opt(128, "Kept instance labels per target view for blending.")
 
 
 @dataclass
@@ -98,6 +105,7 @@ class DistillConfig:
     render_to_context: bool = opt(False, "Render into the context views instead of a target between them (ablation E).")
     feature_render_loss: bool = opt(False, "Direct feature-rendering loss on a fixed teacher (ablation G).")
     renderer: Literal["auto", "gsplat", "torch"] = opt("auto", "Splatting backend: gsplat on CUDA, pure torch elsewhere.")
+    targets: Literal["auto", "operator", "render"] = opt("auto", "Loss targets from the store's per-pair operators (no render) or by rendering; auto = operators when the store has ones built with this run's settings.")
     amp: Literal["auto", "bf16", "fp32"] = opt("auto", "Autocast: bf16 on CUDA, fp32 on CPU.")
     compile: bool = opt(False, "torch.compile the student step (CUDA).")
     num_workers: int = opt(2, "DataLoader worker processes reading shards and images.")
