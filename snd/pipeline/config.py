@@ -108,6 +108,7 @@ class DistillConfig:
     targets: Literal["auto", "operator", "render"] = opt("auto", "Loss targets from the store's per-pair operators (no render) or by rendering; auto = operators when the store has ones built with this run's settings.")
     amp: Literal["auto", "bf16", "fp32"] = opt("auto", "Autocast: bf16 on CUDA, fp32 on CPU.")
     compile: bool = opt(False, "torch.compile the student step (CUDA).")
+    fast: Literal["auto", "on", "off"] = opt("auto", "Fast path: the whole step captured in CUDA graphs (needs the store's operators); auto = on CUDA when possible. On CPU 'on' runs the same body eagerly.")
     num_workers: int = opt(2, "DataLoader worker processes reading shards and images.")
     prefetch: int = opt(4, "Batches prefetched per worker.")
     log_every: int = opt(10, "Steps between logged scalars (one host sync each).")

@@ -190,12 +190,15 @@ def _train(cfg: DistillConfig, env: DistEnv, device: torch.device, factory: Stre
     pending: list[tuple[int, torch.Tensor, float]] = []
     t_start = t_log = time.perf_counter()
     steps_since_log = 0
+    stepper = None
     try:
         while step < cfg.iters:
             indices, batch = next(batches)
             summary.seen_indices.extend(indices)
+            if stepper is None:
+                stepper = _choose_stepper(runner, cfg, batch)
             lr = runner.lr
-            loss = runner.step(batch, step + 1)
+            loss = stepper.step(batch, step + 1)
             step += 1
             steps_since_log += 1
             pending.append((step, loss, lr))
@@ -219,6 +222,20 @@ def _train(cfg: DistillConfig, env: DistEnv, device: torch.device, factory: Stre
     with torch.no_grad():
         summary.param_digest = float(sum(p.double().square().sum() for p in runner.params))
     return summary
+
+
+def _choose_stepper(runner: StepRunner, cfg: DistillConfig, batch: dict):
+    """The fast path (`snd.train.graph.GraphStep`) when `--fast` allows it and the batch supports it."""
+    from snd.train.graph import GraphStep, graph_supported
+
+    ok, why = graph_supported(runner, batch)
+    if cfg.fast == "on" and not ok:
+        raise SndError(f"--fast on: {why}", hint="use --fast auto/off, or a store with matching operators (--targets auto)")
+    if ok and (cfg.fast == "on" or (cfg.fast == "auto" and runner.device.type == "cuda")):
+        return GraphStep(runner)
+    if cfg.fast == "auto" and runner.device.type == "cuda":
+        log.info("fast path off: %s", why)
+    return runner
 
 
 def _flush(pending, runner: StepRunner, logger: RunLogger, summary: TrainSummary, env: DistEnv,

@@ -58,42 +58,74 @@ class StepRunner:
     def _autocast(self):
         if self.amp is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp)
+        # no weight-cast cache: a CUDA graph capture must not keep casts that autocast frees on exit
+        return torch.autocast(self.device.type, dtype=self.amp, cache_enabled=not self.capturing)
+
+    capturing = False  # set by snd.train.graph while it captures
+
+    # ---- the device-side pieces of a step (no host syncs; what snd.train.graph captures) -------------
+    def teacher(self, batch: dict) -> Tensor:
+        """Teacher patch features of the context views [B, 2, C, h, w]."""
+        ctx = batch["ctx_images"]  # [B, 2, 3, H, W]
+        B, V = ctx.shape[:2]
+        with self._autocast():
+            feats = self.teacher_fn(ctx.flatten(0, 1))  # [B*2, C, h, w]
+        return feats.unflatten(0, (B, V))
+
+    def targets(self, batch: dict, feats: Tensor) -> tuple[Tensor, Tensor]:
+        """Context features -> loss targets [B, C, h, w] and valid [B, h, w] (operators or rendering)."""
+        return self.d.build_targets(feats, batch, self.target_fn)
+
+    def student(self, batch: dict, targets: Tensor, valid: Tensor) -> Tensor:
+        """Student forward + backward; returns the detached loss (gradients are in the parameters)."""
+        with self._autocast():
+            loss = self.student_fn(batch["tgt_image"], targets, valid)
+        loss.backward()
+        return loss.detach()
+
+    def optim(self, loss: Tensor, *, force_skip: Tensor | None = None, zero_grad: bool = True) -> None:
+        """All-reduce, clip, NaN/inf guard, fused Adam (skips on device when the guard trips or
+        `force_skip` is 1: parameters, moments and step counts stay untouched)."""
+        all_reduce_grads(self.params, self.world_size)
+        gnorm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip, foreach=True)
+        bad = (~(torch.isfinite(loss) & torch.isfinite(gnorm))).float()
+        if self.world_size > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        self.skipped += bad
+        if force_skip is not None:
+            bad = torch.maximum(bad, force_skip)
+        self.opt.found_inf.copy_(bad)
+        self.opt.step()
+        if zero_grad:
+            self.opt.zero_grad(set_to_none=True)
+
+    def after(self, step: int, ema: Callable[[], None] | None = None) -> None:
+        """Host side of step `step`: advance the lr schedule, EMA-update the teacher every `ema_every`."""
+        if step < self.sched.total_steps:
+            self.sched.step()
+        if self.d.ema_enabled and step % self.cfg.ema_every == 0:
+            if ema is None:
+                self.d.maybe_update_teacher(step)
+            else:
+                ema()
+            self.ema_updates += 1
 
     def step(self, batch: dict, step: int, tick: Callable[[str], None] | None = None) -> Tensor:
         """Run optimizer step number `step` (1-based) on `batch` (a collated stream batch); returns the
         detached loss (a device scalar; NaN if the step was skipped)."""
         tick = tick or (lambda name: None)
-        cfg = self.cfg
-        batch = select_views(to_device(batch, self.device), render_to_context=cfg.render_to_context)
+        batch = select_views(to_device(batch, self.device), render_to_context=self.cfg.render_to_context)
         tick("data")
-        ctx = batch["ctx_images"]  # [B, 2, 3, H, W]
-        B, V = ctx.shape[:2]
-        with self._autocast():
-            feats = self.teacher_fn(ctx.flatten(0, 1))  # [B*2, C, h, w]
-        feats = feats.unflatten(0, (B, V))
+        feats = self.teacher(batch)
         tick("teacher")
-        targets, valid = self.d.build_targets(feats, batch, self.target_fn)  # [B, C, h, w], [B, h, w]
+        targets, valid = self.targets(batch, feats)  # [B, C, h, w], [B, h, w]
         tick("target")
-        with self._autocast():
-            loss = self.student_fn(batch["tgt_image"], targets, valid)
-        loss.backward()
+        loss = self.student(batch, targets, valid)
         tick("student")
-        all_reduce_grads(self.params, self.world_size)
-        gnorm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip, foreach=True)
-        bad = (~(torch.isfinite(loss) & torch.isfinite(gnorm))).float()
-        if self.world_size > 1:
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        self.opt.found_inf.copy_(bad)
-        self.skipped += bad
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        if step < self.sched.total_steps:
-            self.sched.step()
-        if self.d.maybe_update_teacher(step):
-            self.ema_updates += 1
+        self.optim(loss)
+        self.after(step)
         tick("optim")
-        return loss.detach()
+        return loss
 
     @property
     def lr(self) -> float:
