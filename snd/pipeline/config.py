@@ -208,6 +208,7 @@ class BenchDistillConfig:
     iters: int = opt(50, "Timed steps (after warm-up).")
     warmup: int = opt(10, "Untimed warm-up steps.")
     renderer: Literal["auto", "gsplat", "torch"] = opt("auto", "Splatting backend.")
+    paths: list[str] = opt(["render", "operator", "fast"], "Step paths timed side by side: render / operator (eager) and fast (CUDA graphs; CPU: eager replay).")
     compile: bool = opt(False, "torch.compile the student step.")
     device: str = opt("auto", "'auto', 'cpu' or 'cuda[:i]'.")
     workdir: Optional[Path] = opt(None, "Scratch folder for the generated store (default: temp).")

@@ -135,3 +135,22 @@ def spawn_worker(rank: int, world_size: int, cfg, port: int, out_dir: str, disti
     s = train(cfg, stream_factory=factory, progress=False, env=DistEnv(rank, world_size, 0))
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump({"seen": s.seen_indices, "losses": s.losses, "digest": s.param_digest, "step": s.step}, f)
+
+
+def with_operator(item: dict, grid: tuple[int, int], *, device: torch.device | str = "cpu", **knobs) -> dict:
+    """`item` plus its target's transfer operator as the stream carries it (``op_*`` keys, stored dtypes),
+    built on `device` from the item's own scaffold (the fast path's input; `snd bench distill`)."""
+    from snd.cache.opcodec import encode_operators
+    from snd.cache.schema import OperatorSpec
+    from snd.splat.gaussians import PixelGaussians
+    from snd.splat.operator import build_operator
+    from snd.train.distiller import rigid_inverse
+
+    spec = OperatorSpec(ctx_hw=grid, out_hw=grid, **knobs)
+    dev = torch.device(device)
+    g = PixelGaussians(item["means"], item["quats"], item["scales"], item["opacities"]).to(device=dev)
+    op = build_operator(g, item["ctx_masks"].to(dev), item["tgt_mask"].to(dev), item["tgt_K"].to(dev),
+                        rigid_inverse(item["tgt_c2w"].to(dev)), spec.ctx_hw, spec.out_hw, upsample=spec.upsample,
+                        blend=spec.blend, row_cap=spec.row_cap, inst_cap=spec.inst_cap)
+    arrays = encode_operators([[op]], spec)
+    return {**item, **{k: torch.from_numpy(v[0, 0]) for k, v in arrays.items()}}
