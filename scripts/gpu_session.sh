@@ -25,6 +25,19 @@ run() { echo "== $1"; shift; "$@"; echo "rc=$?"; }
 if [[ $what == *tests* || $what == all ]]; then
   run gpu-tests timeout 300 python3 -m pytest -q -m "gpu and not slow" tests -p no:cacheprovider --durations=10 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
 fi
+if [[ $what == *fast* ]]; then
+  run fast-tests timeout 240 python3 -m pytest -q -s tests/test_fast_path_gpu.py tests/test_distill.py -k "gpu or fast or operator" -p no:cacheprovider --durations=5 2>&1 | tee "$OUT/fast_tests.log" | tail -30
+  run bench-distill-paths timeout 300 python3 -m snd.cli bench distill --iters 30 --warmup 10 --out "$OUT/bench_distill_paths.json" 2>&1 | grep -v "^ " | tail -5
+  python3 - "$OUT/bench_distill_paths.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+for m in r["models"]:
+    for p, v in m["paths"].items():
+        print(m["model"], p, f"{v['it_per_s']:.1f} it/s", {k: round(x, 2) for k, x in v["phases_ms_median"].items()},
+              "busy", v["gpu_busy_fraction"] and round(v["gpu_busy_fraction"], 3), "peak", v["peak_mem_gib"] and round(v["peak_mem_gib"], 2))
+    print("op build s/target", m["operator_build_s_per_target"], "max nnz", m["operator_max_row_nnz"])
+PY
+fi
 if [[ $what == *probe-target* ]]; then
   run probe-target timeout 200 python3 scripts/gpu_probe_target.py 2>&1 | tee "$OUT/probe_target.jsonl" | tail -30
 fi
