@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from snd.splat.gaussians import PixelGaussians
+from snd.splat.render import resolve_backend
 from snd.splat.render_torch import ALPHA_MIN, build_plan
 from snd.splat.upsample import Fallback, UpsampleMode, bilinear_resize, source_coords, upsample_weights
 
@@ -128,6 +129,7 @@ def build_operator(
     near: float = 0.01,
     far: float = 1e10,
     max_pairs: int = 1 << 24,
+    backend: str = "auto",
 ) -> TransferOperator:
     """The operator equal to ``target_features(feats, ...)`` for any feats [V, C, *ctx_hw] (same knobs).
 
@@ -137,9 +139,11 @@ def build_operator(
         ctx_hw: (h, w) the teacher's patch grid of the context views.
         row_cap: kept coefficients per target patch of the direct part.
         inst_cap: kept instance labels of the blending part.
-        max_pairs: memory bound of the compositing plan (see `build_plan`).
+        max_pairs: memory bound of the torch compositing plan (see `build_plan`).
+        backend: where the (pixel, Gaussian) compositing weights come from: "gsplat" (CUDA; gsplat's own
+            kernels, `contributions_gsplat`), "torch" (`build_plan`, any device; ~1e-4 from gsplat) or "auto"
+            (gsplat on CUDA when installed).
 
-    Works on CPU and CUDA (the plan is the torch renderer's, which matches gsplat to ~1e-4).
     Accumulation is in float64 so the result does not depend on the order of atomic adds on GPU.
     """
     V, H, W = gaussians.shape
@@ -160,11 +164,24 @@ def build_operator(
     g = gaussians.to(dtype=torch.float32)
     means, quats, scales, opac = g.flatten()
     alive = ((opac >= ALPHA_MIN) & torch.isfinite(means).all(-1) & torch.isfinite(scales).all(-1)).nonzero().squeeze(1)
-    plan = build_plan(means[alive], quats[alive], scales[alive], opac[alive], tgt_K.to(device, torch.float32),
-                      tgt_w2c.to(device, torch.float32), Ht, Wt, near=near, far=far, max_pairs=max_pairs)
-    rq, rg = plan.weights.indices()  # [nnz] pixel, alive-Gaussian
-    rv = plan.weights.values().to(f64)
-    covered = (plan.alpha > coverage_threshold).reshape(Q)
+    args = (means[alive], quats[alive], scales[alive], opac[alive], tgt_K.to(device, torch.float32),
+            tgt_w2c.to(device, torch.float32), Ht, Wt)
+    if resolve_backend(backend, device) == "gsplat":
+        from snd.splat.render_gsplat import contributions_gsplat
+
+        rq, rg, rv, alpha = contributions_gsplat(*args, near=near, far=far)
+    else:
+        plan = build_plan(*args, near=near, far=far, max_pairs=max_pairs)
+        rq, rg = plan.weights.indices()  # [nnz] pixel, alive-Gaussian
+        rv, alpha = plan.weights.values(), plan.alpha
+    rv = rv.to(f64)
+    covered = (alpha > coverage_threshold).reshape(Q)
+    # only pixels that a patch samples (direct part) or that are covered (instance means) matter
+    sampled = torch.zeros(Q, dtype=torch.bool, device=device)
+    dpix, dwt = _downsample_taps(Ht, Wt, h2, w2, device)  # [4, P]
+    sampled[dpix.reshape(-1)] = True
+    keep = (sampled | covered)[rq].nonzero().squeeze(1)
+    rq, rg, rv = rq[keep], rg[keep], rv[keep]
 
     # compose render with the upsampling taps: entries (pixel q, patch column j, weight)
     ucols, uw = _upsample_taps(ctx_masks.to(device) if upsample == "mask" else None, V, h, w, H, W,
@@ -181,16 +198,17 @@ def build_operator(
     b_pix = (counts > 0).to(f64)[inv] * (blend_weight if blend else 0.0)  # [Q]
 
     # direct part: scatter through the 4 downsampling tap slots (each slot maps pixels to patches 1:1)
-    dpix, dwt = _downsample_taps(Ht, Wt, h2, w2, device)  # [4, P]
     direct = torch.zeros(P * J, dtype=f64, device=device)
+    s_idx = sampled[eq].nonzero().squeeze(1)
+    sq, sj, sv = eq[s_idx], ej[s_idx], ev[s_idx]
     for t in range(4):
         pix2patch = torch.full((Q,), -1, dtype=torch.long, device=device)
         pix2patch[dpix[t]] = torch.arange(P, device=device)
-        p = pix2patch[eq]
+        p = pix2patch[sq]
         k = (p >= 0).nonzero().squeeze(1)
-        pk, qk = p[k], eq[k]
+        pk, qk = p[k], sq[k]
         coef = dwt[t][pk] * (1.0 - b_pix[qk])
-        direct.index_add_(0, pk * J + ej[k], coef * ev[k])
+        direct.index_add_(0, pk * J + sj[k], coef * sv[k])
     direct = direct.reshape(P, J)
 
     # instance part

@@ -73,3 +73,70 @@ def render_gsplat(
         rasterize_mode="classic", render_mode="RGB", channel_chunk=int(channel_chunk),
     )  # [1, H, W, C], [1, H, W, 1]
     return colors[0].permute(2, 0, 1).to(features.dtype), alphas[0, ..., 0].to(features.dtype)
+
+
+def contributions_gsplat(
+    means: Tensor,  # [N, 3]
+    quats: Tensor,  # [N, 4]
+    scales: Tensor,  # [N, 3]
+    opacities: Tensor,  # [N]
+    K: Tensor,  # [3, 3]
+    w2c: Tensor,  # [4, 4]
+    height: int,
+    width: int,
+    *,
+    near: float = 0.01,
+    far: float = 1e10,
+    tile_size: int = 16,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Every (pixel, Gaussian) compositing weight of a render, from gsplat's own kernels.
+
+    gsplat's projection, tile intersection and ``rasterize_to_indices_in_range`` (one pass over the whole
+    depth range, transmittance starting at 1) decide which pairs contribute, exactly as its rasteriser
+    does (alpha >= 1/255, stop before T <= 1e-4); the weights alpha_i T_i are then recomputed in torch
+    (float64 transmittance) as gsplat's pure-torch ``accumulate`` does. Orders of magnitude faster than
+    the torch plan at 576 x 880 (`snd.splat.operator` builds per-pair operators from this on GPU).
+
+    Returns (pixel [M] long = y*W + x, gaussian [M] long, weight [M] float64, alpha [H, W] float32).
+    """
+    import math
+
+    from gsplat.cuda._wrapper import (fully_fused_projection, isect_offset_encode, isect_tiles,
+                                      rasterize_to_indices_in_range)
+
+    from snd.splat.render_torch import ALPHA_MAX, composite_weights
+
+    dev = means.device
+    f = lambda t: t.to(device=dev, dtype=torch.float32).contiguous()  # noqa: E731
+    Kg = f(K).clone()
+    Kg[0, 2] += 0.5
+    Kg[1, 2] += 0.5
+    opac = f(opacities)
+    radii, means2d, depths, conics, _ = fully_fused_projection(
+        f(means), None, f(quats), f(scales), f(w2c)[None], Kg[None], int(width), int(height), eps2d=0.3,
+        near_plane=float(near), far_plane=float(far), packed=False, opacities=opac)
+    tw, th = math.ceil(width / tile_size), math.ceil(height / tile_size)
+    _, isect_ids, flatten_ids = isect_tiles(means2d, radii, depths, tile_size, tw, th, packed=False, n_images=1)
+    offsets = isect_offset_encode(isect_ids, 1, tw, th).reshape(1, th, tw)
+    flat = torch.cat([offsets.reshape(-1), offsets.new_tensor([flatten_ids.numel()])])
+    longest = int((flat[1:] - flat[:-1]).max()) if flatten_ids.numel() else 0
+    n_batches = max(1, -(-longest // (tile_size * tile_size)))
+    T0 = torch.ones(1, int(height), int(width), device=dev)
+    gid, pix, _ = rasterize_to_indices_in_range(0, n_batches, T0, means2d, conics, opac[None], int(width), int(height),
+                                                tile_size, offsets, flatten_ids)
+    gid, pix = gid.long(), pix.long()
+    # alpha of every pair, as gsplat's accumulate (pixel centres at +0.5)
+    px = (pix % width).to(torch.float32) + 0.5
+    py = torch.div(pix, width, rounding_mode="floor").to(torch.float32) + 0.5
+    m2, c = means2d[0][gid], conics[0][gid]
+    dx, dy = px - m2[:, 0], py - m2[:, 1]
+    sigma = 0.5 * (c[:, 0] * dx * dx + c[:, 2] * dy * dy) + c[:, 1] * dx * dy
+    alpha = (opac[gid] * torch.exp(-sigma)).clamp_max(ALPHA_MAX)
+    # front to back within each pixel: gsplat sorts a tile's list by depth (stable on Gaussian index)
+    order = torch.sort(depths[0], stable=True).indices
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel(), device=dev)
+    srt = torch.sort(pix * order.numel() + rank[gid]).indices
+    pix, gid, alpha = pix[srt], gid[srt], alpha[srt]
+    w, t_final = composite_weights(pix, alpha.double(), height * width)
+    return pix, gid, w, (1.0 - t_final).to(torch.float32).reshape(height, width)

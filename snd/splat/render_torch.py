@@ -126,6 +126,25 @@ def project_gaussians(
                      radii=torch.stack([rx[sel], ry[sel]], -1).long())
 
 
+def composite_weights(pix: Tensor, alpha: Tensor, n_pixels: int) -> tuple[Tensor, Tensor]:
+    """Front-to-back compositing weights of pairs already sorted by (pixel, depth) and already cut at
+    the transmittance stop: (weight alpha_i T_i [M], final transmittance [n_pixels]) in alpha's dtype.
+
+    T is a segmented cumulative product, computed as a cumulative sum of log(1 - alpha) minus its
+    value at each pixel's segment start."""
+    if pix.numel() == 0:
+        return alpha.new_zeros(0), alpha.new_ones(n_pixels)
+    logt = torch.log1p(-alpha)
+    cs = torch.cumsum(logt, 0)
+    new_seg = torch.ones_like(pix, dtype=torch.bool)
+    new_seg[1:] = pix[1:] != pix[:-1]
+    seg_id = torch.cumsum(new_seg.long(), 0) - 1
+    incl = cs - (cs - logt)[new_seg][seg_id]  # log T after each pair
+    w = alpha * torch.exp(incl - logt)
+    t_fin = alpha.new_ones(n_pixels).scatter_reduce_(0, pix, torch.exp(incl), reduce="amin")
+    return w, t_fin
+
+
 @dataclass
 class SplatPlan:
     """Compositing weights of one render: features [N, C] -> image [C, H, W] is ``weights @ features``.
