@@ -27,7 +27,7 @@ if [[ $what == *tests* || $what == all ]]; then
 fi
 if [[ $what == *fast* ]]; then
   run fast-tests timeout 240 python3 -m pytest -q -s tests/test_fast_path_gpu.py tests/test_distill.py -k "gpu or fast or operator" -p no:cacheprovider --durations=5 2>&1 | tee "$OUT/fast_tests.log" | tail -30
-  run bench-distill-paths timeout 300 python3 -m snd.cli bench distill --iters 30 --warmup 10 --out "$OUT/bench_distill_paths.json" 2>&1 | grep -v "^ " | tail -5
+  run bench-distill-paths timeout 300 python3 -m snd.cli bench distill ${BENCH_ARGS:-} --iters 30 --warmup 10 --out "$OUT/bench_distill_paths.json" 2>&1 | grep -v "^ " | tail -5
   python3 - "$OUT/bench_distill_paths.json" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
@@ -35,6 +35,7 @@ for m in r["models"]:
     for p, v in m["paths"].items():
         print(m["model"], p, f"{v['it_per_s']:.1f} it/s", {k: round(x, 2) for k, x in v["phases_ms_median"].items()},
               "busy", v["gpu_busy_fraction"] and round(v["gpu_busy_fraction"], 3), "peak", v["peak_mem_gib"] and round(v["peak_mem_gib"], 2))
+        print("   top kernels ms/step", json.dumps(v.get("top_kernels_ms_per_step"))[:900])
     print("op build s/target", m["operator_build_s_per_target"], "max nnz", m["operator_max_row_nnz"])
 PY
 fi

@@ -70,9 +70,12 @@ def _busy_fraction(fn, n: int, device: torch.device) -> float | None:
             fn()
         torch.cuda.synchronize(device)
         wall = time.perf_counter() - t0
-    busy_us = sum(e.device_time for e in prof.events()
-                  if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA)
-    return busy_us / 1e6 / wall
+    kernels: dict[str, float] = {}
+    for e in prof.events():
+        if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA:
+            kernels[e.name] = kernels.get(e.name, 0.0) + e.device_time
+    _busy_fraction.top = {k[:90]: v / 1e3 / n for k, v in sorted(kernels.items(), key=lambda kv: -kv[1])[:12]}
+    return sum(kernels.values()) / 1e6 / wall
 
 
 def _bench_path(name: str, path: str, cfg: BenchDistillConfig, device: torch.device, pool: list[dict]) -> dict:
@@ -129,6 +132,7 @@ def _bench_path(name: str, path: str, cfg: BenchDistillConfig, device: torch.dev
         stepper.step(pool[step % 2], step)
 
     busy = _busy_fraction(one, min(cfg.iters, 20), device)
+    top = getattr(_busy_fraction, "top", None) if device.type == "cuda" else None
     skipped = int(runner.skipped.item())
     # phases: sync at every boundary (slower overall; shows where the time goes); the fast path captures
     # one graph per phase for this
@@ -158,6 +162,7 @@ def _bench_path(name: str, path: str, cfg: BenchDistillConfig, device: torch.dev
         "phases_ms_median": {p: statistics.median(v) for p, v in phases.items() if v},
         "phases_ms_sum": sum(statistics.median(v) for v in phases.values() if v),
         "gpu_busy_fraction": busy,
+        "top_kernels_ms_per_step": top,
         "warmup_s": warm_s,
         "trainable_params": sum(p.numel() for p in runner.params),
         "amp": str(runner.amp).replace("torch.", "") if runner.amp else "fp32",
