@@ -51,5 +51,5 @@ if [[ $what == *bench-precompute* || $what == all ]]; then
 fi
 if [[ $what == *bench-distill* || $what == all ]]; then
   run bench-distill timeout 240 python3 -m snd.cli bench distill --iters 30 --warmup 10 --out "$OUT/bench_distill.json" 2>&1 | grep -v "^ " | tail -5
-  run bench-distill-compiled timeout 240 python3 -m snd.cli bench distill --models vit_small_patch14_dinov2 --compile --iters 30 --warmup 10 --out "$OUT/bench_distill_compiled.json" 2>&1 | grep -v "^ " | tail -5
+  run bench-distill-compiled timeout 240 python3 -m snd.cli bench distill --models vit_small_patch14_dinov2 --compile on --iters 30 --warmup 10 --out "$OUT/bench_distill_compiled.json" 2>&1 | grep -v "^ " | tail -5
 fi

@@ -87,7 +87,8 @@ def _bench_path(name: str, path: str, cfg: BenchDistillConfig, device: torch.dev
 
     total_iters = cfg.warmup + 3 * cfg.iters + 20
     dcfg = DistillConfig(model=name, init="random", img_height=cfg.img_height, img_width=cfg.img_width,
-                         head_prototypes=cfg.head_prototypes, renderer=cfg.renderer, compile=cfg.compile,
+                         head_prototypes=cfg.head_prototypes, renderer=cfg.renderer,
+                         compile=cfg.compile,
                          targets="render" if path == "render" else "operator", device=str(device),
                          iters=total_iters, num_workers=0)
     if path == "render":

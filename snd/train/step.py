@@ -51,9 +51,16 @@ class StepRunner:
         self.ema_updates = 0
         self.teacher_fn: Callable[[Tensor], Tensor] = distiller.teacher_features
         self.student_fn: Callable[[Tensor, Tensor, Tensor], Tensor] = distiller.student_loss
-        if cfg.compile:
-            self.teacher_fn = torch.compile(self.teacher_fn)
-            self.student_fn = torch.compile(self.student_fn)
+        if cfg.compile is True or cfg.compile == "on":
+            self.compile()
+
+    def compile(self) -> None:
+        """torch.compile the teacher and student computations (default mode: fused Triton kernels)."""
+        self.teacher_fn = torch.compile(self.d.teacher_features)
+        self.student_fn = torch.compile(self.d.student_loss)
+        self.compiled = True
+
+    compiled = False
 
     def _autocast(self):
         if self.amp is None:
