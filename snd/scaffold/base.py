@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from snd.errors import SndError
+from snd.pipeline.device import resolve_device  # noqa: F401  (re-exported)
 from snd.splat.gaussians import PixelGaussians
 
 _SOURCES: dict[str, Callable[..., "ScaffoldSource"]] = {}
@@ -82,19 +83,6 @@ def create_source(name: str, **kwargs) -> ScaffoldSource:
     if name not in _SOURCES:
         raise SndError(f"unknown scaffold source {name!r}", hint=f"choose one of {sorted(_SOURCES)}")
     return _SOURCES[name](**kwargs)
-
-
-def resolve_device(device: str) -> torch.device:
-    """'auto' -> cuda if available else cpu; otherwise torch.device(device)."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise SndError(f"bad --device {device!r}: {e}", hint="use 'auto', 'cpu' or 'cuda[:i]'") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SndError(f"--device {device} asked for CUDA but none is available", hint="use --device cpu")
-    return dev
 
 
 def _load_builtin() -> None:

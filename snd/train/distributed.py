@@ -39,14 +39,10 @@ def dist_env() -> DistEnv:
 
 
 def resolve_device(name: str, env: DistEnv) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(name)
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", env.local_rank)
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-    return dev
+    """The rank's device: `snd.pipeline.device.resolve_device` with torchrun's local rank."""
+    from snd.pipeline.device import resolve_device as _resolve
+
+    return _resolve(name, local_rank=env.local_rank)
 
 
 def init_distributed(env: DistEnv, device: torch.device) -> bool:

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from snd.data.camera import Camera
+from snd.pipeline.device import resolve_device
 
 from .config import MVSplatConfig, resolve_config
 from .encoder import MVSplatEncoder, MVSplatOutput, Precision, resolve_precision
@@ -22,12 +23,6 @@ from .geometry import pixel_K_to_normalized
 from .load import load_mvsplat
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(device: "str | torch.device") -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def cameras_to_tensors(cams: Sequence[tuple[Camera, Camera]], height: int, width: int,

@@ -1,0 +1,32 @@
+"""The one place a `--device` string becomes a torch.device.
+
+Why one helper: precompute, MVSplat, distillation and evaluation all take `--device auto|cpu|cuda[:i]`;
+they must agree on what 'auto' means and fail the same clear way when CUDA is asked for but absent.
+"""
+from __future__ import annotations
+
+import torch
+
+from snd.errors import SndError
+
+__all__ = ["resolve_device"]
+
+
+def resolve_device(device: "str | torch.device", *, local_rank: int | None = None) -> torch.device:
+    """'auto' -> cuda if available else cpu; 'cuda' without an index -> cuda:`local_rank` when given
+    (torchrun's LOCAL_RANK); a CUDA device is made current. Bad strings / missing CUDA -> SndError."""
+    name = str(device)
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise SndError(f"bad --device {name!r}: {e}", hint="use 'auto', 'cpu' or 'cuda[:i]'") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SndError(f"--device {name} asked for CUDA but none is available", hint="use --device cpu")
+        if dev.index is None and local_rank is not None:
+            dev = torch.device("cuda", local_rank)
+        if dev.index is not None:
+            torch.cuda.set_device(dev)
+    return dev
