@@ -39,6 +39,9 @@ for m in r["models"]:
     print("op build s/target", m["operator_build_s_per_target"], "max nnz", m["operator_max_row_nnz"])
 PY
 fi
+if [[ $what == *profile-operator* ]]; then
+  run profile-operator timeout 120 python3 scripts/gpu_profile_operator.py 2>&1 | tee "$OUT/profile_operator.jsonl" | tail -18
+fi
 if [[ $what == *probe-target* ]]; then
   run probe-target timeout 200 python3 scripts/gpu_probe_target.py 2>&1 | tee "$OUT/probe_target.jsonl" | tail -30
 fi
