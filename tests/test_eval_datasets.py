@@ -329,3 +329,17 @@ def test_synth_tasks(synth_root, task):
         seg = s["seg"]
         assert seg.dtype == torch.int64 and set(seg.unique().tolist()) <= set(range(D.num_classes("synth"))) | {255}
         assert len(seg.unique()) >= 3
+
+
+def test_depth_ranges_are_the_official_ones():
+    """One table (the official SnD depth configs: min 0.001 m; max 10 NYUv2/ScanNet, 20 ScanNet++, 80 KITTI)
+    feeds the dataset registry, the probe's bins and the metrics' valid range."""
+    from snd.eval import datasets as D
+    from snd.eval.probes import DEPTH_RANGE
+    from snd.stages.evaluate import _depth_range
+
+    official = {"nyuv2": (0.001, 10.0), "scannet": (0.001, 10.0), "scannetpp": (0.001, 20.0), "kitti": (0.001, 80.0)}
+    assert DEPTH_RANGE == official
+    for name, rng in official.items():
+        assert D.dataset_info(name).depth_range == rng
+        assert _depth_range(name) == rng

@@ -25,13 +25,13 @@ import numpy as np
 from snd.errors import SndError
 from snd.eval.datasets.base import ProbeDataset, RawSample
 from snd.eval.datasets.io import first_existing, random_split, read_png_u16, read_rgb
-from snd.eval.datasets.registry import register_dataset
+from snd.eval.datasets.registry import OFFICIAL_DEPTH_RANGE, register_dataset
 from snd.eval.datasets.transforms import Fit
 
 URL = "https://www.cvlibs.net/datasets/kitti/eval_depth.php (data_depth_selection.zip or data_depth_annotated.zip + raw)"
 SPLIT_FILES = (("kitti_train.txt", "kitti_val.txt"), ("eigen_train_files_with_gt.txt", "eigen_test_files_with_gt.txt"))
 SELECTION = Path("depth_selection") / "val_selection_cropped"
-MAX_DEPTH = 80.0
+MAX_DEPTH = OFFICIAL_DEPTH_RANGE["kitti"][1]
 KB_HW = (352, 1216)
 GARG = (0.40810811, 0.99189189, 0.03594771, 0.96405229)  # rows/cols fractions of the full 375x1242 frame
 FULL_HW = (375, 1242)
@@ -136,7 +136,7 @@ class KITTIDepth(ProbeDataset):
                          else rgb_path.name, depth=np.ascontiguousarray(depth))
 
 
-@register_dataset("kitti", folder="kitti", tasks=("depth",), check=_check, depth_range=(1e-3, MAX_DEPTH),
+@register_dataset("kitti", folder="kitti", tasks=("depth",), check=_check, depth_range=OFFICIAL_DEPTH_RANGE["kitti"],
                   protocol="split files (Eigen) if present, else depth selection random 85/15 (seed); KB crop; "
                            "depth <= 80 m, Garg crop on val")
 def build(path: Path, split: str, task: str, img_hw: tuple[int, int], **kw) -> KITTIDepth:

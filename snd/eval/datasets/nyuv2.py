@@ -32,7 +32,7 @@ import numpy as np
 from snd.errors import SndError
 from snd.eval.datasets.base import IGNORE, ProbeDataset, RawSample
 from snd.eval.datasets.matfile import load_mat
-from snd.eval.datasets.registry import register_dataset
+from snd.eval.datasets.registry import OFFICIAL_DEPTH_RANGE, register_dataset
 from snd.eval.datasets.transforms import Fit
 
 MAT = "nyu_depth_v2_labeled.mat"
@@ -45,7 +45,7 @@ SPLITS_URL = "http://horatio.cs.nyu.edu/mit/silberman/indoor_seg_sup/splits.mat"
 MAPPING_URL = "https://github.com/ankurhanda/nyuv2-meta-data (classMapping40.mat)"
 NORMALS_URL = "https://dl.fbaipublicfiles.com/fair_self_supervision_benchmark/nyuv2_surfacenormal_metadata.zip"
 EIGEN_CROP = (45, 471, 41, 601)  # rows [45, 471), cols [41, 601) of the 480x640 image
-MAX_DEPTH = 10.0
+MAX_DEPTH = OFFICIAL_DEPTH_RANGE["nyuv2"][1]
 
 # NYU40 id (1..40) -> 13-class id (1..13): bed books ceiling chair floor furniture objects picture sofa
 # table TV wall window (Couprie et al. 2013; the table of github.com/howard-mahe/nyudv2_class_mapping).
@@ -233,7 +233,7 @@ class NYUv2(ProbeDataset):
 
 @register_dataset(
     "nyuv2", folder="nyuv2", tasks=("depth", "normals", "seg"), check=_check, num_classes=13,
-    depth_range=(1e-3, MAX_DEPTH),
+    depth_range=OFFICIAL_DEPTH_RANGE["nyuv2"],
     protocol="795/654 split (splits.mat); Ladický normals; 13 classes; depth <= 10 m, Eigen crop on val",
 )
 def build(path: Path, split: str, task: str, img_hw: tuple[int, int], **kw) -> NYUv2:

@@ -17,6 +17,13 @@ Split = Literal["train", "val"]
 TASKS: tuple[str, ...] = ("depth", "normals", "seg", "correspondence")
 SPLITS: tuple[str, ...] = ("train", "val")
 
+# The official (min, max) valid depth per dataset in metres — the depth probe's bin range and the metrics'
+# valid range (official SnD evaluation1/evaluation/baseline_configs/*_depth_linear_config.py:
+# min_depth=0.001; max_depth 10 NYUv2/ScanNet, 20 ScanNet++, 80 KITTI). One table: datasets register
+# from it and `snd.eval.probes.DEPTH_RANGE` is this dict.
+OFFICIAL_DEPTH_RANGE: dict[str, tuple[float, float]] = {
+    "nyuv2": (1e-3, 10.0), "scannet": (1e-3, 10.0), "scannetpp": (1e-3, 20.0), "kitti": (1e-3, 80.0)}
+
 
 @dataclass(frozen=True)
 class DatasetInfo:

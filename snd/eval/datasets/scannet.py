@@ -23,12 +23,12 @@ import numpy as np
 from snd.errors import SndError
 from snd.eval.datasets.base import IGNORE, ProbeDataset, RawSample
 from snd.eval.datasets.io import random_split, read_label_png, read_png_u16, read_rgb
-from snd.eval.datasets.registry import register_dataset
+from snd.eval.datasets.registry import OFFICIAL_DEPTH_RANGE, register_dataset
 from snd.eval.datasets.transforms import Fit
 
 URL = "http://www.scan-net.org/ (download-scannet.py --preprocessed_frames -> scannet_frames_25k.zip)"
 TSV = "scannetv2-labels.combined.tsv"
-MAX_DEPTH = 10.0
+MAX_DEPTH = OFFICIAL_DEPTH_RANGE["scannet"][1]
 
 
 def _base(path: Path) -> Path:
@@ -103,7 +103,7 @@ class ScanNetFrames(ProbeDataset):
 
 
 @register_dataset("scannet", folder="scannet", tasks=("depth", "seg"), check=_check, num_classes=40,
-                  depth_range=(1e-3, MAX_DEPTH),
+                  depth_range=OFFICIAL_DEPTH_RANGE["scannet"],
                   protocol="scannet_frames_25k, random 80/20 frame split (seed); NYU40 classes; depth <= 10 m")
 def build(path: Path, split: str, task: str, img_hw: tuple[int, int], **kw) -> ScanNetFrames:
     return ScanNetFrames(path, split, task, img_hw, **kw)

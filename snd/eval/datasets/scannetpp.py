@@ -8,14 +8,14 @@ Segmentation: the Scene's class ids 1..100 -> 0..99, others -> 255. The ids must
 dataset-wide table: `snd.data` reads `<root>/metadata/semantic_classes.txt` (copy the release's
 `metadata/semantic_benchmark/top100.txt` there); without it class ids are per scene, so the seg task
 refuses to run.
-Depth above 10 m is set invalid by the probes' depth range (indoor scenes).
+Depth outside the official (0.001, 20 m) range is invalid for the probe and the metrics.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 from snd.errors import SndError
-from snd.eval.datasets.registry import register_dataset
+from snd.eval.datasets.registry import OFFICIAL_DEPTH_RANGE, register_dataset
 from snd.eval.datasets.scenes import SceneFrames
 
 URL = "https://kaldir.vc.in.tum.de/scannetpp/ (ScanNet++ v2: dslr, scans, splits)"
@@ -33,7 +33,7 @@ def _check(path: Path) -> str:
 
 
 @register_dataset("scannetpp", folder="scannetpp", tasks=("depth", "normals", "seg"), check=_check,
-                  num_classes=NUM_CLASSES, depth_range=(1e-3, 10.0),
+                  num_classes=NUM_CLASSES, depth_range=OFFICIAL_DEPTH_RANGE["scannetpp"],
                   protocol="nvs_sem_train (probe train) / nvs_sem_val (report); mesh-rendered depth/semantics")
 def build(path: Path, split: str, task: str, img_hw: tuple[int, int], **kw) -> SceneFrames:
     from snd.data import open_dataset

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from snd.eval.datasets.registry import OFFICIAL_DEPTH_RANGE
 from snd.eval.probes.base import Probe, ProbeSpec, patches_nchw
 
 __all__ = ["DepthProbe", "DEPTH_SPEC", "sig_loss", "gradient_loss", "DEPTH_RANGE"]
@@ -28,8 +29,8 @@ __all__ = ["DepthProbe", "DEPTH_SPEC", "sig_loss", "gradient_loss", "DEPTH_RANGE
 DEPTH_SPEC = ProbeSpec(iters=307_200, batch=2, lr=1e-4, weight_decay=0.01, schedule="mmcv_cosine", warmup=12_800,
                        warmup_ratio=1e-3, min_ratio=1e-8, grad_clip=35.0)
 
-# Official (min, max) depth per dataset, metres (evaluation1/evaluation/configs/*_depth_linear_config.py).
-DEPTH_RANGE = {"nyuv2": (1e-3, 10.0), "scannet": (1e-3, 10.0), "scannetpp": (1e-3, 20.0), "kitti": (1e-3, 80.0)}
+# Official (min, max) depth per dataset, metres: one table, owned by the dataset registry.
+DEPTH_RANGE = OFFICIAL_DEPTH_RANGE
 
 
 def sig_loss(pred: Tensor, gt: Tensor, *, warm_up: bool = False, eps: float = 1e-3) -> Tensor:
