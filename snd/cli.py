@@ -26,7 +26,7 @@ app = typer.Typer(
     add_completion=False,
 )
 data_app = typer.Typer(help="Datasets: generate procedural ScanNet++-layout scenes, inspect data.", no_args_is_help=True)
-bench_app = typer.Typer(help="Benchmarks (JSON out): precompute, distill.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks (JSON out): precompute, distill, eval.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(bench_app, name="bench")
 
@@ -125,6 +125,16 @@ command_from_config(bench_app, "precompute", C.BenchPrecomputeConfig, _bench_pre
                     help="Stage-one pairs/s and MB/pair (JSON).")
 command_from_config(bench_app, "distill", C.BenchDistillConfig, _bench_distill,
                     help="Stage-two it/s, ms per phase and peak memory (JSON).")
+
+
+def _bench_eval(cfg: C.BenchEvalConfig) -> None:
+    from snd.eval.bench import bench
+
+    bench(cfg)
+
+
+command_from_config(bench_app, "eval", C.BenchEvalConfig, _bench_eval,
+                    help="`snd eval all` time at the real datasets' sizes: measured rates, projected hours (JSON).")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -213,3 +213,20 @@ class BenchDistillConfig:
     device: str = opt("auto", "'auto', 'cpu' or 'cuda[:i]'.")
     workdir: Optional[Path] = opt(None, "Scratch folder for the generated store (default: temp).")
     out: Optional[Path] = opt(None, "Write the JSON result here too (always printed).")
+
+
+@dataclass
+class BenchEvalConfig:
+    """`snd bench eval`: the time of `snd eval all` at the real datasets' sizes (measured rates, projected total)."""
+
+    model: str = opt("dinov2_vits14", "Backbone to time (a name, run dir or export).")
+    weights: Optional[Path] = opt(None, "Backbone weights (speed does not depend on them).")
+    init: Literal["pretrained", "random"] = opt("random", "Random init is fine for timing.")
+    img_height: int = opt(476, "Probe input height (as `snd eval`).")
+    img_width: int = opt(630, "Probe input width.")
+    images: int = opt(256, "Generated images pushed through extraction (and probe evaluation).")
+    probe_iters: int = opt(600, "Probe steps timed per task (at the paper's batch size).")
+    corr_pairs: int = opt(100, "Correspondence pairs timed.")
+    device: str = opt("auto", "'auto', 'cpu' or 'cuda[:i]'.")
+    workdir: Optional[Path] = opt(None, "Scratch folder for the feature cache (default: temp).")
+    out: Optional[Path] = opt(None, "Write the JSON result here too (always printed).")

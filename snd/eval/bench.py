@@ -1,0 +1,204 @@
+"""`snd bench eval`: how long `snd eval all` takes on the real datasets' sizes, measured piece by piece.
+
+Why measure pieces and project: the full suite is ~2 M probe iterations over ~240 k images; no one call to
+the lent GPU (10 min) can run it. So each piece runs through snd's real code on generated inputs at the
+real image size and batch — feature extraction with cache writes (`ensure_features`), probe training on
+cached features (`train_probe`, the paper's batch sizes), probe evaluation (`evaluate_probe`), and
+correspondence matching (`pair_errors`) — for a bounded count, and the suite's time is projected as
+Σ size / measured rate with the real sizes and schedules below. The JSON marks what was measured and what
+is projected. Labels are random (speed does not depend on them); the images are random too.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from snd.pipeline.config import BenchEvalConfig
+
+__all__ = ["SUITE", "bench"]
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One (task, dataset) of the suite with its real size (images; correspondence: pairs)."""
+
+    task: str
+    dataset: str
+    n_train: int
+    n_val: int
+    source: str
+
+
+# Real sizes (../shared/reference/snd-facts.md "Probing", the official split files).
+SUITE: tuple[Entry, ...] = (
+    Entry("depth", "scannetpp", 140_451, 30_638, "230/50 ScanNet++ scenes, all DSLR views"),
+    Entry("depth", "nyuv2", 795, 654, "NYUv2 labelled, standard split"),
+    Entry("depth", "scannet", 20_000, 5_000, "scannet_frames_25k, random 80/20"),
+    Entry("depth", "kitti", 23_158, 652, "KITTI Eigen split"),
+    Entry("normals", "nyuv2", 795, 654, "NYUv2 labelled"),
+    Entry("seg", "scannetpp", 140_451, 30_638, "ScanNet++ (features shared with depth)"),
+    Entry("seg", "ade20k", 20_210, 2_000, "ADE20k official"),
+    Entry("seg", "voc", 1_464, 1_449, "Pascal VOC 2012 official"),
+    Entry("correspondence", "scannet1500", 0, 1_500, "ScanNet-1500 pairs (SuperGlue list)"),
+)
+
+
+class _Images(torch.utils.data.Dataset):
+    """n random items at (H, W) with every probe target (random values of the right kinds)."""
+
+    def __init__(self, n: int, hw: tuple[int, int], classes: int = 150, seed: int = 0):
+        self.n, self.hw, self.classes, self.seed = n, hw, classes, seed
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + i)
+        H, W = self.hw
+        nrm = torch.nn.functional.normalize(torch.randn(3, H, W, generator=g), dim=0)
+        return {"image": torch.rand(3, H, W, generator=g), "depth": 0.5 + 9 * torch.rand(H, W, generator=g),
+                "normals": nrm, "seg": torch.randint(0, self.classes, (H, W), generator=g)}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _measure_extract(net, hw, n, device, work: Path) -> tuple[float, object]:
+    from snd.eval.features import ensure_features
+    from snd.stages.evaluate import EXTRACT_BATCH
+
+    ds = _Images(n, hw)
+    warm = ensure_features(net, _Images(EXTRACT_BATCH, hw, seed=1), cache_dir=work / "warm", dataset_name="bench",
+                           split="train", img_hw=hw, batch=EXTRACT_BATCH, device=device)
+    del warm
+    _sync(device)
+    t0 = time.perf_counter()
+    store = ensure_features(net, ds, cache_dir=work / "features", dataset_name="bench", split="train", img_hw=hw,
+                            batch=EXTRACT_BATCH, device=device)
+    _sync(device)
+    return n / (time.perf_counter() - t0), store
+
+
+def _probe(task: str, dim: int, dataset: str):
+    from snd.eval.probes import DepthProbe, NormalProbe, SegProbe
+    from snd.stages.evaluate import _depth_range
+
+    if task == "depth":
+        lo, hi = _depth_range(dataset)
+        return DepthProbe(dim, min_depth=lo, max_depth=hi)
+    if task == "normals":
+        return NormalProbe(dim)
+    return SegProbe(dim, num_classes=150, ignore_index=255)
+
+
+def _measure_probe(task: str, net, store, n: int, hw, grid, iters: int, device, work: Path) -> dict:
+    """Train `iters` steps at the paper's batch size on cached features; evaluate on the same rows."""
+    from snd.eval.features import final_norm_params
+    from snd.eval.probes import ProbeData, default_spec, evaluate_probe, train_probe
+
+    dim = int(net.embed_dim)
+    spec = default_spec(task, 795)
+    data = ProbeData(_Images(n, hw), list(range(n)), task, store)
+    norm = final_norm_params(net)
+    probe = _probe(task, dim, "scannetpp")
+    warm = spec.with_overrides(iters=3)
+    train_probe(probe, data, warm, grid=grid, norm=norm, device=device)
+    _sync(device)
+    t0 = time.perf_counter()
+    train_probe(_probe(task, dim, "scannetpp"), data, spec.with_overrides(iters=iters), grid=grid, norm=norm,
+                device=device)
+    _sync(device)
+    train_rate = iters / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    evaluate_probe(probe, ProbeData(_Images(n, hw), list(range(n)), task, store, with_image=True), grid=grid, norm=norm,
+                   device=device)
+    _sync(device)
+    return {"batch": spec.batch, "train_iters_per_s": train_rate, "eval_images_per_s": n / (time.perf_counter() - t0),
+            "paper_iters": spec.iters}
+
+
+def _measure_corr(dim: int, grid: tuple[int, int], n_pairs: int, device) -> float:
+    """Pairs/s of the matcher at the probe's scale-0.25 grid with dense valid depth."""
+    from snd.eval.correspondence import pair_errors
+
+    h, w = grid[0] * 14 // 4, grid[1] * 14 // 4
+    K = torch.tensor([[w * 0.8, 0, (w - 1) / 2], [0, w * 0.8, (h - 1) / 2], [0, 0, 1.0]], device=device)
+    T = torch.eye(4, device=device)
+    f = [torch.randn(2, dim, *grid, device=device) for _ in range(2)]
+    d = 1 + torch.rand(h, w, device=device)
+    pair_errors(f[0][0], f[0][1], d, d, K, K, T)
+    _sync(device)
+    t0 = time.perf_counter()
+    for i in range(n_pairs):
+        pair_errors(f[i % 2][0], f[i % 2][1], d, d, K, K, T)
+    _sync(device)
+    return n_pairs / (time.perf_counter() - t0)
+
+
+def bench(cfg: BenchEvalConfig) -> dict:
+    """Measure the pieces, project the suite (both models: `snd eval all` with a --baseline doubles the
+    feature and probe work), print and return the JSON."""
+    from snd.eval.features import load_eval_backbone
+    from snd.pipeline.device import resolve_device
+
+    device = resolve_device(cfg.device)
+    hw = (cfg.img_height, cfg.img_width)
+    net = load_eval_backbone(cfg.model, weights=cfg.weights, init=cfg.init).to(device).eval()
+    p = 14
+    grid = (hw[0] // p, hw[1] // p)
+    work = Path(cfg.workdir) if cfg.workdir else Path(tempfile.mkdtemp(prefix="snd-bench-eval-"))
+    t_start = time.perf_counter()
+    extract_rate, store = _measure_extract(net, hw, cfg.images, device, work)
+    probes = {t: _measure_probe(t, net, store, cfg.images, hw, grid, cfg.probe_iters, device, work)
+              for t in ("depth", "normals", "seg")}
+    corr_rate = _measure_corr(int(net.embed_dim), grid, cfg.corr_pairs, device)
+    measured_s = time.perf_counter() - t_start
+
+    rows, total = [], 0.0
+    feats_done: set[str] = set()
+    for e in SUITE:
+        row = asdict(e)
+        if e.task == "correspondence":
+            row.update(corr_pairs_per_s=corr_rate, features_s=2 * e.n_val / extract_rate, train_s=0.0,
+                       eval_s=e.n_val / corr_rate)
+        else:
+            pr = probes[e.task]
+            feats = 0.0 if e.dataset in feats_done else (e.n_train + e.n_val) / extract_rate
+            feats_done.add(e.dataset)
+            iters = pr["paper_iters"] if e.task != "normals" else 10 * -(-e.n_train // pr["batch"])
+            row.update(features_s=feats, probe_iters=iters, probe_batch=pr["batch"], train_s=iters / pr["train_iters_per_s"],
+                       eval_s=e.n_val / pr["eval_images_per_s"])
+        row["total_s"] = row["features_s"] + row["train_s"] + row["eval_s"]
+        total += row["total_s"]
+        rows.append(row)
+    out = {
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "measured": {"img_hw": list(hw), "images": cfg.images, "extract_images_per_s": extract_rate,
+                     "probes": probes, "corr_pairs_per_s": corr_rate, "probe_iters_timed": cfg.probe_iters,
+                     "seconds": measured_s},
+        "projected": {"rows": rows, "suite_hours_one_model": total / 3600,
+                      "suite_hours_with_baseline": 2 * total / 3600,
+                      "bottleneck": max(rows, key=lambda r: r["total_s"])["task"] + "/" +
+                                    max(rows, key=lambda r: r["total_s"])["dataset"],
+                      "median_row_s": statistics.median(r["total_s"] for r in rows)},
+        "goal_hours": 2.0,
+        "note": "measured = rates of snd's own code on generated inputs at the real size and batch; "
+                "projected = real dataset sizes / measured rates (features cached once per dataset; "
+                "ScanNet++ depth and seg share them)",
+    }
+    text = json.dumps(out, indent=2)
+    print(text)
+    if cfg.out is not None:
+        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(cfg.out).write_text(text)
+    return out
