@@ -42,6 +42,12 @@ fi
 if [[ $what == *profile-operator* ]]; then
   run profile-operator timeout 120 python3 scripts/gpu_profile_operator.py 2>&1 | tee "$OUT/profile_operator.jsonl" | tail -18
 fi
+if [[ $what == *bench-eval* ]]; then
+  run bench-eval timeout 300 python3 -m snd.cli bench eval --model dinov2_vits14 --init random --device cuda --out "$OUT/bench_eval.json" 2>&1 | grep -E "hours|per_s|bottleneck" | head -20
+fi
+if [[ $what == *mvsplat-compile* ]]; then
+  run mvsplat-compile timeout 240 python3 -m snd.models.mvsplat.bench --batch 4 --precision bf16 --channels-last 1 --compile 0 1 2>&1 | tee "$OUT/bench_mvsplat_compile.jsonl" | tail -4
+fi
 if [[ $what == *probe-target* ]]; then
   run probe-target timeout 200 python3 scripts/gpu_probe_target.py 2>&1 | tee "$OUT/probe_target.jsonl" | tail -30
 fi
