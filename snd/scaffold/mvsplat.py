@@ -46,7 +46,8 @@ class MVSplatScaffold(ScaffoldSource):
     has_offset = True
 
     def __init__(self, *, ckpt: str | Path | None = None, config: str = "scannetpp", device: str = "auto",
-                 precision: str = "auto", near: float = 1.0, far: float = 100.0, random_init: bool = False, **_ignored):
+                 precision: str = "auto", near: float = 1.0, far: float = 100.0, random_init: bool = False,
+                 compile: str = "auto", pad_to: int | None = None, **_ignored):
         if ckpt is None and not random_init:
             raise SndError("--source mvsplat needs an MVSplat checkpoint",
                            hint="pass --mvsplat-ckpt <re10k.ckpt or a ScanNet++ fine-tune> (with the matching "
@@ -64,7 +65,11 @@ class MVSplatScaffold(ScaffoldSource):
         if self.ckpt is None:
             log.info("MVSplat with random weights (benchmark only)")
         # MVSplatSource: strict checkpoint loading (clear errors), eval + frozen, channels-last on CUDA
-        self.impl = MVSplatSource(self.ckpt, config, self.device, precision, seed=0)
+        # torch.compile of the networks: 15 -> 35 pairs/s at batch 4 bf16 on an H100 (docs/performance.md);
+        # batches are padded to `pad_to` so a scene's short last batch does not trigger a recompile
+        self.compiled = compile == "on" or (compile == "auto" and self.device.type == "cuda")
+        self.pad_to = pad_to if self.compiled else None
+        self.impl = MVSplatSource(self.ckpt, config, self.device, precision, seed=0, compile=self.compiled)
         self.net = self.impl.encoder
 
     @torch.no_grad()
@@ -74,6 +79,9 @@ class MVSplatScaffold(ScaffoldSource):
         B, V, three, H, W = images.shape
         assert V == 2 and three == 3, f"images must be [B, 2, 3, H, W], got {tuple(images.shape)}"
         dev = self.device
+        if self.pad_to and B < self.pad_to:  # repeat the last pair (pairs are independent) and drop it after
+            idx = torch.cat([torch.arange(B), torch.full((self.pad_to - B,), B - 1)])
+            return self.predict(images[idx], K[idx], c2w[idx])[:B]
         K_norm = pixel_K_to_normalized(K.to(dev), H, W)
         near = torch.full((B, 2), self.near, device=dev)
         far = torch.full((B, 2), self.far, device=dev)
@@ -84,3 +92,4 @@ class MVSplatScaffold(ScaffoldSource):
     def describe(self) -> dict:
         return {"name": self.name, "config": self.config, "ckpt": str(self.ckpt) if self.ckpt else None,
                 "ckpt_sha256": self.ckpt_sha256, "near": self.near, "far": self.far, "precision": self.precision}
+        # (compile is a speed switch: it is not part of the store's identity)

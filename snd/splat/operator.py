@@ -176,20 +176,15 @@ def build_operator(
         rv, alpha = plan.weights.values(), plan.alpha
     rv = rv.to(f64)
     covered = (alpha > coverage_threshold).reshape(Q)
-    # only pixels that a patch samples (direct part) or that are covered (instance means) matter
+    # pixels a patch samples (the direct part reads only these; the instance means read covered ones)
     sampled = torch.zeros(Q, dtype=torch.bool, device=device)
     dpix, dwt = _downsample_taps(Ht, Wt, h2, w2, device)  # [4, P]
     sampled[dpix.reshape(-1)] = True
-    keep = (sampled | covered)[rq].nonzero().squeeze(1)
-    rq, rg, rv = rq[keep], rg[keep], rv[keep]
 
-    # compose render with the upsampling taps: entries (pixel q, patch column j, weight)
+    # upsampling taps of every alive Gaussian: render entries (q, g, w) compose to (q, patch j, w * u)
     ucols, uw = _upsample_taps(ctx_masks.to(device) if upsample == "mask" else None, V, h, w, H, W,
                                upsample_fallback, device)
-    ucols, uw = ucols[alive][rg], uw[alive][rg]  # [nnz, 4]
-    eq = rq[:, None].expand(-1, 4).reshape(-1)
-    ej = ucols.reshape(-1)
-    ev = (rv[:, None] * uw).reshape(-1)
+    ucols, uw = ucols[alive], uw[alive]  # [N_alive, 4]
 
     # blend weight per pixel: only labels with a covered pixel are blended (as semantic_blend)
     labels, inv = torch.unique(tgt_mask.to(device).reshape(Q), return_inverse=True)
@@ -197,10 +192,13 @@ def build_operator(
     counts = torch.zeros(L, dtype=f64, device=device).index_add_(0, inv[covered], torch.ones(int(covered.sum()), dtype=f64, device=device))
     b_pix = (counts > 0).to(f64)[inv] * (blend_weight if blend else 0.0)  # [Q]
 
-    # direct part: scatter through the 4 downsampling tap slots (each slot maps pixels to patches 1:1)
+    # direct part: only the sampled pixels' entries, expanded to their 4 upsampling taps, scattered
+    # through the 4 downsampling tap slots (each slot maps pixels to patches 1:1)
     direct = torch.zeros(P * J, dtype=f64, device=device)
-    s_idx = sampled[eq].nonzero().squeeze(1)
-    sq, sj, sv = eq[s_idx], ej[s_idx], ev[s_idx]
+    s_idx = sampled[rq].nonzero().squeeze(1)
+    sq = rq[s_idx][:, None].expand(-1, 4).reshape(-1)
+    sj = ucols[rg[s_idx]].reshape(-1)
+    sv = (rv[s_idx][:, None] * uw[rg[s_idx]]).reshape(-1)
     for t in range(4):
         pix2patch = torch.full((Q,), -1, dtype=torch.long, device=device)
         pix2patch[dpix[t]] = torch.arange(P, device=device)
@@ -211,7 +209,8 @@ def build_operator(
         direct.index_add_(0, pk * J + sj[k], coef * sv[k])
     direct = direct.reshape(P, J)
 
-    # instance part
+    # instance part: which labels are kept, then per (label, Gaussian) the summed weight over the
+    # label's covered pixels (aggregated before expanding to the taps: ~10x fewer entries)
     tap_lab = inv[dpix]  # [4, P] label index of each tap
     tap_w = dwt * b_pix[dpix]  # [4, P]
     lab_mass = torch.zeros(L, dtype=f64, device=device).index_add_(0, tap_lab.reshape(-1), tap_w.reshape(-1))
@@ -222,10 +221,14 @@ def build_operator(
     slot[kept] = torch.arange(kept.numel(), device=device)
     inst = torch.zeros(inst_cap * J, dtype=f64, device=device)
     if kept.numel():
-        sel = covered[eq] & (slot[inv[eq]] >= 0)
-        k = sel.nonzero().squeeze(1)
-        lk = inv[eq[k]]
-        inst.index_add_(0, slot[lk] * J + ej[k], ev[k] / counts[lk])
+        lq = inv[rq]
+        k = (covered[rq] & (slot[lq] >= 0)).nonzero().squeeze(1)
+        lk = lq[k]
+        n_alive = ucols.shape[0]
+        key, pos = torch.unique(slot[lk] * n_alive + rg[k], return_inverse=True)
+        agg = torch.zeros(key.numel(), dtype=f64, device=device).index_add_(0, pos, rv[k] / counts[lk])
+        ks, kg = torch.div(key, n_alive, rounding_mode="floor"), key % n_alive
+        inst.index_add_(0, (ks[:, None] * J + ucols[kg]).reshape(-1), (agg[:, None] * uw[kg]).reshape(-1))
     inst = inst.reshape(inst_cap, J)
     tap_slot = slot[tap_lab]  # [4, P]
     keep_tap = tap_slot >= 0

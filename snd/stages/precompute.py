@@ -306,7 +306,7 @@ class _Writer(threading.Thread):
 def make_source(cfg: PrecomputeConfig | BenchPrecomputeConfig, *, random_init: bool = False) -> ScaffoldSource:
     return create_source(cfg.source, device=cfg.device, ckpt=cfg.mvsplat_ckpt, config=cfg.mvsplat_config,
                          precision=cfg.precision, near=getattr(cfg, "near", 1.0), far=getattr(cfg, "far", 100.0),
-                         random_init=random_init)
+                         random_init=random_init, compile=getattr(cfg, "compile", "off"), pad_to=cfg.batch_pairs)
 
 
 def run(cfg: PrecomputeConfig, *, source: ScaffoldSource | None = None, progress: bool = True,
@@ -602,7 +602,7 @@ def bench(cfg: BenchPrecomputeConfig) -> dict:
     pcfg = PrecomputeConfig(data=data, out=store, split="all", source=cfg.source, mvsplat_ckpt=cfg.mvsplat_ckpt,
                             mvsplat_config=cfg.mvsplat_config, height=cfg.height, width=cfg.width,
                             pairs_per_scene=math.ceil(total / scenes), targets_per_pair=3, batch_pairs=cfg.batch_pairs,
-                            precision=cfg.precision, device=cfg.device)
+                            precision=cfg.precision, device=cfg.device, compile=cfg.compile, operator=cfg.operator)
     source = make_source(pcfg, random_init=cfg.mvsplat_ckpt is None)
     s = run(pcfg, source=source, progress=True)
     if s.failed:
