@@ -92,6 +92,47 @@ command_from_config(app, "eval", C.EvalConfig, _eval, extra=[_task_param],
                     help="Frozen-feature probes: depth, surface normals, semantic segmentation, multi-view correspondence.")
 
 
+# ---- use the features ----------------------------------------------------------------------------
+def _export(cfg: C.ExportConfig, run: str) -> None:
+    from snd.export import export_run
+
+    res = export_run(run, cfg.out, which=cfg.which, fmt=cfg.format, push=cfg.push)
+    console.print(f"[green]exported[/] {res['architecture']} to {res['out']}: {', '.join(res['files'])}")
+
+
+_run_param = inspect.Parameter("run", inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                               default=typer.Argument(..., help="Run directory (or one of its checkpoints)."), annotation=str)
+command_from_config(app, "export", C.ExportConfig, _export, extra=[_run_param],
+                    help="Export a run's backbone (LoRA merged) for plain timm / the HF hub, plus a model card.")
+
+
+def _features(cfg: C.FeaturesConfig, images: list[str]) -> None:
+    from pathlib import Path
+
+    from snd.stages.features import run
+
+    res = run(cfg, [Path(p) for p in images])
+    console.print(f"[green]features[/] ({res['dim']} x {res['grid'][0]}x{res['grid'][1]}) -> {res['out']}: "
+                  f"{', '.join(res['files'])}")
+
+
+_images_param = inspect.Parameter("images", inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                  default=typer.Argument(..., help="Image files (two views of a scene also get matches.png)."),
+                                  annotation=list[str])
+command_from_config(app, "features", C.FeaturesConfig, _features, extra=[_images_param],
+                    help="Dense features of images (npz) and pictures: joint PCA colours, K-means segments, cross-view matches.")
+
+
+@app.command("doctor")
+def doctor(data_root: str = typer.Option("data", help="Data root to look for the probe datasets in.")) -> None:
+    """Print the environment (torch/CUDA, gsplat build, GPUs) and which weights and datasets are found where."""
+    from pathlib import Path
+
+    from snd.pipeline.doctor import print_report
+
+    print_report(Path(data_root))
+
+
 # ---- demo --------------------------------------------------------------------------------------
 @app.command("demo")
 def demo(

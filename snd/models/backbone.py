@@ -59,9 +59,10 @@ default_cfgs = generate_default_cfgs({
 
 @register_model
 def snd_test_vit_patch14(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """DINOv2-style ViT (patch 14, depth 2, dim 64, 2 heads, layer scale) with random weights only."""
+    """DINOv2-style ViT (patch 14, depth 2, dim 64, 2 heads, layer scale): random init, or a file given
+    through `pretrained_cfg_overlay=dict(file=...)` (how `snd export` round trips are tested)."""
     model_args = dict(patch_size=14, embed_dim=64, depth=2, num_heads=2, init_values=1e-5, img_size=56)
-    return build_model_with_cfg(VisionTransformer, TEST_MODEL, pretrained=False,
+    return build_model_with_cfg(VisionTransformer, TEST_MODEL, pretrained=pretrained,
                                 pretrained_filter_fn=checkpoint_filter_fn, **dict(model_args, **kwargs))
 
 

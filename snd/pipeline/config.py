@@ -233,3 +233,28 @@ class BenchEvalConfig:
     device: str = opt("auto", "'auto', 'cpu' or 'cuda[:i]'.")
     workdir: Optional[Path] = opt(None, "Scratch folder for the feature cache (default: temp).")
     out: Optional[Path] = opt(None, "Write the JSON result here too (always printed).")
+
+
+@dataclass
+class ExportConfig:
+    """`snd export RUN`: the trained backbone as files plain timm loads (plus the official release layout)."""
+
+    out: Path = opt(Path("export"), "Output folder (model.safetensors, config.json, README.md).")
+    which: Literal["student", "teacher"] = opt("student", "Student (what SnD releases) or the EMA teacher.")
+    format: Literal["timm", "snd-release"] = opt("timm", "'snd-release' also writes dinov2_{small,base}_snd.pth (torch.hub keys).")
+    push: Optional[str] = opt(None, "Upload the folder to this Hugging Face repo (needs huggingface_hub + network).")
+
+
+@dataclass
+class FeaturesConfig:
+    """`snd features IMAGES...`: dense features and pictures (PCA, K-means, cross-view matches)."""
+
+    model: str = opt("dinov2_vits14", "Backbone: a name (+ --weights), a weights file, an snd run or export folder.")
+    weights: Optional[Path] = opt(None, "Weights for a backbone name.")
+    out: Path = opt(Path("features"), "Output folder (features.npz and PNGs).")
+    img_height: Optional[int] = opt(None, "Bring every image to this height (multiple of 14); default: its own size.")
+    img_width: Optional[int] = opt(None, "Bring every image to this width (multiple of 14).")
+    resize: Literal["pad", "resize"] = opt("resize", "How images reach a multiple of 14: pad (black, bottom/right) or resize.")
+    clusters: int = opt(6, "K-means segments.")
+    seed: int = opt(0, "K-means seed.")
+    device: str = opt("auto", "'auto', 'cpu' or 'cuda[:i]'.")

@@ -1,0 +1,132 @@
+"""`snd export RUN --out DIR`: the run's backbone (LoRA merged) as files plain timm loads.
+
+Layouts:
+* "timm" (default): ``model.safetensors`` (timm keys, native position grid) + ``config.json`` in the
+  timm/HF-hub layout (``architecture``, ``num_features``, ``pretrained_cfg`` with input size and mean/std,
+  ``model_args``) + ``README.md`` model card. Loads with
+  ``timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=".../model.safetensors"),
+  num_classes=0, dynamic_img_size=True)`` and gives snd's features exactly (tested < 1e-5).
+* "snd-release": additionally ``dinov2_{small,base}_snd.pth``, the torch.hub DINOv2 state dict of the
+  official SnD release files (tensors only), so code written for those keeps working.
+
+Why the native grid: the position embedding is stored at the base weights' grid (37x37 for DINOv2), as the
+official weights; any input size works with ``dynamic_img_size=True`` (interpolated per forward).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors.torch import save_file
+
+from snd.errors import SndError
+
+log = logging.getLogger(__name__)
+
+_RELEASE = {384: "dinov2_small_snd.pth", 768: "dinov2_base_snd.pth", 64: "snd_test_snd.pth"}
+
+
+def _atomic(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _card(arch: str, run: Path, which: str, cfg: dict, files: list[str], hw: tuple[int, int]) -> str:
+    """README.md: how to load, what it was trained with, and the eval table when the run has one."""
+    rows = "\n".join(f"| `{k}` | `{v}` |" for k, v in sorted(cfg.items()) if not isinstance(v, (list, dict)))
+    evals = ""
+    for cand in (run / "eval" / "results.md", run / "results.md"):
+        if cand.is_file():
+            evals = "\n## Evaluation (`snd eval`)\n\n" + cand.read_text()
+            break
+    return f"""---
+library_name: timm
+tags: [image-feature-extraction, dinov2, splat-and-distill, snd]
+license: apache-2.0
+---
+# {arch} — Splat and Distill ({which})
+
+DINOv2 backbone fine-tuned with Splat and Distill (SnD, ICLR 2026) by `snd distill`; LoRA merged into the
+weights. Exported by `snd export` from run `{run.name}`.
+
+```python
+import timm
+model = timm.create_model("{arch}", pretrained=True, num_classes=0, dynamic_img_size=True,
+                          pretrained_cfg_overlay=dict(file="model.safetensors"))
+feats = model.forward_features(images)  # images normalised with the mean/std of config.json, H, W multiples of 14
+```
+
+or `snd.load_backbone("<this folder>")`. Trained at {hw[0]}x{hw[1]} input. Files: {", ".join(files)}.
+
+## Training configuration
+
+| option | value |
+|---|---|
+{rows}
+{evals}"""
+
+
+def export_run(run: str | Path, out: str | Path, *, which: Literal["student", "teacher"] = "student",
+               fmt: Literal["timm", "snd-release"] = "timm", push: str | None = None) -> dict:
+    """Write the export of `run` into `out`; returns {"files": [...], "architecture": ..., "out": ...}."""
+    from snd.pipeline.config import DistillConfig, load_config
+    from snd.models.backbone import resolve_name
+    from snd.train.checkpoint import CONFIG_FILE, load_backbone_from_run
+
+    if fmt not in ("timm", "snd-release"):
+        raise SndError(f"unknown export format {fmt!r}", hint="use --format timm or --format snd-release")
+    run = Path(run)
+    model = load_backbone_from_run(run, which=which)
+    run_dir = run if run.is_dir() else run.parent.parent
+    cfg = load_config(DistillConfig, run_dir / CONFIG_FILE)
+    arch = resolve_name(cfg.model)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    pc = dict(model.pretrained_cfg or {})
+    C = int(model.embed_dim)
+    input_size = [3, int(cfg.img_height), int(cfg.img_width)]
+    config = {
+        "architecture": arch,
+        "num_classes": 0,
+        "num_features": C,
+        "global_pool": getattr(model, "global_pool", "token"),
+        "model_args": {"num_classes": 0, "dynamic_img_size": True},
+        "pretrained_cfg": {
+            "tag": "snd", "custom_load": False, "input_size": input_size, "fixed_input_size": False,
+            "interpolation": pc.get("interpolation", "bicubic"), "crop_pct": 1.0, "crop_mode": "center",
+            "mean": list(pc.get("mean", (0.485, 0.456, 0.406))), "std": list(pc.get("std", (0.229, 0.224, 0.225))),
+            "num_classes": 0, "pool_size": None, "first_conv": "patch_embed.proj", "classifier": "head",
+            "license": "apache-2.0",
+        },
+        "snd": {"run": str(run_dir.resolve()), "which": which, "native_grid": list(model.patch_embed.grid_size)},
+    }
+    files = ["model.safetensors", "config.json", "README.md"]
+    _atomic(out / "model.safetensors", lambda t: save_file(sd, str(t), metadata={"format": "pt"}))
+    _atomic(out / "config.json", lambda t: t.write_text(json.dumps(config, indent=2)))
+    if fmt == "snd-release":
+        from snd.models.weights import to_dinov2_state_dict
+
+        name = _RELEASE.get(C, f"dinov2_{C}_snd.pth")
+        rel = {k: v.clone() for k, v in to_dinov2_state_dict(sd).items()}
+        _atomic(out / name, lambda t: torch.save(rel, t))
+        files.append(name)
+    cfg_dict = json.loads((run_dir / CONFIG_FILE).read_text()).get("config", {})
+    _atomic(out / "README.md", lambda t: t.write_text(
+        _card(arch, run_dir, which, cfg_dict, files, (cfg.img_height, cfg.img_width))))
+    if push:
+        try:
+            import huggingface_hub  # noqa: F401
+        except ImportError as e:
+            raise SndError("--push needs the huggingface_hub package (and network access)",
+                           hint=f"pip install huggingface_hub, then `huggingface-cli upload {push} {out}`") from e
+        from huggingface_hub import HfApi
+
+        HfApi().upload_folder(repo_id=push, folder_path=str(out))
+    log.info("exported %s (%s) to %s", run_dir, which, out)
+    return {"files": files, "architecture": arch, "out": str(out)}

@@ -1,0 +1,94 @@
+"""`snd doctor`: what this machine has, and what a long run would miss, before it starts.
+
+Reports versions (torch/CUDA, timm, peft, zarr, gsplat), GPUs and memory, whether gsplat's CUDA extension
+is already built (without triggering the ~90 s JIT build), and which weights and datasets are found where.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+
+WEIGHT_DIRS = ("$SND_WEIGHTS", "~/.cache/torch/hub/checkpoints", "~/.cache/huggingface/hub", "weights")
+WEIGHT_GLOBS = ("dinov2_*.pth", "*dinov2*.safetensors", "*snd*.pth", "*.ckpt", "models--timm--vit_*dinov2*")
+
+
+def _version(mod: str) -> str:
+    try:
+        return getattr(importlib.import_module(mod), "__version__", "installed")
+    except Exception as e:  # noqa: BLE001 - report, never fail
+        return f"missing ({type(e).__name__})"
+
+
+def _gsplat_status() -> str:
+    if importlib.util.find_spec("gsplat") is None:
+        return "not installed (the torch renderer is used; fine on CPU)"
+    cache = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions"))
+    built = sorted(cache.rglob("gsplat*")) if cache.is_dir() else []
+    try:
+        import gsplat.cuda._backend as be  # noqa: F401  (imports the prebuilt extension if any)
+
+        return f"installed, CUDA extension importable{' (cached build in ' + str(built[0].parent) + ')' if built else ''}"
+    except Exception:  # noqa: BLE001
+        return "installed; CUDA extension not built yet (first GPU use compiles it, ~90 s)" if torch.cuda.is_available() \
+            else "installed; needs CUDA"
+
+
+def _weights() -> list[tuple[str, str]]:
+    rows = []
+    for d in WEIGHT_DIRS:
+        path = Path(os.path.expandvars(os.path.expanduser(d)))
+        if "$" in str(path) or not path.is_dir():
+            continue
+        hits = sorted({h for g in WEIGHT_GLOBS for h in path.glob(g)})
+        rows += [(h.name, str(h.parent)) for h in hits[:20]]
+    return rows
+
+
+def _datasets(root: Path) -> list[tuple[str, str]]:
+    from snd.eval import datasets as D
+
+    return [(name, status) for name, status in D.available(root).items()]
+
+
+def report(data_root: Path = Path("data")) -> dict:
+    gpus = []
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            gpus.append(f"{p.name}, {p.total_memory / 2**30:.0f} GiB")
+    return {
+        "versions": {"python": ".".join(map(str, __import__("sys").version_info[:3])), "torch": torch.__version__,
+                     "cuda": torch.version.cuda or "none (CPU build)", "timm": _version("timm"), "peft": _version("peft"),
+                     "zarr": _version("zarr"), "h5py": _version("h5py"), "safetensors": _version("safetensors"),
+                     "trimesh": _version("trimesh"), "embreex": _version("embreex")},
+        "gpus": gpus or ["none: stage one/two run on CPU (tests and the demo only)"],
+        "gsplat": _gsplat_status(),
+        "weights": _weights(),
+        "datasets": _datasets(Path(data_root)),
+    }
+
+
+def print_report(data_root: Path = Path("data")) -> dict:
+    from rich.console import Console
+    from rich.table import Table
+
+    r = report(data_root)
+    con = Console()
+    t = Table(title="snd doctor", show_lines=False)
+    t.add_column("what")
+    t.add_column("status")
+    for k, v in r["versions"].items():
+        t.add_row(k, v)
+    for g in r["gpus"]:
+        t.add_row("gpu", g)
+    t.add_row("gsplat", r["gsplat"])
+    for name, where in r["weights"] or [("weights", "none found in " + ", ".join(WEIGHT_DIRS) + " (pass --weights)")]:
+        t.add_row(name, where)
+    for name, status in r["datasets"]:
+        t.add_row(f"dataset {name}", status)
+    con.print(t)
+    return r
