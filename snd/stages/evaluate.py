@@ -42,9 +42,9 @@ EXTRACT_BATCH = 8
 
 
 def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    from snd.pipeline.device import resolve_device
+
+    return resolve_device(name)
 
 
 def _write_json(path: Path, obj: Any) -> None:
