@@ -32,6 +32,14 @@ def gsplat_available() -> bool:
     return importlib.util.find_spec("gsplat") is not None
 
 
+def gsplat_K(K: Tensor, device: torch.device) -> Tensor:
+    """snd's integer-centre intrinsics -> gsplat's (pixel centres at +0.5): cx, cy + 0.5, float32."""
+    Kg = K.to(device=device, dtype=torch.float32).clone()
+    Kg[0, 2] += 0.5
+    Kg[1, 2] += 0.5
+    return Kg
+
+
 def render_gsplat(
     means: Tensor,  # [N, 3]
     quats: Tensor,  # [N, 4]
@@ -62,9 +70,7 @@ def render_gsplat(
 
     if not means.is_cuda:
         raise ValueError("the gsplat backend needs CUDA tensors; use backend='torch' on CPU")
-    Kg = K.to(device=means.device, dtype=torch.float32).clone()
-    Kg[0, 2] += 0.5
-    Kg[1, 2] += 0.5
+    Kg = gsplat_K(K, means.device)
     f = lambda t: t.to(device=means.device, dtype=torch.float32).contiguous()  # noqa: E731
     colors, alphas, _ = rasterization(
         f(means), f(quats), f(scales), f(opacities), f(features),
@@ -108,9 +114,7 @@ def contributions_gsplat(
 
     dev = means.device
     f = lambda t: t.to(device=dev, dtype=torch.float32).contiguous()  # noqa: E731
-    Kg = f(K).clone()
-    Kg[0, 2] += 0.5
-    Kg[1, 2] += 0.5
+    Kg = gsplat_K(K, dev)
     opac = f(opacities)
     radii, means2d, depths, conics, _ = fully_fused_projection(
         f(means), None, f(quats), f(scales), f(w2c)[None], Kg[None], int(width), int(height), eps2d=0.3,
@@ -138,5 +142,5 @@ def contributions_gsplat(
     rank[order] = torch.arange(order.numel(), device=dev)
     srt = torch.sort(pix * order.numel() + rank[gid]).indices
     pix, gid, alpha = pix[srt], gid[srt], alpha[srt]
-    w, t_final = composite_weights(pix, alpha.double(), height * width)
+    w, t_final, _ = composite_weights(pix, alpha.double(), height * width)
     return pix, gid, w, (1.0 - t_final).to(torch.float32).reshape(height, width)

@@ -126,23 +126,28 @@ def project_gaussians(
                      radii=torch.stack([rx[sel], ry[sel]], -1).long())
 
 
-def composite_weights(pix: Tensor, alpha: Tensor, n_pixels: int) -> tuple[Tensor, Tensor]:
-    """Front-to-back compositing weights of pairs already sorted by (pixel, depth) and already cut at
-    the transmittance stop: (weight alpha_i T_i [M], final transmittance [n_pixels]) in alpha's dtype.
+def composite_weights(pix: Tensor, alpha: Tensor, n_pixels: int, *,
+                      t_stop: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Front-to-back compositing of pairs sorted by (pixel, depth): (weight alpha_i T_i [M'], final
+    transmittance [n_pixels], kept [M] bool) in alpha's dtype.
 
-    T is a segmented cumulative product, computed as a cumulative sum of log(1 - alpha) minus its
-    value at each pixel's segment start."""
+    T is a segmented cumulative product, computed as a cumulative sum of log(1 - alpha) minus its value
+    at each pixel's segment start. With `t_stop`, a pixel stops before the pair that would bring T to
+    <= t_stop (T only falls along a pixel, so this keeps a prefix of each segment) and only kept pairs
+    are weighted; without it every pair is kept (the caller already cut at the stop, as gsplat does)."""
     if pix.numel() == 0:
-        return alpha.new_zeros(0), alpha.new_ones(n_pixels)
+        return alpha.new_zeros(0), alpha.new_ones(n_pixels), torch.zeros(0, dtype=torch.bool, device=pix.device)
     logt = torch.log1p(-alpha)
     cs = torch.cumsum(logt, 0)
     new_seg = torch.ones_like(pix, dtype=torch.bool)
     new_seg[1:] = pix[1:] != pix[:-1]
     seg_id = torch.cumsum(new_seg.long(), 0) - 1
     incl = cs - (cs - logt)[new_seg][seg_id]  # log T after each pair
-    w = alpha * torch.exp(incl - logt)
-    t_fin = alpha.new_ones(n_pixels).scatter_reduce_(0, pix, torch.exp(incl), reduce="amin")
-    return w, t_fin
+    t_after = torch.exp(incl)
+    kept = t_after > t_stop if t_stop is not None else torch.ones_like(pix, dtype=torch.bool)
+    w = (alpha * torch.exp(incl - logt))[kept]
+    t_fin = alpha.new_ones(n_pixels).scatter_reduce_(0, pix[kept], t_after[kept], reduce="amin")
+    return w, t_fin, kept
 
 
 @dataclass
@@ -270,23 +275,10 @@ def build_plan(
         key = pix * M + rank[g]
         srt = torch.sort(key).indices
         g, pix, alpha = g[srt], pix[srt], alpha[srt].to(torch.float64)
-        logt = torch.log1p(-alpha)
-        cs = torch.cumsum(logt, 0)  # inclusive
-        new_seg = torch.ones_like(pix, dtype=torch.bool)
-        new_seg[1:] = pix[1:] != pix[:-1]
-        seg_id = torch.cumsum(new_seg.long(), 0) - 1
-        seg_base = (cs - logt)[new_seg]  # cumulative sum before each segment
-        incl = cs - seg_base[seg_id]  # log T after this pair
-        T_after = torch.exp(incl)
-        use = T_after > T_STOP  # monotone within a pixel: keeps exactly the pairs before the stop
-        T_before = torch.exp(incl - logt)
-        w = (alpha * T_before)[use]
+        w, t_fin, use = composite_weights(pix - r0 * width, alpha, (r1 - r0) * width, t_stop=T_STOP)
         rows_i.append(pix[use])
         cols_i.append(p.ids[g[use]])
         vals.append(w)
-        # final transmittance = T after the last used pair = min over used pairs
-        t_fin = torch.ones((r1 - r0) * width, dtype=torch.float64, device=device)
-        t_fin.scatter_reduce_(0, pix[use] - r0 * width, T_after[use], reduce="amin")
         alpha_img[r0 * width:r1 * width] = 1.0 - t_fin
     if rows_i:
         r, c, v = torch.cat(rows_i), torch.cat(cols_i), torch.cat(vals)
