@@ -10,7 +10,6 @@ is projected. Labels are random (speed does not depend on them); the images are 
 """
 from __future__ import annotations
 
-import json
 import statistics
 import tempfile
 import time
@@ -200,9 +199,6 @@ def bench(cfg: BenchEvalConfig) -> dict:
                 "projected = real dataset sizes / measured rates (features cached once per dataset; "
                 "ScanNet++ depth and seg share them)",
     }
-    text = json.dumps(out, indent=2)
-    print(text)
-    if cfg.out is not None:
-        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(cfg.out).write_text(text)
-    return out
+    from snd.pipeline.jsonout import emit_json
+
+    return emit_json(out, cfg.out)

@@ -5,7 +5,6 @@ generated data and times it.
 """
 from __future__ import annotations
 
-import json
 import logging
 import statistics
 import time
@@ -234,9 +233,6 @@ def bench(cfg: BenchDistillConfig) -> dict:
             results["models"].append(_bench_one(name, cfg, device))
         finally:
             torch.set_float32_matmul_precision(prev)
-    text = json.dumps(results, indent=2)
-    print(text)
-    if cfg.out is not None:
-        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(cfg.out).write_text(text)
-    return results
+    from snd.pipeline.jsonout import emit_json
+
+    return emit_json(results, cfg.out)

@@ -633,9 +633,6 @@ def bench(cfg: BenchPrecomputeConfig) -> dict:
     except Exception as e:  # noqa: BLE001 - the throughput numbers stand without the render check
         log.debug("bench psnr failed:\n%s", traceback.format_exc())
         res["psnr"] = {"error": f"{type(e).__name__}: {e}"}
-    text = json.dumps(res, indent=2)
-    print(text)
-    if cfg.out is not None:
-        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(cfg.out).write_text(text)
-    return res
+    from snd.pipeline.jsonout import emit_json
+
+    return emit_json(res, cfg.out)
