@@ -25,26 +25,18 @@ log = logging.getLogger(__name__)
 
 __all__ = ["load_backbone", "extract_features", "to_tensor_list"]
 
-_SIZES = {384: "vit_small_patch14", 768: "vit_base_patch14", 64: "snd_test_vit_patch14"}
-
-
-def _arch_of_state_dict(path: Path) -> str:
+def _arch_of_file(path: Path) -> str:
     """timm architecture of a DINOv2 weights file (any layout), from its embed dim and registers."""
-    from snd.models.weights import _strip_prefixes, read_state_dict
+    from snd.models.backbone import SUPPORTED
+    from snd.models.weights import guess_arch, timm_state_dict
 
-    sd = _strip_prefixes(read_state_dict(path))
-    cls = sd.get("cls_token", sd.get("embeddings.cls_token"))
-    if cls is None:
-        raise SndError(f"{path} is not a ViT backbone state dict (no cls_token)", path=path,
-                       hint="pass a DINOv2 / SnD weights file, an snd run or an `snd export` folder")
-    dim = int(cls.shape[-1])
-    if dim not in _SIZES:
-        raise SndError(f"{path}: embed dim {dim} is not a supported backbone", path=path,
-                       hint="supported: ViT-S/14 (384), ViT-B/14 (768)")
-    if _SIZES[dim] == "snd_test_vit_patch14":
-        return "snd_test_vit_patch14"
-    reg = "_reg4" if ("reg_token" in sd or "register_tokens" in sd or "embeddings.register_tokens" in sd) else ""
-    return f"{_SIZES[dim]}{reg}_dinov2"
+    _, sd, _, _ = timm_state_dict(path)
+    arch = guess_arch(sd)
+    if arch not in SUPPORTED:
+        dim = sd["cls_token"].shape[-1] if "cls_token" in sd else None
+        raise SndError(f"{path}: a ViT with embed dim {dim} is not a supported backbone", path=path,
+                       hint="supported: ViT-S/14 (384) and ViT-B/14 (768), with or without registers")
+    return arch
 
 
 def load_backbone(source: str | Path, *, weights: str | Path | None = None, which: Literal["student", "teacher"] = "student",
@@ -75,7 +67,7 @@ def load_backbone(source: str | Path, *, weights: str | Path | None = None, whic
         model = load_backbone_from_run(p, which=which)
         report = LoadReport(layout=f"snd run ({which})")
     elif p.is_file():
-        model = create_backbone(_arch_of_state_dict(p), init="random")
+        model = create_backbone(_arch_of_file(p), init="random")
         report = load_backbone_weights(model, p)
     else:
         if p.suffix in (".pth", ".pt", ".safetensors", ".bin") or "/" in str(source):

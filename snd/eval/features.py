@@ -56,16 +56,17 @@ def load_eval_backbone(model: str, *, weights: str | Path | None = None, init: s
     """A frozen backbone for probing: an SnD run dir / checkpoint / export path, or a backbone name.
 
     Args:
-        model: existing path -> `snd.train.checkpoint.load_backbone_from_run(path)` (LoRA merged);
+        model: existing path -> `snd.api.load_backbone(path)` (run / checkpoint with LoRA merged, export
+            folder, or weights file);
             otherwise a name for `snd.models.backbone.create_backbone` (`dinov2_vits14`, a timm name, ...).
         weights, init: passed to `create_backbone` for names.
         seed: seeds the random init (`init="random"`), so a baseline built twice is the same network.
     """
     p = Path(model)
-    if p.exists():
-        from snd.train.checkpoint import load_backbone_from_run
+    if p.exists():  # a run, a checkpoint, an `snd export` folder or a weights file: the API's one loader
+        from snd.api import load_backbone
 
-        net = load_backbone_from_run(p)
+        net = load_backbone(p)
     else:
         from snd.models.backbone import create_backbone
 

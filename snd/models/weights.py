@@ -203,21 +203,29 @@ def _describe(sd: dict[str, Tensor]) -> str:
     return f"embed dim {dim}, depth {depth}, {regs} registers"
 
 
+_ARCH_BY_DIM = {384: "vit_small_patch14", 768: "vit_base_patch14", 1024: "vit_large_patch14", 1536: "vit_giant_patch14"}
+
+
+def guess_arch(sd: dict[str, Tensor]) -> str | None:
+    """timm architecture of a timm-layout ViT state dict from its embed dim and registers (None: unknown)."""
+    dim = int(sd["cls_token"].shape[-1]) if "cls_token" in sd else None
+    if dim == 64:
+        return "snd_test_vit_patch14"
+    base = _ARCH_BY_DIM.get(dim)
+    return None if base is None else f"{base}{'_reg4' if 'reg_token' in sd else ''}_dinov2"
+
+
 def _model_hint(sd: dict[str, Tensor]) -> str:
-    dim = sd["cls_token"].shape[-1] if "cls_token" in sd else None
-    size = {384: "small", 768: "base", 1024: "large", 1536: "giant"}.get(dim)
-    reg = "_reg4" if "reg_token" in sd else ""
-    if size is None:
+    arch = guess_arch(sd)
+    if arch is None or arch == "snd_test_vit_patch14":
         return "pass DINOv2 weights that match --model"
-    return f"this file holds a ViT-{size[0].upper()}/14: use --model vit_{size}_patch14{reg}_dinov2, or pass the weights of your --model"
+    size = arch.split("_")[1]
+    return f"this file holds a ViT-{size[0].upper()}/14: use --model {arch}, or pass the weights of your --model"
 
 
-def load_backbone_weights(model: nn.Module, path: str | Path) -> LoadReport:
-    """Convert the file at `path` to timm keys and load it into `model` strictly (in place).
-
-    Raises SndError naming the file, what the model expects and what the file holds (embed dim, depth,
-    registers), and the fix, for any missing/unexpected key or shape mismatch. Returns a LoadReport listing
-    the keys dropped on purpose (`mask_token`, classifier heads) and tensors resampled (position grid)."""
+def timm_state_dict(path: str | Path) -> tuple[Path, dict[str, Tensor], str, list[str]]:
+    """The weights file at `path` (or the one in a folder) in timm keys, whatever its layout:
+    (file, state dict, detected layout, keys dropped on purpose). SndError when it is no ViT backbone."""
     p = find_weights_file(path)
     raw = _strip_prefixes(read_state_dict(p))
     layout = detect_layout(raw)
@@ -232,6 +240,16 @@ def load_backbone_weights(model: nn.Module, path: str | Path) -> LoadReport:
         raise SndError(f"{p} is not a DINOv2/ViT backbone state dict (keys like: {sample}, ...)", path=p,
                        hint="pass the DINOv2 weights (e.g. dinov2_vits14_pretrain.pth or the timm model.safetensors); "
                             "MVSplat checkpoints go to `snd precompute --mvsplat-ckpt`")
+    return p, sd, layout, dropped
+
+
+def load_backbone_weights(model: nn.Module, path: str | Path) -> LoadReport:
+    """Convert the file at `path` to timm keys and load it into `model` strictly (in place).
+
+    Raises SndError naming the file, what the model expects and what the file holds (embed dim, depth,
+    registers), and the fix, for any missing/unexpected key or shape mismatch. Returns a LoadReport listing
+    the keys dropped on purpose (`mask_token`, classifier heads) and tensors resampled (position grid)."""
+    p, sd, layout, dropped = timm_state_dict(path)
     target = model.state_dict()
     for k in sorted(sd):
         if k not in target and _DROPPABLE.match(k):
