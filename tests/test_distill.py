@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from snd.cli import main
 from snd.models.backbone import extract, normalize
 from snd.pipeline.config import BenchDistillConfig, DistillConfig, PrecomputeConfig
 from snd.train.checkpoint import latest_checkpoint, load_backbone_from_run
 from snd.train.data import BatchIterator
 from snd.train.synthetic import SyntheticStream
+from tests._cli import run_cli
 
 HW = (56, 84)
 
@@ -35,19 +35,11 @@ def _args(store: Path, run: Path, iters: int) -> list[str]:
             "--ckpt-every", "2", "--device", "cpu", "--renderer", "torch"]
 
 
-def _run_cli(argv: list[str]) -> int:
-    try:
-        main(argv)
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
-
-
 def test_cli_distill_on_a_store_and_resume(store, tmp_path):
     from snd.stages.distill import run
 
     run_dir = tmp_path / "run"
-    assert _run_cli(_args(store, run_dir, 3)) == 0
+    assert run_cli(_args(store, run_dir, 3)) == 0
     ck = latest_checkpoint(run_dir)
     assert ck is not None and ck.name == "step_0000003.safetensors"
     meta = json.loads(ck.with_suffix(".json").read_text())
@@ -66,13 +58,13 @@ def test_cli_distill_on_a_store_and_resume(store, tmp_path):
 
 
 def test_cli_errors_are_one_line(store, tmp_path, capsys):
-    assert _run_cli(_args(tmp_path / "nope", tmp_path / "r", 1)) == 2
+    assert run_cli(_args(tmp_path / "nope", tmp_path / "r", 1)) == 2
     assert "scaffold store not found" in capsys.readouterr().err
     bad = _args(store, tmp_path / "r2", 1)
     bad[bad.index("--img-height") + 1] = "57"
-    assert _run_cli(bad) == 2
+    assert run_cli(bad) == 2
     assert "multiple of the patch size" in capsys.readouterr().err
-    assert _run_cli(_args(store, tmp_path / "r3", 1)[:-2] + ["--renderer", "torch", "--model", "resnet50"]) == 2
+    assert run_cli(_args(store, tmp_path / "r3", 1)[:-2] + ["--renderer", "torch", "--model", "resnet50"]) == 2
 
 
 def test_loader_with_workers_keeps_the_order():

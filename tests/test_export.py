@@ -10,11 +10,11 @@ import timm
 import torch
 
 import snd
-from snd.cli import main
 from snd.errors import SndError
 from snd.models.backbone import extract, normalize
 from snd.pipeline.config import DistillConfig, PrecomputeConfig
 from snd.train.checkpoint import load_backbone_from_run
+from tests._cli import run_cli
 
 HW = (56, 84)
 
@@ -33,21 +33,13 @@ def run_dir(synth_root, tmp_path_factory) -> Path:
     return root / "run"
 
 
-def _cli(argv: list[str]) -> int:
-    try:
-        main(argv)
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
-
-
 def _patches(model, x):
     return extract(model, normalize(model, x))[1]
 
 
 def test_export_round_trips_through_plain_timm(run_dir, tmp_path):
     out = tmp_path / "exp"
-    assert _cli(["export", str(run_dir), "--out", str(out), "--format", "snd-release"]) == 0
+    assert run_cli(["export", str(run_dir), "--out", str(out), "--format", "snd-release"]) == 0
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["architecture"] == "snd_test_vit_patch14" and cfg["num_features"] == 64
     assert cfg["pretrained_cfg"]["input_size"] == [3, *HW] and len(cfg["pretrained_cfg"]["mean"]) == 3

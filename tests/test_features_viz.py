@@ -4,17 +4,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from snd.cli import main
 from snd.data import open_dataset
 from snd.viz import kmeans, mutual_nn, pca_colors
-
-
-def _cli(argv):
-    try:
-        main(argv)
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
+from tests._cli import run_cli
 
 
 def _instance_features(masks: list[np.ndarray], dim: int = 32, noise: float = 0.05, seed: int = 0) -> list[torch.Tensor]:
@@ -79,7 +71,7 @@ def test_cli_features_and_doctor(synth_root, tmp_path, capsys):
     imgs = sorted((synth_root / "data").glob("*/dslr/resized_undistorted_images/*.JPG"))[:2]
     assert len(imgs) == 2
     out = tmp_path / "feat"
-    rc = _cli(["features", str(imgs[0]), str(imgs[1]), "--model", "snd_test_vit_patch14", "--out", str(out),
+    rc = run_cli(["features", str(imgs[0]), str(imgs[1]), "--model", "snd_test_vit_patch14", "--out", str(out),
                "--device", "cpu", "--clusters", "3"])
     # a name without weights is refused (snd never downloads)...
     assert rc == 2 and "no pretrained weights" in capsys.readouterr().err
@@ -89,7 +81,7 @@ def test_cli_features_and_doctor(synth_root, tmp_path, capsys):
 
     m = timm.create_model("snd_test_vit_patch14", num_classes=0)
     save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(tmp_path / "w.safetensors"))
-    assert _cli(["features", str(imgs[0]), str(imgs[1]), "--model", str(tmp_path / "w.safetensors"), "--out", str(out),
+    assert run_cli(["features", str(imgs[0]), str(imgs[1]), "--model", str(tmp_path / "w.safetensors"), "--out", str(out),
                  "--device", "cpu", "--clusters", "3"]) == 0
     npz = np.load(out / "features.npz")
     assert npz["patches"].shape == (2, 64, 8, 12) and npz["cls"].shape == (2, 64)
@@ -98,7 +90,7 @@ def test_cli_features_and_doctor(synth_root, tmp_path, capsys):
     from PIL import Image
 
     assert Image.open(out / f"{imgs[0].stem}_pca.png").size == (168, 112)
-    assert _cli(["features", str(tmp_path / "missing.jpg"), "--model", "x"]) == 2
-    assert _cli(["doctor", "--data-root", str(tmp_path)]) == 0
+    assert run_cli(["features", str(tmp_path / "missing.jpg"), "--model", "x"]) == 2
+    assert run_cli(["doctor", "--data-root", str(tmp_path)]) == 0
     text = capsys.readouterr().out
     assert "torch" in text and "dataset nyuv2" in text
