@@ -22,3 +22,15 @@ def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("synth")
     generate_dataset(SynthConfig(out=root, scenes=2, frames=16, height=112, width=168, objects=5, seed=0))
     return root
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny probes run many small ops: one torch thread avoids OpenMP spin contention on a busy 2-core
+    machine (use with `pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

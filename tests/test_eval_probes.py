@@ -45,13 +45,7 @@ def _toy(n: int, seed: int):
     return items, FakeStore(tokens)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These heads run many tiny ops: one thread avoids OpenMP spin contention on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 NORM = {"weight": torch.ones(C), "bias": torch.zeros(C), "eps": torch.tensor([1e-6], dtype=torch.float64)}

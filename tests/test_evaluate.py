@@ -10,15 +10,7 @@ from snd.pipeline.config import EvalConfig
 from snd.stages import evaluate
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny probes: one thread avoids OpenMP spin contention on a busy 2-core machine."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(data_root, out, **kw):

@@ -85,15 +85,6 @@ def test_no_valid_training_pixel_is_an_error():
 
 
 # ---- `snd eval` on procedural scenes: each probe beats its trivial baseline ---------------------------
-@pytest.fixture()
-def _one_thread():
-    """Tiny probes: one thread avoids OpenMP spin contention on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _quick(data_root, out, **kw):
     """A quick schedule: a few hundred steps need ~30x the paper's learning rates (see docs/evaluation.md).
     Depth needs well over 100 steps: its first 100 train the scale only (the official loss warm-up)."""
@@ -110,7 +101,7 @@ def _by_task(res):
     return probes, trivial
 
 
-def test_probes_beat_trivial_baselines_on_an_unseen_scene(synth_root, tmp_path, _one_thread):
+def test_probes_beat_trivial_baselines_on_an_unseen_scene(synth_root, tmp_path, one_thread):
     """Depth and segmentation transfer from the training room to the unseen val room even on random-init
     features (texture scale and shading carry depth; texture/colour statistics carry the class)."""
     out = tmp_path / "eval"
@@ -129,7 +120,7 @@ def test_probes_beat_trivial_baselines_on_an_unseen_scene(synth_root, tmp_path, 
     assert row.strip("|").split("|")[3].strip() == f"{trivial['depth']['abs_rel']:.4f}"
 
 
-def test_normal_probe_beats_trivial_baseline_on_its_training_scene(synth_root, tmp_path, _one_thread):
+def test_normal_probe_beats_trivial_baseline_on_its_training_scene(synth_root, tmp_path, one_thread):
     """Normals do not transfer across rooms from random-init features (a least-squares fit on the tokens
     does not beat the constant on the unseen room either), so the learning check scores the probe on the
     room it was trained on: a pipeline that misaligned labels and features could not beat the constant."""
