@@ -52,7 +52,8 @@ def test_cache_hits_without_backbone_and_misses_on_new_weights(model, tmp_path, 
     s1 = ensure_features(model, data, cache_dir=tmp_path, dataset_name="toy", split="train", img_hw=HW, batch=2)
     want = extract_tokens(model, torch.stack([d["image"] for d in data]))
     got = torch.stack([s1.tokens(i) for i in range(5)])
-    torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)  # stored as float16
+    assert got.dtype == torch.float16  # rows come back as stored
+    torch.testing.assert_close(got.float(), want, rtol=2e-3, atol=2e-3)
 
     calls = {"n": 0}
     real = model.forward_intermediates
@@ -94,7 +95,7 @@ def test_interrupted_extraction_resumes(model, tmp_path, monkeypatch):
     store = ensure_features(model, data, cache_dir=tmp_path, dataset_name="toy", split="val", img_hw=HW, batch=2)
     assert calls["n"] == 12  # only the 4 remaining images (2 batches)
     want = extract_tokens(model, torch.stack([d["image"] for d in data]))
-    torch.testing.assert_close(torch.stack([store.tokens(i) for i in range(6)]), want, rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(torch.stack([store.tokens(i) for i in range(6)]).float(), want, rtol=2e-3, atol=2e-3)
 
 
 def test_subset_gets_its_own_store(model, tmp_path):
@@ -103,7 +104,7 @@ def test_subset_gets_its_own_store(model, tmp_path):
                         indices=[1, 3], batch=4)
     assert len(s) == 2 and s.path.name == "train_n2.zarr"
     want = extract_tokens(model, data[3]["image"][None])[0]
-    torch.testing.assert_close(s.tokens(1), want, rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(s.tokens(1).float(), want, rtol=2e-3, atol=2e-3)
 
 
 @pytest.mark.gpu
@@ -116,4 +117,4 @@ def test_cuda_tokens_match_cpu_and_cache_extracts_on_cuda(model, tmp_path):
     torch.testing.assert_close(gpu, cpu, rtol=1e-3, atol=1e-3)  # TF32 / kernel differences only
     s = ensure_features(model, data, cache_dir=tmp_path, dataset_name="toy", split="train", img_hw=HW, batch=2,
                         device="cuda")
-    torch.testing.assert_close(torch.stack([s.tokens(i) for i in range(3)]), cpu, rtol=3e-3, atol=3e-3)
+    torch.testing.assert_close(torch.stack([s.tokens(i) for i in range(3)]).float(), cpu, rtol=3e-3, atol=3e-3)

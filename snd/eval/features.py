@@ -16,9 +16,9 @@ features):
     <cache>/<key>/<dataset>/<split>[_n<N>].json  progress: {"n", "n_done", "complete", grid, dim, ...}
 
 `key` = sha256 of every tensor of the state dict (names, shapes, dtypes, bytes), the input size and
-`FEATURE_VERSION`. Extraction writes images in order and replaces the progress JSON atomically after each
-batch, so a killed run resumes at `n_done`; chunks past `n_done` may be half-written and are simply
-rewritten. Readers accept a store only when `complete` is true.
+`FEATURE_VERSION`. Writing and resuming are `snd.eval.rowstore`'s: images in order, the progress JSON
+replaced atomically after each batch, so a killed run resumes at `n_done`; readers accept a store only
+when `complete` is true.
 
 Departure from the paper (documented in docs/evaluation.md): the official probes augment every training
 step (random crop/flip/rotate/colour), which needs a backbone forward per step; cached features are
@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from snd.errors import SndError
+from snd.eval.rowstore import RowWriter, open_rows, write_json
 
 log = logging.getLogger(__name__)
 
@@ -155,12 +156,6 @@ def split_tokens(tokens: Tensor, grid: tuple[int, int]) -> tuple[Tensor, Tensor]
 
 
 # ---- the cache -----------------------------------------------------------------------------------
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
 @dataclass
 class FeatureStore:
     """Cached tokens of one (model key, dataset, split): `len(store)`, `store.tokens(i) -> [1+h*w, C]`."""
@@ -176,11 +171,13 @@ class FeatureStore:
         return self.n
 
     def tokens(self, i: int) -> Tensor:
+        """Row i as stored (float16 [1+h*w, C]): half the bytes through worker pipes and host-to-device
+        copies; the probes compute in float32 after the copy."""
         if self._arr is None:  # opened lazily: once per DataLoader worker process
             import zarr
 
             self._arr = zarr.open_array(str(self.path / "tokens"), mode="r")
-        return torch.from_numpy(np.asarray(self._arr[i], dtype=np.float32))
+        return torch.from_numpy(np.asarray(self._arr[i]))
 
     def __getstate__(self) -> dict:
         d = dict(self.__dict__)
@@ -236,48 +233,43 @@ def ensure_features(
     dim = int(vit.embed_dim)
     want = {"n": n, "grid": list(grid), "dim": dim, "img_hw": list(img_hw), "version": FEATURE_VERSION,
             "indices_sha": hashlib.sha256(json.dumps(indices).encode()).hexdigest()[:16]}
-    state = json.loads(jpath.read_text()) if jpath.is_file() else None
-    if state is not None and any(state.get(k) != v for k, v in want.items()):
-        log.info("feature store %s does not match (%s vs %s); rebuilding", zpath, state, want)
-        state = None
-    if state is not None and state.get("complete") and norm_path.is_file():
+    if open_rows(zpath, jpath, want) and norm_path.is_file():
         return FeatureStore(zpath, n, grid, dim, _load_norm(norm_path))
-
-    import zarr
 
     zpath.parent.mkdir(parents=True, exist_ok=True)
     if not norm_path.is_file():
         params = final_norm_params(model)
         save_file({k: v.float() for k, v in params.items()}, str(norm_path.with_suffix(".tmp")))
         os.replace(norm_path.with_suffix(".tmp"), norm_path)
-        _write_json(Path(cache_dir) / key / "model.json", {"key": key, "img_hw": list(img_hw), "dim": dim,
-                                                            "class": type(vit).__name__, "version": FEATURE_VERSION})
-    if state is None:
-        group = zarr.open_group(str(zpath), mode="w")
-        group.create_array("tokens", shape=(n, 1 + grid[0] * grid[1], dim), chunks=(1, 1 + grid[0] * grid[1], dim),
-                           dtype="float16", compressors=None)
-        state = dict(want, n_done=0, complete=False)
-        _write_json(jpath, state)
-    arr = zarr.open_array(str(zpath / "tokens"), mode="r+")
-    start = int(state["n_done"])
-    if start:
-        log.info("resuming feature extraction of %s at %d/%d", zpath, start, n)
+        write_json(Path(cache_dir) / key / "model.json", {"key": key, "img_hw": list(img_hw), "dim": dim,
+                                                           "class": type(vit).__name__, "version": FEATURE_VERSION})
+    T = 1 + grid[0] * grid[1]
+    writer = RowWriter(zpath, jpath, want, {"tokens": ((T, dim), "float16", None)}, n)
+    start = writer.done
     sub = torch.utils.data.Subset(dataset, indices[start:])
     loader = torch.utils.data.DataLoader(sub, batch_size=batch, shuffle=False, num_workers=num_workers,
                                          collate_fn=_collate_images)
     model = model.to(device)
-    i = start
-    for images in loader:
-        tok = extract_tokens(model, images.to(device))
-        assert tok.shape[1:] == (1 + grid[0] * grid[1], dim), f"tokens {tuple(tok.shape)} vs grid {grid} dim {dim}"
-        arr[i:i + len(tok)] = tok.half().cpu().numpy()
-        i += len(tok)
-        state["n_done"] = i
-        _write_json(jpath, state)
-        if progress is not None:
-            progress(i, n)
-    state["complete"] = True
-    _write_json(jpath, state)
+    # one writer thread: the next batch's forward overlaps this batch's chunk writes (rows stay in order,
+    # and the progress file still advances only after the rows it counts are written)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1, thread_name_prefix="snd-features") as pool:
+        pending = None
+        for images in loader:
+            tok = extract_tokens(model, images.to(device, non_blocking=True))
+            assert tok.shape[1:] == (T, dim), f"tokens {tuple(tok.shape)} vs grid {grid} dim {dim}"
+            rows = tok.half().cpu().numpy()
+            if pending is not None:
+                done = pending.result()  # re-raises a failed write here
+                if progress is not None:
+                    progress(done, n)
+            pending = pool.submit(writer.append, {"tokens": rows})
+        if pending is not None:
+            done = pending.result()
+            if progress is not None:
+                progress(done, n)
+    writer.finish()
     return FeatureStore(zpath, n, grid, dim, _load_norm(norm_path))
 
 

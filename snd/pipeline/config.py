@@ -141,6 +141,9 @@ class EvalConfig:
     max_images: Optional[int] = opt(None, "Use at most this many images per split (quick runs).")
     seed: int = opt(0, "Seed of probe init and sampling.")
     device: str = opt("auto", "'auto', 'cpu' or 'cuda[:i]'.")
+    residency: Literal["auto", "device", "stream"] = opt("auto", "Probe training rows (cached tokens + targets): 'device' holds them all on the GPU (a batch is a gather), 'stream' reads them per step, 'auto' decides by size.")
+    resident_gib: Optional[float] = opt(None, "Memory budget for --residency auto (default: 60% of free GPU memory; 4 GiB on CPU).")
+    probe_graph: Literal["auto", "on", "off"] = opt("auto", "Replay each probe step as a CUDA graph ('auto': on CUDA with cached features).")
 
 
 def to_jsonable(cfg: Any) -> dict:
@@ -228,8 +231,10 @@ class BenchEvalConfig:
     img_height: int = opt(476, "Probe input height (as `snd eval`).")
     img_width: int = opt(630, "Probe input width.")
     images: int = opt(256, "Generated images pushed through extraction (and probe evaluation).")
-    probe_iters: int = opt(600, "Probe steps timed per task (at the paper's batch size).")
+    probe_iters: int = opt(2000, "Probe steps timed per task and residency (at the paper's batch size).")
     corr_pairs: int = opt(100, "Correspondence pairs timed.")
+    workers: int = opt(4, "DataLoader workers (as `snd eval --num-workers`).")
+    resident_gib: Optional[float] = opt(None, "Resident-rows budget (as `snd eval --resident-gib`).")
     device: str = opt("auto", "'auto', 'cpu' or 'cuda[:i]'.")
     workdir: Optional[Path] = opt(None, "Scratch folder for the feature cache (default: temp).")
     out: Optional[Path] = opt(None, "Write the JSON result here too (always printed).")

@@ -201,11 +201,12 @@ def _progress():
 def _eval_probe(role: _Role, task: str, name: str, cfg: EvalConfig, device: torch.device, folder: Path,
                 progress, *, with_trivial: bool = False) -> tuple[dict, list[dict], dict | None]:
     """Train and evaluate one probe; with `with_trivial`, also the trivial baseline of (task, dataset)
-    (computed before training, so its pass over the labels fills the in-RAM label cache training reads)."""
+    (computed before training; it reads the same cached targets training reads)."""
     from snd.eval import datasets as D
     from snd.eval.features import ensure_features, final_norm_params
     from snd.eval.probes import DepthProbe, NormalProbe, ProbeData, SegProbe, default_spec
     from snd.eval.probes import evaluate_probe, train_probe
+    from snd.eval.targets import ensure_targets
     from snd.models.backbone import _unwrap, patch_size
 
     hw = (cfg.img_height, cfg.img_width)
@@ -218,7 +219,7 @@ def _eval_probe(role: _Role, task: str, name: str, cfg: EvalConfig, device: torc
     grid, dim = (hw[0] // p, hw[1] // p), int(vit.embed_dim)
     train_ds, val_ds, idx_tr, idx_va = _splits(task, name, cfg)
     norm = final_norm_params(net)
-    stores = {}
+    stores, targets = {}, None
     if cfg.feature_cache:
         cache_dir = cfg.feature_cache_dir or cfg.out / "features"
         for split, ds, idx in (("train", train_ds, idx_tr), ("val", val_ds, idx_va)):
@@ -228,7 +229,13 @@ def _eval_probe(role: _Role, task: str, name: str, cfg: EvalConfig, device: torc
                                             num_workers=cfg.num_workers,
                                             progress=lambda d, t, b=bar: progress.update(b, completed=d))
             progress.remove_task(bar)
-    data_tr = ProbeData(train_ds, idx_tr, task, stores.get("train"))
+        # the targets too, once per (dataset, split, task, size): epochs then read raw chunks, not images
+        bar = progress.add_task(f"{name} train {task} targets", total=len(idx_tr), info="")
+        targets = ensure_targets(train_ds, idx_tr, task, cache_dir=cache_dir, dataset_name=name, split="train",
+                                 img_hw=hw, num_workers=cfg.num_workers,
+                                 progress=lambda d, t, b=bar: progress.update(b, completed=d))
+        progress.remove_task(bar)
+    data_tr = ProbeData(train_ds, idx_tr, task, stores.get("train"), targets=targets)
     data_va = ProbeData(val_ds, idx_va, task, stores.get("val"), with_image=True)
     trivial = _eval_trivial(task, name, data_tr, data_va) if with_trivial else None
     torch.manual_seed(cfg.seed)
@@ -249,6 +256,7 @@ def _eval_probe(role: _Role, task: str, name: str, cfg: EvalConfig, device: torc
     stats = train_probe(probe, data_tr, spec, grid=grid, norm=norm, ckpt=folder / f"{name}_{task}.safetensors",
                         backbone=live, augment=live is not None, device=device, seed=cfg.seed,
                         num_workers=cfg.num_workers, ckpt_every=max(min(2000, spec.iters // 4), 1),
+                        residency=cfg.residency, resident_gib=cfg.resident_gib, graph=cfg.probe_graph,
                         progress=lambda s, t, l, b=bar: progress.update(b, completed=s, info=f"loss {l:.4f}"))
     progress.remove_task(bar)
     metrics, samples = evaluate_probe(probe, data_va, grid=grid, norm=norm, backbone=live, device=device,

@@ -77,6 +77,11 @@ class Probe(nn.Module):
         """Constructor arguments, stored in checkpoints so a probe is rebuilt exactly."""
         raise NotImplementedError
 
+    def graph_from(self) -> int:
+        """First step from which `loss` runs the same computation every step (a CUDA graph can be
+        captured); earlier steps run eagerly. 0 unless the loss has a warm-up form."""
+        return 0
+
 
 def _check_tokens(tokens: Tensor, grid: tuple[int, int]) -> None:
     assert tokens.ndim == 3 and tokens.shape[1] == 1 + grid[0] * grid[1], \

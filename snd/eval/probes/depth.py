@@ -34,14 +34,26 @@ DEPTH_RANGE = OFFICIAL_DEPTH_RANGE
 
 
 def sig_loss(pred: Tensor, gt: Tensor, *, warm_up: bool = False, eps: float = 1e-3) -> Tensor:
-    """Scale-invariant log loss over pixels with gt > 0 (AdaBins / DINOv2 form, lambda = 0.15)."""
+    """Scale-invariant log loss over pixels with gt > 0 (AdaBins / DINOv2 form, lambda = 0.15).
+
+    Written with masked sums instead of `g[valid]` so it has static shapes and never reads a value back to
+    the host: the probe's training step can then run as one CUDA graph (`snd.eval.probes.train`). The
+    value equals the boolean-index form: mean and unbiased variance over the valid pixels; fewer than two
+    valid pixels -> the warm-up form; none -> 0 (with a zero gradient).
+    """
     valid = gt > 0
-    g = torch.log(pred[valid] + eps) - torch.log(gt[valid] + eps)
-    if g.numel() == 0:
-        return pred.sum() * 0.0
-    if warm_up or g.numel() < 2:
-        return torch.sqrt(0.15 * g.mean() ** 2 + 1e-12)
-    return torch.sqrt(torch.var(g) + 0.15 * g.mean() ** 2)
+    n = valid.sum()
+    nf = n.to(pred.dtype)
+    g = torch.where(valid, torch.log(pred + eps) - torch.log(torch.where(valid, gt, 1.0) + eps), 0.0)
+    mean = g.sum() / nf.clamp_min(1)
+    warm = 0.15 * mean ** 2 + 1e-12
+    if warm_up:
+        x = warm
+    else:
+        var = (torch.where(valid, g - mean, 0.0) ** 2).sum() / (nf - 1).clamp_min(1)
+        x = torch.where(n >= 2, var + 0.15 * mean ** 2, warm)
+    # with no valid pixel sqrt(0) would have an infinite derivative: take it of 1 and zero the result
+    return torch.where(n > 0, torch.sqrt(torch.where(n > 0, x, 1.0)), 0.0)
 
 
 def gradient_loss(pred: Tensor, gt: Tensor, *, eps: float = 1e-3) -> Tensor:
@@ -77,6 +89,9 @@ class DepthProbe(Probe):
         return {"dim": self.dim, "min_depth": self.min_depth, "max_depth": self.max_depth, "n_bins": self.n_bins,
                 "upsample": self.upsample, "warmup_loss_iters": self.warmup_loss_iters,
                 "grad_weight": self.grad_weight}
+
+    def graph_from(self) -> int:
+        return self.warmup_loss_iters  # SigLoss switches from its warm-up form here
 
     def prepare(self, tokens: Tensor, grid: tuple[int, int], norm: dict[str, Tensor]) -> Tensor:
         x = patches_nchw(tokens, grid)  # [B,C,h,w], no final norm (official final_norm=False)

@@ -52,13 +52,14 @@ def angular_nll(pred: Tensor, gt: Tensor, mask: Tensor, *, eps: float = 1e-4) ->
     """
     assert pred.ndim == 4 and pred.shape[1] == 4, f"pred must be [B,4,H,W], got {tuple(pred.shape)}"
     assert gt.shape[1] == 3 and gt.shape[-2:] == pred.shape[-2:], f"gt {tuple(gt.shape)} vs pred {tuple(pred.shape)}"
+    # masked sums (static shapes, no host read: CUDA-graph safe); unknown GT (NaN) is zeroed first so
+    # that no NaN reaches the gradient through the masked-out pixels
+    gt = torch.where(mask[:, None], gt, 0.0)
     cos = F.cosine_similarity(pred[:, :3], gt, dim=1).clamp(-1 + eps, 1 - eps)
     theta = torch.acos(cos)
     kappa = F.elu(pred[:, 3]) + 1.01
     nll = torch.log1p(torch.exp(-kappa * math.pi)) - torch.log1p(kappa ** 2) + kappa * theta
-    if not mask.any():
-        return pred.sum() * 0.0
-    return nll[mask].mean()
+    return torch.where(mask, nll, 0.0).sum() / mask.sum().clamp_min(1)
 
 
 class NormalProbe(Probe):

@@ -53,9 +53,12 @@ class SegProbe(Probe):
 
     def loss(self, feats: Tensor, batch: dict[str, Tensor], *, step: int) -> Tensor:
         gt = batch["seg"].long()  # [B,H,W]
-        if not (gt != self.ignore_index).any():
-            return self.conv.weight.sum() * 0.0  # keeps the graph: a batch of only ignore labels
-        return F.cross_entropy(self._at(feats, tuple(gt.shape[-2:])), gt, ignore_index=self.ignore_index)
+        # sum / count of labelled pixels = the mean CE; with static shapes and no host read (CUDA graphs),
+        # and 0 (zero gradient) for a batch of only ignore labels, where the mean would be 0/0
+        n = (gt != self.ignore_index).sum().clamp_min(1)
+        ce = F.cross_entropy(self._at(feats, tuple(gt.shape[-2:])), gt, ignore_index=self.ignore_index,
+                             reduction="sum")
+        return ce / n
 
     @torch.no_grad()
     def predict(self, feats: Tensor, out_hw: tuple[int, int]) -> Tensor:

@@ -1,16 +1,19 @@
-"""Probe training and evaluation loops: deterministic batches, exact resume, safetensors checkpoints.
+"""Probe training and evaluation loops: deterministic batches, exact resume, a step fast enough for 10^5 steps.
 
 Resume is exact: the batch order is a pure function of (seed, epoch) (`batch_order`), the learning rate a
-pure function of the step (`schedules.lr_factor`), and the checkpoint holds the probe, the AdamW moments and
-the step. A checkpoint is one safetensors file (tensors `probe.*`, `optim.<i>.*`; metadata: step, task, probe
-config, recipe) replaced atomically, plus a human-readable `state.json` beside it.
+pure function of the step (`schedules.lr_factor`), and the checkpoint (`checkpoint.py`) holds the probe, the
+AdamW moments and the step.
+
+Speed: the paper's schedules are 307,200 / 320,000 steps of a linear head whose GPU work is ~1 ms. So the
+step reads nothing back to the host (masked-sum losses, the loss summed on the device and read every
+`log_every` steps, fused capturable AdamW with a device-tensor lr), on CUDA it is captured once and replayed
+as a CUDA graph, and a split that fits is held on the device (`rows.DeviceRows`): a batch is then a gather.
+Larger splits stream from the token and target caches (`snd.eval.targets`) through DataLoader workers.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 from typing import Callable, Iterator
@@ -21,6 +24,8 @@ from torch import Tensor, nn
 from snd.eval.augment import augment_batch
 from snd.eval.metrics import ConfusionAccumulator, MeanAccumulator, depth_metrics, normal_metrics
 from snd.eval.probes.base import Probe, ProbeSpec, to_device
+from snd.eval.probes.checkpoint import load_checkpoint, save_checkpoint
+from snd.eval.probes.rows import DeviceRows, Residency, plan_residency
 from snd.eval.probes.schedules import lr_factor
 
 log = logging.getLogger(__name__)
@@ -42,15 +47,19 @@ class ProbeData(torch.utils.data.Dataset):
         with_image: also return the image when cached (for figures).
         memory_mb: keep decoded items in RAM up to this size per process (the probe reads every item once
             per epoch; small datasets — synth, NYUv2 — then load each file once). 0 disables.
+        targets: a `snd.eval.targets.TargetStore` of the same rows: targets are read from it (two raw
+            chunks per item with the token store) instead of decoding the dataset item every epoch.
     """
 
     def __init__(self, dataset, indices: list[int], task: str, store=None, with_image: bool = False,
-                 memory_mb: float = 1024.0):
+                 memory_mb: float = 1024.0, targets=None):
         if task not in TARGETS:
             raise ValueError(f"unknown probe task {task!r}; expected one of {list(TARGETS)}")
-        if store is not None and len(store) != len(indices):
-            raise ValueError(f"feature store has {len(store)} rows but {len(indices)} indices were given")
+        for what, s in (("feature", store), ("target", targets)):
+            if s is not None and len(s) != len(indices):
+                raise ValueError(f"{what} store has {len(s)} rows but {len(indices)} indices were given")
         self.dataset, self.indices, self.task, self.store, self.with_image = dataset, list(indices), task, store, with_image
+        self.targets = targets
         self.budget = int(memory_mb * 2**20)
         self._mem: dict[int, dict[str, Tensor]] = {}
         self._used = 0
@@ -61,8 +70,11 @@ class ProbeData(torch.utils.data.Dataset):
     def _item(self, j: int) -> dict[str, Tensor]:
         if j in self._mem:
             return self._mem[j]
+        need_image = self.store is None or self.with_image
+        if self.targets is not None and not need_image:
+            return {TARGETS[self.task][0]: self.targets.target(j)}  # already one raw chunk: no RAM copy
         item = self.dataset[self.indices[j]]
-        keys = list(TARGETS[self.task]) + (["image"] if self.store is None or self.with_image else [])
+        keys = list(TARGETS[self.task]) + (["image"] if need_image else [])
         out = {k: torch.as_tensor(item[k]) for k in keys}
         size = sum(v.numel() * v.element_size() for v in out.values())
         if self._used + size <= self.budget:
@@ -82,29 +94,24 @@ class ProbeData(torch.utils.data.Dataset):
         return out
 
 
+def epoch_perm(n: int, seed: int, epoch: int) -> Tensor:
+    """The row permutation of one epoch: a pure function of (seed, epoch), so resume is exact."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
 def batch_order(n: int, batch: int, seed: int, start_step: int, total_steps: int) -> Iterator[list[int]]:
     """Batches of row indices for steps [start_step, total_steps): a fresh permutation per epoch."""
     if n <= 0:
         raise ValueError("cannot train a probe on an empty dataset")
     batch = min(batch, n)
     per_epoch = n // batch  # drop_last
-    step = start_step
+    step, cur = start_step, (-1, None)
     while step < total_steps:
         epoch, k = divmod(step, per_epoch)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
-        yield perm[k * batch:(k + 1) * batch]
+        if cur[0] != epoch:
+            cur = (epoch, epoch_perm(n, seed, epoch).tolist())
+        yield cur[1][k * batch:(k + 1) * batch]
         step += 1
-
-
-class _Batches(torch.utils.data.Sampler):
-    def __init__(self, *args):
-        self.args = args
-
-    def __iter__(self):
-        return batch_order(*self.args)
-
-    def __len__(self) -> int:
-        return max(self.args[4] - self.args[3], 0)
 
 
 def _tokens(batch: dict, backbone: nn.Module | None) -> Tensor:
@@ -117,58 +124,72 @@ def _tokens(batch: dict, backbone: nn.Module | None) -> Tensor:
     return extract_tokens(backbone, batch["image"])
 
 
-# ---- checkpoints ----------------------------------------------------------------------------------
-def save_checkpoint(path: Path, probe: Probe, optimizer: torch.optim.Optimizer, step: int, spec: ProbeSpec,
-                    extra: dict | None = None) -> None:
-    """Atomically write probe + AdamW state + step to `path` (safetensors) and `state.json` beside it."""
-    from safetensors.torch import save_file
-
-    tensors = {f"probe.{k}": v.detach().cpu().contiguous() for k, v in probe.state_dict().items()}
-    for i, st in optimizer.state_dict()["state"].items():
-        for k, v in st.items():
-            tensors[f"optim.{i}.{k}"] = torch.as_tensor(v).detach().cpu().contiguous().reshape(-1) if k == "step" \
-                else v.detach().cpu().contiguous()
-    meta = {"step": str(step), "task": probe.task, "config": json.dumps(probe.config()),
-            "spec": json.dumps(spec.to_json()), "extra": json.dumps(extra or {})}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
-    js = path.with_name("state.json")
-    js.with_name("state.json.tmp").write_text(json.dumps({"step": step, "iters": spec.iters, "task": probe.task,
-                                                          "config": probe.config(), "spec": spec.to_json(),
-                                                          **(extra or {})}, indent=1))
-    os.replace(js.with_name("state.json.tmp"), js)
-
-
-def load_checkpoint(path: Path, probe: Probe, optimizer: torch.optim.Optimizer | None = None) -> dict:
-    """Load a `save_checkpoint` file into `probe` (+ `optimizer`); returns the metadata (step as int)."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = dict(f.metadata() or {})
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    if meta.get("task") != probe.task:
-        raise ValueError(f"checkpoint {path} is a {meta.get('task')!r} probe, not {probe.task!r}")
-    if json.loads(meta["config"]) != probe.config():
-        raise ValueError(f"checkpoint {path} was made for probe config {meta['config']}, not {probe.config()}")
-    probe.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("probe.")}, strict=True)
-    if optimizer is not None:
-        sd = optimizer.state_dict()
-        state: dict[int, dict] = {}
-        for k, v in tensors.items():
-            if k.startswith("optim."):
-                _, i, name = k.split(".", 2)
-                state.setdefault(int(i), {})[name] = v.reshape(()) if name == "step" else v
-        sd["state"] = state
-        optimizer.load_state_dict(sd)
-    meta["step"] = int(meta["step"])
-    return meta
+def _float_tokens(batch: dict, backbone: nn.Module | None) -> Tensor:
+    return _tokens(batch, backbone).float()
 
 
 # ---- training -------------------------------------------------------------------------------------
-def _optimizer(probe: Probe, spec: ProbeSpec) -> torch.optim.AdamW:
+class _Batches(torch.utils.data.Sampler):
+    def __init__(self, *args):
+        self.args = args
+
+    def __iter__(self):
+        return batch_order(*self.args)
+
+    def __len__(self) -> int:
+        return max(self.args[4] - self.args[3], 0)
+
+
+def _optimizer(probe: Probe, spec: ProbeSpec, device: torch.device) -> torch.optim.AdamW:
+    """AdamW of the recipe; on CUDA fused and capturable with a device-tensor lr (CUDA-graph safe)."""
+    if device.type == "cuda":
+        lr = torch.tensor(spec.lr, dtype=torch.float32, device=device)
+        return torch.optim.AdamW(probe.parameters(), lr=lr, betas=spec.betas, weight_decay=spec.weight_decay,
+                                 fused=True, capturable=True)
     return torch.optim.AdamW(probe.parameters(), lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay)
+
+
+def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for g in opt.param_groups:
+        if isinstance(g["lr"], Tensor):
+            g["lr"].fill_(lr)  # a kernel with a scalar argument: no host sync, read by the replayed graph
+        else:
+            g["lr"] = lr
+
+
+class _Step:
+    """The probe's optimizer step on one batch (tokens, target), with no host reads: run eagerly, or
+    captured once and replayed as a CUDA graph."""
+
+    def __init__(self, probe: Probe, opt, spec: ProbeSpec, grid, norm, device: torch.device):
+        self.probe, self.opt, self.spec, self.grid, self.norm = probe, opt, spec, grid, norm
+        self.key = TARGETS[probe.task][0]
+        self.loss_sum = torch.zeros((), dtype=torch.float32, device=device)
+        self.params = [p for p in probe.parameters() if p.requires_grad]
+
+    def __call__(self, tokens: Tensor, target: Tensor, step: int) -> None:
+        with torch.no_grad():
+            feats = self.probe.prepare(tokens.float(), self.grid, self.norm)
+        tgt = target.long() if self.probe.task == "seg" else target.float()
+        loss = self.probe.loss(feats, {self.key: tgt}, step=step)
+        loss.backward()
+        if self.spec.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.params, self.spec.grad_clip, foreach=True)
+        self.opt.step()
+        self.loss_sum.add_(loss.detach())
+
+
+def _resident_batches(rows, spec: ProbeSpec, seed: int, start: int, device: torch.device) -> Iterator[Tensor]:
+    """The row indices of each step as a device tensor, in `batch_order`'s order."""
+    n = len(rows)
+    batch = min(spec.batch, n)
+    per_epoch = n // batch
+    cur: tuple[int, Tensor | None] = (-1, None)
+    for step in range(start, spec.iters):
+        epoch, k = divmod(step, per_epoch)
+        if cur[0] != epoch:
+            cur = (epoch, epoch_perm(n, seed, epoch).to(device))
+        yield cur[1][k * batch:(k + 1) * batch]  # type: ignore[index]
 
 
 def train_probe(
@@ -187,6 +208,10 @@ def train_probe(
     ckpt_every: int = 2000,
     stop_after: int | None = None,
     progress: Callable[[int, int, float], None] | None = None,
+    residency: Residency = "auto",
+    resident_gib: float | None = None,
+    graph: str = "auto",
+    log_every: int = 50,
 ) -> dict:
     """Train `probe` for `spec.iters` steps, resuming from `ckpt` when it exists.
 
@@ -198,52 +223,112 @@ def train_probe(
         ckpt: checkpoint file (safetensors); written every `ckpt_every` steps and at the end.
         backbone: frozen backbone for the live path (data without a store); augment: flip/colour per step.
         stop_after: stop (after checkpointing) once this many steps ran in this call (tests of resume).
-        progress: called as progress(step, iters, loss) after each step.
+        progress: called as progress(step, iters, mean loss) every `log_every` steps and at the end.
+        residency: keep every row on the device ("device"), read rows per step ("stream"), or decide by
+            size ("auto", `snd.eval.probes.rows.plan_residency`).
+        graph: "auto" (CUDA graphs on CUDA with cached tokens), "on", "off". The loss is read back only
+            every `log_every` steps either way.
 
     Returns:
-        {"steps", "start_step", "loss" (mean of the last <=50 steps), "seconds"}.
+        {"steps", "start_step", "loss" (mean of the last logged window), "seconds", "residency", "graph"}.
     """
+    device = torch.device(device)
     probe.to(device).train()
-    opt = _optimizer(probe, spec)
+    opt = _optimizer(probe, spec, device)
     start = 0
     if ckpt is not None and Path(ckpt).is_file():
         start = load_checkpoint(Path(ckpt), probe, opt)["step"]
         log.info("resumed %s probe at step %d/%d from %s", probe.task, start, spec.iters, ckpt)
     if start >= spec.iters:
         return {"steps": start, "start_step": start, "loss": math.nan, "seconds": 0.0}
-    loader = torch.utils.data.DataLoader(data, batch_sampler=_Batches(len(data), spec.batch, seed, start, spec.iters),
-                                         num_workers=num_workers, pin_memory=str(device).startswith("cuda"))
-    gen = torch.Generator().manual_seed(seed + 7919 * start)
-    if backbone is not None:
-        backbone.to(device).eval()
-    t0, recent, step = time.perf_counter(), [], start
-    for batch in loader:
-        if augment and "image" in batch and "tokens" not in batch:
-            batch = augment_batch(batch, gen)
-        batch = to_device(batch, device)
-        f = lr_factor(spec.schedule, step, spec.iters, warmup=spec.warmup, warmup_ratio=spec.warmup_ratio,
-                      min_ratio=spec.min_ratio)
-        for g in opt.param_groups:
-            g["lr"] = spec.lr * f
-        with torch.no_grad():
-            feats = probe.prepare(_tokens(batch, backbone), grid, norm)
-        loss = probe.loss(feats, batch, step=step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if spec.grad_clip:
-            torch.nn.utils.clip_grad_norm_(probe.parameters(), spec.grad_clip)
-        opt.step()
+    if len(data) == 0:
+        raise ValueError("cannot train a probe on an empty dataset")
+    live = data.store is None
+    if live and backbone is None:
+        raise ValueError("a ProbeData without cached tokens needs the backbone (live path)")
+    where, why = plan_residency(data, device, residency, resident_gib)
+    use_graph = not live and (graph == "on" or (graph == "auto" and device.type == "cuda"))
+    if use_graph and device.type != "cuda":
+        raise ValueError("graph='on' needs a CUDA device")
+    log.info("%s probe: rows %s (%s); %s", probe.task, where, why, "CUDA graph" if use_graph else "eager")
+    if live:
+        backbone.to(device).eval()  # type: ignore[union-attr]
+        gen = torch.Generator().manual_seed(seed + 7919 * start)
+
+    # per step: a device index into the resident rows, or a (tokens, target) batch from the loader
+    if where == "device":
+        rows = DeviceRows.load(data, device, num_workers=num_workers)
+        source = _resident_batches(rows, spec, seed, start, device)
+    else:
+        loader = torch.utils.data.DataLoader(data, batch_sampler=_Batches(len(data), spec.batch, seed, start, spec.iters),
+                                             num_workers=num_workers, pin_memory=device.type == "cuda")
+
+        def streamed():
+            key = TARGETS[probe.task][0]
+            for b in loader:
+                if live:
+                    if augment:
+                        b = augment_batch(b, gen)
+                    b = to_device(b, device)
+                    yield _tokens(b, backbone), b[key]
+                else:
+                    yield b["tokens"].to(device, non_blocking=True), b[key].to(device, non_blocking=True)
+        source = streamed()
+
+    run = _Step(probe, opt, spec, grid, norm, device)
+    eager_until = start if not use_graph else max(start, probe.graph_from()) + 3  # 3 warm-up steps before capture
+    g: torch.cuda.CUDAGraph | None = None
+    buf: tuple[Tensor, Tensor] | None = None
+    side = torch.cuda.Stream(device) if use_graph else None
+    t0, step, window, last_loss = time.perf_counter(), start, 0, math.nan
+
+    def flush() -> float:
+        nonlocal window
+        mean = float(run.loss_sum) / max(window, 1)
+        run.loss_sum.zero_()
+        window = 0
+        return mean
+
+    for item in source:
+        tokens, target = rows.gather(item, out=buf if g is not None else None) if where == "device" else item
+        _set_lr(opt, spec.lr * lr_factor(spec.schedule, step, spec.iters, warmup=spec.warmup,
+                                         warmup_ratio=spec.warmup_ratio, min_ratio=spec.min_ratio))
+        if not use_graph or step < eager_until:
+            if side is not None and step >= eager_until - 3:  # PyTorch's capture recipe: warm up on a side stream
+                side.wait_stream(torch.cuda.current_stream(device))
+                with torch.cuda.stream(side):
+                    opt.zero_grad(set_to_none=True)
+                    run(tokens, target, step)
+                torch.cuda.current_stream(device).wait_stream(side)
+            else:
+                opt.zero_grad(set_to_none=True)
+                run(tokens, target, step)
+        else:
+            if g is None:  # capture once, on static buffers, after the warm-up steps (capture runs nothing)
+                buf = (tokens.clone(), target.clone())
+                opt.zero_grad(set_to_none=True)
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g):
+                    run(buf[0], buf[1], step)
+            elif where != "device":  # resident rows were gathered straight into the buffers
+                buf[0].copy_(tokens, non_blocking=True)  # type: ignore[index]
+                buf[1].copy_(target, non_blocking=True)  # type: ignore[index]
+            g.replay()
         step += 1
-        recent = (recent + [float(loss.detach())])[-50:]
-        if progress is not None:
-            progress(step, spec.iters, recent[-1])
+        window += 1
         last = step >= spec.iters or (stop_after is not None and step - start >= stop_after)
+        if step % log_every == 0 or last:
+            last_loss = flush()
+            if progress is not None:
+                progress(step, spec.iters, last_loss)
         if ckpt is not None and (step % ckpt_every == 0 or last):
             save_checkpoint(Path(ckpt), probe, opt, step, spec)
         if last:
             break
-    return {"steps": step, "start_step": start, "loss": sum(recent) / max(len(recent), 1),
-            "seconds": time.perf_counter() - t0}
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return {"steps": step, "start_step": start, "loss": last_loss, "seconds": time.perf_counter() - t0,
+            "residency": where, "graph": g is not None}
 
 
 # ---- evaluation -----------------------------------------------------------------------------------
@@ -277,7 +362,7 @@ def evaluate_probe(
     for b in loader:
         b = to_device(b, device)
         gt = b[TARGETS[task][0]]
-        pred = probe.predict(probe.prepare(_tokens(b, backbone), grid, norm), tuple(gt.shape[-2:]))
+        pred = probe.predict(probe.prepare(_float_tokens(b, backbone), grid, norm), tuple(gt.shape[-2:]))
         if task == "depth":
             acc.update(depth_metrics(pred, gt, min_depth=1e-3, max_depth=probe.max_depth))
         elif task == "normals":

@@ -1,0 +1,94 @@
+"""Append-only Zarr v3 row stores with a resumable progress file: what the feature and target caches share.
+
+A store is a folder `<stem>.zarr` (a Zarr v3 group; one or more arrays whose first axis is the row, one
+chunk per row) and a progress file `<stem>.json` beside it: `{..."want" fields, "n_done", "complete"}`.
+Rows are written strictly in order; the progress file is replaced atomically after each written block, so
+a killed writer resumes at `n_done` (chunks past it may be half-written and are simply rewritten). A reader
+accepts a store only when `complete` is true and every `want` field matches what it asked for — so a store
+made for other inputs (another model, size, subset, version) is rebuilt rather than read.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+__all__ = ["write_json", "RowWriter", "open_rows"]
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Replace `path` atomically with `obj` as JSON."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def _state(jpath: Path, want: dict) -> dict | None:
+    state = json.loads(jpath.read_text()) if jpath.is_file() else None
+    if state is not None and any(state.get(k) != v for k, v in want.items()):
+        log.info("row store %s was made for %s, not %s; rebuilding", jpath, {k: state.get(k) for k in want}, want)
+        return None
+    return state
+
+
+def open_rows(zpath: Path, jpath: Path, want: dict) -> bool:
+    """True when the store at (zpath, jpath) is complete and was made for `want`."""
+    state = _state(jpath, want)
+    return bool(state and state.get("complete")) and zpath.is_dir()
+
+
+class RowWriter:
+    """Fill the arrays of one store row block by row block, resuming where a killed writer stopped.
+
+    Args:
+        zpath, jpath: the store folder and its progress file.
+        want: what the store is for (compared on reopen).
+        arrays: name -> (row shape, numpy dtype, zarr compressors; None stores raw bytes).
+        n: number of rows.
+    """
+
+    def __init__(self, zpath: Path, jpath: Path, want: dict, arrays: dict[str, tuple[tuple[int, ...], str, Any]],
+                 n: int):
+        import zarr
+
+        self.zpath, self.jpath = Path(zpath), Path(jpath)
+        state = _state(self.jpath, want)
+        if state is None:
+            self.zpath.parent.mkdir(parents=True, exist_ok=True)
+            group = zarr.open_group(str(self.zpath), mode="w")
+            for name, (shape, dtype, comp) in arrays.items():
+                group.create_array(name, shape=(n, *shape), chunks=(1, *shape), dtype=dtype, compressors=comp)
+            state = dict(want, n_done=0, complete=False)
+            write_json(self.jpath, state)
+        self.state = state
+        self.arrays = {k: zarr.open_array(str(self.zpath / k), mode="r+") for k in arrays}
+        self.n = n
+        if self.done and not state.get("complete"):
+            log.info("resuming %s at row %d/%d", self.zpath, self.done, n)
+
+    @property
+    def done(self) -> int:
+        return int(self.state["n_done"])
+
+    def append(self, rows: dict[str, np.ndarray]) -> int:
+        """Write the next block (every array, same row count); returns the new `n_done`."""
+        counts = {len(v) for v in rows.values()}
+        assert len(counts) == 1 and set(rows) == set(self.arrays), f"a block needs every array {list(self.arrays)}"
+        i, m = self.done, counts.pop()
+        for k, v in rows.items():
+            self.arrays[k][i:i + m] = v
+        self.state["n_done"] = i + m
+        write_json(self.jpath, self.state)
+        return i + m
+
+    def finish(self) -> None:
+        if self.done != self.n:
+            raise RuntimeError(f"{self.zpath}: finished at {self.done} of {self.n} rows")
+        self.state["complete"] = True
+        write_json(self.jpath, self.state)
