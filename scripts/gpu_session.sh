@@ -42,8 +42,22 @@ fi
 if [[ $what == *profile-operator* ]]; then
   run profile-operator timeout 120 python3 scripts/gpu_profile_operator.py 2>&1 | tee "$OUT/profile_operator.jsonl" | tail -18
 fi
+if [[ $what == *eval-tests* ]]; then
+  run eval-gpu-tests timeout 200 python3 -m pytest -q tests/test_eval_probe_speed.py tests/test_eval_probes_features.py tests/test_evaluate.py -m gpu -p no:cacheprovider 2>&1 | tee "$OUT/eval_gpu_tests.log" | tail -15
+fi
 if [[ $what == *bench-eval* ]]; then
-  run bench-eval timeout 300 python3 -m snd.cli bench eval --model dinov2_vits14 --init random --device cuda --out "$OUT/bench_eval.json" 2>&1 | grep -E "hours|per_s|bottleneck" | head -20
+  run bench-eval timeout 400 python3 -m snd.cli bench eval --model dinov2_vits14 --init random --device cuda --workers 8 ${EVAL_ARGS:-} --out "$OUT/bench_eval.json" 2>&1 | tail -3
+  python3 - "$OUT/bench_eval.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+m = r["measured"]
+print("extract img/s", round(m["extract_images_per_s"], 1), "budget GiB", round(m["resident_budget_gib"], 1), "measured s", round(m["seconds"]))
+for t, p in m["probes"].items():
+    print(t, {k: round(v, 1) for k, v in p["train_iters_per_s"].items()}, "graph", p["graph"], "eval img/s", round(p["eval_images_per_s"], 1), "targets img/s", round(p["targets_images_per_s"], 1))
+for x in r["projected"]["rows"]:
+    print(x["task"], x["dataset"], x.get("residency"), {k: round(x[k]) for k in ("features_s", "targets_s", "train_s", "eval_s", "total_s")}, round(x.get("stream_mb_per_s", 0)))
+print("hours one model", round(r["projected"]["suite_hours_one_model"], 2), "with baseline", round(r["projected"]["suite_hours_with_baseline"], 2))
+PY
 fi
 if [[ $what == *mvsplat-compile* ]]; then
   run mvsplat-compile timeout 240 python3 -m snd.models.mvsplat.bench --batch 4 --precision bf16 --channels-last 1 --compile 0 1 2>&1 | tee "$OUT/bench_mvsplat_compile.jsonl" | tail -4
@@ -53,6 +67,19 @@ if [[ $what == *probe-target* ]]; then
 fi
 if [[ $what == *diag* ]]; then
   run diag timeout 120 python3 scripts/gpu_diag_projection.py 2>&1 | tee "$OUT/diag.jsonl" | tail -12
+fi
+if [[ $what == *pre-phases* ]]; then  # end-to-end stage one with per-phase main-thread times
+  IFS=';' read -ra runs <<< "${PRE_RUNS:---source depth --pairs 56}"
+  for a in "${runs[@]}"; do
+    tag=$(echo "$a" | tr -c 'a-z0-9' '_' | tr -s '_')
+    run "precompute $a" timeout 400 python3 -m snd.cli bench precompute $a --device cuda --workdir /tmp/snd-bench-pre --out "$OUT/bench_precompute$tag.json" 2>&1 | grep -v "^ " | tail -3
+    python3 - "$OUT/bench_precompute$tag.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items() if k in ("pairs_per_s", "pairs_per_s_end_to_end", "data_wait_frac", "gpu_waited_on_io", "write_wait_s", "mb_per_pair", "pairs_timed")})
+print("phase ms/pair", {k: round(v, 1) for k, v in r["phase_ms_per_pair"].items()}, "psnr", r.get("psnr"))
+PY
+  done
 fi
 if [[ $what == *bench-precompute* || $what == all ]]; then
   run bench-precompute timeout 420 python3 -m snd.cli bench precompute --source mvsplat --device cuda --workdir /tmp/snd-bench-pre --out "$OUT/bench_precompute.json" 2>&1 | tail -40

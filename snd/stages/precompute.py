@@ -60,6 +60,7 @@ class Summary:
     wait_data_s: float = 0.0  # main (device) thread blocked on the loader queue
     wait_write_s: float = 0.0  # main thread blocked on a full writer queue
     batch_times: list[tuple[float, int, float, float]] = field(default_factory=list, repr=False)  # (t_end, pairs, wait_data, wait_write)
+    phase_s: dict[str, float] = field(default_factory=dict)  # main-thread seconds per phase (predict, encode, operators, ...)
 
     @property
     def pairs_per_s(self) -> float:
@@ -410,7 +411,7 @@ def run(cfg: PrecomputeConfig, *, source: ScaffoldSource | None = None, progress
                     prog.advance(t_scenes)
                     continue
                 b: _Batch = msg[1]
-                fields = _predict_encode(source, b, enc, op_spec)
+                fields = _predict_encode(source, b, enc, op_spec, summary.phase_s)
                 tw = time.perf_counter()
                 writer.q.put(("add", b.scene, fields))
                 wait_write = time.perf_counter() - tw
@@ -447,7 +448,7 @@ class _suppress_full:
 
 
 def _build_operators(fields: dict[str, np.ndarray], b: _Batch, enc: Encoding, spec: OperatorSpec,
-                     dev: torch.device) -> dict[str, np.ndarray]:
+                     dev: torch.device, ph: _Phases | None = None) -> dict[str, np.ndarray]:
     """Transfer operators of every (pair, target slot), built from the *decoded* stored scaffold, so that
     stage two's operator path equals its render path on exactly what the cache holds."""
     from snd.splat.gaussians import PixelGaussians
@@ -458,6 +459,8 @@ def _build_operators(fields: dict[str, np.ndarray], b: _Batch, enc: Encoding, sp
     c2w = torch.from_numpy(b.ctx_c2w).to(dev)
     dec = {k: v for k, v in fields.items() if k in ("depth", "offset", "quats", "scales", "opacity", "offset_range", "scale_range")}
     means, quats, scales, opac = decode_scaffold(dec, K, c2w, enc=enc, device=dev)
+    if ph is not None:
+        ph.mark("operators_decode")
     ex = b.extra
     ops = []
     for i in range(len(b.ctx_K)):
@@ -476,21 +479,45 @@ def _build_operators(fields: dict[str, np.ndarray], b: _Batch, enc: Encoding, sp
                 coverage_threshold=spec.coverage_threshold, upsample_fallback=spec.upsample_fallback,
                 row_cap=spec.row_cap, inst_cap=spec.inst_cap))
         ops.append(row)
-    return encode_operators(ops, spec)
+    if ph is not None:
+        ph.mark("operators")
+    out = encode_operators(ops, spec)
+    if ph is not None:
+        ph.mark("operators_to_host")
+    return out
 
 
-def _predict_encode(source: ScaffoldSource, b: _Batch, enc: Encoding, spec: OperatorSpec | None = None) -> dict[str, np.ndarray]:
+class _Phases:
+    """Seconds the main thread spends per phase (device synced at each boundary: every phase ends in a
+    device-to-host copy anyway, so the syncs cost nothing and the split is exact)."""
+
+    def __init__(self, device: torch.device, into: dict[str, float]):
+        self.device, self.into, self.t = device, into, time.perf_counter()
+
+    def mark(self, name: str) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.into[name] = self.into.get(name, 0.0) + now - self.t
+        self.t = now
+
+
+def _predict_encode(source: ScaffoldSource, b: _Batch, enc: Encoding, spec: OperatorSpec | None = None,
+                    phases: dict[str, float] | None = None) -> dict[str, np.ndarray]:
     dev = source.device
+    ph = _Phases(torch.device(dev), phases if phases is not None else {})
     images = b.images.to(dev, non_blocking=True).permute(0, 1, 4, 2, 3).float().div_(255.0)  # [B,2,3,H,W]
     K = torch.from_numpy(b.ctx_K)
     c2w = torch.from_numpy(b.ctx_c2w)
     depth = b.depth.to(dev, non_blocking=True) if b.depth is not None else None
     gs = source.predict(images, K.float(), c2w.float(), depth=depth)
+    ph.mark("predict")
     stack = [torch.stack([getattr(g, k) for g in gs]) for k in ("means", "quats", "scales", "opacities")]
     fields = encode_scaffold(*stack, K.to(dev), c2w.to(dev), enc=enc)
     fields.update(b.extra)
+    ph.mark("encode")
     if spec is not None:
-        fields.update(_build_operators(fields, b, enc, spec, torch.device(dev)))
+        fields.update(_build_operators(fields, b, enc, spec, torch.device(dev), ph))
     return fields
 
 
@@ -624,6 +651,7 @@ def bench(cfg: BenchPrecomputeConfig) -> dict:
         "pairs_per_s_end_to_end": s.pairs_per_s, "data_wait_s": wait_data,
         "data_wait_frac": wait_data / span if span > 0 else None,
         "gpu_waited_on_io": bool(span > 0 and wait_data / span > 0.02), "write_wait_s": wait_write,
+        "phase_ms_per_pair": {k: 1e3 * v / max(s.pairs, 1) for k, v in s.phase_s.items()},
         "mb_per_pair": s.mb_per_pair, "gaussians_per_pair": gauss, "bytes_per_gaussian": s.bytes / max(s.pairs, 1) / gauss,
         "projected_gb_at_50k_pairs": s.mb_per_pair * PAPER_PAIRS / 1e3, "goal": {"pairs_per_s": 30, "mb_per_pair": 8},
         "store": str(store),
