@@ -42,7 +42,7 @@ fi
 if [[ $what == *profile-operator* ]]; then
   run profile-operator timeout 120 python3 scripts/gpu_profile_operator.py 2>&1 | tee "$OUT/profile_operator.jsonl" | tail -18
 fi
-if [[ $what == *eval-tests* ]]; then
+if [[ $what == *eval-gpu* ]]; then
   run eval-gpu-tests timeout 200 python3 -m pytest -q tests/test_eval_probe_speed.py tests/test_eval_probes_features.py tests/test_evaluate.py -m gpu -p no:cacheprovider 2>&1 | tee "$OUT/eval_gpu_tests.log" | tail -15
 fi
 if [[ $what == *bench-eval* ]]; then
