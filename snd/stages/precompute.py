@@ -61,6 +61,7 @@ class Summary:
     wait_write_s: float = 0.0  # main thread blocked on a full writer queue
     batch_times: list[tuple[float, int, float, float]] = field(default_factory=list, repr=False)  # (t_end, pairs, wait_data, wait_write)
     phase_s: dict[str, float] = field(default_factory=dict)  # main-thread seconds per phase (predict, encode, operators, ...)
+    phase_log: list[dict[str, float]] = field(default_factory=list, repr=False)  # phase_s (+ writer_busy) after each batch
 
     @property
     def pairs_per_s(self) -> float:
@@ -267,40 +268,49 @@ class _Writer(threading.Thread):
         self.writers: dict[str, SceneWriter] = {}
         self.bad: set[str] = set()
         self.error: BaseException | None = None
+        self.busy_s = 0.0  # seconds spent writing (not waiting for work): how close the writer is to the limit
 
     def run(self) -> None:
         while True:
             op = self.q.get()
             if op[0] == "stop":
                 return
-            kind, name = op[0], op[1]
-            if name in self.bad and kind != "start":
-                continue
+            t = time.perf_counter()
             try:
-                if kind == "start":
-                    self.bad.discard(name)
-                    _, _, n_pairs, frame_ids = op
-                    self.writers[name] = SceneWriter(
-                        self.out, name, n_pairs=n_pairs, n_targets=self.cfg.targets_per_pair, height=self.cfg.height,
-                        width=self.cfg.width, enc=self.enc, attrs={"frame_ids": frame_ids}, op=operator_spec(self.cfg))
-                elif kind == "add":
-                    self.writers[name].add(op[2])
-                elif kind == "commit":
-                    rec = self.writers.pop(name).commit()
-                    M.write_marker(self.out, name, rec)
-                    M.merge_manifest(self.out)
-                    self.on_commit(name, rec)
-                elif kind == "abort":
-                    w = self.writers.pop(name, None)
-                    if w is not None:
-                        w.abort()
-            except Exception as e:  # noqa: BLE001 - e.g. disk full for one scene: report it, go on
-                log.debug("writing scene %s failed:\n%s", name, traceback.format_exc())
-                self.bad.add(name)
+                self._do(op)
+            finally:
+                self.busy_s += time.perf_counter() - t
+
+    def _do(self, op: tuple) -> None:
+        """One queued operation; a failing scene is recorded and aborted, the writer goes on."""
+        kind, name = op[0], op[1]
+        if name in self.bad and kind != "start":
+            return
+        try:
+            if kind == "start":
+                self.bad.discard(name)
+                _, _, n_pairs, frame_ids = op
+                self.writers[name] = SceneWriter(
+                    self.out, name, n_pairs=n_pairs, n_targets=self.cfg.targets_per_pair, height=self.cfg.height,
+                    width=self.cfg.width, enc=self.enc, attrs={"frame_ids": frame_ids}, op=operator_spec(self.cfg))
+            elif kind == "add":
+                self.writers[name].add(op[2])
+            elif kind == "commit":
+                rec = self.writers.pop(name).commit()
+                M.write_marker(self.out, name, rec)
+                M.merge_manifest(self.out)
+                self.on_commit(name, rec)
+            elif kind == "abort":
                 w = self.writers.pop(name, None)
                 if w is not None:
                     w.abort()
-                self.on_fail(name, f"writing failed: {type(e).__name__}: {e}")
+        except Exception as e:  # noqa: BLE001 - e.g. disk full for one scene: report it, go on
+            log.debug("writing scene %s failed:\n%s", name, traceback.format_exc())
+            self.bad.add(name)
+            w = self.writers.pop(name, None)
+            if w is not None:
+                w.abort()
+            self.on_fail(name, f"writing failed: {type(e).__name__}: {e}")
 
 
 # -- run -----------------------------------------------------------------------------------------
@@ -420,6 +430,7 @@ def run(cfg: PrecomputeConfig, *, source: ScaffoldSource | None = None, progress
                 in_scene[b.scene] += n
                 queued_pairs += n
                 summary.batch_times.append((time.perf_counter() - t0, n, wait_data, wait_write))
+                summary.phase_log.append(dict(summary.phase_s, writer_busy=writer.busy_s))
                 el = time.perf_counter() - t0
                 prog.update(t_pairs, advance=n, info=f"{queued_pairs / max(el, 1e-9):.1f} pairs/s, "
                                                     f"{summary.bytes / 1e6:.0f} MB written")
@@ -609,6 +620,14 @@ def _bench_psnr(store: Path, source: ScaffoldSource, enc: Encoding) -> dict:
             "psnr_loss_db": psnr(ref, gt) - psnr(got, gt), "psnr_cached_vs_fp32": psnr(got, ref)}
 
 
+def _timed_phases(log_: list[dict[str, float]], k0: int, pairs: int) -> dict[str, float]:
+    """ms per pair of each main-thread phase (and the writer's busy time) over the timed batches."""
+    if not log_ or pairs <= 0 or k0 + 1 >= len(log_):
+        return {}
+    a, b = log_[k0], log_[-1]
+    return {k: 1e3 * (b[k] - a.get(k, 0.0)) / pairs for k in b}
+
+
 def bench(cfg: BenchPrecomputeConfig) -> dict:
     """Stage-one throughput (pairs/s), device waits on I/O, MB/pair and the PSNR loss of the encoding.
 
@@ -651,7 +670,7 @@ def bench(cfg: BenchPrecomputeConfig) -> dict:
         "pairs_per_s_end_to_end": s.pairs_per_s, "data_wait_s": wait_data,
         "data_wait_frac": wait_data / span if span > 0 else None,
         "gpu_waited_on_io": bool(span > 0 and wait_data / span > 0.02), "write_wait_s": wait_write,
-        "phase_ms_per_pair": {k: 1e3 * v / max(s.pairs, 1) for k, v in s.phase_s.items()},
+        "phase_ms_per_pair": _timed_phases(s.phase_log, k0, timed_pairs),
         "mb_per_pair": s.mb_per_pair, "gaussians_per_pair": gauss, "bytes_per_gaussian": s.bytes / max(s.pairs, 1) / gauss,
         "projected_gb_at_50k_pairs": s.mb_per_pair * PAPER_PAIRS / 1e3, "goal": {"pairs_per_s": 30, "mb_per_pair": 8},
         "store": str(store),

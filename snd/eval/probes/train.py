@@ -162,6 +162,9 @@ class _Step:
     captured once and replayed as a CUDA graph."""
 
     def __init__(self, probe: Probe, opt, spec: ProbeSpec, grid, norm, device: torch.device):
+        # the norm's weights live on the device (a graph cannot copy from pageable host memory); eps stays
+        # a host scalar
+        norm = {k: (v if k == "eps" else v.to(device)) for k, v in norm.items()}
         self.probe, self.opt, self.spec, self.grid, self.norm = probe, opt, spec, grid, norm
         self.key = TARGETS[probe.task][0]
         self.loss_sum = torch.zeros((), dtype=torch.float32, device=device)
