@@ -213,14 +213,17 @@ def test_target_store_resumes_after_a_kill_and_rebuilds_for_other_rows(tmp_path)
 
 # ---- CUDA graph ----------------------------------------------------------------------------------
 @cuda
-@pytest.mark.parametrize("task", ["depth", "normals", "seg"])
-def test_graph_step_equals_eager_step_on_cuda(task):
+@pytest.mark.parametrize("task,residency", [("depth", "device"), ("normals", "device"), ("seg", "device"),
+                                            ("seg", "stream")])
+def test_graph_step_equals_eager_step_on_cuda(task, residency):
     items, store = _toy(10)
     data = ProbeData(items, list(range(10)), task, store)
     a, b = _probe(task), _probe(task)
-    ra = train_probe(a, data, SPEC, grid=GRID, norm=NORM, device="cuda", graph="on", seed=2)
-    rb = train_probe(b, data, SPEC, grid=GRID, norm=NORM, device="cuda", graph="off", seed=2)
-    assert ra["graph"] and not rb["graph"]
+    # streamed with workers: the pin-memory thread allocates while the graph is being captured
+    kw = dict(grid=GRID, norm=NORM, device="cuda", seed=2, residency=residency, num_workers=2 if residency == "stream" else 0)
+    ra = train_probe(a, data, SPEC, graph="on", **kw)
+    rb = train_probe(b, data, SPEC, graph="off", **kw)
+    assert ra["graph"] and not rb["graph"] and ra["residency"] == residency
     for k, v in a.state_dict().items():
         torch.testing.assert_close(v, b.state_dict()[k], rtol=1e-4, atol=1e-5, msg=k)
     assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-4)

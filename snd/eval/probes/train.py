@@ -311,7 +311,9 @@ def train_probe(
                 buf = (tokens.clone(), target.clone())
                 opt.zero_grad(set_to_none=True)
                 g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g):
+                # thread_local: the DataLoader's pin-memory thread keeps allocating pinned buffers while
+                # this thread captures; in the default (global) mode those calls would abort the capture
+                with torch.cuda.graph(g, capture_error_mode="thread_local"):
                     run(buf[0], buf[1], step)
             elif where != "device":  # resident rows were gathered straight into the buffers
                 buf[0].copy_(tokens, non_blocking=True)  # type: ignore[index]
