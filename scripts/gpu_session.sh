@@ -46,7 +46,6 @@ if [[ $what == *eval-gpu* ]]; then
   run eval-gpu-tests timeout 200 python3 -m pytest -q tests/test_eval_probe_speed.py tests/test_eval_probes_features.py tests/test_evaluate.py -m gpu -p no:cacheprovider 2>&1 | tee "$OUT/eval_gpu_tests.log" | tail -15
 fi
 if [[ $what == *bench-eval* ]]; then
-  run bench-eval-debug timeout 120 env CUDA_LAUNCH_BLOCKING=1 python3 -m snd.cli bench eval --model dinov2_vits14 --init random --device cuda --workers 2 --images 16 --probe-iters 200 --corr-pairs 4 --out "$OUT/bench_eval_debug.json" > "$OUT/bench_eval_debug.log" 2>&1; grep -v "^ " "$OUT/bench_eval_debug.log" | grep -B30 -m1 -i "error" | tail -40
   run bench-eval timeout 400 python3 -m snd.cli bench eval --model dinov2_vits14 --init random --device cuda --workers 8 ${EVAL_ARGS:-} --out "$OUT/bench_eval.json" > "$OUT/bench_eval.log" 2>&1; tail -3 "$OUT/bench_eval.log"
   python3 - "$OUT/bench_eval.json" <<'PY'
 import json, sys

@@ -243,3 +243,35 @@ def test_graph_run_resumes_exactly_on_cuda(tmp_path):
     assert out["start_step"] == 11 and out["graph"]
     for k, v in straight.state_dict().items():
         torch.testing.assert_close(v, fresh.state_dict()[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+# ---- the reordered heads -------------------------------------------------------------------------
+def test_resize_bilinear_equals_interpolate_and_heads_equal_the_official_order():
+    from snd.eval.probes.resize import resize_bilinear
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 7, 9, generator=g, dtype=torch.float64)
+    for size in [(28, 36), (30, 41), (7, 9), (5, 4)]:
+        want = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        torch.testing.assert_close(resize_bilinear(x, size), want, rtol=0, atol=1e-12)
+        torch.testing.assert_close(resize_bilinear(x, size, channels_last=True), want.permute(0, 2, 3, 1), rtol=0, atol=1e-12)
+    feats = torch.randn(2, 2 * C, *GRID, generator=g)
+    up = lambda f: F.interpolate(f, scale_factor=4, mode="bilinear", align_corners=False)  # noqa: E731
+    # depth: the official upsample-then-conv head, bins weighted by normalised ReLU(logits) + 0.1
+    d = _probe("depth")
+    p = torch.relu(d.conv(up(feats))) + 0.1
+    ref = torch.einsum("bkhw,k->bhw", p / p.sum(1, keepdim=True), d.bins)[:, None]
+    torch.testing.assert_close(d(feats), ref, rtol=1e-5, atol=1e-6)
+    n = _probe("normals")
+    torch.testing.assert_close(n(feats[:, :C]), n.conv(up(feats[:, :C])), rtol=1e-5, atol=1e-6)
+    # seg: the loss and its gradient match CE over F.interpolate'd logits
+    s = _probe("seg")
+    seg = torch.randint(0, 4, (2, 18, 23), generator=g)
+    seg[1, :5] = 255
+    loss = s.loss(feats[:, :C], {"seg": seg}, step=0)
+    (gs,) = torch.autograd.grad(loss, s.conv.weight)
+    ref = F.cross_entropy(F.interpolate(s(feats[:, :C]), size=(18, 23), mode="bilinear", align_corners=False), seg,
+                          ignore_index=255)
+    (gr,) = torch.autograd.grad(ref, s.conv.weight)
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
+    torch.testing.assert_close(gs, gr, rtol=1e-4, atol=1e-7)

@@ -142,7 +142,7 @@ class EvalConfig:
     seed: int = opt(0, "Seed of probe init and sampling.")
     device: str = opt("auto", "'auto', 'cpu' or 'cuda[:i]'.")
     residency: Literal["auto", "device", "stream"] = opt("auto", "Probe training rows (cached tokens + targets): 'device' holds them all on the GPU (a batch is a gather), 'stream' reads them per step, 'auto' decides by size.")
-    resident_gib: Optional[float] = opt(None, "Memory budget for --residency auto (default: 60% of free GPU memory; 4 GiB on CPU).")
+    resident_gib: Optional[float] = opt(None, "Memory budget for --residency auto (default: free GPU memory less 8 GiB; 4 GiB on CPU).")
     probe_graph: Literal["auto", "on", "off"] = opt("auto", "Replay each probe step as a CUDA graph ('auto': on CUDA with cached features).")
 
 

@@ -18,11 +18,11 @@ Follows the official `evaluation1` depth code (DINOv2's `BNHead` with `classify=
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from snd.eval.datasets.registry import OFFICIAL_DEPTH_RANGE
 from snd.eval.probes.base import Probe, ProbeSpec, patches_nchw
+from snd.eval.probes.resize import resize_bilinear
 
 __all__ = ["DepthProbe", "DEPTH_SPEC", "sig_loss", "gradient_loss", "DEPTH_RANGE"]
 
@@ -99,16 +99,21 @@ class DepthProbe(Probe):
         return torch.cat([x, cls], 1)  # [B,2C,h,w]
 
     def forward(self, feats: Tensor) -> Tensor:
-        """feats [B, 2C, h, w] -> depth [B, 1, 4h, 4w] in metres."""
+        """feats [B, 2C, h, w] -> depth [B, 1, 4h, 4w] in metres.
+
+        The official head upsamples the features x4 and then applies the 1x1 conv; both are linear and
+        bilinear weights sum to 1, so conv-then-upsample is the same function (up to rounding) at 1/16 of
+        the conv's work, and the upsampling runs as matmuls with the classes last (`resize_bilinear`).
+        """
         assert feats.ndim == 4 and feats.shape[1] == 2 * self.dim, f"expected [B,{2 * self.dim},h,w], got {tuple(feats.shape)}"
         h, w = feats.shape[-2:]
-        x = F.interpolate(feats, size=(h * self.upsample, w * self.upsample), mode="bilinear", align_corners=False)
-        p = torch.relu(self.conv(x)) + 0.1
-        p = p / p.sum(1, keepdim=True)
-        return torch.einsum("bkhw,k->bhw", p, self.bins)[:, None]
+        logits = resize_bilinear(self.conv(feats), (h * self.upsample, w * self.upsample), channels_last=True)
+        p = torch.relu(logits) + 0.1
+        p = p / p.sum(-1, keepdim=True)
+        return (p @ self.bins)[:, None]  # [B, 1, 4h, 4w]
 
     def _at(self, feats: Tensor, out_hw: tuple[int, int]) -> Tensor:
-        return F.interpolate(self(feats), size=out_hw, mode="bilinear", align_corners=False)[:, 0]  # [B,H,W]
+        return resize_bilinear(self(feats), out_hw)[:, 0]  # [B,H,W]
 
     def loss(self, feats: Tensor, batch: dict[str, Tensor], *, step: int) -> Tensor:
         gt = batch["depth"]  # [B,H,W]

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from snd.eval.probes.base import Probe, ProbeSpec, patches_nchw
+from snd.eval.probes.resize import resize_bilinear
 
 __all__ = ["NormalProbe", "NORMALS_SPEC", "NORMALS_EPOCHS", "angular_nll", "valid_normals"]
 
@@ -82,8 +83,9 @@ class NormalProbe(Probe):
         """feats [B, C, h, w] -> [B, 4, 4h, 4w]."""
         assert feats.ndim == 4 and feats.shape[1] == self.dim, f"expected [B,{self.dim},h,w], got {tuple(feats.shape)}"
         h, w = feats.shape[-2:]
-        x = F.interpolate(feats, size=(h * self.upsample, w * self.upsample), mode="bilinear", align_corners=False)
-        return self.conv(x)
+        # conv then x4 bilinear = probe3d's x4 bilinear then conv (both linear, weights sum to 1): 4 channels
+        # are upsampled instead of C
+        return resize_bilinear(self.conv(feats), (h * self.upsample, w * self.upsample))
 
     def _at(self, feats: Tensor, out_hw: tuple[int, int]) -> Tensor:
         return F.interpolate(self(feats), size=out_hw, mode="bicubic", align_corners=True)

@@ -40,15 +40,15 @@ def row_bytes(data) -> int:
 def _budget_bytes(device: torch.device, budget_gib: float | None) -> int:
     if budget_gib is not None:
         return int(budget_gib * 2**30)
-    if device.type == "cuda":  # leave room for the probe's activations and the evaluation
+    if device.type == "cuda":  # all free memory but 8 GiB: room for the step's activations and evaluation
         free, _ = torch.cuda.mem_get_info(device)
-        return int(0.6 * free)
+        return max(int(free - 8 * 2**30), 0)
     return 4 * 2**30
 
 
 def plan_residency(data, device: torch.device, mode: Residency = "auto", budget_gib: float | None = None) -> tuple[str, str]:
-    """("device" | "stream", why). `auto` keeps the rows on the device when they fit the budget (60 % of
-    free GPU memory; 4 GiB of RAM on CPU; or `budget_gib`)."""
+    """("device" | "stream", why). `auto` keeps the rows on the device when they fit the budget (free GPU
+    memory less 8 GiB; 4 GiB of RAM on CPU; or `budget_gib`)."""
     if mode not in ("auto", "device", "stream"):
         raise ValueError(f"residency must be auto|device|stream, got {mode!r}")
     if data.store is None:

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from snd.eval.features import apply_final_norm
 from snd.eval.probes.base import Probe, ProbeSpec, patches_nchw
+from snd.eval.probes.resize import resize_bilinear
 
 __all__ = ["SegProbe", "SEG_SPEC"]
 
@@ -55,8 +56,11 @@ class SegProbe(Probe):
         gt = batch["seg"].long()  # [B,H,W]
         # sum / count of labelled pixels = the mean CE; with static shapes and no host read (CUDA graphs),
         # and 0 (zero gradient) for a batch of only ignore labels, where the mean would be 0/0
+        # logits upsampled with matmuls straight into [B, H, W, K] (`resize_bilinear`): the same values as
+        # F.interpolate, but a contiguous softmax per pixel and no atomic adds in the backward pass
         n = (gt != self.ignore_index).sum().clamp_min(1)
-        ce = F.cross_entropy(self._at(feats, tuple(gt.shape[-2:])), gt, ignore_index=self.ignore_index,
+        logits = resize_bilinear(self(feats), tuple(gt.shape[-2:]), channels_last=True)
+        ce = F.cross_entropy(logits.reshape(-1, self.num_classes), gt.reshape(-1), ignore_index=self.ignore_index,
                              reduction="sum")
         return ce / n
 
