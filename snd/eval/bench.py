@@ -141,13 +141,6 @@ def _measure_probe(task: str, net, store, n: int, hw, grid, iters: int, device, 
             "paper_iters": spec.iters}
 
 
-def _budget(device: torch.device, gib: float | None) -> int:
-    """The resident-rows budget `snd eval` uses (`snd.eval.probes.rows`), for the bench's device."""
-    from snd.eval.probes.rows import _budget_bytes
-
-    return _budget_bytes(device, gib)
-
-
 def _measure_corr(dim: int, grid: tuple[int, int], n_pairs: int, device) -> float:
     """Pairs/s of the matcher at the probe's scale-0.25 grid with dense valid depth."""
     from snd.eval.correspondence import pair_errors
@@ -185,7 +178,9 @@ def bench(cfg: BenchEvalConfig) -> dict:
     corr_rate = _measure_corr(int(net.embed_dim), grid, cfg.corr_pairs, device)
     measured_s = time.perf_counter() - t_start
 
-    budget = _budget(device, cfg.resident_gib)
+    from snd.eval.probes.rows import budget_bytes
+
+    budget = budget_bytes(device, cfg.resident_gib)  # the resident-rows budget `snd eval` would use here
     rows, total = [], 0.0
     feats_done: set[str] = set()
     for e in SUITE:

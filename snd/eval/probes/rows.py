@@ -18,7 +18,7 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DeviceRows", "row_bytes", "plan_residency", "Residency"]
+__all__ = ["DeviceRows", "row_bytes", "budget_bytes", "plan_residency", "Residency"]
 
 Residency = Literal["auto", "device", "stream"]
 _TARGET_DTYPE = {"depth": torch.float32, "normals": torch.float16, "seg": torch.uint8}
@@ -37,7 +37,8 @@ def row_bytes(data) -> int:
     return tok.numel() * tok.element_size() + tgt.numel() * _TARGET_DTYPE[data.task].itemsize
 
 
-def _budget_bytes(device: torch.device, budget_gib: float | None) -> int:
+def budget_bytes(device: torch.device, budget_gib: float | None) -> int:
+    """Bytes of rows `auto` may keep on `device`."""
     if budget_gib is not None:
         return int(budget_gib * 2**30)
     if device.type == "cuda":  # all free memory but 8 GiB: room for the step's activations and evaluation
@@ -55,7 +56,7 @@ def plan_residency(data, device: torch.device, mode: Residency = "auto", budget_
         return "stream", "no feature store: the backbone runs every step (live path)"
     if mode != "auto":
         return mode, f"asked for {mode}"
-    need, have = row_bytes(data) * len(data), _budget_bytes(device, budget_gib)
+    need, have = row_bytes(data) * len(data), budget_bytes(device, budget_gib)
     if need <= have:
         return "device", f"{need / 2**30:.2f} GiB of rows fit the {have / 2**30:.2f} GiB budget"
     return "stream", f"{need / 2**30:.2f} GiB of rows exceed the {have / 2**30:.2f} GiB budget"
