@@ -35,12 +35,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from snd.errors import SndError
-from snd.eval.rowstore import RowWriter, open_rows, write_json
+from snd.eval.rowstore import LazyRows, RowWriter, open_rows, write_json
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +156,7 @@ def split_tokens(tokens: Tensor, grid: tuple[int, int]) -> tuple[Tensor, Tensor]
 
 # ---- the cache -----------------------------------------------------------------------------------
 @dataclass
-class FeatureStore:
+class FeatureStore(LazyRows):
     """Cached tokens of one (model key, dataset, split): `len(store)`, `store.tokens(i) -> [1+h*w, C]`."""
 
     path: Path  # the .zarr folder
@@ -173,16 +172,7 @@ class FeatureStore:
     def tokens(self, i: int) -> Tensor:
         """Row i as stored (float16 [1+h*w, C]): half the bytes through worker pipes and host-to-device
         copies; the probes compute in float32 after the copy."""
-        if self._arr is None:  # opened lazily: once per DataLoader worker process
-            import zarr
-
-            self._arr = zarr.open_array(str(self.path / "tokens"), mode="r")
-        return torch.from_numpy(np.asarray(self._arr[i]))
-
-    def __getstate__(self) -> dict:
-        d = dict(self.__dict__)
-        d["_arr"] = None
-        return d
+        return torch.from_numpy(self._row("tokens", i))
 
 
 def _store_paths(cache_dir: Path, key: str, dataset: str, split: str, n: int, full_n: int) -> tuple[Path, Path]:
@@ -254,6 +244,11 @@ def ensure_features(
     # and the progress file still advances only after the rows it counts are written)
     from concurrent.futures import ThreadPoolExecutor
 
+    def landed(fut) -> None:
+        done = fut.result()  # re-raises a failed write here
+        if progress is not None:
+            progress(done, n)
+
     with ThreadPoolExecutor(1, thread_name_prefix="snd-features") as pool:
         pending = None
         for images in loader:
@@ -261,14 +256,10 @@ def ensure_features(
             assert tok.shape[1:] == (T, dim), f"tokens {tuple(tok.shape)} vs grid {grid} dim {dim}"
             rows = tok.half().cpu().numpy()
             if pending is not None:
-                done = pending.result()  # re-raises a failed write here
-                if progress is not None:
-                    progress(done, n)
+                landed(pending)
             pending = pool.submit(writer.append, {"tokens": rows})
         if pending is not None:
-            done = pending.result()
-            if progress is not None:
-                progress(done, n)
+            landed(pending)
     writer.finish()
     return FeatureStore(zpath, n, grid, dim, _load_norm(norm_path))
 

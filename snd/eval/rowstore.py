@@ -19,7 +19,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-__all__ = ["write_json", "RowWriter", "open_rows"]
+__all__ = ["write_json", "RowWriter", "open_rows", "LazyRows"]
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -92,3 +92,21 @@ class RowWriter:
             raise RuntimeError(f"{self.zpath}: finished at {self.done} of {self.n} rows")
         self.state["complete"] = True
         write_json(self.jpath, self.state)
+
+
+class LazyRows:
+    """Reader mixin for a store dataclass with fields `path` (the .zarr group) and `_arr`: `_row(name, i)`
+    opens `<path>/<name>` on first use in each process and never pickles the open handle, so DataLoader
+    workers each open their own."""
+
+    def _row(self, name: str, i: int) -> np.ndarray:
+        if self._arr is None:  # type: ignore[attr-defined]
+            import zarr
+
+            self._arr = zarr.open_array(str(self.path / name), mode="r")  # type: ignore[attr-defined]
+        return np.asarray(self._arr[i])
+
+    def __getstate__(self) -> dict:
+        d = dict(self.__dict__)
+        d["_arr"] = None
+        return d

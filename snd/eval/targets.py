@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from snd.errors import SndError
-from snd.eval.rowstore import RowWriter, open_rows
+from snd.eval.rowstore import LazyRows, RowWriter, open_rows
 
 __all__ = ["TARGET_VERSION", "TargetStore", "ensure_targets", "STORED"]
 
@@ -38,7 +38,7 @@ STORED = {"depth": "float32", "normals": "float16", "seg": "uint8"}
 
 
 @dataclass
-class TargetStore:
+class TargetStore(LazyRows):
     """Cached targets of one (dataset, split, task, size): `len(store)`, `store.target(i)`."""
 
     path: Path
@@ -51,17 +51,8 @@ class TargetStore:
 
     def target(self, i: int) -> Tensor:
         """Row i in the dtype the dataset yields (depth/normals float32, seg int64)."""
-        if self._arr is None:  # opened lazily: once per DataLoader worker process
-            import zarr
-
-            self._arr = zarr.open_array(str(self.path / "target"), mode="r")
-        t = torch.from_numpy(np.asarray(self._arr[i]))
+        t = torch.from_numpy(self._row("target", i))
         return t.long() if self.task == "seg" else t.float()
-
-    def __getstate__(self) -> dict:
-        d = dict(self.__dict__)
-        d["_arr"] = None
-        return d
 
 
 def _compact(task: str, t: Tensor, where: str) -> np.ndarray:

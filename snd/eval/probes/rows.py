@@ -21,7 +21,13 @@ log = logging.getLogger(__name__)
 __all__ = ["DeviceRows", "row_bytes", "budget_bytes", "plan_residency", "Residency"]
 
 Residency = Literal["auto", "device", "stream"]
-_TARGET_DTYPE = {"depth": torch.float32, "normals": torch.float16, "seg": torch.uint8}
+
+
+def _target_dtype(task: str) -> torch.dtype:
+    """The compact dtype of the target cache (`snd.eval.targets.STORED`): resident and cached rows agree."""
+    from snd.eval.targets import STORED
+
+    return getattr(torch, STORED[task])
 
 
 def _target_key(task: str) -> str:
@@ -34,7 +40,7 @@ def row_bytes(data) -> int:
     """Bytes one row of `data` (a `ProbeData` with a feature store) takes when resident."""
     item = data[0]
     tok, tgt = item["tokens"], item[_target_key(data.task)]
-    return tok.numel() * tok.element_size() + tgt.numel() * _TARGET_DTYPE[data.task].itemsize
+    return tok.numel() * tok.element_size() + tgt.numel() * _target_dtype(data.task).itemsize
 
 
 def budget_bytes(device: torch.device, budget_gib: float | None) -> int:
@@ -77,7 +83,7 @@ class DeviceRows:
     def load(cls, data, device: torch.device, *, num_workers: int = 0, batch: int = 64) -> "DeviceRows":
         """Read every row of `data` once, in order (the token and target stores' chunk order)."""
         key = _target_key(data.task)
-        dt = _TARGET_DTYPE[data.task]
+        dt = _target_dtype(data.task)
         loader = torch.utils.data.DataLoader(data, batch_size=batch, shuffle=False, num_workers=num_workers)
         tokens = target = None
         i = 0

@@ -99,8 +99,12 @@ def epoch_perm(n: int, seed: int, epoch: int) -> Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
 
 
-def batch_order(n: int, batch: int, seed: int, start_step: int, total_steps: int) -> Iterator[list[int]]:
-    """Batches of row indices for steps [start_step, total_steps): a fresh permutation per epoch."""
+def batch_order(n: int, batch: int, seed: int, start_step: int, total_steps: int,
+                device: torch.device | None = None) -> Iterator:
+    """Batches of row indices for steps [start_step, total_steps): a fresh permutation per epoch.
+
+    Lists of ints, or slices of a device tensor when `device` is given (device-resident rows gather with
+    them; the order is the same either way)."""
     if n <= 0:
         raise ValueError("cannot train a probe on an empty dataset")
     batch = min(batch, n)
@@ -109,7 +113,8 @@ def batch_order(n: int, batch: int, seed: int, start_step: int, total_steps: int
     while step < total_steps:
         epoch, k = divmod(step, per_epoch)
         if cur[0] != epoch:
-            cur = (epoch, epoch_perm(n, seed, epoch).tolist())
+            perm = epoch_perm(n, seed, epoch)
+            cur = (epoch, perm.tolist() if device is None else perm.to(device))
         yield cur[1][k * batch:(k + 1) * batch]
         step += 1
 
@@ -182,19 +187,6 @@ class _Step:
         self.loss_sum.add_(loss.detach())
 
 
-def _resident_batches(rows, spec: ProbeSpec, seed: int, start: int, device: torch.device) -> Iterator[Tensor]:
-    """The row indices of each step as a device tensor, in `batch_order`'s order."""
-    n = len(rows)
-    batch = min(spec.batch, n)
-    per_epoch = n // batch
-    cur: tuple[int, Tensor | None] = (-1, None)
-    for step in range(start, spec.iters):
-        epoch, k = divmod(step, per_epoch)
-        if cur[0] != epoch:
-            cur = (epoch, epoch_perm(n, seed, epoch).to(device))
-        yield cur[1][k * batch:(k + 1) * batch]  # type: ignore[index]
-
-
 def train_probe(
     probe: Probe,
     data: ProbeData,
@@ -261,7 +253,7 @@ def train_probe(
     # per step: a device index into the resident rows, or a (tokens, target) batch from the loader
     if where == "device":
         rows = DeviceRows.load(data, device, num_workers=num_workers)
-        source = _resident_batches(rows, spec, seed, start, device)
+        source = batch_order(len(rows), spec.batch, seed, start, spec.iters, device=device)
     else:
         loader = torch.utils.data.DataLoader(data, batch_sampler=_Batches(len(data), spec.batch, seed, start, spec.iters),
                                              num_workers=num_workers, pin_memory=device.type == "cuda")
