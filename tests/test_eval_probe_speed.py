@@ -20,6 +20,7 @@ from snd.eval.probes.depth import sig_loss
 from snd.eval.probes.normals import angular_nll
 from snd.eval.probes.rows import DeviceRows, plan_residency, row_bytes
 from snd.eval.targets import ensure_targets
+from tests._stores import MemoryStore
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -30,17 +31,6 @@ _needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CU
 
 def cuda(f):
     return pytest.mark.gpu(_needs_cuda(f))
-
-
-class Store:
-    def __init__(self, t):
-        self.t = t
-
-    def __len__(self):
-        return len(self.t)
-
-    def tokens(self, i):
-        return self.t[i]
 
 
 def _toy(n: int, seed: int = 0):
@@ -59,7 +49,7 @@ def _toy(n: int, seed: int = 0):
         seg[1, :2] = 255
         items.append({"image": torch.zeros(3, 16, 16), "depth": depth, "seg": seg,
                       "normals": dirs[pix[i]].permute(2, 0, 1).contiguous()})
-    return items, Store(tok)
+    return items, MemoryStore(tok)
 
 
 def _probe(task: str):
@@ -170,7 +160,7 @@ def test_target_store_round_trips_and_trains_like_the_dataset(task, tmp_path):
         else:
             assert torch.equal(got, want)
     # the cached targets stand in for the dataset: training gives the same probe
-    tok = Store([store.t[i] for i in idx])
+    tok = MemoryStore([store.t[i] for i in idx])
     a, b = _probe(task), _probe(task)
     train_probe(a, ProbeData(items, idx, task, tok), SPEC, grid=GRID, norm=NORM, residency="stream")
     train_probe(b, ProbeData(None, idx, task, tok, targets=ts), SPEC, grid=GRID, norm=NORM, residency="stream")

@@ -12,25 +12,13 @@ from snd.eval.probes import DepthProbe, NormalProbe, ProbeData, ProbeSpec, SegPr
 from snd.eval.probes.depth import gradient_loss, sig_loss
 from snd.eval.probes.normals import angular_nll
 from snd.eval.probes.schedules import lr_factor
+from tests._stores import MemoryStore
 
 GRID = (4, 4)
 UP = 4  # label pixels per patch side
 C = 12
 LEVELS = torch.tensor([1.0, 2.0, 3.0, 4.0])
 DIRS = torch.nn.functional.normalize(torch.tensor([[0.0, 0, 1], [1, 0, 1], [0, -1, 0.3], [-1, 0.5, 0.5]]), dim=1)
-
-
-class FakeStore:
-    """A FeatureStore stand-in: token rows kept in memory."""
-
-    def __init__(self, tokens):
-        self.t = tokens
-
-    def __len__(self):
-        return len(self.t)
-
-    def tokens(self, i):
-        return self.t[i]
 
 
 def _toy(n: int, seed: int):
@@ -42,7 +30,7 @@ def _toy(n: int, seed: int):
     pix = ids.repeat_interleave(UP, 1).repeat_interleave(UP, 2)  # [n, 16, 16]
     items = [{"image": torch.zeros(3, *pix.shape[1:]), "depth": LEVELS[pix[i]], "seg": pix[i],
               "normals": DIRS[pix[i]].permute(2, 0, 1).contiguous()} for i in range(n)]
-    return items, FakeStore(tokens)
+    return items, MemoryStore(tokens)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
