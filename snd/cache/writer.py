@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 def crc32c(a: np.ndarray) -> int:
     """CRC-32C of an array's C-order bytes."""
-    return int(google_crc32c.value(np.ascontiguousarray(a).tobytes()))
+    return int(google_crc32c.value(np.ascontiguousarray(a)))  # the buffer itself: no copy of the bytes
 
 
 def folder_bytes(path: Path) -> int:
@@ -96,6 +96,7 @@ class SceneWriter:
         self._small: dict[str, list[np.ndarray]] = {n: [] for n, s in self.specs.items() if s.kind == "small"}
         self._pending: dict[str, list[np.ndarray]] = {n: [] for n, s in self.specs.items() if s.kind == "field"}
         self._crc = np.zeros((n_pairs, len(self.specs)), np.uint32)
+        self._writes: list = []  # futures of the shard being written
         self._added = 0  # pairs received
         self._flushed = 0  # pairs written to disk
 
@@ -107,20 +108,32 @@ class SceneWriter:
         B = len(fields["depth"])
         if self._added + B > self.n_pairs:
             raise ValueError(f"scene {self.scene}: {self._added + B} pairs added, declared {self.n_pairs}")
-        for col, (name, s) in enumerate(self.specs.items()):
-            a = to_stored(s, fields[name])
+
+        def prepare(name: str) -> tuple[np.ndarray, list[int]]:
+            a = to_stored(self.specs[name], fields[name])
             assert len(a) == B, f"{name}: batch of {len(a)} pairs, expected {B}"
-            for i in range(B):
-                self._crc[self._added + i, col] = crc32c(a[i])
-            (self._small if s.kind == "small" else self._pending)[name].append(a)
+            return a, [crc32c(a[i]) for i in range(B)]
+
+        # per array on the pool (deltas and checksums release the GIL), alongside the previous shard's writes
+        for col, (name, (a, crcs)) in enumerate(zip(self.specs, _pool().map(prepare, list(self.specs)))):
+            self._crc[self._added:self._added + B, col] = crcs
+            (self._small if self.specs[name].kind == "small" else self._pending)[name].append(a)
         self._added += B
         self._flush(final=False)
 
+    def _wait_writes(self) -> None:
+        """Wait for the shard in flight (its errors surface here, in the writer's thread)."""
+        writes, self._writes = self._writes, []
+        for w in writes:
+            w.result()
+
     def _flush(self, *, final: bool) -> None:
+        """Write every full shard (all of them when `final`). One shard is in flight at a time: its arrays
+        compress concurrently on the pool while the next batch is prepared (memory stays at ~2 shards)."""
         while True:
             buffered = self._added - self._flushed
             if buffered == 0 or (buffered < self.pps and not final):
-                return
+                break
             n = min(self.pps, buffered)
             blocks = {}
             for name, parts in self._pending.items():
@@ -128,13 +141,15 @@ class SceneWriter:
                 blocks[name] = block[:n]
                 self._pending[name] = [block[n:]] if len(block) > n else []
             lo = self._flushed
+            self._wait_writes()  # no two writes of one shard file's array at once
 
-            def put(name: str) -> None:
+            def put(name: str, lo: int = lo, n: int = n, blocks: dict = blocks) -> None:
                 self.arrays[name][lo:lo + n] = blocks[name]
 
-            # one shard file per array: written concurrently (compression and file I/O release the GIL)
-            list(_pool().map(put, list(blocks)))
+            self._writes = [_pool().submit(put, name) for name in blocks]
             self._flushed += n
+        if final:
+            self._wait_writes()
 
     def commit(self) -> dict:
         """Flush, write the small arrays and the checksum table, rename into place; returns the marker record."""
@@ -159,6 +174,9 @@ class SceneWriter:
                 "bytes": nbytes, "checksums_sha256": hashlib.sha256(self._crc.tobytes()).hexdigest()}
 
     def abort(self) -> None:
+        for w in self._writes:  # let a shard in flight finish before its folder goes
+            w.exception()
+        self._writes = []
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
