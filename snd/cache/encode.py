@@ -37,7 +37,7 @@ def quat_mul(a: Tensor, b: Tensor) -> Tensor:
 
 
 def quat_conj(q: Tensor) -> Tensor:
-    return q * q.new_tensor([1.0, -1.0, -1.0, -1.0])
+    return torch.cat([q[..., :1], -q[..., 1:]], dim=-1)  # (not q * new_tensor(...): a host copy syncs the stream)
 
 
 def _pixel_grid(H: int, W: int, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -51,7 +51,21 @@ def _focal(K: Tensor) -> Tensor:
     return (K[..., 0, 0] * K[..., 1, 1]).sqrt()
 
 
-def encode_scaffold(
+def encode_scaffold(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor, K: Tensor, c2w: Tensor, *,
+                    enc: Encoding) -> dict[str, np.ndarray]:
+    """`encode_scaffold_device`, copied to the host (numpy, leading B axis)."""
+    return fields_to_numpy({k: v.cpu() for k, v in encode_scaffold_device(means, quats, scales, opacities, K, c2w,
+                                                                            enc=enc).items()}, enc)
+
+
+def fields_to_numpy(host: dict[str, Tensor], enc: Encoding) -> dict[str, np.ndarray]:
+    """Host tensors of `encode_scaffold_device` -> the stored numpy dtypes (shares memory where it can)."""
+    out = {k: v.numpy() for k, v in host.items()}
+    out["scales"] = out["scales"].astype(enc.scale_dtype, copy=False)
+    return out
+
+
+def encode_scaffold_device(
     means: Tensor,  # [B, 2, H, W, 3]
     quats: Tensor,  # [B, 2, H, W, 4]
     scales: Tensor,  # [B, 2, H, W, 3]
@@ -60,8 +74,10 @@ def encode_scaffold(
     c2w: Tensor,  # [B, 2, 4, 4]
     *,
     enc: Encoding,
-) -> dict[str, np.ndarray]:
-    """World-frame pixel Gaussians of B pairs -> stored fields (numpy, leading B axis, planar channels).
+) -> dict[str, Tensor]:
+    """World-frame pixel Gaussians of B pairs -> stored fields (tensors on the input's device, leading B
+    axis, planar channels). Nothing here reads a value back to the host, so stage one can queue the next
+    batch's network behind it and copy the fields out asynchronously.
 
     Args:
         means, quats (w, x, y, z, world frame), scales (std, > 0), opacities: PixelGaussians of both
@@ -86,7 +102,7 @@ def encode_scaffold(
     K = K.to(dev, f64)
     c2w = c2w.to(dev, f64)
     R, t = c2w[..., :3, :3], c2w[..., :3, 3]  # [B,2,3,3], [B,2,3]
-    out: dict[str, np.ndarray] = {}
+    out: dict[str, Tensor] = {}
 
     # -- geometry: z-depth (+ sub-pixel offset) ----------------------------------------------------
     p_cam = ((means.to(f64) - t[:, :, None, None, :]).reshape(B, 2, H * W, 3) @ R).reshape(B, 2, H, W, 3)  # R^T (m - t)
@@ -94,7 +110,7 @@ def encode_scaffold(
     z16 = z.clamp(-_F16_MAX, _F16_MAX).to(torch.float16)
     z_dec = z16.to(f64)
     z_ok = z_dec > 0
-    out["depth"] = z16.cpu().numpy()
+    out["depth"] = z16
 
     if enc.offset:
         uvw = (p_cam.reshape(B, 2, H * W, 3) @ K.transpose(-1, -2)).reshape(B, 2, H, W, 3)
@@ -104,14 +120,14 @@ def encode_scaffold(
         off = torch.where(z_ok[..., None], off, torch.zeros_like(off))
         rng = off.abs().amax(dim=(2, 3, 4)).clamp_min(_MIN_OFFSET_RANGE).to(torch.float32)  # [B,2]
         q = torch.round(off / rng.to(f64)[:, :, None, None, None] * 127.0).clamp(-127, 127)
-        out["offset"] = q.to(torch.int8).permute(0, 1, 4, 2, 3).contiguous().cpu().numpy()
-        out["offset_range"] = rng.cpu().numpy()
+        out["offset"] = q.to(torch.int8).permute(0, 1, 4, 2, 3).contiguous()
+        out["offset_range"] = rng
     else:
-        out["offset_range"] = np.zeros((B, 2), np.float32)
+        out["offset_range"] = torch.zeros((B, 2), dtype=torch.float32, device=dev)
 
     # -- opacity ----------------------------------------------------------------------------------
     op_q = torch.round(opacities.to(f64).clamp(0.0, 1.0) * 255.0).to(torch.uint8)  # [B,2,H,W]
-    out["opacity"] = op_q.cpu().numpy()
+    out["opacity"] = op_q
     valid = z_ok & (op_q > 0)
 
     # -- rotation, in the context camera's frame, w >= 0 -------------------------------------------
@@ -123,7 +139,7 @@ def encode_scaffold(
     qmax = 127.0 if enc.quat_bits == 8 else 32767.0
     qq = torch.round(q_cam * qmax).clamp(-qmax, qmax)
     qdt = torch.int8 if enc.quat_bits == 8 else torch.int16
-    out["quats"] = qq.to(qdt).permute(0, 1, 4, 2, 3).contiguous().cpu().numpy()
+    out["quats"] = qq.to(qdt).permute(0, 1, 4, 2, 3).contiguous()
 
     # -- scales: log2(size in pixels at the decoded depth), per-view range ---------------------------
     f = _focal(K)  # [B,2]
@@ -139,10 +155,9 @@ def encode_scaffold(
     lo64, hi64 = srange[..., 0].to(f64), srange[..., 1].to(f64)
     L = float(2 ** enc.scale_bits - 1)
     sq = torch.round((ls - lo64[:, :, None, None, None]) / (hi64 - lo64)[:, :, None, None, None] * L).clamp(0, L)
-    sdt = torch.uint8 if enc.scale_bits == 8 else torch.int32
-    sq_np = sq.to(sdt).permute(0, 1, 4, 2, 3).contiguous().cpu().numpy()
-    out["scales"] = sq_np.astype(enc.scale_dtype, copy=False)
-    out["scale_range"] = srange.cpu().numpy()
+    sdt = torch.uint8 if enc.scale_bits == 8 else torch.int32  # 16-bit codes fit int32 (torch has no uint16 ops)
+    out["scales"] = sq.to(sdt).permute(0, 1, 4, 2, 3).contiguous()
+    out["scale_range"] = srange
     return out
 
 

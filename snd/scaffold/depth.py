@@ -40,8 +40,11 @@ class DepthSource(ScaffoldSource):
         assert V == 2, f"depth must be [B, 2, H, W], got {tuple(depth.shape)}"
         assert K.shape == (B, 2, 3, 3), f"K must be [B, 2, 3, 3], got {tuple(K.shape)}"
         assert c2w.shape == (B, 2, 4, 4), f"c2w must be [B, 2, 4, 4], got {tuple(c2w.shape)}"
-        g = gaussians_from_depth(depth.to(self.device).reshape(B * 2, H, W), K.to(self.device).reshape(B * 2, 3, 3),
-                                 c2w.to(self.device).reshape(B * 2, 4, 4), scale_mult=self.scale_mult, opacity=self.opacity)
+        dev = self.device  # non_blocking copies: a blocking one would synchronise the stream the caller queues on
+        g = gaussians_from_depth(depth.to(dev, non_blocking=True).reshape(B * 2, H, W),
+                                 K.to(dev, non_blocking=True).reshape(B * 2, 3, 3),
+                                 c2w.to(dev, non_blocking=True).reshape(B * 2, 4, 4), scale_mult=self.scale_mult,
+                                 opacity=self.opacity)
         return [PixelGaussians(g.means[2 * b:2 * b + 2], g.quats[2 * b:2 * b + 2], g.scales[2 * b:2 * b + 2],
                                g.opacities[2 * b:2 * b + 2]) for b in range(B)]
 

@@ -41,7 +41,7 @@ def unproject_depth(depth: Tensor, K: Tensor, c2w: Tensor) -> Tensor:
     ys, xs = torch.meshgrid(torch.arange(H, device=depth.device, dtype=dt),
                             torch.arange(W, device=depth.device, dtype=dt), indexing="ij")
     uv1 = torch.stack([xs, ys, torch.ones_like(xs)], dim=-1)  # [H, W, 3]
-    Kinv = torch.linalg.inv(K.to(torch.float64)).to(dt)  # [V, 3, 3]
+    Kinv = torch.linalg.inv_ex(K.to(torch.float64))[0].to(dt)  # [V, 3, 3]; inv_ex: no host read-back (stage one queues ahead)
     dirs = torch.einsum("vij,hwj->vhwi", Kinv, uv1)  # [V, H, W, 3]
     dirs = dirs / dirs[..., 2:3]  # camera z = 1 (exact for any K with a plain last row)
     pts_c = dirs * depth[..., None]  # [V, H, W, 3]

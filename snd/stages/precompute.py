@@ -31,7 +31,7 @@ import torch
 from rich.console import Console
 
 from snd.cache import manifest as M
-from snd.cache.encode import decode_scaffold, encode_scaffold
+from snd.cache.encode import decode_scaffold, encode_scaffold_device, fields_to_numpy
 from snd.cache.opcodec import encode_operators
 from snd.cache.schema import Encoding, OperatorSpec
 from snd.cache.writer import SceneWriter, clear_stale
@@ -386,6 +386,33 @@ def run(cfg: PrecomputeConfig, *, source: ScaffoldSource | None = None, progress
     writer.start()
     in_scene: dict[str, int] = {}
     queued_pairs = 0
+    dev = torch.device(source.device)
+    pending: _InFlight | None = None
+    wait_data = 0.0
+
+    def land() -> None:
+        """Hand the in-flight batch to the writer (called after the next batch is launched, or before any
+        scene event so the writer sees every scene's batches before its commit)."""
+        nonlocal pending, queued_pairs
+        if pending is None:
+            return
+        f, pending = pending, None
+        fields = _land(f, enc, op_spec, summary.phase_s, dev)
+        tw = time.perf_counter()
+        writer.q.put(("add", f.batch.scene, fields))
+        wait_write = time.perf_counter() - tw
+        summary.wait_write_s += wait_write
+        n = len(f.batch.ctx_K)
+        in_scene[f.batch.scene] += n
+        queued_pairs += n
+        summary.batch_times.append((time.perf_counter() - t0, n, wait_data, wait_write))
+        summary.phase_log.append(dict(summary.phase_s, writer_busy=writer.busy_s))
+        el = time.perf_counter() - t0
+        prog.update(t_pairs, advance=n, info=f"{queued_pairs / max(el, 1e-9):.1f} pairs/s, "
+                                            f"{summary.bytes / 1e6:.0f} MB written")
+        if on_batch is not None:
+            on_batch(f.batch.scene, in_scene[f.batch.scene])
+
     try:
         with prog:
             while True:
@@ -394,7 +421,12 @@ def run(cfg: PrecomputeConfig, *, source: ScaffoldSource | None = None, progress
                 wait_data = time.perf_counter() - tw
                 summary.wait_data_s += wait_data
                 kind = msg[0]
-                wait_write = 0.0
+                if kind == "batch":
+                    launched = _launch(source, msg[1], enc, summary.phase_s)
+                    land()
+                    pending = launched
+                    continue
+                land()
                 if kind == "done":
                     break
                 if kind == "skip":
@@ -403,7 +435,6 @@ def run(cfg: PrecomputeConfig, *, source: ScaffoldSource | None = None, progress
                     continue
                 if kind == "start":
                     in_scene[msg[1]] = 0
-                    tw = time.perf_counter()
                     writer.q.put(("start", msg[1], len(msg[2]), msg[3]))
                     if est is not None and len(msg[2]) < cfg.pairs_per_scene:
                         est -= cfg.pairs_per_scene - len(msg[2])
@@ -420,22 +451,6 @@ def run(cfg: PrecomputeConfig, *, source: ScaffoldSource | None = None, progress
                     writer.q.put(("commit", msg[1]))
                     prog.advance(t_scenes)
                     continue
-                b: _Batch = msg[1]
-                fields = _predict_encode(source, b, enc, op_spec, summary.phase_s)
-                tw = time.perf_counter()
-                writer.q.put(("add", b.scene, fields))
-                wait_write = time.perf_counter() - tw
-                summary.wait_write_s += wait_write
-                n = len(b.ctx_K)
-                in_scene[b.scene] += n
-                queued_pairs += n
-                summary.batch_times.append((time.perf_counter() - t0, n, wait_data, wait_write))
-                summary.phase_log.append(dict(summary.phase_s, writer_busy=writer.busy_s))
-                el = time.perf_counter() - t0
-                prog.update(t_pairs, advance=n, info=f"{queued_pairs / max(el, 1e-9):.1f} pairs/s, "
-                                                    f"{summary.bytes / 1e6:.0f} MB written")
-                if on_batch is not None:
-                    on_batch(b.scene, in_scene[b.scene])
             writer.q.put(("stop",))
             writer.join()
     finally:
@@ -513,22 +528,65 @@ class _Phases:
         self.t = now
 
 
-def _predict_encode(source: ScaffoldSource, b: _Batch, enc: Encoding, spec: OperatorSpec | None = None,
-                    phases: dict[str, float] | None = None) -> dict[str, np.ndarray]:
-    dev = source.device
-    ph = _Phases(torch.device(dev), phases if phases is not None else {})
+@dataclass
+class _InFlight:
+    """A batch whose network and quantisation are queued on the device and whose fields are being copied
+    into pinned host memory. The main thread launches the next batch before it lands this one, so the
+    device never idles while the host turns fields into numpy, builds operators or queues writes."""
+
+    batch: _Batch
+    host: dict[str, torch.Tensor]  # stored fields on the host (pinned on CUDA; filled when `events[2]` fires)
+    events: list | None  # CUDA events: queued, predicted, copied (None on CPU, where everything is done)
+
+
+def _launch(source: ScaffoldSource, b: _Batch, enc: Encoding, phases: dict[str, float]) -> _InFlight:
+    """Queue predict + quantise + device-to-host copy of one batch; returns without waiting for the device
+    (nothing on this path reads a device value back: non-blocking copies, `inv_ex`, host-checked near/far)."""
+    t0 = time.perf_counter()
+    dev = torch.device(source.device)
+    cuda = dev.type == "cuda"
+    ev = [torch.cuda.Event(enable_timing=True) for _ in range(3)] if cuda else None
+    if ev:
+        ev[0].record()
     images = b.images.to(dev, non_blocking=True).permute(0, 1, 4, 2, 3).float().div_(255.0)  # [B,2,3,H,W]
-    K = torch.from_numpy(b.ctx_K)
-    c2w = torch.from_numpy(b.ctx_c2w)
+
+    def to_device(a: np.ndarray) -> torch.Tensor:  # through pinned memory: a truly asynchronous copy
+        t = torch.from_numpy(a)
+        return t.pin_memory().to(dev, non_blocking=True) if cuda else t
+
+    K, c2w = to_device(b.ctx_K), to_device(b.ctx_c2w)  # float64
     depth = b.depth.to(dev, non_blocking=True) if b.depth is not None else None
     gs = source.predict(images, K.float(), c2w.float(), depth=depth)
-    ph.mark("predict")
+    if ev:
+        ev[1].record()
     stack = [torch.stack([getattr(g, k) for g in gs]) for k in ("means", "quats", "scales", "opacities")]
-    fields = encode_scaffold(*stack, K.to(dev), c2w.to(dev), enc=enc)
-    fields.update(b.extra)
-    ph.mark("encode")
+    fields = encode_scaffold_device(*stack, K, c2w, enc=enc)
+    if cuda:
+        host = {k: torch.empty(v.shape, dtype=v.dtype, pin_memory=True).copy_(v, non_blocking=True) for k, v in fields.items()}
+        ev[2].record()
+    else:
+        host = fields
+    phases["launch"] = phases.get("launch", 0.0) + time.perf_counter() - t0
+    return _InFlight(b, host, ev)
+
+
+def _land(f: _InFlight, enc: Encoding, spec: OperatorSpec | None, phases: dict[str, float],
+          dev: torch.device) -> dict[str, np.ndarray]:
+    """Wait for a launched batch's fields, add the loader's arrays (and the operators); the writer's input."""
+    t0 = time.perf_counter()
+    if f.events is not None:
+        ev = f.events
+        ev[2].synchronize()
+        # device time of each part, from the events (exact even though the host did not wait for them)
+        phases["device_predict"] = phases.get("device_predict", 0.0) + ev[0].elapsed_time(ev[1]) / 1e3
+        phases["device_encode"] = phases.get("device_encode", 0.0) + ev[1].elapsed_time(ev[2]) / 1e3
+    phases["wait_device"] = phases.get("wait_device", 0.0) + time.perf_counter() - t0
+    fields = fields_to_numpy(f.host, enc)
+    fields.update(f.batch.extra)
     if spec is not None:
-        fields.update(_build_operators(fields, b, enc, spec, torch.device(dev), ph))
+        ph = _Phases(dev, phases)
+        ph.mark("operators_wait")  # the next batch's network, queued ahead of the operator kernels
+        fields.update(_build_operators(fields, f.batch, enc, spec, dev, ph))
     return fields
 
 
@@ -671,6 +729,7 @@ def bench(cfg: BenchPrecomputeConfig) -> dict:
         "data_wait_frac": wait_data / span if span > 0 else None,
         "gpu_waited_on_io": bool(span > 0 and wait_data / span > 0.02), "write_wait_s": wait_write,
         "phase_ms_per_pair": _timed_phases(s.phase_log, k0, timed_pairs),
+        "peak_mem_gib": torch.cuda.max_memory_allocated(source.device) / 2**30 if source.device.type == "cuda" else None,
         "mb_per_pair": s.mb_per_pair, "gaussians_per_pair": gauss, "bytes_per_gaussian": s.bytes / max(s.pairs, 1) / gauss,
         "projected_gb_at_50k_pairs": s.mb_per_pair * PAPER_PAIRS / 1e3, "goal": {"pairs_per_s": 30, "mb_per_pair": 8},
         "store": str(store),

@@ -57,6 +57,24 @@ def resolve_precision(precision: str, device: torch.device) -> Optional[torch.dt
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+def _depth_range(near: "float | Tensor", far: "float | Tensor", B: int, V: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """near/far as [B, V] device tensors, checked where the values live on the host (numbers, CPU tensors).
+    Device tensors are used unchecked: reading them back, or a blocking copy in, would synchronise the
+    stream and stall a caller that queues batches ahead (stage one)."""
+    host = [x for x in (near, far) if not isinstance(x, Tensor) or x.device.type == "cpu"]
+    if len(host) == 2:
+        n, f = (torch.as_tensor(x, dtype=torch.float32) for x in host)
+        if not bool((n > 0).all() and (f > n).all()):
+            raise ValueError(f"need 0 < near < far, got near={n.tolist()} far={f.tolist()}")
+
+    def dev(x: "float | Tensor") -> Tensor:
+        if not isinstance(x, Tensor):
+            return torch.full((B, V), float(x), device=device)  # filled on the device: no copy at all
+        return x.to(device, torch.float32, non_blocking=True).expand(B, V)
+
+    return dev(near), dev(far)
+
+
 class MVSplatEncoder(nn.Module):
     """Upstream `EncoderCostVolume` (2 context views), inference only.
 
@@ -110,21 +128,20 @@ class MVSplatEncoder(nn.Module):
         assert three == 3 and V == 2, f"images must be [B, 2, 3, H, W], got {tuple(images.shape)}"
         assert K_norm.shape == (B, V, 3, 3), f"K_norm must be [B, 2, 3, 3], got {tuple(K_norm.shape)}"
         assert c2w.shape == (B, V, 4, 4), f"c2w must be [B, 2, 4, 4], got {tuple(c2w.shape)}"
-        near = torch.as_tensor(near, dtype=torch.float32, device=images.device).expand(B, V)
-        far = torch.as_tensor(far, dtype=torch.float32, device=images.device).expand(B, V)
+        near, far = _depth_range(near, far, B, V, images.device)
         m = self.cfg.size_multiple
         if H % m or W % m:
             raise SndError(
                 f"MVSplat needs image height and width divisible by {m}, got {H}x{W}",
                 hint=f"resize or crop to e.g. {H // m * m}x{W // m * m} (SnD uses 576x880)")
-        if not bool((near > 0).all() and (far > near).all()):
-            raise ValueError(f"need 0 < near < far, got near={near.tolist()} far={far.tolist()}")
         dev = images.device
         amp = resolve_precision(precision, dev)
         ctx = torch.autocast(device_type=dev.type, dtype=amp) if amp is not None else nullcontext()
         images = images.float()
         K_norm, c2w = K_norm.float(), c2w.float()
         run = self._compiled if self._compiled is not None else self._networks
+        if self._compiled is not None:  # a new step for CUDA-graph replays: the previous outputs are consumed
+            torch.compiler.cudagraph_mark_step_begin()
         with ctx:
             pred = run(images, K_norm, c2w, near, far)
 

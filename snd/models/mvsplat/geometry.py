@@ -15,6 +15,12 @@ from torch import Tensor
 from snd.splat.gaussians import quat_to_rotmat, rotmat_to_quat
 
 
+def inverse(x: Tensor) -> Tensor:
+    """Batched matrix inverse without the host read-back of `torch.linalg.inv`'s singularity check, so the
+    encoder never stalls a caller that queues work ahead (camera matrices here are never singular)."""
+    return torch.linalg.inv_ex(x)[0]
+
+
 def pixel_K_to_normalized(K: Tensor, height: int, width: int) -> Tensor:
     """snd pixel intrinsics [..., 3, 3] (centres at integers) -> MVSplat normalised intrinsics."""
     Kn = K.to(torch.float32).clone()
@@ -37,7 +43,7 @@ def normalized_K_to_pixel(K_norm: Tensor, height: int, width: int) -> Tensor:
 
 def rigid_inverse(T: Tensor) -> Tensor:
     """Inverse of rigid transforms [..., 4, 4] (general inverse: tolerant to tiny non-orthonormality)."""
-    return torch.linalg.inv(T.to(torch.float32))
+    return inverse(T.to(torch.float32))
 
 
 def inverse_depth_candidates(near: Tensor, far: Tensor, num: int) -> Tensor:
@@ -65,7 +71,7 @@ def plane_sweep_grid(K_feat_ref: Tensor, K_feat_src: Tensor, ref_to_src: Tensor,
                             torch.arange(w, device=dev, dtype=torch.float32), indexing="ij")
     pix = torch.stack([xs, ys, torch.ones_like(xs)], 0).reshape(3, h * w)  # [3, hw]
     R, t = ref_to_src[:, :3, :3].float(), ref_to_src[:, :3, 3].float()
-    M = K_feat_src.float() @ R @ torch.linalg.inv(K_feat_ref.float())  # [N, 3, 3]
+    M = K_feat_src.float() @ R @ inverse(K_feat_ref.float())  # [N, 3, 3]
     a = M @ pix  # [N, 3, hw]: source-image homogeneous point per unit depth
     b = (K_feat_src.float() @ t[..., None])[:, :, 0]  # [N, 3]
     depth = 1.0 / disparities.float()  # [N, D]
@@ -91,7 +97,7 @@ def unit_rays(offset_xy: Tensor, K_norm: Tensor, c2w: Tensor) -> Tensor:
                             torch.arange(W, device=dev, dtype=torch.float32), indexing="ij")
     u = (xs + 0.5 + offset_xy[..., 0].float()) / W
     v = (ys + 0.5 + offset_xy[..., 1].float()) / H
-    Kinv = torch.linalg.inv(K_norm.float())[..., None, None, :, :]  # [..., 1, 1, 3, 3]
+    Kinv = inverse(K_norm.float())[..., None, None, :, :]  # [..., 1, 1, 3, 3]
     d = Kinv[..., 0] * u[..., None] + Kinv[..., 1] * v[..., None] + Kinv[..., 2]  # [..., H, W, 3]
     d = d / d.norm(dim=-1, keepdim=True)
     R = c2w[..., :3, :3].float()[..., None, None, :, :]  # [..., 1, 1, 3, 3]
@@ -120,8 +126,8 @@ def gaussian_means(depth: Tensor, offset_xy: Tensor, K_norm: Tensor, c2w: Tensor
 
 def scale_multiplier(K_norm: Tensor, height: int, width: int, multiplier: float = 0.1) -> Tensor:
     """Upstream's pixel-footprint factor: 0.1 * sum(inv(K_norm[:2, :2]) @ (1/W, 1/H)) -> [...]."""
-    pix = torch.tensor([1.0 / width, 1.0 / height], device=K_norm.device, dtype=torch.float32)
-    return multiplier * (torch.linalg.inv(K_norm[..., :2, :2].float()) @ pix).sum(-1)
+    inv = inverse(K_norm[..., :2, :2].float())  # inv @ (1/W, 1/H), written so no host tensor is copied in
+    return multiplier * (inv[..., :, 0] / width + inv[..., :, 1] / height).sum(-1)
 
 
 def quat_multiply(a: Tensor, b: Tensor) -> Tensor:
