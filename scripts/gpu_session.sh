@@ -22,7 +22,7 @@ torch.cuda.synchronize(); print(f"gsplat build+first render {time.time() - t:.1f
 PY
 what=${*:-all}
 run() { echo "== $1"; shift; "$@"; echo "rc=$?"; }
-if [[ $what == *tests* || $what == all ]]; then
+if [[ " $what " == *" tests "* || $what == all ]]; then
   run gpu-tests timeout 300 python3 -m pytest -q -m "gpu and not slow" tests -p no:cacheprovider --durations=10 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
 fi
 if [[ $what == *fast* ]]; then
@@ -67,6 +67,9 @@ if [[ $what == *probe-target* ]]; then
 fi
 if [[ $what == *diag* ]]; then
   run diag timeout 120 python3 scripts/gpu_diag_projection.py 2>&1 | tee "$OUT/diag.jsonl" | tail -12
+fi
+if [[ $what == *pre-tests* ]]; then  # stage one's GPU tests (launch without syncs, MVSplat CUDA vs CPU)
+  run pre-tests timeout 240 python3 -m pytest -q tests/test_precompute.py tests/test_mvsplat_forward.py -m gpu -p no:cacheprovider 2>&1 | tee "$OUT/pre_tests.log" | tail -15
 fi
 if [[ $what == *pre-phases* ]]; then  # end-to-end stage one with per-phase main-thread times
   IFS=';' read -ra runs <<< "${PRE_RUNS:---source depth --pairs 56}"

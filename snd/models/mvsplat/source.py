@@ -51,13 +51,14 @@ class MVSplatSource:
         device: 'auto' | 'cpu' | 'cuda[:i]'.
         precision: network autocast ('auto' = bf16 on CUDA, fp32 on CPU); camera math stays fp32.
         channels_last: NHWC convolutions (default: on CUDA).
-        compile: torch.compile the networks (first batch compiles; fixed shapes afterwards are fast).
+        compile: torch.compile the networks (first batch compiles; fixed shapes afterwards are fast); a
+            string is torch.compile's mode (e.g. "reduce-overhead": CUDA graphs).
         seed: init seed when `ckpt_path` is None.
     """
 
     def __init__(self, ckpt_path: "str | Path | None", config: "str | MVSplatConfig" = "scannetpp",
                  device: "str | torch.device" = "auto", precision: Precision = "auto", *,
-                 channels_last: Optional[bool] = None, compile: bool = False, seed: int = 0):
+                 channels_last: Optional[bool] = None, compile: "bool | str" = False, seed: int = 0):
         self.device = resolve_device(device)
         self.cfg = resolve_config(config)
         resolve_precision(precision, self.device)  # validate early
@@ -73,7 +74,7 @@ class MVSplatSource:
         if channels_last if channels_last is not None else self.device.type == "cuda":
             self.encoder.use_channels_last(True)
         if compile:
-            self.encoder.compile_networks(dynamic=False)
+            self.encoder.compile_networks(dynamic=False, **({"mode": compile} if isinstance(compile, str) else {}))
 
     @property
     def size_multiple(self) -> int:
