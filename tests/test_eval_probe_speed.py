@@ -157,6 +157,9 @@ def test_target_store_round_trips_and_trains_like_the_dataset(task, tmp_path):
         assert got.dtype == want.dtype
         if task == "normals":
             torch.testing.assert_close(got, want, rtol=0, atol=1e-3)  # float16 storage
+        elif task == "depth":  # float16 storage: 2^-11 relative, invalid values kept as they are
+            torch.testing.assert_close(got, want, rtol=2.0**-11, atol=0, equal_nan=True)
+            assert torch.equal(got == 0, want == 0) and torch.equal(got.isnan(), want.isnan())
         else:
             assert torch.equal(got, want)
     # the cached targets stand in for the dataset: training gives the same probe
@@ -165,7 +168,17 @@ def test_target_store_round_trips_and_trains_like_the_dataset(task, tmp_path):
     train_probe(a, ProbeData(items, idx, task, tok), SPEC, grid=GRID, norm=NORM, residency="stream")
     train_probe(b, ProbeData(None, idx, task, tok, targets=ts), SPEC, grid=GRID, norm=NORM, residency="stream")
     for k, v in a.state_dict().items():
-        torch.testing.assert_close(v, b.state_dict()[k], rtol=0, atol=1e-6 if task != "normals" else 1e-3, msg=k)
+        torch.testing.assert_close(v, b.state_dict()[k], rtol=0, atol=1e-6 if task == "seg" else 1e-3, msg=k)
+
+
+def test_cached_depth_rounds_within_float16_and_keeps_invalid_values():
+    from snd.eval.targets import _compact
+
+    d = torch.tensor([[1e-3, 0.3333, 1.2345, 9.87654], [79.999, 0.0, math.nan, math.inf]])
+    got = torch.from_numpy(_compact("depth", d, "toy")).float()
+    ok = torch.isfinite(d) & (d > 0)
+    assert ((got[ok] - d[ok]).abs() / d[ok]).max() <= 2.0**-11 and (got[ok] != d[ok]).any()  # rounded, within 2^-11
+    assert got[1, 1] == 0 and got[1, 2].isnan() and got[1, 3] == math.inf
 
 
 def test_target_store_resumes_after_a_kill_and_rebuilds_for_other_rows(tmp_path):

@@ -237,12 +237,20 @@ def ensure_features(
     writer = RowWriter(zpath, jpath, want, {"tokens": ((T, dim), "float16", None)}, n)
     start = writer.done
     sub = torch.utils.data.Subset(dataset, indices[start:])
+    device = torch.device(device)
+    cuda = device.type == "cuda"
     loader = torch.utils.data.DataLoader(sub, batch_size=batch, shuffle=False, num_workers=num_workers,
-                                         collate_fn=_collate_images)
+                                         collate_fn=_collate_images, pin_memory=cuda)
     model = model.to(device)
-    # one writer thread: the next batch's forward overlaps this batch's chunk writes (rows stay in order,
-    # and the progress file still advances only after the rows it counts are written)
+    # one writer thread: it waits for a batch's tokens to reach the host and writes them while the next
+    # batch's forward runs (rows stay in order, and the progress file still advances only after the rows it
+    # counts are written). The main thread never waits for the device: copies in and out are asynchronous.
     from concurrent.futures import ThreadPoolExecutor
+
+    def write(host: Tensor, ready: torch.cuda.Event | None) -> int:
+        if ready is not None:
+            ready.synchronize()
+        return writer.append({"tokens": host.numpy()})
 
     def landed(fut) -> None:
         done = fut.result()  # re-raises a failed write here
@@ -254,10 +262,17 @@ def ensure_features(
         for images in loader:
             tok = extract_tokens(model, images.to(device, non_blocking=True))
             assert tok.shape[1:] == (T, dim), f"tokens {tuple(tok.shape)} vs grid {grid} dim {dim}"
-            rows = tok.half().cpu().numpy()
+            ready = None
+            if cuda:
+                half = tok.half()
+                host = torch.empty(half.shape, dtype=half.dtype, pin_memory=True).copy_(half, non_blocking=True)
+                ready = torch.cuda.Event()
+                ready.record()
+            else:
+                host = tok.half()
             if pending is not None:
                 landed(pending)
-            pending = pool.submit(writer.append, {"tokens": rows})
+            pending = pool.submit(write, host, ready)
         if pending is not None:
             landed(pending)
     writer.finish()

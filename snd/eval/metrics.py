@@ -212,10 +212,12 @@ class ConfusionAccumulator:
     conf: Tensor | None = None
 
     def update(self, pred: Tensor, gt: Tensor) -> None:
-        m = confusion_matrix(pred.cpu(), gt.cpu(), self.num_classes, ignore_index=self.ignore_index)
+        """Add one batch, on the predictions' device (integer counts: exact in any order; counting 300 k
+        pixels per image on the host made evaluation CPU-bound at ~40 images/s)."""
+        m = confusion_matrix(pred, gt.to(pred.device), self.num_classes, ignore_index=self.ignore_index)
         self.conf = m if self.conf is None else self.conf + m
 
     def compute(self) -> dict:
         if self.conf is None:
             return {"aAcc": math.nan, "mIoU": math.nan, "mAcc": math.nan}
-        return seg_metrics_from_confusion(self.conf)
+        return seg_metrics_from_confusion(self.conf.cpu())
