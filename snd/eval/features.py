@@ -39,7 +39,9 @@ import torch
 from torch import Tensor, nn
 
 from snd.errors import SndError
-from snd.eval.rowstore import LazyRows, RowWriter, open_rows, write_json
+from snd.pipeline.device import to_host_async
+from snd.data.formats import write_json
+from snd.eval.rowstore import LazyRows, RowWriter, open_rows
 
 log = logging.getLogger(__name__)
 
@@ -262,14 +264,11 @@ def ensure_features(
         for images in loader:
             tok = extract_tokens(model, images.to(device, non_blocking=True))
             assert tok.shape[1:] == (T, dim), f"tokens {tuple(tok.shape)} vs grid {grid} dim {dim}"
+            host = to_host_async(tok.half())
             ready = None
             if cuda:
-                half = tok.half()
-                host = torch.empty(half.shape, dtype=half.dtype, pin_memory=True).copy_(half, non_blocking=True)
                 ready = torch.cuda.Event()
                 ready.record()
-            else:
-                host = tok.half()
             if pending is not None:
                 landed(pending)
             pending = pool.submit(write, host, ready)

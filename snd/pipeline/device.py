@@ -9,7 +9,7 @@ import torch
 
 from snd.errors import SndError
 
-__all__ = ["resolve_device"]
+__all__ = ["resolve_device", "to_host_async"]
 
 
 def resolve_device(device: "str | torch.device", *, local_rank: int | None = None) -> torch.device:
@@ -30,3 +30,12 @@ def resolve_device(device: "str | torch.device", *, local_rank: int | None = Non
         if dev.index is not None:
             torch.cuda.set_device(dev)
     return dev
+
+
+def to_host_async(t: torch.Tensor) -> torch.Tensor:
+    """A host copy of `t` that does not make the caller wait: on CUDA a pinned buffer filled by a
+    non-blocking copy (valid once an event recorded after this call has fired); on the CPU `t` itself.
+    Stage one and feature extraction use it to queue the next batch while results stream out."""
+    if t.device.type != "cuda":
+        return t
+    return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)

@@ -37,6 +37,7 @@ from snd.cache.schema import Encoding, OperatorSpec
 from snd.cache.writer import SceneWriter, clear_stale
 from snd.errors import SndError
 from snd.pipeline.config import BenchPrecomputeConfig, PrecomputeConfig, to_jsonable
+from snd.pipeline.device import to_host_async
 from snd.scaffold import ScaffoldSource, create_source
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ class Summary:
     wait_data_s: float = 0.0  # main (device) thread blocked on the loader queue
     wait_write_s: float = 0.0  # main thread blocked on a full writer queue
     batch_times: list[tuple[float, int, float, float]] = field(default_factory=list, repr=False)  # (t_end, pairs, wait_data, wait_write)
-    phase_s: dict[str, float] = field(default_factory=dict)  # main-thread seconds per phase (predict, encode, operators, ...)
+    phase_s: dict[str, float] = field(default_factory=dict)  # seconds per phase: main thread (launch, wait_device, operators_*), device (device_*)
     phase_log: list[dict[str, float]] = field(default_factory=list, repr=False)  # phase_s (+ writer_busy) after each batch
 
     @property
@@ -561,11 +562,9 @@ def _launch(source: ScaffoldSource, b: _Batch, enc: Encoding, phases: dict[str, 
         ev[1].record()
     stack = [torch.stack([getattr(g, k) for g in gs]) for k in ("means", "quats", "scales", "opacities")]
     fields = encode_scaffold_device(*stack, K, c2w, enc=enc)
-    if cuda:
-        host = {k: torch.empty(v.shape, dtype=v.dtype, pin_memory=True).copy_(v, non_blocking=True) for k, v in fields.items()}
+    host = {k: to_host_async(v) for k, v in fields.items()}
+    if ev:
         ev[2].record()
-    else:
-        host = fields
     phases["launch"] = phases.get("launch", 0.0) + time.perf_counter() - t0
     return _InFlight(b, host, ev)
 
