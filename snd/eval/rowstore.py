@@ -11,22 +11,16 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from snd.data.formats import write_json  # atomic: unique temp file, then rename
+
 log = logging.getLogger(__name__)
 
-__all__ = ["write_json", "RowWriter", "open_rows", "LazyRows"]
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Replace `path` atomically with `obj` as JSON."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+__all__ = ["RowWriter", "open_rows", "LazyRows"]
 
 
 def _state(jpath: Path, want: dict) -> dict | None:

@@ -23,6 +23,7 @@ from typing import Literal
 import torch
 from safetensors.torch import save_file
 
+from snd.data.formats import atomic_write_text, write_json
 from snd.errors import SndError
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,7 @@ _RELEASE = {384: "dinov2_small_snd.pth", 768: "dinov2_base_snd.pth", 64: "snd_te
 
 
 def _atomic(path: Path, write) -> None:
+    """Binary files (safetensors, torch.save) through a temp file; text goes through `snd.data.formats`."""
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
     os.replace(tmp, path)
@@ -108,7 +110,7 @@ def export_run(run: str | Path, out: str | Path, *, which: Literal["student", "t
     }
     files = ["model.safetensors", "config.json", "README.md"]
     _atomic(out / "model.safetensors", lambda t: save_file(sd, str(t), metadata={"format": "pt"}))
-    _atomic(out / "config.json", lambda t: t.write_text(json.dumps(config, indent=2)))
+    write_json(out / "config.json", config)
     if fmt == "snd-release":
         from snd.models.weights import to_dinov2_state_dict
 
@@ -117,8 +119,7 @@ def export_run(run: str | Path, out: str | Path, *, which: Literal["student", "t
         _atomic(out / name, lambda t: torch.save(rel, t))
         files.append(name)
     cfg_dict = json.loads((run_dir / CONFIG_FILE).read_text()).get("config", {})
-    _atomic(out / "README.md", lambda t: t.write_text(
-        _card(arch, run_dir, which, cfg_dict, files, (cfg.img_height, cfg.img_width))))
+    atomic_write_text(out / "README.md", _card(arch, run_dir, which, cfg_dict, files, (cfg.img_height, cfg.img_width)))
     if push:
         try:
             import huggingface_hub  # noqa: F401

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from snd.data.formats import write_json
 from snd.eval.probes.base import Probe, ProbeSpec
 
 __all__ = ["save_checkpoint", "load_checkpoint"]
@@ -33,11 +34,8 @@ def save_checkpoint(path: Path, probe: Probe, optimizer: torch.optim.Optimizer, 
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=meta)
     os.replace(tmp, path)
-    js = path.with_name("state.json")
-    js.with_name("state.json.tmp").write_text(json.dumps({"step": step, "iters": spec.iters, "task": probe.task,
-                                                          "config": probe.config(), "spec": spec.to_json(),
-                                                          **(extra or {})}, indent=1))
-    os.replace(js.with_name("state.json.tmp"), js)
+    write_json(path.with_name("state.json"), {"step": step, "iters": spec.iters, "task": probe.task,
+                                              "config": probe.config(), "spec": spec.to_json(), **(extra or {})})
 
 
 def load_checkpoint(path: Path, probe: Probe, optimizer: torch.optim.Optimizer | None = None) -> dict:
