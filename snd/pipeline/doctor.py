@@ -24,17 +24,17 @@ def _version(mod: str) -> str:
 
 
 def _gsplat_status() -> str:
+    """From files only: importing `gsplat.cuda._backend` would itself start the JIT build when none exists."""
     if importlib.util.find_spec("gsplat") is None:
         return "not installed (the torch renderer is used; fine on CPU)"
+    if importlib.util.find_spec("gsplat.csrc") is not None:
+        return "installed with a prebuilt CUDA extension"
     cache = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions"))
-    built = sorted(cache.rglob("gsplat*")) if cache.is_dir() else []
-    try:
-        import gsplat.cuda._backend as be  # noqa: F401  (imports the prebuilt extension if any)
-
-        return f"installed, CUDA extension importable{' (cached build in ' + str(built[0].parent) + ')' if built else ''}"
-    except Exception:  # noqa: BLE001
-        return "installed; CUDA extension not built yet (first GPU use compiles it, ~90 s)" if torch.cuda.is_available() \
-            else "installed; needs CUDA"
+    built = sorted(cache.rglob("gsplat_cuda.so")) if cache.is_dir() else []
+    if built:
+        return f"installed, CUDA extension built (in {built[0].parent})"
+    return "installed; CUDA extension not built yet (first GPU use compiles it, ~90 s)" if torch.cuda.is_available() \
+        else "installed; needs CUDA"
 
 
 def _weights() -> list[tuple[str, str]]:
