@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["load_backbone", "extract_features", "to_tensor_list"]
 
+
 def _arch_of_file(path: Path) -> str:
     """timm architecture of a DINOv2 weights file (any layout), from its embed dim and registers."""
     from snd.models.backbone import SUPPORTED

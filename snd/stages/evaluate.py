@@ -41,12 +41,6 @@ TASK_TO_DATASET_TASK = {"depth": "depth", "normals": "normals", "seg": "seg", "c
 EXTRACT_BATCH = 8
 
 
-def _device(name: str) -> torch.device:
-    from snd.pipeline.device import resolve_device
-
-    return resolve_device(name)
-
-
 def _write_json(path: Path, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -363,7 +357,9 @@ def run(cfg: EvalConfig, tasks: list[str]) -> dict:
         console.print(f"[yellow]not evaluated[/] {n}")
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.json")
-    device = _device(cfg.device)
+    from snd.pipeline.device import resolve_device
+
+    device = resolve_device(cfg.device)
     roles = [_Role("model", cfg.model, cfg.weights, cfg)]
     if cfg.baseline:
         roles.append(_Role("baseline", cfg.baseline, cfg.baseline_weights, cfg))

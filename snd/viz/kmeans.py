@@ -23,8 +23,8 @@ def kmeans(X: Tensor, k: int, *, iters: int = 50, seed: int = 0, cosine: bool = 
     labels = torch.cdist(X, centres).argmin(1)
     for _ in range(iters):
         new = torch.zeros_like(centres).index_add_(0, labels, X)
-        cnt = torch.bincount(labels, minlength=k).clamp_min(1).unsqueeze(1)
-        centres = torch.where(torch.bincount(labels, minlength=k).unsqueeze(1) > 0, new / cnt, centres)
+        cnt = torch.bincount(labels, minlength=k).unsqueeze(1)
+        centres = torch.where(cnt > 0, new / cnt.clamp_min(1), centres)  # an empty cluster keeps its centre
         nl = torch.cdist(X, centres).argmin(1)
         if torch.equal(nl, labels):
             break
