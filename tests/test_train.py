@@ -200,6 +200,36 @@ def test_two_process_gloo(tmp_path):
     assert meta["data_position"] == 3 and len(meta["rng"]) == 2  # items per rank
 
 
+def test_two_process_fast_path_equals_one_process_with_twice_the_batch(tmp_path):
+    """Data parallelism is exact: 2 ranks x batch 1 on the fast path (stored operators; the captured body
+    replayed eagerly on CPU, with the one all-reduce between its two halves) take the same steps as one
+    process with batch 2 over the same items (rank r sees items r, r + 2, ...; the single process sees
+    (0, 1), (2, 3), ...), up to float rounding."""
+    import torch.multiprocessing as mp
+
+    from snd.train.synthetic import spawn_worker
+
+    grid = (IMG[0] // 14, IMG[1] // 14)
+    kw = dict(iters=4, ema_every=2, lora_dropout=0.0, targets="operator", log_every=2)
+    mp.spawn(spawn_worker, args=(2, _cfg(tmp_path / "ddp", fast="on", **kw), _free_port(), str(tmp_path), None, grid),
+             nprocs=2, join=True)
+    r0 = json.loads((tmp_path / "rank0.json").read_text())
+    r1 = json.loads((tmp_path / "rank1.json").read_text())
+    assert r0["seen"] == [0, 2, 4, 6] and r1["seen"] == [1, 3, 5, 7]
+    assert r0["digest"] == r1["digest"] and r0["losses"] == r1["losses"]
+
+    def make(start, rank, world_size):
+        return SyntheticStream(img_hw=IMG, scaffold_hw=SCAFFOLD, seed=0, rank=rank, world_size=world_size, start=start,
+                               batch_size=2, operator_grid=grid)
+
+    one = train(_cfg(tmp_path / "one", batch=2, fast="on", **kw), stream_factory=make, progress=False)
+    assert one.seen_indices == list(range(8))
+    ddp = [r0["losses"][str(s)] for s in range(1, 5)]
+    assert ddp == pytest.approx([one.losses[s] for s in range(1, 5)], rel=1e-5)
+    assert r0["digest"] == pytest.approx(one.param_digest, rel=1e-6)
+    assert one.skipped == 0 and r0["skipped"] == 0 and one.ema_updates == 2
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_bf16_steps(tmp_path):

@@ -5,6 +5,8 @@ they must agree on what 'auto' means and fail the same clear way when CUDA is as
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from snd.errors import SndError
@@ -13,8 +15,11 @@ __all__ = ["resolve_device", "to_host_async"]
 
 
 def resolve_device(device: "str | torch.device", *, local_rank: int | None = None) -> torch.device:
-    """'auto' -> cuda if available else cpu; 'cuda' without an index -> cuda:`local_rank` when given
-    (torchrun's LOCAL_RANK); a CUDA device is made current. Bad strings / missing CUDA -> SndError."""
+    """'auto' -> cuda if available else cpu; 'cuda' without an index -> cuda:`local_rank`, by default
+    torchrun's LOCAL_RANK (so every worker of `torchrun -m snd.cli precompute|distill|eval` takes its own GPU
+    instead of all landing on cuda:0); a CUDA device is made current. Bad strings / missing CUDA -> SndError."""
+    if local_rank is None and "LOCAL_RANK" in os.environ:
+        local_rank = int(os.environ["LOCAL_RANK"])
     name = str(device)
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -26,7 +31,7 @@ def resolve_device(device: "str | torch.device", *, local_rank: int | None = Non
         if not torch.cuda.is_available():
             raise SndError(f"--device {name} asked for CUDA but none is available", hint="use --device cpu")
         if dev.index is None and local_rank is not None:
-            dev = torch.device("cuda", local_rank)
+            dev = torch.device("cuda", local_rank % torch.cuda.device_count())  # more workers than GPUs: share
         if dev.index is not None:
             torch.cuda.set_device(dev)
     return dev

@@ -2,7 +2,8 @@
 
 Why all-reduce by hand instead of wrapping in DistributedDataParallel: only the LoRA adapters and the
 head train (a few tens of MB of gradients), the student is called outside a single `forward`, and a plain
-flat all-reduce after `backward` keeps the compiled student step free of DDP hooks. The result is the same
+flat all-reduce after `backward` keeps the compiled student step free of DDP hooks and lets the fast path
+capture everything around that one collective in CUDA graphs. The result is the same
 update as DDP (gradients averaged over ranks, identical parameters everywhere).
 """
 from __future__ import annotations
@@ -14,8 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["DistEnv", "all_reduce_grads", "broadcast_params", "dist_env", "init_distributed", "all_gather_objects",
-           "resolve_device"]
+__all__ = ["DistEnv", "broadcast_params", "dist_env", "init_distributed", "all_gather_objects",
+           "pack_grads", "resolve_device", "unpack_grads"]
 
 
 @dataclass(frozen=True)
@@ -56,19 +57,26 @@ def init_distributed(env: DistEnv, device: torch.device) -> bool:
 
 
 @torch.no_grad()
-def all_reduce_grads(params: list[Tensor], world_size: int) -> None:
-    """Average the gradients of `params` over ranks with one flat all-reduce."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if world_size <= 1 or not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
+def pack_grads(params: list[Tensor], flags: Tensor) -> Tensor:
+    """The gradients of `params` (those that have one) followed by `flags`, in one flat fp32 buffer:
+    one all-reduce carries both (the flags tell every rank whether any rank's loss was not finite)."""
+    grads = [p.grad.reshape(-1) for p in params if p.grad is not None]
+    return torch.cat(grads + [flags.reshape(-1).to(grads[0].dtype if grads else torch.float32)])
+
+
+@torch.no_grad()
+def unpack_grads(flat: Tensor, params: list[Tensor], world_size: int) -> Tensor:
+    """Write the rank average of an all-reduced `pack_grads` buffer back into the gradients; returns the
+    flags' part (summed over ranks, divided by `world_size`)."""
     flat.div_(world_size)
     off = 0
-    for g in grads:
-        n = g.numel()
-        g.copy_(flat[off:off + n].view_as(g))
+    for p in params:
+        if p.grad is None:
+            continue
+        n = p.grad.numel()
+        p.grad.copy_(flat[off:off + n].view_as(p.grad))
         off += n
+    return flat[off:]
 
 
 @torch.no_grad()

@@ -13,7 +13,11 @@ What makes the step capturable:
   before each replay (the schedule, the checkpoints and the logs keep a float lr);
 * the teacher: the EMA update (foreach lerp over all parameter pairs) and the re-merge of its LoRA into the
   plain teacher ViT (in place, `merge_lora_into`) are a second graph, replayed every `ema_every` steps;
-* autocast without its weight-cast cache (`StepRunner.capturing`), as graph capture requires.
+* autocast without its weight-cast cache (`StepRunner.capturing`), as graph capture requires;
+* several processes: the step's one collective (the all-reduce of the packed gradients and loss flags,
+  `StepRunner.pack`) runs eagerly between two graphs — teacher, targets, student forward/backward and the
+  packing before it; unpacking, clipping, the guard and Adam after it. NCCL orders it on the stream, so
+  the host still never waits.
 
 Warm-up before capture (CUDA graphs need the lazily created state — cuBLAS workspaces, Adam moments,
 gradient buffers — to exist) runs the step with ``force_skip = 1``, so fused Adam leaves parameters,
@@ -46,8 +50,6 @@ def graph_supported(runner: StepRunner, batch: dict) -> tuple[bool, str]:
         return False, "targets are rendered (the store has no operators matching this run, or --targets render)"
     if runner.cfg.render_to_context:
         return False, "--render-to-context renders its targets"
-    if runner.world_size > 1:
-        return False, "multi-GPU runs all-reduce gradients with NCCL outside a graph (not captured)"
     return True, ""
 
 
@@ -100,13 +102,18 @@ class GraphStep:
 
         def student() -> None:
             state["loss"] = r.student(self.buf, state["targets"], state["valid"])
+            state["flat"] = r.pack(state["loss"])  # None for one process
 
         def optim() -> None:
-            r.optim(state["loss"], force_skip=self.force_skip, zero_grad=False)
+            r.apply(state["loss"], state["flat"], force_skip=self.force_skip, zero_grad=False)
             self.loss_out.copy_(state["loss"])
 
         self._state = state  # intermediates stay alive between the phase graphs
         return [teacher, targets, student, optim]
+
+    def _reduce(self) -> None:
+        """The eager collective between the student and optimizer segments (a no-op for one process)."""
+        self.r.all_reduce(self._state.get("flat"))
 
     def _capture(self, batch: dict) -> None:
         r, dev = self.r, self.r.device
@@ -132,14 +139,17 @@ class GraphStep:
                 side.wait_stream(torch.cuda.current_stream(dev))
             with torch.cuda.stream(side) if cuda else contextlib.nullcontext():
                 for _ in range(WARMUP):
-                    for seg in self._segs:
-                        seg()
+                    self._run_eager()
                     r.opt.zero_grad(set_to_none=True)
             if cuda:
                 torch.cuda.current_stream(dev).wait_stream(side)
                 torch.cuda.synchronize(dev)
                 pool = None
-                parts = [self._segs] if not self.phases else [[s_] for s_ in self._segs]
+                # one graph (two around the collective with several processes); one per phase for benchmarks
+                split = r.world_size > 1
+                parts = ([[s_] for s_ in self._segs] if self.phases else
+                         [self._segs[:3], self._segs[3:]] if split else [self._segs])
+                self._reduce_before = len(parts) - 1 if split else None
                 for part in parts:
                     g = torch.cuda.CUDAGraph()
                     with torch.cuda.graph(g, pool=pool):
@@ -178,6 +188,22 @@ class GraphStep:
             teacher.update(d.student, d.student_head)
         self.ema_graph = g
 
+    def _run_eager(self, tick: Callable[[str], None] | None = None) -> None:
+        """The captured body run eagerly (warm-up; CPU), each phase ticked when `tick` is given."""
+        tick = tick or (lambda name: None)
+        teacher, targets, student, optim = self._segs
+        teacher()
+        tick("teacher")
+        targets()
+        tick("target")
+        student()
+        tick("student")
+        self._reduce()
+        tick("allreduce")
+        optim()
+
+    _reduce_before: int | None = None  # index of the graph the collective precedes (several processes)
+
     # ---- step ----------------------------------------------------------------------------------------
     def step(self, batch: dict, step: int, tick: Callable[[str], None] | None = None) -> Tensor:
         """Same contract as `StepRunner.step` (1-based `step`, returns the detached device loss)."""
@@ -189,16 +215,19 @@ class GraphStep:
             tick("data")
         self.lr_t.fill_(float(r.opt.param_groups[0]["lr"]))  # read by the captured Adam (host float -> device)
         if not self.capture:
-            for seg in self._segs:
-                seg()
+            self._run_eager(tick)
             r.opt.zero_grad(set_to_none=True)
         else:
             names = ("teacher", "target", "student", "optim")
             for i, g in enumerate(self.graphs):
+                if i == self._reduce_before:
+                    self._reduce()
+                    if tick is not None and self.phases:
+                        tick("allreduce")
                 g.replay()
                 if tick is not None and self.phases:
                     tick(names[i])
         r.after(step, ema=self.ema_graph.replay if self.ema_graph is not None else None)
-        if tick is not None and not self.phases:
+        if tick is not None and (not self.phases or not self.capture):
             tick("optim")
         return self.loss_out.clone()

@@ -1,11 +1,13 @@
 """One optimisation step of SnD, without host syncs.
 
     data -> teacher(ctx views) -> targets (upsample + splat + blend + downsample) -> student fwd/bwd
-         -> (all-reduce) -> clip 0.5 -> NaN/inf guard -> fused Adam -> one-cycle lr -> EMA every 10 steps
+         -> (pack + all-reduce) -> clip 0.5 -> NaN/inf guard -> fused Adam -> one-cycle lr -> EMA every 10 steps
 
 The NaN/inf guard never leaves the device: `found_inf` = !(finite loss and finite grad norm) goes into
 fused Adam, which skips the update (moments and step count untouched); the count of skipped steps is a
-device tensor read at logging time. `tick(name)` marks phase boundaries for `snd bench distill` (it syncs
+device tensor read at logging time. With several processes the step has exactly one collective: the
+gradients and each rank's loss flag travel in one flat buffer (`pack`), so the fast path can replay
+everything before it and everything after it as two CUDA graphs. `tick(name)` marks phase boundaries for `snd bench distill` (it syncs
 there; training passes None).
 """
 from __future__ import annotations
@@ -20,7 +22,7 @@ from torch import Tensor
 from snd.pipeline.config import DistillConfig
 from snd.train.data import select_views, to_device
 from snd.train.distiller import Distiller, TargetFn
-from snd.train.distributed import all_reduce_grads
+from snd.train.distributed import pack_grads, unpack_grads
 from snd.train.schedule import make_optimizer, make_scheduler
 
 __all__ = ["StepRunner", "amp_dtype"]
@@ -90,14 +92,28 @@ class StepRunner:
         loss.backward()
         return loss.detach()
 
-    def optim(self, loss: Tensor, *, force_skip: Tensor | None = None, zero_grad: bool = True) -> None:
-        """All-reduce, clip, NaN/inf guard, fused Adam (skips on device when the guard trips or
-        `force_skip` is 1: parameters, moments and step counts stay untouched)."""
-        all_reduce_grads(self.params, self.world_size)
+    def pack(self, loss: Tensor) -> Tensor | None:
+        """Multi-process: this rank's gradients and its loss-is-not-finite flag in one flat buffer (what
+        `all_reduce` sums); None for a single process."""
+        if self.world_size <= 1:
+            return None
+        return pack_grads(self.params, (~torch.isfinite(loss)).float())
+
+    def all_reduce(self, flat: Tensor | None) -> None:
+        """The step's one collective (eager, also in the fast path: it runs between two captured graphs)."""
+        if flat is not None:
+            dist.all_reduce(flat)
+
+    def apply(self, loss: Tensor, flat: Tensor | None, *, force_skip: Tensor | None = None, zero_grad: bool = True) -> None:
+        """Rank-averaged gradients (from `flat`), clip, NaN/inf guard, fused Adam (skips on device when any
+        rank's loss or the averaged gradient norm is not finite, or `force_skip` is 1: parameters, moments
+        and step counts stay untouched). Every rank takes the same decision from the same numbers."""
+        if flat is not None:
+            bad_loss = unpack_grads(flat, self.params, self.world_size)[0] > 0
+        else:
+            bad_loss = ~torch.isfinite(loss)
         gnorm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip, foreach=True)
-        bad = (~(torch.isfinite(loss) & torch.isfinite(gnorm))).float()
-        if self.world_size > 1:
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        bad = (bad_loss | ~torch.isfinite(gnorm)).float()
         self.skipped += bad
         if force_skip is not None:
             bad = torch.maximum(bad, force_skip)
@@ -105,6 +121,12 @@ class StepRunner:
         self.opt.step()
         if zero_grad:
             self.opt.zero_grad(set_to_none=True)
+
+    def optim(self, loss: Tensor, *, force_skip: Tensor | None = None, zero_grad: bool = True) -> None:
+        """pack -> all-reduce -> apply (see each)."""
+        flat = self.pack(loss)
+        self.all_reduce(flat)
+        self.apply(loss, flat, force_skip=force_skip, zero_grad=zero_grad)
 
     def after(self, step: int, ema: Callable[[], None] | None = None) -> None:
         """Host side of step `step`: advance the lr schedule, EMA-update the teacher every `ema_every`."""
@@ -129,7 +151,10 @@ class StepRunner:
         tick("target")
         loss = self.student(batch, targets, valid)
         tick("student")
-        self.optim(loss)
+        flat = self.pack(loss)
+        self.all_reduce(flat)
+        tick("allreduce")
+        self.apply(loss, flat)
         self.after(step)
         tick("optim")
         return loss

@@ -91,14 +91,16 @@ class SyntheticStream(IterableDataset):
     """An endless stream split exactly like `snd.cache.stream.ShardStream`: rank r of R owns the global
     positions g = j * R + r (j = local position, from `start`); local positions are cut into blocks of
     `batch_size` that go to DataLoader workers round-robin. Item g shows scene g % `distinct` (None: every
-    item differs) and carries `index` = g."""
+    item differs) and carries `index` = g. With `operator_grid` (the backbone's patch grid) each item also
+    carries its target's transfer operator, as a store built with operators does (the fast path's input)."""
 
     def __init__(self, *, img_hw: tuple[int, int], scaffold_hw: tuple[int, int], seed: int = 0, rank: int = 0,
-                 world_size: int = 1, start: int = 0, batch_size: int = 1, distinct: int | None = None):
+                 world_size: int = 1, start: int = 0, batch_size: int = 1, distinct: int | None = None,
+                 operator_grid: tuple[int, int] | None = None):
         super().__init__()
         self.img_hw, self.scaffold_hw, self.seed = tuple(img_hw), tuple(scaffold_hw), seed
         self.rank, self.world_size, self.start, self.distinct = rank, world_size, start, distinct
-        self.batch_size = batch_size
+        self.batch_size, self.operator_grid = batch_size, operator_grid
 
     def __iter__(self):
         info = get_worker_info()
@@ -110,12 +112,15 @@ class SyntheticStream(IterableDataset):
                 g = j * self.world_size + self.rank
                 scene = g if self.distinct is None else g % self.distinct
                 item = synthetic_sample(scene, img_hw=self.img_hw, scaffold_hw=self.scaffold_hw, seed=self.seed)
+                if self.operator_grid is not None:
+                    item = with_operator(item, self.operator_grid)
                 item["index"] = torch.tensor(g, dtype=torch.int64)
                 yield item
             block += nw
 
 
-def spawn_worker(rank: int, world_size: int, cfg, port: int, out_dir: str, distinct: int | None = None) -> None:
+def spawn_worker(rank: int, world_size: int, cfg, port: int, out_dir: str, distinct: int | None = None,
+                 operator_grid: tuple[int, int] | None = None) -> None:
     """Entry of one process of a multi-process CPU run on synthetic items (tests; gloo backend).
 
     Writes `<out_dir>/rank<r>.json` with the summary's seen indices, losses and parameter digest."""
@@ -130,11 +135,13 @@ def spawn_worker(rank: int, world_size: int, cfg, port: int, out_dir: str, disti
 
     def factory(start: int, r: int, ws: int) -> SyntheticStream:
         return SyntheticStream(img_hw=(cfg.img_height, cfg.img_width), scaffold_hw=(cfg.img_height // 4, cfg.img_width // 4),
-                               seed=cfg.seed, rank=r, world_size=ws, start=start, batch_size=cfg.batch, distinct=distinct)
+                               seed=cfg.seed, rank=r, world_size=ws, start=start, batch_size=cfg.batch, distinct=distinct,
+                               operator_grid=operator_grid)
 
     s = train(cfg, stream_factory=factory, progress=False, env=DistEnv(rank, world_size, 0))
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump({"seen": s.seen_indices, "losses": s.losses, "digest": s.param_digest, "step": s.step}, f)
+        json.dump({"seen": s.seen_indices, "losses": s.losses, "digest": s.param_digest, "step": s.step,
+                   "skipped": s.skipped}, f)
 
 
 def with_operator(item: dict, grid: tuple[int, int], *, device: torch.device | str = "cpu", **knobs) -> dict:
