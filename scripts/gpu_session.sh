@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call: install the carried wheels, run the GPU tests and the benchmarks, leave JSON + logs in $OUT.
 # Usage (on the GPU machine, repo root, with .whl carried): bash scripts/gpu_session.sh [what...]
-#   what: tests | bench-precompute | bench-distill | all (default)
+#   what: tests | bench-precompute | bench-distill | all (default); on nvidia-h200-x2: multi-distill-1,
+#   multi-distill-2 (torchrun `snd bench distill` on 1 / 2 GPUs), multi-pre (single vs 2-worker `snd precompute`)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -91,4 +92,82 @@ fi
 if [[ $what == *bench-distill* || $what == all ]]; then
   run bench-distill timeout 240 python3 -m snd.cli bench distill --iters 30 --warmup 10 --out "$OUT/bench_distill.json" 2>&1 | grep -v "^ " | tail -5
   run bench-distill-compiled timeout 240 python3 -m snd.cli bench distill --models vit_small_patch14_dinov2 --compile on --iters 30 --warmup 10 --out "$OUT/bench_distill_compiled.json" 2>&1 | grep -v "^ " | tail -5
+fi
+
+# ---- several GPUs (nvidia-h200-x2). NVLink multicast stays off (the device docs: it can take the host's
+# GPUs out of service); the image sets these too, repeated here for every process torchrun starts.
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+PRE=/tmp/snd-pre  # ScanNet++-sized procedural scenes for multi-pre (generated during multi-distill-1)
+summarize_distill() {
+  python3 - "$1" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+for m in r["models"]:
+    for p, v in m["paths"].items():
+        print(m["model"], p, "x", m["world_size"], f"total {v['it_per_s_total']:.1f} it/s", "split", v.get("split"))
+        for x in v["ranks"]:
+            print("   rank", x["rank"], f"{x['it_per_s']:.1f} it/s", "data wait ms", round(x["data_wait_ms_per_step"], 2),
+                  {k: round(t, 2) for k, t in x["phases_ms_median"].items()}, "peak GiB", x["peak_mem_gib"] and round(x["peak_mem_gib"], 2),
+                  "items", x.get("items_seen"), "pairs", x.get("distinct_pairs"), "positions", x.get("positions"), "busy", x["gpu_busy_fraction"] and round(x["gpu_busy_fraction"], 3))
+PY
+}
+for n in 1 2; do
+  if [[ " $what " == *" multi-distill-$n "* ]]; then
+    if [[ $n == 1 && ! -f $PRE/data/ready ]]; then  # the next call's dataset, built on spare cores meanwhile
+      mkdir -p $PRE
+      nice -n 19 python3 - $PRE/data > "$OUT/gen_pre.log" 2>&1 <<'PY' &
+import sys, time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from snd.data import open_dataset
+from snd.data.synth import generate_dataset
+from snd.pipeline.config import SynthConfig
+out, t = Path(sys.argv[1]), time.time()
+# 4 scenes of 46 frames: 180 context pairs each with gaps 8..12, as SnD keeps per ScanNet++ scene
+generate_dataset(SynthConfig(out=out, scenes=4, frames=46, height=576, width=880, objects=8, seed=3), progress=False)
+ds = open_dataset(out, height=576, width=880)
+with ThreadPoolExecutor(4) as pool:
+    for name in ds.scene_names("all"):
+        sc = ds.scene(name)
+        list(pool.map(lambda i: (sc.instance_mask(i), sc.depth(i)), range(len(sc))))
+(out / "ready").write_text("ok")
+print(f"generated and cast in {time.time() - t:.0f} s")
+PY
+      gen=$!
+    fi
+    nvidia-smi topo -m > "$OUT/topo.txt" 2>&1
+    run "bench distill x$n" timeout ${DD_TIMEOUT:-330} python3 -m torch.distributed.run --standalone --nproc_per_node $n -m snd.cli bench distill \
+      --paths ${DD_PATHS:-fast} --iters ${DD_ITERS:-100} --warmup 10 --data store --workdir /tmp/snd-bench-distill \
+      --out "$OUT/bench_distill_ddp$n.json" > "$OUT/bench_distill_ddp$n.log" 2>&1
+    grep -v "^ \|━" "$OUT/bench_distill_ddp$n.log" | tail -6
+    summarize_distill "$OUT/bench_distill_ddp$n.json"
+    [[ -n ${gen:-} ]] && { wait $gen; cat "$OUT/gen_pre.log" | tail -3; }
+  fi
+done
+if [[ $what == *multi-pre* ]]; then
+  [[ -f $PRE/data/ready ]] || { echo "no dataset at $PRE/data (run multi-distill-1 first)"; exit 1; }
+  python3 -m snd.models.mvsplat.resave --random scannetpp $PRE/mv.safetensors
+  A="--data $PRE/data --split all --source mvsplat --mvsplat-ckpt $PRE/mv.safetensors --no-operator --pairs-per-scene 180 --device cuda"
+  rm -rf $PRE/s1 $PRE/s2
+  t0=$(date +%s.%N)
+  run "precompute x1" timeout 300 python3 -m snd.cli precompute $A --out $PRE/s1 > "$OUT/pre1.log" 2>&1; tail -8 "$OUT/pre1.log"
+  t1=$(date +%s.%N)
+  run "precompute x2" timeout 250 python3 -m torch.distributed.run --standalone --nproc_per_node 2 -m snd.cli precompute $A --out $PRE/s2 > "$OUT/pre2.log" 2>&1; tail -8 "$OUT/pre2.log"
+  t2=$(date +%s.%N)
+  awk "BEGIN{print \"wall s: single\", $t1 - $t0, \"two workers\", $t2 - $t1}"
+  python3 scripts/compare_stores.py $PRE/s1 $PRE/s2 > "$OUT/compare_stores.json"; echo "compare rc=$?"; head -c 600 "$OUT/compare_stores.json"
+  python3 - $PRE/s1 $PRE/s2 > "$OUT/precompute_runs.json" <<'PY'
+import json, sys
+from pathlib import Path
+runs = {s: [json.loads(p.read_text()) for p in sorted((Path(s) / "_snd" / "runs").glob("*.json"))] for s in sys.argv[1:]}
+print(json.dumps(runs, indent=1))
+PY
+  python3 - "$OUT/precompute_runs.json" <<'PY'
+import json, sys
+for s, recs in json.load(open(sys.argv[1])).items():
+    for r in recs:
+        print(s, "rank", r["rank"], "/", r["world_size"], r["device"], "scenes", len(r["scenes"]), "pairs", r["pairs"], "s", round(r["seconds"], 1),
+              "pairs/s", round(r["pairs_per_s"], 2), "steady", r["steady_pairs_per_s"] and round(r["steady_pairs_per_s"], 2),
+              "MB", round(r["bytes"] / 1e6), "wait data s", round(r["wait_data_s"], 2))
+PY
 fi

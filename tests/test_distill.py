@@ -85,8 +85,50 @@ def test_bench_json(tmp_path, capsys):
                                    device="cpu", out=out))
     m = res["models"][0]
     assert m["model"] == "snd_test_vit_patch14" and m["patch_grid"] == [2, 3] and m["it_per_s"] > 0
-    assert set(m["phases_ms_median"]) == {"data", "teacher", "target", "student", "optim"}
+    assert set(m["phases_ms_median"]) == {"data", "teacher", "target", "student", "allreduce", "optim"}
+    assert m["data"] == "memory" and m["world_size"] == 1 and m["it_per_s_total"] == m["it_per_s"]
     assert json.loads(out.read_text()) == json.loads(capsys.readouterr().out)
+
+
+def _bench_rank(rank: int, world: int, cfg: BenchDistillConfig, port: int) -> None:
+    import os
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from snd.stages.distill import bench
+
+    bench(cfg)
+
+
+def test_bench_two_ranks_stream_disjoint_parts_of_a_store(synth_root, tmp_path):
+    """`snd bench distill` as torchrun would start it (2 gloo processes): every rank streams its own part of
+    the store through the training loader, the fast path runs with the all-reduce between its graphs, and
+    rank 0 reports every rank, the items each trained on (no item shared) and the total rate."""
+    import torch.multiprocessing as mp
+
+    from snd.cache.stream import ShardStream
+    from snd.stages.precompute import run
+    from tests.test_train import _free_port
+
+    store = tmp_path / "cache"
+    run(PrecomputeConfig(data=synth_root, out=store, height=HW[0], width=HW[1], pairs_per_scene=4, targets_per_pair=2,
+                         batch_pairs=2, device="cpu", source="depth"), progress=False)
+    n = ShardStream(store, img_hw=HW, seed=0).num_items
+    cfg = BenchDistillConfig(models=["snd_test_vit_patch14"], img_height=HW[0], img_width=HW[1], head_prototypes=128,
+                             iters=2, warmup=1, renderer="torch", device="cpu", paths=["operator", "fast"],
+                             shards=store, num_workers=0, out=tmp_path / "bench.json")
+    mp.spawn(_bench_rank, args=(2, cfg, _free_port()), nprocs=2, join=True)
+    res = json.loads((tmp_path / "bench.json").read_text())
+    m = res["models"][0]
+    assert res["world_size"] == 2 and m["data"] == "store" and m["world_size"] == 2
+    for path in ("operator", "fast"):
+        r = m["paths"][path]
+        assert [x["rank"] for x in r["ranks"]] == [0, 1] and all(x["skipped"] == 0 for x in r["ranks"])
+        assert [x["items_seen"] for x in r["ranks"]] == [5, 5]  # warm-up 1 + timed 2 + phases 2 (no profiler on CPU)
+        assert r["split"] == {"store_items": n, "items_shared_by_ranks": 0, "positions_disjoint": True, "one_epoch": True}
+        assert r["it_per_s_total"] == pytest.approx(sum(x["it_per_s"] for x in r["ranks"]))
+        assert set(r["ranks"][1]["phases_ms_median"]) == {"data", "teacher", "target", "student", "allreduce", "optim"}
 
 
 @pytest.mark.gpu

@@ -142,3 +142,15 @@ def test_pickled_objects_refused_with_resave_hint(tmp_path: Path, re10k_sd) -> N
     assert resave_encoder_weights(ckpt, out) == 371
     enc = load_mvsplat(out, "re10k")
     assert torch.equal(enc.state_dict()["depth_predictor.to_disparity.2.bias"], re10k_sd["depth_predictor.to_disparity.2.bias"])
+
+
+def test_random_weights_file_loads_as_the_random_init(tmp_path: Path) -> None:
+    """`resave --random` writes the weights `--source mvsplat` uses with random init (benchmarks of the
+    whole `snd precompute` command need a file for --mvsplat-ckpt)."""
+    from snd.models.mvsplat.resave import main
+    from snd.scaffold import create_source
+
+    assert main(["--random", "re10k", str(tmp_path / "r.safetensors")]) == 0
+    got = create_source("mvsplat", device="cpu", ckpt=tmp_path / "r.safetensors", config="re10k").net.state_dict()
+    ref = create_source("mvsplat", device="cpu", random_init=True, config="re10k").net.state_dict()
+    assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)

@@ -2,6 +2,8 @@
 kill -9 + resume, ranks, and failing scenes."""
 from __future__ import annotations
 
+import json
+
 import math
 import os
 import shutil
@@ -211,6 +213,11 @@ def test_two_ranks_write_disjoint_scenes_whose_union_is_the_single_run(baseline,
     assert len(after0) == 1 and after0 < after1 and after1 == set(names)
     for n in names:
         assert store_files(out, n) == store_files(baseline, n), n
+    assert M.scene_digests(out) == M.scene_digests(baseline) and set(M.scene_digests(out)) == set(names)
+    runs = sorted((M.meta_dir(out) / "runs").glob("*.json"), key=lambda p: p.name[-10:])
+    recs = [json.loads(p.read_text()) for p in runs]
+    assert [(r["rank"], r["world_size"], r["pairs"]) for r in recs] == [(0, 2, s0.pairs), (1, 2, s1.pairs)]
+    assert len(recs[0]["scenes"]) == len(recs[1]["scenes"]) == 1 and sorted(recs[0]["scenes"] + recs[1]["scenes"]) == sorted(names)
 
 
 def test_bad_scene_is_reported_and_others_complete(synth_root, tmp_path):

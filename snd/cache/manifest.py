@@ -165,3 +165,17 @@ def merge_manifest(root: Path) -> dict:
                          "items": sum(s.get("items", 0) for s in done), "bytes": sum(s["bytes"] for s in done)}
         write_json_atomic(Path(root) / "manifest.json", man)
     return man
+
+
+def scene_digests(root: Path) -> dict[str, dict[str, str]]:
+    """sha256 of every file of every scene folder of the store at `root` (metadata and manifest left out):
+    two stores with equal digests hold byte-identical shards, e.g. one written by a single worker and one
+    written by several (`scripts/compare_stores.py`)."""
+    import hashlib
+
+    root = Path(root)
+    out: dict[str, dict[str, str]] = {}
+    for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))):
+        out[d.name] = {str(f.relative_to(d)): hashlib.sha256(f.read_bytes()).hexdigest()
+                       for f in sorted(d.rglob("*")) if f.is_file()}
+    return out

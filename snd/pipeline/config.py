@@ -216,7 +216,10 @@ class BenchDistillConfig:
     renderer: Literal["auto", "gsplat", "torch"] = opt("auto", "Splatting backend.")
     paths: list[str] = opt(["render", "operator", "fast"], "Step paths timed side by side: render / operator (eager) and fast (CUDA graphs; CPU: eager replay).")
     compile: Literal["auto", "on", "off"] = opt("auto", "torch.compile teacher and student; auto = in the fast path only (as `snd distill`).")
-    device: str = opt("auto", "'auto', 'cpu' or 'cuda[:i]'.")
+    data: Literal["auto", "memory", "store"] = opt("auto", "Batches from two in-memory items, or streamed from a scaffold store through the training loader (each rank its disjoint part); auto = store under torchrun or with --shards.")
+    shards: Optional[Path] = opt(None, "Store to stream (default: one generated at the bench size in --workdir).")
+    num_workers: int = opt(6, "DataLoader workers per rank when streaming a store.")
+    device: str = opt("auto", "'auto', 'cpu' or 'cuda[:i]' (under torchrun: each rank its LOCAL_RANK's GPU).")
     workdir: Optional[Path] = opt(None, "Scratch folder for the generated store (default: temp).")
     out: Optional[Path] = opt(None, "Write the JSON result here too (always printed).")
 

@@ -72,6 +72,31 @@ class Summary:
     def mb_per_pair(self) -> float:
         return self.bytes / 1e6 / self.pairs if self.pairs else 0.0
 
+    @property
+    def steady_pairs_per_s(self) -> float | None:
+        """pairs/s after the first two batches (compilation, CUDA-graph recording and warm-up excluded)."""
+        bt = self.batch_times
+        if len(bt) < 4:
+            return None
+        span = bt[-1][0] - bt[2][0]
+        return sum(b[1] for b in bt[3:]) / span if span > 0 else None
+
+
+def record_run(out: Path, s: Summary, rank: int, world: int, device: torch.device, scenes: list[str]) -> Path:
+    """What this worker did, as JSON in the store (``_snd/runs/<time>-rank<r>of<w>.json``): with several
+    workers writing one store, each leaves its own figures (pairs/s per worker; their sum is the total)."""
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    path = M.meta_dir(out) / "runs" / f"{stamp}-rank{rank}of{world}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    M.write_json_atomic(path, {
+        "rank": rank, "world_size": world, "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "scenes": scenes, "scenes_done": s.scenes_done, "scenes_skipped": s.scenes_skipped, "failed": s.failed,
+        "pairs": s.pairs, "bytes": s.bytes, "seconds": s.seconds, "pairs_per_s": s.pairs_per_s,
+        "steady_pairs_per_s": s.steady_pairs_per_s, "wait_data_s": s.wait_data_s, "wait_write_s": s.wait_write_s,
+        "phase_s": s.phase_s})
+    return path
+
 
 def resolve_rank(cfg_rank: int, cfg_world: int) -> tuple[int, int]:
     """--rank/--world-size, or torchrun's RANK/WORLD_SIZE when the options are left at 0/1."""
@@ -461,6 +486,7 @@ def run(cfg: PrecomputeConfig, *, source: ScaffoldSource | None = None, progress
                 writer.q.put_nowait(("stop",))
         loader.join(timeout=5)
     summary.seconds = time.perf_counter() - t0
+    record_run(out, summary, rank, world, dev, jobs)
     if progress:
         print_summary(summary, out)
     return summary
@@ -632,6 +658,37 @@ def _bench_dataset(work: Path, cfg: BenchPrecomputeConfig, scenes: int) -> Path:
             sc = ds.scene(name)
             list(pool.map(lambda i: (sc.instance_mask(i), sc.depth(i)), range(len(sc))))
     return data
+
+
+def bench_store(work: Path, *, height: int, width: int, pairs: int, img_hw: tuple[int, int], device: str) -> Path:
+    """A scaffold store of at least `pairs` context pairs (3 targets each) over generated scenes, with the
+    operators for backbone input `img_hw`: what `snd bench distill` streams. Built once per size in `work`
+    (depth source: exact and fast), reused while its stamp matches; always a single worker, also when the
+    caller runs under torchrun (the benchmark's rank 0 builds it while the others wait)."""
+    import shutil
+
+    per_scene_max = 5 * _BENCH_FRAMES - 50
+    scenes = max(2, math.ceil(pairs / per_scene_max))
+    store = work / "store"
+    key = {"height": height, "width": width, "pairs": pairs, "img_hw": list(img_hw), "frames": _BENCH_FRAMES}
+    stamp = work / "store.json"
+    if stamp.is_file() and json.loads(stamp.read_text()) == key and (store / "manifest.json").is_file():
+        return store
+    data = _bench_dataset(work, BenchPrecomputeConfig(height=height, width=width), scenes)
+    shutil.rmtree(store, ignore_errors=True)
+    stamp.unlink(missing_ok=True)
+    pcfg = PrecomputeConfig(data=data, out=store, split="all", source="depth", height=height, width=width,
+                            pairs_per_scene=math.ceil(pairs / scenes), targets_per_pair=3, device=device,
+                            operator=True, operator_img_height=img_hw[0], operator_img_width=img_hw[1], rank=0, world_size=1)
+    saved = {k: os.environ.pop(k) for k in ("RANK", "WORLD_SIZE") if k in os.environ}  # one worker builds it all
+    try:
+        s = run(pcfg, progress=True)
+    finally:
+        os.environ.update(saved)
+    if s.failed:
+        raise SndError(f"bench store: {s.failed} scene(s) failed: {s.failures}")
+    stamp.write_text(json.dumps(key))
+    return store
 
 
 def _bench_psnr(store: Path, source: ScaffoldSource, enc: Encoding) -> dict:

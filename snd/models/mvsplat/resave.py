@@ -1,5 +1,6 @@
 """`python -m snd.models.mvsplat.resave SRC.ckpt DST.safetensors`: keep only an MVSplat checkpoint's
-encoder weights.
+encoder weights (`--random CONFIG DST.safetensors`: random weights, for benchmarks of the whole
+`snd precompute` command where no real checkpoint can be had).
 
 Why: upstream Lightning checkpoints may pickle Python objects (hyper-parameters, scheduler state) that
 `torch.load(weights_only=True)` refuses. This one-off tool unpickles SRC *fully* (it can run code from
@@ -28,8 +29,26 @@ def resave_encoder_weights(src: "str | Path", dst: "str | Path") -> int:
     return len(enc)
 
 
+def save_random_weights(config: str, dst: "str | Path", seed: int = 0) -> int:
+    """Write a random-init encoder of `config` ('scannetpp' / 're10k') to `dst`: the same weights as
+    `--source mvsplat` with random init (seed 0), loadable by `--mvsplat-ckpt`. Speed does not depend on
+    the weights; the scaffolds are meaningless."""
+    from safetensors.torch import save_file
+
+    from .source import MVSplatSource
+
+    enc = MVSplatSource(None, config, "cpu", "fp32", seed=seed).encoder
+    sd = {k: v.contiguous() for k, v in enc.state_dict().items()}
+    save_file(sd, str(dst))
+    return len(sd)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    if len(args) == 3 and args[0] == "--random":
+        n = save_random_weights(args[1], args[2])
+        print(f"wrote {n} random encoder tensors ({args[1]}) to {args[2]}")
+        return 0
     if len(args) != 2:
         print(__doc__.strip().splitlines()[0], file=sys.stderr)
         return 2
