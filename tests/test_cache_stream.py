@@ -100,7 +100,13 @@ def test_sample_matches_contract_and_sources(store, synth_root):
     # images: the dataset's frames at the scaffold size, resized to img_hw
     raw = torch.tensor(scene.image(x["tgt_frame"]), dtype=torch.float32).permute(2, 0, 1)[None] / 255
     ref = F.interpolate(raw, size=IMG_HW, mode="bilinear", align_corners=False, antialias=True)[0]
-    torch.testing.assert_close(x["tgt_image"], ref.clamp(0, 1))
+    assert x["tgt_image"].dtype == torch.uint8  # float on the device (to_device), a quarter of the bytes until then
+    assert (x["tgt_image"].float() - ref * 255).abs().max() <= 1 + 1e-3  # the same resize in uint8 fixed point
+    from snd.train.data import to_device
+
+    dev = to_device({"tgt_image": x["tgt_image"], "tgt_mask": x["tgt_mask"]}, torch.device("cpu"))
+    torch.testing.assert_close(dev["tgt_image"], x["tgt_image"].float() / 255)
+    assert dev["tgt_mask"].dtype == torch.int64
     np.testing.assert_array_equal(x["tgt_mask"].numpy(), scene.instance_mask(x["tgt_frame"]))
     np.testing.assert_allclose(x["tgt_c2w"].numpy(), scene.camera(x["tgt_frame"]).c2w, atol=1e-6)
     a, b = x["ctx_frames"].tolist()

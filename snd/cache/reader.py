@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -76,6 +77,14 @@ class SceneReader:
         if verify and hashlib.sha256(np.ascontiguousarray(self._crc).tobytes()).hexdigest() != record.get("checksums_sha256"):
             raise _corrupt(root, scene, None, "checksum table does not match the manifest")
         self._cols = {n: i for i, n in enumerate(self.specs)}
+        self._arrays: dict[str, Any] = {}
+
+    def _array(self, name: str):
+        """The opened Zarr array `name` (opened once: opening reads its metadata, ~1 ms a time)."""
+        arr = self._arrays.get(name)
+        if arr is None:
+            arr = self._arrays[name] = self.group[name]
+        return arr
 
     def _read_whole(self, name: str) -> np.ndarray:
         try:
@@ -95,7 +104,7 @@ class SceneReader:
                 a = self._small[name][p]
             else:
                 try:
-                    a = self.group[name][p]
+                    a = self._array(name)[p]
                 except Exception as e:  # noqa: BLE001 - codec/crc errors of a damaged chunk
                     raise _corrupt(self.root, self.scene, p, f"array {name!r} unreadable ({type(e).__name__}: {e})") from e
             if self.verify and crc32c(a) != int(self._crc[p, self._cols[name]]):
@@ -103,13 +112,17 @@ class SceneReader:
             out[name] = delta_decode(a) if s.delta else np.array(a, copy=True)
         return out
 
-    def pair(self, p: int, *, gaussians: bool = True, operator: bool = True) -> DecodedPair:
+    def pair(self, p: int, *, gaussians: bool = True, operator: bool = True, masks: bool | None = None) -> DecodedPair:
         """Pair `p` decoded to float32 Gaussians (empty tensors when `gaussians=False`, which skips reading
-        and decoding them: stage two's operator path needs none), int64 masks and float32 cameras; with
-        `operator` (and a store that has them), the stored operator arrays [T, ...] as tensors."""
+        and decoding them: stage two's operator path needs none), int64 masks (`masks`, default as
+        `gaussians`: the operators already hold what the masks give; empty tensors otherwise) and float32
+        cameras; with `operator` (and a store that has them), the stored operator arrays [T, ...] as tensors."""
+        masks = gaussians if masks is None else masks
         names = set(self.specs)
         if not gaussians:
             names -= {"depth", "offset", "quats", "scales", "opacity"}
+        if not masks:
+            names -= {"ctx_mask", "tgt_mask"}
         if not operator:
             names -= {n for n in self.specs if n.startswith("op_")}
         st = self.read_stored(p, names)
@@ -128,8 +141,9 @@ class SceneReader:
         f32 = torch.float32
         return DecodedPair(
             scene=self.scene, pair=p, means=means, quats=quats, scales=scales, opacities=opac, operator=ops,
-            ctx_masks=torch.from_numpy(st["ctx_mask"].astype(np.int64)),
-            tgt_masks=torch.from_numpy(st["tgt_mask"].astype(np.int64)),
+            ctx_masks=torch.from_numpy(st["ctx_mask"].astype(np.int64)) if masks else torch.zeros(0, dtype=torch.int64),
+            tgt_masks=(torch.from_numpy(st["tgt_mask"].astype(np.int64)) if masks
+                       else torch.zeros(self.n_targets, 0, dtype=torch.int64)),
             ctx_K=torch.from_numpy(st["ctx_K"]).to(f32), ctx_c2w=torch.from_numpy(st["ctx_c2w"]).to(f32),
             tgt_K=torch.from_numpy(st["tgt_K"]).to(f32), tgt_c2w=torch.from_numpy(st["tgt_c2w"]).to(f32),
             ctx_index=tuple(int(i) for i in st["ctx_index"]), tgt_index=tuple(int(i) for i in st["tgt_index"]),

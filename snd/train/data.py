@@ -104,9 +104,20 @@ class BatchIterator:
         return self
 
 
+IMAGE_KEYS = ("ctx_images", "tgt_image")
+
+
 def to_device(batch: dict, device: torch.device) -> dict:
-    """Tensors to `device` (non-blocking from pinned memory); other values as they are."""
-    return {k: (v.to(device, non_blocking=True) if isinstance(v, Tensor) else v) for k, v in batch.items()}
+    """Tensors to `device` (non-blocking from pinned memory); uint8 images (the shard stream's) become
+    float in [0, 1] there; other values as they are."""
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, Tensor):
+            v = v.to(device, non_blocking=True)
+            if k in IMAGE_KEYS and v.dtype == torch.uint8:
+                v = v.float().div_(255.0)
+        out[k] = v
+    return out
 
 
 def select_views(batch: dict, *, render_to_context: bool) -> dict:

@@ -35,6 +35,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from snd.train.data import to_device
 from snd.train.step import StepRunner
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,10 @@ log = logging.getLogger(__name__)
 __all__ = ["GraphStep", "graph_supported"]
 
 WARMUP = 3  # eager warm-up iterations before capture (PyTorch's whole-network capture recipe uses 3)
+# Capture refuses unsafe CUDA calls from this thread only: the DataLoader's pin-memory thread (cudaHostAlloc)
+# and NCCL's watchdog (event queries) run on while the step is captured, and "global" mode let them
+# invalidate the capture (seen on 2 H200s streaming a store: cudaErrorStreamCaptureInvalidated).
+CAPTURE_MODE = "thread_local"
 
 
 def graph_supported(runner: StepRunner, batch: dict) -> tuple[bool, str]:
@@ -152,7 +157,7 @@ class GraphStep:
                 self._reduce_before = len(parts) - 1 if split else None
                 for part in parts:
                     g = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(g, pool=pool):
+                    with torch.cuda.graph(g, pool=pool, capture_error_mode=CAPTURE_MODE):
                         for seg in part:
                             seg()
                     pool = g.pool()
@@ -184,7 +189,7 @@ class GraphStep:
                 teacher.sync_merged()
         torch.cuda.current_stream(self.r.device).wait_stream(side)
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
+        with torch.cuda.graph(g, capture_error_mode=CAPTURE_MODE):
             teacher.update(d.student, d.student_head)
         self.ema_graph = g
 
@@ -208,6 +213,7 @@ class GraphStep:
     def step(self, batch: dict, step: int, tick: Callable[[str], None] | None = None) -> Tensor:
         """Same contract as `StepRunner.step` (1-based `step`, returns the detached device loss)."""
         r = self.r
+        batch = to_device(batch, r.device)  # a no-op for DevicePrefetcher's batches (already there, float)
         if not self.ready:
             self._capture(batch)
         self._load(batch)
