@@ -137,7 +137,7 @@ PY
     fi
     nvidia-smi topo -m > "$OUT/topo.txt" 2>&1
     run "bench distill x$n" timeout ${DD_TIMEOUT:-330} python3 -m torch.distributed.run --standalone --nproc_per_node $n -m snd.cli bench distill \
-      --paths ${DD_PATHS:-fast} --iters ${DD_ITERS:-100} --warmup 10 --data store --workdir /tmp/snd-bench-distill \
+      --paths ${DD_PATHS:-fast} --iters ${DD_ITERS:-100} --warmup 10 --data store --workdir /tmp/snd-bench-distill ${DD_ARGS:-} \
       --out "$OUT/bench_distill_ddp$n.json" > "$OUT/bench_distill_ddp$n.log" 2>&1
     grep -v "^ \|━" "$OUT/bench_distill_ddp$n.log" | tail -6
     summarize_distill "$OUT/bench_distill_ddp$n.json"
