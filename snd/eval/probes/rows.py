@@ -18,7 +18,7 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DeviceRows", "row_bytes", "budget_bytes", "plan_residency", "Residency"]
+__all__ = ["DeviceRows", "row_bytes", "group_row_bytes", "budget_bytes", "plan_residency", "Residency", "SharedRows"]
 
 Residency = Literal["auto", "device", "stream"]
 
@@ -38,9 +38,16 @@ def _target_key(task: str) -> str:
 
 def row_bytes(data) -> int:
     """Bytes one row of `data` (a `ProbeData` with a feature store) takes when resident."""
-    item = data[0]
-    tok, tgt = item["tokens"], item[_target_key(data.task)]
-    return tok.numel() * tok.element_size() + tgt.numel() * _target_dtype(data.task).itemsize
+    return group_row_bytes([data])
+
+
+def group_row_bytes(datas) -> int:
+    """Bytes one row takes when resident for probes that share the rows of `datas` (`ProbeData`s over the
+    same token store): the tokens once, each probe's target."""
+    item = datas[0][0]
+    tok = item["tokens"]
+    tgt = sum(d.target(0).numel() * _target_dtype(d.task).itemsize for d in datas)
+    return tok.numel() * tok.element_size() + tgt
 
 
 def budget_bytes(device: torch.device, budget_gib: float | None) -> int:
@@ -53,16 +60,19 @@ def budget_bytes(device: torch.device, budget_gib: float | None) -> int:
     return 4 * 2**30
 
 
-def plan_residency(data, device: torch.device, mode: Residency = "auto", budget_gib: float | None = None) -> tuple[str, str]:
+def plan_residency(data, device: torch.device, mode: Residency = "auto", budget_gib: float | None = None,
+                   *, need: int | None = None) -> tuple[str, str]:
     """("device" | "stream", why). `auto` keeps the rows on the device when they fit the budget (free GPU
-    memory less 8 GiB; 4 GiB of RAM on CPU; or `budget_gib`)."""
+    memory less 8 GiB; 4 GiB of RAM on CPU; or `budget_gib`). `need`: the rows' bytes when several probes
+    share them (default: `row_bytes(data) * len(data)`)."""
     if mode not in ("auto", "device", "stream"):
         raise ValueError(f"residency must be auto|device|stream, got {mode!r}")
     if data.store is None:
         return "stream", "no feature store: the backbone runs every step (live path)"
     if mode != "auto":
         return mode, f"asked for {mode}"
-    need, have = row_bytes(data) * len(data), budget_bytes(device, budget_gib)
+    need = row_bytes(data) * len(data) if need is None else need
+    have = budget_bytes(device, budget_gib)
     if need <= have:
         return "device", f"{need / 2**30:.2f} GiB of rows fit the {have / 2**30:.2f} GiB budget"
     return "stream", f"{need / 2**30:.2f} GiB of rows exceed the {have / 2**30:.2f} GiB budget"
@@ -70,41 +80,68 @@ def plan_residency(data, device: torch.device, mode: Residency = "auto", budget_
 
 @dataclass
 class DeviceRows:
-    """tokens [N, 1+h*w, C] (as cached) and target [N, ...] (compact dtype) on one device."""
+    """tokens [N, 1+h*w, C] (as cached) and one target [N, ...] (compact dtype) per probe, on one device."""
 
     tokens: Tensor
-    target: Tensor
-    task: str
+    targets: list[Tensor]
+    tasks: list[str]
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
 
+    @property
+    def target(self) -> Tensor:
+        """The first probe's targets (the only ones when the rows serve one probe)."""
+        return self.targets[0]
+
     @classmethod
     def load(cls, data, device: torch.device, *, num_workers: int = 0, batch: int = 64) -> "DeviceRows":
-        """Read every row of `data` once, in order (the token and target stores' chunk order)."""
-        key = _target_key(data.task)
-        dt = _target_dtype(data.task)
-        loader = torch.utils.data.DataLoader(data, batch_size=batch, shuffle=False, num_workers=num_workers)
-        tokens = target = None
-        i = 0
+        """Read every row of `data` (a `ProbeData`, or a list of them over the same token store) once, in
+        order (the token and target stores' chunk order)."""
+        datas = list(data) if isinstance(data, (list, tuple)) else [data]
+        n = len(datas[0])
+        assert all(len(d) == n for d in datas), f"probes sharing rows need equal lengths, got {[len(d) for d in datas]}"
+        loader = torch.utils.data.DataLoader(SharedRows(datas), batch_size=batch, shuffle=False, num_workers=num_workers)
+        tokens, targets, i = None, [], 0
         for b in loader:
-            tok, tgt = b["tokens"], b[key]
+            tok = b["tokens"]
             if tokens is None:
-                tokens = torch.empty((len(data), *tok.shape[1:]), dtype=tok.dtype, device=device)
-                target = torch.empty((len(data), *tgt.shape[1:]), dtype=dt, device=device)
-            if data.task == "seg" and tgt.numel() and (int(tgt.min()) < 0 or int(tgt.max()) > 255):
-                raise ValueError(f"segmentation ids must lie in 0..255 (255 = ignore), got {int(tgt.min())}..{int(tgt.max())}")
+                tokens = torch.empty((n, *tok.shape[1:]), dtype=tok.dtype, device=device)
+                targets = [torch.empty((n, *b[f"t{k}"].shape[1:]), dtype=_target_dtype(d.task), device=device)
+                           for k, d in enumerate(datas)]
             m = tok.shape[0]
             tokens[i:i + m].copy_(tok)
-            target[i:i + m].copy_(tgt.to(dt))
+            for k, d in enumerate(datas):
+                tgt = b[f"t{k}"]
+                if d.task == "seg" and tgt.numel() and (int(tgt.min()) < 0 or int(tgt.max()) > 255):
+                    raise ValueError(f"segmentation ids must lie in 0..255 (255 = ignore), got {int(tgt.min())}..{int(tgt.max())}")
+                targets[k][i:i + m].copy_(tgt.to(targets[k].dtype))
             i += m
-        assert tokens is not None and target is not None and i == len(data)
-        return cls(tokens, target, data.task)
+        assert tokens is not None and i == n
+        return cls(tokens, targets, [d.task for d in datas])
 
-    def gather(self, idx: Tensor, out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
-        """Rows `idx` (a device tensor): (tokens, target), written into `out` when given."""
+    def gather(self, idx: Tensor, out: tuple[Tensor, Tensor] | None = None, k: int = 0) -> tuple[Tensor, Tensor]:
+        """Rows `idx` (a device tensor): (tokens, target of probe k), written into `out` when given."""
         if out is None:
-            return self.tokens.index_select(0, idx), self.target.index_select(0, idx)
+            return self.tokens.index_select(0, idx), self.targets[k].index_select(0, idx)
         torch.index_select(self.tokens, 0, idx, out=out[0])
-        torch.index_select(self.target, 0, idx, out=out[1])
+        torch.index_select(self.targets[k], 0, idx, out=out[1])
+        return out
+
+
+class SharedRows(torch.utils.data.Dataset):
+    """Row j of probes that share a token store: {"tokens", "t0", "t1", ...} (each probe's target), so a
+    streamed step reads the tokens once for all of them."""
+
+    def __init__(self, datas):
+        self.datas = list(datas)
+
+    def __len__(self) -> int:
+        return len(self.datas[0])
+
+    def __getitem__(self, j: int) -> dict[str, Tensor]:
+        first = self.datas[0][j]
+        out = {"tokens": first["tokens"], "t0": first[_target_key(self.datas[0].task)], "row": first["row"]}
+        for k, d in enumerate(self.datas[1:], 1):
+            out[f"t{k}"] = d.target(j)
         return out

@@ -12,9 +12,11 @@ Larger splits stream from the token and target caches (`snd.eval.targets`) throu
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -25,13 +27,13 @@ from snd.eval.augment import augment_batch
 from snd.eval.metrics import ConfusionAccumulator, MeanAccumulator, depth_metrics, normal_metrics
 from snd.eval.probes.base import Probe, ProbeSpec, to_device
 from snd.eval.probes.checkpoint import load_checkpoint, save_checkpoint
-from snd.eval.probes.rows import DeviceRows, Residency, plan_residency
+from snd.eval.probes.rows import DeviceRows, Residency, SharedRows, budget_bytes, group_row_bytes, plan_residency
 from snd.eval.probes.schedules import lr_factor
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TARGETS", "ProbeData", "batch_order", "train_probe", "evaluate_probe", "save_checkpoint",
-           "load_checkpoint"]
+__all__ = ["TARGETS", "ProbeData", "ProbeJob", "batch_order", "train_probe", "train_probes", "evaluate_probe",
+           "save_checkpoint", "load_checkpoint"]
 
 TARGETS = {"depth": ("depth",), "normals": ("normals",), "seg": ("seg",)}
 
@@ -100,11 +102,13 @@ def epoch_perm(n: int, seed: int, epoch: int) -> Tensor:
 
 
 def batch_order(n: int, batch: int, seed: int, start_step: int, total_steps: int,
-                device: torch.device | None = None) -> Iterator:
+                device: torch.device | None = None, streams: tuple | list = ()) -> Iterator:
     """Batches of row indices for steps [start_step, total_steps): a fresh permutation per epoch.
 
     Lists of ints, or slices of a device tensor when `device` is given (device-resident rows gather with
-    them; the order is the same either way)."""
+    them; the order is the same either way). `streams`: CUDA streams that will read the slices (the
+    permutation is copied on the current stream): they wait for the copy, and its memory is not reused
+    before they are done with it."""
     if n <= 0:
         raise ValueError("cannot train a probe on an empty dataset")
     batch = min(batch, n)
@@ -114,7 +118,14 @@ def batch_order(n: int, batch: int, seed: int, start_step: int, total_steps: int
         epoch, k = divmod(step, per_epoch)
         if cur[0] != epoch:
             perm = epoch_perm(n, seed, epoch)
-            cur = (epoch, perm.tolist() if device is None else perm.to(device))
+            if device is None:
+                cur = (epoch, perm.tolist())
+            else:
+                perm = perm.to(device)
+                for st in streams:
+                    st.wait_stream(torch.cuda.current_stream(device))
+                    perm.record_stream(st)
+                cur = (epoch, perm)
         yield cur[1][k * batch:(k + 1) * batch]
         step += 1
 
@@ -187,145 +198,302 @@ class _Step:
         self.loss_sum.add_(loss.detach())
 
 
-def train_probe(
-    probe: Probe,
-    data: ProbeData,
-    spec: ProbeSpec,
+@dataclass
+class ProbeJob:
+    """One probe to train: its head, training rows, recipe and checkpoint (see `train_probes`).
+
+    Args:
+        probe: the head (moved to the training device).
+        data: `ProbeData` of the training split.
+        spec: the recipe (iters, batch, AdamW, schedule, clip).
+        ckpt: checkpoint file (safetensors); written every `ckpt_every` steps and at the end.
+        progress: called as progress(step, iters, mean loss) every `log_every` steps and at the end.
+    """
+
+    probe: Probe
+    data: ProbeData
+    spec: ProbeSpec
+    ckpt: Path | None = None
+    ckpt_every: int = 2000
+    progress: Callable[[int, int, float], None] | None = None
+
+
+class _Run:
+    """A job's training state: optimizer, step, and (CUDA) its own stream and captured graph."""
+
+    def __init__(self, job: ProbeJob, device: torch.device, grid, norm, use_graph: bool):
+        self.job, self.device = job, device
+        job.probe.to(device).train()
+        self.opt = _optimizer(job.probe, job.spec, device)
+        self.start = 0
+        if job.ckpt is not None and Path(job.ckpt).is_file():
+            self.start = load_checkpoint(Path(job.ckpt), job.probe, self.opt)["step"]
+            log.info("resumed %s probe at step %d/%d from %s", job.probe.task, self.start, job.spec.iters, job.ckpt)
+        self.step, self.window, self.last_loss = self.start, 0, math.nan
+        self.use_graph = use_graph
+        # 3 warm-up steps (on this run's side stream) before the capture; depth's loss changes form first
+        self.eager_until = max(self.start, job.probe.graph_from()) + 3 if use_graph else math.inf
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.buf: tuple[Tensor, Tensor] | None = None
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.fn = _Step(job.probe, self.opt, job.spec, grid, norm, device)
+        self.where, self.wave, self.together, self.shared, self.seconds = "", 0, 1, 1, 0.0
+
+    def ctx(self):
+        return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+
+    def finished(self, stop_after: int | None) -> bool:
+        return self.step >= self.job.spec.iters or (stop_after is not None and self.step - self.start >= stop_after)
+
+    def advance(self, tokens: Tensor, target: Tensor, *, log_every: int, stop_after: int | None) -> None:
+        """One optimizer step on (tokens, target) (already on the device, on this run's stream)."""
+        spec, step = self.job.spec, self.step
+        _set_lr(self.opt, spec.lr * lr_factor(spec.schedule, step, spec.iters, warmup=spec.warmup,
+                                              warmup_ratio=spec.warmup_ratio, min_ratio=spec.min_ratio))
+        if step < self.eager_until:
+            self.opt.zero_grad(set_to_none=True)
+            self.fn(tokens, target, step)
+        elif self.graph is None:  # capture once, on static buffers, after the warm-up steps (capture runs nothing)
+            self.buf = (tokens.clone(), target.clone())
+            self.opt.zero_grad(set_to_none=True)
+            self.graph = torch.cuda.CUDAGraph()
+            # thread_local: the DataLoader's pin-memory thread keeps allocating pinned buffers while this
+            # thread captures; in the default (global) mode those calls would abort the capture
+            with torch.cuda.graph(self.graph, stream=self.stream, capture_error_mode="thread_local"):
+                self.fn(self.buf[0], self.buf[1], step)
+            self.graph.replay()
+        else:
+            if tokens is not self.buf[0]:  # type: ignore[index]  # resident rows gather straight into buf
+                self.buf[0].copy_(tokens, non_blocking=True)  # type: ignore[index]
+                self.buf[1].copy_(target, non_blocking=True)  # type: ignore[index]
+            self.graph.replay()
+        self.step += 1
+        self.window += 1
+        last = self.finished(stop_after)
+        if self.step % log_every == 0 or last:
+            self.last_loss = float(self.fn.loss_sum) / max(self.window, 1)  # read on this run's stream
+            self.fn.loss_sum.zero_()
+            self.window = 0
+            if self.job.progress is not None:
+                self.job.progress(self.step, spec.iters, self.last_loss)
+        if self.job.ckpt is not None and (self.step % self.job.ckpt_every == 0 or last):
+            save_checkpoint(Path(self.job.ckpt), self.job.probe, self.opt, self.step, spec)
+
+    def result(self) -> dict:
+        return {"steps": self.step, "start_step": self.start, "loss": self.last_loss, "seconds": self.seconds,
+                "residency": self.where, "graph": self.graph is not None, "wave": self.wave,
+                "trained_together": self.together, "rows_shared_by": self.shared}
+
+
+class _Group:
+    """Runs that read the same rows in the same order (one token store, one batch size): one source of
+    batches serves them all, so a streamed step reads the tokens once and resident rows are held once.
+    Sharing changes nothing a probe sees: the batch order is a function of (rows, batch, seed, step) only."""
+
+    def __init__(self, runs: list[_Run]):
+        self.runs = runs
+        self.datas = [r.job.data for r in runs]
+        self.batch = runs[0].job.spec.batch
+        self.where, self.why, self.need = "stream", "", 0
+
+    def plan(self, device: torch.device, residency: Residency, budget_gib: float | None) -> None:
+        d = self.datas[0]
+        self.need = group_row_bytes(self.datas) * len(d) if d.store is not None else 0
+        self.where, self.why = plan_residency(d, device, residency, budget_gib, need=self.need)
+
+    def steps(self, stop_after: int | None) -> tuple[int, int]:
+        lo = min(r.step for r in self.runs)
+        hi = max(r.job.spec.iters if stop_after is None else min(r.job.spec.iters, r.start + stop_after)
+                 for r in self.runs)
+        return lo, hi
+
+    def batches(self, device: torch.device, seed: int, num_workers: int, stop_after: int | None,
+                backbone: nn.Module | None, augment: bool) -> Iterator[tuple[int, Callable[[int], tuple[Tensor, Tensor]]]]:
+        """(step, fetch) per step, where fetch(k) gives run k's (tokens, target) on the device, issued on the
+        current stream (the run's)."""
+        lo, hi = self.steps(stop_after)
+        if self.where == "device":
+            rows = DeviceRows.load(self.datas, device, num_workers=num_workers)
+            streams = [r.stream for r in self.runs if r.stream is not None]
+            for r in self.runs:
+                if r.stream is not None:  # the rows were written on this stream: runs read them after that
+                    r.stream.wait_stream(torch.cuda.current_stream(device))
+            for step, idx in zip(range(lo, hi), batch_order(len(rows), self.batch, seed, lo, hi, device=device,
+                                                           streams=streams)):
+                yield step, (lambda k, idx=idx: rows.gather(idx, out=self.runs[k].buf if self.runs[k].graph else None, k=k))
+            return
+        live = self.datas[0].store is None
+        ds = self.datas[0] if live else SharedRows(self.datas)
+        loader = torch.utils.data.DataLoader(ds, batch_sampler=_Batches(len(ds), self.batch, seed, lo, hi),
+                                             num_workers=num_workers, pin_memory=device.type == "cuda")
+        gen = torch.Generator().manual_seed(seed + 7919 * lo) if live else None
+        key = TARGETS[self.datas[0].task][0]
+        for step, b in zip(range(lo, hi), loader):
+            if live:
+                if augment:
+                    b = augment_batch(b, gen)
+
+                def fetch(k, b=b):
+                    bb = to_device(b, device)
+                    return _tokens(bb, backbone), bb[key]
+            else:
+                def fetch(k, b=b):
+                    return b["tokens"].to(device, non_blocking=True), b[f"t{k}"].to(device, non_blocking=True)
+            yield step, fetch
+
+
+def _waves(groups: list[_Group], budget: int, max_together: int | None) -> list[list[_Group]]:
+    """Groups trained at the same time: resident groups packed so their rows fit `budget` together
+    (largest first), at most `max_together` runs per wave; streamed groups join the first wave."""
+    waves: list[list[_Group]] = []
+    size: list[int] = []
+
+    def runs(w: list[_Group]) -> int:
+        return sum(len(g.runs) for g in w)
+
+    for g in sorted(groups, key=lambda g: (g.where != "device", -g.need)):
+        need = g.need if g.where == "device" else 0
+        for i, w in enumerate(waves):
+            if size[i] + need <= budget and (max_together is None or runs(w) + len(g.runs) <= max_together):
+                w.append(g)
+                size[i] += need
+                break
+        else:
+            waves.append([g])
+            size.append(need)
+    return waves
+
+
+def train_probes(
+    jobs: list[ProbeJob],
     *,
     grid: tuple[int, int],
     norm: dict[str, Tensor],
-    ckpt: Path | None = None,
     backbone: nn.Module | None = None,
     augment: bool = False,
     device: str | torch.device = "cpu",
     seed: int = 0,
     num_workers: int = 0,
-    ckpt_every: int = 2000,
     stop_after: int | None = None,
-    progress: Callable[[int, int, float], None] | None = None,
     residency: Residency = "auto",
     resident_gib: float | None = None,
     graph: str = "auto",
     log_every: int = 50,
-) -> dict:
-    """Train `probe` for `spec.iters` steps, resuming from `ckpt` when it exists.
+    max_together: int | None = None,
+) -> list[dict]:
+    """Train several probes of one backbone at the same time, each resuming from its checkpoint.
+
+    Why together: one probe step is ~1 ms of small kernels that leave most of the GPU idle, and the suite has
+    ~2 M of them. Here each probe steps on its own CUDA stream (its own graph, optimizer and buffers), so the
+    GPU runs the probes' kernels side by side; probes over the same rows (e.g. ScanNet++ depth and
+    segmentation) also share one copy of the rows and one read per streamed step. Every probe still sees
+    exactly the batches, learning rates and steps it would see alone (`batch_order` is a pure function of
+    the rows, batch, seed and step), so its result does not depend on what it was trained with.
+    Resident rows of all probes in a wave must fit the budget together; what does not fit waits for a
+    later wave.
 
     Args:
-        probe: the head (moved to `device`).
-        data: `ProbeData` of the training split.
-        spec: the recipe (iters, batch, AdamW, schedule, clip).
+        jobs: the probes (`ProbeJob`).
         grid: patch grid (h, w) of the tokens; norm: the backbone's final LayerNorm params.
-        ckpt: checkpoint file (safetensors); written every `ckpt_every` steps and at the end.
         backbone: frozen backbone for the live path (data without a store); augment: flip/colour per step.
         stop_after: stop (after checkpointing) once this many steps ran in this call (tests of resume).
-        progress: called as progress(step, iters, mean loss) every `log_every` steps and at the end.
         residency: keep every row on the device ("device"), read rows per step ("stream"), or decide by
             size ("auto", `snd.eval.probes.rows.plan_residency`).
         graph: "auto" (CUDA graphs on CUDA with cached tokens), "on", "off". The loss is read back only
             every `log_every` steps either way.
+        max_together: at most this many probes at a time (None: as many as fit).
 
     Returns:
-        {"steps", "start_step", "loss" (mean of the last logged window), "seconds", "residency", "graph"}.
+        per job: {"steps", "start_step", "loss" (mean of the last logged window), "seconds", "residency",
+        "graph", "wave", "trained_together", "rows_shared_by"}.
     """
     device = torch.device(device)
-    probe.to(device).train()
-    opt = _optimizer(probe, spec, device)
-    start = 0
-    if ckpt is not None and Path(ckpt).is_file():
-        start = load_checkpoint(Path(ckpt), probe, opt)["step"]
-        log.info("resumed %s probe at step %d/%d from %s", probe.task, start, spec.iters, ckpt)
-    if start >= spec.iters:
-        return {"steps": start, "start_step": start, "loss": math.nan, "seconds": 0.0}
-    if len(data) == 0:
-        raise ValueError("cannot train a probe on an empty dataset")
-    live = data.store is None
-    if live and backbone is None:
-        raise ValueError("a ProbeData without cached tokens needs the backbone (live path)")
-    where, why = plan_residency(data, device, residency, resident_gib)
-    use_graph = not live and (graph == "on" or (graph == "auto" and device.type == "cuda"))
-    if use_graph and device.type != "cuda":
+    if graph == "on" and device.type != "cuda":
         raise ValueError("graph='on' needs a CUDA device")
-    log.info("%s probe: rows %s (%s); %s", probe.task, where, why, "CUDA graph" if use_graph else "eager")
-    if live:
-        backbone.to(device).eval()  # type: ignore[union-attr]
-        gen = torch.Generator().manual_seed(seed + 7919 * start)
+    runs, groups = [], {}
+    for job in jobs:
+        if len(job.data) == 0:
+            raise ValueError("cannot train a probe on an empty dataset")
+        live = job.data.store is None
+        if live and backbone is None:
+            raise ValueError("a ProbeData without cached tokens needs the backbone (live path)")
+        use_graph = not live and (graph == "on" or (graph == "auto" and device.type == "cuda"))
+        run = _Run(job, device, grid, norm, use_graph)
+        runs.append(run)
+        if run.finished(stop_after):
+            run.where = "done"
+            continue
+        # live runs never share a source: each augments its own batches
+        store = job.data.store
+        key = (str(getattr(store, "path", None) or id(store)), job.spec.batch) if not live else ("live", id(run))
+        groups.setdefault(key, []).append(run)
+    if backbone is not None and any(r.job.data.store is None for r in runs):
+        backbone.to(device).eval()
+    gs = [_Group(g) for g in groups.values()]
+    for g in gs:
+        g.plan(device, residency, resident_gib)
+    budget = budget_bytes(device, resident_gib) if residency == "auto" else (1 << 62)
+    for w_i, wave in enumerate(_waves(gs, budget, max_together)):
+        together = sum(len(g.runs) for g in wave)
+        for g in wave:
+            for r in g.runs:
+                r.where, r.wave, r.together, r.shared = g.where, w_i, together, len(g.runs)
+                log.info("%s probe: rows %s (%s); %s; wave %d with %d probe(s)", r.job.probe.task, g.where, g.why,
+                         "CUDA graph" if r.use_graph else "eager", w_i, together)
+        _train_wave(wave, device, seed=seed, num_workers=num_workers, stop_after=stop_after, backbone=backbone,
+                    augment=augment, log_every=log_every)
+    return [r.result() for r in runs]
 
-    # per step: a device index into the resident rows, or a (tokens, target) batch from the loader
-    if where == "device":
-        rows = DeviceRows.load(data, device, num_workers=num_workers)
-        source = batch_order(len(rows), spec.batch, seed, start, spec.iters, device=device)
-    else:
-        loader = torch.utils.data.DataLoader(data, batch_sampler=_Batches(len(data), spec.batch, seed, start, spec.iters),
-                                             num_workers=num_workers, pin_memory=device.type == "cuda")
 
-        def streamed():
-            key = TARGETS[probe.task][0]
-            for b in loader:
-                if live:
-                    if augment:
-                        b = augment_batch(b, gen)
-                    b = to_device(b, device)
-                    yield _tokens(b, backbone), b[key]
-                else:
-                    yield b["tokens"].to(device, non_blocking=True), b[key].to(device, non_blocking=True)
-        source = streamed()
-
-    run = _Step(probe, opt, spec, grid, norm, device)
-    eager_until = start if not use_graph else max(start, probe.graph_from()) + 3  # 3 warm-up steps before capture
-    g: torch.cuda.CUDAGraph | None = None
-    buf: tuple[Tensor, Tensor] | None = None
-    side = torch.cuda.Stream(device) if use_graph else None
-    t0, step, window, last_loss = time.perf_counter(), start, 0, math.nan
-
-    def flush() -> float:
-        nonlocal window
-        mean = float(run.loss_sum) / max(window, 1)
-        run.loss_sum.zero_()
-        window = 0
-        return mean
-
-    for item in source:
-        tokens, target = rows.gather(item, out=buf if g is not None else None) if where == "device" else item
-        _set_lr(opt, spec.lr * lr_factor(spec.schedule, step, spec.iters, warmup=spec.warmup,
-                                         warmup_ratio=spec.warmup_ratio, min_ratio=spec.min_ratio))
-        if not use_graph or step < eager_until:
-            if side is not None and step >= eager_until - 3:  # PyTorch's capture recipe: warm up on a side stream
-                side.wait_stream(torch.cuda.current_stream(device))
-                with torch.cuda.stream(side):
-                    opt.zero_grad(set_to_none=True)
-                    run(tokens, target, step)
-                torch.cuda.current_stream(device).wait_stream(side)
-            else:
-                opt.zero_grad(set_to_none=True)
-                run(tokens, target, step)
-        else:
-            if g is None:  # capture once, on static buffers, after the warm-up steps (capture runs nothing)
-                buf = (tokens.clone(), target.clone())
-                opt.zero_grad(set_to_none=True)
-                g = torch.cuda.CUDAGraph()
-                # thread_local: the DataLoader's pin-memory thread keeps allocating pinned buffers while
-                # this thread captures; in the default (global) mode those calls would abort the capture
-                with torch.cuda.graph(g, capture_error_mode="thread_local"):
-                    run(buf[0], buf[1], step)
-            elif where != "device":  # resident rows were gathered straight into the buffers
-                buf[0].copy_(tokens, non_blocking=True)  # type: ignore[index]
-                buf[1].copy_(target, non_blocking=True)  # type: ignore[index]
-            g.replay()
-        step += 1
-        window += 1
-        last = step >= spec.iters or (stop_after is not None and step - start >= stop_after)
-        if step % log_every == 0 or last:
-            last_loss = flush()
-            if progress is not None:
-                progress(step, spec.iters, last_loss)
-        if ckpt is not None and (step % ckpt_every == 0 or last):
-            save_checkpoint(Path(ckpt), probe, opt, step, spec)
-        if last:
-            break
+def _train_wave(wave: list[_Group], device: torch.device, *, seed: int, num_workers: int, stop_after: int | None,
+                backbone, augment: bool, log_every: int) -> None:
+    """Step every group of the wave in turn (one step per group per round) until all its runs finish."""
+    t0 = time.perf_counter()
+    sources = [(g, g.batches(device, seed, num_workers, stop_after, backbone, augment)) for g in wave]
+    active = list(sources)
+    while active:
+        for entry in list(active):
+            g, it = entry
+            nxt = next(it, None)
+            if nxt is None:
+                active.remove(entry)
+                continue
+            step, fetch = nxt
+            for k, r in enumerate(g.runs):
+                if r.step != step or r.finished(stop_after):  # ahead of the group (resumed later) or done
+                    continue
+                with r.ctx():
+                    tokens, target = fetch(k)
+                    r.advance(tokens, target, log_every=log_every, stop_after=stop_after)
+                if r.finished(stop_after):
+                    r.seconds = time.perf_counter() - t0
+            if all(r.finished(stop_after) for r in g.runs):
+                active.remove(entry)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return {"steps": step, "start_step": start, "loss": last_loss, "seconds": time.perf_counter() - t0,
-            "residency": where, "graph": g is not None}
+    for g in wave:
+        for r in g.runs:
+            r.seconds = r.seconds or time.perf_counter() - t0
+
+
+def train_probe(
+    probe: Probe,
+    data: ProbeData,
+    spec: ProbeSpec,
+    *,
+    ckpt: Path | None = None,
+    ckpt_every: int = 2000,
+    progress: Callable[[int, int, float], None] | None = None,
+    **kw,
+) -> dict:
+    """Train one probe for `spec.iters` steps, resuming from `ckpt` when it exists: `train_probes` of one
+    `ProbeJob` (see there for the keyword arguments).
+
+    Returns:
+        {"steps", "start_step", "loss" (mean of the last logged window), "seconds", "residency", "graph", ...}.
+    """
+    kw.pop("max_together", None)
+    return train_probes([ProbeJob(probe, data, spec, ckpt, ckpt_every, progress)], **kw)[0]
 
 
 # ---- evaluation -----------------------------------------------------------------------------------
