@@ -27,13 +27,14 @@ backbone every step on flipped / colour-jittered images (see `snd.eval.augment`)
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import torch
 from torch import Tensor, nn
@@ -41,15 +42,35 @@ from torch import Tensor, nn
 from snd.errors import SndError
 from snd.pipeline.device import to_host_async
 from snd.data.formats import write_json
-from snd.eval.rowstore import LazyRows, RowWriter, open_rows
+from snd.eval.rowstore import LazyRows, OrderedWrites, RowWriter, open_rows
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FEATURE_VERSION", "load_eval_backbone", "weights_fingerprint", "cache_key", "extract_tokens",
+__all__ = ["FEATURE_VERSION", "PRECISIONS", "precision_context", "load_eval_backbone", "weights_fingerprint", "cache_key", "extract_tokens",
            "final_norm_params", "apply_final_norm", "split_tokens", "FeatureStore", "ensure_features"]
 
 # Bump when what is stored changes (layer, token order, dtype), so old caches are not read.
 FEATURE_VERSION = 1
+
+Precision = Literal["fp32", "tf32", "bf16"]
+PRECISIONS = ("fp32", "tf32", "bf16")
+
+
+@contextlib.contextmanager
+def precision_context(precision: Precision, device: torch.device | str):
+    """The backbone's arithmetic for extraction: plain fp32, TF32 matmuls/convolutions (fp32 storage, 10-bit
+    mantissa products), or bf16 autocast. CPU runs every mode in fp32 except bf16 autocast."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    device = torch.device(device)
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+        torch.backends.cudnn.allow_tf32 = precision == "tf32"
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 # ---- the backbone --------------------------------------------------------------------------------
@@ -100,19 +121,23 @@ def weights_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def cache_key(model: nn.Module, img_hw: tuple[int, int]) -> str:
-    """Folder name of a model's features at one input size (16 hex digits)."""
+def cache_key(model: nn.Module, img_hw: tuple[int, int], precision: Precision = "fp32") -> str:
+    """Folder name of a model's features at one input size and extraction precision (16 hex digits; fp32
+    keys are those made before the precision option existed)."""
     text = f"{weights_fingerprint(model)}|{img_hw[0]}x{img_hw[1]}|v{FEATURE_VERSION}"
+    if precision != "fp32":
+        text += f"|{precision}"
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 @torch.no_grad()
-def extract_tokens(model: nn.Module, images01: Tensor) -> Tensor:
+def extract_tokens(model: nn.Module, images01: Tensor, precision: Precision = "fp32") -> Tensor:
     """Last-block tokens before the final norm.
 
     Args:
         model: timm ViT (maybe wrapped).
         images01: [B, 3, H, W] in [0, 1], H and W multiples of the patch size.
+        precision: the backbone's arithmetic (`precision_context`); tokens come back as float32 either way.
 
     Returns:
         tokens [B, 1 + h*w, C] float32: CLS first, then patches in row-major order (registers dropped).
@@ -124,8 +149,9 @@ def extract_tokens(model: nn.Module, images01: Tensor) -> Tensor:
     assert three == 3, f"images must be [B,3,H,W], got {tuple(images01.shape)}"
     p = patch_size(vit)
     assert H % p == 0 and W % p == 0, f"image size {H}x{W} is not a multiple of the patch size {p}"
-    out = vit.forward_intermediates(normalize(vit, images01), indices=1, norm=False, return_prefix_tokens=True,
-                                    intermediates_only=True, output_fmt="NLC")
+    with precision_context(precision, images01.device):
+        out = vit.forward_intermediates(normalize(vit, images01), indices=1, norm=False, return_prefix_tokens=True,
+                                        intermediates_only=True, output_fmt="NLC")
     spatial, prefix = out[0]  # [B, h*w, C], [B, n_prefix, C]
     assert spatial.shape[1] == (H // p) * (W // p), f"{tuple(spatial.shape)} vs grid {H // p}x{W // p}"
     if getattr(vit, "cls_token", None) is None:
@@ -196,6 +222,8 @@ def ensure_features(
     batch: int = 16,
     device: str | torch.device = "cpu",
     num_workers: int = 0,
+    precision: Precision = "fp32",
+    writers: int = 4,
     progress: Callable[[int, int], None] | None = None,
 ) -> FeatureStore:
     """Tokens of `dataset[indices]` (all items when None) from the cache, extracting what is missing.
@@ -205,12 +233,15 @@ def ensure_features(
         dataset: items with `image [3,H,W]` in [0,1] at `img_hw`.
         cache_dir: cache root; `key` defaults to `cache_key(model, img_hw)`.
         indices: the subset of items (e.g. `--max-images`); the store's i-th row is `dataset[indices[i]]`.
+        precision: the backbone's arithmetic (`precision_context`); part of the default `key`.
+        writers: threads writing row blocks (different chunks) at the same time; the progress file still
+            advances in row order, so a killed run resumes at the first block not yet written.
         progress: called with (done, total) after each batch.
 
     Returns:
         a complete `FeatureStore`.
     """
-    key = key or cache_key(model, img_hw)
+    key = key or cache_key(model, img_hw, precision)
     indices = list(range(len(dataset))) if indices is None else list(indices)  # type: ignore[arg-type]
     n = len(indices)
     zpath, jpath = _store_paths(Path(cache_dir), key, dataset_name, split, n, len(dataset))  # type: ignore[arg-type]
@@ -225,6 +256,8 @@ def ensure_features(
     dim = int(vit.embed_dim)
     want = {"n": n, "grid": list(grid), "dim": dim, "img_hw": list(img_hw), "version": FEATURE_VERSION,
             "indices_sha": hashlib.sha256(json.dumps(indices).encode()).hexdigest()[:16]}
+    if precision != "fp32":  # fp32 stores made before the option existed stay valid
+        want["precision"] = precision
     if open_rows(zpath, jpath, want) and norm_path.is_file():
         return FeatureStore(zpath, n, grid, dim, _load_norm(norm_path))
 
@@ -244,36 +277,26 @@ def ensure_features(
     loader = torch.utils.data.DataLoader(sub, batch_size=batch, shuffle=False, num_workers=num_workers,
                                          collate_fn=_collate_images, pin_memory=cuda)
     model = model.to(device)
-    # one writer thread: it waits for a batch's tokens to reach the host and writes them while the next
-    # batch's forward runs (rows stay in order, and the progress file still advances only after the rows it
-    # counts are written). The main thread never waits for the device: copies in and out are asynchronous.
-    from concurrent.futures import ThreadPoolExecutor
+    # writer threads: each waits for its batch's tokens to reach the host and writes them while the next
+    # batches' forwards run; blocks are committed in order (`OrderedWrites`). The main thread never waits
+    # for the device: copies in and out are asynchronous.
+    def rows(host: Tensor, ready: torch.cuda.Event | None):
+        def make() -> dict:
+            if ready is not None:
+                ready.synchronize()
+            return {"tokens": host.numpy()}
+        return make
 
-    def write(host: Tensor, ready: torch.cuda.Event | None) -> int:
-        if ready is not None:
-            ready.synchronize()
-        return writer.append({"tokens": host.numpy()})
-
-    def landed(fut) -> None:
-        done = fut.result()  # re-raises a failed write here
-        if progress is not None:
-            progress(done, n)
-
-    with ThreadPoolExecutor(1, thread_name_prefix="snd-features") as pool:
-        pending = None
+    with OrderedWrites(writer, writers, progress) as out:
         for images in loader:
-            tok = extract_tokens(model, images.to(device, non_blocking=True))
+            tok = extract_tokens(model, images.to(device, non_blocking=True), precision)
             assert tok.shape[1:] == (T, dim), f"tokens {tuple(tok.shape)} vs grid {grid} dim {dim}"
             host = to_host_async(tok.half())
             ready = None
             if cuda:
                 ready = torch.cuda.Event()
                 ready.record()
-            if pending is not None:
-                landed(pending)
-            pending = pool.submit(write, host, ready)
-        if pending is not None:
-            landed(pending)
+            out.submit(rows(host, ready), host.shape[0])
     writer.finish()
     return FeatureStore(zpath, n, grid, dim, _load_norm(norm_path))
 

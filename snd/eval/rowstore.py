@@ -20,7 +20,7 @@ from snd.data.formats import write_json  # atomic: unique temp file, then rename
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RowWriter", "open_rows", "LazyRows"]
+__all__ = ["RowWriter", "OrderedWrites", "open_rows", "LazyRows"]
 
 
 def _state(jpath: Path, want: dict) -> dict | None:
@@ -72,20 +72,84 @@ class RowWriter:
 
     def append(self, rows: dict[str, np.ndarray]) -> int:
         """Write the next block (every array, same row count); returns the new `n_done`."""
+        self.write(self.done, rows)
+        self.commit(self.done + len(next(iter(rows.values()))))
+        return self.done
+
+    def write(self, i: int, rows: dict[str, np.ndarray]) -> None:
+        """Write a block at rows [i, i + m) without recording progress. Blocks touch different chunks, so
+        several threads may write blocks at once; `commit` then records them in order."""
         counts = {len(v) for v in rows.values()}
         assert len(counts) == 1 and set(rows) == set(self.arrays), f"a block needs every array {list(self.arrays)}"
-        i, m = self.done, counts.pop()
+        m = counts.pop()
+        assert self.done <= i and i + m <= self.n, f"block [{i}, {i + m}) outside [{self.done}, {self.n})"
         for k, v in rows.items():
             self.arrays[k][i:i + m] = v
-        self.state["n_done"] = i + m
+
+    def commit(self, n_done: int) -> None:
+        """Record that rows [0, n_done) are written (call in row order, after their `write`s returned)."""
+        assert self.done <= n_done <= self.n, f"commit {n_done} outside [{self.done}, {self.n}]"
+        self.state["n_done"] = int(n_done)
         write_json(self.jpath, self.state)
-        return i + m
 
     def finish(self) -> None:
         if self.done != self.n:
             raise RuntimeError(f"{self.zpath}: finished at {self.done} of {self.n} rows")
         self.state["complete"] = True
         write_json(self.jpath, self.state)
+
+
+class OrderedWrites:
+    """Row blocks written by several threads at once and committed in row order (`with` block).
+
+    Why: one thread writing 1.2 MB token rows (or compressing label maps) holds extraction and target caching
+    to a few hundred rows/s; blocks go to different chunks, so they can be written side by side. Progress
+    still advances only over a prefix of written rows, so a killed run resumes exactly as with `append`.
+
+    `submit(make_rows, m)` queues a block of `m` rows; `make_rows()` runs in a worker thread (e.g. it waits
+    for a device copy) and returns the rows dict. At most `threads` blocks are in flight.
+    """
+
+    def __init__(self, writer: RowWriter, threads: int = 4, progress=None):
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.writer, self.threads, self.progress = writer, max(int(threads), 1), progress
+        self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="snd-rows")
+        self.pending: deque = deque()
+        self.next = writer.done
+
+    def _run(self, i: int, make_rows) -> int:
+        rows = make_rows()
+        self.writer.write(i, rows)
+        return i + len(next(iter(rows.values())))
+
+    def _land(self) -> None:
+        self.writer.commit(self.pending.popleft().result())  # re-raises a failed write here
+        if self.progress is not None:
+            self.progress(self.writer.done, self.writer.n)
+
+    def submit(self, make_rows, m: int) -> None:
+        self.pending.append(self.pool.submit(self._run, self.next, make_rows))
+        self.next += m
+        while len(self.pending) > self.threads:
+            self._land()
+
+    def __enter__(self) -> "OrderedWrites":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        # blocks already queued are committed even when the producer failed: progress keeps what was written
+        try:
+            while self.pending:
+                try:
+                    self._land()
+                except Exception:
+                    if exc_type is None:
+                        raise
+                    break  # the producer's error is the one to report
+        finally:
+            self.pool.shutdown(wait=True)
 
 
 class LazyRows:

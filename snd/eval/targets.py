@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from snd.errors import SndError
-from snd.eval.rowstore import LazyRows, RowWriter, open_rows
+from snd.eval.rowstore import LazyRows, OrderedWrites, RowWriter, open_rows
 
 __all__ = ["TARGET_VERSION", "TargetStore", "ensure_targets", "STORED"]
 
@@ -87,11 +87,13 @@ def ensure_targets(
     img_hw: tuple[int, int],
     num_workers: int = 0,
     batch: int = 16,
+    writers: int = 4,
     progress: Callable[[int, int], None] | None = None,
 ) -> TargetStore:
     """The task's targets of `dataset[indices]` from the cache, writing what is missing (resumable).
 
-    Row i of the store is `dataset[indices[i]][task]`.
+    Row i of the store is `dataset[indices[i]][task]`. `writers` threads compress and write blocks at
+    once; progress is committed in row order, so a killed run resumes at the first unwritten block.
     """
     if task not in STORED:
         raise ValueError(f"unknown probe task {task!r}; expected one of {list(STORED)}")
@@ -111,13 +113,14 @@ def ensure_targets(
     sub = torch.utils.data.Subset(dataset, indices[writer.done:])
     loader = torch.utils.data.DataLoader(sub, batch_size=batch, shuffle=False, num_workers=num_workers,
                                          collate_fn=_Take(task))
-    for block in loader:
-        for t in block:
-            if tuple(t.shape) != tuple(first.shape):
-                raise SndError(f"{dataset_name} {split}: {task} targets change size ({tuple(first.shape)} vs "
-                               f"{tuple(t.shape)}); a probe needs one label size per split")
-        done = writer.append({"target": _compact(task, torch.stack(block), f"{dataset_name} {split}")})
-        if progress is not None:
-            progress(done, n)
+    where = f"{dataset_name} {split}"
+    with OrderedWrites(writer, writers, progress) as out:  # blocks compressed and written side by side
+        for block in loader:
+            for t in block:
+                if tuple(t.shape) != tuple(first.shape):
+                    raise SndError(f"{where}: {task} targets change size ({tuple(first.shape)} vs "
+                                   f"{tuple(t.shape)}); a probe needs one label size per split")
+            rows = {"target": _compact(task, torch.stack(block), where)}
+            out.submit(lambda rows=rows: rows, len(block))
     writer.finish()
     return TargetStore(zpath, n, task)
