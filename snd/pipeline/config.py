@@ -144,6 +144,8 @@ class EvalConfig:
     residency: Literal["auto", "device", "stream"] = opt("auto", "Probe training rows (cached tokens + targets): 'device' holds them all on the GPU (a batch is a gather), 'stream' reads them per step, 'auto' decides by size.")
     resident_gib: Optional[float] = opt(None, "Memory budget for --residency auto (default: free GPU memory less 8 GiB; 4 GiB on CPU).")
     probe_graph: Literal["auto", "on", "off"] = opt("auto", "Replay each probe step as a CUDA graph ('auto': on CUDA with cached features).")
+    probes_together: int = opt(0, "Probes of one backbone trained at the same time, one CUDA stream each (0: all whose resident rows fit together; 1: one after another). Results do not depend on it.")
+    extract_precision: Literal["fp32", "tf32", "bf16"] = opt("tf32", "Backbone arithmetic for the token cache: 'tf32' (default; token error below the cache's float16 rounding), 'fp32', or 'bf16' autocast (fastest, larger error). Part of the cache key.")
 
 
 def to_jsonable(cfg: Any) -> dict:
@@ -238,6 +240,7 @@ class BenchEvalConfig:
     corr_pairs: int = opt(100, "Correspondence pairs timed.")
     workers: int = opt(4, "DataLoader workers (as `snd eval --num-workers`).")
     resident_gib: Optional[float] = opt(None, "Resident-rows budget (as `snd eval --resident-gib`).")
+    extract_precision: Literal["fp32", "tf32", "bf16"] = opt("tf32", "Backbone arithmetic for extraction (as `snd eval --extract-precision`).")
     device: str = opt("auto", "'auto', 'cpu' or 'cuda[:i]'.")
     workdir: Optional[Path] = opt(None, "Scratch folder for the feature cache (default: temp).")
     out: Optional[Path] = opt(None, "Write the JSON result here too (always printed).")

@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,7 @@ __all__ = ["run", "TASK_TO_DATASET_TASK"]
 
 # `snd eval` task names -> the dataset registry's task names
 TASK_TO_DATASET_TASK = {"depth": "depth", "normals": "normals", "seg": "seg", "corr": "correspondence"}
-EXTRACT_BATCH = 8
+EXTRACT_BATCH = 32  # images per backbone forward when caching tokens
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -168,7 +169,7 @@ class _Role:
             from snd.eval.features import cache_key, load_eval_backbone
 
             self._net = load_eval_backbone(self.name, weights=self.weights, init=self.cfg.init, seed=self.cfg.seed)
-            self.key = cache_key(self._net, (self.cfg.img_height, self.cfg.img_width))
+            self.key = cache_key(self._net, (self.cfg.img_height, self.cfg.img_width), self.cfg.extract_precision)
         return self._net
 
     def folder(self) -> str:
@@ -192,35 +193,40 @@ def _progress():
                     TimeRemainingColumn(), console=Console(stderr=True), transient=True)
 
 
-def _eval_probe(role: _Role, task: str, name: str, cfg: EvalConfig, device: torch.device, folder: Path,
-                progress, *, with_trivial: bool = False) -> tuple[dict, list[dict], dict | None]:
-    """Train and evaluate one probe; with `with_trivial`, also the trivial baseline of (task, dataset)
-    (computed before training; it reads the same cached targets training reads)."""
+@dataclass
+class _Prepared:
+    """One (role, task, dataset) probe ready to train: cached rows, head, recipe (see `_prepare_probe`)."""
+
+    task: str
+    name: str
+    probe: Any
+    spec: Any
+    data_tr: Any
+    data_va: Any
+    ckpt: Path
+    trivial: dict | None
+
+
+def _prepare_probe(role: _Role, task: str, name: str, cfg: EvalConfig, device: torch.device, folder: Path,
+                   progress, *, with_trivial: bool = False) -> _Prepared:
+    """Cache the tokens and targets of one (task, dataset) and build its probe; with `with_trivial`, also the
+    trivial baseline of (task, dataset) (it reads the same cached targets training reads)."""
     from snd.eval import datasets as D
-    from snd.eval.features import ensure_features, final_norm_params
+    from snd.eval.features import ensure_features
     from snd.eval.probes import DepthProbe, NormalProbe, ProbeData, SegProbe, default_spec
-    from snd.eval.probes import evaluate_probe, train_probe
     from snd.eval.targets import ensure_targets
-    from snd.models.backbone import _unwrap, patch_size
 
     hw = (cfg.img_height, cfg.img_width)
-    net = role.net
-    vit = _unwrap(net)
-    p = patch_size(vit)
-    if hw[0] % p or hw[1] % p:
-        raise SndError(f"probe input {hw[0]}x{hw[1]} is not a multiple of the patch size {p}",
-                       hint=f"use --img-height {hw[0] // p * p} --img-width {hw[1] // p * p}")
-    grid, dim = (hw[0] // p, hw[1] // p), int(vit.embed_dim)
+    grid, dim = _grid_dim(role, hw)
     train_ds, val_ds, idx_tr, idx_va = _splits(task, name, cfg)
-    norm = final_norm_params(net)
     stores, targets = {}, None
     if cfg.feature_cache:
         cache_dir = cfg.feature_cache_dir or cfg.out / "features"
         for split, ds, idx in (("train", train_ds, idx_tr), ("val", val_ds, idx_va)):
             bar = progress.add_task(f"{role.label} · {name} {split} features", total=len(idx), info="")
-            stores[split] = ensure_features(net, ds, cache_dir=cache_dir, dataset_name=name, split=split, img_hw=hw,
-                                            indices=idx, key=role.key, batch=EXTRACT_BATCH, device=device,
-                                            num_workers=cfg.num_workers,
+            stores[split] = ensure_features(role.net, ds, cache_dir=cache_dir, dataset_name=name, split=split,
+                                            img_hw=hw, indices=idx, key=role.key, batch=EXTRACT_BATCH, device=device,
+                                            num_workers=cfg.num_workers, precision=cfg.extract_precision,
                                             progress=lambda d, t, b=bar: progress.update(b, completed=d))
             progress.remove_task(bar)
         # the targets too, once per (dataset, split, task, size): epochs then read raw chunks, not images
@@ -244,21 +250,60 @@ def _eval_probe(role: _Role, task: str, name: str, cfg: EvalConfig, device: torc
             raise SndError(f"{name}: unknown number of segmentation classes")
         probe = SegProbe(dim, num_classes=k, ignore_index=255)
     spec = default_spec(task, len(idx_tr)).with_overrides(iters=cfg.iters, batch=cfg.batch, lr_scale=cfg.lr_scale)
-    live = None if cfg.feature_cache else net
-    bar = progress.add_task(f"{role.label} · {name} {task} probe", total=spec.iters, info="")
+    return _Prepared(task, name, probe, spec, data_tr, data_va, folder / f"{name}_{task}.safetensors", trivial)
+
+
+def _grid_dim(role: _Role, hw: tuple[int, int]) -> tuple[tuple[int, int], int]:
+    from snd.models.backbone import _unwrap, patch_size
+
+    vit = _unwrap(role.net)
+    p = patch_size(vit)
+    if hw[0] % p or hw[1] % p:
+        raise SndError(f"probe input {hw[0]}x{hw[1]} is not a multiple of the patch size {p}",
+                       hint=f"use --img-height {hw[0] // p * p} --img-width {hw[1] // p * p}")
+    return (hw[0] // p, hw[1] // p), int(vit.embed_dim)
+
+
+def _train_and_evaluate(role: _Role, prepared: list[_Prepared], cfg: EvalConfig, device: torch.device,
+                        progress) -> dict[tuple[str, str], tuple[dict, list[dict]]]:
+    """Train every prepared probe of one backbone together (`train_probes`: one CUDA stream each, shared
+    rows where two tasks read the same dataset), then evaluate each: (task, dataset) -> (record, samples)."""
+    from snd.eval.features import final_norm_params
+    from snd.eval.probes import evaluate_probe
+    from snd.eval.probes.train import ProbeJob, train_probes
+
+    if not prepared:
+        return {}
+    hw = (cfg.img_height, cfg.img_width)
+    grid, _ = _grid_dim(role, hw)
+    norm = final_norm_params(role.net)
+    live = None if cfg.feature_cache else role.net
+    jobs, bars = [], []
+    for p in prepared:
+        bar = progress.add_task(f"{role.label} · {p.name} {p.task} probe", total=p.spec.iters, info="")
+        bars.append(bar)
+        jobs.append(ProbeJob(p.probe, p.data_tr, p.spec, p.ckpt, ckpt_every=max(min(2000, p.spec.iters // 4), 1),
+                             progress=lambda s, t, l, b=bar: progress.update(b, completed=s, info=f"loss {l:.4f}")))
     t0 = time.perf_counter()
-    stats = train_probe(probe, data_tr, spec, grid=grid, norm=norm, ckpt=folder / f"{name}_{task}.safetensors",
-                        backbone=live, augment=live is not None, device=device, seed=cfg.seed,
-                        num_workers=cfg.num_workers, ckpt_every=max(min(2000, spec.iters // 4), 1),
-                        residency=cfg.residency, resident_gib=cfg.resident_gib, graph=cfg.probe_graph,
-                        progress=lambda s, t, l, b=bar: progress.update(b, completed=s, info=f"loss {l:.4f}"))
-    progress.remove_task(bar)
-    metrics, samples = evaluate_probe(probe, data_va, grid=grid, norm=norm, backbone=live, device=device,
-                                      num_workers=cfg.num_workers)
-    record = {"metrics": {k: _clean(v) for k, v in metrics.items()}, "n_train": len(idx_tr), "n_val": len(idx_va),
-              "iters": spec.iters, "batch": spec.batch, "train_loss": _clean(stats["loss"]),
-              "train_seconds": time.perf_counter() - t0, "probe": probe.config(), "recipe": spec.to_json()}
-    return record, samples, trivial
+    stats = train_probes(jobs, grid=grid, norm=norm, backbone=live, augment=live is not None, device=device,
+                         seed=cfg.seed, num_workers=cfg.num_workers, residency=cfg.residency,
+                         resident_gib=cfg.resident_gib, graph=cfg.probe_graph,
+                         max_together=cfg.probes_together or None)
+    wall = time.perf_counter() - t0
+    for bar in bars:
+        progress.remove_task(bar)
+    out = {}
+    for p, st in zip(prepared, stats):
+        t1 = time.perf_counter()
+        metrics, samples = evaluate_probe(p.probe, p.data_va, grid=grid, norm=norm, backbone=live, device=device,
+                                          num_workers=cfg.num_workers)
+        out[p.task, p.name] = ({"metrics": {k: _clean(v) for k, v in metrics.items()}, "n_train": len(p.data_tr),
+                                "n_val": len(p.data_va), "iters": p.spec.iters, "batch": p.spec.batch,
+                                "train_loss": _clean(st["loss"]), "train_seconds": st["seconds"],
+                                "train_wall_seconds_all_probes": wall, "trained_together": st.get("trained_together"),
+                                "residency": st.get("residency"), "eval_seconds": time.perf_counter() - t1,
+                                "probe": p.probe.config(), "recipe": p.spec.to_json()}, samples)
+    return out
 
 
 def _eval_corr(role: _Role, name: str, cfg: EvalConfig, device: torch.device) -> dict:
@@ -273,7 +318,7 @@ def _eval_corr(role: _Role, name: str, cfg: EvalConfig, device: torch.device) ->
     p = patch_size(_unwrap(net))
 
     def model_fn(images: torch.Tensor) -> torch.Tensor:
-        tok = extract_tokens(net, images.to(device))
+        tok = extract_tokens(net, images.to(device), cfg.extract_precision)
         return split_tokens(tok, (images.shape[-2] // p, images.shape[-1] // p))[1]  # raw last-block patches
 
     pairs = D.get_dataset(name, cfg.data_root, "val", "correspondence", hw)
@@ -331,6 +376,17 @@ def _figures(records: list[dict], out: Path) -> list[Path]:
     return written
 
 
+def _base(role: _Role, task: str, name: str) -> dict:
+    return {"role": role.role, "label": role.label, "model": role.name, "key": role.key, "size": role.size(),
+            "dataset": name, "task": task}
+
+
+def _failed(base: dict, e: SndError, notes: list[str], console) -> dict:
+    notes.append(f"{base['task']}/{base['dataset']} ({base['role']}): {e}")
+    console.print(f"[red]failed[/] {base['role']} {base['label']} · {base['dataset']} · {base['task']}: {e}")
+    return dict(base, status="failed", error=str(e))
+
+
 def run(cfg: EvalConfig, tasks: list[str]) -> dict:
     """Evaluate `cfg.model` (and `cfg.baseline`) on `tasks` ("depth", "normals", "seg", "corr").
 
@@ -379,6 +435,9 @@ def run(cfg: EvalConfig, tasks: list[str]) -> dict:
     with _progress() as progress:
         for role in roles:
             folder = role.folder()
+            done: dict[tuple[str, str], dict] = {}
+            prepared: list[_Prepared] = []
+            # 1. reuse finished records; correspondence (no training); cache rows and build every probe
             for task, name in plan:
                 rpath = out / "results" / folder / f"{name}_{task}.json"
                 if rpath.is_file():
@@ -387,32 +446,43 @@ def run(cfg: EvalConfig, tasks: list[str]) -> dict:
                         # same weights + protocol: reuse (also when the baseline equals the model)
                         rec.update(role=role.role, label=role.label, model=role.name)
                         console.print(f"[dim]done before[/] {role.role} {role.label} · {name} · {task}")
-                        records.append(rec)
+                        done[task, name] = rec
                         continue
-                base = {"role": role.role, "label": role.label, "model": role.name, "key": role.key,
-                        "size": role.size(), "dataset": name, "task": task}
+                base = _base(role, task, name)
                 t0 = time.perf_counter()
                 try:
                     if task == "corr":
-                        rec = dict(base, **_eval_corr(role, name, cfg, device))
+                        rec = dict(base, **_eval_corr(role, name, cfg, device), status="ok",
+                                   seconds=time.perf_counter() - t0)
+                        _write_json(rpath, rec)
+                        console.print(f"[green]done[/] {role.role} {role.label} · {name} · {task} ({rec['seconds']:.0f} s)")
+                        done[task, name] = rec
                     else:
-                        res, samples, triv = _eval_probe(role, task, name, cfg, device, out / "probes" / folder,
-                                                         progress, with_trivial=(task, name) not in trivial)
-                        keep_trivial(task, name, triv)
-                        rec = dict(base, **res)
-                        spath = rpath.with_name(f"{name}_{task}_samples.safetensors")
-                        spath.parent.mkdir(parents=True, exist_ok=True)
-                        _save_samples(spath, samples)
-                        rec["samples"] = str(spath)
-                    rec.update(status="ok", seconds=time.perf_counter() - t0)
-                    _write_json(rpath, rec)
-                    console.print(f"[green]done[/] {role.role} {role.label} · {name} · {task} "
-                                  f"({rec['seconds']:.0f} s)")
+                        p = _prepare_probe(role, task, name, cfg, device, out / "probes" / folder, progress,
+                                           with_trivial=(task, name) not in trivial)
+                        keep_trivial(task, name, p.trivial)
+                        prepared.append(p)
                 except SndError as e:
-                    rec = dict(base, status="failed", error=str(e))
-                    notes.append(f"{task}/{name} ({role.role}): {e}")
-                    console.print(f"[red]failed[/] {role.role} {role.label} · {name} · {task}: {e}")
-                records.append(rec)
+                    done[task, name] = _failed(base, e, notes, console)
+            # 2. train this backbone's probes together, then evaluate each
+            try:
+                results = _train_and_evaluate(role, prepared, cfg, device, progress)
+            except SndError as e:
+                results = {}
+                for p in prepared:
+                    done[p.task, p.name] = _failed(_base(role, p.task, p.name), e, notes, console)
+            for (task, name), (res, samples) in results.items():
+                rpath = out / "results" / folder / f"{name}_{task}.json"
+                rec = dict(_base(role, task, name), **res)
+                spath = rpath.with_name(f"{name}_{task}_samples.safetensors")
+                spath.parent.mkdir(parents=True, exist_ok=True)
+                _save_samples(spath, samples)
+                rec.update(samples=str(spath), status="ok", seconds=res["train_wall_seconds_all_probes"] + res["eval_seconds"])
+                _write_json(rpath, rec)
+                console.print(f"[green]done[/] {role.role} {role.label} · {name} · {task} "
+                              f"(trained {res['train_seconds']:.0f} s with {res['trained_together']} probe(s) at once)")
+                done[task, name] = rec
+            records += [done[k] for k in plan if k in done]
         # records reused from a run made before trivial baselines existed: compute the missing ones alone
         for task, name in plan:
             if task == "corr" or (task, name) in trivial or not any(
