@@ -73,10 +73,11 @@ def gradient_loss(pred: Tensor, gt: Tensor, *, eps: float = 1e-3) -> Tensor:
 def bin_depth(logits: Tensor, bins: Tensor, eps: float = 0.1) -> Tensor:
     """Σ_k p_k·bin_k with p = (ReLU(logits) + eps) / Σ (the official head), over the last axis.
 
-    Written as one product of r = ReLU(logits) with [bins, 1]: Σ_k (r_k + eps)·b_k / Σ_k (r_k + eps)
-    = (r·b + eps·Σb) / (r·1 + eps·K). The same value, but the 256-channel map is read once for both sums
-    and never normalised in place: forward and backward make ~half the passes over the probe's largest
-    tensor ([B, 4h, 4w, 256]), which sets the depth probe's step time.
+    Written with the sums of r = ReLU(logits): Σ_k (r_k + eps)·b_k / Σ_k (r_k + eps)
+    = (r·b + eps·Σb) / (r·1 + eps·K). The same value, but the 256-channel map ([B, 4h, 4w, 256], the probe's
+    largest tensor) is never normalised: forward and backward make fewer passes over it. Two reductions over
+    the contiguous last axis beat one [N, 256] x [256, 2] product, which cuBLAS runs as a slow GEMV
+    (0.31 vs 0.41 ms forward + backward on an H200; the old normalise-then-sum form took ~0.55).
 
     Args:
         logits: [..., K] bin logits.
@@ -85,8 +86,8 @@ def bin_depth(logits: Tensor, bins: Tensor, eps: float = 0.1) -> Tensor:
         depth [...].
     """
     assert logits.shape[-1] == bins.shape[0], f"logits {tuple(logits.shape)} vs {bins.shape[0]} bins"
-    nd = torch.relu(logits) @ torch.stack([bins, torch.ones_like(bins)], 1)  # [..., 2]
-    return (nd[..., 0] + eps * bins.sum()) / (nd[..., 1] + eps * bins.shape[0])
+    r = torch.relu(logits)
+    return ((r * bins).sum(-1) + eps * bins.sum()) / (r.sum(-1) + eps * bins.shape[0])
 
 
 class DepthProbe(Probe):
