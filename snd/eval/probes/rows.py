@@ -5,7 +5,8 @@ copying them to the GPU costs more than that, so the paper's 307,200-step schedu
 path (snd bench eval: 18–40 ms per step). When the split fits (`plan_residency`), its tokens (float16, as
 cached) and targets (compact dtypes of `snd.eval.targets.STORED`) are loaded once, in row order, and each
 step's batch is an `index_select` on the device. Splits that do not fit (ScanNet++'s 140 k views) stream
-from the token and target caches instead.
+from the token and target caches instead. Probes over the same rows (a dataset's depth and segmentation)
+hold the tokens once with one target per probe (`DeviceRows.load` of several `ProbeData`, `SharedRows`).
 """
 from __future__ import annotations
 

@@ -9,16 +9,24 @@ step reads nothing back to the host (masked-sum losses, the loss summed on the d
 `log_every` steps, fused capturable AdamW with a device-tensor lr), on CUDA it is captured once and replayed
 as a CUDA graph, and a split that fits is held on the device (`rows.DeviceRows`): a batch is then a gather.
 Larger splits stream from the token and target caches (`snd.eval.targets`) through DataLoader workers.
+
+Together (`train_probes`): a suite has ~2 M such steps over several datasets, so all probes of one backbone
+train at once, each on its own CUDA stream with its own graph; probes over the same rows share one source
+(rows held once, tokens read once per streamed step), and a streamed source that is not ready is skipped
+for a round rather than stalling the resident ones. Because a probe's batches, learning rates and steps do
+not depend on what it trains beside, each probe ends exactly where it would alone (tests check this).
 """
 from __future__ import annotations
 
 import contextlib
 import logging
 import math
+import queue
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -208,6 +216,8 @@ class ProbeJob:
         spec: the recipe (iters, batch, AdamW, schedule, clip).
         ckpt: checkpoint file (safetensors); written every `ckpt_every` steps and at the end.
         progress: called as progress(step, iters, mean loss) every `log_every` steps and at the end.
+        residency: overrides `train_probes`' residency for this probe's rows (probes sharing rows follow
+            the first of them).
     """
 
     probe: Probe
@@ -216,6 +226,7 @@ class ProbeJob:
     ckpt: Path | None = None
     ckpt_every: int = 2000
     progress: Callable[[int, int, float], None] | None = None
+    residency: Residency | None = None
 
 
 class _Run:
@@ -299,7 +310,8 @@ class _Group:
     def plan(self, device: torch.device, residency: Residency, budget_gib: float | None) -> None:
         d = self.datas[0]
         self.need = group_row_bytes(self.datas) * len(d) if d.store is not None else 0
-        self.where, self.why = plan_residency(d, device, residency, budget_gib, need=self.need)
+        mode = self.runs[0].job.residency or residency
+        self.where, self.why = plan_residency(d, device, mode, budget_gib, need=self.need)
 
     def steps(self, stop_after: int | None) -> tuple[int, int]:
         lo = min(r.step for r in self.runs)
@@ -310,7 +322,11 @@ class _Group:
     def batches(self, device: torch.device, seed: int, num_workers: int, stop_after: int | None,
                 backbone: nn.Module | None, augment: bool) -> Iterator[tuple[int, Callable[[int], tuple[Tensor, Tensor]]]]:
         """(step, fetch) per step, where fetch(k) gives run k's (tokens, target) on the device, issued on the
-        current stream (the run's)."""
+        current stream (the run's).
+
+        The setup happens here, on the calling thread, before the iterator is returned: resident rows are
+        loaded and a streamed loader's worker processes are started. So no worker is forked while another
+        group's prefetch thread runs (`_train_wave` opens every group first)."""
         lo, hi = self.steps(stop_after)
         if self.where == "device":
             rows = DeviceRows.load(self.datas, device, num_workers=num_workers)
@@ -318,28 +334,30 @@ class _Group:
             for r in self.runs:
                 if r.stream is not None:  # the rows were written on this stream: runs read them after that
                     r.stream.wait_stream(torch.cuda.current_stream(device))
-            for step, idx in zip(range(lo, hi), batch_order(len(rows), self.batch, seed, lo, hi, device=device,
-                                                           streams=streams)):
-                yield step, (lambda k, idx=idx: rows.gather(idx, out=self.runs[k].buf if self.runs[k].graph else None, k=k))
-            return
+            order = batch_order(len(rows), self.batch, seed, lo, hi, device=device, streams=streams)
+            return ((step, (lambda k, idx=idx: rows.gather(idx, out=self.runs[k].buf if self.runs[k].graph else None, k=k)))
+                    for step, idx in zip(range(lo, hi), order))
         live = self.datas[0].store is None
         ds = self.datas[0] if live else SharedRows(self.datas)
-        loader = torch.utils.data.DataLoader(ds, batch_sampler=_Batches(len(ds), self.batch, seed, lo, hi),
-                                             num_workers=num_workers, pin_memory=device.type == "cuda")
+        loader = iter(torch.utils.data.DataLoader(ds, batch_sampler=_Batches(len(ds), self.batch, seed, lo, hi),
+                                                  num_workers=num_workers, pin_memory=device.type == "cuda"))
         gen = torch.Generator().manual_seed(seed + 7919 * lo) if live else None
         key = TARGETS[self.datas[0].task][0]
-        for step, b in zip(range(lo, hi), loader):
-            if live:
-                if augment:
-                    b = augment_batch(b, gen)
 
-                def fetch(k, b=b):
-                    bb = to_device(b, device)
-                    return _tokens(bb, backbone), bb[key]
-            else:
-                def fetch(k, b=b):
-                    return b["tokens"].to(device, non_blocking=True), b[f"t{k}"].to(device, non_blocking=True)
-            yield step, fetch
+        def streamed():
+            for step, b in zip(range(lo, hi), loader):
+                if live:
+                    if augment:
+                        b = augment_batch(b, gen)
+
+                    def fetch(k, b=b):
+                        bb = to_device(b, device)
+                        return _tokens(bb, backbone), bb[key]
+                else:
+                    def fetch(k, b=b):
+                        return b["tokens"].to(device, non_blocking=True), b[f"t{k}"].to(device, non_blocking=True)
+                yield step, fetch
+        return streamed()
 
 
 def _waves(groups: list[_Group], budget: int, max_together: int | None) -> list[list[_Group]]:
@@ -445,30 +463,105 @@ def train_probes(
     return [r.result() for r in runs]
 
 
+class _Prefetch:
+    """A streamed source's batches pulled by a background thread into a small queue, so the round-robin can
+    skip the source while its next batch is still being read instead of holding every other probe to the
+    disk's pace. Only host work happens on the thread (the DataLoader's collated, pinned batches); device
+    copies stay on the training thread."""
+
+    _END = object()
+
+    def __init__(self, it: Iterator, depth: int = 8):
+        self.q: queue.Queue = queue.Queue(depth)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._pull, args=(it,), daemon=True, name="snd-probe-prefetch")
+        self.thread.start()
+
+    def _put(self, x) -> bool:
+        """Queue `x` unless the consumer closed the source meanwhile (then False)."""
+        while not self.stop.is_set():
+            try:
+                self.q.put(x, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _pull(self, it: Iterator) -> None:
+        try:
+            for x in it:
+                if not self._put(x):
+                    return
+            self._put(self._END)
+        except BaseException as e:  # re-raised on the training thread
+            self._put(e)
+
+    def get(self, block: bool):
+        """The next item, `_Prefetch._END` when the source is exhausted, or None (not ready, `block=False`)."""
+        try:
+            x = self.q.get(block=block)
+        except queue.Empty:
+            return None
+        if isinstance(x, BaseException):
+            raise x
+        return x
+
+    def close(self) -> None:
+        """Stop pulling and wait for the thread (a later wave forks loader workers: no thread of ours may be
+        inside a loader then)."""
+        self.stop.set()
+        self.thread.join(timeout=30)
+
+
 def _train_wave(wave: list[_Group], device: torch.device, *, seed: int, num_workers: int, stop_after: int | None,
                 backbone, augment: bool, log_every: int) -> None:
-    """Step every group of the wave in turn (one step per group per round) until all its runs finish."""
+    """Step every group of the wave in turn (one step per group per round) until all its runs finish. With
+    several groups, a streamed group whose next batch is not read yet is skipped for that round (the others
+    keep the GPU busy); the round blocks only when no group is ready."""
     t0 = time.perf_counter()
-    sources = [(g, g.batches(device, seed, num_workers, stop_after, backbone, augment)) for g in wave]
-    active = list(sources)
-    while active:
-        for entry in list(active):
-            g, it = entry
-            nxt = next(it, None)
-            if nxt is None:
-                active.remove(entry)
-                continue
-            step, fetch = nxt
-            for k, r in enumerate(g.runs):
-                if r.step != step or r.finished(stop_after):  # ahead of the group (resumed later) or done
+    several = len(wave) > 1
+    # open every group (load resident rows, start loader workers) before any prefetch thread starts:
+    # resident groups first, so no worker process is forked beside a running loader's threads
+    opened = {id(g): g.batches(device, seed, num_workers, stop_after, backbone, augment)
+              for g in sorted(wave, key=lambda g: g.where != "device")}
+    active: list[tuple[_Group, Any]] = []
+    for g in wave:
+        it = opened[id(g)]
+        active.append((g, _Prefetch(it) if several and g.where == "stream" else it))
+    try:
+        while active:
+            stepped = False
+            for entry in list(active):
+                g, src = entry
+                if isinstance(src, _Prefetch):
+                    # block only when nothing else can run this round
+                    nxt = src.get(block=not stepped and all(isinstance(s, _Prefetch) for _, s in active))
+                    if nxt is None:
+                        continue
+                    nxt = None if nxt is _Prefetch._END else nxt
+                else:
+                    nxt = next(src, None)
+                if nxt is None:
+                    active.remove(entry)
                     continue
-                with r.ctx():
-                    tokens, target = fetch(k)
-                    r.advance(tokens, target, log_every=log_every, stop_after=stop_after)
-                if r.finished(stop_after):
-                    r.seconds = time.perf_counter() - t0
-            if all(r.finished(stop_after) for r in g.runs):
-                active.remove(entry)
+                stepped = True
+                step, fetch = nxt
+                for k, r in enumerate(g.runs):
+                    if r.step != step or r.finished(stop_after):  # ahead of the group (resumed later) or done
+                        continue
+                    with r.ctx():
+                        tokens, target = fetch(k)
+                        r.advance(tokens, target, log_every=log_every, stop_after=stop_after)
+                    if r.finished(stop_after):
+                        r.seconds = time.perf_counter() - t0
+                if all(r.finished(stop_after) for r in g.runs):
+                    active.remove(entry)
+                    if isinstance(src, _Prefetch):
+                        src.close()
+    finally:
+        for _, src in active:
+            if isinstance(src, _Prefetch):
+                src.close()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     for g in wave:
