@@ -44,7 +44,7 @@ if [[ $what == *profile-operator* ]]; then
   run profile-operator timeout 120 python3 scripts/gpu_profile_operator.py 2>&1 | tee "$OUT/profile_operator.jsonl" | tail -18
 fi
 if [[ $what == *eval-gpu* ]]; then
-  run eval-gpu-tests timeout 200 python3 -m pytest -q tests/test_eval_probe_speed.py tests/test_eval_probes_features.py tests/test_evaluate.py -m gpu -p no:cacheprovider 2>&1 | tee "$OUT/eval_gpu_tests.log" | tail -15
+  run eval-gpu-tests timeout 200 python3 -m pytest -q tests/test_eval_probe_speed.py tests/test_eval_probes_together.py tests/test_eval_probes_features.py tests/test_evaluate.py -m gpu -p no:cacheprovider 2>&1 | tee "$OUT/eval_gpu_tests.log" | tail -15
 fi
 if [[ $what == *bench-eval* ]]; then
   run bench-eval timeout 400 python3 -m snd.cli bench eval --model dinov2_vits14 --init random --device cuda --workers 8 ${EVAL_ARGS:-} --out "$OUT/bench_eval.json" > "$OUT/bench_eval.log" 2>&1; tail -3 "$OUT/bench_eval.log"
@@ -52,12 +52,18 @@ if [[ $what == *bench-eval* ]]; then
 import json, sys
 r = json.load(open(sys.argv[1]))
 m = r["measured"]
-print("extract img/s", round(m["extract_images_per_s"], 1), "budget GiB", round(m["resident_budget_gib"], 1), "measured s", round(m["seconds"]))
+print("budget GiB", round(m["resident_budget_gib"], 1), "measured s", round(m["seconds"]))
+for p, x in m["extract"].items():
+    print("extract", p, round(x["images_per_s"], 1), "img/s", {k: f"{v:.2e}" for k, v in x["token_rel_error_vs_fp32"].items()})
 for t, p in m["probes"].items():
-    print(t, {k: round(v, 1) for k, v in p["train_iters_per_s"].items()}, "graph", p["graph"], "eval img/s", round(p["eval_images_per_s"], 1), "targets img/s", round(p["targets_images_per_s"], 1))
-for x in r["projected"]["rows"]:
-    print(x["task"], x["dataset"], x.get("residency"), {k: round(x[k]) for k in ("features_s", "targets_s", "train_s", "eval_s", "total_s")}, round(x.get("stream_mb_per_s", 0)))
-print("hours one model", round(r["projected"]["suite_hours_one_model"], 2), "with baseline", round(r["projected"]["suite_hours_with_baseline"], 2))
+    print(t, "alone", {k: round(v, 1) for k, v in p["train_iters_per_s_alone"].items()}, "graph", p["graph"], "eval img/s", round(p["eval_images_per_s"], 1), "targets img/s", round(p["targets_images_per_s"], 1))
+for i, w in enumerate(m["waves"]):
+    print("wave", i, [(x["task"], x["dataset"], x["residency"], round(x["iters_per_s"], 1)) for x in w])
+P = r["projected"]
+for x in P["rows"]:
+    print(x["task"], x["dataset"], x.get("residency"), {k: round(x[k]) for k in ("features_s", "targets_s", "train_s", "eval_s") if k in x}, "alone", round(x.get("train_s_alone", 0)))
+print("waves s", [round(w["seconds"]) for w in P["waves"]], "parts", {k: round(v) for k, v in P["parts_s"].items()})
+print("hours one model", round(P["suite_hours_one_model"], 2), "targets cached", round(P["suite_hours_one_model_targets_cached"], 2), "with baseline", round(P["suite_hours_with_baseline"], 2))
 PY
 fi
 if [[ $what == *mvsplat-compile* ]]; then
