@@ -278,3 +278,39 @@ def test_resize_bilinear_equals_interpolate_and_heads_equal_the_official_order()
     (gr,) = torch.autograd.grad(ref, s.conv.weight)
     assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
     torch.testing.assert_close(gs, gr, rtol=1e-4, atol=1e-7)
+
+
+def test_ordered_writes_commit_a_prefix_when_blocks_finish_out_of_order_or_fail(tmp_path):
+    import time
+
+    import numpy as np
+
+    from snd.eval.rowstore import OrderedWrites, RowWriter
+
+    rows = np.arange(8 * 3, dtype=np.float32).reshape(8, 3)
+    w = RowWriter(tmp_path / "r.zarr", tmp_path / "r.json", {"n": 8}, {"x": ((3,), "float32", None)}, 8)
+
+    def slow():
+        time.sleep(0.3)  # the first block lands last
+        return {"x": rows[0:2]}
+
+    def boom():
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        with OrderedWrites(w, threads=3) as out:
+            out.submit(slow, 2)
+            out.submit(lambda: {"x": rows[2:4]}, 2)
+            out.submit(boom, 2)
+            out.submit(lambda: {"x": rows[6:8]}, 2)
+    state = json.loads((tmp_path / "r.json").read_text())
+    assert state["n_done"] == 4 and not state["complete"]  # blocks 0-1 committed in order, not past the failure
+    resumed = RowWriter(tmp_path / "r.zarr", tmp_path / "r.json", {"n": 8}, {"x": ((3,), "float32", None)}, 8)
+    assert resumed.done == 4
+    with OrderedWrites(resumed, threads=2) as out:
+        out.submit(lambda: {"x": rows[4:6]}, 2)
+        out.submit(lambda: {"x": rows[6:8]}, 2)
+    resumed.finish()
+    import zarr
+
+    assert np.array_equal(zarr.open_array(str(tmp_path / "r.zarr" / "x"), mode="r")[:], rows)

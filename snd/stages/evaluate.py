@@ -1,7 +1,9 @@
 """`snd eval`: frozen-feature probes of a model (and a baseline) on every dataset found, with reports.
 
-For each task and each available dataset: cache the backbone's tokens (`snd.eval.features`), train the
-linear probe (`snd.eval.probes`), evaluate it (`snd.eval.metrics`), and write
+For each backbone: cache the tokens (`snd.eval.features`) and training targets (`snd.eval.targets`) of every
+available (task, dataset), train all of its linear probes together (`snd.eval.probes.train.train_probes`:
+one CUDA stream each, shared rows where two tasks read one dataset; each probe ends as it would alone),
+evaluate each (`snd.eval.metrics`), and write
 
     <out>/results.json                    every record (metrics, sizes, timings) + what was not evaluated
     <out>/results.md, results_<task>.md   markdown tables: model | baseline | Δ | paper numbers
@@ -217,7 +219,7 @@ def _prepare_probe(role: _Role, task: str, name: str, cfg: EvalConfig, device: t
     from snd.eval.targets import ensure_targets
 
     hw = (cfg.img_height, cfg.img_width)
-    grid, dim = _grid_dim(role, hw)
+    _, dim = _grid_dim(role, hw)  # also checks the input size against the patch size
     train_ds, val_ds, idx_tr, idx_va = _splits(task, name, cfg)
     stores, targets = {}, None
     if cfg.feature_cache:
