@@ -26,7 +26,7 @@ import math
 import statistics
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -72,7 +72,11 @@ class PlanGroup:
     n_train: int
     row_bytes: int
     where: str = "device"
-    runs: list = field(default_factory=list)  # one entry per probe (what `_waves` counts)
+
+    @property
+    def runs(self) -> list[str]:
+        """One entry per probe (what `_waves` counts)."""
+        return self.tasks
 
     @property
     def need(self) -> int:
@@ -92,7 +96,6 @@ def plan_training(hw: tuple[int, int], tokens_per_row: int, dim: int, budget: in
         batch = default_spec(e.task, e.n_train).batch
         g = groups.setdefault((e.dataset, batch), PlanGroup(e.dataset, [], batch, e.n_train, tokens_per_row * dim * 2))
         g.tasks.append(e.task)
-        g.runs.append(e.task)
         g.row_bytes += TARGET_BYTES[e.task] * hw[0] * hw[1]
     for g in groups.values():
         g.where = "device" if g.need <= budget else "stream"
