@@ -27,8 +27,11 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Datasets: generate procedural ScanNet++-layout scenes, inspect data.", no_args_is_help=True)
 bench_app = typer.Typer(help="Benchmarks (JSON out): precompute, distill, eval.", no_args_is_help=True)
+cache_app = typer.Typer(help="Know and keep your caches: info | verify | gc for scaffold stores and evaluation caches.",
+                        no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(bench_app, name="bench")
+app.add_typer(cache_app, name="cache")
 
 
 def _exit_with(code: int) -> None:
@@ -131,6 +134,68 @@ def doctor(data_root: str = typer.Option("data", help="Data root to look for the
     from snd.pipeline.doctor import print_report
 
     print_report(Path(data_root))
+
+
+# ---- caches --------------------------------------------------------------------------------------
+def _print_json(obj: Any) -> None:
+    import json
+
+    typer.echo(json.dumps(obj, indent=1, default=str))
+
+
+def _cache_info(cfg: C.CacheInfoConfig, path: str) -> None:
+    from snd.cache.info import cache_info, print_info
+
+    info = cache_info(path)
+    _print_json(info) if cfg.json else print_info(info, Console())
+
+
+def _cache_verify(cfg: C.CacheVerifyConfig, path: str) -> None:
+    from snd.cache.verify import verify_store
+
+    rep = verify_store(path, jobs=cfg.jobs, fix=cfg.fix, progress=not cfg.json)
+    if cfg.json:
+        _print_json(rep.to_dict())
+    else:
+        for p in rep.problems:
+            console.print(f"[red]bad[/] {p}")
+        console.print(f"{'[green]ok[/]' if rep.ok else '[red]corrupted[/]'}: {rep.scenes} scenes, {rep.arrays} arrays, "
+                      f"{rep.rows} rows checksummed, {rep.bytes / 1e6:.0f} MB read"
+                      + (f"; {len(rep.bad_scenes)} bad scene(s): {', '.join(rep.bad_scenes)}" if rep.problems else "")
+                      + (f"; {rep.incomplete} incomplete scene(s) not checked" if rep.incomplete else ""))
+        if rep.removed:
+            console.print(f"removed {', '.join(rep.removed)}: rerun the same `snd precompute` to redo only these")
+        elif rep.problems:
+            console.print(f"fix: snd cache verify {path} --fix, then rerun the same `snd precompute`")
+    _exit_with(0 if rep.ok else 1)
+
+
+def _cache_gc(cfg: C.CacheGcConfig, path: str) -> None:
+    from snd.cache.gc import gc
+
+    rep = gc(path, keep=cfg.keep, yes=cfg.yes)
+    if cfg.json:
+        _print_json(rep.to_dict())
+        return
+    for c in rep.candidates:
+        console.print(f"{'removed' if rep.removed else 'would remove'} {c.path} ({c.bytes / 1e6:.1f} MB): {c.why}")
+    if rep.kept:
+        console.print(f"kept feature caches: {', '.join(rep.kept)}")
+    verb = "freed" if rep.removed else "would free"
+    console.print(f"{len(rep.candidates)} item(s), {verb} {rep.bytes / 1e6:.1f} MB"
+                  + ("" if rep.removed or not rep.candidates else "; pass --yes to remove them"))
+
+
+_path_param = inspect.Parameter("path", inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                default=typer.Argument(..., help="A scaffold store (`snd precompute --out`) or an "
+                                                                 "evaluation cache (`snd eval` <out>/features)."),
+                                annotation=str)
+command_from_config(cache_app, "info", C.CacheInfoConfig, _cache_info, extra=[_path_param],
+                    help="What a cache holds: settings, scenes complete/incomplete, pairs, MB per pair, runs; or feature caches per backbone key.")
+command_from_config(cache_app, "verify", C.CacheVerifyConfig, _cache_verify, extra=[_path_param],
+                    help="Read every chunk of a scaffold store and check every checksum; exit 1 naming each bad scene/pair/array.")
+command_from_config(cache_app, "gc", C.CacheGcConfig, _cache_gc, extra=[_path_param],
+                    help="List (--yes: remove) incomplete scenes' leftovers, killed runs' temp files, feature caches of weights not kept.")
 
 
 # ---- demo --------------------------------------------------------------------------------------

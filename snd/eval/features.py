@@ -46,7 +46,7 @@ from snd.eval.rowstore import LazyRows, OrderedWrites, RowWriter, open_rows
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FEATURE_VERSION", "PRECISIONS", "precision_context", "load_eval_backbone", "weights_fingerprint", "cache_key", "extract_tokens",
+__all__ = ["FEATURE_VERSION", "PRECISIONS", "precision_context", "load_eval_backbone", "weights_fingerprint", "cache_key", "key_from_fingerprint", "extract_tokens",
            "final_norm_params", "apply_final_norm", "split_tokens", "FeatureStore", "ensure_features"]
 
 # Bump when what is stored changes (layer, token order, dtype), so old caches are not read.
@@ -124,7 +124,12 @@ def weights_fingerprint(model: nn.Module) -> str:
 def cache_key(model: nn.Module, img_hw: tuple[int, int], precision: Precision = "fp32") -> str:
     """Folder name of a model's features at one input size and extraction precision (16 hex digits; fp32
     keys are those made before the precision option existed)."""
-    text = f"{weights_fingerprint(model)}|{img_hw[0]}x{img_hw[1]}|v{FEATURE_VERSION}"
+    return key_from_fingerprint(weights_fingerprint(model), img_hw, precision)
+
+
+def key_from_fingerprint(fingerprint: str, img_hw: tuple[int, int], precision: Precision = "fp32") -> str:
+    """`cache_key` from a `weights_fingerprint` (`snd cache gc --keep` matches folders without loading twice)."""
+    text = f"{fingerprint}|{img_hw[0]}x{img_hw[1]}|v{FEATURE_VERSION}"
     if precision != "fp32":
         text += f"|{precision}"
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -267,7 +272,9 @@ def ensure_features(
         save_file({k: v.float() for k, v in params.items()}, str(norm_path.with_suffix(".tmp")))
         os.replace(norm_path.with_suffix(".tmp"), norm_path)
         write_json(Path(cache_dir) / key / "model.json", {"key": key, "img_hw": list(img_hw), "dim": dim,
-                                                           "class": type(vit).__name__, "version": FEATURE_VERSION})
+                                                           "class": type(vit).__name__, "version": FEATURE_VERSION,
+                                                           "precision": precision,  # `snd cache info` / `gc --keep`
+                                                           "weights_sha256": weights_fingerprint(model)})
     T = 1 + grid[0] * grid[1]
     writer = RowWriter(zpath, jpath, want, {"tokens": ((T, dim), "float16", None)}, n)
     start = writer.done

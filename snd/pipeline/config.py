@@ -77,6 +77,7 @@ class DistillConfig:
 
     shards: Path = opt(Path("cache"), "Zarr store written by `snd precompute`.")
     data: Optional[Path] = opt(None, "Dataset root for the images; default: the one recorded in the store's manifest.")
+    verify_store: bool = opt(False, "Check every checksum of the store before training (`snd cache verify`; minutes per 100 GB) instead of only what training reads, when it reads it.")
     run: Path = opt(Path("runs/snd"), "Run directory (config, TensorBoard, checkpoints); an existing run resumes.")
     model: str = opt("vit_small_patch14_dinov2", "timm backbone name (vit_{small,base}_patch14[_reg4]_dinov2, or snd_test_vit_patch14).")
     weights: Optional[Path] = opt(None, "Backbone weights: official DINOv2 .pth, timm/HF .safetensors, or an HF cache folder.")
@@ -269,3 +270,28 @@ class FeaturesConfig:
     clusters: int = opt(6, "K-means segments.")
     seed: int = opt(0, "K-means seed.")
     device: str = opt("auto", "'auto', 'cpu' or 'cuda[:i]'.")
+
+
+@dataclass
+class CacheInfoConfig:
+    """`snd cache info PATH`: what a scaffold store or an evaluation cache holds."""
+
+    json: bool = opt(False, "Print JSON (for scripts) instead of tables.")
+
+
+@dataclass
+class CacheVerifyConfig:
+    """`snd cache verify PATH`: read every chunk of a scaffold store and check every checksum."""
+
+    jobs: int = opt(4, "Blocks (shards) read and checked at once; reads and decompression release the GIL.")
+    fix: bool = opt(False, "Remove the bad scenes' groups and markers, so the same `snd precompute` redoes only those.")
+    json: bool = opt(False, "Print the report as JSON.")
+
+
+@dataclass
+class CacheGcConfig:
+    """`snd cache gc PATH`: list (and with --yes remove) leftovers no run will read."""
+
+    yes: bool = opt(False, "Remove what is listed (default: only list it).")
+    keep: list[str] = opt([], "Evaluation caches: weights whose feature caches stay (run dir, checkpoint, export, weights file, backbone name or 16-hex key); repeat the option.")
+    json: bool = opt(False, "Print the report as JSON.")

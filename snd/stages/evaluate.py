@@ -19,6 +19,7 @@ the stage fails (SndError, exit 2) only when nothing at all could be evaluated.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -32,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from snd.cache.inuse import hold_in_use
 from snd.errors import SndError
 from snd.pipeline.config import EvalConfig, save_config, to_jsonable
 
@@ -434,7 +436,8 @@ def run(cfg: EvalConfig, tasks: list[str]) -> dict:
             trivial[task, name] = rec
             _write_json(tfolder / f"{name}_{task}.json", rec)
 
-    with _progress() as progress:
+    in_use = hold_in_use(cfg.feature_cache_dir or out / "features") if cfg.feature_cache else contextlib.nullcontext()
+    with _progress() as progress, in_use:  # the cache's shared lock: `snd cache gc` refuses while this runs
         for role in roles:
             folder = role.folder()
             done: dict[tuple[str, str], dict] = {}

@@ -32,6 +32,7 @@ from rich.console import Console
 
 from snd.cache import manifest as M
 from snd.cache.encode import decode_scaffold, encode_scaffold_device, fields_to_numpy
+from snd.cache.inuse import hold_in_use
 from snd.cache.opcodec import encode_operators
 from snd.cache.schema import Encoding, OperatorSpec
 from snd.cache.writer import SceneWriter, clear_stale
@@ -376,6 +377,7 @@ def run(cfg: PrecomputeConfig, *, source: ScaffoldSource | None = None, progress
     op_spec = operator_spec(cfg)
     out = Path(cfg.out)
     M.init_store(out, store_header(cfg, ds, source, enc))
+    busy = hold_in_use(M.meta_dir(out))  # shared for the whole run: `snd cache gc` / `verify --fix` refuse meanwhile
 
     summary = Summary()
     lock = threading.Lock()
@@ -485,6 +487,7 @@ def run(cfg: PrecomputeConfig, *, source: ScaffoldSource | None = None, progress
             with _suppress_full():
                 writer.q.put_nowait(("stop",))
         loader.join(timeout=5)
+        busy.close()
     summary.seconds = time.perf_counter() - t0
     record_run(out, summary, rank, world, dev, jobs)
     if progress:
