@@ -179,7 +179,7 @@ def print_info(info: dict, console) -> None:
         for c in cols:
             t.add_column(c)
         for r in rows:
-            t.add_row(*[("-" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)) for v in r])
+            t.add_row(*[("-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)) for v in r])
         console.print(t)
 
     if info["kind"] == "scaffold":

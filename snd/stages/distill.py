@@ -17,7 +17,7 @@ from torch.utils.data import default_collate
 
 from snd.errors import SndError
 from snd.pipeline.config import BenchDistillConfig, DistillConfig
-from snd.train.loop import TrainSummary, train
+from snd.train.loop import TrainSummary, resume_point, train
 
 log = logging.getLogger(__name__)
 console = Console(stderr=True)
@@ -39,6 +39,12 @@ def run(cfg: DistillConfig) -> TrainSummary:
     if not Path(cfg.shards).exists():
         raise SndError(f"scaffold store not found: {cfg.shards}", path=cfg.shards,
                        hint="run `snd precompute --out <store>` first, then pass it with --shards")
+    point = resume_point(cfg.run)
+    if point is not None and point[1] < cfg.iters and point[2] not in (None, cfg.iters):
+        console.print(f"continuing run {cfg.run} from step {point[1]} to {cfg.iters} (it was set for {point[2]} steps; "
+                      f"the one-cycle schedule is re-laid over {cfg.iters} steps from here)")
+    if cfg.verify_store and (point is None or point[1] < cfg.iters):
+        _verify_store(Path(cfg.shards))
     prev = torch.get_float32_matmul_precision()
     if torch.cuda.is_available() and cfg.device != "cpu":
         torch.set_float32_matmul_precision("high")  # TF32 for the ViT; restored below (global state)
@@ -46,13 +52,29 @@ def run(cfg: DistillConfig) -> TrainSummary:
         summary = train(cfg)
     finally:
         torch.set_float32_matmul_precision(prev)
-    if summary.rank == 0:
+    if summary.rank == 0 and summary.complete:
+        console.print(f"[green]run {summary.run} is complete[/] at step {summary.step} (--iters {cfg.iters}); "
+                      f"checkpoint {summary.checkpoint}. A larger --iters continues it.")
+    elif summary.rank == 0:
         last = summary.losses.get(summary.step)
         console.print(f"[green]distilled[/] {summary.step - summary.start_step} steps "
                       f"(now at {summary.step}/{cfg.iters}) in {summary.seconds:.0f} s, {summary.it_per_s:.2f} it/s, "
                       f"last loss {last if last is not None else float('nan'):.4f}, skipped {summary.skipped}; "
                       f"checkpoint {summary.checkpoint}")
     return summary
+
+
+def _verify_store(store: Path) -> None:
+    """`--verify-store`: every checksum of the store before the first step (each rank checks it)."""
+    from snd.cache.verify import verify_store
+
+    rep = verify_store(store)
+    if not rep.ok:
+        shown = "\n  ".join(str(p) for p in rep.problems[:10]) + ("\n  ..." if len(rep.problems) > 10 else "")
+        raise SndError(f"scaffold store {store} is corrupted ({len(rep.problems)} problem(s) in scene(s) "
+                       f"{', '.join(rep.bad_scenes)}):\n  {shown}", path=store,
+                       hint=f"snd cache verify {store} --fix, then rerun the same `snd precompute`")
+    console.print(f"[green]verified[/] {store}: {rep.scenes} scenes, {rep.rows} rows checksummed, {rep.bytes / 1e6:.0f} MB read")
 
 
 # ---- benchmark ---------------------------------------------------------------------------------------

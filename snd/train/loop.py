@@ -33,11 +33,12 @@ from snd.train.step import StepRunner
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainSummary", "train", "RESUME_MAY_DIFFER"]
+__all__ = ["TrainSummary", "train", "RESUME_MAY_DIFFER", "resume_point"]
 
-# Options that may change between a run and its resume (they do not change the math).
+# Options that may change between a run and its resume (they do not change the math; `iters` continues a
+# run to a new total with the schedule re-laid, see `_relay_schedule`).
 RESUME_MAY_DIFFER = {"run", "shards", "data", "weights", "num_workers", "prefetch", "log_every", "ckpt_every",
-                     "device", "compile"}
+                     "device", "compile", "verify_store", "iters"}
 
 
 @dataclass
@@ -56,6 +57,8 @@ class TrainSummary:
     rank: int = 0
     world_size: int = 1
     param_digest: float = 0.0  # sum of squares of the trainable parameters at the end (ranks must agree)
+    complete: bool = False  # the run had already reached --iters: nothing was trained (`checkpoint` = its last)
+    continued_from: int | None = None  # the --iters a resumed run was set for, when this call changed it
 
 
 def _check_resume_config(run_dir: Path, cfg: DistillConfig) -> None:
@@ -69,6 +72,28 @@ def _check_resume_config(run_dir: Path, cfg: DistillConfig) -> None:
         shown = "; ".join(f"{k}: run has {a!r}, now {b!r}" for k, (a, b) in sorted(diff.items()))
         raise SndError(f"run {run_dir} was started with other settings ({shown})", path=path,
                        hint="resume with the run's settings, or pass a new --run folder")
+
+
+def resume_point(run_dir: Path) -> tuple[Path, int, int | None] | None:
+    """(latest checkpoint, its step, the --iters the run was last set for) of an existing run, else None."""
+    import json
+
+    ckpt = latest_checkpoint(Path(run_dir))
+    if ckpt is None:
+        return None
+    step = int(json.loads(ckpt.with_suffix(".json").read_text())["step"])
+    cpath = Path(run_dir) / CONFIG_FILE
+    iters = int(load_config(DistillConfig, cpath).iters) if cpath.is_file() else None
+    return ckpt, step, iters
+
+
+def _relay_schedule(sched, shape: dict) -> None:
+    """A run continued with another --iters: keep the restored step count, take the one-cycle phases of the
+    new total (`shape`, from a scheduler built for it) and set the learning rate to its value at this step.
+    The steps already taken keep the old schedule's rates, so this is not a fresh run of the new length."""
+    sched.__dict__.update(shape)
+    sched.last_epoch -= 1
+    sched.step()  # recomputes the current step's rate under the new phases (and writes it to the optimizer)
 
 
 def _default_target_fn() -> TargetFn:
@@ -140,9 +165,14 @@ def _train(cfg: DistillConfig, env: DistEnv, device: torch.device, factory: Stre
     run_dir = Path(cfg.run)
     if cfg.iters < 1:
         raise SndError(f"--iters must be >= 1, got {cfg.iters}")
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is not None:
+    point = resume_point(run_dir)
+    ckpt = point[0] if point is not None else None
+    if point is not None:
         _check_resume_config(run_dir, cfg)
+        if point[1] >= cfg.iters:  # finished: say so (the caller prints it) instead of building everything
+            return TrainSummary(run=run_dir, start_step=point[1], step=point[1], checkpoint=point[0], complete=True,
+                                rank=env.rank, world_size=env.world_size)
+    continued_from = point[2] if point is not None and point[2] not in (None, cfg.iters) else None
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / CONFIG_FILE)
@@ -160,7 +190,10 @@ def _train(cfg: DistillConfig, env: DistEnv, device: torch.device, factory: Stre
     step, position = 0, 0
     if ckpt is not None:
         tensors, meta = load_checkpoint(ckpt)
+        shape = {k: runner.sched.__dict__[k] for k in ("total_steps", "_schedule_phases")}  # built for cfg.iters
         _restore(runner, d, tensors, meta, device)
+        if continued_from is not None:
+            _relay_schedule(runner.sched, shape)
         step, position = int(meta["step"]), int(meta["data_position"])
         log.info("resuming %s from step %d (data position %d)", run_dir, step, position)
     else:
@@ -184,7 +217,8 @@ def _train(cfg: DistillConfig, env: DistEnv, device: torch.device, factory: Stre
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    summary = TrainSummary(run=run_dir, start_step=step, step=step, rank=env.rank, world_size=env.world_size)
+    summary = TrainSummary(run=run_dir, start_step=step, step=step, rank=env.rank, world_size=env.world_size,
+                           checkpoint=ckpt, continued_from=continued_from)
     logger = RunLogger(run_dir, total=cfg.iters, start=step, active=env.is_main, progress=progress)
     log_every = max(int(cfg.log_every), 1)
     pending: list[tuple[int, torch.Tensor, float]] = []
