@@ -220,3 +220,22 @@ def test_not_a_cache_is_one_clear_error(tmp_path):
     assert run_cli(["cache", "info", str(tmp_path)]) == 2
     with pytest.raises(SndError, match="not a cache folder"):
         cache_info(tmp_path)
+
+
+def test_distill_verify_store_checks_before_training(store, tmp_path, monkeypatch, capsys):
+    import snd.stages.distill as D
+    from snd.pipeline.config import DistillConfig
+    from snd.train.loop import TrainSummary
+
+    calls: list = []
+    monkeypatch.setattr(D, "train", lambda c: calls.append(c) or TrainSummary(run=c.run, start_step=0, step=1))
+    cfg = DistillConfig(shards=store, run=tmp_path / "run", img_height=56, img_width=84, iters=1, verify_store=True)
+    D.run(cfg)
+    assert len(calls) == 1 and "verified" in capsys.readouterr().err
+    bad = CacheReader(store).scenes[0]
+    _flip(store, bad, "op_inst")
+    with pytest.raises(SndError, match=f"corrupted.*{bad}"):
+        D.run(cfg)
+    assert len(calls) == 1, "training must not start on a corrupted store"
+    D.run(DistillConfig(shards=store, run=tmp_path / "run", img_height=56, img_width=84, iters=1))  # off by default
+    assert len(calls) == 2

@@ -150,6 +150,12 @@ def train(cfg: DistillConfig, *, stream_factory: StreamFactory | None = None, ta
         env: rank/world size; default from torchrun's environment variables.
     """
     env = env or dist_env()
+    point = resume_point(Path(cfg.run))
+    if point is not None:
+        _check_resume_config(Path(cfg.run), cfg)
+        if point[1] >= cfg.iters:  # finished: say so (the caller prints it) without building or reading anything
+            return TrainSummary(run=Path(cfg.run), start_step=point[1], step=point[1], checkpoint=point[0], complete=True,
+                                rank=env.rank, world_size=env.world_size)
     device = resolve_device(cfg.device, env)
     created_pg = init_distributed(env, device)
     try:
@@ -167,11 +173,6 @@ def _train(cfg: DistillConfig, env: DistEnv, device: torch.device, factory: Stre
         raise SndError(f"--iters must be >= 1, got {cfg.iters}")
     point = resume_point(run_dir)
     ckpt = point[0] if point is not None else None
-    if point is not None:
-        _check_resume_config(run_dir, cfg)
-        if point[1] >= cfg.iters:  # finished: say so (the caller prints it) instead of building everything
-            return TrainSummary(run=run_dir, start_step=point[1], step=point[1], checkpoint=point[0], complete=True,
-                                rank=env.rank, world_size=env.world_size)
     continued_from = point[2] if point is not None and point[2] not in (None, cfg.iters) else None
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
