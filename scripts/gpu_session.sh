@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: install the carried wheels, run the GPU tests and the benchmarks, leave JSON + logs in $OUT.
 # Usage (on the GPU machine, repo root, with .whl carried): bash scripts/gpu_session.sh [what...]
-#   what: tests | bench-precompute | bench-distill | all (default); on nvidia-h200-x2: multi-distill-1,
+#   what: tests | bench-precompute | bench-distill | cache-verify | all (default); on nvidia-h200-x2: multi-distill-1,
 #   multi-distill-2 (torchrun `snd bench distill` on 1 / 2 GPUs), multi-pre (single vs 2-worker `snd precompute`)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -94,6 +94,23 @@ fi
 if [[ $what == *bench-precompute* || $what == all ]]; then
   run bench-precompute timeout 420 python3 -m snd.cli bench precompute --source mvsplat --device cuda --workdir /tmp/snd-bench-pre --out "$OUT/bench_precompute.json" 2>&1 | tail -40
   run bench-mvsplat timeout 200 python3 -m snd.models.mvsplat.bench --batch 1 4 8 --precision bf16 fp32 --channels-last 1 --compile 0 2>&1 | tee "$OUT/bench_mvsplat.jsonl" | tail -8
+fi
+if [[ $what == *cache-verify* ]]; then  # `snd cache info/verify` rate on a full-size store (after bench-precompute/pre-phases)
+  store=$(ls -d /tmp/snd-bench-pre/cache 2>/dev/null)
+  if [[ -n $store ]]; then
+    run cache-info python3 -m snd.cli cache info "$store" --json > "$OUT/cache_info.json"; tail -c 400 "$OUT/cache_info.json"
+    for j in 4 16; do
+      run "cache-verify jobs=$j" python3 - "$store" $j "$OUT/cache_verify_j$j.json" <<'PY'
+import json, sys, time
+from snd.cache.verify import verify_store
+t = time.perf_counter(); r = verify_store(sys.argv[1], jobs=int(sys.argv[2]), progress=False); dt = time.perf_counter() - t
+d = dict(r.to_dict(), seconds=dt, mb_per_s=r.bytes / 1e6 / dt)
+json.dump(d, open(sys.argv[3], "w")); print({k: d[k] for k in ("ok", "scenes", "arrays", "rows", "bytes", "seconds", "mb_per_s")})
+PY
+    done
+  else
+    echo "cache-verify: no store under /tmp/snd-bench-pre/cache (run bench-precompute or pre-phases first)"
+  fi
 fi
 if [[ $what == *bench-distill* || $what == all ]]; then
   run bench-distill timeout 240 python3 -m snd.cli bench distill --iters 30 --warmup 10 --out "$OUT/bench_distill.json" 2>&1 | grep -v "^ " | tail -5
