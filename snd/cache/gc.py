@@ -13,6 +13,7 @@ lock, gc refuses and changes nothing.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -59,9 +60,13 @@ def _size(p: Path) -> int:
 
 
 def _temp_files(folder: Path, recursive: bool) -> list[Candidate]:
-    it = folder.rglob("*") if recursive else folder.glob("*")
-    return [Candidate(p, "temp file of an interrupted write", p.stat().st_size)
-            for p in sorted(it) if p.is_file() and (_TMP.match(p.name) or p.name == "final_norm.tmp")]
+    """Temp files of interrupted atomic writes in `folder` (and below it, not inside Zarr stores: a feature
+    store holds one chunk file per image, and Zarr never names its files like these)."""
+    files: list[Path] = []
+    for here, dirs, names in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.endswith(".zarr")) if recursive else []
+        files += [Path(here) / n for n in names if _TMP.match(n) or n == "final_norm.tmp"]
+    return [Candidate(p, "temp file of an interrupted write", p.stat().st_size) for p in sorted(files)]
 
 
 def _scaffold_candidates(root: Path) -> list[Candidate]:

@@ -200,7 +200,8 @@ def print_info(info: dict, console) -> None:
             table("runs recorded", cols, [[r.get(c) for c in cols] for r in info["runs"]])
         console.print("(full precompute config: --json)")
         return
-    rows = [[k["key"], (k["weights_sha256"] or "-")[:16], k["precision"], k["img_hw"], s["dataset"], s["store"],
+    rows = [[k["key"], (k["weights_sha256"] or "-")[:12], k["precision"], "x".join(map(str, k["img_hw"] or [])) or None,
+             s["dataset"], s["store"],
              s["rows"], s["complete"], s["mb"]] for k in info["keys"] for s in (k["stores"] or [{"dataset": "-", "store": "-",
                                                                                              "rows": 0, "complete": "-", "mb": 0.0}])]
     table(f"evaluation cache {info['path']} ({info['disk_mb']:.1f} MB)",

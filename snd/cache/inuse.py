@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 from pathlib import Path
 from typing import IO, Iterator
 
@@ -19,16 +20,21 @@ from snd.errors import SndError
 
 __all__ = ["IN_USE_FILE", "hold_in_use", "exclusive"]
 
+log = logging.getLogger(__name__)
+
 IN_USE_FILE = "in_use.lock"
 
 
 def hold_in_use(folder: Path) -> IO:
-    """Take the shared in-use lock of `folder` (created if needed); it lasts until the returned file is closed.
-
-    Blocks only while a cleaner holds the folder (seconds)."""
+    """Take the shared in-use lock of `folder` (created if needed); it lasts until the returned file is closed
+    (`with hold_in_use(folder): ...` works). Waits while a cleaner holds it (gc: seconds; verify --fix: its pass)."""
     Path(folder).mkdir(parents=True, exist_ok=True)
     f = open(Path(folder) / IN_USE_FILE, "a+")
-    fcntl.flock(f.fileno(), fcntl.LOCK_SH)
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        log.warning("waiting for `snd cache gc/verify --fix` to release %s", folder)
+        fcntl.flock(f.fileno(), fcntl.LOCK_SH)
     return f
 
 

@@ -171,7 +171,11 @@ def _plan_scene(root: Path, scene: str, record: dict, rep: VerifyReport) -> list
         rep.problems.append(Problem(scene, c, None, "array missing from the group"))
     blocks = []
     for name in names:
-        arr = group[name]
+        try:
+            arr = group[name]
+        except Exception as e:  # noqa: BLE001 - damaged array metadata
+            rep.problems.append(Problem(scene, name, None, f"array metadata {_err(e)}"))
+            continue
         rep.arrays += 1
         n = int(arr.shape[0]) if arr.ndim else 1
         step = int((arr.shards or arr.chunks)[0]) if arr.ndim else 1

@@ -11,7 +11,7 @@ Cache layout (one folder per model weights + input size, so a changed checkpoint
 features):
 
     <cache>/<key>/final_norm.safetensors         LayerNorm weight/bias (+ eps in the metadata)
-    <cache>/<key>/model.json                     what the key was computed from
+    <cache>/<key>/model.json                     what the key was computed from (weights sha256, size, precision)
     <cache>/<key>/<dataset>/<split>[_n<N>].zarr  Zarr v3 array `tokens` [N, 1+h*w, C] float16, one chunk/image
     <cache>/<key>/<dataset>/<split>[_n<N>].json  progress: {"n", "n_done", "complete", grid, dim, ...}
 
