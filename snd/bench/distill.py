@@ -68,10 +68,12 @@ class _StoreBatches:
     `seen` collects the stream's global positions and `wait_s` the host time spent waiting for them."""
 
     def __init__(self, dcfg: DistillConfig, env, device: torch.device):
-        from snd.train.data import BatchIterator, DevicePrefetcher, shard_stream_factory
+        from snd.train.data import BatchIterator, DevicePrefetcher, resolve_num_workers, shard_stream_factory
 
+        self.num_workers = resolve_num_workers(dcfg.num_workers, device=device, world_size=env.world_size,
+                                               operators=dcfg.targets != "render")
         it = BatchIterator(shard_stream_factory(dcfg), batch=dcfg.batch, start=0, rank=env.rank, world_size=env.world_size,
-                           num_workers=dcfg.num_workers, prefetch=dcfg.prefetch, pin_memory=device.type == "cuda",
+                           num_workers=self.num_workers, prefetch=dcfg.prefetch, pin_memory=device.type == "cuda",
                            seed=dcfg.seed)
         self.it, self.seen = DevicePrefetcher(it, device), []
 
@@ -100,8 +102,10 @@ def _bench_path(name: str, path: str, cfg: BenchDistillConfig, device: torch.dev
                          head_prototypes=cfg.head_prototypes, renderer=cfg.renderer, compile=cfg.compile,
                          targets="render" if path == "render" else "operator", device=str(device),
                          iters=total_iters, num_workers=cfg.num_workers, shards=store or Path("-"))
+    workers = None
     if store is not None:
         src = _StoreBatches(dcfg, env, device)
+        workers = src.num_workers
     else:
         src = _PoolBatches(pool if path != "render" else [{k: v for k, v in b.items() if not k.startswith("op_")} for b in pool])
 
@@ -174,6 +178,7 @@ def _bench_path(name: str, path: str, cfg: BenchDistillConfig, device: torch.dev
         "it_per_s": cfg.iters / total,
         "ms_per_step": total / cfg.iters * 1e3,
         "data_wait_ms_per_step": wait / cfg.iters * 1e3,
+        "num_workers": workers,
         "phases_ms_median": {p: statistics.median(v) for p, v in phases.items() if v},
         "phases_ms_sum": sum(statistics.median(v) for v in phases.values() if v),
         "gpu_busy_fraction": busy,

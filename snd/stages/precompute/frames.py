@@ -16,10 +16,13 @@ import numpy as np
 import torch
 
 from snd.cache import manifest as M
+from snd.cache.frames import encode_frame, resize_uint8
+from snd.cache.schema import FrameSpec
 from snd.cache.writer import clear_stale
 from snd.errors import SndError
 from snd.pipeline.config import PrecomputeConfig
 from snd.scaffold import ScaffoldSource
+from snd.stages.precompute.settings import frame_spec
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +37,13 @@ class _Frame:
     depth: np.ndarray | None  # [H,W] float32
     K: np.ndarray
     c2w: np.ndarray
+    stored: np.ndarray | None = None  # the frame as the store keeps it (resized, encoded; None: --images off)
 
 
 class _FrameCache:
-    def __init__(self, scene: Any, *, need_depth: bool, pool: ThreadPoolExecutor, hw: tuple[int, int]):
-        self.scene, self.need_depth, self.pool, self.hw = scene, need_depth, pool, hw
+    def __init__(self, scene: Any, *, need_depth: bool, pool: ThreadPoolExecutor, hw: tuple[int, int],
+                 fspec: FrameSpec | None = None):
+        self.scene, self.need_depth, self.pool, self.hw, self.fspec = scene, need_depth, pool, hw, fspec
         self.cache: OrderedDict[int, _Frame] = OrderedDict()
 
     def _load(self, i: int) -> _Frame:
@@ -59,7 +64,11 @@ class _FrameCache:
             depth = np.asarray(depth, np.float32)
         if (cam.height, cam.width) != (H, W):
             raise SndError(f"frame {s.frame_ids[i]}: camera is {cam.height}x{cam.width}, expected {H}x{W}")
-        return _Frame(img, mask.astype(np.int32, copy=False), depth, cam.K, cam.c2w)
+        stored = None
+        if self.fspec is not None:  # stage two's resize, once, here (on the pool: torch releases the GIL)
+            small = resize_uint8(torch.from_numpy(np.array(img, copy=True)).permute(2, 0, 1), self.fspec.hw)
+            stored = encode_frame(small.contiguous(), self.fspec.codec, quality=self.fspec.quality)
+        return _Frame(img, mask.astype(np.int32, copy=False), depth, cam.K, cam.c2w, stored)
 
     def get(self, idx: list[int]) -> dict[int, _Frame]:
         need = [i for i in dict.fromkeys(idx) if i not in self.cache]
@@ -81,7 +90,7 @@ class _Batch:
     depth: torch.Tensor | None  # [B,2,H,W]
     ctx_K: np.ndarray  # [B,2,3,3]
     ctx_c2w: np.ndarray
-    extra: dict[str, np.ndarray]  # masks, indices, target cameras
+    extra: dict[str, Any]  # masks, indices, target cameras (arrays); 'frames': {frame index: stored bytes} first used here
 
 
 def _pack(scene: str, pairs: list, frames: dict[int, _Frame], T: int, H: int, W: int, need_depth: bool, pin: bool) -> _Batch:
@@ -119,6 +128,7 @@ def _loader(jobs: list[str], ds: Any, cfg: PrecomputeConfig, source: ScaffoldSou
 
     T, H, W = cfg.targets_per_pair, cfg.height, cfg.width
     pin = source.device.type == "cuda"
+    fspec = frame_spec(cfg)
 
     def put(msg: tuple) -> bool:
         while not stop.is_set():
@@ -149,11 +159,16 @@ def _loader(jobs: list[str], ds: Any, cfg: PrecomputeConfig, source: ScaffoldSou
                 if not put(("start", name, pairs, list(scene.frame_ids))):
                     return
                 started = True
-                fc = _FrameCache(scene, need_depth=source.needs_depth, pool=pool, hw=(H, W))
+                fc = _FrameCache(scene, need_depth=source.needs_depth, pool=pool, hw=(H, W), fspec=fspec)
+                sent: set[int] = set()  # frames already handed to the writer (each is stored once per scene)
                 for s in range(0, len(pairs), cfg.batch_pairs):
                     chunk = pairs[s:s + cfg.batch_pairs]
                     frames = fc.get([i for p in chunk for i in (*p.ctx, *p.targets[:T])])
-                    if not put(("batch", _pack(name, chunk, frames, T, H, W, source.needs_depth, pin))):
+                    b = _pack(name, chunk, frames, T, H, W, source.needs_depth, pin)
+                    if fspec is not None:
+                        b.extra["frames"] = {i: fr.stored for i, fr in frames.items() if i not in sent}
+                        sent.update(frames)
+                    if not put(("batch", b)):
                         return
                 if not put(("end", name)):
                     return

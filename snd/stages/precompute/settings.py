@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from snd.cache.schema import Encoding, OperatorSpec
+from snd.cache.schema import Encoding, FrameSpec, OperatorSpec
 from snd.errors import SndError
 from snd.pipeline.config import BenchPrecomputeConfig, PrecomputeConfig, to_jsonable
 from snd.scaffold import ScaffoldSource, create_source
@@ -25,15 +25,32 @@ def resolve_rank(cfg_rank: int, cfg_world: int) -> tuple[int, int]:
 PATCH = 14  # DINOv2's patch size: the operators are built for stage two's patch grids
 
 
-def operator_spec(cfg: PrecomputeConfig) -> OperatorSpec | None:
-    """The operator shape/knobs this run stores (None with --no-operator)."""
-    if not getattr(cfg, "operator", False):
-        return None
+def backbone_hw(cfg: PrecomputeConfig) -> tuple[int, int]:
+    """Stage two's backbone input size this store is built for (operators and frames)."""
     ih = cfg.operator_img_height or cfg.height // PATCH * PATCH
     iw = cfg.operator_img_width or cfg.width // PATCH * PATCH
     if ih % PATCH or iw % PATCH or ih < PATCH or iw < PATCH:
         raise SndError(f"operator input size {ih}x{iw} is not a positive multiple of the patch size {PATCH}",
                        hint="pass --operator-img-height/--operator-img-width as multiples of 14")
+    return ih, iw
+
+
+def frame_spec(cfg: PrecomputeConfig) -> FrameSpec | None:
+    """How this run stores frames (None with --images off)."""
+    codec = getattr(cfg, "images", "off")
+    if codec == "off":
+        return None
+    if not 1 <= cfg.image_quality <= 100:
+        raise SndError(f"--image-quality must be in [1, 100], got {cfg.image_quality}")
+    ih, iw = backbone_hw(cfg)
+    return FrameSpec(codec=codec, height=ih, width=iw, quality=cfg.image_quality)
+
+
+def operator_spec(cfg: PrecomputeConfig) -> OperatorSpec | None:
+    """The operator shape/knobs this run stores (None with --no-operator)."""
+    if not getattr(cfg, "operator", False):
+        return None
+    ih, iw = backbone_hw(cfg)
     grid = (ih // PATCH, iw // PATCH)
     return OperatorSpec(ctx_hw=grid, out_hw=grid, upsample=cfg.operator_upsample, blend=cfg.operator_blend,
                         row_cap=cfg.operator_row_cap, inst_cap=cfg.operator_inst_cap)
@@ -42,8 +59,10 @@ def operator_spec(cfg: PrecomputeConfig) -> OperatorSpec | None:
 def store_header(cfg: PrecomputeConfig, ds: Any, source: ScaffoldSource, enc: Encoding) -> dict:
     src = source.describe()
     op = operator_spec(cfg)
+    fs = frame_spec(cfg)
     return {
         "operator": op.to_dict() if op is not None else None,
+        "images": fs.to_dict() if fs is not None else None,
         "dataset": {"layout": ds.layout, "split": cfg.split},
         "data_root": str(Path(cfg.data).resolve()),
         "source": {k: v for k, v in src.items() if k != "ckpt"},

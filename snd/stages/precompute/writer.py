@@ -13,7 +13,7 @@ from snd.cache import manifest as M
 from snd.cache.schema import Encoding
 from snd.cache.writer import SceneWriter
 from snd.pipeline.config import PrecomputeConfig
-from snd.stages.precompute.settings import operator_spec
+from snd.stages.precompute.settings import frame_spec, operator_spec
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,8 @@ class _Writer(threading.Thread):
                 _, _, n_pairs, frame_ids = op
                 self.writers[name] = SceneWriter(
                     self.out, name, n_pairs=n_pairs, n_targets=self.cfg.targets_per_pair, height=self.cfg.height,
-                    width=self.cfg.width, enc=self.enc, attrs={"frame_ids": frame_ids}, op=operator_spec(self.cfg))
+                    width=self.cfg.width, enc=self.enc, attrs={"frame_ids": frame_ids}, op=operator_spec(self.cfg),
+                    frames=frame_spec(self.cfg))
             elif kind == "add":
                 self.writers[name].add(op[2])
             elif kind == "commit":
