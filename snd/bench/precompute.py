@@ -63,7 +63,7 @@ def _bench_dataset(work: Path, cfg: BenchPrecomputeConfig, scenes: int) -> Path:
 
 def bench_store(work: Path, *, height: int, width: int, pairs: int, img_hw: tuple[int, int], device: str) -> Path:
     """A scaffold store of at least `pairs` context pairs (3 targets each) over generated scenes, with the
-    operators for backbone input `img_hw`: what `snd bench distill` streams. Built once per size in `work`
+    operators and JPEG frames for backbone input `img_hw`: what `snd bench distill` streams. Built once per size in `work`
     (depth source: exact and fast), reused while its stamp matches; always a single worker, also when the
     caller runs under torchrun (the benchmark's rank 0 builds it while the others wait)."""
     import shutil
@@ -71,7 +71,7 @@ def bench_store(work: Path, *, height: int, width: int, pairs: int, img_hw: tupl
     per_scene_max = 5 * _BENCH_FRAMES - 50
     scenes = max(2, math.ceil(pairs / per_scene_max))
     store = work / "store"
-    key = {"height": height, "width": width, "pairs": pairs, "img_hw": list(img_hw), "frames": _BENCH_FRAMES}
+    key = {"height": height, "width": width, "pairs": pairs, "img_hw": list(img_hw), "frames": _BENCH_FRAMES, "images": "jpeg"}
     stamp = work / "store.json"
     if stamp.is_file() and json.loads(stamp.read_text()) == key and (store / "manifest.json").is_file():
         return store
@@ -163,7 +163,8 @@ def bench(cfg: BenchPrecomputeConfig) -> dict:
     pcfg = PrecomputeConfig(data=data, out=store, split="all", source=cfg.source, mvsplat_ckpt=cfg.mvsplat_ckpt,
                             mvsplat_config=cfg.mvsplat_config, height=cfg.height, width=cfg.width,
                             pairs_per_scene=math.ceil(total / scenes), targets_per_pair=3, batch_pairs=cfg.batch_pairs,
-                            precision=cfg.precision, device=cfg.device, compile=cfg.compile, operator=cfg.operator)
+                            precision=cfg.precision, device=cfg.device, compile=cfg.compile, operator=cfg.operator,
+                            images=cfg.images)
     source = make_source(pcfg, random_init=cfg.mvsplat_ckpt is None)
     s = run(pcfg, source=source, progress=True)
     if s.failed:
@@ -187,7 +188,8 @@ def bench(cfg: BenchPrecomputeConfig) -> dict:
         "gpu_waited_on_io": bool(span > 0 and wait_data / span > 0.02), "write_wait_s": wait_write,
         "phase_ms_per_pair": _timed_phases(s.phase_log, k0, timed_pairs),
         "peak_mem_gib": torch.cuda.max_memory_allocated(source.device) / 2**30 if source.device.type == "cuda" else None,
-        "mb_per_pair": s.mb_per_pair, "gaussians_per_pair": gauss, "bytes_per_gaussian": s.bytes / max(s.pairs, 1) / gauss,
+        "mb_per_pair": s.mb_per_pair, "images": cfg.images, "frame_mb_per_pair": s.frame_bytes / 1e6 / max(s.pairs, 1),
+        "gaussians_per_pair": gauss, "bytes_per_gaussian": s.bytes / max(s.pairs, 1) / gauss,
         "projected_gb_at_50k_pairs": s.mb_per_pair * PAPER_PAIRS / 1e3, "goal": {"pairs_per_s": 30, "mb_per_pair": 8},
         "store": str(store),
     }

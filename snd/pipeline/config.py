@@ -201,6 +201,7 @@ class BenchPrecomputeConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = opt("auto", "auto = bf16 on CUDA, fp32 on CPU.")
     compile: Literal["auto", "on", "graphs", "off"] = opt("auto", "torch.compile MVSplat (as `snd precompute`).")
     operator: bool = opt(True, "Also build the transfer operators (as `snd precompute`).")
+    images: Literal["jpeg", "lossless", "off"] = opt("jpeg", "Also store the frames (as `snd precompute --images`).")
     device: str = opt("auto", "'auto', 'cpu' or 'cuda[:i]'.")
     workdir: Optional[Path] = opt(None, "Where the scratch dataset and store go (default: a temp folder).")
     out: Optional[Path] = opt(None, "Write the JSON result here too (always printed).")

@@ -23,6 +23,7 @@ class Summary:
     failures: dict[str, str] = field(default_factory=dict)
     pairs: int = 0
     bytes: int = 0
+    frame_bytes: int = 0  # of `bytes`: the stored frames (JPEG/lossless bytes before Zarr's codecs)
     seconds: float = 0.0
     wait_data_s: float = 0.0  # main (device) thread blocked on the loader queue
     wait_write_s: float = 0.0  # main thread blocked on a full writer queue

@@ -63,6 +63,7 @@ def run(cfg: PrecomputeConfig, *, source: ScaffoldSource | None = None, progress
             summary.scenes_done += 1
             summary.pairs += rec["pairs"]
             summary.bytes += rec["bytes"]
+            summary.frame_bytes += rec.get("frame_bytes", 0)
 
     def on_fail(name: str, msg: str) -> None:
         with lock:
