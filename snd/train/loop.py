@@ -35,9 +35,10 @@ log = logging.getLogger(__name__)
 
 __all__ = ["TrainSummary", "train", "RESUME_MAY_DIFFER"]
 
-# Options that may change between a run and its resume (they do not change the math).
+# Options that may change between a run and its resume (they do not change the math; image_decode moves a
+# JPEG pixel by at most a few levels, like --device; runs from before it existed lack the key).
 RESUME_MAY_DIFFER = {"run", "shards", "data", "weights", "num_workers", "prefetch", "log_every", "ckpt_every",
-                     "device", "compile"}
+                     "device", "compile", "image_decode"}
 
 
 @dataclass
