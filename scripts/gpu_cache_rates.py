@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from snd.eval.bench import _Images
+from snd.bench.eval import _Images
 from snd.eval.features import ensure_features, load_eval_backbone
 from snd.eval.targets import ensure_targets
 

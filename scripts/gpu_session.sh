@@ -2,7 +2,8 @@
 # One device call: install the carried wheels, run the GPU tests and the benchmarks, leave JSON + logs in $OUT.
 # Usage (on the GPU machine, repo root, with .whl carried): bash scripts/gpu_session.sh [what...]
 #   what: tests | bench-precompute | bench-distill | cache-verify | all (default); on nvidia-h200-x2: multi-distill-1,
-#   multi-distill-2 (torchrun `snd bench distill` on 1 / 2 GPUs), multi-pre (single vs 2-worker `snd precompute`)
+#   multi-distill-2 (torchrun `snd bench distill` on 1 / 2 GPUs), multi-pre (single vs 2-worker `snd precompute`),
+#   e2e (scripts/e2e_commands.sh: the real commands timed; not part of all)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -200,4 +201,7 @@ for s, recs in json.load(open(sys.argv[1])).items():
               "pairs/s", round(r["pairs_per_s"], 2), "steady", r["steady_pairs_per_s"] and round(r["steady_pairs_per_s"], 2),
               "MB", round(r["bytes"] / 1e6), "wait data s", round(r["wait_data_s"], 2))
 PY
+fi
+if [[ " $what " == *" e2e "* ]]; then  # issue #20: the real commands timed, distill vs bench in one call
+  run e2e timeout 590 bash scripts/e2e_commands.sh
 fi

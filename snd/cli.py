@@ -216,13 +216,13 @@ def demo(
 
 # ---- benchmarks --------------------------------------------------------------------------------
 def _bench_precompute(cfg: C.BenchPrecomputeConfig) -> None:
-    from snd.stages.precompute import bench
+    from snd.bench.precompute import bench
 
     bench(cfg)
 
 
 def _bench_distill(cfg: C.BenchDistillConfig) -> None:
-    from snd.stages.distill import bench
+    from snd.bench.distill import bench
 
     bench(cfg)
 
@@ -234,7 +234,7 @@ command_from_config(bench_app, "distill", C.BenchDistillConfig, _bench_distill,
 
 
 def _bench_eval(cfg: C.BenchEvalConfig) -> None:
-    from snd.eval.bench import bench
+    from snd.bench.eval import bench
 
     bench(cfg)
 

@@ -88,7 +88,7 @@ def test_dataloader_with_workers_yields_the_rank_order(store):
 def test_sample_matches_contract_and_sources(store, synth_root):
     from snd.data import open_dataset
 
-    s = ShardStream(store, img_hw=IMG_HW, seed=0)
+    s = ShardStream(store, data_root=synth_root, img_hw=IMG_HW, seed=0)  # --data: images from the dataset
     x = s.sample(0)
     shapes = {"ctx_images": (2, 3, *IMG_HW), "tgt_image": (3, *IMG_HW), "means": (2, 112, 168, 3), "quats": (2, 112, 168, 4),
               "scales": (2, 112, 168, 3), "opacities": (2, 112, 168), "ctx_masks": (2, 112, 168), "tgt_mask": (112, 168),
@@ -115,6 +115,9 @@ def test_sample_matches_contract_and_sources(store, synth_root):
     si, p, t = s.item_at(0)
     d = CacheReader(store).scene(x["scene"]).pair(p)
     torch.testing.assert_close(x["means"], d.means)
+    # without --data the images are the store's JPEG frames: the same picture within JPEG's error
+    y = ShardStream(store, img_hw=IMG_HW, seed=0).sample(0)
+    assert y["tgt_frame"] == x["tgt_frame"] and (y["tgt_image"].float() - x["tgt_image"].float()).abs().mean() < 3
 
 
 def test_stream_names_scene_and_pair_of_a_corrupted_chunk(store, tmp_path):

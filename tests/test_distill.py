@@ -77,7 +77,7 @@ def test_loader_with_workers_keeps_the_order():
 
 
 def test_bench_json(tmp_path, capsys):
-    from snd.stages.distill import bench
+    from snd.bench.distill import bench
 
     out = tmp_path / "bench.json"
     res = bench(BenchDistillConfig(models=["snd_test_vit_patch14"], img_height=28, img_width=42, scaffold_height=14,
@@ -96,7 +96,7 @@ def _bench_rank(rank: int, world: int, cfg: BenchDistillConfig, port: int) -> No
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    from snd.stages.distill import bench
+    from snd.bench.distill import bench
 
     bench(cfg)
 
@@ -134,7 +134,7 @@ def test_bench_two_ranks_stream_disjoint_parts_of_a_store(synth_root, tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_bench_small():
-    from snd.stages.distill import bench
+    from snd.bench.distill import bench
 
     res = bench(BenchDistillConfig(models=["vit_small_patch14_dinov2"], img_height=224, img_width=336,
                                    scaffold_height=224, scaffold_width=336, iters=5, warmup=3, device="cuda"))

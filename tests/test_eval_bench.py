@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from snd.eval.bench import SUITE, bench, plan_training
+from snd.bench.eval import SUITE, bench, plan_training
 from snd.pipeline.config import BenchEvalConfig
 
 

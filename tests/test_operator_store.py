@@ -35,7 +35,7 @@ def store(synth_root, tmp_path_factory) -> Path:
 
 def test_stored_operator_equals_rendering_the_stored_scaffold(store):
     hdr = read_header(store)
-    assert hdr["schema_version"] == 2 and hdr["operator"]["ctx_hw"] == list(GRID)
+    assert hdr["schema_version"] == 3 and hdr["operator"]["ctx_hw"] == list(GRID)
     r = CacheReader(store)
     torch.manual_seed(0)
     checked = 0

@@ -24,7 +24,7 @@ from snd.errors import SndError
 
 META_DIR = "_snd"
 # Header keys that must match for a rerun to add to an existing store (anything else may change).
-IDENTITY_KEYS = ("format", "schema_version", "dataset", "source", "scaffold", "sampler", "encoding", "operator")
+IDENTITY_KEYS = ("format", "schema_version", "dataset", "source", "scaffold", "sampler", "encoding", "operator", "images")
 
 
 def meta_dir(root: Path) -> Path:

@@ -18,7 +18,8 @@ from torch import Tensor
 
 from snd.cache import manifest as M
 from snd.cache.encode import decode_scaffold
-from snd.cache.schema import CHECKSUM_ARRAY, READABLE_VERSIONS, Encoding, OperatorSpec, delta_decode, layout
+from snd.cache.schema import (CHECKSUM_ARRAY, FRAME_CHECKSUM_ARRAY, READABLE_VERSIONS, Encoding, FrameSpec, OperatorSpec,
+                              delta_decode, frame_layout, layout)
 from snd.cache.writer import crc32c
 from snd.errors import SndError
 
@@ -78,6 +79,46 @@ class SceneReader:
             raise _corrupt(root, scene, None, "checksum table does not match the manifest")
         self._cols = {n: i for i, n in enumerate(self.specs)}
         self._arrays: dict[str, Any] = {}
+        self.frames = FrameSpec.from_dict(attrs.get("frames"))  # None: a v1/v2 group (images from the dataset)
+        self._frame_row: dict[int, int] = {}
+        if self.frames is not None:
+            self._open_frames(record)
+
+    def _open_frames(self, record: dict) -> None:
+        """Read the frame index, lengths and checksum table (verified against the marker and per frame)."""
+        fa = self.attrs["frames"]
+        self._frame_specs = frame_layout(int(fa["max_bytes"]))
+        self._frame_crc = self._read_whole(FRAME_CHECKSUM_ARRAY)
+        if self.verify and hashlib.sha256(np.ascontiguousarray(self._frame_crc).tobytes()).hexdigest() != record.get("frames_checksums_sha256"):
+            raise _corrupt(self.root, self.scene, None, "frame checksum table does not match the manifest")
+        self._frame_small = {n: self._read_whole(n) for n in ("frame_index", "frame_nbytes")}
+        if self.verify:
+            for col, n in enumerate(self._frame_specs):
+                if n in self._frame_small and any(crc32c(v) != int(c) for v, c in zip(self._frame_small[n], self._frame_crc[:, col])):
+                    raise _corrupt(self.root, self.scene, None, f"array {n!r} checksum mismatch")
+        self._frame_row = {int(i): k for k, i in enumerate(self._frame_small["frame_index"])}
+
+    def frame_bytes(self, index: int) -> np.ndarray:
+        """The stored bytes of frame `index` (an index into `frame_ids`, as in ``ctx_index``), checksum-verified."""
+        if self.frames is None:
+            raise ValueError(f"scene {self.scene}: this group stores no frames (schema v{self.attrs.get('schema_version')})")
+        k = self._frame_row.get(int(index))
+        if k is None:
+            raise _corrupt(self.root, self.scene, None, f"frame {index} is used by a pair but not stored")
+        try:
+            row = self._array("frame_bytes")[k]
+        except Exception as e:  # noqa: BLE001 - codec/crc errors of a damaged chunk
+            raise _corrupt(self.root, self.scene, None, f"frame {index} unreadable ({type(e).__name__}: {e})") from e
+        if self.verify and crc32c(row) != int(self._frame_crc[k, list(self._frame_specs).index("frame_bytes")]):
+            raise _corrupt(self.root, self.scene, None, f"frame {index}: array 'frame_bytes' checksum mismatch")
+        return row[: int(self._frame_small["frame_nbytes"][k])]
+
+    def frame(self, index: int) -> Tensor:
+        """Frame `index` decoded to uint8 [3, H, W] at the stored size (`self.frames.hw`)."""
+        from snd.cache.frames import decode_frame
+
+        assert self.frames is not None
+        return decode_frame(self.frame_bytes(index), self.frames.codec, self.frames.hw)
 
     def _array(self, name: str):
         """The opened Zarr array `name` (opened once: opening reads its metadata, ~1 ms a time)."""
@@ -182,4 +223,6 @@ class CacheReader:
             for p in range(r.n_pairs):
                 r.read_stored(p)
                 n += 1
+            for i in r._frame_row:
+                r.frame_bytes(i)
         return n

@@ -22,6 +22,13 @@ Stored layout of one scene group (P pairs, T targets per pair, scaffold H x W):
   ``op_valid [P,T,P] uint8`` and ``op_stats [P,T,3] f32`` (dropped direct / instance mass, max row nnz).
   float16 coefficients move targets by < 1e-3 of their scale (tested), below the bf16 teacher's own
   rounding. v1 stores (no operator) stay readable.
+* v3 adds, when the store was built with frames (`FrameSpec`), per scene (not per pair) every frame any
+  stored pair uses, once, at the backbone input size (`snd.cache.frames`): ``frame_index [F] i32`` (into
+  the group's ``frame_ids``, like ``ctx_index``), ``frame_nbytes [F] i32`` and ``frame_bytes [F,L] uint8``
+  (one chunk per frame: JPEG bytes or the lossless row-delta planar image, zero-padded to the longest,
+  L), with their own checksum table ``frame_crc32c [F,3] uint32`` (per frame, per array of
+  `frame_layout`, of the stored bytes) pinned by ``frames_checksums_sha256`` in the completion marker.
+  v1/v2 stores (no frames) stay readable; stage two then reads images from the dataset.
 """
 from __future__ import annotations
 
@@ -30,8 +37,8 @@ from typing import Literal
 
 import numpy as np
 
-SCHEMA_VERSION = 2
-READABLE_VERSIONS = (1, 2)  # v1 = v2 without operator arrays
+SCHEMA_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)  # v1 = v2 without operator arrays; v2 = v3 without frames
 FORMAT_NAME = "snd-scaffold-cache"
 PAIRS_PER_SHARD = 16  # pairs per shard file: ~100 MB files at 576x880, few files per scene
 
@@ -123,6 +130,37 @@ class OperatorSpec:
 
 
 @dataclass(frozen=True)
+class FrameSpec:
+    """How a scene group stores its frames (recorded in the header's ``images`` and each group's ``frames``).
+
+    codec: "jpeg" (at `quality`) or "lossless" (`snd.cache.frames`); height, width: the stored size, stage
+    two's backbone input (a run at another size resizes them, see `snd.cache.stream`).
+    """
+
+    codec: Literal["jpeg", "lossless"]
+    height: int
+    width: int
+    quality: int = 95
+
+    def __post_init__(self) -> None:
+        if self.codec not in ("jpeg", "lossless"):
+            raise ValueError(f"frame codec must be 'jpeg' or 'lossless', got {self.codec!r}")
+        if not 1 <= self.quality <= 100:
+            raise ValueError(f"JPEG quality must be in [1, 100], got {self.quality}")
+
+    @property
+    def hw(self) -> tuple[int, int]:
+        return (self.height, self.width)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "FrameSpec | None":
+        return None if not d else cls(**{k: d[k] for k in ("codec", "height", "width", "quality")})
+
+
+@dataclass(frozen=True)
 class ArraySpec:
     """One stored array: per-pair shape (the leading P axis excluded), dtype, kind, filters."""
 
@@ -171,6 +209,18 @@ def layout(height: int, width: int, targets: int, enc: Encoding, op: OperatorSpe
 
 
 CHECKSUM_ARRAY = "crc32c"
+FRAME_CHECKSUM_ARRAY = "frame_crc32c"
+FRAMES_PER_SHARD = 16  # frames per shard file of frame_bytes
+
+
+def frame_layout(max_bytes: int) -> dict[str, ArraySpec]:
+    """The frame arrays of a v3 scene group (leading axis: F frames), in the order of `frame_crc32c`'s
+    columns. `max_bytes` (L) is the scene's longest stored frame."""
+    return {s.name: s for s in (
+        ArraySpec("frame_index", (), np.dtype(np.int32), "small"),
+        ArraySpec("frame_nbytes", (), np.dtype(np.int32), "small"),
+        ArraySpec("frame_bytes", (int(max_bytes),), np.dtype(np.uint8), "field", codec="blosc-zstd"),
+    )}
 
 
 def delta_encode(a: np.ndarray) -> np.ndarray:

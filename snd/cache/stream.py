@@ -11,8 +11,12 @@ from `start`; block b goes to worker b % W. PyTorch's DataLoader takes batches f
 (0, 1, ..., W-1, 0, ...), so its output is exactly the rank's order, whatever W is.
 
 Each sample decodes the pair's scaffold to float32 (means rebuilt from depth/offset and the camera),
-verifies its checksums (an `SndError` names scene and pair), and loads the context/target images from
-the dataset (the root recorded in the manifest, or `data_root`) at the scaffold size, resized to `img_hw`.
+verifies its checksums (an `SndError` names scene and pair), and takes the context/target images from
+the store's frames (schema v3: stored at the backbone input size by stage one; no dataset access) or, for
+stores without frames and whenever `data_root` is given, from the dataset at the scaffold size, resized
+to `img_hw` with the same `resize_uint8` stage one uses (so lossless frames give bit-identical images).
+With `decode="device"` and JPEG frames the sample carries the JPEG bytes (``ctx_jpeg``, ``tgt_jpeg``)
+instead, decoded on the GPU for the whole batch (`snd.train.data.to_device`).
 Images stay uint8 [3, Hi, Wi] (`snd.train.data.to_device` makes them float in [0, 1] on the device): a
 quarter of the bytes through the DataLoader's shared memory, the pin-memory thread and PCIe, which is
 what kept the fast path's loader from feeding ~100 steps/s.
@@ -22,13 +26,13 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info, default_collate
 
+from snd.cache.frames import resize_uint8
 from snd.cache.reader import CacheReader
 from snd.errors import SndError
 
@@ -52,11 +56,13 @@ class ShardStream(IterableDataset):
         gaussians: decode the scaffold Gaussians and masks (the render path needs them; the operator path does
             not: its samples carry empty tensors there).
         operator: add the target's stored transfer operator (``op_*`` keys) when the store has them.
+        decode: "cpu" (decode stored frames here, in the worker) or "device" (JPEG frames at `img_hw` travel
+            as bytes, ``ctx_jpeg``/``tgt_jpeg``, for one batched GPU decode; other frames decode here).
     """
 
     def __init__(self, store_path: str | Path, *, data_root: str | Path | None = None, img_hw: tuple[int, int],
                  seed: int, rank: int = 0, world_size: int = 1, start: int = 0, batch_size: int = 1, verify: bool = True,
-                 gaussians: bool = True, operator: bool = True):
+                 gaussians: bool = True, operator: bool = True, decode: Literal["cpu", "device"] = "cpu"):
         super().__init__()
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
@@ -76,6 +82,8 @@ class ShardStream(IterableDataset):
                 items.extend((si, p, t) for t in range(n_t))
         self.items = np.asarray(items, dtype=np.int64).reshape(-1, 3)  # [N, 3] (scene, pair, target slot)
         self.data_root = Path(data_root) if data_root is not None else Path(self.header["data_root"])
+        self.store_images = data_root is None and self.header.get("images") is not None  # else: the dataset
+        self.decode = decode
         self.img_hw = (int(img_hw[0]), int(img_hw[1]))
         self.seed, self.rank, self.world_size, self.start = int(seed), rank, world_size, int(start)
         self.batch_size, self.verify = batch_size, verify
@@ -120,6 +128,8 @@ class ShardStream(IterableDataset):
             from snd.data import open_dataset
 
             self._reader = CacheReader(self.store, verify=self.verify)
+            if self.store_images:
+                return
             sc = self.header["scaffold"]
             self._dataset = open_dataset(self.data_root, self.header["dataset"]["layout"], height=sc["height"], width=sc["width"])
 
@@ -133,18 +143,25 @@ class ShardStream(IterableDataset):
         return self._scene_objs[name]
 
     def _image(self, name: str, stored_index: int, frame_ids: list[str]) -> torch.Tensor:
-        """Frame `stored_index` of the pair as uint8 [3, Hi, Wi]."""
+        """Frame `stored_index` of the pair as uint8 [3, Hi, Wi] (from the store's frames when it has them)."""
+        if self.store_images:
+            assert self._reader is not None
+            return resize_uint8(self._reader.scene(name).frame(stored_index), self.img_hw)
         scene, lookup = self._scene(name)
         fid = frame_ids[stored_index]
         if fid not in lookup:
             raise SndError(f"frame {fid} of scene {name} (used by the cache) is missing from the dataset at {self.data_root}",
                            path=self.data_root, hint="point --data at the dataset the cache was built from")
         img = torch.from_numpy(np.array(scene.image(lookup[fid]), dtype=np.uint8, copy=True)).permute(2, 0, 1)
-        if tuple(img.shape[1:]) != self.img_hw:
-            # resized in uint8 (torch's vectorised path, 4x faster than in float: the loader feeds ~100 steps/s
-            # on the fast path); its fixed-point weights differ from the float resize by at most one grey level
-            img = F.interpolate(img[None], size=self.img_hw, mode="bilinear", align_corners=False, antialias=True)[0]
-        return img
+        return resize_uint8(img, self.img_hw)
+
+    def _jpeg_on_device(self, name: str) -> bool:
+        """Whether this scene's frames travel as JPEG bytes (decoded batched on the GPU)."""
+        if not (self.store_images and self.decode == "device"):
+            return False
+        assert self._reader is not None
+        fs = self._reader.scene(name).frames
+        return fs is not None and fs.codec == "jpeg" and fs.hw == self.img_hw
 
     def sample(self, j: int) -> dict[str, Any]:
         """The sample at this rank's local position j."""
@@ -156,11 +173,15 @@ class ShardStream(IterableDataset):
         sr = self._reader.scene(name)
         d = sr.pair(p, gaussians=self.gaussians, operator=self.operator)
         ti = d.tgt_index[t]
-        ctx = torch.stack([self._image(name, i, sr.frame_ids) for i in d.ctx_index])
         ops = {k: v[t] for k, v in d.operator.items()} if d.operator is not None else {}
+        if self._jpeg_on_device(name):
+            images: dict[str, Any] = {"ctx_jpeg": [torch.from_numpy(np.array(sr.frame_bytes(i))) for i in d.ctx_index],
+                                      "tgt_jpeg": torch.from_numpy(np.array(sr.frame_bytes(ti)))}
+        else:
+            images = {"ctx_images": torch.stack([self._image(name, i, sr.frame_ids) for i in d.ctx_index]),
+                      "tgt_image": self._image(name, ti, sr.frame_ids)}
         return {
-            **ops,
-            "ctx_images": ctx, "tgt_image": self._image(name, ti, sr.frame_ids),
+            **ops, **images,
             "means": d.means, "quats": d.quats, "scales": d.scales, "opacities": d.opacities,
             "ctx_masks": d.ctx_masks, "tgt_mask": d.tgt_masks[t],
             "ctx_K": d.ctx_K, "ctx_c2w": d.ctx_c2w, "tgt_K": d.tgt_K[t], "tgt_c2w": d.tgt_c2w[t],
@@ -175,6 +196,18 @@ class ShardStream(IterableDataset):
             yield self.sample(j)
 
 
+JPEG_KEYS = ("ctx_jpeg", "tgt_jpeg")
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """`default_collate`, except that JPEG bytes (variable length) stay lists: ``ctx_jpeg`` [B][2] and
+    ``tgt_jpeg`` [B] of 1-D uint8 tensors."""
+    if not samples or JPEG_KEYS[0] not in samples[0]:
+        return default_collate(samples)
+    rest = default_collate([{k: v for k, v in s.items() if k not in JPEG_KEYS} for s in samples])
+    return {**rest, "ctx_jpeg": [list(s["ctx_jpeg"]) for s in samples], "tgt_jpeg": [s["tgt_jpeg"] for s in samples]}
+
+
 def make_loader(stream: ShardStream, num_workers: int = 2, prefetch: int = 4, pin_memory: bool = False, *,
                 batch_size: int | None = None) -> DataLoader:
     """A DataLoader over `stream` whose output order is the rank's order (batches of `stream.batch_size`)."""
@@ -183,7 +216,8 @@ def make_loader(stream: ShardStream, num_workers: int = 2, prefetch: int = 4, pi
     kw: dict[str, Any] = {}
     if num_workers > 0:
         kw.update(prefetch_factor=prefetch, persistent_workers=True)
-    return DataLoader(stream, batch_size=stream.batch_size, num_workers=num_workers, pin_memory=pin_memory, **kw)
+    return DataLoader(stream, batch_size=stream.batch_size, num_workers=num_workers, pin_memory=pin_memory,
+                      collate_fn=collate, **kw)
 
 
-__all__ = ["ShardStream", "make_loader"]
+__all__ = ["ShardStream", "collate", "make_loader", "JPEG_KEYS"]

@@ -22,8 +22,8 @@ import google_crc32c
 import numpy as np
 
 from snd.cache import manifest as M
-from snd.cache.schema import (CHECKSUM_ARRAY, PAIRS_PER_SHARD, SCHEMA_VERSION, ArraySpec, Encoding, OperatorSpec, codecs_for,
-                              delta_encode, layout)
+from snd.cache.schema import (CHECKSUM_ARRAY, FRAME_CHECKSUM_ARRAY, FRAMES_PER_SHARD, PAIRS_PER_SHARD, SCHEMA_VERSION, ArraySpec,
+                              Encoding, FrameSpec, OperatorSpec, codecs_for, delta_encode, frame_layout, layout)
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,8 @@ class SceneWriter:
     """Write one scene group of `n_pairs` pairs into ``<store>/_snd/tmp``; `commit` renames it into place."""
 
     def __init__(self, root: Path, scene: str, *, n_pairs: int, n_targets: int, height: int, width: int,
-                 enc: Encoding, attrs: dict, pairs_per_shard: int = PAIRS_PER_SHARD, op: OperatorSpec | None = None):
+                 enc: Encoding, attrs: dict, pairs_per_shard: int = PAIRS_PER_SHARD, op: OperatorSpec | None = None,
+                 frames: FrameSpec | None = None):
         import zarr
 
         M.check_scene_name(scene)
@@ -80,6 +81,7 @@ class SceneWriter:
             "format": M.FORMAT_NAME, "schema_version": SCHEMA_VERSION, "scene": scene, "height": height,
             "width": width, "n_pairs": n_pairs, "n_targets": n_targets, "encoding": enc.to_dict(),
             "operator": op.to_dict() if op is not None else None,
+            "frames": frames.to_dict() if frames is not None else None,
             "checksum": {"algorithm": "crc32c", "of": "stored bytes of each pair", "arrays": list(self.specs)},
             **attrs,
         })
@@ -99,9 +101,14 @@ class SceneWriter:
         self._writes: list = []  # futures of the shard being written
         self._added = 0  # pairs received
         self._flushed = 0  # pairs written to disk
+        self.frames = frames
+        self._frames: dict[int, np.ndarray] = {}  # frame index -> stored bytes (written at commit)
 
     def add(self, fields: dict[str, np.ndarray]) -> None:
-        """Append a batch of B pairs: every array of the layout with a leading B axis (logical values)."""
+        """Append a batch of B pairs: every array of the layout with a leading B axis (logical values); with
+        frames, ``fields["frames"]`` maps frame indices first used by this batch to their stored bytes."""
+        if self.frames is not None:
+            self._frames.update(fields.get("frames", {}))
         missing = sorted(set(self.specs) - set(fields))
         if missing:
             raise KeyError(f"scene {self.scene}: batch lacks arrays {missing}")
@@ -164,6 +171,7 @@ class SceneWriter:
                                     compressors=[ZstdCodec(level=3), Crc32cCodec()], fill_value=0)[...] = a
         self.group.create_array(CHECKSUM_ARRAY, shape=self._crc.shape, dtype=np.uint32, chunks=self._crc.shape,
                                 serializer=BytesCodec(), compressors=[Crc32cCodec()], fill_value=0)[...] = self._crc
+        frame_record = self._write_frames() if self.frames is not None else {}
         nbytes = folder_bytes(self.tmp)
         final = self.root / self.scene
         if final.exists():  # a renamed group whose marker never got written (killed in between): redo it
@@ -171,7 +179,44 @@ class SceneWriter:
         os.rename(self.tmp, final)
         tgt = np.concatenate(self._small["tgt_index"])
         return {"pairs": self.n_pairs, "items": int((tgt >= 0).sum()), "targets": (tgt >= 0).sum(1).tolist(),
-                "bytes": nbytes, "checksums_sha256": hashlib.sha256(self._crc.tobytes()).hexdigest()}
+                "bytes": nbytes, "checksums_sha256": hashlib.sha256(self._crc.tobytes()).hexdigest(), **frame_record}
+
+    def _write_frames(self) -> dict:
+        """The scene's frames (schema v3): every frame a stored pair uses, once, with their checksum table."""
+        from zarr.codecs import BytesCodec, Crc32cCodec, ZstdCodec
+
+        used = np.concatenate([np.concatenate(self._small["ctx_index"]).reshape(-1),
+                               np.concatenate(self._small["tgt_index"]).reshape(-1)])
+        used = sorted({int(i) for i in used if i >= 0})
+        missing = [i for i in used if i not in self._frames]
+        if missing:
+            raise ValueError(f"scene {self.scene}: frames {missing[:5]} are used by stored pairs but were never added")
+        blobs = [np.ascontiguousarray(self._frames[i], dtype=np.uint8).reshape(-1) for i in used]
+        L = max(len(b) for b in blobs)
+        arrays = {"frame_index": np.asarray(used, np.int32), "frame_nbytes": np.asarray([len(b) for b in blobs], np.int32),
+                  "frame_bytes": np.zeros((len(used), L), np.uint8)}
+        for k, b in enumerate(blobs):
+            arrays["frame_bytes"][k, :len(b)] = b
+        specs = frame_layout(L)
+        crc = np.zeros((len(used), len(specs)), np.uint32)
+        for col, (name, s) in enumerate(specs.items()):
+            a = arrays[name]
+            crc[:, col] = [crc32c(a[k]) for k in range(len(used))]
+            if s.kind == "field":
+                per = min(FRAMES_PER_SHARD, len(used))
+                self.group.create_array(name, shape=a.shape, dtype=a.dtype, chunks=(1, L), shards=(per, L),
+                                        serializer=BytesCodec(), compressors=codecs_for(s), fill_value=0,
+                                        config={"write_empty_chunks": True})[...] = a
+            else:
+                self.group.create_array(name, shape=a.shape, dtype=a.dtype, chunks=a.shape, serializer=BytesCodec(),
+                                        compressors=[ZstdCodec(level=3), Crc32cCodec()], fill_value=0)[...] = a
+        self.group.create_array(FRAME_CHECKSUM_ARRAY, shape=crc.shape, dtype=np.uint32, chunks=crc.shape,
+                                serializer=BytesCodec(), compressors=[Crc32cCodec()], fill_value=0)[...] = crc
+        self.group.attrs["frames"] = {**self.frames.to_dict(), "count": len(used), "max_bytes": int(L),
+                                      "checksum": {"algorithm": "crc32c", "of": "stored bytes of each frame",
+                                                   "arrays": list(specs)}}
+        return {"frames": len(used), "frame_bytes": int(sum(len(b) for b in blobs)),
+                "frames_checksums_sha256": hashlib.sha256(crc.tobytes()).hexdigest()}
 
     def abort(self) -> None:
         for w in self._writes:  # let a shard in flight finish before its folder goes

@@ -69,6 +69,8 @@ class PrecomputeConfig:
     operator_blend: bool = opt(True, "Semantic blending baked into the operators (stage two must use the same).")
     operator_row_cap: int = opt(64, "Kept context patches per target patch (dropped mass is reported; 0 at the default on procedural scenes).")
     operator_inst_cap: int = opt(128, "Kept instance labels per target view for blending.")
+    images: Literal["jpeg", "lossless", "off"] = opt("jpeg", "Store every frame the pairs use, once, at stage two's input size, so `snd distill` needs no dataset: jpeg (3-4x smaller than lossless, GPU-decoded; docs/cache-format.md) or lossless (bit-identical to the dataset path); off = stage two reads the dataset.")
+    image_quality: int = opt(95, "JPEG quality of the stored frames (95: ~0.2 MB per 574x868 frame, max pixel error 14; docs/cache-format.md).")
 
 
 @dataclass
@@ -76,7 +78,7 @@ class DistillConfig:
     """`snd distill`: stage two, the SnD distillation loop over cached scaffolds."""
 
     shards: Path = opt(Path("cache"), "Zarr store written by `snd precompute`.")
-    data: Optional[Path] = opt(None, "Dataset root for the images; default: the one recorded in the store's manifest.")
+    data: Optional[Path] = opt(None, "Read images from this dataset instead of the store's frames (needed only for stores built with --images off or by older snd; those default to the root recorded in the manifest).")
     verify_store: bool = opt(False, "Check every checksum of the store before training (`snd cache verify`; minutes per 100 GB) instead of only what training reads, when it reads it.")
     run: Path = opt(Path("runs/snd"), "Run directory (config, TensorBoard, checkpoints); an existing run resumes.")
     model: str = opt("vit_small_patch14_dinov2", "timm backbone name (vit_{small,base}_patch14[_reg4]_dinov2, or snd_test_vit_patch14).")
@@ -111,7 +113,8 @@ class DistillConfig:
     amp: Literal["auto", "bf16", "fp32"] = opt("auto", "Autocast: bf16 on CUDA, fp32 on CPU.")
     compile: Literal["auto", "on", "off"] = opt("auto", "torch.compile teacher and student (fused kernels); auto = inside the fast path on CUDA (2x there: docs/performance.md).")
     fast: Literal["auto", "on", "off"] = opt("auto", "Fast path: the whole step captured in CUDA graphs (needs the store's operators); auto = on CUDA when possible. On CPU 'on' runs the same body eagerly.")
-    num_workers: int = opt(2, "DataLoader worker processes reading shards and images.")
+    num_workers: str = opt("auto", "DataLoader worker processes reading shards and images; auto = from the CPU count and the step path (snd.train.data.resolve_num_workers).")
+    image_decode: Literal["auto", "cpu", "device"] = opt("auto", "Where stored JPEG frames are decoded: device = nvjpeg on the GPU, whole batch at once (frees loader cores); auto = device on CUDA.")
     prefetch: int = opt(4, "Batches prefetched per worker.")
     log_every: int = opt(10, "Steps between logged scalars (one host sync each).")
     ckpt_every: int = opt(1000, "Steps between checkpoints (and at the end).")
@@ -199,6 +202,7 @@ class BenchPrecomputeConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = opt("auto", "auto = bf16 on CUDA, fp32 on CPU.")
     compile: Literal["auto", "on", "graphs", "off"] = opt("auto", "torch.compile MVSplat (as `snd precompute`).")
     operator: bool = opt(True, "Also build the transfer operators (as `snd precompute`).")
+    images: Literal["jpeg", "lossless", "off"] = opt("jpeg", "Also store the frames (as `snd precompute --images`).")
     device: str = opt("auto", "'auto', 'cpu' or 'cuda[:i]'.")
     workdir: Optional[Path] = opt(None, "Where the scratch dataset and store go (default: a temp folder).")
     out: Optional[Path] = opt(None, "Write the JSON result here too (always printed).")
@@ -221,7 +225,7 @@ class BenchDistillConfig:
     compile: Literal["auto", "on", "off"] = opt("auto", "torch.compile teacher and student; auto = in the fast path only (as `snd distill`).")
     data: Literal["auto", "memory", "store"] = opt("auto", "Batches from two in-memory items, or streamed from a scaffold store through the training loader (each rank its disjoint part); auto = store under torchrun or with --shards.")
     shards: Optional[Path] = opt(None, "Store to stream (default: one generated at the bench size in --workdir).")
-    num_workers: int = opt(6, "DataLoader workers per rank when streaming a store.")
+    num_workers: str = opt("auto", "DataLoader workers per rank when streaming a store (auto: as `snd distill`).")
     device: str = opt("auto", "'auto', 'cpu' or 'cuda[:i]' (under torchrun: each rank its LOCAL_RANK's GPU).")
     workdir: Optional[Path] = opt(None, "Scratch folder for the generated store (default: temp).")
     out: Optional[Path] = opt(None, "Write the JSON result here too (always printed).")

@@ -8,6 +8,8 @@ creating its iterator never draws from the global RNG (which drives LoRA dropout
 """
 from __future__ import annotations
 
+import logging
+import os
 from typing import Callable, Iterator
 
 import torch
@@ -17,7 +19,10 @@ from torch.utils.data import DataLoader, IterableDataset
 from snd.errors import SndError
 from snd.pipeline.config import DistillConfig
 
-__all__ = ["StreamFactory", "BatchIterator", "shard_stream_factory", "use_stored_operators", "to_device", "select_views", "TENSOR_KEYS"]
+__all__ = ["StreamFactory", "BatchIterator", "shard_stream_factory", "use_stored_operators", "store_operators_fit", "resolve_num_workers",
+           "to_device", "select_views", "TENSOR_KEYS"]
+
+log = logging.getLogger(__name__)
 
 # (start = local position, rank, world_size) -> IterableDataset of stream items (split as ShardStream)
 StreamFactory = Callable[[int, int, int], IterableDataset]
@@ -47,20 +52,73 @@ def use_stored_operators(cfg: DistillConfig, header: dict, patch: int = 14) -> b
     return ok
 
 
+def _decode_on_device(cfg: DistillConfig, header: dict) -> bool:
+    """Stored JPEG frames decoded on the GPU (`--image-decode`); needs CUDA and frames at the run's size."""
+    img = header.get("images")
+    fits = cfg.data is None and img is not None and img["codec"] == "jpeg" and [img["height"], img["width"]] == [cfg.img_height, cfg.img_width]
+    cuda = torch.cuda.is_available() and cfg.device != "cpu"
+    if cfg.image_decode == "device" and not (fits and cuda):
+        raise SndError("--image-decode device needs CUDA and a store with JPEG frames at the run's --img-height/--img-width",
+                       path=cfg.shards, hint="use --image-decode auto or cpu")
+    return cfg.image_decode != "cpu" and fits and cuda
+
+
 def shard_stream_factory(cfg: DistillConfig) -> StreamFactory:
     """Streams from the Zarr store `cfg.shards` (`snd.cache.stream.ShardStream`); with stored operators in
-    use the stream skips decoding the Gaussians (the operator replaces them)."""
+    use the stream skips decoding the Gaussians (the operator replaces them). Images come from the store's
+    frames unless the store has none or `--data` is given (then from the dataset)."""
     from snd.cache.manifest import read_header
 
-    use_op = use_stored_operators(cfg, read_header(cfg.shards))
+    header = read_header(cfg.shards)
+    use_op = use_stored_operators(cfg, header)
+    decode = "device" if _decode_on_device(cfg, header) else "cpu"
+    if header.get("images") is None and cfg.data is None:
+        log.warning("note: store %s has no frames (built by an older snd or with --images off); images are read "
+                    "from the dataset at %s", cfg.shards, header.get("data_root"))
 
     def make(start: int, rank: int, world_size: int) -> IterableDataset:
         from snd.cache.stream import ShardStream
 
         return ShardStream(cfg.shards, data_root=cfg.data, img_hw=(cfg.img_height, cfg.img_width), seed=cfg.seed,
                            rank=rank, world_size=world_size, start=start, batch_size=cfg.batch,
-                           gaussians=not use_op, operator=use_op)
+                           gaussians=not use_op, operator=use_op, decode=decode)
     return make
+
+
+AUTO_WORKERS_CAP = {"operator": 12, "render": 8}  # per rank: the fast path's ~100 steps/s needs ~12 on 16 cores
+
+
+def store_operators_fit(cfg: DistillConfig) -> bool:
+    """Whether `cfg.shards` holds operators this run uses (False for a store that cannot be read)."""
+    from snd.cache.manifest import read_header
+
+    try:
+        return use_stored_operators(cfg, read_header(cfg.shards))
+    except SndError:
+        return False
+
+
+def resolve_num_workers(value: int | str, *, device: torch.device, operators: bool | Callable[[], bool],
+                        world_size: int = 1, cpus: int | None = None) -> int:
+    """`--num-workers`: an integer as given, or "auto": the CPU cores of this rank (affinity / world size)
+    minus two (the main thread and the pin-memory thread), capped per step path (`AUTO_WORKERS_CAP`: the
+    operator/fast path reads few bytes per sample but runs ~100 steps/s; the render path decodes Gaussians
+    but steps ~10x slower); on a CPU device at most 2 (the step itself needs the cores). `operators` may be
+    a callable, asked only for "auto"."""
+    if isinstance(value, int) or str(value).strip().lstrip("-").isdigit():
+        n = int(value)
+        if n < 0:
+            raise SndError(f"--num-workers must be >= 0 or 'auto', got {value}")
+        return n
+    if str(value) != "auto":
+        raise SndError(f"--num-workers must be an integer or 'auto', got {value!r}")
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    per_rank = max(cpus // max(world_size, 1), 1)
+    if device.type != "cuda":
+        return max(min(2, per_rank - 1), 0)
+    ops = operators() if callable(operators) else operators
+    return max(min(per_rank - 2, AUTO_WORKERS_CAP["operator" if ops else "render"]), 1)
 
 
 class BatchIterator:
@@ -78,7 +136,9 @@ class BatchIterator:
 
     def _open(self) -> Iterator:
         gen = torch.Generator().manual_seed(self.seed)
-        kw = dict(num_workers=self.num_workers, pin_memory=self.pin_memory, generator=gen)
+        from snd.cache.stream import collate
+
+        kw = dict(num_workers=self.num_workers, pin_memory=self.pin_memory, generator=gen, collate_fn=collate)
         if self.num_workers > 0:
             kw.update(prefetch_factor=self.prefetch, persistent_workers=False)
         loader = DataLoader(self.factory(self.position, self.rank, self.world_size), batch_size=self.batch,
@@ -109,8 +169,18 @@ IMAGE_KEYS = ("ctx_images", "tgt_image")
 
 def to_device(batch: dict, device: torch.device) -> dict:
     """Tensors to `device` (non-blocking from pinned memory); uint8 images (the shard stream's) become
-    float in [0, 1] there; other values as they are."""
+    float in [0, 1] there; JPEG bytes (``ctx_jpeg``/``tgt_jpeg``) are decoded there, the whole batch in one
+    call (`snd.cache.frames.decode_jpeg_batch`); other values as they are."""
     out = {}
+    if "ctx_jpeg" in batch:
+        from snd.cache.frames import decode_jpeg_batch
+
+        ctx, tgt = batch["ctx_jpeg"], batch["tgt_jpeg"]
+        B = len(tgt)
+        imgs = decode_jpeg_batch([t for pair in ctx for t in pair] + list(tgt), device)  # [3B,3,H,W] uint8
+        out["ctx_images"] = imgs[:2 * B].reshape(B, 2, *imgs.shape[1:]).float().div_(255.0)
+        out["tgt_image"] = imgs[2 * B:].float().div_(255.0)
+        batch = {k: v for k, v in batch.items() if k not in ("ctx_jpeg", "tgt_jpeg")}
     for k, v in batch.items():
         if isinstance(v, Tensor):
             v = v.to(device, non_blocking=True)

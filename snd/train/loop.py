@@ -25,7 +25,7 @@ from snd.errors import SndError
 from snd.pipeline.config import DistillConfig, load_config, save_config, to_jsonable
 from snd.train.checkpoint import (BASE_FILE, CONFIG_FILE, latest_checkpoint, load_checkpoint, rng_state, save_base,
                                   save_checkpoint, set_rng_state)
-from snd.train.data import BatchIterator, DevicePrefetcher, StreamFactory, shard_stream_factory
+from snd.train.data import BatchIterator, DevicePrefetcher, StreamFactory, resolve_num_workers, shard_stream_factory, store_operators_fit
 from snd.train.distiller import Distiller, TargetFn, build_base_backbone
 from snd.train.distributed import DistEnv, all_gather_objects, broadcast_params, dist_env, init_distributed, resolve_device
 from snd.train.rundir import RunLogger
@@ -36,9 +36,11 @@ log = logging.getLogger(__name__)
 __all__ = ["TrainSummary", "train", "RESUME_MAY_DIFFER", "resume_point"]
 
 # Options that may change between a run and its resume (they do not change the math; `iters` continues a
-# run to a new total with the schedule re-laid, see `_relay_schedule`).
+# run to a new total with the schedule re-laid, see `_relay_schedule`;
+# image_decode moves a JPEG pixel by at most a few levels, like --device; runs from before it lack the key).
 RESUME_MAY_DIFFER = {"run", "shards", "data", "weights", "num_workers", "prefetch", "log_every", "ckpt_every",
-                     "device", "compile", "verify_store", "iters"}
+                     "device", "compile", "verify_store", "iters",
+                     "image_decode"}
 
 
 @dataclass
@@ -204,7 +206,9 @@ def _train(cfg: DistillConfig, env: DistEnv, device: torch.device, factory: Stre
 
     batches = DevicePrefetcher(
         BatchIterator(factory, batch=cfg.batch, start=position, rank=env.rank, world_size=env.world_size,
-                      num_workers=cfg.num_workers, prefetch=cfg.prefetch, pin_memory=device.type == "cuda", seed=cfg.seed),
+                      num_workers=resolve_num_workers(cfg.num_workers, device=device, world_size=env.world_size,
+                                                      operators=lambda: store_operators_fit(cfg)),
+                      prefetch=cfg.prefetch, pin_memory=device.type == "cuda", seed=cfg.seed),
         device)
     start_step, start_position = step, position
     if ckpt is not None:
@@ -225,13 +229,15 @@ def _train(cfg: DistillConfig, env: DistEnv, device: torch.device, factory: Stre
     pending: list[tuple[int, torch.Tensor, float]] = []
     t_start = t_log = time.perf_counter()
     steps_since_log = 0
-    stepper = None
+    stepper, path = None, "?"
     try:
         while step < cfg.iters:
             indices, batch = next(batches)
             summary.seen_indices.extend(indices)
             if stepper is None:
                 stepper = _choose_stepper(runner, cfg, batch)
+                path = step_path(stepper, batch)
+                logger.text("run/step_path", path, step)
             lr = runner.lr
             loss = stepper.step(batch, step + 1)
             step += 1
@@ -240,7 +246,7 @@ def _train(cfg: DistillConfig, env: DistEnv, device: torch.device, factory: Stre
             last = step == cfg.iters
             if step % log_every == 0 or last or (stop_after is not None and step >= stop_after):
                 t_now = time.perf_counter()
-                _flush(pending, runner, logger, summary, env, device, steps_since_log / max(t_now - t_log, 1e-9))
+                _flush(pending, runner, logger, summary, env, device, steps_since_log / max(t_now - t_log, 1e-9), path)
                 pending, t_log, steps_since_log = [], t_now, 0
             if step % cfg.ckpt_every == 0 or last:
                 position = start_position + (step - start_step) * cfg.batch  # items trained on, per rank
@@ -273,8 +279,18 @@ def _choose_stepper(runner: StepRunner, cfg: DistillConfig, batch: dict):
     return runner
 
 
+def step_path(stepper, batch: dict) -> str:
+    """The step path as `snd bench distill` names it: fast (CUDA graphs), operator (stored operators,
+    eager) or render (per-step splatting)."""
+    from snd.train.graph import GraphStep
+
+    if isinstance(stepper, GraphStep):
+        return "fast"
+    return "operator" if any(k.startswith("op_") for k in batch) else "render"
+
+
 def _flush(pending, runner: StepRunner, logger: RunLogger, summary: TrainSummary, env: DistEnv,
-           device: torch.device, it_per_s: float) -> None:
+           device: torch.device, it_per_s: float, path: str) -> None:
     """The one host sync per `log_every` steps: losses (averaged over ranks), skipped count, memory."""
     if not pending:
         return
@@ -288,7 +304,7 @@ def _flush(pending, runner: StepRunner, logger: RunLogger, summary: TrainSummary
     for (step, _, lr), loss in zip(pending, values):
         summary.losses[step] = loss
         summary.lrs[step] = lr
-        rows.append({"step": step, "loss": loss, "lr": lr})
+        rows.append({"step": step, "loss": loss, "lr": lr, "it_per_s": it_per_s, "path": path})
     logger.steps(rows)
     step = pending[-1][0]
     finite = [v for v in values if v == v and abs(v) != float("inf")]

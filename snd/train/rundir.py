@@ -48,7 +48,7 @@ class RunLogger:
             self._task = self._progress.add_task("distill", total=total, completed=start, info="")
 
     def steps(self, rows: list[dict]) -> None:
-        """Per-step rows (step, loss, lr, ...) into metrics.jsonl."""
+        """Per-step rows (step, loss, lr, it/s over the last logging window, step path) into metrics.jsonl."""
         if not self.active:
             return
         for r in rows:
@@ -64,6 +64,11 @@ class RunLogger:
         if self._progress is not None:
             info = f"loss {values.get('train/loss', float('nan')):.4f}  {values.get('perf/it_per_s', 0):.1f} it/s"
             self._progress.update(self._task, completed=step, info=info)
+
+    def text(self, tag: str, value: str, step: int) -> None:
+        """A text value in TensorBoard (e.g. the step path; metrics.jsonl carries it on every row)."""
+        if self.active and self._tb is not None:
+            self._tb.add_text(tag, value, step)
 
     def close(self) -> None:
         if not self.active:

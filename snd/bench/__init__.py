@@ -1,0 +1,1 @@
+"""Benchmarks (`snd bench precompute|distill|eval`): the real pipeline code, timed, as JSON."""

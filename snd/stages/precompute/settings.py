@@ -1,0 +1,81 @@
+"""Stage one's settings derived from its config: this worker's rank, the operator spec, the store header,
+the scaffold source."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from snd.cache.schema import Encoding, FrameSpec, OperatorSpec
+from snd.errors import SndError
+from snd.pipeline.config import BenchPrecomputeConfig, PrecomputeConfig, to_jsonable
+from snd.scaffold import ScaffoldSource, create_source
+
+
+def resolve_rank(cfg_rank: int, cfg_world: int) -> tuple[int, int]:
+    """--rank/--world-size, or torchrun's RANK/WORLD_SIZE when the options are left at 0/1."""
+    rank, world = cfg_rank, cfg_world
+    if world == 1 and rank == 0 and "WORLD_SIZE" in os.environ:
+        rank, world = int(os.environ.get("RANK", "0")), int(os.environ["WORLD_SIZE"])
+    if world < 1 or not 0 <= rank < world:
+        raise SndError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world}")
+    return rank, world
+
+
+PATCH = 14  # DINOv2's patch size: the operators are built for stage two's patch grids
+
+
+def backbone_hw(cfg: PrecomputeConfig) -> tuple[int, int]:
+    """Stage two's backbone input size this store is built for (operators and frames)."""
+    ih = cfg.operator_img_height or cfg.height // PATCH * PATCH
+    iw = cfg.operator_img_width or cfg.width // PATCH * PATCH
+    if ih % PATCH or iw % PATCH or ih < PATCH or iw < PATCH:
+        raise SndError(f"operator input size {ih}x{iw} is not a positive multiple of the patch size {PATCH}",
+                       hint="pass --operator-img-height/--operator-img-width as multiples of 14")
+    return ih, iw
+
+
+def frame_spec(cfg: PrecomputeConfig) -> FrameSpec | None:
+    """How this run stores frames (None with --images off)."""
+    codec = getattr(cfg, "images", "off")
+    if codec == "off":
+        return None
+    if not 1 <= cfg.image_quality <= 100:
+        raise SndError(f"--image-quality must be in [1, 100], got {cfg.image_quality}")
+    ih, iw = backbone_hw(cfg)
+    return FrameSpec(codec=codec, height=ih, width=iw, quality=cfg.image_quality)
+
+
+def operator_spec(cfg: PrecomputeConfig) -> OperatorSpec | None:
+    """The operator shape/knobs this run stores (None with --no-operator)."""
+    if not getattr(cfg, "operator", False):
+        return None
+    ih, iw = backbone_hw(cfg)
+    grid = (ih // PATCH, iw // PATCH)
+    return OperatorSpec(ctx_hw=grid, out_hw=grid, upsample=cfg.operator_upsample, blend=cfg.operator_blend,
+                        row_cap=cfg.operator_row_cap, inst_cap=cfg.operator_inst_cap)
+
+
+def store_header(cfg: PrecomputeConfig, ds: Any, source: ScaffoldSource, enc: Encoding) -> dict:
+    src = source.describe()
+    op = operator_spec(cfg)
+    fs = frame_spec(cfg)
+    return {
+        "operator": op.to_dict() if op is not None else None,
+        "images": fs.to_dict() if fs is not None else None,
+        "dataset": {"layout": ds.layout, "split": cfg.split},
+        "data_root": str(Path(cfg.data).resolve()),
+        "source": {k: v for k, v in src.items() if k != "ckpt"},
+        "source_files": {"ckpt": src.get("ckpt")},
+        "scaffold": {"height": cfg.height, "width": cfg.width},
+        "sampler": {"gap_min": cfg.gap_min, "gap_max": cfg.gap_max, "pairs_per_scene": cfg.pairs_per_scene,
+                    "targets_per_pair": cfg.targets_per_pair, "seed": cfg.seed},
+        "encoding": enc.to_dict(),
+        "config": {k: v for k, v in to_jsonable(cfg).items() if k not in ("rank", "world_size")},
+    }
+
+
+def make_source(cfg: PrecomputeConfig | BenchPrecomputeConfig, *, random_init: bool = False) -> ScaffoldSource:
+    return create_source(cfg.source, device=cfg.device, ckpt=cfg.mvsplat_ckpt, config=cfg.mvsplat_config,
+                         precision=cfg.precision, near=getattr(cfg, "near", 1.0), far=getattr(cfg, "far", 100.0),
+                         random_init=random_init, compile=getattr(cfg, "compile", "off"), pad_to=cfg.batch_pairs)

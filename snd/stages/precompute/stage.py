@@ -1,0 +1,174 @@
+"""`snd precompute`: the three threads (loader, main, writer) wired together over this rank's scenes."""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from snd.cache import manifest as M
+from snd.cache.inuse import hold_in_use
+from snd.cache.schema import Encoding
+from snd.errors import SndError
+from snd.pipeline.config import PrecomputeConfig
+from snd.scaffold import ScaffoldSource
+from snd.stages.precompute.frames import _loader
+from snd.stages.precompute.launch import _InFlight, _land, _launch
+from snd.stages.precompute.report import Summary, console, print_summary, record_run
+from snd.stages.precompute.settings import make_source, operator_spec, resolve_rank, store_header
+from snd.stages.precompute.writer import _suppress_full, _Writer
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: PrecomputeConfig, *, source: ScaffoldSource | None = None, progress: bool = True,
+        on_batch: Callable[[str, int], None] | None = None) -> Summary:
+    """Precompute scaffolds of this rank's scenes into the store `cfg.out`.
+
+    Args:
+        cfg: the stage's options.
+        source: a ready scaffold source (default: built from cfg).
+        progress: show rich progress and the summary table.
+        on_batch: called as on_batch(scene, pairs_done_in_scene) after each batch is queued for writing
+            (tests use it to kill the process mid-scene).
+    """
+    from snd.data import open_dataset
+
+    if cfg.batch_pairs < 1:
+        raise SndError(f"--batch-pairs must be >= 1, got {cfg.batch_pairs}")
+    rank, world = resolve_rank(cfg.rank, cfg.world_size)
+    ds = open_dataset(cfg.data, cfg.layout, height=cfg.height, width=cfg.width)
+    names = ds.scene_names(cfg.split)
+    if cfg.scenes is not None:
+        names = names[: cfg.scenes]
+    if not names:
+        raise SndError(f"no scenes in split {cfg.split!r} of {cfg.data}", path=cfg.data)
+    for n in names:
+        M.check_scene_name(n)
+    jobs = names[rank::world]
+    source = source if source is not None else make_source(cfg)
+    enc = Encoding(offset=source.has_offset)
+    op_spec = operator_spec(cfg)
+    out = Path(cfg.out)
+    M.init_store(out, store_header(cfg, ds, source, enc))
+    busy = hold_in_use(M.meta_dir(out))  # shared for the whole run: `snd cache gc` / `verify --fix` refuse meanwhile
+
+    summary = Summary()
+    lock = threading.Lock()
+
+    def on_commit(name: str, rec: dict) -> None:
+        with lock:
+            summary.scenes_done += 1
+            summary.pairs += rec["pairs"]
+            summary.bytes += rec["bytes"]
+            summary.frame_bytes += rec.get("frame_bytes", 0)
+
+    def on_fail(name: str, msg: str) -> None:
+        with lock:
+            if name not in summary.failures:
+                summary.failures[name] = msg
+                summary.failed += 1
+        try:
+            M.write_failure(out, name, msg)
+        except OSError:  # pragma: no cover
+            log.warning("could not record the failure of scene %s", name)
+
+    t0 = time.perf_counter()
+    lq: queue.Queue = queue.Queue(maxsize=2)
+    stop = threading.Event()
+    loader = threading.Thread(target=_loader, args=(jobs, ds, cfg, source, out, lq, stop), name="snd-loader", daemon=True)
+    writer = _Writer(out, cfg, enc, on_commit, on_fail)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    prog = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                    TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not progress, transient=False)
+    est = cfg.pairs_per_scene * len(jobs) if cfg.pairs_per_scene else None
+    t_scenes = prog.add_task(f"scenes (rank {rank}/{world})", total=len(jobs), info="")
+    t_pairs = prog.add_task("pairs", total=est, info="")
+    loader.start()
+    writer.start()
+    in_scene: dict[str, int] = {}
+    queued_pairs = 0
+    dev = torch.device(source.device)
+    pending: _InFlight | None = None
+    wait_data = 0.0
+
+    def land() -> None:
+        """Hand the in-flight batch to the writer (called after the next batch is launched, or before any
+        scene event so the writer sees every scene's batches before its commit)."""
+        nonlocal pending, queued_pairs
+        if pending is None:
+            return
+        f, pending = pending, None
+        fields = _land(f, enc, op_spec, summary.phase_s, dev)
+        tw = time.perf_counter()
+        writer.q.put(("add", f.batch.scene, fields))
+        wait_write = time.perf_counter() - tw
+        summary.wait_write_s += wait_write
+        n = len(f.batch.ctx_K)
+        in_scene[f.batch.scene] += n
+        queued_pairs += n
+        summary.batch_times.append((time.perf_counter() - t0, n, wait_data, wait_write))
+        summary.phase_log.append(dict(summary.phase_s, writer_busy=writer.busy_s))
+        el = time.perf_counter() - t0
+        prog.update(t_pairs, advance=n, info=f"{queued_pairs / max(el, 1e-9):.1f} pairs/s, "
+                                            f"{summary.bytes / 1e6:.0f} MB written")
+        if on_batch is not None:
+            on_batch(f.batch.scene, in_scene[f.batch.scene])
+
+    try:
+        with prog:
+            while True:
+                tw = time.perf_counter()
+                msg = lq.get()
+                wait_data = time.perf_counter() - tw
+                summary.wait_data_s += wait_data
+                kind = msg[0]
+                if kind == "batch":
+                    launched = _launch(source, msg[1], enc, summary.phase_s)
+                    land()
+                    pending = launched
+                    continue
+                land()
+                if kind == "done":
+                    break
+                if kind == "skip":
+                    summary.scenes_skipped += 1
+                    prog.advance(t_scenes)
+                    continue
+                if kind == "start":
+                    in_scene[msg[1]] = 0
+                    writer.q.put(("start", msg[1], len(msg[2]), msg[3]))
+                    if est is not None and len(msg[2]) < cfg.pairs_per_scene:
+                        est -= cfg.pairs_per_scene - len(msg[2])
+                        prog.update(t_pairs, total=est)
+                    continue
+                if kind == "fail":
+                    name = msg[1]
+                    if msg[3]:
+                        writer.q.put(("abort", name))
+                    on_fail(name, msg[2])
+                    prog.advance(t_scenes)
+                    continue
+                if kind == "end":
+                    writer.q.put(("commit", msg[1]))
+                    prog.advance(t_scenes)
+                    continue
+            writer.q.put(("stop",))
+            writer.join()
+    finally:
+        stop.set()
+        if writer.is_alive():
+            with _suppress_full():
+                writer.q.put_nowait(("stop",))
+        loader.join(timeout=5)
+        busy.close()
+    summary.seconds = time.perf_counter() - t0
+    record_run(out, summary, rank, world, dev, jobs)
+    if progress:
+        print_summary(summary, out)
+    return summary
