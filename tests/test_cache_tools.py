@@ -76,7 +76,8 @@ def test_info_matches_what_precompute_wrote(written, synth_root, capsys):
     assert {k: v for k, v in info["header"].items() if k != "totals"} == header
     assert info["header"]["operator"]["ctx_hw"] == [8, 12] and info["header"]["sampler"]["pairs_per_scene"] == 2
     names = r.scene(r.scenes[0]).specs
-    assert set(info["arrays"]) == set(names) | {"crc32c"} and info["images_stored"] is False
+    frames = {"frame_index", "frame_nbytes", "frame_bytes", "frame_crc32c"}  # the default stores JPEG frames
+    assert set(info["arrays"]) == set(names) | {"crc32c"} | frames and info["images_stored"] is True
     assert info["arrays"]["quats"]["row_shape"] == [2, 4, H, W] and info["arrays"]["quats"]["dtype"] == "int8"
     assert sum(a["bytes"] for a in info["arrays"].values()) <= s.bytes
     assert len(info["runs"]) == 1 and info["runs"][0]["pairs"] == 4 and info["runs"][0]["scenes_done"] == 2
@@ -91,8 +92,11 @@ def test_verify_reads_every_array_of_a_clean_store(written):
     out, s = written
     rep = verify_store(out, progress=False)
     n_arrays = len(_arrays(out, CacheReader(out).scenes[0]))
-    checked = len(json.loads((out / CacheReader(out).scenes[0] / "zarr.json").read_text())["attributes"]["checksum"]["arrays"])
-    assert rep.ok and rep.scenes == 2 and rep.arrays == 2 * n_arrays and rep.rows == s.pairs * checked
+    attrs = [json.loads((out / n / "zarr.json").read_text())["attributes"] for n in CacheReader(out).scenes]
+    checked = len(attrs[0]["checksum"]["arrays"])
+    frame_rows = sum(a["frames"]["count"] * len(a["frames"]["checksum"]["arrays"]) for a in attrs)  # v3 frames, per frame
+    assert frame_rows > 0
+    assert rep.ok and rep.scenes == 2 and rep.arrays == 2 * n_arrays and rep.rows == s.pairs * checked + frame_rows
 
 
 def test_verify_finds_a_flipped_byte_in_every_array_and_names_it(store):

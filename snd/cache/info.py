@@ -117,7 +117,7 @@ def scaffold_info(root: str | Path) -> dict[str, Any]:
         "pairs": pairs, "targets": sum(int(r.get("items", 0)) for r in recs.values()),
         "bytes": nbytes, "mb_total": nbytes / _MB, "mb_per_pair": nbytes / _MB / pairs if pairs else None,
         "disk_mb": folder_bytes(root) / _MB,
-        "images_stored": any("image" in a for a in arrays),
+        "images_stored": header.get("images") is not None,  # v3 header: the frame codec, None with --images off
         "arrays": {k: {**v, "mb_per_pair": v["bytes"] / _MB / pairs if pairs else None} for k, v in arrays.items()},
         "runs": _runs(root),
     }

@@ -30,7 +30,7 @@ import numpy as np
 
 from snd.cache import manifest as M
 from snd.cache.inuse import exclusive
-from snd.cache.schema import CHECKSUM_ARRAY
+from snd.cache.schema import CHECKSUM_ARRAY, FRAME_CHECKSUM_ARRAY
 from snd.cache.writer import crc32c
 
 __all__ = ["Problem", "VerifyReport", "checksum_tables", "verify_store", "remove_scenes"]
@@ -82,12 +82,19 @@ class VerifyReport:
                 "removed": self.removed}
 
 
+# the marker field that pins each checksum table (a damaged table would otherwise excuse damaged rows)
+_PINNED_BY = {CHECKSUM_ARRAY: "checksums_sha256", FRAME_CHECKSUM_ARRAY: "frames_checksums_sha256"}
+
+
 def checksum_tables(attrs: dict) -> list[tuple[str, list[str]]]:
     """(table array, checked arrays in column order) of every checksum description in a group's attributes."""
     out = []
     for key, val in sorted(attrs.items()):
         if (key == "checksum" or key.startswith("checksum_")) and isinstance(val, dict) and "arrays" in val:
             out.append((str(val.get("table", CHECKSUM_ARRAY)), [str(a) for a in val["arrays"]]))
+        elif isinstance(val, dict) and isinstance(val.get("checksum"), dict) and "table" in val["checksum"]:
+            # a nested description (v3's ``frames.checksum``) names its table explicitly
+            out.append((str(val["checksum"]["table"]), [str(a) for a in val["checksum"]["arrays"]]))
     return out
 
 
@@ -158,8 +165,8 @@ def _plan_scene(root: Path, scene: str, record: dict, rep: VerifyReport) -> list
         except Exception as e:  # noqa: BLE001
             rep.problems.append(Problem(scene, table_name, None, f"checksum table {_err(e)}"))
             continue
-        if table_name == CHECKSUM_ARRAY and "checksums_sha256" in record and \
-                hashlib.sha256(np.ascontiguousarray(table).tobytes()).hexdigest() != record["checksums_sha256"]:
+        pin = _PINNED_BY.get(table_name)
+        if pin in record and hashlib.sha256(np.ascontiguousarray(table).tobytes()).hexdigest() != record[pin]:
             rep.problems.append(Problem(scene, table_name, None, "checksum table does not match the scene's marker"))
             continue
         if table.ndim != 2 or table.shape[1] != len(cols):

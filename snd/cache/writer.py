@@ -214,7 +214,7 @@ class SceneWriter:
                                 serializer=BytesCodec(), compressors=[Crc32cCodec()], fill_value=0)[...] = crc
         self.group.attrs["frames"] = {**self.frames.to_dict(), "count": len(used), "max_bytes": int(L),
                                       "checksum": {"algorithm": "crc32c", "of": "stored bytes of each frame",
-                                                   "arrays": list(specs)}}
+                                                   "arrays": list(specs), "table": FRAME_CHECKSUM_ARRAY}}
         return {"frames": len(used), "frame_bytes": int(sum(len(b) for b in blobs)),
                 "frames_checksums_sha256": hashlib.sha256(crc.tobytes()).hexdigest()}
 
