@@ -137,8 +137,11 @@ def trivial_prediction(t: Trivial, gt: Tensor) -> Tensor:
 
 
 def evaluate_trivial(t: Trivial, targets: Iterable[Tensor], *, max_depth: float = 10.0,
-                     num_classes: int | None = None, ignore_index: int = 255) -> dict:
+                     num_classes: int | None = None, ignore_index: int = 255, mmseg_union: bool = False) -> dict:
     """Metrics of the constant predictor on the val targets, with the probes' metric code and conventions.
+
+    `mmseg_union`: GT ids >= num_classes (not the ignore label) enter the union as in mmseg (the paper
+    protocol, `snd.eval.protocol.MmsegConfusion`); otherwise they are an error.
 
     Returns the same keys as `snd.eval.probes.evaluate_probe` (depth/normals: per-image means and
     "n_images"; seg: aAcc/mIoU/mAcc in percent from the summed confusion matrix and "n_images").
@@ -146,7 +149,10 @@ def evaluate_trivial(t: Trivial, targets: Iterable[Tensor], *, max_depth: float 
     if t.task == "seg":
         if not num_classes:
             raise ValueError("seg needs num_classes")
-        acc, n = ConfusionAccumulator(num_classes, ignore_index), 0
+        from snd.eval.protocol import MmsegConfusion
+
+        acc = MmsegConfusion(num_classes, ignore_index) if mmseg_union else ConfusionAccumulator(num_classes, ignore_index)
+        n = 0
         for g in targets:
             acc.update(trivial_prediction(t, g), g.long())
             n += 1

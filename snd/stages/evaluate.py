@@ -34,126 +34,15 @@ import torch
 
 from snd.errors import SndError
 from snd.pipeline.config import EvalConfig, save_config, to_jsonable
+from snd.stages.eval_outputs import _clean, _figures, _save_samples, _write_json
+from snd.stages.eval_plan import (TASK_TO_DATASET_TASK, _depth_range, _eval_trivial, _plan, _protocol, _splits,
+                                  _trivial_folder)
 
 log = logging.getLogger(__name__)
 
 __all__ = ["run", "TASK_TO_DATASET_TASK"]
 
-# `snd eval` task names -> the dataset registry's task names
-TASK_TO_DATASET_TASK = {"depth": "depth", "normals": "normals", "seg": "seg", "corr": "correspondence"}
 EXTRACT_BATCH = 32  # images per backbone forward when caching tokens
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=_jsonable))
-    os.replace(tmp, path)
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, (np.floating, np.integer)):
-        return x.item()
-    if isinstance(x, Path):
-        return str(x)
-    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
-
-
-def _clean(v: Any) -> Any:
-    """NaN -> None so results.json is valid JSON."""
-    if isinstance(v, float) and math.isnan(v):
-        return None
-    return v
-
-
-def _subset(n: int, max_images: int | None) -> list[int]:
-    """Evenly spaced indices (deterministic): every scene stays represented in a quick run."""
-    if max_images is None or max_images >= n:
-        return list(range(n))
-    return sorted(set(np.linspace(0, n - 1, max_images).round().astype(int).tolist()))
-
-
-def _plan(cfg: EvalConfig, tasks: list[str]) -> tuple[list[tuple[str, str]], list[str]]:
-    """(task, dataset) pairs to evaluate, and one note per task/dataset that cannot be evaluated."""
-    from snd.eval.datasets import available, list_datasets
-
-    status = available(cfg.data_root)
-    known = set(status)
-    unknown = [d for d in cfg.datasets if d not in known]
-    if unknown:
-        raise SndError(f"unknown dataset(s) {unknown}; known: {', '.join(sorted(known))}")
-    plan, notes = [], []
-    for task in tasks:
-        if task not in TASK_TO_DATASET_TASK:
-            raise SndError(f"unknown eval task {task!r}; expected one of {list(TASK_TO_DATASET_TASK)}")
-        names = list_datasets(TASK_TO_DATASET_TASK[task])
-        if cfg.datasets:
-            names = [d for d in names if d in cfg.datasets]
-        missing = []
-        for name in names:
-            if str(status[name]).startswith("ok"):
-                plan.append((task, name))
-            else:
-                missing.append(f"{name}: {status[name]}")
-        if not names:
-            notes.append(f"{task}: none of --datasets {cfg.datasets} supports this task")
-        elif not any(t == task for t, _ in plan):
-            notes.append(f"{task}: no dataset found under {cfg.data_root} — " + "; ".join(missing))
-        else:
-            notes += [f"{task}/{m}" for m in missing]
-    return plan, notes
-
-
-def _protocol(cfg: EvalConfig) -> dict:
-    proto = {"img_hw": [cfg.img_height, cfg.img_width], "iters": cfg.iters, "batch": cfg.batch,
-             "max_images": cfg.max_images, "feature_cache": cfg.feature_cache, "seed": cfg.seed}
-    if cfg.lr_scale != 1.0:  # only when set, so records made before the option existed keep their folder
-        proto["lr_scale"] = cfg.lr_scale
-    return proto
-
-
-def _trivial_folder(cfg: EvalConfig) -> str:
-    """Trivial baselines depend on the data seen (size, subset), not on the model or the probe recipe."""
-    proto = {"img_hw": [cfg.img_height, cfg.img_width], "max_images": cfg.max_images}
-    return "trivial-" + hashlib.sha256(json.dumps(proto, sort_keys=True).encode()).hexdigest()[:8]
-
-
-def _depth_range(name: str) -> tuple[float, float]:
-    from snd.eval import datasets as D
-    from snd.eval.probes import DEPTH_RANGE
-
-    return D.dataset_info(name).depth_range or DEPTH_RANGE.get(name, (1e-3, 10.0))
-
-
-def _splits(task: str, name: str, cfg: EvalConfig):
-    """(train dataset, val dataset, train indices, val indices) of a dense task, subset per --max-images."""
-    from snd.eval import datasets as D
-
-    hw = (cfg.img_height, cfg.img_width)
-    train_ds = D.get_dataset(name, cfg.data_root, "train", task, hw)
-    val_ds = D.get_dataset(name, cfg.data_root, "val", task, hw)
-    idx_tr, idx_va = _subset(len(train_ds), cfg.max_images), _subset(len(val_ds), cfg.max_images)
-    if not idx_tr or not idx_va:
-        raise SndError(f"{name}: empty split (train {len(idx_tr)}, val {len(idx_va)} images) for {task}")
-    return train_ds, val_ds, idx_tr, idx_va
-
-
-def _eval_trivial(task: str, name: str, data_tr, data_va) -> dict:
-    """Constant predictor fit on `data_tr`, scored on `data_va` (`snd.eval.trivial`): the floor of a probe."""
-    from snd.eval import datasets as D
-    from snd.eval.trivial import evaluate_trivial, fit_trivial
-
-    t0 = time.perf_counter()
-    kw = {"max_depth": _depth_range(name)[1]} if task == "depth" else {}
-    if task == "seg":
-        kw = {"num_classes": D.num_classes(name), "ignore_index": 255}
-    try:
-        triv = fit_trivial(task, (data_tr.target(j) for j in range(len(data_tr))), **kw)
-    except ValueError as e:
-        raise SndError(f"{name}: no trivial {task} baseline: {e}") from e
-    metrics = evaluate_trivial(triv, (data_va.target(j) for j in range(len(data_va))), **kw)
-    return {"dataset": name, "task": task, **triv.to_json(), "metrics": {k: _clean(v) for k, v in metrics.items()},
-            "n_train": len(data_tr), "n_val": len(data_va), "seconds": time.perf_counter() - t0}
 
 
 class _Role:
@@ -222,9 +111,15 @@ def _prepare_probe(role: _Role, task: str, name: str, cfg: EvalConfig, device: t
     _, dim = _grid_dim(role, hw)  # also checks the input size against the patch size
     train_ds, val_ds, idx_tr, idx_va = _splits(task, name, cfg)
     stores, targets = {}, None
+    flip_test = cfg.protocol == "paper" and task == "depth"
     if cfg.feature_cache:
+        from snd.eval.protocol import FlippedImages
+
         cache_dir = cfg.feature_cache_dir or cfg.out / "features"
-        for split, ds, idx in (("train", train_ds, idx_tr), ("val", val_ds, idx_va)):
+        sources = [("train", train_ds, idx_tr), ("val", val_ds, idx_va)]
+        if flip_test:  # the flip test's second pass, cached like the first
+            sources.append(("val_flip", FlippedImages(val_ds), idx_va))
+        for split, ds, idx in sources:
             bar = progress.add_task(f"{role.label} · {name} {split} features", total=len(idx), info="")
             stores[split] = ensure_features(role.net, ds, cache_dir=cache_dir, dataset_name=name, split=split,
                                             img_hw=hw, indices=idx, key=role.key, batch=EXTRACT_BATCH, device=device,
@@ -238,8 +133,8 @@ def _prepare_probe(role: _Role, task: str, name: str, cfg: EvalConfig, device: t
                                  progress=lambda d, t, b=bar: progress.update(b, completed=d))
         progress.remove_task(bar)
     data_tr = ProbeData(train_ds, idx_tr, task, stores.get("train"), targets=targets)
-    data_va = ProbeData(val_ds, idx_va, task, stores.get("val"), with_image=True)
-    trivial = _eval_trivial(task, name, data_tr, data_va) if with_trivial else None
+    data_va = ProbeData(val_ds, idx_va, task, stores.get("val"), with_image=True, flip_store=stores.get("val_flip"))
+    trivial = _eval_trivial(task, name, data_tr, data_va, cfg.protocol) if with_trivial else None
     torch.manual_seed(cfg.seed)
     if task == "depth":
         lo, hi = _depth_range(name)
@@ -252,6 +147,7 @@ def _prepare_probe(role: _Role, task: str, name: str, cfg: EvalConfig, device: t
             raise SndError(f"{name}: unknown number of segmentation classes")
         probe = SegProbe(dim, num_classes=k, ignore_index=255)
     spec = default_spec(task, len(idx_tr)).with_overrides(iters=cfg.iters, batch=cfg.batch, lr_scale=cfg.lr_scale)
+    spec.beta1_cycle = cfg.protocol == "paper" and task == "depth"  # the depth config's OneCycle momentum
     return _Prepared(task, name, probe, spec, data_tr, data_va, folder / f"{name}_{task}.safetensors", trivial)
 
 
@@ -298,13 +194,13 @@ def _train_and_evaluate(role: _Role, prepared: list[_Prepared], cfg: EvalConfig,
     for p, st in zip(prepared, stats):
         t1 = time.perf_counter()
         metrics, samples = evaluate_probe(p.probe, p.data_va, grid=grid, norm=norm, backbone=live, device=device,
-                                          num_workers=cfg.num_workers)
+                                          num_workers=cfg.num_workers, protocol=cfg.protocol)
         out[p.task, p.name] = ({"metrics": {k: _clean(v) for k, v in metrics.items()}, "n_train": len(p.data_tr),
                                 "n_val": len(p.data_va), "iters": p.spec.iters, "batch": p.spec.batch,
                                 "train_loss": _clean(st["loss"]), "train_seconds": st["seconds"],
                                 "train_wall_seconds_all_probes": wall, "trained_together": st.get("trained_together"),
                                 "residency": st.get("residency"), "eval_seconds": time.perf_counter() - t1,
-                                "probe": p.probe.config(), "recipe": p.spec.to_json()}, samples)
+                                "probe": p.probe.config(), "recipe": p.spec.to_json(), "protocol": cfg.protocol}, samples)
     return out
 
 
@@ -332,55 +228,9 @@ def _eval_corr(role: _Role, name: str, cfg: EvalConfig, device: torch.device) ->
             "pairs_by_rotation": res["pairs_by_rotation"], "num_correspondences": res["num_correspondences"]}
 
 
-def _save_samples(path: Path, samples: list[dict]) -> None:
-    from safetensors.torch import save_file
-
-    t = {}
-    for i, s in enumerate(samples):
-        for k in ("image", "gt", "pred"):
-            if s.get(k) is not None:
-                t[f"{k}.{i}"] = s[k].contiguous().float() if k != "gt" or s[k].is_floating_point() else s[k].contiguous()
-    if t:
-        save_file(t, str(path.with_name(path.name + ".tmp")))
-        os.replace(path.with_name(path.name + ".tmp"), path)
-
-
-def _load_samples(path: Path) -> list[dict]:
-    from safetensors.torch import load_file
-
-    t = load_file(str(path))
-    n = 1 + max(int(k.split(".")[1]) for k in t)
-    return [{k: t.get(f"{k}.{i}") for k in ("image", "gt", "pred")} for i in range(n)]
-
-
-def _figures(records: list[dict], out: Path) -> list[Path]:
-    from snd.eval.correspondence import write_recall_curve_png
-    from snd.eval.figures import prediction_grid
-
-    written = []
-    keys = sorted({(r["task"], r["dataset"]) for r in records if r.get("status") == "ok"})
-    for task, name in keys:
-        rs = [r for r in records if r["task"] == task and r["dataset"] == name and r.get("status") == "ok"]
-        rs.sort(key=lambda r: r["role"] != "model")
-        try:
-            if task == "corr":
-                curves = {f"{r['role']}: {r['label']}": r["curve"] for r in rs if r.get("curve")}
-                if curves:
-                    written.append(write_recall_curve_png(curves, out / "figures" / f"corr_{name}.png",
-                                                          title=f"correspondence recall ({name})"))
-                continue
-            samples = {f"{r['role']}: {r['label']}": _load_samples(Path(r["samples"])) for r in rs
-                       if r.get("samples") and Path(r["samples"]).is_file()}
-            if samples:
-                written.append(prediction_grid(task, samples, out / "figures" / f"{task}_{name}.png"))
-        except Exception as e:  # a figure must never lose the numbers
-            log.warning("figure %s/%s failed: %s", task, name, e)
-    return written
-
-
 def _base(role: _Role, task: str, name: str) -> dict:
     return {"role": role.role, "label": role.label, "model": role.name, "key": role.key, "size": role.size(),
-            "dataset": name, "task": task}
+            "dataset": name, "task": task, "protocol": role.cfg.protocol}
 
 
 def _failed(base: dict, e: SndError, notes: list[str], console) -> dict:
@@ -495,7 +345,7 @@ def run(cfg: EvalConfig, tasks: list[str]) -> dict:
 
                 train_ds, val_ds, idx_tr, idx_va = _splits(task, name, cfg)
                 keep_trivial(task, name, _eval_trivial(task, name, ProbeData(train_ds, idx_tr, task),
-                                                       ProbeData(val_ds, idx_va, task)))
+                                                       ProbeData(val_ds, idx_va, task), cfg.protocol))
             except SndError as e:
                 notes.append(f"{task}/{name} (trivial baseline): {e}")
     trivial_list = [trivial[k] for k in sorted(trivial)]
@@ -507,14 +357,14 @@ def run(cfg: EvalConfig, tasks: list[str]) -> dict:
         if tab:
             (out / f"results_{t}.md").write_text(tab)
     figs = _figures(records, out)
-    _write_json(out / "results.json", {"config": to_jsonable(cfg), "records": records, "trivial": trivial_list,
+    _write_json(out / "results.json", {"protocol": cfg.protocol, "config": to_jsonable(cfg), "records": records, "trivial": trivial_list,
                                        "notes": notes, "figures": [str(f) for f in figs]})
     for t in tasks:
         head, rows = console_rows(records, t, trivial=trivial_list)
         if rows:
             preds = [f"{x['dataset']}: {x.get('predictor', '?')}" for x in trivial_list if x["task"] == t]
             caption = ("trivial = constant fit on train, scored on val (" + "; ".join(preds) + ")") if preds else None
-            table = Table(title=t, caption=caption, show_lines=False)
+            table = Table(title=f"{t} (protocol: {cfg.protocol})", caption=caption, show_lines=False)
             for h in head:
                 table.add_column(h, justify="left" if h in ("dataset", "metric") else "right")
             for r in rows:
@@ -522,5 +372,5 @@ def run(cfg: EvalConfig, tasks: list[str]) -> dict:
             Console().print(table)
     if not ok:
         raise SndError("nothing could be evaluated:\n  " + "\n  ".join(notes))
-    console.print(f"results: {out / 'results.md'}")
+    console.print(f"results ({cfg.protocol} protocol): {out / 'results.md'}")
     return {"records": records, "trivial": trivial_list, "notes": notes, "out": str(out), "tables": tables}

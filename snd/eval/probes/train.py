@@ -37,6 +37,7 @@ from snd.eval.probes.base import Probe, ProbeSpec, to_device
 from snd.eval.probes.checkpoint import load_checkpoint, save_checkpoint
 from snd.eval.probes.rows import DeviceRows, Residency, SharedRows, budget_bytes, group_row_bytes, plan_residency
 from snd.eval.probes.schedules import lr_factor
+from snd.eval.protocol import MmsegConfusion, flip_average, onecycle_beta1
 
 log = logging.getLogger(__name__)
 
@@ -59,17 +60,19 @@ class ProbeData(torch.utils.data.Dataset):
             per epoch; small datasets — synth, NYUv2 — then load each file once). 0 disables.
         targets: a `snd.eval.targets.TargetStore` of the same rows: targets are read from it (two raw
             chunks per item with the token store) instead of decoding the dataset item every epoch.
+        flip_store: cached tokens of the horizontally flipped images (same rows), returned as `tokens_flip`
+            (the paper protocol's flip test; `snd.eval.protocol.flip_average`).
     """
 
     def __init__(self, dataset, indices: list[int], task: str, store=None, with_image: bool = False,
-                 memory_mb: float = 1024.0, targets=None):
+                 memory_mb: float = 1024.0, targets=None, flip_store=None):
         if task not in TARGETS:
             raise ValueError(f"unknown probe task {task!r}; expected one of {list(TARGETS)}")
-        for what, s in (("feature", store), ("target", targets)):
+        for what, s in (("feature", store), ("target", targets), ("flipped-feature", flip_store)):
             if s is not None and len(s) != len(indices):
                 raise ValueError(f"{what} store has {len(s)} rows but {len(indices)} indices were given")
         self.dataset, self.indices, self.task, self.store, self.with_image = dataset, list(indices), task, store, with_image
-        self.targets = targets
+        self.targets, self.flip_store = targets, flip_store
         self.budget = int(memory_mb * 2**20)
         self._mem: dict[int, dict[str, Tensor]] = {}
         self._used = 0
@@ -100,6 +103,8 @@ class ProbeData(torch.utils.data.Dataset):
         out = dict(self._item(j))
         if self.store is not None:
             out["tokens"] = self.store.tokens(j)
+        if self.flip_store is not None:
+            out["tokens_flip"] = self.flip_store.tokens(j)
         out["row"] = torch.tensor(j)
         return out
 
@@ -168,7 +173,10 @@ def _optimizer(probe: Probe, spec: ProbeSpec, device: torch.device) -> torch.opt
     """AdamW of the recipe; on CUDA fused and capturable with a device-tensor lr (CUDA-graph safe)."""
     if device.type == "cuda":
         lr = torch.tensor(spec.lr, dtype=torch.float32, device=device)
-        return torch.optim.AdamW(probe.parameters(), lr=lr, betas=spec.betas, weight_decay=spec.weight_decay,
+        betas = spec.betas
+        if spec.beta1_cycle:  # a device tensor too, so a replayed graph reads each step's beta1
+            betas = (torch.tensor(betas[0], dtype=torch.float32, device=device), betas[1])
+        return torch.optim.AdamW(probe.parameters(), lr=lr, betas=betas, weight_decay=spec.weight_decay,
                                  fused=True, capturable=True)
     return torch.optim.AdamW(probe.parameters(), lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay)
 
@@ -179,6 +187,15 @@ def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
             g["lr"].fill_(lr)  # a kernel with a scalar argument: no host sync, read by the replayed graph
         else:
             g["lr"] = lr
+
+
+def _set_beta1(opt: torch.optim.Optimizer, beta1: float) -> None:
+    for g in opt.param_groups:
+        b1, b2 = g["betas"]
+        if isinstance(b1, Tensor):
+            b1.fill_(beta1)
+        else:
+            g["betas"] = (beta1, b2)
 
 
 class _Step:
@@ -261,6 +278,8 @@ class _Run:
         spec, step = self.job.spec, self.step
         _set_lr(self.opt, spec.lr * lr_factor(spec.schedule, step, spec.iters, warmup=spec.warmup,
                                               warmup_ratio=spec.warmup_ratio, min_ratio=spec.min_ratio))
+        if spec.beta1_cycle:
+            _set_beta1(self.opt, onecycle_beta1(step, spec.iters))
         if step < self.eager_until:
             self.opt.zero_grad(set_to_none=True)
             self.fn(tokens, target, step)
@@ -603,8 +622,14 @@ def evaluate_probe(
     batch: int = 8,
     keep: int = 4,
     num_workers: int = 0,
+    protocol: str = "fast",
 ) -> tuple[dict, list[dict]]:
     """Metrics of `probe` on `data` at the label resolution, and the first `keep` predictions (for figures).
+
+    `protocol="paper"`: depth is the flip average (`tokens_flip` from `data.flip_store`, or the backbone
+    on the flipped image on the live path), scored at whatever resolution the targets have (native with
+    the paper's datasets; one image per batch, since native sizes may differ); segmentation counts GT ids
+    >= the class count in mmseg's union (`MmsegConfusion`). "fast": one pass, the plain confusion matrix.
 
     Returns:
         (metrics, samples): depth -> per-image means of `DEPTH_METRICS` (GT in (1e-3, max_depth) of the
@@ -614,14 +639,25 @@ def evaluate_probe(
     probe.to(device).eval()
     if backbone is not None:
         backbone.to(device).eval()
-    loader = torch.utils.data.DataLoader(data, batch_size=batch, shuffle=False, num_workers=num_workers)
     task = probe.task
-    acc = ConfusionAccumulator(probe.num_classes, probe.ignore_index) if task == "seg" else MeanAccumulator()
+    paper = protocol == "paper"
+    flip = paper and task == "depth"
+    if flip and data.store is not None and data.flip_store is None:
+        raise ValueError("the paper protocol's depth test needs the flipped images' tokens (ProbeData flip_store)")
+    loader = torch.utils.data.DataLoader(data, batch_size=1 if flip else batch, shuffle=False, num_workers=num_workers)
+    if task == "seg":
+        acc = (MmsegConfusion if paper else ConfusionAccumulator)(probe.num_classes, probe.ignore_index)
+    else:
+        acc = MeanAccumulator()
     samples: list[dict] = []
     for b in loader:
         b = to_device(b, device)
         gt = b[TARGETS[task][0]]
         pred = probe.predict(probe.prepare(_float_tokens(b, backbone), grid, norm), tuple(gt.shape[-2:]))
+        if flip:
+            fb = {"tokens": b["tokens_flip"]} if "tokens_flip" in b else {"image": b["image"].flip(-1)}
+            pred = flip_average(pred, probe.predict(probe.prepare(_float_tokens(fb, backbone), grid, norm),
+                                                    tuple(gt.shape[-2:])))
         if task == "depth":
             acc.update(depth_metrics(pred, gt, min_depth=1e-3, max_depth=probe.max_depth))
         elif task == "normals":
