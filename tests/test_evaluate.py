@@ -85,3 +85,24 @@ def test_eval_end_to_end_on_cuda(synth_root, tmp_path):
                        tasks=["depth", "normals", "seg", "corr"])
     assert {r["task"] for r in res["records"] if r["status"] == "ok"} == {"depth", "normals", "seg", "corr"}
     assert (tmp_path / "gpu" / "results.md").is_file()
+
+
+def test_paper_and_fast_protocols_end_to_end_are_labelled(synth_root, tmp_path):
+    """`snd eval --protocol paper` (the default) runs every task on procedural data; its records, JSON and
+    tables say so, the flipped validation pass is cached, and fast (on the same token cache) differs."""
+    assert EvalConfig().protocol == "paper"
+    feats = tmp_path / "features"
+    paper = evaluate.run(_cfg(synth_root, tmp_path / "paper", baseline=None, feature_cache_dir=feats),
+                         tasks=["depth", "normals", "seg", "corr"])
+    fast = evaluate.run(_cfg(synth_root, tmp_path / "fast", baseline=None, feature_cache_dir=feats, protocol="fast"),
+                        tasks=["depth", "corr"])
+    for res, name in ((paper, "paper"), (fast, "fast")):
+        assert json.loads((tmp_path / name / "results.json").read_text())["protocol"] == name
+        assert all(r["protocol"] == name for r in res["records"])
+        assert f"(protocol: {name})" in (tmp_path / name / "results.md").read_text()
+    assert any(p.name.startswith("val_flip") for p in feats.rglob("*.json"))
+    pd = {r["task"]: r for r in paper["records"]}
+    fd = {r["task"]: r for r in fast["records"]}
+    assert pd["depth"]["recipe"]["beta1_cycle"] and not fd["depth"]["recipe"]["beta1_cycle"]
+    assert pd["corr"]["geometry"] == "probe3d" and fd["corr"]["geometry"] == "snd"
+    assert pd["depth"]["metrics"]["abs_rel"] != fd["depth"]["metrics"]["abs_rel"]

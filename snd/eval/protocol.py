@@ -30,7 +30,7 @@ from torch import Tensor
 from snd.eval.metrics import confusion_matrix, seg_metrics_from_confusion
 
 __all__ = ["Protocol", "PROTOCOLS", "check_protocol", "onecycle_beta1", "flip_average", "MmsegConfusion", "FlippedImages",
-           "dataset_kwargs",
+           "dataset_kwargs", "center_pad", "PAPER_CORR_HW",
            "mmseg_seg_metrics"]
 
 Protocol = Literal["paper", "fast"]
@@ -129,7 +129,11 @@ _PAPER_VAL_KW: dict[tuple[str, str], dict] = {
     ("kitti", "depth"): {"garg_on": "kb"},  # Garg fractions of the 352x1216 KB-cropped map
     ("scannetpp", "seg"): {"keep_extra_ids": True},  # ids beyond the 100 classes enter mmseg's union
     ("synth", "seg"): {"keep_extra_ids": True},
+    ("scannet1500", "correspondence"): {"intrinsics": "npz"},  # each scene's intrinsics.npz, as Probe3D
 }
+# Correspondence input size under the paper protocol (Probe3D resizes ScanNet frames to 480x640 and the ViT
+# centre-pads them to a multiple of the patch, 490x644); datasets not listed keep `snd eval`'s size.
+PAPER_CORR_HW: dict[str, tuple[int, int]] = {"scannet1500": (480, 640)}
 
 
 def dataset_kwargs(protocol: str, name: str, task: str, split: str) -> dict:
@@ -144,6 +148,19 @@ def dataset_kwargs(protocol: str, name: str, task: str, split: str) -> dict:
     if task == "depth":
         kw["native_target"] = True
     return kw
+
+
+def center_pad(images: Tensor, patch: int, fill: Tensor) -> Tensor:
+    """Probe3D's `center_padding`: pad [B, 3, H, W] to multiples of `patch`, the extra rows/columns split
+    as (pad // 2 before, the rest after), with `fill` [3] per channel (Probe3D pads normalised images with 0:
+    pass the value that normalises to 0, the backbone's mean)."""
+    B, _, H, W = images.shape
+    ph, pw = (-H) % patch, (-W) % patch
+    if not ph and not pw:
+        return images
+    out = fill.to(images).view(1, 3, 1, 1).expand(B, 3, H + ph, W + pw).clone()
+    out[..., ph // 2 : ph // 2 + H, pw // 2 : pw // 2 + W] = images
+    return out
 
 
 class FlippedImages(torch.utils.data.Dataset):

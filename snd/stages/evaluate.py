@@ -34,6 +34,7 @@ import torch
 
 from snd.errors import SndError
 from snd.pipeline.config import EvalConfig, save_config, to_jsonable
+from snd.stages.eval_corr import _eval_corr
 from snd.stages.eval_outputs import _clean, _figures, _save_samples, _write_json
 from snd.stages.eval_plan import (TASK_TO_DATASET_TASK, _depth_range, _eval_trivial, _plan, _protocol, _splits,
                                   _trivial_folder)
@@ -202,30 +203,6 @@ def _train_and_evaluate(role: _Role, prepared: list[_Prepared], cfg: EvalConfig,
                                 "residency": st.get("residency"), "eval_seconds": time.perf_counter() - t1,
                                 "probe": p.probe.config(), "recipe": p.spec.to_json(), "protocol": cfg.protocol}, samples)
     return out
-
-
-def _eval_corr(role: _Role, name: str, cfg: EvalConfig, device: torch.device) -> dict:
-    from snd.eval import datasets as D
-    from snd.eval.correspondence import evaluate_correspondence
-    from snd.eval.features import split_tokens
-    from snd.eval.features import extract_tokens
-    from snd.models.backbone import _unwrap, patch_size
-
-    hw = (cfg.img_height, cfg.img_width)
-    net = role.net.to(device)
-    p = patch_size(_unwrap(net))
-
-    def model_fn(images: torch.Tensor) -> torch.Tensor:
-        tok = extract_tokens(net, images.to(device), cfg.extract_precision)
-        return split_tokens(tok, (images.shape[-2] // p, images.shape[-1] // p))[1]  # raw last-block patches
-
-    pairs = D.get_dataset(name, cfg.data_root, "val", "correspondence", hw)
-    res = evaluate_correspondence(model_fn, pairs, max_pairs=cfg.max_images)
-    metrics = {f"recall_{k}": 100 * v for k, v in res["recall"].items()}
-    for k, v in res["recall_by_rotation"].items():
-        metrics[f"recall_10px_rot_{k}"] = None if v is None else 100 * v
-    return {"metrics": metrics, "curve": res["curve"], "n_val": res["num_pairs"],
-            "pairs_by_rotation": res["pairs_by_rotation"], "num_correspondences": res["num_correspondences"]}
 
 
 def _base(role: _Role, task: str, name: str) -> dict:
