@@ -290,3 +290,51 @@ def test_scannet1500_intrinsics_from_each_scenes_npz(tmp_path):
     s = ds[0]
     np.testing.assert_allclose(s["K0"].numpy(), Kn, rtol=1e-6)  # 480x640 is the npz's own size: K as stored
     np.testing.assert_allclose(s["K1"].numpy(), Kn, rtol=1e-6)
+
+
+# ---- normals test (Probe3D): 480x480 crop padded to 490^2, valid = raw depth > 0, zero GT = 90 degrees --------
+def test_zero_normal_at_a_valid_pixel_scores_90_degrees():
+    from snd.eval.metrics import normal_metrics
+    from snd.eval.protocol import zero_normals_as_90deg
+
+    pred = torch.tensor([0.0, 0.6, 0.8]).view(1, 3, 1, 1).expand(1, 3, 1, 3).clone()
+    nan = float("nan")
+    gt = torch.tensor([[0.0, 0.0, nan], [0.6, 0.0, nan], [0.8, 0.0, nan]]).view(1, 3, 1, 3)  # exact, zero, invalid
+    m = normal_metrics(pred, zero_normals_as_90deg(pred, gt))
+    assert float(m["mean"][0]) == pytest.approx(45.0, abs=1e-4)  # (0 + 90) / 2; the NaN pixel is invalid
+    assert float(m["rmse"][0]) == pytest.approx(math.sqrt(90.0 ** 2 / 2), abs=1e-3)
+    assert float(normal_metrics(pred, gt)["mean"][0]) == pytest.approx(0.0, abs=1e-4)  # fast: zero skipped
+
+
+def test_nyuv2_probe3d_normals_test_sample(tmp_path):
+    import gzip
+    import pickle
+
+    import snd.eval.datasets as D
+    from tests.test_eval_datasets import write_mat_v5, write_mat_v73
+
+    rng = np.random.default_rng(0)
+    d = tmp_path / "nyuv2"
+    d.mkdir()
+    images = rng.integers(0, 256, (2, 12, 16, 3), dtype=np.uint8)
+    raw = rng.uniform(0.5, 9.0, (2, 12, 16)).astype(np.float32)
+    raw[1, 3, 5] = 0.0  # no raw depth
+    raw[1, 4, 6] = 11.0  # above 10 m: dropped as Probe3D does
+    normals = np.tile(np.array([0.0, 0.0, 1.0], np.float32), (2, 12, 16, 1))
+    normals[1, 5, 7] = 0.0  # a zero normal where the raw depth is valid
+    write_mat_v73(d / "nyu_depth_v2_labeled.mat", {"images": images.transpose(0, 3, 2, 1),
+                                                   "depths": raw.transpose(0, 2, 1), "rawDepths": raw.transpose(0, 2, 1)})
+    write_mat_v5(d / "splits.mat", {"trainNdxs": np.array([[1]]), "testNdxs": np.array([[2]])})
+    with gzip.open(d / "all_normals.pklz", "wb") as f:
+        pickle.dump({"all_normals": normals}, f, protocol=2)
+    with pytest.raises(Exception, match="14, 14"):
+        D.get_dataset("nyuv2", tmp_path, "val", "normals", (12, 16), probe3d_test=True)[0]
+    s = D.get_dataset("nyuv2", tmp_path, "val", "normals", (14, 14), probe3d_test=True)[0]
+    img, n = s["image"], s["normals"]
+    assert tuple(img.shape) == (3, 14, 14) and tuple(n.shape) == (3, 12, 12)
+    # the centre square (columns 2:14 of 16) inside one padding row/column of the ImageNet mean
+    np.testing.assert_allclose(img[:, 1:13, 1:13].permute(1, 2, 0).numpy(), images[1][:, 2:14] / 255.0, atol=1e-6)
+    assert img[:, 0, 0].tolist() == pytest.approx([0.485, 0.456, 0.406])
+    assert torch.isnan(n[:, 3, 3]).all() and torch.isnan(n[:, 4, 4]).all()  # raw depth 0 / > 10 m, shifted 2 columns
+    assert n[:, 5, 5].tolist() == [0.0, 0.0, 0.0] and n[:, 0, 0].tolist() == [0.0, 0.0, 1.0]
+    assert dataset_kwargs("paper", "nyuv2", "normals", "val") == {"probe3d_test": True}

@@ -30,10 +30,11 @@ from torch import Tensor
 from snd.eval.metrics import confusion_matrix, seg_metrics_from_confusion
 
 __all__ = ["Protocol", "PROTOCOLS", "check_protocol", "onecycle_beta1", "flip_average", "MmsegConfusion", "FlippedImages",
-           "dataset_kwargs", "center_pad", "PAPER_CORR_HW",
+           "dataset_kwargs", "center_pad", "PAPER_CORR_HW", "PAPER_VAL_HW", "zero_normals_as_90deg", "IMAGENET_MEAN",
            "mmseg_seg_metrics"]
 
 Protocol = Literal["paper", "fast"]
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # DINOv2's normalisation mean: padding with it normalises to 0
 PROTOCOLS: tuple[str, ...] = ("paper", "fast")
 
 
@@ -130,7 +131,11 @@ _PAPER_VAL_KW: dict[tuple[str, str], dict] = {
     ("scannetpp", "seg"): {"keep_extra_ids": True},  # ids beyond the 100 classes enter mmseg's union
     ("synth", "seg"): {"keep_extra_ids": True},
     ("scannet1500", "correspondence"): {"intrinsics": "npz"},  # each scene's intrinsics.npz, as Probe3D
+    ("nyuv2", "normals"): {"probe3d_test": True},  # 480x480 centre crop padded to 490x490, raw depth > 0
 }
+# Validation input size where the paper protocol fixes it (Probe3D's NYU normals test: 480x480 padded to 490x490);
+# the others use `snd eval`'s size. The probe is a 1x1 head, so it applies to any patch grid.
+PAPER_VAL_HW: dict[tuple[str, str], tuple[int, int]] = {("nyuv2", "normals"): (490, 490)}
 # Correspondence input size under the paper protocol (Probe3D resizes ScanNet frames to 480x640 and the ViT
 # centre-pads them to a multiple of the patch, 490x644); datasets not listed keep `snd eval`'s size.
 PAPER_CORR_HW: dict[str, tuple[int, int]] = {"scannet1500": (480, 640)}
@@ -161,6 +166,24 @@ def center_pad(images: Tensor, patch: int, fill: Tensor) -> Tensor:
     out = fill.to(images).view(1, 3, 1, 1).expand(B, 3, H + ph, W + pw).clone()
     out[..., ph // 2 : ph // 2 + H, pw // 2 : pw // 2 + W] = images
     return out
+
+
+def zero_normals_as_90deg(pred: Tensor, gt: Tensor) -> Tensor:
+    """`gt` with every zero normal at a valid (finite) pixel replaced by a unit vector orthogonal to `pred`.
+
+    Probe3D scores such a pixel as acos(cosine_similarity(pred, 0)) = 90 degrees (its validity is raw depth
+    > 0, not the normal); `snd.eval.metrics.normal_metrics` (unchanged) skips zero normals, so the
+    substitute makes it score them at exactly 90 degrees too.
+
+    Args:
+        pred: [B, 3, H, W] predicted normals; gt: [B, 3, H, W], NaN = invalid.
+    """
+    assert pred.shape == gt.shape and pred.shape[1] == 3, f"pred {tuple(pred.shape)} vs gt {tuple(gt.shape)}"
+    zero = torch.isfinite(gt).all(1, keepdim=True) & (gt.norm(dim=1, keepdim=True) <= 1e-6)
+    p = torch.nn.functional.normalize(pred.float(), dim=1)
+    axis = torch.zeros_like(p).scatter_(1, p.abs().argmin(1, keepdim=True), 1.0)  # least parallel axis
+    ortho = torch.nn.functional.normalize(torch.cross(p, axis, dim=1), dim=1)
+    return torch.where(zero, ortho.to(gt.dtype), gt)
 
 
 class FlippedImages(torch.utils.data.Dataset):

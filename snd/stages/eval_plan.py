@@ -88,11 +88,20 @@ def _splits(task: str, name: str, cfg: EvalConfig):
 
     hw = (cfg.img_height, cfg.img_width)
     train_ds = D.get_dataset(name, cfg.data_root, "train", task, hw, **dataset_kwargs(cfg.protocol, name, task, "train"))
-    val_ds = D.get_dataset(name, cfg.data_root, "val", task, hw, **dataset_kwargs(cfg.protocol, name, task, "val"))
+    val_ds = D.get_dataset(name, cfg.data_root, "val", task, val_hw(cfg, name, task),
+                           **dataset_kwargs(cfg.protocol, name, task, "val"))
     idx_tr, idx_va = _subset(len(train_ds), cfg.max_images), _subset(len(val_ds), cfg.max_images)
     if not idx_tr or not idx_va:
         raise SndError(f"{name}: empty split (train {len(idx_tr)}, val {len(idx_va)} images) for {task}")
     return train_ds, val_ds, idx_tr, idx_va
+
+
+def val_hw(cfg: EvalConfig, name: str, task: str) -> tuple[int, int]:
+    """Validation input size: `snd eval`'s, or the paper protocol's fixed one (`PAPER_VAL_HW`)."""
+    from snd.eval.protocol import PAPER_VAL_HW
+
+    hw = (cfg.img_height, cfg.img_width)
+    return PAPER_VAL_HW.get((name, task), hw) if cfg.protocol == "paper" else hw
 
 
 def _eval_trivial(task: str, name: str, data_tr, data_va, protocol: str = "fast") -> dict:
@@ -108,8 +117,8 @@ def _eval_trivial(task: str, name: str, data_tr, data_va, protocol: str = "fast"
         triv = fit_trivial(task, (data_tr.target(j) for j in range(len(data_tr))), **kw)
     except ValueError as e:
         raise SndError(f"{name}: no trivial {task} baseline: {e}") from e
-    if task == "seg" and protocol == "paper":
-        kw["mmseg_union"] = True
+    if task in ("seg", "normals") and protocol == "paper":
+        kw["paper"] = True
     metrics = evaluate_trivial(triv, (data_va.target(j) for j in range(len(data_va))), **kw)
     return {"dataset": name, "task": task, **triv.to_json(), "metrics": {k: _clean(v) for k, v in metrics.items()},
             "n_train": len(data_tr), "n_val": len(data_va), "seconds": time.perf_counter() - t0}

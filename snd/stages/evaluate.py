@@ -37,7 +37,7 @@ from snd.pipeline.config import EvalConfig, save_config, to_jsonable
 from snd.stages.eval_corr import _eval_corr
 from snd.stages.eval_outputs import _clean, _figures, _save_samples, _write_json
 from snd.stages.eval_plan import (TASK_TO_DATASET_TASK, _depth_range, _eval_trivial, _plan, _protocol, _splits,
-                                  _trivial_folder)
+                                  _trivial_folder, val_hw)
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +97,7 @@ class _Prepared:
     data_va: Any
     ckpt: Path
     trivial: dict | None
+    val_grid: tuple[int, int]  # patch grid of the validation tokens (the paper fixes some sizes; 1x1 heads)
 
 
 def _prepare_probe(role: _Role, task: str, name: str, cfg: EvalConfig, device: torch.device, folder: Path,
@@ -111,19 +112,23 @@ def _prepare_probe(role: _Role, task: str, name: str, cfg: EvalConfig, device: t
     hw = (cfg.img_height, cfg.img_width)
     _, dim = _grid_dim(role, hw)  # also checks the input size against the patch size
     train_ds, val_ds, idx_tr, idx_va = _splits(task, name, cfg)
+    vhw = val_hw(cfg, name, task)
+    vgrid, _ = _grid_dim(role, vhw)
     stores, targets = {}, None
     flip_test = cfg.protocol == "paper" and task == "depth"
     if cfg.feature_cache:
         from snd.eval.protocol import FlippedImages
 
         cache_dir = cfg.feature_cache_dir or cfg.out / "features"
-        sources = [("train", train_ds, idx_tr), ("val", val_ds, idx_va)]
+        sources = [("train", train_ds, idx_tr, hw), ("val", val_ds, idx_va, vhw)]
         if flip_test:  # the flip test's second pass, cached like the first
-            sources.append(("val_flip", FlippedImages(val_ds), idx_va))
-        for split, ds, idx in sources:
+            sources.append(("val_flip", FlippedImages(val_ds), idx_va, vhw))
+        for split, ds, idx, shw in sources:
             bar = progress.add_task(f"{role.label} · {name} {split} features", total=len(idx), info="")
-            stores[split] = ensure_features(role.net, ds, cache_dir=cache_dir, dataset_name=name, split=split,
-                                            img_hw=hw, indices=idx, key=role.key, batch=EXTRACT_BATCH, device=device,
+            # a split at another input size (the paper's fixed sizes) gets its own store
+            dname = name if shw == hw else f"{name}@{shw[0]}x{shw[1]}"
+            stores[split] = ensure_features(role.net, ds, cache_dir=cache_dir, dataset_name=dname, split=split,
+                                            img_hw=shw, indices=idx, key=role.key, batch=EXTRACT_BATCH, device=device,
                                             num_workers=cfg.num_workers, precision=cfg.extract_precision,
                                             progress=lambda d, t, b=bar: progress.update(b, completed=d))
             progress.remove_task(bar)
@@ -149,7 +154,7 @@ def _prepare_probe(role: _Role, task: str, name: str, cfg: EvalConfig, device: t
         probe = SegProbe(dim, num_classes=k, ignore_index=255)
     spec = default_spec(task, len(idx_tr)).with_overrides(iters=cfg.iters, batch=cfg.batch, lr_scale=cfg.lr_scale)
     spec.beta1_cycle = cfg.protocol == "paper" and task == "depth"  # the depth config's OneCycle momentum
-    return _Prepared(task, name, probe, spec, data_tr, data_va, folder / f"{name}_{task}.safetensors", trivial)
+    return _Prepared(task, name, probe, spec, data_tr, data_va, folder / f"{name}_{task}.safetensors", trivial, vgrid)
 
 
 def _grid_dim(role: _Role, hw: tuple[int, int]) -> tuple[tuple[int, int], int]:
@@ -194,7 +199,7 @@ def _train_and_evaluate(role: _Role, prepared: list[_Prepared], cfg: EvalConfig,
     out = {}
     for p, st in zip(prepared, stats):
         t1 = time.perf_counter()
-        metrics, samples = evaluate_probe(p.probe, p.data_va, grid=grid, norm=norm, backbone=live, device=device,
+        metrics, samples = evaluate_probe(p.probe, p.data_va, grid=p.val_grid, norm=norm, backbone=live, device=device,
                                           num_workers=cfg.num_workers, protocol=cfg.protocol)
         out[p.task, p.name] = ({"metrics": {k: _clean(v) for k, v in metrics.items()}, "n_train": len(p.data_tr),
                                 "n_val": len(p.data_va), "iters": p.spec.iters, "batch": p.spec.batch,

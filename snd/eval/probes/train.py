@@ -37,7 +37,7 @@ from snd.eval.probes.base import Probe, ProbeSpec, to_device
 from snd.eval.probes.checkpoint import load_checkpoint, save_checkpoint
 from snd.eval.probes.rows import DeviceRows, Residency, SharedRows, budget_bytes, group_row_bytes, plan_residency
 from snd.eval.probes.schedules import lr_factor
-from snd.eval.protocol import MmsegConfusion, flip_average, onecycle_beta1
+from snd.eval.protocol import MmsegConfusion, flip_average, onecycle_beta1, zero_normals_as_90deg
 
 log = logging.getLogger(__name__)
 
@@ -629,7 +629,8 @@ def evaluate_probe(
     `protocol="paper"`: depth is the flip average (`tokens_flip` from `data.flip_store`, or the backbone
     on the flipped image on the live path), scored at whatever resolution the targets have (native with
     the paper's datasets; one image per batch, since native sizes may differ); segmentation counts GT ids
-    >= the class count in mmseg's union (`MmsegConfusion`). "fast": one pass, the plain confusion matrix.
+    >= the class count in mmseg's union (`MmsegConfusion`); a zero normal at a valid pixel scores 90 degrees
+    (`zero_normals_as_90deg`). "fast": one pass, the plain confusion matrix, zero normals skipped.
 
     Returns:
         (metrics, samples): depth -> per-image means of `DEPTH_METRICS` (GT in (1e-3, max_depth) of the
@@ -661,7 +662,7 @@ def evaluate_probe(
         if task == "depth":
             acc.update(depth_metrics(pred, gt, min_depth=1e-3, max_depth=probe.max_depth))
         elif task == "normals":
-            acc.update(normal_metrics(pred, gt))
+            acc.update(normal_metrics(pred, zero_normals_as_90deg(pred, gt) if paper else gt))
         else:
             acc.update(pred, gt)
         for i in range(pred.shape[0]):
