@@ -338,3 +338,25 @@ def test_nyuv2_probe3d_normals_test_sample(tmp_path):
     assert torch.isnan(n[:, 3, 3]).all() and torch.isnan(n[:, 4, 4]).all()  # raw depth 0 / > 10 m, shifted 2 columns
     assert n[:, 5, 5].tolist() == [0.0, 0.0, 0.0] and n[:, 0, 0].tolist() == [0.0, 0.0, 1.0]
     assert dataset_kwargs("paper", "nyuv2", "normals", "val") == {"probe3d_test": True}
+
+
+def test_normals_evaluation_scores_zero_normals_only_where_the_dataset_validates_by_depth():
+    from snd.eval.probes import NormalProbe
+
+    probe = NormalProbe(C)
+    with torch.no_grad():
+        probe.conv.weight.zero_()
+        probe.conv.bias.copy_(torch.tensor([0.0, 0.0, 1.0, 0.0]))  # predicts +z everywhere
+    gt = torch.zeros(3, 4, 4)
+    gt[2, :2] = 1.0  # top half exact, bottom half zero
+
+    class Items(list):
+        zero_normal_is_error = False
+
+    plain, nyu = Items([{"image": torch.zeros(3, 4, 4), "normals": gt}]), Items([{"image": torch.zeros(3, 4, 4), "normals": gt}])
+    nyu.zero_normal_is_error = True
+    tok = MemoryStore(torch.randn(1, 7, C))
+    m_plain, _ = evaluate_probe(probe, ProbeData(plain, [0], "normals", tok), grid=GRID, norm=NORM, protocol="paper")
+    m_nyu, _ = evaluate_probe(probe, ProbeData(nyu, [0], "normals", tok), grid=GRID, norm=NORM, protocol="paper")
+    assert m_plain["mean"] == pytest.approx(0.0, abs=1e-3)  # zero = invalid (synth, ScanNet++)
+    assert m_nyu["mean"] == pytest.approx(45.0, abs=1e-3)  # half the pixels at 90 degrees

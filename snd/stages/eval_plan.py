@@ -117,7 +117,7 @@ def _eval_trivial(task: str, name: str, data_tr, data_va, protocol: str = "fast"
         triv = fit_trivial(task, (data_tr.target(j) for j in range(len(data_tr))), **kw)
     except ValueError as e:
         raise SndError(f"{name}: no trivial {task} baseline: {e}") from e
-    if task in ("seg", "normals") and protocol == "paper":
+    if protocol == "paper" and (task == "seg" or getattr(data_va.dataset, "zero_normal_is_error", False)):
         kw["paper"] = True
     metrics = evaluate_trivial(triv, (data_va.target(j) for j in range(len(data_va))), **kw)
     return {"dataset": name, "task": task, **triv.to_json(), "metrics": {k: _clean(v) for k, v in metrics.items()},

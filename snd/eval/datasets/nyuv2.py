@@ -180,6 +180,7 @@ class NYUv2(ProbeDataset):
                  probe3d_test: bool = False):
         super().__init__(split, task, img_hw, fit=fit)
         self.probe3d_test = probe3d_test and task == "normals"
+        self.zero_normal_is_error = self.probe3d_test  # validity = raw depth > 0 (NaN elsewhere), not the normal
         self.path = Path(path)
         mat = self.path / MAT
         if not mat.is_file():

@@ -629,7 +629,8 @@ def evaluate_probe(
     `protocol="paper"`: depth is the flip average (`tokens_flip` from `data.flip_store`, or the backbone
     on the flipped image on the live path), scored at whatever resolution the targets have (native with
     the paper's datasets; one image per batch, since native sizes may differ); segmentation counts GT ids
-    >= the class count in mmseg's union (`MmsegConfusion`); a zero normal at a valid pixel scores 90 degrees
+    >= the class count in mmseg's union (`MmsegConfusion`); where the dataset marks validity by raw depth
+    (`dataset.zero_normal_is_error`, NYU's Probe3D test) a zero normal at a valid pixel scores 90 degrees
     (`zero_normals_as_90deg`). "fast": one pass, the plain confusion matrix, zero normals skipped.
 
     Returns:
@@ -646,6 +647,8 @@ def evaluate_probe(
     if flip and data.store is not None and data.flip_store is None:
         raise ValueError("the paper protocol's depth test needs the flipped images' tokens (ProbeData flip_store)")
     loader = torch.utils.data.DataLoader(data, batch_size=1 if flip else batch, shuffle=False, num_workers=num_workers)
+    # zero normals are errors only where validity comes from the raw depth (NaN marks invalid pixels there)
+    z90 = paper and task == "normals" and bool(getattr(data.dataset, "zero_normal_is_error", False))
     if task == "seg":
         acc = (MmsegConfusion if paper else ConfusionAccumulator)(probe.num_classes, probe.ignore_index)
     else:
@@ -662,7 +665,7 @@ def evaluate_probe(
         if task == "depth":
             acc.update(depth_metrics(pred, gt, min_depth=1e-3, max_depth=probe.max_depth))
         elif task == "normals":
-            acc.update(normal_metrics(pred, zero_normals_as_90deg(pred, gt) if paper else gt))
+            acc.update(normal_metrics(pred, zero_normals_as_90deg(pred, gt) if z90 else gt))
         else:
             acc.update(pred, gt)
         for i in range(pred.shape[0]):
