@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -39,17 +40,17 @@ def test_onecycle_beta1_hand_computed():
 def test_depth_training_cycles_beta1_like_a_hand_adamw_loop():
     """Two steps of a probe with beta1_cycle equal a hand-written AdamW loop whose beta1 is set per step."""
     g = torch.Generator().manual_seed(0)
-    tokens = torch.randn(2, 1 + 6, C, generator=g)
-    items = [{"image": torch.zeros(3, 8, 12), "depth": 1.0 + torch.rand(8, 12, generator=g) * 3} for _ in range(2)]
+    tokens = torch.randn(1, 1 + 6, C, generator=g)  # one row, batch 1: no batch order to match
+    items = [{"image": torch.zeros(3, 8, 12), "depth": 1.0 + torch.rand(8, 12, generator=g) * 3}]
     probe = DepthProbe(C, min_depth=0.1, max_depth=5.0, warmup_loss_iters=0)
     ref = copy.deepcopy(probe)
-    spec = ProbeSpec(iters=3, batch=2, lr=1e-2, weight_decay=0.01, schedule="constant", warmup=0, beta1_cycle=True)
-    train_probe(probe, ProbeData(items, [0, 1], "depth", MemoryStore(tokens)), spec, grid=GRID, norm=NORM, seed=0,
+    spec = ProbeSpec(iters=3, batch=1, lr=1e-2, weight_decay=0.01, schedule="constant", warmup=0, beta1_cycle=True)
+    train_probe(probe, ProbeData(items, [0], "depth", MemoryStore(tokens)), spec, grid=GRID, norm=NORM, seed=0,
                 residency="stream")
 
     opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, betas=(0.9, 0.999), weight_decay=0.01)
     gt = torch.stack([it["depth"] for it in items])
-    for step in range(3):  # batch = both rows every step (the loss is a mean over the batch: order-free)
+    for step in range(3):
         for grp in opt.param_groups:
             grp["betas"] = (onecycle_beta1(step, 3), 0.999)
         opt.zero_grad()
@@ -360,3 +361,84 @@ def test_normals_evaluation_scores_zero_normals_only_where_the_dataset_validates
     m_nyu, _ = evaluate_probe(probe, ProbeData(nyu, [0], "normals", tok), grid=GRID, norm=NORM, protocol="paper")
     assert m_plain["mean"] == pytest.approx(0.0, abs=1e-3)  # zero = invalid (synth, ScanNet++)
     assert m_nyu["mean"] == pytest.approx(45.0, abs=1e-3)  # half the pixels at 90 degrees
+
+
+# ---- normals training set: NYU "trainval" of GeoNet (Probe3D's layout, file order, augmentation) -----------
+def test_geonet_listing_drops_probe3d_bad_positions(monkeypatch):
+    import snd.eval.datasets.geonet as G
+
+    names = [f"f{i:05d}.mat" for i in range(21183)][::-1] + ["notes.txt"]
+    monkeypatch.setattr(G.os, "listdir", lambda p: names)
+    got = G.geonet_files(Path("x"))
+    assert len(got) == 21181 and "f21181.mat" not in got and "f06919.mat" not in got
+    assert got[6918:6920] == ["f06918.mat", "f06920.mat"] and got[-1] == "f21182.mat"  # sorted, the rest kept
+    monkeypatch.setattr(G.os, "listdir", lambda p: ["b.mat", "a.mat"])
+    assert G.geonet_files(Path("x")) == ["a.mat", "b.mat"]  # a small stand-in keeps every file
+
+
+def test_geonet_sample_from_the_released_layout(tmp_path):
+    from snd.eval.datasets.geonet import GEONET_MEAN, GeoNetNYU, find_geonet
+    from snd.eval.datasets.matfile import save_mat_v5
+    from snd.errors import SndError
+
+    assert find_geonet(tmp_path) is None
+    with pytest.raises(SndError, match="GeoNet"):
+        GeoNetNYU(tmp_path / "nyuv2_geonet")
+    d = tmp_path / "nyuv2_geonet"
+    d.mkdir()
+    H, W = 6, 10  # centre square: columns 2..7
+    colour = np.arange(H * W * 3, dtype=np.float64).reshape(H, W, 3) % 200
+    depth = np.full((H, W), 2.0, np.float32)
+    depth[0, 3] = 0.0
+    depth[1, 4] = 12.0  # above 10 m -> invalid
+    norm = np.zeros((H, W, 3), np.float32)
+    norm[..., 2] = -1.0
+    norm[2, 5] = 0.0  # zero normal at valid depth: kept (an error of 90 degrees for Probe3D)
+    # stored as colour + 0.5 - 2·mean: Probe3D's uint8 cast truncates, so every value reads back as `colour`
+    save_mat_v5(d / "a.mat", {"img": (colour + 0.5 - 2 * GEONET_MEAN).astype(np.float32), "depth": depth, "norm": norm})
+    ds = GeoNetNYU(find_geonet(tmp_path), augment=False)
+    s = ds[0]
+    assert ds.img_hw == (14, 14) and tuple(s["image"].shape) == (3, 14, 14) and tuple(s["normals"].shape) == (3, 6, 6)
+    # the 6x6 square padded by 4 rows/columns on each side
+    np.testing.assert_allclose(s["image"][:, 4:10, 4:10].permute(1, 2, 0).numpy() * 255,
+                               colour[:, 2:8].astype(np.uint8), atol=1e-3)
+    n = s["normals"]
+    assert torch.isnan(n[:, 0, 1]).all() and torch.isnan(n[:, 1, 2]).all()
+    assert n[:, 2, 3].tolist() == [0.0, 0.0, 0.0] and n[:, 3, 3].tolist() == [0.0, 0.0, -1.0]
+
+
+def test_geonet_augmentation_crops_all_targets_alike():
+    from snd.eval.datasets.geonet import augment_geonet, random_resized_square
+
+    g = torch.Generator().manual_seed(0)
+    sides = [random_resized_square(40, 40, g)[2] for _ in range(200)]
+    assert min(sides) >= round(math.sqrt(0.5) * 40) and max(sides) <= 40 and len(set(sides)) > 5
+    code = torch.arange(64.0).reshape(8, 8)
+    crops = 0
+    for seed in range(12):
+        img, d, n = augment_geonet(torch.rand(3, 8, 8), code.clone(), code.expand(3, 8, 8).clone(),
+                                   torch.Generator().manual_seed(seed))
+        assert torch.equal(d, n[0]) and torch.equal(n[0], n[2])  # one crop for depth and normals
+        crops += not torch.equal(d, code)
+    assert 0 < crops < 12  # p = 0.5
+
+
+def test_file_order_batches_and_the_finite_mask():
+    from snd.eval.probes import NormalProbe
+    from snd.eval.probes.normals import angular_nll
+    from snd.eval.probes.train import batch_order
+
+    assert list(batch_order(5, 2, 0, 0, 5, shuffle=False)) == [[0, 1], [2, 3], [0, 1], [2, 3], [0, 1]]
+    probe = NormalProbe(C, mask="finite")
+    gt = torch.zeros(1, 3, 8, 12)
+    gt[:, 2] = 1.0
+    gt[:, :, 0, 0] = 0.0  # zero normal: trained on with "finite"
+    gt[:, :, 0, 1] = float("nan")  # no depth: excluded
+    feats = torch.randn(1, C, 2, 3)
+    pred = probe._at(feats, (8, 12))
+    mask = torch.ones(1, 8, 12, dtype=torch.bool)
+    mask[0, 0, 1] = False
+    want = angular_nll(pred, gt, mask)
+    assert probe.loss(feats, {"normals": gt}, step=0).item() == pytest.approx(want.item())
+    assert NormalProbe(C).loss(feats, {"normals": gt}, step=0).item() != pytest.approx(want.item())
+    assert probe.config()["mask"] == "finite" and "mask" not in NormalProbe(C).config()

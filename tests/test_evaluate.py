@@ -109,7 +109,7 @@ def test_paper_and_fast_protocols_end_to_end_are_labelled(synth_root, tmp_path):
 
 
 def test_paper_nyu_normals_are_tested_at_490x490_on_their_own_token_store(tmp_path):
-    """The paper's NYU normals test runs end to end: training rows at `snd eval`'s size, validation tokens
+    """The paper's NYU normals run end to end: trained live on a GeoNet stand-in in file order, validation tokens
     of the 480x480 crop padded to 490x490 in a store of their own, the 1x1 head applied on the 35x35 grid."""
     import gzip
     import pickle
@@ -129,8 +129,16 @@ def test_paper_nyu_normals_are_tested_at_490x490_on_their_own_token_store(tmp_pa
     normals = np.tile(np.array([0.0, 0.0, 1.0], np.float32), (2, 480, 640, 1))
     with gzip.open(d / "all_normals.pklz", "wb") as f:
         pickle.dump({"all_normals": normals}, f, protocol=2)
+    from snd.eval.datasets.geonet import write_geonet_standin
+
+    with pytest.raises(SndError, match="GeoNet"):  # the paper trains NYU normals on GeoNet: it names the download
+        evaluate.run(_cfg(tmp_path / "data", tmp_path / "out0", datasets=["nyuv2"], baseline=None, iters=2),
+                     tasks=["normals"])
+    write_geonet_standin(tmp_path / "data" / "nyuv2_geonet", n=3, hw=(48, 64))
     res = evaluate.run(_cfg(tmp_path / "data", tmp_path / "out", datasets=["nyuv2"], baseline=None, iters=2),
                        tasks=["normals"])
     (rec,) = res["records"]
     assert rec["status"] == "ok" and rec["protocol"] == "paper" and 0 <= rec["metrics"]["rmse"] <= 180
+    assert rec["n_train"] == 3 and rec["recipe"]["shuffle"] is False and rec["probe"]["mask"] == "finite"
     assert list((tmp_path / "out" / "features").rglob("nyuv2@490x490"))
+    assert not list((tmp_path / "out" / "features").rglob("nyuv2/train*"))  # GeoNet rows ran live, not cached

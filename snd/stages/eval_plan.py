@@ -87,13 +87,31 @@ def _splits(task: str, name: str, cfg: EvalConfig):
     from snd.eval.protocol import dataset_kwargs
 
     hw = (cfg.img_height, cfg.img_width)
-    train_ds = D.get_dataset(name, cfg.data_root, "train", task, hw, **dataset_kwargs(cfg.protocol, name, task, "train"))
+    train_ds = paper_train_set(cfg, name, task)
+    if train_ds is None:
+        train_ds = D.get_dataset(name, cfg.data_root, "train", task, hw,
+                                 **dataset_kwargs(cfg.protocol, name, task, "train"))
     val_ds = D.get_dataset(name, cfg.data_root, "val", task, val_hw(cfg, name, task),
                            **dataset_kwargs(cfg.protocol, name, task, "val"))
     idx_tr, idx_va = _subset(len(train_ds), cfg.max_images), _subset(len(val_ds), cfg.max_images)
     if not idx_tr or not idx_va:
         raise SndError(f"{name}: empty split (train {len(idx_tr)}, val {len(idx_va)} images) for {task}")
     return train_ds, val_ds, idx_tr, idx_va
+
+
+def paper_train_set(cfg: EvalConfig, name: str, task: str):
+    """The paper protocol's own training set where it differs from the dataset's train split (NYU normals:
+    GeoNet's "trainval", `snd.eval.datasets.geonet`), else None. Missing data is an SndError naming it."""
+    if cfg.protocol != "paper" or (name, task) != ("nyuv2", "normals"):
+        return None
+    from snd.eval.datasets.geonet import FOLDERS, URL, GeoNetNYU, find_geonet
+
+    path = find_geonet(cfg.data_root)
+    if path is None:
+        raise SndError(f"the paper protocol trains NYU normals on GeoNet's NYU 'trainval': no .mat files in "
+                       f"{cfg.data_root}/{FOLDERS[0]}", path=cfg.data_root / FOLDERS[0],
+                       hint=f"download {URL} into {cfg.data_root / FOLDERS[0]}, or use --protocol fast")
+    return GeoNetNYU(path, augment=True)
 
 
 def val_hw(cfg: EvalConfig, name: str, task: str) -> tuple[int, int]:

@@ -98,6 +98,8 @@ class _Prepared:
     ckpt: Path
     trivial: dict | None
     val_grid: tuple[int, int]  # patch grid of the validation tokens (the paper fixes some sizes; 1x1 heads)
+    train_grid: tuple[int, int]  # patch grid of the training tokens
+    self_augmenting: bool = False  # the training dataset augments its own items (GeoNet, live backbone)
 
 
 def _prepare_probe(role: _Role, task: str, name: str, cfg: EvalConfig, device: torch.device, folder: Path,
@@ -114,13 +116,17 @@ def _prepare_probe(role: _Role, task: str, name: str, cfg: EvalConfig, device: t
     train_ds, val_ds, idx_tr, idx_va = _splits(task, name, cfg)
     vhw = val_hw(cfg, name, task)
     vgrid, _ = _grid_dim(role, vhw)
+    # a training set that augments its own items (the paper's GeoNet normals) runs the backbone live
+    self_aug = bool(getattr(train_ds, "augment", False)) and hasattr(train_ds, "img_hw") and task == "normals"
+    thw = tuple(train_ds.img_hw) if self_aug else hw
+    tgrid, _ = _grid_dim(role, thw)
     stores, targets = {}, None
     flip_test = cfg.protocol == "paper" and task == "depth"
     if cfg.feature_cache:
         from snd.eval.protocol import FlippedImages
 
         cache_dir = cfg.feature_cache_dir or cfg.out / "features"
-        sources = [("train", train_ds, idx_tr, hw), ("val", val_ds, idx_va, vhw)]
+        sources = ([] if self_aug else [("train", train_ds, idx_tr, hw)]) + [("val", val_ds, idx_va, vhw)]
         if flip_test:  # the flip test's second pass, cached like the first
             sources.append(("val_flip", FlippedImages(val_ds), idx_va, vhw))
         for split, ds, idx, shw in sources:
@@ -133,20 +139,23 @@ def _prepare_probe(role: _Role, task: str, name: str, cfg: EvalConfig, device: t
                                             progress=lambda d, t, b=bar: progress.update(b, completed=d))
             progress.remove_task(bar)
         # the targets too, once per (dataset, split, task, size): epochs then read raw chunks, not images
-        bar = progress.add_task(f"{name} train {task} targets", total=len(idx_tr), info="")
-        targets = ensure_targets(train_ds, idx_tr, task, cache_dir=cache_dir, dataset_name=name, split="train",
-                                 img_hw=hw, num_workers=cfg.num_workers,
-                                 progress=lambda d, t, b=bar: progress.update(b, completed=d))
-        progress.remove_task(bar)
-    data_tr = ProbeData(train_ds, idx_tr, task, stores.get("train"), targets=targets)
+        if not self_aug:
+            bar = progress.add_task(f"{name} train {task} targets", total=len(idx_tr), info="")
+            targets = ensure_targets(train_ds, idx_tr, task, cache_dir=cache_dir, dataset_name=name, split="train",
+                                     img_hw=hw, num_workers=cfg.num_workers,
+                                     progress=lambda d, t, b=bar: progress.update(b, completed=d))
+            progress.remove_task(bar)
+    # a self-augmenting set is never held in RAM: every epoch draws fresh augmentations
+    data_tr = ProbeData(train_ds, idx_tr, task, stores.get("train"), targets=targets,
+                        **({"memory_mb": 0.0} if self_aug else {}))
     data_va = ProbeData(val_ds, idx_va, task, stores.get("val"), with_image=True, flip_store=stores.get("val_flip"))
     trivial = _eval_trivial(task, name, data_tr, data_va, cfg.protocol) if with_trivial else None
     torch.manual_seed(cfg.seed)
     if task == "depth":
         lo, hi = _depth_range(name)
         probe = DepthProbe(dim, min_depth=lo, max_depth=hi)
-    elif task == "normals":
-        probe = NormalProbe(dim)
+    elif task == "normals":  # Probe3D's GeoNet loss mask is depth > 0 (NaN targets elsewhere)
+        probe = NormalProbe(dim, mask="finite") if self_aug else NormalProbe(dim)
     else:
         k = D.num_classes(name)
         if not k:
@@ -154,7 +163,9 @@ def _prepare_probe(role: _Role, task: str, name: str, cfg: EvalConfig, device: t
         probe = SegProbe(dim, num_classes=k, ignore_index=255)
     spec = default_spec(task, len(idx_tr)).with_overrides(iters=cfg.iters, batch=cfg.batch, lr_scale=cfg.lr_scale)
     spec.beta1_cycle = cfg.protocol == "paper" and task == "depth"  # the depth config's OneCycle momentum
-    return _Prepared(task, name, probe, spec, data_tr, data_va, folder / f"{name}_{task}.safetensors", trivial, vgrid)
+    spec.shuffle = not self_aug  # Probe3D's "trainval" loader keeps file order
+    return _Prepared(task, name, probe, spec, data_tr, data_va, folder / f"{name}_{task}.safetensors", trivial, vgrid,
+                     tgrid, self_aug)
 
 
 def _grid_dim(role: _Role, hw: tuple[int, int]) -> tuple[tuple[int, int], int]:
@@ -178,8 +189,6 @@ def _train_and_evaluate(role: _Role, prepared: list[_Prepared], cfg: EvalConfig,
 
     if not prepared:
         return {}
-    hw = (cfg.img_height, cfg.img_width)
-    grid, _ = _grid_dim(role, hw)
     norm = final_norm_params(role.net)
     live = None if cfg.feature_cache else role.net
     jobs, bars = [], []
@@ -187,19 +196,28 @@ def _train_and_evaluate(role: _Role, prepared: list[_Prepared], cfg: EvalConfig,
         bar = progress.add_task(f"{role.label} · {p.name} {p.task} probe", total=p.spec.iters, info="")
         bars.append(bar)
         jobs.append(ProbeJob(p.probe, p.data_tr, p.spec, p.ckpt, ckpt_every=max(min(2000, p.spec.iters // 4), 1),
-                             progress=lambda s, t, l, b=bar: progress.update(b, completed=s, info=f"loss {l:.4f}")))
+                             progress=lambda s, t, l, b=bar: progress.update(b, completed=s, info=f"loss {l:.4f}"),
+                             augment=False if p.self_augmenting else None))
+    # one `train_probes` call per training grid (the paper's GeoNet normals train at 490x490, live)
+    stats: list[dict] = [{}] * len(prepared)
     t0 = time.perf_counter()
-    stats = train_probes(jobs, grid=grid, norm=norm, backbone=live, augment=live is not None, device=device,
-                         seed=cfg.seed, num_workers=cfg.num_workers, residency=cfg.residency,
-                         resident_gib=cfg.resident_gib, graph=cfg.probe_graph,
-                         max_together=cfg.probes_together or None)
+    for grid in sorted({p.train_grid for p in prepared}):
+        idx = [i for i, p in enumerate(prepared) if p.train_grid == grid]
+        some_live = any(prepared[i].data_tr.store is None for i in idx)
+        got = train_probes([jobs[i] for i in idx], grid=grid, norm=norm, backbone=role.net if some_live else None,
+                           augment=live is not None, device=device, seed=cfg.seed, num_workers=cfg.num_workers,
+                           residency=cfg.residency, resident_gib=cfg.resident_gib, graph=cfg.probe_graph,
+                           max_together=cfg.probes_together or None)
+        for i, st in zip(idx, got):
+            stats[i] = st
     wall = time.perf_counter() - t0
     for bar in bars:
         progress.remove_task(bar)
     out = {}
     for p, st in zip(prepared, stats):
         t1 = time.perf_counter()
-        metrics, samples = evaluate_probe(p.probe, p.data_va, grid=p.val_grid, norm=norm, backbone=live, device=device,
+        metrics, samples = evaluate_probe(p.probe, p.data_va, grid=p.val_grid, norm=norm,
+                                          backbone=role.net if p.data_va.store is None else None, device=device,
                                           num_workers=cfg.num_workers, protocol=cfg.protocol)
         out[p.task, p.name] = ({"metrics": {k: _clean(v) for k, v in metrics.items()}, "n_train": len(p.data_tr),
                                 "n_val": len(p.data_va), "iters": p.spec.iters, "batch": p.spec.batch,

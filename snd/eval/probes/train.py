@@ -115,13 +115,13 @@ def epoch_perm(n: int, seed: int, epoch: int) -> Tensor:
 
 
 def batch_order(n: int, batch: int, seed: int, start_step: int, total_steps: int,
-                device: torch.device | None = None, streams: tuple | list = ()) -> Iterator:
+                device: torch.device | None = None, streams: tuple | list = (), shuffle: bool = True) -> Iterator:
     """Batches of row indices for steps [start_step, total_steps): a fresh permutation per epoch.
 
     Lists of ints, or slices of a device tensor when `device` is given (device-resident rows gather with
     them; the order is the same either way). `streams`: CUDA streams that will read the slices (the
     permutation is copied on the current stream): they wait for the copy, and its memory is not reused
-    before they are done with it."""
+    before they are done with it. `shuffle=False`: rows in order every epoch (file order)."""
     if n <= 0:
         raise ValueError("cannot train a probe on an empty dataset")
     batch = min(batch, n)
@@ -130,7 +130,7 @@ def batch_order(n: int, batch: int, seed: int, start_step: int, total_steps: int
     while step < total_steps:
         epoch, k = divmod(step, per_epoch)
         if cur[0] != epoch:
-            perm = epoch_perm(n, seed, epoch)
+            perm = epoch_perm(n, seed, epoch) if shuffle else torch.arange(n)
             if device is None:
                 cur = (epoch, perm.tolist())
             else:
@@ -235,6 +235,7 @@ class ProbeJob:
         progress: called as progress(step, iters, mean loss) every `log_every` steps and at the end.
         residency: overrides `train_probes`' residency for this probe's rows (probes sharing rows follow
             the first of them).
+        augment: overrides `train_probes`' `augment` for this (live) probe.
     """
 
     probe: Probe
@@ -244,6 +245,8 @@ class ProbeJob:
     ckpt_every: int = 2000
     progress: Callable[[int, int, float], None] | None = None
     residency: Residency | None = None
+    augment: bool | None = None  # live rows: `augment_batch` per step (None: `train_probes`' flag); False when
+    # the dataset augments its own items (Probe3D's GeoNet set)
 
 
 class _Run:
@@ -324,6 +327,7 @@ class _Group:
         self.runs = runs
         self.datas = [r.job.data for r in runs]
         self.batch = runs[0].job.spec.batch
+        self.shuffle = runs[0].job.spec.shuffle
         self.where, self.why, self.need = "stream", "", 0
 
     def plan(self, device: torch.device, residency: Residency, budget_gib: float | None) -> None:
@@ -347,18 +351,22 @@ class _Group:
         loaded and a streamed loader's worker processes are started. So no worker is forked while another
         group's prefetch thread runs (`_train_wave` opens every group first)."""
         lo, hi = self.steps(stop_after)
+        if self.runs[0].job.augment is not None:  # a live probe's own choice (its dataset may augment itself)
+            augment = self.runs[0].job.augment
         if self.where == "device":
             rows = DeviceRows.load(self.datas, device, num_workers=num_workers)
             streams = [r.stream for r in self.runs if r.stream is not None]
             for r in self.runs:
                 if r.stream is not None:  # the rows were written on this stream: runs read them after that
                     r.stream.wait_stream(torch.cuda.current_stream(device))
-            order = batch_order(len(rows), self.batch, seed, lo, hi, device=device, streams=streams)
+            order = batch_order(len(rows), self.batch, seed, lo, hi, device=device, streams=streams,
+                                shuffle=self.shuffle)
             return ((step, (lambda k, idx=idx: rows.gather(idx, out=self.runs[k].buf if self.runs[k].graph else None, k=k)))
                     for step, idx in zip(range(lo, hi), order))
         live = self.datas[0].store is None
         ds = self.datas[0] if live else SharedRows(self.datas)
-        loader = iter(torch.utils.data.DataLoader(ds, batch_sampler=_Batches(len(ds), self.batch, seed, lo, hi),
+        loader = iter(torch.utils.data.DataLoader(ds, batch_sampler=_Batches(len(ds), self.batch, seed, lo, hi, None,
+                                                                             (), self.shuffle),
                                                   num_workers=num_workers, pin_memory=device.type == "cuda"))
         gen = torch.Generator().manual_seed(seed + 7919 * lo) if live else None
         key = TARGETS[self.datas[0].task][0]
