@@ -442,3 +442,23 @@ def test_file_order_batches_and_the_finite_mask():
     assert probe.loss(feats, {"normals": gt}, step=0).item() == pytest.approx(want.item())
     assert NormalProbe(C).loss(feats, {"normals": gt}, step=0).item() != pytest.approx(want.item())
     assert probe.config()["mask"] == "finite" and "mask" not in NormalProbe(C).config()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_beta1_cycle_under_cuda_graphs_equals_eager():
+    """The replayed graph reads each step's beta1 from the device tensor: graph = eager, and both differ from
+    a fixed beta1."""
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randn(4, 7, C, generator=g)
+    items = [{"image": torch.zeros(3, 8, 12), "depth": 1.0 + torch.rand(8, 12, generator=g) * 3} for _ in range(4)]
+    base = DepthProbe(C, min_depth=0.1, max_depth=5.0, warmup_loss_iters=0)
+    out = {}
+    for name, graph, cyc in (("graph", "on", True), ("eager", "off", True), ("fixed", "off", False)):
+        probe = copy.deepcopy(base)
+        spec = ProbeSpec(iters=40, batch=2, lr=1e-2, weight_decay=0.01, schedule="constant", warmup=0, beta1_cycle=cyc)
+        train_probe(probe, ProbeData(items, list(range(4)), "depth", MemoryStore(tokens)), spec, grid=GRID, norm=NORM,
+                    seed=0, device="cuda", graph=graph, residency="device")
+        out[name] = torch.cat([p.detach().flatten().cpu() for p in probe.parameters()])
+    torch.testing.assert_close(out["graph"], out["eager"], rtol=1e-4, atol=1e-5)
+    assert (out["eager"] - out["fixed"]).abs().max() > 1e-4

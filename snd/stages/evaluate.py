@@ -22,14 +22,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from snd.errors import SndError
