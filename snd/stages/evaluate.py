@@ -114,7 +114,7 @@ def _prepare_probe(role: _Role, task: str, name: str, cfg: EvalConfig, device: t
     vhw = val_hw(cfg, name, task)
     vgrid, _ = _grid_dim(role, vhw)
     # a training set that augments its own items (the paper's GeoNet normals) runs the backbone live
-    self_aug = bool(getattr(train_ds, "augment", False)) and hasattr(train_ds, "img_hw") and task == "normals"
+    self_aug = bool(getattr(train_ds, "self_augmenting", False))
     thw = tuple(train_ds.img_hw) if self_aug else hw
     tgrid, _ = _grid_dim(role, thw)
     stores, targets = {}, None

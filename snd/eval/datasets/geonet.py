@@ -87,6 +87,7 @@ class GeoNetNYU(torch.utils.data.Dataset):
         if not self.files:
             raise SndError(f"no .mat files in {self.path}", path=self.path, hint=f"download {URL}")
         self.augment, self.patch = augment, patch
+        self.self_augmenting = augment  # fresh draws per item: `snd eval` runs the backbone live on it
         _, depth, _ = self.load(0)  # the input size: the centre square padded to the patch (490 for 480x640)
         side = depth.shape[0] + (-depth.shape[0]) % patch
         self.img_hw = (side, side)
