@@ -462,3 +462,9 @@ def test_beta1_cycle_under_cuda_graphs_equals_eager():
         out[name] = torch.cat([p.detach().flatten().cpu() for p in probe.parameters()])
     torch.testing.assert_close(out["graph"], out["eager"], rtol=1e-4, atol=1e-5)
     assert (out["eager"] - out["fixed"]).abs().max() > 1e-4
+
+
+def test_demo_evaluates_with_the_fast_protocol(tmp_path):
+    from snd.pipeline.demo import demo_configs
+
+    assert demo_configs(tmp_path, scenes=1, iters=1, seed=0)[3].protocol == "fast"
