@@ -45,7 +45,7 @@ if [[ $what == *profile-operator* ]]; then
   run profile-operator timeout 120 python3 scripts/gpu_profile_operator.py 2>&1 | tee "$OUT/profile_operator.jsonl" | tail -18
 fi
 if [[ $what == *eval-gpu* ]]; then
-  run eval-gpu-tests timeout 200 python3 -m pytest -q tests/test_eval_probe_speed.py tests/test_eval_probes_together.py tests/test_eval_probes_features.py tests/test_evaluate.py -m gpu -p no:cacheprovider 2>&1 | tee "$OUT/eval_gpu_tests.log" | tail -15
+  run eval-gpu-tests timeout 200 python3 -m pytest -q tests/test_eval_probe_speed.py tests/test_eval_probes_together.py tests/test_eval_probes_features.py tests/test_evaluate.py tests/test_eval_protocol.py -m gpu -p no:cacheprovider 2>&1 | tee "$OUT/eval_gpu_tests.log" | tail -15
 fi
 if [[ $what == *bench-eval* ]]; then
   run bench-eval timeout 400 python3 -m snd.cli bench eval --model dinov2_vits14 --init random --device cuda --workers 8 ${EVAL_ARGS:-} --out "$OUT/bench_eval.json" > "$OUT/bench_eval.log" 2>&1; tail -3 "$OUT/bench_eval.log"
@@ -65,6 +65,12 @@ for x in P["rows"]:
     print(x["task"], x["dataset"], x.get("residency"), {k: round(x[k]) for k in ("features_s", "targets_s", "train_s", "eval_s") if k in x}, "alone", round(x.get("train_s_alone", 0)))
 print("waves s", [round(w["seconds"]) for w in P["waves"]], "parts", {k: round(v) for k, v in P["parts_s"].items()})
 print("hours one model", round(P["suite_hours_one_model"], 2), "targets cached", round(P["suite_hours_one_model_targets_cached"], 2), "with baseline", round(P["suite_hours_with_baseline"], 2))
+Q = r.get("paper")
+if Q:  # --protocol paper (the default): the paper protocol's extras per task
+    for x in Q["rows"]:
+        print("paper", x["task"], x["dataset"], {k: round(v) for k, v in x["implemented_extra_s"].items()}, "pending", {k: round(v) for k, v in x["not_yet_implemented_s"].items()})
+    print("paper hours per task", {k: round(v, 2) for k, v in Q["per_task_hours_paper_implemented"].items()}, "all rows", {k: round(v, 2) for k, v in Q["per_task_hours_paper_all_rows"].items()})
+    print("paper suite hours", round(Q["suite_hours_paper_implemented"], 2), "all rows", round(Q["suite_hours_paper_all_rows"], 2), "goal", Q["goal_hours"])
 PY
 fi
 if [[ $what == *mvsplat-compile* ]]; then

@@ -73,3 +73,39 @@ def test_bench_eval_measures_and_projects(tmp_path, capsys):
     one = parts["features_s"] + parts["targets_s"] + parts["train_s"] + parts["eval_s"]
     assert P["suite_hours_one_model"] == pytest.approx(one / 3600)
     assert P["suite_hours_with_baseline"] == pytest.approx((2 * one - parts["targets_s"]) / 3600)
+    # the paper protocol (the default) adds its projection beside the fast one
+    assert r["protocol"] == "paper" and P["suite_hours_one_model"] < r["paper"]["suite_hours_paper_implemented"]
+    assert {x["task"] for x in r["paper"]["rows"]} == {"depth", "normals", "seg", "correspondence"}
+
+
+def test_paper_projection_arithmetic_by_hand():
+    """The paper protocol's extras from fixed rates: 14x14-pixel fast input (1 token), 100 images/s."""
+    from snd.eval.bench_paper import GEONET_TRAINVAL, paper_projection
+
+    rows = [
+        {"task": "depth", "dataset": "nyuv2", "n_train": 795, "n_val": 654, "features_s": 1.0, "targets_s": 2.0,
+         "train_s": 10.0, "eval_s": 3.0, "probe_iters": 100},
+        {"task": "normals", "dataset": "nyuv2", "n_train": 795, "n_val": 654, "features_s": 0.0, "targets_s": 1.0,
+         "train_s": 5.0, "eval_s": 2.0, "probe_iters": 50},
+        {"task": "seg", "dataset": "voc", "n_train": 1464, "n_val": 1449, "features_s": 4.0, "targets_s": 1.0,
+         "train_s": 7.0, "eval_s": 1.0, "probe_iters": 320_000},
+        {"task": "correspondence", "dataset": "scannet1500", "n_train": 0, "n_val": 1500, "features_s": 30.0,
+         "targets_s": 0.0, "train_s": 0.0, "eval_s": 5.0},
+    ]
+    probes = {"normals": {"batch": 8, "train_iters_per_s_alone": {"stream": 50.0}}, "seg": {"batch": 2}}
+    parts = {"features_s": 35.0, "targets_s": 4.0, "train_s": 22.0, "eval_s": 11.0}
+    P = paper_projection(rows, hw=(14, 14), extract_rate=100.0, probes=probes, fast_parts=parts)
+    by = {r["task"]: r for r in P["rows"]}
+    assert by["depth"]["implemented_extra_s"] == {"flip_features_s": 6.54, "flip_eval_s": 3.0}
+    assert by["normals"]["implemented_extra_s"]["test_features_490_s"] == pytest.approx(654 * 35 * 35 / 100)
+    geo = 10 * GEONET_TRAINVAL * 1225 / 100 + 10 * GEONET_TRAINVAL / 8 / 50 - 5.0  # live GeoNet replaces fast training
+    assert by["normals"]["implemented_extra_s"]["geonet_live_backbone_s"] == pytest.approx(10 * GEONET_TRAINVAL * 1225 / 100)
+    assert by["normals"]["implemented_extra_s"]["geonet_probe_steps_s"] == pytest.approx(10 * GEONET_TRAINVAL / 8 / 50)
+    assert by["seg"]["not_yet_implemented_s"]["sliding_window_test_s"] == pytest.approx(1449 * 2 * 37 * 37 / 100)
+    assert by["seg"]["not_yet_implemented_s"]["augmented_live_training_s"] == pytest.approx(320_000 * 2 * 1369 / 100)
+    assert by["correspondence"]["implemented_extra_s"]["pairs_at_490x644_s"] == pytest.approx(3000 * 35 * 46 / 100 - 30)
+    extra = 6.54 + 3.0 + 654 * 1225 / 100 + geo + 3000 * 1610 / 100 - 30
+    assert P["suite_hours_paper_implemented"] == pytest.approx((72.0 + extra) / 3600)
+    assert P["per_task_hours_fast"]["depth"] == pytest.approx(16.0 / 3600)
+    assert P["per_task_hours_paper_implemented"]["depth"] == pytest.approx((16.0 + 9.54) / 3600)
+    assert P["suite_hours_paper_all_rows"] > P["suite_hours_paper_implemented"]

@@ -85,3 +85,60 @@ def test_eval_end_to_end_on_cuda(synth_root, tmp_path):
                        tasks=["depth", "normals", "seg", "corr"])
     assert {r["task"] for r in res["records"] if r["status"] == "ok"} == {"depth", "normals", "seg", "corr"}
     assert (tmp_path / "gpu" / "results.md").is_file()
+
+
+def test_paper_and_fast_protocols_end_to_end_are_labelled(synth_root, tmp_path):
+    """`snd eval --protocol paper` (the default) runs every task on procedural data; its records, JSON and
+    tables say so, the flipped validation pass is cached, and fast (on the same token cache) differs."""
+    assert EvalConfig().protocol == "paper"
+    feats = tmp_path / "features"
+    paper = evaluate.run(_cfg(synth_root, tmp_path / "paper", baseline=None, feature_cache_dir=feats),
+                         tasks=["depth", "normals", "seg", "corr"])
+    fast = evaluate.run(_cfg(synth_root, tmp_path / "fast", baseline=None, feature_cache_dir=feats, protocol="fast"),
+                        tasks=["depth", "corr"])
+    for res, name in ((paper, "paper"), (fast, "fast")):
+        assert json.loads((tmp_path / name / "results.json").read_text())["protocol"] == name
+        assert all(r["protocol"] == name for r in res["records"])
+        assert f"(protocol: {name})" in (tmp_path / name / "results.md").read_text()
+    assert any(p.name.startswith("val_flip") for p in feats.rglob("*.json"))
+    pd = {r["task"]: r for r in paper["records"]}
+    fd = {r["task"]: r for r in fast["records"]}
+    assert pd["depth"]["recipe"]["beta1_cycle"] and not fd["depth"]["recipe"]["beta1_cycle"]
+    assert pd["corr"]["geometry"] == "probe3d" and fd["corr"]["geometry"] == "snd"
+    assert pd["depth"]["metrics"]["abs_rel"] != fd["depth"]["metrics"]["abs_rel"]
+
+
+def test_paper_nyu_normals_are_tested_at_490x490_on_their_own_token_store(tmp_path):
+    """The paper's NYU normals run end to end: trained live on a GeoNet stand-in in file order, validation tokens
+    of the 480x480 crop padded to 490x490 in a store of their own, the 1x1 head applied on the 35x35 grid."""
+    import gzip
+    import pickle
+
+    import numpy as np
+
+    from tests.test_eval_datasets import write_mat_v5, write_mat_v73
+
+    rng = np.random.default_rng(0)
+    d = tmp_path / "data" / "nyuv2"
+    d.mkdir(parents=True)
+    depth = rng.uniform(0.5, 9.0, (2, 480, 640)).astype(np.float32)
+    write_mat_v73(d / "nyu_depth_v2_labeled.mat", {
+        "images": rng.integers(0, 256, (2, 3, 640, 480), dtype=np.uint8),
+        "depths": depth.transpose(0, 2, 1), "rawDepths": depth.transpose(0, 2, 1)})
+    write_mat_v5(d / "splits.mat", {"trainNdxs": np.array([[1]]), "testNdxs": np.array([[2]])})
+    normals = np.tile(np.array([0.0, 0.0, 1.0], np.float32), (2, 480, 640, 1))
+    with gzip.open(d / "all_normals.pklz", "wb") as f:
+        pickle.dump({"all_normals": normals}, f, protocol=2)
+    from snd.eval.datasets.geonet import write_geonet_standin
+
+    with pytest.raises(SndError, match="GeoNet"):  # the paper trains NYU normals on GeoNet: it names the download
+        evaluate.run(_cfg(tmp_path / "data", tmp_path / "out0", datasets=["nyuv2"], baseline=None, iters=2),
+                     tasks=["normals"])
+    write_geonet_standin(tmp_path / "data" / "nyuv2_geonet", n=3, hw=(48, 64))
+    res = evaluate.run(_cfg(tmp_path / "data", tmp_path / "out", datasets=["nyuv2"], baseline=None, iters=2),
+                       tasks=["normals"])
+    (rec,) = res["records"]
+    assert rec["status"] == "ok" and rec["protocol"] == "paper" and 0 <= rec["metrics"]["rmse"] <= 180
+    assert rec["n_train"] == 3 and rec["recipe"]["shuffle"] is False and rec["probe"]["mask"] == "finite"
+    assert list((tmp_path / "out" / "features").rglob("nyuv2@490x490"))
+    assert not list((tmp_path / "out" / "features").rglob("nyuv2/train*"))  # GeoNet rows ran live, not cached

@@ -7,9 +7,9 @@ from snd.eval.figures import prediction_grid
 from snd.eval.report import all_tables, delta_cell, task_table
 
 
-def _rec(role, label, dataset, task, metrics, size="vits"):
+def _rec(role, label, dataset, task, metrics, size="vits", protocol="paper"):
     return {"role": role, "label": label, "size": size, "dataset": dataset, "task": task, "metrics": metrics,
-            "status": "ok"}
+            "status": "ok", "protocol": protocol}
 
 
 RECORDS = [
@@ -41,9 +41,21 @@ def test_depth_table_has_deltas_and_paper_numbers():
     assert rmse[4] == "+0.0100 ▼" and rmse[5:] == ["0.5210", "0.4912"]
 
 
+def test_tables_name_the_protocol_and_fast_tables_show_no_paper_numbers():
+    md = task_table(RECORDS, "depth")
+    assert "### Monocular depth (protocol: paper)" in md
+    fast = [dict(r, protocol="fast") for r in RECORDS]
+    md = task_table(fast, "depth")
+    assert "(protocol: fast)" in md and "paper DINOv2" not in md and "0.1476" not in md
+    old = [{k: v for k, v in r.items() if k != "protocol"} for r in RECORDS]  # records from before protocols
+    assert "(protocol: fast)" in task_table(old, "depth")
+    mixed = [RECORDS[0], dict(RECORDS[1], protocol="fast")]
+    assert "(protocol: mixed: fast, paper)" in task_table(mixed, "depth")
+
+
 def test_seg_table_without_paper_cells_for_synth_and_combined_report():
     md = task_table(RECORDS, "seg")
-    assert "paper" not in md  # the paper has no synth numbers
+    assert "paper DINOv2" not in md and "paper SnD" not in md  # the paper has no synth numbers
     row = [c.strip() for c in next(ln for ln in md.splitlines() if "mIoU" in ln).strip("|").split("|")]
     assert row == ["synth", "mIoU (%) ↑", "50.00", "52.25", "−2.25 ▼"]
     full = all_tables(RECORDS, ["depth", "normals", "seg"], notes=["normals: no dataset found under data — nyuv2: missing"])

@@ -386,6 +386,11 @@ def bench(cfg: BenchEvalConfig) -> dict:
                 "(an upper bound). Streamed rows were read from the page cache; decoding real image and label files "
                 "(features, targets) is not included.",
     }
+    out["protocol"] = cfg.protocol
+    if cfg.protocol == "paper":  # the paper protocol's extra passes and rows (`snd.eval.bench_paper`)
+        from snd.eval.bench_paper import paper_projection
+
+        out["paper"] = paper_projection(rows, hw=hw, extract_rate=extract_rate, probes=probes, fast_parts=parts)
     if not all(math.isfinite(x) for x in parts.values()):
         raise RuntimeError(f"a projected part is not finite: {parts}")
     from snd.pipeline.jsonout import emit_json

@@ -10,9 +10,13 @@ distance to the projection of the matched view-1 point, in pixels *of the scaled
 Recall@{5,10,20}px is over all kept correspondences of all pairs; recall@10px per rotation bin is the
 mean of per-pair recalls of the pairs whose GT relative rotation angle falls in the bin.
 
-Departures from Probe3D (deliberate, small): separate K0/K1 (Probe3D assumes one K); pixel centres at
-integers with K scaled as (c + 0.5) s - 0.5 (Probe3D scales K by s and puts centres at +0.5: the same
-geometry); depth downsampled by nearest-exact; `ratio_test=False` ranks by smallest cosine distance
+`geometry="probe3d"` (the paper protocol) downsamples depth as Probe3D does, `F.interpolate(scale_factor=s,
+mode="nearest")` (grid pixel j reads source pixel floor(j / s)), and scales K as Probe3D does, K[:2] *= s
+with pixel centres at +0.5 (`probe3d_intrinsics`): a grid pixel's point is unprojected through the centre
+of a cell that does not hold the pixel whose depth it read. `geometry="snd"` (the fast protocol) keeps
+the two consistent: depth by nearest-exact and K scaled as (c + 0.5) s - 0.5 (+0.2 to +1.7 recall points
+against Probe3D's rule on a synthetic scene). Other departures from Probe3D (deliberate, small): separate
+K0/K1 (Probe3D assumes one K); `ratio_test=False` ranks by smallest cosine distance
 (Probe3D's topk would keep the *largest* distances there); the last rotation bin includes 180 degrees.
 """
 from __future__ import annotations
@@ -41,6 +45,17 @@ def scale_intrinsics(K: torch.Tensor, sx: float, sy: float) -> torch.Tensor:
     K[1, 1] *= sy
     K[0, 2] = (K[0, 2] + 0.5) * sx - 0.5
     K[1, 2] = (K[1, 2] + 0.5) * sy - 0.5
+    return K
+
+
+def probe3d_intrinsics(K: torch.Tensor, scale: float) -> torch.Tensor:
+    """Probe3D's K for the depth grid scaled by `scale`: K[:2] *= scale, pixel centres at +0.5. Returned in
+    snd's convention (centres at integers: cx, cy − 0.5) so `depth_points`/`project` compute Probe3D's points."""
+    assert K.shape == (3, 3), f"K must be [3,3], got {tuple(K.shape)}"
+    K = K.clone().double()
+    K[:2] *= scale
+    K[0, 2] -= 0.5
+    K[1, 2] -= 0.5
     return K
 
 
@@ -173,6 +188,18 @@ def pair_errors(feat0: torch.Tensor, feat1: torch.Tensor, depth0: torch.Tensor, 
     return (uv_0in1 - uv_1).norm(dim=1)
 
 
+def _scaled_geometry(s: dict, scale: float, geometry: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(K0, K1, depths [2, h, w]) of a pair sample at the probe grid, by the rule of `geometry`."""
+    d = torch.stack([s["depth0"], s["depth1"]])[:, None].float()
+    H, W = d.shape[-2:]
+    if geometry == "probe3d":
+        deps = F.interpolate(d, scale_factor=scale, mode="nearest")[:, 0]
+        return probe3d_intrinsics(s["K0"], scale), probe3d_intrinsics(s["K1"], scale), deps
+    h, w = max(1, round(H * scale)), max(1, round(W * scale))
+    deps = F.interpolate(d, size=(h, w), mode="nearest-exact")[:, 0]
+    return scale_intrinsics(s["K0"], w / W, h / H), scale_intrinsics(s["K1"], w / W, h / H), deps
+
+
 # -- the probe --------------------------------------------------------------------------------------
 def _bin_key(lo: float, hi: float) -> str:
     return f"{lo:g}-{hi:g}"
@@ -205,6 +232,7 @@ def evaluate_correspondence(
     curve_max_px: Optional[float] = None,
     max_pairs: Optional[int] = None,
     progress: bool = False,
+    geometry: str = "snd",
 ) -> dict:
     """Probe3D correspondence recall of `model_fn` on a pairs dataset (`snd.eval.datasets.pairs` format).
 
@@ -212,7 +240,8 @@ def evaluate_correspondence(
         model_fn: images [B, 3, H, W] in [0, 1] (CPU) -> dense features [B, C, h, w] (any device; matching
             runs there).
         pairs_dataset: items with image0/1 [3,H,W], depth0/1 [H,W], K0/K1 [3,3], T_0to1 [4,4], meta.
-        scale: probe grid = round(scale * H) x round(scale * W); errors are in pixels of this grid.
+        scale: probe grid = round(scale * H) x round(scale * W) (probe3d: floor); errors are in pixels of this grid.
+        geometry: "snd" or "probe3d" (the depth downsampling and K scaling rules; module docstring).
     Returns:
         dict with recall fractions in [0, 1]: "recall" {"5px": .., ...}, "recall_by_rotation"
         {"0-15": .. | None when the bin is empty}, "pairs_by_rotation", "curve" {"px", "recall"},
@@ -222,6 +251,8 @@ def evaluate_correspondence(
         raise ValueError(f"scale must be in (0, 1], got {scale}")
     if num_corr < 1:
         raise ValueError(f"num_corr must be >= 1, got {num_corr}")
+    if geometry not in ("snd", "probe3d"):
+        raise ValueError(f"geometry must be 'snd' or 'probe3d', got {geometry!r}")
     n = len(pairs_dataset) if max_pairs is None else min(max_pairs, len(pairs_dataset))
     errors: list[torch.Tensor] = []
     per_pair_bin_recall: list[float] = []
@@ -240,12 +271,8 @@ def evaluate_correspondence(
             feats = model_fn(imgs)
         assert feats.ndim == 4 and feats.shape[0] == 2, f"model_fn must return [2,C,h,w], got {tuple(feats.shape)}"
         dev = feats.device
-        h, w = max(1, round(H * scale)), max(1, round(W * scale))
-        deps = F.interpolate(torch.stack([s["depth0"], s["depth1"]])[:, None].float(), size=(h, w),
-                             mode="nearest-exact")[:, 0].to(dev)
-        sx, sy = w / W, h / H
-        K0 = scale_intrinsics(s["K0"], sx, sy)
-        K1 = scale_intrinsics(s["K1"], sx, sy)
+        K0, K1, deps = _scaled_geometry(s, scale, geometry)
+        deps = deps.to(dev)
         err = pair_errors(feats[0].float(), feats[1].float(), deps[0], deps[1], K0, K1, s["T_0to1"],
                           num_corr=num_corr, ratio_test=ratio_test).cpu()
         if err.numel() == 0:
@@ -272,7 +299,7 @@ def evaluate_correspondence(
         "num_pairs": n,
         "num_correspondences": int(total),
         "pairs_without_matches": empty,
-        "scale": scale,
+        "scale": scale, "geometry": geometry,
         "num_corr": num_corr,
         "ratio_test": ratio_test,
     }

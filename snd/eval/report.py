@@ -6,6 +6,10 @@ Input is the list of result records written by `snd.stages.evaluate` (also in `r
 optionally the trivial baselines (`results.json["trivial"]`, see `snd.eval.trivial`):
 `{"dataset", "task", "predictor": str, "metrics": {name: float}, ...}`, shown as a "trivial" column so a
 probe that learned nothing is visible at a glance.
+
+Every table says which evaluation protocol made its numbers (`snd.eval.protocol`: "paper" or "fast"; a
+record without the key predates protocols and is "fast"), and only paper-protocol tables carry the paper's
+own numbers: fast numbers are not comparable to them (docs/evaluation.md gives how far apart they sit).
 """
 from __future__ import annotations
 
@@ -68,6 +72,17 @@ def delta_cell(task: str, metric: str, model: Optional[float], base: Optional[fl
     return f"{sign}{text} {BETTER if better else WORSE}"
 
 
+def record_protocol(r: dict) -> str:
+    """The protocol of a result record ("fast" for records written before protocols existed)."""
+    return r.get("protocol") or "fast"
+
+
+def table_protocol(records: Iterable[dict], task: str) -> str:
+    """"paper", "fast", or "mixed: ..." for the records of `task`."""
+    ps = sorted({record_protocol(r) for r in records if r.get("task") == task and r.get("status", "ok") == "ok"})
+    return ps[0] if len(ps) == 1 else "mixed: " + ", ".join(ps) if ps else "?"
+
+
 def _index(records: Iterable[dict]) -> dict[tuple[str, str, str], dict]:
     return {(r["role"], r["dataset"], r["task"]): r for r in records if r.get("status", "ok") == "ok"}
 
@@ -84,7 +99,8 @@ def task_table(records: list[dict], task: str, *, heading: bool = True, trivial:
     has_base = any(role == "baseline" and t == task for (role, _, t) in idx)
     # paper columns: the size of the model (or the baseline) when it is a ViT-S/B DINOv2 shape
     size = sizes.get("model") or sizes.get("baseline")
-    paper_rows = [row for row in ("DINOv2", "SnD") if any(
+    protocol = table_protocol(records, task)
+    paper_rows = [] if protocol != "paper" else [row for row in ("DINOv2", "SnD") if any(
         paper_number(size, d, task, row, m) is not None for d in datasets for m in TASK_METRICS[task])]
     head = ["dataset", "metric", f"model: {labels.get('model', '?')}"]
     if has_base:
@@ -96,7 +112,9 @@ def task_table(records: list[dict], task: str, *, heading: bool = True, trivial:
     head += [f"paper {row} {size_label}" for row in paper_rows]
     lines = []
     if heading:
-        lines.append(f"### {TASK_TITLE.get(task, task)}\n")
+        lines.append(f"### {TASK_TITLE.get(task, task)} (protocol: {protocol})\n")
+    else:
+        lines.append(f"protocol: {protocol}\n")
     lines += ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + "|"]
     for d in datasets:
         m = idx.get(("model", d, task), {}).get("metrics", {})
@@ -113,6 +131,9 @@ def task_table(records: list[dict], task: str, *, heading: bool = True, trivial:
             cells += [format_value(task, metric, paper_number(size, d, task, row, metric)) for row in paper_rows]
             lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
+    if protocol == "fast":
+        lines.append("protocol fast = one cached pass at the probe input size: not the official protocol, so no "
+                     "paper numbers are shown (docs/evaluation.md: how far fast numbers may sit from the paper's).")
     if has_base:
         lines.append(f"{BETTER} model better than the baseline, {WORSE} worse (per the metric's direction: ↓ lower is "
                      f"better, ↑ higher is better).")

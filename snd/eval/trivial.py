@@ -137,8 +137,12 @@ def trivial_prediction(t: Trivial, gt: Tensor) -> Tensor:
 
 
 def evaluate_trivial(t: Trivial, targets: Iterable[Tensor], *, max_depth: float = 10.0,
-                     num_classes: int | None = None, ignore_index: int = 255) -> dict:
+                     num_classes: int | None = None, ignore_index: int = 255, paper: bool = False) -> dict:
     """Metrics of the constant predictor on the val targets, with the probes' metric code and conventions.
+
+    `paper` (the paper protocol's rules, `snd.eval.protocol`): seg GT ids >= num_classes (not the ignore
+    label) enter the union as in mmseg (`MmsegConfusion`; otherwise they are an error); a zero normal at a
+    valid pixel scores 90 degrees (`zero_normals_as_90deg`).
 
     Returns the same keys as `snd.eval.probes.evaluate_probe` (depth/normals: per-image means and
     "n_images"; seg: aAcc/mIoU/mAcc in percent from the summed confusion matrix and "n_images").
@@ -146,7 +150,10 @@ def evaluate_trivial(t: Trivial, targets: Iterable[Tensor], *, max_depth: float 
     if t.task == "seg":
         if not num_classes:
             raise ValueError("seg needs num_classes")
-        acc, n = ConfusionAccumulator(num_classes, ignore_index), 0
+        from snd.eval.protocol import MmsegConfusion
+
+        acc = MmsegConfusion(num_classes, ignore_index) if paper else ConfusionAccumulator(num_classes, ignore_index)
+        n = 0
         for g in targets:
             acc.update(trivial_prediction(t, g), g.long())
             n += 1
@@ -160,6 +167,11 @@ def evaluate_trivial(t: Trivial, targets: Iterable[Tensor], *, max_depth: float 
             mean.update(depth_metrics(trivial_prediction(t, g)[None], g[None].float(), min_depth=MIN_DEPTH,
                                       max_depth=max_depth))
         else:
-            mean.update(normal_metrics(trivial_prediction(t, g)[None], g[None].float()))
+            pred, gt = trivial_prediction(t, g)[None], g[None].float()
+            if paper:
+                from snd.eval.protocol import zero_normals_as_90deg
+
+                gt = zero_normals_as_90deg(pred, gt)
+            mean.update(normal_metrics(pred, gt))
     out = mean.compute()
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in out.items()}

@@ -23,139 +23,26 @@ import contextlib
 import hashlib
 import json
 import logging
-import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from snd.cache.inuse import hold_in_use
 from snd.errors import SndError
 from snd.pipeline.config import EvalConfig, save_config, to_jsonable
+from snd.stages.eval_corr import _eval_corr
+from snd.stages.eval_outputs import _clean, _figures, _save_samples, _write_json
+from snd.stages.eval_plan import (TASK_TO_DATASET_TASK, _depth_range, _eval_trivial, _plan, _protocol, _splits,
+                                  _trivial_folder, val_hw)
 
 log = logging.getLogger(__name__)
 
 __all__ = ["run", "TASK_TO_DATASET_TASK"]
 
-# `snd eval` task names -> the dataset registry's task names
-TASK_TO_DATASET_TASK = {"depth": "depth", "normals": "normals", "seg": "seg", "corr": "correspondence"}
 EXTRACT_BATCH = 32  # images per backbone forward when caching tokens
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=_jsonable))
-    os.replace(tmp, path)
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, (np.floating, np.integer)):
-        return x.item()
-    if isinstance(x, Path):
-        return str(x)
-    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
-
-
-def _clean(v: Any) -> Any:
-    """NaN -> None so results.json is valid JSON."""
-    if isinstance(v, float) and math.isnan(v):
-        return None
-    return v
-
-
-def _subset(n: int, max_images: int | None) -> list[int]:
-    """Evenly spaced indices (deterministic): every scene stays represented in a quick run."""
-    if max_images is None or max_images >= n:
-        return list(range(n))
-    return sorted(set(np.linspace(0, n - 1, max_images).round().astype(int).tolist()))
-
-
-def _plan(cfg: EvalConfig, tasks: list[str]) -> tuple[list[tuple[str, str]], list[str]]:
-    """(task, dataset) pairs to evaluate, and one note per task/dataset that cannot be evaluated."""
-    from snd.eval.datasets import available, list_datasets
-
-    status = available(cfg.data_root)
-    known = set(status)
-    unknown = [d for d in cfg.datasets if d not in known]
-    if unknown:
-        raise SndError(f"unknown dataset(s) {unknown}; known: {', '.join(sorted(known))}")
-    plan, notes = [], []
-    for task in tasks:
-        if task not in TASK_TO_DATASET_TASK:
-            raise SndError(f"unknown eval task {task!r}; expected one of {list(TASK_TO_DATASET_TASK)}")
-        names = list_datasets(TASK_TO_DATASET_TASK[task])
-        if cfg.datasets:
-            names = [d for d in names if d in cfg.datasets]
-        missing = []
-        for name in names:
-            if str(status[name]).startswith("ok"):
-                plan.append((task, name))
-            else:
-                missing.append(f"{name}: {status[name]}")
-        if not names:
-            notes.append(f"{task}: none of --datasets {cfg.datasets} supports this task")
-        elif not any(t == task for t, _ in plan):
-            notes.append(f"{task}: no dataset found under {cfg.data_root} — " + "; ".join(missing))
-        else:
-            notes += [f"{task}/{m}" for m in missing]
-    return plan, notes
-
-
-def _protocol(cfg: EvalConfig) -> dict:
-    proto = {"img_hw": [cfg.img_height, cfg.img_width], "iters": cfg.iters, "batch": cfg.batch,
-             "max_images": cfg.max_images, "feature_cache": cfg.feature_cache, "seed": cfg.seed}
-    if cfg.lr_scale != 1.0:  # only when set, so records made before the option existed keep their folder
-        proto["lr_scale"] = cfg.lr_scale
-    return proto
-
-
-def _trivial_folder(cfg: EvalConfig) -> str:
-    """Trivial baselines depend on the data seen (size, subset), not on the model or the probe recipe."""
-    proto = {"img_hw": [cfg.img_height, cfg.img_width], "max_images": cfg.max_images}
-    return "trivial-" + hashlib.sha256(json.dumps(proto, sort_keys=True).encode()).hexdigest()[:8]
-
-
-def _depth_range(name: str) -> tuple[float, float]:
-    from snd.eval import datasets as D
-    from snd.eval.probes import DEPTH_RANGE
-
-    return D.dataset_info(name).depth_range or DEPTH_RANGE.get(name, (1e-3, 10.0))
-
-
-def _splits(task: str, name: str, cfg: EvalConfig):
-    """(train dataset, val dataset, train indices, val indices) of a dense task, subset per --max-images."""
-    from snd.eval import datasets as D
-
-    hw = (cfg.img_height, cfg.img_width)
-    train_ds = D.get_dataset(name, cfg.data_root, "train", task, hw)
-    val_ds = D.get_dataset(name, cfg.data_root, "val", task, hw)
-    idx_tr, idx_va = _subset(len(train_ds), cfg.max_images), _subset(len(val_ds), cfg.max_images)
-    if not idx_tr or not idx_va:
-        raise SndError(f"{name}: empty split (train {len(idx_tr)}, val {len(idx_va)} images) for {task}")
-    return train_ds, val_ds, idx_tr, idx_va
-
-
-def _eval_trivial(task: str, name: str, data_tr, data_va) -> dict:
-    """Constant predictor fit on `data_tr`, scored on `data_va` (`snd.eval.trivial`): the floor of a probe."""
-    from snd.eval import datasets as D
-    from snd.eval.trivial import evaluate_trivial, fit_trivial
-
-    t0 = time.perf_counter()
-    kw = {"max_depth": _depth_range(name)[1]} if task == "depth" else {}
-    if task == "seg":
-        kw = {"num_classes": D.num_classes(name), "ignore_index": 255}
-    try:
-        triv = fit_trivial(task, (data_tr.target(j) for j in range(len(data_tr))), **kw)
-    except ValueError as e:
-        raise SndError(f"{name}: no trivial {task} baseline: {e}") from e
-    metrics = evaluate_trivial(triv, (data_va.target(j) for j in range(len(data_va))), **kw)
-    return {"dataset": name, "task": task, **triv.to_json(), "metrics": {k: _clean(v) for k, v in metrics.items()},
-            "n_train": len(data_tr), "n_val": len(data_va), "seconds": time.perf_counter() - t0}
 
 
 class _Role:
@@ -209,6 +96,9 @@ class _Prepared:
     data_va: Any
     ckpt: Path
     trivial: dict | None
+    val_grid: tuple[int, int]  # patch grid of the validation tokens (the paper fixes some sizes; 1x1 heads)
+    train_grid: tuple[int, int]  # patch grid of the training tokens
+    self_augmenting: bool = False  # the training dataset augments its own items (GeoNet, live backbone)
 
 
 def _prepare_probe(role: _Role, task: str, name: str, cfg: EvalConfig, device: torch.device, folder: Path,
@@ -223,38 +113,58 @@ def _prepare_probe(role: _Role, task: str, name: str, cfg: EvalConfig, device: t
     hw = (cfg.img_height, cfg.img_width)
     _, dim = _grid_dim(role, hw)  # also checks the input size against the patch size
     train_ds, val_ds, idx_tr, idx_va = _splits(task, name, cfg)
+    vhw = val_hw(cfg, name, task)
+    vgrid, _ = _grid_dim(role, vhw)
+    # a training set that augments its own items (the paper's GeoNet normals) runs the backbone live
+    self_aug = bool(getattr(train_ds, "self_augmenting", False))
+    thw = tuple(train_ds.img_hw) if self_aug else hw
+    tgrid, _ = _grid_dim(role, thw)
     stores, targets = {}, None
+    flip_test = cfg.protocol == "paper" and task == "depth"
     if cfg.feature_cache:
+        from snd.eval.protocol import FlippedImages
+
         cache_dir = cfg.feature_cache_dir or cfg.out / "features"
-        for split, ds, idx in (("train", train_ds, idx_tr), ("val", val_ds, idx_va)):
+        sources = ([] if self_aug else [("train", train_ds, idx_tr, hw)]) + [("val", val_ds, idx_va, vhw)]
+        if flip_test:  # the flip test's second pass, cached like the first
+            sources.append(("val_flip", FlippedImages(val_ds), idx_va, vhw))
+        for split, ds, idx, shw in sources:
             bar = progress.add_task(f"{role.label} · {name} {split} features", total=len(idx), info="")
-            stores[split] = ensure_features(role.net, ds, cache_dir=cache_dir, dataset_name=name, split=split,
-                                            img_hw=hw, indices=idx, key=role.key, batch=EXTRACT_BATCH, device=device,
+            # a split at another input size (the paper's fixed sizes) gets its own store
+            dname = name if shw == hw else f"{name}@{shw[0]}x{shw[1]}"
+            stores[split] = ensure_features(role.net, ds, cache_dir=cache_dir, dataset_name=dname, split=split,
+                                            img_hw=shw, indices=idx, key=role.key, batch=EXTRACT_BATCH, device=device,
                                             num_workers=cfg.num_workers, precision=cfg.extract_precision,
                                             progress=lambda d, t, b=bar: progress.update(b, completed=d))
             progress.remove_task(bar)
         # the targets too, once per (dataset, split, task, size): epochs then read raw chunks, not images
-        bar = progress.add_task(f"{name} train {task} targets", total=len(idx_tr), info="")
-        targets = ensure_targets(train_ds, idx_tr, task, cache_dir=cache_dir, dataset_name=name, split="train",
-                                 img_hw=hw, num_workers=cfg.num_workers,
-                                 progress=lambda d, t, b=bar: progress.update(b, completed=d))
-        progress.remove_task(bar)
-    data_tr = ProbeData(train_ds, idx_tr, task, stores.get("train"), targets=targets)
-    data_va = ProbeData(val_ds, idx_va, task, stores.get("val"), with_image=True)
-    trivial = _eval_trivial(task, name, data_tr, data_va) if with_trivial else None
+        if not self_aug:
+            bar = progress.add_task(f"{name} train {task} targets", total=len(idx_tr), info="")
+            targets = ensure_targets(train_ds, idx_tr, task, cache_dir=cache_dir, dataset_name=name, split="train",
+                                     img_hw=hw, num_workers=cfg.num_workers,
+                                     progress=lambda d, t, b=bar: progress.update(b, completed=d))
+            progress.remove_task(bar)
+    # a self-augmenting set is never held in RAM: every epoch draws fresh augmentations
+    data_tr = ProbeData(train_ds, idx_tr, task, stores.get("train"), targets=targets,
+                        **({"memory_mb": 0.0} if self_aug else {}))
+    data_va = ProbeData(val_ds, idx_va, task, stores.get("val"), with_image=True, flip_store=stores.get("val_flip"))
+    trivial = _eval_trivial(task, name, data_tr, data_va, cfg.protocol) if with_trivial else None
     torch.manual_seed(cfg.seed)
     if task == "depth":
         lo, hi = _depth_range(name)
         probe = DepthProbe(dim, min_depth=lo, max_depth=hi)
-    elif task == "normals":
-        probe = NormalProbe(dim)
+    elif task == "normals":  # Probe3D's GeoNet loss mask is depth > 0 (NaN targets elsewhere)
+        probe = NormalProbe(dim, mask="finite") if self_aug else NormalProbe(dim)
     else:
         k = D.num_classes(name)
         if not k:
             raise SndError(f"{name}: unknown number of segmentation classes")
         probe = SegProbe(dim, num_classes=k, ignore_index=255)
     spec = default_spec(task, len(idx_tr)).with_overrides(iters=cfg.iters, batch=cfg.batch, lr_scale=cfg.lr_scale)
-    return _Prepared(task, name, probe, spec, data_tr, data_va, folder / f"{name}_{task}.safetensors", trivial)
+    spec.beta1_cycle = cfg.protocol == "paper" and task == "depth"  # the depth config's OneCycle momentum
+    spec.shuffle = not self_aug  # Probe3D's "trainval" loader keeps file order
+    return _Prepared(task, name, probe, spec, data_tr, data_va, folder / f"{name}_{task}.safetensors", trivial, vgrid,
+                     tgrid, self_aug)
 
 
 def _grid_dim(role: _Role, hw: tuple[int, int]) -> tuple[tuple[int, int], int]:
@@ -278,8 +188,6 @@ def _train_and_evaluate(role: _Role, prepared: list[_Prepared], cfg: EvalConfig,
 
     if not prepared:
         return {}
-    hw = (cfg.img_height, cfg.img_width)
-    grid, _ = _grid_dim(role, hw)
     norm = final_norm_params(role.net)
     live = None if cfg.feature_cache else role.net
     jobs, bars = [], []
@@ -287,102 +195,41 @@ def _train_and_evaluate(role: _Role, prepared: list[_Prepared], cfg: EvalConfig,
         bar = progress.add_task(f"{role.label} · {p.name} {p.task} probe", total=p.spec.iters, info="")
         bars.append(bar)
         jobs.append(ProbeJob(p.probe, p.data_tr, p.spec, p.ckpt, ckpt_every=max(min(2000, p.spec.iters // 4), 1),
-                             progress=lambda s, t, l, b=bar: progress.update(b, completed=s, info=f"loss {l:.4f}")))
+                             progress=lambda s, t, l, b=bar: progress.update(b, completed=s, info=f"loss {l:.4f}"),
+                             augment=False if p.self_augmenting else None))
+    # one `train_probes` call per training grid (the paper's GeoNet normals train at 490x490, live)
+    stats: list[dict] = [{}] * len(prepared)
     t0 = time.perf_counter()
-    stats = train_probes(jobs, grid=grid, norm=norm, backbone=live, augment=live is not None, device=device,
-                         seed=cfg.seed, num_workers=cfg.num_workers, residency=cfg.residency,
-                         resident_gib=cfg.resident_gib, graph=cfg.probe_graph,
-                         max_together=cfg.probes_together or None)
+    for grid in sorted({p.train_grid for p in prepared}):
+        idx = [i for i, p in enumerate(prepared) if p.train_grid == grid]
+        some_live = any(prepared[i].data_tr.store is None for i in idx)
+        got = train_probes([jobs[i] for i in idx], grid=grid, norm=norm, backbone=role.net if some_live else None,
+                           augment=live is not None, device=device, seed=cfg.seed, num_workers=cfg.num_workers,
+                           residency=cfg.residency, resident_gib=cfg.resident_gib, graph=cfg.probe_graph,
+                           max_together=cfg.probes_together or None)
+        for i, st in zip(idx, got):
+            stats[i] = st
     wall = time.perf_counter() - t0
     for bar in bars:
         progress.remove_task(bar)
     out = {}
     for p, st in zip(prepared, stats):
         t1 = time.perf_counter()
-        metrics, samples = evaluate_probe(p.probe, p.data_va, grid=grid, norm=norm, backbone=live, device=device,
-                                          num_workers=cfg.num_workers)
+        metrics, samples = evaluate_probe(p.probe, p.data_va, grid=p.val_grid, norm=norm,
+                                          backbone=role.net if p.data_va.store is None else None, device=device,
+                                          num_workers=cfg.num_workers, protocol=cfg.protocol)
         out[p.task, p.name] = ({"metrics": {k: _clean(v) for k, v in metrics.items()}, "n_train": len(p.data_tr),
                                 "n_val": len(p.data_va), "iters": p.spec.iters, "batch": p.spec.batch,
                                 "train_loss": _clean(st["loss"]), "train_seconds": st["seconds"],
                                 "train_wall_seconds_all_probes": wall, "trained_together": st.get("trained_together"),
                                 "residency": st.get("residency"), "eval_seconds": time.perf_counter() - t1,
-                                "probe": p.probe.config(), "recipe": p.spec.to_json()}, samples)
+                                "probe": p.probe.config(), "recipe": p.spec.to_json(), "protocol": cfg.protocol}, samples)
     return out
-
-
-def _eval_corr(role: _Role, name: str, cfg: EvalConfig, device: torch.device) -> dict:
-    from snd.eval import datasets as D
-    from snd.eval.correspondence import evaluate_correspondence
-    from snd.eval.features import split_tokens
-    from snd.eval.features import extract_tokens
-    from snd.models.backbone import _unwrap, patch_size
-
-    hw = (cfg.img_height, cfg.img_width)
-    net = role.net.to(device)
-    p = patch_size(_unwrap(net))
-
-    def model_fn(images: torch.Tensor) -> torch.Tensor:
-        tok = extract_tokens(net, images.to(device), cfg.extract_precision)
-        return split_tokens(tok, (images.shape[-2] // p, images.shape[-1] // p))[1]  # raw last-block patches
-
-    pairs = D.get_dataset(name, cfg.data_root, "val", "correspondence", hw)
-    res = evaluate_correspondence(model_fn, pairs, max_pairs=cfg.max_images)
-    metrics = {f"recall_{k}": 100 * v for k, v in res["recall"].items()}
-    for k, v in res["recall_by_rotation"].items():
-        metrics[f"recall_10px_rot_{k}"] = None if v is None else 100 * v
-    return {"metrics": metrics, "curve": res["curve"], "n_val": res["num_pairs"],
-            "pairs_by_rotation": res["pairs_by_rotation"], "num_correspondences": res["num_correspondences"]}
-
-
-def _save_samples(path: Path, samples: list[dict]) -> None:
-    from safetensors.torch import save_file
-
-    t = {}
-    for i, s in enumerate(samples):
-        for k in ("image", "gt", "pred"):
-            if s.get(k) is not None:
-                t[f"{k}.{i}"] = s[k].contiguous().float() if k != "gt" or s[k].is_floating_point() else s[k].contiguous()
-    if t:
-        save_file(t, str(path.with_name(path.name + ".tmp")))
-        os.replace(path.with_name(path.name + ".tmp"), path)
-
-
-def _load_samples(path: Path) -> list[dict]:
-    from safetensors.torch import load_file
-
-    t = load_file(str(path))
-    n = 1 + max(int(k.split(".")[1]) for k in t)
-    return [{k: t.get(f"{k}.{i}") for k in ("image", "gt", "pred")} for i in range(n)]
-
-
-def _figures(records: list[dict], out: Path) -> list[Path]:
-    from snd.eval.correspondence import write_recall_curve_png
-    from snd.eval.figures import prediction_grid
-
-    written = []
-    keys = sorted({(r["task"], r["dataset"]) for r in records if r.get("status") == "ok"})
-    for task, name in keys:
-        rs = [r for r in records if r["task"] == task and r["dataset"] == name and r.get("status") == "ok"]
-        rs.sort(key=lambda r: r["role"] != "model")
-        try:
-            if task == "corr":
-                curves = {f"{r['role']}: {r['label']}": r["curve"] for r in rs if r.get("curve")}
-                if curves:
-                    written.append(write_recall_curve_png(curves, out / "figures" / f"corr_{name}.png",
-                                                          title=f"correspondence recall ({name})"))
-                continue
-            samples = {f"{r['role']}: {r['label']}": _load_samples(Path(r["samples"])) for r in rs
-                       if r.get("samples") and Path(r["samples"]).is_file()}
-            if samples:
-                written.append(prediction_grid(task, samples, out / "figures" / f"{task}_{name}.png"))
-        except Exception as e:  # a figure must never lose the numbers
-            log.warning("figure %s/%s failed: %s", task, name, e)
-    return written
 
 
 def _base(role: _Role, task: str, name: str) -> dict:
     return {"role": role.role, "label": role.label, "model": role.name, "key": role.key, "size": role.size(),
-            "dataset": name, "task": task}
+            "dataset": name, "task": task, "protocol": role.cfg.protocol}
 
 
 def _failed(base: dict, e: SndError, notes: list[str], console) -> dict:
@@ -498,7 +345,7 @@ def run(cfg: EvalConfig, tasks: list[str]) -> dict:
 
                 train_ds, val_ds, idx_tr, idx_va = _splits(task, name, cfg)
                 keep_trivial(task, name, _eval_trivial(task, name, ProbeData(train_ds, idx_tr, task),
-                                                       ProbeData(val_ds, idx_va, task)))
+                                                       ProbeData(val_ds, idx_va, task), cfg.protocol))
             except SndError as e:
                 notes.append(f"{task}/{name} (trivial baseline): {e}")
     trivial_list = [trivial[k] for k in sorted(trivial)]
@@ -510,14 +357,14 @@ def run(cfg: EvalConfig, tasks: list[str]) -> dict:
         if tab:
             (out / f"results_{t}.md").write_text(tab)
     figs = _figures(records, out)
-    _write_json(out / "results.json", {"config": to_jsonable(cfg), "records": records, "trivial": trivial_list,
+    _write_json(out / "results.json", {"protocol": cfg.protocol, "config": to_jsonable(cfg), "records": records, "trivial": trivial_list,
                                        "notes": notes, "figures": [str(f) for f in figs]})
     for t in tasks:
         head, rows = console_rows(records, t, trivial=trivial_list)
         if rows:
             preds = [f"{x['dataset']}: {x.get('predictor', '?')}" for x in trivial_list if x["task"] == t]
             caption = ("trivial = constant fit on train, scored on val (" + "; ".join(preds) + ")") if preds else None
-            table = Table(title=t, caption=caption, show_lines=False)
+            table = Table(title=f"{t} (protocol: {cfg.protocol})", caption=caption, show_lines=False)
             for h in head:
                 table.add_column(h, justify="left" if h in ("dataset", "metric") else "right")
             for r in rows:
@@ -525,5 +372,5 @@ def run(cfg: EvalConfig, tasks: list[str]) -> dict:
             Console().print(table)
     if not ok:
         raise SndError("nothing could be evaluated:\n  " + "\n  ".join(notes))
-    console.print(f"results: {out / 'results.md'}")
+    console.print(f"results ({cfg.protocol} protocol): {out / 'results.md'}")
     return {"records": records, "trivial": trivial_list, "notes": notes, "out": str(out), "tables": tables}

@@ -47,6 +47,7 @@ def get_dataset(name: str, root: str | Path, split: str, task: str, img_hw: tupl
         root: the data root (see the module docstring).
         img_hw: (H, W) of every returned image and target (multiples of 14 for ViT-14 backbones).
         **kw: dataset options (e.g. fit="crop"|"resize", seed=, frame_stride=, gaps=); docs/datasets.md.
+            native_target=True: targets at their own resolution (`base.ProbeDataset.native_target`).
     Raises:
         SndError naming the missing file and what to download when the data is absent.
     """
@@ -59,7 +60,13 @@ def get_dataset(name: str, root: str | Path, split: str, task: str, img_hw: tupl
     status = info.check(path)
     if not status.startswith("ok"):
         raise SndError(f"{name}: {status}", path=path)
-    return info.builder(path, split, task, tuple(img_hw), **kw)
+    native = bool(kw.pop("native_target", False))
+    ds = info.builder(path, split, task, tuple(img_hw), **kw)
+    if native:
+        if not hasattr(ds, "target_hw"):
+            raise SndError(f"{name}: native_target is for single-image probe datasets, not {task}")
+        ds.native_target = True
+    return ds
 
 
 def available(root: str | Path) -> dict[str, str]:

@@ -8,6 +8,10 @@ class crops/resizes it to `img_hw` with the rules of `transforms.py` and convert
     normals [3, H, W] float32 unit vectors, all-zero = invalid (task "normals")
     seg     [H, W]    int64 class ids 0..C-1, 255 = ignore    (task "seg")
     meta    dict: dataset (str), split (str), index (int), id (str)
+
+With `native_target = True` (the paper protocol's validation sets: depth is scored at the ground truth's
+own resolution) the target keeps its native resolution: it is only center-cropped to the region the
+image's crop covers (`fit="crop"`), never resized.
 """
 from __future__ import annotations
 
@@ -18,7 +22,8 @@ import numpy as np
 import torch
 
 from snd.eval.datasets.registry import SPLITS, TASKS
-from snd.eval.datasets.transforms import Fit, resize_depth, resize_image, resize_labels, resize_normals
+from snd.eval.datasets.transforms import (Fit, center_crop_box, resize_depth, resize_image, resize_labels,
+                                          resize_normals)
 from snd.errors import SndError
 
 IGNORE = 255
@@ -51,6 +56,7 @@ class ProbeDataset(torch.utils.data.Dataset):
 
     name: str = "?"
     tasks: tuple[str, ...] = ()
+    native_target: bool = False  # targets at their own resolution (cropped like the image, not resized)
 
     def __init__(self, split: str, task: str, img_hw: tuple[int, int], *, fit: Fit = "crop"):
         check_args(self.name, split, task, self.tasks, img_hw)
@@ -76,14 +82,25 @@ class ProbeDataset(torch.utils.data.Dataset):
         if self.task == "depth":
             if raw.depth is None:
                 raise SndError(f"{self.name}: sample {raw.id} has no depth")
-            out["depth"] = resize_depth(raw.depth, self.img_hw, fit=self.fit)
+            out["depth"] = resize_depth(raw.depth, self.target_hw(raw.depth.shape), fit=self.fit)
         elif self.task == "normals":
             if raw.normals is None:
                 raise SndError(f"{self.name}: sample {raw.id} has no normals")
-            out["normals"] = resize_normals(raw.normals, self.img_hw, fit=self.fit)
+            out["normals"] = resize_normals(raw.normals, self.target_hw(raw.normals.shape), fit=self.fit)
         elif self.task == "seg":
             if raw.seg is None:
                 raise SndError(f"{self.name}: sample {raw.id} has no segmentation")
-            out["seg"] = resize_labels(raw.seg, self.img_hw, fit=self.fit)
+            out["seg"] = resize_labels(raw.seg, self.target_hw(raw.seg.shape), fit=self.fit)
         out["meta"] = {"dataset": self.name, "split": self.split, "index": int(index), "id": str(raw.id)}
         return out
+
+    def target_hw(self, native_shape: tuple[int, ...]) -> tuple[int, int]:
+        """Size of the returned target: `img_hw`, or with `native_target` the native target's region that the
+        image's center crop covers (the whole target with fit="resize"): cropping to it resizes nothing."""
+        if not self.native_target:
+            return self.img_hw
+        h, w = int(native_shape[0]), int(native_shape[1])
+        if self.fit == "resize":
+            return h, w
+        _, _, ch, cw = center_crop_box(h, w, self.img_hw)
+        return ch, cw

@@ -109,3 +109,30 @@ def _matrix(buf: bytes, e: str) -> tuple[str, Optional[np.ndarray]]:
         return name, None
     values = np.frombuffer(payload, dtype=e + _MI[mtype]).astype(_MX[cls])
     return name, values.reshape(dims, order="F")
+
+
+def save_mat_v5(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write numeric arrays as a MATLAB level-5 MAT file (float32 -> single, else double; zlib-compressed).
+
+    For procedural stand-ins of released .mat datasets (`snd.eval.datasets.geonet`); MATLAB stores arrays
+    column-major, so `load_mat` (and scipy/MATLAB) read back the same shapes and values.
+    """
+    def element(mtype: int, payload: bytes) -> bytes:
+        return struct.pack("<II", mtype, len(payload)) + payload + b"\0" * ((-len(payload)) % 8)
+
+    out = bytearray(b"MATLAB 5.0 MAT-file, written by snd".ljust(116, b" ") + b"\0" * 8)
+    out += struct.pack("<H", 0x0100) + b"IM"
+    for name, arr in arrays.items():
+        arr = np.atleast_2d(np.asarray(arr))
+        single = arr.dtype == np.float32
+        data = arr.astype("<f4" if single else "<f8")
+        body = element(6, struct.pack("<II", 7 if single else 6, 0))  # array flags: mxSINGLE / mxDOUBLE class
+        body += element(5, np.array(arr.shape, dtype="<i4").tobytes())
+        body += element(1, name.encode())
+        body += element(7 if single else 9, data.tobytes(order="F"))  # miSINGLE / miDOUBLE
+        z = zlib.compress(struct.pack("<II", _MI_MATRIX, len(body)) + body)
+        out += struct.pack("<II", _MI_COMPRESSED, len(z)) + z
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(bytes(out))
+    tmp.replace(path)

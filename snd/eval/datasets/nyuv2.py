@@ -17,6 +17,12 @@ classMapping40.mat, then NYU40 -> 13 with the fixed table below; label 0 (unlabe
 `seg_classes=40` keeps NYU40 instead. Depth is the in-painted `depths` field (`depth_key="rawDepths"` for the
 raw one), values above 10 m set invalid (Probe3D); on the val split, depth outside the Eigen crop
 (rows 45:471, cols 41:601 of 480x640) is set invalid so metrics follow the standard protocol.
+
+`probe3d_test=True` (normals, val; the paper protocol, Probe3D's `NYU_test(center_crop=True)`): the image is
+the centre square (480x480 of 480x640: columns 80:560) centre-padded to a multiple of 14 (490x490) with the
+ImageNet mean (what Probe3D's zero padding of the normalised image is), and the target is the matching
+480x480 normals, NaN where the raw depth (`rawDepths`, values above 10 m dropped) is 0, so validity is
+"raw depth > 0" and a zero normal at a valid pixel stays zero (scored as 90 degrees by the evaluation).
 """
 from __future__ import annotations
 
@@ -170,8 +176,11 @@ class NYUv2(ProbeDataset):
     tasks = ("depth", "normals", "seg")
 
     def __init__(self, path: Path, split: str, task: str, img_hw: tuple[int, int], *, fit: Fit = "crop",
-                 seg_classes: int = 13, depth_key: str = "depths", eval_crop: bool = True):
+                 seg_classes: int = 13, depth_key: str = "depths", eval_crop: bool = True,
+                 probe3d_test: bool = False):
         super().__init__(split, task, img_hw, fit=fit)
+        self.probe3d_test = probe3d_test and task == "normals"
+        self.zero_normal_is_error = self.probe3d_test  # validity = raw depth > 0 (NaN elsewhere), not the normal
         self.path = Path(path)
         mat = self.path / MAT
         if not mat.is_file():
@@ -202,6 +211,28 @@ class NYUv2(ProbeDataset):
         state = dict(self.__dict__)
         state["_h5"] = None
         return state
+
+    def __getitem__(self, index: int) -> dict:
+        if not self.probe3d_test:
+            return super().__getitem__(index)
+        import torch
+
+        from snd.eval.protocol import IMAGENET_MEAN, center_pad
+
+        raw = self.load(index)
+        f = self._file()
+        d = np.asarray(f["rawDepths"][int(self.indices[index])], dtype=np.float32).T
+        H, W = d.shape
+        c0 = (W - H) // 2  # the centre square (Probe3D: [..., 80:-80] of 640 columns)
+        img = torch.from_numpy(np.ascontiguousarray(raw.image[:, c0 : c0 + H])).permute(2, 0, 1).float() / 255
+        img = center_pad(img[None], 14, torch.tensor(IMAGENET_MEAN))[0]
+        if tuple(img.shape[-2:]) != self.img_hw:
+            raise SndError(f"nyuv2 probe3d normals test: the input is {tuple(img.shape[-2:])}, not {self.img_hw}")
+        n = torch.from_numpy(np.ascontiguousarray(raw.normals[:, c0 : c0 + H])).permute(2, 0, 1).float()
+        valid = torch.from_numpy((d[:, c0 : c0 + H] > 0) & (d[:, c0 : c0 + H] <= MAX_DEPTH))
+        n = torch.where(valid[None], torch.nan_to_num(n), torch.full_like(n, float("nan")))
+        return {"image": img.contiguous(), "normals": n.contiguous(),
+                "meta": {"dataset": self.name, "split": self.split, "index": int(index), "id": raw.id}}
 
     def load(self, index: int) -> RawSample:
         i = int(self.indices[index])

@@ -18,6 +18,9 @@ Datasets:
   `scene0707_00_frame-000015.jpg` (or `scans_test/scene0707_00/.../frame-000015.color.jpg`) give scene
   and frame number. Images and depth are resized (stretched, no crop) to img_hw and K is scaled from
   `native_hw` (968x1296) to img_hw. Non-zero EXIF rotations are rejected (ScanNet has none).
+  With `intrinsics="npz"` (the paper protocol, as Probe3D's `ScanNetPairsDataset`) both views take their
+  scene's K from `<root>/[scannet_test_1500/]intrinsics.npz` (LoFTR's file, keyed by scene id, K of the
+  640x480 frames) instead of the pair list's colour-frame K.
 * `synth` (task "correspondence"): frames i and i+gap of each procedural scene of the split, for each gap
   in `gaps`; depth, cameras and poses are exact.
 """
@@ -38,6 +41,9 @@ from snd.eval.datasets.registry import register_dataset
 from snd.eval.datasets.transforms import resize_depth, resize_image
 
 PAIRS_FILE = "scannet_test_pairs_with_gt.txt"
+INTRINSICS_NPZ = "intrinsics.npz"
+INTRINSICS_URL = "https://raw.githubusercontent.com/zju3dv/LoFTR/master/assets/scannet_test_1500/intrinsics.npz"
+NPZ_HW = (480, 640)  # the frames LoFTR's intrinsics.npz describes
 PAIRS_URL = "https://github.com/magicleap/SuperGluePretrainedNetwork/blob/master/assets/scannet_test_pairs_with_gt.txt"
 FRAMES_URL = "scannet_test_1500.tar (LoFTR, see github.com/mbanani/probe3d data_processing/README.md)"
 SCANNET_COLOR_HW = (968, 1296)
@@ -92,7 +98,8 @@ class ScanNet1500Pairs(torch.utils.data.Dataset):
     name = "scannet1500"
 
     def __init__(self, path: Path, split: str, img_hw: tuple[int, int], *,
-                 native_hw: tuple[int, int] = SCANNET_COLOR_HW, pairs_file: Optional[Path] = None):
+                 native_hw: tuple[int, int] = SCANNET_COLOR_HW, pairs_file: Optional[Path] = None,
+                 intrinsics: str = "pairs"):
         check_args(self.name, split, "correspondence", ("correspondence",), img_hw)
         if split != "val":
             raise SndError("scannet1500 is evaluation-only: use split 'val'")
@@ -107,6 +114,25 @@ class ScanNet1500Pairs(torch.utils.data.Dataset):
             if p["rot0"] or p["rot1"]:
                 raise SndError(f"{f}: EXIF rotations {p['rot0']},{p['rot1']} are not supported ({p['name0']})")
         self.base = first_existing(self.path / "scannet_test_1500", self.path)
+        if intrinsics not in ("pairs", "npz"):
+            raise SndError(f"scannet1500: intrinsics must be 'pairs' or 'npz', got {intrinsics!r}")
+        self.scene_K: Optional[dict[str, np.ndarray]] = None
+        if intrinsics == "npz":
+            npz = first_existing(self.base / INTRINSICS_NPZ, self.path / INTRINSICS_NPZ)
+            if npz is None:
+                raise SndError(f"ScanNet-1500 intrinsics missing: {self.base / INTRINSICS_NPZ}",
+                               path=self.base / INTRINSICS_NPZ, hint=f"download {INTRINSICS_URL} into {self.base}")
+            with np.load(npz) as z:
+                self.scene_K = {k: np.asarray(z[k], dtype=np.float64).reshape(3, 3) for k in z.files}
+
+    def _K(self, name: str, K_pairs: np.ndarray) -> np.ndarray:
+        """K of the returned image: the pair list's (native colour size) or the scene's from intrinsics.npz."""
+        if self.scene_K is None:
+            return scale_K(K_pairs, self.native_hw, self.img_hw)
+        scene, _ = parse_frame_name(name)
+        if scene not in self.scene_K:
+            raise SndError(f"{INTRINSICS_NPZ} has no intrinsics for {scene}", hint=f"download {INTRINSICS_URL}")
+        return scale_K(self.scene_K[scene], NPZ_HW, self.img_hw)
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -125,8 +151,7 @@ class ScanNet1500Pairs(torch.utils.data.Dataset):
         p = self.pairs[index]
         img0, dep0, id0 = self._frame(p["name0"])
         img1, dep1, id1 = self._frame(p["name1"])
-        K0 = scale_K(p["K0"], self.native_hw, self.img_hw)
-        K1 = scale_K(p["K1"], self.native_hw, self.img_hw)
+        K0, K1 = self._K(p["name0"], p["K0"]), self._K(p["name1"], p["K1"])
         return _pair_sample(
             self.name, self.split, index, f"{id0}-{id1}",
             resize_image(img0, self.img_hw, fit="resize"), resize_image(img1, self.img_hw, fit="resize"),

@@ -9,7 +9,8 @@ Layout under `<data_root>/scannet/` (the unzipped scannet_frames_25k.zip from th
                                    must already hold NYU40 ids (1..40, 0 = unlabelled)
 Split: a random 80/20 split of all frames with `seed` (the paper's protocol; no official split exists).
 Segmentation: NYU40 ids 1..40 -> 0..39, 0 -> 255 (SnD config: 40 classes, reduce_zero_label).
-Depth above 10 m is set invalid. Colour (1296x968) and depth (640x480) differ by 0.4% in aspect ratio;
+Depth above 10 m is set invalid; with `eval_crop` (the paper protocol: the official ScanNet depth config
+has `eigen_crop=True`) validation depth outside the Eigen crop (rows 45:471, cols 41:601 of 480x640) too. Colour (1296x968) and depth (640x480) differ by 0.4% in aspect ratio;
 each is center-cropped to `img_hw`'s aspect on its own, so they stay aligned to within that.
 """
 from __future__ import annotations
@@ -29,6 +30,7 @@ from snd.eval.datasets.transforms import Fit
 URL = "http://www.scan-net.org/ (download-scannet.py --preprocessed_frames -> scannet_frames_25k.zip)"
 TSV = "scannetv2-labels.combined.tsv"
 MAX_DEPTH = OFFICIAL_DEPTH_RANGE["scannet"][1]
+EIGEN_CROP = (45, 471, 41, 601)  # rows [45, 471), cols [41, 601): the official ScanNet depth eval_mask
 
 
 def _base(path: Path) -> Path:
@@ -63,17 +65,29 @@ def read_label_tsv(path: Path) -> np.ndarray:
     return lut
 
 
+def eigen_crop(depth: np.ndarray) -> np.ndarray:
+    """Depth outside the Eigen crop (rows 45:471, cols 41:601) set to 0 (invalid); the official `eval_mask`
+    indexes those rows/columns whatever the map's size, so only 480x640 maps are accepted."""
+    if depth.shape != (480, 640):
+        raise SndError(f"ScanNet Eigen crop needs 480x640 depth, got {depth.shape}")
+    r0, r1, c0, c1 = EIGEN_CROP
+    out = np.zeros_like(depth)
+    out[r0:r1, c0:c1] = depth[r0:r1, c0:c1]
+    return out
+
+
 class ScanNetFrames(ProbeDataset):
     name = "scannet"
     tasks = ("depth", "seg")
 
     def __init__(self, path: Path, split: str, task: str, img_hw: tuple[int, int], *, fit: Fit = "crop",
-                 seed: int = 0, train_fraction: float = 0.8):
+                 seed: int = 0, train_fraction: float = 0.8, eval_crop: bool = False):
         super().__init__(split, task, img_hw, fit=fit)
         status = _check(Path(path))
         if status != "ok":
             raise SndError(f"ScanNet frames: {status}", path=path, hint=f"download {URL}")
         self.base = _base(Path(path))
+        self.eval_crop = eval_crop
         self.ids = random_split(_frames(self.base), train_fraction=train_fraction, seed=seed, split=split)
         tsv = Path(path) / TSV
         self._lut: Optional[np.ndarray] = read_label_tsv(tsv) if tsv.is_file() else None
@@ -88,7 +102,10 @@ class ScanNetFrames(ProbeDataset):
         raw = RawSample(image=read_rgb(d / "color" / f"{frame}.jpg"), id=fid)
         if self.task == "depth":
             depth = read_png_u16(d / "depth" / f"{frame}.png").astype(np.float32) / 1000.0
-            raw.depth = np.where(depth <= MAX_DEPTH, depth, 0.0).astype(np.float32)
+            depth = np.where(depth <= MAX_DEPTH, depth, 0.0).astype(np.float32)
+            if self.split == "val" and self.eval_crop:
+                depth = eigen_crop(depth)
+            raw.depth = depth
         else:
             lab = read_label_png(d / "label" / f"{frame}.png")
             if self._lut is not None:

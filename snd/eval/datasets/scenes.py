@@ -6,6 +6,10 @@ map and the camera (`normals_from_depth`: camera frame, OpenCV axes, facing the 
 Scene contract exposes depth, not face normals. Frames are rendered by `snd.data` directly at a size
 that covers `img_hw` after the center crop, so the crop/resize step is (nearly) an identity.
 
+Segmentation ids above `num_classes` are ignored (255), or with `keep_extra_ids` (the paper protocol's
+validation sets) kept (each as id num_classes, which can never read as 255), so that mmseg's union rule can count them
+(`snd.eval.protocol.MmsegConfusion`).
+
 Scenes are opened lazily and the last `max_open_scenes` are kept per process: iterate in order
 (`shuffle=False`, as the feature cache does) to open each scene once.
 """
@@ -43,7 +47,7 @@ class SceneFrames(ProbeDataset):
     def __init__(self, name: str, path: Path, scene_names: list[str], split: str, task: str,
                  img_hw: tuple[int, int], *, fit: Fit = "crop", num_classes: Optional[int] = None,
                  frame_stride: int = 1, cache_dir: Optional[Path] = None, max_open_scenes: int = 2,
-                 layout: str = "auto"):
+                 layout: str = "auto", keep_extra_ids: bool = False):
         self.name = name
         super().__init__(split, task, img_hw, fit=fit)
         from snd.data import open_dataset
@@ -53,6 +57,7 @@ class SceneFrames(ProbeDataset):
         if not scene_names:
             raise SndError(f"{name}: split {split!r} has no scenes under {path}", path=path)
         self.path, self.num_classes, self.max_open = Path(path), num_classes, max_open_scenes
+        self.keep_extra_ids = keep_extra_ids
         probe = open_dataset(self.path, layout, cache_dir=cache_dir).scene(scene_names[0]).camera(0)
         self.render_hw = render_size((probe.height, probe.width), self.img_hw, fit)
         self._open_args = dict(layout=layout, height=self.render_hw[0], width=self.render_hw[1], cache_dir=cache_dir)
@@ -108,7 +113,10 @@ class SceneFrames(ProbeDataset):
                 raise SndError(f"{self.name}: scene {sname} has no semantics (segments_anno.json missing?)")
             sem = np.asarray(sem, dtype=np.int64)
             ok = sem >= 1
-            if self.num_classes is not None:
+            if self.num_classes is not None and not self.keep_extra_ids:
                 ok &= sem <= self.num_classes
-            raw.seg = np.where(ok, sem - 1, IGNORE).astype(np.int64)
+            seg = np.where(ok, sem - 1, IGNORE)
+            if self.keep_extra_ids and self.num_classes is not None:  # every extra id -> num_classes (never 255)
+                seg = np.where(ok & (sem > self.num_classes), self.num_classes, seg)
+            raw.seg = seg.astype(np.int64)
         return raw

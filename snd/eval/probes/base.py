@@ -31,6 +31,12 @@ class ProbeSpec:
     min_ratio: float = 0.0  # final lr factor (mmcv schedules)
     grad_clip: float | None = None  # max grad norm
     betas: tuple[float, float] = (0.9, 0.999)
+    # beta1 follows mmcv's OneCycle momentum (0.95 -> 0.85 -> 0.95, `snd.eval.protocol.onecycle_beta1`) instead
+    # of betas[0]: the official depth config's `momentum_config=dict(policy="OneCycle")` (paper protocol)
+    beta1_cycle: bool = False
+    # rows in file order every epoch instead of a fresh permutation: Probe3D's NYU normals loader (split
+    # "trainval" is not shuffled; paper protocol)
+    shuffle: bool = True
 
     def with_overrides(self, *, iters: int | None = None, batch: int | None = None,
                        lr_scale: float = 1.0) -> "ProbeSpec":

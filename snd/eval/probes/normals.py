@@ -68,13 +68,20 @@ class NormalProbe(Probe):
 
     task = "normals"
 
-    def __init__(self, dim: int, *, upsample: int = 4):
+    def __init__(self, dim: int, *, upsample: int = 4, mask: str = "normal"):
         super().__init__()
-        self.dim, self.upsample = dim, upsample
+        if mask not in ("normal", "finite"):
+            raise ValueError(f"mask must be 'normal' or 'finite', got {mask!r}")
+        # "normal": train where the GT normal is non-zero; "finite": where it is not NaN (Probe3D's depth > 0
+        # with the GeoNet set, whose NaN marks zero depth: a zero normal there is trained on, as 90 degrees)
+        self.dim, self.upsample, self.mask = dim, upsample, mask
         self.conv = nn.Conv2d(dim, 4, kernel_size=1)
 
     def config(self) -> dict:
-        return {"dim": self.dim, "upsample": self.upsample}
+        cfg = {"dim": self.dim, "upsample": self.upsample}
+        if self.mask != "normal":  # only when set, so checkpoints made before the option still load
+            cfg["mask"] = self.mask
+        return cfg
 
     def prepare(self, tokens: Tensor, grid: tuple[int, int], norm: dict[str, Tensor]) -> Tensor:
         return patches_nchw(tokens, grid)  # raw block output, as probe3d's block loop
@@ -92,7 +99,8 @@ class NormalProbe(Probe):
 
     def loss(self, feats: Tensor, batch: dict[str, Tensor], *, step: int) -> Tensor:
         gt = batch["normals"]
-        return angular_nll(self._at(feats, tuple(gt.shape[-2:])), gt, valid_normals(gt))
+        mask = valid_normals(gt) if self.mask == "normal" else torch.isfinite(gt).all(1)
+        return angular_nll(self._at(feats, tuple(gt.shape[-2:])), gt, mask)
 
     @torch.no_grad()
     def predict(self, feats: Tensor, out_hw: tuple[int, int]) -> Tensor:

@@ -32,16 +32,16 @@ import torch
 from torch import Tensor, nn
 
 from snd.eval.augment import augment_batch
-from snd.eval.metrics import ConfusionAccumulator, MeanAccumulator, depth_metrics, normal_metrics
 from snd.eval.probes.base import Probe, ProbeSpec, to_device
 from snd.eval.probes.checkpoint import load_checkpoint, save_checkpoint
 from snd.eval.probes.rows import DeviceRows, Residency, SharedRows, budget_bytes, group_row_bytes, plan_residency
 from snd.eval.probes.schedules import lr_factor
+from snd.eval.protocol import onecycle_beta1
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TARGETS", "ProbeData", "ProbeJob", "batch_order", "train_probe", "train_probes", "evaluate_probe",
-           "save_checkpoint", "load_checkpoint"]
+__all__ = ["TARGETS", "ProbeData", "ProbeJob", "batch_order", "train_probe", "train_probes", "save_checkpoint",
+           "load_checkpoint"]
 
 TARGETS = {"depth": ("depth",), "normals": ("normals",), "seg": ("seg",)}
 
@@ -59,17 +59,19 @@ class ProbeData(torch.utils.data.Dataset):
             per epoch; small datasets — synth, NYUv2 — then load each file once). 0 disables.
         targets: a `snd.eval.targets.TargetStore` of the same rows: targets are read from it (two raw
             chunks per item with the token store) instead of decoding the dataset item every epoch.
+        flip_store: cached tokens of the horizontally flipped images (same rows), returned as `tokens_flip`
+            (the paper protocol's flip test; `snd.eval.protocol.flip_average`).
     """
 
     def __init__(self, dataset, indices: list[int], task: str, store=None, with_image: bool = False,
-                 memory_mb: float = 1024.0, targets=None):
+                 memory_mb: float = 1024.0, targets=None, flip_store=None):
         if task not in TARGETS:
             raise ValueError(f"unknown probe task {task!r}; expected one of {list(TARGETS)}")
-        for what, s in (("feature", store), ("target", targets)):
+        for what, s in (("feature", store), ("target", targets), ("flipped-feature", flip_store)):
             if s is not None and len(s) != len(indices):
                 raise ValueError(f"{what} store has {len(s)} rows but {len(indices)} indices were given")
         self.dataset, self.indices, self.task, self.store, self.with_image = dataset, list(indices), task, store, with_image
-        self.targets = targets
+        self.targets, self.flip_store = targets, flip_store
         self.budget = int(memory_mb * 2**20)
         self._mem: dict[int, dict[str, Tensor]] = {}
         self._used = 0
@@ -100,6 +102,8 @@ class ProbeData(torch.utils.data.Dataset):
         out = dict(self._item(j))
         if self.store is not None:
             out["tokens"] = self.store.tokens(j)
+        if self.flip_store is not None:
+            out["tokens_flip"] = self.flip_store.tokens(j)
         out["row"] = torch.tensor(j)
         return out
 
@@ -110,13 +114,13 @@ def epoch_perm(n: int, seed: int, epoch: int) -> Tensor:
 
 
 def batch_order(n: int, batch: int, seed: int, start_step: int, total_steps: int,
-                device: torch.device | None = None, streams: tuple | list = ()) -> Iterator:
+                device: torch.device | None = None, streams: tuple | list = (), shuffle: bool = True) -> Iterator:
     """Batches of row indices for steps [start_step, total_steps): a fresh permutation per epoch.
 
     Lists of ints, or slices of a device tensor when `device` is given (device-resident rows gather with
     them; the order is the same either way). `streams`: CUDA streams that will read the slices (the
     permutation is copied on the current stream): they wait for the copy, and its memory is not reused
-    before they are done with it."""
+    before they are done with it. `shuffle=False`: rows in order every epoch (file order)."""
     if n <= 0:
         raise ValueError("cannot train a probe on an empty dataset")
     batch = min(batch, n)
@@ -125,7 +129,7 @@ def batch_order(n: int, batch: int, seed: int, start_step: int, total_steps: int
     while step < total_steps:
         epoch, k = divmod(step, per_epoch)
         if cur[0] != epoch:
-            perm = epoch_perm(n, seed, epoch)
+            perm = epoch_perm(n, seed, epoch) if shuffle else torch.arange(n)
             if device is None:
                 cur = (epoch, perm.tolist())
             else:
@@ -168,7 +172,10 @@ def _optimizer(probe: Probe, spec: ProbeSpec, device: torch.device) -> torch.opt
     """AdamW of the recipe; on CUDA fused and capturable with a device-tensor lr (CUDA-graph safe)."""
     if device.type == "cuda":
         lr = torch.tensor(spec.lr, dtype=torch.float32, device=device)
-        return torch.optim.AdamW(probe.parameters(), lr=lr, betas=spec.betas, weight_decay=spec.weight_decay,
+        betas = spec.betas
+        if spec.beta1_cycle:  # a device tensor too, so a replayed graph reads each step's beta1
+            betas = (torch.tensor(betas[0], dtype=torch.float32, device=device), betas[1])
+        return torch.optim.AdamW(probe.parameters(), lr=lr, betas=betas, weight_decay=spec.weight_decay,
                                  fused=True, capturable=True)
     return torch.optim.AdamW(probe.parameters(), lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay)
 
@@ -179,6 +186,15 @@ def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
             g["lr"].fill_(lr)  # a kernel with a scalar argument: no host sync, read by the replayed graph
         else:
             g["lr"] = lr
+
+
+def _set_beta1(opt: torch.optim.Optimizer, beta1: float) -> None:
+    for g in opt.param_groups:
+        b1, b2 = g["betas"]
+        if isinstance(b1, Tensor):
+            b1.fill_(beta1)
+        else:
+            g["betas"] = (beta1, b2)
 
 
 class _Step:
@@ -218,6 +234,7 @@ class ProbeJob:
         progress: called as progress(step, iters, mean loss) every `log_every` steps and at the end.
         residency: overrides `train_probes`' residency for this probe's rows (probes sharing rows follow
             the first of them).
+        augment: overrides `train_probes`' `augment` for this (live) probe.
     """
 
     probe: Probe
@@ -227,6 +244,8 @@ class ProbeJob:
     ckpt_every: int = 2000
     progress: Callable[[int, int, float], None] | None = None
     residency: Residency | None = None
+    augment: bool | None = None  # live rows: `augment_batch` per step (None: `train_probes`' flag); False when
+    # the dataset augments its own items (Probe3D's GeoNet set)
 
 
 class _Run:
@@ -261,6 +280,8 @@ class _Run:
         spec, step = self.job.spec, self.step
         _set_lr(self.opt, spec.lr * lr_factor(spec.schedule, step, spec.iters, warmup=spec.warmup,
                                               warmup_ratio=spec.warmup_ratio, min_ratio=spec.min_ratio))
+        if spec.beta1_cycle:
+            _set_beta1(self.opt, onecycle_beta1(step, spec.iters))
         if step < self.eager_until:
             self.opt.zero_grad(set_to_none=True)
             self.fn(tokens, target, step)
@@ -305,6 +326,7 @@ class _Group:
         self.runs = runs
         self.datas = [r.job.data for r in runs]
         self.batch = runs[0].job.spec.batch
+        self.shuffle = runs[0].job.spec.shuffle
         self.where, self.why, self.need = "stream", "", 0
 
     def plan(self, device: torch.device, residency: Residency, budget_gib: float | None) -> None:
@@ -328,18 +350,22 @@ class _Group:
         loaded and a streamed loader's worker processes are started. So no worker is forked while another
         group's prefetch thread runs (`_train_wave` opens every group first)."""
         lo, hi = self.steps(stop_after)
+        if self.runs[0].job.augment is not None:  # a live probe's own choice (its dataset may augment itself)
+            augment = self.runs[0].job.augment
         if self.where == "device":
             rows = DeviceRows.load(self.datas, device, num_workers=num_workers)
             streams = [r.stream for r in self.runs if r.stream is not None]
             for r in self.runs:
                 if r.stream is not None:  # the rows were written on this stream: runs read them after that
                     r.stream.wait_stream(torch.cuda.current_stream(device))
-            order = batch_order(len(rows), self.batch, seed, lo, hi, device=device, streams=streams)
+            order = batch_order(len(rows), self.batch, seed, lo, hi, device=device, streams=streams,
+                                shuffle=self.shuffle)
             return ((step, (lambda k, idx=idx: rows.gather(idx, out=self.runs[k].buf if self.runs[k].graph else None, k=k)))
                     for step, idx in zip(range(lo, hi), order))
         live = self.datas[0].store is None
         ds = self.datas[0] if live else SharedRows(self.datas)
-        loader = iter(torch.utils.data.DataLoader(ds, batch_sampler=_Batches(len(ds), self.batch, seed, lo, hi),
+        loader = iter(torch.utils.data.DataLoader(ds, batch_sampler=_Batches(len(ds), self.batch, seed, lo, hi, None,
+                                                                             (), self.shuffle),
                                                   num_workers=num_workers, pin_memory=device.type == "cuda"))
         gen = torch.Generator().manual_seed(seed + 7919 * lo) if live else None
         key = TARGETS[self.datas[0].task][0]
@@ -588,52 +614,3 @@ def train_probe(
         {"steps", "start_step", "loss" (mean of the last logged window), "seconds", "residency", "graph", ...}.
     """
     return train_probes([ProbeJob(probe, data, spec, ckpt, ckpt_every, progress)], **kw)[0]
-
-
-# ---- evaluation -----------------------------------------------------------------------------------
-@torch.no_grad()
-def evaluate_probe(
-    probe: Probe,
-    data: ProbeData,
-    *,
-    grid: tuple[int, int],
-    norm: dict[str, Tensor],
-    backbone: nn.Module | None = None,
-    device: str | torch.device = "cpu",
-    batch: int = 8,
-    keep: int = 4,
-    num_workers: int = 0,
-) -> tuple[dict, list[dict]]:
-    """Metrics of `probe` on `data` at the label resolution, and the first `keep` predictions (for figures).
-
-    Returns:
-        (metrics, samples): depth -> per-image means of `DEPTH_METRICS` (GT in (1e-3, max_depth) of the
-        probe); normals -> per-image means of `NORMAL_METRICS`; seg -> aAcc/mIoU/mAcc from the summed
-        confusion matrix. samples: dicts with `image`, `pred`, `gt` (CPU tensors).
-    """
-    probe.to(device).eval()
-    if backbone is not None:
-        backbone.to(device).eval()
-    loader = torch.utils.data.DataLoader(data, batch_size=batch, shuffle=False, num_workers=num_workers)
-    task = probe.task
-    acc = ConfusionAccumulator(probe.num_classes, probe.ignore_index) if task == "seg" else MeanAccumulator()
-    samples: list[dict] = []
-    for b in loader:
-        b = to_device(b, device)
-        gt = b[TARGETS[task][0]]
-        pred = probe.predict(probe.prepare(_float_tokens(b, backbone), grid, norm), tuple(gt.shape[-2:]))
-        if task == "depth":
-            acc.update(depth_metrics(pred, gt, min_depth=1e-3, max_depth=probe.max_depth))
-        elif task == "normals":
-            acc.update(normal_metrics(pred, gt))
-        else:
-            acc.update(pred, gt)
-        for i in range(pred.shape[0]):
-            if len(samples) < keep:
-                samples.append({"image": b["image"][i].cpu() if "image" in b else None, "pred": pred[i].cpu(),
-                                "gt": gt[i].cpu()})
-    metrics = acc.compute()
-    if task == "seg":
-        metrics = {k: v for k, v in metrics.items() if k in ("aAcc", "mIoU", "mAcc")}
-        metrics["n_images"] = len(data)
-    return metrics, samples

@@ -1,0 +1,84 @@
+"""Probe evaluation: metrics at the label resolution, under the fast or the paper protocol (`snd.eval.protocol`).
+
+Split from `snd.eval.probes.train` (training and evaluation share its `ProbeData` rows and token helpers).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from snd.eval.metrics import ConfusionAccumulator, MeanAccumulator, depth_metrics, normal_metrics
+from snd.eval.probes.base import Probe, to_device
+from snd.eval.probes.train import TARGETS, ProbeData, _float_tokens
+from snd.eval.protocol import MmsegConfusion, flip_average, zero_normals_as_90deg
+
+__all__ = ["evaluate_probe"]
+
+
+@torch.no_grad()
+def evaluate_probe(
+    probe: Probe,
+    data: ProbeData,
+    *,
+    grid: tuple[int, int],
+    norm: dict[str, Tensor],
+    backbone: nn.Module | None = None,
+    device: str | torch.device = "cpu",
+    batch: int = 8,
+    keep: int = 4,
+    num_workers: int = 0,
+    protocol: str = "fast",
+) -> tuple[dict, list[dict]]:
+    """Metrics of `probe` on `data` at the label resolution, and the first `keep` predictions (for figures).
+
+    `protocol="paper"`: depth is the flip average (`tokens_flip` from `data.flip_store`, or the backbone
+    on the flipped image on the live path), scored at whatever resolution the targets have (native with
+    the paper's datasets; one image per batch, since native sizes may differ); segmentation counts GT ids
+    >= the class count in mmseg's union (`MmsegConfusion`); where the dataset marks validity by raw depth
+    (`dataset.zero_normal_is_error`, NYU's Probe3D test) a zero normal at a valid pixel scores 90 degrees
+    (`zero_normals_as_90deg`). "fast": one pass, the plain confusion matrix, zero normals skipped.
+
+    Returns:
+        (metrics, samples): depth -> per-image means of `DEPTH_METRICS` (GT in (1e-3, max_depth) of the
+        probe); normals -> per-image means of `NORMAL_METRICS`; seg -> aAcc/mIoU/mAcc from the summed
+        confusion matrix. samples: dicts with `image`, `pred`, `gt` (CPU tensors).
+    """
+    probe.to(device).eval()
+    if backbone is not None:
+        backbone.to(device).eval()
+    task = probe.task
+    paper = protocol == "paper"
+    flip = paper and task == "depth"
+    if flip and data.store is not None and data.flip_store is None:
+        raise ValueError("the paper protocol's depth test needs the flipped images' tokens (ProbeData flip_store)")
+    loader = torch.utils.data.DataLoader(data, batch_size=1 if flip else batch, shuffle=False, num_workers=num_workers)
+    # zero normals are errors only where validity comes from the raw depth (NaN marks invalid pixels there)
+    z90 = paper and task == "normals" and bool(getattr(data.dataset, "zero_normal_is_error", False))
+    if task == "seg":
+        acc = (MmsegConfusion if paper else ConfusionAccumulator)(probe.num_classes, probe.ignore_index)
+    else:
+        acc = MeanAccumulator()
+    samples: list[dict] = []
+    for b in loader:
+        b = to_device(b, device)
+        gt = b[TARGETS[task][0]]
+        pred = probe.predict(probe.prepare(_float_tokens(b, backbone), grid, norm), tuple(gt.shape[-2:]))
+        if flip:
+            fb = {"tokens": b["tokens_flip"]} if "tokens_flip" in b else {"image": b["image"].flip(-1)}
+            pred = flip_average(pred, probe.predict(probe.prepare(_float_tokens(fb, backbone), grid, norm),
+                                                    tuple(gt.shape[-2:])))
+        if task == "depth":
+            acc.update(depth_metrics(pred, gt, min_depth=1e-3, max_depth=probe.max_depth))
+        elif task == "normals":
+            acc.update(normal_metrics(pred, zero_normals_as_90deg(pred, gt) if z90 else gt))
+        else:
+            acc.update(pred, gt)
+        for i in range(pred.shape[0]):
+            if len(samples) < keep:
+                samples.append({"image": b["image"][i].cpu() if "image" in b else None, "pred": pred[i].cpu(),
+                                "gt": gt[i].cpu()})
+    metrics = acc.compute()
+    if task == "seg":
+        metrics = {k: v for k, v in metrics.items() if k in ("aAcc", "mIoU", "mAcc")}
+        metrics["n_images"] = len(data)
+    return metrics, samples

@@ -1,0 +1,142 @@
+"""`snd eval`'s plan: which (task, dataset) pairs run, their splits and subsets, the protocol's hash
+(the resume key) and the trivial baselines. Split from `snd.stages.evaluate`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+
+import numpy as np
+
+from snd.errors import SndError
+from snd.pipeline.config import EvalConfig
+from snd.stages.eval_outputs import _clean
+
+# `snd eval` task names -> the dataset registry's task names
+TASK_TO_DATASET_TASK = {"depth": "depth", "normals": "normals", "seg": "seg", "corr": "correspondence"}
+
+
+def _subset(n: int, max_images: int | None) -> list[int]:
+    """Evenly spaced indices (deterministic): every scene stays represented in a quick run."""
+    if max_images is None or max_images >= n:
+        return list(range(n))
+    return sorted(set(np.linspace(0, n - 1, max_images).round().astype(int).tolist()))
+
+
+def _plan(cfg: EvalConfig, tasks: list[str]) -> tuple[list[tuple[str, str]], list[str]]:
+    """(task, dataset) pairs to evaluate, and one note per task/dataset that cannot be evaluated."""
+    from snd.eval.datasets import available, list_datasets
+
+    status = available(cfg.data_root)
+    known = set(status)
+    unknown = [d for d in cfg.datasets if d not in known]
+    if unknown:
+        raise SndError(f"unknown dataset(s) {unknown}; known: {', '.join(sorted(known))}")
+    plan, notes = [], []
+    for task in tasks:
+        if task not in TASK_TO_DATASET_TASK:
+            raise SndError(f"unknown eval task {task!r}; expected one of {list(TASK_TO_DATASET_TASK)}")
+        names = list_datasets(TASK_TO_DATASET_TASK[task])
+        if cfg.datasets:
+            names = [d for d in names if d in cfg.datasets]
+        missing = []
+        for name in names:
+            if str(status[name]).startswith("ok"):
+                plan.append((task, name))
+            else:
+                missing.append(f"{name}: {status[name]}")
+        if not names:
+            notes.append(f"{task}: none of --datasets {cfg.datasets} supports this task")
+        elif not any(t == task for t, _ in plan):
+            notes.append(f"{task}: no dataset found under {cfg.data_root} — " + "; ".join(missing))
+        else:
+            notes += [f"{task}/{m}" for m in missing]
+    return plan, notes
+
+
+def _protocol(cfg: EvalConfig) -> dict:
+    proto = {"img_hw": [cfg.img_height, cfg.img_width], "iters": cfg.iters, "batch": cfg.batch,
+             "max_images": cfg.max_images, "feature_cache": cfg.feature_cache, "seed": cfg.seed}
+    if cfg.lr_scale != 1.0:  # only when set, so records made before the option existed keep their folder
+        proto["lr_scale"] = cfg.lr_scale
+    if cfg.protocol != "fast":  # fast is what snd computed before protocols existed: its folders stay
+        proto["protocol"] = cfg.protocol
+    return proto
+
+
+def _trivial_folder(cfg: EvalConfig) -> str:
+    """Trivial baselines depend on the data seen (size, subset), not on the model or the probe recipe."""
+    proto = {"img_hw": [cfg.img_height, cfg.img_width], "max_images": cfg.max_images}
+    if cfg.protocol != "fast":  # the paper protocol scores other pixels (crops, native resolution)
+        proto["protocol"] = cfg.protocol
+    return "trivial-" + hashlib.sha256(json.dumps(proto, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def _depth_range(name: str) -> tuple[float, float]:
+    from snd.eval import datasets as D
+    from snd.eval.probes import DEPTH_RANGE
+
+    return D.dataset_info(name).depth_range or DEPTH_RANGE.get(name, (1e-3, 10.0))
+
+
+def _splits(task: str, name: str, cfg: EvalConfig):
+    """(train dataset, val dataset, train indices, val indices) of a dense task, subset per --max-images."""
+    from snd.eval import datasets as D
+
+    from snd.eval.protocol import dataset_kwargs
+
+    hw = (cfg.img_height, cfg.img_width)
+    train_ds = paper_train_set(cfg, name, task)
+    if train_ds is None:
+        train_ds = D.get_dataset(name, cfg.data_root, "train", task, hw,
+                                 **dataset_kwargs(cfg.protocol, name, task, "train"))
+    val_ds = D.get_dataset(name, cfg.data_root, "val", task, val_hw(cfg, name, task),
+                           **dataset_kwargs(cfg.protocol, name, task, "val"))
+    idx_tr, idx_va = _subset(len(train_ds), cfg.max_images), _subset(len(val_ds), cfg.max_images)
+    if not idx_tr or not idx_va:
+        raise SndError(f"{name}: empty split (train {len(idx_tr)}, val {len(idx_va)} images) for {task}")
+    return train_ds, val_ds, idx_tr, idx_va
+
+
+def paper_train_set(cfg: EvalConfig, name: str, task: str):
+    """The paper protocol's own training set where it differs from the dataset's train split (NYU normals:
+    GeoNet's "trainval", `snd.eval.datasets.geonet`), else None. Missing data is an SndError naming it."""
+    if cfg.protocol != "paper" or (name, task) != ("nyuv2", "normals"):
+        return None
+    from snd.eval.datasets.geonet import FOLDERS, URL, GeoNetNYU, find_geonet
+
+    path = find_geonet(cfg.data_root)
+    if path is None:
+        raise SndError(f"the paper protocol trains NYU normals on GeoNet's NYU 'trainval': no .mat files in "
+                       f"{cfg.data_root}/{FOLDERS[0]}", path=cfg.data_root / FOLDERS[0],
+                       hint=f"download {URL} into {cfg.data_root / FOLDERS[0]}, or use --protocol fast")
+    return GeoNetNYU(path, augment=True)
+
+
+def val_hw(cfg: EvalConfig, name: str, task: str) -> tuple[int, int]:
+    """Validation input size: `snd eval`'s, or the paper protocol's fixed one (`PAPER_VAL_HW`)."""
+    from snd.eval.protocol import PAPER_VAL_HW
+
+    hw = (cfg.img_height, cfg.img_width)
+    return PAPER_VAL_HW.get((name, task), hw) if cfg.protocol == "paper" else hw
+
+
+def _eval_trivial(task: str, name: str, data_tr, data_va, protocol: str = "fast") -> dict:
+    """Constant predictor fit on `data_tr`, scored on `data_va` (`snd.eval.trivial`): the floor of a probe."""
+    from snd.eval import datasets as D
+    from snd.eval.trivial import evaluate_trivial, fit_trivial
+
+    t0 = time.perf_counter()
+    kw = {"max_depth": _depth_range(name)[1]} if task == "depth" else {}
+    if task == "seg":
+        kw = {"num_classes": D.num_classes(name), "ignore_index": 255}
+    try:
+        triv = fit_trivial(task, (data_tr.target(j) for j in range(len(data_tr))), **kw)
+    except ValueError as e:
+        raise SndError(f"{name}: no trivial {task} baseline: {e}") from e
+    if protocol == "paper" and (task == "seg" or getattr(data_va.dataset, "zero_normal_is_error", False)):
+        kw["paper"] = True
+    metrics = evaluate_trivial(triv, (data_va.target(j) for j in range(len(data_va))), **kw)
+    return {"dataset": name, "task": task, **triv.to_json(), "metrics": {k: _clean(v) for k, v in metrics.items()},
+            "n_train": len(data_tr), "n_val": len(data_va), "seconds": time.perf_counter() - t0}
