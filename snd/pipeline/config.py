@@ -67,6 +67,7 @@ class PrecomputeConfig:
     operator_img_width: Optional[int] = opt(None, "Stage two's backbone input width (default: --width floored to a multiple of 14).")
     operator_upsample: Literal["mask", "bilinear"] = opt("mask", "Upsampling baked into the operators (stage two must use the same).")
     operator_blend: bool = opt(True, "Semantic blending baked into the operators (stage two must use the same).")
+    targets_protocol: Literal["official", "snd"] = opt("official", "Target/coverage rules baked into the operators: 'official' = the official SnD code's, 'snd' = snd's earlier variant (docs/distill.md); stage two must use the same.")
     operator_row_cap: int = opt(64, "Kept context patches per target patch (dropped mass is reported; 0 at the default on procedural scenes).")
     operator_inst_cap: int = opt(128, "Kept instance labels per target view for blending.")
 
@@ -101,6 +102,7 @@ class DistillConfig:
     grad_clip: float = opt(0.5, "Gradient-norm clip.")
     upsample: Literal["mask", "bilinear"] = opt("mask", "x14 upsampling of teacher features: mask-aware (paper) or plain bilinear (ablation B).")
     blend: bool = opt(True, "Semantic blending of rendered features (off = ablation A / the correspondence variant).")
+    targets_protocol: Literal["official", "snd"] = opt("official", "Rules for targets, coverage and loss: 'official' = exactly the official SnD code (corner-aligned x14 grid, zero fallback, segment means over all pixels, uncovered = no Gaussian at all, loss over all patches with both sides zeroed at uncovered ones); 'snd' = snd's earlier variant (docs/distill.md).")
     loss: Literal["dino", "cosine"] = opt("dino", "DINO-head cross-entropy (paper) or cosine on patch features (ablation C).")
     frozen_teacher: bool = opt(False, "Never update the teacher (ablation D).")
     render_to_context: bool = opt(False, "Render into the context views instead of a target between them (ablation E).")

@@ -122,6 +122,7 @@ def operator_spec(cfg: PrecomputeConfig) -> OperatorSpec | None:
                        hint="pass --operator-img-height/--operator-img-width as multiples of 14")
     grid = (ih // PATCH, iw // PATCH)
     return OperatorSpec(ctx_hw=grid, out_hw=grid, upsample=cfg.operator_upsample, blend=cfg.operator_blend,
+                        protocol=getattr(cfg, "targets_protocol", "official"),
                         row_cap=cfg.operator_row_cap, inst_cap=cfg.operator_inst_cap)
 
 
@@ -529,8 +530,7 @@ def _build_operators(fields: dict[str, np.ndarray], b: _Batch, enc: Encoding, sp
                 g, ctx_masks, torch.from_numpy(ex["tgt_mask"][i, t].astype(np.int64)).to(dev),
                 torch.from_numpy(ex["tgt_K"][i, t]).to(dev, torch.float32), w2c, spec.ctx_hw, spec.out_hw,
                 upsample=spec.upsample, blend=spec.blend, blend_weight=spec.blend_weight,
-                coverage_threshold=spec.coverage_threshold, upsample_fallback=spec.upsample_fallback,
-                row_cap=spec.row_cap, inst_cap=spec.inst_cap))
+                protocol=spec.protocol, row_cap=spec.row_cap, inst_cap=spec.inst_cap))
         ops.append(row)
     if ph is not None:
         ph.mark("operators")
