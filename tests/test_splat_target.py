@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from snd.data.camera import Camera, intrinsics, look_at
 from snd.splat.from_depth import gaussians_from_depth, unproject_depth
+from snd.splat.inputs import SplatInput
 from snd.splat.render import render_features
 from snd.splat.target import target_features
 from snd.splat.upsample import upsample_features
@@ -90,8 +91,8 @@ def test_world_coordinates_reproduce_target(scene):
     ctx, g = _ctx_target(scene)
     xyz = unproject_depth(scene["depth"][ctx], scene["K"][ctx], scene["c2w"][ctx])  # [2, H, W, 3]
     means, quats, scales, opac = g.flatten()
-    img, alpha = render_features(means, quats, scales, opac, xyz.reshape(-1, 3), scene["K"][1], scene["w2c"][1],
-                                 H, W, backend="torch")
+    img, alpha = render_features(SplatInput(means, quats, scales, opac, scene["K"][1], scene["w2c"][1], H, W),
+                                 xyz.reshape(-1, 3), backend="torch")
     tgt_xyz = unproject_depth(scene["depth"][1:2], scene["K"][1:2], scene["c2w"][1:2])[0]  # [H, W, 3]
     covered = (alpha > 0.5) & (scene["depth"][1] > 0)
     assert covered.float().mean() > 0.85
@@ -192,8 +193,8 @@ def test_blend_and_downsample_rules(scene, protocol):
     feats, valid = target_features(pf, g, scene["ids"][ctx], scene["ids"][1], scene["K"][1], scene["w2c"][1],
                                    (12, 16), upsample="bilinear", blend=True, backend="torch", protocol=protocol)
     means, quats, scales, opac = g.flatten()
-    img, alpha = render_features(means, quats, scales, opac, pf.permute(0, 2, 3, 1).reshape(-1, 6),
-                                 scene["K"][1], scene["w2c"][1], H, W, backend="torch")
+    img, alpha = render_features(SplatInput(means, quats, scales, opac, scene["K"][1], scene["w2c"][1], H, W),
+                                 pf.permute(0, 2, 3, 1).reshape(-1, 6), backend="torch")
     if protocol == "official":
         unc = (img == 0).all(0)  # the official test: the render is exactly 0 in every channel
         assert torch.equal(unc, alpha == 0) and unc.any()
@@ -254,7 +255,8 @@ def test_synth_scene_true_depth(synth_root, tmp_path):
     means, quats, scales, opac = g.flatten()
     tK = torch.as_tensor(cams[2].K, dtype=torch.float32)
     tw2c = torch.as_tensor(cams[2].w2c, dtype=torch.float32)
-    img, alpha = render_features(means, quats, scales, opac, xyz.reshape(-1, 3), tK, tw2c, Hs, Ws, backend="torch")
+    img, alpha = render_features(SplatInput(means, quats, scales, opac, tK, tw2c, Hs, Ws), xyz.reshape(-1, 3),
+                                 backend="torch")
     tdepth = torch.as_tensor(sc.depth(tgt))
     txyz = unproject_depth(tdepth[None], tK[None], torch.as_tensor(cams[2].c2w, dtype=torch.float32)[None])[0]
     covered = (alpha > 0.5) & (tdepth > 0)

@@ -35,9 +35,10 @@ import torch
 from torch import Tensor
 
 from snd.splat.gaussians import PixelGaussians
+from snd.splat.inputs import drawable
 from snd.splat.protocol import Rules, TargetsProtocol, rules
 from snd.splat.render import resolve_backend
-from snd.splat.render_torch import ALPHA_MIN, build_plan
+from snd.splat.render_torch import build_plan
 from snd.splat.target import coverage_to_patches
 from snd.splat.upsample import UpsampleMode, source_coords, upsample_weights
 
@@ -168,17 +169,13 @@ def build_operator(
     f64 = torch.float64
 
     # render plan over the Gaussians that can be drawn (same culling as target_features)
-    g = gaussians.to(dtype=torch.float32)
-    means, quats, scales, opac = g.flatten()
-    alive = ((opac >= ALPHA_MIN) & torch.isfinite(means).all(-1) & torch.isfinite(scales).all(-1)).nonzero().squeeze(1)
-    args = (means[alive], quats[alive], scales[alive], opac[alive], tgt_K.to(device, torch.float32),
-            tgt_w2c.to(device, torch.float32), Ht, Wt)
+    scene, alive = drawable(gaussians, tgt_K, tgt_w2c, Ht, Wt, near=near, far=far, device=device)
     if resolve_backend(backend, device) == "gsplat":
         from snd.splat.render_gsplat import contributions_gsplat
 
-        rq, rg, rv, alpha = contributions_gsplat(*args, near=near, far=far)
+        rq, rg, rv, alpha = contributions_gsplat(scene)
     else:
-        plan = build_plan(*args, near=near, far=far, max_pairs=max_pairs)
+        plan = build_plan(scene, max_pairs=max_pairs)
         rq, rg = plan.weights.indices()  # [nnz] pixel, alive-Gaussian
         rv, alpha = plan.weights.values(), plan.alpha
     rv = rv.to(f64)

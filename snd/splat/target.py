@@ -31,10 +31,11 @@ from torch import Tensor
 
 from snd.splat.blend import semantic_blend
 from snd.splat.gaussians import PixelGaussians
+from snd.splat.inputs import drawable
 from snd.splat.protocol import Rules, TargetsProtocol, rules
 from snd.splat.render import Backend, resolve_backend
 from snd.splat.render_gsplat import render_gsplat
-from snd.splat.render_torch import ALPHA_MIN, build_plan
+from snd.splat.render_torch import build_plan
 from snd.splat.upsample import UpsampleMode, bilinear_resize, upsample_features
 
 
@@ -108,24 +109,16 @@ def target_features(
     which = resolve_backend(backend, device)
     r = rules(protocol)
 
-    g = gaussians.to(device=device, dtype=torch.float32)
-    means, quats, scales, opac = g.flatten()  # [N, 3], [N, 4], [N, 3], [N]
-    alive = ((opac >= ALPHA_MIN) & torch.isfinite(means).all(-1) & torch.isfinite(scales).all(-1)).nonzero().squeeze(1)
-    means, quats, scales, opac = means[alive], quats[alive], scales[alive], opac[alive]
-    K = tgt_K.to(device=device, dtype=torch.float32)
-    w2c = tgt_w2c.to(device=device, dtype=torch.float32)
+    scene, alive = drawable(gaussians, tgt_K, tgt_w2c, Ht, Wt, near=near, far=far, device=device)
     ctx_masks = ctx_masks.to(device)
     tgt_mask = tgt_mask.to(device)
 
-    plan = None
-    if which == "torch":
-        plan = build_plan(means, quats, scales, opac, K, w2c, Ht, Wt, near=near, far=far)
+    plan = build_plan(scene) if which == "torch" else None
 
     def render(f: Tensor) -> tuple[Tensor, Tensor]:
         if plan is not None:
             return plan.apply(f), plan.alpha
-        return render_gsplat(means, quats, scales, opac, f, K, w2c, Ht, Wt, near=near, far=far,
-                             channel_chunk=min(render_chunk, f.shape[1]))
+        return render_gsplat(scene, f, channel_chunk=min(render_chunk, f.shape[1]))
 
     out = torch.empty(C, h2, w2, dtype=torch.float32, device=device)
     covered = None
