@@ -368,3 +368,34 @@ def test_toolkit_undistorted_images_folder_is_accepted(synth_root, tmp_path):
     shutil.rmtree(sd / "dslr" / "undistorted_images")
     with pytest.raises(SndError, match="undistorted_images"):
         open_dataset(root, cache_dir=tmp_path / "c2").scene(sd.name)
+
+
+def test_prepared_scenes_without_instance_masks_fail_at_start(synth_root, tmp_path):
+    """FiT3D's prepared folders lack instance_segmentation/: snd precompute fails before any work, naming them."""
+    from snd.pipeline.config import PrecomputeConfig
+    from snd.stages.precompute import run
+
+    out = tmp_path / "prep"
+    names = export_prepared(synth_root, out)
+    shutil.rmtree(out / "scenes" / names[0] / "instance_segmentation")
+    ds = open_dataset(out)
+    with pytest.raises(SndError, match=f"1 of {len(names)} prepared scenes have no instance_segmentation/ folder: {names[0]}"):
+        ds.check_scenes(names)
+    with pytest.raises(SndError, match="instance_segmentation"):
+        run(PrecomputeConfig(data=out, out=tmp_path / "cache", height=28, width=42, split="all", device="cpu"),
+            progress=False)
+    assert not (tmp_path / "cache").exists()  # nothing half-written
+    ds.check_scenes(names[1:])  # the others are fine
+
+
+def test_split_lists_v1_vs_v2_are_reported(synth_root, tmp_path):
+    root = _copy_root(synth_root, tmp_path)
+    ds = open_dataset(root)
+    names = ds.scene_names("distill")
+    line = ds.describe_selection("distill", names)
+    assert f"{len(names)} scenes selected" in line and "v2 lists" not in line
+    # a v2-like list: more than v1's 230 training scenes (the absent ones are skipped with a warning)
+    extra = "".join(f"scene{i:04d}\n" for i in range(240))
+    (root / "splits" / "nvs_sem_train.txt").write_text((root / "splits" / "nvs_sem_train.txt").read_text() + extra)
+    line = open_dataset(root).describe_selection("distill", names)
+    assert "look like the v2 lists" in line and "not the paper's 280" in line

@@ -41,7 +41,7 @@ class PrecomputeConfig:
 
     data: Path = opt(Path("data/synth"), "Dataset root: raw ScanNet++ v2, FiT3D/SnD prepared layout, or `snd data synth` output.")
     layout: Literal["auto", "scannetpp", "prepared"] = opt("auto", "Folder layout of --data; auto detects it.")
-    split: str = opt("distill", "Scene list: 'distill' = nvs_sem_train + nvs_sem_val (the paper's 280), or 'train'/'val'.")
+    split: str = opt("distill", "Scene list: 'distill' = nvs_sem_train + nvs_sem_val (the paper's 280 only with ScanNet++ v1's lists; v2's are longer, detected and reported), or 'train'/'val'.")
     scenes: Optional[int] = opt(None, "Take the first N scenes of the split (280 = the paper's training set); default all.")
     out: Path = opt(Path("cache"), "Output Zarr store (a folder).")
     source: Literal["depth", "mvsplat"] = opt("depth", "Scaffold source: dataset/mesh depth, or frozen MVSplat (needs --mvsplat-ckpt).")
