@@ -281,16 +281,18 @@ def test_synth_scene_true_depth(synth_root, tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA + gsplat")
-def test_target_features_gsplat_matches_torch(scene):
+@pytest.mark.parametrize("protocol", ["official", "snd"])
+def test_target_features_gsplat_matches_torch(scene, protocol):
+    """Both backends under each coverage rule (official: any contribution, nearest; snd: alpha > 0.5)."""
     pytest.importorskip("gsplat")
     ctx, g = _ctx_target(scene)
     dev = torch.device("cuda")
     pf = torch.randn(2, 40, 12, 16, generator=torch.Generator().manual_seed(2)).to(dev)
     args = (pf, g.to(dev), scene["ids"][ctx].to(dev), scene["ids"][1].to(dev), scene["K"][1].to(dev),
             scene["w2c"][1].to(dev), (12, 16))
-    a, va = target_features(*args, backend="gsplat")
-    b, vb = target_features(*args, backend="torch")
+    a, va = target_features(*args, backend="gsplat", protocol=protocol)
+    b, vb = target_features(*args, backend="torch", protocol=protocol)
     rel = ((a - b).norm() / b.norm()).item()
-    print(f"target_features gsplat vs torch: rel. L2 error {rel:.2e}, valid agree {(va == vb).float().mean().item():.4f}")
+    print(f"{protocol}: target_features gsplat vs torch: rel. L2 error {rel:.2e}, valid agree {(va == vb).float().mean().item():.4f}")
     assert rel < 1e-3
     assert (va == vb).float().mean() > 0.99

@@ -218,6 +218,7 @@ class BenchDistillConfig:
     iters: int = opt(50, "Timed steps (after warm-up).")
     warmup: int = opt(10, "Untimed warm-up steps.")
     renderer: Literal["auto", "gsplat", "torch"] = opt("auto", "Splatting backend.")
+    targets_protocol: Literal["official", "snd"] = opt("official", "Target/coverage/loss rules timed (as `snd distill --targets-protocol`); time both to see what the official rules cost.")
     paths: list[str] = opt(["render", "operator", "fast"], "Step paths timed side by side: render / operator (eager) and fast (CUDA graphs; CPU: eager replay).")
     compile: Literal["auto", "on", "off"] = opt("auto", "torch.compile teacher and student; auto = in the fast path only (as `snd distill`).")
     data: Literal["auto", "memory", "store"] = opt("auto", "Batches from two in-memory items, or streamed from a scaffold store through the training loader (each rank its disjoint part); auto = store under torchrun or with --shards.")
