@@ -25,6 +25,7 @@ is shared. Chunked and single-shot results are equal (tested).
 from __future__ import annotations
 
 import logging
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
