@@ -102,3 +102,20 @@ def test_rules_table():
         ("centres", "bilinear", False, 0.5, "bilinear", False)
     with pytest.raises(ValueError, match="official"):
         rules("paper")
+
+
+def test_resuming_a_run_from_before_the_protocol_field_needs_snd(tmp_path):
+    """A run's config.json without targets_protocol trained with the earlier rules: resuming it with the
+    default (official) is refused, with --targets-protocol snd it is allowed."""
+    import json
+
+    from snd.pipeline.config import save_config
+    from snd.train.loop import _check_resume_config
+
+    save_config(_cfg(run=tmp_path), tmp_path / "config.json")
+    raw = json.loads((tmp_path / "config.json").read_text())
+    del raw["config"]["targets_protocol"]
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(SndError, match="targets_protocol: run has 'snd', now 'official'"):
+        _check_resume_config(tmp_path, _cfg(run=tmp_path))
+    _check_resume_config(tmp_path, _cfg(run=tmp_path, targets_protocol="snd"))

@@ -11,6 +11,7 @@ items, gradients are averaged by one all-reduce per step, only rank 0 writes log
 """
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
@@ -63,6 +64,8 @@ def _check_resume_config(run_dir: Path, cfg: DistillConfig) -> None:
     if not path.is_file():
         return
     old = to_jsonable(load_config(DistillConfig, path))
+    if "targets_protocol" not in json.loads(path.read_text()).get("config", {}):
+        old["targets_protocol"] = "snd"  # a run started before the field existed trained with the earlier rules
     new = to_jsonable(cfg)
     diff = {k: (old[k], new[k]) for k in new if k not in RESUME_MAY_DIFFER and old.get(k) != new[k]}
     if diff:
