@@ -10,6 +10,7 @@ from test_splat_render import _random_scene  # noqa: E402
 
 from gsplat import fully_fused_projection  # noqa: E402
 
+from snd.splat.inputs import SplatInput  # noqa: E402
 from snd.splat.render import render_features  # noqa: E402
 from snd.splat.render_torch import project_gaussians  # noqa: E402
 
@@ -22,7 +23,7 @@ Kg = K.clone(); Kg[0, 2] += 0.5; Kg[1, 2] += 0.5
 radii, m2d, depths, conics, _ = fully_fused_projection(means, None, quats, scales, w2c[None], Kg[None], W, H,
                                                        eps2d=0.3, packed=False, opacities=opac)
 radii, m2d, depths, conics = radii[0], m2d[0], depths[0], conics[0]
-p = project_gaussians(means, quats, scales, opac, K, w2c, H, W)
+p = project_gaussians(SplatInput(means, quats, scales, opac, K, w2c, H, W))
 g_alive = (radii > 0).all(-1).nonzero().squeeze(1)
 t_alive = p.ids
 print(json.dumps({"gsplat_alive": int(g_alive.numel()), "torch_alive": int(t_alive.numel()),
@@ -38,8 +39,8 @@ for name, a, b in (("radii", radii[common].float(), p.radii[tk].float()), ("mean
     print(json.dumps({"field": name, "max_abs": d.max().item(), "n_diff>1e-3": int((d > 1e-3 * (1 + b.abs().max())).sum()),
                       "worst_id": int(common[worst]), "gsplat": a[worst].tolist(), "torch": b[worst].tolist(),
                       "z": p.depths[tk][worst].item(), "opacity": p.opacities[tk][worst].item()}))
-gi, ga = render_features(means, quats, scales, opac, feats, K, w2c, H, W, backend="gsplat")
-ti, ta = render_features(means, quats, scales, opac, feats, K, w2c, H, W, backend="torch")
+gi, ga = render_features(SplatInput(means, quats, scales, opac, K, w2c, H, W), feats, backend="gsplat")
+ti, ta = render_features(SplatInput(means, quats, scales, opac, K, w2c, H, W), feats, backend="torch")
 d = (ga - ta).abs()
 bad = (d > 1e-3).nonzero()
 print(json.dumps({"n_bad_px": int(bad.shape[0]), "alpha_max": d.max().item(),

@@ -7,6 +7,7 @@ import time
 
 import torch
 
+from snd.splat.inputs import SplatInput
 from snd.splat.render import render_features
 from snd.splat.target import target_features
 from snd.splat.gaussians import PixelGaussians
@@ -57,7 +58,7 @@ def main():
         f = torch.randn(m.shape[0], C, device=dev)
         for rc in (32, 128, 512):
             from snd.splat.render_gsplat import render_gsplat
-            ms = timed(lambda: render_gsplat(m, q, s, o, f, K, w2c, 576, 880, channel_chunk=rc))
+            ms = timed(lambda: render_gsplat(SplatInput(m, q, s, o, K, w2c, 576, 880), f, channel_chunk=rc))
             print(json.dumps({"case": "render_gsplat", "C": C, "render_chunk": rc, "ms": round(ms, 2)}))
     # gsplat vs torch: where do they differ?
     torch.manual_seed(0)
@@ -69,10 +70,10 @@ def main():
     feats = torch.rand(N, 3, device=dev)
     K = torch.tensor([[70.0, 0, 39.5], [0, 70.0, 29.5], [0, 0, 1]], device=dev)
     w2c = torch.eye(4, device=dev)
-    gi, ga = render_features(means, quats, scales, opac, feats, K, w2c, H, W, backend="gsplat")
+    gi, ga = render_features(SplatInput(means, quats, scales, opac, K, w2c, H, W), feats, backend="gsplat")
     for shift in (0.0, 0.5, -0.5):
         K2 = K.clone(); K2[0, 2] += shift; K2[1, 2] += shift
-        ti, ta = render_features(means, quats, scales, opac, feats, K2, w2c, H, W, backend="torch")
+        ti, ta = render_features(SplatInput(means, quats, scales, opac, K2, w2c, H, W), feats, backend="torch")
         d = (ga - ta).abs()
         bad = (d > 1e-3).nonzero()
         rec = {"case": "gsplat_vs_torch", "torch_K_shift": shift, "rel_feat": ((gi - ti).norm() / ti.norm()).item(),
@@ -84,7 +85,7 @@ def main():
             rec["g_minus_t_mean_on_bad"] = (ga - ta)[bad[:, 0], bad[:, 1]].mean().item()
         print(json.dumps(rec))
     # same scene in float64 on the torch side
-    ti, ta = render_features(means.double(), quats.double(), scales.double(), opac.double(), feats.double(), K.double(), w2c.double(), H, W, backend="torch")
+    ti, ta = render_features(SplatInput(means.double(), quats.double(), scales.double(), opac.double(), K.double(), w2c.double(), H, W), feats.double(), backend="torch")
     print(json.dumps({"case": "gsplat_vs_torch64", "rel_feat": ((gi.double() - ti).norm() / ti.norm()).item(), "alpha_max": (ga.double() - ta).abs().max().item()}))
 
 

@@ -3,7 +3,8 @@
 # Usage (on the GPU machine, repo root, with .whl carried): bash scripts/gpu_session.sh [what...]
 #   what: tests | bench-precompute | bench-distill | cache-verify | all (default); on nvidia-h200-x2: multi-distill-1,
 #   multi-distill-2 (torchrun `snd bench distill` on 1 / 2 GPUs), multi-pre (single vs 2-worker `snd precompute`),
-#   e2e (scripts/e2e_commands.sh: the real commands timed; not part of all)
+#   e2e (scripts/e2e_commands.sh: the real commands timed; not part of all);
+#   protocol (issue 18: GPU tests of the targets protocol + fast-path it/s official vs snd)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -210,4 +211,24 @@ PY
 fi
 if [[ " $what " == *" e2e "* ]]; then  # issue #20: the real commands timed, distill vs bench in one call
   run e2e timeout 590 bash scripts/e2e_commands.sh
+fi
+if [[ $what == *protocol* ]]; then
+  # issue 18: the official targets protocol on the GPU (gsplat vs torch under both coverage rules, operator vs
+  # gsplat targets, fast path vs eager with the new loss rule) and what the official rules cost on the fast
+  # path: `snd bench distill --paths fast` with each protocol, alternated, in this one call (goal: < 5 % it/s)
+  run protocol-tests timeout 300 python3 -m pytest -q -s -m gpu tests/test_fast_path_gpu.py tests/test_splat_target.py tests/test_splat_render.py -p no:cacheprovider 2>&1 | tee "$OUT/protocol_gpu_tests.log" | tail -25
+  for i in 1 2; do for p in snd official; do
+    run bench-distill-$p-$i timeout 240 python3 -m snd.cli bench distill --models vit_small_patch14_dinov2 --paths fast --iters 200 --warmup 20 --targets-protocol $p --out "$OUT/bench_distill_protocol_${p}_$i.json" 2>&1 | grep -v "^ " | tail -2
+  done; done
+  python3 - "$OUT" <<'PY'
+import json, sys
+from pathlib import Path
+rates = {}
+for f in sorted(Path(sys.argv[1]).glob("bench_distill_protocol_*.json")):
+    r = json.loads(f.read_text())["models"][0]
+    rates.setdefault(r["targets_protocol"], []).append(r["paths"]["fast"]["it_per_s"])
+    print(f.name, r["targets_protocol"], round(r["paths"]["fast"]["it_per_s"], 2), "it/s")
+best = {p: max(v) for p, v in rates.items()}
+print("best it/s", best, "official / snd =", round(best["official"] / best["snd"], 4))
+PY
 fi

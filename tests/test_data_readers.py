@@ -10,7 +10,8 @@ from PIL import Image
 
 from snd.data import list_layouts, open_dataset
 from snd.data.camera import opencv_to_opengl
-from snd.data.fisheye import fisheye_distort_normalized, fisheye_undistort_map, remap_bilinear
+from snd.data.fisheye import (fisheye_distort_normalized, fisheye_undistort_map, fisheye_undistort_normalized,
+                               remap_bilinear, toolkit_new_K)
 from snd.data.formats import SYNTH_CLASSES
 from snd.data.ply import write_ply
 from snd.data.prepared import export_prepared
@@ -321,6 +322,80 @@ def test_reader_undistorts_fisheye_scenes(synth_root, tmp_path):
     (dslr / "nerfstudio" / "transforms_undistorted.json").unlink()
     sc = open_dataset(root, cache_dir=tmp_path / "c").scene(sd.name)
     assert sc.fisheye and sc.image_dir.name == "resized_images"
-    a, b = sc.image(4).astype(float), pinhole.image(4).astype(float)
-    assert np.median(np.abs(a - b)[8:-8, 8:-8]) < 6  # two bilinear resamplings + JPEG
-    np.testing.assert_array_equal(sc.instance_mask(4), pinhole.instance_mask(4))
+    # the reader's pinhole camera is the toolkit's (balance 0, centred), not the fisheye K
+    Kn = toolkit_new_K(K, np.array(k), H, W)
+    np.testing.assert_allclose(sc.camera(4).K, sc._base.scaled(sc.height, sc.width).K)
+    np.testing.assert_allclose(sc._base.K, Kn)
+    assert Kn[0, 2] == W / 2 and Kn[1, 2] == H / 2 and abs(Kn[0, 0] - K[0, 0]) > 1  # centred; another focal length
+    # its image = the original pinhole image seen through the new K
+    pin = pinhole.image(4).astype(float)
+    x, y = (u - Kn[0, 2]) / Kn[0, 0], (v - Kn[1, 2]) / Kn[1, 1]
+    expect = remap_bilinear(pin, K[0, 0] * x + K[0, 2], K[1, 1] * y + K[1, 2])
+    a = sc.image(4).astype(float)
+    assert np.median(np.abs(a - expect)[8:-8, 8:-8]) < 6  # three bilinear resamplings + JPEG
+    assert np.median(np.abs(a - pin)[8:-8, 8:-8]) > np.median(np.abs(a - expect)[8:-8, 8:-8])
+
+
+def test_toolkit_new_K_hand_computed():
+    """A centred K, k1 only: the edge midpoints (80, 30), (0, 30) reach x = +-tan(theta(0.4)), (40, 0), (40, 60)
+    reach y = +-tan(theta(0.3)), theta the root of theta (1 + k1 theta^2) = theta_d (equidistant when k1 = 0;
+    a cubic solved independently with numpy.roots); centre of mass 0, so f = max(40 / tan, 30 / tan)."""
+    K = np.array([[100.0, 0, 40.0], [0, 100.0, 30.0], [0, 0, 1]])
+    for k1 in (0.0, 0.08):
+        def theta(thd):
+            if k1 == 0:
+                return thd
+            r = np.roots([k1, 0.0, 1.0, -thd])
+            return float(min(x.real for x in r if abs(x.imag) < 1e-12 and x.real > 0))
+        f = max(40.0 / np.tan(theta(0.4)), 30.0 / np.tan(theta(0.3)))
+        Kn = toolkit_new_K(K, np.array([k1, 0, 0, 0]), 60, 80)
+        np.testing.assert_allclose(Kn, [[f, 0, 40.0], [0, f, 30.0], [0, 0, 1]], rtol=1e-9)
+    assert 96.9 < toolkit_new_K(K, np.zeros(4), 60, 80)[0, 0] < 97.0  # 30 / tan(0.3): zoomed in from 100
+    # undistort inverts distort
+    xy = np.array([[0.3, -0.2], [0.01, 0.4]])
+    np.testing.assert_allclose(fisheye_undistort_normalized(fisheye_distort_normalized(xy, [k1, 0.01, 0, 0]), [k1, 0.01, 0, 0]),
+                               xy, atol=1e-10)
+
+
+def test_toolkit_undistorted_images_folder_is_accepted(synth_root, tmp_path):
+    """The toolkit's dslr/undistort.py writes dslr/undistorted_images/ (+ transforms_undistorted.json)."""
+    root = _copy_root(synth_root, tmp_path)
+    sd = _first_scene(root)
+    (sd / "dslr" / "resized_undistorted_images").rename(sd / "dslr" / "undistorted_images")
+    sc = open_dataset(root, cache_dir=tmp_path / "c").scene(sd.name)
+    assert sc.image_dir.name == "undistorted_images" and not sc.fisheye
+    assert sc.image(0).shape[:2] == (sc.height, sc.width)
+    shutil.rmtree(sd / "dslr" / "undistorted_images")
+    with pytest.raises(SndError, match="undistorted_images"):
+        open_dataset(root, cache_dir=tmp_path / "c2").scene(sd.name)
+
+
+def test_prepared_scenes_without_instance_masks_fail_at_start(synth_root, tmp_path):
+    """FiT3D's prepared folders lack instance_segmentation/: snd precompute fails before any work, naming them."""
+    from snd.pipeline.config import PrecomputeConfig
+    from snd.stages.precompute import run
+
+    out = tmp_path / "prep"
+    names = export_prepared(synth_root, out)
+    shutil.rmtree(out / "scenes" / names[0] / "instance_segmentation")
+    ds = open_dataset(out)
+    with pytest.raises(SndError, match=f"1 of {len(names)} prepared scenes have no instance_segmentation/ folder: {names[0]}"):
+        ds.check_scenes(names)
+    with pytest.raises(SndError, match="instance_segmentation"):
+        run(PrecomputeConfig(data=out, out=tmp_path / "cache", height=28, width=42, split="all", device="cpu"),
+            progress=False)
+    assert not (tmp_path / "cache").exists()  # nothing half-written
+    ds.check_scenes(names[1:])  # the others are fine
+
+
+def test_split_lists_v1_vs_v2_are_reported(synth_root, tmp_path):
+    root = _copy_root(synth_root, tmp_path)
+    ds = open_dataset(root)
+    names = ds.scene_names("distill")
+    line = ds.describe_selection("distill", names)
+    assert f"{len(names)} scenes selected" in line and "v2 lists" not in line
+    # a v2-like list: more than v1's 230 training scenes (the absent ones are skipped with a warning)
+    extra = "".join(f"scene{i:04d}\n" for i in range(240))
+    (root / "splits" / "nvs_sem_train.txt").write_text((root / "splits" / "nvs_sem_train.txt").read_text() + extra)
+    line = open_dataset(root).describe_selection("distill", names)
+    assert "look like the v2 lists" in line and "not the paper's 280" in line

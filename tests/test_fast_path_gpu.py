@@ -21,11 +21,11 @@ SCAFFOLD = (96, 144)
 class _OpStream(IterableDataset):
     """Synthetic items with their operators, split like ShardStream (rank r owns g = j * R + r)."""
 
-    def __init__(self, start: int, rank: int, world: int, distinct: int = 4):
+    def __init__(self, start: int, rank: int, world: int, distinct: int = 4, protocol: str = "official"):
         from snd.train.synthetic import synthetic_sample, with_operator
 
-        self.items = [with_operator(synthetic_sample(i, img_hw=IMG, scaffold_hw=SCAFFOLD), (IMG[0] // 14, IMG[1] // 14))
-                      for i in range(distinct)]
+        self.items = [with_operator(synthetic_sample(i, img_hw=IMG, scaffold_hw=SCAFFOLD), (IMG[0] // 14, IMG[1] // 14),
+                                    protocol=protocol) for i in range(distinct)]
         self.start, self.rank, self.world = start, rank, world
 
     def __iter__(self):
@@ -46,11 +46,17 @@ def _cfg(run, **kw) -> DistillConfig:
     return DistillConfig(**base)
 
 
-def test_fast_path_matches_eager_for_30_steps(tmp_path):
+@pytest.mark.parametrize("protocol", ["official", "snd"])
+def test_fast_path_matches_eager_for_30_steps(tmp_path, protocol):
+    """The captured step (incl. the loss rule: official = both sides zeroed at uncovered patches, mean over
+    all) equals the eager step within bf16 tolerance."""
+    import functools
+
     from snd.train.loop import train
 
-    eager = train(_cfg(tmp_path / "e", fast="off"), stream_factory=_OpStream, progress=False)
-    fast = train(_cfg(tmp_path / "f", fast="on"), stream_factory=_OpStream, progress=False)
+    stream = functools.partial(_OpStream, protocol=protocol)
+    eager = train(_cfg(tmp_path / "e", fast="off", targets_protocol=protocol), stream_factory=stream, progress=False)
+    fast = train(_cfg(tmp_path / "f", fast="on", targets_protocol=protocol), stream_factory=stream, progress=False)
     le = [eager.losses[s] for s in range(1, 31)]
     lf = [fast.losses[s] for s in range(1, 31)]
     assert all(math.isfinite(x) for x in lf) and fast.skipped == 0 and fast.ema_updates == 3
@@ -70,7 +76,8 @@ def test_fast_path_resume_reproduces_uninterrupted_run(tmp_path):
     assert rest.param_digest == full.param_digest
 
 
-def test_operator_equals_gsplat_targets():
+@pytest.mark.parametrize("protocol", ["official", "snd"])
+def test_operator_equals_gsplat_targets(protocol):
     from snd.splat.gaussians import PixelGaussians
     from snd.splat.operator import apply_operator, build_operator
     from snd.splat.target import target_features
@@ -84,7 +91,7 @@ def test_operator_equals_gsplat_targets():
     grid = (41, 62)
     feats = torch.randn(2, 384, *grid, device=dev)
     ref, ref_valid = target_features(feats, g, x["ctx_masks"].to(dev), x["tgt_mask"].to(dev), x["tgt_K"].to(dev), w2c,
-                                     grid, backend="gsplat")
+                                     grid, backend="gsplat", protocol=protocol)
     args = (g, x["ctx_masks"].to(dev), x["tgt_mask"].to(dev), x["tgt_K"].to(dev), w2c, grid, grid)
     import time
 
@@ -92,7 +99,7 @@ def test_operator_equals_gsplat_targets():
     for b in ("gsplat", "torch", "gsplat"):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        ops = build_operator(*args, backend=b)
+        ops = build_operator(*args, backend=b, protocol=protocol)
         torch.cuda.synchronize()
         times[b] = time.perf_counter() - t0
         if b == "torch":

@@ -55,16 +55,16 @@ def test_extract_shapes_and_normalize():
     assert torch.equal(cls, tokens[:, 0])
 
 
-def test_img_size_resamples_once_and_matches_dynamic():
+def test_img_size_keeps_the_native_grid_and_matches_dynamic():
     a = create_backbone(TEST_MODEL, init="random")
-    b = create_backbone(TEST_MODEL, init="random")
+    b = create_backbone(TEST_MODEL, init="random", img_size=(70, 98))
     b.load_state_dict(a.state_dict())
-    b_grid = create_backbone(TEST_MODEL, init="random", img_size=(70, 98))
-    assert b_grid.pos_embed.shape[1] == 1 + 5 * 7
+    assert b.pos_embed.shape[1] == 1 + 4 * 4 and b.snd_img_size == (70, 98)
     x = normalize(a, torch.rand(1, 3, 70, 98))
-    # same weights, pos_embed pre-resampled vs resampled on the fly: same features
-    b.set_input_size(img_size=(70, 98))
-    assert torch.allclose(extract(a, x)[1], extract(b, x)[1], atol=1e-5)
+    with torch.no_grad():
+        assert torch.equal(extract(a, x)[1], extract(b, x)[1])
+    with pytest.raises(SndError, match="multiple of the patch size"):
+        create_backbone(TEST_MODEL, init="random", img_size=(70, 99))
 
 
 def test_pretrained_without_weights_names_the_download():
@@ -287,3 +287,80 @@ def test_ablation_losses():
     assert abs(cosine_loss(s, t, valid).item() - 0.5) < 1e-6  # (1 - 0 + 1 - 1) / 2
     assert abs(feature_mse_loss(s, t, valid).item() - 0.75) < 1e-6  # ((1+1)/2 + (0+1)/2) / 2
     assert cosine_loss(s, t, torch.zeros(3, dtype=torch.bool)).item() == 0.0
+
+
+# ---- position embeddings as torch.hub DINOv2 interpolates them --------------------------------------
+def _hub_interpolate_pos_encoding(pos_embed, x, w, h, *, patch=14, offset=0.1, antialias=False):
+    """A re-statement of torch.hub DINOv2's `interpolate_pos_encoding` (dinov2/models/vision_transformer.py):
+    x = tokens incl. CLS [B, 1 + npatch, C]; (w, h) = the image's dims 2 and 3 (the hub's own naming)."""
+    import math
+
+    import torch.nn.functional as F
+
+    npatch, N = x.shape[1] - 1, pos_embed.shape[1] - 1
+    if npatch == N and w == h:
+        return pos_embed
+    pos = pos_embed.float()
+    cls_pos, patch_pos = pos[:, 0], pos[:, 1:]
+    dim = x.shape[-1]
+    w0, h0 = w // patch, h // patch
+    M = int(math.sqrt(N))
+    kwargs = {"scale_factor": (float(w0 + offset) / M, float(h0 + offset) / M)} if offset else {"size": (w0, h0)}
+    patch_pos = F.interpolate(patch_pos.reshape(1, M, M, dim).permute(0, 3, 1, 2), mode="bicubic",
+                              antialias=antialias, **kwargs)
+    assert (w0, h0) == patch_pos.shape[-2:]
+    patch_pos = patch_pos.permute(0, 2, 3, 1).view(1, -1, dim)
+    return torch.cat((cls_pos.unsqueeze(0), patch_pos), dim=1).to(x.dtype)
+
+
+@pytest.mark.parametrize("offset,antialias", [(0.1, False), (0.0, True)])
+@pytest.mark.parametrize("grid", [(41, 62), (34, 45), (37, 37), (37, 50)])
+def test_hub_pos_embed_matches_the_hub_function(grid, offset, antialias):
+    from snd.models.backbone import hub_interpolate_pos_embed
+
+    g = torch.Generator().manual_seed(0)
+    pos = torch.randn(1, 1 + 37 * 37, 8, generator=g)
+    x = torch.zeros(1, 1 + grid[0] * grid[1], 8)
+    ref = _hub_interpolate_pos_encoding(pos, x, 14 * grid[0], 14 * grid[1], offset=offset, antialias=antialias)
+    got = hub_interpolate_pos_embed(pos[:, 1:], grid, offset=offset, antialias=antialias)
+    torch.testing.assert_close(got, ref[:, 1:], rtol=0, atol=0)
+    if grid == (41, 62) and offset:  # timm's own resampling is a different rule (what the hub model fixes)
+        from timm.layers import resample_abs_pos_embed
+
+        timm_pos = resample_abs_pos_embed(pos, new_size=list(grid), num_prefix_tokens=1)[:, 1:]
+        assert (timm_pos - ref[:, 1:]).abs().max() > 1e-3
+
+
+def test_backbone_tokens_use_the_hub_interpolation():
+    """The model's token input at a non-native size = patch embedding + the hub's position embedding, for
+    a plain and a register architecture; the stored position embedding stays at the native grid."""
+    from snd.models.backbone import DinoV2ViT, set_input_size
+
+    m = create_backbone(TEST_MODEL, init="random")
+    assert isinstance(m, DinoV2ViT) and (m.pos_offset, m.pos_antialias) == (0.1, False)
+    set_input_size(m, (70, 98))
+    assert m.pos_embed.shape[1] == 1 + 4 * 4  # native 56 px grid kept
+    img = normalize(m, torch.rand(2, 3, 70, 98))
+    with torch.no_grad():
+        x = m.patch_embed(img)  # [B, 5, 7, C] (NHWC, dynamic size)
+        got = m._pos_embed(x)
+        flat = x.reshape(2, 35, -1)
+        ref = torch.cat([m.cls_token.expand(2, -1, -1), flat], 1) + _hub_interpolate_pos_encoding(m.pos_embed, torch.cat(
+            [m.cls_token.expand(2, -1, -1), flat], 1), 70, 98)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-6)
+    # at the native size the hub leaves the embedding alone: identical to timm
+    import timm
+
+    t = timm.create_model(TEST_MODEL, num_classes=0, dynamic_img_size=True).eval()
+    t.load_state_dict(m.state_dict())
+    x56 = normalize(m, torch.rand(1, 3, 56, 56))
+    with torch.no_grad():
+        assert torch.equal(t.forward_features(x56), m.forward_features(x56))
+        assert (t.forward_features(img) - m.forward_features(img)).abs().max() > 1e-6  # timm's rule differs
+
+
+def test_register_models_use_antialiased_exact_size():
+    from snd.models.backbone import HUB_POS_INTERP
+
+    assert HUB_POS_INTERP["vit_small_patch14_reg4_dinov2"] == (0.0, True)
+    assert HUB_POS_INTERP["vit_base_patch14_dinov2"] == (0.1, False)

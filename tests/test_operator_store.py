@@ -23,19 +23,33 @@ HW = (56, 84)
 GRID = (4, 6)
 
 
-@pytest.fixture(scope="module")
-def store(synth_root, tmp_path_factory) -> Path:
+def _build(synth_root, tmp_path_factory, **kw) -> Path:
     from snd.stages.precompute import run
 
     out = tmp_path_factory.mktemp("opstore") / "cache"
-    run(PrecomputeConfig(data=synth_root, out=out, height=HW[0], width=HW[1], pairs_per_scene=2, targets_per_pair=2,
-                         batch_pairs=2, device="cpu", source="depth"), progress=False)
+    kw = dict(dict(pairs_per_scene=2), **kw)
+    run(PrecomputeConfig(data=synth_root, out=out, height=HW[0], width=HW[1], targets_per_pair=2,
+                         batch_pairs=2, device="cpu", source="depth", **kw), progress=False)
     return out
 
 
-def test_stored_operator_equals_rendering_the_stored_scaffold(store):
+@pytest.fixture(scope="module")
+def store(synth_root, tmp_path_factory) -> Path:
+    return _build(synth_root, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def snd_store(synth_root, tmp_path_factory) -> Path:
+    """A store whose operators bake in the "snd" protocol."""
+    return _build(synth_root, tmp_path_factory, targets_protocol="snd", pairs_per_scene=1)
+
+
+@pytest.mark.parametrize("protocol", ["official", "snd"])
+def test_stored_operator_equals_rendering_the_stored_scaffold(store, snd_store, protocol):
+    store = store if protocol == "official" else snd_store
     hdr = read_header(store)
     assert hdr["schema_version"] == 3 and hdr["operator"]["ctx_hw"] == list(GRID)
+    assert hdr["operator"]["protocol"] == protocol
     r = CacheReader(store)
     torch.manual_seed(0)
     checked = 0
@@ -52,14 +66,14 @@ def test_stored_operator_equals_rendering_the_stored_scaffold(store):
                 feats = torch.randn(2, 8, *GRID)
                 ref, ref_valid = target_features(
                     feats, PixelGaussians(d.means, d.quats, d.scales, d.opacities), d.ctx_masks, d.tgt_masks[t],
-                    d.tgt_K[t], rigid_inverse(d.tgt_c2w[t]), GRID, backend="torch")
+                    d.tgt_K[t], rigid_inverse(d.tgt_c2w[t]), GRID, backend="torch", protocol=protocol)
                 op = operator_from_batch({k: v[t][None] for k, v in d.operator.items()})
                 got, valid = apply_operator(op, feats[None], GRID)
                 assert torch.equal(valid[0], ref_valid)
                 scale = ref.abs().max()
                 assert scale > 0.1 and (got[0] - ref).abs().max() < 2e-3 * scale  # fp16 coefficients
                 checked += 1
-    assert checked >= 4
+    assert checked >= (4 if protocol == "official" else 2)
 
 
 def test_stream_without_gaussians_carries_operators(store):
@@ -100,6 +114,28 @@ def test_distill_operator_path_matches_render_path(store, tmp_path):
     lb = [b.losses[s] for s in sorted(b.losses)]
     assert len(la) == 4 and all(math.isfinite(x) for x in la)
     assert la == pytest.approx(lb, rel=2e-3, abs=1e-4)
+    # the run's config.json records the protocol and the target path
+    import json
+
+    rec_a = json.loads((tmp_path / "op" / "config.json").read_text())
+    rec_b = json.loads((tmp_path / "render" / "config.json").read_text())
+    assert rec_a["config"]["targets_protocol"] == "official"
+    assert rec_a["targets"]["path"] == "operator" and rec_a["targets"]["protocol"] == "official"
+    assert rec_b["targets"]["path"] == "render" and "--targets render" in rec_b["targets"]["why"]
+
+
+def test_snd_protocol_run_on_an_official_store_renders(store, snd_store, tmp_path):
+    """auto: a store built for the other protocol is not used (rendered instead, and said so); with the
+    matching protocol the operators are used."""
+    import json
+
+    from snd.stages.distill import run
+
+    run(_cfg(store, tmp_path / "a", targets_protocol="snd", iters=1))
+    rec = json.loads((tmp_path / "a" / "config.json").read_text())["targets"]
+    assert rec["path"] == "render" and "protocol 'official' vs 'snd'" in rec["why"]
+    run(_cfg(snd_store, tmp_path / "b", targets_protocol="snd", iters=1))
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["targets"]["path"] == "operator"
 
 
 def test_fast_path_body_equals_the_eager_step(store, tmp_path):

@@ -118,11 +118,12 @@ def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _render(g: tuple, colours: torch.Tensor, K: torch.Tensor, c2w: torch.Tensor) -> torch.Tensor:
+    from snd.splat.inputs import SplatInput
     from snd.splat.render import render_features
 
     means, quats, scales, opac = (x.reshape(-1, x.shape[-1]) if x.dim() == 4 else x.reshape(-1) for x in g)
     w2c = torch.linalg.inv(c2w.double()).float()
-    img, _ = render_features(means, quats, scales, opac, colours, K.float(), w2c, H, W, backend="torch")
+    img, _ = render_features(SplatInput(means, quats, scales, opac, K.float(), w2c, H, W), colours, backend="torch")
     return img.clamp(0, 1)
 
 

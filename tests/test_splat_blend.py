@@ -39,3 +39,17 @@ def test_matches_reference_loop():
     torch.testing.assert_close(semantic_blend(feats, mask), semantic_blend_reference(feats, mask))
     torch.testing.assert_close(semantic_blend(feats, mask, weight=0.3, valid=valid),
                                semantic_blend_reference(feats, mask, weight=0.3, valid=valid))
+
+
+def test_official_means_over_all_pixels_uncovered_zeros_included():
+    """Official blend_with_mask: the segment mean runs over ALL pixels of a label; uncovered pixels render
+    exactly 0 and pull the mean toward 0; label 0 is a segment. (2 x 3, two labels + label 0.)"""
+    feats = torch.tensor([[[2.0, 4.0, 0.0], [6.0, 0.0, 3.0]]])  # zeros = uncovered
+    mask = torch.tensor([[0, 0, 1], [1, 1, 1]])
+    # label 0: (2 + 4) / 2 = 3; label 1: (0 + 6 + 0 + 3) / 4 = 2.25; out = 0.5 F + 0.5 mean
+    expect = torch.tensor([[[2.5, 3.5, 1.125], [4.125, 1.125, 2.625]]])
+    torch.testing.assert_close(semantic_blend(feats, mask), expect)
+    # the "snd" variant: means over covered pixels only (label 1: (6 + 3) / 2 = 4.5)
+    covered = feats[0] != 0
+    expect_snd = torch.tensor([[[2.5, 3.5, 2.25], [5.25, 2.25, 3.75]]])
+    torch.testing.assert_close(semantic_blend(feats, mask, valid=covered), expect_snd)

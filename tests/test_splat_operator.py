@@ -35,10 +35,10 @@ def _both(pair, feats, **kw):
     return ref, ref_valid, got, valid, op
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(blend=False), dict(upsample="bilinear"),
-                                dict(coverage_threshold=0.0, blend_weight=0.3),
-                                dict(upsample_fallback="zero")])
-def test_operator_equals_render_path(pair, kw):
+@pytest.mark.parametrize("protocol", ["official", "snd"])
+@pytest.mark.parametrize("kw", [dict(), dict(blend=False), dict(upsample="bilinear"), dict(blend_weight=0.3)])
+def test_operator_equals_render_path(pair, kw, protocol):
+    kw = dict(kw, protocol=protocol)
     torch.manual_seed(0)
     feats = torch.randn(2, 5, *CTX_HW, dtype=torch.float64).float()
     ref, ref_valid, got, valid, op = _both(pair, feats, **kw)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from snd.splat.inputs import SplatInput
 from snd.splat.render import render_features, resolve_backend
 from snd.splat.render_reference import render_reference
 from snd.splat.render_torch import build_plan, render_torch
@@ -32,8 +33,8 @@ def test_torch_equals_bruteforce(seed):
     means[0, 2] = -1.0
     opac[1] = 0.001
     H, W = 13, 19
-    img, alpha = render_torch(means, quats, scales, opac, feats, K, w2c, H, W)
-    ref_img, ref_alpha = render_reference(means, quats, scales, opac, feats, K, w2c, H, W)
+    img, alpha = render_torch(SplatInput(means, quats, scales, opac, K, w2c, H, W), feats)
+    ref_img, ref_alpha = render_reference(SplatInput(means, quats, scales, opac, K, w2c, H, W), feats)
     assert img.shape == (3, H, W) and alpha.shape == (H, W)
     assert ref_alpha.max() > 0.9 and (ref_alpha < 0.5).any()  # a scene with both opaque and empty pixels
     torch.testing.assert_close(alpha.double(), ref_alpha, atol=2e-5, rtol=0)
@@ -49,12 +50,12 @@ def test_early_stop_and_clamp():
     opac = torch.ones(N)
     feats = torch.arange(1.0, N + 1)[:, None]
     K = torch.tensor([[10.0, 0.0, 2.0], [0.0, 10.0, 2.0], [0.0, 0.0, 1.0]])
-    img, alpha = render_torch(means, quats, scales, opac, feats, K, torch.eye(4), 5, 5)
+    img, alpha = render_torch(SplatInput(means, quats, scales, opac, K, torch.eye(4), 5, 5), feats)
     # centre pixel (2, 2) sits at the projected mean: alpha_1 = 0.999, T after = 1e-3;
     # the second would give T = 1e-6 <= 1e-4, so it is excluded: colour = 0.999 * 1, alpha = 0.999
     assert img[0, 2, 2].item() == pytest.approx(0.999, abs=1e-6)
     assert alpha[2, 2].item() == pytest.approx(0.999, abs=1e-6)
-    ref_img, ref_alpha = render_reference(means, quats, scales, opac, feats, K, torch.eye(4), 5, 5)
+    ref_img, ref_alpha = render_reference(SplatInput(means, quats, scales, opac, K, torch.eye(4), 5, 5), feats)
     torch.testing.assert_close(img.double(), ref_img, atol=1e-6, rtol=0)
 
 
@@ -62,8 +63,8 @@ def test_pixel_centre_convention():
     """One small Gaussian projected exactly onto pixel (row 3, col 5) peaks there and is symmetric."""
     K = torch.tensor([[50.0, 0.0, 5.0], [0.0, 50.0, 3.0], [0.0, 0.0, 1.0]])
     means = torch.tensor([[0.0, 0.0, 5.0]])  # projects to (cx, cy) = (5, 3)
-    img, alpha = render_torch(means, torch.tensor([[1.0, 0, 0, 0]]), torch.full((1, 3), 0.1),
-                              torch.tensor([0.9]), torch.ones(1, 1), K, torch.eye(4), 7, 11)
+    img, alpha = render_torch(SplatInput(means, torch.tensor([[1.0, 0, 0, 0]]), torch.full((1, 3), 0.1),
+                                         torch.tensor([0.9]), K, torch.eye(4), 7, 11), torch.ones(1, 1))
     assert divmod(int(alpha.argmax()), 11) == (3, 5)
     torch.testing.assert_close(alpha[3, 4], alpha[3, 6])
     torch.testing.assert_close(alpha[2, 5], alpha[4, 5])
@@ -71,11 +72,12 @@ def test_pixel_centre_convention():
 
 def test_banded_plan_equals_single_band():
     means, quats, scales, opac, feats, K, w2c = _random_scene(300, 5, 7)
-    a_img, a_alpha = render_torch(means, quats, scales, opac, feats, K, w2c, 15, 21, max_pairs=1 << 30)
-    b_img, b_alpha = render_torch(means, quats, scales, opac, feats, K, w2c, 15, 21, max_pairs=200, channel_chunk=2)
+    inp = SplatInput(means, quats, scales, opac, K, w2c, 15, 21)
+    a_img, a_alpha = render_torch(inp, feats, max_pairs=1 << 30)
+    b_img, b_alpha = render_torch(inp, feats, max_pairs=200, channel_chunk=2)
     torch.testing.assert_close(a_img, b_img, atol=1e-6, rtol=0)
     torch.testing.assert_close(a_alpha, b_alpha, atol=1e-6, rtol=0)
-    plan = build_plan(means, quats, scales, opac, K, w2c, 15, 21)
+    plan = build_plan(inp)
     torch.testing.assert_close(plan.apply(feats), a_img)
 
 
@@ -98,8 +100,9 @@ def test_gsplat_matches_torch_backend():
     K[1] *= 4.4
     for C in (3, 40):  # 40 = one 32-channel gsplat pass + one padded 8-channel pass
         f = feats[:, :C]
-        g_img, g_alpha = render_features(means, quats, scales, opac, f, K, w2c, H, W, backend="gsplat")
-        t_img, t_alpha = render_features(means, quats, scales, opac, f, K, w2c, H, W, backend="torch")
+        inp = SplatInput(means, quats, scales, opac, K, w2c, H, W)
+        g_img, g_alpha = render_features(inp, f, backend="gsplat")
+        t_img, t_alpha = render_features(inp, f, backend="torch")
         rel = ((g_img - t_img).norm() / t_img.norm()).item()
         a_err = (g_alpha - t_alpha).abs().max().item()
         print(f"gsplat vs torch, C={C}: feature rel. L2 error {rel:.2e}, alpha max abs error {a_err:.2e}, "
@@ -108,3 +111,14 @@ def test_gsplat_matches_torch_backend():
         assert rel < 1e-3
         # pixels where float32 rounding flips a 1/255 or 1e-4 decision differ by one Gaussian's share
         assert (g_alpha - t_alpha).abs().quantile(0.99) < 1e-4
+
+
+def test_input_type_checks_shapes_once():
+    means, quats, scales, opac, feats, K, w2c = _random_scene(5, 2, 0)
+    with pytest.raises(AssertionError, match="quats must be"):
+        SplatInput(means, quats[:4], scales, opac, K, w2c, 4, 4)
+    inp = SplatInput(means, quats, scales, opac, K, w2c, 4, 4)
+    with pytest.raises(AssertionError, match="features must be"):
+        render_features(inp, feats[:3])
+    sub = inp.subset(torch.tensor([0, 2]))
+    assert sub.n == 2 and torch.equal(sub.means, means[[0, 2]]) and sub.K is inp.K

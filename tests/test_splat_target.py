@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from snd.data.camera import Camera, intrinsics, look_at
 from snd.splat.from_depth import gaussians_from_depth, unproject_depth
+from snd.splat.inputs import SplatInput
 from snd.splat.render import render_features
 from snd.splat.target import target_features
 from snd.splat.upsample import upsample_features
@@ -90,8 +91,8 @@ def test_world_coordinates_reproduce_target(scene):
     ctx, g = _ctx_target(scene)
     xyz = unproject_depth(scene["depth"][ctx], scene["K"][ctx], scene["c2w"][ctx])  # [2, H, W, 3]
     means, quats, scales, opac = g.flatten()
-    img, alpha = render_features(means, quats, scales, opac, xyz.reshape(-1, 3), scene["K"][1], scene["w2c"][1],
-                                 H, W, backend="torch")
+    img, alpha = render_features(SplatInput(means, quats, scales, opac, scene["K"][1], scene["w2c"][1], H, W),
+                                 xyz.reshape(-1, 3), backend="torch")
     tgt_xyz = unproject_depth(scene["depth"][1:2], scene["K"][1:2], scene["c2w"][1:2])[0]  # [H, W, 3]
     covered = (alpha > 0.5) & (scene["depth"][1] > 0)
     assert covered.float().mean() > 0.85
@@ -150,40 +151,77 @@ def test_instance_onehots_match_target_mask(scene):
     assert agree_in > 0.99
 
 
-def test_mask_aware_upsampling_on_scene_masks(scene):
+@pytest.mark.parametrize("protocol", ["official", "snd"])
+def test_mask_aware_upsampling_on_scene_masks(scene, protocol):
     """Patch-grid one-hots (h = H/4) of the real scene masks: mask-aware keeps instance edges, bilinear blurs them;
-    both still give a usable splatted target."""
+    both still give a usable splatted target. Patch one-hots: the labels at the protocol's label rows/cols
+    (official: corners) or the area average of each patch (snd: patch-centred grid)."""
+    from snd.splat.upsample import patch_labels
+
     ctx, g = _ctx_target(scene)
     labels, oh = _onehots(scene["ids"])
-    patch = F.interpolate(oh, size=(H // 4, W // 4), mode="area")  # [3, L, h, w] soft patch labels
-    agree = {m: (labels[upsample_features(patch, scene["ids"], mode=m).argmax(1)] == scene["ids"]).float().mean().item()
-             for m in ("mask", "bilinear")}
-    print(f"upsampled patch one-hots vs masks: mask-aware {agree['mask']:.4f}, bilinear {agree['bilinear']:.4f}")
+    grid = "corners" if protocol == "official" else "centres"
+    if protocol == "official":
+        lab = torch.searchsorted(labels, patch_labels(scene["ids"], H // 4, W // 4, grid))
+        patch = F.one_hot(lab, len(labels)).permute(0, 3, 1, 2).float()
+    else:
+        patch = F.interpolate(oh, size=(H // 4, W // 4), mode="area")  # [3, L, h, w] soft patch labels
+    fb = "zero" if protocol == "official" else "bilinear"
+    up = {m: upsample_features(patch, scene["ids"], mode=m, grid=grid, fallback=fb) for m in ("mask", "bilinear")}
+    hit = up["mask"].sum(1) > 0.5  # official: pixels with no matching neighbour are 0 (no label)
+    agree = {m: (labels[u.argmax(1)] == scene["ids"])[hit].float().mean().item() for m, u in up.items()}
+    print(f"{protocol}: upsampled patch one-hots vs masks: mask-aware {agree['mask']:.4f}, bilinear {agree['bilinear']:.4f}"
+          f" on {hit.float().mean().item():.3f} of the pixels")
+    assert hit.float().mean() > 0.97
     assert agree["mask"] > 0.985 and agree["mask"] > agree["bilinear"] + 0.01
     feats, valid = target_features(patch[ctx], g, scene["ids"][ctx], scene["ids"][1], scene["K"][1], scene["w2c"][1],
-                                   (H, W), upsample="mask", blend=False, backend="torch")
+                                   (H, W), upsample="mask", blend=False, backend="torch", protocol=protocol)
     ok = labels[feats.argmax(0)] == scene["ids"][1]
     assert ok[valid & _interior(scene["ids"][1])].float().mean() > 0.98
 
 
-def test_blend_and_downsample_rules(scene):
-    """target_features == render -> blend over covered pixels -> bilinear resize, and valid = resized coverage >= 0.5."""
+@pytest.mark.parametrize("protocol", ["official", "snd"])
+def test_blend_and_downsample_rules(scene, protocol):
+    """target_features == render -> blend -> bilinear resize, valid from the coverage. Official: uncovered =
+    no contribution (render exactly 0), means over all pixels, uncovered mask resized nearest, >= 0.5;
+    snd: covered = alpha > 0.5, means over covered pixels, bilinear coverage >= 0.5."""
     from snd.splat.blend import semantic_blend
 
     ctx, g = _ctx_target(scene)
     gen = torch.Generator().manual_seed(0)
     pf = torch.randn(2, 6, H, W, generator=gen)
     feats, valid = target_features(pf, g, scene["ids"][ctx], scene["ids"][1], scene["K"][1], scene["w2c"][1],
-                                   (12, 16), upsample="bilinear", blend=True, backend="torch")
+                                   (12, 16), upsample="bilinear", blend=True, backend="torch", protocol=protocol)
     means, quats, scales, opac = g.flatten()
-    img, alpha = render_features(means, quats, scales, opac, pf.permute(0, 2, 3, 1).reshape(-1, 6),
-                                 scene["K"][1], scene["w2c"][1], H, W, backend="torch")
-    cov = alpha > 0.5
-    ref = F.interpolate(semantic_blend(img, scene["ids"][1], valid=cov)[None], size=(12, 16), mode="bilinear",
-                        align_corners=False)[0]
+    img, alpha = render_features(SplatInput(means, quats, scales, opac, scene["K"][1], scene["w2c"][1], H, W),
+                                 pf.permute(0, 2, 3, 1).reshape(-1, 6), backend="torch")
+    if protocol == "official":
+        unc = (img == 0).all(0)  # the official test: the render is exactly 0 in every channel
+        assert torch.equal(unc, alpha == 0) and unc.any()
+        blended = semantic_blend(img, scene["ids"][1])
+        ref_valid = ~(F.interpolate(unc.float()[None, None], size=(12, 16), mode="nearest")[0, 0] >= 0.5)
+    else:
+        cov = alpha > 0.5
+        blended = semantic_blend(img, scene["ids"][1], valid=cov)
+        ref_valid = F.interpolate(cov.float()[None, None], size=(12, 16), mode="bilinear", align_corners=False)[0, 0] >= 0.5
+    ref = F.interpolate(blended[None], size=(12, 16), mode="bilinear", align_corners=False)[0]
     torch.testing.assert_close(feats, ref, atol=1e-5, rtol=1e-5)
-    ref_valid = F.interpolate(cov.float()[None, None], size=(12, 16), mode="bilinear", align_corners=False)[0, 0] >= 0.5
     assert torch.equal(valid, ref_valid) and valid.any() and not valid.all()
+
+
+def test_coverage_to_patches_hand_computed():
+    """4 x 6 pixel coverage -> 2 x 3 patches. Nearest (official) reads pixel rows floor(i * 4/2) = 0, 2 and
+    cols 0, 2, 4; bilinear (snd, align_corners=False, 2x) averages each 2 x 2 block, kept at >= 0.5."""
+    from snd.splat.protocol import rules
+    from snd.splat.target import coverage_to_patches
+
+    cov = torch.tensor([[1, 0, 1, 1, 0, 0],
+                        [0, 0, 1, 1, 0, 1],
+                        [0, 1, 0, 0, 1, 1],
+                        [1, 1, 0, 0, 1, 1]], dtype=torch.bool)
+    assert coverage_to_patches(cov, (2, 3), rules("official")).tolist() == [[True, True, False], [False, False, True]]
+    # block means .25, 1, .25 / .75, 0, 1
+    assert coverage_to_patches(cov, (2, 3), rules("snd")).tolist() == [[False, True, False], [True, False, True]]
 
 
 def test_chunked_equals_unchunked(scene):
@@ -217,7 +255,8 @@ def test_synth_scene_true_depth(synth_root, tmp_path):
     means, quats, scales, opac = g.flatten()
     tK = torch.as_tensor(cams[2].K, dtype=torch.float32)
     tw2c = torch.as_tensor(cams[2].w2c, dtype=torch.float32)
-    img, alpha = render_features(means, quats, scales, opac, xyz.reshape(-1, 3), tK, tw2c, Hs, Ws, backend="torch")
+    img, alpha = render_features(SplatInput(means, quats, scales, opac, tK, tw2c, Hs, Ws), xyz.reshape(-1, 3),
+                                 backend="torch")
     tdepth = torch.as_tensor(sc.depth(tgt))
     txyz = unproject_depth(tdepth[None], tK[None], torch.as_tensor(cams[2].c2w, dtype=torch.float32)[None])[0]
     covered = (alpha > 0.5) & (tdepth > 0)
@@ -242,16 +281,18 @@ def test_synth_scene_true_depth(synth_root, tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA + gsplat")
-def test_target_features_gsplat_matches_torch(scene):
+@pytest.mark.parametrize("protocol", ["official", "snd"])
+def test_target_features_gsplat_matches_torch(scene, protocol):
+    """Both backends under each coverage rule (official: any contribution, nearest; snd: alpha > 0.5)."""
     pytest.importorskip("gsplat")
     ctx, g = _ctx_target(scene)
     dev = torch.device("cuda")
     pf = torch.randn(2, 40, 12, 16, generator=torch.Generator().manual_seed(2)).to(dev)
     args = (pf, g.to(dev), scene["ids"][ctx].to(dev), scene["ids"][1].to(dev), scene["K"][1].to(dev),
             scene["w2c"][1].to(dev), (12, 16))
-    a, va = target_features(*args, backend="gsplat")
-    b, vb = target_features(*args, backend="torch")
+    a, va = target_features(*args, backend="gsplat", protocol=protocol)
+    b, vb = target_features(*args, backend="torch", protocol=protocol)
     rel = ((a - b).norm() / b.norm()).item()
-    print(f"target_features gsplat vs torch: rel. L2 error {rel:.2e}, valid agree {(va == vb).float().mean().item():.4f}")
+    print(f"{protocol}: target_features gsplat vs torch: rel. L2 error {rel:.2e}, valid agree {(va == vb).float().mean().item():.4f}")
     assert rel < 1e-3
     assert (va == vb).float().mean() > 0.99

@@ -101,7 +101,8 @@ def _bench_path(name: str, path: str, cfg: BenchDistillConfig, device: torch.dev
     dcfg = DistillConfig(model=name, init="random", img_height=cfg.img_height, img_width=cfg.img_width,
                          head_prototypes=cfg.head_prototypes, renderer=cfg.renderer, compile=cfg.compile,
                          targets="render" if path == "render" else "operator", device=str(device),
-                         iters=total_iters, num_workers=cfg.num_workers, shards=store or Path("-"))
+                         iters=total_iters, num_workers=cfg.num_workers, shards=store or Path("-"),
+                         targets_protocol=cfg.targets_protocol)
     workers = None
     if store is not None:
         src = _StoreBatches(dcfg, env, device)
@@ -234,7 +235,8 @@ def _bench_one(name: str, cfg: BenchDistillConfig, device: torch.device, env, st
     if store is None:
         t0 = time.perf_counter()
         items = [with_operator(synthetic_sample(i, img_hw=(cfg.img_height, cfg.img_width),
-                                                scaffold_hw=(cfg.scaffold_height, cfg.scaffold_width)), grid, device=device)
+                                                scaffold_hw=(cfg.scaffold_height, cfg.scaffold_width)), grid, device=device,
+                                 protocol=cfg.targets_protocol)
                  for i in range(2)]
         op_build_s = (time.perf_counter() - t0) / 2
         pool = [default_collate([it]) for it in items]
@@ -260,6 +262,7 @@ def _bench_one(name: str, cfg: BenchDistillConfig, device: torch.device, env, st
         "prototypes": cfg.head_prototypes,
         "compile": cfg.compile,
         "renderer": cfg.renderer,
+        "targets_protocol": cfg.targets_protocol,
         "operator_build_s_per_target": op_build_s,
         "operator_max_row_nnz": nnz,
         "paths": paths,

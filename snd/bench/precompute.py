@@ -122,8 +122,10 @@ def _bench_psnr(store: Path, source: ScaffoldSource, enc: Encoding) -> dict:
     gt = torch.from_numpy(np.array(scene.image(t))).to(dev).permute(2, 0, 1).float() / 255
 
     def render(means, quats, scales, opac):
-        img, _ = render_features(means.reshape(-1, 3).to(dev), quats.reshape(-1, 4).to(dev), scales.reshape(-1, 3).to(dev),
-                                 opac.reshape(-1).to(dev), colours, K_t, w2c, sr.height, sr.width, backend="torch")
+        from snd.splat.inputs import SplatInput
+
+        img, _ = render_features(SplatInput(means.reshape(-1, 3).to(dev), quats.reshape(-1, 4).to(dev), scales.reshape(-1, 3).to(dev),
+                                            opac.reshape(-1).to(dev), K_t, w2c, sr.height, sr.width), colours, backend="torch")
         return img.clamp(0, 1)
 
     def psnr(a, b):

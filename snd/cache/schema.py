@@ -88,7 +88,9 @@ class OperatorSpec:
 
     ctx_hw / out_hw: the teacher's context patch grid and the student's target patch grid (stage two's
     backbone input size // patch size). The rest are `snd.splat.operator.build_operator`'s knobs; stage
-    two uses the stored operators only when its own settings equal these.
+    two uses the stored operators only when its own settings equal these. ``protocol`` is the targets
+    protocol baked in (`snd.splat.protocol`); a header written before it existed holds the old fixed
+    knobs (coverage alpha > 0.5, bilinear fallback, ...), i.e. the "snd" rules, and reads back as such.
     """
 
     ctx_hw: tuple[int, int]
@@ -96,8 +98,7 @@ class OperatorSpec:
     upsample: Literal["mask", "bilinear"] = "mask"
     blend: bool = True
     blend_weight: float = 0.5
-    coverage_threshold: float = 0.5
-    upsample_fallback: Literal["bilinear", "zero"] = "bilinear"
+    protocol: Literal["official", "snd"] = "official"
     row_cap: int = 64
     inst_cap: int = 128
 
@@ -126,7 +127,14 @@ class OperatorSpec:
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "OperatorSpec | None":
-        return None if not d else cls(**d)
+        if not d:
+            return None
+        d = dict(d)
+        if "protocol" not in d:  # a store from before the protocol field: the earlier ("snd") rules
+            d.pop("coverage_threshold", None)
+            d.pop("upsample_fallback", None)
+            d["protocol"] = "snd"
+        return cls(**d)
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 
 Split = Literal["distill", "train", "val", "all"]
 _SPLITS = ("distill", "train", "val", "all")
+V1_SPLIT_SIZES = {"train": 230, "val": 50}  # ScanNet++ v1's nvs_sem lists: the paper's 280 distillation scenes
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,45 @@ class Dataset:
         if len(kept) < len(names):
             log.warning("%d of %d scenes of split %r are not under %s; using the %d present", len(names) - len(kept), len(names), split, self.root / self._lay.scenes_dir, len(kept))
         return kept
+
+    def split_sizes(self) -> dict[str, int]:
+        """Number of names in each split list present (``train``, ``val``), before the on-disk filter."""
+        from snd.data.formats import read_list
+
+        return {w: len(read_list(self._split_file(w), f"{w} split list")) for w in ("train", "val")
+                if self._split_file(w).is_file()}
+
+    def describe_selection(self, split: str, names: list[str]) -> str:
+        """One line saying which scenes a stage selected, and whether the split lists are ScanNet++ v1's.
+
+        Why: "the paper's 280 scenes" (FiT3D's and SnD's training set) are ScanNet++ v1's nvs_sem_train
+        (230) + nvs_sem_val (50); the v2 release's lists hold more scenes, so `--split distill` on v2
+        trains on a different (larger) set. Longer lists than v1's are reported as v2."""
+        line = f"{len(names)} scenes selected from split {split!r} of {self.root} ({self.layout} layout)"
+        sizes = self.split_sizes() if split in ("distill", "train", "val") else {}
+        if sizes:
+            line += "; lists: " + ", ".join(f"nvs_sem_{k}.txt {v}" for k, v in sizes.items())
+            if sizes.get("train", 0) > V1_SPLIT_SIZES["train"] or sizes.get("val", 0) > V1_SPLIT_SIZES["val"]:
+                line += (" - longer than ScanNet++ v1's 230 + 50: these look like the v2 lists, so this is not the "
+                         "paper's 280-scene set (use v1's nvs_sem_train/val.txt for that)")
+        return line
+
+    def check_scenes(self, names: list[str]) -> None:
+        """Fail at the start, naming every scene that cannot serve training (prepared layout: no
+        ``instance_segmentation/`` folder, which FiT3D's preparation does not write; SnD adds it)."""
+        if self.layout != "prepared":
+            return
+        d = self.root / self._lay.scenes_dir
+        missing = [n for n in names if not (d / n / "instance_segmentation").is_dir()]
+        if missing:
+            shown = ", ".join(missing[:20]) + (f", ... ({len(missing)} in all)" if len(missing) > 20 else "")
+            raise SndError(
+                f"{len(missing)} of {len(names)} prepared scenes have no instance_segmentation/ folder: {shown}",
+                path=d / missing[0],
+                hint="FiT3D's preparation writes images/ and masks/ (anonymisation) but not the per-image instance "
+                     "masks SnD trains with: add scenes/<scene>/instance_segmentation/<frame>.png (e.g. written by "
+                     "snd.data.prepared.export_prepared from the raw ScanNet++ scenes), or use the raw layout "
+                     "(snd ray-casts the masks from the mesh annotations), or pass --scenes/--split to leave them out")
 
     # -- scenes --------------------------------------------------------------------------------
     @property

@@ -8,9 +8,10 @@ with this module (no OpenCV dependency) and ray-casts masks and depth with the r
 Model (OpenCV ``cv2.fisheye``): a camera-frame direction with normalised pinhole coordinates (x, y),
 r = |(x, y)|, theta = atan(r), is imaged at distorted normalised coordinates
 (x, y) * theta_d / r with theta_d = theta (1 + k1 theta^2 + k2 theta^4 + k3 theta^6 + k4 theta^8),
-then mapped to pixels by the fisheye's K. The pinhole camera snd uses keeps the fisheye's K (so the
-undistorted image shows the central part of the fisheye view at the same focal length; the toolkit
-instead picks a new K with ``estimateNewCameraMatrixForUndistortRectify(balance=0)`` and centres cx, cy).
+then mapped to pixels by the fisheye's K. The pinhole camera snd uses is the toolkit's (`toolkit_new_K`:
+OpenCV's ``fisheye.estimateNewCameraMatrixForUndistortRectify`` at balance 0, then cx = w/2, cy = h/2,
+same image size), so frames undistorted here show the field of view of the toolkit's
+``undistorted_images`` that FiT3D and SnD train on (keeping the fisheye K shows a ~1.27x wider view).
 """
 from __future__ import annotations
 
@@ -67,3 +68,42 @@ def remap_bilinear(image: np.ndarray, map_x: np.ndarray, map_y: np.ndarray) -> n
     if img.dtype == np.uint8:
         return np.clip(np.round(out), 0, 255).astype(np.uint8)
     return out.astype(img.dtype)
+
+
+def fisheye_undistort_normalized(xy_d: np.ndarray, k: np.ndarray, iters: int = 10) -> np.ndarray:
+    """Distorted normalised coordinates [..., 2] -> undistorted ones (OpenCV ``fisheye::undistortPoints``:
+    Newton on theta_d = theta (1 + k1 theta^2 + ...), `iters` steps from theta = theta_d)."""
+    xy_d = np.asarray(xy_d, dtype=np.float64)
+    k1, k2, k3, k4 = (float(v) for v in k)
+    thd = np.linalg.norm(xy_d, axis=-1)
+    th = thd.copy()
+    for _ in range(iters):
+        t2 = th * th
+        f = th * (1 + t2 * (k1 + t2 * (k2 + t2 * (k3 + t2 * k4)))) - thd
+        df = 1 + t2 * (3 * k1 + t2 * (5 * k2 + t2 * (7 * k3 + 9 * t2 * k4)))
+        th = th - f / df
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale = np.where(thd > 1e-12, np.tan(th) / thd, 1.0)
+    return xy_d * scale[..., None]
+
+
+def toolkit_new_K(K: np.ndarray, k: np.ndarray, height: int, width: int) -> np.ndarray:
+    """The pinhole K the ScanNet++ toolkit's ``dslr/undistort.py`` gives a fisheye camera: OpenCV's
+    ``fisheye.estimateNewCameraMatrixForUndistortRectify(K, D, (w, h), I, balance=0)`` (restated: undistort
+    the 4 edge midpoints, take their centre of mass, and the focal length that maps the farthest-reaching
+    of them to the image border, f = max of the four; OpenCV's aspect-ratio handling kept as it is), then
+    cx = w / 2, cy = h / 2. [3, 3] float64."""
+    K = np.asarray(K, dtype=np.float64)
+    w, h = float(width), float(height)
+    pts = np.array([[w / 2, 0.0], [w, h / 2], [w / 2, h], [0.0, h / 2]])
+    xy = np.stack([(pts[:, 0] - K[0, 2]) / K[0, 0], (pts[:, 1] - K[1, 2]) / K[1, 1]], -1)
+    und = fisheye_undistort_normalized(xy, k)
+    cn = und.mean(0)
+    aspect = K[0, 0] / K[1, 1]
+    cn[0] *= aspect  # OpenCV scales cn's x (and the points' y) by the aspect ratio
+    und[:, 1] *= aspect
+    minx, maxx = und[:, 0].min(), und[:, 0].max()
+    miny, maxy = und[:, 1].min(), und[:, 1].max()
+    f = max(w * 0.5 / (cn[0] - minx), w * 0.5 / (maxx - cn[0]),
+            h * 0.5 * aspect / (cn[1] - miny), h * 0.5 * aspect / (maxy - cn[1]))  # balance 0: the largest
+    return np.array([[f, 0.0, w / 2.0], [0.0, f / aspect, h / 2.0], [0.0, 0.0, 1.0]])

@@ -2,9 +2,12 @@
 
 Per scene ``<root>/data/<scene>/``:
 
-* images + intrinsics: ``dslr/resized_undistorted_images/`` with ``dslr/nerfstudio/transforms_undistorted.json``
-  (pinhole; preferred), else fisheye ``dslr/resized_images/`` with ``dslr/nerfstudio/transforms.json``
-  (``OPENCV_FISHEYE``, k1..k4), undistorted here to a pinhole camera with the same K (`snd.data.fisheye`).
+* images + intrinsics: pinhole ``dslr/resized_undistorted_images/`` (the optional download) or
+  ``dslr/undistorted_images/`` (what the toolkit's ``dslr/undistort.py`` writes), each with
+  ``dslr/nerfstudio/transforms_undistorted.json`` (preferred, in that order); else fisheye
+  ``dslr/resized_images/`` with ``dslr/nerfstudio/transforms.json`` (``OPENCV_FISHEYE``, k1..k4),
+  undistorted here to the toolkit's pinhole camera (`snd.data.fisheye.toolkit_new_K`: the same K and
+  field of view as the toolkit's ``undistorted_images``, which FiT3D and SnD use).
 * poses: ``dslr/colmap/images.txt`` (OpenCV world-to-camera in the mesh's world) when present, else the
   transforms' ``transform_matrix`` (OpenGL, toolkit-permuted world; see `snd.data.formats`).
 * frames: ``frames`` + ``test_frames`` whose image file exists, ordered by the number in the file name
@@ -24,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from snd.data.camera import Camera, intrinsics
-from snd.data.fisheye import fisheye_undistort_map, remap_bilinear
+from snd.data.fisheye import fisheye_undistort_map, remap_bilinear, toolkit_new_K
 from snd.data.formats import nerfstudio_to_mesh_c2w, read_colmap_images, read_json, read_transform_frames
 from snd.data.imageio import read_rgb, resize_rgb
 from snd.data.ply import read_mesh
@@ -58,20 +61,27 @@ class ScanNetppScene:
         self.dir = Path(scene_dir)
         self.name = self.dir.name
         dslr = self.dir / "dslr"
-        und_img, und_tf = dslr / "resized_undistorted_images", dslr / "nerfstudio" / "transforms_undistorted.json"
+        und_tf = dslr / "nerfstudio" / "transforms_undistorted.json"
+        und_dirs = [dslr / "resized_undistorted_images", dslr / "undistorted_images"]
+        und_img = next((d for d in und_dirs if d.is_dir()), None)
         fish_img, fish_tf = dslr / "resized_images", dslr / "nerfstudio" / "transforms.json"
-        if und_tf.is_file() and und_img.is_dir():
+        if und_tf.is_file() and und_img is not None:
             self.image_dir, tf_path = und_img, und_tf
         elif fish_tf.is_file() and fish_img.is_dir():
             self.image_dir, tf_path = fish_img, fish_tf
-        elif und_tf.is_file() or fish_tf.is_file():
-            missing = und_img if und_tf.is_file() else fish_img
-            raise SndError(f"missing image folder {missing}", path=missing)
+        elif und_tf.is_file():
+            raise SndError(f"scene {self.name} has {und_tf.name} but no image folder {und_dirs[0].name}/ or {und_dirs[1].name}/",
+                           path=dslr, hint="run the ScanNet++ toolkit's dslr/undistort.py (writes dslr/undistorted_images/), "
+                                           "or download resized_undistorted_images/")
+        elif fish_tf.is_file():
+            raise SndError(f"missing image folder {fish_img}", path=fish_img,
+                           hint="download dslr/resized_images/ (fisheye; snd undistorts it with the toolkit's camera)")
         else:
             raise SndError(
                 f"missing transforms for scene {self.name}: {und_tf}",
                 path=und_tf,
-                hint="run the ScanNet++ toolkit's dslr/undistort.py, or download dslr/nerfstudio/transforms.json with resized_images/",
+                hint="run the ScanNet++ toolkit's dslr/undistort.py (dslr/undistorted_images/ + transforms_undistorted.json), "
+                     "or download dslr/nerfstudio/transforms.json with resized_images/",
             )
         self.transforms_path = tf_path
         tf = read_json(tf_path, "transforms file")
@@ -85,6 +95,8 @@ class ScanNetppScene:
         self._dist = np.array([float(tf.get(k, 0.0)) for k in ("k1", "k2", "k3", "k4")])
         self._map = None
         self.native_camera_K, self.native_hw = K, (h, w)
+        if self.fisheye:  # the toolkit's pinhole camera for the undistorted frames (same size)
+            K = toolkit_new_K(K, self._dist, h, w)
 
         frames = list(tf["frames"]) + list(tf.get("test_frames", []) or [])
         self.frame_ids, self.is_bad, mats = read_transform_frames(frames, tf_path, self.image_dir, lambda p: Path(p).name)
@@ -118,7 +130,7 @@ class ScanNetppScene:
         if self.fisheye:
             with self._lock:
                 if self._map is None:
-                    self._map = fisheye_undistort_map(self.native_camera_K, self._dist, self.native_camera_K, h, w)
+                    self._map = fisheye_undistort_map(self.native_camera_K, self._dist, self._base.K, h, w)
             img = remap_bilinear(img, *self._map)
         return resize_rgb(img, self.height, self.width)
 

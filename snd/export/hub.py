@@ -5,12 +5,17 @@ Layouts:
   timm/HF-hub layout (``architecture``, ``num_features``, ``pretrained_cfg`` with input size and mean/std,
   ``model_args``) + ``README.md`` model card. Loads with
   ``timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=".../model.safetensors"),
-  num_classes=0, dynamic_img_size=True)`` and gives snd's features exactly (tested < 1e-5).
+  num_classes=0, dynamic_img_size=True)``: the weights round-trip exactly, and the tokens equal snd's
+  exactly at the native input size (518 x 518 for DINOv2).
 * "snd-release": additionally ``dinov2_{small,base}_snd.pth``, the torch.hub DINOv2 state dict of the
   official SnD release files (tensors only), so code written for those keeps working.
 
 Why the native grid: the position embedding is stored at the base weights' grid (37x37 for DINOv2), as the
-official weights; any input size works with ``dynamic_img_size=True`` (interpolated per forward).
+official weights; any input size works with ``dynamic_img_size=True`` (interpolated per forward). At
+other sizes plain timm interpolates with its own rule (antialiased bicubic to the exact grid), while snd
+(`snd.models.backbone.DinoV2ViT`) and the official SnD code (torch.hub DINOv2) use the hub's rule: ~1e-3
+relative on the tokens at 574x868. ``snd.load_backbone(folder)``, or torch.hub DINOv2 with the
+"snd-release" file, give the hub's tokens; the model card says so.
 """
 from __future__ import annotations
 
@@ -64,6 +69,12 @@ feats = model.forward_features(images)  # images normalised with the mean/std of
 ```
 
 or `snd.load_backbone("<this folder>")`. Trained at {hw[0]}x{hw[1]} input. Files: {", ".join(files)}.
+
+Position embeddings: stored at the native grid. At the native input size plain timm gives exactly the
+tokens snd trained with; at other sizes timm resamples them with its own rule, while snd and the official
+SnD code (torch.hub DINOv2) use DINOv2's `interpolate_pos_encoding` (~1e-3 relative difference on the
+tokens at 574x868). For the trained-with tokens at any size use `snd.load_backbone`, or torch.hub DINOv2
+with the `dinov2_*_snd.pth` file (`--format snd-release`).
 
 ## Training configuration
 

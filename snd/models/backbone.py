@@ -7,17 +7,28 @@ Weights never come from the network: `init="pretrained"` needs a local file (`--
 strictly.
 
 Tokens vs. grid: the models are built at the weights' native grid (518 px = 37x37 patches for DINOv2)
-with `dynamic_img_size=True`, so any multiple of 14 works; `img_size=(H, W)` additionally resamples the
-position embedding once to that grid, so a fixed-size training loop does no per-step interpolation.
+with `dynamic_img_size=True`, so any multiple of 14 works. The position embedding always stays at the
+native grid and is interpolated on every forward the way the official torch.hub DINOv2 does it
+(``dinov2/models/vision_transformer.py`` ``interpolate_pos_encoding``; `hub_interpolate_pos_embed`), so a
+released checkpoint gives the same tokens in snd as in the official SnD code (which uses torch.hub
+DINOv2): timm's own resampling (antialiased bicubic to the exact size) differs from it by ~1e-3 relative
+at 574x868. The hub models without registers interpolate with a scale factor of (grid + 0.1) / 37 and no
+antialiasing; the register models with the exact size and antialiasing (= timm's rule).
+
+Plain timm and snd's exports: the exported files keep the native grid (as the official release), so
+plain `timm.create_model(..., dynamic_img_size=True)` loads them exactly and gives snd's tokens exactly at
+the native size (518 x 518); at other sizes timm's resampling applies (docs/distill.md).
 """
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Literal
 
 import timm
 import torch
+import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
@@ -27,8 +38,8 @@ from snd.errors import SndError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ALIASES", "SUPPORTED", "create_backbone", "extract", "normalize", "resolve_name", "patch_size",
-           "embed_dim", "set_input_size"]
+__all__ = ["ALIASES", "HUB_POS_INTERP", "SUPPORTED", "DinoV2ViT", "create_backbone", "extract", "normalize",
+           "hub_interpolate_pos_embed", "resolve_name", "patch_size", "embed_dim", "set_input_size"]
 
 # Official torch.hub names -> timm architecture names (the weights are the same; see snd.models.weights).
 ALIASES: dict[str, str] = {
@@ -43,6 +54,81 @@ SUPPORTED = (
     "snd_test_vit_patch14",
 )
 TEST_MODEL = "snd_test_vit_patch14"
+
+# torch.hub DINOv2's (interpolate_offset, interpolate_antialias) per architecture (dinov2/hub/backbones.py:
+# the plain models use the defaults 0.1 / False, the register models 0.0 / True).
+HUB_POS_INTERP: dict[str, tuple[float, bool]] = {
+    "vit_small_patch14_dinov2": (0.1, False), "vit_base_patch14_dinov2": (0.1, False),
+    "vit_small_patch14_reg4_dinov2": (0.0, True), "vit_base_patch14_reg4_dinov2": (0.0, True),
+    TEST_MODEL: (0.1, False),
+}
+
+
+def hub_interpolate_pos_embed(patch_pos: Tensor, grid: tuple[int, int], *, offset: float = 0.1,
+                              antialias: bool = False) -> Tensor:
+    """Patch position embeddings [1, M*M, C] at the native M x M grid -> [1, h*w, C] for `grid` (h, w),
+    as torch.hub DINOv2's ``interpolate_pos_encoding``: unchanged for the native square grid; otherwise
+    bicubic in float32, with ``scale_factor = ((h + offset) / M, (w + offset) / M)`` when `offset` is set
+    (the hub's historical kludge: PyTorch then maps coordinates with that factor, not with h / M) or the
+    exact size when it is 0, and `antialias` as the hub model's flag."""
+    _, N, C = patch_pos.shape
+    M = int(math.isqrt(N))
+    assert M * M == N, f"patch position embeddings must be a square grid, got {N} tokens"
+    h, w = int(grid[0]), int(grid[1])
+    if (h, w) == (M, M):
+        return patch_pos
+    x = patch_pos.float().reshape(1, M, M, C).permute(0, 3, 1, 2)
+    if offset:
+        kw = {"scale_factor": ((h + offset) / M, (w + offset) / M)}
+    else:
+        kw = {"size": (h, w)}
+    x = F.interpolate(x, mode="bicubic", antialias=antialias, **kw)
+    assert tuple(x.shape[-2:]) == (h, w), f"interpolated grid {tuple(x.shape[-2:])} vs {(h, w)}"
+    return x.permute(0, 2, 3, 1).reshape(1, h * w, C).to(patch_pos.dtype)
+
+
+class DinoV2ViT(VisionTransformer):
+    """timm's ViT whose position embedding is interpolated as torch.hub DINOv2 does (`hub_interpolate_pos_embed`).
+
+    Only `_pos_embed` differs; parameters, state dict and every other method are timm's, so the model
+    saves and loads as a plain timm ViT. `create_backbone` turns its timm model into this class."""
+
+    pos_offset: float = 0.1
+    pos_antialias: bool = False
+
+    def _pos_embed(self, x: Tensor) -> Tensor:
+        if self.pos_embed is None or not self.dynamic_img_size:
+            return super()._pos_embed(x)
+        B, h, w, C = x.shape
+        n_prefix = 0 if self.no_embed_class else self.num_prefix_tokens
+        pos = self.pos_embed
+        patch_pos = hub_interpolate_pos_embed(pos[:, n_prefix:], (h, w), offset=self.pos_offset,
+                                              antialias=self.pos_antialias)
+        pos = torch.cat([pos[:, :n_prefix], patch_pos], dim=1) if n_prefix else patch_pos
+        to_cat = []
+        if self.cls_token is not None:
+            to_cat.append(self.cls_token.expand(B, -1, -1))
+        if self.reg_token is not None:
+            to_cat.append(self.reg_token.expand(B, -1, -1))
+        x = x.reshape(B, h * w, C)
+        if self.no_embed_class:
+            x = x + pos
+            if to_cat:
+                x = torch.cat(to_cat + [x], dim=1)
+        else:
+            if to_cat:
+                x = torch.cat(to_cat + [x], dim=1)
+            x = x + pos
+        return self.pos_drop(x)
+
+
+def use_hub_pos_embed(model: VisionTransformer, arch: str) -> VisionTransformer:
+    """Give `model` (a timm DINOv2 ViT of architecture `arch`) torch.hub DINOv2's position interpolation."""
+    if type(model) is VisionTransformer:
+        model.__class__ = DinoV2ViT
+    offset, antialias = HUB_POS_INTERP.get(arch, (0.1, False))
+    model.pos_offset, model.pos_antialias = offset, antialias
+    return model
 
 # ---- the tiny test model ---------------------------------------------------------------------------
 # Why: tests and the CPU demo need a DINOv2-shaped ViT (patch 14, CLS token, layer scale, final norm)
@@ -99,11 +185,11 @@ def create_backbone(
         weights: local weights file (official .pth, .safetensors, pytorch_model.bin, released SnD .pth) or a
             folder holding one (e.g. a Hugging Face cache folder). Required for `init="pretrained"`.
         init: "pretrained" (needs `weights`) or "random" (seeded by the caller's torch RNG).
-        img_size: (H, W) in pixels (multiples of 14) to resample the position embedding to once; None keeps
-            the weights' grid (still dynamic: any multiple of 14 works, interpolated per forward).
+        img_size: (H, W) in pixels (multiples of 14) the model is meant for: checked (`set_input_size`); the
+            position embedding stays at the native grid and is interpolated per forward (hub DINOv2 rule).
 
     Returns:
-        timm `VisionTransformer` in eval mode, `num_classes=0`, `dynamic_img_size=True`.
+        `DinoV2ViT` (a timm `VisionTransformer`) in eval mode, `num_classes=0`, `dynamic_img_size=True`.
     """
     if init not in ("pretrained", "random"):
         raise SndError(f"init must be 'pretrained' or 'random', got {init!r}")
@@ -113,7 +199,7 @@ def create_backbone(
     if init == "pretrained" and weights is None:
         raise SndError(f"backbone {name!r} needs pretrained weights, and snd never downloads them",
                        hint=_download_hint(arch))
-    model = timm.create_model(arch, pretrained=False, num_classes=0, dynamic_img_size=True)
+    model = use_hub_pos_embed(timm.create_model(arch, pretrained=False, num_classes=0, dynamic_img_size=True), arch)
     if init == "pretrained":
         from snd.models.weights import load_backbone_weights
 
@@ -128,13 +214,19 @@ def create_backbone(
 
 
 def set_input_size(model: VisionTransformer, img_size: tuple[int, int] | int) -> None:
-    """Resample the position embedding once to the grid of `img_size` (H, W) pixels (multiples of 14)."""
+    """Check that `img_size` (H, W) pixels are multiples of the patch size and record it
+    (``model.snd_img_size``). The position embedding is NOT resampled: `DinoV2ViT` interpolates it from
+    the native grid on every forward, as torch.hub DINOv2 does (resampling once, as timm's
+    ``set_input_size`` does, would give timm's interpolation instead; the per-forward cost is one
+    bicubic resize of a 37 x 37 grid)."""
     H, W = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
     p = patch_size(model)
     if H % p or W % p:
         raise SndError(f"image size {H}x{W} is not a multiple of the patch size {p}",
                        hint=f"use {H // p * p}x{W // p * p}")
-    model.set_input_size(img_size=(H, W))
+    if not isinstance(model, DinoV2ViT):  # a timm model from elsewhere: timm's own rule, resampled once
+        model.set_input_size(img_size=(H, W))
+    model.snd_img_size = (H, W)
 
 
 def patch_size(model: nn.Module) -> int:

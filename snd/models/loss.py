@@ -1,8 +1,10 @@
 """Distillation losses over the valid (rendered) patches of the target view.
 
 `dino_ce` is the paper's loss: per patch, H(softmax(teacher_logits / t_t), log_softmax(student_logits / t_s)),
-averaged over valid patches (the official code zeroes uncovered patches in both feature maps and averages
-over all; leaving them out is the cleaner equivalent, see snd-facts.md). It is fused and chunked: logits are
+averaged over the patches marked valid. Which patches those are is the caller's rule
+(`snd.train.distiller.Distiller.student_loss`): the official code zeroes the student's and the target's
+features at uncovered patches and averages over ALL patches (valid = all), which is not the same as
+leaving them out (that weights every step as if fully covered: the "snd" protocol). It is fused and chunked: logits are
 built a chunk of patches at a time from the normalised bottleneck [N, D] and the prototypes [K, D], and the
 gradients w.r.t. the student bottleneck and prototypes are formed in the same pass, so no [N, K] fp32
 tensor (2,542 x 65,536 x 4 B = 666 MB, plus its softmax and its gradient) ever exists.

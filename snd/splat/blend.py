@@ -8,9 +8,10 @@ to its instance's mean makes the target consistent inside objects while keeping 
 Facts from the official code (``src/model/vit/utils.py`` ``blend_with_mask``): it loops over
 ``torch.unique(mask)``, which includes label 0, so the unannotated / background region is blended as
 one more segment; snd does the same. The official mean runs over *all* pixels, including the ones the
-render did not cover (feature ~ 0), which drags means toward zero; snd takes a ``valid`` mask and then
-averages over covered pixels only (every pixel is still blended with its label's mean; a label with
-no valid pixel is left unchanged).
+render did not cover (feature exactly 0, which pulls the means toward zero): ``valid=None`` does that
+(the default "official" protocol). The "snd" protocol passes ``valid`` = covered pixels and averages
+over those only (every pixel is still blended with its label's mean; a label with no valid pixel is
+left unchanged).
 """
 from __future__ import annotations
 

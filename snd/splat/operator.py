@@ -9,11 +9,16 @@ scatter and two small dense matmuls with static shapes (what a captured CUDA gra
 
 With F = context patch features flattened to [J = V*h*w, C] (row j = v*h*w + i*w + k), P = h2*w2 target
 patches and R the render's compositing weights (`render_torch.build_plan`), U the upsampling taps, D the
-bilinear downsampling taps, b_q = blend_weight if pixel q's label has a covered pixel (else 0):
+bilinear downsampling taps, S the pixels a segment mean runs over (all pixels under the "official"
+protocol, covered ones under "snd", `snd.splat.protocol`), b_q = blend_weight if pixel q's label has a
+pixel in S (else 0):
 
     target[p] = sum_q D[p,q] (1 - b_q) (R U F)[q]                        "direct" part   [P, J] sparse
-              + sum_k T[p,k] * mean_{q covered, label k} (R U F)[q]        "instance" part [P, K] x [K, J]
+              + sum_k T[p,k] * mean_{q in S, label k} (R U F)[q]          "instance" part [P, K] x [K, J]
     T[p,k]    = sum_{q: label(q) = k} D[p,q] b_q
+
+The protocol's upsampling grid and fallback are in U, its coverage rule in `valid`; the operator is built
+for one protocol and the store records which (`snd.cache.schema.OperatorSpec.protocol`).
 
 Storage (ELL, static shapes): the direct part keeps the `row_cap` largest coefficients of every patch row
 (cols [P, R_cap], vals [P, R_cap]); the instance part keeps the `inst_cap` labels with the most blend weight
@@ -30,9 +35,12 @@ import torch
 from torch import Tensor
 
 from snd.splat.gaussians import PixelGaussians
+from snd.splat.inputs import drawable
+from snd.splat.protocol import Rules, TargetsProtocol, rules
 from snd.splat.render import resolve_backend
-from snd.splat.render_torch import ALPHA_MIN, build_plan
-from snd.splat.upsample import Fallback, UpsampleMode, bilinear_resize, source_coords, upsample_weights
+from snd.splat.render_torch import build_plan
+from snd.splat.target import coverage_to_patches
+from snd.splat.upsample import UpsampleMode, source_coords, upsample_weights
 
 __all__ = ["TransferOperator", "apply_operator", "build_operator", "stack_operators"]
 
@@ -42,10 +50,10 @@ class TransferOperator:
     """One target's operator (leading batch dims allowed: [B, ...] after `stack_operators`).
 
     cols [P, R] long, vals [P, R] float: direct part in ELL form (unused slots: col 0, val 0).
-    inst [K, J] float: per kept label, the mean over its covered pixels of the rendered feature, as
+    inst [K, J] float: per kept label, the mean over its pixels in S of the rendered feature, as
         weights on the J context patches. inst_ids [P, 4] long, inst_w [P, 4] float: each patch's 4
         downsampling taps into those label rows (weight 0 for unused taps).
-    valid [P] bool: the patch's downsampled coverage >= 0.5 (as `target_features`).
+    valid [P] bool: the patch is covered under the protocol's rule (as `target_features`).
     dropped_direct, dropped_inst: [] float, fraction of absolute coefficient mass lost to the caps.
     max_row_nnz: [] long, the largest number of nonzeros of a direct row (<= R means exact).
     """
@@ -81,10 +89,10 @@ def stack_operators(ops: list[TransferOperator]) -> TransferOperator:
     return TransferOperator(**{f.name: torch.stack([getattr(o, f.name) for o in ops]) for f in fields(TransferOperator)})
 
 
-def _upsample_taps(ctx_masks: Tensor | None, V: int, h: int, w: int, H: int, W: int, fallback: Fallback,
+def _upsample_taps(ctx_masks: Tensor | None, V: int, h: int, w: int, H: int, W: int, r: Rules,
                    device: torch.device) -> tuple[Tensor, Tensor]:
     """Per context pixel (v, y, x) its 4 (patch column j, weight) taps: ([V*H*W, 4] long, [V*H*W, 4] float)."""
-    (y0, y1, x0, x1), wts = upsample_weights(ctx_masks, h, w, H, W, fallback=fallback)  # wts [V|1, 4, H, W]
+    (y0, y1, x0, x1), wts = upsample_weights(ctx_masks, h, w, H, W, fallback=r.fallback, grid=r.grid)  # [V|1, 4, H, W]
     ys = torch.stack([y0, y0, y1, y1]).to(device)  # [4, H]  (neighbour order of upsample_weights)
     xs = torch.stack([x0, x1, x0, x1]).to(device)  # [4, W]
     local = ys[:, :, None] * w + xs[:, None, :]  # [4, H, W]
@@ -122,8 +130,7 @@ def build_operator(
     upsample: UpsampleMode = "mask",
     blend: bool = True,
     blend_weight: float = 0.5,
-    coverage_threshold: float = 0.5,
-    upsample_fallback: Fallback = "bilinear",
+    protocol: TargetsProtocol = "official",
     row_cap: int = 64,
     inst_cap: int = 128,
     near: float = 0.01,
@@ -135,7 +142,7 @@ def build_operator(
 
     Args:
         gaussians, ctx_masks, tgt_mask, tgt_K, tgt_w2c, out_hw, upsample, blend, blend_weight,
-            coverage_threshold, upsample_fallback, near, far: as `snd.splat.target.target_features`.
+            protocol, near, far: as `snd.splat.target.target_features`.
         ctx_hw: (h, w) the teacher's patch grid of the context views.
         row_cap: kept coefficients per target patch of the direct part.
         inst_cap: kept instance labels of the blending part.
@@ -151,6 +158,7 @@ def build_operator(
     assert tgt_mask.dim() == 2, f"tgt_mask must be [Ht, Wt], got {tuple(tgt_mask.shape)}"
     if upsample not in ("mask", "bilinear"):
         raise ValueError(f"upsample must be 'mask' or 'bilinear', got {upsample!r}")
+    r = rules(protocol)
     h, w = int(ctx_hw[0]), int(ctx_hw[1])
     h2, w2 = int(out_hw[0]), int(out_hw[1])
     Ht, Wt = tgt_mask.shape
@@ -161,21 +169,18 @@ def build_operator(
     f64 = torch.float64
 
     # render plan over the Gaussians that can be drawn (same culling as target_features)
-    g = gaussians.to(dtype=torch.float32)
-    means, quats, scales, opac = g.flatten()
-    alive = ((opac >= ALPHA_MIN) & torch.isfinite(means).all(-1) & torch.isfinite(scales).all(-1)).nonzero().squeeze(1)
-    args = (means[alive], quats[alive], scales[alive], opac[alive], tgt_K.to(device, torch.float32),
-            tgt_w2c.to(device, torch.float32), Ht, Wt)
+    scene, alive = drawable(gaussians, tgt_K, tgt_w2c, Ht, Wt, near=near, far=far, device=device)
     if resolve_backend(backend, device) == "gsplat":
         from snd.splat.render_gsplat import contributions_gsplat
 
-        rq, rg, rv, alpha = contributions_gsplat(*args, near=near, far=far)
+        rq, rg, rv, alpha = contributions_gsplat(scene)
     else:
-        plan = build_plan(*args, near=near, far=far, max_pairs=max_pairs)
+        plan = build_plan(scene, max_pairs=max_pairs)
         rq, rg = plan.weights.indices()  # [nnz] pixel, alive-Gaussian
         rv, alpha = plan.weights.values(), plan.alpha
     rv = rv.to(f64)
-    covered = (alpha > coverage_threshold).reshape(Q)
+    covered = (alpha > r.coverage_threshold).reshape(Q)
+    in_mean = torch.ones_like(covered) if r.mean_over_all else covered  # pixels the segment means run over
     # pixels a patch samples (the direct part reads only these; the instance means read covered ones)
     sampled = torch.zeros(Q, dtype=torch.bool, device=device)
     dpix, dwt = _downsample_taps(Ht, Wt, h2, w2, device)  # [4, P]
@@ -183,13 +188,13 @@ def build_operator(
 
     # upsampling taps of every alive Gaussian: render entries (q, g, w) compose to (q, patch j, w * u)
     ucols, uw = _upsample_taps(ctx_masks.to(device) if upsample == "mask" else None, V, h, w, H, W,
-                               upsample_fallback, device)
+                               r, device)
     ucols, uw = ucols[alive], uw[alive]  # [N_alive, 4]
 
-    # blend weight per pixel: only labels with a covered pixel are blended (as semantic_blend)
+    # blend weight per pixel: only labels with a pixel in the means are blended (as semantic_blend)
     labels, inv = torch.unique(tgt_mask.to(device).reshape(Q), return_inverse=True)
     L = labels.numel()
-    counts = torch.zeros(L, dtype=f64, device=device).index_add_(0, inv[covered], torch.ones(int(covered.sum()), dtype=f64, device=device))
+    counts = torch.zeros(L, dtype=f64, device=device).index_add_(0, inv[in_mean], torch.ones(int(in_mean.sum()), dtype=f64, device=device))
     b_pix = (counts > 0).to(f64)[inv] * (blend_weight if blend else 0.0)  # [Q]
 
     # direct part: only the sampled pixels' entries, expanded to their 4 upsampling taps, scattered
@@ -222,7 +227,7 @@ def build_operator(
     inst = torch.zeros(inst_cap * J, dtype=f64, device=device)
     if kept.numel():
         lq = inv[rq]
-        k = (covered[rq] & (slot[lq] >= 0)).nonzero().squeeze(1)
+        k = (in_mean[rq] & (slot[lq] >= 0)).nonzero().squeeze(1)
         lk = lq[k]
         n_alive = ucols.shape[0]
         key, pos = torch.unique(slot[lk] * n_alive + rg[k], return_inverse=True)
@@ -250,7 +255,7 @@ def build_operator(
     rest = direct.abs().scatter(1, top.indices, 0.0)  # what the cap left out
     dropped_direct = rest.sum() / direct.abs().sum().clamp_min(1e-300)
 
-    valid = bilinear_resize(covered.reshape(1, Ht, Wt).float(), (h2, w2))[0].reshape(P) >= 0.5
+    valid = coverage_to_patches(covered.reshape(Ht, Wt), (h2, w2), r).reshape(P)
     return TransferOperator(
         cols=cols, vals=vals.float(), inst=inst.float(), inst_ids=inst_ids, inst_w=inst_w.float(), valid=valid,
         dropped_direct=dropped_direct.float().clamp_min(0), dropped_inst=dropped_inst.float().clamp_min(0),

@@ -12,6 +12,7 @@ from typing import Literal
 
 from torch import Tensor
 
+from snd.splat.inputs import SplatInput
 from snd.splat.render_gsplat import gsplat_available, render_gsplat
 from snd.splat.render_torch import render_torch
 
@@ -32,45 +33,20 @@ def resolve_backend(backend: Backend, device) -> Literal["gsplat", "torch"]:
     return backend
 
 
-def render_features(
-    means: Tensor,  # [N, 3]
-    quats: Tensor,  # [N, 4]
-    scales: Tensor,  # [N, 3]
-    opacities: Tensor,  # [N]
-    features: Tensor,  # [N, C]
-    K: Tensor,  # [3, 3]
-    w2c: Tensor,  # [4, 4]
-    height: int,
-    width: int,
-    *,
-    backend: Backend = "auto",
-    near: float = 0.01,
-    far: float = 1e10,
-    channel_chunk: int | None = None,
-) -> tuple[Tensor, Tensor]:
+def render_features(inp: SplatInput, features: Tensor, *, backend: Backend = "auto",
+                    channel_chunk: int | None = None) -> tuple[Tensor, Tensor]:
     """Splat per-Gaussian features into one camera.
 
     Args:
-        means:     [N, 3] world positions.
-        quats:     [N, 4] rotations (w, x, y, z), need not be normalised.
-        scales:    [N, 3] standard deviations.
-        opacities: [N] in [0, 1]; Gaussians below 1/255 are skipped.
-        features:  [N, C] any channel count.
-        K:         [3, 3] pixel intrinsics for height x width, pixel centres at integer coordinates.
-        w2c:       [4, 4] world-to-camera, OpenCV axes.
-        backend:   "gsplat" (CUDA), "torch" (anywhere) or "auto" (gsplat for CUDA tensors if installed).
-        near, far: camera-z range of Gaussian centres that are drawn.
+        inp:      the Gaussians and the camera (`snd.splat.inputs.SplatInput`; shapes and conventions there).
+        features: [N, C] any channel count.
+        backend:  "gsplat" (CUDA), "torch" (anywhere) or "auto" (gsplat for CUDA tensors if installed).
         channel_chunk: channels per rasteriser pass (None: backend default; gsplat uses 32).
 
     Returns:
         (image [C, H, W], alpha [H, W]); image = sum_i alpha_i T_i f_i (not normalised by alpha).
     """
-    N = means.shape[0]
-    assert means.shape == (N, 3), f"means must be [N, 3], got {tuple(means.shape)}"
-    assert features.dim() == 2 and features.shape[0] == N, f"features must be [N={N}, C], got {tuple(features.shape)}"
-    which = resolve_backend(backend, means.device)
-    if which == "gsplat":
-        return render_gsplat(means, quats, scales, opacities, features, K, w2c, height, width,
-                             near=near, far=far, channel_chunk=channel_chunk or 32)
-    return render_torch(means, quats, scales, opacities, features, K.to(means.device), w2c.to(means.device),
-                        height, width, near=near, far=far, channel_chunk=channel_chunk)
+    inp.check_features(features)
+    if resolve_backend(backend, inp.device) == "gsplat":
+        return render_gsplat(inp, features, channel_chunk=channel_chunk or 32)
+    return render_torch(inp, features, channel_chunk=channel_chunk)

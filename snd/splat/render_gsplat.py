@@ -24,6 +24,8 @@ import logging
 import torch
 from torch import Tensor
 
+from snd.splat.inputs import SplatInput
+
 log = logging.getLogger(__name__)
 
 
@@ -40,61 +42,38 @@ def gsplat_K(K: Tensor, device: torch.device) -> Tensor:
     return Kg
 
 
-def render_gsplat(
-    means: Tensor,  # [N, 3]
-    quats: Tensor,  # [N, 4]
-    scales: Tensor,  # [N, 3]
-    opacities: Tensor,  # [N]
-    features: Tensor,  # [N, C]
-    K: Tensor,  # [3, 3]
-    w2c: Tensor,  # [4, 4]
-    height: int,
-    width: int,
-    *,
-    near: float = 0.01,
-    far: float = 1e10,
-    channel_chunk: int = 32,
-    packed: bool = True,
-) -> tuple[Tensor, Tensor]:
+def _f32(inp: SplatInput) -> tuple[Tensor, ...]:
+    """(means, quats, scales, opacities, w2c, gsplat K) as contiguous float32 on the Gaussians' device."""
+    f = lambda t: t.to(device=inp.device, dtype=torch.float32).contiguous()  # noqa: E731
+    return f(inp.means), f(inp.quats), f(inp.scales), f(inp.opacities), f(inp.w2c), gsplat_K(inp.K, inp.device)
+
+
+def render_gsplat(inp: SplatInput, features: Tensor, *, channel_chunk: int = 32,
+                  packed: bool = True) -> tuple[Tensor, Tensor]:
     """Render features [N, C] -> (image [C, H, W], alpha [H, W]) with gsplat (CUDA tensors only).
 
     Args:
-        means, quats (wxyz), scales (std), opacities: [N, 3], [N, 4], [N, 3], [N] world Gaussians.
+        inp: the Gaussians and the camera (`snd.splat.inputs.SplatInput`).
         features: [N, C] per-Gaussian features (any C >= 1).
-        K: [3, 3] pixel intrinsics, snd convention (pixel centres at integer coordinates).
-        w2c: [4, 4] world-to-camera (OpenCV axes).
         channel_chunk: channels per rasteriser pass (gsplat's ``channel_chunk``).
         packed: gsplat's memory/speed switch (same image either way).
     """
     from gsplat import rasterization  # lazy: CUDA extension
 
-    if not means.is_cuda:
+    if not inp.means.is_cuda:
         raise ValueError("the gsplat backend needs CUDA tensors; use backend='torch' on CPU")
-    Kg = gsplat_K(K, means.device)
-    f = lambda t: t.to(device=means.device, dtype=torch.float32).contiguous()  # noqa: E731
+    inp.check_features(features)
+    means, quats, scales, opac, w2c, Kg = _f32(inp)
     colors, alphas, _ = rasterization(
-        f(means), f(quats), f(scales), f(opacities), f(features),
-        viewmats=f(w2c)[None], Ks=Kg[None], width=int(width), height=int(height),
-        near_plane=float(near), far_plane=float(far), eps2d=0.3, sh_degree=None, packed=packed,
+        means, quats, scales, opac, features.to(device=inp.device, dtype=torch.float32).contiguous(),
+        viewmats=w2c[None], Ks=Kg[None], width=inp.width, height=inp.height,
+        near_plane=inp.near, far_plane=inp.far, eps2d=0.3, sh_degree=None, packed=packed,
         rasterize_mode="classic", render_mode="RGB", channel_chunk=int(channel_chunk),
     )  # [1, H, W, C], [1, H, W, 1]
     return colors[0].permute(2, 0, 1).to(features.dtype), alphas[0, ..., 0].to(features.dtype)
 
 
-def contributions_gsplat(
-    means: Tensor,  # [N, 3]
-    quats: Tensor,  # [N, 4]
-    scales: Tensor,  # [N, 3]
-    opacities: Tensor,  # [N]
-    K: Tensor,  # [3, 3]
-    w2c: Tensor,  # [4, 4]
-    height: int,
-    width: int,
-    *,
-    near: float = 0.01,
-    far: float = 1e10,
-    tile_size: int = 16,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def contributions_gsplat(inp: SplatInput, *, tile_size: int = 16) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Every (pixel, Gaussian) compositing weight of a render, from gsplat's own kernels.
 
     gsplat's projection, tile intersection and ``rasterize_to_indices_in_range`` (one pass over the whole
@@ -112,13 +91,11 @@ def contributions_gsplat(
 
     from snd.splat.render_torch import ALPHA_MAX, composite_weights
 
-    dev = means.device
-    f = lambda t: t.to(device=dev, dtype=torch.float32).contiguous()  # noqa: E731
-    Kg = gsplat_K(K, dev)
-    opac = f(opacities)
+    dev, height, width = inp.device, inp.height, inp.width
+    means, quats, scales, opac, w2c, Kg = _f32(inp)
     radii, means2d, depths, conics, _ = fully_fused_projection(
-        f(means), None, f(quats), f(scales), f(w2c)[None], Kg[None], int(width), int(height), eps2d=0.3,
-        near_plane=float(near), far_plane=float(far), packed=False, opacities=opac)
+        means, None, quats, scales, w2c[None], Kg[None], width, height, eps2d=0.3,
+        near_plane=inp.near, far_plane=inp.far, packed=False, opacities=opac)
     tw, th = math.ceil(width / tile_size), math.ceil(height / tile_size)
     _, isect_ids, flatten_ids = isect_tiles(means2d, radii, depths, tile_size, tw, th, packed=False, n_images=1)
     offsets = isect_offset_encode(isect_ids, 1, tw, th).reshape(1, th, tw)

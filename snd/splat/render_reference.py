@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from snd.splat.inputs import SplatInput
 from snd.splat.render_torch import ALPHA_MAX, ALPHA_MIN, EPS2D, T_STOP
 
 
@@ -23,24 +24,14 @@ def _rotmat(q: np.ndarray) -> np.ndarray:
     ])
 
 
-def render_reference(
-    means: Tensor,  # [N, 3]
-    quats: Tensor,  # [N, 4]
-    scales: Tensor,  # [N, 3]
-    opacities: Tensor,  # [N]
-    features: Tensor,  # [N, C]
-    K: Tensor,  # [3, 3]
-    w2c: Tensor,  # [4, 4]
-    height: int,
-    width: int,
-    *,
-    near: float = 0.01,
-    far: float = 1e10,
-) -> tuple[Tensor, Tensor]:
-    """(image [C, H, W], alpha [H, W]) in float64, by explicit loops over pixels and Gaussians."""
-    mu, qs, sc = means.double().numpy(), quats.double().numpy(), scales.double().numpy()
-    op, fe = opacities.double().numpy(), features.double().numpy()
-    Km, V = K.double().numpy(), w2c.double().numpy()
+def render_reference(inp: SplatInput, features: Tensor) -> tuple[Tensor, Tensor]:
+    """(image [C, H, W], alpha [H, W]) in float64, by explicit loops over pixels and Gaussians (CPU)."""
+    inp.check_features(features)
+    c = inp.to(device="cpu", dtype=torch.float64)
+    height, width, near, far = c.height, c.width, c.near, c.far
+    mu, qs, sc = c.means.numpy(), c.quats.numpy(), c.scales.numpy()
+    op, fe = c.opacities.numpy(), features.detach().cpu().double().numpy()
+    Km, V = c.K.numpy(), c.w2c.numpy()
     fx, fy, cx, cy = Km[0, 0], Km[1, 1], Km[0, 2] + 0.5, Km[1, 2] + 0.5
     lim = ((width - cx) / fx + 0.15 * width / fx, cx / fx + 0.15 * width / fx,
            (height - cy) / fy + 0.15 * height / fy, cy / fy + 0.15 * height / fy)

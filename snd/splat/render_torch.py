@@ -34,12 +34,13 @@ import torch
 from torch import Tensor
 
 from snd.splat.gaussians import quat_to_rotmat
+from snd.splat.inputs import ALPHA_MIN, SplatInput
 
 log = logging.getLogger(__name__)
 
 EPS2D = 0.3  # px², added to the projected covariance's diagonal (gsplat eps2d default, "classic")
 ALPHA_MAX = 0.999  # per-Gaussian alpha clamp in gsplat's rasteriser (3DGS's original uses 0.99)
-ALPHA_MIN = 1.0 / 255.0  # contributions below this are skipped; Gaussians below it are culled
+# ALPHA_MIN (1/255): contributions below it are skipped; Gaussians below it are culled (defined with the input type)
 T_STOP = 1e-4  # a pixel stops before the Gaussian that would bring its transmittance to <= this
 EXTEND_MAX = 3.33  # cap of the support radius in standard deviations
 
@@ -71,21 +72,10 @@ def _mm(a: Tensor, b: Tensor) -> Tensor:
     return (a.unsqueeze(-1) * b.unsqueeze(-3)).sum(-2)
 
 
-def project_gaussians(
-    means: Tensor,  # [N, 3]
-    quats: Tensor,  # [N, 4]
-    scales: Tensor,  # [N, 3]
-    opacities: Tensor,  # [N]
-    K: Tensor,  # [3, 3]
-    w2c: Tensor,  # [4, 4]
-    height: int,
-    width: int,
-    *,
-    near: float = 0.01,
-    far: float = 1e10,
-    eps2d: float = EPS2D,
-) -> Projected:
+def project_gaussians(inp: SplatInput, *, eps2d: float = EPS2D) -> Projected:
     """gsplat's EWA projection + culling (see module docstring); K in snd's integer-centre convention."""
+    means, quats, scales, opacities, K, w2c = inp.means, inp.quats, inp.scales, inp.opacities, inp.K, inp.w2c
+    height, width, near, far = inp.height, inp.width, inp.near, inp.far
     dt = means.dtype
     R, t = w2c[:3, :3].to(dt), w2c[:3, 3].to(dt)
     pc = _mm(means, R.T) + t  # [N, 3] camera frame
@@ -217,35 +207,16 @@ def _band_pairs(p: Projected, rows: tuple[int, int], width: int) -> tuple[Tensor
     return g, py * width + px, alpha
 
 
-def build_plan(
-    means: Tensor,  # [N, 3]
-    quats: Tensor,  # [N, 4]
-    scales: Tensor,  # [N, 3]
-    opacities: Tensor,  # [N]
-    K: Tensor,  # [3, 3]
-    w2c: Tensor,  # [4, 4]
-    height: int,
-    width: int,
-    *,
-    near: float = 0.01,
-    far: float = 1e10,
-    max_pairs: int = 1 << 24,
-) -> SplatPlan:
+def build_plan(inp: SplatInput, *, max_pairs: int = 1 << 24) -> SplatPlan:
     """Compute the compositing weights of every (pixel, Gaussian) pair (see module docstring).
 
     Args:
-        means, quats (wxyz), scales, opacities: [N, 3], [N, 4], [N, 3], [N] world-frame Gaussians.
-        K: [3, 3] pixel intrinsics (snd convention, centres at integers). w2c: [4, 4] world-to-camera.
+        inp: the Gaussians and the camera (`snd.splat.inputs.SplatInput`).
         max_pairs: upper bound on (Gaussian, pixel) pairs processed at once (memory ~ 100 bytes/pair).
     """
-    N = means.shape[0]
-    assert means.shape == (N, 3), f"means must be [N, 3], got {tuple(means.shape)}"
-    assert quats.shape == (N, 4), f"quats must be [N, 4], got {tuple(quats.shape)}"
-    assert scales.shape == (N, 3), f"scales must be [N, 3], got {tuple(scales.shape)}"
-    assert opacities.shape == (N,), f"opacities must be [N], got {tuple(opacities.shape)}"
-    assert K.shape == (3, 3) and w2c.shape == (4, 4), f"K [3, 3], w2c [4, 4]; got {tuple(K.shape)}, {tuple(w2c.shape)}"
-    device = means.device
-    p = project_gaussians(means, quats, scales, opacities, K, w2c, height, width, near=near, far=far)
+    N, height, width = inp.n, inp.height, inp.width
+    device = inp.device
+    p = project_gaussians(inp)
     # front-to-back rank by depth; stable sort keeps the lower Gaussian index first on ties (as gsplat's
     # stable radix sort over an index-ordered intersection list)
     order = torch.sort(p.depths, stable=True).indices
@@ -287,31 +258,15 @@ def build_plan(
         v = torch.zeros(0, dtype=torch.float64, device=device)
     log.debug("torch splat: %d Gaussians kept of %d, %d pairs, %d bands", M, N, v.numel(), n_bands)
     srt = torch.sort(r * N + c).indices  # (pixel, Gaussian) pairs are unique: sorted = coalesced
-    weights = torch.sparse_coo_tensor(torch.stack([r[srt], c[srt]]), v[srt].to(means.dtype),
+    weights = torch.sparse_coo_tensor(torch.stack([r[srt], c[srt]]), v[srt].to(inp.means.dtype),
                                       (height * width, N), is_coalesced=True, check_invariants=False)
-    return SplatPlan(weights=weights, alpha=alpha_img.to(means.dtype).reshape(height, width),
+    return SplatPlan(weights=weights, alpha=alpha_img.to(inp.means.dtype).reshape(height, width),
                      height=height, width=width)
 
 
-def render_torch(
-    means: Tensor,  # [N, 3]
-    quats: Tensor,  # [N, 4]
-    scales: Tensor,  # [N, 3]
-    opacities: Tensor,  # [N]
-    features: Tensor,  # [N, C]
-    K: Tensor,  # [3, 3]
-    w2c: Tensor,  # [4, 4]
-    height: int,
-    width: int,
-    *,
-    near: float = 0.01,
-    far: float = 1e10,
-    max_pairs: int = 1 << 24,
-    channel_chunk: int | None = None,
-) -> tuple[Tensor, Tensor]:
+def render_torch(inp: SplatInput, features: Tensor, *, max_pairs: int = 1 << 24,
+                 channel_chunk: int | None = None) -> tuple[Tensor, Tensor]:
     """Render features [N, C] -> (image [C, H, W], alpha [H, W]); see `build_plan`."""
-    assert features.dim() == 2 and features.shape[0] == means.shape[0], (
-        f"features must be [N={means.shape[0]}, C], got {tuple(features.shape)}")
-    plan = build_plan(means, quats, scales, opacities, K, w2c, height, width, near=near, far=far,
-                      max_pairs=max_pairs)
+    inp.check_features(features)
+    plan = build_plan(inp.to(device=inp.device), max_pairs=max_pairs)
     return plan.apply(features, channel_chunk=channel_chunk), plan.alpha

@@ -1,24 +1,22 @@
 """Teacher patch features of two context views -> the loss target in the target view.
 
     upsample (mask-aware | bilinear) -> lift (feature of context pixel (v, y, x) -> Gaussian (v, y, x))
-    -> render into the target camera -> coverage = alpha > threshold -> semantic blend (optional)
-    -> bilinear downsample to the student's patch grid -> valid = downsampled coverage >= 0.5
+    -> render into the target camera -> coverage -> semantic blend (optional)
+    -> bilinear downsample to the student's patch grid -> valid = coverage resized to the patch grid
 
-Choices, and where they follow or leave the official SnD code (``src/model/model_wrapper.py``
-``training_step``, ``src/ludvig/ludvig.py`` ``render``):
+The rules of each step follow ``protocol`` (`snd.splat.protocol`): "official" (default) computes what
+the official SnD code computes (``src/model/model_wrapper.py`` ``training_step``); "snd" is the earlier
+variant. Common to both:
 
 * Rendered features are the plain alpha-composited sum, **not divided by alpha** (official: the 3DGS
   rasteriser with ``override_color`` and a zero background, nothing normalised).
-* Coverage: official marks a pixel uncovered only when the render is exactly zero (alpha = 0). snd uses
-  ``alpha > coverage_threshold`` (default 0.5): an unnormalised feature at alpha 0.05 is 5 % of a
-  feature, not a target. ``coverage_threshold=0`` reproduces the official rule.
-* Blending follows the official order (render -> blend -> downsample), blends label 0 too, but averages
-  each label over covered pixels only (official: over all pixels).
-* Downsampling: ``F.interpolate(..., mode="bilinear", align_corners=False)`` without antialiasing, as
-  the official code. A patch is valid when the same bilinear downsampling of the 0/1 coverage map is
-  >= 0.5, i.e. at least half of the bilinear weight behind that patch's feature comes from covered pixels
-  (official: nearest-neighbour downsampling of the uncovered mask).
-* Upsampling uses the ``align_corners=False`` geometry (see `snd.splat.upsample`).
+* Blending follows the official order (render -> blend -> downsample) and blends label 0 too.
+* Downsampling: ``F.interpolate(..., mode="bilinear", align_corners=False)`` without antialiasing.
+
+Official: a pixel is uncovered when no Gaussian contributes (alpha exactly 0; the official code tests
+the decoder's RGB render for exact 0), the segment means of the blend run over all pixels, and the
+uncovered mask goes to the patch grid with ``mode="nearest"``, thresholded at 0.5. snd: covered means
+alpha > 0.5, means over covered pixels, bilinear coverage >= 0.5.
 
 Memory: every step after upsampling is independent per channel, so the whole chain runs one channel
 chunk at a time; only the geometry (the torch backend's sparse compositing plan, or gsplat's alpha)
@@ -27,17 +25,31 @@ is shared. Chunked and single-shot results are equal (tested).
 from __future__ import annotations
 
 import logging
-from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from snd.splat.blend import semantic_blend
 from snd.splat.gaussians import PixelGaussians
+from snd.splat.inputs import drawable
+from snd.splat.protocol import Rules, TargetsProtocol, rules
 from snd.splat.render import Backend, resolve_backend
 from snd.splat.render_gsplat import render_gsplat
-from snd.splat.render_torch import ALPHA_MIN, build_plan
-from snd.splat.upsample import Fallback, UpsampleMode, bilinear_resize, upsample_features
+from snd.splat.render_torch import build_plan
+from snd.splat.upsample import UpsampleMode, bilinear_resize, upsample_features
+
+
+def coverage_to_patches(covered: Tensor, out_hw: tuple[int, int], r: Rules) -> Tensor:
+    """Pixel coverage [..., H, W] bool -> patch validity [..., h2, w2] bool: nearest (official; the
+    uncovered mask resized with ``F.interpolate(mode="nearest")`` and kept where >= 0.5) or bilinear
+    coverage >= 0.5 (snd)."""
+    lead = covered.shape[:-2]
+    x = covered.reshape(-1, 1, *covered.shape[-2:]).float()
+    if r.coverage_resize == "nearest":
+        unc = F.interpolate(1.0 - x, size=tuple(out_hw), mode="nearest") >= 0.5
+        return (~unc).reshape(*lead, *out_hw)
+    return (bilinear_resize(x, tuple(out_hw)) >= 0.5).reshape(*lead, *out_hw)
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +67,7 @@ def target_features(
     blend: bool = True,
     backend: Backend = "auto",
     blend_weight: float = 0.5,
-    coverage_threshold: float = 0.5,
-    upsample_fallback: Fallback = "bilinear",
+    protocol: TargetsProtocol = "official",
     channel_chunk: int | None = None,
     render_chunk: int = 32,
     near: float = 0.01,
@@ -76,8 +87,7 @@ def target_features(
         blend:     semantic blending on (paper) or off (ablation A / correspondence variant).
         backend:   renderer, see `snd.splat.render.render_features`.
         blend_weight: w of the blend (0.5 in the paper).
-        coverage_threshold: a target pixel is covered when the render's alpha exceeds this.
-        upsample_fallback: value of pixels whose label no neighbouring patch shares (mask mode).
+        protocol:  "official" or "snd" rules for grid, fallback, blend means and coverage (module docstring).
         channel_chunk: channels pushed through upsample/render/blend/downsample at once; None = all at once
             on CUDA (one projection + sort per target, the fast path) and 128 on CPU (bounds memory).
         render_chunk: channels per gsplat rasteriser pass (32 measured fastest on an H100: docs/performance.md).
@@ -98,25 +108,18 @@ def target_features(
     h2, w2 = int(out_hw[0]), int(out_hw[1])
     device = ctx_feats.device
     which = resolve_backend(backend, device)
+    r = rules(protocol)
 
-    g = gaussians.to(device=device, dtype=torch.float32)
-    means, quats, scales, opac = g.flatten()  # [N, 3], [N, 4], [N, 3], [N]
-    alive = ((opac >= ALPHA_MIN) & torch.isfinite(means).all(-1) & torch.isfinite(scales).all(-1)).nonzero().squeeze(1)
-    means, quats, scales, opac = means[alive], quats[alive], scales[alive], opac[alive]
-    K = tgt_K.to(device=device, dtype=torch.float32)
-    w2c = tgt_w2c.to(device=device, dtype=torch.float32)
+    scene, alive = drawable(gaussians, tgt_K, tgt_w2c, Ht, Wt, near=near, far=far, device=device)
     ctx_masks = ctx_masks.to(device)
     tgt_mask = tgt_mask.to(device)
 
-    plan = None
-    if which == "torch":
-        plan = build_plan(means, quats, scales, opac, K, w2c, Ht, Wt, near=near, far=far)
+    plan = build_plan(scene) if which == "torch" else None
 
     def render(f: Tensor) -> tuple[Tensor, Tensor]:
         if plan is not None:
             return plan.apply(f), plan.alpha
-        return render_gsplat(means, quats, scales, opac, f, K, w2c, Ht, Wt, near=near, far=far,
-                             channel_chunk=min(render_chunk, f.shape[1]))
+        return render_gsplat(scene, f, channel_chunk=min(render_chunk, f.shape[1]))
 
     out = torch.empty(C, h2, w2, dtype=torch.float32, device=device)
     covered = None
@@ -125,16 +128,15 @@ def target_features(
     step = C if not channel_chunk else int(channel_chunk)
     for c0 in range(0, C, step):
         up = upsample_features(ctx_feats[:, c0:c0 + step].float(), ctx_masks, mode=upsample,
-                               fallback=upsample_fallback)  # [V, c, H, W]
+                               fallback=r.fallback, grid=r.grid)  # [V, c, H, W]
         lifted = up.permute(0, 2, 3, 1).reshape(V * H * W, -1)[alive]  # [N_alive, c]
         del up
         img, alpha = render(lifted)  # [c, Ht, Wt], [Ht, Wt]
         if covered is None:
-            covered = alpha > coverage_threshold
+            covered = alpha > r.coverage_threshold
         if blend:
-            img = semantic_blend(img, tgt_mask, weight=blend_weight, valid=covered)
+            img = semantic_blend(img, tgt_mask, weight=blend_weight, valid=None if r.mean_over_all else covered)
         out[c0:c0 + step] = bilinear_resize(img, (h2, w2))
     if covered is None:  # C == 0
         covered = torch.zeros(Ht, Wt, dtype=torch.bool, device=device)
-    valid = bilinear_resize(covered.float()[None], (h2, w2))[0] >= 0.5
-    return out, valid
+    return out, coverage_to_patches(covered, (h2, w2), r)

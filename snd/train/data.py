@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from snd.errors import SndError
 from snd.pipeline.config import DistillConfig
 
-__all__ = ["StreamFactory", "BatchIterator", "shard_stream_factory", "use_stored_operators", "store_operators_fit", "resolve_num_workers",
+__all__ = ["StreamFactory", "BatchIterator", "shard_stream_factory", "operator_decision", "use_stored_operators", "store_operators_fit", "resolve_num_workers",
            "to_device", "select_views", "TENSOR_KEYS"]
 
 log = logging.getLogger(__name__)
@@ -31,25 +31,45 @@ TENSOR_KEYS = ("ctx_images", "tgt_image", "means", "quats", "scales", "opacities
                "ctx_K", "ctx_c2w", "tgt_K", "tgt_c2w", "index")  # + "op_*" (schema v2 operators) when in use
 
 
-def use_stored_operators(cfg: DistillConfig, header: dict, patch: int = 14) -> bool:
-    """Whether this run builds its targets from the store's operators (`--targets`, see DistillConfig).
+def operator_decision(cfg: DistillConfig, header: dict, patch: int = 14) -> tuple[bool, str]:
+    """(use the store's operators?, why) for this run (`--targets`, see DistillConfig).
 
-    The stored operators bake in the patch grids, the upsampling mode and blending; they serve a run only
-    when those equal the run's own, and never ablation E (targets in the context views)."""
+    The stored operators bake in the patch grids, the upsampling mode, blending and the targets protocol
+    (a store written before the protocol was recorded holds the "snd" rules); they serve a run only when
+    those equal the run's own, and never ablation E (targets in the context views). `--targets operator`
+    with a mismatch is an error; `auto` falls back to rendering and says why."""
+    from snd.cache.schema import OperatorSpec
+
     if cfg.targets == "render":
-        return False
-    op = header.get("operator")
+        return False, "--targets render"
+    raw = header.get("operator")
+    op = OperatorSpec.from_dict(raw).to_dict() if raw else None
     grid = [cfg.img_height // patch, cfg.img_width // patch]
-    want = {"ctx_hw": grid, "out_hw": grid, "upsample": cfg.upsample, "blend": cfg.blend}
+    want = {"ctx_hw": grid, "out_hw": grid, "upsample": cfg.upsample, "blend": cfg.blend,
+            "protocol": cfg.targets_protocol}
     have = {k: op.get(k) for k in want} if op else None
     ok = have == want and not cfg.render_to_context
-    if cfg.targets == "operator" and not ok:
-        why = ("the store has no operators" if not op else
-               "--render-to-context needs rendering" if cfg.render_to_context else f"store has {have}, this run needs {want}")
+    if ok:
+        return True, f"the store's operators match this run ({cfg.targets_protocol} protocol)"
+    if not op:
+        why = "the store has no operators"
+    elif cfg.render_to_context:
+        why = "--render-to-context needs rendering"
+    else:
+        diff = {k: (have[k], want[k]) for k in want if have[k] != want[k]}
+        why = "store vs run: " + ", ".join(f"{k} {a!r} vs {b!r}" for k, (a, b) in diff.items())
+        if "protocol" in diff and raw and "protocol" not in raw:
+            why += " (the store predates the protocol field: built with the earlier 'snd' rules)"
+    if cfg.targets == "operator":
         raise SndError(f"--targets operator: the store's operators do not fit this run ({why})", path=cfg.shards,
-                       hint="use --targets render (or auto), or rebuild the store with `snd precompute` "
-                            "--operator-img-height/--operator-img-width/--operator-upsample/--operator-blend matching the run")
-    return ok
+                       hint="use --targets render (or auto), or rebuild the store with `snd precompute` --operator-img-height/"
+                            "--operator-img-width/--operator-upsample/--operator-blend/--targets-protocol matching the run")
+    return False, why
+
+
+def use_stored_operators(cfg: DistillConfig, header: dict, patch: int = 14) -> bool:
+    """Whether this run builds its targets from the store's operators (see `operator_decision`)."""
+    return operator_decision(cfg, header, patch)[0]
 
 
 def _decode_on_device(cfg: DistillConfig, header: dict) -> bool:

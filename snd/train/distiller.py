@@ -24,13 +24,14 @@ from snd.models.lora import LoraSpec, apply_lora
 from snd.models.loss import cosine_loss, dino_ce, feature_mse_loss
 from snd.pipeline.config import DistillConfig
 from snd.splat.gaussians import PixelGaussians
+from snd.splat.protocol import rules
 
 log = logging.getLogger(__name__)
 
 __all__ = ["Distiller", "TargetFn", "build_base_backbone", "lora_spec"]
 
 # (ctx_feats [V,C,h,w], gaussians, ctx_masks [V,H,W], tgt_mask [H,W], tgt_K [3,3], tgt_w2c [4,4], out_hw,
-#  *, upsample, blend, backend) -> (feats [C,h2,w2], valid [h2,w2])
+#  *, upsample, blend, backend, protocol) -> (feats [C,h2,w2], valid [h2,w2])
 TargetFn = Callable[..., tuple[Tensor, Tensor]]
 
 
@@ -81,6 +82,7 @@ class Distiller(nn.Module):
         self.patch = patch_size(self.student)
         self.grid = (cfg.img_height // self.patch, cfg.img_width // self.patch)
         self.ce_dtype: torch.dtype | None = None  # matmul dtype of the fused CE (the autocast dtype; set by StepRunner)
+        self.loss_over_all = rules(cfg.targets_protocol).loss_over_all
 
     # ---- parameters --------------------------------------------------------------------------------
     def trainable(self) -> dict[str, nn.Parameter]:
@@ -132,13 +134,17 @@ class Distiller(nn.Module):
             g = PixelGaussians(batch["means"][b], batch["quats"][b], batch["scales"][b], batch["opacities"][b])
             f, v = target_fn(ctx_feats[b].float(), g, batch["ctx_masks"][b], batch["tgt_mask"][b], batch["tgt_K"][b],
                              rigid_inverse(batch["tgt_c2w"][b].float()), self.grid, upsample=self.cfg.upsample,
-                             blend=self.cfg.blend, backend=self.cfg.renderer)
+                             blend=self.cfg.blend, backend=self.cfg.renderer, protocol=self.cfg.targets_protocol)
             feats.append(f)
             valid.append(v)
         return torch.stack(feats), torch.stack(valid)
 
     def student_loss(self, tgt_images01: Tensor, targets: Tensor, valid: Tensor) -> Tensor:
-        """Target images [B, 3, H, W], target features [B, C, h, w], valid [B, h, w] -> scalar loss."""
+        """Target images [B, 3, H, W], target features [B, C, h, w], valid [B, h, w] -> scalar loss.
+
+        The "official" protocol (the official training step) sets the student's patch features AND the
+        target to zero at uncovered patches and averages over all patches (the zero rows still go through
+        both heads); "snd" averages over the covered patches only. No host sync either way."""
         B, C, h, w = targets.shape
         assert valid.shape == (B, h, w), f"valid must be [B, h, w] = {(B, h, w)}, got {tuple(valid.shape)}"
         patches = extract(self.student, normalize(self.student, tgt_images01))[1]  # [B, C, h, w]
@@ -146,6 +152,10 @@ class Distiller(nn.Module):
         s_tok = patches.permute(0, 2, 3, 1).reshape(B * h * w, C)
         t_tok = targets.permute(0, 2, 3, 1).reshape(B * h * w, C)
         v = valid.reshape(B * h * w)
+        if self.loss_over_all:
+            keep = v[:, None].to(s_tok.dtype)
+            s_tok, t_tok = s_tok * keep, t_tok * keep.to(t_tok.dtype)
+            v = torch.ones_like(v)
         if self.cfg.feature_render_loss:
             return feature_mse_loss(s_tok, t_tok, v)
         if self.cfg.loss == "cosine":

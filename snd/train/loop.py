@@ -11,6 +11,7 @@ items, gradients are averaged by one all-reduce per step, only rank 0 writes log
 """
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
@@ -28,7 +29,7 @@ from snd.train.checkpoint import (BASE_FILE, CONFIG_FILE, latest_checkpoint, loa
 from snd.train.data import BatchIterator, DevicePrefetcher, StreamFactory, resolve_num_workers, shard_stream_factory, store_operators_fit
 from snd.train.distiller import Distiller, TargetFn, build_base_backbone
 from snd.train.distributed import DistEnv, all_gather_objects, broadcast_params, dist_env, init_distributed, resolve_device
-from snd.train.rundir import RunLogger
+from snd.train.rundir import RunLogger, announce_targets
 from snd.train.step import StepRunner
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,8 @@ def _check_resume_config(run_dir: Path, cfg: DistillConfig) -> None:
     if not path.is_file():
         return
     old = to_jsonable(load_config(DistillConfig, path))
+    if "targets_protocol" not in json.loads(path.read_text()).get("config", {}):
+        old["targets_protocol"] = "snd"  # a run started before the field existed trained with the earlier rules
     new = to_jsonable(cfg)
     diff = {k: (old[k], new[k]) for k in new if k not in RESUME_MAY_DIFFER and old.get(k) != new[k]}
     if diff:
@@ -235,7 +238,8 @@ def _train(cfg: DistillConfig, env: DistEnv, device: torch.device, factory: Stre
             indices, batch = next(batches)
             summary.seen_indices.extend(indices)
             if stepper is None:
-                stepper = _choose_stepper(runner, cfg, batch)
+                stepper, fast_why = _choose_stepper(runner, cfg, batch)
+                announce_targets(run_dir, cfg, batch, fast=stepper is not runner, fast_why=fast_why, active=env.is_main)
                 path = step_path(stepper, batch)
                 logger.text("run/step_path", path, step)
             lr = runner.lr
@@ -266,17 +270,20 @@ def _train(cfg: DistillConfig, env: DistEnv, device: torch.device, factory: Stre
 
 
 def _choose_stepper(runner: StepRunner, cfg: DistillConfig, batch: dict):
-    """The fast path (`snd.train.graph.GraphStep`) when `--fast` allows it and the batch supports it."""
+    """(The fast path `snd.train.graph.GraphStep` when `--fast` allows it and the batch supports it, else
+    the runner; why not fast)."""
     from snd.train.graph import GraphStep, graph_supported
 
     ok, why = graph_supported(runner, batch)
     if cfg.fast == "on" and not ok:
         raise SndError(f"--fast on: {why}", hint="use --fast auto/off, or a store with matching operators (--targets auto)")
     if ok and (cfg.fast == "on" or (cfg.fast == "auto" and runner.device.type == "cuda")):
-        return GraphStep(runner)
+        return GraphStep(runner), ""
+    if ok:
+        why = "--fast off" if cfg.fast == "off" else "CUDA graphs need a GPU (--fast on replays the body eagerly)"
     if cfg.fast == "auto" and runner.device.type == "cuda":
         log.info("fast path off: %s", why)
-    return runner
+    return runner, why
 
 
 def step_path(stepper, batch: dict) -> str:

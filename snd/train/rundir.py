@@ -12,7 +12,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-__all__ = ["RunLogger", "METRICS_FILE", "TB_DIR"]
+__all__ = ["RunLogger", "METRICS_FILE", "TB_DIR", "announce_targets"]
 
 log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
@@ -78,3 +78,40 @@ class RunLogger:
         if self._tb is not None:
             self._tb.close()
         self._metrics.close()
+
+
+def announce_targets(run_dir: Path, cfg, batch: dict, *, fast: bool, fast_why: str, active: bool) -> dict:
+    """Say which targets protocol and which target path (fast / operator / render) this run uses and why,
+    on stderr and in the run's config.json (top-level ``"targets"``; `load_config` reads only ``"config"``).
+
+    Why: the protocol and the path decide what the loss is and how fast a step is; a user comparing two
+    runs must be able to see both without reading code. Returns the recorded dict."""
+    from snd.errors import SndError
+    from snd.train.data import operator_decision
+
+    stored = "op_cols" in batch and cfg.targets != "render"
+    try:
+        from snd.cache.manifest import read_header
+
+        _, store_why = operator_decision(cfg, read_header(cfg.shards))
+    except (SndError, OSError, ValueError, KeyError):
+        store_why = "the stream carries operators" if stored else "the stream carries no operators"
+    if fast:
+        path, why = "fast", f"{store_why}; whole step replayed as CUDA graphs"
+    elif stored:
+        path, why = "operator", f"{store_why}; fast path off: {fast_why}"
+    else:
+        path, why = "render", store_why
+    info = {"protocol": cfg.targets_protocol, "path": path, "why": why}
+    if active:
+        Console(stderr=True).print(f"[bold]targets[/]: protocol {cfg.targets_protocol}, path {path} ({why})")
+        cfg_file = Path(run_dir) / "config.json"
+        try:
+            raw = json.loads(cfg_file.read_text())
+            raw["targets"] = info
+            tmp = cfg_file.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(raw, indent=2))
+            tmp.replace(cfg_file)
+        except (OSError, json.JSONDecodeError) as e:
+            log.warning("could not record the target path in %s: %s", cfg_file, e)
+    return info

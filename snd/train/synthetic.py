@@ -158,6 +158,6 @@ def with_operator(item: dict, grid: tuple[int, int], *, device: torch.device | s
     g = PixelGaussians(item["means"], item["quats"], item["scales"], item["opacities"]).to(device=dev)
     op = build_operator(g, item["ctx_masks"].to(dev), item["tgt_mask"].to(dev), item["tgt_K"].to(dev),
                         rigid_inverse(item["tgt_c2w"].to(dev)), spec.ctx_hw, spec.out_hw, upsample=spec.upsample,
-                        blend=spec.blend, row_cap=spec.row_cap, inst_cap=spec.inst_cap)
+                        blend=spec.blend, protocol=spec.protocol, row_cap=spec.row_cap, inst_cap=spec.inst_cap)
     arrays = encode_operators([[op]], spec)
     return {**item, **{k: torch.from_numpy(v[0, 0]) for k, v in arrays.items()}}

@@ -44,8 +44,7 @@ def _build_operators(fields: dict[str, np.ndarray], b: _Batch, enc: Encoding, sp
                 g, ctx_masks, torch.from_numpy(ex["tgt_mask"][i, t].astype(np.int64)).to(dev),
                 torch.from_numpy(ex["tgt_K"][i, t]).to(dev, torch.float32), w2c, spec.ctx_hw, spec.out_hw,
                 upsample=spec.upsample, blend=spec.blend, blend_weight=spec.blend_weight,
-                coverage_threshold=spec.coverage_threshold, upsample_fallback=spec.upsample_fallback,
-                row_cap=spec.row_cap, inst_cap=spec.inst_cap))
+                protocol=spec.protocol, row_cap=spec.row_cap, inst_cap=spec.inst_cap))
         ops.append(row)
     if ph is not None:
         ph.mark("operators")

@@ -53,6 +53,7 @@ def operator_spec(cfg: PrecomputeConfig) -> OperatorSpec | None:
     ih, iw = backbone_hw(cfg)
     grid = (ih // PATCH, iw // PATCH)
     return OperatorSpec(ctx_hw=grid, out_hw=grid, upsample=cfg.operator_upsample, blend=cfg.operator_blend,
+                        protocol=getattr(cfg, "targets_protocol", "official"),
                         row_cap=cfg.operator_row_cap, inst_cap=cfg.operator_inst_cap)
 
 

@@ -49,6 +49,9 @@ def run(cfg: PrecomputeConfig, *, source: ScaffoldSource | None = None, progress
         raise SndError(f"no scenes in split {cfg.split!r} of {cfg.data}", path=cfg.data)
     for n in names:
         M.check_scene_name(n)
+    ds.check_scenes(names)  # e.g. prepared scenes without instance masks: fail now, listing them
+    if progress and rank == 0:
+        console.print(ds.describe_selection(cfg.split, names))
     jobs = names[rank::world]
     source = source if source is not None else make_source(cfg)
     enc = Encoding(offset=source.has_offset)
