@@ -63,7 +63,7 @@ def _bench_dataset(work: Path, cfg: BenchPrecomputeConfig, scenes: int) -> Path:
 
 def bench_store(work: Path, *, height: int, width: int, pairs: int, img_hw: tuple[int, int], device: str) -> Path:
     """A scaffold store of at least `pairs` context pairs (3 targets each) over generated scenes, with the
-    operators and JPEG frames for backbone input `img_hw`: what `snd bench distill` streams. Built once per size in `work`
+    operators and frames (the default codec) for backbone input `img_hw`: what `snd bench distill` streams. Built once per size in `work`
     (depth source: exact and fast), reused while its stamp matches; always a single worker, also when the
     caller runs under torchrun (the benchmark's rank 0 builds it while the others wait)."""
     import shutil
@@ -71,7 +71,8 @@ def bench_store(work: Path, *, height: int, width: int, pairs: int, img_hw: tupl
     per_scene_max = 5 * _BENCH_FRAMES - 50
     scenes = max(2, math.ceil(pairs / per_scene_max))
     store = work / "store"
-    key = {"height": height, "width": width, "pairs": pairs, "img_hw": list(img_hw), "frames": _BENCH_FRAMES, "images": "jpeg"}
+    key = {"height": height, "width": width, "pairs": pairs, "img_hw": list(img_hw), "frames": _BENCH_FRAMES,
+           "images": PrecomputeConfig.images}
     stamp = work / "store.json"
     if stamp.is_file() and json.loads(stamp.read_text()) == key and (store / "manifest.json").is_file():
         return store
