@@ -216,8 +216,8 @@ if [[ $what == *protocol* ]]; then
   # issue 18: the official targets protocol on the GPU (gsplat vs torch under both coverage rules, operator vs
   # gsplat targets, fast path vs eager with the new loss rule) and what the official rules cost on the fast
   # path: `snd bench distill --paths fast` with each protocol, alternated, in this one call (goal: < 5 % it/s)
-  run protocol-tests timeout 300 python3 -m pytest -q -s -m gpu tests/test_fast_path_gpu.py tests/test_splat_target.py tests/test_splat_render.py -p no:cacheprovider 2>&1 | tee "$OUT/protocol_gpu_tests.log" | tail -25
-  for i in 1 2; do for p in snd official; do
+  [[ " $what " == *" tests "* ]] || run protocol-tests timeout 300 python3 -m pytest -q -s -m gpu tests/test_fast_path_gpu.py tests/test_splat_target.py tests/test_splat_render.py -p no:cacheprovider 2>&1 | tee "$OUT/protocol_gpu_tests.log" | tail -25
+  for i in $(seq ${ROUNDS:-2}); do for p in snd official; do
     run bench-distill-$p-$i timeout 240 python3 -m snd.cli bench distill --models vit_small_patch14_dinov2 --paths fast --iters 200 --warmup 20 --targets-protocol $p --out "$OUT/bench_distill_protocol_${p}_$i.json" 2>&1 | grep -v "^ " | tail -2
   done; done
   python3 - "$OUT" <<'PY'
