@@ -237,3 +237,33 @@ def test_gpu_bf16_steps(tmp_path):
     s = train(cfg, stream_factory=_factory(), progress=False)
     assert s.step == 4 and s.skipped == 0 and all(math.isfinite(v) for v in s.losses.values())
     assert load_backbone_from_run(tmp_path / "g") is not None
+
+
+def test_compiler_failure_falls_back_to_eager_once(caplog):
+    """A torch.compile compiler crash (not an error of the function) switches to eager with one warning;
+    an error raised by the function itself still propagates."""
+    from torch._inductor.exc import InductorError
+
+    from snd.train.step import EagerOnCompilerError
+
+    calls = []
+
+    def broken_compiled(x):
+        calls.append("compiled")
+        raise InductorError(RuntimeError("PassManager::run failed"), None)
+
+    def eager(x):
+        calls.append("eager")
+        if x < 0:
+            raise ValueError("bad input")
+        return x * 2
+
+    f = EagerOnCompilerError(broken_compiled, eager, "student")
+    with caplog.at_level("WARNING", logger="snd.train.step"):
+        assert f(3) == 6 and f(4) == 8
+    assert calls == ["compiled", "eager", "eager"] and f.fell_back
+    assert sum("running it eagerly" in r.message for r in caplog.records) == 1
+    g = EagerOnCompilerError(lambda x: eager(x), eager, "teacher")  # the function's own error is not swallowed
+    with pytest.raises(ValueError, match="bad input"):
+        g(-1)
+    assert not g.fell_back

@@ -13,6 +13,7 @@ there; training passes None).
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Callable
 
 import torch
@@ -25,7 +26,9 @@ from snd.train.distiller import Distiller, TargetFn
 from snd.train.distributed import pack_grads, unpack_grads
 from snd.train.schedule import make_optimizer, make_scheduler
 
-__all__ = ["StepRunner", "amp_dtype"]
+__all__ = ["StepRunner", "EagerOnCompilerError", "amp_dtype"]
+
+log = logging.getLogger(__name__)
 
 
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
@@ -35,6 +38,43 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     if amp in ("auto", "fp32"):
         return None
     raise ValueError(f"amp must be 'auto', 'bf16' or 'fp32', got {amp!r}")
+
+
+def _compiler_errors() -> tuple[type[BaseException], ...]:
+    """The exception types torch.compile raises when its compiler (not the compiled code) fails."""
+    errs: list[type[BaseException]] = []
+    try:
+        from torch._dynamo.exc import BackendCompilerFailed
+        errs.append(BackendCompilerFailed)
+    except ImportError:  # pragma: no cover - older torch
+        pass
+    try:
+        from torch._inductor.exc import InductorError
+        errs.append(InductorError)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(errs)
+
+
+class EagerOnCompilerError:
+    """Call `compiled`; if torch.compile's compiler fails (an error of the compiler, not of the function),
+    log one warning and call `eager` from then on. Compilation runs before the compiled code, so nothing
+    has been computed twice."""
+
+    def __init__(self, compiled: Callable, eager: Callable, name: str):
+        self.compiled, self.eager, self.name, self.fell_back = compiled, eager, name, False
+
+    def __call__(self, *args, **kwargs):
+        if self.fell_back:
+            return self.eager(*args, **kwargs)
+        try:
+            return self.compiled(*args, **kwargs)
+        except _compiler_errors() as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            log.warning("torch.compile failed for the %s step (%s: %s); running it eagerly (same result, slower)",
+                        self.name, type(e).__name__, first[:200])
+            self.fell_back = True
+            return self.eager(*args, **kwargs)
 
 
 class StepRunner:
@@ -57,9 +97,13 @@ class StepRunner:
             self.compile()
 
     def compile(self) -> None:
-        """torch.compile the teacher and student computations (default mode: fused Triton kernels)."""
-        self.teacher_fn = torch.compile(self.d.teacher_features)
-        self.student_fn = torch.compile(self.d.student_loss)
+        """torch.compile the teacher and student computations (default mode: fused Triton kernels).
+
+        Why the fallback: a compiler crash (seen once: Triton's `make_ttgir` pass failing on one fused CE
+        kernel at 16x24 patches on an H200) must not end a run that eager mode computes identically; the
+        function then runs eagerly and says so once, at warning level."""
+        self.teacher_fn = EagerOnCompilerError(torch.compile(self.d.teacher_features), self.d.teacher_features, "teacher")
+        self.student_fn = EagerOnCompilerError(torch.compile(self.d.student_loss), self.d.student_loss, "student")
         self.compiled = True
 
     compiled = False

@@ -174,7 +174,8 @@ def _optimizer(probe: Probe, spec: ProbeSpec, device: torch.device) -> torch.opt
         lr = torch.tensor(spec.lr, dtype=torch.float32, device=device)
         betas = spec.betas
         if spec.beta1_cycle:  # a device tensor too, so a replayed graph reads each step's beta1
-            betas = (torch.tensor(betas[0], dtype=torch.float32, device=device), betas[1])
+            # torch's Adam takes both betas as floats or both as tensors
+            betas = tuple(torch.tensor(b, dtype=torch.float32, device=device) for b in betas)
         return torch.optim.AdamW(probe.parameters(), lr=lr, betas=betas, weight_decay=spec.weight_decay,
                                  fused=True, capturable=True)
     return torch.optim.AdamW(probe.parameters(), lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay)
