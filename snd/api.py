@@ -27,7 +27,7 @@ __all__ = ["load_backbone", "extract_features", "to_tensor_list"]
 
 
 def _arch_of_file(path: Path) -> str:
-    """timm architecture of a DINOv2 weights file (any layout), from its embed dim and registers."""
+    """timm architecture of a DINOv2 / DINOv3 weights file (any layout), from its keys and shapes."""
     from snd.models.backbone import SUPPORTED
     from snd.models.weights import guess_arch, timm_state_dict
 
@@ -36,7 +36,8 @@ def _arch_of_file(path: Path) -> str:
     if arch not in SUPPORTED:
         dim = sd["cls_token"].shape[-1] if "cls_token" in sd else None
         raise SndError(f"{path}: a ViT with embed dim {dim} is not a supported backbone", path=path,
-                       hint="supported: ViT-S/14 (384) and ViT-B/14 (768), with or without registers")
+                       hint="supported: DINOv2 ViT-S/14 (384) and ViT-B/14 (768), with or without registers, and "
+                            "DINOv3 S/16, S+/16, B/16, L/16 (docs/backbones.md)")
     return arch
 
 

@@ -63,8 +63,9 @@ class PrecomputeConfig:
     world_size: int = opt(1, "Number of workers splitting the scenes (also read from WORLD_SIZE).")
     seed: int = opt(0, "Seed of the pair sampler.")
     operator: bool = opt(True, "Also store each target's transfer operator: stage two then needs no render (fast path).")
-    operator_img_height: Optional[int] = opt(None, "Stage two's backbone input height the operators are built for (default: --height floored to a multiple of 14).")
-    operator_img_width: Optional[int] = opt(None, "Stage two's backbone input width (default: --width floored to a multiple of 14).")
+    patch_size: int = opt(14, "Patch size of stage two's backbone (14: DINOv2, 16: DINOv3); the operators' patch grids and the stored frames' size follow it.")
+    operator_img_height: Optional[int] = opt(None, "Stage two's backbone input height the operators are built for (default: --height floored to a multiple of --patch-size).")
+    operator_img_width: Optional[int] = opt(None, "Stage two's backbone input width (default: --width floored to a multiple of --patch-size).")
     operator_upsample: Literal["mask", "bilinear"] = opt("mask", "Upsampling baked into the operators (stage two must use the same).")
     operator_blend: bool = opt(True, "Semantic blending baked into the operators (stage two must use the same).")
     targets_protocol: Literal["official", "snd"] = opt("official", "Target/coverage rules baked into the operators: 'official' = the official SnD code's, 'snd' = snd's earlier variant (docs/distill.md); stage two must use the same.")
@@ -215,7 +216,7 @@ class BenchPrecomputeConfig:
 class BenchDistillConfig:
     """`snd bench distill`: stage-two step time per phase, it/s and peak memory."""
 
-    models: list[str] = opt(["vit_small_patch14_dinov2", "vit_base_patch14_dinov2"], "Backbones to time (random init).")
+    models: list[str] = opt(["vit_small_patch14_dinov2", "vit_base_patch14_dinov2", "vit_small_patch16_dinov3", "vit_base_patch16_dinov3"], "Backbones to time (random init; a size off a model's patch grid is rounded up to it: 574x868 -> 576x880 for patch 16).")
     img_height: int = opt(574, "Backbone input height.")
     img_width: int = opt(868, "Backbone input width.")
     scaffold_height: int = opt(576, "Scaffold (render) height.")

@@ -1,0 +1,83 @@
+"""DINOv3 weights: the official release layout -> timm's Eva keys (pure), and the architecture of a file.
+
+Official layout (facebookresearch/dinov3 ``dinov3/models/vision_transformer.py`` `DinoVisionTransformer`,
+the released ``dinov3_vit*16_pretrain_lvd1689m-*.pth``): ``cls_token``, ``storage_tokens`` (the 4
+registers), ``mask_token`` (pre-training only), ``rope_embed.periods`` (a buffer timm recomputes),
+``blocks.i.{norm1,norm2}``, ``blocks.i.attn.qkv.{weight,bias,bias_mask}`` (`LinearKMaskedBias`: the k
+part of the bias is masked to 0), ``blocks.i.attn.proj``, ``blocks.i.ls{1,2}.gamma``, ``blocks.i.mlp.fc1/
+fc2`` (S, B, L) or SwiGLU ``mlp.w1/w2/w3`` (S+, H+), ``norm``; some files add ``local_cls_norm`` or
+distillation ``projectors``. timm's HF-hub safetensors are already in timm keys (`detect_layout` "timm").
+
+The mapping is timm's (``timm/models/eva.py`` checkpoint_filter_fn for DINOv3), written here as a pure
+function that also returns every key it drops and why, so loading stays strict and reported:
+qkv bias -> ``q_bias`` + ``v_bias`` for the `_qkvb` models; for the others (timm built the S/B/L ports
+without a qkv bias because the released biases are all zero) a zero bias is dropped and reported, a
+non-zero one is kept under its own name so the strict check fails with the fix (use the `_qkvb` model).
+"""
+from __future__ import annotations
+
+import re
+
+from torch import Tensor
+
+__all__ = ["convert_dinov3_state_dict", "guess_dinov3_arch", "is_dinov3_official"]
+
+_DROP = re.compile(r"(^mask_token$|\.periods$|\.bias_mask$|^local_cls_norm\.|^projectors\.)")
+_SIZES = {384: "small", 768: "base", 1024: "large", 1280: "huge_plus"}
+
+
+def is_dinov3_official(sd: dict[str, Tensor]) -> bool:
+    """The official DINOv3 layout: registers are called ``storage_tokens``."""
+    return "storage_tokens" in sd
+
+
+def convert_dinov3_state_dict(sd: dict[str, Tensor], *, qkv_bias: bool) -> tuple[dict[str, Tensor], list[str]]:
+    """Official DINOv3 keys -> timm Eva keys: (state dict, dropped keys with the reason).
+
+    Args:
+        sd: the official state dict (prefixes already stripped).
+        qkv_bias: whether the target model has q/v biases (timm's `_qkvb` variants).
+    """
+    out: dict[str, Tensor] = {}
+    dropped: list[str] = []
+    for k, v in sd.items():
+        if _DROP.search(k):
+            dropped.append(k)
+            continue
+        if k.endswith("attn.qkv.bias"):
+            q, kb, vb = v.chunk(3, dim=-1)
+            if qkv_bias:
+                out[k.replace("qkv.bias", "q_bias")] = q
+                out[k.replace("qkv.bias", "v_bias")] = vb
+                dropped.append(f"{k}[k part] (masked to 0 in DINOv3)")
+            elif not v.any():
+                dropped.append(f"{k} (all zero; the model has no qkv bias)")
+            else:
+                out[k] = v  # non-zero: left for the strict check (the fix: the _qkvb model)
+            continue
+        k = k.replace("storage_tokens", "reg_token")
+        k = re.sub(r"\.ls1\.gamma$", ".gamma_1", k)
+        k = re.sub(r"\.ls2\.gamma$", ".gamma_2", k)
+        k = re.sub(r"\.mlp\.w1\.", ".mlp.fc1_g.", k)
+        k = re.sub(r"\.mlp\.w2\.", ".mlp.fc1_x.", k)
+        k = re.sub(r"\.mlp\.w3\.", ".mlp.fc2.", k)
+        out[k] = v
+    return out, dropped
+
+
+def guess_dinov3_arch(sd: dict[str, Tensor]) -> str | None:
+    """timm DINOv3 architecture of a timm-keyed state dict (None: not a DINOv3 Eva).
+
+    Eva keys: ``blocks.0.gamma_1`` (layer scale) with no ``pos_embed`` (RoPE); the size from the width
+    (S+ is the 384-wide SwiGLU model, H+ the 1280-wide one), `_qkvb` from ``q_bias``."""
+    if "blocks.0.gamma_1" not in sd or "pos_embed" in sd or "cls_token" not in sd:
+        return None
+    dim = int(sd["cls_token"].shape[-1])
+    if dim == 64:
+        return "snd_test_vit_patch16_dinov3"
+    size = _SIZES.get(dim)
+    if size is None:
+        return None
+    if size == "small" and "blocks.0.mlp.fc1_g.weight" in sd:
+        size = "small_plus"
+    return f"vit_{size}_patch16_dinov3" + ("_qkvb" if "blocks.0.attn.q_bias" in sd else "")

@@ -1,0 +1,93 @@
+"""DINOv3 S/16 end to end on CPU: a patch-16 store, `snd distill --model vit_small_patch16_dinov3 --init random`,
+`snd eval all` on the run, and the patch-grid check between a store and a run."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from snd.errors import SndError
+from snd.pipeline.config import DistillConfig, EvalConfig, PrecomputeConfig
+from tests._cli import run_cli
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+HW = (64, 96)  # 4 x 6 patches of 16
+MODEL = "vit_small_patch16_dinov3"
+
+
+@pytest.fixture(scope="module")
+def store16(synth_root, tmp_path_factory) -> Path:
+    from snd.stages.precompute import run
+
+    out = tmp_path_factory.mktemp("v3") / "cache"
+    run(PrecomputeConfig(data=synth_root, out=out, height=HW[0], width=HW[1], patch_size=16, pairs_per_scene=1,
+                         targets_per_pair=1, batch_pairs=2, device="cpu", source="depth"), progress=False)
+    return out
+
+
+def test_store_records_its_patch_grid(store16):
+    from snd.cache.manifest import read_header
+
+    op = read_header(store16)["operator"]
+    assert op["patch"] == 16 and op["ctx_hw"] == [HW[0] // 16, HW[1] // 16]
+
+
+def test_distill_dinov3_then_eval_all(store16, synth_root, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    args = ["distill", "--shards", str(store16), "--run", str(run_dir), "--model", MODEL, "--init", "random",
+            "--img-height", str(HW[0]), "--img-width", str(HW[1]), "--head-hidden", "64", "--head-bottleneck", "32",
+            "--head-prototypes", "256", "--iters", "2", "--num-workers", "0", "--log-every", "1",
+            "--ckpt-every", "2", "--device", "cpu", "--renderer", "torch", "--targets", "operator"]
+    assert run_cli(args) == 0
+    err = capsys.readouterr().err
+    assert "LoRA" in err and "blocks.{0..11}.attn.qkv" in err and "blocks.{0..11}.attn.proj" in err
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)
+
+    from snd.models.backbone import extract, normalize
+    from snd.train.checkpoint import load_backbone_from_run
+
+    m = load_backbone_from_run(run_dir)
+    cls, patches = extract(m, normalize(m, torch.rand(1, 3, *HW)))
+    assert cls.shape == (1, 384) and patches.shape == (1, 384, 4, 6)
+
+    from snd.stages import evaluate
+
+    out = tmp_path / "eval"
+    cfg = EvalConfig(model=str(run_dir), baseline=MODEL, init="random", data_root=synth_root, datasets=["synth"],
+                     out=out, img_height=HW[0], img_width=HW[1], iters=2, batch=2, max_images=2, device="cpu",
+                     seed=0, num_workers=0)
+    evaluate.run(cfg, tasks=["depth", "normals", "seg", "corr"])
+    recs = json.loads((out / "results.json").read_text())["records"]
+    ok = {(r["role"], r["task"]) for r in recs if r["status"] == "ok"}
+    assert ok == {(role, t) for role in ("model", "baseline") for t in ("depth", "normals", "seg", "corr")}
+
+
+def test_a_store_for_another_patch_grid_is_a_clear_error(store16, tmp_path):
+    """A DINOv2 run (patch 14) on the patch-16 store at the same grid: --targets operator refuses, naming
+    the patch sizes; auto falls back to rendering and says why."""
+    from snd.cache.manifest import read_header
+    from snd.train.data import operator_decision
+
+    hdr = read_header(store16)
+    base = dict(shards=store16, run=tmp_path / "r", init="random", device="cpu")
+    v2 = DistillConfig(model="snd_test_vit_patch14", img_height=56, img_width=84, **base)  # also 4 x 6 patches
+    use, why = operator_decision(v2, hdr)
+    assert not use and "patch 16 vs 14" in why
+    with pytest.raises(SndError, match="patch 16 vs 14"):
+        operator_decision(DistillConfig(model="snd_test_vit_patch14", img_height=56, img_width=84, targets="operator",
+                                        **base), hdr)
+    v3 = DistillConfig(model=MODEL, img_height=HW[0], img_width=HW[1], **base)
+    assert operator_decision(v3, hdr)[0]
+
+
+def test_distill_rejects_sizes_off_the_patch16_grid(store16, tmp_path):
+    from snd.stages.distill import run
+
+    with pytest.raises(SndError, match="patch size 16") as e:
+        run(DistillConfig(shards=store16, run=tmp_path / "r", model=MODEL, init="random", img_height=574, img_width=868))
+    assert "576" in e.value.hint and "880" in e.value.hint
