@@ -91,3 +91,38 @@ def test_distill_rejects_sizes_off_the_patch16_grid(store16, tmp_path):
     with pytest.raises(SndError, match="patch size 16") as e:
         run(DistillConfig(shards=store16, run=tmp_path / "r", model=MODEL, init="random", img_height=574, img_width=868))
     assert "576" in e.value.hint and "880" in e.value.hint
+
+
+def test_dinov3_export_round_trips_through_plain_timm(store16, tmp_path):
+    import timm
+
+    import snd
+    from snd.models.backbone import extract, normalize
+    from snd.stages.distill import run
+    from snd.train.checkpoint import load_backbone_from_run
+
+    tiny = "snd_test_vit_patch16_dinov3"
+    run(DistillConfig(shards=store16, run=tmp_path / "run", model=tiny, init="random", img_height=HW[0],
+                      img_width=HW[1], head_hidden=64, head_bottleneck=32, head_prototypes=256, iters=2,
+                      num_workers=0, ckpt_every=2, device="cpu", lr=1e-2))
+    out = tmp_path / "exp"
+    assert run_cli(["export", str(tmp_path / "run"), "--out", str(out), "--format", "snd-release"]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architecture"] == tiny and cfg["snd"]["patch_size"] == 16 and cfg["snd"]["family"] == "dinov3"
+    assert "H, W multiples of 16" in (out / "README.md").read_text()
+    ref = load_backbone_from_run(tmp_path / "run")
+    m = timm.create_model(tiny, pretrained=True, num_classes=0, dynamic_img_size=True,
+                          pretrained_cfg_overlay=dict(file=str(out / "model.safetensors"))).eval()
+    base = timm.create_model(tiny, num_classes=0, dynamic_img_size=True).eval()
+    x = torch.rand(2, 3, 48, 112)  # not the trained size: RoPE is computed per grid, the same in both
+    with torch.no_grad():
+        msd, rsd = m.state_dict(), ref.state_dict()
+        assert set(msd) == set(rsd) and all(torch.equal(msd[k], rsd[k]) for k in msd)
+        p_ref = extract(ref, normalize(ref, x))[1]
+        assert torch.equal(extract(m, normalize(m, x))[1], p_ref)
+        assert (extract(base, normalize(base, x))[1] - p_ref).abs().max() > 1e-3  # the file really was loaded
+        # the official-layout release file loads back strictly through snd.load_backbone
+        rel_file = out / "snd_test_snd.pth" if (out / "snd_test_snd.pth").exists() else next(out.glob("*_snd.pth"))
+        rel = snd.load_backbone(rel_file)
+        assert rel.snd_load_report.layout == "dinov3"
+        assert torch.equal(extract(rel, normalize(rel, x))[1], p_ref)

@@ -20,7 +20,7 @@ import re
 
 from torch import Tensor
 
-__all__ = ["convert_dinov3_state_dict", "guess_dinov3_arch", "is_dinov3_official"]
+__all__ = ["convert_dinov3_state_dict", "guess_dinov3_arch", "is_dinov3_official", "to_dinov3_state_dict"]
 
 _DROP = re.compile(r"(^mask_token$|\.periods$|\.bias_mask$|^local_cls_norm\.|^projectors\.)")
 _SIZES = {384: "small", 768: "base", 1024: "large", 1280: "huge_plus"}
@@ -80,4 +80,33 @@ def guess_dinov3_arch(sd: dict[str, Tensor]) -> str | None:
         return None
     if size == "small" and "blocks.0.mlp.fc1_g.weight" in sd:
         size = "small_plus"
-    return f"vit_{size}_patch16_dinov3" + ("_qkvb" if "blocks.0.attn.q_bias" in sd else "")
+    has_bias = "blocks.0.attn.q_bias" in sd or "blocks.0.attn.qkv.bias" in sd  # the latter: non-zero, unconverted
+    return f"vit_{size}_patch16_dinov3" + ("_qkvb" if has_bias else "")
+
+
+def to_dinov3_state_dict(timm_sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Inverse of `convert_dinov3_state_dict` (timm Eva -> official DINOv3 keys) for `snd export
+    --format snd-release`: q/v biases back into one ``qkv.bias`` with a zero k part (zeros for models
+    without biases, as the release files), ``bias_mask`` and a zero ``mask_token`` as the official model holds."""
+    import torch
+
+    out: dict[str, Tensor] = {}
+    C = timm_sd["cls_token"].shape[-1]
+    for k, v in timm_sd.items():
+        if k.startswith(("head.", "fc_norm.")) or k.endswith(("attn.q_bias", "attn.v_bias")):
+            continue
+        k2 = k.replace("reg_token", "storage_tokens")
+        k2 = re.sub(r"\.gamma_1$", ".ls1.gamma", k2)
+        k2 = re.sub(r"\.gamma_2$", ".ls2.gamma", k2)
+        k2 = re.sub(r"\.mlp\.fc1_g\.", ".mlp.w1.", k2)
+        k2 = re.sub(r"\.mlp\.fc1_x\.", ".mlp.w2.", k2)
+        k2 = re.sub(r"\.mlp\.fc2\.", ".mlp.w3.", k2) if f"{k.split('.mlp.')[0]}.mlp.fc1_g.weight" in timm_sd else k2
+        out[k2] = v
+        if k.endswith("attn.qkv.weight"):
+            pre = k[: -len("qkv.weight")]
+            q = timm_sd.get(pre + "q_bias", torch.zeros(C, dtype=v.dtype))
+            vb = timm_sd.get(pre + "v_bias", torch.zeros(C, dtype=v.dtype))
+            out[pre + "qkv.bias"] = torch.cat([q, torch.zeros_like(q), vb])
+            out[pre + "qkv.bias_mask"] = torch.cat([torch.ones_like(q), torch.zeros_like(q), torch.ones_like(q)])
+    out["mask_token"] = torch.zeros(1, C, dtype=timm_sd["cls_token"].dtype)
+    return out
