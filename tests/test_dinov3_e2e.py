@@ -126,3 +126,32 @@ def test_dinov3_export_round_trips_through_plain_timm(store16, tmp_path):
         rel = snd.load_backbone(rel_file)
         assert rel.snd_load_report.layout == "dinov3"
         assert torch.equal(extract(rel, normalize(rel, x))[1], p_ref)
+
+
+def test_fast_path_body_with_rope_equals_the_eager_step(store16, tmp_path):
+    """The fast path's body (static buffers, warm-up, then replay; on CPU run eagerly) with the DINOv3
+    test model (RoPE tables cached per grid) gives the eager loop's losses exactly."""
+    from snd.stages.distill import run
+
+    kw = dict(model="snd_test_vit_patch16_dinov3", init="random", img_height=HW[0], img_width=HW[1], head_hidden=64,
+              head_bottleneck=32, head_prototypes=256, iters=4, ema_every=2, ckpt_every=4, num_workers=0,
+              device="cpu", targets="operator", lora_dropout=0.1)
+    a = run(DistillConfig(shards=store16, run=tmp_path / "eager", fast="off", **kw))
+    b = run(DistillConfig(shards=store16, run=tmp_path / "fast", fast="on", **kw))
+    assert [a.losses[s] for s in sorted(a.losses)] == [b.losses[s] for s in sorted(b.losses)]
+    assert a.param_digest == b.param_digest
+
+
+def test_rope_table_is_cached_per_grid_and_equals_timms():
+    from timm.layers.pos_embed_sincos import RotaryEmbeddingDinoV3
+
+    from snd.models.backbone import create_backbone
+
+    m = create_backbone("snd_test_vit_patch16_dinov3", init="random")
+    rope = m.rope
+    a = rope.get_embed(shape=[4, 6])
+    assert rope.get_embed(shape=[4, 6]) is a  # no host work (nor host-to-device copy) after the first call
+    ref = RotaryEmbeddingDinoV3.get_embed(rope, shape=[4, 6])
+    assert torch.equal(a, ref) and not torch.equal(rope.get_embed(shape=[3, 6])[:18], a[:18])
+    m.to(torch.float64)
+    assert "_snd_rope_cache" not in rope.__dict__  # a move/cast drops the table
