@@ -215,6 +215,7 @@ def create_backbone(
     weights: str | Path | None = None,
     init: Literal["pretrained", "random"] = "pretrained",
     img_size: tuple[int, int] | int | None = None,
+    arch_overrides: dict | None = None,
 ) -> VisionTransformer:
     """A DINOv2 / DINOv3 ViT from timm with dynamic input size, weights loaded strictly from a local file.
 
@@ -228,6 +229,8 @@ def create_backbone(
         img_size: (H, W) in pixels (multiples of the patch size) the model is meant for: checked
             (`set_input_size`); DINOv2's position embedding stays at the native grid and is interpolated per
             forward (hub DINOv2 rule); DINOv3's RoPE is computed for the grid (and cached).
+        arch_overrides: timm architecture arguments to override (e.g. ``{"depth": 1}`` in the backbone
+            contract test, so every registry entry is checked in seconds).
 
     Returns:
         `DinoV2ViT` (a timm `VisionTransformer`) or a timm `Eva` (DINOv3) in eval mode, `num_classes=0`,
@@ -242,7 +245,7 @@ def create_backbone(
     if init == "pretrained" and weights is None:
         raise SndError(f"backbone {name!r} needs pretrained weights, and snd never downloads them",
                        hint=_download_hint(arch))
-    model = timm.create_model(arch, pretrained=False, num_classes=0, dynamic_img_size=True)
+    model = timm.create_model(arch, pretrained=False, num_classes=0, dynamic_img_size=True, **(arch_overrides or {}))
     model = use_hub_pos_embed(model, arch) if spec.family == "dinov2" else use_cached_rope(model)
     if init == "pretrained":
         from snd.models.weights import load_backbone_weights
