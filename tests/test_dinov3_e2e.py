@@ -155,3 +155,18 @@ def test_rope_table_is_cached_per_grid_and_equals_timms():
     assert torch.equal(a, ref) and not torch.equal(rope.get_embed(shape=[3, 6])[:18], a[:18])
     m.to(torch.float64)
     assert "_snd_rope_cache" not in rope.__dict__  # a move/cast drops the table
+
+
+def test_bench_distill_times_both_families_at_their_own_sizes(tmp_path, capsys):
+    """One `snd bench distill` call with a patch-14 and a patch-16 model: each at its own input size (a
+    size off a model's patch grid rounded up to it: 28x42 -> 32x48 for patch 16)."""
+    from snd.bench.distill import bench
+    from snd.pipeline.config import BenchDistillConfig
+
+    res = bench(BenchDistillConfig(models=["snd_test_vit_patch14", "snd_test_vit_patch16_dinov3"], img_height=28,
+                                   img_width=42, scaffold_height=14, scaffold_width=21, head_prototypes=128, iters=2,
+                                   warmup=1, renderer="torch", device="cpu", out=tmp_path / "b.json"))
+    v2, v3 = res["models"]
+    assert v2["img_hw"] == [28, 42] and v2["patch_grid"] == [2, 3]
+    assert v3["model"] == "snd_test_vit_patch16_dinov3" and v3["img_hw"] == [32, 48] and v3["patch_grid"] == [2, 3]
+    assert v3["it_per_s"] > 0
