@@ -134,14 +134,14 @@ def extract_features(model: nn.Module, images, *, size: tuple[int, int] | None =
     """Dense features of images: (cls [B, C], patches [B, C, h, w]) as float32 on the CPU.
 
     Args:
-        model: a backbone from `load_backbone` (any timm ViT with patch 14).
+        model: a backbone from `load_backbone` (a DINOv2 or DINOv3 timm ViT; the patch size p is read from it).
         images: a PIL image or a list of them, HWC numpy arrays, or a tensor [B, 3, H, W] / [3, H, W]
             (uint8, or float in [0, 1]).
-        size: (H, W) every image is brought to (multiples of 14); None keeps each image's own size.
-        resize: how an image gets to a multiple of 14: "pad" adds zero pixels (the model's mean colour
+        size: (H, W) every image is brought to (multiples of p); None keeps each image's own size.
+        resize: how an image gets to a multiple of p: "pad" adds zero pixels (the model's mean colour
             after normalisation is *not* used: padding is black) at the bottom/right and keeps the pixels
             as they are — patches over the padding are returned too; "resize" resamples (antialiased
-            bilinear) to `size` or to the nearest multiples of 14.
+            bilinear) to `size` or to the nearest multiples of p.
         batch_size: images per forward.
         device: where the model runs (default: the model's device).
 

@@ -115,3 +115,24 @@ def test_missing_weights_say_where_to_get_them():
     with pytest.raises(SndError) as e:
         create_backbone("vit_base_patch16_dinov3")
     assert "facebookresearch/dinov3" in e.value.hint and "timm/vit_base_patch16_dinov3.lvd1689m" in e.value.hint
+
+
+def test_cli_features_with_an_official_dinov3_file(synth_root, tmp_path):
+    """`snd features` on an official-layout DINOv3 file: the architecture comes from the file, the grid from
+    its patch 16 (images of different sizes go to the first one's size rounded to multiples of 16)."""
+    import numpy as np
+    from PIL import Image
+
+    from tests._cli import run_cli
+
+    src = create_backbone("snd_test_vit_patch16_dinov3", init="random")
+    f = tmp_path / "v3.pth"
+    torch.save(_official(src.state_dict()), f)
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (100, 150, 3), dtype=np.uint8)).save(a)
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 96, 3), dtype=np.uint8)).save(b)
+    out = tmp_path / "feat"
+    assert run_cli(["features", str(a), str(b), "--model", str(f), "--out", str(out), "--device", "cpu",
+                    "--clusters", "2"]) == 0
+    npz = np.load(out / "features.npz")
+    assert npz["patches"].shape == (2, 64, 6, 9) and npz["cls"].shape == (2, 64)  # 100x150 -> 96x144
