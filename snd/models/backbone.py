@@ -43,7 +43,7 @@ from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_
 from torch import Tensor, nn
 
 from snd.errors import SndError
-from snd.models.dinov3 import TEST_MODEL_V3, use_cached_rope
+from snd.models.dinov3 import TEST_MODEL_V3, tiny_model_cfg, use_cached_rope
 
 log = logging.getLogger(__name__)
 
@@ -169,13 +169,7 @@ def use_hub_pos_embed(model: VisionTransformer, arch: str) -> VisionTransformer:
 # Why: tests and the CPU demo need a DINOv2-shaped ViT (patch 14, CLS token, layer scale, final norm)
 # that runs in milliseconds; registered in timm so every code path (timm.create_model, pretrained_cfg,
 # forward_features) is the same as for the real models.
-default_cfgs = generate_default_cfgs({
-    TEST_MODEL: {
-        "url": "", "num_classes": 0, "input_size": (3, 56, 56), "crop_pct": 1.0,
-        "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD, "license": "apache-2.0",
-        "first_conv": "patch_embed.proj", "classifier": "head",
-    },
-})
+default_cfgs = generate_default_cfgs({TEST_MODEL: tiny_model_cfg(56)})
 
 
 @register_model

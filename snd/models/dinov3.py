@@ -18,7 +18,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.eva import Eva, checkpoint_filter_fn
 from torch import Tensor, nn
 
-__all__ = ["TEST_MODEL_V3", "CachedRopeDinoV3", "use_cached_rope"]
+__all__ = ["TEST_MODEL_V3", "CachedRopeDinoV3", "tiny_model_cfg", "use_cached_rope"]
 
 TEST_MODEL_V3 = "snd_test_vit_patch16_dinov3"
 
@@ -54,13 +54,14 @@ def use_cached_rope(model: nn.Module) -> nn.Module:
 # ---- the tiny test model ---------------------------------------------------------------------------
 # Why: tests need a DINOv3-shaped model (patch 16, RoPE, 4 registers, layer scale, no qkv bias) that runs in
 # milliseconds; registered in timm so creation, pretrained_cfg and forward_features are the real code paths.
-default_cfgs = generate_default_cfgs({
-    TEST_MODEL_V3: {
-        "url": "", "num_classes": 0, "input_size": (3, 64, 64), "crop_pct": 1.0,
-        "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD, "license": "apache-2.0",
-        "first_conv": "patch_embed.proj", "classifier": "head",
-    },
-})
+def tiny_model_cfg(side: int) -> dict:
+    """timm pretrained config of a tiny test model (ImageNet mean/std, no URL: random init or a local file)."""
+    return {"url": "", "num_classes": 0, "input_size": (3, side, side), "crop_pct": 1.0,
+            "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD, "license": "apache-2.0",
+            "first_conv": "patch_embed.proj", "classifier": "head"}
+
+
+default_cfgs = generate_default_cfgs({TEST_MODEL_V3: tiny_model_cfg(64)})
 
 
 @register_model

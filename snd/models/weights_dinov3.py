@@ -22,6 +22,9 @@ from torch import Tensor
 
 __all__ = ["convert_dinov3_state_dict", "guess_dinov3_arch", "is_dinov3_official", "to_dinov3_state_dict"]
 
+# (official, timm) key fragments; `.mlp.w3.` <-> `.mlp.fc2.` only in the SwiGLU models (S+, H+)
+_RENAMES = (("storage_tokens", "reg_token"), (".ls1.gamma", ".gamma_1"), (".ls2.gamma", ".gamma_2"),
+            (".mlp.w1.", ".mlp.fc1_g."), (".mlp.w2.", ".mlp.fc1_x."), (".mlp.w3.", ".mlp.fc2."))
 _DROP = re.compile(r"(^mask_token$|\.periods$|\.bias_mask$|^local_cls_norm\.|^projectors\.)")
 _SIZES = {384: "small", 768: "base", 1024: "large", 1280: "huge_plus"}
 
@@ -55,12 +58,8 @@ def convert_dinov3_state_dict(sd: dict[str, Tensor], *, qkv_bias: bool) -> tuple
             else:
                 out[k] = v  # non-zero: left for the strict check (the fix: the _qkvb model)
             continue
-        k = k.replace("storage_tokens", "reg_token")
-        k = re.sub(r"\.ls1\.gamma$", ".gamma_1", k)
-        k = re.sub(r"\.ls2\.gamma$", ".gamma_2", k)
-        k = re.sub(r"\.mlp\.w1\.", ".mlp.fc1_g.", k)
-        k = re.sub(r"\.mlp\.w2\.", ".mlp.fc1_x.", k)
-        k = re.sub(r"\.mlp\.w3\.", ".mlp.fc2.", k)
+        for official, timm_name in _RENAMES:
+            k = k.replace(official, timm_name)
         out[k] = v
     return out, dropped
 
@@ -95,12 +94,11 @@ def to_dinov3_state_dict(timm_sd: dict[str, Tensor]) -> dict[str, Tensor]:
     for k, v in timm_sd.items():
         if k.startswith(("head.", "fc_norm.")) or k.endswith(("attn.q_bias", "attn.v_bias")):
             continue
-        k2 = k.replace("reg_token", "storage_tokens")
-        k2 = re.sub(r"\.gamma_1$", ".ls1.gamma", k2)
-        k2 = re.sub(r"\.gamma_2$", ".ls2.gamma", k2)
-        k2 = re.sub(r"\.mlp\.fc1_g\.", ".mlp.w1.", k2)
-        k2 = re.sub(r"\.mlp\.fc1_x\.", ".mlp.w2.", k2)
-        k2 = re.sub(r"\.mlp\.fc2\.", ".mlp.w3.", k2) if f"{k.split('.mlp.')[0]}.mlp.fc1_g.weight" in timm_sd else k2
+        swiglu = f"{k.split('.mlp.')[0]}.mlp.fc1_g.weight" in timm_sd
+        k2 = k
+        for official, timm_name in _RENAMES:
+            if swiglu or timm_name != ".mlp.fc2.":
+                k2 = k2.replace(timm_name, official)
         out[k2] = v
         if k.endswith("attn.qkv.weight"):
             pre = k[: -len("qkv.weight")]
