@@ -136,3 +136,32 @@ def test_cli_features_with_an_official_dinov3_file(synth_root, tmp_path):
                     "--clusters", "2"]) == 0
     npz = np.load(out / "features.npz")
     assert npz["patches"].shape == (2, 64, 6, 9) and npz["cls"].shape == (2, 64)  # 100x150 -> 96x144
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_hf_transformers_dinov3_agrees_with_snd_after_conversion(gated, tmp_path):
+    """Two backends: a random transformers `DINOv3ViTModel` (the facebook/dinov3-* hub layout) and snd's timm
+    model loaded strictly from its safetensors give the same tokens at a non-square size."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if gated:  # S+ (SwiGLU), one block
+        dst = create_backbone("vit_small_plus_patch16_dinov3", init="random", arch_overrides={"depth": 1})
+        dim, depth, heads, inter = 384, 1, 6, dst.blocks[0].mlp.fc1_g.weight.shape[0]
+    else:
+        dst = create_backbone("snd_test_vit_patch16_dinov3", init="random")
+        dim, depth, heads, inter = 64, 2, 2, 256
+    cfg = transformers.DINOv3ViTConfig(hidden_size=dim, num_hidden_layers=depth, num_attention_heads=heads,
+                                       intermediate_size=inter, patch_size=16, num_register_tokens=4, rope_theta=100.0,
+                                       layerscale_value=0.5, use_gated_mlp=gated, image_size=64, query_bias=False,
+                                       key_bias=False, value_bias=False, layer_norm_eps=1e-5,
+                                       hidden_act="silu" if gated else "gelu")
+    hf = transformers.DINOv3ViTModel(cfg).eval()
+    f = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in hf.state_dict().items()}, str(f))
+    rep = load_backbone_weights(dst, f)
+    assert rep.layout == "hf_dinov3" and rep.dropped == ["embeddings.mask_token"]
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        ref = hf(pixel_values=x).last_hidden_state
+        got = dst.forward_features(x)
+    assert got.shape == ref.shape and (got - ref).abs().max() < 1e-4 * ref.abs().max()

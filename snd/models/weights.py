@@ -13,6 +13,7 @@ Layouts (detected by signature keys, like timm's `checkpoint_filter_fn`):
   - "hf":      Hugging Face transformers `Dinov2Model` (`embeddings.*`, `encoder.layer.i.*`).
   - "dinov3":  facebookresearch/dinov3 release `.pth` (`storage_tokens`, `ls1.gamma`, masked qkv bias):
                `snd.models.weights_dinov3.convert_dinov3_state_dict`.
+  - "hf_dinov3": Hugging Face transformers `DINOv3ViTModel` (the facebook/dinov3-* hub repos).
   - "timm":    timm's own layout (timm HF hub `model.safetensors` / `pytorch_model.bin`, snd exports).
 """
 from __future__ import annotations
@@ -27,7 +28,8 @@ from timm.layers import resample_abs_pos_embed
 from torch import Tensor, nn
 
 from snd.errors import SndError
-from snd.models.weights_dinov3 import convert_dinov3_state_dict, guess_dinov3_arch, is_dinov3_official
+from snd.models.weights_dinov3 import (convert_dinov3_state_dict, convert_hf_dinov3_state_dict, guess_dinov3_arch,
+                                       is_dinov3_official, is_hf_dinov3)
 
 log = logging.getLogger(__name__)
 
@@ -106,10 +108,12 @@ def _strip_prefixes(sd: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def detect_layout(sd: dict[str, Tensor]) -> str:
-    """'dinov3' | 'dinov2' | 'hf' | 'timm' | 'unknown' from signature keys."""
+    """'dinov3' | 'hf_dinov3' | 'dinov2' | 'hf' | 'timm' | 'unknown' from signature keys."""
     keys = set(sd)
     if is_dinov3_official(sd):  # before dinov2: DINOv3 files hold a mask_token too
         return "dinov3"
+    if is_hf_dinov3(sd):  # before hf: both have embeddings.cls_token
+        return "hf_dinov3"
     if "mask_token" in keys or "register_tokens" in keys or any(".ls1.gamma" in k and re.match(r"blocks\.\d+\.\d+\.", k) for k in keys):
         return "dinov2"
     if "embeddings.cls_token" in keys:
@@ -237,10 +241,11 @@ def timm_state_dict(path: str | Path, *, qkv_bias: bool | None = None) -> tuple[
     p = find_weights_file(path)
     raw = _strip_prefixes(read_state_dict(p))
     layout = detect_layout(raw)
-    if layout == "dinov3":
+    if layout in ("dinov3", "hf_dinov3"):
         if qkv_bias is None:
-            qkv_bias = any(bool(v.any()) for k, v in raw.items() if k.endswith("attn.qkv.bias"))
-        sd, dropped = convert_dinov3_state_dict(raw, qkv_bias=qkv_bias)
+            qkv_bias = any(bool(v.any()) for k, v in raw.items() if k.endswith(("attn.qkv.bias", "q_proj.bias")))
+        convert = convert_dinov3_state_dict if layout == "dinov3" else convert_hf_dinov3_state_dict
+        sd, dropped = convert(raw, qkv_bias=qkv_bias)
     elif layout == "dinov2":
         sd, dropped = convert_dinov2_state_dict(raw), ["mask_token"] if "mask_token" in raw else []
     elif layout == "hf":

@@ -20,7 +20,8 @@ import re
 
 from torch import Tensor
 
-__all__ = ["convert_dinov3_state_dict", "guess_dinov3_arch", "is_dinov3_official", "to_dinov3_state_dict"]
+__all__ = ["convert_dinov3_state_dict", "convert_hf_dinov3_state_dict", "guess_dinov3_arch", "is_dinov3_official",
+           "is_hf_dinov3", "to_dinov3_state_dict"]
 
 # (official, timm) key fragments; `.mlp.w3.` <-> `.mlp.fc2.` only in the SwiGLU models (S+, H+)
 _RENAMES = (("storage_tokens", "reg_token"), (".ls1.gamma", ".gamma_1"), (".ls2.gamma", ".gamma_2"),
@@ -108,3 +109,53 @@ def to_dinov3_state_dict(timm_sd: dict[str, Tensor]) -> dict[str, Tensor]:
             out[pre + "qkv.bias_mask"] = torch.cat([torch.ones_like(q), torch.zeros_like(q), torch.ones_like(q)])
     out["mask_token"] = torch.zeros(1, C, dtype=timm_sd["cls_token"].dtype)
     return out
+
+
+def is_hf_dinov3(sd: dict[str, Tensor]) -> bool:
+    """Hugging Face transformers `DINOv3ViTModel` keys (the facebook/dinov3-* hub repos)."""
+    return "embeddings.cls_token" in sd and any(".attention.o_proj." in k for k in sd)
+
+
+def convert_hf_dinov3_state_dict(sd: dict[str, Tensor], *, qkv_bias: bool) -> tuple[dict[str, Tensor], list[str]]:
+    """transformers `DINOv3ViTModel` keys (``embeddings.*``, ``[model.]layer.i.*``, ``norm``) -> timm Eva keys:
+    separate q/k/v projections concatenated into ``attn.qkv``; q/v biases to ``q_bias``/``v_bias`` for `_qkvb`
+    models (dropped and reported when all zero otherwise); gated MLP gate/up/down -> ``fc1_g``/``fc1_x``/``fc2``."""
+    import torch
+
+    out: dict[str, Tensor] = {}
+    dropped: list[str] = []
+    gated = any(".mlp.gate_proj." in k for k in sd)
+    mlp = {"gate_proj": "fc1_g", "up_proj": "fc1_x" if gated else "fc1", "down_proj": "fc2"}
+    for k, v in sd.items():
+        m = re.match(r"^(?:model\.)?layer\.(\d+)\.(.+)$", k)
+        if k == "embeddings.mask_token":
+            dropped.append(k)
+        elif k in ("embeddings.cls_token", "embeddings.register_tokens"):
+            out["cls_token" if k.endswith("cls_token") else "reg_token"] = v
+        elif k.startswith("embeddings.patch_embeddings."):
+            out["patch_embed.proj." + k.rsplit(".", 1)[1]] = v
+        elif m is None:
+            out[k] = v  # norm.*, or unknown (left for the strict check)
+        else:
+            i, rest = m.groups()
+            b = f"blocks.{i}."
+            if rest.startswith("attention.") and rest.split(".")[1] in ("q_proj", "k_proj", "v_proj"):
+                if rest.endswith(".bias"):
+                    name = {"q_proj": "q_bias", "v_proj": "v_bias", "k_proj": "k_bias"}[rest.split(".")[1]]
+                    if qkv_bias and name != "k_bias":
+                        out[b + "attn." + name] = v
+                    elif not v.any():
+                        dropped.append(f"{k} (all zero)")
+                    else:
+                        out[k] = v  # a non-zero bias the model cannot hold: the strict check reports it
+                continue  # weights: concatenated below
+            rest = rest.replace("attention.o_proj.", "attn.proj.")
+            rest = rest.replace("layer_scale1.lambda1", "gamma_1").replace("layer_scale2.lambda1", "gamma_2")
+            for hf_name, timm_name in mlp.items():
+                rest = rest.replace(f"mlp.{hf_name}.", f"mlp.{timm_name}.")
+            out[b + rest] = v
+    for k in sd:
+        m = re.match(r"^((?:model\.)?layer\.(\d+)\.attention\.)q_proj\.weight$", k)
+        if m:
+            out[f"blocks.{m.group(2)}.attn.qkv.weight"] = torch.cat([sd[m.group(1) + f"{n}_proj.weight"] for n in "qkv"])
+    return out, dropped
