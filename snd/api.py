@@ -27,7 +27,7 @@ __all__ = ["load_backbone", "extract_features", "to_tensor_list"]
 
 
 def _arch_of_file(path: Path) -> str:
-    """timm architecture of a DINOv2 weights file (any layout), from its embed dim and registers."""
+    """timm architecture of a DINOv2 / DINOv3 weights file (any layout), from its keys and shapes."""
     from snd.models.backbone import SUPPORTED
     from snd.models.weights import guess_arch, timm_state_dict
 
@@ -36,7 +36,8 @@ def _arch_of_file(path: Path) -> str:
     if arch not in SUPPORTED:
         dim = sd["cls_token"].shape[-1] if "cls_token" in sd else None
         raise SndError(f"{path}: a ViT with embed dim {dim} is not a supported backbone", path=path,
-                       hint="supported: ViT-S/14 (384) and ViT-B/14 (768), with or without registers")
+                       hint="supported: DINOv2 ViT-S/14 (384) and ViT-B/14 (768), with or without registers, and "
+                            "DINOv3 S/16, S+/16, B/16, L/16 (docs/backbones.md)")
     return arch
 
 
@@ -133,14 +134,14 @@ def extract_features(model: nn.Module, images, *, size: tuple[int, int] | None =
     """Dense features of images: (cls [B, C], patches [B, C, h, w]) as float32 on the CPU.
 
     Args:
-        model: a backbone from `load_backbone` (any timm ViT with patch 14).
+        model: a backbone from `load_backbone` (a DINOv2 or DINOv3 timm ViT; the patch size p is read from it).
         images: a PIL image or a list of them, HWC numpy arrays, or a tensor [B, 3, H, W] / [3, H, W]
             (uint8, or float in [0, 1]).
-        size: (H, W) every image is brought to (multiples of 14); None keeps each image's own size.
-        resize: how an image gets to a multiple of 14: "pad" adds zero pixels (the model's mean colour
+        size: (H, W) every image is brought to (multiples of p); None keeps each image's own size.
+        resize: how an image gets to a multiple of p: "pad" adds zero pixels (the model's mean colour
             after normalisation is *not* used: padding is black) at the bottom/right and keeps the pixels
             as they are — patches over the padding are returned too; "resize" resamples (antialiased
-            bilinear) to `size` or to the nearest multiples of 14.
+            bilinear) to `size` or to the nearest multiples of p.
         batch_size: images per forward.
         device: where the model runs (default: the model's device).
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import statistics
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -224,6 +224,18 @@ def _across_ranks(per_rank: list[dict], store: Path | None, img_hw: tuple[int, i
     return out
 
 
+def model_sized(cfg: BenchDistillConfig, name: str) -> BenchDistillConfig:
+    """`cfg` at `name`'s input size: a size that is not a multiple of the model's patch is rounded up to the
+    next multiple (the default 574x868, DINOv2's floored 576x880, gives DINOv3 the paper's 576x880), so one
+    call times every family at its own paper-sized input; each model's JSON row records its `img_hw`."""
+    from snd.models.backbone import spec_of
+
+    p = spec_of(name).patch
+    h, w = -(-cfg.img_height // p) * p, -(-cfg.img_width // p) * p
+    check_sizes(h, w, p)
+    return cfg if (h, w) == (cfg.img_height, cfg.img_width) else replace(cfg, img_height=h, img_width=w)
+
+
 def _bench_one(name: str, cfg: BenchDistillConfig, device: torch.device, env, store: Path | None) -> dict | None:
     from snd.models.backbone import create_backbone, patch_size
     from snd.train.distributed import all_gather_objects
@@ -310,7 +322,10 @@ def bench(cfg: BenchDistillConfig) -> dict | None:
     every rank times its own GPU and streams its own part of the store; rank 0 reports them all."""
     from snd.train.distributed import dist_env, init_distributed, resolve_device
 
-    check_sizes(cfg.img_height, cfg.img_width)
+    from snd.models.backbone import spec_of
+
+    for name in cfg.models:
+        spec_of(name)  # unknown names fail before any work
     env = dist_env()
     device = resolve_device(cfg.device, env)
     created = init_distributed(env, device)
@@ -326,7 +341,7 @@ def bench(cfg: BenchDistillConfig) -> dict | None:
             if device.type == "cuda":
                 torch.set_float32_matmul_precision("high")  # TF32 for the ViT, as in `run`; restored below
             try:
-                results["models"].append(_bench_one(name, cfg, device, env, store))
+                results["models"].append(_bench_one(name, model_sized(cfg, name), device, env, store))
             finally:
                 torch.set_float32_matmul_precision(prev)
     finally:

@@ -275,11 +275,11 @@ def _measure_wave(wave: list[PlanGroup], net, store, targets: dict, hw, grid, it
     return rows
 
 
-def _measure_corr(dim: int, grid: tuple[int, int], n_pairs: int, device) -> float:
-    """Pairs/s of the matcher at the probe's scale-0.25 grid with dense valid depth."""
+def _measure_corr(dim: int, grid: tuple[int, int], n_pairs: int, device, p: int = 14) -> float:
+    """Pairs/s of the matcher at the probe's scale-0.25 grid with dense valid depth (p: the patch size)."""
     from snd.eval.correspondence import pair_errors
 
-    h, w = grid[0] * 14 // 4, grid[1] * 14 // 4
+    h, w = grid[0] * p // 4, grid[1] * p // 4
     K = torch.tensor([[w * 0.8, 0, (w - 1) / 2], [0, w * 0.8, (h - 1) / 2], [0, 0, 1.0]], device=device)
     T = torch.eye(4, device=device)
     f = [torch.randn(2, dim, *grid, device=device) for _ in range(2)]
@@ -309,7 +309,9 @@ def bench(cfg: BenchEvalConfig) -> dict:
     device = resolve_device(cfg.device)
     hw = (cfg.img_height, cfg.img_width)
     net = load_eval_backbone(cfg.model, weights=cfg.weights, init=cfg.init).to(device).eval()
-    p = 14
+    from snd.models.backbone import _unwrap, patch_size
+
+    p = patch_size(_unwrap(net))
     grid = (hw[0] // p, hw[1] // p)
     dim = int(net.embed_dim)
     work = Path(cfg.workdir) if cfg.workdir else Path(tempfile.mkdtemp(prefix="snd-bench-eval-"))
@@ -329,7 +331,7 @@ def bench(cfg: BenchEvalConfig) -> dict:
     waves = plan_training(hw, 1 + grid[0] * grid[1], dim, budget)
     measured_waves = [_measure_wave(w, net, store, targets, hw, grid, cfg.probe_iters, device, cfg.workers,
                                     pool=min(cfg.images, 64)) for w in waves]
-    corr_rate = _measure_corr(dim, grid, cfg.corr_pairs, device)
+    corr_rate = _measure_corr(dim, grid, cfg.corr_pairs, device, p)
     measured_s = time.perf_counter() - t_start
 
     # ---- projection ----

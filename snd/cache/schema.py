@@ -101,6 +101,7 @@ class OperatorSpec:
     protocol: Literal["official", "snd"] = "official"
     row_cap: int = 64
     inst_cap: int = 128
+    patch: int = 14  # backbone patch size the grids are counted in (written only when not DINOv2's 14)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ctx_hw", tuple(int(x) for x in self.ctx_hw))
@@ -123,6 +124,8 @@ class OperatorSpec:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["ctx_hw"], d["out_hw"] = list(self.ctx_hw), list(self.out_hw)
+        if d["patch"] == 14:  # DINOv2 stores keep their header byte for byte (a missing patch reads as 14)
+            del d["patch"]
         return d
 
     @classmethod

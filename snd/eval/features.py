@@ -122,16 +122,21 @@ def weights_fingerprint(model: nn.Module) -> str:
 
 
 def cache_key(model: nn.Module, img_hw: tuple[int, int], precision: Precision = "fp32") -> str:
-    """Folder name of a model's features at one input size and extraction precision (16 hex digits; fp32
-    keys are those made before the precision option existed)."""
-    return key_from_fingerprint(weights_fingerprint(model), img_hw, precision)
+    """Folder name of a model's features at one input size, patch size and extraction precision (16 hex
+    digits; fp32 / patch-14 keys are those made before these options existed)."""
+    from snd.models.backbone import patch_size
+
+    return key_from_fingerprint(weights_fingerprint(model), img_hw, precision, patch_size(_vit(model)))
 
 
-def key_from_fingerprint(fingerprint: str, img_hw: tuple[int, int], precision: Precision = "fp32") -> str:
+def key_from_fingerprint(fingerprint: str, img_hw: tuple[int, int], precision: Precision = "fp32",
+                         patch: int = 14) -> str:
     """`cache_key` from a `weights_fingerprint` (`snd cache gc --keep` matches folders without loading twice)."""
     text = f"{fingerprint}|{img_hw[0]}x{img_hw[1]}|v{FEATURE_VERSION}"
     if precision != "fp32":
         text += f"|{precision}"
+    if patch != 14:  # DINOv2 keys stay as they were
+        text += f"|p{patch}"
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

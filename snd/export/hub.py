@@ -43,7 +43,8 @@ def _atomic(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
-def _card(arch: str, run: Path, which: str, cfg: dict, files: list[str], hw: tuple[int, int]) -> str:
+def _card(arch: str, run: Path, which: str, cfg: dict, files: list[str], hw: tuple[int, int], family: str = "dinov2",
+          patch: int = 14) -> str:
     """README.md: how to load, what it was trained with, and the eval table when the run has one."""
     rows = "\n".join(f"| `{k}` | `{v}` |" for k, v in sorted(cfg.items()) if not isinstance(v, (list, dict)))
     evals = ""
@@ -53,28 +54,24 @@ def _card(arch: str, run: Path, which: str, cfg: dict, files: list[str], hw: tup
             break
     return f"""---
 library_name: timm
-tags: [image-feature-extraction, dinov2, splat-and-distill, snd]
+tags: [image-feature-extraction, {family}, splat-and-distill, snd]
 license: apache-2.0
 ---
 # {arch} — Splat and Distill ({which})
 
-DINOv2 backbone fine-tuned with Splat and Distill (SnD, ICLR 2026) by `snd distill`; LoRA merged into the
+{"DINOv3" if family == "dinov3" else "DINOv2"} backbone fine-tuned with Splat and Distill (SnD, ICLR 2026) by `snd distill`; LoRA merged into the
 weights. Exported by `snd export` from run `{run.name}`.
 
 ```python
 import timm
 model = timm.create_model("{arch}", pretrained=True, num_classes=0, dynamic_img_size=True,
                           pretrained_cfg_overlay=dict(file="model.safetensors"))
-feats = model.forward_features(images)  # images normalised with the mean/std of config.json, H, W multiples of 14
+feats = model.forward_features(images)  # images normalised with the mean/std of config.json, H, W multiples of {patch}
 ```
 
 or `snd.load_backbone("<this folder>")`. Trained at {hw[0]}x{hw[1]} input. Files: {", ".join(files)}.
 
-Position embeddings: stored at the native grid. At the native input size plain timm gives exactly the
-tokens snd trained with; at other sizes timm resamples them with its own rule, while snd and the official
-SnD code (torch.hub DINOv2) use DINOv2's `interpolate_pos_encoding` (~1e-3 relative difference on the
-tokens at 574x868). For the trained-with tokens at any size use `snd.load_backbone`, or torch.hub DINOv2
-with the `dinov2_*_snd.pth` file (`--format snd-release`).
+{_POS_V3 if family == "dinov3" else _POS_V2}
 
 ## Training configuration
 
@@ -84,11 +81,20 @@ with the `dinov2_*_snd.pth` file (`--format snd-release`).
 {evals}"""
 
 
+_POS_V2 = """Position embeddings: stored at the native grid. At the native input size plain timm gives exactly the
+tokens snd trained with; at other sizes timm resamples them with its own rule, while snd and the official
+SnD code (torch.hub DINOv2) use DINOv2's `interpolate_pos_encoding` (~1e-3 relative difference on the
+tokens at 574x868). For the trained-with tokens at any size use `snd.load_backbone`, or torch.hub DINOv2
+with the `dinov2_*_snd.pth` file (`--format snd-release`)."""
+_POS_V3 = """Position embeddings: rotary (RoPE), computed from the input grid; plain timm gives the tokens snd
+trained with at every input size. `--format snd-release` adds the facebookresearch/dinov3 layout file."""
+
+
 def export_run(run: str | Path, out: str | Path, *, which: Literal["student", "teacher"] = "student",
                fmt: Literal["timm", "snd-release"] = "timm", push: str | None = None) -> dict:
     """Write the export of `run` into `out`; returns {"files": [...], "architecture": ..., "out": ...}."""
     from snd.pipeline.config import DistillConfig, load_config
-    from snd.models.backbone import resolve_name
+    from snd.models.backbone import REGISTRY, patch_size, resolve_name
     from snd.train.checkpoint import CONFIG_FILE, load_backbone_from_run
 
     if fmt not in ("timm", "snd-release"):
@@ -98,6 +104,7 @@ def export_run(run: str | Path, out: str | Path, *, which: Literal["student", "t
     run_dir = run if run.is_dir() else run.parent.parent
     cfg = load_config(DistillConfig, run_dir / CONFIG_FILE)
     arch = resolve_name(cfg.model)
+    family = REGISTRY[arch].family
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -117,20 +124,26 @@ def export_run(run: str | Path, out: str | Path, *, which: Literal["student", "t
             "num_classes": 0, "pool_size": None, "first_conv": "patch_embed.proj", "classifier": "head",
             "license": "apache-2.0",
         },
-        "snd": {"run": str(run_dir.resolve()), "which": which, "native_grid": list(model.patch_embed.grid_size)},
+        "snd": {"run": str(run_dir.resolve()), "which": which, "native_grid": list(model.patch_embed.grid_size),
+                "family": family, "patch_size": patch_size(model)},
     }
     files = ["model.safetensors", "config.json", "README.md"]
     _atomic(out / "model.safetensors", lambda t: save_file(sd, str(t), metadata={"format": "pt"}))
     write_json(out / "config.json", config)
     if fmt == "snd-release":
         from snd.models.weights import to_dinov2_state_dict
+        from snd.models.weights_dinov3 import to_dinov3_state_dict
 
-        name = _RELEASE.get(C, f"dinov2_{C}_snd.pth")
-        rel = {k: v.clone() for k, v in to_dinov2_state_dict(sd).items()}
+        if family == "dinov3":
+            name, rel = f"{arch.replace('vit_', 'dinov3_').replace('_patch16_dinov3', '16')}_snd.pth", to_dinov3_state_dict(sd)
+        else:
+            name, rel = _RELEASE.get(C, f"dinov2_{C}_snd.pth"), to_dinov2_state_dict(sd)
+        rel = {k: v.clone() for k, v in rel.items()}
         _atomic(out / name, lambda t: torch.save(rel, t))
         files.append(name)
     cfg_dict = json.loads((run_dir / CONFIG_FILE).read_text()).get("config", {})
-    atomic_write_text(out / "README.md", _card(arch, run_dir, which, cfg_dict, files, (cfg.img_height, cfg.img_width)))
+    atomic_write_text(out / "README.md", _card(arch, run_dir, which, cfg_dict, files, (cfg.img_height, cfg.img_width),
+                                                  family, patch_size(model)))
     if push:
         try:
             import huggingface_hub  # noqa: F401

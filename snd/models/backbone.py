@@ -1,4 +1,10 @@
-"""DINOv2 backbones through timm: creation, weight loading, normalisation and patch-feature extraction.
+"""ViT backbones through timm (DINOv2, DINOv3): registry, creation, weight loading, normalisation and
+patch-feature extraction.
+
+The registry (`REGISTRY`: timm name -> `BackboneSpec`) is the one place a model family is described: its
+patch size, the module suffixes LoRA adapts, its position-embedding rule and where its weights come from.
+Every code path reads the patch size from the model (`patch_size`), never a constant; adding a family is one
+registry entry plus passing the backbone contract test (tests/test_backbone_contract.py).
 
 Why timm: its `VisionTransformer` is the DINOv2 architecture (layer scale, registers, dynamic input size),
 has a pretrained-config table (mean/std, source URL) and `forward_features`, so snd keeps no model code.
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -31,15 +38,21 @@ import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import Tensor, nn
 
 from snd.errors import SndError
+from snd.models.dinov3 import TEST_MODEL_V3, tiny_model_cfg, use_cached_rope
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ALIASES", "HUB_POS_INTERP", "SUPPORTED", "DinoV2ViT", "create_backbone", "extract", "normalize",
-           "hub_interpolate_pos_embed", "resolve_name", "patch_size", "embed_dim", "set_input_size"]
+__all__ = ["ALIASES", "HUB_POS_INTERP", "REGISTRY", "SUPPORTED", "VIT_TYPES", "BackboneSpec", "DinoV2ViT",
+           "create_backbone", "extract", "normalize", "hub_interpolate_pos_embed", "resolve_name", "patch_size",
+           "embed_dim", "set_input_size", "spec_of"]
+
+# timm classes snd drives: DINOv2 is a VisionTransformer, DINOv3 an Eva (same forward_features contract).
+VIT_TYPES = (VisionTransformer, Eva)
 
 # Official torch.hub names -> timm architecture names (the weights are the same; see snd.models.weights).
 ALIASES: dict[str, str] = {
@@ -48,12 +61,34 @@ ALIASES: dict[str, str] = {
     "dinov2_vits14_reg": "vit_small_patch14_reg4_dinov2",
     "dinov2_vitb14_reg": "vit_base_patch14_reg4_dinov2",
 }
-SUPPORTED = (
-    "vit_small_patch14_dinov2", "vit_base_patch14_dinov2",
-    "vit_small_patch14_reg4_dinov2", "vit_base_patch14_reg4_dinov2",
-    "snd_test_vit_patch14",
-)
 TEST_MODEL = "snd_test_vit_patch14"
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """What snd needs to know about one timm architecture (everything else is read from the model)."""
+
+    family: str  # "dinov2" (timm VisionTransformer, hub position interpolation) | "dinov3" (timm Eva, RoPE)
+    patch: int  # patch size in pixels (checked against the created model by the contract test)
+    lora: tuple[str, ...]  # module-name suffixes LoRA adapts: the attention's fused qkv and output projection
+    weights: str  # where the pretrained weights come from (the hint when --weights is missing)
+    test: bool = False  # tiny random-init test model (no pretrained weights)
+
+
+_V2_W = "the official DINOv2 weights {url} (or the safetensors of the Hugging Face repo timm/{arch}.lvd142m)"
+_V3_W = ("the official DINOv3 release .pth from https://github.com/facebookresearch/dinov3 (access form on the "
+         "README), or the safetensors of the Hugging Face repo timm/{arch}.lvd1689m")
+_LORA = ("attn.qkv", "attn.proj")  # DINOv2 Attention and DINOv3 EvaAttention use the same names
+REGISTRY: dict[str, BackboneSpec] = {
+    **{a: BackboneSpec("dinov2", 14, _LORA, _V2_W) for a in (
+        "vit_small_patch14_dinov2", "vit_base_patch14_dinov2",
+        "vit_small_patch14_reg4_dinov2", "vit_base_patch14_reg4_dinov2")},
+    TEST_MODEL: BackboneSpec("dinov2", 14, _LORA, "", test=True),
+    **{a: BackboneSpec("dinov3", 16, _LORA, _V3_W) for s in ("small", "small_plus", "base", "large")
+       for a in (f"vit_{s}_patch16_dinov3", f"vit_{s}_patch16_dinov3_qkvb")},
+    TEST_MODEL_V3: BackboneSpec("dinov3", 16, _LORA, "", test=True),
+}
+SUPPORTED = tuple(REGISTRY)
 
 # torch.hub DINOv2's (interpolate_offset, interpolate_antialias) per architecture (dinov2/hub/backbones.py:
 # the plain models use the defaults 0.1 / False, the register models 0.0 / True).
@@ -134,13 +169,7 @@ def use_hub_pos_embed(model: VisionTransformer, arch: str) -> VisionTransformer:
 # Why: tests and the CPU demo need a DINOv2-shaped ViT (patch 14, CLS token, layer scale, final norm)
 # that runs in milliseconds; registered in timm so every code path (timm.create_model, pretrained_cfg,
 # forward_features) is the same as for the real models.
-default_cfgs = generate_default_cfgs({
-    TEST_MODEL: {
-        "url": "", "num_classes": 0, "input_size": (3, 56, 56), "crop_pct": 1.0,
-        "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD, "license": "apache-2.0",
-        "first_conv": "patch_embed.proj", "classifier": "head",
-    },
-})
+default_cfgs = generate_default_cfgs({TEST_MODEL: tiny_model_cfg(56)})
 
 
 @register_model
@@ -162,12 +191,16 @@ def resolve_name(name: str) -> str:
     return base
 
 
+def spec_of(name: str) -> BackboneSpec:
+    """The registry entry of `name` (alias, timm name, or timm name with a `.tag`)."""
+    return REGISTRY[resolve_name(name)]
+
+
 def _download_hint(arch: str) -> str:
-    cfg = timm.models.get_pretrained_cfg(arch + ".lvd142m")
+    cfg = timm.models.get_pretrained_cfg(arch + ".lvd142m") if REGISTRY[arch].family == "dinov2" else None
     url = getattr(cfg, "url", "") if cfg is not None else ""
-    hub = f"timm/{arch}.lvd142m"
-    return (f"download the official DINOv2 weights {url} (or the safetensors of the Hugging Face repo {hub}) "
-            f"and pass the file with --weights; use --init random only for tests and the demo")
+    where = REGISTRY[arch].weights.format(url=url, arch=arch)
+    return f"download {where} and pass the file with --weights; use --init random only for tests and the demo"
 
 
 def create_backbone(
@@ -176,30 +209,38 @@ def create_backbone(
     weights: str | Path | None = None,
     init: Literal["pretrained", "random"] = "pretrained",
     img_size: tuple[int, int] | int | None = None,
+    arch_overrides: dict | None = None,
 ) -> VisionTransformer:
-    """A DINOv2 ViT from timm with dynamic input size, weights loaded strictly from a local file.
+    """A DINOv2 / DINOv3 ViT from timm with dynamic input size, weights loaded strictly from a local file.
 
     Args:
-        name: timm name (`vit_{small,base}_patch14[_reg4]_dinov2`), torch.hub alias (`dinov2_vits14`, ...)
-            or `snd_test_vit_patch14` (tiny, random init only).
+        name: a `REGISTRY` name (`vit_{small,base}_patch14[_reg4]_dinov2`, `vit_{small,small_plus,base,large}
+            _patch16_dinov3[_qkvb]`), a torch.hub alias (`dinov2_vits14`, ...) or a tiny test model
+            (`snd_test_vit_patch14`, `snd_test_vit_patch16_dinov3`; random init only).
         weights: local weights file (official .pth, .safetensors, pytorch_model.bin, released SnD .pth) or a
             folder holding one (e.g. a Hugging Face cache folder). Required for `init="pretrained"`.
         init: "pretrained" (needs `weights`) or "random" (seeded by the caller's torch RNG).
-        img_size: (H, W) in pixels (multiples of 14) the model is meant for: checked (`set_input_size`); the
-            position embedding stays at the native grid and is interpolated per forward (hub DINOv2 rule).
+        img_size: (H, W) in pixels (multiples of the patch size) the model is meant for: checked
+            (`set_input_size`); DINOv2's position embedding stays at the native grid and is interpolated per
+            forward (hub DINOv2 rule); DINOv3's RoPE is computed for the grid (and cached).
+        arch_overrides: timm architecture arguments to override (e.g. ``{"depth": 1}`` in the backbone
+            contract test, so every registry entry is checked in seconds).
 
     Returns:
-        `DinoV2ViT` (a timm `VisionTransformer`) in eval mode, `num_classes=0`, `dynamic_img_size=True`.
+        `DinoV2ViT` (a timm `VisionTransformer`) or a timm `Eva` (DINOv3) in eval mode, `num_classes=0`,
+        `dynamic_img_size=True`.
     """
     if init not in ("pretrained", "random"):
         raise SndError(f"init must be 'pretrained' or 'random', got {init!r}")
     arch = resolve_name(name)
-    if init == "pretrained" and arch == TEST_MODEL:
-        raise SndError(f"{TEST_MODEL} has no pretrained weights", hint="use --init random")
+    spec = REGISTRY[arch]
+    if init == "pretrained" and spec.test:
+        raise SndError(f"{arch} has no pretrained weights", hint="use --init random")
     if init == "pretrained" and weights is None:
         raise SndError(f"backbone {name!r} needs pretrained weights, and snd never downloads them",
                        hint=_download_hint(arch))
-    model = use_hub_pos_embed(timm.create_model(arch, pretrained=False, num_classes=0, dynamic_img_size=True), arch)
+    model = timm.create_model(arch, pretrained=False, num_classes=0, dynamic_img_size=True, **(arch_overrides or {}))
+    model = use_hub_pos_embed(model, arch) if spec.family == "dinov2" else use_cached_rope(model)
     if init == "pretrained":
         from snd.models.weights import load_backbone_weights
 
@@ -224,8 +265,9 @@ def set_input_size(model: VisionTransformer, img_size: tuple[int, int] | int) ->
     if H % p or W % p:
         raise SndError(f"image size {H}x{W} is not a multiple of the patch size {p}",
                        hint=f"use {H // p * p}x{W // p * p}")
-    if not isinstance(model, DinoV2ViT):  # a timm model from elsewhere: timm's own rule, resampled once
-        model.set_input_size(img_size=(H, W))
+    if isinstance(model, VisionTransformer) and not isinstance(model, DinoV2ViT):
+        model.set_input_size(img_size=(H, W))  # a timm ViT from elsewhere: timm's own rule, resampled once
+    # Eva (DINOv3): no absolute position embedding; RoPE is built for each input grid
     model.snd_img_size = (H, W)
 
 
@@ -270,7 +312,7 @@ def extract(model: nn.Module, images: Tensor) -> tuple[Tensor, Tensor]:
         images: [B, 3, H, W] normalised, H and W multiples of the patch size.
 
     Returns:
-        cls [B, C] and patches [B, C, H/14, W/14] (register tokens dropped).
+        cls [B, C] and patches [B, C, H/p, W/p] (p the patch size; register tokens dropped).
     """
     base = _unwrap(model)
     p = patch_size(base)
@@ -287,9 +329,9 @@ def extract(model: nn.Module, images: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    """The timm ViT inside a peft / DDP / compile wrapper."""
+    """The timm ViT (VisionTransformer or Eva) inside a peft / DDP / compile wrapper."""
     seen = 0
-    while not isinstance(model, VisionTransformer) and seen < 8:
+    while not isinstance(model, VIT_TYPES) and seen < 8:
         for attr in ("module", "_orig_mod", "base_model", "model"):
             inner = getattr(model, attr, None)
             if isinstance(inner, nn.Module):
@@ -298,6 +340,6 @@ def _unwrap(model: nn.Module) -> nn.Module:
         else:
             break
         seen += 1
-    if not isinstance(model, VisionTransformer):
-        raise TypeError(f"expected a timm VisionTransformer (maybe wrapped), got {type(model).__name__}")
+    if not isinstance(model, VIT_TYPES):
+        raise TypeError(f"expected a timm VisionTransformer or Eva (maybe wrapped), got {type(model).__name__}")
     return model

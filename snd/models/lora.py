@@ -7,11 +7,15 @@ eval) with fewer kernels per forward (see perf-notes: the step is launch-bound).
 
 Target modules: the official config lists the suffixes `qkv` and `proj`; in the DINOv2 module tree `proj`
 also matches `patch_embed.proj` (a Conv2d), so the official student adapts the patch embedding too
-(`patch_embed=True`, the default); the MLP layers are `fc1`/`fc2` and are not adapted.
+(`patch_embed=True`, the default); the MLP layers are `fc1`/`fc2` and are not adapted. DINOv3 (timm's
+Eva blocks) has the same roles under the same names (`attn.qkv`, `attn.proj`; `_qkvb` keeps its q/v biases
+as separate parameters, which stay frozen like every other bias); each family's suffixes come from
+`snd.models.backbone.REGISTRY`, and `describe_lora` lists what was adapted (printed at the start of a run).
 """
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass
 
 import torch
@@ -19,8 +23,8 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-__all__ = ["LoraSpec", "apply_lora", "lora_layers", "lora_parameters", "merge_lora_into", "merged_copy",
-           "target_regex"]
+__all__ = ["LoraSpec", "apply_lora", "describe_lora", "lora_layers", "lora_parameters", "merge_lora_into",
+           "merged_copy", "target_regex"]
 
 ADAPTER = "default"
 
@@ -35,25 +39,61 @@ class LoraSpec:
     patch_embed: bool = True
 
 
-def target_regex(patch_embed: bool) -> str:
-    """peft `target_modules` regex (full-name match): attention qkv/proj, optionally the patch embedding."""
-    return r".*(attn\.qkv|attn\.proj|patch_embed\.proj)$" if patch_embed else r".*attn\.(qkv|proj)$"
+_DEFAULT_TARGETS = ("attn.qkv", "attn.proj")
 
 
-def apply_lora(model: nn.Module, spec: LoraSpec = LoraSpec()) -> nn.Module:
+def target_regex(patch_embed: bool, targets: tuple[str, ...] = _DEFAULT_TARGETS) -> str:
+    """peft `target_modules` regex (full-name match): the attention's `targets` suffixes (the registry's),
+    optionally the patch embedding."""
+    if tuple(targets) == _DEFAULT_TARGETS:  # the DINOv2 regex, kept verbatim
+        return r".*(attn\.qkv|attn\.proj|patch_embed\.proj)$" if patch_embed else r".*attn\.(qkv|proj)$"
+    alts = [re.escape(t) for t in targets] + ([r"patch_embed\.proj"] if patch_embed else [])
+    return r".*(" + "|".join(alts) + r")$"
+
+
+def describe_lora(model: nn.Module) -> str:
+    """The adapted modules, block indices folded: 'patch_embed.proj, blocks.{0..11}.attn.qkv, ...'."""
+    groups: dict[str, list[int]] = {}
+    for name in lora_layers(model):
+        m = re.match(r"^(.*?blocks)\.(\d+)\.(.+)$", name)
+        key = f"{m.group(1)}.{{}}.{m.group(3)}" if m else name
+        groups.setdefault(key, []).append(int(m.group(2)) if m else -1)
+    parts = []
+    for key, idx in groups.items():
+        if "{}" not in key:
+            parts.append(key)
+            continue
+        lo, hi = min(idx), max(idx)
+        span = f"{{{lo}..{hi}}}" if sorted(idx) == list(range(lo, hi + 1)) and hi > lo else "{" + ",".join(map(str, idx)) + "}"
+        parts.append(key.format(span))
+    return f"{len(lora_layers(model))} modules: " + ", ".join(parts)
+
+
+def apply_lora(model: nn.Module, spec: LoraSpec = LoraSpec(), targets: tuple[str, ...] | None = None) -> nn.Module:
     """Inject LoRA adapters into `model` in place and freeze everything except them.
 
     Returns the same module object (no PeftModel wrapper), so `forward_features` and timm helpers work.
     Adapters start as the identity (peft initialises B = 0), so the student equals its base model at step 0.
     """
+    if targets is None:
+        targets = _registry_targets(model)
     cfg = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout, bias="none",
-                     target_modules=target_regex(spec.patch_embed))
+                     target_modules=target_regex(spec.patch_embed, targets))
     model = inject_adapter_in_model(cfg, model)
     for name, p in model.named_parameters():
         p.requires_grad_(".lora_" in name)
     n = len(lora_layers(model))
-    assert n > 0, "LoRA found no target modules (expected timm ViT attn.qkv / attn.proj)"
+    assert n > 0, f"LoRA found no target modules (expected {targets})"
     return model
+
+
+def _registry_targets(model: nn.Module) -> tuple[str, ...]:
+    """The registry's LoRA suffixes for `model`'s architecture (timm records it in `pretrained_cfg`)."""
+    from snd.models.backbone import REGISTRY
+
+    arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+    spec = REGISTRY.get(arch) if arch else None
+    return spec.lora if spec is not None else _DEFAULT_TARGETS
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:

@@ -1,4 +1,4 @@
-"""Load DINOv2 weights from a local file into a timm ViT: detect the layout, convert, load strictly.
+"""Load DINOv2 / DINOv3 weights from a local file into a timm ViT: detect the layout, convert, load strictly.
 
 Why a converter per layout + strict loading: the official README loads the released SnD weights with
 `strict=False`, which silently ignores every mismatch (a ViT-B file into a ViT-S, an MVSplat checkpoint,
@@ -11,6 +11,9 @@ Layouts (detected by signature keys, like timm's `checkpoint_filter_fn`):
                `dinov2_small_snd.pth`): `mask_token`, `register_tokens`, `blocks.i.ls1.gamma`, SwiGLU
                `mlp.w12`/`mlp.w3` (giant), chunked `blocks.c.i.` (training checkpoints).
   - "hf":      Hugging Face transformers `Dinov2Model` (`embeddings.*`, `encoder.layer.i.*`).
+  - "dinov3":  facebookresearch/dinov3 release `.pth` (`storage_tokens`, `ls1.gamma`, masked qkv bias):
+               `snd.models.weights_dinov3.convert_dinov3_state_dict`.
+  - "hf_dinov3": Hugging Face transformers `DINOv3ViTModel` (the facebook/dinov3-* hub repos).
   - "timm":    timm's own layout (timm HF hub `model.safetensors` / `pytorch_model.bin`, snd exports).
 """
 from __future__ import annotations
@@ -25,6 +28,8 @@ from timm.layers import resample_abs_pos_embed
 from torch import Tensor, nn
 
 from snd.errors import SndError
+from snd.models.weights_dinov3 import (convert_dinov3_state_dict, convert_hf_dinov3_state_dict, guess_dinov3_arch,
+                                       is_dinov3_official, is_hf_dinov3)
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +108,12 @@ def _strip_prefixes(sd: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def detect_layout(sd: dict[str, Tensor]) -> str:
-    """'dinov2' | 'hf' | 'timm' | 'unknown' from signature keys."""
+    """'dinov3' | 'hf_dinov3' | 'dinov2' | 'hf' | 'timm' | 'unknown' from signature keys."""
     keys = set(sd)
+    if is_dinov3_official(sd):  # before dinov2: DINOv3 files hold a mask_token too
+        return "dinov3"
+    if is_hf_dinov3(sd):  # before hf: both have embeddings.cls_token
+        return "hf_dinov3"
     if "mask_token" in keys or "register_tokens" in keys or any(".ls1.gamma" in k and re.match(r"blocks\.\d+\.\d+\.", k) for k in keys):
         return "dinov2"
     if "embeddings.cls_token" in keys:
@@ -208,6 +217,9 @@ _ARCH_BY_DIM = {384: "vit_small_patch14", 768: "vit_base_patch14", 1024: "vit_la
 
 def guess_arch(sd: dict[str, Tensor]) -> str | None:
     """timm architecture of a timm-layout ViT state dict from its embed dim and registers (None: unknown)."""
+    v3 = guess_dinov3_arch(sd)
+    if v3 is not None:
+        return v3
     dim = int(sd["cls_token"].shape[-1]) if "cls_token" in sd else None
     if dim == 64:
         return "snd_test_vit_patch14"
@@ -217,19 +229,24 @@ def guess_arch(sd: dict[str, Tensor]) -> str | None:
 
 def _model_hint(sd: dict[str, Tensor]) -> str:
     arch = guess_arch(sd)
-    if arch is None or arch == "snd_test_vit_patch14":
-        return "pass DINOv2 weights that match --model"
-    size = arch.split("_")[1]
-    return f"this file holds a ViT-{size[0].upper()}/14: use --model {arch}, or pass the weights of your --model"
+    if arch is None or arch.startswith("snd_test"):
+        return "pass DINOv2/DINOv3 weights that match --model"
+    return f"this file holds a {arch}: use --model {arch}, or pass the weights of your --model"
 
 
-def timm_state_dict(path: str | Path) -> tuple[Path, dict[str, Tensor], str, list[str]]:
+def timm_state_dict(path: str | Path, *, qkv_bias: bool | None = None) -> tuple[Path, dict[str, Tensor], str, list[str]]:
     """The weights file at `path` (or the one in a folder) in timm keys, whatever its layout:
-    (file, state dict, detected layout, keys dropped on purpose). SndError when it is no ViT backbone."""
+    (file, state dict, detected layout, keys dropped on purpose). SndError when it is no ViT backbone.
+    `qkv_bias`: for DINOv3 files, whether the target has q/v biases (None: iff the file's are non-zero)."""
     p = find_weights_file(path)
     raw = _strip_prefixes(read_state_dict(p))
     layout = detect_layout(raw)
-    if layout == "dinov2":
+    if layout in ("dinov3", "hf_dinov3"):
+        if qkv_bias is None:
+            qkv_bias = any(bool(v.any()) for k, v in raw.items() if k.endswith(("attn.qkv.bias", "q_proj.bias")))
+        convert = convert_dinov3_state_dict if layout == "dinov3" else convert_hf_dinov3_state_dict
+        sd, dropped = convert(raw, qkv_bias=qkv_bias)
+    elif layout == "dinov2":
         sd, dropped = convert_dinov2_state_dict(raw), ["mask_token"] if "mask_token" in raw else []
     elif layout == "hf":
         sd, dropped = convert_hf_dinov2_state_dict(raw), [k for k in raw if k == "embeddings.mask_token" or k.startswith("pooler.")]
@@ -249,8 +266,8 @@ def load_backbone_weights(model: nn.Module, path: str | Path) -> LoadReport:
     Raises SndError naming the file, what the model expects and what the file holds (embed dim, depth,
     registers), and the fix, for any missing/unexpected key or shape mismatch. Returns a LoadReport listing
     the keys dropped on purpose (`mask_token`, classifier heads) and tensors resampled (position grid)."""
-    p, sd, layout, dropped = timm_state_dict(path)
     target = model.state_dict()
+    p, sd, layout, dropped = timm_state_dict(path, qkv_bias=any(k.endswith("attn.q_bias") for k in target))
     for k in sorted(sd):
         if k not in target and _DROPPABLE.match(k):
             dropped.append(k)

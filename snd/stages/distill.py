@@ -25,12 +25,15 @@ def check_sizes(h: int, w: int, patch: int = 14) -> None:
     """The backbone input must tile into whole patches (stage two and its benchmark both check it)."""
     if h % patch or w % patch:
         raise SndError(f"backbone input {h}x{w} is not a multiple of the patch size {patch}",
-                       hint=f"use --img-height {h // patch * patch} --img-width {w // patch * patch}")
+                       hint=f"use --img-height {-(-h // patch) * patch} --img-width {-(-w // patch) * patch} "
+                            f"(or {h // patch * patch} x {w // patch * patch})")
 
 
 def run(cfg: DistillConfig) -> TrainSummary:
     """Train (or resume, if `cfg.run` holds a checkpoint) and return the summary; rank 0 prints it."""
-    check_sizes(cfg.img_height, cfg.img_width)
+    from snd.models.backbone import spec_of
+
+    check_sizes(cfg.img_height, cfg.img_width, spec_of(cfg.model).patch)
     if not Path(cfg.shards).exists():
         raise SndError(f"scaffold store not found: {cfg.shards}", path=cfg.shards,
                        hint="run `snd precompute --out <store>` first, then pass it with --shards")

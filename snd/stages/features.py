@@ -49,9 +49,12 @@ def run(cfg: FeaturesConfig, images: list[Path]) -> dict:
         if not (cfg.img_height and cfg.img_width):
             raise SndError("give both --img-height and --img-width")
         size = (cfg.img_height, cfg.img_width)
-    elif len({im.size for im in pils}) > 1:
-        size = (round(pils[0].size[1] / 14) * 14, round(pils[0].size[0] / 14) * 14)  # mixed sizes: the first's
     model = load_backbone(cfg.model, weights=cfg.weights, device=resolve_device(cfg.device))
+    if size is None and len({im.size for im in pils}) > 1:  # mixed sizes: the first's, on the model's patch grid
+        from snd.models.backbone import _unwrap, patch_size
+
+        p = patch_size(_unwrap(model))
+        size = (round(pils[0].size[1] / p) * p, round(pils[0].size[0] / p) * p)
     cls, patches = extract_features(model, pils, size=size, resize=cfg.resize)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -31,7 +31,7 @@ TENSOR_KEYS = ("ctx_images", "tgt_image", "means", "quats", "scales", "opacities
                "ctx_K", "ctx_c2w", "tgt_K", "tgt_c2w", "index")  # + "op_*" (schema v2 operators) when in use
 
 
-def operator_decision(cfg: DistillConfig, header: dict, patch: int = 14) -> tuple[bool, str]:
+def operator_decision(cfg: DistillConfig, header: dict, patch: int | None = None) -> tuple[bool, str]:
     """(use the store's operators?, why) for this run (`--targets`, see DistillConfig).
 
     The stored operators bake in the patch grids, the upsampling mode, blending and the targets protocol
@@ -42,10 +42,15 @@ def operator_decision(cfg: DistillConfig, header: dict, patch: int = 14) -> tupl
 
     if cfg.targets == "render":
         return False, "--targets render"
+    if patch is None:
+        from snd.models.backbone import spec_of
+
+        patch = spec_of(cfg.model).patch
     raw = header.get("operator")
-    op = OperatorSpec.from_dict(raw).to_dict() if raw else None
+    spec = OperatorSpec.from_dict(raw) if raw else None
+    op = dict(spec.to_dict(), patch=spec.patch) if spec else None
     grid = [cfg.img_height // patch, cfg.img_width // patch]
-    want = {"ctx_hw": grid, "out_hw": grid, "upsample": cfg.upsample, "blend": cfg.blend,
+    want = {"patch": patch, "ctx_hw": grid, "out_hw": grid, "upsample": cfg.upsample, "blend": cfg.blend,
             "protocol": cfg.targets_protocol}
     have = {k: op.get(k) for k in want} if op else None
     ok = have == want and not cfg.render_to_context
@@ -67,7 +72,7 @@ def operator_decision(cfg: DistillConfig, header: dict, patch: int = 14) -> tupl
     return False, why
 
 
-def use_stored_operators(cfg: DistillConfig, header: dict, patch: int = 14) -> bool:
+def use_stored_operators(cfg: DistillConfig, header: dict, patch: int | None = None) -> bool:
     """Whether this run builds its targets from the store's operators (see `operator_decision`)."""
     return operator_decision(cfg, header, patch)[0]
 

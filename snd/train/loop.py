@@ -191,6 +191,12 @@ def _train(cfg: DistillConfig, env: DistEnv, device: torch.device, factory: Stre
     if env.is_main:
         save_base(run_dir, base.state_dict())
     d = Distiller(cfg, base).to(device).train()
+    if env.is_main:  # which modules the run adapts (the registry's LoRA targets for this family)
+        from rich.console import Console
+
+        from snd.models.lora import describe_lora
+
+        Console(stderr=True).print(f"[bold]LoRA[/] ({cfg.model}): {describe_lora(d.student)}")
     runner = StepRunner(d, cfg, device=device, target_fn=target_fn, world_size=env.world_size)
 
     step, position = 0, 0

@@ -22,16 +22,17 @@ def resolve_rank(cfg_rank: int, cfg_world: int) -> tuple[int, int]:
     return rank, world
 
 
-PATCH = 14  # DINOv2's patch size: the operators are built for stage two's patch grids
+PATCH = 14  # DINOv2's patch size, the default of --patch-size (the operators are built for stage two's grids)
 
 
 def backbone_hw(cfg: PrecomputeConfig) -> tuple[int, int]:
     """Stage two's backbone input size this store is built for (operators and frames)."""
-    ih = cfg.operator_img_height or cfg.height // PATCH * PATCH
-    iw = cfg.operator_img_width or cfg.width // PATCH * PATCH
-    if ih % PATCH or iw % PATCH or ih < PATCH or iw < PATCH:
-        raise SndError(f"operator input size {ih}x{iw} is not a positive multiple of the patch size {PATCH}",
-                       hint="pass --operator-img-height/--operator-img-width as multiples of 14")
+    p = getattr(cfg, "patch_size", PATCH)
+    ih = cfg.operator_img_height or cfg.height // p * p
+    iw = cfg.operator_img_width or cfg.width // p * p
+    if p < 1 or ih % p or iw % p or ih < p or iw < p:
+        raise SndError(f"operator input size {ih}x{iw} is not a positive multiple of the patch size {p}",
+                       hint=f"pass --operator-img-height/--operator-img-width as multiples of {p}")
     return ih, iw
 
 
@@ -51,10 +52,11 @@ def operator_spec(cfg: PrecomputeConfig) -> OperatorSpec | None:
     if not getattr(cfg, "operator", False):
         return None
     ih, iw = backbone_hw(cfg)
-    grid = (ih // PATCH, iw // PATCH)
+    p = getattr(cfg, "patch_size", PATCH)
+    grid = (ih // p, iw // p)
     return OperatorSpec(ctx_hw=grid, out_hw=grid, upsample=cfg.operator_upsample, blend=cfg.operator_blend,
                         protocol=getattr(cfg, "targets_protocol", "official"),
-                        row_cap=cfg.operator_row_cap, inst_cap=cfg.operator_inst_cap)
+                        row_cap=cfg.operator_row_cap, inst_cap=cfg.operator_inst_cap, patch=p)
 
 
 def store_header(cfg: PrecomputeConfig, ds: Any, source: ScaffoldSource, enc: Encoding) -> dict:
