@@ -113,33 +113,26 @@ def _convert(x: Tensor, alpha: float = 1.0, beta: float = 0.0) -> Tensor:
 def rgb_to_hsv_u8(img: Tensor) -> Tensor:
     """OpenCV's 8-bit RGB -> HSV on [3, H, W] values 0..255: H in [0, 180] (degrees / 2), S and V in 0..255,
     each rounded. The sector is R's when max = R, else G's when max = G, else B's (OpenCV's order)."""
-    r, g, b = img.double()
-    v = torch.maximum(torch.maximum(r, g), b)
-    d = v - torch.minimum(torch.minimum(r, g), b)
-    s = torch.where(v > 0, 255 * d / v.clamp_min(1e-12), 0.0)
-    dd = d.clamp_min(1e-12)
-    h = torch.where(v == r, (g - b) / dd * 60, torch.where(v == g, 120 + (b - r) / dd * 60, 240 + (r - g) / dd * 60))
-    h = torch.where(d > 0, h, 0.0)
-    h = torch.where(h < 0, h + 360, h)
-    return torch.stack([(h / 2).round(), s.round(), v]).float()
+    r, g, b = img.float()
+    v, mn = img.float().amax(0), img.float().amin(0)
+    d = v - mn
+    s = 255 * d / v.clamp_min(1e-6)
+    dd = d.clamp_min(1e-6)
+    h = torch.where(v == r, (g - b) / dd * 60, torch.where(v == g, (b - r) / dd * 60 + 120, (r - g) / dd * 60 + 240))
+    h = torch.where(h < 0, h + 360, h) * (d > 0)
+    return torch.stack([(h / 2).round_(), s.round_(), v])
 
 
 def hsv_to_rgb_u8(hsv: Tensor) -> Tensor:
-    """OpenCV's 8-bit HSV -> RGB: h = 2H degrees, s = S/255, v = V; the six-sector formula, rounded."""
-    H, S, V = hsv.double()
-    h = (H * 2 / 60) % 6
-    i = h.floor()
-    f = h - i
-    s = S / 255
-    p, q, t = V * (1 - s), V * (1 - s * f), V * (1 - s * (1 - f))
-    table = [(V, t, p), (q, V, p), (p, V, t), (p, q, V), (t, p, V), (V, p, q)]
-    out = torch.zeros(3, *H.shape, dtype=torch.float64)
-    for k, (rr, gg, bb) in enumerate(table):
-        m = i == k
-        out[0] = torch.where(m, rr, out[0])
-        out[1] = torch.where(m, gg, out[1])
-        out[2] = torch.where(m, bb, out[2])
-    return out.round().clamp_(0, 255).float()
+    """OpenCV's 8-bit HSV -> RGB: h = 2H degrees, s = S/255, v = V; the six-sector formula (written as
+    c_n = v − v·s·clamp(min(k, 4 − k), 0, 1), k = (n + h/60) mod 6, n = 5, 3, 1 for R, G, B), rounded."""
+    H, S, V = hsv.float()
+    h6, vs = H / 30, V * S / 255
+    out = []
+    for n in (5.0, 3.0, 1.0):
+        k = torch.remainder(h6 + n, 6.0)
+        out.append(V - vs * torch.minimum(k, 4 - k).clamp_(0, 1))
+    return torch.stack(out).round_().clamp_(0, 255)
 
 
 def photometric_distortion(img: Tensor, gen: Optional[torch.Generator] = None) -> Tensor:
@@ -187,7 +180,7 @@ def _resize_labels(seg: Tensor, hw: tuple[int, int]) -> Tensor:
 def _raw(source, index: int) -> tuple[Tensor, Tensor]:
     """(image [3, H, W] float 0..255, labels [H, W] int64) at the dataset's native resolution (`load`)."""
     raw = source.load(index)
-    img = torch.from_numpy(np.ascontiguousarray(raw.image)).permute(2, 0, 1).float()
+    img = torch.from_numpy(np.array(raw.image, dtype=np.uint8, copy=True)).permute(2, 0, 1).float()
     return img, torch.from_numpy(np.asarray(raw.seg, dtype=np.int64))
 
 
