@@ -165,7 +165,7 @@ def test_slide_logits_equal_a_hand_merge_of_live_windows():
     torch.manual_seed(0)
     net = create_backbone("snd_test_vit_patch14", init="random").eval()
     norm = final_norm_params(net)
-    dim = int(net.embed_dim) if hasattr(net, "embed_dim") else norm["weight"].numel()
+    dim = norm["weight"].numel()
     probe = SegProbe(dim, num_classes=3).eval()
     image = torch.rand(1, 3, 30, 40)
     crop, stride = (28, 28), (20, 20)  # windows (0,28,0,28), (0,28,12,40) and (2,30,...): 4 windows
@@ -180,3 +180,20 @@ def test_slide_logits_equal_a_hand_merge_of_live_windows():
         cnt[y1:y2, x1:x2] += 1
     assert torch.allclose(out, acc / cnt, atol=1e-5)
     assert cnt.max() == 4 and cnt.min() == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_slide_logits_on_cuda_equal_cpu():
+    from snd.eval.features import final_norm_params
+    from snd.eval.probes import SegProbe
+    from snd.models.backbone import create_backbone
+
+    torch.manual_seed(0)
+    net = create_backbone("snd_test_vit_patch14", init="random").eval()
+    norm = final_norm_params(net)
+    probe = SegProbe(norm["weight"].numel(), num_classes=5).eval()
+    image = torch.rand(1, 3, 512, 683)  # a 4:3 frame at short side 512: two 512x512 windows padded to 518
+    cpu = slide_logits(probe, net, image, norm)
+    gpu = slide_logits(probe.cuda(), net.cuda(), image.cuda(), {k: v.cuda() for k, v in norm.items()})
+    assert torch.allclose(gpu.cpu(), cpu, atol=1e-3, rtol=1e-3)
