@@ -46,7 +46,7 @@ if [[ $what == *profile-operator* ]]; then
   run profile-operator timeout 120 python3 scripts/gpu_profile_operator.py 2>&1 | tee "$OUT/profile_operator.jsonl" | tail -18
 fi
 if [[ $what == *eval-gpu* ]]; then
-  run eval-gpu-tests timeout 200 python3 -m pytest -q tests/test_eval_probe_speed.py tests/test_eval_probes_together.py tests/test_eval_probes_features.py tests/test_evaluate.py tests/test_eval_protocol.py -m gpu -p no:cacheprovider 2>&1 | tee "$OUT/eval_gpu_tests.log" | tail -15
+  run eval-gpu-tests timeout 200 python3 -m pytest -q tests/test_eval_probe_speed.py tests/test_eval_probes_together.py tests/test_eval_probes_features.py tests/test_evaluate.py tests/test_eval_protocol.py tests/test_eval_mmseg.py -m gpu -p no:cacheprovider 2>&1 | tee "$OUT/eval_gpu_tests.log" | tail -15
 fi
 if [[ $what == *bench-eval* ]]; then
   run bench-eval timeout 400 python3 -m snd.cli bench eval --model dinov2_vits14 --init random --device cuda --workers 8 ${EVAL_ARGS:-} --out "$OUT/bench_eval.json" > "$OUT/bench_eval.log" 2>&1; tail -3 "$OUT/bench_eval.log"

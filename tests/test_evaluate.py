@@ -142,3 +142,33 @@ def test_paper_nyu_normals_are_tested_at_490x490_on_their_own_token_store(tmp_pa
     assert rec["n_train"] == 3 and rec["recipe"]["shuffle"] is False and rec["probe"]["mask"] == "finite"
     assert list((tmp_path / "out" / "features").rglob("nyuv2@490x490"))
     assert not list((tmp_path / "out" / "features").rglob("nyuv2/train*"))  # GeoNet rows ran live, not cached
+
+
+def test_paper_seg_trains_live_on_mmseg_crops_and_tests_by_sliding_windows(synth_root, tmp_path, monkeypatch):
+    """Paper-protocol segmentation end to end: training reads 518x518 mmseg crops through the live backbone (no
+    token store), the test slides 512x512 windows over each image rescaled to short side 512 and scores at the
+    label's own size; fast, on the same data, caches both splits and scores at the probe input size."""
+    from snd.eval import mmseg
+
+    sizes, calls = [], []
+    real = mmseg.slide_logits
+
+    def spy(probe, backbone, image, norm, **kw):
+        sizes.append(tuple(image.shape[-2:]))
+        out = real(probe, backbone, image, norm, **kw)
+        calls.append(tuple(out.shape))
+        return out
+
+    monkeypatch.setattr("snd.eval.probes.evaluate.slide_logits", spy)
+    feats = tmp_path / "features"
+    paper = evaluate.run(_cfg(synth_root, tmp_path / "paper", baseline=None, feature_cache_dir=feats, iters=2,
+                              max_images=2), tasks=["seg"])
+    assert not list(feats.rglob("*.zarr"))  # neither split is cached: both run the backbone live
+    (rec,) = paper["records"]
+    assert rec["status"] == "ok" and rec["protocol"] == "paper" and rec["n_val"] == 2
+    assert sizes and all(min(s) == 512 for s in sizes)  # short side 512 (synth frames are wider than tall)
+    assert all(c[1] == rec["probe"]["num_classes"] for c in calls)
+    fast = evaluate.run(_cfg(synth_root, tmp_path / "fast", baseline=None, feature_cache_dir=feats, iters=2,
+                             max_images=2, protocol="fast"), tasks=["seg"])
+    assert list(feats.rglob("*.zarr")) and fast["records"][0]["status"] == "ok"
+    assert rec["metrics"]["aAcc"] != fast["records"][0]["metrics"]["aAcc"]

@@ -93,6 +93,10 @@ def _splits(task: str, name: str, cfg: EvalConfig):
                                  **dataset_kwargs(cfg.protocol, name, task, "train"))
     val_ds = D.get_dataset(name, cfg.data_root, "val", task, val_hw(cfg, name, task),
                            **dataset_kwargs(cfg.protocol, name, task, "val"))
+    if cfg.protocol == "paper" and task == "seg":  # mmseg's test: short side 512, sliding windows, native GT
+        from snd.eval.mmseg import MmsegTest
+
+        val_ds = MmsegTest(val_ds)
     idx_tr, idx_va = _subset(len(train_ds), cfg.max_images), _subset(len(val_ds), cfg.max_images)
     if not idx_tr or not idx_va:
         raise SndError(f"{name}: empty split (train {len(idx_tr)}, val {len(idx_va)} images) for {task}")
@@ -101,7 +105,15 @@ def _splits(task: str, name: str, cfg: EvalConfig):
 
 def paper_train_set(cfg: EvalConfig, name: str, task: str):
     """The paper protocol's own training set where it differs from the dataset's train split (NYU normals:
-    GeoNet's "trainval", `snd.eval.datasets.geonet`), else None. Missing data is an SndError naming it."""
+    GeoNet's "trainval", `snd.eval.datasets.geonet`; segmentation: the train split through mmseg's augmentation,
+    `snd.eval.mmseg.MmsegTrain`), else None. Missing data is an SndError naming it."""
+    if cfg.protocol == "paper" and task == "seg":
+        from snd.eval import datasets as D
+        from snd.eval.mmseg import MmsegTrain
+        from snd.eval.protocol import dataset_kwargs
+
+        return MmsegTrain(D.get_dataset(name, cfg.data_root, "train", task, (cfg.img_height, cfg.img_width),
+                                        **dataset_kwargs(cfg.protocol, name, task, "train")))
     if cfg.protocol != "paper" or (name, task) != ("nyuv2", "normals"):
         return None
     from snd.eval.datasets.geonet import FOLDERS, URL, GeoNetNYU, find_geonet

@@ -32,6 +32,7 @@ import torch
 
 from snd.cache.inuse import hold_in_use
 from snd.errors import SndError
+from snd.eval.mmseg import MmsegTrain
 from snd.pipeline.config import EvalConfig, save_config, to_jsonable
 from snd.stages.eval_corr import _eval_corr
 from snd.stages.eval_outputs import _clean, _figures, _save_samples, _write_json
@@ -125,7 +126,9 @@ def _prepare_probe(role: _Role, task: str, name: str, cfg: EvalConfig, device: t
         from snd.eval.protocol import FlippedImages
 
         cache_dir = cfg.feature_cache_dir or cfg.out / "features"
-        sources = ([] if self_aug else [("train", train_ds, idx_tr, hw)]) + [("val", val_ds, idx_va, vhw)]
+        sources = ([] if self_aug else [("train", train_ds, idx_tr, hw)])
+        if not getattr(val_ds, "slide", False):  # the sliding-window test runs the backbone live per window
+            sources.append(("val", val_ds, idx_va, vhw))
         if flip_test:  # the flip test's second pass, cached like the first
             sources.append(("val_flip", FlippedImages(val_ds), idx_va, vhw))
         for split, ds, idx, shw in sources:
@@ -148,7 +151,9 @@ def _prepare_probe(role: _Role, task: str, name: str, cfg: EvalConfig, device: t
     data_tr = ProbeData(train_ds, idx_tr, task, stores.get("train"), targets=targets,
                         **({"memory_mb": 0.0} if self_aug else {}))
     data_va = ProbeData(val_ds, idx_va, task, stores.get("val"), with_image=True, flip_store=stores.get("val_flip"))
-    trivial = _eval_trivial(task, name, data_tr, data_va, cfg.protocol) if with_trivial else None
+    # the constant predictor is fit on the un-augmented labels where the training set augments a source
+    tri_tr = ProbeData(train_ds.source, idx_tr, task) if isinstance(train_ds, MmsegTrain) else data_tr
+    trivial = _eval_trivial(task, name, tri_tr, data_va, cfg.protocol) if with_trivial else None
     torch.manual_seed(cfg.seed)
     if task == "depth":
         lo, hi = _depth_range(name)
@@ -344,6 +349,7 @@ def run(cfg: EvalConfig, tasks: list[str]) -> dict:
                 from snd.eval.probes import ProbeData
 
                 train_ds, val_ds, idx_tr, idx_va = _splits(task, name, cfg)
+                train_ds = train_ds.source if isinstance(train_ds, MmsegTrain) else train_ds
                 keep_trivial(task, name, _eval_trivial(task, name, ProbeData(train_ds, idx_tr, task),
                                                        ProbeData(val_ds, idx_va, task), cfg.protocol))
             except SndError as e:

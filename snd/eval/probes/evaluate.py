@@ -5,9 +5,11 @@ Split from `snd.eval.probes.train` (training and evaluation share its `ProbeData
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from snd.eval.metrics import ConfusionAccumulator, MeanAccumulator, depth_metrics, normal_metrics
+from snd.eval.mmseg import slide_logits
 from snd.eval.probes.base import Probe, to_device
 from snd.eval.probes.train import TARGETS, ProbeData, _float_tokens
 from snd.eval.protocol import MmsegConfusion, flip_average, zero_normals_as_90deg
@@ -34,7 +36,8 @@ def evaluate_probe(
     `protocol="paper"`: depth is the flip average (`tokens_flip` from `data.flip_store`, or the backbone
     on the flipped image on the live path), scored at whatever resolution the targets have (native with
     the paper's datasets; one image per batch, since native sizes may differ); segmentation counts GT ids
-    >= the class count in mmseg's union (`MmsegConfusion`); where the dataset marks validity by raw depth
+    >= the class count in mmseg's union (`MmsegConfusion`) and, on an `MmsegTest` set, is predicted by
+    mmseg's sliding windows with the live backbone (`snd.eval.mmseg.slide_logits`); where the dataset marks validity by raw depth
     (`dataset.zero_normal_is_error`, NYU's Probe3D test) a zero normal at a valid pixel scores 90 degrees
     (`zero_normals_as_90deg`). "fast": one pass, the plain confusion matrix, zero normals skipped.
 
@@ -51,7 +54,13 @@ def evaluate_probe(
     flip = paper and task == "depth"
     if flip and data.store is not None and data.flip_store is None:
         raise ValueError("the paper protocol's depth test needs the flipped images' tokens (ProbeData flip_store)")
-    loader = torch.utils.data.DataLoader(data, batch_size=1 if flip else batch, shuffle=False, num_workers=num_workers)
+    # the official seg test: sliding windows on the image rescaled to short side 512, live backbone, one image
+    # at a time (sizes differ), logits resized to the ground truth's own size (`snd.eval.mmseg`)
+    slide = paper and task == "seg" and bool(getattr(data.dataset, "slide", False))
+    if slide and backbone is None:
+        raise ValueError("the paper protocol's sliding-window seg test runs the backbone on every window")
+    loader = torch.utils.data.DataLoader(data, batch_size=1 if flip or slide else batch, shuffle=False,
+                                         num_workers=num_workers)
     # zero normals are errors only where validity comes from the raw depth (NaN marks invalid pixels there)
     z90 = paper and task == "normals" and bool(getattr(data.dataset, "zero_normal_is_error", False))
     if task == "seg":
@@ -62,7 +71,12 @@ def evaluate_probe(
     for b in loader:
         b = to_device(b, device)
         gt = b[TARGETS[task][0]]
-        pred = probe.predict(probe.prepare(_float_tokens(b, backbone), grid, norm), tuple(gt.shape[-2:]))
+        if slide:
+            logits = slide_logits(probe, backbone, b["image"], norm)
+            pred = F.interpolate(logits, size=tuple(gt.shape[-2:]), mode="bilinear", align_corners=False).argmax(1)
+            b["image"] = F.interpolate(b["image"], size=tuple(gt.shape[-2:]), mode="bilinear", align_corners=False)
+        else:
+            pred = probe.predict(probe.prepare(_float_tokens(b, backbone), grid, norm), tuple(gt.shape[-2:]))
         if flip:
             fb = {"tokens": b["tokens_flip"]} if "tokens_flip" in b else {"image": b["image"].flip(-1)}
             pred = flip_average(pred, probe.predict(probe.prepare(_float_tokens(fb, backbone), grid, norm),
