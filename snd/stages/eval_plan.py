@@ -80,14 +80,15 @@ def _depth_range(name: str) -> tuple[float, float]:
     return D.dataset_info(name).depth_range or DEPTH_RANGE.get(name, (1e-3, 10.0))
 
 
-def _splits(task: str, name: str, cfg: EvalConfig):
-    """(train dataset, val dataset, train indices, val indices) of a dense task, subset per --max-images."""
+def _splits(task: str, name: str, cfg: EvalConfig, patch: int = 14):
+    """(train dataset, val dataset, train indices, val indices) of a dense task, subset per --max-images;
+    `patch`: the backbone's patch size (the paper protocol's seg crops are centre-padded to its multiple)."""
     from snd.eval import datasets as D
 
     from snd.eval.protocol import dataset_kwargs
 
     hw = (cfg.img_height, cfg.img_width)
-    train_ds = paper_train_set(cfg, name, task)
+    train_ds = paper_train_set(cfg, name, task, patch)
     if train_ds is None:
         train_ds = D.get_dataset(name, cfg.data_root, "train", task, hw,
                                  **dataset_kwargs(cfg.protocol, name, task, "train"))
@@ -103,7 +104,7 @@ def _splits(task: str, name: str, cfg: EvalConfig):
     return train_ds, val_ds, idx_tr, idx_va
 
 
-def paper_train_set(cfg: EvalConfig, name: str, task: str):
+def paper_train_set(cfg: EvalConfig, name: str, task: str, patch: int = 14):
     """The paper protocol's own training set where it differs from the dataset's train split (NYU normals:
     GeoNet's "trainval", `snd.eval.datasets.geonet`; segmentation: the train split through mmseg's augmentation,
     `snd.eval.mmseg.MmsegTrain`), else None. Missing data is an SndError naming it."""
@@ -113,7 +114,7 @@ def paper_train_set(cfg: EvalConfig, name: str, task: str):
         from snd.eval.protocol import dataset_kwargs
 
         return MmsegTrain(D.get_dataset(name, cfg.data_root, "train", task, (cfg.img_height, cfg.img_width),
-                                        **dataset_kwargs(cfg.protocol, name, task, "train")))
+                                        **dataset_kwargs(cfg.protocol, name, task, "train")), patch=patch)
     if cfg.protocol != "paper" or (name, task) != ("nyuv2", "normals"):
         return None
     from snd.eval.datasets.geonet import FOLDERS, URL, GeoNetNYU, find_geonet

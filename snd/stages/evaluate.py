@@ -113,7 +113,7 @@ def _prepare_probe(role: _Role, task: str, name: str, cfg: EvalConfig, device: t
 
     hw = (cfg.img_height, cfg.img_width)
     _, dim = _grid_dim(role, hw)  # also checks the input size against the patch size
-    train_ds, val_ds, idx_tr, idx_va = _splits(task, name, cfg)
+    train_ds, val_ds, idx_tr, idx_va = _splits(task, name, cfg, _patch(role))
     vhw = val_hw(cfg, name, task)
     vgrid, _ = _grid_dim(role, vhw)
     # a training set that augments its own items (the paper's GeoNet normals) runs the backbone live
@@ -172,11 +172,17 @@ def _prepare_probe(role: _Role, task: str, name: str, cfg: EvalConfig, device: t
                      tgrid, self_aug)
 
 
-def _grid_dim(role: _Role, hw: tuple[int, int]) -> tuple[tuple[int, int], int]:
+def _patch(role: _Role) -> int:
     from snd.models.backbone import _unwrap, patch_size
 
+    return patch_size(_unwrap(role.net))
+
+
+def _grid_dim(role: _Role, hw: tuple[int, int]) -> tuple[tuple[int, int], int]:
+    from snd.models.backbone import _unwrap
+
     vit = _unwrap(role.net)
-    p = patch_size(vit)
+    p = _patch(role)
     if hw[0] % p or hw[1] % p:
         raise SndError(f"probe input {hw[0]}x{hw[1]} is not a multiple of the patch size {p}",
                        hint=f"use --img-height {hw[0] // p * p} --img-width {hw[1] // p * p}")
