@@ -40,6 +40,7 @@ import numpy as np
 from PIL import Image
 
 from snd.data.camera import Camera, intrinsics, look_at
+from snd.data.fisheye import fisheye_camera_dirs
 from snd.data.formats import (
     SYNTH_CLASSES,
     atomic_write_text,
@@ -284,8 +285,19 @@ class SynthScene:
 
     def render(self, raycaster: MeshRaycaster, cam: Camera) -> np.ndarray:
         """RGB image [H, W, 3] uint8 of camera `cam` (Lambert + ambient, procedural albedo)."""
-        hits = raycaster.cast(cam)
-        H, W = cam.height, cam.width
+        return self.shade(raycaster.cast(cam), cam.center)
+
+    def render_fisheye(self, raycaster: MeshRaycaster, c2w: np.ndarray, height: int, width: int) -> np.ndarray:
+        """RGB image [H, W, 3] uint8 of the OPENCV_FISHEYE camera (`fisheye_intrinsics`) at pose `c2w`,
+        every pixel shaded along its true distorted ray (`snd.data.fisheye.fisheye_camera_dirs`)."""
+        K, k = fisheye_intrinsics(height, width)
+        d = fisheye_camera_dirs(K, k, height, width) @ np.asarray(c2w)[:3, :3].T
+        o = np.broadcast_to(np.asarray(c2w)[:3, 3], d.shape).copy()
+        return self.shade(raycaster.cast_rays(o, d), np.asarray(c2w)[:3, 3])
+
+    def shade(self, hits, center: np.ndarray) -> np.ndarray:
+        """Shade ray hits (`RayHits` of an [H, W] image seen from `center`) into RGB [H, W, 3] uint8."""
+        H, W = hits.face.shape
         face = hits.face.reshape(-1)
         ok = face >= 0
         rgb = np.zeros((H * W, 3))
@@ -295,7 +307,7 @@ class SynthScene:
         tri_n = self.normals[self.faces[fidx]]  # [M, 3, 3]
         n = np.einsum("mk,mkd->md", bary[ok], tri_n)
         n /= np.linalg.norm(n, axis=1, keepdims=True) + 1e-12
-        view = pts[ok] - cam.center
+        view = pts[ok] - center
         n = np.where((np.einsum("md,md->m", n, view) > 0)[:, None], -n, n)  # face the camera
         to_light = self.light - pts[ok]
         dist = np.linalg.norm(to_light, axis=1, keepdims=True)
@@ -318,6 +330,19 @@ class SynthScene:
             cols[off : off + n] = texture(part.vertices, part.texture)
             off += n
         return np.round(cols * 255).astype(np.uint8)
+
+
+# The fisheye camera of `--fisheye` scenes: focal 0.5 x width (wider than the pinhole's 0.75 x width, like
+# the DSLR's fisheye against its undistorted view), principal point at the image centre, and k1..k4 of the
+# order of the ScanNet++ release's (barrel distortion; invertible over the whole image).
+FISHEYE_FOCAL = 0.5
+FISHEYE_K = np.array([-0.03, -0.005, 0.002, -0.0005])
+
+
+def fisheye_intrinsics(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """(K [3, 3], k1..k4 [4]) of the synthetic OPENCV_FISHEYE camera at this image size."""
+    f = FISHEYE_FOCAL * width
+    return intrinsics(f, f, (width - 1) / 2, (height - 1) / 2), FISHEYE_K.copy()
 
 
 def scene_name(seed: int, index: int) -> str:
@@ -398,10 +423,16 @@ def _jpeg_bytes(rgb: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def write_scene(sc: SynthScene, scene_dir: Path) -> None:
-    """Write one scene's ScanNet++ v2 files under `scene_dir` (which must not exist yet)."""
+def write_scene(sc: SynthScene, scene_dir: Path, *, fisheye: bool = False) -> None:
+    """Write one scene's ScanNet++ v2 files under `scene_dir` (which must not exist yet).
+
+    `fisheye`: the raw release's DSLR layout instead of the pinhole one: ``dslr/resized_images/`` rendered
+    through the OPENCV_FISHEYE camera of `fisheye_intrinsics`, with ``dslr/nerfstudio/transforms.json``
+    (camera_model OPENCV_FISHEYE, k1..k4) and an OPENCV_FISHEYE ``colmap/cameras.txt``; the reader then
+    decodes and undistorts every frame (to the toolkit's pinhole camera), as it does for a real download.
+    """
     dslr = scene_dir / "dslr"
-    img_dir = dslr / "resized_undistorted_images"
+    img_dir = dslr / ("resized_images" if fisheye else "resized_undistorted_images")
     img_dir.mkdir(parents=True)
     (dslr / "nerfstudio").mkdir()
     (dslr / "colmap").mkdir()
@@ -409,9 +440,11 @@ def write_scene(sc: SynthScene, scene_dir: Path) -> None:
 
     rc = MeshRaycaster(sc.vertices, sc.faces)
     for name, cam in zip(sc.frame_names, sc.cameras):
-        (img_dir / name).write_bytes(_jpeg_bytes(sc.render(rc, cam)))
+        rgb = sc.render_fisheye(rc, cam.c2w, cam.height, cam.width) if fisheye else sc.render(rc, cam)
+        (img_dir / name).write_bytes(_jpeg_bytes(rgb))
 
     cam0 = sc.cameras[0]
+    K, dist = fisheye_intrinsics(cam0.height, cam0.width) if fisheye else (cam0.K, np.zeros(4))
     n_test = max(0, min(2, len(sc.frame_names) // 8))
     train, test = sc.frame_names[: len(sc.frame_names) - n_test], sc.frame_names[len(sc.frame_names) - n_test :]
 
@@ -420,31 +453,28 @@ def write_scene(sc: SynthScene, scene_dir: Path) -> None:
 
     frames = [frame(n, c) for n, c in zip(sc.frame_names, sc.cameras)]
     transforms = {
-        "fl_x": float(cam0.K[0, 0]),
-        "fl_y": float(cam0.K[1, 1]),
-        "cx": float(cam0.K[0, 2]),
-        "cy": float(cam0.K[1, 2]),
+        "fl_x": float(K[0, 0]),
+        "fl_y": float(K[1, 1]),
+        "cx": float(K[0, 2]),
+        "cy": float(K[1, 2]),
         "w": cam0.width,
         "h": cam0.height,
-        "camera_model": "PINHOLE",
-        "k1": 0.0,
-        "k2": 0.0,
-        "k3": 0.0,
-        "k4": 0.0,
+        "camera_model": "OPENCV_FISHEYE" if fisheye else "PINHOLE",
+        **{f"k{j + 1}": float(dist[j]) for j in range(4)},
         "has_mask": False,
         "frames": frames[: len(train)],
         "test_frames": frames[len(train) :],
         "train_filenames": train,
         "test_filenames": test,
     }
-    write_json(dslr / "nerfstudio" / "transforms_undistorted.json", transforms)
+    write_json(dslr / "nerfstudio" / ("transforms.json" if fisheye else "transforms_undistorted.json"), transforms)
     write_json(dslr / "train_test_lists.json", {"train": train, "test": test})
     write_colmap_images(dslr / "colmap" / "images.txt", sc.frame_names, [c.c2w for c in sc.cameras])
-    K = cam0.K
+    params = [K[0, 0], K[1, 1], K[0, 2], K[1, 2]] + (list(dist) if fisheye else [])
     atomic_write_text(
         dslr / "colmap" / "cameras.txt",
         "# Camera list with one line of data per camera:\n#   CAMERA_ID, MODEL, WIDTH, HEIGHT, PARAMS[]\n"
-        f"1 PINHOLE {cam0.width} {cam0.height} {K[0, 0]:.10f} {K[1, 1]:.10f} {K[0, 2]:.10f} {K[1, 2]:.10f}\n",
+        f"1 {'OPENCV_FISHEYE' if fisheye else 'PINHOLE'} {cam0.width} {cam0.height} {' '.join(f'{x:.10f}' for x in params)}\n",
     )
 
     write_ply(scene_dir / "scans" / "mesh_aligned_0.05.ply", sc.vertices, sc.faces, sc.vertex_colors())
@@ -464,11 +494,29 @@ def write_scene(sc: SynthScene, scene_dir: Path) -> None:
     write_json(scene_dir / "scans" / "segments_anno.json", {"sceneId": sc.name, "segGroups": groups})
 
 
+def _write_one(data: Path, seed: int, index: int, frames: int, height: int, width: int, objects: int, fisheye: bool) -> str:
+    """Build scene `index` in a temporary folder under `data` and rename it into place; its name."""
+    sc = build_scene(seed, index, frames=frames, height=height, width=width, objects=objects)
+    tmp = Path(tempfile.mkdtemp(dir=data, prefix=f".tmp-{sc.name}-"))
+    try:
+        os.chmod(tmp, 0o755)
+        write_scene(sc, tmp / "scene", fisheye=fisheye)
+        final = data / sc.name
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp / "scene", final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return sc.name
+
+
 def generate_dataset(cfg, progress: bool = False) -> list[str]:
     """Write `cfg.scenes` procedural scenes under `cfg.out` (raw ScanNet++ v2 layout); return their names.
 
     Args:
-        cfg: `snd.pipeline.config.SynthConfig` (out, scenes, frames, height, width, objects, seed).
+        cfg: `snd.pipeline.config.SynthConfig` (out, scenes, frames, height, width, objects, seed, fisheye,
+            workers). Scenes are independent pure functions of (seed, index), so `workers` processes give
+            the same bytes as one.
         progress: show a progress bar over scenes.
     """
     out = Path(cfg.out)
@@ -476,25 +524,33 @@ def generate_dataset(cfg, progress: bool = False) -> list[str]:
         raise SndError(f"synth: --scenes must be >= 1, got {cfg.scenes}")
     data = out / "data"
     data.mkdir(parents=True, exist_ok=True)
-    names = []
-    it = range(cfg.scenes)
+    args = [(data, cfg.seed, i, cfg.frames, cfg.height, cfg.width, cfg.objects, bool(getattr(cfg, "fisheye", False)))
+            for i in range(cfg.scenes)]
+    workers = int(getattr(cfg, "workers", 1)) or min(cfg.scenes, os.cpu_count() or 1)
+    bar = None
     if progress:
         from tqdm import tqdm
 
-        it = tqdm(it, desc="synth scenes", unit="scene")
-    for i in it:
-        sc = build_scene(cfg.seed, i, frames=cfg.frames, height=cfg.height, width=cfg.width, objects=cfg.objects)
-        tmp = Path(tempfile.mkdtemp(dir=data, prefix=f".tmp-{sc.name}-"))
-        try:
-            os.chmod(tmp, 0o755)
-            write_scene(sc, tmp / "scene")
-            final = data / sc.name
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp / "scene", final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        names.append(sc.name)
+        bar = tqdm(total=cfg.scenes, desc="synth scenes", unit="scene")
+    if workers <= 1:
+        names = []
+        for a in args:
+            names.append(_write_one(*a))
+            if bar is not None:
+                bar.update()
+    else:
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        with ProcessPoolExecutor(max_workers=min(workers, cfg.scenes)) as pool:
+            futs = {pool.submit(_write_one, *a): a[2] for a in args}
+            done = {}
+            for f in as_completed(futs):
+                done[futs[f]] = f.result()
+                if bar is not None:
+                    bar.update()
+        names = [done[i] for i in range(cfg.scenes)]
+    if bar is not None:
+        bar.close()
     n_val = 0 if len(names) < 2 else max(1, round(0.25 * len(names)))
     train, val = names[: len(names) - n_val], names[len(names) - n_val :]
     atomic_write_text(out / "splits" / "nvs_sem_train.txt", "".join(f"{n}\n" for n in train))
