@@ -20,6 +20,10 @@ sinusoids) so that DINOv2 has texture to describe. Output per scene, exactly the
     <out>/splits/nvs_sem_train.txt, nvs_sem_val.txt
     <out>/metadata/semantic_classes.txt
 
+With ``fisheye`` (``--fisheye``) the DSLR files are the raw release's instead: ``dslr/resized_images/`` seen
+through an OPENCV_FISHEYE camera (`fisheye_intrinsics`; each pixel rendered along its true distorted ray) and
+``dslr/nerfstudio/transforms.json`` with k1..k4, so readers decode and undistort every frame.
+
 Poses in transforms_undistorted.json use the toolkit's permuted nerfstudio world (see
 `snd.data.formats`), like the real release. Every random choice comes from ``numpy.random.default_rng``
 seeded by (seed, scene index), and every file is written by fixed-layout writers, so the same config

@@ -56,7 +56,8 @@ def run(cfg: PrecomputeConfig, *, source: ScaffoldSource | None = None, progress
     jobs = names[rank::world]
     source = source if source is not None else make_source(cfg)
     if progress and rank == 0 and str(source.device).startswith("cuda"):
-        buildcache.build_gsplat(console)  # announced, before the first batch (operators use its kernels)
+        if cfg.operator:  # the operators use gsplat's kernels on CUDA: build them announced, before the first batch
+            buildcache.build_gsplat(console)
         if cfg.source == "mvsplat" and cfg.compile != "off":
             buildcache.announce_compile(console, "MVSplat", "~100 s on a first run")
     enc = Encoding(offset=source.has_offset)
