@@ -5,7 +5,7 @@
 # decode + undistortion are in stage one's path), plus `snd bench distill --paths fast` streaming the same store
 # in the same device call (issue #20: default `snd distill` must reach >= 95 % of it).
 # Usage (GPU machine, repo root): OUT=/tmp/out bash scripts/e2e_commands.sh   (or: bash scripts/gpu_session.sh e2e)
-#   env: H, W (584x876), SCENES (4), FRAMES (40), PAIRS (50 per scene), ITERS (2000), BUDGET_S (560: optional
+#   env: H, W (584x876: the dataset's frames; the stages run at their defaults), SCENES (4), FRAMES (40), PAIRS (50 per scene), ITERS (2000), BUDGET_S (560: optional
 #   steps are skipped past it), MVSPLAT_CKPT (optional: adds `snd precompute --source mvsplat`), WORK (/tmp/snd-e2e)
 # Sizes: synth ~40 s (one process per scene), precompute ~200 pairs incl. the ~90 s gsplat build, distill incl.
 # ~100 s compile, bench ~60 s: ~450 s of the 590 s call; then, in the budget left: a second `snd distill`
@@ -18,7 +18,6 @@ set -uo pipefail
 OUT=${OUT:-/tmp/out}; WORK=${WORK:-/tmp/snd-e2e}; mkdir -p "$OUT" "$WORK"
 H=${H:-584}; W=${W:-876}; SCENES=${SCENES:-4}; FRAMES=${FRAMES:-40}; PAIRS=${PAIRS:-50}; ITERS=${ITERS:-2000}
 BUDGET_S=${BUDGET_S:-560}; T0=$EPOCHREALTIME
-IH=$((H / 14 * 14)); IW=$((W / 14 * 14))
 snd() { python3 -m snd.cli "$@"; }
 left() { python3 -c "print(int($BUDGET_S - ($EPOCHREALTIME - $T0)))"; }
 t() { local name=$1; shift; local t0=$EPOCHREALTIME; "$@" > "$OUT/e2e_$name.log" 2>&1; local rc=$?
@@ -30,24 +29,24 @@ rm -f "$WORK/walls.jsonl"
 [[ -d $WORK/data ]] || t synth snd data synth --out "$WORK/data" --scenes "$SCENES" --frames "$FRAMES" --height "$H" --width "$W" \
   --fisheye --workers 0
 rm -rf "$WORK/cache_depth" "$WORK/cache_mvsplat" "$WORK/runs"
+# stage sizes are the defaults (scaffold 576x880 = SnD's MVSplat input, backbone 574x868): the commands as in the README
 t precompute_depth snd precompute --data "$WORK/data" --split all --out "$WORK/cache_depth" --source depth \
-  --height "$H" --width "$W" --pairs-per-scene "$PAIRS" --device cuda
+  --pairs-per-scene "$PAIRS" --device cuda
 mv "$WORK/data" "$WORK/data.hidden"  # stage two must not need the dataset
 t distill snd distill --shards "$WORK/cache_depth" --run "$WORK/runs/vits" --model vit_small_patch14_dinov2 --init random \
-  --img-height "$IH" --img-width "$IW" --iters "$ITERS"
+  --iters "$ITERS"
 t bench_distill snd bench distill --shards "$WORK/cache_depth" --models vit_small_patch14_dinov2 --paths fast \
-  --img-height "$IH" --img-width "$IW" --scaffold-height "$H" --scaffold-width "$W" --iters 200 --warmup 20 \
-  --out "$OUT/e2e_bench_distill.json"
+  --iters 200 --warmup 20 --out "$OUT/e2e_bench_distill.json"
 if (( $(left) > 60 )); then  # the second run of a user: build caches warm, so it should start in seconds
   t distill_warm_cache snd distill --shards "$WORK/cache_depth" --run "$WORK/runs/vits_warm" --model vit_small_patch14_dinov2 \
-    --init random --img-height "$IH" --img-width "$IW" --iters 200
+    --init random --iters 200
 else skip distill_warm_cache "budget"; fi
 mv "$WORK/data.hidden" "$WORK/data"
 if [[ -n ${MVSPLAT_CKPT:-} ]] && (( $(left) > 150 )); then
   t precompute_mvsplat snd precompute --data "$WORK/data" --split all --out "$WORK/cache_mvsplat" --source mvsplat \
-    --mvsplat-ckpt "$MVSPLAT_CKPT" --height "$H" --width "$W" --pairs-per-scene "$PAIRS" --device cuda
+    --mvsplat-ckpt "$MVSPLAT_CKPT" --pairs-per-scene "$PAIRS" --device cuda
 elif (( $(left) > 150 )); then  # no checkpoint: MVSplat's rate with operators from the bench (random init, same speed)
-  t bench_precompute snd bench precompute --source mvsplat --height "$H" --width "$W" --pairs 64 --workdir "$WORK/bench_pre" \
+  t bench_precompute snd bench precompute --source mvsplat --pairs 64 --workdir "$WORK/bench_pre" \
     --out "$OUT/e2e_bench_precompute.json"
 else skip precompute_mvsplat "budget"; fi
 python3 - "$WORK" "$OUT" "$ITERS" <<'PY'
@@ -69,7 +68,7 @@ def figures():
     rows = [json.loads(x) for x in (work / "runs" / "vits" / "metrics.jsonl").read_text().splitlines()]
     half = rows[len(rows) // 2:]
     res["distill"] = {"path": rows[-1].get("path"), "it_per_s_last": rows[-1].get("it_per_s"),
-                      "it_per_s_last_half": sum(r["it_per_s"] for r in half) / len(half)}
+                      "it_per_s_last_half": len(half) / sum(1 / r["it_per_s"] for r in half)}  # steps / seconds of the last half (rows carry their window's rate)
     b = json.loads((out / "e2e_bench_distill.json").read_text())["models"][0]["paths"]["fast"]
     res["bench_fast"] = {"it_per_s": b["it_per_s"], "num_workers": b.get("num_workers"), "data_wait_ms_per_step": b["data_wait_ms_per_step"]}
     res["distill_vs_bench"] = res["distill"]["it_per_s_last_half"] / b["it_per_s"]
@@ -78,17 +77,18 @@ def figures():
     P, S = 50_000, 50_000
     dep = res.get("cache_depth", {})
     pre = None
-    if "cache_mvsplat" in res and res["cache_mvsplat"].get("steady_pairs_per_s"):
+    rate = lambda m: m.get("steady_pairs_per_s") or m.get("pairs_per_s")  # noqa: E731 - steady when the run was long enough
+    if "cache_mvsplat" in res and rate(res["cache_mvsplat"]):
         m = res["cache_mvsplat"]
-        pre = {"source": "snd precompute --source mvsplat (this call)", "pairs_per_s": m["steady_pairs_per_s"],
-               "warmup_s": wall["precompute_mvsplat"] - m["pairs"] / m["steady_pairs_per_s"], "mb_per_pair": m["mb_per_pair"]}
+        pre = {"source": "snd precompute --source mvsplat (this call)", "pairs_per_s": rate(m),
+               "warmup_s": wall["precompute_mvsplat"] - m["pairs"] / rate(m), "mb_per_pair": m["mb_per_pair"]}
     elif (out / "e2e_bench_precompute.json").is_file():
         bp = json.loads((out / "e2e_bench_precompute.json").read_text())
-        pre = {"source": "snd bench precompute --source mvsplat (random init, same speed), warm-up as measured here",
+        pre = {"source": "snd bench precompute --source mvsplat (random init, same speed); warmup_s = its whole wall time (an upper bound)",
                "pairs_per_s": bp.get("pairs_per_s"), "warmup_s": wall.get("bench_precompute"), "mb_per_pair": bp.get("mb_per_pair")}
-    elif dep.get("steady_pairs_per_s"):
-        pre = {"source": "snd precompute --source depth (no MVSplat figure in this call)", "pairs_per_s": dep["steady_pairs_per_s"],
-               "warmup_s": wall["precompute_depth"] - dep["pairs"] / dep["steady_pairs_per_s"], "mb_per_pair": dep["mb_per_pair"]}
+    elif dep and rate(dep):
+        pre = {"source": "snd precompute --source depth (no MVSplat figure in this call)", "pairs_per_s": rate(dep),
+               "warmup_s": wall["precompute_depth"] - dep["pairs"] / rate(dep), "mb_per_pair": dep["mb_per_pair"]}
     d_rate = res["distill"]["it_per_s_last_half"]
     d_warm = wall["distill"] - iters / d_rate
     proj = {"scenes": 280, "pairs": P, "steps": S, "eval": res["not_timed"],
