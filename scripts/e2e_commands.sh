@@ -5,7 +5,7 @@
 # decode + undistortion are in stage one's path), plus `snd bench distill --paths fast` streaming the same store
 # in the same device call (issue #20: default `snd distill` must reach >= 95 % of it).
 # Usage (GPU machine, repo root): OUT=/tmp/out bash scripts/e2e_commands.sh   (or: bash scripts/gpu_session.sh e2e)
-#   env: H, W (584x876: the dataset's frames; the stages run at their defaults), SCENES (4), FRAMES (40), PAIRS (50 per scene), ITERS (2000), BUDGET_S (560: optional
+#   env: H, W (584x876: the dataset's frames; the stages run at their defaults), SCENES (4), FRAMES (32), PAIRS (50 per scene), ITERS (2000), BUDGET_S (560: optional
 #   steps are skipped past it), MVSPLAT_CKPT (optional: adds `snd precompute --source mvsplat`), WORK (/tmp/snd-e2e)
 # Sizes: synth ~40 s (one process per scene), precompute ~200 pairs incl. the ~90 s gsplat build, distill incl.
 # ~100 s compile, bench ~60 s: ~450 s of the 590 s call; then, in the budget left: a second `snd distill`
@@ -16,7 +16,7 @@
 # paper-scale workflow (280 scenes, 50k pairs, 50k steps) on this one GPU.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; WORK=${WORK:-/tmp/snd-e2e}; mkdir -p "$OUT" "$WORK"
-H=${H:-584}; W=${W:-876}; SCENES=${SCENES:-4}; FRAMES=${FRAMES:-40}; PAIRS=${PAIRS:-50}; ITERS=${ITERS:-2000}
+H=${H:-584}; W=${W:-876}; SCENES=${SCENES:-4}; FRAMES=${FRAMES:-32}; PAIRS=${PAIRS:-50}; ITERS=${ITERS:-2000}
 BUDGET_S=${BUDGET_S:-560}; T0=$EPOCHREALTIME
 snd() { python3 -m snd.cli "$@"; }
 left() { python3 -c "print(int($BUDGET_S - ($EPOCHREALTIME - $T0)))"; }

@@ -31,6 +31,7 @@ gives byte-identical output. Each scene is built in a temporary folder and renam
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import logging
@@ -171,8 +172,7 @@ class SynthScene:
     def render_fisheye(self, raycaster: MeshRaycaster, c2w: np.ndarray, height: int, width: int) -> np.ndarray:
         """RGB image [H, W, 3] uint8 of the OPENCV_FISHEYE camera (`fisheye_intrinsics`) at pose `c2w`,
         every pixel shaded along its true distorted ray (`snd.data.fisheye.fisheye_camera_dirs`)."""
-        K, k = fisheye_intrinsics(height, width)
-        d = fisheye_camera_dirs(K, k, height, width) @ np.asarray(c2w)[:3, :3].T
+        d = _fisheye_dirs(height, width) @ np.asarray(c2w)[:3, :3].T
         o = np.broadcast_to(np.asarray(c2w)[:3, 3], d.shape).copy()
         return self.shade(raycaster.cast_rays(o, d), np.asarray(c2w)[:3, 3])
 
@@ -224,6 +224,14 @@ def fisheye_intrinsics(height: int, width: int) -> tuple[np.ndarray, np.ndarray]
     """(K [3, 3], k1..k4 [4]) of the synthetic OPENCV_FISHEYE camera at this image size."""
     f = FISHEYE_FOCAL * width
     return intrinsics(f, f, (width - 1) / 2, (height - 1) / 2), FISHEYE_K.copy()
+
+
+@functools.lru_cache(maxsize=2)
+def _fisheye_dirs(height: int, width: int) -> np.ndarray:
+    """Camera-frame rays of the synthetic fisheye (the same for every frame: inverted once per size)."""
+    d = fisheye_camera_dirs(*fisheye_intrinsics(height, width), height, width)
+    d.setflags(write=False)
+    return d
 
 
 def scene_name(seed: int, index: int) -> str:
