@@ -59,3 +59,20 @@ def test_doctor_and_cli_start(tmp_path, monkeypatch):
     assert rows["cache TRITON_CACHE_DIR"].endswith("; empty: the first run builds it)")
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "own"))  # the user's own choice is named as such
     assert "(set by you;" in dict(doctor.report(tmp_path)["build_caches"])["cache TRITON_CACHE_DIR"]
+
+
+def test_builds_are_announced_and_timed():
+    import io
+
+    import torch
+    from rich.console import Console
+
+    con = Console(file=io.StringIO(), width=200)
+    with buildcache.announce(con, "building gsplat CUDA kernels", "first run only, ~90 s"):
+        pass
+    text = con.file.getvalue()
+    assert "building gsplat CUDA kernels (first run only, ~90 s)…" in text and "building gsplat CUDA kernels: done in 0 s" in text
+    before = buildcache.compile_seconds() or 0.0
+    torch.compile(lambda x: x * 2 + 1, backend="eager")(torch.ones(3))  # Dynamo only: no C++ build on CPU
+    assert buildcache.compile_seconds() > before
+    assert buildcache.report_compile(con) > 0 and "torch.compile:" in con.file.getvalue()

@@ -6,6 +6,7 @@ Composes `snd.train`; this module only validates inputs and reports (`snd bench 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -45,7 +46,7 @@ def run(cfg: DistillConfig) -> TrainSummary:
     if torch.cuda.is_available() and cfg.device != "cpu":
         torch.set_float32_matmul_precision("high")  # TF32 for the ViT; restored below (global state)
     if torch.cuda.is_available() and cfg.device != "cpu" and cfg.compile != "off" and cfg.fast != "off" \
-            and (point is None or point[1] < cfg.iters):
+            and (point is None or point[1] < cfg.iters) and os.environ.get("RANK", "0") == "0":
         buildcache.announce_compile(console, "the distillation step (teacher, student, fast-path graphs)")
     try:
         summary = train(cfg)
