@@ -25,30 +25,7 @@ t() { local name=$1; shift; local t0=$EPOCHREALTIME; "$@" > "$OUT/e2e_$name.log"
       echo "== $name rc=$rc ($(left) s of the budget left)"; grep -E "building|compil|done in" "$OUT/e2e_$name.log" | head -6
       tail -3 "$OUT/e2e_$name.log"; }
 skip() { echo "{\"name\": \"$1\", \"skipped\": \"$2\"}" >> "$WORK/walls.jsonl"; echo "== $1 skipped: $2"; }
-rm -f "$WORK/walls.jsonl"
-[[ -d $WORK/data ]] || t synth snd data synth --out "$WORK/data" --scenes "$SCENES" --frames "$FRAMES" --height "$H" --width "$W" \
-  --fisheye --workers 0
-rm -rf "$WORK/cache_depth" "$WORK/cache_mvsplat" "$WORK/runs"
-# stage sizes are the defaults (scaffold 576x880 = SnD's MVSplat input, backbone 574x868): the commands as in the README
-t precompute_depth snd precompute --data "$WORK/data" --split all --out "$WORK/cache_depth" --source depth \
-  --pairs-per-scene "$PAIRS" --device cuda
-mv "$WORK/data" "$WORK/data.hidden"  # stage two must not need the dataset
-t distill snd distill --shards "$WORK/cache_depth" --run "$WORK/runs/vits" --model vit_small_patch14_dinov2 --init random \
-  --iters "$ITERS"
-t bench_distill snd bench distill --shards "$WORK/cache_depth" --models vit_small_patch14_dinov2 --paths fast \
-  --iters 200 --warmup 20 --out "$OUT/e2e_bench_distill.json"
-if (( $(left) > 60 )); then  # the second run of a user: build caches warm, so it should start in seconds
-  t distill_warm_cache snd distill --shards "$WORK/cache_depth" --run "$WORK/runs/vits_warm" --model vit_small_patch14_dinov2 \
-    --init random --iters 200
-else skip distill_warm_cache "budget"; fi
-mv "$WORK/data.hidden" "$WORK/data"
-if [[ -n ${MVSPLAT_CKPT:-} ]] && (( $(left) > 150 )); then
-  t precompute_mvsplat snd precompute --data "$WORK/data" --split all --out "$WORK/cache_mvsplat" --source mvsplat \
-    --mvsplat-ckpt "$MVSPLAT_CKPT" --pairs-per-scene "$PAIRS" --device cuda
-elif (( $(left) > 150 )); then  # no checkpoint: MVSplat's rate with operators from the bench (random init, same speed)
-  t bench_precompute snd bench precompute --source mvsplat --pairs 64 --workdir "$WORK/bench_pre" \
-    --out "$OUT/e2e_bench_precompute.json"
-else skip precompute_mvsplat "budget"; fi
+summarise() {  # $OUT/e2e.json from what has run so far (called after each step: a kill leaves the figures so far)
 python3 - "$WORK" "$OUT" "$ITERS" <<'PY'
 import json, sys
 from pathlib import Path
@@ -69,10 +46,12 @@ def figures():
     half = rows[len(rows) // 2:]
     res["distill"] = {"path": rows[-1].get("path"), "it_per_s_last": rows[-1].get("it_per_s"),
                       "it_per_s_last_half": len(half) / sum(1 / r["it_per_s"] for r in half)}  # steps / seconds of the last half (rows carry their window's rate)
-    b = json.loads((out / "e2e_bench_distill.json").read_text())["models"][0]["paths"]["fast"]
-    res["bench_fast"] = {"it_per_s": b["it_per_s"], "num_workers": b.get("num_workers"), "data_wait_ms_per_step": b["data_wait_ms_per_step"]}
-    res["distill_vs_bench"] = res["distill"]["it_per_s_last_half"] / b["it_per_s"]
-    res["distill_vs_bench_goal"] = 0.95
+    bench = out / "e2e_bench_distill.json"
+    if bench.is_file():
+        b = json.loads(bench.read_text())["models"][0]["paths"]["fast"]
+        res["bench_fast"] = {"it_per_s": b["it_per_s"], "num_workers": b.get("num_workers"), "data_wait_ms_per_step": b["data_wait_ms_per_step"]}
+        res["distill_vs_bench"] = res["distill"]["it_per_s_last_half"] / b["it_per_s"]
+        res["distill_vs_bench_goal"] = 0.95
     # paper-scale projection on this one GPU: measured warm-ups (wall minus the work at the steady rate) + the work
     P, S = 50_000, 50_000
     dep = res.get("cache_depth", {})
@@ -107,3 +86,32 @@ except Exception as e:  # noqa: BLE001
 (out / "e2e.json").write_text(json.dumps(res, indent=1))
 print(json.dumps(res, indent=1))
 PY
+}
+rm -f "$WORK/walls.jsonl"
+[[ -d $WORK/data ]] || t synth snd data synth --out "$WORK/data" --scenes "$SCENES" --frames "$FRAMES" --height "$H" --width "$W" \
+  --fisheye --workers 0
+rm -rf "$WORK/cache_depth" "$WORK/cache_mvsplat" "$WORK/runs"
+# stage sizes are the defaults (scaffold 576x880 = SnD's MVSplat input, backbone 574x868): the commands as in the README
+t precompute_depth snd precompute --data "$WORK/data" --split all --out "$WORK/cache_depth" --source depth \
+  --pairs-per-scene "$PAIRS" --device cuda
+summarise > /dev/null
+mv "$WORK/data" "$WORK/data.hidden"  # stage two must not need the dataset
+t distill snd distill --shards "$WORK/cache_depth" --run "$WORK/runs/vits" --model vit_small_patch14_dinov2 --init random \
+  --iters "$ITERS"
+summarise > /dev/null
+t bench_distill snd bench distill --shards "$WORK/cache_depth" --models vit_small_patch14_dinov2 --paths fast \
+  --iters 200 --warmup 20 --out "$OUT/e2e_bench_distill.json"
+summarise > /dev/null
+if (( $(left) > 60 )); then  # the second run of a user: build caches warm, so it should start in seconds
+  t distill_warm_cache snd distill --shards "$WORK/cache_depth" --run "$WORK/runs/vits_warm" --model vit_small_patch14_dinov2 \
+    --init random --iters 200
+else skip distill_warm_cache "budget"; fi
+mv "$WORK/data.hidden" "$WORK/data"
+if [[ -n ${MVSPLAT_CKPT:-} ]] && (( $(left) > 150 )); then
+  t precompute_mvsplat snd precompute --data "$WORK/data" --split all --out "$WORK/cache_mvsplat" --source mvsplat \
+    --mvsplat-ckpt "$MVSPLAT_CKPT" --pairs-per-scene "$PAIRS" --device cuda
+elif (( $(left) > 150 )); then  # no checkpoint: MVSplat's rate with operators from the bench (random init, same speed)
+  t bench_precompute snd bench precompute --source mvsplat --pairs 64 --workdir "$WORK/bench_pre" \
+    --out "$OUT/e2e_bench_precompute.json"
+else skip precompute_mvsplat "budget"; fi
+summarise
