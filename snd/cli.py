@@ -244,7 +244,13 @@ command_from_config(bench_app, "eval", C.BenchEvalConfig, _bench_eval,
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: SndError -> one red line + exit 2; usage errors are typer's; bugs keep tracebacks."""
+    """Console entry point: SndError -> one red line + exit 2; usage errors are typer's; bugs keep tracebacks.
+
+    Build caches (torch.compile, Triton, gsplat's JIT build) default to the user's cache folder first
+    (`snd.pipeline.buildcache`; variables the user set are kept), so a second run starts in seconds."""
+    from snd.pipeline import buildcache
+
+    buildcache.configure()
     try:
         app(args=argv)
     except SndError as e:

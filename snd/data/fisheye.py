@@ -107,3 +107,22 @@ def toolkit_new_K(K: np.ndarray, k: np.ndarray, height: int, width: int) -> np.n
     f = max(w * 0.5 / (cn[0] - minx), w * 0.5 / (maxx - cn[0]),
             h * 0.5 * aspect / (cn[1] - miny), h * 0.5 * aspect / (maxy - cn[1]))  # balance 0: the largest
     return np.array([[f, 0.0, w / 2.0], [0.0, f / aspect, h / 2.0], [0.0, 0.0, 1.0]])
+
+
+def fisheye_camera_dirs(K_fish: np.ndarray, k: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Camera-frame directions [H, W, 3] (z = 1) of the true ray through every fisheye pixel centre.
+
+    Why: `snd data synth --fisheye` renders each fisheye pixel along its own ray, so the raw reader's
+    undistortion is tested against geometry, not against an image warped by the same code. Per pixel:
+    distorted normalised coordinates -> theta by Newton (`fisheye_undistort_normalized`) -> tan(theta).
+    Raises ValueError when a pixel's ray is not in front of the camera (theta >= 90 degrees) or the
+    model cannot be inverted there (residual of the forward model above 1e-9).
+    """
+    v, u = np.meshgrid(np.arange(height, dtype=np.float64), np.arange(width, dtype=np.float64), indexing="ij")
+    xy_d = np.stack([(u - K_fish[0, 2]) / K_fish[0, 0], (v - K_fish[1, 2]) / K_fish[1, 1]], -1)
+    xy = fisheye_undistort_normalized(xy_d, k, iters=20)
+    theta = np.arctan(np.linalg.norm(xy, axis=-1))
+    resid = np.abs(fisheye_distort_normalized(xy, k) - xy_d).max()
+    if not np.isfinite(xy).all() or resid > 1e-9:
+        raise ValueError(f"fisheye model not invertible over the image (max residual {resid:.2e}, max theta {theta.max():.3f})")
+    return np.concatenate([xy, np.ones_like(xy[..., :1])], -1)

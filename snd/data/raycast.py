@@ -142,8 +142,12 @@ class MeshRaycaster:
     # -- cameras ------------------------------------------------------------------------------
     def cast(self, camera: Camera) -> RayHits:
         """Cast one ray per pixel centre of `camera`; see `RayHits`."""
-        H, W = camera.height, camera.width
-        origins, dirs = camera.rays()  # [H, W, 3] each; dirs have camera-frame z = 1
+        return self.cast_rays(*camera.rays())  # dirs have camera-frame z = 1
+
+    def cast_rays(self, origins: np.ndarray, dirs: np.ndarray) -> RayHits:
+        """Cast an image's rays [H, W, 3] each; `dirs` must have camera-frame z = 1 (so the ray parameter is
+        z-depth) but may belong to any camera model (the fisheye synthesiser passes its distorted rays)."""
+        H, W = origins.shape[:2]
         o = origins.reshape(-1, 3)
         d = dirs.reshape(-1, 3)
         face = self.first_face(o, d)

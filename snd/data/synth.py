@@ -20,6 +20,10 @@ sinusoids) so that DINOv2 has texture to describe. Output per scene, exactly the
     <out>/splits/nvs_sem_train.txt, nvs_sem_val.txt
     <out>/metadata/semantic_classes.txt
 
+With ``fisheye`` (``--fisheye``) the DSLR files are the raw release's instead: ``dslr/resized_images/`` seen
+through an OPENCV_FISHEYE camera (`fisheye_intrinsics`; each pixel rendered along its true distorted ray) and
+``dslr/nerfstudio/transforms.json`` with k1..k4, so readers decode and undistort every frame.
+
 Poses in transforms_undistorted.json use the toolkit's permuted nerfstudio world (see
 `snd.data.formats`), like the real release. Every random choice comes from ``numpy.random.default_rng``
 seeded by (seed, scene index), and every file is written by fixed-layout writers, so the same config
@@ -27,19 +31,21 @@ gives byte-identical output. Each scene is built in a temporary folder and renam
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from snd.data.camera import Camera, intrinsics, look_at
+from snd.data.fisheye import fisheye_camera_dirs
 from snd.data.formats import (
     SYNTH_CLASSES,
     atomic_write_text,
@@ -48,136 +54,13 @@ from snd.data.formats import (
     write_json,
 )
 from snd.data.ply import write_ply
+from snd.data.synth_geometry import Part, _room_parts, box_part, cylinder_part, sphere_part  # noqa: F401 - re-exported
 from snd.data.raycast import MeshRaycaster
 from snd.errors import SndError
 
 log = logging.getLogger(__name__)
 
 CLASS_ID = {name: i + 1 for i, name in enumerate(SYNTH_CLASSES)}
-
-
-# ------------------------------------------------------------------------------------------------
-# Geometry
-# ------------------------------------------------------------------------------------------------
-@dataclass
-class Part:
-    """One annotated surface group: its own vertices (never shared with other parts), one instance."""
-
-    vertices: np.ndarray  # [n, 3]
-    normals: np.ndarray  # [n, 3] unit, per vertex (flat parts repeat the face normal)
-    faces: np.ndarray  # [f, 3] local indices
-    face_segment: np.ndarray  # [f] local segment number (0..k-1)
-    label: str
-    texture: dict = field(default_factory=dict)
-    shape: dict = field(default_factory=dict)  # analytic description (kind, centre, sizes, yaw)
-
-
-def _grid(origin, u, v, nu: int, nv: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A planar grid patch: corner `origin`, edges `u`, `v` -> (vertices, normals, faces), normal = u x v."""
-    origin, u, v = (np.asarray(a, dtype=np.float64) for a in (origin, u, v))
-    a, b = np.meshgrid(np.linspace(0, 1, nu + 1), np.linspace(0, 1, nv + 1), indexing="ij")
-    verts = origin + a.reshape(-1, 1) * u + b.reshape(-1, 1) * v
-    n = np.cross(u, v)
-    n /= np.linalg.norm(n)
-    idx = np.arange((nu + 1) * (nv + 1)).reshape(nu + 1, nv + 1)
-    p00, p10, p01, p11 = idx[:-1, :-1].ravel(), idx[1:, :-1].ravel(), idx[:-1, 1:].ravel(), idx[1:, 1:].ravel()
-    faces = np.concatenate([np.stack([p00, p10, p11], 1), np.stack([p00, p11, p01], 1)])
-    return verts, np.broadcast_to(n, verts.shape).copy(), faces
-
-
-def _merge(pieces: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Concatenate (vertices, normals, faces) pieces; the piece index becomes the face's segment."""
-    V, N, F, S, off = [], [], [], [], 0
-    for k, (v, n, f) in enumerate(pieces):
-        V.append(v)
-        N.append(n)
-        F.append(f + off)
-        S.append(np.full(len(f), k))
-        off += len(v)
-    return np.concatenate(V), np.concatenate(N), np.concatenate(F), np.concatenate(S)
-
-
-def _rot_z(yaw: float) -> np.ndarray:
-    c, s = np.cos(yaw), np.sin(yaw)
-    return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
-
-
-def _room_parts(lx: float, ly: float, lz: float, step: float = 0.25) -> list[Part]:
-    """Floor, ceiling and four walls of an axis-aligned room [-lx/2, lx/2] x [-ly/2, ly/2] x [0, lz], normals inward."""
-    hx, hy = lx / 2, ly / 2
-    n = lambda L: max(1, int(np.ceil(L / step)))  # noqa: E731
-    specs = [
-        ("floor", (-hx, -hy, 0), (lx, 0, 0), (0, ly, 0), n(lx), n(ly)),
-        ("ceiling", (-hx, -hy, lz), (0, ly, 0), (lx, 0, 0), n(ly), n(lx)),
-        ("wall", (-hx, -hy, 0), (0, 0, lz), (lx, 0, 0), n(lz), n(lx)),  # y = -hy, normal +y
-        ("wall", (-hx, hy, 0), (lx, 0, 0), (0, 0, lz), n(lx), n(lz)),  # y = +hy, normal -y
-        ("wall", (-hx, -hy, 0), (0, ly, 0), (0, 0, lz), n(ly), n(lz)),  # x = -hx, normal +x
-        ("wall", (hx, -hy, 0), (0, 0, lz), (0, ly, 0), n(lz), n(ly)),  # x = +hx, normal -x
-    ]
-    parts = []
-    for label, o, u, v, nu, nv in specs:
-        verts, norms, faces = _grid(o, u, v, nu, nv)
-        parts.append(Part(verts, norms, faces, np.zeros(len(faces), dtype=np.int64), label))
-    return parts
-
-
-def box_part(centre_xy, size, yaw: float, step: float = 0.2) -> Part:
-    """A box standing on the floor: footprint centre (x, y), size (sx, sy, sz), rotated by `yaw` about z."""
-    h = np.asarray(size, dtype=np.float64) / 2
-    R = _rot_z(yaw)
-    c = np.array([centre_xy[0], centre_xy[1], h[2]])
-    e = np.eye(3)
-    pieces = []
-    for a in range(3):
-        b, cax = (a + 1) % 3, (a + 2) % 3
-        for s in (1.0, -1.0):
-            u, v = e[b] * 2 * h[b], e[cax] * 2 * h[cax]
-            if s < 0:
-                u, v = v, u
-            corner = s * h[a] * e[a] - h[b] * e[b] - h[cax] * e[cax]
-            nu = max(1, int(np.ceil(np.linalg.norm(u) / step)))
-            nv = max(1, int(np.ceil(np.linalg.norm(v) / step)))
-            verts, norms, faces = _grid(corner, u, v, nu, nv)
-            pieces.append((verts @ R.T + c, norms @ R.T, faces))
-    V, N, F, S = _merge(pieces)
-    return Part(V, N, F, S, "box", shape={"kind": "box", "centre": c.tolist(), "size": (2 * h).tolist(), "yaw": float(yaw)})
-
-
-def cylinder_part(centre_xy, radius: float, height: float, segments: int = 40) -> Part:
-    """An upright cylinder standing on the floor (side + both caps)."""
-    ang = np.linspace(0, 2 * np.pi, segments + 1)
-    rings = max(2, int(np.ceil(height / 0.2)) + 1)
-    z = np.linspace(0, height, rings)
-    A, Z = np.meshgrid(ang, z, indexing="ij")  # [segments+1, rings]
-    side_v = np.stack([radius * np.cos(A), radius * np.sin(A), Z], -1).reshape(-1, 3)
-    side_n = np.stack([np.cos(A), np.sin(A), np.zeros_like(A)], -1).reshape(-1, 3)
-    idx = np.arange((segments + 1) * rings).reshape(segments + 1, rings)
-    p00, p10, p01, p11 = idx[:-1, :-1].ravel(), idx[1:, :-1].ravel(), idx[:-1, 1:].ravel(), idx[1:, 1:].ravel()
-    side_f = np.concatenate([np.stack([p00, p10, p11], 1), np.stack([p00, p11, p01], 1)])
-    pieces = [(side_v, side_n, side_f)]
-    for zc, sgn in ((height, 1.0), (0.0, -1.0)):
-        ring = np.stack([radius * np.cos(ang[:-1]), radius * np.sin(ang[:-1]), np.full(segments, zc)], -1)
-        verts = np.concatenate([[[0.0, 0.0, zc]], ring])
-        j = np.arange(segments)
-        faces = np.stack([np.zeros(segments, dtype=np.int64), 1 + j, 1 + (j + 1) % segments], 1)
-        if sgn < 0:
-            faces = faces[:, [0, 2, 1]]
-        pieces.append((verts, np.broadcast_to([0.0, 0.0, sgn], verts.shape).copy(), faces))
-    V, N, F, S = _merge(pieces)
-    c = np.array([centre_xy[0], centre_xy[1], 0.0])
-    return Part(V + c, N, F, S, "cylinder", shape={"kind": "cylinder", "centre": c.tolist(), "radius": radius, "height": height})
-
-
-def sphere_part(centre, radius: float, subdivisions: int = 3) -> Part:
-    """An icosphere (vertices on the true sphere) centred at `centre`."""
-    import trimesh
-
-    ico = trimesh.creation.icosphere(subdivisions=subdivisions)
-    unit = np.asarray(ico.vertices, dtype=np.float64)
-    unit /= np.linalg.norm(unit, axis=1, keepdims=True)
-    faces = np.asarray(ico.faces, dtype=np.int64)
-    c = np.asarray(centre, dtype=np.float64)
-    return Part(c + radius * unit, unit.copy(), faces, np.zeros(len(faces), dtype=np.int64), "sphere", shape={"kind": "sphere", "centre": c.tolist(), "radius": radius})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -284,8 +167,18 @@ class SynthScene:
 
     def render(self, raycaster: MeshRaycaster, cam: Camera) -> np.ndarray:
         """RGB image [H, W, 3] uint8 of camera `cam` (Lambert + ambient, procedural albedo)."""
-        hits = raycaster.cast(cam)
-        H, W = cam.height, cam.width
+        return self.shade(raycaster.cast(cam), cam.center)
+
+    def render_fisheye(self, raycaster: MeshRaycaster, c2w: np.ndarray, height: int, width: int) -> np.ndarray:
+        """RGB image [H, W, 3] uint8 of the OPENCV_FISHEYE camera (`fisheye_intrinsics`) at pose `c2w`,
+        every pixel shaded along its true distorted ray (`snd.data.fisheye.fisheye_camera_dirs`)."""
+        d = _fisheye_dirs(height, width) @ np.asarray(c2w)[:3, :3].T
+        o = np.broadcast_to(np.asarray(c2w)[:3, 3], d.shape).copy()
+        return self.shade(raycaster.cast_rays(o, d), np.asarray(c2w)[:3, 3])
+
+    def shade(self, hits, center: np.ndarray) -> np.ndarray:
+        """Shade ray hits (`RayHits` of an [H, W] image seen from `center`) into RGB [H, W, 3] uint8."""
+        H, W = hits.face.shape
         face = hits.face.reshape(-1)
         ok = face >= 0
         rgb = np.zeros((H * W, 3))
@@ -295,7 +188,7 @@ class SynthScene:
         tri_n = self.normals[self.faces[fidx]]  # [M, 3, 3]
         n = np.einsum("mk,mkd->md", bary[ok], tri_n)
         n /= np.linalg.norm(n, axis=1, keepdims=True) + 1e-12
-        view = pts[ok] - cam.center
+        view = pts[ok] - center
         n = np.where((np.einsum("md,md->m", n, view) > 0)[:, None], -n, n)  # face the camera
         to_light = self.light - pts[ok]
         dist = np.linalg.norm(to_light, axis=1, keepdims=True)
@@ -318,6 +211,27 @@ class SynthScene:
             cols[off : off + n] = texture(part.vertices, part.texture)
             off += n
         return np.round(cols * 255).astype(np.uint8)
+
+
+# The fisheye camera of `--fisheye` scenes: focal 0.5 x width (wider than the pinhole's 0.75 x width, like
+# the DSLR's fisheye against its undistorted view), principal point at the image centre, and k1..k4 of the
+# order of the ScanNet++ release's (barrel distortion; invertible over the whole image).
+FISHEYE_FOCAL = 0.5
+FISHEYE_K = np.array([-0.03, -0.005, 0.002, -0.0005])
+
+
+def fisheye_intrinsics(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """(K [3, 3], k1..k4 [4]) of the synthetic OPENCV_FISHEYE camera at this image size."""
+    f = FISHEYE_FOCAL * width
+    return intrinsics(f, f, (width - 1) / 2, (height - 1) / 2), FISHEYE_K.copy()
+
+
+@functools.lru_cache(maxsize=2)
+def _fisheye_dirs(height: int, width: int) -> np.ndarray:
+    """Camera-frame rays of the synthetic fisheye (the same for every frame: inverted once per size)."""
+    d = fisheye_camera_dirs(*fisheye_intrinsics(height, width), height, width)
+    d.setflags(write=False)
+    return d
 
 
 def scene_name(seed: int, index: int) -> str:
@@ -398,10 +312,16 @@ def _jpeg_bytes(rgb: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def write_scene(sc: SynthScene, scene_dir: Path) -> None:
-    """Write one scene's ScanNet++ v2 files under `scene_dir` (which must not exist yet)."""
+def write_scene(sc: SynthScene, scene_dir: Path, *, fisheye: bool = False) -> None:
+    """Write one scene's ScanNet++ v2 files under `scene_dir` (which must not exist yet).
+
+    `fisheye`: the raw release's DSLR layout instead of the pinhole one: ``dslr/resized_images/`` rendered
+    through the OPENCV_FISHEYE camera of `fisheye_intrinsics`, with ``dslr/nerfstudio/transforms.json``
+    (camera_model OPENCV_FISHEYE, k1..k4) and an OPENCV_FISHEYE ``colmap/cameras.txt``; the reader then
+    decodes and undistorts every frame (to the toolkit's pinhole camera), as it does for a real download.
+    """
     dslr = scene_dir / "dslr"
-    img_dir = dslr / "resized_undistorted_images"
+    img_dir = dslr / ("resized_images" if fisheye else "resized_undistorted_images")
     img_dir.mkdir(parents=True)
     (dslr / "nerfstudio").mkdir()
     (dslr / "colmap").mkdir()
@@ -409,9 +329,11 @@ def write_scene(sc: SynthScene, scene_dir: Path) -> None:
 
     rc = MeshRaycaster(sc.vertices, sc.faces)
     for name, cam in zip(sc.frame_names, sc.cameras):
-        (img_dir / name).write_bytes(_jpeg_bytes(sc.render(rc, cam)))
+        rgb = sc.render_fisheye(rc, cam.c2w, cam.height, cam.width) if fisheye else sc.render(rc, cam)
+        (img_dir / name).write_bytes(_jpeg_bytes(rgb))
 
     cam0 = sc.cameras[0]
+    K, dist = fisheye_intrinsics(cam0.height, cam0.width) if fisheye else (cam0.K, np.zeros(4))
     n_test = max(0, min(2, len(sc.frame_names) // 8))
     train, test = sc.frame_names[: len(sc.frame_names) - n_test], sc.frame_names[len(sc.frame_names) - n_test :]
 
@@ -420,31 +342,28 @@ def write_scene(sc: SynthScene, scene_dir: Path) -> None:
 
     frames = [frame(n, c) for n, c in zip(sc.frame_names, sc.cameras)]
     transforms = {
-        "fl_x": float(cam0.K[0, 0]),
-        "fl_y": float(cam0.K[1, 1]),
-        "cx": float(cam0.K[0, 2]),
-        "cy": float(cam0.K[1, 2]),
+        "fl_x": float(K[0, 0]),
+        "fl_y": float(K[1, 1]),
+        "cx": float(K[0, 2]),
+        "cy": float(K[1, 2]),
         "w": cam0.width,
         "h": cam0.height,
-        "camera_model": "PINHOLE",
-        "k1": 0.0,
-        "k2": 0.0,
-        "k3": 0.0,
-        "k4": 0.0,
+        "camera_model": "OPENCV_FISHEYE" if fisheye else "PINHOLE",
+        **{f"k{j + 1}": float(dist[j]) for j in range(4)},
         "has_mask": False,
         "frames": frames[: len(train)],
         "test_frames": frames[len(train) :],
         "train_filenames": train,
         "test_filenames": test,
     }
-    write_json(dslr / "nerfstudio" / "transforms_undistorted.json", transforms)
+    write_json(dslr / "nerfstudio" / ("transforms.json" if fisheye else "transforms_undistorted.json"), transforms)
     write_json(dslr / "train_test_lists.json", {"train": train, "test": test})
     write_colmap_images(dslr / "colmap" / "images.txt", sc.frame_names, [c.c2w for c in sc.cameras])
-    K = cam0.K
+    params = [K[0, 0], K[1, 1], K[0, 2], K[1, 2]] + (list(dist) if fisheye else [])
     atomic_write_text(
         dslr / "colmap" / "cameras.txt",
         "# Camera list with one line of data per camera:\n#   CAMERA_ID, MODEL, WIDTH, HEIGHT, PARAMS[]\n"
-        f"1 PINHOLE {cam0.width} {cam0.height} {K[0, 0]:.10f} {K[1, 1]:.10f} {K[0, 2]:.10f} {K[1, 2]:.10f}\n",
+        f"1 {'OPENCV_FISHEYE' if fisheye else 'PINHOLE'} {cam0.width} {cam0.height} {' '.join(f'{x:.10f}' for x in params)}\n",
     )
 
     write_ply(scene_dir / "scans" / "mesh_aligned_0.05.ply", sc.vertices, sc.faces, sc.vertex_colors())
@@ -464,11 +383,29 @@ def write_scene(sc: SynthScene, scene_dir: Path) -> None:
     write_json(scene_dir / "scans" / "segments_anno.json", {"sceneId": sc.name, "segGroups": groups})
 
 
+def _write_one(data: Path, seed: int, index: int, frames: int, height: int, width: int, objects: int, fisheye: bool) -> str:
+    """Build scene `index` in a temporary folder under `data` and rename it into place; its name."""
+    sc = build_scene(seed, index, frames=frames, height=height, width=width, objects=objects)
+    tmp = Path(tempfile.mkdtemp(dir=data, prefix=f".tmp-{sc.name}-"))
+    try:
+        os.chmod(tmp, 0o755)
+        write_scene(sc, tmp / "scene", fisheye=fisheye)
+        final = data / sc.name
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp / "scene", final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return sc.name
+
+
 def generate_dataset(cfg, progress: bool = False) -> list[str]:
     """Write `cfg.scenes` procedural scenes under `cfg.out` (raw ScanNet++ v2 layout); return their names.
 
     Args:
-        cfg: `snd.pipeline.config.SynthConfig` (out, scenes, frames, height, width, objects, seed).
+        cfg: `snd.pipeline.config.SynthConfig` (out, scenes, frames, height, width, objects, seed, fisheye,
+            workers). Scenes are independent pure functions of (seed, index), so `workers` processes give
+            the same bytes as one.
         progress: show a progress bar over scenes.
     """
     out = Path(cfg.out)
@@ -476,25 +413,33 @@ def generate_dataset(cfg, progress: bool = False) -> list[str]:
         raise SndError(f"synth: --scenes must be >= 1, got {cfg.scenes}")
     data = out / "data"
     data.mkdir(parents=True, exist_ok=True)
-    names = []
-    it = range(cfg.scenes)
+    args = [(data, cfg.seed, i, cfg.frames, cfg.height, cfg.width, cfg.objects, bool(getattr(cfg, "fisheye", False)))
+            for i in range(cfg.scenes)]
+    workers = int(getattr(cfg, "workers", 1)) or min(cfg.scenes, os.cpu_count() or 1)
+    bar = None
     if progress:
         from tqdm import tqdm
 
-        it = tqdm(it, desc="synth scenes", unit="scene")
-    for i in it:
-        sc = build_scene(cfg.seed, i, frames=cfg.frames, height=cfg.height, width=cfg.width, objects=cfg.objects)
-        tmp = Path(tempfile.mkdtemp(dir=data, prefix=f".tmp-{sc.name}-"))
-        try:
-            os.chmod(tmp, 0o755)
-            write_scene(sc, tmp / "scene")
-            final = data / sc.name
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp / "scene", final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        names.append(sc.name)
+        bar = tqdm(total=cfg.scenes, desc="synth scenes", unit="scene")
+    if workers <= 1:
+        names = []
+        for a in args:
+            names.append(_write_one(*a))
+            if bar is not None:
+                bar.update()
+    else:
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        with ProcessPoolExecutor(max_workers=min(workers, cfg.scenes)) as pool:
+            futs = {pool.submit(_write_one, *a): a[2] for a in args}
+            done = {}
+            for f in as_completed(futs):
+                done[futs[f]] = f.result()
+                if bar is not None:
+                    bar.update()
+        names = [done[i] for i in range(cfg.scenes)]
+    if bar is not None:
+        bar.close()
     n_val = 0 if len(names) < 2 else max(1, round(0.25 * len(names)))
     train, val = names[: len(names) - n_val], names[len(names) - n_val :]
     atomic_write_text(out / "splits" / "nvs_sem_train.txt", "".join(f"{n}\n" for n in train))

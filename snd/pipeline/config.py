@@ -33,6 +33,8 @@ class SynthConfig:
     width: int = opt(438, "Image width in pixels.")
     objects: int = opt(6, "Objects per room (boxes, cylinders, spheres; one instance each).")
     seed: int = opt(0, "Random seed; the same seed gives byte-identical scenes.")
+    fisheye: bool = opt(False, "Write the raw release's fisheye DSLR layout (resized_images/ + transforms.json, OPENCV_FISHEYE k1..k4), so readers decode and undistort every frame.")
+    workers: int = opt(0, "Processes writing scenes in parallel (0 = one per CPU, at most one per scene); the bytes do not depend on it.")
 
 
 @dataclass

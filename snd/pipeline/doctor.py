@@ -1,7 +1,8 @@
 """`snd doctor`: what this machine has, and what a long run would miss, before it starts.
 
 Reports versions (torch/CUDA, timm, peft, zarr, gsplat), GPUs and memory, whether gsplat's CUDA extension
-is already built (without triggering the ~90 s JIT build), and which weights and datasets are found where.
+is already built (without triggering the ~90 s JIT build), where the build caches live (`snd.pipeline.buildcache`)
+and what they hold, and which weights and datasets are found where.
 """
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import os
 from pathlib import Path
 
 import torch
+
+from snd.pipeline import buildcache
 
 WEIGHT_DIRS = ("$SND_WEIGHTS", "~/.cache/torch/hub/checkpoints", "~/.cache/huggingface/hub", "weights")
 WEIGHT_GLOBS = ("dinov2_*.pth", "*dinov2*.safetensors", "*snd*.pth", "*.ckpt", "models--timm--vit_*dinov2*")
@@ -29,10 +32,9 @@ def _gsplat_status() -> str:
         return "not installed (the torch renderer is used; fine on CPU)"
     if importlib.util.find_spec("gsplat.csrc") is not None:
         return "installed with a prebuilt CUDA extension"
-    cache = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions"))
-    built = sorted(cache.rglob("gsplat_cuda.so")) if cache.is_dir() else []
-    if built:
-        return f"installed, CUDA extension built (in {built[0].parent})"
+    built = buildcache.gsplat_built()
+    if built is not None:
+        return f"installed, CUDA extension built (in {built})"
     return "installed; CUDA extension not built yet (first GPU use compiles it, ~90 s)" if torch.cuda.is_available() \
         else "installed; needs CUDA"
 
@@ -67,6 +69,7 @@ def report(data_root: Path = Path("data")) -> dict:
                      "trimesh": _version("trimesh"), "embreex": _version("embreex")},
         "gpus": gpus or ["none: stage one/two run on CPU (tests and the demo only)"],
         "gsplat": _gsplat_status(),
+        "build_caches": buildcache.report(),
         "weights": _weights(),
         "datasets": _datasets(Path(data_root)),
     }
@@ -86,6 +89,8 @@ def print_report(data_root: Path = Path("data")) -> dict:
     for g in r["gpus"]:
         t.add_row("gpu", g)
     t.add_row("gsplat", r["gsplat"])
+    for name, status in r["build_caches"]:
+        t.add_row(name, status)
     for name, where in r["weights"] or [("weights", "none found in " + ", ".join(WEIGHT_DIRS) + " (pass --weights)")]:
         t.add_row(name, where)
     for name, status in r["datasets"]:

@@ -6,12 +6,14 @@ Composes `snd.train`; this module only validates inputs and reports (`snd bench 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
 from rich.console import Console
 
 from snd.errors import SndError
+from snd.pipeline import buildcache
 from snd.pipeline.config import DistillConfig
 from snd.train.loop import TrainSummary, resume_point, train
 
@@ -46,10 +48,15 @@ def run(cfg: DistillConfig) -> TrainSummary:
     prev = torch.get_float32_matmul_precision()
     if torch.cuda.is_available() and cfg.device != "cpu":
         torch.set_float32_matmul_precision("high")  # TF32 for the ViT; restored below (global state)
+    if torch.cuda.is_available() and cfg.device != "cpu" and cfg.compile != "off" and cfg.fast != "off" \
+            and (point is None or point[1] < cfg.iters) and os.environ.get("RANK", "0") == "0":
+        buildcache.announce_compile(console, "the distillation step (teacher, student, fast-path graphs)")
     try:
         summary = train(cfg)
     finally:
         torch.set_float32_matmul_precision(prev)
+    if summary.rank == 0:
+        buildcache.report_compile(console)
     if summary.rank == 0 and summary.complete:
         console.print(f"[green]run {summary.run} is complete[/] at step {summary.step} (--iters {cfg.iters}); "
                       f"checkpoint {summary.checkpoint}. A larger --iters continues it.")

@@ -14,6 +14,7 @@ from snd.cache import manifest as M
 from snd.cache.inuse import hold_in_use
 from snd.cache.schema import Encoding
 from snd.errors import SndError
+from snd.pipeline import buildcache
 from snd.pipeline.config import PrecomputeConfig
 from snd.scaffold import ScaffoldSource
 from snd.stages.precompute.frames import _loader
@@ -54,6 +55,11 @@ def run(cfg: PrecomputeConfig, *, source: ScaffoldSource | None = None, progress
         console.print(ds.describe_selection(cfg.split, names))
     jobs = names[rank::world]
     source = source if source is not None else make_source(cfg)
+    if progress and rank == 0 and str(source.device).startswith("cuda"):
+        if cfg.operator:  # the operators use gsplat's kernels on CUDA: build them announced, before the first batch
+            buildcache.build_gsplat(console)
+        if cfg.source == "mvsplat" and cfg.compile != "off":
+            buildcache.announce_compile(console, "MVSplat", "~100 s on a first run")
     enc = Encoding(offset=source.has_offset)
     op_spec = operator_spec(cfg)
     out = Path(cfg.out)
@@ -174,4 +180,5 @@ def run(cfg: PrecomputeConfig, *, source: ScaffoldSource | None = None, progress
     record_run(out, summary, rank, world, dev, jobs)
     if progress:
         print_summary(summary, out)
+        buildcache.report_compile(console)
     return summary
