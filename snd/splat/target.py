@@ -39,6 +39,8 @@ from snd.splat.render_gsplat import render_gsplat
 from snd.splat.render_torch import build_plan
 from snd.splat.upsample import UpsampleMode, bilinear_resize, upsample_features
 
+log = logging.getLogger(__name__)
+
 
 def coverage_to_patches(covered: Tensor, out_hw: tuple[int, int], r: Rules) -> Tensor:
     """Pixel coverage [..., H, W] bool -> patch validity [..., h2, w2] bool: nearest (official; the
@@ -50,8 +52,6 @@ def coverage_to_patches(covered: Tensor, out_hw: tuple[int, int], r: Rules) -> T
         unc = F.interpolate(1.0 - x, size=tuple(out_hw), mode="nearest") >= 0.5
         return (~unc).reshape(*lead, *out_hw)
     return (bilinear_resize(x, tuple(out_hw)) >= 0.5).reshape(*lead, *out_hw)
-
-log = logging.getLogger(__name__)
 
 
 def target_features(
