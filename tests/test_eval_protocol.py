@@ -407,6 +407,19 @@ def test_geonet_sample_from_the_released_layout(tmp_path):
     assert n[:, 2, 3].tolist() == [0.0, 0.0, 0.0] and n[:, 3, 3].tolist() == [0.0, 0.0, -1.0]
 
 
+def test_paper_train_set_pads_geonet_to_the_backbones_patch(tmp_path):
+    from snd.eval.datasets.geonet import write_geonet_standin
+    from snd.pipeline.config import EvalConfig
+    from snd.stages.eval_plan import paper_train_set
+
+    write_geonet_standin(tmp_path / "nyuv2_geonet", n=1, hw=(24, 32))
+    cfg = EvalConfig(data_root=tmp_path, protocol="paper")
+    # the 24x24 centre square: padded to 28 for patch 14, to 32 for patch 16 (DINOv3)
+    assert paper_train_set(cfg, "nyuv2", "normals", 14).img_hw == (28, 28)
+    ds = paper_train_set(cfg, "nyuv2", "normals", 16)
+    assert ds.img_hw == (32, 32) and tuple(ds[0]["image"].shape) == (3, 32, 32)
+
+
 def test_geonet_augmentation_crops_all_targets_alike():
     from snd.eval.datasets.geonet import augment_geonet, random_resized_square
 

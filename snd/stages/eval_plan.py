@@ -84,7 +84,6 @@ def _splits(task: str, name: str, cfg: EvalConfig, patch: int = 14):
     """(train dataset, val dataset, train indices, val indices) of a dense task, subset per --max-images;
     `patch`: the backbone's patch size (the paper protocol's seg crops are centre-padded to its multiple)."""
     from snd.eval import datasets as D
-
     from snd.eval.protocol import dataset_kwargs
 
     hw = (cfg.img_height, cfg.img_width)
@@ -124,7 +123,7 @@ def paper_train_set(cfg: EvalConfig, name: str, task: str, patch: int = 14):
         raise SndError(f"the paper protocol trains NYU normals on GeoNet's NYU 'trainval': no .mat files in "
                        f"{cfg.data_root}/{FOLDERS[0]}", path=cfg.data_root / FOLDERS[0],
                        hint=f"download {URL} into {cfg.data_root / FOLDERS[0]}, or use --protocol fast")
-    return GeoNetNYU(path, augment=True)
+    return GeoNetNYU(path, augment=True, patch=patch)
 
 
 def val_hw(cfg: EvalConfig, name: str, task: str) -> tuple[int, int]:
