@@ -140,7 +140,7 @@ class EvalConfig:
     datasets: list[str] = opt([], "Datasets to use (default: every one found for the task).")
     out: Path = opt(Path("eval_out"), "Output folder: results.json, tables (markdown), figures, probe checkpoints.")
     protocol: Literal["paper", "fast"] = opt("paper", "'paper': the official probe protocols (flip-averaged depth scored at the GT's resolution, official crops, OneCycle beta1, mmseg's label rule); 'fast': one cached pass at the probe size (< 2 h per backbone; numbers differ, docs/evaluation.md).")
-    feature_cache: bool = opt(True, "Cache frozen-backbone tokens on disk once (fast); --no-feature-cache runs the backbone every probe step with flip/colour augmentation (the paper's protocol, slower).")
+    feature_cache: bool = opt(True, "Cache frozen-backbone tokens on disk once (fast); --no-feature-cache runs the backbone every probe step with flip/colour augmentation (closer to the official training, slower; the official rules themselves are --protocol paper).")
     feature_cache_dir: Optional[Path] = opt(None, "Feature cache folder (default <out>/features); keyed by model weights + input size.")
     num_workers: int = opt(2, "DataLoader worker processes reading images and cached features.")
     img_height: int = opt(476, "Probe input height (a multiple of the patch size: 14 DINOv2, 16 DINOv3).")
