@@ -181,7 +181,7 @@ def build_operator(
     rv = rv.to(f64)
     covered = (alpha > r.coverage_threshold).reshape(Q)
     in_mean = torch.ones_like(covered) if r.mean_over_all else covered  # pixels the segment means run over
-    # pixels a patch samples (the direct part reads only these; the instance means read covered ones)
+    # pixels a patch samples (the direct part reads only these; the instance means read the `in_mean` ones)
     sampled = torch.zeros(Q, dtype=torch.bool, device=device)
     dpix, dwt = _downsample_taps(Ht, Wt, h2, w2, device)  # [4, P]
     sampled[dpix.reshape(-1)] = True

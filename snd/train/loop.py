@@ -81,8 +81,6 @@ def _check_resume_config(run_dir: Path, cfg: DistillConfig) -> None:
 
 def resume_point(run_dir: Path) -> tuple[Path, int, int | None] | None:
     """(latest checkpoint, its step, the --iters the run was last set for) of an existing run, else None."""
-    import json
-
     ckpt = latest_checkpoint(Path(run_dir))
     if ckpt is None:
         return None

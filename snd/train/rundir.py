@@ -86,7 +86,9 @@ def announce_targets(run_dir: Path, cfg, batch: dict, *, fast: bool, fast_why: s
 
     Why: the protocol and the path decide what the loss is and how fast a step is; a user comparing two
     runs must be able to see both without reading code. Returns the recorded dict."""
+    from snd.data.formats import write_json
     from snd.errors import SndError
+    from snd.train.checkpoint import CONFIG_FILE
     from snd.train.data import operator_decision
 
     stored = "op_cols" in batch and cfg.targets != "render"
@@ -105,13 +107,11 @@ def announce_targets(run_dir: Path, cfg, batch: dict, *, fast: bool, fast_why: s
     info = {"protocol": cfg.targets_protocol, "path": path, "why": why}
     if active:
         Console(stderr=True).print(f"[bold]targets[/]: protocol {cfg.targets_protocol}, path {path} ({why})")
-        cfg_file = Path(run_dir) / "config.json"
+        cfg_file = Path(run_dir) / CONFIG_FILE
         try:
             raw = json.loads(cfg_file.read_text())
             raw["targets"] = info
-            tmp = cfg_file.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(raw, indent=2))
-            tmp.replace(cfg_file)
+            write_json(cfg_file, raw)
         except (OSError, json.JSONDecodeError) as e:
             log.warning("could not record the target path in %s: %s", cfg_file, e)
     return info
