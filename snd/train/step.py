@@ -58,8 +58,9 @@ def _compiler_errors() -> tuple[type[BaseException], ...]:
 
 class EagerOnCompilerError:
     """Call `compiled`; if torch.compile's compiler fails (an error of the compiler, not of the function),
-    log one warning and call `eager` from then on. Compilation runs before the compiled code, so nothing
-    has been computed twice."""
+    log one warning and call `eager` from then on. The first compile runs before any compiled code, so a
+    failure there repeats nothing; a failure in a later recompile, or after a graph break, re-runs the part
+    already executed (random draws such as LoRA dropout are then taken again)."""
 
     def __init__(self, compiled: Callable, eager: Callable, name: str):
         self.compiled, self.eager, self.name, self.fell_back = compiled, eager, name, False
