@@ -138,8 +138,9 @@ def gc(path: str | Path, *, keep: list[str] | None = None, yes: bool = False) ->
         rep.candidates = _scaffold_candidates(root) if kind == "scaffold" else _eval_candidates(root, list(keep or []), rep)
         if yes:
             for c in rep.candidates:
-                if kind == "scaffold" and c.path.parent == root:
-                    assert M.complete_record(root, c.path.name) is None, f"refusing to remove complete scene {c.path}"
+                if kind == "scaffold" and c.path.parent == root and M.complete_record(root, c.path.name) is not None:
+                    # checked again per removal (not an assert: `python -O` would drop it)
+                    raise RuntimeError(f"refusing to remove complete scene {c.path}")
                 if c.path.is_dir():
                     shutil.rmtree(c.path)
                 else:

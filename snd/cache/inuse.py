@@ -31,10 +31,14 @@ def hold_in_use(folder: Path) -> IO:
     Path(folder).mkdir(parents=True, exist_ok=True)
     f = open(Path(folder) / IN_USE_FILE, "a+")
     try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        log.warning("waiting for `snd cache gc/verify --fix` to release %s", folder)
-        fcntl.flock(f.fileno(), fcntl.LOCK_SH)
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.warning("waiting for `snd cache gc/verify --fix` to release %s", folder)
+            fcntl.flock(f.fileno(), fcntl.LOCK_SH)
+    except BaseException:  # e.g. Ctrl-C while waiting: do not leave the file open
+        f.close()
+        raise
     return f
 
 

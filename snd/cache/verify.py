@@ -38,7 +38,8 @@ __all__ = ["Problem", "VerifyReport", "checksum_tables", "verify_store", "remove
 
 @dataclass(frozen=True)
 class Problem:
-    """One damaged place: scene, array (None = the group itself), row along the first axis (None = whole)."""
+    """One damaged place: scene, array (None = the group itself), row along the first axis (None = whole):
+    a pair for the scaffold arrays, a stored frame (row k of ``frame_index``) for the ``frame_*`` arrays."""
 
     scene: str
     array: str | None
@@ -47,8 +48,8 @@ class Problem:
 
     def __str__(self) -> str:
         where = f"scene {self.scene!r}"
-        if self.row is not None:
-            where += f" pair {self.row}"
+        if self.row is not None:  # the frame arrays' rows are stored frames (their order), not pairs
+            where += f" {'frame row' if (self.array or '').startswith('frame_') else 'pair'} {self.row}"
         if self.array is not None:
             where += f" array {self.array!r}"
         return f"{where}: {self.what}"

@@ -295,7 +295,7 @@ def run(cfg: EvalConfig, tasks: list[str]) -> dict:
             _write_json(tfolder / f"{name}_{task}.json", rec)
 
     in_use = hold_in_use(cfg.feature_cache_dir or out / "features") if cfg.feature_cache else contextlib.nullcontext()
-    with _progress() as progress, in_use:  # the cache's shared lock: `snd cache gc` refuses while this runs
+    with in_use, _progress() as progress:  # the cache's shared lock (entered first: released on any error): gc refuses meanwhile
         for role in roles:
             folder = role.folder()
             done: dict[tuple[str, str], dict] = {}

@@ -64,7 +64,6 @@ def run(cfg: PrecomputeConfig, *, source: ScaffoldSource | None = None, progress
     op_spec = operator_spec(cfg)
     out = Path(cfg.out)
     M.init_store(out, store_header(cfg, ds, source, enc))
-    busy = hold_in_use(M.meta_dir(out))  # shared for the whole run: `snd cache gc` / `verify --fix` refuse meanwhile
 
     summary = Summary()
     lock = threading.Lock()
@@ -98,6 +97,9 @@ def run(cfg: PrecomputeConfig, *, source: ScaffoldSource | None = None, progress
     est = cfg.pairs_per_scene * len(jobs) if cfg.pairs_per_scene else None
     t_scenes = prog.add_task(f"scenes (rank {rank}/{world})", total=len(jobs), info="")
     t_pairs = prog.add_task("pairs", total=est, info="")
+    # shared for the whole run (`snd cache gc` / `verify --fix` refuse meanwhile); taken right before the threads
+    # that touch the store start, so only those starts lie between it and the `finally` that releases it
+    busy = hold_in_use(M.meta_dir(out))
     loader.start()
     writer.start()
     in_scene: dict[str, int] = {}
