@@ -1,0 +1,138 @@
+"""Every (render, pixel, Gaussian) compositing weight of a batch of renders, as one flat list.
+
+Why a batch: stage one builds three transfer operators per pair (`snd.splat.operator_build`), and each
+needs the full list of compositing weights of its target render. Done one render at a time, the work is
+a few hundred small kernels and several host syncs per target (~22 ms on an H100 for a 576x880 render,
+`docs/bench/profile_operator_h100.jsonl`). Here the renders of many (pair, target) jobs go through
+gsplat's kernels in one call each (jobs are gsplat's batch dimension), and the result is one flat list
+tagged with its job, which the operator builder aggregates with one sort.
+
+Each job n renders the Gaussians of pair ``pair[n]`` into camera (K[n], w2c[n]). Gaussian indices are
+into that pair's flattened V*H*W scaffold (not into a culled subset), so jobs of one pair share them.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from snd.splat.gaussians import PixelGaussians
+from snd.splat.inputs import ALPHA_MIN, drawable
+from snd.splat.render import Backend, resolve_backend
+from snd.splat.render_gsplat import gsplat_K
+from snd.splat.render_torch import ALPHA_MAX, build_plan, composite_weights
+
+__all__ = ["Contributions", "contributions"]
+
+
+@dataclass
+class Contributions:
+    """The compositing weights of N renders of H x W pixels.
+
+    job, pix, gauss [M] long: render, pixel (y*W + x) and Gaussian (index into the job's pair's V*H*W
+    scaffold) of each (pixel, Gaussian) pair that contributes; weight [M] float64: alpha_i T_i;
+    alpha [N, H, W] float32: 1 - final transmittance of each render.
+    """
+
+    job: Tensor
+    pix: Tensor
+    gauss: Tensor
+    weight: Tensor
+    alpha: Tensor
+
+
+def contributions(gaussians: Sequence[PixelGaussians], pair: Tensor, K: Tensor, w2c: Tensor, height: int, width: int,
+                  *, near: float = 0.01, far: float = 1e10, backend: Backend = "auto",
+                  max_pairs: int = 1 << 24) -> Contributions:
+    """Compositing weights of N jobs: job n draws ``gaussians[pair[n]]`` ([V, H, W] each, equal shapes) into
+    the camera K[n] [3, 3], w2c[n] [4, 4] at height x width.
+
+    backend: "gsplat" (CUDA: gsplat's projection, tile intersection and index rasteriser, all jobs in one
+    call each), "torch" (`build_plan`, one job at a time; any device) or "auto".
+    The same Gaussians are drawn as by `snd.splat.inputs.drawable` (opacity >= 1/255, finite).
+    """
+    device = gaussians[0].means.device
+    N = int(pair.numel())
+    if resolve_backend(backend, device) == "gsplat":
+        return _contributions_gsplat(gaussians, pair, K, w2c, height, width, near=near, far=far)
+    job, pix, gauss, wt, alpha = [], [], [], [], []
+    for n in range(N):
+        scene, kept = drawable(gaussians[int(pair[n])], K[n], w2c[n], height, width, near=near, far=far, device=device)
+        plan = build_plan(scene, max_pairs=max_pairs)
+        q, g = plan.weights.indices()
+        job.append(torch.full_like(q, n))
+        pix.append(q)
+        gauss.append(kept[g])
+        wt.append(plan.weights.values().to(torch.float64))
+        alpha.append(plan.alpha.float())
+    if N == 0:
+        e = torch.zeros(0, dtype=torch.long, device=device)
+        return Contributions(e, e, e, torch.zeros(0, dtype=torch.float64, device=device),
+                             torch.zeros(0, height, width, device=device))
+    return Contributions(torch.cat(job), torch.cat(pix), torch.cat(gauss), torch.cat(wt), torch.stack(alpha))
+
+
+def _job_scenes(gaussians: Sequence[PixelGaussians], pair: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per job its pair's flattened Gaussians as float32 [N, G, ...]; those `drawable` would drop get
+    opacity 0 (gsplat's projection culls opacity < 1/255) and finite placeholder values."""
+    flat = [g.to(dtype=torch.float32).flatten() for g in gaussians]
+    means, quats, scales, opac = (torch.stack([f[i] for f in flat]) for i in range(4))  # [B, G, ...]
+    ok = (opac >= ALPHA_MIN) & torch.isfinite(means).all(-1) & torch.isfinite(scales).all(-1)
+    means = torch.where(ok[..., None], means, torch.zeros_like(means))
+    scales = torch.where(ok[..., None], scales, torch.ones_like(scales))
+    quats = torch.where(ok[..., None] & torch.isfinite(quats).all(-1, keepdim=True), quats,
+                        torch.tensor([1.0, 0.0, 0.0, 0.0], device=quats.device))
+    opac = torch.where(ok, opac, torch.zeros_like(opac))
+    idx = pair.to(means.device)
+    return means[idx].contiguous(), quats[idx].contiguous(), scales[idx].contiguous(), opac[idx].contiguous()
+
+
+def _contributions_gsplat(gaussians: Sequence[PixelGaussians], pair: Tensor, K: Tensor, w2c: Tensor, height: int,
+                          width: int, *, near: float, far: float, tile_size: int = 16) -> Contributions:
+    """gsplat's kernels decide which pairs contribute, exactly as its rasteriser does (alpha >= 1/255, stop
+    before T <= 1e-4: ``rasterize_to_indices_in_range`` over the whole depth range, T starting at 1); the
+    weights alpha_i T_i are recomputed in torch (float64 transmittance) as gsplat's pure-torch
+    ``accumulate`` does. Jobs are gsplat's batch dimension ([N, 1 camera])."""
+    from gsplat.cuda._wrapper import (fully_fused_projection, isect_offset_encode, isect_tiles,
+                                      rasterize_to_indices_in_range)
+
+    if not gaussians[0].means.is_cuda:
+        raise ValueError("the gsplat backend needs CUDA tensors; use backend='torch' on CPU")
+    dev = gaussians[0].means.device
+    means, quats, scales, opac = _job_scenes(gaussians, pair)  # [N, G, ...]
+    N, G = opac.shape
+    Kg = torch.stack([gsplat_K(k, dev) for k in K.unbind(0)]) if N else K.to(dev, torch.float32)
+    viewmats = w2c.to(dev, torch.float32)[:, None].contiguous()  # [N, 1, 4, 4]
+    radii, means2d, depths, conics, _ = fully_fused_projection(
+        means, None, quats, scales, viewmats, Kg[:, None].contiguous(), width, height, eps2d=0.3,
+        near_plane=near, far_plane=far, packed=False, opacities=opac)  # [N, 1, G, ...]
+    tw, th = math.ceil(width / tile_size), math.ceil(height / tile_size)
+    _, isect_ids, flatten_ids = isect_tiles(means2d, radii, depths, tile_size, tw, th, packed=False)
+    offsets = isect_offset_encode(isect_ids, N, tw, th).reshape(N, 1, th, tw)
+    flat = torch.cat([offsets.reshape(-1), offsets.new_tensor([flatten_ids.numel()])])
+    longest = int((flat[1:] - flat[:-1]).max()) if flatten_ids.numel() else 0  # the one host sync
+    n_batches = max(1, -(-longest // (tile_size * tile_size)))
+    T0 = torch.ones(N, 1, int(height), int(width), device=dev)
+    gid, pix, img = rasterize_to_indices_in_range(0, n_batches, T0, means2d, conics, opac[:, None], int(width),
+                                                  int(height), tile_size, offsets, flatten_ids)
+    gid, pix, img = gid.long(), pix.long(), img.long()  # gid: flattened index into [N * G]
+    # alpha of every pair, as gsplat's accumulate (pixel centres at +0.5)
+    px = (pix % width).to(torch.float32) + 0.5
+    py = torch.div(pix, width, rounding_mode="floor").to(torch.float32) + 0.5
+    m2, c = means2d.reshape(-1, 2)[gid], conics.reshape(-1, 3)[gid]
+    dx, dy = px - m2[:, 0], py - m2[:, 1]
+    sigma = 0.5 * (c[:, 0] * dx * dx + c[:, 2] * dy * dy) + c[:, 1] * dx * dy
+    alpha = (opac.reshape(-1)[gid] * torch.exp(-sigma)).clamp_max(ALPHA_MAX)
+    # front to back within each pixel: gsplat sorts a tile's list by depth (stable on Gaussian index)
+    order = torch.sort(depths.reshape(N, G), dim=1, stable=True).indices
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(G, device=dev).expand(N, G).contiguous())
+    Q = int(height) * int(width)
+    gpix = img * Q + pix  # pixel of the whole batch
+    srt = torch.sort(gpix * G + rank.reshape(-1)[gid]).indices
+    gpix, gid, alpha = gpix[srt], gid[srt], alpha[srt]
+    w, t_final, _ = composite_weights(gpix, alpha.double(), N * Q)
+    job = torch.div(gpix, Q, rounding_mode="floor")
+    return Contributions(job, gpix - job * Q, gid % G, w, (1.0 - t_final).to(torch.float32).reshape(N, height, width))

@@ -1,0 +1,230 @@
+"""Building transfer operators (`snd.splat.operator`) for a batch of (pair, target) jobs at once.
+
+Why batched: stage one needs three operators per pair for every pair of the dataset. One at a time,
+each is a few hundred small kernels with host syncs between them (`nonzero`, `unique`, `int(...)`), so
+a GPU spends most of the build waiting on Python. Here all jobs of a chunk share every step: their
+compositing weights come from one batched render (`snd.splat.contrib`), and each part of the operator
+is one sort + segmented reduction over the entries of all jobs, keyed by (job, row, column).
+
+The math is `snd.splat.operator`'s (module docstring there); per job the result equals building it
+alone (tested: batched == one by one, and each == `target_features`). The dense [P, J] matrix of the
+one-at-a-time version is never formed: the direct part is aggregated sparsely and its `row_cap` largest
+coefficients per patch row are picked by a segmented sort (ties broken by column; `torch.topk`'s order
+among equal values is unspecified, which only matters when a cap drops mass).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from snd.splat.contrib import contributions
+from snd.splat.gaussians import PixelGaussians
+from snd.splat.protocol import Rules, TargetsProtocol, rules
+from snd.splat.target import coverage_to_patches
+from snd.splat.upsample import UpsampleMode, source_coords, upsample_weights
+
+__all__ = ["build_operators"]
+
+f64 = torch.float64
+
+
+def _upsample_taps(ctx_masks: Tensor | None, V: int, h: int, w: int, H: int, W: int, r: Rules,
+                   device: torch.device) -> tuple[Tensor, Tensor]:
+    """Per context pixel (v, y, x) of V views its 4 (patch column, weight) taps: ([V*H*W, 4] long, float64).
+
+    Columns count patches of the V views in order (v*h*w + i*w + k)."""
+    (y0, y1, x0, x1), wts = upsample_weights(ctx_masks, h, w, H, W, fallback=r.fallback, grid=r.grid)  # [V|1, 4, H, W]
+    ys = torch.stack([y0, y0, y1, y1]).to(device)  # [4, H]  (neighbour order of upsample_weights)
+    xs = torch.stack([x0, x1, x0, x1]).to(device)  # [4, W]
+    local = ys[:, :, None] * w + xs[:, None, :]  # [4, H, W]
+    v_off = (torch.arange(V, device=device) * (h * w))[:, None, None, None]
+    cols = (local[None] + v_off).permute(0, 2, 3, 1).reshape(V * H * W, 4)
+    wts = wts.to(device=device, dtype=f64).expand(V, 4, H, W).permute(0, 2, 3, 1).reshape(V * H * W, 4)
+    return cols, wts
+
+
+def _downsample_taps(Ht: int, Wt: int, h2: int, w2: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Bilinear (align_corners=False) taps of every patch: (pixel [4, P] long, weight [4, P] float64).
+
+    Tap slot t = (row tap, column tap); within a slot the pixel -> patch map is injective (downsampling)."""
+    ya, yb, fy = source_coords(h2, Ht, device)
+    xa, xb, fx = source_coords(w2, Wt, device)
+    fy, fx = fy.double(), fx.double()
+    pix, wt = [], []
+    for yy, wy in ((ya, 1 - fy), (yb, fy)):
+        for xx, wx in ((xa, 1 - fx), (xb, fx)):
+            pix.append((yy[:, None] * Wt + xx[None, :]).reshape(-1))
+            wt.append((wy[:, None] * wx[None, :]).reshape(-1))
+    return torch.stack(pix), torch.stack(wt)
+
+
+def _sum_by_key(key: Tensor, val: Tensor) -> tuple[Tensor, Tensor]:
+    """(unique keys ascending, summed values)."""
+    uk, inv = torch.unique(key, return_inverse=True)
+    return uk, torch.zeros(uk.numel(), dtype=val.dtype, device=val.device).index_add_(0, inv, val)
+
+
+def _rank_in_group(group: Tensor, score: Tensor) -> tuple[Tensor, Tensor]:
+    """Order entries by (group ascending, score descending, position ascending): (order, rank within group)."""
+    o = torch.sort(score, descending=True, stable=True).indices
+    o = o[torch.sort(group[o], stable=True).indices]
+    g = group[o]
+    first = torch.ones_like(g, dtype=torch.bool)
+    first[1:] = g[1:] != g[:-1]
+    start = torch.cummax(torch.where(first, torch.arange(g.numel(), device=g.device), 0), 0).values
+    return o, torch.arange(g.numel(), device=g.device) - start
+
+
+def _per_job_sum(job: Tensor, val: Tensor, N: int) -> Tensor:
+    return torch.zeros(N, dtype=val.dtype, device=val.device).index_add_(0, job, val)
+
+
+@torch.no_grad()
+def build_operators(
+    gaussians: Sequence[PixelGaussians],  # B pairs, each [V, H, W]
+    ctx_masks: Tensor,  # [B, V, H, W] int
+    tgt_masks: Tensor,  # [N, Ht, Wt] int
+    tgt_K: Tensor,  # [N, 3, 3]
+    tgt_w2c: Tensor,  # [N, 4, 4]
+    pair: Tensor,  # [N] long: the pair of each job
+    ctx_hw: tuple[int, int],
+    out_hw: tuple[int, int],
+    *,
+    upsample: UpsampleMode = "mask",
+    blend: bool = True,
+    blend_weight: float = 0.5,
+    protocol: TargetsProtocol = "official",
+    row_cap: int = 64,
+    inst_cap: int = 128,
+    near: float = 0.01,
+    far: float = 1e10,
+    max_pairs: int = 1 << 24,
+    backend: str = "auto",
+    chunk: int = 8,
+):
+    """N jobs' operators as one `TransferOperator` with a leading [N] (see `snd.splat.operator.build_operator`
+    for the knobs; every job uses the same ones). `chunk` jobs are built together (memory ~ chunk x the
+    entries of one render, a few hundred MB each at 576x880)."""
+    from snd.splat.operator import TransferOperator  # the dataclass module imports this one
+
+    if upsample not in ("mask", "bilinear"):
+        raise ValueError(f"upsample must be 'mask' or 'bilinear', got {upsample!r}")
+    N = int(pair.numel())
+    B = len(gaussians)
+    V, H, W = gaussians[0].shape
+    assert all(g.shape == (V, H, W) for g in gaussians), "every pair's Gaussians must have the same [V, H, W]"
+    assert ctx_masks.shape == (B, V, H, W), f"ctx_masks must be [B, V, H, W] = {(B, V, H, W)}, got {tuple(ctx_masks.shape)}"
+    assert tgt_masks.dim() == 3 and tgt_masks.shape[0] == N, f"tgt_masks must be [N={N}, Ht, Wt], got {tuple(tgt_masks.shape)}"
+    h2, w2 = int(out_hw[0]), int(out_hw[1])
+    Ht, Wt = int(tgt_masks.shape[1]), int(tgt_masks.shape[2])
+    if h2 > Ht or w2 > Wt:
+        raise ValueError(f"out_hw {(h2, w2)} must not exceed the render size {(Ht, Wt)} (the target is downsampled)")
+    r = rules(protocol)
+    device = gaussians[0].means.device
+    h, w = int(ctx_hw[0]), int(ctx_hw[1])
+    masks = ctx_masks.to(device).reshape(B * V, H, W) if upsample == "mask" else None
+    ucols, uw = _upsample_taps(masks, B * V, h, w, H, W, r, device)  # [B*G, 4]; columns over all B*V views
+    G, J = V * H * W, V * h * w
+    ucols = ucols - torch.div(torch.arange(B * G, device=device), G, rounding_mode="floor")[:, None] * J  # per pair
+    dpix, dwt = _downsample_taps(Ht, Wt, h2, w2, device)
+    const = dict(pair=pair.to(device), ucols=ucols, uw=uw, G=G, J=J, dpix=dpix, dwt=dwt, out_hw=(h2, w2), r=r,
+                 blend_w=blend_weight if blend else 0.0, row_cap=int(row_cap), inst_cap=int(inst_cap))
+    parts = []
+    for s in range(0, N, max(1, int(chunk))):
+        sl = slice(s, min(N, s + max(1, int(chunk))))
+        c = contributions(gaussians, pair[sl], tgt_K[sl].to(device, torch.float32), tgt_w2c[sl].to(device, torch.float32),
+                          Ht, Wt, near=near, far=far, backend=backend, max_pairs=max_pairs)
+        parts.append(_assemble(c, tgt_masks[sl].to(device), pair_sl=const["pair"][sl], **{k: v for k, v in const.items() if k != "pair"}))
+    if not parts:
+        P, Kc = h2 * w2, int(inst_cap)
+        z = lambda *s, dt=torch.float32: torch.zeros(*s, dtype=dt, device=device)  # noqa: E731
+        return TransferOperator(cols=z(0, P, row_cap, dt=torch.long), vals=z(0, P, row_cap), inst=z(0, Kc, J),
+                                inst_ids=z(0, P, 4, dt=torch.long), inst_w=z(0, P, 4), valid=z(0, P, dt=torch.bool),
+                                dropped_direct=z(0), dropped_inst=z(0), max_row_nnz=z(0, dt=torch.long))
+    return TransferOperator(**{k: torch.cat([p[k] for p in parts]) for k in parts[0]})
+
+
+def _assemble(c, tgt_masks: Tensor, *, pair_sl: Tensor, ucols: Tensor, uw: Tensor, G: int, J: int, dpix: Tensor,
+              dwt: Tensor, out_hw: tuple[int, int], r: Rules, blend_w: float, row_cap: int, inst_cap: int) -> dict:
+    """The operators of one chunk of jobs from their contributions `c` (`snd.splat.contrib.Contributions`)."""
+    device = tgt_masks.device
+    N, Ht, Wt = tgt_masks.shape
+    Q, P = Ht * Wt, out_hw[0] * out_hw[1]
+    covered = (c.alpha > r.coverage_threshold).reshape(N, Q)
+    in_mean = torch.ones_like(covered) if r.mean_over_all else covered  # pixels the segment means run over
+    grow = pair_sl[c.job] * G + c.gauss  # row of each entry's Gaussian in the upsampling taps
+    gq = c.job * Q + c.pix  # pixel of the chunk
+
+    # labels of every job (sorted by job, then label, as a per-job torch.unique), their pixel counts in
+    # the means and the blend weight of each pixel (only labels with a pixel in the means are blended)
+    lab = tgt_masks.reshape(N, Q).long()
+    lo = lab.min() if lab.numel() else lab.new_zeros(())
+    span = (lab.max() - lo + 1) if lab.numel() else lab.new_ones(())
+    labels, inv = torch.unique(torch.arange(N, device=device)[:, None] * span + (lab - lo), return_inverse=True)
+    inv = inv.reshape(-1)  # [N*Q] label index of each pixel
+    lab_job = torch.div(labels, span, rounding_mode="floor")
+    counts = torch.zeros(labels.numel(), dtype=f64, device=device).index_add_(
+        0, inv, in_mean.reshape(-1).to(f64))
+    b_pix = (counts > 0).to(f64)[inv] * blend_w  # [N*Q]
+
+    # direct part: entries at pixels a patch samples, expanded to their 4 upsampling taps, sent through
+    # the 4 downsampling tap slots (each slot maps pixels to patches one to one)
+    pix2patch = torch.full((4, Q), -1, dtype=torch.long, device=device)
+    pix2patch.scatter_(1, dpix, torch.arange(P, device=device).expand(4, P).contiguous())
+    s = ((pix2patch >= 0).any(0)[c.pix]).nonzero().squeeze(1)
+    sj = ucols[grow[s]]  # [S, 4]
+    sv = c.weight[s][:, None] * uw[grow[s]] * (1.0 - b_pix[gq[s]])[:, None]
+    keys, vals = [], []
+    for t in range(4):
+        p = pix2patch[t, c.pix[s]]
+        k = (p >= 0).nonzero().squeeze(1)
+        row = c.job[s][k] * P + p[k]
+        keys.append((row[:, None] * J + sj[k]).reshape(-1))
+        vals.append((dwt[t][p[k]][:, None] * sv[k]).reshape(-1))
+    key, val = _sum_by_key(torch.cat(keys), torch.cat(vals))
+    nz = (val != 0).nonzero().squeeze(1)  # taps of weight 0 (a zero fallback, full blending) are not entries
+    key, val = key[nz], val[nz]
+    row = torch.div(key, J, rounding_mode="floor")
+    rjob = torch.div(row, P, rounding_mode="floor")
+    nnz = torch.bincount(row, minlength=N * P).reshape(N, P)
+    o, rank = _rank_in_group(row, val.abs())
+    keep = rank < row_cap
+    cols = torch.zeros(N * P, row_cap, dtype=torch.long, device=device)
+    ell = torch.zeros(N * P, row_cap, dtype=f64, device=device)
+    cols[row[o][keep], rank[keep]] = key[o][keep] % J
+    ell[row[o][keep], rank[keep]] = val[o][keep]
+    tot = _per_job_sum(rjob, val.abs(), N)
+    dropped_direct = _per_job_sum(rjob[o][~keep], val[o][~keep].abs(), N) / tot.clamp_min(1e-300)
+
+    # instance part: the `inst_cap` labels with the most blend weight per job, then per (label, Gaussian)
+    # the summed weight over the label's pixels in the means, expanded to the upsampling taps
+    tap_lab = inv.reshape(N, Q)[:, dpix]  # [N, 4, P]
+    tap_w = dwt[None] * b_pix.reshape(N, Q)[:, dpix]  # [N, 4, P]
+    mass = torch.zeros(labels.numel(), dtype=f64, device=device).index_add_(0, tap_lab.reshape(-1), tap_w.reshape(-1))
+    used = (mass > 0).nonzero().squeeze(1)
+    o, rank = _rank_in_group(lab_job[used], mass[used])
+    slot = torch.full((labels.numel(),), -1, dtype=torch.long, device=device)
+    ok = rank < inst_cap
+    slot[used[o][ok]] = rank[ok]
+    inst = torch.zeros(N * inst_cap * J, dtype=f64, device=device)
+    lq = inv[gq]
+    k = (in_mean.reshape(-1)[gq] & (slot[lq] >= 0)).nonzero().squeeze(1)
+    if k.numel():
+        ks = c.job[k] * inst_cap + slot[lq[k]]  # the chunk's label row
+        key, agg = _sum_by_key(ks * G + c.gauss[k], c.weight[k] / counts[lq[k]])
+        ks = torch.div(key, G, rounding_mode="floor")
+        gr = pair_sl[torch.div(ks, inst_cap, rounding_mode="floor")] * G + key % G
+        inst.index_add_(0, (ks[:, None] * J + ucols[gr]).reshape(-1), (agg[:, None] * uw[gr]).reshape(-1))
+    tap_slot = slot[tap_lab]  # [N, 4, P]
+    keep_tap = tap_slot >= 0
+    inst_ids = torch.where(keep_tap, tap_slot, 0).transpose(1, 2).contiguous()  # [N, P, 4]
+    inst_w = torch.where(keep_tap, tap_w, 0.0).transpose(1, 2).contiguous()
+    dropped_inst = torch.where(keep_tap, 0.0, tap_w.abs()).sum((1, 2)) / tap_w.abs().sum((1, 2)).clamp_min(1e-300)
+
+    valid = coverage_to_patches(covered.reshape(N, Ht, Wt), out_hw, r).reshape(N, P)
+    return dict(cols=cols.reshape(N, P, row_cap), vals=ell.reshape(N, P, row_cap).float(),
+                inst=inst.reshape(N, inst_cap, J).float(), inst_ids=inst_ids, inst_w=inst_w.float(), valid=valid,
+                dropped_direct=dropped_direct.float().clamp_min(0), dropped_inst=dropped_inst.float().clamp_min(0),
+                max_row_nnz=nnz.max(1).values if P else torch.zeros(N, dtype=torch.long, device=device))
