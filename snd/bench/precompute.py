@@ -167,7 +167,7 @@ def bench(cfg: BenchPrecomputeConfig) -> dict:
                             mvsplat_config=cfg.mvsplat_config, height=cfg.height, width=cfg.width,
                             pairs_per_scene=math.ceil(total / scenes), targets_per_pair=3, batch_pairs=cfg.batch_pairs,
                             precision=cfg.precision, device=cfg.device, compile=cfg.compile, operator=cfg.operator,
-                            images=cfg.images)
+                            images=cfg.images, operator_chunk=cfg.operator_chunk)
     source = make_source(pcfg, random_init=cfg.mvsplat_ckpt is None)
     s = run(pcfg, source=source, progress=True)
     if s.failed:

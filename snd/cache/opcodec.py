@@ -11,9 +11,9 @@ import torch
 from torch import Tensor
 
 from snd.cache.schema import OperatorSpec
-from snd.splat.operator import TransferOperator
+from snd.splat.operator import TransferOperator, stack_operators
 
-__all__ = ["OP_KEYS", "empty_operator_arrays", "encode_operators", "operator_from_batch"]
+__all__ = ["OP_KEYS", "empty_operator_arrays", "encode_operator_jobs", "encode_operators", "operator_from_batch"]
 
 OP_KEYS = ("op_cols", "op_vals", "op_inst", "op_inst_ids", "op_inst_w", "op_valid", "op_stats")
 
@@ -35,21 +35,34 @@ def empty_operator_arrays(spec: OperatorSpec, B: int, T: int) -> dict[str, np.nd
 def encode_operators(ops: list[list[TransferOperator | None]], spec: OperatorSpec) -> dict[str, np.ndarray]:
     """ops[b][t] (None = no target in that slot) -> stored arrays with leading [B, T]."""
     B, T = len(ops), len(ops[0]) if ops else 0
-    out = empty_operator_arrays(spec, B, T)
-    for b, row in enumerate(ops):
-        assert len(row) == T, f"pair {b}: {len(row)} target slots, expected {T}"
-        for t, op in enumerate(row):
-            if op is None:
-                continue
-            assert op.cols.shape == (spec.P, spec.row_cap), f"op cols {tuple(op.cols.shape)} vs {(spec.P, spec.row_cap)}"
-            assert op.inst.shape == (spec.inst_cap, spec.J), f"op inst {tuple(op.inst.shape)} vs {(spec.inst_cap, spec.J)}"
-            out["op_cols"][b, t] = op.cols.cpu().numpy().astype(spec.col_dtype)
-            out["op_vals"][b, t] = op.vals.cpu().numpy().astype(np.float16)
-            out["op_inst"][b, t] = op.inst.cpu().numpy().astype(np.float16)
-            out["op_inst_ids"][b, t] = op.inst_ids.cpu().numpy().astype(np.int16)
-            out["op_inst_w"][b, t] = op.inst_w.cpu().numpy().astype(np.float16)
-            out["op_valid"][b, t] = op.valid.cpu().numpy().astype(np.uint8)
-            out["op_stats"][b, t] = [float(op.dropped_direct), float(op.dropped_inst), float(op.max_row_nnz)]
+    assert all(len(row) == T for row in ops), f"every pair needs {T} target slots"
+    jobs = [(b, t) for b, row in enumerate(ops) for t, op in enumerate(row) if op is not None]
+    if not jobs:
+        return empty_operator_arrays(spec, B, T)
+    stacked = stack_operators([ops[b][t] for b, t in jobs])
+    return encode_operator_jobs(stacked, torch.tensor([b * T + t for b, t in jobs]), B, T, spec)
+
+
+def encode_operator_jobs(ops: TransferOperator, slots: Tensor, B: int, T: int, spec: OperatorSpec) -> dict[str, np.ndarray]:
+    """N jobs' operators (leading [N], any device) -> stored arrays [B, T, ...]; job n fills slot
+    ``slots[n] = b * T + t``, the other slots stay all-zero. Casts to the stored dtypes happen on the
+    operators' device and each array crosses to the host once (not once per target)."""
+    N = int(slots.numel())
+    assert ops.cols.shape[1:] == (spec.P, spec.row_cap), f"op cols {tuple(ops.cols.shape[1:])} vs {(spec.P, spec.row_cap)}"
+    assert ops.inst.shape[1:] == (spec.inst_cap, spec.J), f"op inst {tuple(ops.inst.shape[1:])} vs {(spec.inst_cap, spec.J)}"
+    assert ops.cols.shape[0] == N, f"{ops.cols.shape[0]} operators for {N} slots"
+    dev = ops.cols.device
+    idx = slots.to(dev, torch.long)
+    col_t = torch.int16 if spec.col_dtype == np.int16 else torch.int32
+    stats = torch.stack([ops.dropped_direct.float(), ops.dropped_inst.float(), ops.max_row_nnz.float()], -1)
+    src = {"op_cols": (ops.cols, col_t), "op_vals": (ops.vals, torch.float16), "op_inst": (ops.inst, torch.float16),
+           "op_inst_ids": (ops.inst_ids, torch.int16), "op_inst_w": (ops.inst_w, torch.float16),
+           "op_valid": (ops.valid, torch.uint8), "op_stats": (stats, torch.float32)}
+    out = {}
+    for k, (x, dt) in src.items():
+        full = torch.zeros(B * T, *x.shape[1:], dtype=dt, device=dev)
+        full[idx] = x.to(dt)
+        out[k] = full.reshape(B, T, *x.shape[1:]).cpu().numpy()
     return out
 
 

@@ -72,7 +72,7 @@ def _launch(source: ScaffoldSource, b: _Batch, enc: Encoding, phases: dict[str, 
 
 
 def _land(f: _InFlight, enc: Encoding, spec: OperatorSpec | None, phases: dict[str, float],
-          dev: torch.device) -> dict[str, np.ndarray]:
+          dev: torch.device, *, operator_chunk: int = 8) -> dict[str, np.ndarray]:
     """Wait for a launched batch's fields, add the loader's arrays (and the operators); the writer's input."""
     t0 = time.perf_counter()
     if f.events is not None:
@@ -87,5 +87,5 @@ def _land(f: _InFlight, enc: Encoding, spec: OperatorSpec | None, phases: dict[s
     if spec is not None:
         ph = _Phases(dev, phases)
         ph.mark("operators_wait")  # the next batch's network, queued ahead of the operator kernels
-        fields.update(_build_operators(fields, f.batch, enc, spec, dev, ph))
+        fields.update(_build_operators(fields, f.batch, enc, spec, dev, ph, chunk=operator_chunk))
     return fields

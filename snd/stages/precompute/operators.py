@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from snd.cache.encode import decode_scaffold
-from snd.cache.opcodec import encode_operators
+from snd.cache.opcodec import encode_operator_jobs
 from snd.cache.schema import Encoding, OperatorSpec
 
 if TYPE_CHECKING:
@@ -16,11 +16,12 @@ if TYPE_CHECKING:
 
 
 def _build_operators(fields: dict[str, np.ndarray], b: _Batch, enc: Encoding, spec: OperatorSpec,
-                     dev: torch.device, ph: _Phases | None = None) -> dict[str, np.ndarray]:
-    """Transfer operators of every (pair, target slot), built from the *decoded* stored scaffold, so that
-    stage two's operator path equals its render path on exactly what the cache holds."""
+                     dev: torch.device, ph: _Phases | None = None, *, chunk: int = 8) -> dict[str, np.ndarray]:
+    """Transfer operators of every (pair, target slot) of the batch, built together
+    (`snd.splat.operator_build.build_operators`, `chunk` targets at a time) from the *decoded* stored
+    scaffold, so that stage two's operator path equals its render path on exactly what the cache holds."""
     from snd.splat.gaussians import PixelGaussians
-    from snd.splat.operator import build_operator
+    from snd.splat.operator import build_operators
     from snd.train.distiller import rigid_inverse
 
     K = torch.from_numpy(b.ctx_K).to(dev)
@@ -30,25 +31,21 @@ def _build_operators(fields: dict[str, np.ndarray], b: _Batch, enc: Encoding, sp
     if ph is not None:
         ph.mark("operators_decode")
     ex = b.extra
-    ops = []
-    for i in range(len(b.ctx_K)):
-        g = PixelGaussians(means[i], quats[i], scales[i], opac[i])
-        ctx_masks = torch.from_numpy(ex["ctx_mask"][i].astype(np.int64)).to(dev)
-        row = []
-        for t, ti in enumerate(ex["tgt_index"][i]):
-            if ti < 0:
-                row.append(None)
-                continue
-            w2c = rigid_inverse(torch.from_numpy(ex["tgt_c2w"][i, t]).to(dev, torch.float32))
-            row.append(build_operator(
-                g, ctx_masks, torch.from_numpy(ex["tgt_mask"][i, t].astype(np.int64)).to(dev),
-                torch.from_numpy(ex["tgt_K"][i, t]).to(dev, torch.float32), w2c, spec.ctx_hw, spec.out_hw,
-                upsample=spec.upsample, blend=spec.blend, blend_weight=spec.blend_weight,
-                protocol=spec.protocol, row_cap=spec.row_cap, inst_cap=spec.inst_cap))
-        ops.append(row)
+    B, T = ex["tgt_index"].shape
+    bi, ti = np.nonzero(ex["tgt_index"] >= 0)  # the jobs: (pair, target slot) with a target
+    ops = build_operators(
+        [PixelGaussians(means[i], quats[i], scales[i], opac[i]) for i in range(B)],
+        torch.from_numpy(ex["ctx_mask"].astype(np.int64)).to(dev),
+        torch.from_numpy(ex["tgt_mask"][bi, ti].astype(np.int64)).to(dev),
+        torch.from_numpy(ex["tgt_K"][bi, ti]).to(dev, torch.float32),
+        torch.stack([rigid_inverse(torch.from_numpy(c).to(dev, torch.float32)) for c in ex["tgt_c2w"][bi, ti]])
+        if len(bi) else torch.zeros(0, 4, 4, device=dev),
+        torch.from_numpy(bi).to(dev), spec.ctx_hw, spec.out_hw, upsample=spec.upsample, blend=spec.blend,
+        blend_weight=spec.blend_weight, protocol=spec.protocol, row_cap=spec.row_cap, inst_cap=spec.inst_cap,
+        chunk=chunk)
     if ph is not None:
         ph.mark("operators")
-    out = encode_operators(ops, spec)
+    out = encode_operator_jobs(ops, torch.from_numpy(bi * T + ti), B, T, spec)
     if ph is not None:
         ph.mark("operators_to_host")
     return out

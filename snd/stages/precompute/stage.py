@@ -41,6 +41,8 @@ def run(cfg: PrecomputeConfig, *, source: ScaffoldSource | None = None, progress
 
     if cfg.batch_pairs < 1:
         raise SndError(f"--batch-pairs must be >= 1, got {cfg.batch_pairs}")
+    if cfg.operator_chunk < 1:
+        raise SndError(f"--operator-chunk must be >= 1, got {cfg.operator_chunk}")
     rank, world = resolve_rank(cfg.rank, cfg.world_size)
     ds = open_dataset(cfg.data, cfg.layout, height=cfg.height, width=cfg.width)
     names = ds.scene_names(cfg.split)
@@ -115,7 +117,7 @@ def run(cfg: PrecomputeConfig, *, source: ScaffoldSource | None = None, progress
         if pending is None:
             return
         f, pending = pending, None
-        fields = _land(f, enc, op_spec, summary.phase_s, dev)
+        fields = _land(f, enc, op_spec, summary.phase_s, dev, operator_chunk=cfg.operator_chunk)
         tw = time.perf_counter()
         writer.q.put(("add", f.batch.scene, fields))
         wait_write = time.perf_counter() - tw
