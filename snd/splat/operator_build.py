@@ -106,7 +106,7 @@ def build_operators(
 ):
     """N jobs' operators as one `TransferOperator` with a leading [N] (see `snd.splat.operator.build_operator`
     for the knobs; every job uses the same ones). `chunk` jobs are built together (memory ~ chunk x the
-    entries of one render: ~15 M compositing weights for a 576x880 procedural target, ~100 bytes each at peak)."""
+    entries of one render: ~15 M compositing weights for a 576x880 procedural target)."""
     from snd.splat.operator import TransferOperator  # the dataclass module imports this one
 
     if upsample not in ("mask", "bilinear"):
