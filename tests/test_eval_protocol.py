@@ -328,8 +328,14 @@ def test_nyuv2_probe3d_normals_test_sample(tmp_path):
     write_mat_v5(d / "splits.mat", {"trainNdxs": np.array([[1]]), "testNdxs": np.array([[2]])})
     with gzip.open(d / "all_normals.pklz", "wb") as f:
         pickle.dump({"all_normals": normals}, f, protocol=2)
-    with pytest.raises(Exception, match="14, 14"):
-        D.get_dataset("nyuv2", tmp_path, "val", "normals", (12, 16), probe3d_test=True)[0]
+    with pytest.raises(Exception, match="does not fit"):  # padded, never resized
+        D.get_dataset("nyuv2", tmp_path, "val", "normals", (10, 16), probe3d_test=True)[0]
+    # a 16x16 input (patch 16 for a 12-pixel square): two rows/columns of the mean on each side
+    s16 = D.get_dataset("nyuv2", tmp_path, "val", "normals", (16, 16), probe3d_test=True)[0]
+    assert tuple(s16["image"].shape) == (3, 16, 16) and tuple(s16["normals"].shape) == (3, 12, 12)
+    np.testing.assert_allclose(s16["image"][:, 2:14, 2:14].permute(1, 2, 0).numpy(), images[1][:, 2:14] / 255.0, atol=1e-6)
+    assert s16["image"][:, 1, 5].tolist() == pytest.approx([0.485, 0.456, 0.406])
+    assert s16["image"][:, 14, 5].tolist() == pytest.approx([0.485, 0.456, 0.406])
     s = D.get_dataset("nyuv2", tmp_path, "val", "normals", (14, 14), probe3d_test=True)[0]
     img, n = s["image"], s["normals"]
     assert tuple(img.shape) == (3, 14, 14) and tuple(n.shape) == (3, 12, 12)
@@ -418,6 +424,63 @@ def test_paper_train_set_pads_geonet_to_the_backbones_patch(tmp_path):
     assert paper_train_set(cfg, "nyuv2", "normals", 14).img_hw == (28, 28)
     ds = paper_train_set(cfg, "nyuv2", "normals", 16)
     assert ds.img_hw == (32, 32) and tuple(ds[0]["image"].shape) == (3, 32, 32)
+
+
+def test_paper_sizes_follow_the_backbones_patch(tmp_path):
+    """NYU normals test, GeoNet, correspondence: the 480-row inputs centre-padded to the patch, by hand."""
+    from snd.eval.protocol import center_pad, padded_hw, paper_val_hw
+    from snd.pipeline.config import EvalConfig
+    from snd.stages.eval_plan import val_hw
+
+    assert padded_hw((480, 480), 14) == (490, 490) and padded_hw((480, 480), 16) == (480, 480)  # 35², 30² patches
+    assert padded_hw((480, 640), 14) == (490, 644) and padded_hw((480, 640), 16) == (480, 640)  # 35x46, 30x40
+    assert padded_hw((470, 630), 16) == (480, 640) and padded_hw((1, 17), 16) == (16, 32)
+    assert paper_val_hw("nyuv2", "normals", 16) == (480, 480) and paper_val_hw("nyuv2", "depth", 16) is None
+    paper, fast = EvalConfig(data_root=tmp_path, protocol="paper"), EvalConfig(data_root=tmp_path, protocol="fast")
+    assert val_hw(paper, "nyuv2", "normals", 14) == (490, 490) and val_hw(paper, "nyuv2", "normals", 16) == (480, 480)
+    assert val_hw(fast, "nyuv2", "normals", 16) == (476, 630) and val_hw(paper, "nyuv2", "depth", 16) == (476, 630)
+    # correspondence: 480x640 -> 490x644 (rows 5 | 5, columns 2 | 2) for /14; 470x630 -> 480x640 (5 | 5) for /16
+    fill = torch.tensor([0.1, 0.2, 0.3])
+    for p, (h, w), (top, left, hp, wp) in ((14, (480, 640), (5, 2, 490, 644)), (16, (470, 630), (5, 5, 480, 640))):
+        x = torch.rand(1, 3, h, w)
+        out = center_pad(x, p, fill)
+        assert tuple(out.shape) == (1, 3, hp, wp)
+        assert torch.equal(out[..., top : top + h, left : left + w], x)
+        assert out[0, :, top - 1, 300].tolist() == pytest.approx(fill.tolist())
+        assert out[0, :, top + h, 300].tolist() == pytest.approx(fill.tolist())
+        assert out[0, :, 100, left - 1].tolist() == pytest.approx(fill.tolist())
+    assert center_pad(torch.ones(1, 3, 480, 640), 16, fill).shape == (1, 3, 480, 640)  # /16: nothing to pad
+
+
+def test_paper_correspondence_features_cover_the_padded_input():
+    """`_eval_corr`'s model function pads pairs for the backbone's own patch: 480x640 is a 30x40 grid for /16
+    (no padding), 470x630 is padded to 480x640."""
+    from snd.models.backbone import create_backbone
+    from snd.stages.eval_corr import _backbone_mean, corr_model_fn
+
+    net = create_backbone("snd_test_vit_patch16_dinov3", init="random").eval()
+
+    f = corr_model_fn(net, paper=True, precision="fp32", device=torch.device("cpu"))
+    assert tuple(f(torch.rand(2, 3, 480, 640)).shape[-2:]) == (30, 40)
+    assert tuple(f(torch.rand(2, 3, 470, 630)).shape[-2:]) == (30, 40)
+    assert _backbone_mean(net).tolist() == pytest.approx([0.485, 0.456, 0.406], abs=1e-6)
+
+
+def test_paper_correspondence_samples_the_padded_map_as_probe3d_does():
+    """Probe3D's `sample_pointcloud_features` normalises the points' pixels by the 120x160 depth grid, so the
+    35x46 map of the 490x644 padded input is read as if it covered the 480x640 image (the official code does
+    not shift by the padding). A map whose channels hold their own column / row index shows where it reads."""
+    from snd.eval.correspondence import sample_features
+
+    i, j = torch.meshgrid(torch.arange(35.0), torch.arange(46.0), indexing="ij")
+    fmap = torch.stack([j, i])  # [2, 35, 46]: bilinear sampling of a linear map returns the position itself
+    uv = torch.tensor([[40.0, 60.0], [100.0, 2.0]], dtype=torch.float64)  # (u, v) on the 120x160 grid
+    got = sample_features(fmap, uv, (120, 160))
+    # stretched, by hand: column (u + 0.5)·46/160 − 0.5, row (v + 0.5)·35/120 − 0.5
+    assert got[0].tolist() == pytest.approx([40.5 * 46 / 160 - 0.5, 60.5 * 35 / 120 - 0.5], abs=1e-5)
+    assert got[1].tolist() == pytest.approx([100.5 * 46 / 160 - 0.5, 2.5 * 35 / 120 - 0.5], abs=1e-5)
+    # the padded frame's true position of grid row 2 is ((2.5)·4 + 5) / 14 − 0.5 = 0.571 patches: not what is read
+    assert abs(float(got[1, 1]) - ((2.5 * 4 + 5) / 14 - 0.5)) > 0.3
 
 
 def test_geonet_augmentation_crops_all_targets_alike():

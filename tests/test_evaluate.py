@@ -142,6 +142,10 @@ def test_paper_nyu_normals_are_tested_at_490x490_on_their_own_token_store(tmp_pa
     assert rec["n_train"] == 3 and rec["recipe"]["shuffle"] is False and rec["probe"]["mask"] == "finite"
     assert list((tmp_path / "out" / "features").rglob("nyuv2@490x490"))
     assert not list((tmp_path / "out" / "features").rglob("nyuv2/train*"))  # GeoNet rows ran live, not cached
+    # the trivial constant is fit on the un-augmented GeoNet targets: each 48x48 centre square less its 3 rows
+    # of zero depth (the stand-in's zero normals lie outside the square), never one epoch's random crops
+    (triv,) = res["trivial"]
+    assert triv["n_pixels"] == 3 * 45 * 48
 
 
 def test_paper_seg_trains_live_on_mmseg_crops_and_tests_by_sliding_windows(synth_root, tmp_path, monkeypatch):

@@ -193,13 +193,18 @@ class MmsegTrain(torch.utils.data.Dataset):
     self_augmenting = True
 
     def __init__(self, source, *, patch: int = 14):
+        from snd.eval.protocol import padded_hw
+
         self.source, self.patch = source, patch
-        side = [c + (-c) % patch for c in CROP]
-        self.img_hw = (side[0], side[1])
+        self.img_hw = padded_hw(CROP, patch)
         self.name = getattr(source, "name", "?")
 
     def __len__(self) -> int:
         return len(self.source)
+
+    def unaugmented(self):
+        """The same images without the augmentation (what the trivial baseline is fit on): the source set."""
+        return self.source
 
     def __getitem__(self, index: int) -> dict:
         from snd.eval.protocol import IMAGENET_MEAN, center_pad

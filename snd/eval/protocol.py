@@ -30,8 +30,8 @@ from torch import Tensor
 from snd.eval.metrics import confusion_matrix, seg_metrics_from_confusion
 
 __all__ = ["Protocol", "PROTOCOLS", "check_protocol", "onecycle_beta1", "flip_average", "MmsegConfusion", "FlippedImages",
-           "dataset_kwargs", "center_pad", "PAPER_CORR_HW", "PAPER_VAL_HW", "zero_normals_as_90deg", "IMAGENET_MEAN",
-           "mmseg_seg_metrics"]
+           "dataset_kwargs", "center_pad", "pad_to", "padded_hw", "paper_val_hw", "PAPER_CORR_HW", "PAPER_VAL_NATIVE_HW",
+           "zero_normals_as_90deg", "IMAGENET_MEAN", "mmseg_seg_metrics"]
 
 Protocol = Literal["paper", "fast"]
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # DINOv2's normalisation mean: padding with it normalises to 0
@@ -131,14 +131,28 @@ _PAPER_VAL_KW: dict[tuple[str, str], dict] = {
     ("scannetpp", "seg"): {"keep_extra_ids": True},  # ids beyond the 100 classes enter mmseg's union
     ("synth", "seg"): {"keep_extra_ids": True},
     ("scannet1500", "correspondence"): {"intrinsics": "npz"},  # each scene's intrinsics.npz, as Probe3D
-    ("nyuv2", "normals"): {"probe3d_test": True},  # 480x480 centre crop padded to 490x490, raw depth > 0
+    ("nyuv2", "normals"): {"probe3d_test": True},  # 480x480 centre crop padded to `paper_val_hw`, raw depth > 0
 }
-# Validation input size where the paper protocol fixes it (Probe3D's NYU normals test: 480x480 padded to 490x490);
-# the others use `snd eval`'s size. The probe is a 1x1 head, so it applies to any patch grid.
-PAPER_VAL_HW: dict[tuple[str, str], tuple[int, int]] = {("nyuv2", "normals"): (490, 490)}
-# Correspondence input size under the paper protocol (Probe3D resizes ScanNet frames to 480x640 and the ViT
-# centre-pads them to a multiple of the patch, 490x644); datasets not listed keep `snd eval`'s size.
+# Validation inputs the paper protocol fixes, before the ViT's padding (Probe3D's NYU normals test: the 480x480
+# centre crop); the ViT sees them centre-padded to a multiple of its patch (`paper_val_hw`: 490x490 for patch 14,
+# 480x480 for 16, already a multiple). The others use `snd eval`'s size. The probe is a 1x1 head, so it applies to any patch grid.
+PAPER_VAL_NATIVE_HW: dict[tuple[str, str], tuple[int, int]] = {("nyuv2", "normals"): (480, 480)}
+# Correspondence input size under the paper protocol (Probe3D resizes ScanNet frames to 480x640); the ViT
+# centre-pads them to a multiple of its patch (490x644 for 14, unchanged for 16, `center_pad` in the model
+# function); datasets not listed keep `snd eval`'s size.
 PAPER_CORR_HW: dict[str, tuple[int, int]] = {"scannet1500": (480, 640)}
+
+
+def padded_hw(hw: tuple[int, int], patch: int) -> tuple[int, int]:
+    """`hw` rounded up to multiples of `patch`: the size `center_pad` gives (Probe3D's / the official
+    `CenterPadding`: 480x640 -> 490x644 for patch 14, 480x640 itself for 16)."""
+    return -(-int(hw[0]) // patch) * patch, -(-int(hw[1]) // patch) * patch
+
+
+def paper_val_hw(name: str, task: str, patch: int) -> tuple[int, int] | None:
+    """The paper protocol's fixed validation input of (name, task) as the ViT of patch `patch` sees it, or None."""
+    hw = PAPER_VAL_NATIVE_HW.get((name, task))
+    return None if hw is None else padded_hw(hw, patch)
 
 
 def dataset_kwargs(protocol: str, name: str, task: str, split: str) -> dict:
@@ -156,11 +170,19 @@ def dataset_kwargs(protocol: str, name: str, task: str, split: str) -> dict:
 
 
 def center_pad(images: Tensor, patch: int, fill: Tensor) -> Tensor:
-    """Probe3D's `center_padding`: pad [B, 3, H, W] to multiples of `patch`, the extra rows/columns split
-    as (pad // 2 before, the rest after), with `fill` [3] per channel (Probe3D pads normalised images with 0:
-    pass the value that normalises to 0, the backbone's mean)."""
+    """Probe3D's `center_padding`: pad [B, 3, H, W] to multiples of `patch` (`padded_hw`), the extra
+    rows/columns split as (pad // 2 before, the rest after), with `fill` [3] per channel (Probe3D pads
+    normalised images with 0: pass the value that normalises to 0, the backbone's mean)."""
+    return pad_to(images, padded_hw(images.shape[-2:], patch), fill)
+
+
+def pad_to(images: Tensor, hw: tuple[int, int], fill: Tensor) -> Tensor:
+    """[B, 3, H, W] centre-padded to `hw` (>= (H, W)) as `center_pad` splits it: (pad // 2 before, the rest
+    after), with `fill` [3] per channel."""
     B, _, H, W = images.shape
-    ph, pw = (-H) % patch, (-W) % patch
+    ph, pw = int(hw[0]) - H, int(hw[1]) - W
+    if ph < 0 or pw < 0:
+        raise ValueError(f"cannot pad {H}x{W} to the smaller {hw[0]}x{hw[1]}")
     if not ph and not pw:
         return images
     out = fill.to(images).view(1, 3, 1, 1).expand(B, 3, H + ph, W + pw).clone()

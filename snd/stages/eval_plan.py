@@ -70,6 +70,7 @@ def _trivial_folder(cfg: EvalConfig) -> str:
     proto = {"img_hw": [cfg.img_height, cfg.img_width], "max_images": cfg.max_images}
     if cfg.protocol != "fast":  # the paper protocol scores other pixels (crops, native resolution)
         proto["protocol"] = cfg.protocol
+        proto["fit_on"] = "unaugmented"  # earlier paper records fit GeoNet normals on augmented draws: not reused
     return "trivial-" + hashlib.sha256(json.dumps(proto, sort_keys=True).encode()).hexdigest()[:8]
 
 
@@ -80,9 +81,10 @@ def _depth_range(name: str) -> tuple[float, float]:
     return D.dataset_info(name).depth_range or DEPTH_RANGE.get(name, (1e-3, 10.0))
 
 
-def _splits(task: str, name: str, cfg: EvalConfig, patch: int = 14):
+def _splits(task: str, name: str, cfg: EvalConfig, patch: int):
     """(train dataset, val dataset, train indices, val indices) of a dense task, subset per --max-images;
-    `patch`: the backbone's patch size (the paper protocol's seg crops are centre-padded to its multiple)."""
+    `patch`: the backbone's patch size (the paper protocol's seg crops, GeoNet squares and NYU normals test are
+    centre-padded to its multiple)."""
     from snd.eval import datasets as D
     from snd.eval.protocol import dataset_kwargs
 
@@ -91,7 +93,7 @@ def _splits(task: str, name: str, cfg: EvalConfig, patch: int = 14):
     if train_ds is None:
         train_ds = D.get_dataset(name, cfg.data_root, "train", task, hw,
                                  **dataset_kwargs(cfg.protocol, name, task, "train"))
-    val_ds = D.get_dataset(name, cfg.data_root, "val", task, val_hw(cfg, name, task),
+    val_ds = D.get_dataset(name, cfg.data_root, "val", task, val_hw(cfg, name, task, patch),
                            **dataset_kwargs(cfg.protocol, name, task, "val"))
     if cfg.protocol == "paper" and task == "seg":  # mmseg's test: short side 512, sliding windows, native GT
         from snd.eval.mmseg import MmsegTest
@@ -103,7 +105,7 @@ def _splits(task: str, name: str, cfg: EvalConfig, patch: int = 14):
     return train_ds, val_ds, idx_tr, idx_va
 
 
-def paper_train_set(cfg: EvalConfig, name: str, task: str, patch: int = 14):
+def paper_train_set(cfg: EvalConfig, name: str, task: str, patch: int):
     """The paper protocol's own training set where it differs from the dataset's train split (NYU normals:
     GeoNet's "trainval", `snd.eval.datasets.geonet`; segmentation: the train split through mmseg's augmentation,
     `snd.eval.mmseg.MmsegTrain`), else None. Missing data is an SndError naming it."""
@@ -126,12 +128,20 @@ def paper_train_set(cfg: EvalConfig, name: str, task: str, patch: int = 14):
     return GeoNetNYU(path, augment=True, patch=patch)
 
 
-def val_hw(cfg: EvalConfig, name: str, task: str) -> tuple[int, int]:
-    """Validation input size: `snd eval`'s, or the paper protocol's fixed one (`PAPER_VAL_HW`)."""
-    from snd.eval.protocol import PAPER_VAL_HW
+def trivial_train_set(train_ds):
+    """What a trivial baseline is fit on: the training targets themselves. A training set that augments its
+    own items (the paper's GeoNet normals, mmseg's seg pipeline) gives its un-augmented twin (`unaugmented()`:
+    same files, same order), so the constant is deterministic and weighs every training pixel once."""
+    return train_ds.unaugmented() if hasattr(train_ds, "unaugmented") else train_ds
 
-    hw = (cfg.img_height, cfg.img_width)
-    return PAPER_VAL_HW.get((name, task), hw) if cfg.protocol == "paper" else hw
+
+def val_hw(cfg: EvalConfig, name: str, task: str, patch: int) -> tuple[int, int]:
+    """Validation input size: `snd eval`'s, or the paper protocol's fixed one padded to the backbone's `patch`
+    (`snd.eval.protocol.paper_val_hw`: NYU normals 490x490 for patch 14, 480x480 for 16: 480 = 30·16)."""
+    from snd.eval.protocol import paper_val_hw
+
+    fixed = paper_val_hw(name, task, patch) if cfg.protocol == "paper" else None
+    return fixed or (cfg.img_height, cfg.img_width)
 
 
 def _eval_trivial(task: str, name: str, data_tr, data_va, protocol: str = "fast") -> dict:

@@ -19,8 +19,9 @@ raw one), values above 10 m set invalid (Probe3D); on the val split, depth outsi
 (rows 45:471, cols 41:601 of 480x640) is set invalid so metrics follow the standard protocol.
 
 `probe3d_test=True` (normals, val; the paper protocol, Probe3D's `NYU_test(center_crop=True)`): the image is
-the centre square (480x480 of 480x640: columns 80:560) centre-padded to a multiple of 14 (490x490) with the
-ImageNet mean (what Probe3D's zero padding of the normalised image is), and the target is the matching
+the centre square (480x480 of 480x640: columns 80:560) centre-padded to `img_hw` with the ImageNet mean (what
+Probe3D's zero padding of the normalised image is; the eval plan passes `snd.eval.protocol.paper_val_hw`, the
+square rounded up to the backbone's patch: 490x490 for 14, 480x480 for 16), and the target is the matching
 480x480 normals, NaN where the raw depth (`rawDepths`, values above 10 m dropped) is 0, so validity is
 "raw depth > 0" and a zero normal at a valid pixel stays zero (scored as 90 degrees by the evaluation).
 """
@@ -217,7 +218,7 @@ class NYUv2(ProbeDataset):
             return super().__getitem__(index)
         import torch
 
-        from snd.eval.protocol import IMAGENET_MEAN, center_pad
+        from snd.eval.protocol import IMAGENET_MEAN, pad_to
 
         raw = self.load(index)
         f = self._file()
@@ -225,9 +226,10 @@ class NYUv2(ProbeDataset):
         H, W = d.shape
         c0 = (W - H) // 2  # the centre square (Probe3D: [..., 80:-80] of 640 columns)
         img = torch.from_numpy(np.ascontiguousarray(raw.image[:, c0 : c0 + H])).permute(2, 0, 1).float() / 255
-        img = center_pad(img[None], 14, torch.tensor(IMAGENET_MEAN))[0]
-        if tuple(img.shape[-2:]) != self.img_hw:
-            raise SndError(f"nyuv2 probe3d normals test: the input is {tuple(img.shape[-2:])}, not {self.img_hw}")
+        if self.img_hw[0] < H or self.img_hw[1] < H:
+            raise SndError(f"nyuv2 probe3d normals test: the {H}x{H} centre square does not fit the input size "
+                           f"{self.img_hw[0]}x{self.img_hw[1]} (it is padded to it, never resized)")
+        img = pad_to(img[None], self.img_hw, torch.tensor(IMAGENET_MEAN))[0]
         n = torch.from_numpy(np.ascontiguousarray(raw.normals[:, c0 : c0 + H])).permute(2, 0, 1).float()
         valid = torch.from_numpy((d[:, c0 : c0 + H] > 0) & (d[:, c0 : c0 + H] <= MAX_DEPTH))
         n = torch.where(valid[None], torch.nan_to_num(n), torch.full_like(n, float("nan")))
