@@ -146,14 +146,65 @@ def test_kitti_garg_crop_on_the_kb_map_hand_computed():
     assert 1.07 < old.sum() / m.sum() < 1.09
 
 
-def test_paper_dataset_options_apply_to_val_only():
-    assert dataset_kwargs("fast", "kitti", "depth", "val") == {}
-    assert dataset_kwargs("paper", "kitti", "depth", "train") == {}
-    assert dataset_kwargs("paper", "kitti", "depth", "val") == {"garg_on": "kb", "native_target": True}
+def test_paper_dataset_options_by_split():
+    assert dataset_kwargs("fast", "kitti", "depth", "val") == {} and dataset_kwargs("fast", "kitti", "depth", "train") == {}
+    assert dataset_kwargs("paper", "kitti", "depth", "train") == {"whole_kb": True, "native_target": True}
+    assert dataset_kwargs("paper", "kitti", "depth", "val") == {"garg_on": "kb", "whole_kb": True, "native_target": True}
+    assert dataset_kwargs("paper", "nyuv2", "depth", "train") == {}
     assert dataset_kwargs("paper", "scannet", "depth", "val") == {"eval_crop": True, "native_target": True}
     assert dataset_kwargs("paper", "scannetpp", "seg", "val") == {"keep_extra_ids": True}
     with pytest.raises(ValueError, match="protocol"):
         dataset_kwargs("exact", "kitti", "depth", "val")
+
+
+def write_kitti_frame(root: Path, *, seed: int = 0) -> np.ndarray:
+    """One raw 375x1242 KITTI frame (split-file layout) listed in both splits; depth 2 m everywhere."""
+    from tests.test_eval_datasets import png
+
+    k = root / "kitti"
+    img = np.random.default_rng(seed).integers(0, 256, (375, 1242, 3), dtype=np.uint8)
+    png(k / "raw/2011_09_26/2011_09_26_drive_0002_sync/image_02/data/0000000005.png", img)
+    png(k / "data_depth_annotated/train/2011_09_26_drive_0002_sync/proj_depth/groundtruth/image_02/0000000005.png",
+        np.full((375, 1242), 512, np.uint16))
+    line = ("2011_09_26/2011_09_26_drive_0002_sync/image_02/data/0000000005.png "
+            "2011_09_26_drive_0002_sync/proj_depth/groundtruth/image_02/0000000005.png 721.5377\n")
+    (k / "kitti_train.txt").write_text(line * 2)
+    (k / "kitti_val.txt").write_text(line)
+    return img
+
+
+def test_paper_kitti_feeds_the_whole_kb_crop_padded_to_the_patch(tmp_path):
+    """The official KITTI depth test feeds the whole 352x1216 KB crop (no Resize, dinov2's CenterPadding):
+    364x1218 (rows 6 | 6, columns 1 | 1) for /14, 352x1216 itself for /16; the depth stays the native KB map
+    with the Garg region of that map (rows 143..348, cols 43..1171); training reads the same frame at that scale."""
+    import snd.eval.datasets as D
+    from snd.pipeline.config import EvalConfig
+    from snd.stages.eval_plan import train_hw, val_hw
+
+    img = write_kitti_frame(tmp_path)
+    kb = img[375 - 352 :, 13 : 13 + 1216] / 255.0  # bottom-centred 352x1216
+    paper, fast = EvalConfig(data_root=tmp_path, protocol="paper"), EvalConfig(data_root=tmp_path, protocol="fast")
+    assert val_hw(paper, "kitti", "depth", 14) == (364, 1218) and train_hw(paper, "kitti", "depth", 14) == (364, 1218)
+    assert val_hw(paper, "kitti", "depth", 16) == (352, 1216) and train_hw(paper, "kitti", "depth", 16) == (352, 1216)
+    assert val_hw(fast, "kitti", "depth", 14) == (476, 630) and train_hw(fast, "kitti", "depth", 14) == (476, 630)
+    assert train_hw(paper, "nyuv2", "depth", 14) == (476, 630)
+    va = D.get_dataset("kitti", tmp_path, "val", "depth", (364, 1218), **dataset_kwargs("paper", "kitti", "depth", "val"))
+    s = va[0]
+    assert tuple(s["image"].shape) == (3, 364, 1218) and tuple(s["depth"].shape) == (352, 1216)
+    np.testing.assert_allclose(s["image"][:, 6:358, 1:1217].permute(1, 2, 0).numpy(), kb, atol=1e-6)
+    for r, c in ((5, 600), (358, 600), (100, 0), (100, 1217)):
+        assert s["image"][:, r, c].tolist() == pytest.approx([0.485, 0.456, 0.406])
+    rows, cols = np.nonzero(s["depth"].numpy().any(1))[0], np.nonzero(s["depth"].numpy().any(0))[0]
+    assert (rows[0], rows[-1], cols[0], cols[-1]) == (143, 348, 43, 1171) and float(s["depth"].max()) == 2.0
+    s16 = D.get_dataset("kitti", tmp_path, "val", "depth", (352, 1216),
+                        **dataset_kwargs("paper", "kitti", "depth", "val"))[0]
+    np.testing.assert_allclose(s16["image"].permute(1, 2, 0).numpy(), kb, atol=1e-6)
+    tr = D.get_dataset("kitti", tmp_path, "train", "depth", (364, 1218),
+                       **dataset_kwargs("paper", "kitti", "depth", "train"))[0]
+    assert tuple(tr["image"].shape) == (3, 364, 1218) and bool((tr["depth"] == 2.0).all())
+    assert tuple(tr["depth"].shape) == (352, 1216)  # no Garg crop on training depth
+    with pytest.raises(Exception, match="does not fit"):
+        D.get_dataset("kitti", tmp_path, "val", "depth", (350, 1218), whole_kb=True)[0]
 
 
 # ---- segmentation: GT ids >= the class count enter mmseg's union -------------------------------------

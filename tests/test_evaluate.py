@@ -148,6 +148,21 @@ def test_paper_nyu_normals_are_tested_at_490x490_on_their_own_token_store(tmp_pa
     assert triv["n_pixels"] == 3 * 45 * 48
 
 
+def test_paper_kitti_depth_reads_the_whole_kb_crop_on_both_splits(tmp_path):
+    """KITTI under the paper protocol end to end: train, val and flipped-val tokens of the whole KB crop padded
+    to 364x1218 (26x87 patches) in stores of their own, trained and scored against the native 352x1216 map."""
+    from tests.test_eval_protocol import write_kitti_frame
+
+    write_kitti_frame(tmp_path / "data")
+    res = evaluate.run(_cfg(tmp_path / "data", tmp_path / "out", datasets=["kitti"], baseline=None, iters=2),
+                       tasks=["depth"])
+    (rec,) = res["records"]
+    assert rec["status"] == "ok" and rec["n_train"] == 2 and rec["n_val"] == 1
+    (folder,) = (tmp_path / "out" / "features").glob("*/kitti@364x1218")
+    assert {p.name for p in folder.glob("*.json")} == {"train.json", "val.json", "val_flip.json"}
+    assert res["trivial"][0]["n_pixels"] == 2 * 352 * 1216  # native training maps: every pixel 2 m
+
+
 def test_paper_seg_trains_live_on_mmseg_crops_and_tests_by_sliding_windows(synth_root, tmp_path, monkeypatch):
     """Paper-protocol segmentation end to end: training reads 518x518 mmseg crops through the live backbone (no
     token store), the test slides 512x512 windows over each image rescaled to short side 512 and scores at the

@@ -30,7 +30,7 @@ from torch import Tensor
 from snd.eval.metrics import confusion_matrix, seg_metrics_from_confusion
 
 __all__ = ["Protocol", "PROTOCOLS", "check_protocol", "onecycle_beta1", "flip_average", "MmsegConfusion", "FlippedImages",
-           "dataset_kwargs", "center_pad", "pad_to", "padded_hw", "paper_val_hw", "PAPER_CORR_HW", "PAPER_VAL_NATIVE_HW",
+           "dataset_kwargs", "center_pad", "pad_to", "padded_hw", "paper_val_hw", "paper_train_hw", "pad_image", "PAPER_CORR_HW", "PAPER_VAL_NATIVE_HW", "PAPER_TRAIN_NATIVE_HW",
            "zero_normals_as_90deg", "IMAGENET_MEAN", "mmseg_seg_metrics"]
 
 Protocol = Literal["paper", "fast"]
@@ -132,11 +132,21 @@ _PAPER_VAL_KW: dict[tuple[str, str], dict] = {
     ("synth", "seg"): {"keep_extra_ids": True},
     ("scannet1500", "correspondence"): {"intrinsics": "npz"},  # each scene's intrinsics.npz, as Probe3D
     ("nyuv2", "normals"): {"probe3d_test": True},  # 480x480 centre crop padded to `paper_val_hw`, raw depth > 0
+    ("kitti", "depth"): {"garg_on": "kb", "whole_kb": True},  # + the whole KB crop padded for the ViT (below)
 }
+# Per (dataset, task): the training-set options of the paper protocol. KITTI: the official config trains on
+# crops of the KB-cropped frame at its native scale and tests on the whole 352x1216 KB crop (`test_cfg` "whole",
+# no Resize, the dinov2 `CenterPadding` to the patch): snd feeds the whole KB crop padded the same way to both
+# splits (cached, un-augmented like every depth training set here), so train and test see one scale.
+_PAPER_TRAIN_KW: dict[tuple[str, str], dict] = {("kitti", "depth"): {"whole_kb": True, "native_target": True}}
 # Validation inputs the paper protocol fixes, before the ViT's padding (Probe3D's NYU normals test: the 480x480
 # centre crop); the ViT sees them centre-padded to a multiple of its patch (`paper_val_hw`: 490x490 for patch 14,
 # 480x480 for 16, already a multiple). The others use `snd eval`'s size. The probe is a 1x1 head, so it applies to any patch grid.
-PAPER_VAL_NATIVE_HW: dict[tuple[str, str], tuple[int, int]] = {("nyuv2", "normals"): (480, 480)}
+PAPER_VAL_NATIVE_HW: dict[tuple[str, str], tuple[int, int]] = {("nyuv2", "normals"): (480, 480),
+                                                                ("kitti", "depth"): (352, 1216)}
+# Training inputs the paper protocol fixes the same way (`paper_train_hw`; KITTI: 364x1218 for /14, 352x1216
+# for /16); the others train at `snd eval`'s size (or their own set's, GeoNet / mmseg crops).
+PAPER_TRAIN_NATIVE_HW: dict[tuple[str, str], tuple[int, int]] = {("kitti", "depth"): (352, 1216)}
 # Correspondence input size under the paper protocol (Probe3D resizes ScanNet frames to 480x640); the ViT
 # centre-pads them to a multiple of its patch (490x644 for 14, unchanged for 16, `center_pad` in the model
 # function); datasets not listed keep `snd eval`'s size.
@@ -155,14 +165,22 @@ def paper_val_hw(name: str, task: str, patch: int) -> tuple[int, int] | None:
     return None if hw is None else padded_hw(hw, patch)
 
 
+def paper_train_hw(name: str, task: str, patch: int) -> tuple[int, int] | None:
+    """The paper protocol's fixed training input of (name, task) for patch `patch`, or None."""
+    hw = PAPER_TRAIN_NATIVE_HW.get((name, task))
+    return None if hw is None else padded_hw(hw, patch)
+
+
 def dataset_kwargs(protocol: str, name: str, task: str, split: str) -> dict:
     """Keyword options of `get_dataset(name, ..., split, task)` under `protocol` ({} for fast: today's data).
 
     Paper, validation split: depth targets at their native resolution (`native_target`), plus the
-    dataset's official crop / label options from `_PAPER_VAL_KW`.
+    dataset's official crop / label options from `_PAPER_VAL_KW`; training split: `_PAPER_TRAIN_KW`.
     """
-    if check_protocol(protocol) == "fast" or split != "val":
+    if check_protocol(protocol) == "fast":
         return {}
+    if split != "val":
+        return dict(_PAPER_TRAIN_KW.get((name, task), {}))
     kw = dict(_PAPER_VAL_KW.get((name, task), {}))
     if task == "depth":
         kw["native_target"] = True
@@ -188,6 +206,18 @@ def pad_to(images: Tensor, hw: tuple[int, int], fill: Tensor) -> Tensor:
     out = fill.to(images).view(1, 3, 1, 1).expand(B, 3, H + ph, W + pw).clone()
     out[..., ph // 2 : ph // 2 + H, pw // 2 : pw // 2 + W] = images
     return out
+
+
+def pad_image(image, img_hw: tuple[int, int], where: str) -> Tensor:
+    """A native uint8 [H, W, 3] image -> [3, *img_hw] in [0, 1], centre-padded (never resized) with the ImageNet
+    mean, which normalises to the official code's zero padding; an image larger than `img_hw` is an SndError."""
+    from snd.errors import SndError
+
+    img = torch.as_tensor(image).permute(2, 0, 1).float() / 255
+    if img.shape[-2] > img_hw[0] or img.shape[-1] > img_hw[1]:
+        raise SndError(f"{where}: the {img.shape[-2]}x{img.shape[-1]} image does not fit the input size "
+                       f"{img_hw[0]}x{img_hw[1]} (it is padded to it, never resized)")
+    return pad_to(img[None], img_hw, torch.tensor(IMAGENET_MEAN))[0].contiguous()
 
 
 def zero_normals_as_90deg(pred: Tensor, gt: Tensor) -> Tensor:

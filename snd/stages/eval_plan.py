@@ -88,10 +88,9 @@ def _splits(task: str, name: str, cfg: EvalConfig, patch: int):
     from snd.eval import datasets as D
     from snd.eval.protocol import dataset_kwargs
 
-    hw = (cfg.img_height, cfg.img_width)
     train_ds = paper_train_set(cfg, name, task, patch)
     if train_ds is None:
-        train_ds = D.get_dataset(name, cfg.data_root, "train", task, hw,
+        train_ds = D.get_dataset(name, cfg.data_root, "train", task, train_hw(cfg, name, task, patch),
                                  **dataset_kwargs(cfg.protocol, name, task, "train"))
     val_ds = D.get_dataset(name, cfg.data_root, "val", task, val_hw(cfg, name, task, patch),
                            **dataset_kwargs(cfg.protocol, name, task, "val"))
@@ -137,10 +136,20 @@ def trivial_train_set(train_ds):
 
 def val_hw(cfg: EvalConfig, name: str, task: str, patch: int) -> tuple[int, int]:
     """Validation input size: `snd eval`'s, or the paper protocol's fixed one padded to the backbone's `patch`
-    (`snd.eval.protocol.paper_val_hw`: NYU normals 490x490 for patch 14, 480x480 for 16: 480 = 30·16)."""
+    (`snd.eval.protocol.paper_val_hw`: NYU normals 490x490 for patch 14, 480x480 for 16: 480 = 30·16; KITTI
+    depth the whole KB crop, 364x1218 / 352x1216)."""
     from snd.eval.protocol import paper_val_hw
 
     fixed = paper_val_hw(name, task, patch) if cfg.protocol == "paper" else None
+    return fixed or (cfg.img_height, cfg.img_width)
+
+
+def train_hw(cfg: EvalConfig, name: str, task: str, patch: int) -> tuple[int, int]:
+    """Training input size of a dataset's own train split: `snd eval`'s, or the paper protocol's fixed one
+    (`snd.eval.protocol.paper_train_hw`: KITTI depth at the test's native scale)."""
+    from snd.eval.protocol import paper_train_hw
+
+    fixed = paper_train_hw(name, task, patch) if cfg.protocol == "paper" else None
     return fixed or (cfg.img_height, cfg.img_width)
 
 

@@ -115,9 +115,10 @@ def _prepare_probe(role: _Role, task: str, name: str, cfg: EvalConfig, device: t
     train_ds, val_ds, idx_tr, idx_va = _splits(task, name, cfg, _patch(role))
     vhw = val_hw(cfg, name, task, _patch(role))
     vgrid, _ = _grid_dim(role, vhw)
-    # a training set that augments its own items (the paper's GeoNet normals) runs the backbone live
+    # a training set that augments its own items (the paper's GeoNet normals) runs the backbone live; its input
+    # size, like a paper-fixed one (KITTI's whole KB crop), is the training set's own
     self_aug = bool(getattr(train_ds, "self_augmenting", False))
-    thw = tuple(train_ds.img_hw) if self_aug else hw
+    thw = tuple(train_ds.img_hw)
     tgrid, _ = _grid_dim(role, thw)
     stores, targets = {}, None
     flip_test = cfg.protocol == "paper" and task == "depth"
@@ -125,7 +126,7 @@ def _prepare_probe(role: _Role, task: str, name: str, cfg: EvalConfig, device: t
         from snd.eval.protocol import FlippedImages
 
         cache_dir = cfg.feature_cache_dir or cfg.out / "features"
-        sources = ([] if self_aug else [("train", train_ds, idx_tr, hw)])
+        sources = ([] if self_aug else [("train", train_ds, idx_tr, thw)])
         if not getattr(val_ds, "slide", False):  # the sliding-window test runs the backbone live per window
             sources.append(("val", val_ds, idx_va, vhw))
         if flip_test:  # the flip test's second pass, cached like the first
@@ -143,7 +144,7 @@ def _prepare_probe(role: _Role, task: str, name: str, cfg: EvalConfig, device: t
         if not self_aug:
             bar = progress.add_task(f"{name} train {task} targets", total=len(idx_tr), info="")
             targets = ensure_targets(train_ds, idx_tr, task, cache_dir=cache_dir, dataset_name=name, split="train",
-                                     img_hw=hw, num_workers=cfg.num_workers,
+                                     img_hw=thw, num_workers=cfg.num_workers,
                                      progress=lambda d, t, b=bar: progress.update(b, completed=d))
             progress.remove_task(bar)
     # a self-augmenting set is never held in RAM: every epoch draws fresh augmentations

@@ -218,22 +218,18 @@ class NYUv2(ProbeDataset):
             return super().__getitem__(index)
         import torch
 
-        from snd.eval.protocol import IMAGENET_MEAN, pad_to
+        from snd.eval.protocol import pad_image
 
         raw = self.load(index)
         f = self._file()
         d = np.asarray(f["rawDepths"][int(self.indices[index])], dtype=np.float32).T
         H, W = d.shape
         c0 = (W - H) // 2  # the centre square (Probe3D: [..., 80:-80] of 640 columns)
-        img = torch.from_numpy(np.ascontiguousarray(raw.image[:, c0 : c0 + H])).permute(2, 0, 1).float() / 255
-        if self.img_hw[0] < H or self.img_hw[1] < H:
-            raise SndError(f"nyuv2 probe3d normals test: the {H}x{H} centre square does not fit the input size "
-                           f"{self.img_hw[0]}x{self.img_hw[1]} (it is padded to it, never resized)")
-        img = pad_to(img[None], self.img_hw, torch.tensor(IMAGENET_MEAN))[0]
+        img = pad_image(raw.image[:, c0 : c0 + H], self.img_hw, "nyuv2 probe3d normals test")
         n = torch.from_numpy(np.ascontiguousarray(raw.normals[:, c0 : c0 + H])).permute(2, 0, 1).float()
         valid = torch.from_numpy((d[:, c0 : c0 + H] > 0) & (d[:, c0 : c0 + H] <= MAX_DEPTH))
         n = torch.where(valid[None], torch.nan_to_num(n), torch.full_like(n, float("nan")))
-        return {"image": img.contiguous(), "normals": n.contiguous(),
+        return {"image": img, "normals": n.contiguous(),
                 "meta": {"dataset": self.name, "split": self.split, "index": int(index), "id": raw.id}}
 
     def load(self, index: int) -> RawSample:
