@@ -108,9 +108,12 @@ def test_paper_and_fast_protocols_end_to_end_are_labelled(synth_root, tmp_path):
     assert pd["depth"]["metrics"]["abs_rel"] != fd["depth"]["metrics"]["abs_rel"]
 
 
-def test_paper_nyu_normals_are_tested_at_490x490_on_their_own_token_store(tmp_path):
+@pytest.mark.parametrize("model,store", [("snd_test_vit_patch14", "nyuv2@490x490"),
+                                         ("snd_test_vit_patch16_dinov3", "nyuv2@480x480")])
+def test_paper_nyu_normals_are_tested_at_the_padded_square_on_their_own_token_store(tmp_path, model, store):
     """The paper's NYU normals run end to end: trained live on a GeoNet stand-in in file order, validation tokens
-    of the 480x480 crop padded to 490x490 in a store of their own, the 1x1 head applied on the 35x35 grid."""
+    of the 480x480 crop padded to the patch (490x490 for /14; 480x480 for /16, a multiple already) in a store
+    of their own, the 1x1 head applied on the 35x35 / 30x30 grid."""
     import gzip
     import pickle
 
@@ -131,16 +134,17 @@ def test_paper_nyu_normals_are_tested_at_490x490_on_their_own_token_store(tmp_pa
         pickle.dump({"all_normals": normals}, f, protocol=2)
     from snd.eval.datasets.geonet import write_geonet_standin
 
+    hw = dict(img_height=64, img_width=96) if "16" in model else {}  # the probe input: multiples of the patch
     with pytest.raises(SndError, match="GeoNet"):  # the paper trains NYU normals on GeoNet: it names the download
-        evaluate.run(_cfg(tmp_path / "data", tmp_path / "out0", datasets=["nyuv2"], baseline=None, iters=2),
-                     tasks=["normals"])
+        evaluate.run(_cfg(tmp_path / "data", tmp_path / "out0", datasets=["nyuv2"], baseline=None, iters=2,
+                          model=model, **hw), tasks=["normals"])
     write_geonet_standin(tmp_path / "data" / "nyuv2_geonet", n=3, hw=(48, 64))
-    res = evaluate.run(_cfg(tmp_path / "data", tmp_path / "out", datasets=["nyuv2"], baseline=None, iters=2),
-                       tasks=["normals"])
+    res = evaluate.run(_cfg(tmp_path / "data", tmp_path / "out", datasets=["nyuv2"], baseline=None, iters=2,
+                            model=model, **hw), tasks=["normals"])
     (rec,) = res["records"]
     assert rec["status"] == "ok" and rec["protocol"] == "paper" and 0 <= rec["metrics"]["rmse"] <= 180
     assert rec["n_train"] == 3 and rec["recipe"]["shuffle"] is False and rec["probe"]["mask"] == "finite"
-    assert list((tmp_path / "out" / "features").rglob("nyuv2@490x490"))
+    assert list((tmp_path / "out" / "features").rglob(store))
     assert not list((tmp_path / "out" / "features").rglob("nyuv2/train*"))  # GeoNet rows ran live, not cached
     # the trivial constant is fit on the un-augmented GeoNet targets: each 48x48 centre square less its 3 rows
     # of zero depth (the stand-in's zero normals lie outside the square), never one epoch's random crops
@@ -148,17 +152,21 @@ def test_paper_nyu_normals_are_tested_at_490x490_on_their_own_token_store(tmp_pa
     assert triv["n_pixels"] == 3 * 45 * 48
 
 
-def test_paper_kitti_depth_reads_the_whole_kb_crop_on_both_splits(tmp_path):
+@pytest.mark.parametrize("model,store", [("snd_test_vit_patch14", "kitti@364x1218"),
+                                         ("snd_test_vit_patch16_dinov3", "kitti@352x1216")])
+def test_paper_kitti_depth_reads_the_whole_kb_crop_on_both_splits(tmp_path, model, store):
     """KITTI under the paper protocol end to end: train, val and flipped-val tokens of the whole KB crop padded
-    to 364x1218 (26x87 patches) in stores of their own, trained and scored against the native 352x1216 map."""
+    to the patch (364x1218, 26x87 patches, for /14; 352x1216, 22x76, for /16) in stores of their own, trained
+    and scored against the native 352x1216 map."""
     from tests.test_eval_protocol import write_kitti_frame
 
     write_kitti_frame(tmp_path / "data")
-    res = evaluate.run(_cfg(tmp_path / "data", tmp_path / "out", datasets=["kitti"], baseline=None, iters=2),
-                       tasks=["depth"])
+    hw = dict(img_height=64, img_width=96) if "16" in model else {}
+    res = evaluate.run(_cfg(tmp_path / "data", tmp_path / "out", datasets=["kitti"], baseline=None, iters=2,
+                            model=model, **hw), tasks=["depth"])
     (rec,) = res["records"]
     assert rec["status"] == "ok" and rec["n_train"] == 2 and rec["n_val"] == 1
-    (folder,) = (tmp_path / "out" / "features").glob("*/kitti@364x1218")
+    (folder,) = (tmp_path / "out" / "features").glob(f"*/{store}")
     assert {p.name for p in folder.glob("*.json")} == {"train.json", "val.json", "val_flip.json"}
     assert res["trivial"][0]["n_pixels"] == 2 * 352 * 1216  # native training maps: every pixel 2 m
 
