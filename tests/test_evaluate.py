@@ -158,7 +158,7 @@ def test_paper_kitti_depth_reads_the_whole_kb_crop_on_both_splits(tmp_path, mode
     """KITTI under the paper protocol end to end: train, val and flipped-val tokens of the whole KB crop padded
     to the patch (364x1218, 26x87 patches, for /14; 352x1216, 22x76, for /16) in stores of their own, trained
     and scored against the native 352x1216 map."""
-    from tests.test_eval_protocol import write_kitti_frame
+    from tests.test_eval_protocol_sizes import write_kitti_frame
 
     write_kitti_frame(tmp_path / "data")
     hw = dict(img_height=64, img_width=96) if "16" in model else {}
