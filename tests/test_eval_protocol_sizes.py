@@ -119,3 +119,12 @@ def test_paper_kitti_feeds_the_whole_kb_crop_padded_to_the_patch(tmp_path):
     assert tuple(tr["depth"].shape) == (352, 1216)  # no Garg crop on training depth
     with pytest.raises(Exception, match="does not fit"):
         D.get_dataset("kitti", tmp_path, "val", "depth", (350, 1218), whole_kb=True)[0]
+
+
+def test_paper_records_of_the_old_kitti_input_are_not_resumed(tmp_path):
+    """KITTI's paper input changed (whole KB crop): paper result folders get a new hash, fast ones keep theirs."""
+    from snd.pipeline.config import EvalConfig
+    from snd.stages.eval_plan import _protocol
+
+    assert _protocol(EvalConfig(data_root=tmp_path, protocol="paper"))["paper_rev"] == 2
+    assert "paper_rev" not in _protocol(EvalConfig(data_root=tmp_path, protocol="fast"))

@@ -62,6 +62,9 @@ def _protocol(cfg: EvalConfig) -> dict:
         proto["lr_scale"] = cfg.lr_scale
     if cfg.protocol != "fast":  # fast is what snd computed before protocols existed: its folders stay
         proto["protocol"] = cfg.protocol
+        # revision 2: KITTI reads the whole KB crop (a probe half-trained on the old 34x45 grid has the same
+        # weight shapes, so only a new folder keeps it from resuming on other data)
+        proto["paper_rev"] = 2
     return proto
 
 
