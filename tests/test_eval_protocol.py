@@ -148,10 +148,13 @@ def test_kitti_garg_crop_on_the_kb_map_hand_computed():
 
 def test_paper_dataset_options_by_split():
     assert dataset_kwargs("fast", "kitti", "depth", "val") == {} and dataset_kwargs("fast", "kitti", "depth", "train") == {}
-    assert dataset_kwargs("paper", "kitti", "depth", "train") == {"whole_kb": True, "native_target": True}
-    assert dataset_kwargs("paper", "kitti", "depth", "val") == {"garg_on": "kb", "whole_kb": True, "native_target": True}
-    assert dataset_kwargs("paper", "nyuv2", "depth", "train") == {}
-    assert dataset_kwargs("paper", "scannet", "depth", "val") == {"eval_crop": True, "native_target": True}
+    whole = {"whole_frame": True, "native_target": True}
+    for name in ("kitti", "nyuv2", "scannet", "scannetpp"):  # every depth set: the whole native frame, both splits
+        assert dataset_kwargs("paper", name, "depth", "train") == whole
+    assert dataset_kwargs("paper", "kitti", "depth", "val") == {"garg_on": "kb", **whole}
+    assert dataset_kwargs("paper", "nyuv2", "depth", "val") == dataset_kwargs("paper", "scannetpp", "depth", "val") == whole
+    assert dataset_kwargs("paper", "scannet", "depth", "val") == {"eval_crop": True, **whole}
+    assert dataset_kwargs("paper", "synth", "depth", "train") == {} and dataset_kwargs("paper", "nyuv2", "seg", "train") == {}
     assert dataset_kwargs("paper", "scannetpp", "seg", "val") == {"keep_extra_ids": True}
     with pytest.raises(ValueError, match="protocol"):
         dataset_kwargs("exact", "kitti", "depth", "val")

@@ -23,10 +23,10 @@ def test_paper_sizes_follow_the_backbones_patch(tmp_path):
     assert padded_hw((480, 480), 14) == (490, 490) and padded_hw((480, 480), 16) == (480, 480)  # 35², 30² patches
     assert padded_hw((480, 640), 14) == (490, 644) and padded_hw((480, 640), 16) == (480, 640)  # 35x46, 30x40
     assert padded_hw((470, 630), 16) == (480, 640) and padded_hw((1, 17), 16) == (16, 32)
-    assert paper_val_hw("nyuv2", "normals", 16) == (480, 480) and paper_val_hw("nyuv2", "depth", 16) is None
+    assert paper_val_hw("nyuv2", "normals", 16) == (480, 480) and paper_val_hw("synth", "depth", 16) is None
     paper, fast = EvalConfig(data_root=tmp_path, protocol="paper"), EvalConfig(data_root=tmp_path, protocol="fast")
     assert val_hw(paper, "nyuv2", "normals", 14) == (490, 490) and val_hw(paper, "nyuv2", "normals", 16) == (480, 480)
-    assert val_hw(fast, "nyuv2", "normals", 16) == (476, 630) and val_hw(paper, "nyuv2", "depth", 16) == (476, 630)
+    assert val_hw(fast, "nyuv2", "normals", 16) == (476, 630) and val_hw(paper, "synth", "depth", 16) == (476, 630)
     # correspondence: 480x640 -> 490x644 (rows 5 | 5, columns 2 | 2) for /14; 470x630 -> 480x640 (5 | 5) for /16
     fill = torch.tensor([0.1, 0.2, 0.3])
     for p, (h, w), (top, left, hp, wp) in ((14, (480, 640), (5, 2, 490, 644)), (16, (470, 630), (5, 5, 480, 640))):
@@ -101,7 +101,7 @@ def test_paper_kitti_feeds_the_whole_kb_crop_padded_to_the_patch(tmp_path):
     assert val_hw(paper, "kitti", "depth", 14) == (364, 1218) and train_hw(paper, "kitti", "depth", 14) == (364, 1218)
     assert val_hw(paper, "kitti", "depth", 16) == (352, 1216) and train_hw(paper, "kitti", "depth", 16) == (352, 1216)
     assert val_hw(fast, "kitti", "depth", 14) == (476, 630) and train_hw(fast, "kitti", "depth", 14) == (476, 630)
-    assert train_hw(paper, "nyuv2", "depth", 14) == (476, 630)
+    assert train_hw(paper, "synth", "depth", 14) == (476, 630)
     va = D.get_dataset("kitti", tmp_path, "val", "depth", (364, 1218), **dataset_kwargs("paper", "kitti", "depth", "val"))
     s = va[0]
     assert tuple(s["image"].shape) == (3, 364, 1218) and tuple(s["depth"].shape) == (352, 1216)
@@ -118,13 +118,23 @@ def test_paper_kitti_feeds_the_whole_kb_crop_padded_to_the_patch(tmp_path):
     assert tuple(tr["image"].shape) == (3, 364, 1218) and bool((tr["depth"] == 2.0).all())
     assert tuple(tr["depth"].shape) == (352, 1216)  # no Garg crop on training depth
     with pytest.raises(Exception, match="does not fit"):
-        D.get_dataset("kitti", tmp_path, "val", "depth", (350, 1218), whole_kb=True)[0]
+        D.get_dataset("kitti", tmp_path, "val", "depth", (350, 1218), whole_frame=True)[0]
 
 
 def test_paper_records_of_the_old_kitti_input_are_not_resumed(tmp_path):
-    """KITTI's paper input changed (whole KB crop): paper result folders get a new hash, fast ones keep theirs."""
+    """The paper depth inputs changed (KITTI's whole KB crop: revision 2; NYU / ScanNet / ScanNet++ whole frames: 3):
+    paper result and trivial folders get a new hash, fast ones keep theirs."""
     from snd.pipeline.config import EvalConfig
-    from snd.stages.eval_plan import _protocol
+    from snd.stages.eval_plan import _protocol, _trivial_folder
 
-    assert _protocol(EvalConfig(data_root=tmp_path, protocol="paper"))["paper_rev"] == 2
-    assert "paper_rev" not in _protocol(EvalConfig(data_root=tmp_path, protocol="fast"))
+    paper, fast = EvalConfig(data_root=tmp_path, protocol="paper"), EvalConfig(data_root=tmp_path, protocol="fast")
+    assert _protocol(paper)["paper_rev"] == 3
+    assert "paper_rev" not in _protocol(fast)
+    # the trivial folder of revision 3 differs from the one every earlier paper run wrote (same fields, no revision)
+    import hashlib
+    import json
+
+    old = {"img_hw": [476, 630], "max_images": None, "protocol": "paper", "fit_on": "unaugmented"}
+    assert _trivial_folder(paper) != "trivial-" + hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:8]
+    old_fast = {"img_hw": [476, 630], "max_images": None}
+    assert _trivial_folder(fast) == "trivial-" + hashlib.sha256(json.dumps(old_fast, sort_keys=True).encode()).hexdigest()[:8]

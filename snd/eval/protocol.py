@@ -6,6 +6,9 @@
 * depth, test time: the prediction is the mean of the image's and the flipped image's (flipped back),
   mmseg `MultiScaleFlipAug(flip=True)`, and it is scored at the ground truth's own resolution
   (`flip_average`; datasets return the native-resolution target with `native_target=True`);
+* depth input: the whole native frame (NYU, ScanNet 480x640; ScanNet++ 584x876; KITTI the 352x1216 KB crop)
+  centre-padded to the patch as dinov2's `CenterPadding` does, never resized (`whole_frame`, `paper_val_hw`,
+  `paper_train_hw`), on both splits;
 * depth crops on the validation ground truth: NYUv2 and ScanNet Eigen (rows 45:471, cols 41:601 of 480x640),
   KITTI Garg fractions of the 352x1216 KB-cropped map (`snd.eval.datasets.kitti.garg_mask`);
 * depth optimiser: AdamW whose beta1 follows mmcv's `OneCycleMomentumUpdaterHook` (`onecycle_beta1`);
@@ -31,7 +34,7 @@ from snd.eval.metrics import confusion_matrix, seg_metrics_from_confusion
 
 __all__ = ["Protocol", "PROTOCOLS", "check_protocol", "onecycle_beta1", "flip_average", "MmsegConfusion", "FlippedImages",
            "dataset_kwargs", "center_pad", "pad_to", "padded_hw", "paper_val_hw", "paper_train_hw", "pad_image", "PAPER_CORR_HW", "PAPER_VAL_NATIVE_HW", "PAPER_TRAIN_NATIVE_HW",
-           "zero_normals_as_90deg", "IMAGENET_MEAN", "mmseg_seg_metrics"]
+           "zero_normals_as_90deg", "IMAGENET_MEAN", "mmseg_seg_metrics", "PAPER_REV"]
 
 Protocol = Literal["paper", "fast"]
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # DINOv2's normalisation mean: padding with it normalises to 0
@@ -126,31 +129,44 @@ class MmsegConfusion:
 # the paper protocol (each is the dataset's own keyword; docs/datasets.md). One table, so nothing
 # downstream sniffs dataset names.
 _PAPER_VAL_KW: dict[tuple[str, str], dict] = {
-    ("scannet", "depth"): {"eval_crop": True},  # official ScanNet depth config: eigen_crop=True
-    ("kitti", "depth"): {"garg_on": "kb"},  # Garg fractions of the 352x1216 KB-cropped map
+    ("scannet", "depth"): {"eval_crop": True, "whole_frame": True},  # official ScanNet depth config: eigen_crop=True
+    ("kitti", "depth"): {"garg_on": "kb", "whole_frame": True},  # Garg fractions of the 352x1216 KB-cropped map
+    ("nyuv2", "depth"): {"whole_frame": True},
+    ("scannetpp", "depth"): {"whole_frame": True},
     ("scannetpp", "seg"): {"keep_extra_ids": True},  # ids beyond the 100 classes enter mmseg's union
     ("synth", "seg"): {"keep_extra_ids": True},
     ("scannet1500", "correspondence"): {"intrinsics": "npz"},  # each scene's intrinsics.npz, as Probe3D
     ("nyuv2", "normals"): {"probe3d_test": True},  # 480x480 centre crop padded to `paper_val_hw`, raw depth > 0
-    ("kitti", "depth"): {"garg_on": "kb", "whole_kb": True},  # + the whole KB crop padded for the ViT (below)
 }
-# Per (dataset, task): the training-set options of the paper protocol. KITTI: the official config trains on
-# crops of the KB-cropped frame at its native scale and tests on the whole 352x1216 KB crop (`test_cfg` "whole",
-# no Resize, the dinov2 `CenterPadding` to the patch): snd feeds the whole KB crop padded the same way to both
-# splits (cached, un-augmented like every depth training set here), so train and test see one scale.
-_PAPER_TRAIN_KW: dict[tuple[str, str], dict] = {("kitti", "depth"): {"whole_kb": True, "native_target": True}}
-# Validation inputs the paper protocol fixes, before the ViT's padding (Probe3D's NYU normals test: the 480x480
-# centre crop); the ViT sees them centre-padded to a multiple of its patch (`paper_val_hw`: 490x490 for patch 14,
-# 480x480 for 16, already a multiple). The others use `snd eval`'s size. The probe is a 1x1 head, so it applies to any patch grid.
-PAPER_VAL_NATIVE_HW: dict[tuple[str, str], tuple[int, int]] = {("nyuv2", "normals"): (480, 480),
-                                                                ("kitti", "depth"): (352, 1216)}
-# Training inputs the paper protocol fixes the same way (`paper_train_hw`; KITTI: 364x1218 for /14, 352x1216
-# for /16); the others train at `snd eval`'s size (or their own set's, GeoNet / mmseg crops).
-PAPER_TRAIN_NATIVE_HW: dict[tuple[str, str], tuple[int, int]] = {("kitti", "depth"): (352, 1216)}
+# Per (dataset, task): the training-set options of the paper protocol. Depth: the official configs test on the
+# whole native frame (`test_cfg` mode "whole", no Resize in the test pipeline, dinov2's `CenterPadding` to the
+# patch in a forward pre-hook of the backbone) and train on random crops of the native frame (416x544 of NYU's
+# NYUCrop region [45:472, 43:608], of ScanNet's and ScanNet++'s whole frames; 352x704 of KITTI's KB crop): snd
+# feeds the whole frame (NYU: the NYUCrop region) padded the same way to the training split too (cached,
+# un-augmented like every depth training set here), so train and test see the native scale.
+_PAPER_TRAIN_KW: dict[tuple[str, str], dict] = {
+    (name, "depth"): {"whole_frame": True, "native_target": True} for name in ("nyuv2", "scannet", "scannetpp", "kitti")}
+# Validation inputs the paper protocol fixes, before the ViT's padding: Probe3D's NYU normals test (the 480x480
+# centre crop) and the official depth test's whole frames (NYU and ScanNet 480x640, ScanNet++ FiT3D's 584x876
+# = the 1168x1752 DSLR frame halved, KITTI the 352x1216 KB crop). The ViT sees them centre-padded to a multiple
+# of its patch (`paper_val_hw`: 490x490 / 490x644 / 588x882 / 364x1218 for patch 14; 480x480 / 480x640 / 592x880
+# / 352x1216 for 16). The others use `snd eval`'s size. The probe is a 1x1 head, so it applies to any patch grid.
+PAPER_VAL_NATIVE_HW: dict[tuple[str, str], tuple[int, int]] = {
+    ("nyuv2", "normals"): (480, 480), ("nyuv2", "depth"): (480, 640), ("scannet", "depth"): (480, 640),
+    ("scannetpp", "depth"): (584, 876), ("kitti", "depth"): (352, 1216)}
+# Training inputs the paper protocol fixes the same way (`paper_train_hw`): the frame the official training
+# crops from, at its native scale (NYU: the 427x565 NYUCrop region, 434x574 for /14, 432x576 for /16); the
+# others train at `snd eval`'s size (or their own set's, GeoNet / mmseg crops).
+PAPER_TRAIN_NATIVE_HW: dict[tuple[str, str], tuple[int, int]] = {
+    ("nyuv2", "depth"): (427, 565), ("scannet", "depth"): (480, 640), ("scannetpp", "depth"): (584, 876),
+    ("kitti", "depth"): (352, 1216)}
 # Correspondence input size under the paper protocol (Probe3D resizes ScanNet frames to 480x640); the ViT
 # centre-pads them to a multiple of its patch (490x644 for 14, unchanged for 16, `center_pad` in the model
 # function); datasets not listed keep `snd eval`'s size.
 PAPER_CORR_HW: dict[str, tuple[int, int]] = {"scannet1500": (480, 640)}
+# Bumped when a paper rule changes what a record computes, so result folders (and trivial baselines) made under
+# the old rule are never resumed: 2 = KITTI's whole KB crop, 3 = NYU / ScanNet / ScanNet++ depth whole frames.
+PAPER_REV = 3
 
 
 def padded_hw(hw: tuple[int, int], patch: int) -> tuple[int, int]:
@@ -209,11 +225,15 @@ def pad_to(images: Tensor, hw: tuple[int, int], fill: Tensor) -> Tensor:
 
 
 def pad_image(image, img_hw: tuple[int, int], where: str) -> Tensor:
-    """A native uint8 [H, W, 3] image -> [3, *img_hw] in [0, 1], centre-padded (never resized) with the ImageNet
-    mean, which normalises to the official code's zero padding; an image larger than `img_hw` is an SndError."""
+    """A native uint8 [H, W, 3] image (or a [3, H, W] float tensor in [0, 1]) -> [3, *img_hw] in [0, 1],
+    centre-padded (never resized) with the ImageNet mean, which normalises to the official code's zero padding;
+    an image larger than `img_hw` is an SndError naming `where`."""
     from snd.errors import SndError
 
-    img = torch.as_tensor(image).permute(2, 0, 1).float() / 255
+    if torch.is_tensor(image) and image.is_floating_point():
+        img = image
+    else:
+        img = torch.as_tensor(image).permute(2, 0, 1).float() / 255
     if img.shape[-2] > img_hw[0] or img.shape[-1] > img_hw[1]:
         raise SndError(f"{where}: the {img.shape[-2]}x{img.shape[-1]} image does not fit the input size "
                        f"{img_hw[0]}x{img_hw[1]} (it is padded to it, never resized)")

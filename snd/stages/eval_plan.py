@@ -10,6 +10,7 @@ import time
 import numpy as np
 
 from snd.errors import SndError
+from snd.eval.protocol import PAPER_REV
 from snd.pipeline.config import EvalConfig
 from snd.stages.eval_outputs import _clean
 
@@ -62,9 +63,9 @@ def _protocol(cfg: EvalConfig) -> dict:
         proto["lr_scale"] = cfg.lr_scale
     if cfg.protocol != "fast":  # fast is what snd computed before protocols existed: its folders stay
         proto["protocol"] = cfg.protocol
-        # revision 2: KITTI reads the whole KB crop (a probe half-trained on the old 34x45 grid has the same
-        # weight shapes, so only a new folder keeps it from resuming on other data)
-        proto["paper_rev"] = 2
+        # the paper rules' revision (`PAPER_REV`: 3 = the depth sets' whole native frames): a probe half-trained
+        # on an older input has the same weight shapes, so only a new folder keeps it from resuming on other data
+        proto["paper_rev"] = PAPER_REV
     return proto
 
 
@@ -74,6 +75,7 @@ def _trivial_folder(cfg: EvalConfig) -> str:
     if cfg.protocol != "fast":  # the paper protocol scores other pixels (crops, native resolution)
         proto["protocol"] = cfg.protocol
         proto["fit_on"] = "unaugmented"  # earlier paper records fit GeoNet normals on augmented draws: not reused
+        proto["paper_rev"] = PAPER_REV  # the depth constants are fit on the whole native training frames
     return "trivial-" + hashlib.sha256(json.dumps(proto, sort_keys=True).encode()).hexdigest()[:8]
 
 
@@ -139,8 +141,8 @@ def trivial_train_set(train_ds):
 
 def val_hw(cfg: EvalConfig, name: str, task: str, patch: int) -> tuple[int, int]:
     """Validation input size: `snd eval`'s, or the paper protocol's fixed one padded to the backbone's `patch`
-    (`snd.eval.protocol.paper_val_hw`: NYU normals 490x490 for patch 14, 480x480 for 16: 480 = 30·16; KITTI
-    depth the whole KB crop, 364x1218 / 352x1216)."""
+    (`snd.eval.protocol.paper_val_hw`: NYU normals 490x490 for patch 14, 480x480 for 16: 480 = 30·16; the depth
+    sets' whole frames, NYU / ScanNet 490x644 / 480x640, ScanNet++ 588x882 / 592x880, KITTI 364x1218 / 352x1216)."""
     from snd.eval.protocol import paper_val_hw
 
     fixed = paper_val_hw(name, task, patch) if cfg.protocol == "paper" else None
@@ -149,7 +151,8 @@ def val_hw(cfg: EvalConfig, name: str, task: str, patch: int) -> tuple[int, int]
 
 def train_hw(cfg: EvalConfig, name: str, task: str, patch: int) -> tuple[int, int]:
     """Training input size of a dataset's own train split: `snd eval`'s, or the paper protocol's fixed one
-    (`snd.eval.protocol.paper_train_hw`: KITTI depth at the test's native scale)."""
+    (`snd.eval.protocol.paper_train_hw`: the depth sets at the test's native scale; NYU its NYUCrop region,
+    434x574 / 432x576)."""
     from snd.eval.protocol import paper_train_hw
 
     fixed = paper_train_hw(name, task, patch) if cfg.protocol == "paper" else None
