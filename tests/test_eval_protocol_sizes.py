@@ -138,3 +138,105 @@ def test_paper_records_of_the_old_kitti_input_are_not_resumed(tmp_path):
     assert _trivial_folder(paper) != "trivial-" + hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:8]
     old_fast = {"img_hw": [476, 630], "max_images": None}
     assert _trivial_folder(fast) == "trivial-" + hashlib.sha256(json.dumps(old_fast, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def test_paper_depth_whole_frames_padded_to_the_patch():
+    """The official depth test feeds each set's whole native frame padded by dinov2's CenterPadding: NYU and ScanNet
+    480x640 -> 490x644 (35x46 patches) for /14, itself (30x40) for /16; ScanNet++ 584x876 -> 588x882 (42x63) for /14,
+    592x880 (37x55) for /16. NYU trains on its NYUCrop region, 427x565 -> 434x574 (31x41) / 432x576 (27x36)."""
+    from snd.eval.datasets.scannetpp import FRAME_HW
+    from snd.eval.protocol import PAPER_VAL_NATIVE_HW, paper_train_hw, paper_val_hw
+
+    assert FRAME_HW == PAPER_VAL_NATIVE_HW[("scannetpp", "depth")] == (584, 876)
+    by_hand = {  # (name, patch): (val, train)
+        ("nyuv2", 14): ((490, 644), (434, 574)), ("nyuv2", 16): ((480, 640), (432, 576)),
+        ("scannet", 14): ((490, 644), (490, 644)), ("scannet", 16): ((480, 640), (480, 640)),
+        ("scannetpp", 14): ((588, 882), (588, 882)), ("scannetpp", 16): ((592, 880), (592, 880)),
+    }
+    for (name, p), (val, train) in by_hand.items():
+        assert paper_val_hw(name, "depth", p) == val and paper_train_hw(name, "depth", p) == train, (name, p)
+
+
+def _nyu_480x640(root: Path) -> dict:
+    """A NYUv2 stand-in of two 480x640 frames (image 1 trains, image 2 is tested), depths 0.5..12 m."""
+    from tests.test_eval_datasets import write_mat_v5, write_mat_v73
+
+    d = root / "nyuv2"
+    d.mkdir(parents=True)
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, (2, 480, 640, 3), dtype=np.uint8)
+    depths = rng.uniform(0.5, 12.0, (2, 480, 640)).astype(np.float32)
+    write_mat_v73(d / "nyu_depth_v2_labeled.mat", {"images": images.transpose(0, 3, 2, 1),
+                                                    "depths": depths.transpose(0, 2, 1)})
+    write_mat_v5(d / "splits.mat", {"trainNdxs": np.array([[1]]), "testNdxs": np.array([[2]])})
+    return {"images": images, "depths": np.where(depths <= 10.0, depths, 0.0)}
+
+
+def test_paper_nyu_depth_whole_frame_and_nyucrop_training(tmp_path):
+    """NYU under the paper protocol: the test image is the whole 480x640 frame padded to 490x644 (rows 5 | 5, columns
+    2 | 2) with the native Eigen-cropped depth; training reads the NYUCrop region (rows 45:472, cols 43:608, 427x565)
+    padded to 434x574 (rows 3 | 4, columns 4 | 5) for /14 and 432x576 (rows 2 | 3, columns 5 | 6) for /16."""
+    import snd.eval.datasets as D
+
+    t = _nyu_480x640(tmp_path)
+    mean = [0.485, 0.456, 0.406]
+    va = D.get_dataset("nyuv2", tmp_path, "val", "depth", (490, 644), **dataset_kwargs("paper", "nyuv2", "depth", "val"))[0]
+    assert tuple(va["image"].shape) == (3, 490, 644) and tuple(va["depth"].shape) == (480, 640)
+    np.testing.assert_allclose(va["image"][:, 5:485, 2:642].permute(1, 2, 0).numpy(), t["images"][1] / 255, atol=1e-6)
+    for r, c in ((4, 300), (485, 300), (200, 1), (200, 642)):
+        assert va["image"][:, r, c].tolist() == pytest.approx(mean)
+    eigen = np.zeros((480, 640), bool)
+    eigen[45:471, 41:601] = True
+    np.testing.assert_allclose(va["depth"].numpy(), np.where(eigen, t["depths"][1], 0.0), rtol=1e-6)
+    for p, hw, (top, left) in ((14, (434, 574), (3, 4)), (16, (432, 576), (2, 5))):
+        tr = D.get_dataset("nyuv2", tmp_path, "train", "depth", hw, **dataset_kwargs("paper", "nyuv2", "depth", "train"))[0]
+        assert tuple(tr["image"].shape) == (3, *hw) and tuple(tr["depth"].shape) == (427, 565), p
+        np.testing.assert_allclose(tr["image"][:, top : top + 427, left : left + 565].permute(1, 2, 0).numpy(),
+                                   t["images"][0][45:472, 43:608] / 255, atol=1e-6)
+        assert tr["image"][:, top - 1, 100].tolist() == pytest.approx(mean)
+        assert tr["image"][:, top + 427, 100].tolist() == pytest.approx(mean)
+        assert tr["image"][:, 100, left + 565].tolist() == pytest.approx(mean)
+        np.testing.assert_allclose(tr["depth"].numpy(), t["depths"][0][45:472, 43:608], rtol=1e-6)
+    fast = D.get_dataset("nyuv2", tmp_path, "train", "depth", (476, 630))[0]  # fast: unchanged, 476x630 resized
+    assert tuple(fast["image"].shape) == (3, 476, 630) and tuple(fast["depth"].shape) == (476, 630)
+
+
+def test_paper_scannet_depth_whole_frame_on_the_depth_grid(tmp_path):
+    """ScanNet: the colour frame (here 24x32, as 968x1296 is twice 480x640 less 0.4 %) is resized onto its depth's
+    grid (12x16) and centre-padded (rows 1 | 1, columns 6 | 6 to 14x28), the depth native; val keeps the Eigen
+    crop of a 480x640 map."""
+    import snd.eval.datasets as D
+    from tests.test_eval_datasets import png
+
+    b = tmp_path / "scannet" / "scannet_frames_25k" / "scene0000_00"
+    for f in ("000000", "000100"):
+        png(b / "color" / f"{f}.jpg", np.full((24, 32, 3), (100, 150, 200), np.uint8))
+        png(b / "depth" / f"{f}.png", np.full((12, 16), 1500, np.uint16))
+    s = D.get_dataset("scannet", tmp_path, "train", "depth", (14, 28), train_fraction=1.0,
+                      **dataset_kwargs("paper", "scannet", "depth", "train"))[0]
+    assert tuple(s["image"].shape) == (3, 14, 28) and tuple(s["depth"].shape) == (12, 16)
+    np.testing.assert_allclose(s["image"][:, 1:13, 6:22].mean((1, 2)).numpy(), np.array([100, 150, 200]) / 255, atol=2 / 255)
+    assert s["image"][:, 0, 10].tolist() == pytest.approx([0.485, 0.456, 0.406])
+    assert s["image"][:, 5, 22].tolist() == pytest.approx([0.485, 0.456, 0.406])
+    assert bool((s["depth"] == 1.5).all())
+    with pytest.raises(Exception, match="Eigen crop needs 480x640"):  # the official eval_mask indexes a 480x640 map
+        D.get_dataset("scannet", tmp_path, "val", "depth", (14, 28), train_fraction=0.5,
+                      **dataset_kwargs("paper", "scannet", "depth", "val"))[0]
+
+
+def test_paper_scene_frames_render_the_frame_then_pad(synth_root):
+    """Scene datasets (ScanNet++: FiT3D's 584x876): with whole_frame the frame is rendered at exactly `frame_hw` and
+    centre-padded, never resized to the input: here 56x84 (the 112x168 procedural frames halved) padded to 64x96
+    (rows 4 | 4, columns 6 | 6) equals the plain 56x84 sample inside the border, depth native."""
+    import snd.eval.datasets as D
+
+    plain = D.get_dataset("synth", synth_root, "val", "depth", (56, 84))
+    whole = D.get_dataset("synth", synth_root, "val", "depth", (64, 96), whole_frame=True, frame_hw=(56, 84))
+    assert whole.render_hw == (56, 84)
+    a, b = plain[3], whole[3]
+    assert tuple(b["image"].shape) == (3, 64, 96) and tuple(b["depth"].shape) == (56, 84)
+    assert torch.equal(b["image"][:, 4:60, 6:90], a["image"]) and torch.equal(b["depth"], a["depth"])
+    assert b["image"][:, 3, 50].tolist() == pytest.approx([0.485, 0.456, 0.406])
+    pp = D.get_dataset("scannetpp", synth_root, "val", "depth", (588, 882),
+                       **dataset_kwargs("paper", "scannetpp", "depth", "val"))
+    assert pp.render_hw == (584, 876) and pp.whole_frame and pp.native_target

@@ -233,7 +233,7 @@ def pad_image(image, img_hw: tuple[int, int], where: str) -> Tensor:
     if torch.is_tensor(image) and image.is_floating_point():
         img = image
     else:
-        img = torch.as_tensor(image).permute(2, 0, 1).float() / 255
+        img = torch.tensor(image).permute(2, 0, 1).float() / 255  # a copy: rendered frames may be read-only
     if img.shape[-2] > img_hw[0] or img.shape[-1] > img_hw[1]:
         raise SndError(f"{where}: the {img.shape[-2]}x{img.shape[-1]} image does not fit the input size "
                        f"{img_hw[0]}x{img_hw[1]} (it is padded to it, never resized)")
