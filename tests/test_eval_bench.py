@@ -98,13 +98,18 @@ def test_paper_projection_arithmetic_by_hand():
     probes = {"normals": {"batch": 8, "train_iters_per_s_alone": {"stream": 50.0}}, "seg": {"batch": 2}}
     parts = {"features_s": 36.1, "targets_s": 4.5, "train_s": 42.0, "eval_s": 13.0}
     fast_total = 36.1 + 4.5 + 42.0 + 13.0
-    # tokens per image: (normals test = GeoNet square, KITTI KB crop, seg window, corr pair)
-    for patch, (sq, kb, win, corr) in ((14, (35 * 35, 26 * 87, 37 * 37, 35 * 46)),  # 490², 364x1218, 518², 490x644
-                                       (16, (30 * 30, 22 * 76, 32 * 32, 30 * 40))):  # 480², 352x1216, 512², 480x640
+    # tokens per image: (normals test = GeoNet square, KITTI KB crop, seg window, corr pair = NYU depth test frame,
+    # NYU depth training frame = its NYUCrop region)
+    for patch, (sq, kb, win, corr, nyu_tr) in (
+            (14, (35 * 35, 26 * 87, 37 * 37, 35 * 46, 31 * 41)),  # 490², 364x1218, 518², 490x644, 434x574
+            (16, (30 * 30, 22 * 76, 32 * 32, 30 * 40, 27 * 36))):  # 480², 352x1216, 512², 480x640, 432x576
         P = paper_projection(rows, hw=(patch, patch), extract_rate=100.0, probes=probes, fast_parts=parts, patch=patch)
         by = {(r["task"], r["dataset"]): r["extra_s_parts"] for r in P["rows"]}
         assert set(P["rows"][0]) == {"task", "dataset", "extra_s_parts", "extra_s"} and P["patch"] == patch
-        assert by["depth", "nyuv2"] == pytest.approx({"flip_features_s": 6.54, "flip_eval_s": 3.0})
+        d = by["depth", "nyuv2"]  # the whole 480x640 test frame (and its flip), NYUCrop training frames
+        assert d == pytest.approx({"flip_features_s": 654 * corr / 100, "flip_eval_s": 3.0 * corr,
+                                   "own_size_features_s": 795 * nyu_tr / 100 + 654 * corr / 100 - 1.0,
+                                   "own_size_train_s": 10.0 * (nyu_tr - 1), "own_size_eval_s": 3.0 * (corr - 1)})
         k = by["depth", "kitti"]  # the whole KB crop on train, val and the flipped val
         assert k["flip_features_s"] == pytest.approx(10 * kb / 100) and k["flip_eval_s"] == pytest.approx(2.0 * kb)
         assert k["own_size_features_s"] == pytest.approx(110 * kb / 100 - 1.1)
@@ -118,7 +123,7 @@ def test_paper_projection_arithmetic_by_hand():
         assert seg == pytest.approx({"sliding_window_test_s": 1449 * 2 * win / 100,
                                      "augmented_live_training_s": 320_000 * 2 * win / 100, "minus_fast_caching_s": -5.0})
         assert by["correspondence", "scannet1500"] == pytest.approx({"pairs_at_paper_size_s": 3000 * corr / 100 - 30})
-        extra = {"depth": 6.54 + 3.0 + sum(k.values()), "normals": sum(n.values()), "seg": sum(seg.values()),
+        extra = {"depth": sum(d.values()) + sum(k.values()), "normals": sum(n.values()), "seg": sum(seg.values()),
                  "correspondence": 3000 * corr / 100 - 30}
         assert P["per_task_extra_hours"] == pytest.approx({t: v / 3600 for t, v in extra.items()})
         assert P["suite_hours_paper"] == pytest.approx((fast_total + sum(extra.values())) / 3600)

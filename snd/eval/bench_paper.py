@@ -1,11 +1,14 @@
 """`snd bench eval --protocol paper`: the paper protocol's suite time, projected from the fast suite's rates.
 
 The paper protocol (`snd.eval.protocol`) runs the fast suite's work plus, per task (sizes for the backbone's
-patch p, `padded_hw`: 490 / 644 / 364x1218 / 518 for p = 14; 480 / 640 / 352x1216 / 512 for p = 16):
+patch p, `padded_hw`: 490 / 490x644 / 434x574 / 588x882 / 364x1218 / 518 for p = 14; 480 / 480x640 / 432x576 /
+592x880 / 352x1216 / 512 for p = 16):
 
-* depth: a second (flipped) validation pass: its extraction and a second probe evaluation per image; KITTI
-  also reads the whole KB crop padded to the patch (train, val and flipped val) instead of the probe input
-  size, so its extraction, probe steps and evaluation scale with that grid's tokens;
+* depth: a second (flipped) validation pass: its extraction and a second probe evaluation per image; every depth
+  set also reads its whole native frame padded to the patch (`paper_val_hw` / `paper_train_hw`: NYU 480x640 on
+  val and its 427x565 NYUCrop region on train, ScanNet 480x640, ScanNet++ 584x876, KITTI the 352x1216 KB crop;
+  train, val and flipped val) instead of the probe input size, so its extraction, probe steps and evaluation
+  scale with that grid's tokens (the fast store of the dataset is then not needed: ScanNet++ seg runs live);
 * normals: the test tokens of the 480x480 crop padded to the patch, and training on NYU "trainval" of GeoNet
   with Probe3D's augmentation, the backbone live on every training image: `normals_spec(GEONET_TRAINVAL)`
   steps of batch 8 (10 epochs, as `snd eval` runs them), one forward per image per step at the padded
@@ -66,7 +69,7 @@ def paper_projection(rows: list[dict], *, hw: tuple[int, int], extract_rate: flo
             thw = paper_train_hw(name, task, patch) or hw
             extra["flip_features_s"] = r["n_val"] / rate_at(vhw)
             extra["flip_eval_s"] = r["eval_s"] * ratio(vhw)
-            if (vhw, thw) != (hw, hw):  # KITTI: the whole KB crop on both splits replaces the probe input size
+            if (vhw, thw) != (hw, hw):  # the whole native frames on both splits replace the probe input size
                 extra["own_size_features_s"] = r["n_train"] / rate_at(thw) + r["n_val"] / rate_at(vhw) - r["features_s"]
                 extra["own_size_train_s"] = r["train_s"] * (ratio(thw) - 1)
                 extra["own_size_eval_s"] = r["eval_s"] * (ratio(vhw) - 1)
