@@ -171,6 +171,27 @@ def test_paper_kitti_depth_reads_the_whole_kb_crop_on_both_splits(tmp_path, mode
     assert res["trivial"][0]["n_pixels"] == 2 * 352 * 1216  # native training maps: every pixel 2 m
 
 
+def test_paper_nyu_depth_trains_on_the_nyucrop_frame_and_tests_the_whole_frame(tmp_path):
+    """NYU depth under the paper protocol end to end (/14): training tokens of the NYUCrop region padded to 434x574
+    (31x41 patches), test and flipped-test tokens of the whole 480x640 frame padded to 490x644 (35x46), each in a
+    store of its own; the trivial constant is fit on the native 427x565 training map."""
+    import numpy as np
+
+    from tests.test_eval_protocol_sizes import _nyu_480x640
+
+    t = _nyu_480x640(tmp_path / "data")
+    res = evaluate.run(_cfg(tmp_path / "data", tmp_path / "out", datasets=["nyuv2"], baseline=None, iters=2),
+                       tasks=["depth"])
+    (rec,) = res["records"]
+    assert rec["status"] == "ok" and rec["n_train"] == 1 and rec["n_val"] == 1
+    (key,) = [p for p in (tmp_path / "out" / "features").iterdir() if (p / "model.json").is_file()]
+    stores = {p.name: {j.name for j in p.glob("*.json")} for p in key.iterdir() if p.is_dir()}
+    # no store at the fast 56x84 size: each split has the size of its own frame
+    assert stores == {"nyuv2@434x574": {"train.json"}, "nyuv2@490x644": {"val.json", "val_flip.json"}}
+    crop = t["depths"][0][45:472, 43:608].astype(np.float16)  # training targets are cached as float16
+    assert res["trivial"][0]["n_pixels"] == int(((crop > 1e-3) & (crop < 10.0)).sum())
+
+
 def test_paper_seg_trains_live_on_mmseg_crops_and_tests_by_sliding_windows(synth_root, tmp_path, monkeypatch):
     """Paper-protocol segmentation end to end: training reads 518x518 mmseg crops through the live backbone (no
     token store), the test slides 512x512 windows over each image rescaled to short side 512 and scores at the
