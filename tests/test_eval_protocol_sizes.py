@@ -155,6 +155,11 @@ def test_paper_depth_whole_frames_padded_to_the_patch():
     }
     for (name, p), (val, train) in by_hand.items():
         assert paper_val_hw(name, "depth", p) == val and paper_train_hw(name, "depth", p) == train, (name, p)
+    # the flip test flips the padded frame (`FlippedImages`): the same as padding the flipped frame (the official
+    # order) only when the columns are padded evenly, which every depth test frame is, for /14 and /16
+    for (name, task), (h, w) in PAPER_VAL_NATIVE_HW.items():
+        for p in (14, 16):
+            assert task != "depth" or (paper_val_hw(name, task, p)[1] - w) % 2 == 0, (name, p)
 
 
 def _nyu_480x640(root: Path) -> dict:
