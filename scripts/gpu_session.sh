@@ -70,9 +70,9 @@ print("hours one model", round(P["suite_hours_one_model"], 2), "targets cached",
 Q = r.get("paper")
 if Q:  # --protocol paper (the default): the paper protocol's extras per task
     for x in Q["rows"]:
-        print("paper", x["task"], x["dataset"], {k: round(v) for k, v in x["implemented_extra_s"].items()}, "pending", {k: round(v) for k, v in x["not_yet_implemented_s"].items()})
-    print("paper hours per task", {k: round(v, 2) for k, v in Q["per_task_hours_paper_implemented"].items()}, "all rows", {k: round(v, 2) for k, v in Q["per_task_hours_paper_all_rows"].items()})
-    print("paper suite hours", round(Q["suite_hours_paper_implemented"], 2), "all rows", round(Q["suite_hours_paper_all_rows"], 2), "goal", Q["goal_hours"])
+        print("paper", x["task"], x["dataset"], {k: round(v) for k, v in x["extra_s_parts"].items()}, "extra s", round(x["extra_s"]))
+    print("paper (patch", Q["patch"], ") hours per task", {k: round(v, 2) for k, v in Q["per_task_hours_paper"].items()}, "fast", {k: round(v, 2) for k, v in Q["per_task_hours_fast"].items()})
+    print("paper suite hours", round(Q["suite_hours_paper"], 2), "goal", Q["goal_hours"])
 PY
 fi
 if [[ $what == *mvsplat-compile* ]]; then

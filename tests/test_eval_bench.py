@@ -74,17 +74,20 @@ def test_bench_eval_measures_and_projects(tmp_path, capsys):
     assert P["suite_hours_one_model"] == pytest.approx(one / 3600)
     assert P["suite_hours_with_baseline"] == pytest.approx((2 * one - parts["targets_s"]) / 3600)
     # the paper protocol (the default) adds its projection beside the fast one
-    assert r["protocol"] == "paper" and P["suite_hours_one_model"] < r["paper"]["suite_hours_paper_implemented"]
+    assert r["protocol"] == "paper" and P["suite_hours_one_model"] < r["paper"]["suite_hours_paper"]
     assert {x["task"] for x in r["paper"]["rows"]} == {"depth", "normals", "seg", "correspondence"}
 
 
 def test_paper_projection_arithmetic_by_hand():
-    """The paper protocol's extras from fixed rates: 14x14-pixel fast input (1 token), 100 images/s."""
+    """The paper protocol's extras from fixed rates: a one-patch fast input (14x14 for /14, 16x16 for /16),
+    100 images/s, so every cost below is a token count read off the padded sizes by hand."""
     from snd.eval.bench_paper import GEONET_TRAINVAL, paper_projection
 
     rows = [
         {"task": "depth", "dataset": "nyuv2", "n_train": 795, "n_val": 654, "features_s": 1.0, "targets_s": 2.0,
          "train_s": 10.0, "eval_s": 3.0, "probe_iters": 100},
+        {"task": "depth", "dataset": "kitti", "n_train": 100, "n_val": 10, "features_s": 1.1, "targets_s": 0.5,
+         "train_s": 20.0, "eval_s": 2.0, "probe_iters": 100},
         {"task": "normals", "dataset": "nyuv2", "n_train": 795, "n_val": 654, "features_s": 0.0, "targets_s": 1.0,
          "train_s": 5.0, "eval_s": 2.0, "probe_iters": 50},
         {"task": "seg", "dataset": "voc", "n_train": 1464, "n_val": 1449, "features_s": 4.0, "targets_s": 1.0,
@@ -93,23 +96,36 @@ def test_paper_projection_arithmetic_by_hand():
          "targets_s": 0.0, "train_s": 0.0, "eval_s": 5.0},
     ]
     probes = {"normals": {"batch": 8, "train_iters_per_s_alone": {"stream": 50.0}}, "seg": {"batch": 2}}
-    parts = {"features_s": 35.0, "targets_s": 4.0, "train_s": 22.0, "eval_s": 11.0}
-    P = paper_projection(rows, hw=(14, 14), extract_rate=100.0, probes=probes, fast_parts=parts)
-    by = {r["task"]: r for r in P["rows"]}
-    assert by["depth"]["implemented_extra_s"] == {"flip_features_s": 6.54, "flip_eval_s": 3.0}
-    assert by["normals"]["implemented_extra_s"]["test_features_490_s"] == pytest.approx(654 * 35 * 35 / 100)
-    geo = 10 * GEONET_TRAINVAL * 1225 / 100 + 10 * GEONET_TRAINVAL / 8 / 50 - 5.0  # live GeoNet replaces fast training
-    assert by["normals"]["implemented_extra_s"]["geonet_live_backbone_s"] == pytest.approx(10 * GEONET_TRAINVAL * 1225 / 100)
-    assert by["normals"]["implemented_extra_s"]["geonet_probe_steps_s"] == pytest.approx(10 * GEONET_TRAINVAL / 8 / 50)
-    seg = by["seg"]["implemented_extra_s"]  # live windows and live augmented training replace the seg caches
-    assert seg["sliding_window_test_s"] == pytest.approx(1449 * 2 * 37 * 37 / 100)
-    assert seg["augmented_live_training_s"] == pytest.approx(320_000 * 2 * 1369 / 100)
-    assert seg["minus_fast_caching_s"] == -5.0 and by["seg"]["not_yet_implemented_s"] == {}
-    assert by["correspondence"]["implemented_extra_s"]["pairs_at_490x644_s"] == pytest.approx(3000 * 35 * 46 / 100 - 30)
-    seg_extra = 1449 * 2 * 1369 / 100 + 320_000 * 2 * 1369 / 100 - 5.0
-    extra = 6.54 + 3.0 + 654 * 1225 / 100 + geo + 3000 * 1610 / 100 - 30 + seg_extra
-    assert P["suite_hours_paper_implemented"] == pytest.approx((72.0 + extra) / 3600)
-    assert P["per_task_hours_fast"]["depth"] == pytest.approx(16.0 / 3600)
-    assert P["per_task_hours_paper_implemented"]["depth"] == pytest.approx((16.0 + 9.54) / 3600)
-    assert P["suite_hours_paper_all_rows"] == pytest.approx(P["suite_hours_paper_implemented"])
-    assert P["per_task_hours_paper_implemented"]["seg"] == pytest.approx((13.0 + seg_extra) / 3600)
+    parts = {"features_s": 36.1, "targets_s": 4.5, "train_s": 42.0, "eval_s": 13.0}
+    fast_total = 36.1 + 4.5 + 42.0 + 13.0
+    # tokens per image: (normals test = GeoNet square, KITTI KB crop, seg window, corr pair = NYU depth test frame,
+    # NYU depth training frame = its NYUCrop region)
+    for patch, (sq, kb, win, corr, nyu_tr) in (
+            (14, (35 * 35, 26 * 87, 37 * 37, 35 * 46, 31 * 41)),  # 490², 364x1218, 518², 490x644, 434x574
+            (16, (30 * 30, 22 * 76, 32 * 32, 30 * 40, 27 * 36))):  # 480², 352x1216, 512², 480x640, 432x576
+        P = paper_projection(rows, hw=(patch, patch), extract_rate=100.0, probes=probes, fast_parts=parts, patch=patch)
+        by = {(r["task"], r["dataset"]): r["extra_s_parts"] for r in P["rows"]}
+        assert set(P["rows"][0]) == {"task", "dataset", "extra_s_parts", "extra_s"} and P["patch"] == patch
+        d = by["depth", "nyuv2"]  # the whole 480x640 test frame (and its flip), NYUCrop training frames
+        assert d == pytest.approx({"flip_features_s": 654 * corr / 100, "flip_eval_s": 3.0 * corr,
+                                   "own_size_features_s": 795 * nyu_tr / 100 + 654 * corr / 100 - 1.0,
+                                   "own_size_train_s": 10.0 * (nyu_tr - 1), "own_size_eval_s": 3.0 * (corr - 1)})
+        k = by["depth", "kitti"]  # the whole KB crop on train, val and the flipped val
+        assert k["flip_features_s"] == pytest.approx(10 * kb / 100) and k["flip_eval_s"] == pytest.approx(2.0 * kb)
+        assert k["own_size_features_s"] == pytest.approx(110 * kb / 100 - 1.1)
+        assert k["own_size_train_s"] == pytest.approx(20.0 * (kb - 1)) and k["own_size_eval_s"] == pytest.approx(2.0 * (kb - 1))
+        n = by["normals", "nyuv2"]  # 37,500 steps of 8 = 10 epochs of 30k, one live forward per image
+        assert GEONET_TRAINVAL == 30_000 and n["geonet_live_backbone_s"] == pytest.approx(37_500 * 8 * sq / 100)
+        assert n["geonet_probe_steps_s"] == pytest.approx(37_500 / 50)
+        assert n["test_features_s"] == pytest.approx(654 * sq / 100) and n["test_eval_size_s"] == pytest.approx(2.0 * (sq - 1))
+        assert n["minus_fast_training_s"] == -6.0  # its training and its normals targets are not run
+        seg = by["seg", "voc"]  # live windows and live augmented training replace the seg caches
+        assert seg == pytest.approx({"sliding_window_test_s": 1449 * 2 * win / 100,
+                                     "augmented_live_training_s": 320_000 * 2 * win / 100, "minus_fast_caching_s": -5.0})
+        assert by["correspondence", "scannet1500"] == pytest.approx({"pairs_at_paper_size_s": 3000 * corr / 100 - 30})
+        extra = {"depth": sum(d.values()) + sum(k.values()), "normals": sum(n.values()), "seg": sum(seg.values()),
+                 "correspondence": 3000 * corr / 100 - 30}
+        assert P["per_task_extra_hours"] == pytest.approx({t: v / 3600 for t, v in extra.items()})
+        assert P["suite_hours_paper"] == pytest.approx((fast_total + sum(extra.values())) / 3600)
+        assert P["per_task_hours_fast"]["depth"] == pytest.approx((16.0 + 23.6) / 3600)
+        assert P["per_task_hours_paper"]["seg"] == pytest.approx((13.0 + extra["seg"]) / 3600)

@@ -111,6 +111,8 @@ def test_nyuv2_depth_image_and_split(nyu_root):
     assert (s["depth"] == 0).any()  # values above 10 m became invalid
     val = D.get_dataset("nyuv2", root, "val", "depth", (H, W))
     assert [val[i]["meta"]["id"] for i in range(3)] == ["0002", "0005", "0006"]
+    with pytest.raises(SndError, match="NYUCrop .* needs the 480x640 frames"):  # the paper's training crop
+        D.get_dataset("nyuv2", root, "train", "depth", (14, 28), whole_frame=True)[0]
 
 
 def test_nyuv2_seg_13_classes(nyu_root):

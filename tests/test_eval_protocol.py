@@ -146,11 +146,15 @@ def test_kitti_garg_crop_on_the_kb_map_hand_computed():
     assert 1.07 < old.sum() / m.sum() < 1.09
 
 
-def test_paper_dataset_options_apply_to_val_only():
-    assert dataset_kwargs("fast", "kitti", "depth", "val") == {}
-    assert dataset_kwargs("paper", "kitti", "depth", "train") == {}
-    assert dataset_kwargs("paper", "kitti", "depth", "val") == {"garg_on": "kb", "native_target": True}
-    assert dataset_kwargs("paper", "scannet", "depth", "val") == {"eval_crop": True, "native_target": True}
+def test_paper_dataset_options_by_split():
+    assert dataset_kwargs("fast", "kitti", "depth", "val") == {} and dataset_kwargs("fast", "kitti", "depth", "train") == {}
+    whole = {"whole_frame": True, "native_target": True}
+    for name in ("kitti", "nyuv2", "scannet", "scannetpp"):  # every depth set: the whole native frame, both splits
+        assert dataset_kwargs("paper", name, "depth", "train") == whole
+    assert dataset_kwargs("paper", "kitti", "depth", "val") == {"garg_on": "kb", **whole}
+    assert dataset_kwargs("paper", "nyuv2", "depth", "val") == dataset_kwargs("paper", "scannetpp", "depth", "val") == whole
+    assert dataset_kwargs("paper", "scannet", "depth", "val") == {"eval_crop": True, **whole}
+    assert dataset_kwargs("paper", "synth", "depth", "train") == {} and dataset_kwargs("paper", "nyuv2", "seg", "train") == {}
     assert dataset_kwargs("paper", "scannetpp", "seg", "val") == {"keep_extra_ids": True}
     with pytest.raises(ValueError, match="protocol"):
         dataset_kwargs("exact", "kitti", "depth", "val")
@@ -328,8 +332,14 @@ def test_nyuv2_probe3d_normals_test_sample(tmp_path):
     write_mat_v5(d / "splits.mat", {"trainNdxs": np.array([[1]]), "testNdxs": np.array([[2]])})
     with gzip.open(d / "all_normals.pklz", "wb") as f:
         pickle.dump({"all_normals": normals}, f, protocol=2)
-    with pytest.raises(Exception, match="14, 14"):
-        D.get_dataset("nyuv2", tmp_path, "val", "normals", (12, 16), probe3d_test=True)[0]
+    with pytest.raises(Exception, match="does not fit"):  # padded, never resized
+        D.get_dataset("nyuv2", tmp_path, "val", "normals", (10, 16), probe3d_test=True)[0]
+    # a 16x16 input (patch 16 for a 12-pixel square): two rows/columns of the mean on each side
+    s16 = D.get_dataset("nyuv2", tmp_path, "val", "normals", (16, 16), probe3d_test=True)[0]
+    assert tuple(s16["image"].shape) == (3, 16, 16) and tuple(s16["normals"].shape) == (3, 12, 12)
+    np.testing.assert_allclose(s16["image"][:, 2:14, 2:14].permute(1, 2, 0).numpy(), images[1][:, 2:14] / 255.0, atol=1e-6)
+    assert s16["image"][:, 1, 5].tolist() == pytest.approx([0.485, 0.456, 0.406])
+    assert s16["image"][:, 14, 5].tolist() == pytest.approx([0.485, 0.456, 0.406])
     s = D.get_dataset("nyuv2", tmp_path, "val", "normals", (14, 14), probe3d_test=True)[0]
     img, n = s["image"], s["normals"]
     assert tuple(img.shape) == (3, 14, 14) and tuple(n.shape) == (3, 12, 12)

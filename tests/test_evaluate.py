@@ -108,9 +108,12 @@ def test_paper_and_fast_protocols_end_to_end_are_labelled(synth_root, tmp_path):
     assert pd["depth"]["metrics"]["abs_rel"] != fd["depth"]["metrics"]["abs_rel"]
 
 
-def test_paper_nyu_normals_are_tested_at_490x490_on_their_own_token_store(tmp_path):
+@pytest.mark.parametrize("model,store", [("snd_test_vit_patch14", "nyuv2@490x490"),
+                                         ("snd_test_vit_patch16_dinov3", "nyuv2@480x480")])
+def test_paper_nyu_normals_are_tested_at_the_padded_square_on_their_own_token_store(tmp_path, model, store):
     """The paper's NYU normals run end to end: trained live on a GeoNet stand-in in file order, validation tokens
-    of the 480x480 crop padded to 490x490 in a store of their own, the 1x1 head applied on the 35x35 grid."""
+    of the 480x480 crop padded to the patch (490x490 for /14; 480x480 for /16, a multiple already) in a store
+    of their own, the 1x1 head applied on the 35x35 / 30x30 grid."""
     import gzip
     import pickle
 
@@ -131,17 +134,62 @@ def test_paper_nyu_normals_are_tested_at_490x490_on_their_own_token_store(tmp_pa
         pickle.dump({"all_normals": normals}, f, protocol=2)
     from snd.eval.datasets.geonet import write_geonet_standin
 
+    hw = dict(img_height=64, img_width=96) if "16" in model else {}  # the probe input: multiples of the patch
     with pytest.raises(SndError, match="GeoNet"):  # the paper trains NYU normals on GeoNet: it names the download
-        evaluate.run(_cfg(tmp_path / "data", tmp_path / "out0", datasets=["nyuv2"], baseline=None, iters=2),
-                     tasks=["normals"])
+        evaluate.run(_cfg(tmp_path / "data", tmp_path / "out0", datasets=["nyuv2"], baseline=None, iters=2,
+                          model=model, **hw), tasks=["normals"])
     write_geonet_standin(tmp_path / "data" / "nyuv2_geonet", n=3, hw=(48, 64))
-    res = evaluate.run(_cfg(tmp_path / "data", tmp_path / "out", datasets=["nyuv2"], baseline=None, iters=2),
-                       tasks=["normals"])
+    res = evaluate.run(_cfg(tmp_path / "data", tmp_path / "out", datasets=["nyuv2"], baseline=None, iters=2,
+                            model=model, **hw), tasks=["normals"])
     (rec,) = res["records"]
     assert rec["status"] == "ok" and rec["protocol"] == "paper" and 0 <= rec["metrics"]["rmse"] <= 180
     assert rec["n_train"] == 3 and rec["recipe"]["shuffle"] is False and rec["probe"]["mask"] == "finite"
-    assert list((tmp_path / "out" / "features").rglob("nyuv2@490x490"))
+    assert list((tmp_path / "out" / "features").rglob(store))
     assert not list((tmp_path / "out" / "features").rglob("nyuv2/train*"))  # GeoNet rows ran live, not cached
+    # the trivial constant is fit on the un-augmented GeoNet targets: each 48x48 centre square less its 3 rows
+    # of zero depth (the stand-in's zero normals lie outside the square), never one epoch's random crops
+    (triv,) = res["trivial"]
+    assert triv["n_pixels"] == 3 * 45 * 48
+
+
+@pytest.mark.parametrize("model,store", [("snd_test_vit_patch14", "kitti@364x1218"),
+                                         ("snd_test_vit_patch16_dinov3", "kitti@352x1216")])
+def test_paper_kitti_depth_reads_the_whole_kb_crop_on_both_splits(tmp_path, model, store):
+    """KITTI under the paper protocol end to end: train, val and flipped-val tokens of the whole KB crop padded
+    to the patch (364x1218, 26x87 patches, for /14; 352x1216, 22x76, for /16) in stores of their own, trained
+    and scored against the native 352x1216 map."""
+    from tests.test_eval_protocol_sizes import write_kitti_frame
+
+    write_kitti_frame(tmp_path / "data")
+    hw = dict(img_height=64, img_width=96) if "16" in model else {}
+    res = evaluate.run(_cfg(tmp_path / "data", tmp_path / "out", datasets=["kitti"], baseline=None, iters=2,
+                            model=model, **hw), tasks=["depth"])
+    (rec,) = res["records"]
+    assert rec["status"] == "ok" and rec["n_train"] == 2 and rec["n_val"] == 1
+    (folder,) = (tmp_path / "out" / "features").glob(f"*/{store}")
+    assert {p.name for p in folder.glob("*.json")} == {"train.json", "val.json", "val_flip.json"}
+    assert res["trivial"][0]["n_pixels"] == 2 * 352 * 1216  # native training maps: every pixel 2 m
+
+
+def test_paper_nyu_depth_trains_on_the_nyucrop_frame_and_tests_the_whole_frame(tmp_path):
+    """NYU depth under the paper protocol end to end (/14): training tokens of the NYUCrop region padded to 434x574
+    (31x41 patches), test and flipped-test tokens of the whole 480x640 frame padded to 490x644 (35x46), each in a
+    store of its own; the trivial constant is fit on the native 427x565 training map."""
+    import numpy as np
+
+    from tests.test_eval_protocol_sizes import _nyu_480x640
+
+    t = _nyu_480x640(tmp_path / "data")
+    res = evaluate.run(_cfg(tmp_path / "data", tmp_path / "out", datasets=["nyuv2"], baseline=None, iters=2),
+                       tasks=["depth"])
+    (rec,) = res["records"]
+    assert rec["status"] == "ok" and rec["n_train"] == 1 and rec["n_val"] == 1
+    (key,) = [p for p in (tmp_path / "out" / "features").iterdir() if (p / "model.json").is_file()]
+    stores = {p.name: {j.name for j in p.glob("*.json")} for p in key.iterdir() if p.is_dir()}
+    # no store at the fast 56x84 size: each split has the size of its own frame
+    assert stores == {"nyuv2@434x574": {"train.json"}, "nyuv2@490x644": {"val.json", "val_flip.json"}}
+    crop = t["depths"][0][45:472, 43:608].astype(np.float16)  # training targets are cached as float16
+    assert res["trivial"][0]["n_pixels"] == int(((crop > 1e-3) & (crop < 10.0)).sum())
 
 
 def test_paper_seg_trains_live_on_mmseg_crops_and_tests_by_sliding_windows(synth_root, tmp_path, monkeypatch):

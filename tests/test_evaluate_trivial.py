@@ -84,6 +84,35 @@ def test_no_valid_training_pixel_is_an_error():
         fit_trivial("corr", [])
 
 
+def test_paper_normals_trivial_is_fit_on_the_unaugmented_geonet_targets(tmp_path):
+    """The paper protocol trains NYU normals on GeoNet with random crops drawn per item: the constant is fit on
+    the same files un-augmented (deterministic, every pixel once), by hand on one 4x6 file."""
+    import numpy as np
+
+    from snd.eval.datasets.geonet import GEONET_MEAN, GeoNetNYU
+    from snd.eval.datasets.matfile import save_mat_v5
+    from snd.eval.probes import ProbeData
+    from snd.stages.eval_plan import _eval_trivial, trivial_train_set
+
+    d = tmp_path / "nyuv2_geonet"
+    d.mkdir()
+    norm = np.zeros((4, 6, 3), np.float32)
+    norm[..., 2] = -1.0
+    norm[:2] = [0.6, 0.0, -0.8]  # rows 0-1 of the centre square (columns 1..4)
+    norm[:, 0] = [1.0, 0.0, 0.0]  # outside the square: never counted
+    depth = np.full((4, 6), 2.0, np.float32)
+    depth[3, 1] = 0.0  # invalid (square pixel (3, 0), a (0, 0, -1) one)
+    save_mat_v5(d / "a.mat", {"img": np.zeros((4, 6, 3), np.float32) - 2 * GEONET_MEAN, "depth": depth, "norm": norm})
+    aug = GeoNetNYU(d, augment=True)
+    plain = trivial_train_set(aug)
+    assert isinstance(plain, GeoNetNYU) and not plain.augment and plain.files == aug.files
+    data = ProbeData(plain, [0], "normals")
+    rec = _eval_trivial("normals", "nyuv2", data, data, "paper")
+    s = math.sqrt(4.8 ** 2 + 13.4 ** 2)  # 8 x (0.6, 0, -0.8) + 7 x (0, 0, -1) = (4.8, 0, -13.4)
+    assert rec["value"] == pytest.approx([4.8 / s, 0.0, -13.4 / s]) and rec["n_pixels"] == 15
+    assert _eval_trivial("normals", "nyuv2", data, data, "paper")["value"] == rec["value"]  # deterministic
+
+
 # ---- `snd eval` on procedural scenes: each probe beats its trivial baseline ---------------------------
 def _quick(data_root, out, **kw):
     """A quick schedule: a few hundred steps need ~30x the paper's learning rates (see docs/evaluation.md).

@@ -392,7 +392,8 @@ def bench(cfg: BenchEvalConfig) -> dict:
     if cfg.protocol == "paper":  # the paper protocol's extra passes and rows (`snd.eval.bench_paper`)
         from snd.eval.bench_paper import paper_projection
 
-        out["paper"] = paper_projection(rows, hw=hw, extract_rate=extract_rate, probes=probes, fast_parts=parts)
+        out["paper"] = paper_projection(rows, hw=hw, extract_rate=extract_rate, probes=probes, fast_parts=parts,
+                                        patch=p)
     if not all(math.isfinite(x) for x in parts.values()):
         raise RuntimeError(f"a projected part is not finite: {parts}")
     from snd.pipeline.jsonout import emit_json

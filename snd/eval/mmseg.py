@@ -12,14 +12,14 @@ davidshavin4/Splat-and-Distill, mmseg 0.x transforms in `segmentation/datasets/p
   (`count_mat`, `slide_merge`), then resized (bilinear) to the original size and argmax'd; the ground truth
   is never resized;
 * the ViT sees a window centre-padded to a multiple of the patch (`CenterPadding`, 512 -> 518 for
-  patch 14, the normalised image padded with 0 = the mean colour), and its 37x37 logits are resized to the
-  512x512 window (padding included in the resize, as `encode_decode` does);
+  patch 14, 512 itself for 16; the normalised image padded with 0 = the mean colour), and its 37x37 (32x32)
+  logits are resized to the 512x512 window (padding included in the resize, as `encode_decode` does);
 * training: `Resize(img_scale=(2048, 512), ratio_range=(0.5, 2.0))` (a ratio uniform in [0.5, 2) times
   both scale numbers, truncated, then the keep-ratio rescale; labels nearest), `RandomCrop(512, 512,
   cat_max_ratio=0.75)` (`cat_max_crop`: up to 10 redraws while one class covers >= 75 % of the crop's
   labelled pixels or only one class is there; the 11th draw is kept unchecked), `RandomFlip(0.5)`,
   `PhotoMetricDistortion` (`photometric_distortion`), `Normalize`, `Pad(512x512)` bottom/right with 0
-  (the mean colour) and label 255, then the backbone's centre padding to 518x518 (`MmsegTrain`).
+  (the mean colour) and label 255, then the backbone's centre padding to 518x518 for /14 (`MmsegTrain`).
 
 Differences (docs/evaluation.md): OpenCV's uint8 resize and HSV conversion are fixed-point; here they are
 their float formulas rounded at the same points (within one intensity level); random numbers come from
@@ -186,20 +186,25 @@ def _raw(source, index: int) -> tuple[Tensor, Tensor]:
 
 class MmsegTrain(torch.utils.data.Dataset):
     """The official training pipeline over a probe dataset's native samples (`ProbeDataset.load`), drawn
-    afresh for every item: image [3, 518, 518] in [0, 1] (512x512 padded, then centre-padded to the patch
+    afresh for every item: image [3, 518, 518] in [0, 1] for /14 (512x512 padded, then centre-padded to the patch
     multiple with the mean colour) and seg [512, 512] (255 in the padding). `snd eval` runs the backbone
     live on it (`self_augmenting`): no token cache holds a fresh augmentation per step."""
 
     self_augmenting = True
 
     def __init__(self, source, *, patch: int = 14):
+        from snd.eval.protocol import padded_hw
+
         self.source, self.patch = source, patch
-        side = [c + (-c) % patch for c in CROP]
-        self.img_hw = (side[0], side[1])
+        self.img_hw = padded_hw(CROP, patch)
         self.name = getattr(source, "name", "?")
 
     def __len__(self) -> int:
         return len(self.source)
+
+    def unaugmented(self):
+        """The same images without the augmentation (what the trivial baseline is fit on): the source set."""
+        return self.source
 
     def __getitem__(self, index: int) -> dict:
         from snd.eval.protocol import IMAGENET_MEAN, center_pad

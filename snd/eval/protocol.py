@@ -6,6 +6,9 @@
 * depth, test time: the prediction is the mean of the image's and the flipped image's (flipped back),
   mmseg `MultiScaleFlipAug(flip=True)`, and it is scored at the ground truth's own resolution
   (`flip_average`; datasets return the native-resolution target with `native_target=True`);
+* depth input: the whole native frame (NYU, ScanNet 480x640; ScanNet++ 584x876; KITTI the 352x1216 KB crop)
+  centre-padded to the patch as dinov2's `CenterPadding` does, never resized (`whole_frame`, `paper_val_hw`,
+  `paper_train_hw`), on both splits;
 * depth crops on the validation ground truth: NYUv2 and ScanNet Eigen (rows 45:471, cols 41:601 of 480x640),
   KITTI Garg fractions of the 352x1216 KB-cropped map (`snd.eval.datasets.kitti.garg_mask`);
 * depth optimiser: AdamW whose beta1 follows mmcv's `OneCycleMomentumUpdaterHook` (`onecycle_beta1`);
@@ -30,8 +33,8 @@ from torch import Tensor
 from snd.eval.metrics import confusion_matrix, seg_metrics_from_confusion
 
 __all__ = ["Protocol", "PROTOCOLS", "check_protocol", "onecycle_beta1", "flip_average", "MmsegConfusion", "FlippedImages",
-           "dataset_kwargs", "center_pad", "PAPER_CORR_HW", "PAPER_VAL_HW", "zero_normals_as_90deg", "IMAGENET_MEAN",
-           "mmseg_seg_metrics"]
+           "dataset_kwargs", "center_pad", "pad_to", "padded_hw", "paper_val_hw", "paper_train_hw", "pad_image", "PAPER_CORR_HW", "PAPER_VAL_NATIVE_HW", "PAPER_TRAIN_NATIVE_HW",
+           "zero_normals_as_90deg", "IMAGENET_MEAN", "mmseg_seg_metrics", "PAPER_REV"]
 
 Protocol = Literal["paper", "fast"]
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # DINOv2's normalisation mean: padding with it normalises to 0
@@ -126,29 +129,74 @@ class MmsegConfusion:
 # the paper protocol (each is the dataset's own keyword; docs/datasets.md). One table, so nothing
 # downstream sniffs dataset names.
 _PAPER_VAL_KW: dict[tuple[str, str], dict] = {
-    ("scannet", "depth"): {"eval_crop": True},  # official ScanNet depth config: eigen_crop=True
-    ("kitti", "depth"): {"garg_on": "kb"},  # Garg fractions of the 352x1216 KB-cropped map
+    ("scannet", "depth"): {"eval_crop": True, "whole_frame": True},  # official ScanNet depth config: eigen_crop=True
+    ("kitti", "depth"): {"garg_on": "kb", "whole_frame": True},  # Garg fractions of the 352x1216 KB-cropped map
+    ("nyuv2", "depth"): {"whole_frame": True},
+    ("scannetpp", "depth"): {"whole_frame": True},
     ("scannetpp", "seg"): {"keep_extra_ids": True},  # ids beyond the 100 classes enter mmseg's union
     ("synth", "seg"): {"keep_extra_ids": True},
     ("scannet1500", "correspondence"): {"intrinsics": "npz"},  # each scene's intrinsics.npz, as Probe3D
-    ("nyuv2", "normals"): {"probe3d_test": True},  # 480x480 centre crop padded to 490x490, raw depth > 0
+    ("nyuv2", "normals"): {"probe3d_test": True},  # 480x480 centre crop padded to `paper_val_hw`, raw depth > 0
 }
-# Validation input size where the paper protocol fixes it (Probe3D's NYU normals test: 480x480 padded to 490x490);
-# the others use `snd eval`'s size. The probe is a 1x1 head, so it applies to any patch grid.
-PAPER_VAL_HW: dict[tuple[str, str], tuple[int, int]] = {("nyuv2", "normals"): (490, 490)}
-# Correspondence input size under the paper protocol (Probe3D resizes ScanNet frames to 480x640 and the ViT
-# centre-pads them to a multiple of the patch, 490x644); datasets not listed keep `snd eval`'s size.
+# Per (dataset, task): the training-set options of the paper protocol. Depth: the official configs test on the
+# whole native frame (`test_cfg` mode "whole", no Resize in the test pipeline, dinov2's `CenterPadding` to the
+# patch in a forward pre-hook of the backbone) and train on random crops of the native frame (416x544 of NYU's
+# NYUCrop region [45:472, 43:608], of ScanNet's and ScanNet++'s whole frames; 352x704 of KITTI's KB crop): snd
+# feeds the whole frame (NYU: the NYUCrop region) padded the same way to the training split too (cached,
+# un-augmented like every depth training set here), so train and test see the native scale.
+_PAPER_TRAIN_KW: dict[tuple[str, str], dict] = {
+    (name, "depth"): {"whole_frame": True, "native_target": True} for name in ("nyuv2", "scannet", "scannetpp", "kitti")}
+# Validation inputs the paper protocol fixes, before the ViT's padding: Probe3D's NYU normals test (the 480x480
+# centre crop) and the official depth test's whole frames (NYU and ScanNet 480x640, ScanNet++ FiT3D's 584x876
+# = the 1168x1752 DSLR frame halved, KITTI the 352x1216 KB crop). The ViT sees them centre-padded to a multiple
+# of its patch (`paper_val_hw`: 490x490 / 490x644 / 588x882 / 364x1218 for patch 14; 480x480 / 480x640 / 592x880
+# / 352x1216 for 16). The others use `snd eval`'s size. The probe is a 1x1 head, so it applies to any patch grid.
+PAPER_VAL_NATIVE_HW: dict[tuple[str, str], tuple[int, int]] = {
+    ("nyuv2", "normals"): (480, 480), ("nyuv2", "depth"): (480, 640), ("scannet", "depth"): (480, 640),
+    ("scannetpp", "depth"): (584, 876), ("kitti", "depth"): (352, 1216)}
+# Training inputs the paper protocol fixes the same way (`paper_train_hw`): the frame the official training
+# crops from, at its native scale (NYU: the 427x565 NYUCrop region, 434x574 for /14, 432x576 for /16); the
+# others train at `snd eval`'s size (or their own set's, GeoNet / mmseg crops).
+PAPER_TRAIN_NATIVE_HW: dict[tuple[str, str], tuple[int, int]] = {
+    ("nyuv2", "depth"): (427, 565), ("scannet", "depth"): (480, 640), ("scannetpp", "depth"): (584, 876),
+    ("kitti", "depth"): (352, 1216)}
+# Correspondence input size under the paper protocol (Probe3D resizes ScanNet frames to 480x640); the ViT
+# centre-pads them to a multiple of its patch (490x644 for 14, unchanged for 16, `center_pad` in the model
+# function); datasets not listed keep `snd eval`'s size.
 PAPER_CORR_HW: dict[str, tuple[int, int]] = {"scannet1500": (480, 640)}
+# Bumped when a paper rule changes what a record computes, so result folders (and trivial baselines) made under
+# the old rule are never resumed: 2 = KITTI's whole KB crop, 3 = NYU / ScanNet / ScanNet++ depth whole frames.
+PAPER_REV = 3
+
+
+def padded_hw(hw: tuple[int, int], patch: int) -> tuple[int, int]:
+    """`hw` rounded up to multiples of `patch`: the size `center_pad` gives (Probe3D's / the official
+    `CenterPadding`: 480x640 -> 490x644 for patch 14, 480x640 itself for 16)."""
+    return -(-int(hw[0]) // patch) * patch, -(-int(hw[1]) // patch) * patch
+
+
+def paper_val_hw(name: str, task: str, patch: int) -> tuple[int, int] | None:
+    """The paper protocol's fixed validation input of (name, task) as the ViT of patch `patch` sees it, or None."""
+    hw = PAPER_VAL_NATIVE_HW.get((name, task))
+    return None if hw is None else padded_hw(hw, patch)
+
+
+def paper_train_hw(name: str, task: str, patch: int) -> tuple[int, int] | None:
+    """The paper protocol's fixed training input of (name, task) for patch `patch`, or None."""
+    hw = PAPER_TRAIN_NATIVE_HW.get((name, task))
+    return None if hw is None else padded_hw(hw, patch)
 
 
 def dataset_kwargs(protocol: str, name: str, task: str, split: str) -> dict:
     """Keyword options of `get_dataset(name, ..., split, task)` under `protocol` ({} for fast: today's data).
 
     Paper, validation split: depth targets at their native resolution (`native_target`), plus the
-    dataset's official crop / label options from `_PAPER_VAL_KW`.
+    dataset's official crop / label options from `_PAPER_VAL_KW`; training split: `_PAPER_TRAIN_KW`.
     """
-    if check_protocol(protocol) == "fast" or split != "val":
+    if check_protocol(protocol) == "fast":
         return {}
+    if split != "val":
+        return dict(_PAPER_TRAIN_KW.get((name, task), {}))
     kw = dict(_PAPER_VAL_KW.get((name, task), {}))
     if task == "depth":
         kw["native_target"] = True
@@ -156,16 +204,40 @@ def dataset_kwargs(protocol: str, name: str, task: str, split: str) -> dict:
 
 
 def center_pad(images: Tensor, patch: int, fill: Tensor) -> Tensor:
-    """Probe3D's `center_padding`: pad [B, 3, H, W] to multiples of `patch`, the extra rows/columns split
-    as (pad // 2 before, the rest after), with `fill` [3] per channel (Probe3D pads normalised images with 0:
-    pass the value that normalises to 0, the backbone's mean)."""
+    """Probe3D's `center_padding`: pad [B, 3, H, W] to multiples of `patch` (`padded_hw`), the extra
+    rows/columns split as (pad // 2 before, the rest after), with `fill` [3] per channel (Probe3D pads
+    normalised images with 0: pass the value that normalises to 0, the backbone's mean)."""
+    return pad_to(images, padded_hw(images.shape[-2:], patch), fill)
+
+
+def pad_to(images: Tensor, hw: tuple[int, int], fill: Tensor) -> Tensor:
+    """[B, 3, H, W] centre-padded to `hw` (>= (H, W)) as `center_pad` splits it: (pad // 2 before, the rest
+    after), with `fill` [3] per channel."""
     B, _, H, W = images.shape
-    ph, pw = (-H) % patch, (-W) % patch
+    ph, pw = int(hw[0]) - H, int(hw[1]) - W
+    if ph < 0 or pw < 0:
+        raise ValueError(f"cannot pad {H}x{W} to the smaller {hw[0]}x{hw[1]}")
     if not ph and not pw:
         return images
     out = fill.to(images).view(1, 3, 1, 1).expand(B, 3, H + ph, W + pw).clone()
     out[..., ph // 2 : ph // 2 + H, pw // 2 : pw // 2 + W] = images
     return out
+
+
+def pad_image(image, img_hw: tuple[int, int], where: str) -> Tensor:
+    """A native uint8 [H, W, 3] image (or a [3, H, W] float tensor in [0, 1]) -> [3, *img_hw] in [0, 1],
+    centre-padded (never resized) with the ImageNet mean, which normalises to the official code's zero padding;
+    an image larger than `img_hw` is an SndError naming `where`."""
+    from snd.errors import SndError
+
+    if torch.is_tensor(image) and image.is_floating_point():
+        img = image
+    else:
+        img = torch.tensor(image).permute(2, 0, 1).float() / 255  # a copy: rendered frames may be read-only
+    if img.shape[-2] > img_hw[0] or img.shape[-1] > img_hw[1]:
+        raise SndError(f"{where}: the {img.shape[-2]}x{img.shape[-1]} image does not fit the input size "
+                       f"{img_hw[0]}x{img_hw[1]} (it is padded to it, never resized)")
+    return pad_to(img[None], img_hw, torch.tensor(IMAGENET_MEAN))[0].contiguous()
 
 
 def zero_normals_as_90deg(pred: Tensor, gt: Tensor) -> Tensor:

@@ -10,6 +10,7 @@ import time
 import numpy as np
 
 from snd.errors import SndError
+from snd.eval.protocol import PAPER_REV
 from snd.pipeline.config import EvalConfig
 from snd.stages.eval_outputs import _clean
 
@@ -62,6 +63,9 @@ def _protocol(cfg: EvalConfig) -> dict:
         proto["lr_scale"] = cfg.lr_scale
     if cfg.protocol != "fast":  # fast is what snd computed before protocols existed: its folders stay
         proto["protocol"] = cfg.protocol
+        # the paper rules' revision (`PAPER_REV`: 3 = the depth sets' whole native frames): a probe half-trained
+        # on an older input has the same weight shapes, so only a new folder keeps it from resuming on other data
+        proto["paper_rev"] = PAPER_REV
     return proto
 
 
@@ -70,6 +74,8 @@ def _trivial_folder(cfg: EvalConfig) -> str:
     proto = {"img_hw": [cfg.img_height, cfg.img_width], "max_images": cfg.max_images}
     if cfg.protocol != "fast":  # the paper protocol scores other pixels (crops, native resolution)
         proto["protocol"] = cfg.protocol
+        proto["fit_on"] = "unaugmented"  # earlier paper records fit GeoNet normals on augmented draws: not reused
+        proto["paper_rev"] = PAPER_REV  # the depth constants are fit on the whole native training frames
     return "trivial-" + hashlib.sha256(json.dumps(proto, sort_keys=True).encode()).hexdigest()[:8]
 
 
@@ -80,18 +86,18 @@ def _depth_range(name: str) -> tuple[float, float]:
     return D.dataset_info(name).depth_range or DEPTH_RANGE.get(name, (1e-3, 10.0))
 
 
-def _splits(task: str, name: str, cfg: EvalConfig, patch: int = 14):
+def _splits(task: str, name: str, cfg: EvalConfig, patch: int):
     """(train dataset, val dataset, train indices, val indices) of a dense task, subset per --max-images;
-    `patch`: the backbone's patch size (the paper protocol's seg crops are centre-padded to its multiple)."""
+    `patch`: the backbone's patch size (the paper protocol's seg crops, GeoNet squares and NYU normals test are
+    centre-padded to its multiple)."""
     from snd.eval import datasets as D
     from snd.eval.protocol import dataset_kwargs
 
-    hw = (cfg.img_height, cfg.img_width)
     train_ds = paper_train_set(cfg, name, task, patch)
     if train_ds is None:
-        train_ds = D.get_dataset(name, cfg.data_root, "train", task, hw,
+        train_ds = D.get_dataset(name, cfg.data_root, "train", task, train_hw(cfg, name, task, patch),
                                  **dataset_kwargs(cfg.protocol, name, task, "train"))
-    val_ds = D.get_dataset(name, cfg.data_root, "val", task, val_hw(cfg, name, task),
+    val_ds = D.get_dataset(name, cfg.data_root, "val", task, val_hw(cfg, name, task, patch),
                            **dataset_kwargs(cfg.protocol, name, task, "val"))
     if cfg.protocol == "paper" and task == "seg":  # mmseg's test: short side 512, sliding windows, native GT
         from snd.eval.mmseg import MmsegTest
@@ -103,7 +109,7 @@ def _splits(task: str, name: str, cfg: EvalConfig, patch: int = 14):
     return train_ds, val_ds, idx_tr, idx_va
 
 
-def paper_train_set(cfg: EvalConfig, name: str, task: str, patch: int = 14):
+def paper_train_set(cfg: EvalConfig, name: str, task: str, patch: int):
     """The paper protocol's own training set where it differs from the dataset's train split (NYU normals:
     GeoNet's "trainval", `snd.eval.datasets.geonet`; segmentation: the train split through mmseg's augmentation,
     `snd.eval.mmseg.MmsegTrain`), else None. Missing data is an SndError naming it."""
@@ -126,12 +132,31 @@ def paper_train_set(cfg: EvalConfig, name: str, task: str, patch: int = 14):
     return GeoNetNYU(path, augment=True, patch=patch)
 
 
-def val_hw(cfg: EvalConfig, name: str, task: str) -> tuple[int, int]:
-    """Validation input size: `snd eval`'s, or the paper protocol's fixed one (`PAPER_VAL_HW`)."""
-    from snd.eval.protocol import PAPER_VAL_HW
+def trivial_train_set(train_ds):
+    """What a trivial baseline is fit on: the training targets themselves. A training set that augments its
+    own items (the paper's GeoNet normals, mmseg's seg pipeline) gives its un-augmented twin (`unaugmented()`:
+    same files, same order), so the constant is deterministic and weighs every training pixel once."""
+    return train_ds.unaugmented() if hasattr(train_ds, "unaugmented") else train_ds
 
-    hw = (cfg.img_height, cfg.img_width)
-    return PAPER_VAL_HW.get((name, task), hw) if cfg.protocol == "paper" else hw
+
+def val_hw(cfg: EvalConfig, name: str, task: str, patch: int) -> tuple[int, int]:
+    """Validation input size: `snd eval`'s, or the paper protocol's fixed one padded to the backbone's `patch`
+    (`snd.eval.protocol.paper_val_hw`: NYU normals 490x490 for patch 14, 480x480 for 16: 480 = 30·16; the depth
+    sets' whole frames, NYU / ScanNet 490x644 / 480x640, ScanNet++ 588x882 / 592x880, KITTI 364x1218 / 352x1216)."""
+    from snd.eval.protocol import paper_val_hw
+
+    fixed = paper_val_hw(name, task, patch) if cfg.protocol == "paper" else None
+    return fixed or (cfg.img_height, cfg.img_width)
+
+
+def train_hw(cfg: EvalConfig, name: str, task: str, patch: int) -> tuple[int, int]:
+    """Training input size of a dataset's own train split: `snd eval`'s, or the paper protocol's fixed one
+    (`snd.eval.protocol.paper_train_hw`: the depth sets at the test's native scale; NYU its NYUCrop region,
+    434x574 / 432x576)."""
+    from snd.eval.protocol import paper_train_hw
+
+    fixed = paper_train_hw(name, task, patch) if cfg.protocol == "paper" else None
+    return fixed or (cfg.img_height, cfg.img_width)
 
 
 def _eval_trivial(task: str, name: str, data_tr, data_va, protocol: str = "fast") -> dict:

@@ -32,12 +32,11 @@ import torch
 
 from snd.cache.inuse import hold_in_use
 from snd.errors import SndError
-from snd.eval.mmseg import MmsegTrain
 from snd.pipeline.config import EvalConfig, save_config, to_jsonable
 from snd.stages.eval_corr import _eval_corr
 from snd.stages.eval_outputs import _clean, _figures, _save_samples, _write_json
 from snd.stages.eval_plan import (TASK_TO_DATASET_TASK, _depth_range, _eval_trivial, _plan, _protocol, _splits,
-                                  _trivial_folder, val_hw)
+                                  _trivial_folder, trivial_train_set, val_hw)
 
 log = logging.getLogger(__name__)
 
@@ -114,11 +113,12 @@ def _prepare_probe(role: _Role, task: str, name: str, cfg: EvalConfig, device: t
     hw = (cfg.img_height, cfg.img_width)
     _, dim = _grid_dim(role, hw)  # also checks the input size against the patch size
     train_ds, val_ds, idx_tr, idx_va = _splits(task, name, cfg, _patch(role))
-    vhw = val_hw(cfg, name, task)
+    vhw = val_hw(cfg, name, task, _patch(role))
     vgrid, _ = _grid_dim(role, vhw)
-    # a training set that augments its own items (the paper's GeoNet normals) runs the backbone live
+    # a training set that augments its own items (the paper's GeoNet normals) runs the backbone live; its input
+    # size, like a paper-fixed one (KITTI's whole KB crop), is the training set's own
     self_aug = bool(getattr(train_ds, "self_augmenting", False))
-    thw = tuple(train_ds.img_hw) if self_aug else hw
+    thw = tuple(train_ds.img_hw)
     tgrid, _ = _grid_dim(role, thw)
     stores, targets = {}, None
     flip_test = cfg.protocol == "paper" and task == "depth"
@@ -126,7 +126,7 @@ def _prepare_probe(role: _Role, task: str, name: str, cfg: EvalConfig, device: t
         from snd.eval.protocol import FlippedImages
 
         cache_dir = cfg.feature_cache_dir or cfg.out / "features"
-        sources = ([] if self_aug else [("train", train_ds, idx_tr, hw)])
+        sources = ([] if self_aug else [("train", train_ds, idx_tr, thw)])
         if not getattr(val_ds, "slide", False):  # the sliding-window test runs the backbone live per window
             sources.append(("val", val_ds, idx_va, vhw))
         if flip_test:  # the flip test's second pass, cached like the first
@@ -144,15 +144,15 @@ def _prepare_probe(role: _Role, task: str, name: str, cfg: EvalConfig, device: t
         if not self_aug:
             bar = progress.add_task(f"{name} train {task} targets", total=len(idx_tr), info="")
             targets = ensure_targets(train_ds, idx_tr, task, cache_dir=cache_dir, dataset_name=name, split="train",
-                                     img_hw=hw, num_workers=cfg.num_workers,
+                                     img_hw=thw, num_workers=cfg.num_workers,
                                      progress=lambda d, t, b=bar: progress.update(b, completed=d))
             progress.remove_task(bar)
     # a self-augmenting set is never held in RAM: every epoch draws fresh augmentations
     data_tr = ProbeData(train_ds, idx_tr, task, stores.get("train"), targets=targets,
                         **({"memory_mb": 0.0} if self_aug else {}))
     data_va = ProbeData(val_ds, idx_va, task, stores.get("val"), with_image=True, flip_store=stores.get("val_flip"))
-    # the constant predictor is fit on the un-augmented labels where the training set augments a source
-    tri_tr = ProbeData(train_ds.source, idx_tr, task) if isinstance(train_ds, MmsegTrain) else data_tr
+    # the constant predictor is fit on the un-augmented labels where the training set augments its items
+    tri_tr = ProbeData(trivial_train_set(train_ds), idx_tr, task) if self_aug else data_tr
     trivial = _eval_trivial(task, name, tri_tr, data_va, cfg.protocol) if with_trivial else None
     torch.manual_seed(cfg.seed)
     if task == "depth":
@@ -354,9 +354,8 @@ def run(cfg: EvalConfig, tasks: list[str]) -> dict:
             try:
                 from snd.eval.probes import ProbeData
 
-                train_ds, val_ds, idx_tr, idx_va = _splits(task, name, cfg)
-                train_ds = train_ds.source if isinstance(train_ds, MmsegTrain) else train_ds
-                keep_trivial(task, name, _eval_trivial(task, name, ProbeData(train_ds, idx_tr, task),
+                train_ds, val_ds, idx_tr, idx_va = _splits(task, name, cfg, _patch(roles[0]))
+                keep_trivial(task, name, _eval_trivial(task, name, ProbeData(trivial_train_set(train_ds), idx_tr, task),
                                                        ProbeData(val_ds, idx_va, task), cfg.protocol))
             except SndError as e:
                 notes.append(f"{task}/{name} (trivial baseline): {e}")

@@ -12,6 +12,12 @@ class crops/resizes it to `img_hw` with the rules of `transforms.py` and convert
 With `native_target = True` (the paper protocol's validation sets: depth is scored at the ground truth's
 own resolution) the target keeps its native resolution: it is only center-cropped to the region the
 image's crop covers (`fit="crop"`), never resized.
+
+With `whole_frame=True` (the paper protocol's depth sets, both splits: the official depth test feeds the whole
+native frame, `test_cfg` mode "whole" without a Resize) the image is the dataset's native frame centre-padded
+(never resized) to `img_hw` with the ImageNet mean (`snd.eval.protocol.pad_image`, dinov2's `CenterPadding`)
+and the target is the native one. The frame is the image at its target's size: an image stored at another
+size than its target (ScanNet's 1296x968 colour beside its 640x480 depth) is resized onto the target's grid.
 """
 from __future__ import annotations
 
@@ -58,12 +64,13 @@ class ProbeDataset(torch.utils.data.Dataset):
     tasks: tuple[str, ...] = ()
     native_target: bool = False  # targets at their own resolution (cropped like the image, not resized)
 
-    def __init__(self, split: str, task: str, img_hw: tuple[int, int], *, fit: Fit = "crop"):
+    def __init__(self, split: str, task: str, img_hw: tuple[int, int], *, fit: Fit = "crop", whole_frame: bool = False):
         check_args(self.name, split, task, self.tasks, img_hw)
         if fit not in ("crop", "resize"):
             raise SndError(f"{self.name}: fit must be 'crop' or 'resize', got {fit!r}")
         self.split, self.task, self.fit = split, task, fit
         self.img_hw = (int(img_hw[0]), int(img_hw[1]))
+        self.whole_frame = whole_frame  # the native frame padded to img_hw, native target (module docstring)
 
     # -- subclass API ------------------------------------------------------------------------------
     def __len__(self) -> int:  # pragma: no cover - abstract
@@ -78,6 +85,8 @@ class ProbeDataset(torch.utils.data.Dataset):
         if not 0 <= index < len(self):
             raise IndexError(f"{self.name}: index {index} out of range [0, {len(self)})")
         raw = self.load(index)
+        if self.whole_frame:
+            return self._whole_frame_item(raw, index)
         out: dict[str, Any] = {"image": resize_image(raw.image, self.img_hw, fit=self.fit)}
         if self.task == "depth":
             if raw.depth is None:
@@ -93,6 +102,20 @@ class ProbeDataset(torch.utils.data.Dataset):
             out["seg"] = resize_labels(raw.seg, self.target_hw(raw.seg.shape), fit=self.fit)
         out["meta"] = {"dataset": self.name, "split": self.split, "index": int(index), "id": str(raw.id)}
         return out
+
+    def _whole_frame_item(self, raw: RawSample, index: int) -> dict[str, Any]:
+        """The native frame centre-padded to `img_hw` and its native target (`whole_frame`, module docstring)."""
+        from snd.eval.protocol import pad_image
+
+        target = getattr(raw, self.task)
+        if target is None:
+            raise SndError(f"{self.name}: sample {raw.id} has no {self.task}")
+        thw = (int(target.shape[0]), int(target.shape[1]))
+        image = raw.image if raw.image.shape[:2] == thw else resize_image(raw.image, thw, fit="resize")
+        resize = {"depth": resize_depth, "normals": resize_normals, "seg": resize_labels}[self.task]
+        return {"image": pad_image(image, self.img_hw, f"{self.name} {self.split} {raw.id} (whole frame)"),
+                self.task: resize(target, thw, fit="resize"),  # its own size: only the dtype / invalid rules
+                "meta": {"dataset": self.name, "split": self.split, "index": int(index), "id": str(raw.id)}}
 
     def target_hw(self, native_shape: tuple[int, ...]) -> tuple[int, int]:
         """Size of the returned target: `img_hw`, or with `native_target` the native target's region that the

@@ -17,8 +17,9 @@ rows/columns [:480, :640]; image = img + 2·mean cast to uint8; depth above 10 m
 ColorJitter(0.2, 0.2, 0.2, 0.2) with probability 0.8 on the image, and one RandomResizedCrop (scale 0.5-1,
 ratio 1, nearest, probability 0.5) shared by image, depth and normals, no flip or rotation.
 
-Sample (what the probes read): image [3, 490, 490] in [0, 1] (the 480x480 crop centre-padded to a multiple
-of 14 with the ImageNet mean, as Probe3D's model pads the normalised image with 0) and normals
+Sample (what the probes read): image [3, S, S] in [0, 1] (the 480x480 crop centre-padded to a multiple of the
+backbone's `patch` with the ImageNet mean, as Probe3D's model pads the normalised image with 0: S = 490 for
+patch 14, 480 for 16) and normals
 [3, 480, 480], NaN where depth is 0 (Probe3D's loss mask is depth > 0, so a zero normal at a valid pixel is
 trained on, as an error of 90 degrees). The augmentation draws from torch's global generator (seeded per
 DataLoader worker): fresh draws every epoch, as Probe3D's.
@@ -88,12 +89,18 @@ class GeoNetNYU(torch.utils.data.Dataset):
             raise SndError(f"no .mat files in {self.path}", path=self.path, hint=f"download {URL}")
         self.augment, self.patch = augment, patch
         self.self_augmenting = augment  # fresh draws per item: `snd eval` runs the backbone live on it
-        _, depth, _ = self.load(0)  # the input size: the centre square padded to the patch (490 for 480x640)
-        side = depth.shape[0] + (-depth.shape[0]) % patch
-        self.img_hw = (side, side)
+        from snd.eval.protocol import padded_hw
+
+        _, depth, _ = self.load(0)  # the input size: the centre square padded to the patch (490 / 480 for patch 14 / 16)
+        self.img_hw = padded_hw(depth.shape, patch)
 
     def __len__(self) -> int:
         return len(self.files)
+
+    def unaugmented(self) -> "GeoNetNYU":
+        """The same files without the augmentation, in the same order (what the trivial baseline is fit on:
+        the training targets themselves, deterministic, not one epoch's random crops)."""
+        return self if not self.augment else GeoNetNYU(self.path, augment=False, patch=self.patch)
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(image uint8 [480, 480, 3], depth [480, 480], normals [480, 480, 3]) before augmentation."""

@@ -17,6 +17,12 @@ invalid; on the val split depth outside the Garg crop is set invalid (standard K
 Garg fractions apply: `garg_on="kb"` (the paper protocol, as the official `eval_mask`: fractions of the
 352x1216 KB-cropped map, rows 143:349 and cols 43:1172) or `garg_on="full"` (fractions of the full
 375x1242 frame, then the KB crop: ~8 % more pixels; the fast protocol keeps it).
+
+`whole_frame=True` (the paper protocol, both splits; `ProbeDataset`): the image is the whole 352x1216 KB crop
+centre-padded (never resized) to `img_hw` with the ImageNet mean, as the official depth test feeds it (`test_cfg`
+mode "whole", no Resize in its pipeline, dinov2's `CenterPadding` to the patch: 364x1218 for /14, 352x1216 itself
+for /16), and the depth stays the native 352x1216 map: the prediction of the padded frame is resized onto it, as
+the official `encode_decode` resizes to `ori_shape`.
 """
 from __future__ import annotations
 
@@ -79,8 +85,8 @@ class KITTIDepth(ProbeDataset):
 
     def __init__(self, path: Path, split: str, task: str, img_hw: tuple[int, int], *, fit: Fit = "crop",
                  seed: int = 0, train_fraction: float = 0.85, kb_crop: bool = True, eval_crop: bool = True,
-                 garg_on: str = "full"):
-        super().__init__(split, task, img_hw, fit=fit)
+                 garg_on: str = "full", whole_frame: bool = False):
+        super().__init__(split, task, img_hw, fit=fit, whole_frame=whole_frame)
         self.path = Path(path)
         status = _check(self.path)
         if status != "ok":

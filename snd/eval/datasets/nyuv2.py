@@ -19,10 +19,15 @@ raw one), values above 10 m set invalid (Probe3D); on the val split, depth outsi
 (rows 45:471, cols 41:601 of 480x640) is set invalid so metrics follow the standard protocol.
 
 `probe3d_test=True` (normals, val; the paper protocol, Probe3D's `NYU_test(center_crop=True)`): the image is
-the centre square (480x480 of 480x640: columns 80:560) centre-padded to a multiple of 14 (490x490) with the
-ImageNet mean (what Probe3D's zero padding of the normalised image is), and the target is the matching
+the centre square (480x480 of 480x640: columns 80:560) centre-padded to `img_hw` with the ImageNet mean (what
+Probe3D's zero padding of the normalised image is; the eval plan passes `snd.eval.protocol.paper_val_hw`, the
+square rounded up to the backbone's patch: 490x490 for 14, 480x480 for 16), and the target is the matching
 480x480 normals, NaN where the raw depth (`rawDepths`, values above 10 m dropped) is 0, so validity is
 "raw depth > 0" and a zero normal at a valid pixel stays zero (scored as 90 degrees by the evaluation).
+
+`whole_frame=True` (depth, the paper protocol; `ProbeDataset`): the official depth test feeds the whole 480x640
+frame padded to the patch; its training crops come from the `NYUCrop` region (rows 45:472, cols 43:608, 427x565,
+the image's white border cut), so on the train split the image and depth are that region, padded the same way.
 """
 from __future__ import annotations
 
@@ -51,6 +56,7 @@ SPLITS_URL = "http://horatio.cs.nyu.edu/mit/silberman/indoor_seg_sup/splits.mat"
 MAPPING_URL = "https://github.com/ankurhanda/nyuv2-meta-data (classMapping40.mat)"
 NORMALS_URL = "https://dl.fbaipublicfiles.com/fair_self_supervision_benchmark/nyuv2_surfacenormal_metadata.zip"
 EIGEN_CROP = (45, 471, 41, 601)  # rows [45, 471), cols [41, 601) of the 480x640 image
+NYU_CROP = (45, 472, 43, 608)  # the official depth training pipeline's `NYUCrop`: rows [45, 472), cols [43, 608)
 MAX_DEPTH = OFFICIAL_DEPTH_RANGE["nyuv2"][1]
 
 # NYU40 id (1..40) -> 13-class id (1..13): bed books ceiling chair floor furniture objects picture sofa
@@ -177,8 +183,8 @@ class NYUv2(ProbeDataset):
 
     def __init__(self, path: Path, split: str, task: str, img_hw: tuple[int, int], *, fit: Fit = "crop",
                  seg_classes: int = 13, depth_key: str = "depths", eval_crop: bool = True,
-                 probe3d_test: bool = False):
-        super().__init__(split, task, img_hw, fit=fit)
+                 probe3d_test: bool = False, whole_frame: bool = False):
+        super().__init__(split, task, img_hw, fit=fit, whole_frame=whole_frame)
         self.probe3d_test = probe3d_test and task == "normals"
         self.zero_normal_is_error = self.probe3d_test  # validity = raw depth > 0 (NaN elsewhere), not the normal
         self.path = Path(path)
@@ -217,21 +223,18 @@ class NYUv2(ProbeDataset):
             return super().__getitem__(index)
         import torch
 
-        from snd.eval.protocol import IMAGENET_MEAN, center_pad
+        from snd.eval.protocol import pad_image
 
         raw = self.load(index)
         f = self._file()
         d = np.asarray(f["rawDepths"][int(self.indices[index])], dtype=np.float32).T
         H, W = d.shape
         c0 = (W - H) // 2  # the centre square (Probe3D: [..., 80:-80] of 640 columns)
-        img = torch.from_numpy(np.ascontiguousarray(raw.image[:, c0 : c0 + H])).permute(2, 0, 1).float() / 255
-        img = center_pad(img[None], 14, torch.tensor(IMAGENET_MEAN))[0]
-        if tuple(img.shape[-2:]) != self.img_hw:
-            raise SndError(f"nyuv2 probe3d normals test: the input is {tuple(img.shape[-2:])}, not {self.img_hw}")
+        img = pad_image(raw.image[:, c0 : c0 + H], self.img_hw, "nyuv2 probe3d normals test")
         n = torch.from_numpy(np.ascontiguousarray(raw.normals[:, c0 : c0 + H])).permute(2, 0, 1).float()
         valid = torch.from_numpy((d[:, c0 : c0 + H] > 0) & (d[:, c0 : c0 + H] <= MAX_DEPTH))
         n = torch.where(valid[None], torch.nan_to_num(n), torch.full_like(n, float("nan")))
-        return {"image": img.contiguous(), "normals": n.contiguous(),
+        return {"image": img, "normals": n.contiguous(),
                 "meta": {"dataset": self.name, "split": self.split, "index": int(index), "id": raw.id}}
 
     def load(self, index: int) -> RawSample:
@@ -259,6 +262,15 @@ class NYUv2(ProbeDataset):
             raw.seg = np.where(cls > 0, cls - 1, IGNORE).astype(np.int64)
         elif self.task == "normals":
             raw.normals = np.asarray(self._normals[i], dtype=np.float32)
+        if self.whole_frame and self.split == "train":  # the official training crops from the NYUCrop region
+            if raw.image.shape[:2] != (480, 640):
+                raise SndError(f"{self.path / MAT}: image {raw.id} is {raw.image.shape[0]}x{raw.image.shape[1]}; the "
+                               "paper protocol's NYUCrop (rows 45:472, cols 43:608) needs the 480x640 frames")
+            r0, r1, c0, c1 = NYU_CROP
+            raw.image = np.ascontiguousarray(raw.image[r0:r1, c0:c1])
+            for k in ("depth", "normals", "seg"):
+                if getattr(raw, k) is not None:
+                    setattr(raw, k, np.ascontiguousarray(getattr(raw, k)[r0:r1, c0:c1]))
         return raw
 
 

@@ -12,6 +12,12 @@ Segmentation: NYU40 ids 1..40 -> 0..39, 0 -> 255 (SnD config: 40 classes, reduce
 Depth above 10 m is set invalid; with `eval_crop` (the paper protocol: the official ScanNet depth config
 has `eigen_crop=True`) validation depth outside the Eigen crop (rows 45:471, cols 41:601 of 480x640) too. Colour (1296x968) and depth (640x480) differ by 0.4% in aspect ratio;
 each is center-cropped to `img_hw`'s aspect on its own, so they stay aligned to within that.
+
+`whole_frame=True` (depth, the paper protocol, both splits; `ProbeDataset`): the official depth config feeds the
+whole 480x640 frame (`img_scale=(480, 640)`, no Resize; its `eval_mask` indexes a 480x640 map, so its prepared
+images share the depth's grid), padded to the patch: snd resizes the 1296x968 colour onto the 640x480 depth grid
+(a 0.4 % aspect stretch; the official preparation of its `scannet_probe` frames is not published) and keeps the
+native depth.
 """
 from __future__ import annotations
 
@@ -81,8 +87,8 @@ class ScanNetFrames(ProbeDataset):
     tasks = ("depth", "seg")
 
     def __init__(self, path: Path, split: str, task: str, img_hw: tuple[int, int], *, fit: Fit = "crop",
-                 seed: int = 0, train_fraction: float = 0.8, eval_crop: bool = False):
-        super().__init__(split, task, img_hw, fit=fit)
+                 seed: int = 0, train_fraction: float = 0.8, eval_crop: bool = False, whole_frame: bool = False):
+        super().__init__(split, task, img_hw, fit=fit, whole_frame=whole_frame)
         status = _check(Path(path))
         if status != "ok":
             raise SndError(f"ScanNet frames: {status}", path=path, hint=f"download {URL}")

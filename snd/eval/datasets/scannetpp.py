@@ -9,6 +9,11 @@ dataset-wide table: `snd.data` reads `<root>/metadata/semantic_classes.txt` (cop
 `metadata/semantic_benchmark/top100.txt` there); without it class ids are per scene, so the seg task
 refuses to run.
 Depth outside the official (0.001, 20 m) range is invalid for the probe and the metrics.
+
+`whole_frame=True` (depth, the paper protocol, both splits): the official depth config feeds FiT3D's whole frames,
+584x876 (`img_scale=(584, 876)`; its `pre_eval` resizes the ground truth bilinearly to 584x876): the DSLR frame
+undistorted, then downscaled by 2 (FiT3D's `dslr/downscale.py`, cv2 INTER_CUBIC). snd renders the frame at
+`FRAME_HW` from the undistorted DSLR image (PIL bilinear from 1168x1752) and ray casts the depth at that size.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ from snd.eval.datasets.scenes import SceneFrames
 
 URL = "https://kaldir.vc.in.tum.de/scannetpp/ (ScanNet++ v2: dslr, scans, splits)"
 NUM_CLASSES = 100
+FRAME_HW = (584, 876)  # FiT3D's ScanNet++ frames (the 1168x1752 DSLR frame halved): the official depth input
 
 
 def _check(path: Path) -> str:
@@ -45,4 +51,6 @@ def build(path: Path, split: str, task: str, img_hw: tuple[int, int], **kw) -> S
         raise SndError(f"ScanNet++ seg needs a dataset-wide class table: missing {f}", path=f,
                        hint="copy the release's metadata/semantic_benchmark/top100.txt to that path")
     names = ds.scene_names(split)
+    if kw.get("whole_frame"):
+        kw["frame_hw"] = FRAME_HW
     return SceneFrames("scannetpp", path, names, split, task, img_hw, num_classes=NUM_CLASSES, layout=layout, **kw)

@@ -10,6 +10,9 @@ Segmentation ids above `num_classes` are ignored (255), or with `keep_extra_ids`
 validation sets) kept (each as id num_classes, which can never read as 255), so that mmseg's union rule can count them
 (`snd.eval.protocol.MmsegConfusion`).
 
+With `whole_frame=True` and `frame_hw` (ScanNet++ depth under the paper protocol: FiT3D's 584x876 frames) the
+frames are rendered at exactly `frame_hw` and centre-padded to `img_hw` (`ProbeDataset`), the target native.
+
 Scenes are opened lazily and the last `max_open_scenes` are kept per process: iterate in order
 (`shuffle=False`, as the feature cache does) to open each scene once.
 """
@@ -47,9 +50,10 @@ class SceneFrames(ProbeDataset):
     def __init__(self, name: str, path: Path, scene_names: list[str], split: str, task: str,
                  img_hw: tuple[int, int], *, fit: Fit = "crop", num_classes: Optional[int] = None,
                  frame_stride: int = 1, cache_dir: Optional[Path] = None, max_open_scenes: int = 2,
-                 layout: str = "auto", keep_extra_ids: bool = False):
+                 layout: str = "auto", keep_extra_ids: bool = False, whole_frame: bool = False,
+                 frame_hw: Optional[tuple[int, int]] = None):
         self.name = name
-        super().__init__(split, task, img_hw, fit=fit)
+        super().__init__(split, task, img_hw, fit=fit, whole_frame=whole_frame)
         from snd.data import open_dataset
 
         if frame_stride < 1:
@@ -59,7 +63,10 @@ class SceneFrames(ProbeDataset):
         self.path, self.num_classes, self.max_open = Path(path), num_classes, max_open_scenes
         self.keep_extra_ids = keep_extra_ids
         probe = open_dataset(self.path, layout, cache_dir=cache_dir).scene(scene_names[0]).camera(0)
-        self.render_hw = render_size((probe.height, probe.width), self.img_hw, fit)
+        if whole_frame and frame_hw is None:
+            raise SndError(f"{name}: whole_frame needs the native frame size frame_hw")
+        self.render_hw = (tuple(int(v) for v in frame_hw) if whole_frame
+                          else render_size((probe.height, probe.width), self.img_hw, fit))
         self._open_args = dict(layout=layout, height=self.render_hw[0], width=self.render_hw[1], cache_dir=cache_dir)
         self._ds = None
         self._scenes: OrderedDict = OrderedDict()
