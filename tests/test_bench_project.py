@@ -111,3 +111,22 @@ def test_explicit_file_that_does_not_exist_is_one_clear_error(tmp_path, bench_di
     with pytest.raises(SndError, match="no bench JSON"):
         project(BenchProjectConfig(bench_dir=bench_dir, distill=tmp_path / "nope.json"))
     assert run_cli(["bench", "project", "--bench-dir", str(bench_dir), "--distill", str(tmp_path / "nope.json")]) != 0
+
+
+def test_bench_precompute_reports_the_size_split_and_the_summary_reads_it(tmp_path):
+    """`snd bench precompute --images jpeg` (operators on) on CPU at a tiny size: the JSON splits MB/pair into
+    its three parts, and the summary scripts/gpu_next.sh prints reads its real keys."""
+    from snd.bench.precompute import bench
+    from snd.bench.summary import precompute as summary
+    from snd.pipeline.config import BenchPrecomputeConfig
+
+    out = tmp_path / "bp.json"
+    r = bench(BenchPrecomputeConfig(source="depth", height=56, width=84, pairs=2, batch_pairs=1, images="jpeg",
+                                    device="cpu", workdir=tmp_path / "w", out=out))
+    sp = r["size_split"]
+    assert r["operator"] is True and r["images"] == "jpeg" and r["pairs_total"] == sp["frames"] * sp["pairs_per_frame"]
+    assert all(sp["mb_per_pair"][k] > 0 for k in ("scaffold", "operators", "frames"))
+    assert sum(sp["mb_per_pair"].values()) <= r["mb_per_pair"]  # the arrays' bytes; the total adds Zarr metadata
+    s = summary(json.loads(out.read_text()))
+    assert s["mb_per_pair_split"] == {k: round(v, 3) for k, v in sp["mb_per_pair"].items()}
+    assert s["operator"] is True and s["source"] == "depth" and s["pairs_per_s_end_to_end"] > 0
