@@ -99,10 +99,13 @@ def test_missing_figures_are_named_and_totals_left_open(tmp_path, bench_dir):
     assert set(r["missing"]) == {"precompute_operators", "precompute_no_operator", "distill_fast", "distill_render",
                                  "eval_suite", "store_size"}
     assert r["workflows"]["default"]["total_h"] is None and r["disk"] == {}
-    # an explicit file without the figure: missing, naming the file; the paper protocol falls back to the fast hours
-    ev = bench_dir / "bench_eval_fast_only.json"
+    # an explicit file without the figure: the newest file of the folder having it, noted; with none, missing, and
+    # the paper protocol falls back to the fast protocol's hours
+    ev = tmp_path / "bench_eval_fast_only.json"
     ev.write_text(json.dumps({"device": H100, "projected": {"suite_hours_one_model": 1.25}}))
     r = project(BenchProjectConfig(bench_dir=bench_dir, eval=ev))
+    assert r["workflows"]["default"]["eval_h"] == 4.0 and "bench_eval_fast_only.json has no" in r["figures"]["eval_suite"]["note"]
+    r = project(BenchProjectConfig(bench_dir=empty, eval=ev))
     assert "bench_eval_fast_only.json has no" in r["missing"]["eval_suite"]
     assert r["workflows"]["default"]["eval_h"] == 1.25 and r["workflows"]["default"]["figures"][2] == "eval_suite_fast"
 

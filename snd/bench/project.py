@@ -81,18 +81,23 @@ Getter = Callable[[dict, str], Optional[Figure]]
 
 
 def _find(name: str, given: Optional[Path], folder: Path, pattern: str, get: Getter, *, rates: bool = True) -> Figure:
-    """The figure `get` reads from the given file, or from the newest file of `folder` having it."""
+    """The figure `get` reads from the given file, else from the newest file of `folder` having it."""
+    lacking = ""
     if given is not None:
         if not Path(given).is_file():
             raise SndError(f"no bench JSON at {given}", path=given, hint=f"pass a file, or leave the option out to use the newest {pattern}")
-        return get(_load(given), str(given)) or Figure(None, "", note=f"missing: {given} has no {name}")
-    for p in newest_first(folder, pattern):
+        fig = get(_load(given), str(given))
+        if fig is not None:
+            return fig
+        lacking = f"{given} has no {name}; "
+    for p in newest_first(folder, pattern) if Path(folder).is_dir() else []:
         if rates and p.name.endswith("_cpu.json"):
             continue
         fig = get(_load(p), str(p))
         if fig is not None:
+            fig.note = "; ".join(x for x in (lacking + "taken from the newest file having it", fig.note) if x) if lacking else fig.note
             return fig
-    return Figure(None, "", note=f"missing: no {pattern} in {folder} has it")
+    return Figure(None, "", note=f"missing: {lacking}no {pattern} in {folder} has it")
 
 
 # ---- figures --------------------------------------------------------------------------------------
@@ -182,7 +187,7 @@ def project(cfg: BenchProjectConfig) -> dict:
     """Wall hours per stage and store size of the paper-scale workflow, each with the figures it rests on."""
     d = Path(cfg.bench_dir)
     if not d.is_dir() and None in (cfg.precompute, cfg.precompute_no_operator, cfg.distill, cfg.eval, cfg.size):
-        raise SndError(f"no bench folder {d}", path=d, hint="run from the repository root or pass --bench-dir")
+        raise SndError(f"no bench folder {d}", path=d, hint="run from the repository root, pass --bench-dir, or give every file")
     pre = PrecomputeConfig
     figs = {
         "precompute_operators": _find("pairs/s with operators", cfg.precompute, d, "bench_precompute_mvsplat_operators*.json", _precompute_rate),
