@@ -4,8 +4,10 @@
 #   what: tests | bench-precompute | bench-distill | cache-verify | all (default); on nvidia-h200-x2: multi-distill-1,
 #   multi-distill-2 (torchrun `snd bench distill` on 1 / 2 GPUs), multi-pre (single vs 2-worker `snd precompute`),
 #   e2e (scripts/e2e_commands.sh: the real commands timed; not part of all);
-#   protocol (issue 18: GPU tests of the targets protocol + fast-path it/s official vs snd)
+#   protocol (issue 18: GPU tests of the targets protocol + fast-path it/s official vs snd);
+#   next (scripts/gpu_next.sh: the figures still missing, in priority order within this one call; STEPS=... picks)
 set -uo pipefail
+export T_START=$EPOCHREALTIME  # scripts/gpu_next.sh counts its budget from here (the gsplat build is part of the call)
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16
@@ -209,6 +211,9 @@ for s, recs in json.load(open(sys.argv[1])).items():
               "pairs/s", round(r["pairs_per_s"], 2), "steady", r["steady_pairs_per_s"] and round(r["steady_pairs_per_s"], 2),
               "MB", round(r["bytes"] / 1e6), "wait data s", round(r["wait_data_s"], 2))
 PY
+fi
+if [[ " $what " == *" next "* ]]; then  # issue #20: the missing figures, budgeted to end before 560 s of this call
+  run next bash scripts/gpu_next.sh
 fi
 if [[ " $what " == *" e2e "* ]]; then  # issue #20: the real commands timed, distill vs bench in one call
   run e2e timeout 575 bash scripts/e2e_commands.sh
