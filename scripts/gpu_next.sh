@@ -8,7 +8,8 @@
 #   env: STEPS (default "fast-tests distill eval precompute"; any subset/order, e.g. STEPS="eval precompute" for
 #   a second call), BUDGET_S (545: seconds since T_START, which gpu_session.sh sets when it starts; else now),
 #   MODELS (the four below), PRE_PAIRS (64 timed pairs per `snd bench precompute`)
-# Estimates (s; from earlier sessions' logs/JSONs, compile included): fast-tests 150; distill per model 70
+# Estimates (s; from earlier sessions' logs/JSONs, compile included): fast-tests 180 (five 30-step runs, each compiling
+# a small ViT: ~35 s); distill per model 70
 # (H200 warm-up 45 s for ViT-S, 61-74 s on the H100 for S and B; DINOv3 not measured yet); eval-tests 120;
 # bench eval 200 (measured 137 s + start); precompute 170 with a cold compile (MVSplat compile 98 s, gsplat
 # ready), 110 warm.
@@ -39,7 +40,7 @@ snd() { py -m snd.cli "$@"; }
 
 for s in $STEPS; do case $s in
   fast-tests)  # (a) fast path vs eager (DINOv3 RoPE, both protocols, resume), operator vs gsplat targets
-    step fast-tests 150 240 py -m pytest -q -m gpu tests/test_fast_path_gpu.py -p no:cacheprovider --durations=10 ;;
+    step fast-tests 180 300 py -m pytest -q -m gpu tests/test_fast_path_gpu.py -p no:cacheprovider --durations=10 ;;
   distill)  # (b) fast-path it/s per backbone, one call per model so a timeout keeps the others
     for m in $MODELS; do
       step "distill_$m" 70 150 snd bench distill --models "$m" --paths fast --out "$OUT/bench_distill_fast_$m.json"
