@@ -70,7 +70,7 @@ def test_frames_per_pair_analytic_cases():
 
 def test_projection_hours_and_disk_by_hand(bench_dir, tmp_path, capsys):
     out = tmp_path / "p.json"
-    r = project(BenchProjectConfig(bench_dir=bench_dir, frames_per_scene=24, out=out))  # 179 pairs/scene >= 70: all frames
+    r = project(BenchProjectConfig(bench_dir=bench_dir, frames_per_scene=24, out=out))  # 180 pairs/scene >= 70: all frames
     f = r["figures"]
     assert f["precompute_operators"]["file"].endswith("operators_h100.json")  # the newer _cpu.json is skipped for rates
     assert f["precompute_operators"]["warmup_s"] == pytest.approx(80 / 8 - 80 / 10)

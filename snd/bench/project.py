@@ -200,7 +200,7 @@ def project(cfg: BenchProjectConfig) -> dict:
     }
     if cfg.eval_protocol == "paper" and figs["eval_suite"].value is None:  # stand-in: the fast protocol's hours
         figs["eval_suite_fast"] = _find("fast-protocol suite hours", cfg.eval, d, "bench_eval_*.json", _eval_hours("fast"))
-    fpp = frames_per_pair(cfg.frames_per_scene, pairs_per_scene=round(cfg.pairs / cfg.scenes), targets_per_pair=pre.targets_per_pair,
+    fpp = frames_per_pair(cfg.frames_per_scene, pairs_per_scene=pre.pairs_per_scene, targets_per_pair=pre.targets_per_pair,
                           gap_min=pre.gap_min, gap_max=pre.gap_max)
     P, S = cfg.pairs, cfg.steps
     ev_fig = "eval_suite" if figs["eval_suite"].value is not None or "eval_suite_fast" not in figs else "eval_suite_fast"
@@ -234,7 +234,8 @@ def project(cfg: BenchProjectConfig) -> dict:
     }
     out = {
         "workflow": {"scenes": cfg.scenes, "pairs": P, "steps": S, "model": cfg.model, "eval_protocol": cfg.eval_protocol,
-                     "frames_per_scene": cfg.frames_per_scene, "frames_per_pair": fpp, "target_device": TARGET_DEVICE},
+                     "frames_per_scene": cfg.frames_per_scene, "pairs_per_scene": pre.pairs_per_scene, "frames_per_pair": fpp,
+                     "target_device": TARGET_DEVICE},
         "figures": {k: f.to_dict() for k, f in figs.items()},
         "workflows": workflows,
         "disk": disk,
