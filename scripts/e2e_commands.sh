@@ -18,6 +18,9 @@ set -uo pipefail
 OUT=${OUT:-/tmp/out}; WORK=${WORK:-/tmp/snd-e2e}; mkdir -p "$OUT" "$WORK"
 H=${H:-584}; W=${W:-876}; SCENES=${SCENES:-4}; FRAMES=${FRAMES:-32}; PAIRS=${PAIRS:-50}; ITERS=${ITERS:-2000}
 BUDGET_S=${BUDGET_S:-560}; T0=$EPOCHREALTIME
+# builds start cold whatever ran on this machine before (e.g. `gpu_session.sh next` warmed ~/.cache/snd): a fresh
+# user's build cache, emptied here; one the caller set is used as it is (and never emptied)
+if [[ -z ${SND_CACHE_DIR:-} ]]; then export SND_CACHE_DIR=$WORK/snd-cache; rm -rf "$SND_CACHE_DIR"; fi
 snd() { python3 -m snd.cli "$@"; }
 left() { python3 -c "print(int($BUDGET_S - ($EPOCHREALTIME - $T0)))"; }
 t() { local name=$1; shift; local t0=$EPOCHREALTIME; "$@" > "$OUT/e2e_$name.log" 2>&1; local rc=$?
