@@ -92,6 +92,31 @@ def test_projection_hours_and_disk_by_hand(bench_dir, tmp_path, capsys):
     assert json.loads(out.read_text()) == r == json.loads(capsys.readouterr().out)
 
 
+def test_disk_parts_from_the_best_source(bench_dir, tmp_path):
+    """Operators' MB/pair: from the size JSON's MVSplat run with operators; without one, the difference of the
+    GPU runs with and without operators; a GPU run that wrote frames and split its size gives every part."""
+    split = lambda s, o, f, mbf: {"mb_per_pair": {"scaffold": s, "operators": o, "frames": f}, "mb_per_frame": mbf}  # noqa: E731
+    size = tmp_path / "store_size_noop_cpu.json"
+    size.write_text(json.dumps({"device": "cpu", "runs": [
+        {"source": "mvsplat", "operator": False, "images": "jpeg", "split": split(6.0, 0.0, 0.6, 0.2)},
+        {"source": "depth", "operator": True, "images": "lossless", "split": split(1.0, 0.3, 1.5, 0.5)}]}))
+    pre = _pre(10.0, 8.0, 80) | {"mb_per_pair": 7.25}
+    nop = _pre(25.0, 20.0, 100, images=None) | {"mb_per_pair": 6.5}
+    (tmp_path / "pre.json").write_text(json.dumps(pre))
+    (tmp_path / "nop.json").write_text(json.dumps(nop))
+    cfg = dict(bench_dir=bench_dir, size=size, precompute=tmp_path / "pre.json", precompute_no_operator=tmp_path / "nop.json",
+               frames_per_scene=24)
+    r = project(BenchProjectConfig(**cfg))
+    assert r["disk"]["jpeg"]["operators"] == pytest.approx(0.75) and "pre.json - " in r["disk_parts_from"]["operators"]
+    assert r["disk"]["jpeg"]["mb_per_pair"] == pytest.approx(6.0 + 0.75 + 0.2 * 24 / 70)
+    assert r["disk"]["lossless"]["mb_per_pair"] == pytest.approx(6.0 + 0.75 + 0.5 * 24 / 70)  # frames do not depend on the source
+    (tmp_path / "pre.json").write_text(json.dumps(pre | {"images": "jpeg", "size_split": split(5.0, 2.0, 0.5, 0.25)}))
+    r = project(BenchProjectConfig(**cfg))
+    assert r["disk"]["jpeg"]["mb_per_pair"] == pytest.approx(5.0 + 2.0 + 0.25 * 24 / 70)
+    assert r["disk"]["lossless"]["mb_per_pair"] == pytest.approx(5.0 + 2.0 + 0.5 * 24 / 70)
+    assert r["disk_parts_from"]["frames"] == {"jpeg": str(tmp_path / "pre.json"), "lossless": str(size)}
+
+
 def test_missing_figures_are_named_and_totals_left_open(tmp_path, bench_dir):
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -110,7 +110,8 @@ def _precompute_rate(r: dict, f: str) -> Optional[Figure]:
     note = "" if frames not in (None, "off") else "store written without frames (measured before they were stored)"
     return Figure(rate, "pairs/s", f, "pairs_per_s", r.get("device_name"), note,
                   {"warmup_s": warm, "warmup_key": "pairs_total / pairs_per_s_end_to_end - pairs_total / pairs_per_s",
-                   "images": frames, "batch_pairs": r.get("batch_pairs")})
+                   "images": frames, "batch_pairs": r.get("batch_pairs"), "mb_per_pair": r.get("mb_per_pair"),
+                   "size_split": r.get("size_split")})
 
 
 def _distill(path: str) -> Callable[[str], Getter]:
@@ -146,19 +147,48 @@ def _eval_hours(protocol: str) -> Getter:
 
 
 def _size(r: dict, f: str) -> Optional[Figure]:
-    """Scaffold + operators MB/pair of MVSplat with operators, and MB per stored frame per codec."""
+    """MVSplat's scaffold MB/pair, its operators' (when a run built them) and MB per stored frame per codec."""
     runs = r.get("runs", [])
-    mv = [x for x in runs if x.get("source") == "mvsplat" and x.get("operator")]
+    mv = [x for x in runs if x.get("source") == "mvsplat"]
     if not mv:
         return None
-    parts = mv[0]["split"]["mb_per_pair"]
+    ops = [x["split"]["mb_per_pair"]["operators"] for x in mv if x.get("operator")]
     per_frame = {}
     for x in runs:
         if x["split"].get("mb_per_frame"):
             per_frame.setdefault(x["images"], x["split"]["mb_per_frame"])
-    return Figure(parts["scaffold"] + parts["operators"], "MB/pair", f, "runs[source=mvsplat, operator].split.mb_per_pair",
-                  r.get("device"), r.get("note", ""), {"scaffold": parts["scaffold"], "operators": parts["operators"],
-                                                        "mb_per_frame": per_frame})
+    return Figure(mv[0]["split"]["mb_per_pair"]["scaffold"], "MB/pair", f, "runs[source=mvsplat].split.mb_per_pair.scaffold",
+                  r.get("device"), r.get("note", ""), {"operators": ops[0] if ops else None, "mb_per_frame": per_frame})
+
+
+def _disk(figs: dict[str, Figure], fpp: float, pairs: int) -> tuple[dict, dict]:
+    """Store size per frame codec at the paper's sampler, and where each part comes from. Parts, best first: a
+    GPU `snd bench precompute` run with operators and frames (all parts of one store); else the size JSON's
+    MVSplat scaffold, its operators when it built them, else the operators' MB/pair as the difference of the
+    GPU runs with and without operators (same source and batch, stores without frames)."""
+    pre, nop, sz = figs["precompute_operators"], figs["precompute_no_operator"], figs["store_size"]
+    mbf = dict(sz.extra.get("mb_per_frame", {}))
+    gpu = pre.extra.get("size_split") if pre.value is not None else None
+    if gpu and gpu["mb_per_pair"]["operators"] and gpu.get("mb_per_frame"):
+        scaffold, ops = gpu["mb_per_pair"]["scaffold"], gpu["mb_per_pair"]["operators"]
+        mbf[pre.extra["images"]] = gpu["mb_per_frame"]
+        src = {"scaffold": pre.file, "operators": pre.file, "frames": {c: pre.file if c == pre.extra["images"] else sz.file for c in mbf}}
+    elif sz.value is not None:
+        scaffold, ops = sz.value, sz.extra["operators"]
+        src = {"scaffold": sz.file, "operators": sz.file, "frames": {c: sz.file for c in mbf}}
+        if ops is None and pre.extra.get("mb_per_pair") and nop.extra.get("mb_per_pair"):
+            ops = pre.extra["mb_per_pair"] - nop.extra["mb_per_pair"]
+            src["operators"] = f"{pre.file} - {nop.file} (mb_per_pair, {pre.device})"
+        if ops is None:
+            return {}, {"operators": "missing: no MVSplat store with operators measured"}
+    else:
+        return {}, {}
+    disk = {}
+    for codec, m in mbf.items():
+        per_pair = scaffold + ops + m * fpp
+        disk[codec] = {"mb_per_pair": per_pair, "scaffold": scaffold, "operators": ops, "frames": m * fpp, "mb_per_frame": m,
+                       "gb": per_pair * pairs / 1e3, "goal_mb_per_pair": 8.0, "goal_met": per_pair <= 8.0}
+    return disk, src
 
 
 # ---- the sampler's frames per pair ---------------------------------------------------------------
@@ -196,7 +226,7 @@ def project(cfg: BenchProjectConfig) -> dict:
         "distill_fast": _find(f"{cfg.model} fast-path it/s", cfg.distill, d, "bench_distill_*.json", _distill("fast")(cfg.model)),
         "distill_render": _find(f"{cfg.model} render-path it/s", cfg.distill, d, "bench_distill_*.json", _distill("render")(cfg.model)),
         "eval_suite": _find(f"{cfg.eval_protocol}-protocol suite hours", cfg.eval, d, "bench_eval_*.json", _eval_hours(cfg.eval_protocol)),
-        "store_size": _find("MVSplat store size with operators", cfg.size, d, "store_size_*.json", _size, rates=False),
+        "store_size": _find("MVSplat store size", cfg.size, d, "store_size_*.json", _size, rates=False),
     }
     if cfg.eval_protocol == "paper" and figs["eval_suite"].value is None:  # stand-in: the fast protocol's hours
         figs["eval_suite_fast"] = _find("fast-protocol suite hours", cfg.eval, d, "bench_eval_*.json", _eval_hours("fast"))
@@ -212,13 +242,7 @@ def project(cfg: BenchProjectConfig) -> dict:
         h = {"precompute_h": _hours(figs[pre_fig], P), "distill_h": _hours(figs[dist_fig], S), "eval_h": ev}
         total = None if None in h.values() else sum(h.values())
         workflows[name] = {"what": why, **h, "total_h": total, "figures": [pre_fig, dist_fig, ev_fig]}
-    sz = figs["store_size"]
-    disk = {}
-    if sz.value is not None:
-        for codec, mbf in sz.extra["mb_per_frame"].items():
-            per_pair = sz.value + mbf * fpp
-            disk[codec] = {"mb_per_pair": per_pair, "frames_mb_per_pair": mbf * fpp, "gb": per_pair * P / 1e3,
-                           "goal_mb_per_pair": 8.0, "goal_met": per_pair <= 8.0}
+    disk, disk_from = _disk(figs, fpp, P)
     missing = {k: f.note for k, f in figs.items() if f.value is None}
     if ev_fig == "eval_suite_fast":
         missing["eval_suite"] += " (eval_h uses the fast protocol's hours: `snd bench eval --protocol paper` on the GPU)"
@@ -239,6 +263,7 @@ def project(cfg: BenchProjectConfig) -> dict:
         "figures": {k: f.to_dict() for k, f in figs.items()},
         "workflows": workflows,
         "disk": disk,
+        "disk_parts_from": disk_from,
         "missing": missing,
         "stand_ins_not_on_target_device": stand_ins,
         "not_yet_measured": {k: v for k, v in not_yet.items() if v},
