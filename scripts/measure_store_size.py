@@ -82,7 +82,7 @@ def main() -> None:
         c = json.loads(t.read_text())
         cams.append({k: c.get(k) for k in ("camera_model", "w", "h")} | {"frames": len(c.get("frames", [])) + len(c.get("test_frames", []))})
     res = {"device": args.device if args.device == "cpu" else torch.cuda.get_device_name(0), "torch": torch.__version__,
-           "data": {"root": str(args.data), "scenes": cams}, "pairs_per_scene": args.pairs,
+           "data": {"root": str(args.data), "scenes": cams},
            "note": "MVSplat is random-init: a trained one's fields (depth, scales, opacity) compress differently; "
                    "procedural frames compress better losslessly than photos (docs/cache-format.md)",
            "runs": [measure(t, args) for t in args.run]}
