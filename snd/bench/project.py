@@ -249,8 +249,8 @@ def project(cfg: BenchProjectConfig) -> dict:
     stand_ins = {k: f.device for k, f in figs.items() if f.value is not None and f.device and TARGET_DEVICE not in f.device
                  and k != "store_size"}
     not_yet = {
-        "batched_operators": "stage one with operators built batched on the GPU (issue 20's goal >= 30 pairs/s) is not "
-                             "measured: precompute_operators is the per-target builder",
+        "batched_operators": f"stage one with operators built batched on the GPU (issue 20's goal >= 30 pairs/s): unless "
+                             f"{figs['precompute_operators'].file} was written by that builder, its rate is the per-target one's",
         "precompute_with_frames": "no GPU rate of stage one writing frames yet" if any(
             figs[k].value is not None and figs[k].extra.get("images") in (None, "off") for k in ("precompute_operators", "precompute_no_operator")) else None,
         "default_distill_vs_bench": "the default `snd distill` streaming a store with frames vs the bench (goal >= 95 %): "
