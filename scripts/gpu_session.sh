@@ -15,6 +15,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python3 -c "import torch, gsplat, zarr; print('torch', torch.__version__, 'gsplat', gsplat.__version__, 'zarr', zarr.__version__)"
 # build gsplat's kernels once, up front, so no test or benchmark times the JIT compile (NO_GSPLAT=1: skip; e2e
 # skips it too: it times a new user's first run, builds included, in snd's own build cache)
+# (into snd's build cache, `snd.pipeline.buildcache.cache_root`, so the `snd ...` commands below find it built)
+[[ " $* " == *" e2e "* ]] || export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-${SND_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/snd}/torch_extensions}
 [[ -n ${NO_GSPLAT:-} || " $* " == *" e2e "* ]] || python3 - <<'PY' 2>&1 | tail -3
 import time, torch
 t = time.time()
