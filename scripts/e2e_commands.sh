@@ -12,12 +12,15 @@
 # (warm build cache: the start-up a user sees from the second run on) and `snd bench precompute --source mvsplat`.
 # Not timed: `snd eval all` (`snd bench eval` projects it at the real datasets' sizes; see its JSON).
 # Writes $OUT/e2e.json: wall seconds per command (builds included), precompute pairs/s (end to end, steady) and
-# MB/pair, distill it/s (metrics.jsonl: last window, mean of the last half) vs bench it/s, and a projection of the
+# MB/pair (and at the paper's sampler: frames are shared by pairs), distill it/s (metrics.jsonl: last window, mean of the last half) vs bench it/s, and a projection of the
 # paper-scale workflow (280 scenes, 50k pairs, 50k steps) on this one GPU.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; WORK=${WORK:-/tmp/snd-e2e}; mkdir -p "$OUT" "$WORK"
 H=${H:-584}; W=${W:-876}; SCENES=${SCENES:-4}; FRAMES=${FRAMES:-32}; PAIRS=${PAIRS:-50}; ITERS=${ITERS:-2000}
 BUDGET_S=${BUDGET_S:-560}; T0=$EPOCHREALTIME
+# builds start cold whatever ran on this machine before (e.g. `gpu_session.sh next` warmed ~/.cache/snd): a fresh
+# user's build cache, emptied here; one the caller set is used as it is (and never emptied)
+if [[ -z ${SND_CACHE_DIR:-} ]]; then export SND_CACHE_DIR=$WORK/snd-cache; rm -rf "$SND_CACHE_DIR"; fi
 snd() { python3 -m snd.cli "$@"; }
 left() { python3 -c "print(int($BUDGET_S - ($EPOCHREALTIME - $T0)))"; }
 t() { local name=$1; shift; local t0=$EPOCHREALTIME; "$@" > "$OUT/e2e_$name.log" 2>&1; local rc=$?
@@ -29,6 +32,8 @@ summarise() {  # $OUT/e2e.json from what has run so far (called after each step:
 python3 - "$WORK" "$OUT" "$ITERS" <<'PY'
 import json, sys
 from pathlib import Path
+from snd.bench.project import frames_per_pair
+from snd.cache.info import scaffold_info
 work, out, iters = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
 walls = [json.loads(x) for x in (work / "walls.jsonl").read_text().splitlines()]
 wall = {w["name"]: w.get("wall_s") for w in walls}
@@ -41,6 +46,7 @@ for store in sorted(work.glob("cache_*")):
         r = runs[-1]
         res[store.name] = {k: r[k] for k in ("pairs", "seconds", "pairs_per_s", "steady_pairs_per_s", "phase_s")}
         res[store.name]["mb_per_pair"] = r["bytes"] / 1e6 / max(r["pairs"], 1)
+        res[store.name]["split"] = scaffold_info(store)["split"]  # MB/pair per part; frames are shared by pairs
 def figures():
     rows = [json.loads(x) for x in (work / "runs" / "vits" / "metrics.jsonl").read_text().splitlines()]
     half = rows[len(rows) // 2:]
@@ -60,14 +66,15 @@ def figures():
     if "cache_mvsplat" in res and rate(res["cache_mvsplat"]):
         m = res["cache_mvsplat"]
         pre = {"source": "snd precompute --source mvsplat (this call)", "pairs_per_s": rate(m),
-               "warmup_s": wall["precompute_mvsplat"] - m["pairs"] / rate(m), "mb_per_pair": m["mb_per_pair"]}
+               "warmup_s": wall["precompute_mvsplat"] - m["pairs"] / rate(m), "mb_per_pair": m["mb_per_pair"], "split": m["split"]}
     elif (out / "e2e_bench_precompute.json").is_file():
         bp = json.loads((out / "e2e_bench_precompute.json").read_text())
         pre = {"source": "snd bench precompute --source mvsplat (random init, same speed); warmup_s = its whole wall time (an upper bound)",
-               "pairs_per_s": bp.get("pairs_per_s"), "warmup_s": wall.get("bench_precompute"), "mb_per_pair": bp.get("mb_per_pair")}
+               "pairs_per_s": bp.get("pairs_per_s"), "warmup_s": wall.get("bench_precompute"), "mb_per_pair": bp.get("mb_per_pair"),
+               "split": bp.get("size_split")}
     elif dep and rate(dep):
         pre = {"source": "snd precompute --source depth (no MVSplat figure in this call)", "pairs_per_s": rate(dep),
-               "warmup_s": wall["precompute_depth"] - dep["pairs"] / rate(dep), "mb_per_pair": dep["mb_per_pair"]}
+               "warmup_s": wall["precompute_depth"] - dep["pairs"] / rate(dep), "mb_per_pair": dep["mb_per_pair"], "split": dep["split"]}
     d_rate = res["distill"]["it_per_s_last_half"]
     d_warm = wall["distill"] - iters / d_rate
     proj = {"scenes": 280, "pairs": P, "steps": S, "eval": res["not_timed"],
@@ -76,6 +83,11 @@ def figures():
         proj.update(precompute_h=((pre["warmup_s"] or 0) + P / pre["pairs_per_s"]) / 3600, precompute=pre,
                     store_gb=(pre["mb_per_pair"] or dep.get("mb_per_pair", 0)) * P / 1e3)
         proj["total_h_without_eval"] = proj["precompute_h"] + proj["distill_h"]
+        sp = pre.get("split") or {}
+        if sp.get("mb_per_frame"):  # this call's pairs share frames more than the paper's 180 pairs per ~611-frame scene do
+            fpp = frames_per_pair(611, pairs_per_scene=180, targets_per_pair=3, gap_min=8, gap_max=12)
+            mb = sp["mb_per_pair"]["scaffold"] + sp["mb_per_pair"]["operators"] + sp["mb_per_frame"] * fpp
+            proj.update(frames_per_pair_paper=fpp, mb_per_pair_paper_sampler=mb, store_gb_paper_sampler=mb * P / 1e3)
     res["paper_scale_projection_one_gpu"] = proj
 
 

@@ -4,8 +4,10 @@
 #   what: tests | bench-precompute | bench-distill | cache-verify | all (default); on nvidia-h200-x2: multi-distill-1,
 #   multi-distill-2 (torchrun `snd bench distill` on 1 / 2 GPUs), multi-pre (single vs 2-worker `snd precompute`),
 #   e2e (scripts/e2e_commands.sh: the real commands timed; not part of all);
-#   protocol (issue 18: GPU tests of the targets protocol + fast-path it/s official vs snd)
+#   protocol (issue 18: GPU tests of the targets protocol + fast-path it/s official vs snd);
+#   next (scripts/gpu_next.sh: the figures still missing, in priority order within this one call; STEPS=... picks)
 set -uo pipefail
+export T_START=$EPOCHREALTIME  # scripts/gpu_next.sh counts its budget from here (the gsplat build is part of the call)
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16
@@ -13,6 +15,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python3 -c "import torch, gsplat, zarr; print('torch', torch.__version__, 'gsplat', gsplat.__version__, 'zarr', zarr.__version__)"
 # build gsplat's kernels once, up front, so no test or benchmark times the JIT compile (NO_GSPLAT=1: skip; e2e
 # skips it too: it times a new user's first run, builds included, in snd's own build cache)
+# (into snd's build cache, `snd.pipeline.buildcache.cache_root`, so the `snd ...` commands below find it built)
+[[ " $* " == *" e2e "* ]] || export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-${SND_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/snd}/torch_extensions}
 [[ -n ${NO_GSPLAT:-} || " $* " == *" e2e "* ]] || python3 - <<'PY' 2>&1 | tail -3
 import time, torch
 t = time.time()
@@ -209,6 +213,9 @@ for s, recs in json.load(open(sys.argv[1])).items():
               "pairs/s", round(r["pairs_per_s"], 2), "steady", r["steady_pairs_per_s"] and round(r["steady_pairs_per_s"], 2),
               "MB", round(r["bytes"] / 1e6), "wait data s", round(r["wait_data_s"], 2))
 PY
+fi
+if [[ " $what " == *" next "* ]]; then  # issue #20: the missing figures, budgeted to end before 560 s of this call
+  run next bash scripts/gpu_next.sh
 fi
 if [[ " $what " == *" e2e "* ]]; then  # issue #20: the real commands timed, distill vs bench in one call
   run e2e timeout 575 bash scripts/e2e_commands.sh

@@ -26,7 +26,7 @@ app = typer.Typer(
     add_completion=False,
 )
 data_app = typer.Typer(help="Datasets: generate procedural ScanNet++-layout scenes, inspect data.", no_args_is_help=True)
-bench_app = typer.Typer(help="Benchmarks (JSON out): precompute, distill, eval.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks (JSON out): precompute, distill, eval; project = the paper-scale projection from their JSONs.", no_args_is_help=True)
 cache_app = typer.Typer(help="Know and keep your caches: info | verify | gc for scaffold stores and evaluation caches.",
                         no_args_is_help=True)
 app.add_typer(data_app, name="data")
@@ -241,6 +241,16 @@ def _bench_eval(cfg: C.BenchEvalConfig) -> None:
 
 command_from_config(bench_app, "eval", C.BenchEvalConfig, _bench_eval,
                     help="`snd eval all` time at the real datasets' sizes: measured rates, projected hours (JSON).")
+
+
+def _bench_project(cfg: C.BenchProjectConfig) -> None:
+    from snd.bench.project import project
+
+    project(cfg)
+
+
+command_from_config(bench_app, "project", C.BenchProjectConfig, _bench_project,
+                    help="Paper-scale workflow (280 scenes, 50k pairs, 50k steps, eval suite) on one H100: hours per stage and disk from the measured bench JSONs (JSON).")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -88,6 +88,40 @@ def test_info_matches_what_precompute_wrote(written, synth_root, capsys):
     assert "sampler.gap_min" in text and "operator.row_cap" in text and "MB per pair" in text
 
 
+def test_size_split_parts_and_frames_shared_by_pairs(written):
+    """Scaffold / operators / frames parts add up to the arrays' bytes; the frame count is the distinct
+    frames the pairs use (read back from each pair's indices), not 5 per pair."""
+    out, _ = written
+    info = cache_info(out)
+    sp = info["split"]
+    r = CacheReader(out)
+    used = 0
+    for n in r.scenes:
+        sc = r.scene(n)
+        idx = set()
+        for p in range(sc.n_pairs):
+            rec = sc.read_stored(p)
+            idx |= {int(i) for i in rec["ctx_index"]} | {int(i) for i in rec["tgt_index"] if i >= 0}
+        used += len(idx)
+    assert info["frames"] == sp["frames"] == used < 4 * (2 + 2)
+    total = sum(a["bytes"] for a in info["arrays"].values()) / 1e6 / info["pairs"]
+    assert sum(sp["mb_per_pair"].values()) == pytest.approx(total)
+    assert sp["mb_per_pair"]["frames"] == pytest.approx(sum(a["bytes"] for k, a in info["arrays"].items() if k.startswith("frame_")) / 1e6 / 4)
+    assert sp["mb_per_frame"] * used == pytest.approx(sp["mb_per_pair"]["frames"] * 4)
+    assert sp["pairs_per_frame"] == pytest.approx(4 / used)
+
+
+def test_size_split_groups_arrays_by_name():
+    from snd.cache.info import size_split
+
+    info = {"pairs": 4, "frames": 10, "arrays": {"quats": {"bytes": 2e6}, "crc32c": {"bytes": 1e6}, "op_cols": {"bytes": 3e6},
+                                                  "op_vals": {"bytes": 1e6}, "frame_bytes": {"bytes": 5e6}, "frame_index": {"bytes": 0.0}}}
+    sp = size_split(info)
+    assert sp["mb_per_pair"] == {"scaffold": 0.75, "operators": 1.0, "frames": 1.25}
+    assert sp["mb_per_frame"] == 0.5 and sp["pairs_per_frame"] == 0.4
+    assert size_split({"pairs": 0, "frames": 0, "arrays": {}})["pairs_per_frame"] is None
+
+
 def test_verify_reads_every_array_of_a_clean_store(written):
     out, s = written
     rep = verify_store(out, progress=False)

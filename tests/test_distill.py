@@ -88,6 +88,12 @@ def test_bench_json(tmp_path, capsys):
     assert set(m["phases_ms_median"]) == {"data", "teacher", "target", "student", "allreduce", "optim"}
     assert m["data"] == "memory" and m["world_size"] == 1 and m["it_per_s_total"] == m["it_per_s"]
     assert json.loads(out.read_text()) == json.loads(capsys.readouterr().out)
+    from snd.bench.summary import distill as summary  # what scripts/gpu_next.sh prints reads real keys
+
+    s = summary(json.loads(out.read_text()))
+    assert set(s) == {"world_size"} | {f"snd_test_vit_patch14/{p}" for p in ("render", "operator", "fast")}
+    assert s["snd_test_vit_patch14/fast"]["it_per_s"] == round(m["paths"]["fast"]["it_per_s"], 2)
+    assert set(s["snd_test_vit_patch14/fast"]["phases_ms"]) == set(m["phases_ms_median"])
 
 
 def _bench_rank(rank: int, world: int, cfg: BenchDistillConfig, port: int) -> None:

@@ -76,6 +76,12 @@ def test_bench_eval_measures_and_projects(tmp_path, capsys):
     # the paper protocol (the default) adds its projection beside the fast one
     assert r["protocol"] == "paper" and P["suite_hours_one_model"] < r["paper"]["suite_hours_paper"]
     assert {x["task"] for x in r["paper"]["rows"]} == {"depth", "normals", "seg", "correspondence"}
+    from snd.bench.summary import eval_suite  # what scripts/gpu_next.sh prints reads real keys
+
+    s = eval_suite(json.loads(out.read_text()))
+    assert s["suite_hours_paper_implemented"] == round(r["paper"]["suite_hours_paper_implemented"], 3)
+    assert s["suite_hours_one_model"] == round(P["suite_hours_one_model"], 3) and s["protocol"] == "paper"
+    assert set(s["probe_iters_per_s_alone"]) == {"depth", "normals", "seg"}
 
 
 def test_paper_projection_arithmetic_by_hand():

@@ -122,3 +122,22 @@ def test_input_type_checks_shapes_once():
         render_features(inp, feats[:3])
     sub = inp.subset(torch.tensor([0, 2]))
     assert sub.n == 2 and torch.equal(sub.means, means[[0, 2]]) and sub.K is inp.K
+
+
+def test_band_pairs_exact_past_the_float_integer_limit():
+    """A band with more (Gaussian, pixel) pairs than its float dtype counts exactly (float16: 2^11 here; float32:
+    2^24, which the fullest band of a 576x880 MVSplat target can pass: it crashed a CPU operator build): the pairs
+    equal those of the same band in float64 (three flat Gaussians covering a 40x60 image: 7,200 pairs)."""
+    from snd.splat.render_torch import Projected, _band_pairs
+
+    def proj(dt):
+        return Projected(ids=torch.arange(3), means2d=torch.tensor([[30.0, 20.0], [10.0, 5.0], [50.0, 35.0]], dtype=dt),
+                         conics=torch.full((3, 3), 1e-4, dtype=dt) * torch.tensor([1.0, 0.0, 1.0], dtype=dt),
+                         depths=torch.tensor([1.0, 2.0, 3.0], dtype=dt), opacities=torch.full((3,), 0.9, dtype=dt),
+                         radii=torch.tensor([[70, 50]] * 3))
+
+    ref = _band_pairs(proj(torch.float64), (0, 40), 60)
+    got = _band_pairs(proj(torch.float16), (0, 40), 60)
+    assert ref[0].numel() == 3 * 40 * 60
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+    assert torch.allclose(got[2].double(), ref[2], atol=2e-3)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
+from snd.cache.info import scaffold_info
 from snd.cache.schema import Encoding
 from snd.errors import SndError
 from snd.pipeline.config import BenchPrecomputeConfig, PrecomputeConfig
@@ -191,7 +192,9 @@ def bench(cfg: BenchPrecomputeConfig) -> dict:
         "gpu_waited_on_io": bool(span > 0 and wait_data / span > 0.02), "write_wait_s": wait_write,
         "phase_ms_per_pair": _timed_phases(s.phase_log, k0, timed_pairs),
         "peak_mem_gib": torch.cuda.max_memory_allocated(source.device) / 2**30 if source.device.type == "cuda" else None,
-        "mb_per_pair": s.mb_per_pair, "images": cfg.images, "frame_mb_per_pair": s.frame_bytes / 1e6 / max(s.pairs, 1),
+        "mb_per_pair": s.mb_per_pair, "images": cfg.images, "operator": cfg.operator,
+        "frame_mb_per_pair": s.frame_bytes / 1e6 / max(s.pairs, 1),  # the frames' bytes before Zarr's codecs
+        "size_split": scaffold_info(store)["split"],  # MB/pair per part as stored, MB/frame, pairs per frame
         "gaussians_per_pair": gauss, "bytes_per_gaussian": s.bytes / max(s.pairs, 1) / gauss,
         "projected_gb_at_50k_pairs": s.mb_per_pair * PAPER_PAIRS / 1e3, "goal": {"pairs_per_s": 30, "mb_per_pair": 8},
         "store": str(store),

@@ -18,7 +18,7 @@ from snd.cache import manifest as M
 from snd.cache.writer import folder_bytes
 from snd.errors import SndError
 
-__all__ = ["cache_kind", "scaffold_info", "eval_info", "cache_info", "print_info", "eval_root", "row_stores"]
+__all__ = ["cache_kind", "scaffold_info", "size_split", "eval_info", "cache_info", "print_info", "eval_root", "row_stores"]
 
 Kind = Literal["scaffold", "eval"]
 _MB = 1e6
@@ -111,7 +111,7 @@ def scaffold_info(root: str | Path) -> dict[str, Any]:
     pairs = sum(int(r["pairs"]) for r in recs.values())
     nbytes = sum(int(r["bytes"]) for r in recs.values())
     arrays = _arrays(root, sorted(recs))
-    return {
+    info = {
         "kind": "scaffold", "path": str(root), "header": header,
         "scenes": {"complete": len(recs), "incomplete": _incomplete(root, man["scenes"])},
         "pairs": pairs, "targets": sum(int(r.get("items", 0)) for r in recs.values()),
@@ -120,7 +120,27 @@ def scaffold_info(root: str | Path) -> dict[str, Any]:
         "images_stored": header.get("images") is not None,  # v3 header: the frame codec, None with --images off
         "arrays": {k: {**v, "mb_per_pair": v["bytes"] / _MB / pairs if pairs else None} for k, v in arrays.items()},
         "runs": _runs(root),
+        "frames": sum(int(r.get("frames", 0)) for r in recs.values()),  # stored frames (v3 marker field; 0 without)
     }
+    info["split"] = size_split(info)
+    return info
+
+
+def size_split(info: dict[str, Any]) -> dict[str, Any]:
+    """MB per pair of a scaffold store in three parts: `scaffold` (the per-pair fields, masks, cameras and
+    checksums), `operators` (`op_*`) and `frames` (`frame_*`), plus MB per stored frame and pairs per frame.
+
+    Why apart: the first two are per pair whatever the sampler; frames are stored once per frame and shared
+    by every pair that uses one, so their MB/pair is MB/frame / pairs-per-frame and a short run (few pairs
+    per scene) overstates it against the paper's 180 pairs per ~600-frame scene."""
+    parts = {"scaffold": 0.0, "operators": 0.0, "frames": 0.0}
+    for name, a in info["arrays"].items():
+        part = "operators" if name.startswith("op_") else "frames" if name.startswith("frame_") else "scaffold"
+        parts[part] += a["bytes"] / _MB
+    pairs, frames = info["pairs"], info.get("frames", 0)
+    return {"mb_per_pair": {k: v / pairs if pairs else None for k, v in parts.items()},
+            "frames": frames, "pairs_per_frame": pairs / frames if frames else None,
+            "mb_per_frame": parts["frames"] / frames if frames else None}
 
 
 # ---- evaluation caches ----------------------------------------------------------------------------
@@ -190,7 +210,9 @@ def print_info(info: dict, console) -> None:
             ["scenes complete", sc["complete"]], ["scenes incomplete", len(sc["incomplete"])], ["pairs", info["pairs"]],
             ["targets (items)", info["targets"]], ["MB total (complete scenes)", info["mb_total"]],
             ["MB per pair", info["mb_per_pair"]], ["MB on disk", info["disk_mb"]],
-            ["images stored", "yes" if info["images_stored"] else "no (read from the dataset)"]])
+            ["images stored", "yes" if info["images_stored"] else "no (read from the dataset)"],
+            *[[f"MB per pair: {k}", v] for k, v in info["split"]["mb_per_pair"].items()],
+            ["frames stored (once each)", info["frames"]], ["pairs per frame", info["split"]["pairs_per_frame"]]])
         table("arrays", ["array", "dtype", "shape per pair", "MB per pair"],
               [[k, a.get("dtype"), a.get("row_shape"), a.get("mb_per_pair")] for k, a in info["arrays"].items()])
         if sc["incomplete"]:

@@ -262,6 +262,25 @@ class BenchEvalConfig:
 
 
 @dataclass
+class BenchProjectConfig:
+    """`snd bench project`: the paper-scale workflow's wall time per stage and disk, from measured bench JSONs."""
+
+    bench_dir: Path = opt(Path("docs/bench"), "Folder searched for the newest bench JSON of each figure (files ending _cpu.json give sizes, never rates).")
+    precompute: Optional[Path] = opt(None, "`snd bench precompute --source mvsplat` JSON with operators (default: the newest bench_precompute_mvsplat_operators*.json).")
+    precompute_no_operator: Optional[Path] = opt(None, "Same without operators (default: the newest bench_precompute_mvsplat_no_operator*.json).")
+    distill: Optional[Path] = opt(None, "`snd bench distill` JSON with --model's fast and render paths (default: the newest bench_distill_*.json having each).")
+    eval: Optional[Path] = opt(None, "`snd bench eval` JSON (default: the newest bench_eval_*.json).")
+    size: Optional[Path] = opt(None, "Store-size JSON of scripts/measure_store_size.py (default: the newest store_size_*.json).")
+    model: str = opt("vit_small_patch14_dinov2", "Backbone distilled (the paper's ViT-S/14).")
+    scenes: int = opt(280, "Scenes distilled on (the paper: ScanNet++ nvs_sem_train + nvs_sem_val).")
+    pairs: int = opt(50_000, "Context pairs stored (~180 per scene, as `snd precompute`'s default).")
+    steps: int = opt(50_000, "Distillation steps (as `snd distill`'s default).")
+    frames_per_scene: int = opt(611, "DSLR frames per scene (ScanNet++: 171,089 images over those 280 scenes): sets how many pairs share a stored frame.")
+    eval_protocol: Literal["paper", "fast"] = opt("paper", "Evaluation protocol projected (as `snd eval --protocol`).")
+    out: Optional[Path] = opt(None, "Write the JSON result here too (always printed).")
+
+
+@dataclass
 class ExportConfig:
     """`snd export RUN`: the trained backbone as files plain timm loads (plus the official release layout)."""
 

@@ -187,11 +187,13 @@ def _band_pairs(p: Projected, rows: tuple[int, int], width: int) -> tuple[Tensor
         e = torch.zeros(0, dtype=torch.long, device=dev)
         return e, e, torch.zeros(0, dtype=mx.dtype, device=dev)
     g = torch.repeat_interleave(torch.arange(len(cnt), device=dev), cnt, output_size=P)
-    # one gather of all per-Gaussian parameters (indexing dominates the cost here)
-    prm = torch.stack([mx - 0.5 - xa.to(mx.dtype), my - 0.5 - ya.to(mx.dtype), *p.conics.unbind(-1),
-                       p.opacities, nx.to(mx.dtype), (torch.cumsum(cnt, 0) - cnt).to(mx.dtype)], -1)
-    if P >= 2**24 and prm.dtype == torch.float32:  # pair offsets must stay exact in float
-        prm = prm.double()
+    # one gather of all per-Gaussian parameters (indexing dominates the cost here). Pair offsets and box widths
+    # go through this float table: exact only below 2 / eps of its dtype (float32: 2^24 pairs), so a bigger band
+    # builds it in float64, converting the integers directly. Bands hold ~max_pairs on average, so the fullest can
+    # pass 2^24 (a 576x880 MVSplat target: 265M pairs in 16 bands, the fullest 16.68M of 16.78M).
+    dt = mx.dtype if P < 2 / torch.finfo(mx.dtype).eps else torch.float64
+    prm = torch.stack([(mx - 0.5 - xa.to(mx.dtype)).to(dt), (my - 0.5 - ya.to(mx.dtype)).to(dt), *p.conics.to(dt).unbind(-1),
+                       p.opacities.to(dt), nx.to(dt), (torch.cumsum(cnt, 0) - cnt).to(dt)], -1)
     pg = prm.index_select(0, g)  # [P, 8]
     k = torch.arange(P, device=dev, dtype=pg.dtype) - pg[:, 7]
     ky = torch.div(k, pg[:, 6], rounding_mode="floor")

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# The figures still missing (docs/performance.md, "Figures still to measure on a GPU and how"), in ONE device call
+# of < 560 s: steps in priority order, each under its own timeout, a step skipped when the budget left is below
+# its estimate (so a later call can run it with STEPS=...). Results in $OUT: each bench's JSON and log,
+# $OUT/next_steps.jsonl (rc and wall time per step, or why skipped), $OUT/next.jsonl (the figures of each JSON,
+# `python -m snd.bench.summary`), $OUT/bench_project.json (`snd bench project` with this call's files).
+# Usage (GPU machine, repo root): bash scripts/gpu_session.sh next   (that builds gsplat first; counts its time)
+#   env: STEPS (default "fast-tests distill eval precompute"; any subset/order, e.g. STEPS="eval precompute" for
+#   a second call), BUDGET_S (545: seconds since T_START, which gpu_session.sh sets when it starts; else now),
+#   MODELS (the four below), PRE_PAIRS (64 timed pairs per `snd bench precompute`)
+# Estimates (s; from earlier sessions' logs/JSONs, compile included): fast-tests 180 (five 30-step runs, each compiling
+# a small ViT: ~35 s); distill per model 70
+# (H200 warm-up 45 s for ViT-S, 61-74 s on the H100 for S and B; DINOv3 not measured yet); eval-tests 120;
+# bench eval 200 (measured 137 s + start); precompute 170 with a cold compile (MVSplat compile 98 s, gsplat
+# ready), 110 warm.
+set -uo pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+T0=${T_START:-$EPOCHREALTIME}; BUDGET_S=${BUDGET_S:-545}
+STEPS=${STEPS:-fast-tests distill eval precompute}
+MODELS=${MODELS:-vit_small_patch14_dinov2 vit_small_patch16_dinov3 vit_base_patch14_dinov2 vit_base_patch16_dinov3}
+PRE_PAIRS=${PRE_PAIRS:-64}
+py() { python3 "$@"; }
+left() { py -c "print(int($BUDGET_S - ($EPOCHREALTIME - $T0)))"; }
+# step NAME EST_S TIMEOUT_S CMD...: run when the budget left covers the estimate, under min(timeout, left - 5)
+step() {
+  local name=$1 est=$2 to=$3; shift 3; local l; l=$(left)
+  if (( l < est )); then
+    echo "{\"step\": \"$name\", \"skipped\": \"budget: $l s left < estimate $est s\"}" >> "$OUT/next_steps.jsonl"
+    echo "== $name skipped ($l s left < $est s)"; return 0
+  fi
+  (( to > l - 5 )) && to=$((l - 5))
+  local t0=$EPOCHREALTIME
+  timeout "$to" "$@" > "$OUT/next_$name.log" 2>&1; local rc=$?
+  local wall; wall=$(py -c "print(round($EPOCHREALTIME - $t0, 1))")
+  echo "{\"step\": \"$name\", \"rc\": $rc, \"wall_s\": $wall, \"timeout_s\": $to, \"estimate_s\": $est}" >> "$OUT/next_steps.jsonl"
+  echo "== $name rc=$rc ${wall}s ($(left) s left)"; grep -v "^ \|━" "$OUT/next_$name.log" | tail -4
+}
+summary() { [[ -f $2 ]] && py -m snd.bench.summary "$1" "$2" --append "$OUT/next.jsonl" | cut -c1-600; }
+snd() { py -m snd.cli "$@"; }
+
+for s in $STEPS; do case $s in
+  fast-tests)  # (a) fast path vs eager (DINOv3 RoPE, both protocols, resume), operator vs gsplat targets
+    step fast-tests 180 300 py -m pytest -q -m gpu tests/test_fast_path_gpu.py -p no:cacheprovider --durations=10 ;;
+  distill)  # (b) fast-path it/s per backbone, one call per model so a timeout keeps the others
+    for m in $MODELS; do
+      step "distill_$m" 70 150 snd bench distill --models "$m" --paths fast --out "$OUT/bench_distill_fast_$m.json"
+      summary distill "$OUT/bench_distill_fast_$m.json"
+    done ;;
+  eval)  # (c) the evaluation GPU tests, then the suite's time; --protocol paper also writes the fast protocol's
+    # projection (`projected`: the same measured rates; the protocol only changes the arithmetic), so one run has both
+    step eval-tests 120 200 py -m pytest -q -m gpu tests/test_eval_probe_speed.py tests/test_eval_probes_together.py \
+      tests/test_eval_probes_features.py tests/test_evaluate.py tests/test_eval_protocol.py tests/test_eval_mmseg.py -p no:cacheprovider
+    step bench-eval 200 320 snd bench eval --model dinov2_vits14 --init random --device cuda --workers 8 --protocol paper \
+      --out "$OUT/bench_eval_paper.json"
+    summary eval "$OUT/bench_eval_paper.json" ;;
+  precompute)  # (d) stage one with operators (the default) writing frames, lossless (the default) and JPEG
+    est=170
+    for codec in lossless jpeg; do
+      step "precompute_$codec" $est 260 snd bench precompute --source mvsplat --device cuda --images $codec --pairs "$PRE_PAIRS" \
+        --workdir /tmp/snd-bench-pre --out "$OUT/bench_precompute_mvsplat_operators_$codec.json"
+      summary precompute "$OUT/bench_precompute_mvsplat_operators_$codec.json"; est=110  # compile cache warm now
+    done ;;
+  *) echo "unknown step $s (fast-tests | distill | eval | precompute)"; exit 2 ;;
+esac; done
+
+# the paper-scale projection from this call's files (the others: the newest in docs/bench)
+args=()
+f="$OUT/bench_distill_fast_vit_small_patch14_dinov2.json"; [[ -f $f ]] && args+=(--distill "$f")
+[[ -f $OUT/bench_eval_paper.json ]] && args+=(--eval "$OUT/bench_eval_paper.json")
+[[ -f $OUT/bench_precompute_mvsplat_operators_lossless.json ]] && args+=(--precompute "$OUT/bench_precompute_mvsplat_operators_lossless.json")
+snd bench project "${args[@]}" --out "$OUT/bench_project.json" > "$OUT/next_project.log" 2>&1
+py -c "import json; r = json.load(open('$OUT/bench_project.json')); print('projection h', {k: {x: (round(v, 2) if isinstance(v, float) else v) for x, v in w.items() if x.endswith('_h')} for k, w in r['workflows'].items()}, 'disk', {k: round(v['mb_per_pair'], 2) for k, v in r['disk'].items()}, 'missing', list(r['missing']))" \
+  || tail -3 "$OUT/next_project.log"
+echo "== next done, $(left) s of the budget left"
