@@ -5,18 +5,18 @@
 # $OUT/next_steps.jsonl (rc and wall time per step, or why skipped), $OUT/next.jsonl (the figures of each JSON,
 # `python -m snd.bench.summary`), $OUT/bench_project.json (`snd bench project` with this call's files).
 # Usage (GPU machine, repo root): bash scripts/gpu_session.sh next   (that builds gsplat first; counts its time)
-#   env: STEPS (default "fast-tests distill eval precompute"; any subset/order, e.g. STEPS="eval precompute" for
+#   env: STEPS (default "fast-tests distill ops eval precompute"; any subset/order, e.g. STEPS="eval precompute" for
 #   a second call), BUDGET_S (545: seconds since T_START, which gpu_session.sh sets when it starts; else now),
 #   MODELS (the four below), PRE_PAIRS (64 timed pairs per `snd bench precompute`)
 # Estimates (s; from earlier sessions' logs/JSONs, compile included): fast-tests 180 (five 30-step runs, each compiling
-# a small ViT: ~35 s); distill per model 70
+# a small ViT: ~35 s); distill per model 70; ops 40 + 40 (not measured yet: torch plan 118 ms per 576x880 target)
 # (H200 warm-up 45 s for ViT-S, 61-74 s on the H100 for S and B; DINOv3 not measured yet); eval-tests 120;
 # bench eval 200 (measured 137 s + start); precompute 170 with a cold compile (MVSplat compile 98 s, gsplat
 # ready), 110 warm.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 T0=${T_START:-$EPOCHREALTIME}; BUDGET_S=${BUDGET_S:-545}
-STEPS=${STEPS:-fast-tests distill eval precompute}
+STEPS=${STEPS:-fast-tests distill ops eval precompute}
 MODELS=${MODELS:-vit_small_patch14_dinov2 vit_small_patch16_dinov3 vit_base_patch14_dinov2 vit_base_patch16_dinov3}
 PRE_PAIRS=${PRE_PAIRS:-64}
 py() { python3 "$@"; }
@@ -46,6 +46,10 @@ for s in $STEPS; do case $s in
       step "distill_$m" 70 150 snd bench distill --models "$m" --paths fast --out "$OUT/bench_distill_fast_$m.json"
       summary distill "$OUT/bench_distill_fast_$m.json"
     done ;;
+  ops)  # (b2) the batched operator builder: gsplat batched == one job per call == torch plan, then ms per target by chunk
+    step ops-tests 40 90 py -m pytest -q -m gpu tests/test_operator_batched.py -p no:cacheprovider
+    step ops-profile 40 90 py scripts/gpu_profile_operator.py
+    cp "$OUT/next_ops-profile.log" "$OUT/profile_operator_batched.jsonl" 2>/dev/null ;;
   eval)  # (c) the evaluation GPU tests, then the suite's time; --protocol paper also writes the fast protocol's
     # projection (`projected`: the same measured rates; the protocol only changes the arithmetic), so one run has both
     step eval-tests 120 200 py -m pytest -q -m gpu tests/test_eval_probe_speed.py tests/test_eval_probes_together.py \
@@ -60,7 +64,7 @@ for s in $STEPS; do case $s in
         --workdir /tmp/snd-bench-pre --out "$OUT/bench_precompute_mvsplat_operators_$codec.json"
       summary precompute "$OUT/bench_precompute_mvsplat_operators_$codec.json"; est=110  # compile cache warm now
     done ;;
-  *) echo "unknown step $s (fast-tests | distill | eval | precompute)"; exit 2 ;;
+  *) echo "unknown step $s (fast-tests | distill | ops | eval | precompute)"; exit 2 ;;
 esac; done
 
 # the paper-scale projection from this call's files (the others: the newest in docs/bench)
