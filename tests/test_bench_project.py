@@ -50,7 +50,7 @@ def bench_dir(tmp_path: Path) -> Path:
     _write(d, "bench_distill_new_h100.json", _distill({"fast": (100.0, 100.0)}), age=200)
     _write(d, "bench_distill_snd_h100.json", _distill({"fast": (999.0, 0.0)}, protocol="snd"), age=10)  # not the default rules
     _write(d, "bench_eval_h200.json", {"device": H200, "projected": {"suite_hours_one_model": 1.5, "suite_hours_with_baseline": 2.5},
-                                       "paper": {"suite_hours_paper_implemented": 4.0}}, age=50)
+                                       "paper": {"suite_hours_paper": 4.0}}, age=50)
     split = lambda s, o, f, mbf: {"mb_per_pair": {"scaffold": s, "operators": o, "frames": f}, "mb_per_frame": mbf}  # noqa: E731
     _write(d, "store_size_cpu.json", {"device": "cpu", "runs": [
         {"source": "depth", "operator": False, "images": "jpeg", "split": split(1.0, 0.0, 0.6, 0.2)},
@@ -76,7 +76,7 @@ def test_projection_hours_and_disk_by_hand(bench_dir, tmp_path, capsys):
     assert f["precompute_operators"]["warmup_s"] == pytest.approx(80 / 8 - 80 / 10)
     assert f["distill_fast"]["file"].endswith("new_h100.json") and f["distill_fast"]["value"] == 100.0  # snd rules skipped
     assert f["distill_render"]["file"].endswith("old_h100.json") and "before the official" in f["distill_render"]["note"]
-    assert f["eval_suite"]["key"] == "paper.suite_hours_paper_implemented" and f["eval_suite"]["on_target_device"] is False
+    assert f["eval_suite"]["key"] == "paper.suite_hours_paper" and f["eval_suite"]["on_target_device"] is False
     d = r["workflows"]["default"]
     assert d["precompute_h"] == pytest.approx((2 + 50_000 / 10) / 3600)  # 1.3894 h
     assert d["distill_h"] == pytest.approx((100 + 50_000 / 100) / 3600)  # 0.1667 h

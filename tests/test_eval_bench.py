@@ -79,7 +79,8 @@ def test_bench_eval_measures_and_projects(tmp_path, capsys):
     from snd.bench.summary import eval_suite  # what scripts/gpu_next.sh prints reads real keys
 
     s = eval_suite(json.loads(out.read_text()))
-    assert s["suite_hours_paper_implemented"] == round(r["paper"]["suite_hours_paper_implemented"], 3)
+    assert s["suite_hours_paper"] == round(r["paper"]["suite_hours_paper"], 3)
+    assert s["per_task_hours_paper"] == {t: round(v, 3) for t, v in r["paper"]["per_task_hours_paper"].items()}
     assert s["suite_hours_one_model"] == round(P["suite_hours_one_model"], 3) and s["protocol"] == "paper"
     assert set(s["probe_iters_per_s_alone"]) == {"depth", "normals", "seg"}
 

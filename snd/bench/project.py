@@ -134,8 +134,8 @@ def _distill(path: str) -> Callable[[str], Getter]:
 def _eval_hours(protocol: str) -> Getter:
     def get(r: dict, f: str) -> Optional[Figure]:
         if protocol == "paper":
-            h = (r.get("paper") or {}).get("suite_hours_paper_implemented")
-            key = "paper.suite_hours_paper_implemented"
+            h = (r.get("paper") or {}).get("suite_hours_paper")
+            key = "paper.suite_hours_paper"
         else:
             h = (r.get("projected") or {}).get("suite_hours_one_model")
             key = "projected.suite_hours_one_model"

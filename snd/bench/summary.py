@@ -53,8 +53,9 @@ def eval_suite(r: dict) -> dict:
             "probe_iters_per_s_alone": {t: {k: _r(v, 1) for k, v in p["train_iters_per_s_alone"].items()} for t, p in m["probes"].items()},
             "parts_s": {k: _r(v, 0) for k, v in P["parts_s"].items()},
             "suite_hours_one_model": _r(P["suite_hours_one_model"]), "suite_hours_with_baseline": _r(P["suite_hours_with_baseline"]),
-            "suite_hours_paper_implemented": _r(Q.get("suite_hours_paper_implemented")),
-            "suite_hours_paper_all_rows": _r(Q.get("suite_hours_paper_all_rows")), "paper_goal_hours": Q.get("goal_hours")}
+            "suite_hours_paper": _r(Q.get("suite_hours_paper")),
+            "per_task_hours_paper": {t: _r(v) for t, v in (Q.get("per_task_hours_paper") or {}).items()},
+            "paper_goal_hours": Q.get("goal_hours")}
 
 
 SUMMARIES: dict[str, Callable[[dict], dict]] = {"precompute": precompute, "distill": distill, "eval": eval_suite}
