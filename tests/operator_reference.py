@@ -1,5 +1,7 @@
 """The one-target operator builder snd shipped before the batched one (dense [P, J] direct part,
-`torch.topk` per row), kept verbatim as an independent reference for `snd.splat.operator_build`.
+`torch.topk` per row), kept verbatim as an independent reference for `snd.splat.operator_build`. Only
+its two tap tables (upsampling, downsampling) come from `snd.splat.operator_build`: they were moved there
+unchanged, and `tests/test_splat_operator.py` checks them against `target_features`.
 
 Test-only: `tests/test_operator_batched.py` checks that the batched builder gives, job by job, the
 operator this one gives.
@@ -12,41 +14,13 @@ from torch import Tensor
 from snd.splat.gaussians import PixelGaussians
 from snd.splat.inputs import drawable
 from snd.splat.operator import TransferOperator
-from snd.splat.protocol import Rules, TargetsProtocol, rules
+from snd.splat.operator_build import _downsample_taps, _upsample_taps
+from snd.splat.protocol import TargetsProtocol, rules
 from snd.splat.render_torch import build_plan
 from snd.splat.target import coverage_to_patches
-from snd.splat.upsample import UpsampleMode, source_coords, upsample_weights
+from snd.splat.upsample import UpsampleMode
 
 
-def _upsample_taps(ctx_masks: Tensor | None, V: int, h: int, w: int, H: int, W: int, r: Rules,
-                   device: torch.device) -> tuple[Tensor, Tensor]:
-    """Per context pixel (v, y, x) its 4 (patch column j, weight) taps: ([V*H*W, 4] long, [V*H*W, 4] float)."""
-    (y0, y1, x0, x1), wts = upsample_weights(ctx_masks, h, w, H, W, fallback=r.fallback, grid=r.grid)  # [V|1, 4, H, W]
-    ys = torch.stack([y0, y0, y1, y1]).to(device)  # [4, H]  (neighbour order of upsample_weights)
-    xs = torch.stack([x0, x1, x0, x1]).to(device)  # [4, W]
-    local = ys[:, :, None] * w + xs[:, None, :]  # [4, H, W]
-    v_off = (torch.arange(V, device=device) * (h * w))[:, None, None, None]
-    cols = (local[None] + v_off).permute(0, 2, 3, 1).reshape(V * H * W, 4)
-    wts = wts.to(device=device, dtype=torch.float64).expand(V, 4, H, W).permute(0, 2, 3, 1).reshape(V * H * W, 4)
-    return cols, wts
-
-
-def _downsample_taps(Ht: int, Wt: int, h2: int, w2: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Bilinear (align_corners=False) taps of every patch: (pixel [4, P] long, weight [4, P] float64).
-
-    Tap slot t = (row tap, column tap); within a slot the pixel -> patch map is injective (downsampling)."""
-    ya, yb, fy = source_coords(h2, Ht, device)
-    xa, xb, fx = source_coords(w2, Wt, device)
-    fy, fx = fy.double(), fx.double()
-    pix, wt = [], []
-    for yy, wy in ((ya, 1 - fy), (yb, fy)):
-        for xx, wx in ((xa, 1 - fx), (xb, fx)):
-            pix.append((yy[:, None] * Wt + xx[None, :]).reshape(-1))
-            wt.append((wy[:, None] * wx[None, :]).reshape(-1))
-    return torch.stack(pix), torch.stack(wt)
-
-
-@torch.no_grad()
 def reference_operator(
     gaussians: PixelGaussians,  # [V, H, W]
     ctx_masks: Tensor,  # [V, H, W] int

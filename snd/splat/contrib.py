@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from snd.splat.gaussians import PixelGaussians
-from snd.splat.inputs import ALPHA_MIN, drawable
+from snd.splat.inputs import drawable, drawable_mask
 from snd.splat.render import Backend, resolve_backend
 from snd.splat.render_gsplat import gsplat_K
 from snd.splat.render_torch import ALPHA_MAX, build_plan, composite_weights
@@ -56,6 +56,10 @@ def contributions(gaussians: Sequence[PixelGaussians], pair: Tensor, K: Tensor, 
     """
     device = gaussians[0].means.device
     N = int(pair.numel())
+    if N == 0:
+        e = torch.zeros(0, dtype=torch.long, device=device)
+        return Contributions(e, e, e, torch.zeros(0, dtype=torch.float64, device=device),
+                             torch.zeros(0, height, width, device=device))
     if resolve_backend(backend, device) == "gsplat":
         return _contributions_gsplat(gaussians, pair, K, w2c, height, width, near=near, far=far)
     job, pix, gauss, wt, alpha = [], [], [], [], []
@@ -68,26 +72,20 @@ def contributions(gaussians: Sequence[PixelGaussians], pair: Tensor, K: Tensor, 
         gauss.append(kept[g])
         wt.append(plan.weights.values().to(torch.float64))
         alpha.append(plan.alpha.float())
-    if N == 0:
-        e = torch.zeros(0, dtype=torch.long, device=device)
-        return Contributions(e, e, e, torch.zeros(0, dtype=torch.float64, device=device),
-                             torch.zeros(0, height, width, device=device))
     return Contributions(torch.cat(job), torch.cat(pix), torch.cat(gauss), torch.cat(wt), torch.stack(alpha))
 
 
 def _job_scenes(gaussians: Sequence[PixelGaussians], pair: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per job its pair's flattened Gaussians as float32 [N, G, ...]; those `drawable` would drop get
     opacity 0 (gsplat's projection culls opacity < 1/255) and finite placeholder values."""
-    flat = [g.to(dtype=torch.float32).flatten() for g in gaussians]
-    means, quats, scales, opac = (torch.stack([f[i] for f in flat]) for i in range(4))  # [B, G, ...]
-    ok = (opac >= ALPHA_MIN) & torch.isfinite(means).all(-1) & torch.isfinite(scales).all(-1)
+    flat = [gaussians[i].to(dtype=torch.float32).flatten() for i in pair.tolist()]
+    means, quats, scales, opac = (torch.stack([f[k] for f in flat]) for k in range(4))  # [N, G, ...]
+    ok = drawable_mask(means, scales, opac)
     means = torch.where(ok[..., None], means, torch.zeros_like(means))
     scales = torch.where(ok[..., None], scales, torch.ones_like(scales))
     quats = torch.where(ok[..., None] & torch.isfinite(quats).all(-1, keepdim=True), quats,
                         torch.tensor([1.0, 0.0, 0.0, 0.0], device=quats.device))
-    opac = torch.where(ok, opac, torch.zeros_like(opac))
-    idx = pair.to(means.device)
-    return means[idx].contiguous(), quats[idx].contiguous(), scales[idx].contiguous(), opac[idx].contiguous()
+    return means, quats, scales, torch.where(ok, opac, torch.zeros_like(opac))
 
 
 def _contributions_gsplat(gaussians: Sequence[PixelGaussians], pair: Tensor, K: Tensor, w2c: Tensor, height: int,
@@ -104,7 +102,7 @@ def _contributions_gsplat(gaussians: Sequence[PixelGaussians], pair: Tensor, K: 
     dev = gaussians[0].means.device
     means, quats, scales, opac = _job_scenes(gaussians, pair)  # [N, G, ...]
     N, G = opac.shape
-    Kg = torch.stack([gsplat_K(k, dev) for k in K.unbind(0)]) if N else K.to(dev, torch.float32)
+    Kg = gsplat_K(K, dev)  # [N, 3, 3]
     viewmats = w2c.to(dev, torch.float32)[:, None].contiguous()  # [N, 1, 4, 4]
     radii, means2d, depths, conics, _ = fully_fused_projection(
         means, None, quats, scales, viewmats, Kg[:, None].contiguous(), width, height, eps2d=0.3,
@@ -113,7 +111,7 @@ def _contributions_gsplat(gaussians: Sequence[PixelGaussians], pair: Tensor, K: 
     _, isect_ids, flatten_ids = isect_tiles(means2d, radii, depths, tile_size, tw, th, packed=False)
     offsets = isect_offset_encode(isect_ids, N, tw, th).reshape(N, 1, th, tw)
     flat = torch.cat([offsets.reshape(-1), offsets.new_tensor([flatten_ids.numel()])])
-    longest = int((flat[1:] - flat[:-1]).max()) if flatten_ids.numel() else 0  # the one host sync
+    longest = int((flat[1:] - flat[:-1]).max()) if flatten_ids.numel() else 0  # a host sync (as `pair.tolist()`)
     n_batches = max(1, -(-longest // (tile_size * tile_size)))
     T0 = torch.ones(N, 1, int(height), int(width), device=dev)
     gid, pix, img = rasterize_to_indices_in_range(0, n_batches, T0, means2d, conics, opac[:, None], int(width),

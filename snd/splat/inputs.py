@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-__all__ = ["ALPHA_MIN", "SplatInput", "drawable"]
+__all__ = ["ALPHA_MIN", "SplatInput", "drawable", "drawable_mask"]
 
 ALPHA_MIN = 1.0 / 255.0  # every backend skips Gaussians below this opacity (gsplat; `render_torch`)
 
@@ -89,6 +89,12 @@ class SplatInput:
                        opacities=self.opacities[idx])
 
 
+def drawable_mask(means: Tensor, scales: Tensor, opacities: Tensor) -> Tensor:
+    """[...] bool: the Gaussians ([..., 3], [..., 3], [...]) a renderer draws: opacity >= 1/255, finite means
+    and scales (gsplat culls the first; the others would poison its sort)."""
+    return (opacities >= ALPHA_MIN) & torch.isfinite(means).all(-1) & torch.isfinite(scales).all(-1)
+
+
 def drawable(gaussians, K: Tensor, w2c: Tensor, height: int, width: int, *, near: float = 0.01, far: float = 1e10,
              device: torch.device | None = None) -> tuple[SplatInput, Tensor]:
     """A scaffold's Gaussians (`snd.splat.gaussians.PixelGaussians`, [V, H, W]) as a float32 `SplatInput`
@@ -98,7 +104,7 @@ def drawable(gaussians, K: Tensor, w2c: Tensor, height: int, width: int, *, near
     a caller lifts per-pixel features with ``feats.reshape(V*H*W, C)[kept]``."""
     dev = device if device is not None else gaussians.means.device
     means, quats, scales, opac = gaussians.to(device=dev, dtype=torch.float32).flatten()
-    kept = ((opac >= ALPHA_MIN) & torch.isfinite(means).all(-1) & torch.isfinite(scales).all(-1)).nonzero().squeeze(1)
+    kept = drawable_mask(means, scales, opac).nonzero().squeeze(1)
     inp = SplatInput(means[kept], quats[kept], scales[kept], opac[kept], K.to(device=dev, dtype=torch.float32),
                      w2c.to(device=dev, dtype=torch.float32), height, width, near=near, far=far)
     return inp, kept

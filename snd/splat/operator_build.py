@@ -129,14 +129,16 @@ def build_operators(
     G, J = V * H * W, V * h * w
     ucols = ucols - torch.div(torch.arange(B * G, device=device), G, rounding_mode="floor")[:, None] * J  # per pair
     dpix, dwt = _downsample_taps(Ht, Wt, h2, w2, device)
-    const = dict(pair=pair.to(device), ucols=ucols, uw=uw, G=G, J=J, dpix=dpix, dwt=dwt, out_hw=(h2, w2), r=r,
+    const = dict(ucols=ucols, uw=uw, G=G, J=J, dpix=dpix, dwt=dwt, out_hw=(h2, w2), r=r,
                  blend_w=blend_weight if blend else 0.0, row_cap=int(row_cap), inst_cap=int(inst_cap))
+    pair = pair.to(device)
+    step = max(1, int(chunk))
     parts = []
-    for s in range(0, N, max(1, int(chunk))):
-        sl = slice(s, min(N, s + max(1, int(chunk))))
+    for s in range(0, N, step):
+        sl = slice(s, min(N, s + step))
         c = contributions(gaussians, pair[sl], tgt_K[sl].to(device, torch.float32), tgt_w2c[sl].to(device, torch.float32),
                           Ht, Wt, near=near, far=far, backend=backend, max_pairs=max_pairs)
-        parts.append(_assemble(c, tgt_masks[sl].to(device), pair_sl=const["pair"][sl], **{k: v for k, v in const.items() if k != "pair"}))
+        parts.append(_assemble(c, tgt_masks[sl].to(device), pair[sl], **const))
     if not parts:
         P, Kc = h2 * w2, int(inst_cap)
         z = lambda *s, dt=torch.float32: torch.zeros(*s, dtype=dt, device=device)  # noqa: E731
@@ -146,7 +148,7 @@ def build_operators(
     return TransferOperator(**{k: torch.cat([p[k] for p in parts]) for k in parts[0]})
 
 
-def _assemble(c, tgt_masks: Tensor, *, pair_sl: Tensor, ucols: Tensor, uw: Tensor, G: int, J: int, dpix: Tensor,
+def _assemble(c, tgt_masks: Tensor, pair_sl: Tensor, *, ucols: Tensor, uw: Tensor, G: int, J: int, dpix: Tensor,
               dwt: Tensor, out_hw: tuple[int, int], r: Rules, blend_w: float, row_cap: int, inst_cap: int) -> dict:
     """The operators of one chunk of jobs from their contributions `c` (`snd.splat.contrib.Contributions`)."""
     device = tgt_masks.device
@@ -160,8 +162,8 @@ def _assemble(c, tgt_masks: Tensor, *, pair_sl: Tensor, ucols: Tensor, uw: Tenso
     # labels of every job (sorted by job, then label, as a per-job torch.unique), their pixel counts in
     # the means and the blend weight of each pixel (only labels with a pixel in the means are blended)
     lab = tgt_masks.reshape(N, Q).long()
-    lo = lab.min() if lab.numel() else lab.new_zeros(())
-    span = (lab.max() - lo + 1) if lab.numel() else lab.new_ones(())
+    lo = lab.min()
+    span = lab.max() - lo + 1
     labels, inv = torch.unique(torch.arange(N, device=device)[:, None] * span + (lab - lo), return_inverse=True)
     inv = inv.reshape(-1)  # [N*Q] label index of each pixel
     lab_job = torch.div(labels, span, rounding_mode="floor")

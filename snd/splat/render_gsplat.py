@@ -35,10 +35,10 @@ def gsplat_available() -> bool:
 
 
 def gsplat_K(K: Tensor, device: torch.device) -> Tensor:
-    """snd's integer-centre intrinsics -> gsplat's (pixel centres at +0.5): cx, cy + 0.5, float32."""
+    """snd's integer-centre intrinsics [..., 3, 3] -> gsplat's (pixel centres at +0.5): cx, cy + 0.5, float32."""
     Kg = K.to(device=device, dtype=torch.float32).clone()
-    Kg[0, 2] += 0.5
-    Kg[1, 2] += 0.5
+    Kg[..., 0, 2] += 0.5
+    Kg[..., 1, 2] += 0.5
     return Kg
 
 
