@@ -102,25 +102,30 @@ def test_paper_projection_arithmetic_by_hand():
         {"task": "correspondence", "dataset": "scannet1500", "n_train": 0, "n_val": 1500, "features_s": 30.0,
          "targets_s": 0.0, "train_s": 0.0, "eval_s": 5.0},
     ]
-    probes = {"normals": {"batch": 8, "train_iters_per_s_alone": {"stream": 50.0}}, "seg": {"batch": 2}}
+    probes = {"normals": {"batch": 8, "train_iters_per_s_alone": {"stream": 50.0}}, "seg": {"batch": 2},
+              "depth": {"batch": 2}}
     parts = {"features_s": 36.1, "targets_s": 4.5, "train_s": 42.0, "eval_s": 13.0}
     fast_total = 36.1 + 4.5 + 42.0 + 13.0
     # tokens per image: (normals test = GeoNet square, KITTI KB crop, seg window, corr pair = NYU depth test frame,
-    # NYU depth training frame = its NYUCrop region)
-    for patch, (sq, kb, win, corr, nyu_tr) in (
-            (14, (35 * 35, 26 * 87, 37 * 37, 35 * 46, 31 * 41)),  # 490², 364x1218, 518², 490x644, 434x574
-            (16, (30 * 30, 22 * 76, 32 * 32, 30 * 40, 27 * 36))):  # 480², 352x1216, 512², 480x640, 432x576
+    # depth training crop 416x544, KITTI's 352x704)
+    for patch, (sq, kb, win, corr, crop, kcrop) in (
+            (14, (35 * 35, 26 * 87, 37 * 37, 35 * 46, 30 * 39, 26 * 51)),  # 490², 364x1218, 518², 490x644, 420x546, 364x714
+            (16, (30 * 30, 22 * 76, 32 * 32, 30 * 40, 26 * 34, 22 * 44))):  # 480², 352x1216, 512², 480x640, 416x544, 352x704
         P = paper_projection(rows, hw=(patch, patch), extract_rate=100.0, probes=probes, fast_parts=parts, patch=patch)
         by = {(r["task"], r["dataset"]): r["extra_s_parts"] for r in P["rows"]}
         assert set(P["rows"][0]) == {"task", "dataset", "extra_s_parts", "extra_s"} and P["patch"] == patch
-        d = by["depth", "nyuv2"]  # the whole 480x640 test frame (and its flip), NYUCrop training frames
+        d = by["depth", "nyuv2"]  # the whole 480x640 test frame (and its flip); 100 live steps of 2 crops
         assert d == pytest.approx({"flip_features_s": 654 * corr / 100, "flip_eval_s": 3.0 * corr,
-                                   "own_size_features_s": 795 * nyu_tr / 100 + 654 * corr / 100 - 1.0,
-                                   "own_size_train_s": 10.0 * (nyu_tr - 1), "own_size_eval_s": 3.0 * (corr - 1)})
-        k = by["depth", "kitti"]  # the whole KB crop on train, val and the flipped val
-        assert k["flip_features_s"] == pytest.approx(10 * kb / 100) and k["flip_eval_s"] == pytest.approx(2.0 * kb)
-        assert k["own_size_features_s"] == pytest.approx(110 * kb / 100 - 1.1)
-        assert k["own_size_train_s"] == pytest.approx(20.0 * (kb - 1)) and k["own_size_eval_s"] == pytest.approx(2.0 * (kb - 1))
+                                   "val_features_own_size_s": 654 * corr / 100,
+                                   "augmented_live_training_s": 100 * 2 * crop / 100,
+                                   "own_size_train_s": 10.0 * (crop - 1), "own_size_eval_s": 3.0 * (corr - 1),
+                                   "minus_fast_caching_s": -3.0})
+        k = by["depth", "kitti"]  # the whole KB crop on val and the flipped val, live 352x704 training crops
+        assert k == pytest.approx({"flip_features_s": 10 * kb / 100, "flip_eval_s": 2.0 * kb,
+                                   "val_features_own_size_s": 10 * kb / 100,
+                                   "augmented_live_training_s": 100 * 2 * kcrop / 100,
+                                   "own_size_train_s": 20.0 * (kcrop - 1), "own_size_eval_s": 2.0 * (kb - 1),
+                                   "minus_fast_caching_s": -1.6})
         n = by["normals", "nyuv2"]  # 37,500 steps of 8 = 10 epochs of 30k, one live forward per image
         assert GEONET_TRAINVAL == 30_000 and n["geonet_live_backbone_s"] == pytest.approx(37_500 * 8 * sq / 100)
         assert n["geonet_probe_steps_s"] == pytest.approx(37_500 / 50)

@@ -128,7 +128,7 @@ def test_paper_records_of_the_old_kitti_input_are_not_resumed(tmp_path):
     from snd.stages.eval_plan import _protocol, _trivial_folder
 
     paper, fast = EvalConfig(data_root=tmp_path, protocol="paper"), EvalConfig(data_root=tmp_path, protocol="fast")
-    assert _protocol(paper)["paper_rev"] == 3
+    assert _protocol(paper)["paper_rev"] == 4
     assert "paper_rev" not in _protocol(fast)
     # the trivial folder of revision 3 differs from the one every earlier paper run wrote (same fields, no revision)
     import hashlib

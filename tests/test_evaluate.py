@@ -152,12 +152,13 @@ def test_paper_nyu_normals_are_tested_at_the_padded_square_on_their_own_token_st
     assert triv["n_pixels"] == 3 * 45 * 48
 
 
-@pytest.mark.parametrize("model,store", [("snd_test_vit_patch14", "kitti@364x1218"),
-                                         ("snd_test_vit_patch16_dinov3", "kitti@352x1216")])
-def test_paper_kitti_depth_reads_the_whole_kb_crop_on_both_splits(tmp_path, model, store):
-    """KITTI under the paper protocol end to end: train, val and flipped-val tokens of the whole KB crop padded
-    to the patch (364x1218, 26x87 patches, for /14; 352x1216, 22x76, for /16) in stores of their own, trained
-    and scored against the native 352x1216 map."""
+@pytest.mark.parametrize("model,store,grid", [("snd_test_vit_patch14", "kitti@364x1218", [26, 51]),
+                                              ("snd_test_vit_patch16_dinov3", "kitti@352x1216", [22, 44])])
+def test_paper_kitti_depth_tests_the_whole_kb_crop_and_trains_live_on_its_crops(tmp_path, model, store, grid):
+    """KITTI under the paper protocol end to end: val and flipped-val tokens of the whole KB crop padded to the
+    patch (364x1218, 26x87 patches, for /14; 352x1216, 22x76, for /16) in stores of their own, scored against the
+    native 352x1216 map; training runs the backbone live on the config's 352x704 crops of the KB crop (padded to
+    364x714 / 352x704: 26x51 / 22x44 patches), so no training store is written."""
     from tests.test_eval_protocol_sizes import write_kitti_frame
 
     write_kitti_frame(tmp_path / "data")
@@ -167,14 +168,15 @@ def test_paper_kitti_depth_reads_the_whole_kb_crop_on_both_splits(tmp_path, mode
     (rec,) = res["records"]
     assert rec["status"] == "ok" and rec["n_train"] == 2 and rec["n_val"] == 1
     (folder,) = (tmp_path / "out" / "features").glob(f"*/{store}")
-    assert {p.name for p in folder.glob("*.json")} == {"train.json", "val.json", "val_flip.json"}
-    assert res["trivial"][0]["n_pixels"] == 2 * 352 * 1216  # native training maps: every pixel 2 m
+    assert {p.name for p in folder.glob("*.json")} == {"val.json", "val_flip.json"}
+    assert rec["train_live"] is True and rec["train_grid"] == grid and rec["recipe"]["shuffle"] is True
+    assert res["trivial"][0]["n_pixels"] == 2 * 352 * 1216  # un-augmented native training maps: every pixel 2 m
 
 
-def test_paper_nyu_depth_trains_on_the_nyucrop_frame_and_tests_the_whole_frame(tmp_path):
-    """NYU depth under the paper protocol end to end (/14): training tokens of the NYUCrop region padded to 434x574
-    (31x41 patches), test and flipped-test tokens of the whole 480x640 frame padded to 490x644 (35x46), each in a
-    store of its own; the trivial constant is fit on the native 427x565 training map."""
+def test_paper_nyu_depth_trains_on_crops_of_the_nyucrop_frame_and_tests_the_whole_frame(tmp_path):
+    """NYU depth under the paper protocol end to end (/14): training runs the backbone live on 416x544 crops of the
+    NYUCrop region padded to 420x546 (30x39 patches), test and flipped-test tokens of the whole 480x640 frame padded
+    to 490x644 (35x46) in a store of their own; the trivial constant is fit on the native 427x565 training map."""
     import numpy as np
 
     from tests.test_eval_protocol_sizes import _nyu_480x640
@@ -187,8 +189,9 @@ def test_paper_nyu_depth_trains_on_the_nyucrop_frame_and_tests_the_whole_frame(t
     (key,) = [p for p in (tmp_path / "out" / "features").iterdir() if (p / "model.json").is_file()]
     stores = {p.name: {j.name for j in p.glob("*.json")} for p in key.iterdir() if p.is_dir()}
     # no store at the fast 56x84 size: each split has the size of its own frame
-    assert stores == {"nyuv2@434x574": {"train.json"}, "nyuv2@490x644": {"val.json", "val_flip.json"}}
-    crop = t["depths"][0][45:472, 43:608].astype(np.float16)  # training targets are cached as float16
+    assert stores == {"nyuv2@490x644": {"val.json", "val_flip.json"}}
+    assert rec["train_live"] is True and rec["train_grid"] == [30, 39]
+    crop = t["depths"][0][45:472, 43:608]  # the un-augmented source targets (float32: nothing cached)
     assert res["trivial"][0]["n_pixels"] == int(((crop > 1e-3) & (crop < 10.0)).sum())
 
 

@@ -1,14 +1,15 @@
 """`snd bench eval --protocol paper`: the paper protocol's suite time, projected from the fast suite's rates.
 
 The paper protocol (`snd.eval.protocol`) runs the fast suite's work plus, per task (sizes for the backbone's
-patch p, `padded_hw`: 490 / 490x644 / 434x574 / 588x882 / 364x1218 / 518 for p = 14; 480 / 480x640 / 432x576 /
-592x880 / 352x1216 / 512 for p = 16):
+patch p, `padded_hw`: 490 / 490x644 / 420x546 / 364x714 / 588x882 / 364x1218 / 518 for p = 14; 480 / 480x640 /
+416x544 / 352x704 / 592x880 / 352x1216 / 512 for p = 16):
 
-* depth: a second (flipped) validation pass: its extraction and a second probe evaluation per image; every depth
-  set also reads its whole native frame padded to the patch (`paper_val_hw` / `paper_train_hw`: NYU 480x640 on
-  val and its 427x565 NYUCrop region on train, ScanNet 480x640, ScanNet++ 584x876, KITTI the 352x1216 KB crop;
-  train, val and flipped val) instead of the probe input size, so its extraction, probe steps and evaluation
-  scale with that grid's tokens (the fast store of the dataset is then not needed: ScanNet++ seg runs live);
+* depth: a second (flipped) validation pass: its extraction and a second probe evaluation per image; the
+  validation split reads its whole native frame padded to the patch (`paper_val_hw`: NYU and ScanNet 480x640,
+  ScanNet++ 584x876, KITTI the 352x1216 KB crop) instead of the probe input size, and training runs the
+  backbone live on the configs' augmented crops (`snd.eval.depth_aug`: 416x544, KITTI 352x704, padded to the
+  patch: 420x546 / 364x714 for p = 14), batch x iters forwards, replacing the fast row's token and target
+  caching; its probe steps and evaluation scale with those grids' tokens;
 * normals: the test tokens of the 480x480 crop padded to the patch, and training on NYU "trainval" of GeoNet
   with Probe3D's augmentation, the backbone live on every training image: `normals_spec(GEONET_TRAINVAL)`
   steps of batch 8 (10 epochs, as `snd eval` runs them), one forward per image per step at the padded
@@ -29,13 +30,22 @@ import math
 
 from snd.eval.mmseg import CROP
 from snd.eval.probes.normals import normals_spec
-from snd.eval.protocol import PAPER_CORR_HW, padded_hw, paper_train_hw, paper_val_hw
+from snd.eval.depth_aug import PAPER_DEPTH_AUG
+from snd.eval.protocol import PAPER_CORR_HW, PAPER_TRAIN_NATIVE_HW, padded_hw, paper_val_hw
 
-__all__ = ["paper_projection", "GEONET_TRAINVAL", "SEG_WINDOWS"]
+__all__ = ["paper_projection", "paper_depth_crop_hw", "GEONET_TRAINVAL", "SEG_WINDOWS"]
 
 GEONET_TRAINVAL = 30_000  # NYU "trainval" of GeoNet as Probe3D reads it (~30k .mat frames, snd-facts)
 GEONET_SQUARE = (480, 480)  # its centre square, padded to the patch for the ViT
 SEG_WINDOWS = 2  # windows per image at short side 512, stride 341, for aspects 4:3 to 3:2: ceil((683..768-512)/341)+1
+
+
+def paper_depth_crop_hw(name: str, patch: int) -> tuple[int, int] | None:
+    """The padded input of a depth set's live training crops (`snd.eval.depth_aug.DepthTrain.img_hw`), or None."""
+    aug, frame = PAPER_DEPTH_AUG.get(name), PAPER_TRAIN_NATIVE_HW.get((name, "depth"))
+    if aug is None or frame is None:
+        return None
+    return padded_hw((min(aug.crop[0], frame[0]), min(aug.crop[1], frame[1])), patch)
 
 
 def _tokens(hw: tuple[int, int], p: int) -> int:
@@ -66,13 +76,15 @@ def paper_projection(rows: list[dict], *, hw: tuple[int, int], extract_rate: flo
         extra: dict[str, float] = {}
         if task == "depth":
             vhw = paper_val_hw(name, task, patch) or hw
-            thw = paper_train_hw(name, task, patch) or hw
             extra["flip_features_s"] = r["n_val"] / rate_at(vhw)
             extra["flip_eval_s"] = r["eval_s"] * ratio(vhw)
-            if (vhw, thw) != (hw, hw):  # the whole native frames on both splits replace the probe input size
-                extra["own_size_features_s"] = r["n_train"] / rate_at(thw) + r["n_val"] / rate_at(vhw) - r["features_s"]
-                extra["own_size_train_s"] = r["train_s"] * (ratio(thw) - 1)
+            crop = paper_depth_crop_hw(name, patch)
+            if crop is not None:  # live training on the config's crops, the whole frame on val (no caches)
+                extra["val_features_own_size_s"] = r["n_val"] / rate_at(vhw)
+                extra["augmented_live_training_s"] = r["probe_iters"] * probes["depth"]["batch"] / rate_at(crop)
+                extra["own_size_train_s"] = r["train_s"] * (ratio(crop) - 1)
                 extra["own_size_eval_s"] = r["eval_s"] * (ratio(vhw) - 1)
+                extra["minus_fast_caching_s"] = -(r["features_s"] + r["targets_s"])
         elif task == "normals":
             test_hw = paper_val_hw(name, task, patch) or hw
             train_hw = padded_hw(GEONET_SQUARE, patch)
@@ -109,6 +121,6 @@ def paper_projection(rows: list[dict], *, hw: tuple[int, int], extract_rate: flo
         "note": "per-task hours sum each task's rows with training at its probe's own rate (waves overlap "
                 "probes, so the suite total uses the waves' time instead: the per-task split is an upper bound "
                 "per task). Rates and probe costs at other input sizes = the measured ones x token-count ratio. "
-                "The live rows (GeoNet normals, seg training) forward at the probe's batch (8 / 2 images) and "
-                "write no cache, and need the DataLoader workers to augment at the GPU's pace.",
+                "The live rows (GeoNet normals, seg and depth training) forward at the probe's batch (8 / 2 / 2 images) "
+                "and write no cache, and need the DataLoader workers to augment at the GPU's pace.",
     }

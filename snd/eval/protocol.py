@@ -6,9 +6,10 @@
 * depth, test time: the prediction is the mean of the image's and the flipped image's (flipped back),
   mmseg `MultiScaleFlipAug(flip=True)`, and it is scored at the ground truth's own resolution
   (`flip_average`; datasets return the native-resolution target with `native_target=True`);
-* depth input: the whole native frame (NYU, ScanNet 480x640; ScanNet++ 584x876; KITTI the 352x1216 KB crop)
-  centre-padded to the patch as dinov2's `CenterPadding` does, never resized (`whole_frame`, `paper_val_hw`,
-  `paper_train_hw`), on both splits;
+* depth input: at test time the whole native frame (NYU, ScanNet 480x640; ScanNet++ 584x876; KITTI the
+  352x1216 KB crop) centre-padded to the patch as dinov2's `CenterPadding` does, never resized (`whole_frame`,
+  `paper_val_hw`); in training the configs' rotation, flip, 416x544 (KITTI 352x704) crop and colour jitter of
+  that native frame, drawn per item with the backbone live (`snd.eval.depth_aug`);
 * depth crops on the validation ground truth: NYUv2 and ScanNet Eigen (rows 45:471, cols 41:601 of 480x640),
   KITTI Garg fractions of the 352x1216 KB-cropped map (`snd.eval.datasets.kitti.garg_mask`);
 * depth optimiser: AdamW whose beta1 follows mmcv's `OneCycleMomentumUpdaterHook` (`onecycle_beta1`);
@@ -141,9 +142,10 @@ _PAPER_VAL_KW: dict[tuple[str, str], dict] = {
 # Per (dataset, task): the training-set options of the paper protocol. Depth: the official configs test on the
 # whole native frame (`test_cfg` mode "whole", no Resize in the test pipeline, dinov2's `CenterPadding` to the
 # patch in a forward pre-hook of the backbone) and train on random crops of the native frame (416x544 of NYU's
-# NYUCrop region [45:472, 43:608], of ScanNet's and ScanNet++'s whole frames; 352x704 of KITTI's KB crop): snd
-# feeds the whole frame (NYU: the NYUCrop region) padded the same way to the training split too (cached,
-# un-augmented like every depth training set here), so train and test see the native scale.
+# NYUCrop region [45:472, 43:608], of ScanNet's and ScanNet++'s whole frames; 352x704 of KITTI's KB crop): the
+# training split is that native frame (`ProbeDataset.native_frame`), which `snd.eval.depth_aug.DepthTrain` rotates,
+# flips, crops and colour-jitters afresh for every item (the backbone runs live on it); un-augmented, the same
+# set is what the trivial baseline is fit on.
 _PAPER_TRAIN_KW: dict[tuple[str, str], dict] = {
     (name, "depth"): {"whole_frame": True, "native_target": True} for name in ("nyuv2", "scannet", "scannetpp", "kitti")}
 # Validation inputs the paper protocol fixes, before the ViT's padding: Probe3D's NYU normals test (the 480x480
@@ -154,9 +156,10 @@ _PAPER_TRAIN_KW: dict[tuple[str, str], dict] = {
 PAPER_VAL_NATIVE_HW: dict[tuple[str, str], tuple[int, int]] = {
     ("nyuv2", "normals"): (480, 480), ("nyuv2", "depth"): (480, 640), ("scannet", "depth"): (480, 640),
     ("scannetpp", "depth"): (584, 876), ("kitti", "depth"): (352, 1216)}
-# Training inputs the paper protocol fixes the same way (`paper_train_hw`): the frame the official training
-# crops from, at its native scale (NYU: the 427x565 NYUCrop region, 434x574 for /14, 432x576 for /16); the
-# others train at `snd eval`'s size (or their own set's, GeoNet / mmseg crops).
+# The frame the official depth training crops from, at its native scale (`paper_train_hw`: NYU's 427x565 NYUCrop
+# region, padded 434x574 for /14, 432x576 for /16: the un-augmented training set's size); the crops themselves are
+# `snd.eval.depth_aug.PAPER_DEPTH_AUG`'s. The others train at `snd eval`'s size (or their own set's, GeoNet / mmseg
+# crops).
 PAPER_TRAIN_NATIVE_HW: dict[tuple[str, str], tuple[int, int]] = {
     ("nyuv2", "depth"): (427, 565), ("scannet", "depth"): (480, 640), ("scannetpp", "depth"): (584, 876),
     ("kitti", "depth"): (352, 1216)}
@@ -165,8 +168,9 @@ PAPER_TRAIN_NATIVE_HW: dict[tuple[str, str], tuple[int, int]] = {
 # function); datasets not listed keep `snd eval`'s size.
 PAPER_CORR_HW: dict[str, tuple[int, int]] = {"scannet1500": (480, 640)}
 # Bumped when a paper rule changes what a record computes, so result folders (and trivial baselines) made under
-# the old rule are never resumed: 2 = KITTI's whole KB crop, 3 = NYU / ScanNet / ScanNet++ depth whole frames.
-PAPER_REV = 3
+# the old rule are never resumed: 2 = KITTI's whole KB crop, 3 = NYU / ScanNet / ScanNet++ depth whole frames,
+# 4 = depth trained on the configs' augmented crops (live), seg trained shuffled as mmseg does.
+PAPER_REV = 4
 
 
 def padded_hw(hw: tuple[int, int], patch: int) -> tuple[int, int]:

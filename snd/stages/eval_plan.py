@@ -112,7 +112,8 @@ def _splits(task: str, name: str, cfg: EvalConfig, patch: int):
 def paper_train_set(cfg: EvalConfig, name: str, task: str, patch: int):
     """The paper protocol's own training set where it differs from the dataset's train split (NYU normals:
     GeoNet's "trainval", `snd.eval.datasets.geonet`; segmentation: the train split through mmseg's augmentation,
-    `snd.eval.mmseg.MmsegTrain`), else None. Missing data is an SndError naming it."""
+    `snd.eval.mmseg.MmsegTrain`; the official depth sets: their native frames through the depth configs'
+    augmentation, `snd.eval.depth_aug.DepthTrain`), else None. Missing data is an SndError naming it."""
     if cfg.protocol == "paper" and task == "seg":
         from snd.eval import datasets as D
         from snd.eval.mmseg import MmsegTrain
@@ -120,6 +121,17 @@ def paper_train_set(cfg: EvalConfig, name: str, task: str, patch: int):
 
         return MmsegTrain(D.get_dataset(name, cfg.data_root, "train", task, (cfg.img_height, cfg.img_width),
                                         **dataset_kwargs(cfg.protocol, name, task, "train")), patch=patch)
+    if cfg.protocol == "paper" and task == "depth":
+        from snd.eval.depth_aug import PAPER_DEPTH_AUG, DepthTrain
+        from snd.eval.protocol import PAPER_TRAIN_NATIVE_HW, dataset_kwargs
+
+        if name not in PAPER_DEPTH_AUG:
+            return None
+        from snd.eval import datasets as D
+
+        source = D.get_dataset(name, cfg.data_root, "train", task, train_hw(cfg, name, task, patch),
+                               **dataset_kwargs(cfg.protocol, name, task, "train"))
+        return DepthTrain(source, PAPER_DEPTH_AUG[name], frame_hw=PAPER_TRAIN_NATIVE_HW[name, task], patch=patch)
     if cfg.protocol != "paper" or (name, task) != ("nyuv2", "normals"):
         return None
     from snd.eval.datasets.geonet import FOLDERS, URL, GeoNetNYU, find_geonet

@@ -167,7 +167,8 @@ def _prepare_probe(role: _Role, task: str, name: str, cfg: EvalConfig, device: t
         probe = SegProbe(dim, num_classes=k, ignore_index=255)
     spec = default_spec(task, len(idx_tr)).with_overrides(iters=cfg.iters, batch=cfg.batch, lr_scale=cfg.lr_scale)
     spec.beta1_cycle = cfg.protocol == "paper" and task == "depth"  # the depth config's OneCycle momentum
-    spec.shuffle = not self_aug  # Probe3D's "trainval" loader keeps file order
+    # Probe3D's "trainval" loader keeps file order; mmseg's and the depth Toolbox's loaders shuffle
+    spec.shuffle = not getattr(train_ds, "file_order", False)
     return _Prepared(task, name, probe, spec, data_tr, data_va, folder / f"{name}_{task}.safetensors", trivial, vgrid,
                      tgrid, self_aug)
 
@@ -234,6 +235,7 @@ def _train_and_evaluate(role: _Role, prepared: list[_Prepared], cfg: EvalConfig,
                                 "train_loss": _clean(st["loss"]), "train_seconds": st["seconds"],
                                 "train_wall_seconds_all_probes": wall, "trained_together": st.get("trained_together"),
                                 "residency": st.get("residency"), "eval_seconds": time.perf_counter() - t1,
+                                "train_grid": list(p.train_grid), "train_live": p.self_augmenting,
                                 "probe": p.probe.config(), "recipe": p.spec.to_json(), "protocol": cfg.protocol}, samples)
     return out
 

@@ -84,9 +84,9 @@ class ProbeDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not 0 <= index < len(self):
             raise IndexError(f"{self.name}: index {index} out of range [0, {len(self)})")
-        raw = self.load(index)
         if self.whole_frame:
-            return self._whole_frame_item(raw, index)
+            return self._whole_frame_item(index)
+        raw = self.load(index)
         out: dict[str, Any] = {"image": resize_image(raw.image, self.img_hw, fit=self.fit)}
         if self.task == "depth":
             if raw.depth is None:
@@ -103,19 +103,29 @@ class ProbeDataset(torch.utils.data.Dataset):
         out["meta"] = {"dataset": self.name, "split": self.split, "index": int(index), "id": str(raw.id)}
         return out
 
-    def _whole_frame_item(self, raw: RawSample, index: int) -> dict[str, Any]:
-        """The native frame centre-padded to `img_hw` and its native target (`whole_frame`, module docstring)."""
-        from snd.eval.protocol import pad_image
+    def native_frame(self, index: int) -> tuple[np.ndarray, np.ndarray, str]:
+        """(image uint8 [H, W, 3], target, id): the native frame at its target's size, unpadded (`whole_frame`).
 
+        What `whole_frame` pads, and what the paper protocol's depth training crops from
+        (`snd.eval.depth_aug.DepthTrain`). An image stored at another size than its target (ScanNet's 1296x968
+        colour beside its 640x480 depth) is resized onto the target's grid; the target keeps its size and gets
+        only the dtype / invalid rules of its task."""
+        raw = self.load(index)
         target = getattr(raw, self.task)
         if target is None:
             raise SndError(f"{self.name}: sample {raw.id} has no {self.task}")
         thw = (int(target.shape[0]), int(target.shape[1]))
         image = raw.image if raw.image.shape[:2] == thw else resize_image(raw.image, thw, fit="resize")
         resize = {"depth": resize_depth, "normals": resize_normals, "seg": resize_labels}[self.task]
-        return {"image": pad_image(image, self.img_hw, f"{self.name} {self.split} {raw.id} (whole frame)"),
-                self.task: resize(target, thw, fit="resize"),  # its own size: only the dtype / invalid rules
-                "meta": {"dataset": self.name, "split": self.split, "index": int(index), "id": str(raw.id)}}
+        return image, resize(target, thw, fit="resize"), str(raw.id)
+
+    def _whole_frame_item(self, index: int) -> dict[str, Any]:
+        """The native frame centre-padded to `img_hw` and its native target (`whole_frame`, module docstring)."""
+        from snd.eval.protocol import pad_image
+
+        image, target, rid = self.native_frame(index)
+        return {"image": pad_image(image, self.img_hw, f"{self.name} {self.split} {rid} (whole frame)"),
+                self.task: target, "meta": {"dataset": self.name, "split": self.split, "index": int(index), "id": rid}}
 
     def target_hw(self, native_shape: tuple[int, ...]) -> tuple[int, int]:
         """Size of the returned target: `img_hw`, or with `native_target` the native target's region that the

@@ -78,6 +78,7 @@ class GeoNetNYU(torch.utils.data.Dataset):
     """NYU "trainval" of GeoNet (see the module docstring)."""
 
     name = "nyu_geonet"
+    file_order = True  # Probe3D's "trainval" loader does not shuffle: `snd eval` keeps the file order
     zero_normal_is_error = True  # validity = depth > 0, as Probe3D's loss mask
 
     def __init__(self, path: str | Path, *, augment: bool = True, patch: int = 14):
