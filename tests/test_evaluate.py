@@ -217,6 +217,7 @@ def test_paper_seg_trains_live_on_mmseg_crops_and_tests_by_sliding_windows(synth
     assert not list(feats.rglob("*.zarr"))  # neither split is cached: both run the backbone live
     (rec,) = paper["records"]
     assert rec["status"] == "ok" and rec["protocol"] == "paper" and rec["n_val"] == 2
+    assert rec["recipe"]["shuffle"] is True and rec["train_live"] is True  # mmseg's training loader shuffles
     assert sizes and all(min(s) == 512 for s in sizes)  # short side 512 (synth frames are wider than tall)
     assert all(c[1] == rec["probe"]["num_classes"] for c in calls)
     fast = evaluate.run(_cfg(synth_root, tmp_path / "fast", baseline=None, feature_cache_dir=feats, iters=2,
