@@ -143,7 +143,7 @@ class EvalConfig:
     protocol: Literal["paper", "fast"] = opt("paper", "'paper': the official probe protocols (flip-averaged depth scored at the GT's resolution, official crops, OneCycle beta1, mmseg's label rule); 'fast': one cached pass at the probe size (< 2 h per backbone; numbers differ, docs/evaluation.md).")
     feature_cache: bool = opt(True, "Cache frozen-backbone tokens on disk once (fast); --no-feature-cache runs the backbone every probe step with flip/colour augmentation (closer to the official training, slower; the official rules themselves are --protocol paper).")
     feature_cache_dir: Optional[Path] = opt(None, "Feature cache folder (default <out>/features); keyed by model weights + input size.")
-    num_workers: int = opt(2, "DataLoader worker processes reading images and cached features.")
+    num_workers: str = opt("auto", "DataLoader worker processes in all (images, cached features, and the paper protocol's live training items, which are augmented on the CPU and shared out among the probes training live together); auto = the CPU cores less two on CUDA (at most 32), at most 2 on CPU.")
     img_height: int = opt(476, "Probe input height (a multiple of the patch size: 14 DINOv2, 16 DINOv3).")
     img_width: int = opt(630, "Probe input width (a multiple of the patch size).")
     iters: Optional[int] = opt(None, "Override every probe's iterations (the paper's schedules are 10^5 scale).")

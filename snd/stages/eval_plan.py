@@ -189,3 +189,28 @@ def _eval_trivial(task: str, name: str, data_tr, data_va, protocol: str = "fast"
     metrics = evaluate_trivial(triv, (data_va.target(j) for j in range(len(data_va))), **kw)
     return {"dataset": name, "task": task, **triv.to_json(), "metrics": {k: _clean(v) for k, v in metrics.items()},
             "n_train": len(data_tr), "n_val": len(data_va), "seconds": time.perf_counter() - t0}
+
+
+AUTO_EVAL_WORKERS_CAP = 32  # the paper protocol's live sets need ~10-50 ms of CPU per item (docs/performance.md)
+
+
+def resolve_eval_workers(value, device: torch.device, cpus: int | None = None) -> int:
+    """`snd eval --num-workers`: an integer as given, or "auto": the CPU cores less two (the main thread and
+    the pin-memory thread) on CUDA, capped at `AUTO_EVAL_WORKERS_CAP`, because the paper protocol's live
+    training items (depth crops, mmseg crops, GeoNet) are augmented by the workers and one core draws only
+    ~15-50 of them per second (`snd.bench.loaders`); on a CPU device at most 2 (the probes need the cores)."""
+    import os
+
+    v = str(value).strip()
+    if v.lstrip("-").isdigit():
+        n = int(v)
+        if n < 0:
+            raise SndError(f"--num-workers must be >= 0 or 'auto', got {value}")
+        return n
+    if v != "auto":
+        raise SndError(f"--num-workers must be an integer or 'auto', got {value!r}")
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if device.type != "cuda":
+        return max(min(2, cpus - 1), 0)
+    return max(min(cpus - 2, AUTO_EVAL_WORKERS_CAP), 1)

@@ -214,9 +214,11 @@ def _train_and_evaluate(role: _Role, prepared: list[_Prepared], cfg: EvalConfig,
     t0 = time.perf_counter()
     for grid in sorted({p.train_grid for p in prepared}):
         idx = [i for i, p in enumerate(prepared) if p.train_grid == grid]
-        some_live = any(prepared[i].data_tr.store is None for i in idx)
-        got = train_probes([jobs[i] for i in idx], grid=grid, norm=norm, backbone=role.net if some_live else None,
-                           augment=live is not None, device=device, seed=cfg.seed, num_workers=cfg.num_workers,
+        n_live = sum(prepared[i].data_tr.store is None for i in idx)
+        # --num-workers counts processes in all: probes training live together share them
+        workers = max(1, cfg.num_workers // n_live) if n_live > 1 and cfg.num_workers else cfg.num_workers
+        got = train_probes([jobs[i] for i in idx], grid=grid, norm=norm, backbone=role.net if n_live else None,
+                           augment=live is not None, device=device, seed=cfg.seed, num_workers=workers,
                            residency=cfg.residency, resident_gib=cfg.resident_gib, graph=cfg.probe_graph,
                            max_together=cfg.probes_together or None)
         for i, st in zip(idx, got):
@@ -280,6 +282,11 @@ def run(cfg: EvalConfig, tasks: list[str]) -> dict:
     from snd.pipeline.device import resolve_device
 
     device = resolve_device(cfg.device)
+    from dataclasses import replace
+
+    from snd.stages.eval_plan import resolve_eval_workers
+
+    cfg = replace(cfg, num_workers=resolve_eval_workers(cfg.num_workers, device))
     roles = [_Role("model", cfg.model, cfg.weights, cfg)]
     if cfg.baseline:
         roles.append(_Role("baseline", cfg.baseline, cfg.baseline_weights, cfg))
