@@ -141,3 +141,40 @@ def test_paper_projection_arithmetic_by_hand():
         assert P["suite_hours_paper"] == pytest.approx((fast_total + sum(extra.values())) / 3600)
         assert P["per_task_hours_fast"]["depth"] == pytest.approx((16.0 + 23.6) / 3600)
         assert P["per_task_hours_paper"]["seg"] == pytest.approx((13.0 + extra["seg"]) / 3600)
+
+def test_paper_projection_waits_for_the_loader_where_the_workers_are_slower_than_the_gpu():
+    """Live rows with measured augmentation rates: a row waits `loader_wait_s` = items / (rate x workers) minus
+    its GPU parts when that is positive; the CPU time of every live item is summed (by hand, /14, 1-patch input)."""
+    from snd.eval.bench_paper import paper_projection
+
+    rows = [{"task": "depth", "dataset": "nyuv2", "n_train": 795, "n_val": 654, "features_s": 1.0, "targets_s": 2.0,
+             "train_s": 10.0, "eval_s": 3.0, "probe_iters": 100},
+            {"task": "seg", "dataset": "voc", "n_train": 1464, "n_val": 1449, "features_s": 4.0, "targets_s": 1.0,
+             "train_s": 7.0, "eval_s": 1.0, "probe_iters": 320_000},
+            {"task": "normals", "dataset": "nyuv2", "n_train": 795, "n_val": 654, "features_s": 0.0,
+             "targets_s": 1.0, "train_s": 5.0, "eval_s": 2.0, "probe_iters": 50}]
+    probes = {"normals": {"batch": 8, "train_iters_per_s_alone": {"stream": 50.0}}, "seg": {"batch": 2},
+              "depth": {"batch": 2}}
+    parts = {"features_s": 5.0, "targets_s": 4.0, "train_s": 22.0, "eval_s": 6.0}
+    rates = {"depth_nyuv2": 10.0, "seg": 0.001, "normals": 100.0}
+    P = paper_projection(rows, hw=(14, 14), extract_rate=100.0, probes=probes, fast_parts=parts, patch=14,
+                         augment_rates=rates, workers=4)
+    by = {(r["task"], r["dataset"]): r["extra_s_parts"] for r in P["rows"]}
+    crop, win, sq = 30 * 39, 37 * 37, 35 * 35  # 420x546, 518x518, 490x490 padded inputs
+    assert by["depth", "nyuv2"]["loader_wait_s"] == 0.0  # 200 items / 40 per s = 5 s < the GPU's 2*crop + 10*(crop-1)
+    gpu_seg = 320_000 * 2 * win / 100
+    assert by["seg", "voc"]["loader_wait_s"] == pytest.approx(640_000 / (0.001 * 4) - gpu_seg)
+    assert by["normals", "nyuv2"]["loader_wait_s"] == 0.0  # 300,000 / 400 = 750 s < 37,500 * 8 * sq / 100 + 750
+    assert P["augment_core_hours"] == pytest.approx((200 / 10 + 640_000 / 0.001 + 300_000 / 100) / 3600)
+    assert P["workers"] == 4 and P["augment_items_per_s_per_worker"] == rates
+    plain = paper_projection(rows, hw=(14, 14), extract_rate=100.0, probes=probes, fast_parts=parts, patch=14)
+    assert all("loader_wait_s" not in r["extra_s_parts"] for r in plain["rows"]) and plain["augment_core_hours"] == 0
+    assert P["suite_hours_paper"] - plain["suite_hours_paper"] == pytest.approx(by["seg", "voc"]["loader_wait_s"] / 3600)
+
+
+def test_augment_rates_measure_every_live_set():
+    from snd.bench.loaders import AUGMENT_FRAMES, augment_rates, workers_needed
+
+    r = augment_rates(0.01)
+    assert set(r) == set(AUGMENT_FRAMES) and all(v > 0 for v in r.values())
+    assert workers_needed(25.0, 100.0, 2) == 8 and workers_needed(1000.0, 1.0, 2) == 1

@@ -20,11 +20,12 @@ import torch
 
 __all__ = ["AUGMENT_FRAMES", "augment_rates", "workers_needed"]
 
-# native frame sizes the live sets augment: NYU's NYUCrop region, ScanNet++ FiT3D's frames, KITTI's KB crop,
-# an ADE20k-like 512x683 image (mmseg rescales to short side 512 x ratio), GeoNet's 480x640 .mat frames
-AUGMENT_FRAMES: dict[str, tuple[int, int]] = {"depth_nyuv2": (427, 565), "depth_scannetpp": (584, 876),
-                                              "depth_kitti": (352, 1216), "seg_ade20k": (512, 683),
-                                              "normals_geonet": (480, 480)}
+# native frame sizes the live sets augment: NYU's NYUCrop region, ScanNet's 480x640, ScanNet++ FiT3D's frames,
+# KITTI's KB crop; for seg an ADE20k-like 512x683 image (mmseg rescales every set to short side 512 x ratio, so
+# its cost hardly depends on the source size); GeoNet's 480x480 centre squares
+AUGMENT_FRAMES: dict[str, tuple[int, int]] = {"depth_nyuv2": (427, 565), "depth_scannet": (480, 640),
+                                              "depth_scannetpp": (584, 876), "depth_kitti": (352, 1216),
+                                              "seg": (512, 683), "normals": (480, 480)}
 
 
 @dataclass
@@ -74,7 +75,7 @@ def augment_rates(seconds: float = 2.0, *, patch: int = 14, seed: int = 0) -> di
     out: dict[str, float] = {}
     try:
         for key, hw in AUGMENT_FRAMES.items():
-            task, name = key.split("_", 1)
+            task, _, name = key.partition("_")
             src = _Frames(hw)
             if task == "depth":
                 ds = DepthTrain(src, PAPER_DEPTH_AUG[name], frame_hw=hw, patch=patch)

@@ -52,8 +52,30 @@ def _tokens(hw: tuple[int, int], p: int) -> int:
     return math.ceil(hw[0] / p) * math.ceil(hw[1] / p)
 
 
+# a live row's GPU parts (the backbone on the augmented items and the probe's steps on them)
+_LIVE_PARTS = {"depth": ("augmented_live_training_s", "own_size_train_s"), "seg": ("augmented_live_training_s",),
+               "normals": ("geonet_live_backbone_s", "geonet_probe_steps_s")}
+
+
+def _loader_s(task: str, name: str, extra: dict, iters: int, probes: dict, rates: dict | None,
+              workers: int | None) -> tuple[float, float] | None:
+    """(seconds `workers` DataLoader workers need to augment a live row's items, seconds its GPU parts take),
+    or None for a row that is not live (or without a measured rate)."""
+    parts = _LIVE_PARTS.get(task)
+    if not rates or not workers or parts is None or parts[0] not in extra:
+        return None
+    rate = rates.get(f"depth_{name}" if task == "depth" else task)
+    if not rate:
+        return None
+    batch = probes[task]["batch"]
+    if task == "normals":  # GeoNet's 10 epochs, whatever the fast row's iterations
+        iters = normals_spec(GEONET_TRAINVAL, batch).iters
+    return iters * batch / (rate * workers), sum(extra.get(k, 0.0) for k in parts)
+
+
 def paper_projection(rows: list[dict], *, hw: tuple[int, int], extract_rate: float, probes: dict,
-                     fast_parts: dict, patch: int = 14, seg_iters: dict | None = None) -> dict:
+                     fast_parts: dict, patch: int = 14, seg_iters: dict | None = None,
+                     augment_rates: dict | None = None, workers: int | None = None) -> dict:
     """Extra seconds of the paper protocol per (task, dataset) and the projected suite (one model).
 
     Args:
@@ -63,6 +85,10 @@ def paper_projection(rows: list[dict], *, hw: tuple[int, int], extract_rate: flo
         fast_parts: the fast suite's parts (features_s, targets_s, train_s, eval_s).
         patch: the backbone's patch size (the paper's fixed inputs are centre-padded to its multiple).
         seg_iters: training iterations per seg dataset (default: each row's `probe_iters`).
+        augment_rates, workers: items/s one worker augments per live set (`snd.bench.loaders.augment_rates`) and
+            the DataLoader workers: a live row whose items take the workers longer than the GPU takes for its
+            steps waits for them (`loader_wait_s`, each row as if trained alone with every worker; the
+            suite's `augment_core_hours` is the CPU time all live items take).
     """
     def ratio(other: tuple[int, int]) -> float:  # cost at `other` over the cost at the fast size
         return _tokens(other, patch) / _tokens(hw, patch)
@@ -70,7 +96,7 @@ def paper_projection(rows: list[dict], *, hw: tuple[int, int], extract_rate: flo
     def rate_at(other: tuple[int, int]) -> float:
         return extract_rate / ratio(other)
 
-    out_rows, per_task = [], {}
+    out_rows, per_task, core_s = [], {}, 0.0
     for r in rows:
         task, name = r["task"], r["dataset"]
         extra: dict[str, float] = {}
@@ -103,6 +129,11 @@ def paper_projection(rows: list[dict], *, hw: tuple[int, int], extract_rate: flo
         elif task == "correspondence":
             corr = padded_hw(PAPER_CORR_HW.get(name, hw), patch)
             extra["pairs_at_paper_size_s"] = 2 * r["n_val"] / rate_at(corr) - r["features_s"]
+        iters = (seg_iters or {}).get(name, r.get("probe_iters", 0)) if task == "seg" else r.get("probe_iters", 0)
+        lw = _loader_s(task, name, extra, iters, probes, augment_rates, workers)
+        if lw is not None:
+            extra["loader_wait_s"] = max(0.0, lw[0] - lw[1])
+            core_s += lw[0] * workers
         e = sum(extra.values())
         out_rows.append({"task": task, "dataset": name, "extra_s_parts": extra, "extra_s": e})
         per_task[task] = per_task.get(task, 0.0) + e
@@ -118,6 +149,7 @@ def paper_projection(rows: list[dict], *, hw: tuple[int, int], extract_rate: flo
         "per_task_hours_paper": {t: (fast_task[t] + per_task[t]) / 3600 for t in fast_task},
         "suite_hours_paper": (fast + sum(per_task.values())) / 3600,
         "goal_hours": 6.0,
+        "augment_items_per_s_per_worker": augment_rates, "workers": workers, "augment_core_hours": core_s / 3600,
         "note": "per-task hours sum each task's rows with training at its probe's own rate (waves overlap "
                 "probes, so the suite total uses the waves' time instead: the per-task split is an upper bound "
                 "per task). Rates and probe costs at other input sizes = the measured ones x token-count ratio. "
