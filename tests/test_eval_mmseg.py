@@ -197,3 +197,23 @@ def test_slide_logits_on_cuda_equal_cpu():
     cpu = slide_logits(probe, net, image, norm)
     gpu = slide_logits(probe.cuda(), net.cuda(), image.cuda(), {k: v.cuda() for k, v in norm.items()})
     assert torch.allclose(gpu.cpu(), cpu, atol=1e-3, rtol=1e-3)
+
+
+def test_the_training_crop_is_resized_only_inside_its_window():
+    """`_resize_u8_window` = the whole bilinear resize, then the crop (clipped at the border), to one uint8 level
+    (float summation order), and exactly equal on all but a few pixels; a box past the border is clipped."""
+    from snd.eval.mmseg import _resize_u8, _resize_u8_window
+
+    g = torch.Generator().manual_seed(0)
+    differ = total = 0
+    for H, W, h, w, box in ((300, 420, 700, 980, (100, 612, 300, 812)),  # upscale
+                            (640, 480, 400, 300, (0, 512, 0, 512)),  # downscale, box past both borders
+                            (375, 500, 512, 683, (0, 512, 171, 683))):
+        img = torch.randint(0, 256, (3, H, W), generator=g).float()
+        want = _resize_u8(img, (h, w))[:, box[0]:box[1], box[2]:box[3]]
+        got = _resize_u8_window(img, (h, w), box)
+        assert got.shape == want.shape and (got - want).abs().max() <= 1
+        differ, total = differ + int((got != want).sum()), total + want.numel()
+    assert differ < 1e-4 * total
+    same = torch.randint(0, 256, (3, 40, 50), generator=g).float()
+    assert torch.equal(_resize_u8_window(same, (40, 50), (10, 522, 5, 517)), same[:, 10:, 5:])
