@@ -16,7 +16,7 @@ from snd.data.formats import SYNTH_CLASSES
 from snd.data.ply import write_ply
 from snd.data.prepared import export_prepared
 from snd.data.scene import Scene
-from snd.data.synth import build_scene
+from snd.data.synth_scene import build_scene
 from snd.errors import SndError
 
 
