@@ -17,13 +17,13 @@ import torch
 
 from snd.eval.probes import DepthProbe, ProbeData, ProbeSpec, SegProbe, evaluate_probe, train_probe
 from snd.eval.protocol import FlippedImages, MmsegConfusion, dataset_kwargs, flip_average, mmseg_seg_metrics, onecycle_beta1
-from tests._stores import MemoryStore
+from tests._stores import MemoryStore, identity_norm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 C = 6
 GRID = (2, 3)
-NORM = {"weight": torch.ones(C), "bias": torch.zeros(C), "eps": torch.tensor([1e-6], dtype=torch.float64)}
+NORM = identity_norm(C)
 
 
 # ---- depth optimiser: mmcv OneCycle momentum -------------------------------------------------------------

@@ -15,13 +15,13 @@ import torch
 
 from snd.eval.probes import ProbeData, evaluate_probe
 from snd.eval.protocol import dataset_kwargs
-from tests._stores import MemoryStore
+from tests._stores import MemoryStore, identity_norm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 C = 6
 GRID = (2, 3)
-NORM = {"weight": torch.ones(C), "bias": torch.zeros(C), "eps": torch.tensor([1e-6], dtype=torch.float64)}
+NORM = identity_norm(C)
 
 
 # ---- normals test (Probe3D): 480x480 crop padded to 490^2, valid = raw depth > 0, zero GT = 90 degrees --------
