@@ -24,6 +24,8 @@ from snd.eval.probes.step import _Run
 
 
 class _Batches(torch.utils.data.Sampler):
+    """`batch_order` as a DataLoader batch sampler (its arguments are `batch_order`'s), for streamed rows."""
+
     def __init__(self, *args):
         self.args = args
 
