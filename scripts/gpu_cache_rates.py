@@ -10,14 +10,14 @@ from pathlib import Path
 
 import torch
 
-from snd.bench.eval import _Images
+from snd.bench.eval_measure import GeneratedImages
 from snd.eval.features import ensure_features, load_eval_backbone
 from snd.eval.targets import ensure_targets
 
 HW = (476, 630)
 work = Path(tempfile.mkdtemp())
 net = load_eval_backbone("dinov2_vits14", init="random").cuda()
-ensure_features(net, _Images(32, HW), cache_dir=work / "warm", dataset_name="w", split="t", img_hw=HW, batch=32,
+ensure_features(net, GeneratedImages(32, HW), cache_dir=work / "warm", dataset_name="w", split="t", img_hw=HW, batch=32,
                 device="cuda", precision="tf32")
 for workers in (0, 8):
     for writers in (1, 4):
@@ -25,11 +25,11 @@ for workers in (0, 8):
             tag = f"{what}-{workers}-{writers}"
             t0 = time.perf_counter()
             if what == "features":
-                ensure_features(net, _Images(n_img, HW), cache_dir=work / tag, dataset_name="b", split="t", img_hw=HW,
+                ensure_features(net, GeneratedImages(n_img, HW), cache_dir=work / tag, dataset_name="b", split="t", img_hw=HW,
                                 batch=32, device="cuda", precision="tf32", num_workers=workers, writers=writers)
                 torch.cuda.synchronize()
             else:
-                ensure_targets(_Images(n_img, HW), list(range(n_img)), "depth", cache_dir=work / tag, dataset_name="b",
+                ensure_targets(GeneratedImages(n_img, HW), list(range(n_img)), "depth", cache_dir=work / tag, dataset_name="b",
                                split="t", img_hw=HW, num_workers=workers, writers=writers)
             print(json.dumps({"what": what, "workers": workers, "writers": writers,
                               "img_s": round(n_img / (time.perf_counter() - t0), 1)}), flush=True)

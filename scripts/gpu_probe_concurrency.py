@@ -13,7 +13,7 @@ import time
 import torch
 
 from snd.eval.probes import DepthProbe, SegProbe, default_spec
-from snd.eval.probes.train import _optimizer, _set_lr, _Step
+from snd.eval.probes.step import _optimizer, _set_lr, _Step
 
 dev = torch.device("cuda")
 HW, GRID, DIM = (476, 630), (34, 45), 384

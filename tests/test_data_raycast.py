@@ -4,7 +4,7 @@ import pytest
 
 from snd.data.camera import Camera, intrinsics, look_at
 from snd.data.raycast import MeshRaycaster, embree_available, face_labels_from_vertices, lookup, trimesh_available
-from snd.data.synth import box_part, sphere_part
+from snd.data.synth_geometry import box_part, sphere_part
 
 
 def _cam(eye, target, h=48, w=64, f=50.0):

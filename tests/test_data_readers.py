@@ -1,29 +1,21 @@
-"""Dataset readers: raw ScanNet++ v2 (synth output and hand-written scenes), prepared layout round trip,
-camera conventions, fisheye undistortion, and SndErrors that name the broken file."""
+"""The raw ScanNet++ v2 reader (synth output and hand-written scenes): scenes, masks and depth against the
+generator's analytic truth, camera conventions, resizing, the toolkit's folders and split lists, and
+SndErrors that name the broken file. The prepared layout and fisheye undistortion have their own files
+(test_data_prepared.py, test_data_fisheye.py)."""
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from snd.data import list_layouts, open_dataset
-from snd.data.camera import opencv_to_opengl
-from snd.data.fisheye import (fisheye_distort_normalized, fisheye_undistort_map, fisheye_undistort_normalized,
-                               remap_bilinear, toolkit_new_K)
 from snd.data.formats import SYNTH_CLASSES
 from snd.data.ply import write_ply
-from snd.data.prepared import export_prepared
 from snd.data.scene import Scene
-from snd.data.synth import build_scene
+from snd.data.synth_scene import build_scene
 from snd.errors import SndError
-
-
-def _copy_root(synth_root: Path, tmp_path: Path) -> Path:
-    dst = tmp_path / "root"
-    shutil.copytree(synth_root, dst, ignore=shutil.ignore_patterns(".snd_cache"))
-    return dst
+from tests._scenes import copied_scene, copy_root
 
 
 def test_reader_parses_procedural_scenes(synth_root, tmp_path):
@@ -117,7 +109,7 @@ def test_gl_to_cv_on_hand_written_transforms(tmp_path):
 
 
 def test_colmap_and_transforms_poses_agree(synth_root, tmp_path):
-    root = _copy_root(synth_root, tmp_path)
+    root = copy_root(synth_root, tmp_path)
     name = open_dataset(root).scene_names("all")[0]
     a = open_dataset(root, cache_dir=tmp_path / "c").scene(name)
     (root / "data" / name / "dslr" / "colmap" / "images.txt").unlink()
@@ -140,78 +132,23 @@ def test_resized_scene_scales_K_and_casts_at_the_requested_size(synth_root, tmp_
     assert np.median(np.abs(small - approx) / approx) < 1e-2
 
 
-def test_prepared_round_trip(synth_root, tmp_path):
-    out = tmp_path / "prepared"
-    raw = open_dataset(synth_root, cache_dir=tmp_path / "c")
-    names = export_prepared(synth_root, out)
-    assert names == raw.scene_names("distill")
-    prep = open_dataset(out)
-    assert prep.layout == "prepared"
-    assert prep.scene_names("train") == raw.scene_names("train") and prep.scene_names("val") == raw.scene_names("val")
-    for name in names:
-        a, b = raw.scene(name), prep.scene(name)
-        assert b.frame_ids == a.frame_ids and b.depth(0) is None and b.semantic_mask(0) is None
-        for i in (0, 9):
-            np.testing.assert_array_equal(b.image(i), a.image(i))
-            np.testing.assert_array_equal(b.instance_mask(i), a.instance_mask(i))
-            np.testing.assert_allclose(b.camera(i).K, a.camera(i).K, atol=1e-9)
-            np.testing.assert_allclose(b.camera(i).c2w, a.camera(i).c2w, atol=1e-9)
-    # SnD's naming: instance_segmentation/<image file name>.png, 16-bit
-    png = out / "scenes" / names[0] / "instance_segmentation" / "DSC00001.JPG.png"
-    assert png.is_file() and Image.open(png).mode.startswith("I")
-    # resized prepared scene: nearest-resized masks, scaled K
-    small = open_dataset(out, height=56, width=84).scene(names[0])
-    assert small.instance_mask(0).shape == (56, 84)
-    # nearest resize by 1/2 samples source pixel centres (2i + 0.5) + 0.5 -> index 2i + 1
-    np.testing.assert_array_equal(small.instance_mask(0), prep.scene(names[0]).instance_mask(0)[1::2, 1::2])
-    np.testing.assert_allclose(small.camera(0).K, prep.scene(names[0]).camera(0).scaled(56, 84).K)
-
-
-def test_prepared_transforms_are_opengl(tmp_path):
-    sd = tmp_path / "scenes" / "s0"
-    (sd / "images").mkdir(parents=True)
-    (sd / "instance_segmentation").mkdir()
-    (tmp_path / "metadata").mkdir()
-    (tmp_path / "metadata" / "nvs_sem_train.txt").write_text("s0\n")
-    (tmp_path / "metadata" / "nvs_sem_val.txt").write_text("")
-    Image.new("RGB", (8, 6)).save(sd / "images" / "DSC00002.JPG")
-    Image.fromarray(np.full((6, 8), 300, np.uint16)).save(sd / "instance_segmentation" / "DSC00002.png")
-    gl = np.array([[1, 0, 0, 1], [0, 1, 0, 2], [0, 0, 1, 3], [0, 0, 0, 1]], float)  # GL camera looking down -z
-    tf = {"fl_x": 5, "fl_y": 5, "cx": 3.5, "cy": 2.5, "frames": [{"file_path": "DSC00002.JPG", "transform_matrix": gl.tolist(), "is_bad": True}]}
-    (sd / "transforms_train.json").write_text(json.dumps(tf))
-    sc = open_dataset(tmp_path).scene("s0")
-    cam = sc.camera(0)
-    np.testing.assert_allclose(cam.c2w[:3, 2], [0, 0, -1])  # OpenCV forward = GL -z
-    np.testing.assert_allclose(cam.c2w[:3, 1], [0, -1, 0])  # OpenCV down = GL -y
-    np.testing.assert_allclose(opencv_to_opengl(cam.c2w), gl)
-    assert (sc.height, sc.width) == (6, 8) and sc.is_bad == [True]
-    assert (sc.instance_mask(0) == 300).all()  # the <stem>.png name is accepted too
-
-
 # -- errors naming the file ------------------------------------------------------------------------
-def _first_scene(root: Path) -> Path:
-    return sorted(p for p in (root / "data").iterdir() if p.is_dir() and not p.name.startswith("."))[0]
-
-
 def test_missing_transforms_names_the_file(synth_root, tmp_path):
-    root = _copy_root(synth_root, tmp_path)
-    sd = _first_scene(root)
+    root, sd = copied_scene(synth_root, tmp_path)
     (sd / "dslr" / "nerfstudio" / "transforms_undistorted.json").unlink()
     with pytest.raises(SndError, match="transforms_undistorted.json"):
         open_dataset(root).scene(sd.name)
 
 
 def test_malformed_transforms_names_the_file(synth_root, tmp_path):
-    root = _copy_root(synth_root, tmp_path)
-    sd = _first_scene(root)
+    root, sd = copied_scene(synth_root, tmp_path)
     (sd / "dslr" / "nerfstudio" / "transforms_undistorted.json").write_text("{not json")
     with pytest.raises(SndError, match="malformed transforms file.*transforms_undistorted.json"):
         open_dataset(root).scene(sd.name)
 
 
 def test_truncated_jpeg_names_the_file(synth_root, tmp_path):
-    root = _copy_root(synth_root, tmp_path)
-    sd = _first_scene(root)
+    root, sd = copied_scene(synth_root, tmp_path)
     jpg = sd / "dslr" / "resized_undistorted_images" / "DSC00002.JPG"
     jpg.write_bytes(jpg.read_bytes()[:200])
     sc = open_dataset(root, cache_dir=tmp_path / "c").scene(sd.name)
@@ -220,8 +157,7 @@ def test_truncated_jpeg_names_the_file(synth_root, tmp_path):
 
 
 def test_ply_without_faces_names_the_file(synth_root, tmp_path):
-    root = _copy_root(synth_root, tmp_path)
-    sd = _first_scene(root)
+    root, sd = copied_scene(synth_root, tmp_path)
     ply = sd / "scans" / "mesh_aligned_0.05.ply"
     n = len(json.loads((sd / "scans" / "segments.json").read_text())["segIndices"])
     header = f"ply\nformat ascii 1.0\nelement vertex {n}\nproperty float x\nproperty float y\nproperty float z\nend_header\n"
@@ -232,8 +168,7 @@ def test_ply_without_faces_names_the_file(synth_root, tmp_path):
 
 
 def test_segments_length_mismatch_names_the_file(synth_root, tmp_path):
-    root = _copy_root(synth_root, tmp_path)
-    sd = _first_scene(root)
+    root, sd = copied_scene(synth_root, tmp_path)
     seg = json.loads((sd / "scans" / "segments.json").read_text())
     seg["segIndices"] = seg["segIndices"][:-3]
     (sd / "scans" / "segments.json").write_text(json.dumps(seg))
@@ -253,114 +188,10 @@ def test_unknown_layout_and_missing_split(tmp_path):
         open_dataset(tmp_path / "raw").scene_names("train")
 
 
-def test_missing_instance_png_names_the_file(synth_root, tmp_path):
-    out = tmp_path / "prep"
-    names = export_prepared(synth_root, out, scenes=[open_dataset(synth_root).scene_names("all")[0]])
-    png = out / "scenes" / names[0] / "instance_segmentation" / "DSC00003.JPG.png"
-    png.unlink()
-    with pytest.raises(SndError, match="DSC00003.JPG.png"):
-        open_dataset(out).scene(names[0]).instance_mask(2)
-
-
-# -- fisheye ---------------------------------------------------------------------------------------
-def _invert_theta(thd, k, iters=30):
-    th = thd.copy()
-    for _ in range(iters):  # Newton on theta (1 + k1 th^2 + ...) = thd
-        t2 = th * th
-        f = th * (1 + t2 * (k[0] + t2 * (k[1] + t2 * (k[2] + t2 * k[3])))) - thd
-        df = 1 + t2 * (3 * k[0] + t2 * (5 * k[1] + t2 * (7 * k[2] + t2 * 9 * k[3])))
-        th = th - f / df
-    return th
-
-
-def test_fisheye_undistortion_matches_analytic_pattern():
-    """Fisheye image of a smooth pattern f(x, y) on the pinhole plane -> undistort -> f at pinhole pixels."""
-    k = np.array([0.05, -0.01, 0.003, -0.0005])
-    H, W = 90, 120
-    K = np.array([[70.0, 0, 59.5], [0, 70.0, 44.5], [0, 0, 1]])
-    pattern = lambda x, y: 0.5 + 0.25 * np.sin(4 * x) + 0.25 * np.cos(5 * y)  # noqa: E731
-    # render the fisheye image: per fisheye pixel, invert the distortion to pinhole coordinates
-    v, u = np.meshgrid(np.arange(H, dtype=float), np.arange(W, dtype=float), indexing="ij")
-    xd, yd = (u - K[0, 2]) / K[0, 0], (v - K[1, 2]) / K[1, 1]
-    rd = np.hypot(xd, yd)
-    th = _invert_theta(rd, k)
-    s = np.where(rd > 1e-12, np.tan(th) / np.maximum(rd, 1e-12), 1.0)
-    fish = pattern(xd * s, yd * s)
-    # check the forward model against the inverse we just used
-    back = fisheye_distort_normalized(np.stack([xd * s, yd * s], -1), k)
-    np.testing.assert_allclose(back, np.stack([xd, yd], -1), atol=1e-9)
-    mx, my = fisheye_undistort_map(K, k, K, H, W)
-    und = remap_bilinear(fish, mx, my)
-    x, y = (u - K[0, 2]) / K[0, 0], (v - K[1, 2]) / K[1, 1]
-    err = np.abs(und - pattern(x, y))
-    assert err[10:-10, 10:-10].max() < 5e-3
-
-
-def test_reader_undistorts_fisheye_scenes(synth_root, tmp_path):
-    """Turn a pinhole scene into a fisheye one (resized_images + transforms.json); the reader must recover it."""
-    root = _copy_root(synth_root, tmp_path)
-    sd = _first_scene(root)
-    dslr = sd / "dslr"
-    tf = json.loads((dslr / "nerfstudio" / "transforms_undistorted.json").read_text())
-    k = [0.03, -0.005, 0.0, 0.0]
-    K = np.array([[tf["fl_x"], 0, tf["cx"]], [0, tf["fl_y"], tf["cy"]], [0, 0, 1]])
-    H, W = tf["h"], tf["w"]
-    v, u = np.meshgrid(np.arange(H, dtype=float), np.arange(W, dtype=float), indexing="ij")
-    xd, yd = (u - K[0, 2]) / K[0, 0], (v - K[1, 2]) / K[1, 1]
-    rd = np.hypot(xd, yd)
-    s = np.where(rd > 1e-12, np.tan(_invert_theta(rd, k)) / np.maximum(rd, 1e-12), 1.0)
-    src = dslr / "resized_undistorted_images"
-    (dslr / "resized_images").mkdir()
-    for p in sorted(src.iterdir()):
-        pin = np.asarray(Image.open(p).convert("RGB"))
-        fish = remap_bilinear(pin, K[0, 0] * xd * s + K[0, 2], K[1, 1] * yd * s + K[1, 2])
-        Image.fromarray(fish).save(dslr / "resized_images" / p.name, quality=95)
-    tf.update(camera_model="OPENCV_FISHEYE", k1=k[0], k2=k[1], k3=k[2], k4=k[3])
-    (dslr / "nerfstudio" / "transforms.json").write_text(json.dumps(tf))
-    pinhole = open_dataset(synth_root, cache_dir=tmp_path / "c").scene(sd.name)
-    shutil.rmtree(src)
-    (dslr / "nerfstudio" / "transforms_undistorted.json").unlink()
-    sc = open_dataset(root, cache_dir=tmp_path / "c").scene(sd.name)
-    assert sc.fisheye and sc.image_dir.name == "resized_images"
-    # the reader's pinhole camera is the toolkit's (balance 0, centred), not the fisheye K
-    Kn = toolkit_new_K(K, np.array(k), H, W)
-    np.testing.assert_allclose(sc.camera(4).K, sc._base.scaled(sc.height, sc.width).K)
-    np.testing.assert_allclose(sc._base.K, Kn)
-    assert Kn[0, 2] == W / 2 and Kn[1, 2] == H / 2 and abs(Kn[0, 0] - K[0, 0]) > 1  # centred; another focal length
-    # its image = the original pinhole image seen through the new K
-    pin = pinhole.image(4).astype(float)
-    x, y = (u - Kn[0, 2]) / Kn[0, 0], (v - Kn[1, 2]) / Kn[1, 1]
-    expect = remap_bilinear(pin, K[0, 0] * x + K[0, 2], K[1, 1] * y + K[1, 2])
-    a = sc.image(4).astype(float)
-    assert np.median(np.abs(a - expect)[8:-8, 8:-8]) < 6  # three bilinear resamplings + JPEG
-    assert np.median(np.abs(a - pin)[8:-8, 8:-8]) > np.median(np.abs(a - expect)[8:-8, 8:-8])
-
-
-def test_toolkit_new_K_hand_computed():
-    """A centred K, k1 only: the edge midpoints (80, 30), (0, 30) reach x = +-tan(theta(0.4)), (40, 0), (40, 60)
-    reach y = +-tan(theta(0.3)), theta the root of theta (1 + k1 theta^2) = theta_d (equidistant when k1 = 0;
-    a cubic solved independently with numpy.roots); centre of mass 0, so f = max(40 / tan, 30 / tan)."""
-    K = np.array([[100.0, 0, 40.0], [0, 100.0, 30.0], [0, 0, 1]])
-    for k1 in (0.0, 0.08):
-        def theta(thd):
-            if k1 == 0:
-                return thd
-            r = np.roots([k1, 0.0, 1.0, -thd])
-            return float(min(x.real for x in r if abs(x.imag) < 1e-12 and x.real > 0))
-        f = max(40.0 / np.tan(theta(0.4)), 30.0 / np.tan(theta(0.3)))
-        Kn = toolkit_new_K(K, np.array([k1, 0, 0, 0]), 60, 80)
-        np.testing.assert_allclose(Kn, [[f, 0, 40.0], [0, f, 30.0], [0, 0, 1]], rtol=1e-9)
-    assert 96.9 < toolkit_new_K(K, np.zeros(4), 60, 80)[0, 0] < 97.0  # 30 / tan(0.3): zoomed in from 100
-    # undistort inverts distort
-    xy = np.array([[0.3, -0.2], [0.01, 0.4]])
-    np.testing.assert_allclose(fisheye_undistort_normalized(fisheye_distort_normalized(xy, [k1, 0.01, 0, 0]), [k1, 0.01, 0, 0]),
-                               xy, atol=1e-10)
-
-
+# -- the toolkit's folders and the split lists ------------------------------------------------------
 def test_toolkit_undistorted_images_folder_is_accepted(synth_root, tmp_path):
     """The toolkit's dslr/undistort.py writes dslr/undistorted_images/ (+ transforms_undistorted.json)."""
-    root = _copy_root(synth_root, tmp_path)
-    sd = _first_scene(root)
+    root, sd = copied_scene(synth_root, tmp_path)
     (sd / "dslr" / "resized_undistorted_images").rename(sd / "dslr" / "undistorted_images")
     sc = open_dataset(root, cache_dir=tmp_path / "c").scene(sd.name)
     assert sc.image_dir.name == "undistorted_images" and not sc.fisheye
@@ -370,26 +201,8 @@ def test_toolkit_undistorted_images_folder_is_accepted(synth_root, tmp_path):
         open_dataset(root, cache_dir=tmp_path / "c2").scene(sd.name)
 
 
-def test_prepared_scenes_without_instance_masks_fail_at_start(synth_root, tmp_path):
-    """FiT3D's prepared folders lack instance_segmentation/: snd precompute fails before any work, naming them."""
-    from snd.pipeline.config import PrecomputeConfig
-    from snd.stages.precompute import run
-
-    out = tmp_path / "prep"
-    names = export_prepared(synth_root, out)
-    shutil.rmtree(out / "scenes" / names[0] / "instance_segmentation")
-    ds = open_dataset(out)
-    with pytest.raises(SndError, match=f"1 of {len(names)} prepared scenes have no instance_segmentation/ folder: {names[0]}"):
-        ds.check_scenes(names)
-    with pytest.raises(SndError, match="instance_segmentation"):
-        run(PrecomputeConfig(data=out, out=tmp_path / "cache", height=28, width=42, split="all", device="cpu"),
-            progress=False)
-    assert not (tmp_path / "cache").exists()  # nothing half-written
-    ds.check_scenes(names[1:])  # the others are fine
-
-
 def test_split_lists_v1_vs_v2_are_reported(synth_root, tmp_path):
-    root = _copy_root(synth_root, tmp_path)
+    root = copy_root(synth_root, tmp_path)
     ds = open_dataset(root)
     names = ds.scene_names("distill")
     line = ds.describe_selection("distill", names)

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import numpy as np
 
-from snd.data.synth import build_scene, generate_dataset
+from snd.data.synth import generate_dataset
+from snd.data.synth_scene import build_scene
 from snd.pipeline.config import SynthConfig
 
 

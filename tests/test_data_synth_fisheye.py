@@ -10,7 +10,8 @@ from snd.data.camera import Camera, intrinsics
 from snd.data.fisheye import fisheye_camera_dirs, fisheye_undistort_map, remap_bilinear, toolkit_new_K
 from snd.data.raycast import MeshRaycaster
 from snd.data.scannetpp import ScanNetppScene
-from snd.data.synth import build_scene, fisheye_intrinsics, generate_dataset
+from snd.data.synth import generate_dataset
+from snd.data.synth_scene import build_scene, fisheye_intrinsics
 from snd.pipeline.config import SynthConfig
 
 H, W = 192, 288  # large enough that bilinear error stays on texture edges

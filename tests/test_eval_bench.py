@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from snd.bench.eval import SUITE, bench, plan_training
+from snd.bench.eval import bench
+from snd.bench.eval_suite import SUITE, plan_training
 from snd.pipeline.config import BenchEvalConfig
 
 

@@ -20,12 +20,12 @@ from snd.eval.probes.depth import sig_loss
 from snd.eval.probes.normals import angular_nll
 from snd.eval.probes.rows import DeviceRows, plan_residency, row_bytes
 from snd.eval.targets import ensure_targets
-from tests._stores import MemoryStore
+from tests._stores import MemoryStore, identity_norm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 GRID, UP, C = (4, 4), 4, 12
-NORM = {"weight": torch.ones(C), "bias": torch.zeros(C), "eps": torch.tensor([1e-6], dtype=torch.float64)}
+NORM = identity_norm(C)
 _needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 

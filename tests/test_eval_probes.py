@@ -12,7 +12,7 @@ from snd.eval.probes import DepthProbe, NormalProbe, ProbeData, ProbeSpec, SegPr
 from snd.eval.probes.depth import gradient_loss, sig_loss
 from snd.eval.probes.normals import angular_nll
 from snd.eval.probes.schedules import lr_factor
-from tests._stores import MemoryStore
+from tests._stores import MemoryStore, identity_norm
 
 GRID = (4, 4)
 UP = 4  # label pixels per patch side
@@ -36,7 +36,7 @@ def _toy(n: int, seed: int):
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-NORM = {"weight": torch.ones(C), "bias": torch.zeros(C), "eps": torch.tensor([1e-6], dtype=torch.float64)}
+NORM = identity_norm(C)
 QUICK = ProbeSpec(iters=150, batch=4, lr=2e-2, weight_decay=0.0, schedule="constant", warmup=0)
 
 

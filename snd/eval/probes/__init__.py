@@ -9,7 +9,9 @@ from snd.eval.probes.depth import DEPTH_RANGE, DEPTH_SPEC, DepthProbe
 from snd.eval.probes.normals import NormalProbe, normals_spec
 from snd.eval.probes.seg import SEG_SPEC, SegProbe
 from snd.eval.probes.evaluate import evaluate_probe
-from snd.eval.probes.train import ProbeData, load_checkpoint, save_checkpoint, train_probe
+from snd.eval.probes.checkpoint import load_checkpoint, save_checkpoint
+from snd.eval.probes.data import ProbeData
+from snd.eval.probes.train import train_probe
 
 __all__ = ["PROBES", "Probe", "ProbeSpec", "DepthProbe", "NormalProbe", "SegProbe", "DEPTH_RANGE", "default_spec",
            "list_probes", "ProbeData", "train_probe", "evaluate_probe", "save_checkpoint", "load_checkpoint"]

@@ -37,7 +37,7 @@ def sig_loss(pred: Tensor, gt: Tensor, *, warm_up: bool = False, eps: float = 1e
     """Scale-invariant log loss over pixels with gt > 0 (AdaBins / DINOv2 form, lambda = 0.15).
 
     Written with masked sums instead of `g[valid]` so it has static shapes and never reads a value back to
-    the host: the probe's training step can then run as one CUDA graph (`snd.eval.probes.train`). The
+    the host: the probe's training step can then run as one CUDA graph (`snd.eval.probes.step`). The
     value equals the boolean-index form: mean and unbiased variance over the valid pixels; fewer than two
     valid pixels -> the warm-up form; none -> 0 (with a zero gradient).
     """

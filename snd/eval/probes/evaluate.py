@@ -1,6 +1,6 @@
 """Probe evaluation: metrics at the label resolution, under the fast or the paper protocol (`snd.eval.protocol`).
 
-Split from `snd.eval.probes.train` (training and evaluation share its `ProbeData` rows and token helpers).
+Apart from training (`snd.eval.probes.train`); both read the rows and tokens of `snd.eval.probes.data`.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from snd.eval.metrics import ConfusionAccumulator, MeanAccumulator, depth_metrics, normal_metrics
 from snd.eval.mmseg import slide_logits
 from snd.eval.probes.base import Probe, to_device
-from snd.eval.probes.train import TARGETS, ProbeData, _float_tokens
+from snd.eval.probes.data import TARGETS, ProbeData, _float_tokens
 from snd.eval.protocol import MmsegConfusion, flip_average, zero_normals_as_90deg
 
 __all__ = ["evaluate_probe"]

@@ -32,7 +32,7 @@ def _target_dtype(task: str) -> torch.dtype:
 
 
 def _target_key(task: str) -> str:
-    from snd.eval.probes.train import TARGETS
+    from snd.eval.probes.data import TARGETS
 
     return TARGETS[task][0]
 
