@@ -77,6 +77,12 @@ def test_bench_eval_measures_and_projects(tmp_path, capsys):
     # the paper protocol (the default) adds its projection beside the fast one
     assert r["protocol"] == "paper" and P["suite_hours_one_model"] < r["paper"]["suite_hours_paper"]
     assert {x["task"] for x in r["paper"]["rows"]} == {"depth", "normals", "seg", "correspondence"}
+    from snd.bench.loaders import AUGMENT_FRAMES
+
+    # the live sets' CPU side is measured and enters the live rows (every one: depth, seg, GeoNet normals)
+    assert set(r["paper"]["augment_items_per_s_per_worker"]) == set(AUGMENT_FRAMES) and r["paper"]["workers"] >= 0
+    assert all("loader_wait_s" in x["extra_s_parts"] for x in r["paper"]["rows"] if x["task"] in ("seg", "normals"))
+    assert r["paper"]["augment_core_hours"] > 0
     from snd.bench.summary import eval_suite  # what scripts/gpu_next.sh prints reads real keys
 
     s = eval_suite(json.loads(out.read_text()))

@@ -129,10 +129,14 @@ def bench(cfg: BenchEvalConfig) -> dict:
     }
     out["protocol"] = cfg.protocol
     if cfg.protocol == "paper":  # the paper protocol's extra passes and rows (`snd.eval.bench_paper`)
+        from snd.bench.loaders import augment_rates
         from snd.eval.bench_paper import paper_projection
+        from snd.stages.eval_plan import resolve_eval_workers
 
+        # the live training sets' CPU side, with the workers `snd eval`'s default gives this machine
         out["paper"] = paper_projection(rows, hw=hw, extract_rate=extract_rate, probes=probes, fast_parts=parts,
-                                        patch=p)
+                                        patch=p, augment_rates=augment_rates(1.0, patch=p),
+                                        workers=resolve_eval_workers("auto", device))
     if not all(math.isfinite(x) for x in parts.values()):
         raise RuntimeError(f"a projected part is not finite: {parts}")
     from snd.pipeline.jsonout import emit_json

@@ -62,7 +62,7 @@ def _loader_s(task: str, name: str, extra: dict, iters: int, probes: dict, rates
     """(seconds `workers` DataLoader workers need to augment a live row's items, seconds its GPU parts take),
     or None for a row that is not live (or without a measured rate)."""
     parts = _LIVE_PARTS.get(task)
-    if not rates or not workers or parts is None or parts[0] not in extra:
+    if not rates or workers is None or parts is None or parts[0] not in extra:
         return None
     rate = rates.get(f"depth_{name}" if task == "depth" else task)
     if not rate:
@@ -70,7 +70,7 @@ def _loader_s(task: str, name: str, extra: dict, iters: int, probes: dict, rates
     batch = probes[task]["batch"]
     if task == "normals":  # GeoNet's 10 epochs, whatever the fast row's iterations
         iters = normals_spec(GEONET_TRAINVAL, batch).iters
-    return iters * batch / (rate * workers), sum(extra.get(k, 0.0) for k in parts)
+    return iters * batch / (rate * max(workers, 1)), sum(extra.get(k, 0.0) for k in parts)  # 0: the main process
 
 
 def paper_projection(rows: list[dict], *, hw: tuple[int, int], extract_rate: float, probes: dict,
@@ -133,7 +133,7 @@ def paper_projection(rows: list[dict], *, hw: tuple[int, int], extract_rate: flo
         lw = _loader_s(task, name, extra, iters, probes, augment_rates, workers)
         if lw is not None:
             extra["loader_wait_s"] = max(0.0, lw[0] - lw[1])
-            core_s += lw[0] * workers
+            core_s += lw[0] * max(workers, 1)
         e = sum(extra.values())
         out_rows.append({"task": task, "dataset": name, "extra_s_parts": extra, "extra_s": e})
         per_task[task] = per_task.get(task, 0.0) + e
