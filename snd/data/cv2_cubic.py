@@ -18,8 +18,9 @@ OpenCV's ``modules/imgproc/src/resize.cpp`` (``resize_cpu``, ``interpolateCubic`
   For an exact 2x downscale every float step is exact (the weights are multiples of 64), so the two paths differ
   only on exact .5 ties.
 
-Not restated: builds whose vertical pass is 256-bit with FMA (AVX2 baseline) and builds where Intel IPP takes
-INTER_CUBIC (``ipp_hal_resize``); docs/evaluation.md says what that leaves open.
+Not restated: builds whose vertical pass is 256-bit with FMA (AVX2 baseline), and Intel IPP's own arithmetic
+where IPP takes uint8 INTER_CUBIC (x86-64 wheels; same kernel and border: ``IwiResizeParams(0, 0, 0.75, 4)``,
+``ippBorderRepl``); docs/evaluation.md says what that leaves open.
 """
 from __future__ import annotations
 
