@@ -140,3 +140,48 @@ def test_unknown_image_resize_is_one_clear_error(fisheye_scene):
 
     with pytest.raises(SndError, match="image_resize"):
         ScanNetppScene(fisheye_scene, image_resize="lanczos")
+
+
+def _spy_input(net):
+    """Record the tensor the ViT's blocks are fed (what `extract_tokens` passes to `forward_intermediates`)."""
+    from snd.models.backbone import _unwrap
+
+    vit, seen = _unwrap(net), []
+    inner = vit.forward_intermediates
+
+    def spy(x, *a, **k):
+        seen.append(x.detach().clone())
+        return inner(x, *a, **k)
+
+    vit.forward_intermediates = spy
+    return seen
+
+
+def test_correspondence_input_is_probe3d_normalised_and_zero_padded():
+    """Paper: Probe3D's pairs are ToTensor -> Normalize(0.5, 0.5), then `center_padding` pads with zeros; fast: the
+    backbone's ImageNet mean/std, no padding. A 12x13 image of three values, by hand."""
+    import torch
+
+    from snd.models.backbone import create_backbone
+    from snd.stages.eval_corr import corr_model_fn
+
+    net = create_backbone("snd_test_vit_patch14", init="random").eval()
+    seen = _spy_input(net)
+    img = torch.zeros(1, 3, 12, 13)
+    img[0, 0] = 1.0  # red channel white
+    img[0, 1, :, 6:] = 0.25
+    feats = corr_model_fn(net, paper=True, precision="fp32", device=torch.device("cpu"))(img)
+    x = seen[-1]
+    # 12x13 -> 14x14: rows 1 | 1, columns 0 | 1 (Probe3D: pad // 2 before, the rest after)
+    assert tuple(x.shape) == (1, 3, 14, 14) and tuple(feats.shape[-2:]) == (1, 1)
+    assert x[0, :, 1, 0].tolist() == [1.0, -1.0, -1.0]  # (1 - 0.5) / 0.5, (0 - 0.5) / 0.5
+    assert x[0, :, 12, 12].tolist() == [1.0, -0.5, -1.0]  # 0.25 -> -0.5
+    assert (x[0, :, 0] == 0).all() and (x[0, :, 13] == 0).all() and (x[0, :, :, 13] == 0).all()  # zeros, not grey
+    assert x[0, :, 1:13, :13].min() == -1.0
+    # fast: the backbone's own normalisation (ImageNet), on an input that needs no padding
+    img14 = torch.zeros(1, 3, 14, 14)
+    img14[0, 0] = 1.0
+    corr_model_fn(net, paper=False, precision="fp32", device=torch.device("cpu"))(img14)
+    y = seen[-1]
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    assert y[0, :, 5, 5].tolist() == pytest.approx([(1 - mean[0]) / std[0], -mean[1] / std[1], -mean[2] / std[2]], abs=1e-6)
