@@ -54,7 +54,8 @@ def measure(tag: str, args: argparse.Namespace) -> dict:
     mb = sp["mb_per_pair"]
     paper = mb["scaffold"] + mb["operators"] + (sp["mb_per_frame"] or 0.0) * fpp
     return {
-        "tag": tag, "source": source, "operator": op == "op", "images": images, "store": str(store),
+        "tag": tag, "source": source, "operator": op == "op", "images": images,
+        "store": store.name,  # the folder under --work: a machine's absolute path means nothing in docs/bench
         "pairs": info["pairs"], "targets": targets, "frames": info["frames"], "mb_per_pair": info["mb_per_pair"],
         "split": sp, "arrays_mb_per_pair": {k: a["mb_per_pair"] for k, a in info["arrays"].items()},
         "seconds": rec.get("seconds"), "phase_s": rec.get("phase_s"),
@@ -82,7 +83,7 @@ def main() -> None:
         c = json.loads(t.read_text())
         cams.append({k: c.get(k) for k in ("camera_model", "w", "h")} | {"frames": len(c.get("frames", [])) + len(c.get("test_frames", []))})
     res = {"device": args.device if args.device == "cpu" else torch.cuda.get_device_name(0), "torch": torch.__version__,
-           "data": {"root": str(args.data), "scenes": cams},
+           "data": {"root": Path(args.data).name, "scenes": cams},  # the folder name only (as "store")
            "note": "MVSplat is random-init: a trained one's fields (depth, scales, opacity) compress differently; "
                    "procedural frames compress better losslessly than photos (docs/cache-format.md)",
            "runs": [measure(t, args) for t in args.run]}

@@ -81,8 +81,10 @@ def detect_layout(root: str | Path) -> str:
 class Dataset:
     """A dataset root in one layout: scene lists per split and `Scene` objects at one image size."""
 
-    def __init__(self, root: str | Path, layout: str, *, height: int | None = None, width: int | None = None, cache_dir: str | Path | None = None):
+    def __init__(self, root: str | Path, layout: str, *, height: int | None = None, width: int | None = None, cache_dir: str | Path | None = None,
+                 image_resize: str = "bilinear"):
         self.root = Path(root)
+        self.image_resize = image_resize
         if layout not in _LAYOUTS:
             raise SndError(f"unknown layout {layout!r}", hint=f"choose one of {['auto'] + list_layouts()}")
         if (height is None) != (width is None):
@@ -193,17 +195,19 @@ class Dataset:
             from snd.data.render_cache import MapCache
             from snd.data.scannetpp import ScanNetppScene
 
-            return ScanNetppScene(d, height=self.height, width=self.width, cache=MapCache(self.cache_dir), classes=self.semantic_classes())
+            return ScanNetppScene(d, height=self.height, width=self.width, cache=MapCache(self.cache_dir), classes=self.semantic_classes(),
+                                  image_resize=self.image_resize)
         from snd.data.prepared import PreparedScene
 
-        return PreparedScene(d, height=self.height, width=self.width)
+        return PreparedScene(d, height=self.height, width=self.width, image_resize=self.image_resize)
 
     def __repr__(self) -> str:
         size = f"{self.height}x{self.width}" if self.height else "native"
         return f"Dataset(root={str(self.root)!r}, layout={self.layout!r}, size={size})"
 
 
-def open_dataset(root: str | Path, layout: str = "auto", *, height: int | None = None, width: int | None = None, cache_dir: str | Path | None = None) -> Dataset:
+def open_dataset(root: str | Path, layout: str = "auto", *, height: int | None = None, width: int | None = None, cache_dir: str | Path | None = None,
+                 image_resize: str = "bilinear") -> Dataset:
     """Open a dataset root.
 
     Args:
@@ -212,6 +216,7 @@ def open_dataset(root: str | Path, layout: str = "auto", *, height: int | None =
         height, width: size of every image, mask, depth map and camera the scenes return (default native).
         cache_dir: where ray-cast masks/depth are cached (default ``<root>/.snd_cache`` if writable,
             else ``~/.cache/snd``).
+        image_resize: "bilinear" (PIL), or "cv2_cubic" (FiT3D's frames, raw layout only; `snd.data.scannetpp`).
     """
     root = Path(root)
     if layout == "auto":
@@ -220,7 +225,7 @@ def open_dataset(root: str | Path, layout: str = "auto", *, height: int | None =
         raise SndError(f"unknown layout {layout!r}", hint=f"choose one of {['auto'] + list_layouts()}")
     elif not root.is_dir():
         raise SndError(f"dataset root does not exist: {root}", path=root)
-    return Dataset(root, layout, height=height, width=width, cache_dir=cache_dir)
+    return Dataset(root, layout, height=height, width=width, cache_dir=cache_dir, image_resize=image_resize)
 
 
 __all__ = ["Camera", "Dataset", "Scene", "detect_layout", "list_layouts", "open_dataset", "register_layout"]

@@ -40,7 +40,13 @@ log = logging.getLogger(__name__)
 class PreparedScene:
     """One prepared-layout scene as a `snd.data.scene.Scene` (no depth, no semantics)."""
 
-    def __init__(self, scene_dir: str | Path, *, height: int | None = None, width: int | None = None):
+    def __init__(self, scene_dir: str | Path, *, height: int | None = None, width: int | None = None,
+                 image_resize: str = "bilinear"):
+        from snd.data.scannetpp import IMAGE_RESIZE
+
+        if image_resize not in IMAGE_RESIZE:
+            raise SndError(f"unknown image_resize {image_resize!r}", hint=f"choose one of {list(IMAGE_RESIZE)}")
+        self.image_resize = image_resize  # "cv2_cubic": OpenCV INTER_CUBIC (`snd.data.cv2_cubic`), when a resize is needed
         self.dir = Path(scene_dir)
         self.name = self.dir.name
         tf_path = self.dir / "transforms_train.json"
@@ -79,6 +85,10 @@ class PreparedScene:
         if img.shape[:2] != self.native_hw:
             # intrinsics are for native_hw: an image of another size must be rescaled to it first
             img = resize_rgb(img, *self.native_hw)
+        if self.image_resize == "cv2_cubic" and img.shape[:2] != (self.height, self.width):
+            from snd.data.cv2_cubic import resize_cubic_cv2
+
+            return resize_cubic_cv2(img, self.height, self.width)
         return resize_rgb(img, self.height, self.width)
 
     def mask_path(self, i: int) -> Path:

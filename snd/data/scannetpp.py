@@ -17,6 +17,12 @@ Per scene ``<root>/data/<scene>/``:
   of a pixel = ``objectId`` of the first mesh face its ray hits (face label = majority of its vertices),
   0 where unannotated or a miss. Semantic id = 1 + index of the label in the class table (0 = ignore).
 * depth, instance and semantic maps are ray-cast at the requested size and cached as npz.
+* resizing (``image_resize``): "bilinear" (default) undistorts at the native size, then resizes with PIL
+  bilinear (`snd.data.imageio.resize_rgb`); "cv2_cubic" resizes as FiT3D prepares its frames (the official depth
+  probe's input): OpenCV INTER_CUBIC (`snd.data.cv2_cubic`) and, for fisheye frames, in FiT3D's order: the fisheye
+  image first (``dslr/downscale.py``), then undistortion at the output size (``dslr/undistort.py``) with its
+  camera: the fisheye K scaled by the size ratio (fx * s, cx * s: no half-pixel shift, as FiT3D's
+  ``compute_resize_intrinsic``) and `toolkit_new_K` of that, which is also the K the maps are ray cast with.
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from snd.data.camera import Camera, intrinsics
+from snd.data.cv2_cubic import resize_cubic_cv2
 from snd.data.fisheye import fisheye_undistort_map, remap_bilinear, toolkit_new_K
 from snd.data.formats import nerfstudio_to_mesh_c2w, read_colmap_images, read_json, read_transform_frames
 from snd.data.imageio import read_rgb, resize_rgb
@@ -47,6 +54,17 @@ def _intrinsics_from(tf: dict, path: Path) -> tuple[np.ndarray, int, int]:
     return K, h, w
 
 
+IMAGE_RESIZE = ("bilinear", "cv2_cubic")
+
+
+def fit3d_scaled_K(K: np.ndarray, sy: float, sx: float) -> np.ndarray:
+    """FiT3D's ``compute_resize_intrinsic``: fx, cx times sx and fy, cy times sy (no half-pixel shift)."""
+    K = np.asarray(K, dtype=np.float64).copy()
+    K[0] *= sx
+    K[1] *= sy
+    return K
+
+
 class ScanNetppScene:
     """One raw ScanNet++ v2 scene as a `snd.data.scene.Scene`.
 
@@ -55,9 +73,14 @@ class ScanNetppScene:
         height, width: output size (default: the transforms' ``h`` x ``w``).
         cache: where ray-cast maps are cached (`MapCache(None)` = no caching).
         classes: semantic class table (id = index + 1); None = the sorted labels of this scene.
+        image_resize: "bilinear" or "cv2_cubic" (FiT3D's frames; module docstring).
     """
 
-    def __init__(self, scene_dir: str | Path, *, height: int | None = None, width: int | None = None, cache: MapCache | None = None, classes: list[str] | None = None):
+    def __init__(self, scene_dir: str | Path, *, height: int | None = None, width: int | None = None, cache: MapCache | None = None, classes: list[str] | None = None,
+                 image_resize: str = "bilinear"):
+        if image_resize not in IMAGE_RESIZE:
+            raise SndError(f"unknown image_resize {image_resize!r}", hint=f"choose one of {list(IMAGE_RESIZE)}")
+        self.image_resize = image_resize
         self.dir = Path(scene_dir)
         self.name = self.dir.name
         dslr = self.dir / "dslr"
@@ -109,6 +132,10 @@ class ScanNetppScene:
         self.width = int(width) if width is not None else w
         self._base = Camera(K=K, c2w=np.eye(4), height=h, width=w)
         self._K = self._base.scaled(self.height, self.width).K
+        self._fit3d_fisheye = self.fisheye and image_resize == "cv2_cubic" and (self.height, self.width) != (h, w)
+        if self._fit3d_fisheye:  # FiT3D: downscale the fisheye frame, then undistort it at the output size
+            self._K_fish_out = fit3d_scaled_K(self.native_camera_K, self.height / h, self.width / w)
+            self._K = toolkit_new_K(self._K_fish_out, self._dist, self.height, self.width)
         self.cache = cache if cache is not None else MapCache(None)
         self._classes = classes
         self._geom = None
@@ -127,11 +154,19 @@ class ScanNetppScene:
         h, w = self.native_hw
         if img.shape[:2] != (h, w):
             raise SndError(f"image is {img.shape[1]}x{img.shape[0]} but {self.transforms_path.name} says {w}x{h}: {path}", path=path)
+        if self._fit3d_fisheye:
+            img = resize_cubic_cv2(img, self.height, self.width)
+            with self._lock:
+                if self._map is None:
+                    self._map = fisheye_undistort_map(self._K_fish_out, self._dist, self._K, self.height, self.width)
+            return remap_bilinear(img, *self._map)
         if self.fisheye:
             with self._lock:
                 if self._map is None:
                     self._map = fisheye_undistort_map(self.native_camera_K, self._dist, self._base.K, h, w)
             img = remap_bilinear(img, *self._map)
+        if self.image_resize == "cv2_cubic" and img.shape[:2] != (self.height, self.width):
+            return resize_cubic_cv2(img, self.height, self.width)
         return resize_rgb(img, self.height, self.width)
 
     def instance_mask(self, i: int) -> np.ndarray:

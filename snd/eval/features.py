@@ -141,13 +141,16 @@ def key_from_fingerprint(fingerprint: str, img_hw: tuple[int, int], precision: P
 
 
 @torch.no_grad()
-def extract_tokens(model: nn.Module, images01: Tensor, precision: Precision = "fp32") -> Tensor:
+def extract_tokens(model: nn.Module, images01: Tensor, precision: Precision = "fp32", *,
+                   normalized: bool = False) -> Tensor:
     """Last-block tokens before the final norm.
 
     Args:
         model: timm ViT (maybe wrapped).
         images01: [B, 3, H, W] in [0, 1], H and W multiples of the patch size.
         precision: the backbone's arithmetic (`precision_context`); tokens come back as float32 either way.
+        normalized: the images are already the backbone's input (a protocol that normalises its own way, e.g.
+            Probe3D's ScanNet pairs), passed unchanged instead of through the backbone's mean/std.
 
     Returns:
         tokens [B, 1 + h*w, C] float32: CLS first, then patches in row-major order (registers dropped).
@@ -160,7 +163,8 @@ def extract_tokens(model: nn.Module, images01: Tensor, precision: Precision = "f
     p = patch_size(vit)
     assert H % p == 0 and W % p == 0, f"image size {H}x{W} is not a multiple of the patch size {p}"
     with precision_context(precision, images01.device):
-        out = vit.forward_intermediates(normalize(vit, images01), indices=1, norm=False, return_prefix_tokens=True,
+        x = images01 if normalized else normalize(vit, images01)
+        out = vit.forward_intermediates(x, indices=1, norm=False, return_prefix_tokens=True,
                                         intermediates_only=True, output_fmt="NLC")
     spatial, prefix = out[0]  # [B, h*w, C], [B, n_prefix, C]
     assert spatial.shape[1] == (H // p) * (W // p), f"{tuple(spatial.shape)} vs grid {H // p}x{W // p}"

@@ -1,9 +1,9 @@
 """`snd eval`'s correspondence task: no training, one pass over the pairs (`snd.eval.correspondence`).
 
 Paper protocol (Probe3D's ScanNet script): pairs at `PAPER_CORR_HW` (480x640 for ScanNet-1500), centre-padded
-to a multiple of the backbone's patch for the ViT (490x644 for /14; 480x640 is already a multiple of 16; the padding normalises to 0
-as Probe3D's does), K from
-each scene's intrinsics.npz, depth and K scaled by Probe3D's rules (`geometry="probe3d"`). Fast protocol:
+to a multiple of the backbone's patch for the ViT (490x644 for /14; 480x640 is already a multiple of 16), normalised
+as Probe3D's pairs are (mean/std 0.5, not the backbone's) and padded with zeros after normalising, K from each
+scene's intrinsics.npz, depth and K scaled by Probe3D's rules (`geometry="probe3d"`). Fast protocol:
 pairs at `snd eval`'s input size, snd's consistent scaling rules.
 """
 from __future__ import annotations
@@ -13,33 +13,32 @@ import torch
 from snd.pipeline.config import EvalConfig
 
 
-def _backbone_mean(net: torch.nn.Module) -> torch.Tensor:
-    """[3] the image value the backbone normalises to 0 (its mean), read off `normalize` itself."""
-    from snd.models.backbone import _unwrap, normalize
-
-    vit = _unwrap(net)
-    z = normalize(vit, torch.zeros(1, 3, 1, 1))[0, :, 0, 0]  # -mean / std
-    o = normalize(vit, torch.ones(1, 3, 1, 1))[0, :, 0, 0]  # (1 - mean) / std
-    return (-z / (o - z)).float()
+PROBE3D_PAIR_MEAN_STD = 0.5  # Probe3D's ScanNetPairsDataset: Normalize(mean=[0.5] * 3, std=[0.5] * 3)
 
 
 def corr_model_fn(net: torch.nn.Module, *, paper: bool, precision: str, device: torch.device):
-    """images [B, 3, H, W] in [0, 1] -> raw last-block patch features [B, C, h, w] of `net`. Paper: the images
-    are first centre-padded to a multiple of the backbone's own patch (`center_pad`, the padding normalising to
-    0: 480x640 -> 490x644 for /14, unchanged for /16), so the map covers the padded frame; Probe3D then samples
-    it as if it covered the unpadded image (`snd.eval.correspondence.sample_features`)."""
+    """images [B, 3, H, W] in [0, 1] -> raw last-block patch features [B, C, h, w] of `net`.
+
+    Paper (Probe3D's `ScanNetPairsDataset` + `DINO.forward`): the backbone receives (x - 0.5) / 0.5, whatever its
+    own mean/std, centre-padded with zeros (`center_pad` on the normalised image, Probe3D's `center_padding`) to a
+    multiple of its patch (480x640 -> 490x644 for /14, unchanged for /16), so the map covers the padded frame;
+    Probe3D then samples it as if it covered the unpadded image (`snd.eval.correspondence.sample_features`).
+    Fast: the backbone's own normalisation (ImageNet mean/std), no padding."""
     from snd.eval.features import extract_tokens, split_tokens
     from snd.eval.protocol import center_pad
     from snd.models.backbone import _unwrap, patch_size
 
     p = patch_size(_unwrap(net))
-    fill = _backbone_mean(net)
 
     def model_fn(images: torch.Tensor) -> torch.Tensor:
         if paper:
-            images = center_pad(images, p, fill)
-        tok = extract_tokens(net, images.to(device), precision)
-        return split_tokens(tok, (images.shape[-2] // p, images.shape[-1] // p))[1]
+            x = images.sub(PROBE3D_PAIR_MEAN_STD).div(PROBE3D_PAIR_MEAN_STD)  # torchvision Normalize's arithmetic
+            x = center_pad(x, p, torch.zeros(3))
+            tok = extract_tokens(net, x.to(device), precision, normalized=True)
+        else:
+            x = images
+            tok = extract_tokens(net, x.to(device), precision)
+        return split_tokens(tok, (x.shape[-2] // p, x.shape[-1] // p))[1]
 
     return model_fn
 

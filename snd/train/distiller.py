@@ -52,13 +52,15 @@ def build_base_backbone(cfg: DistillConfig, base_file: Path | None = None) -> nn
 
 
 def rigid_inverse(c2w: Tensor) -> Tensor:
-    """[4, 4] camera-to-world -> world-to-camera as [R^T, -R^T t] (exact for rigid poses; unlike
-    torch.linalg.inv on CUDA it never waits for the GPU to report singular matrices)."""
-    R, t = c2w[:3, :3], c2w[:3, 3]
+    """[..., 4, 4] camera-to-world -> world-to-camera as [R^T, -R^T t] (exact for rigid poses; unlike
+    torch.linalg.inv on CUDA it never waits for the GPU to report singular matrices). Batched, so stage one
+    inverts a whole batch's target poses in one call."""
+    assert c2w.shape[-2:] == (4, 4), f"expected [..., 4, 4], got {tuple(c2w.shape)}"
+    Rt = c2w[..., :3, :3].transpose(-1, -2)
     out = torch.zeros_like(c2w)
-    out[:3, :3] = R.t()
-    out[:3, 3] = -(R.t() @ t)
-    out[3, 3] = 1.0
+    out[..., :3, :3] = Rt
+    out[..., :3, 3:] = -(Rt @ c2w[..., :3, 3:])
+    out[..., 3, 3] = 1.0
     return out
 
 
@@ -130,10 +132,11 @@ class Distiller(nn.Module):
             return apply_operator(operator_from_batch(batch), ctx_feats, self.grid)
         B = ctx_feats.shape[0]
         feats, valid = [], []
+        w2c = rigid_inverse(batch["tgt_c2w"].float())  # [B, 4, 4], one call for the batch
         for b in range(B):
             g = PixelGaussians(batch["means"][b], batch["quats"][b], batch["scales"][b], batch["opacities"][b])
             f, v = target_fn(ctx_feats[b].float(), g, batch["ctx_masks"][b], batch["tgt_mask"][b], batch["tgt_K"][b],
-                             rigid_inverse(batch["tgt_c2w"][b].float()), self.grid, upsample=self.cfg.upsample,
+                             w2c[b], self.grid, upsample=self.cfg.upsample,
                              blend=self.cfg.blend, backend=self.cfg.renderer, protocol=self.cfg.targets_protocol)
             feats.append(f)
             valid.append(v)

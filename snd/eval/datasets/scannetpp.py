@@ -12,8 +12,10 @@ Depth outside the official (0.001, 20 m) range is invalid for the probe and the 
 
 `whole_frame=True` (depth, the paper protocol, both splits): the official depth config feeds FiT3D's whole frames,
 584x876 (`img_scale=(584, 876)`; its `pre_eval` resizes the ground truth bilinearly to 584x876): the DSLR frame
-undistorted, then downscaled by 2 (FiT3D's `dslr/downscale.py`, cv2 INTER_CUBIC). snd renders the frame at
-`FRAME_HW` from the undistorted DSLR image (PIL bilinear from 1168x1752) and ray casts the depth at that size.
+downscaled by 2 with cv2 INTER_CUBIC (FiT3D's `dslr/downscale.py`), then undistorted at that size
+(`dslr/undistort.py`). snd makes the frame at `FRAME_HW` the same way (`image_resize="cv2_cubic"`: OpenCV's cubic
+restated in `snd.data.cv2_cubic`; fisheye downloads in FiT3D's order, pinhole ones cubic from the undistorted
+1168x1752 image) and ray casts the depth at that size with FiT3D's camera.
 """
 from __future__ import annotations
 
@@ -53,4 +55,5 @@ def build(path: Path, split: str, task: str, img_hw: tuple[int, int], **kw) -> S
     names = ds.scene_names(split)
     if kw.get("whole_frame"):
         kw["frame_hw"] = FRAME_HW
+        kw["image_resize"] = "cv2_cubic"  # FiT3D's frames: cv2 INTER_CUBIC (module docstring)
     return SceneFrames("scannetpp", path, names, split, task, img_hw, num_classes=NUM_CLASSES, layout=layout, **kw)

@@ -11,7 +11,8 @@ validation sets) kept (each as id num_classes, which can never read as 255), so 
 (`snd.eval.protocol.MmsegConfusion`).
 
 With `whole_frame=True` and `frame_hw` (ScanNet++ depth under the paper protocol: FiT3D's 584x876 frames) the
-frames are rendered at exactly `frame_hw` and centre-padded to `img_hw` (`ProbeDataset`), the target native.
+frames are rendered at exactly `frame_hw` and centre-padded to `img_hw` (`ProbeDataset`), the target native;
+`image_resize="cv2_cubic"` makes those frames as FiT3D does (`snd.data.scannetpp`).
 
 Scenes are opened lazily and the last `max_open_scenes` are kept per process: iterate in order
 (`shuffle=False`, as the feature cache does) to open each scene once.
@@ -51,7 +52,7 @@ class SceneFrames(ProbeDataset):
                  img_hw: tuple[int, int], *, fit: Fit = "crop", num_classes: Optional[int] = None,
                  frame_stride: int = 1, cache_dir: Optional[Path] = None, max_open_scenes: int = 2,
                  layout: str = "auto", keep_extra_ids: bool = False, whole_frame: bool = False,
-                 frame_hw: Optional[tuple[int, int]] = None):
+                 frame_hw: Optional[tuple[int, int]] = None, image_resize: str = "bilinear"):
         self.name = name
         super().__init__(split, task, img_hw, fit=fit, whole_frame=whole_frame)
         from snd.data import open_dataset
@@ -67,7 +68,8 @@ class SceneFrames(ProbeDataset):
             raise SndError(f"{name}: whole_frame needs the native frame size frame_hw")
         self.render_hw = (tuple(int(v) for v in frame_hw) if whole_frame
                           else render_size((probe.height, probe.width), self.img_hw, fit))
-        self._open_args = dict(layout=layout, height=self.render_hw[0], width=self.render_hw[1], cache_dir=cache_dir)
+        self._open_args = dict(layout=layout, height=self.render_hw[0], width=self.render_hw[1], cache_dir=cache_dir,
+                               image_resize=image_resize)
         self._ds = None
         self._scenes: OrderedDict = OrderedDict()
         self.items: list[tuple[str, int]] = []
@@ -80,7 +82,8 @@ class SceneFrames(ProbeDataset):
             from snd.data import open_dataset
 
             a = self._open_args
-            self._ds = open_dataset(self.path, a["layout"], height=a["height"], width=a["width"], cache_dir=a["cache_dir"])
+            self._ds = open_dataset(self.path, a["layout"], height=a["height"], width=a["width"], cache_dir=a["cache_dir"],
+                                    image_resize=a["image_resize"])
         return self._ds
 
     def _scene(self, name: str):

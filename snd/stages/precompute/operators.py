@@ -38,8 +38,7 @@ def _build_operators(fields: dict[str, np.ndarray], b: _Batch, enc: Encoding, sp
         torch.from_numpy(ex["ctx_mask"].astype(np.int64)).to(dev),
         torch.from_numpy(ex["tgt_mask"][bi, ti].astype(np.int64)).to(dev),
         torch.from_numpy(ex["tgt_K"][bi, ti]).to(dev, torch.float32),
-        torch.stack([rigid_inverse(torch.from_numpy(c).to(dev, torch.float32)) for c in ex["tgt_c2w"][bi, ti]])
-        if len(bi) else torch.zeros(0, 4, 4, device=dev),
+        rigid_inverse(torch.from_numpy(ex["tgt_c2w"][bi, ti]).to(dev, torch.float32)),  # [J, 4, 4], one call
         torch.from_numpy(bi).to(dev), spec.ctx_hw, spec.out_hw, upsample=spec.upsample, blend=spec.blend,
         blend_weight=spec.blend_weight, protocol=spec.protocol, row_cap=spec.row_cap, inst_cap=spec.inst_cap,
         chunk=chunk)

@@ -18,7 +18,7 @@ from snd.pipeline import buildcache
 from snd.pipeline.config import PrecomputeConfig
 from snd.scaffold import ScaffoldSource
 from snd.stages.precompute.frames import _loader
-from snd.stages.precompute.launch import _InFlight, _land, _launch
+from snd.stages.precompute.launch import _InFlight, _land, _launch, resolve_operator_chunk
 from snd.stages.precompute.report import Summary, console, print_summary, record_run
 from snd.stages.precompute.settings import make_source, operator_spec, resolve_rank, store_header
 from snd.stages.precompute.writer import _suppress_full, _Writer
@@ -41,8 +41,8 @@ def run(cfg: PrecomputeConfig, *, source: ScaffoldSource | None = None, progress
 
     if cfg.batch_pairs < 1:
         raise SndError(f"--batch-pairs must be >= 1, got {cfg.batch_pairs}")
-    if cfg.operator_chunk < 1:
-        raise SndError(f"--operator-chunk must be >= 1, got {cfg.operator_chunk}")
+    if cfg.operator_chunk < 0:
+        raise SndError(f"--operator-chunk must be >= 1, or 0 for auto (8 on CUDA, 1 on CPU), got {cfg.operator_chunk}")
     rank, world = resolve_rank(cfg.rank, cfg.world_size)
     ds = open_dataset(cfg.data, cfg.layout, height=cfg.height, width=cfg.width)
     names = ds.scene_names(cfg.split)
@@ -107,6 +107,7 @@ def run(cfg: PrecomputeConfig, *, source: ScaffoldSource | None = None, progress
     in_scene: dict[str, int] = {}
     queued_pairs = 0
     dev = torch.device(source.device)
+    operator_chunk = resolve_operator_chunk(cfg.operator_chunk, dev)
     pending: _InFlight | None = None
     wait_data = 0.0
 
@@ -117,7 +118,7 @@ def run(cfg: PrecomputeConfig, *, source: ScaffoldSource | None = None, progress
         if pending is None:
             return
         f, pending = pending, None
-        fields = _land(f, enc, op_spec, summary.phase_s, dev, operator_chunk=cfg.operator_chunk)
+        fields = _land(f, enc, op_spec, summary.phase_s, dev, operator_chunk=operator_chunk)
         tw = time.perf_counter()
         writer.q.put(("add", f.batch.scene, fields))
         wait_write = time.perf_counter() - tw

@@ -1,0 +1,47 @@
+"""Stage one's small defaults: `--operator-chunk 0` (auto) resolved per device, and `rigid_inverse` on batches."""
+import pytest
+import torch
+
+from snd.errors import SndError
+from snd.pipeline.config import BenchPrecomputeConfig, PrecomputeConfig
+from snd.stages.precompute.launch import resolve_operator_chunk
+from snd.train.distiller import rigid_inverse
+
+
+def test_operator_chunk_auto_is_8_on_cuda_and_1_on_cpu():
+    assert PrecomputeConfig().operator_chunk == 0 and BenchPrecomputeConfig().operator_chunk == 0  # auto by default
+    assert resolve_operator_chunk(0, "cuda") == 8 and resolve_operator_chunk(0, torch.device("cuda", 1)) == 8
+    assert resolve_operator_chunk(0, "cpu") == 1 and resolve_operator_chunk(0, torch.device("cpu")) == 1
+    assert resolve_operator_chunk(3, "cpu") == 3 and resolve_operator_chunk(12, "cuda") == 12  # a given chunk is kept
+    with pytest.raises(SndError, match="operator-chunk"):
+        resolve_operator_chunk(-1, "cpu")
+
+
+def _random_rigid(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    q, r = torch.linalg.qr(torch.randn(*shape, 3, 3, generator=g, dtype=torch.float64))
+    R = q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))[..., None, :]  # a Haar-random orthonormal basis
+    R = R * torch.sign(torch.linalg.det(R))[..., None, None]  # det +1: a rotation (flip all columns when -1)
+    T = torch.zeros(*shape, 4, 4, dtype=torch.float64)
+    T[..., :3, :3], T[..., :3, 3], T[..., 3, 3] = R, 10 * torch.randn(*shape, 3, generator=g, dtype=torch.float64), 1
+    return T
+
+
+@pytest.mark.parametrize("shape", [(), (5,), (2, 3), (0,)])
+def test_rigid_inverse_batched_equals_linalg_inv(shape):
+    T = _random_rigid(shape)
+    inv = rigid_inverse(T)
+    assert inv.shape == T.shape and inv.dtype == T.dtype
+    assert torch.allclose(inv, torch.linalg.inv(T), atol=1e-12)
+    assert torch.allclose(inv @ T, torch.eye(4, dtype=T.dtype).expand_as(T), atol=1e-12)
+    if T.shape[0]:  # each batch entry is the single-matrix result
+        flat, flat_inv = T.reshape(-1, 4, 4), inv.reshape(-1, 4, 4)
+        for i in range(flat.shape[0]):
+            assert torch.equal(rigid_inverse(flat[i]), flat_inv[i])
+    f32 = rigid_inverse(T.float())
+    assert f32.dtype == torch.float32 and torch.allclose(f32, torch.linalg.inv(T).float(), atol=1e-5)
+
+
+def test_rigid_inverse_rejects_other_shapes():
+    with pytest.raises(AssertionError, match="4, 4"):
+        rigid_inverse(torch.eye(3))
