@@ -185,3 +185,15 @@ def test_correspondence_input_is_probe3d_normalised_and_zero_padded():
     y = seen[-1]
     mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
     assert y[0, :, 5, 5].tolist() == pytest.approx([(1 - mean[0]) / std[0], -mean[1] / std[1], -mean[2] / std[2]], abs=1e-6)
+
+
+def test_frames_made_the_fit3d_way_get_their_own_token_store_name(synth_root):
+    """A token store of bilinear frames must never serve FiT3D's cubic ones: the dataset (and its flipped twin)
+    carries a tag that `snd eval` appends to the store's name."""
+    from snd.eval import datasets as D
+    from snd.eval.protocol import FlippedImages
+
+    plain = D.get_dataset("synth", synth_root, "val", "depth", (56, 84))
+    cubic = D.get_dataset("synth", synth_root, "val", "depth", (56, 84), image_resize="cv2_cubic")
+    assert plain.frame_tag == "" and cubic.frame_tag == "-cv2_cubic"
+    assert FlippedImages(cubic).frame_tag == "-cv2_cubic" and FlippedImages(plain).frame_tag == ""

@@ -169,7 +169,8 @@ PAPER_TRAIN_NATIVE_HW: dict[tuple[str, str], tuple[int, int]] = {
 PAPER_CORR_HW: dict[str, tuple[int, int]] = {"scannet1500": (480, 640)}
 # Bumped when a paper rule changes what a record computes, so result folders (and trivial baselines) made under
 # the old rule are never resumed: 2 = KITTI's whole KB crop, 3 = NYU / ScanNet / ScanNet++ depth whole frames,
-# 4 = depth trained on the configs' augmented crops (live), seg trained shuffled as mmseg does.
+# 4 = depth trained on the configs' augmented crops (live), seg trained shuffled as mmseg does, ScanNet++ depth
+# frames made as FiT3D's (cv2 cubic), correspondence inputs normalised as Probe3D's, NYU depth on the BTS set.
 PAPER_REV = 4
 
 
@@ -268,6 +269,7 @@ class FlippedImages(torch.utils.data.Dataset):
 
     def __init__(self, dataset):
         self.dataset = dataset
+        self.frame_tag = getattr(dataset, "frame_tag", "")
 
     def __len__(self) -> int:
         return len(self.dataset)

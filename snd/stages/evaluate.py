@@ -134,7 +134,8 @@ def _prepare_probe(role: _Role, task: str, name: str, cfg: EvalConfig, device: t
         for split, ds, idx, shw in sources:
             bar = progress.add_task(f"{role.label} · {name} {split} features", total=len(idx), info="")
             # a split at another input size (the paper's fixed sizes) gets its own store
-            dname = name if shw == hw else f"{name}@{shw[0]}x{shw[1]}"
+            # and frames made another way than the default (FiT3D's cubic ScanNet++ frames) their own store
+            dname = (name if shw == hw else f"{name}@{shw[0]}x{shw[1]}") + getattr(ds, "frame_tag", "")
             stores[split] = ensure_features(role.net, ds, cache_dir=cache_dir, dataset_name=dname, split=split,
                                             img_hw=shw, indices=idx, key=role.key, batch=EXTRACT_BATCH, device=device,
                                             num_workers=cfg.num_workers, precision=cfg.extract_precision,

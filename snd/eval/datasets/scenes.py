@@ -70,6 +70,8 @@ class SceneFrames(ProbeDataset):
                           else render_size((probe.height, probe.width), self.img_hw, fit))
         self._open_args = dict(layout=layout, height=self.render_hw[0], width=self.render_hw[1], cache_dir=cache_dir,
                                image_resize=image_resize)
+        # frames made another way than the default get their own token stores (`snd eval`'s store name)
+        self.frame_tag = "" if image_resize == "bilinear" else f"-{image_resize}"
         self._ds = None
         self._scenes: OrderedDict = OrderedDict()
         self.items: list[tuple[str, int]] = []
