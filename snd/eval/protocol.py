@@ -131,7 +131,7 @@ class MmsegConfusion:
 _PAPER_VAL_KW: dict[tuple[str, str], dict] = {
     ("scannet", "depth"): {"eval_crop": True, "whole_frame": True},  # official ScanNet depth config: eigen_crop=True
     ("kitti", "depth"): {"garg_on": "kb", "whole_frame": True},  # Garg fractions of the 352x1216 KB-cropped map
-    ("nyuv2", "depth"): {"whole_frame": True},
+    ("nyuv2", "depth"): {"whole_frame": True, "depth_set": "bts"},  # the config's data_depth (BTS lists), not the .mat
     ("scannetpp", "depth"): {"whole_frame": True},
     ("scannetpp", "seg"): {"keep_extra_ids": True},  # ids beyond the 100 classes enter mmseg's union
     ("synth", "seg"): {"keep_extra_ids": True},
@@ -146,6 +146,7 @@ _PAPER_VAL_KW: dict[tuple[str, str], dict] = {
 # un-augmented like every depth training set here), so train and test see the native scale.
 _PAPER_TRAIN_KW: dict[tuple[str, str], dict] = {
     (name, "depth"): {"whole_frame": True, "native_target": True} for name in ("nyuv2", "scannet", "scannetpp", "kitti")}
+_PAPER_TRAIN_KW["nyuv2", "depth"]["depth_set"] = "bts"  # nyu_train.txt: BTS's 24,231 frames (datasets/nyu_depth.py)
 # Validation inputs the paper protocol fixes, before the ViT's padding: Probe3D's NYU normals test (the 480x480
 # centre crop) and the official depth test's whole frames (NYU and ScanNet 480x640, ScanNet++ FiT3D's 584x876
 # = the 1168x1752 DSLR frame halved, KITTI the 352x1216 KB crop). The ViT sees them centre-padded to a multiple
@@ -165,8 +166,9 @@ PAPER_TRAIN_NATIVE_HW: dict[tuple[str, str], tuple[int, int]] = {
 # function); datasets not listed keep `snd eval`'s size.
 PAPER_CORR_HW: dict[str, tuple[int, int]] = {"scannet1500": (480, 640)}
 # Bumped when a paper rule changes what a record computes, so result folders (and trivial baselines) made under
-# the old rule are never resumed: 2 = KITTI's whole KB crop, 3 = NYU / ScanNet / ScanNet++ depth whole frames.
-PAPER_REV = 3
+# the old rule are never resumed: 2 = KITTI's whole KB crop, 3 = NYU / ScanNet / ScanNet++ depth whole frames,
+# 4 = NYU depth from the official BTS lists (24,231 / 654 frames) instead of the labelled set.
+PAPER_REV = 4
 
 
 def padded_hw(hw: tuple[int, int], patch: int) -> tuple[int, int]:
