@@ -69,7 +69,8 @@ def find_nyu_depth(path: Path) -> Optional[Path]:
 def missing_message(path: Path) -> str:
     """What is missing when no folder holds the layout (`_check`'s and the reader's wording)."""
     a, b = candidates(path)[:2]
-    return f"no nyu_train.txt / nyu_test.txt in {a} (the official config's data_depth) or {b} (the Toolbox's)"
+    return (f"no nyu_train.txt / nyu_test.txt in {a} (the official config's data_depth) or {b} (the Toolbox's): "
+            "BTS's sync.zip, the 654 official test frames and the Toolbox's lists (docs/datasets.md)")
 
 
 def parse_split(list_file: Path) -> list[tuple[str, str]]:
