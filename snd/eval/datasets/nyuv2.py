@@ -25,9 +25,14 @@ square rounded up to the backbone's patch: 490x490 for 14, 480x480 for 16), and 
 480x480 normals, NaN where the raw depth (`rawDepths`, values above 10 m dropped) is 0, so validity is
 "raw depth > 0" and a zero normal at a valid pixel stays zero (scored as 90 degrees by the evaluation).
 
-`whole_frame=True` (depth, the paper protocol; `ProbeDataset`): the official depth test feeds the whole 480x640
-frame padded to the patch; its training crops come from the `NYUCrop` region (rows 45:472, cols 43:608, 427x565,
-the image's white border cut), so on the train split the image and depth are that region, padded the same way.
+`whole_frame=True` (depth; `ProbeDataset`): the official depth test feeds the whole 480x640 frame padded to the
+patch; its training crops come from the `NYUCrop` region (rows 45:472, cols 43:608, 427x565, the image's white
+border cut), so on the train split the image and depth are that region, padded the same way (`nyu_crop`).
+
+`depth_set="bts"` (the paper protocol's depth, both splits, `snd.eval.protocol`): the official config does not read
+this .mat but BTS's 24,231 training frames and the 654 test frames in the Toolbox layout
+(`snd.eval.datasets.nyu_depth`, found in `nyuv2/data_depth/` or `nyu/`); `build` returns that reader, with the same
+depth rules (`depth_target`, `nyu_crop`). The fast protocol keeps the labelled set.
 """
 from __future__ import annotations
 
