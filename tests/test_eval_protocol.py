@@ -151,9 +151,9 @@ def test_paper_dataset_options_by_split():
     assert dataset_kwargs("fast", "kitti", "depth", "val") == {} and dataset_kwargs("fast", "kitti", "depth", "train") == {}
     whole = {"whole_frame": True, "native_target": True}
     for name in ("kitti", "nyuv2", "scannet", "scannetpp"):  # every depth set: the whole native frame, both splits
-        assert dataset_kwargs("paper", name, "depth", "train") == whole
+        assert dataset_kwargs("paper", name, "depth", "train") == {**whole, **({"depth_set": "bts"} if name == "nyuv2" else {})}
     assert dataset_kwargs("paper", "kitti", "depth", "val") == {"garg_on": "kb", **whole}
-    assert dataset_kwargs("paper", "nyuv2", "depth", "val") == dataset_kwargs("paper", "scannetpp", "depth", "val") == whole
+    assert dataset_kwargs("paper", "nyuv2", "depth", "val") == {"depth_set": "bts", **dataset_kwargs("paper", "scannetpp", "depth", "val")} == {"depth_set": "bts", **whole}
     assert dataset_kwargs("paper", "scannet", "depth", "val") == {"eval_crop": True, **whole}
     assert dataset_kwargs("paper", "synth", "depth", "train") == {} and dataset_kwargs("paper", "nyuv2", "seg", "train") == {}
     assert dataset_kwargs("paper", "scannetpp", "seg", "val") == {"keep_extra_ids": True}

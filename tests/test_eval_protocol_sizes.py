@@ -162,7 +162,12 @@ def test_paper_depth_whole_frames_padded_to_the_patch():
 
 
 def _nyu_480x640(root: Path) -> dict:
-    """A NYUv2 stand-in of two 480x640 frames (image 1 trains, image 2 is tested), depths 0.5..12 m."""
+    """NYU stand-ins of 480x640 frames: the labelled set's .mat (the fast protocol: image 1 trains, image 2 is tested,
+    depths 0.5..12 m) and the BTS layout the paper protocol reads (`write_nyu_depth_standin`: one training and one
+    test frame); returns the paper frames as their files decode (JPEG colour, PNG mm / 1000, > 10 m -> 0)."""
+    from PIL import Image
+
+    from snd.eval.datasets.nyu_depth import parse_split, write_nyu_depth_standin
     from tests.test_eval_datasets import write_mat_v5, write_mat_v73
 
     d = root / "nyuv2"
@@ -173,13 +178,21 @@ def _nyu_480x640(root: Path) -> dict:
     write_mat_v73(d / "nyu_depth_v2_labeled.mat", {"images": images.transpose(0, 3, 2, 1),
                                                     "depths": depths.transpose(0, 2, 1)})
     write_mat_v5(d / "splits.mat", {"trainNdxs": np.array([[1]]), "testNdxs": np.array([[2]])})
-    return {"images": images, "depths": np.where(depths <= 10.0, depths, 0.0)}
+    bts = write_nyu_depth_standin(d / "data_depth", n_train=1, n_test=1)
+    out: dict = {"images": [], "depths": []}
+    for name in ("nyu_train.txt", "nyu_test.txt"):
+        ((rgb, dep),) = parse_split(bts / name)
+        out["images"].append(np.asarray(Image.open(bts / rgb).convert("RGB")))
+        mm = np.asarray(Image.open(bts / dep), dtype=np.float32) / 1000
+        out["depths"].append(np.where(mm <= 10.0, mm, 0.0))
+    return out
 
 
 def test_paper_nyu_depth_whole_frame_and_nyucrop_training(tmp_path):
-    """NYU under the paper protocol: the test image is the whole 480x640 frame padded to 490x644 (rows 5 | 5, columns
-    2 | 2) with the native Eigen-cropped depth; training reads the NYUCrop region (rows 45:472, cols 43:608, 427x565)
-    padded to 434x574 (rows 3 | 4, columns 4 | 5) for /14 and 432x576 (rows 2 | 3, columns 5 | 6) for /16."""
+    """NYU under the paper protocol (the BTS layout): the test image is the whole 480x640 frame padded to 490x644 (rows
+    5 | 5, columns 2 | 2) with the native Eigen-cropped depth; training reads the NYUCrop region (rows 45:472, cols
+    43:608, 427x565) padded to 434x574 (rows 3 | 4, columns 4 | 5) for /14 and 432x576 (rows 2 | 3, columns 5 | 6)
+    for /16."""
     import snd.eval.datasets as D
 
     t = _nyu_480x640(tmp_path)

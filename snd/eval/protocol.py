@@ -132,7 +132,7 @@ class MmsegConfusion:
 _PAPER_VAL_KW: dict[tuple[str, str], dict] = {
     ("scannet", "depth"): {"eval_crop": True, "whole_frame": True},  # official ScanNet depth config: eigen_crop=True
     ("kitti", "depth"): {"garg_on": "kb", "whole_frame": True},  # Garg fractions of the 352x1216 KB-cropped map
-    ("nyuv2", "depth"): {"whole_frame": True},
+    ("nyuv2", "depth"): {"whole_frame": True, "depth_set": "bts"},  # the config's data_depth (BTS lists), not the .mat
     ("scannetpp", "depth"): {"whole_frame": True},
     ("scannetpp", "seg"): {"keep_extra_ids": True},  # ids beyond the 100 classes enter mmseg's union
     ("synth", "seg"): {"keep_extra_ids": True},
@@ -148,6 +148,7 @@ _PAPER_VAL_KW: dict[tuple[str, str], dict] = {
 # set is what the trivial baseline is fit on.
 _PAPER_TRAIN_KW: dict[tuple[str, str], dict] = {
     (name, "depth"): {"whole_frame": True, "native_target": True} for name in ("nyuv2", "scannet", "scannetpp", "kitti")}
+_PAPER_TRAIN_KW["nyuv2", "depth"]["depth_set"] = "bts"  # nyu_train.txt: BTS's 24,231 frames (datasets/nyu_depth.py)
 # Validation inputs the paper protocol fixes, before the ViT's padding: Probe3D's NYU normals test (the 480x480
 # centre crop) and the official depth test's whole frames (NYU and ScanNet 480x640, ScanNet++ FiT3D's 584x876
 # = the 1168x1752 DSLR frame halved, KITTI the 352x1216 KB crop). The ViT sees them centre-padded to a multiple

@@ -25,9 +25,14 @@ square rounded up to the backbone's patch: 490x490 for 14, 480x480 for 16), and 
 480x480 normals, NaN where the raw depth (`rawDepths`, values above 10 m dropped) is 0, so validity is
 "raw depth > 0" and a zero normal at a valid pixel stays zero (scored as 90 degrees by the evaluation).
 
-`whole_frame=True` (depth, the paper protocol; `ProbeDataset`): the official depth test feeds the whole 480x640
-frame padded to the patch; its training crops come from the `NYUCrop` region (rows 45:472, cols 43:608, 427x565,
-the image's white border cut), so on the train split the image and depth are that region, padded the same way.
+`whole_frame=True` (depth; `ProbeDataset`): the official depth test feeds the whole 480x640 frame padded to the
+patch; its training crops come from the `NYUCrop` region (rows 45:472, cols 43:608, 427x565, the image's white
+border cut), so on the train split the image and depth are that region, padded the same way (`nyu_crop`).
+
+`depth_set="bts"` (the paper protocol's depth, both splits, `snd.eval.protocol`): the official config does not read
+this .mat but BTS's 24,231 training frames and the 654 test frames in the Toolbox layout
+(`snd.eval.datasets.nyu_depth`, found in `nyuv2/data_depth/` or `nyu/`); `build` returns that reader, with the same
+depth rules (`depth_target`, `nyu_crop`). The fast protocol keeps the labelled set.
 """
 from __future__ import annotations
 
@@ -69,14 +74,19 @@ NYU40_TO_13 = np.array(
 
 
 def _check(path: Path) -> str:
+    from snd.eval.datasets.nyu_depth import find_nyu_depth, missing_message
+
+    bts = find_nyu_depth(path)
     missing = []
     if not (path / MAT).is_file():
         missing.append(f"{path / MAT} (download {MAT_URL})")
     if not (path / SPLITS).is_file():
         missing.append(f"{path / SPLITS} (download {SPLITS_URL})")
-    if missing:
-        return "missing " + "; ".join(missing)
-    extra = []
+    if missing and bts is None:
+        return "missing " + "; ".join(missing) + f"; the paper protocol's depth: {missing_message(path)}"
+    if missing:  # the BTS layout alone: the paper protocol's depth
+        return f"ok (depth of --protocol paper only, from {bts}; fast, normals and seg need " + "; ".join(missing) + ")"
+    extra = [] if bts is not None else [f"--protocol paper depth needs the BTS layout: {missing_message(path)}"]
     if _normals_file(path) is None:
         extra.append(f"normals task needs {path / NORMALS_PKLZ} (from {NORMALS_URL})")
     if _mapping_file(path) is None:
@@ -247,13 +257,7 @@ class NYUv2(ProbeDataset):
         raw = RawSample(image=np.ascontiguousarray(image, dtype=np.uint8), id=f"{i + 1:04d}")
         if self.task == "depth":
             d = np.asarray(f[self.depth_key][i], dtype=np.float32).T  # [W, H] -> [H, W]
-            d = np.where((d > 0) & (d <= MAX_DEPTH), d, 0.0).astype(np.float32)
-            if self.split == "val" and self.eval_crop and d.shape == (480, 640):
-                r0, r1, c0, c1 = EIGEN_CROP
-                mask = np.zeros_like(d, dtype=bool)
-                mask[r0:r1, c0:c1] = True
-                d = np.where(mask, d, 0.0).astype(np.float32)
-            raw.depth = d
+            raw.depth = depth_target(d, eigen=self.split == "val" and self.eval_crop and d.shape == (480, 640))
         elif self.task == "seg":
             lab = np.asarray(f["labels"][i]).T.astype(np.int64)
             if lab.max() >= len(self._lut):
@@ -263,21 +267,52 @@ class NYUv2(ProbeDataset):
         elif self.task == "normals":
             raw.normals = np.asarray(self._normals[i], dtype=np.float32)
         if self.whole_frame and self.split == "train":  # the official training crops from the NYUCrop region
-            if raw.image.shape[:2] != (480, 640):
-                raise SndError(f"{self.path / MAT}: image {raw.id} is {raw.image.shape[0]}x{raw.image.shape[1]}; the "
-                               "paper protocol's NYUCrop (rows 45:472, cols 43:608) needs the 480x640 frames")
-            r0, r1, c0, c1 = NYU_CROP
-            raw.image = np.ascontiguousarray(raw.image[r0:r1, c0:c1])
-            for k in ("depth", "normals", "seg"):
-                if getattr(raw, k) is not None:
-                    setattr(raw, k, np.ascontiguousarray(getattr(raw, k)[r0:r1, c0:c1]))
+            raw = nyu_crop(raw, self.path / MAT)
         return raw
+
+
+def depth_target(d: np.ndarray, *, eigen: bool) -> np.ndarray:
+    """Depth [H, W] in metres -> the probe's target: 0 outside (0, 10 m] (Probe3D's cap) and, with `eigen` (the
+    validation split of a 480x640 map), outside the Eigen crop, so the metrics score what the official
+    `eval_mask` scores."""
+    d = np.where((d > 0) & (d <= MAX_DEPTH), d, 0.0).astype(np.float32)
+    if eigen:
+        r0, r1, c0, c1 = EIGEN_CROP
+        mask = np.zeros(d.shape, dtype=bool)
+        mask[r0:r1, c0:c1] = True
+        d = np.where(mask, d, 0.0).astype(np.float32)
+    return d
+
+
+def nyu_crop(raw: RawSample, source: Path) -> RawSample:
+    """`raw` cut to the official depth training pipeline's `NYUCrop` region (rows 45:472, cols 43:608 of 480x640:
+    the frame's white border removed), image and every target; a frame of another size is an SndError naming
+    `source`."""
+    if raw.image.shape[:2] != (480, 640):
+        raise SndError(f"{source}: image {raw.id} is {raw.image.shape[0]}x{raw.image.shape[1]}; the paper "
+                       "protocol's NYUCrop (rows 45:472, cols 43:608) needs the 480x640 frames", path=source)
+    r0, r1, c0, c1 = NYU_CROP
+    raw.image = np.ascontiguousarray(raw.image[r0:r1, c0:c1])
+    for k in ("depth", "normals", "seg"):
+        if getattr(raw, k) is not None:
+            setattr(raw, k, np.ascontiguousarray(getattr(raw, k)[r0:r1, c0:c1]))
+    return raw
 
 
 @register_dataset(
     "nyuv2", folder="nyuv2", tasks=("depth", "normals", "seg"), check=_check, num_classes=13,
     depth_range=OFFICIAL_DEPTH_RANGE["nyuv2"],
-    protocol="795/654 split (splits.mat); Ladický normals; 13 classes; depth <= 10 m, Eigen crop on val",
+    protocol="795/654 split (splits.mat); Ladický normals; 13 classes; depth <= 10 m, Eigen crop on val; "
+             "paper depth: BTS 24,231 / 654 (depth_set='bts')",
 )
-def build(path: Path, split: str, task: str, img_hw: tuple[int, int], **kw) -> NYUv2:
+def build(path: Path, split: str, task: str, img_hw: tuple[int, int], *, depth_set: str = "labelled",
+          **kw) -> ProbeDataset:
+    """`depth_set="labelled"`: this module's reader; `"bts"` (the paper protocol's depth, `snd.eval.protocol`):
+    `snd.eval.datasets.nyu_depth`, the official config's BTS / Toolbox layout."""
+    if depth_set == "bts":
+        from snd.eval.datasets.nyu_depth import open_nyu_depth
+
+        return open_nyu_depth(path, split, task, img_hw, **kw)
+    if depth_set != "labelled":
+        raise SndError(f"nyuv2: depth_set must be 'labelled' or 'bts', got {depth_set!r}")
     return NYUv2(path, split, task, img_hw, **kw)
