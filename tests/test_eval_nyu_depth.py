@@ -165,6 +165,10 @@ def test_eval_plan_reads_bts_under_paper_and_the_mat_under_fast(tmp_path):
     _nyu_480x640(tmp_path)
     paper = EvalConfig(data_root=tmp_path, protocol="paper")
     tr, va, _, _ = _splits("depth", "nyuv2", paper, 14)
+    from snd.eval.depth_aug import DepthTrain
+
+    assert isinstance(tr, DepthTrain) and tr.crop_hw == (416, 544)  # the live crops of the BTS training frames
+    tr = tr.unaugmented()
     assert isinstance(tr, NYUDepth) and isinstance(va, NYUDepth) and tr.whole_frame and va.whole_frame
     assert va.items == [("bathroom/rgb_00045.jpg", "bathroom/sync_depth_00045.png")]
     fast = EvalConfig(data_root=tmp_path, protocol="fast", img_height=56, img_width=84)

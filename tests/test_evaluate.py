@@ -189,7 +189,7 @@ def test_paper_nyu_depth_trains_on_crops_of_the_nyucrop_frame_and_tests_the_whol
     (key,) = [p for p in (tmp_path / "out" / "features").iterdir() if (p / "model.json").is_file()]
     stores = {p.name: {j.name for j in p.glob("*.json")} for p in key.iterdir() if p.is_dir()}
     # no store at the fast 56x84 size: each split has the size of its own frame
-    assert stores == {"nyuv2@490x644": {"val.json", "val_flip.json"}}
+    assert stores == {"nyuv2@490x644-bts": {"val.json", "val_flip.json"}}  # BTS frames: never the labelled set's
     assert rec["train_live"] is True and rec["train_grid"] == [30, 39]
     crop = t["depths"][0][45:472, 43:608]  # the un-augmented source targets (float32: nothing cached)
     assert res["trivial"][0]["n_pixels"] == int(((crop > 1e-3) & (crop < 10.0)).sum())

@@ -106,6 +106,7 @@ class NYUDepth(ProbeDataset):
 
     name = "nyuv2"  # the same benchmark as the labelled set: records, tables and paper numbers stay "nyuv2"
     tasks = ("depth",)
+    frame_tag = "-bts"  # its token stores never mix with the labelled set's of the same size (`snd eval`)
 
     def __init__(self, folder: Path, split: str, task: str, img_hw: tuple[int, int], *, fit: Fit = "crop",
                  eval_crop: bool = True, whole_frame: bool = False):
