@@ -90,6 +90,8 @@ def test_bench_eval_measures_and_projects(tmp_path, capsys):
     assert s["per_task_hours_paper"] == {t: round(v, 3) for t, v in r["paper"]["per_task_hours_paper"].items()}
     assert s["suite_hours_one_model"] == round(P["suite_hours_one_model"], 3) and s["protocol"] == "paper"
     assert set(s["probe_iters_per_s_alone"]) == {"depth", "normals", "seg"}
+    assert s["augment_core_hours"] == round(r["paper"]["augment_core_hours"], 3) and s["workers"] == r["paper"]["workers"]
+    assert set(s["augment_items_per_s_per_worker"]) == set(r["paper"]["augment_items_per_s_per_worker"])
 
 
 def test_paper_projection_arithmetic_by_hand():

@@ -55,7 +55,10 @@ def eval_suite(r: dict) -> dict:
             "suite_hours_one_model": _r(P["suite_hours_one_model"]), "suite_hours_with_baseline": _r(P["suite_hours_with_baseline"]),
             "suite_hours_paper": _r(Q.get("suite_hours_paper")),
             "per_task_hours_paper": {t: _r(v) for t, v in (Q.get("per_task_hours_paper") or {}).items()},
-            "paper_goal_hours": Q.get("goal_hours")}
+            "paper_goal_hours": Q.get("goal_hours"),
+            # the live training sets' CPU side: items/s per worker, the workers used, CPU hours of all live items
+            "augment_items_per_s_per_worker": {k: _r(v, 1) for k, v in (Q.get("augment_items_per_s_per_worker") or {}).items()},
+            "workers": Q.get("workers"), "augment_core_hours": _r(Q.get("augment_core_hours"))}
 
 
 SUMMARIES: dict[str, Callable[[dict], dict]] = {"precompute": precompute, "distill": distill, "eval": eval_suite}
