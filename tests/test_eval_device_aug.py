@@ -113,3 +113,86 @@ def test_probe_data_passes_worker_items_of_a_live_set_and_keeps_the_cached_path(
     assert live[0]["image"].dtype == torch.uint8 and live[0]["depth"].shape == (30, 41) and not live._mem
     ds.self_augmenting = False  # a set that does not augment itself (GeoNet's `unaugmented()`) is read whole
     assert not ProbeData(ds, [0, 1], "depth").deferred
+
+
+class _SegSource:
+    """Random images of two sizes, labels of a few blobs (so `cat_max_crop` accepts or redraws)."""
+
+    name = "segsrc"
+
+    def __init__(self, n=5, seed=0):
+        rng = np.random.default_rng(seed)
+        self.samples = []
+        for i in range(n):
+            H, W = (120, 170) if i % 2 else (200, 150)
+            lab = (np.arange(H)[:, None] // 40 + np.arange(W)[None] // 60 * (i % 3)).astype(np.int64) % 5
+            lab[rng.random((H, W)) < 0.05] = 255
+            self.samples.append((rng.integers(0, 256, (H, W, 3), dtype=np.uint8), lab))
+
+    def __len__(self):
+        return len(self.samples)
+
+    def load(self, index):
+        from snd.eval.datasets.base import RawSample
+
+        img, seg = self.samples[index]
+        return RawSample(image=img, id=f"s{index}", seg=seg)
+
+
+def _old_seg_item(ds, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-item pipeline `MmsegTrain.__getitem__` ran before the split (same draws, same order)."""
+    from snd.eval.mmseg import (CROP, IGNORE, RATIO_RANGE, SCALE, _raw, _resize_labels, _resize_u8_window, cat_max_crop,
+                                crop_box, photometric_distortion, rescale_size)
+
+    img, seg = _raw(ds.source, index)
+    ratio = RATIO_RANGE[0] + float(torch.rand((), dtype=torch.float64)) * (RATIO_RANGE[1] - RATIO_RANGE[0])
+    hw = rescale_size(*img.shape[-2:], (int(SCALE[0] * ratio), int(SCALE[1] * ratio)))
+    seg = _resize_labels(seg, hw)
+    y1, y2, x1, x2 = box = cat_max_crop(seg, lambda: crop_box(hw[0], hw[1]))
+    img, seg = _resize_u8_window(img, hw, box), seg[y1:y2, x1:x2]
+    if float(torch.rand(())) < 0.5:
+        img, seg = img.flip(-1), seg.flip(-1)
+    img = photometric_distortion(img) / 255
+    h, w = seg.shape
+    padded = torch.tensor(IMAGENET_MEAN).view(3, 1, 1).expand(3, *CROP).clone()
+    padded[:, :h, :w] = img
+    label = torch.full(CROP, IGNORE, dtype=torch.long)
+    label[:h, :w] = seg
+    return center_pad(padded[None], ds.patch, torch.tensor(IMAGENET_MEAN))[0], label
+
+
+def test_seg_device_augment_equals_the_per_item_pipeline_on_a_mixed_batch():
+    from snd.eval.mmseg import MmsegTrain
+    from snd.eval.mmseg_device import PHOTO_PARAMS
+
+    ds = MmsegTrain(_SegSource(), patch=14)
+    idx = [0, 1, 2, 3, 4, 1, 0, 3, 2, 4, 0, 1, 2, 3, 4, 2]
+    torch.manual_seed(5)
+    want = [_old_seg_item(ds, i) for i in idx]
+    torch.manual_seed(5)
+    batch = default_collate([ds.worker_item(i) for i in idx])
+    aug = batch["aug"]
+    assert 0 < int(aug[:, 0].sum()) < len(idx) and 0 < int((aug[:, 1] < 512).sum()) < len(idx)  # flips, small windows
+    for name in ("bright_on", "contrast_first", "contrast_on", "sat_on", "hue_on"):  # every step: some items, not all
+        assert 0 < int(aug[:, 3 + PHOTO_PARAMS.index(name)].sum()) < len(idx), name
+    out = ds.device_augment(batch)
+    assert out["image"].shape == (len(idx), 3, 518, 518) and out["seg"].shape == (len(idx), 512, 512)
+    for k, (img, seg) in enumerate(want):
+        assert torch.equal(out["image"][k], img) and torch.equal(out["seg"][k], seg), k
+
+
+@pytest.mark.gpu
+@cuda
+def test_seg_device_augment_on_cuda_matches_cpu():
+    from snd.eval.mmseg import MmsegTrain
+
+    ds = MmsegTrain(_SegSource(), patch=14)
+    torch.manual_seed(6)
+    batch = default_collate([ds.worker_item(i % 5) for i in range(12)])
+    cpu = ds.device_augment(batch)
+    gpu = ds.device_augment({k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in batch.items()})
+    # the HSV round trips' float32 divisions may round differently on the GPU: within one uint8 level (each
+    # conversion rounds once; a hue or saturation a level off moves R, G, B by about one level), on few pixels
+    diff = (gpu["image"].cpu() - cpu["image"]).abs()
+    assert diff.max() <= 2 / 255 + 1e-6 and (diff > 1e-6).float().mean() < 1e-2
+    assert torch.equal(gpu["seg"].cpu(), cpu["seg"])
