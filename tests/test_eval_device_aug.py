@@ -196,3 +196,55 @@ def test_seg_device_augment_on_cuda_matches_cpu():
     diff = (gpu["image"].cpu() - cpu["image"]).abs()
     assert diff.max() <= 2 / 255 + 1e-6 and (diff > 1e-6).float().mean() < 1e-2
     assert torch.equal(gpu["seg"].cpu(), cpu["seg"])
+
+
+def _old_geonet_item(ds, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-item `GeoNetNYU.__getitem__` before the split: `augment_geonet` on the loaded square."""
+    from snd.eval.datasets.geonet import augment_geonet
+
+    image, depth, norm = ds.load(index)
+    img = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255
+    d, n = torch.from_numpy(np.ascontiguousarray(depth)), torch.from_numpy(np.ascontiguousarray(norm)).permute(2, 0, 1)
+    if ds.augment:
+        img, d, n = augment_geonet(img, d, n)
+    n = torch.where((d > 0)[None], n, torch.full_like(n, float("nan")))
+    return center_pad(img[None], ds.patch, torch.tensor(IMAGENET_MEAN))[0], n
+
+
+@pytest.fixture(scope="module")
+def geonet(tmp_path_factory):
+    from snd.eval.datasets.geonet import GeoNetNYU, write_geonet_standin
+
+    return GeoNetNYU(write_geonet_standin(tmp_path_factory.mktemp("geonet") / "nyuv2_geonet", 4, hw=(45, 60)), patch=7)
+
+
+def test_geonet_device_augment_equals_augment_geonet_on_a_mixed_batch(geonet):
+    ds, idx = geonet, [0, 1, 2, 3] * 5
+    torch.manual_seed(7)
+    want = [_old_geonet_item(ds, i) for i in idx]
+    torch.manual_seed(7)
+    batch = default_collate([ds.worker_item(i) for i in idx])
+    aug = batch["aug"]
+    jit, crop = aug[:, 0] > 0, aug[:, 11] < 45
+    assert 0 < int(jit.sum()) < len(idx) and 0 < int(crop.sum()) < len(idx)  # with and without each transform
+    assert len({tuple(o) for o in aug[jit, 1:5].tolist()}) > 3  # ColorJitter's orders differ between items
+    out = ds.device_augment(batch)
+    assert out["image"].shape == (len(idx), 3, 49, 49) and out["normals"].shape == (len(idx), 3, 45, 45)
+    for k, (img, n) in enumerate(want):
+        # exact but for float32 summation order: ColorJitter's contrast mean over a batch vs one image
+        assert torch.allclose(out["image"][k], img, atol=1e-6, rtol=0), k
+        assert torch.equal(out["normals"][k].isnan(), n.isnan()) and torch.equal(out["normals"][k].nan_to_num(), n.nan_to_num())
+    plain = ds.unaugmented()  # the trivial baseline's set: the frame itself, unchanged by the split
+    img, n = _old_geonet_item(plain, 2)
+    assert torch.equal(plain[2]["image"], img) and torch.equal(plain[2]["normals"].nan_to_num(), n.nan_to_num())
+
+
+@pytest.mark.gpu
+@cuda
+def test_geonet_device_augment_on_cuda_matches_cpu(geonet):
+    torch.manual_seed(8)
+    batch = default_collate([geonet.worker_item(i % 4) for i in range(12)])
+    cpu = geonet.device_augment(batch)
+    gpu = geonet.device_augment({k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in batch.items()})
+    assert torch.allclose(gpu["image"].cpu(), cpu["image"], atol=1e-5, rtol=0)  # float32 formulas, no rounding
+    assert torch.equal(gpu["normals"].cpu().nan_to_num(), cpu["normals"].nan_to_num())
