@@ -7,10 +7,12 @@ official depth `ColorAug` (p=0.5: gamma in [0.9, 1.1], brightness in [0.75, 1.25
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor
 
-__all__ = ["augment_batch"]
+__all__ = ["augment_batch", "where_items"]
 
 
 def augment_batch(batch: dict[str, Tensor], generator: torch.Generator) -> dict[str, Tensor]:
@@ -37,4 +39,21 @@ def augment_batch(batch: dict[str, Tensor], generator: torch.Generator) -> dict[
     x = out["image"]
     jit = (x.clamp(0, 1) ** gamma.view(B, 1, 1, 1).to(x)) * bright.view(B, 1, 1, 1).to(x) * chan.view(B, 3, 1, 1).to(x)
     out["image"] = torch.where(colour.view(B, 1, 1, 1).to(x.device), jit.clamp(0, 1), x)
+    return out
+
+
+def where_items(mask: Tensor, x: Tensor, fn: Callable[[Tensor | slice], Tensor]) -> Tensor:
+    """`x [B, ...]` with the items where `mask [B]` replaced by `fn(sel)`: fn computes the new values of `x[sel]`
+    (reading its own per-item parameters at `sel`). On CUDA for the whole batch, then `torch.where` (no host
+    sync in the training step); elsewhere only for the selected items (a CPU has no spare throughput). Per item
+    the same numbers either way: the sets' `device_augment` steps are per item."""
+    if x.device.type == "cuda":
+        return torch.where(mask.view(-1, *[1] * (x.ndim - 1)), fn(slice(None)), x)
+    idx = mask.nonzero()[:, 0]
+    if idx.numel() == 0:
+        return x
+    if idx.numel() == x.shape[0]:
+        return fn(slice(None))
+    out = x.clone()
+    out[idx] = fn(idx)
     return out

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from snd.errors import SndError
+from snd.eval.augment import where_items
 
 __all__ = ["DepthAug", "PAPER_DEPTH_AUG", "DepthTrain", "rotation_theta", "rotation_grid", "rotate", "color_lut",
            "color_aug"]
@@ -181,13 +182,19 @@ class DepthTrain(torch.utils.data.Dataset):
 
         img, d, p = batch["image"].float(), batch["depth"].float()[:, None], batch["aug"]
         B, dev, (h, w) = img.shape[0], img.device, self.crop_hw
-        grid = F.affine_grid(batch["theta"].float(), [B, 1, *img.shape[-2:]], align_corners=True)
-        turned = torch.floor(F.grid_sample(img, grid, mode="bilinear", padding_mode="zeros", align_corners=True) + 0.5)
-        rot = (p[:, 0] > 0).view(B, 1, 1, 1)
-        img = torch.where(rot, turned.clamp(0, 255), img)
-        d = torch.where(rot, F.grid_sample(d, grid, mode="nearest", padding_mode="zeros", align_corners=True), d)
-        flip = (p[:, 1] > 0).view(B, 1, 1, 1)
-        img, d = torch.where(flip, img.flip(-1), img), torch.where(flip, d.flip(-1), d)
+        rot = p[:, 0] > 0
+
+        def grid(sel):
+            theta = batch["theta"][sel].float()
+            return F.affine_grid(theta, [theta.shape[0], 1, *img.shape[-2:]], align_corners=True)
+
+        def turn(x, sel, mode):
+            return F.grid_sample(x[sel], grid(sel), mode=mode, padding_mode="zeros", align_corners=True)
+
+        d = where_items(rot, d, lambda sel: turn(d, sel, "nearest"))
+        img = where_items(rot, img, lambda sel: torch.floor(turn(img, sel, "bilinear") + 0.5).clamp(0, 255))
+        flip = p[:, 1] > 0
+        img, d = where_items(flip, img, lambda sel: img[sel].flip(-1)), where_items(flip, d, lambda sel: d[sel].flip(-1))
         rows = p[:, 2].long()[:, None, None] + torch.arange(h, device=dev)[None, :, None]  # [B, h, 1]
         cols = p[:, 3].long()[:, None, None] + torch.arange(w, device=dev)[None, None, :]  # [B, 1, w]
         bi = torch.arange(B, device=dev)[:, None, None]

@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from snd.eval.augment import where_items
 from snd.eval.mmseg import hsv_to_rgb_u8, rgb_to_hsv_u8
 
 __all__ = ["PHOTO_PARAMS", "draw_photometric", "photometric_batch", "flip_windows", "pad_windows"]
@@ -61,17 +62,25 @@ def photometric_batch(img: Tensor, p: Tensor) -> Tensor:
     def on(name: str) -> Tensor:
         return col(name) > 0
 
-    one, zero = torch.ones_like(col("beta")), torch.zeros_like(col("beta"))
-    img = torch.where(on("bright_on"), _convert(img, one, col("beta")), img)
+    def convert(x: Tensor, sel, alpha: str | None, beta: str | None) -> Tensor:
+        a = col(alpha)[sel] if alpha else torch.ones_like(col("beta")[sel])
+        return _convert(x[sel], a, col(beta)[sel] if beta else torch.zeros_like(a))
+
+    def hsv_step(x: Tensor, sel, ch: int) -> Tensor:
+        hsv = rgb_to_hsv_u8(x[sel])
+        if ch == 1:
+            sat = col("sat")[sel]
+            hsv[:, 1:2] = _convert(hsv[:, 1:2], sat, torch.zeros_like(sat))
+        else:
+            hsv[:, 0:1] = torch.remainder(hsv[:, 0:1] + col("hue")[sel], 180)
+        return hsv_to_rgb_u8(hsv)
+
     first, contrast = on("contrast_first"), on("contrast_on")
-    img = torch.where(first & contrast, _convert(img, col("contrast"), zero), img)
-    hsv = rgb_to_hsv_u8(img)
-    hsv[:, 1:2] = _convert(hsv[:, 1:2], col("sat"), zero)
-    img = torch.where(on("sat_on"), hsv_to_rgb_u8(hsv), img)
-    hsv = rgb_to_hsv_u8(img)
-    hsv[:, 0:1] = torch.remainder(hsv[:, 0:1] + col("hue"), 180)
-    img = torch.where(on("hue_on"), hsv_to_rgb_u8(hsv), img)
-    return torch.where(~first & contrast, _convert(img, col("contrast"), zero), img)
+    img = where_items(on("bright_on").view(B), img, lambda sel: convert(img, sel, None, "beta"))
+    img = where_items((first & contrast).view(B), img, lambda sel: convert(img, sel, "contrast", None))
+    img = where_items(on("sat_on").view(B), img, lambda sel: hsv_step(img, sel, 1))
+    img = where_items(on("hue_on").view(B), img, lambda sel: hsv_step(img, sel, 0))
+    return where_items((~first & contrast).view(B), img, lambda sel: convert(img, sel, "contrast", None))
 
 
 def flip_windows(img: Tensor, hw: Tensor, flip: Tensor) -> Tensor:

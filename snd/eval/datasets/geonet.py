@@ -178,30 +178,33 @@ class GeoNetNYU(torch.utils.data.Dataset):
 def jitter_batch(img: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """torchvision's ColorJitter on every item of img [B, 3, H, W] in [0, 1] whose p [B, 9] row says so
     ([jitter?, order x4, brightness, contrast, saturation, hue], `GeoNetNYU.worker_item`): at each of the four
-    positions every adjustment is computed for the batch and kept where the item's order puts it there, with
+    positions each adjustment is applied to the items whose order puts it there (`where_items`), with
     torchvision's own formulas (`_blend`: ratio·a + (1 − ratio)·b, clipped; the hue through its HSV functions)."""
     from torchvision.transforms._functional_tensor import _hsv2rgb, _rgb2hsv, rgb_to_grayscale
 
-    B = img.shape[0]
+    from snd.eval.augment import where_items
+
     on = p[:, 0] > 0
 
     def blend(a: torch.Tensor, b: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
-        r, q = ratio.float().view(B, 1, 1, 1), (1.0 - ratio).float().view(B, 1, 1, 1)  # 1 - ratio in float64 first
+        n = ratio.shape[0]
+        r, q = ratio.float().view(n, 1, 1, 1), (1.0 - ratio).float().view(n, 1, 1, 1)  # 1 - ratio in float64 first
         return (r * a + q * b).clamp(0, 1)
 
-    def adjust(x: torch.Tensor, k: int) -> torch.Tensor:
+    def adjust(x: torch.Tensor, k: int, sel) -> torch.Tensor:
+        x, q = x[sel], p[sel]
         if k == 0:
-            return blend(x, torch.zeros_like(x), p[:, 5])
+            return blend(x, torch.zeros_like(x), q[:, 5])
         if k == 1:
-            return blend(x, torch.mean(rgb_to_grayscale(x), dim=(-3, -2, -1), keepdim=True), p[:, 6])
+            return blend(x, torch.mean(rgb_to_grayscale(x), dim=(-3, -2, -1), keepdim=True), q[:, 6])
         if k == 2:
-            return blend(x, rgb_to_grayscale(x), p[:, 7])
+            return blend(x, rgb_to_grayscale(x), q[:, 7])
         h, s, v = _rgb2hsv(x).unbind(dim=-3)
-        return _hsv2rgb(torch.stack(((h + p[:, 8].float().view(B, 1, 1)) % 1.0, s, v), dim=-3))
+        return _hsv2rgb(torch.stack(((h + q[:, 8].float().view(-1, 1, 1)) % 1.0, s, v), dim=-3))
 
     for pos in range(4):
         for k in range(4):
-            img = torch.where((on & (p[:, 1 + pos] == k)).view(B, 1, 1, 1), adjust(img, k), img)
+            img = where_items(on & (p[:, 1 + pos] == k), img, lambda sel: adjust(img, k, sel))
     return img
 
 
