@@ -4,6 +4,8 @@ The official probes augment every step; the parts that do not change the label g
 reproduced here on whole batches: horizontal flip (p=0.5; normals' x component changes sign) and the
 official depth `ColorAug` (p=0.5: gamma in [0.9, 1.1], brightness in [0.75, 1.25], per-channel colour in
 [0.9, 1.1]). Random crop / rotation / rescale are not reproduced (the images are already at the probe size).
+`where_items` applies a per-item step to chosen items of a batch: the paper protocol's self-augmenting sets
+use it in their `device_augment`.
 """
 from __future__ import annotations
 
