@@ -191,10 +191,10 @@ def test_seg_device_augment_on_cuda_matches_cpu():
     batch = default_collate([ds.worker_item(i % 5) for i in range(12)])
     cpu = ds.device_augment(batch)
     gpu = ds.device_augment({k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in batch.items()})
-    # the HSV round trips' float32 divisions may round differently on the GPU: within one uint8 level (each
-    # conversion rounds once; a hue or saturation a level off moves R, G, B by about one level), on few pixels
+    # the same IEEE float32 steps on both devices: equal but where a value rounded to a uint8 level sits at .5 and
+    # the devices' last bits differ; a hue one level (2 degrees) off then moves a saturated pixel by up to ~8 levels
     diff = (gpu["image"].cpu() - cpu["image"]).abs()
-    assert diff.max() <= 2 / 255 + 1e-6 and (diff > 1e-6).float().mean() < 1e-2
+    assert diff.max() <= 10 / 255 and (diff > 1e-6).float().mean() < 1e-3
     assert torch.equal(gpu["seg"].cpu(), cpu["seg"])
 
 

@@ -175,12 +175,27 @@ class GeoNetNYU(torch.utils.data.Dataset):
         return {"image": out["image"][0], "normals": out["normals"][0], "meta": meta}
 
 
+def _hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
+    """torchvision's `_hsv2rgb` on [..., 3, H, W] with its sector picked by a gather: its one-hot einsum is a
+    matmul, which a GPU with TF32 enabled (snd's extraction default) would round to 10 mantissa bits."""
+    h, s, v = hsv.unbind(dim=-3)
+    i = torch.floor(h * 6.0)
+    f = (h * 6.0) - i
+    p = torch.clamp((v * (1.0 - s)), 0.0, 1.0)
+    q = torch.clamp((v * (1.0 - s * f)), 0.0, 1.0)
+    t = torch.clamp((v * (1.0 - s * (1.0 - f))), 0.0, 1.0)
+    table = torch.stack([torch.stack(c, dim=-3) for c in ((v, q, p, p, t, v), (t, v, v, q, p, p), (p, p, t, v, v, q))],
+                        dim=-4)  # [..., 3, 6, H, W]
+    sector = (i.to(torch.int32) % 6).long()[..., None, None, :, :]
+    return table.gather(-3, sector.expand(*table.shape[:-3], 1, *table.shape[-2:])).squeeze(-3)
+
+
 def jitter_batch(img: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """torchvision's ColorJitter on every item of img [B, 3, H, W] in [0, 1] whose p [B, 9] row says so
     ([jitter?, order x4, brightness, contrast, saturation, hue], `GeoNetNYU.worker_item`): at each of the four
     positions each adjustment is applied to the items whose order puts it there (`where_items`), with
-    torchvision's own formulas (`_blend`: ratio·a + (1 − ratio)·b, clipped; the hue through its HSV functions)."""
-    from torchvision.transforms._functional_tensor import _hsv2rgb, _rgb2hsv, rgb_to_grayscale
+    torchvision's own formulas (`_blend`: ratio·a + (1 − ratio)·b, clipped; the hue through its HSV formulas)."""
+    from torchvision.transforms._functional_tensor import _rgb2hsv, rgb_to_grayscale
 
     from snd.eval.augment import where_items
 
@@ -200,7 +215,7 @@ def jitter_batch(img: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         if k == 2:
             return blend(x, rgb_to_grayscale(x), q[:, 7])
         h, s, v = _rgb2hsv(x).unbind(dim=-3)
-        return _hsv2rgb(torch.stack(((h + q[:, 8].float().view(-1, 1, 1)) % 1.0, s, v), dim=-3))
+        return _hsv_to_rgb(torch.stack(((h + q[:, 8].float().view(-1, 1, 1)) % 1.0, s, v), dim=-3))
 
     for pos in range(4):
         for k in range(4):
