@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["augment_batch", "where_items"]
+__all__ = ["augment_batch", "where_items", "augment_one"]
 
 
 def augment_batch(batch: dict[str, Tensor], generator: torch.Generator) -> dict[str, Tensor]:
@@ -59,3 +59,12 @@ def where_items(mask: Tensor, x: Tensor, fn: Callable[[Tensor | slice], Tensor])
     out = x.clone()
     out[idx] = fn(idx)
     return out
+
+
+def augment_one(ds, index: int, keys: tuple[str, ...]) -> dict:
+    """Item `index` of a set split into `worker_item` and `device_augment` (the paper protocol's live sets):
+    both halves for this one item, on the CPU, returning `keys` and the item's `meta` (what `dataset[i]` gives)."""
+    item = ds.worker_item(index)
+    meta = item.pop("meta")
+    out = ds.device_augment({k: v[None] for k, v in item.items()})
+    return {**{k: out[k][0] for k in keys}, "meta": meta}

@@ -207,7 +207,6 @@ class DepthTrain(torch.utils.data.Dataset):
         return out
 
     def __getitem__(self, index: int) -> dict:
-        item = self.worker_item(index)
-        meta = item.pop("meta")
-        out = self.device_augment({k: v[None] for k, v in item.items()})
-        return {"image": out["image"][0], "depth": out["depth"][0], "meta": meta}
+        from snd.eval.augment import augment_one
+
+        return augment_one(self, index, ("image", "depth"))
