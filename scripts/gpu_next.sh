@@ -53,7 +53,8 @@ for s in $STEPS; do case $s in
   eval)  # (c) the evaluation GPU tests, then the suite's time; --protocol paper also writes the fast protocol's
     # projection (`projected`: the same measured rates; the protocol only changes the arithmetic), so one run has both
     step eval-tests 120 200 py -m pytest -q -m gpu tests/test_eval_probe_speed.py tests/test_eval_probes_together.py \
-      tests/test_eval_probes_features.py tests/test_evaluate.py tests/test_eval_protocol.py tests/test_eval_mmseg.py -p no:cacheprovider
+      tests/test_eval_probes_features.py tests/test_evaluate.py tests/test_eval_protocol.py tests/test_eval_mmseg.py \
+      tests/test_eval_device_aug.py -p no:cacheprovider
     step bench-eval 200 320 snd bench eval --model dinov2_vits14 --init random --device cuda --workers 8 --protocol paper \
       --out "$OUT/bench_eval_paper.json"
     summary eval "$OUT/bench_eval_paper.json" ;;

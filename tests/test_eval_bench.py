@@ -81,6 +81,7 @@ def test_bench_eval_measures_and_projects(tmp_path, capsys):
 
     # the live sets' CPU side is measured and enters the live rows (every one: depth, seg, GeoNet normals)
     assert set(r["paper"]["augment_items_per_s_per_worker"]) == set(AUGMENT_FRAMES) and r["paper"]["workers"] >= 0
+    assert set(r["paper"]["device_augment_items_per_s"]["cpu_1_thread"]) == set(AUGMENT_FRAMES)
     assert all("loader_wait_s" in x["extra_s_parts"] for x in r["paper"]["rows"] if x["task"] in ("seg", "normals"))
     assert r["paper"]["augment_core_hours"] > 0
     from snd.bench.summary import eval_suite  # what scripts/gpu_next.sh prints reads real keys
@@ -185,5 +186,9 @@ def test_augment_rates_measure_every_live_set():
     from snd.bench.loaders import AUGMENT_FRAMES, augment_rates, workers_needed
 
     r = augment_rates(0.01)
+    assert set(r) == set(AUGMENT_FRAMES) and all(v > 0 for v in r.values())
+    from snd.bench.loaders import device_augment_rates  # the batched half, on the CPU here
+
+    r = device_augment_rates(0.01, batch=2)
     assert set(r) == set(AUGMENT_FRAMES) and all(v > 0 for v in r.values())
     assert workers_needed(25.0, 100.0, 2) == 8 and workers_needed(1000.0, 1.0, 2) == 1

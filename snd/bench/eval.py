@@ -137,6 +137,14 @@ def bench(cfg: BenchEvalConfig) -> dict:
         out["paper"] = paper_projection(rows, hw=hw, extract_rate=extract_rate, probes=probes, fast_parts=parts,
                                         patch=p, augment_rates=augment_rates(1.0, patch=p),
                                         workers=resolve_eval_workers("auto", device))
+        # the other half of the live sets' augmentation: `device_augment` per batch, on the CPU (one thread, what
+        # it would cost a worker) and on the training device (where `snd eval` runs it)
+        from snd.bench.loaders import device_augment_rates
+
+        da = {"cpu_1_thread": device_augment_rates(1.0, patch=p)}
+        if torch.device(device).type == "cuda":
+            da["device"] = device_augment_rates(1.0, patch=p, batch=16, device=device, threads=None)
+        out["paper"]["device_augment_items_per_s"] = da
     if not all(math.isfinite(x) for x in parts.values()):
         raise RuntimeError(f"a projected part is not finite: {parts}")
     from snd.pipeline.jsonout import emit_json

@@ -31,8 +31,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from snd.errors import SndError
+from snd.eval.augment import where_items
 
-__all__ = ["DepthAug", "PAPER_DEPTH_AUG", "DepthTrain", "rotation_grid", "rotate", "color_aug"]
+__all__ = ["DepthAug", "PAPER_DEPTH_AUG", "DepthTrain", "rotation_theta", "rotation_grid", "rotate", "color_lut",
+           "color_aug"]
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,17 @@ PAPER_DEPTH_AUG: dict[str, DepthAug] = {"nyuv2": DepthAug(), "scannet": DepthAug
                                         "kitti": DepthAug(crop=(352, 704), brightness=(0.9, 1.1))}
 
 
+def rotation_theta(hw: tuple[int, int], degree: float) -> Tensor:
+    """affine_grid's theta [2, 3] (float32) of `mmcv.imrotate(., degree)` on an H x W frame (`rotation_grid`)."""
+    H, W = int(hw[0]), int(hw[1])
+    t = math.radians(-degree)
+    a, b = math.cos(t), math.sin(t)
+    # s = R^T (d - c) + c in normalised coordinates (x = sw (u + 1), y = sh (v + 1), the centre at u = v = 0):
+    # u_s = a u_d - b (sh / sw) v_d, v_s = b (sw / sh) u_d + a v_d: affine_grid's theta
+    sw, sh = max(W - 1, 1) / 2, max(H - 1, 1) / 2
+    return torch.tensor([[a, -b * sh / sw, 0.0], [b * sw / sh, a, 0.0]], dtype=torch.float32)
+
+
 def rotation_grid(hw: tuple[int, int], degree: float) -> Tensor:
     """grid_sample's grid [1, H, W, 2] of `mmcv.imrotate(., degree)` on an H x W frame (about its centre,
     positive = clockwise, output the input's size).
@@ -64,14 +77,7 @@ def rotation_grid(hw: tuple[int, int], degree: float) -> Tensor:
     normalisation reads exactly there; its zero padding is cv2's constant border 0 (a bilinear tap outside
     counts as 0 in both). float32: the sample positions are off by < 1e-3 px on a 1216-wide frame (cv2 itself
     rounds them to 1/32 px), and the loader draws it for every training item."""
-    H, W = int(hw[0]), int(hw[1])
-    t = math.radians(-degree)
-    a, b = math.cos(t), math.sin(t)
-    # s = R^T (d - c) + c in normalised coordinates (x = sw (u + 1), y = sh (v + 1), the centre at u = v = 0):
-    # u_s = a u_d - b (sh / sw) v_d, v_s = b (sw / sh) u_d + a v_d: affine_grid's theta
-    sw, sh = max(W - 1, 1) / 2, max(H - 1, 1) / 2
-    theta = torch.tensor([[a, -b * sh / sw, 0.0], [b * sw / sh, a, 0.0]], dtype=torch.float32)[None]
-    return F.affine_grid(theta, [1, 1, H, W], align_corners=True)
+    return F.affine_grid(rotation_theta(hw, degree)[None], [1, 1, int(hw[0]), int(hw[1])], align_corners=True)
 
 
 def rotate(x: Tensor, degree: float, mode: str, grid: Tensor | None = None) -> Tensor:
@@ -82,14 +88,19 @@ def rotate(x: Tensor, degree: float, mode: str, grid: Tensor | None = None) -> T
     return out.to(x.dtype)
 
 
+def color_lut(gamma: float, brightness: float, colors: Tensor) -> Tensor:
+    """`ColorAug`'s float64 formula over the 256 uint8 values, per channel: [3, 256] float32."""
+    v = torch.arange(256, dtype=torch.float64)
+    return ((v ** gamma * brightness)[None] * colors.double().view(3, 1)).clamp(0, 255).float()
+
+
 def color_aug(img: Tensor, gamma: float, brightness: float, colors: Tensor) -> Tensor:
     """The Toolbox's `ColorAug` on img [3, H, W] holding 0..255 values: clip(img**gamma * brightness * colors).
 
     The image is uint8-valued here (the loaded frame, or cv2's rotation rounded back to uint8), so the float64
-    formula is tabulated per channel over the 256 values and looked up: the same numbers, 10x faster than the
-    power over the frame (the loader runs it for every other training item)."""
-    v = torch.arange(256, dtype=torch.float64)
-    lut = ((v ** gamma * brightness)[None] * colors.double().view(3, 1)).clamp(0, 255).to(img.dtype)  # [3, 256]
+    formula is tabulated per channel over the 256 values and looked up (`color_lut`): the same numbers, 10x faster
+    than the power over the frame (the loader runs it for every other training item)."""
+    lut = color_lut(gamma, brightness, colors).to(img.dtype)  # [3, 256]
     idx = img.round().clamp(0, 255).long()
     if not torch.equal(idx.to(img.dtype), img):
         raise ValueError("color_aug expects uint8-valued pixels (0..255 integers)")
@@ -104,17 +115,24 @@ def _uniform(lo: float, hi: float, n: int | None = None) -> Tensor | float:
 class DepthTrain(torch.utils.data.Dataset):
     """The official depth training pipeline over a whole-frame probe dataset's native frames (module docstring):
     image [3, h', w'] in [0, 1] (the crop centre-padded to the patch with the ImageNet mean, dinov2's
-    `CenterPadding` of the normalised image with 0) and depth [h, w] metres (0 = invalid) at the crop size."""
+    `CenterPadding` of the normalised image with 0) and depth [h, w] metres (0 = invalid) at the crop size.
+
+    Split in two so the heavy part runs batched on the training device: `worker_item` (a DataLoader worker:
+    load the frame, draw every random number in the order above) and `device_augment` (rotate, flip, crop,
+    colour, pad a collated batch wherever it lives). `dataset[i]` is both, on the CPU, for one item."""
 
     self_augmenting = True
+    device_keys = ("aug", "theta", "lut")  # what `worker_item` adds for `device_augment` (`ProbeData` passes it on)
 
     def __init__(self, source, aug: DepthAug, *, frame_hw: tuple[int, int], patch: int = 14):
         """`frame_hw`: the native frame's size (`snd.eval.protocol.PAPER_TRAIN_NATIVE_HW`); a frame smaller than the
-        crop is cropped whole (the crop shrinks to the frame, so every item of the set has one size)."""
+        crop is cropped whole (the crop shrinks to the frame, so every item of the set has one size). Every frame
+        must have this size (the workers' items collate whole frames)."""
         from snd.eval.protocol import padded_hw
 
         self.source, self.aug, self.patch = source, aug, int(patch)
-        self.crop_hw = (min(aug.crop[0], int(frame_hw[0])), min(aug.crop[1], int(frame_hw[1])))
+        self.frame_hw = (int(frame_hw[0]), int(frame_hw[1]))
+        self.crop_hw = (min(aug.crop[0], self.frame_hw[0]), min(aug.crop[1], self.frame_hw[1]))
         self.img_hw = padded_hw(self.crop_hw, self.patch)
         self.name = getattr(source, "name", "?")
 
@@ -125,30 +143,70 @@ class DepthTrain(torch.utils.data.Dataset):
         """The same frames without the augmentation (what the trivial baseline is fit on): the source set."""
         return self.source
 
-    def __getitem__(self, index: int) -> dict:
-        from snd.eval.protocol import IMAGENET_MEAN, center_pad
-
+    def worker_item(self, index: int) -> dict:
+        """The per-item CPU part: the native frame (image uint8 [3, H, W], depth [H, W]) and this item's draws:
+        `aug` float64 [rotate?, flip?, top, left], `theta` [2, 3] the rotation's affine_grid matrix, `lut`
+        [3, 256] ColorAug's table (the identity without colour). Draw order and distributions as the Toolbox's
+        pipeline (module docstring): rotate coin, angle, flip coin, crop offsets, colour coin, gamma, brightness,
+        per-channel colours."""
         image, depth, rid = self.source.native_frame(index)
         h, w = self.crop_hw
-        if depth.shape[0] < h or depth.shape[1] < w:
-            raise SndError(f"{self.name}: frame {rid} is {depth.shape[0]}x{depth.shape[1]}, smaller than the training "
+        H, W = int(depth.shape[0]), int(depth.shape[1])
+        if H < h or W < w:
+            raise SndError(f"{self.name}: frame {rid} is {H}x{W}, smaller than the training "
                            f"crop {h}x{w} of the other frames", hint="every frame of a depth set must have one size")
-        img = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1).float()
-        d = torch.as_tensor(np.asarray(depth), dtype=torch.float32).clone()[None]
+        if (H, W) != self.frame_hw:
+            raise SndError(f"{self.name}: frame {rid} is {H}x{W}, not the set's native {self.frame_hw[0]}x"
+                           f"{self.frame_hw[1]}", hint="every frame of a depth set must have one size")
         a = self.aug
         rot, degree = float(torch.rand(())) < a.p_rotate, _uniform(-a.degree, a.degree)
-        if rot:  # the image stays uint8 through cv2's warpAffine: round (half up) and saturate
-            grid = rotation_grid(d.shape[-2:], degree)
-            img = torch.floor(rotate(img, degree, "bilinear", grid) + 0.5).clamp(0, 255)
-            d = rotate(d, degree, "nearest", grid)
-        if float(torch.rand(())) < a.p_flip:
-            img, d = img.flip(-1), d.flip(-1)
-        top = int(torch.randint(0, d.shape[-2] - h + 1, ()))
-        left = int(torch.randint(0, d.shape[-1] - w + 1, ()))
-        img, d = img[:, top : top + h, left : left + w], d[0, top : top + h, left : left + w]
+        flip = float(torch.rand(())) < a.p_flip
+        top = int(torch.randint(0, H - h + 1, ()))
+        left = int(torch.randint(0, W - w + 1, ()))
+        lut = torch.arange(256, dtype=torch.float32).expand(3, 256).clone()
         if float(torch.rand(())) < a.p_color:
             gamma, bright = _uniform(*a.gamma), _uniform(*a.brightness)
-            img = color_aug(img, gamma, bright, _uniform(*a.color, 3))
-        image_out = center_pad((img / 255)[None], self.patch, torch.tensor(IMAGENET_MEAN))[0]
-        return {"image": image_out.contiguous(), "depth": d.contiguous(),
+            lut = color_lut(gamma, bright, _uniform(*a.color, 3))
+        img = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1).contiguous()
+        d = torch.as_tensor(np.asarray(depth), dtype=torch.float32).clone()
+        return {"image": img, "depth": d, "aug": torch.tensor([rot, flip, top, left], dtype=torch.float64),
+                "theta": rotation_theta((H, W), degree), "lut": lut,
                 "meta": {"dataset": self.name, "split": "train", "index": int(index), "id": rid}}
+
+    def device_augment(self, batch: dict) -> dict:
+        """The rest of the pipeline on a collated batch of `worker_item`s, on the batch's device: rotation
+        (grid_sample at each item's theta, the image rounded back to uint8 as cv2's warpAffine, the depth nearest),
+        flip, crop, ColorAug (each item's table), /255, centre padding. Returns `image [B, 3, h', w']`, `depth
+        [B, h, w]` (and the batch's other keys): per item exactly `dataset[i]`'s numbers."""
+        from snd.eval.protocol import IMAGENET_MEAN, center_pad
+
+        img, d, p = batch["image"].float(), batch["depth"].float()[:, None], batch["aug"]
+        B, dev, (h, w) = img.shape[0], img.device, self.crop_hw
+        rot = p[:, 0] > 0
+
+        def grid(sel):
+            theta = batch["theta"][sel].float()
+            return F.affine_grid(theta, [theta.shape[0], 1, *img.shape[-2:]], align_corners=True)
+
+        def turn(x, sel, mode):
+            return F.grid_sample(x[sel], grid(sel), mode=mode, padding_mode="zeros", align_corners=True)
+
+        d = where_items(rot, d, lambda sel: turn(d, sel, "nearest"))
+        img = where_items(rot, img, lambda sel: torch.floor(turn(img, sel, "bilinear") + 0.5).clamp(0, 255))
+        flip = p[:, 1] > 0
+        img, d = where_items(flip, img, lambda sel: img[sel].flip(-1)), where_items(flip, d, lambda sel: d[sel].flip(-1))
+        rows = p[:, 2].long()[:, None, None] + torch.arange(h, device=dev)[None, :, None]  # [B, h, 1]
+        cols = p[:, 3].long()[:, None, None] + torch.arange(w, device=dev)[None, None, :]  # [B, 1, w]
+        bi = torch.arange(B, device=dev)[:, None, None]
+        img = img[bi, :, rows, cols].permute(0, 3, 1, 2)  # [B, h, w, 3] -> [B, 3, h, w]
+        d = d[bi, 0, rows, cols]
+        img = torch.gather(batch["lut"].float(), 2, img.long().reshape(B, 3, h * w)).view(B, 3, h, w)
+        image = center_pad(img / 255, self.patch, torch.tensor(IMAGENET_MEAN))
+        out = {k: v for k, v in batch.items() if k not in self.device_keys}
+        out.update(image=image.contiguous(), depth=d.contiguous())
+        return out
+
+    def __getitem__(self, index: int) -> dict:
+        from snd.eval.augment import augment_one
+
+        return augment_one(self, index, ("image", "depth"))

@@ -111,28 +111,29 @@ def _convert(x: Tensor, alpha: float = 1.0, beta: float = 0.0) -> Tensor:
 
 
 def rgb_to_hsv_u8(img: Tensor) -> Tensor:
-    """OpenCV's 8-bit RGB -> HSV on [3, H, W] values 0..255: H in [0, 180] (degrees / 2), S and V in 0..255,
+    """OpenCV's 8-bit RGB -> HSV on [..., 3, H, W] values 0..255: H in [0, 180] (degrees / 2), S and V in 0..255,
     each rounded. The sector is R's when max = R, else G's when max = G, else B's (OpenCV's order)."""
-    r, g, b = img.float()
-    v, mn = img.float().amax(0), img.float().amin(0)
+    x = img.float()
+    r, g, b = x.unbind(-3)
+    v, mn = x.amax(-3), x.amin(-3)
     d = v - mn
     s = 255 * d / v.clamp_min(1e-6)
     dd = d.clamp_min(1e-6)
     h = torch.where(v == r, (g - b) / dd * 60, torch.where(v == g, (b - r) / dd * 60 + 120, (r - g) / dd * 60 + 240))
     h = torch.where(h < 0, h + 360, h) * (d > 0)
-    return torch.stack([(h / 2).round_(), s.round_(), v])
+    return torch.stack([(h / 2).round_(), s.round_(), v], -3)
 
 
 def hsv_to_rgb_u8(hsv: Tensor) -> Tensor:
-    """OpenCV's 8-bit HSV -> RGB: h = 2H degrees, s = S/255, v = V; the six-sector formula (written as
-    c_n = v − v·s·clamp(min(k, 4 − k), 0, 1), k = (n + h/60) mod 6, n = 5, 3, 1 for R, G, B), rounded."""
-    H, S, V = hsv.float()
+    """OpenCV's 8-bit HSV -> RGB on [..., 3, H, W]: h = 2H degrees, s = S/255, v = V; the six-sector formula
+    (written as c_n = v − v·s·clamp(min(k, 4 − k), 0, 1), k = (n + h/60) mod 6, n = 5, 3, 1 for R, G, B), rounded."""
+    H, S, V = hsv.float().unbind(-3)
     h6, vs = H / 30, V * S / 255
     out = []
     for n in (5.0, 3.0, 1.0):
         k = torch.remainder(h6 + n, 6.0)
         out.append(V - vs * torch.minimum(k, 4 - k).clamp_(0, 1))
-    return torch.stack(out).round_().clamp_(0, 255)
+    return torch.stack(out, -3).round_().clamp_(0, 255)
 
 
 def photometric_distortion(img: Tensor, gen: Optional[torch.Generator] = None) -> Tensor:
@@ -216,9 +217,11 @@ class MmsegTrain(torch.utils.data.Dataset):
     """The official training pipeline over a probe dataset's native samples (`ProbeDataset.load`), drawn
     afresh for every item: image [3, 518, 518] in [0, 1] for /14 (512x512 padded, then centre-padded to the patch
     multiple with the mean colour) and seg [512, 512] (255 in the padding). `snd eval` runs the backbone
-    live on it (`self_augmenting`): no token cache holds a fresh augmentation per step."""
+    live on it (`self_augmenting`): no token cache holds a fresh augmentation per step. Split as `DepthTrain`:
+    `worker_item` on a DataLoader worker, `device_augment` batched on the training device."""
 
     self_augmenting = True
+    device_keys = ("aug",)  # what `worker_item` adds for `device_augment` (`ProbeData` passes it on)
 
     def __init__(self, source, *, patch: int = 14):
         from snd.eval.protocol import padded_hw
@@ -234,8 +237,13 @@ class MmsegTrain(torch.utils.data.Dataset):
         """The same images without the augmentation (what the trivial baseline is fit on): the source set."""
         return self.source
 
-    def __getitem__(self, index: int) -> dict:
-        from snd.eval.protocol import IMAGENET_MEAN, center_pad
+    def worker_item(self, index: int) -> dict:
+        """The per-item CPU part, every draw in the pipeline's order: the rescale ratio, the label resize and the
+        `cat_max_crop` draws (they need the labels), the image resized inside the crop window only, the flip coin,
+        `PhotoMetricDistortion`'s draws (`snd.eval.mmseg_device.draw_photometric`). Returns the window as uint8
+        [3, 512, 512] (zeros past its h x w), seg [512, 512] flipped and padded with 255 (final), and `aug`
+        float64 [flip, h, w, *PHOTO_PARAMS] for `device_augment`."""
+        from snd.eval.mmseg_device import draw_photometric
 
         img, seg = _raw(self.source, index)
         ratio = RATIO_RANGE[0] + float(torch.rand((), dtype=torch.float64)) * (RATIO_RANGE[1] - RATIO_RANGE[0])
@@ -243,18 +251,34 @@ class MmsegTrain(torch.utils.data.Dataset):
         seg = _resize_labels(seg, hw)
         y1, y2, x1, x2 = box = cat_max_crop(seg, lambda: crop_box(hw[0], hw[1]))
         img, seg = _resize_u8_window(img, hw, box), seg[y1:y2, x1:x2]
-        if float(torch.rand(())) < 0.5:
-            img, seg = img.flip(-1), seg.flip(-1)
-        img = photometric_distortion(img) / 255
+        flip = float(torch.rand(())) < 0.5
+        photo = draw_photometric()
         h, w = seg.shape
-        mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-        padded = mean.expand(3, *CROP).clone()
-        padded[:, :h, :w] = img
+        window = torch.zeros(3, *CROP, dtype=torch.uint8)
+        window[:, :h, :w] = img.to(torch.uint8)
         label = torch.full(CROP, IGNORE, dtype=torch.long)
-        label[:h, :w] = seg
-        image = center_pad(padded[None], self.patch, torch.tensor(IMAGENET_MEAN))[0]
-        return {"image": image.contiguous(), "seg": label,
+        label[:h, :w] = seg.flip(-1) if flip else seg
+        return {"image": window, "seg": label, "aug": torch.tensor([flip, h, w, *photo], dtype=torch.float64),
                 "meta": {"dataset": self.name, "split": "train", "index": int(index)}}
+
+    def device_augment(self, batch: dict) -> dict:
+        """The rest on a collated batch of `worker_item`s, on the batch's device: the flip of each window,
+        `PhotoMetricDistortion` (`snd.eval.mmseg_device.photometric_batch`), /255, the mean colour past the
+        window, the centre padding to the patch. Per item exactly `dataset[i]`'s numbers."""
+        from snd.eval.mmseg_device import flip_windows, pad_windows, photometric_batch
+        from snd.eval.protocol import IMAGENET_MEAN, center_pad
+
+        p = batch["aug"]
+        img = flip_windows(batch["image"].float(), p[:, 1:3], p[:, 0] > 0)
+        img = pad_windows(photometric_batch(img, p[:, 3:]) / 255, p[:, 1:3], torch.tensor(IMAGENET_MEAN))
+        out = {k: v for k, v in batch.items() if k not in self.device_keys}
+        out["image"] = center_pad(img, self.patch, torch.tensor(IMAGENET_MEAN)).contiguous()
+        return out
+
+    def __getitem__(self, index: int) -> dict:
+        from snd.eval.augment import augment_one
+
+        return augment_one(self, index, ("image", "seg"))
 
 
 class MmsegTest(torch.utils.data.Dataset):

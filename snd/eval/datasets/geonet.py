@@ -79,6 +79,7 @@ class GeoNetNYU(torch.utils.data.Dataset):
 
     name = "nyu_geonet"
     file_order = True  # Probe3D's "trainval" loader does not shuffle: `snd eval` keeps the file order
+    device_keys = ("aug", "depth")  # what `worker_item` adds for `device_augment` (`ProbeData` passes it on)
     zero_normal_is_error = True  # validity = depth > 0, as Probe3D's loss mask
 
     def __init__(self, path: str | Path, *, augment: bool = True, patch: int = 14):
@@ -120,19 +121,105 @@ class GeoNetNYU(torch.utils.data.Dataset):
         s = min(H, W)
         return image[:s, c0 : c0 + s], depth[:s, c0 : c0 + s], norm[:s, c0 : c0 + s].astype(np.float32)
 
-    def __getitem__(self, index: int) -> dict:
+    def worker_item(self, index: int) -> dict:
+        """The per-item CPU part: the 480x480 frame (image uint8 [3, S, S], depth [S, S], normals [3, S, S]) and,
+        with `augment`, the draws of `augment_geonet` in its order (the jitter coin, ColorJitter's own
+        `get_params`: order and four factors, the crop coin, `random_resized_square`) as `aug` float64
+        [jitter?, order x4, brightness, contrast, saturation, hue, top, left, side] (no crop: the whole square)."""
+        image, depth, norm = self.load(index)
+        S = depth.shape[-1]
+        aug = [0.0] * 9 + [0.0, 0.0, float(S)]
+        if self.augment:
+            from torchvision.transforms import ColorJitter
+
+            if float(torch.rand(())) < 0.8:
+                cj = ColorJitter(0.2, 0.2, 0.2, 0.2)
+                order, b, c, s, h = cj.get_params(cj.brightness, cj.contrast, cj.saturation, cj.hue)
+                aug[:9] = [1.0, *order.tolist(), b, c, s, h]
+            if float(torch.rand(())) < 0.5:
+                t, l, side = random_resized_square(*depth.shape)
+                aug[9:] = [float(t), float(l), float(side)]
+        return {"image": torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).contiguous(),
+                "depth": torch.from_numpy(np.ascontiguousarray(depth)),
+                "normals": torch.from_numpy(np.ascontiguousarray(norm)).permute(2, 0, 1).contiguous(),
+                "aug": torch.tensor(aug, dtype=torch.float64),
+                "meta": {"dataset": self.name, "split": "train", "index": int(index), "id": self.files[index]}}
+
+    def device_augment(self, batch: dict) -> dict:
+        """The rest on a collated batch of `worker_item`s, on the batch's device: ColorJitter in each item's order
+        (`jitter_batch`), the shared square crop resized back with nearest (one index gather), NaN normals where
+        depth is 0, the centre padding to the patch. Returns `image`, `normals` (and the batch's other keys less
+        `aug`, `depth`): per item `dataset[i]`'s numbers."""
         from snd.eval.protocol import IMAGENET_MEAN, center_pad
 
-        image, depth, norm = self.load(index)
-        img = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255
-        d = torch.from_numpy(np.ascontiguousarray(depth))
-        n = torch.from_numpy(np.ascontiguousarray(norm)).permute(2, 0, 1)
-        if self.augment:
-            img, d, n = augment_geonet(img, d, n)
-        n = torch.where((d > 0)[None], n, torch.full_like(n, float("nan")))
-        img = center_pad(img[None], self.patch, torch.tensor(IMAGENET_MEAN))[0]
-        return {"image": img.contiguous(), "normals": n.contiguous(),
-                "meta": {"dataset": self.name, "split": "train", "index": int(index), "id": self.files[index]}}
+        p, d = batch["aug"], batch["depth"].float()
+        img = jitter_batch(batch["image"].float() / 255, p[:, :9])
+        B, S, dev = img.shape[0], d.shape[-1], img.device
+        # F.interpolate's nearest on a side x side crop: source floor(dst * (side / S in float32)), at most side - 1
+        side = p[:, 11].float()
+        idx = torch.minimum(torch.floor(torch.arange(S, device=dev, dtype=torch.float32)[None] * (side / S)[:, None]),
+                            side[:, None] - 1).long()
+        rows, cols = (p[:, 9].long()[:, None] + idx)[:, :, None], (p[:, 10].long()[:, None] + idx)[:, None, :]
+        bi = torch.arange(B, device=dev)[:, None, None]
+        img, d = img[bi, :, rows, cols].permute(0, 3, 1, 2), d[bi, rows, cols]
+        n = batch["normals"].float()[bi, :, rows, cols].permute(0, 3, 1, 2)
+        n = torch.where((d > 0)[:, None], n, torch.full_like(n, float("nan")))
+        out = {k: v for k, v in batch.items() if k not in self.device_keys}
+        out.update(image=center_pad(img, self.patch, torch.tensor(IMAGENET_MEAN)).contiguous(), normals=n.contiguous())
+        return out
+
+    def __getitem__(self, index: int) -> dict:
+        from snd.eval.augment import augment_one
+
+        return augment_one(self, index, ("image", "normals"))
+
+
+def _hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
+    """torchvision's `_hsv2rgb` on [..., 3, H, W] with its sector picked by a gather: its one-hot einsum is a
+    matmul, which a GPU with TF32 enabled (snd's extraction default) would round to 10 mantissa bits."""
+    h, s, v = hsv.unbind(dim=-3)
+    i = torch.floor(h * 6.0)
+    f = (h * 6.0) - i
+    p = torch.clamp((v * (1.0 - s)), 0.0, 1.0)
+    q = torch.clamp((v * (1.0 - s * f)), 0.0, 1.0)
+    t = torch.clamp((v * (1.0 - s * (1.0 - f))), 0.0, 1.0)
+    table = torch.stack([torch.stack(c, dim=-3) for c in ((v, q, p, p, t, v), (t, v, v, q, p, p), (p, p, t, v, v, q))],
+                        dim=-4)  # [..., 3, 6, H, W]
+    sector = (i.to(torch.int32) % 6).long()[..., None, None, :, :]
+    return table.gather(-3, sector.expand(*table.shape[:-3], 1, *table.shape[-2:])).squeeze(-3)
+
+
+def jitter_batch(img: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """torchvision's ColorJitter on every item of img [B, 3, H, W] in [0, 1] whose p [B, 9] row says so
+    ([jitter?, order x4, brightness, contrast, saturation, hue], `GeoNetNYU.worker_item`): at each of the four
+    positions each adjustment is applied to the items whose order puts it there (`where_items`), with
+    torchvision's own formulas (`_blend`: ratio·a + (1 − ratio)·b, clipped; the hue through its HSV formulas)."""
+    from torchvision.transforms._functional_tensor import _rgb2hsv, rgb_to_grayscale
+
+    from snd.eval.augment import where_items
+
+    on = p[:, 0] > 0
+
+    def blend(a: torch.Tensor, b: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
+        n = ratio.shape[0]
+        r, q = ratio.float().view(n, 1, 1, 1), (1.0 - ratio).float().view(n, 1, 1, 1)  # 1 - ratio in float64 first
+        return (r * a + q * b).clamp(0, 1)
+
+    def adjust(x: torch.Tensor, k: int, sel) -> torch.Tensor:
+        x, q = x[sel], p[sel]
+        if k == 0:
+            return blend(x, torch.zeros_like(x), q[:, 5])
+        if k == 1:
+            return blend(x, torch.mean(rgb_to_grayscale(x), dim=(-3, -2, -1), keepdim=True), q[:, 6])
+        if k == 2:
+            return blend(x, rgb_to_grayscale(x), q[:, 7])
+        h, s, v = _rgb2hsv(x).unbind(dim=-3)
+        return _hsv_to_rgb(torch.stack(((h + q[:, 8].float().view(-1, 1, 1)) % 1.0, s, v), dim=-3))
+
+    for pos in range(4):
+        for k in range(4):
+            img = where_items(on & (p[:, 1 + pos] == k), img, lambda sel: adjust(img, k, sel))
+    return img
 
 
 def augment_geonet(img: torch.Tensor, depth: torch.Tensor, normals: torch.Tensor,

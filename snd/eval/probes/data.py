@@ -42,6 +42,10 @@ class ProbeData(torch.utils.data.Dataset):
                 raise ValueError(f"{what} store has {len(s)} rows but {len(indices)} indices were given")
         self.dataset, self.indices, self.task, self.store, self.with_image = dataset, list(indices), task, store, with_image
         self.targets, self.flip_store = targets, flip_store
+        # live rows of a set that splits its augmentation (`worker_item` here, `device_augment` on the training
+        # device, `sources._Group`): the workers return its worker items, and the extra keys they carry
+        self.deferred = (store is None and bool(getattr(dataset, "self_augmenting", False))
+                         and hasattr(dataset, "device_augment") and hasattr(dataset, "worker_item"))
         self.budget = int(memory_mb * 2**20)
         self._mem: dict[int, dict[str, Tensor]] = {}
         self._used = 0
@@ -55,11 +59,15 @@ class ProbeData(torch.utils.data.Dataset):
         need_image = self.store is None or self.with_image
         if self.targets is not None and not need_image:
             return {TARGETS[self.task][0]: self.targets.target(j)}  # already one raw chunk: no RAM copy
-        item = self.dataset[self.indices[j]]
-        keys = list(TARGETS[self.task]) + (["image"] if need_image else [])
+        if self.deferred:
+            item = self.dataset.worker_item(self.indices[j])
+            keys = list(TARGETS[self.task]) + ["image"] + list(self.dataset.device_keys)
+        else:
+            item = self.dataset[self.indices[j]]
+            keys = list(TARGETS[self.task]) + (["image"] if need_image else [])
         out = {k: torch.as_tensor(item[k]) for k in keys}
         size = sum(v.numel() * v.element_size() for v in out.values())
-        if self._used + size <= self.budget:
+        if not self.deferred and self._used + size <= self.budget:  # fresh draws every epoch: never kept
             self._mem[j] = out
             self._used += size
         return out

@@ -88,15 +88,21 @@ class _Group:
                                                   num_workers=num_workers, pin_memory=device.type == "cuda"))
         gen = torch.Generator().manual_seed(seed + 7919 * lo) if live else None
         key = TARGETS[self.datas[0].task][0]
+        # a set that splits its augmentation: the workers drew each item's parameters, the device applies them
+        deferred = self.datas[0].dataset.device_augment if live and getattr(self.datas[0], "deferred", False) else None
 
         def streamed():
             for step, b in zip(range(lo, hi), loader):
                 if live:
-                    if augment:
+                    if augment and deferred is None:
                         b = augment_batch(b, gen)
 
                     def fetch(k, b=b):
                         bb = to_device(b, device)
+                        if deferred is not None:
+                            bb = deferred(bb)
+                            if augment:  # the generic live augmentation after the set's own (called once a step)
+                                bb = augment_batch(bb, gen)
                         return _tokens(bb, backbone), bb[key]
                 else:
                     def fetch(k, b=b):
