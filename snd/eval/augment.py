@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["augment_batch", "where_items", "augment_one"]
+__all__ = ["augment_batch", "where_items", "augment_one", "LiveAugmented"]
 
 
 def augment_batch(batch: dict[str, Tensor], generator: torch.Generator) -> dict[str, Tensor]:
@@ -68,3 +68,23 @@ def augment_one(ds, index: int, keys: tuple[str, ...]) -> dict:
     meta = item.pop("meta")
     out = ds.device_augment({k: v[None] for k, v in item.items()})
     return {**{k: out[k][0] for k in keys}, "meta": meta}
+
+
+class LiveAugmented(torch.utils.data.Dataset):
+    """Base of a paper-protocol training set that augments another set's native items afresh per step
+    (`snd.eval.depth_aug.DepthTrain`, `snd.eval.mmseg.MmsegTrain`): `snd eval` runs the backbone live on it
+    (`self_augmenting`), its trivial baseline is fit on the source itself (`unaugmented`). A subclass gives
+    `worker_item`, `device_augment`, `device_keys`, `img_hw` and `__getitem__` (usually `augment_one`)."""
+
+    self_augmenting = True
+
+    def __init__(self, source, patch: int):
+        self.source, self.patch = source, int(patch)
+        self.name = getattr(source, "name", "?")
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def unaugmented(self):
+        """The same items without the augmentation (what the trivial baseline is fit on): the source set."""
+        return self.source

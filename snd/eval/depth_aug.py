@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from snd.errors import SndError
-from snd.eval.augment import where_items
+from snd.eval.augment import LiveAugmented, where_items
 
 __all__ = ["DepthAug", "PAPER_DEPTH_AUG", "DepthTrain", "rotation_theta", "rotation_grid", "rotate", "color_lut",
            "color_aug"]
@@ -112,7 +112,7 @@ def _uniform(lo: float, hi: float, n: int | None = None) -> Tensor | float:
     return u if n is not None else float(u)
 
 
-class DepthTrain(torch.utils.data.Dataset):
+class DepthTrain(LiveAugmented):
     """The official depth training pipeline over a whole-frame probe dataset's native frames (module docstring):
     image [3, h', w'] in [0, 1] (the crop centre-padded to the patch with the ImageNet mean, dinov2's
     `CenterPadding` of the normalised image with 0) and depth [h, w] metres (0 = invalid) at the crop size.
@@ -121,7 +121,6 @@ class DepthTrain(torch.utils.data.Dataset):
     load the frame, draw every random number in the order above) and `device_augment` (rotate, flip, crop,
     colour, pad a collated batch wherever it lives). `dataset[i]` is both, on the CPU, for one item."""
 
-    self_augmenting = True
     device_keys = ("aug", "theta", "lut")  # what `worker_item` adds for `device_augment` (`ProbeData` passes it on)
 
     def __init__(self, source, aug: DepthAug, *, frame_hw: tuple[int, int], patch: int = 14):
@@ -130,18 +129,11 @@ class DepthTrain(torch.utils.data.Dataset):
         must have this size (the workers' items collate whole frames)."""
         from snd.eval.protocol import padded_hw
 
-        self.source, self.aug, self.patch = source, aug, int(patch)
+        super().__init__(source, patch)
+        self.aug = aug
         self.frame_hw = (int(frame_hw[0]), int(frame_hw[1]))
         self.crop_hw = (min(aug.crop[0], self.frame_hw[0]), min(aug.crop[1], self.frame_hw[1]))
         self.img_hw = padded_hw(self.crop_hw, self.patch)
-        self.name = getattr(source, "name", "?")
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def unaugmented(self):
-        """The same frames without the augmentation (what the trivial baseline is fit on): the source set."""
-        return self.source
 
     def worker_item(self, index: int) -> dict:
         """The per-item CPU part: the native frame (image uint8 [3, H, W], depth [H, W]) and this item's draws:

@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from snd.eval.augment import LiveAugmented
+
 __all__ = ["CROP", "STRIDE", "SCALE", "RATIO_RANGE", "CAT_MAX_RATIO", "rescale_size", "slide_windows", "slide_merge",
            "crop_box", "cat_max_crop", "photometric_distortion", "rgb_to_hsv_u8", "hsv_to_rgb_u8", "MmsegTrain",
            "MmsegTest", "slide_logits"]
@@ -213,29 +215,20 @@ def _raw(source, index: int) -> tuple[Tensor, Tensor]:
     return img, torch.from_numpy(np.asarray(raw.seg, dtype=np.int64))
 
 
-class MmsegTrain(torch.utils.data.Dataset):
+class MmsegTrain(LiveAugmented):
     """The official training pipeline over a probe dataset's native samples (`ProbeDataset.load`), drawn
     afresh for every item: image [3, 518, 518] in [0, 1] for /14 (512x512 padded, then centre-padded to the patch
     multiple with the mean colour) and seg [512, 512] (255 in the padding). `snd eval` runs the backbone
     live on it (`self_augmenting`): no token cache holds a fresh augmentation per step. Split as `DepthTrain`:
     `worker_item` on a DataLoader worker, `device_augment` batched on the training device."""
 
-    self_augmenting = True
     device_keys = ("aug",)  # what `worker_item` adds for `device_augment` (`ProbeData` passes it on)
 
     def __init__(self, source, *, patch: int = 14):
         from snd.eval.protocol import padded_hw
 
-        self.source, self.patch = source, patch
+        super().__init__(source, patch)
         self.img_hw = padded_hw(CROP, patch)
-        self.name = getattr(source, "name", "?")
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def unaugmented(self):
-        """The same images without the augmentation (what the trivial baseline is fit on): the source set."""
-        return self.source
 
     def worker_item(self, index: int) -> dict:
         """The per-item CPU part, every draw in the pipeline's order: the rescale ratio, the label resize and the
