@@ -104,6 +104,7 @@ def test_paper_and_fast_protocols_end_to_end_are_labelled(synth_root, tmp_path):
     pd = {r["task"]: r for r in paper["records"]}
     fd = {r["task"]: r for r in fast["records"]}
     assert pd["depth"]["recipe"]["beta1_cycle"] and not fd["depth"]["recipe"]["beta1_cycle"]
+    assert fd["depth"]["train_live"] is False  # fast trains on cached tokens
     assert pd["corr"]["geometry"] == "probe3d" and fd["corr"]["geometry"] == "snd"
     assert pd["depth"]["metrics"]["abs_rel"] != fd["depth"]["metrics"]["abs_rel"]
 

@@ -238,7 +238,7 @@ def _train_and_evaluate(role: _Role, prepared: list[_Prepared], cfg: EvalConfig,
                                 "train_loss": _clean(st["loss"]), "train_seconds": st["seconds"],
                                 "train_wall_seconds_all_probes": wall, "trained_together": st.get("trained_together"),
                                 "residency": st.get("residency"), "eval_seconds": time.perf_counter() - t1,
-                                "train_grid": list(p.train_grid), "train_live": p.self_augmenting,
+                                "train_grid": list(p.train_grid), "train_live": p.data_tr.store is None,
                                 "probe": p.probe.config(), "recipe": p.spec.to_json(), "protocol": cfg.protocol}, samples)
     return out
 
