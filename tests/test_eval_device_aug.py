@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.data import default_collate
 
-from snd.eval.depth_aug import DepthAug, DepthTrain, _uniform, color_aug, rotate, rotation_grid
+from snd.eval.depth_aug import DepthAug, DepthTrain, _uniform, color_aug, rotate
 from snd.eval.protocol import IMAGENET_MEAN, center_pad
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -42,9 +42,8 @@ def _old_depth_item(ds: DepthTrain, index: int) -> tuple[torch.Tensor, torch.Ten
     a = ds.aug
     rot, degree = float(torch.rand(())) < a.p_rotate, _uniform(-a.degree, a.degree)
     if rot:
-        grid = rotation_grid(d.shape[-2:], degree)
-        img = torch.floor(rotate(img, degree, "bilinear", grid) + 0.5).clamp(0, 255)
-        d = rotate(d, degree, "nearest", grid)
+        img = torch.floor(rotate(img, degree, "bilinear") + 0.5).clamp(0, 255)
+        d = rotate(d, degree, "nearest")
     if float(torch.rand(())) < a.p_flip:
         img, d = img.flip(-1), d.flip(-1)
     top = int(torch.randint(0, d.shape[-2] - h + 1, ()))

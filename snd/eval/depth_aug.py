@@ -33,7 +33,7 @@ from torch import Tensor
 from snd.errors import SndError
 from snd.eval.augment import LiveAugmented, where_items
 
-__all__ = ["DepthAug", "PAPER_DEPTH_AUG", "DepthTrain", "rotation_theta", "rotation_grid", "rotate", "color_lut",
+__all__ = ["DepthAug", "PAPER_DEPTH_AUG", "DepthTrain", "rotation_theta", "turn", "rotate", "color_lut", "apply_lut",
            "color_aug"]
 
 
@@ -57,7 +57,15 @@ PAPER_DEPTH_AUG: dict[str, DepthAug] = {"nyuv2": DepthAug(), "scannet": DepthAug
 
 
 def rotation_theta(hw: tuple[int, int], degree: float) -> Tensor:
-    """affine_grid's theta [2, 3] (float32) of `mmcv.imrotate(., degree)` on an H x W frame (`rotation_grid`)."""
+    """affine_grid's theta [2, 3] (float32) of `mmcv.imrotate(., degree)` on an H x W frame (about its centre,
+    positive = clockwise, output the input's size).
+
+    cv2's `getRotationMatrix2D(c, -degree)` maps a source pixel s to R (s - c) + c with
+    R = [[cos t, sin t], [-sin t, cos t]], t = -degree, c = ((W-1)/2, (H-1)/2); `warpAffine` reads every output
+    pixel d at s = R^T (d - c) + c. Pixel centres sit at integer coordinates, so grid_sample's align_corners=True
+    normalisation reads exactly there; its zero padding is cv2's constant border 0 (a bilinear tap outside
+    counts as 0 in both). float32: the sample positions are off by < 1e-3 px on a 1216-wide frame (cv2 itself
+    rounds them to 1/32 px)."""
     H, W = int(hw[0]), int(hw[1])
     t = math.radians(-degree)
     a, b = math.cos(t), math.sin(t)
@@ -67,25 +75,16 @@ def rotation_theta(hw: tuple[int, int], degree: float) -> Tensor:
     return torch.tensor([[a, -b * sh / sw, 0.0], [b * sw / sh, a, 0.0]], dtype=torch.float32)
 
 
-def rotation_grid(hw: tuple[int, int], degree: float) -> Tensor:
-    """grid_sample's grid [1, H, W, 2] of `mmcv.imrotate(., degree)` on an H x W frame (about its centre,
-    positive = clockwise, output the input's size).
-
-    cv2's `getRotationMatrix2D(c, -degree)` maps a source pixel s to R (s - c) + c with
-    R = [[cos t, sin t], [-sin t, cos t]], t = -degree, c = ((W-1)/2, (H-1)/2); `warpAffine` reads every output
-    pixel d at s = R^T (d - c) + c. Pixel centres sit at integer coordinates, so grid_sample's align_corners=True
-    normalisation reads exactly there; its zero padding is cv2's constant border 0 (a bilinear tap outside
-    counts as 0 in both). float32: the sample positions are off by < 1e-3 px on a 1216-wide frame (cv2 itself
-    rounds them to 1/32 px), and the loader draws it for every training item."""
-    return F.affine_grid(rotation_theta(hw, degree)[None], [1, 1, int(hw[0]), int(hw[1])], align_corners=True)
-
-
-def rotate(x: Tensor, degree: float, mode: str, grid: Tensor | None = None) -> Tensor:
-    """`mmcv.imrotate(x, degree)` of x [C, H, W] float (pixel values), border 0 (`rotation_grid`); `mode`
+def turn(x: Tensor, theta: Tensor, mode: str) -> Tensor:
+    """x [B, C, H, W] turned by each item's `rotation_theta` [B, 2, 3] (border 0), the same size; `mode`
     "bilinear" (cv2's default, the image) or "nearest" (the depth map)."""
-    g = rotation_grid(x.shape[-2:], degree) if grid is None else grid
-    out = F.grid_sample(x[None].float(), g, mode=mode, padding_mode="zeros", align_corners=True)[0]
-    return out.to(x.dtype)
+    grid = F.affine_grid(theta.to(x.device, torch.float32), [x.shape[0], 1, *x.shape[-2:]], align_corners=True)
+    return F.grid_sample(x.float(), grid, mode=mode, padding_mode="zeros", align_corners=True).to(x.dtype)
+
+
+def rotate(x: Tensor, degree: float, mode: str) -> Tensor:
+    """`mmcv.imrotate(x, degree)` of one x [C, H, W] float (pixel values): `turn` at `rotation_theta`."""
+    return turn(x[None], rotation_theta(x.shape[-2:], degree)[None], mode)[0]
 
 
 def color_lut(gamma: float, brightness: float, colors: Tensor) -> Tensor:
@@ -94,17 +93,21 @@ def color_lut(gamma: float, brightness: float, colors: Tensor) -> Tensor:
     return ((v ** gamma * brightness)[None] * colors.double().view(3, 1)).clamp(0, 255).float()
 
 
+def apply_lut(img: Tensor, lut: Tensor) -> Tensor:
+    """img [..., 3, H, W] holding uint8 values looked up in its per-channel table lut [..., 3, 256]."""
+    flat = img.long().reshape(*img.shape[:-2], -1)
+    return torch.gather(lut.to(img.device, torch.float32), -1, flat).view(img.shape)
+
+
 def color_aug(img: Tensor, gamma: float, brightness: float, colors: Tensor) -> Tensor:
     """The Toolbox's `ColorAug` on img [3, H, W] holding 0..255 values: clip(img**gamma * brightness * colors).
 
     The image is uint8-valued here (the loaded frame, or cv2's rotation rounded back to uint8), so the float64
-    formula is tabulated per channel over the 256 values and looked up (`color_lut`): the same numbers, 10x faster
-    than the power over the frame (the loader runs it for every other training item)."""
-    lut = color_lut(gamma, brightness, colors).to(img.dtype)  # [3, 256]
-    idx = img.round().clamp(0, 255).long()
-    if not torch.equal(idx.to(img.dtype), img):
+    formula is tabulated per channel over the 256 values and looked up (`color_lut`, `apply_lut`): the same
+    numbers, 10x faster than the power over the frame."""
+    if not torch.equal(img.round().clamp(0, 255), img):
         raise ValueError("color_aug expects uint8-valued pixels (0..255 integers)")
-    return torch.gather(lut, 1, idx.view(3, -1)).view_as(img)
+    return apply_lut(img, color_lut(gamma, brightness, colors)).to(img.dtype)
 
 
 def _uniform(lo: float, hi: float, n: int | None = None) -> Tensor | float:
@@ -176,15 +179,9 @@ class DepthTrain(LiveAugmented):
         B, dev, (h, w) = img.shape[0], img.device, self.crop_hw
         rot = p[:, 0] > 0
 
-        def grid(sel):
-            theta = batch["theta"][sel].float()
-            return F.affine_grid(theta, [theta.shape[0], 1, *img.shape[-2:]], align_corners=True)
-
-        def turn(x, sel, mode):
-            return F.grid_sample(x[sel], grid(sel), mode=mode, padding_mode="zeros", align_corners=True)
-
-        d = where_items(rot, d, lambda sel: turn(d, sel, "nearest"))
-        img = where_items(rot, img, lambda sel: torch.floor(turn(img, sel, "bilinear") + 0.5).clamp(0, 255))
+        theta = batch["theta"]
+        d = where_items(rot, d, lambda sel: turn(d[sel], theta[sel], "nearest"))
+        img = where_items(rot, img, lambda sel: torch.floor(turn(img[sel], theta[sel], "bilinear") + 0.5).clamp(0, 255))
         flip = p[:, 1] > 0
         img, d = where_items(flip, img, lambda sel: img[sel].flip(-1)), where_items(flip, d, lambda sel: d[sel].flip(-1))
         rows = p[:, 2].long()[:, None, None] + torch.arange(h, device=dev)[None, :, None]  # [B, h, 1]
@@ -192,7 +189,7 @@ class DepthTrain(LiveAugmented):
         bi = torch.arange(B, device=dev)[:, None, None]
         img = img[bi, :, rows, cols].permute(0, 3, 1, 2)  # [B, h, w, 3] -> [B, 3, h, w]
         d = d[bi, 0, rows, cols]
-        img = torch.gather(batch["lut"].float(), 2, img.long().reshape(B, 3, h * w)).view(B, 3, h, w)
+        img = apply_lut(img, batch["lut"])
         image = center_pad(img / 255, self.patch, torch.tensor(IMAGENET_MEAN))
         out = {k: v for k, v in batch.items() if k not in self.device_keys}
         out.update(image=image.contiguous(), depth=d.contiguous())
