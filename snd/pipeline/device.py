@@ -11,7 +11,7 @@ import torch
 
 from snd.errors import SndError
 
-__all__ = ["resolve_device", "to_host_async"]
+__all__ = ["resolve_device", "to_host_async", "fixed_workers", "cpu_cores"]
 
 
 def resolve_device(device: "str | torch.device", *, local_rank: int | None = None) -> torch.device:
@@ -44,3 +44,22 @@ def to_host_async(t: torch.Tensor) -> torch.Tensor:
     if t.device.type != "cuda":
         return t
     return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+
+
+def fixed_workers(value: "int | str") -> int | None:
+    """`--num-workers`: an integer >= 0 as given, None for "auto" (each command resolves it its own way:
+    `snd.train.data.resolve_num_workers`, `snd.stages.eval_plan.resolve_eval_workers`); else SndError."""
+    v = str(value).strip()
+    if v.lstrip("-").isdigit():
+        n = int(v)
+        if n < 0:
+            raise SndError(f"--num-workers must be >= 0 or 'auto', got {value}")
+        return n
+    if v != "auto":
+        raise SndError(f"--num-workers must be an integer or 'auto', got {value!r}")
+    return None
+
+
+def cpu_cores() -> int:
+    """The CPU cores this process may run on (its affinity where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

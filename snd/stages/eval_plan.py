@@ -199,18 +199,13 @@ def resolve_eval_workers(value, device: torch.device, cpus: int | None = None) -
     the pin-memory thread) on CUDA, capped at `AUTO_EVAL_WORKERS_CAP`, because the paper protocol's live
     training items (depth crops, mmseg crops, GeoNet) are augmented by the workers and one core draws only
     ~15-50 of them per second (`snd.bench.loaders`); on a CPU device at most 2 (the probes need the cores)."""
-    import os
+    from snd.pipeline.device import cpu_cores, fixed_workers
 
-    v = str(value).strip()
-    if v.lstrip("-").isdigit():
-        n = int(v)
-        if n < 0:
-            raise SndError(f"--num-workers must be >= 0 or 'auto', got {value}")
+    n = fixed_workers(value)
+    if n is not None:
         return n
-    if v != "auto":
-        raise SndError(f"--num-workers must be an integer or 'auto', got {value!r}")
     if cpus is None:
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        cpus = cpu_cores()
     if device.type != "cuda":
         return max(min(2, cpus - 1), 0)
     return max(min(cpus - 2, AUTO_EVAL_WORKERS_CAP), 1)

@@ -9,7 +9,6 @@ creating its iterator never draws from the global RNG (which drives LoRA dropout
 from __future__ import annotations
 
 import logging
-import os
 from typing import Callable, Iterator
 
 import torch
@@ -130,15 +129,13 @@ def resolve_num_workers(value: int | str, *, device: torch.device, operators: bo
     operator/fast path reads few bytes per sample but runs ~100 steps/s; the render path decodes Gaussians
     but steps ~10x slower); on a CPU device at most 2 (the step itself needs the cores). `operators` may be
     a callable, asked only for "auto"."""
-    if isinstance(value, int) or str(value).strip().lstrip("-").isdigit():
-        n = int(value)
-        if n < 0:
-            raise SndError(f"--num-workers must be >= 0 or 'auto', got {value}")
+    from snd.pipeline.device import cpu_cores, fixed_workers
+
+    n = fixed_workers(value)
+    if n is not None:
         return n
-    if str(value) != "auto":
-        raise SndError(f"--num-workers must be an integer or 'auto', got {value!r}")
     if cpus is None:
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        cpus = cpu_cores()
     per_rank = max(cpus // max(world_size, 1), 1)
     if device.type != "cuda":
         return max(min(2, per_rank - 1), 0)
