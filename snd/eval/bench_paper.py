@@ -100,6 +100,7 @@ def paper_projection(rows: list[dict], *, hw: tuple[int, int], extract_rate: flo
     for r in rows:
         task, name = r["task"], r["dataset"]
         extra: dict[str, float] = {}
+        iters = (seg_iters or {}).get(name, r.get("probe_iters", 0)) if task == "seg" else r.get("probe_iters", 0)
         if task == "depth":
             vhw = paper_val_hw(name, task, patch) or hw
             extra["flip_features_s"] = r["n_val"] / rate_at(vhw)
@@ -122,14 +123,12 @@ def paper_projection(rows: list[dict], *, hw: tuple[int, int], extract_rate: flo
             extra["minus_fast_training_s"] = -(r["train_s"] + r["targets_s"])  # live GeoNet caches no targets
         elif task == "seg":
             win = padded_hw(CROP, patch)
-            iters = (seg_iters or {}).get(name, r["probe_iters"])
             extra["sliding_window_test_s"] = r["n_val"] * SEG_WINDOWS / rate_at(win)
             extra["augmented_live_training_s"] = iters * probes["seg"]["batch"] / rate_at(win)
             extra["minus_fast_caching_s"] = -(r["features_s"] + r["targets_s"])  # neither split is cached
         elif task == "correspondence":
             corr = padded_hw(PAPER_CORR_HW.get(name, hw), patch)
             extra["pairs_at_paper_size_s"] = 2 * r["n_val"] / rate_at(corr) - r["features_s"]
-        iters = (seg_iters or {}).get(name, r.get("probe_iters", 0)) if task == "seg" else r.get("probe_iters", 0)
         lw = _loader_s(task, name, extra, iters, probes, augment_rates, workers)
         if lw is not None:
             extra["loader_wait_s"] = max(0.0, lw[0] - lw[1])
