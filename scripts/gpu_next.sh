@@ -30,6 +30,7 @@ step() {
   fi
   (( to > l - 5 )) && to=$((l - 5))
   local t0=$EPOCHREALTIME
+  case $1 in py) shift; set -- python3 "$@" ;; snd) shift; set -- python3 -m snd.cli "$@" ;; esac  # timeout runs programs, not functions
   timeout "$to" "$@" > "$OUT/next_$name.log" 2>&1; local rc=$?
   local wall; wall=$(py -c "print(round($EPOCHREALTIME - $t0, 1))")
   echo "{\"step\": \"$name\", \"rc\": $rc, \"wall_s\": $wall, \"timeout_s\": $to, \"estimate_s\": $est}" >> "$OUT/next_steps.jsonl"

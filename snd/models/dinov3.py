@@ -12,6 +12,8 @@ cache, filled at the first (warm-up) forward, so the captured graph reads a fixe
 """
 from __future__ import annotations
 
+import inspect
+
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers.pos_embed_sincos import RotaryEmbeddingDinoV3
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
@@ -21,6 +23,8 @@ from torch import Tensor, nn
 __all__ = ["TEST_MODEL_V3", "CachedRopeDinoV3", "tiny_model_cfg", "use_cached_rope"]
 
 TEST_MODEL_V3 = "snd_test_vit_patch16_dinov3"
+# timm before 1.0.2x takes `get_embed(shape)` only (the GPU machine's timm does); pass dtype where it exists
+_GET_EMBED_DTYPE = "dtype" in inspect.signature(RotaryEmbeddingDinoV3.get_embed).parameters
 
 
 class CachedRopeDinoV3(RotaryEmbeddingDinoV3):
@@ -31,12 +35,15 @@ class CachedRopeDinoV3(RotaryEmbeddingDinoV3):
 
     def get_embed(self, shape=None, dtype=None) -> Tensor:  # noqa: ANN001 - timm's signature
         if self.training and self.aug_active:
-            return super().get_embed(shape, dtype)
+            return self._timm_embed(shape, dtype)
         key = (tuple(shape) if shape is not None else None, str(self.periods.device), dtype, self.periods.dtype)
         cache = self.__dict__.setdefault("_snd_rope_cache", {})
         if key not in cache:
-            cache[key] = super().get_embed(shape, dtype)
+            cache[key] = self._timm_embed(shape, dtype)
         return cache[key]
+
+    def _timm_embed(self, shape, dtype) -> Tensor:  # noqa: ANN001
+        return super().get_embed(shape, dtype) if _GET_EMBED_DTYPE else super().get_embed(shape)
 
     def _apply(self, fn, *args, **kwargs):  # noqa: ANN001 - nn.Module's signature
         self.__dict__.pop("_snd_rope_cache", None)  # device/dtype moves rebuild the table
