@@ -9,7 +9,7 @@
 #   a second call), BUDGET_S (545: seconds since T_START, which gpu_session.sh sets when it starts; else now),
 #   MODELS (the four below), PRE_PAIRS (64 timed pairs per `snd bench precompute`)
 # Estimates (s; from earlier sessions' logs/JSONs, compile included): fast-tests 180 (five 30-step runs, each compiling
-# a small ViT: ~35 s); distill per model 70; ops 40 + 40 (not measured yet: torch plan 118 ms per 576x880 target)
+# a small ViT: ~35 s); distill per model 70 (DINOv3 140: its warm-up measured 109 s on the H200); ops 40 + 40 (not measured yet: torch plan 118 ms per 576x880 target)
 # (H200 warm-up 45 s for ViT-S, 61-74 s on the H100 for S and B; DINOv3 not measured yet); eval-tests 120;
 # bench eval 200 (measured 137 s + start); precompute 170 with a cold compile (MVSplat compile 98 s, gsplat
 # ready), 110 warm.
@@ -43,8 +43,9 @@ for s in $STEPS; do case $s in
   fast-tests)  # (a) fast path vs eager (DINOv3 RoPE, both protocols, resume), operator vs gsplat targets
     step fast-tests 180 300 py -m pytest -q -m gpu tests/test_fast_path_gpu.py -p no:cacheprovider --durations=10 ;;
   distill)  # (b) fast-path it/s per backbone, one call per model so a timeout keeps the others
-    for m in $MODELS; do
-      step "distill_$m" 70 150 snd bench distill --models "$m" --paths fast --out "$OUT/bench_distill_fast_$m.json"
+    for m in $MODELS; do  # DINOv3: warm-up 109 s on the H200 (DINOv2 46 s), plus its own 576x880 batches
+      est=70 to=150; [[ $m == *dinov3* ]] && est=140 to=260
+      step "distill_$m" $est $to snd bench distill --models "$m" --paths fast --out "$OUT/bench_distill_fast_$m.json"
       summary distill "$OUT/bench_distill_fast_$m.json"
     done ;;
   ops)  # (b2) the batched operator builder: gsplat batched == one job per call == torch plan, then ms per target by chunk

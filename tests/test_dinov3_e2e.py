@@ -157,6 +157,30 @@ def test_rope_table_is_cached_per_grid_and_equals_timms():
     assert "_snd_rope_cache" not in rope.__dict__  # a move/cast drops the table
 
 
+def test_rope_cache_works_with_older_timm_get_embed_without_dtype(monkeypatch):
+    """timm 1.0.29 (the GPU machine's) has `get_embed(self, shape=None)`: the cache must not pass a dtype."""
+    from timm.layers.pos_embed_sincos import RotaryEmbeddingDinoV3
+
+    import snd.models.dinov3 as d3
+    from snd.models.backbone import create_backbone
+
+    newer = RotaryEmbeddingDinoV3.get_embed
+    ref = newer(create_backbone("snd_test_vit_patch16_dinov3", init="random").rope, shape=[4, 6])
+
+    def older(self, shape=None):  # the older signature: a dtype argument would be a TypeError
+        return newer(self, shape)
+
+    monkeypatch.setattr(RotaryEmbeddingDinoV3, "get_embed", older)
+    monkeypatch.setattr(d3, "_GET_EMBED_DTYPE", False)
+    rope = create_backbone("snd_test_vit_patch16_dinov3", init="random").rope
+    a = rope.get_embed(shape=[4, 6])
+    assert rope.get_embed(shape=[4, 6]) is a and torch.equal(a, ref)
+    monkeypatch.setattr(d3, "_GET_EMBED_DTYPE", True)  # the check is what routes the call: without it, TypeError
+    rope._apply(lambda t: t)
+    with pytest.raises(TypeError):
+        rope.get_embed(shape=[4, 6])
+
+
 def test_bench_distill_times_both_families_at_their_own_sizes(tmp_path, capsys):
     """One `snd bench distill` call with a patch-14 and a patch-16 model: each at its own input size (a
     size off a model's patch grid rounded up to it: 28x42 -> 32x48 for patch 16)."""

@@ -1,0 +1,81 @@
+"""The device-call scripts run their steps' real commands (checked on CPU with a recording `python3`).
+
+Why: a device call is scarce (30 min a session); a script bug found there costs a call. One was:
+`timeout` was handed the script's shell functions (`snd`, `py`), which it cannot run, so every step
+failed in 0 s on the GPU.
+"""
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _recording_python(tmp_path: Path) -> tuple[Path, Path]:
+    """A `python3` on PATH that records (and skips) snd's and pytest's commands, and runs anything else."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "calls.log"
+    bin_dir.mkdir()
+    stub = bin_dir / "python3"
+    stub.write_text(f"""#!/bin/sh
+case "$1 $2" in
+  "-m snd.cli"|"-m pytest"|"-m snd.bench.summary") echo "$*" >> "{log}"; exit 0;;
+esac
+exec "{sys.executable}" "$@"
+""")
+    stub.chmod(stub.stat().st_mode | stat.S_IEXEC)
+    return bin_dir, log
+
+
+def test_gpu_next_runs_every_step_command_with_its_timeout(tmp_path):
+    bin_dir, log = _recording_python(tmp_path)
+    out = tmp_path / "out"
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", OUT=str(out), STEPS="distill eval",
+               MODELS="vit_small_patch14_dinov2 vit_small_patch16_dinov3", BUDGET_S="545")
+    env.pop("T_START", None)
+    r = subprocess.run(["bash", "scripts/gpu_next.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    calls = log.read_text().splitlines()
+    assert any(c.startswith("-m snd.cli bench distill --models vit_small_patch16_dinov3 --paths fast") for c in calls), calls
+    assert any(c.startswith("-m snd.cli bench eval --model dinov2_vits14") and "--protocol paper" in c for c in calls)
+    assert any(c.startswith("-m pytest -q -m gpu tests/test_eval_probe_speed.py") for c in calls)
+    steps = {s["step"]: s for s in map(json.loads, (out / "next_steps.jsonl").read_text().splitlines())}
+    assert set(steps) == {"distill_vit_small_patch14_dinov2", "distill_vit_small_patch16_dinov3", "eval-tests", "bench-eval"}
+    assert all(s["rc"] == 0 for s in steps.values()), steps  # rc 127 was the bug: `timeout snd ...`
+    assert steps["distill_vit_small_patch14_dinov2"]["timeout_s"] == 150
+    assert steps["distill_vit_small_patch16_dinov3"]["timeout_s"] == 260  # DINOv3's longer warm-up
+
+
+def test_gpu_next_skips_a_step_the_budget_cannot_cover(tmp_path):
+    bin_dir, log = _recording_python(tmp_path)
+    out = tmp_path / "out"
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", OUT=str(out), STEPS="eval", BUDGET_S="150")
+    env.pop("T_START", None)
+    r = subprocess.run(["bash", "scripts/gpu_next.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    steps = {s["step"]: s for s in map(json.loads, (out / "next_steps.jsonl").read_text().splitlines())}
+    assert steps["eval-tests"]["rc"] == 0  # estimate 120 s fits in 150
+    assert "budget" in steps["bench-eval"]["skipped"]  # estimate 200 s does not
+    assert not any("bench eval" in c for c in log.read_text().splitlines())
+
+
+def test_e2e_script_runs_the_readme_commands_in_order(tmp_path):
+    """`scripts/e2e_commands.sh` (the real commands timed): each command reaches snd, the dataset is hidden
+    while stage two runs, and e2e.json is written even when a step left no figures."""
+    bin_dir, log = _recording_python(tmp_path)
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", OUT=str(out), WORK=str(work), BUDGET_S="560")
+    (work / "data").mkdir(parents=True)  # as if synthesised: the script hides it during distill and restores it
+    r = subprocess.run(["bash", "scripts/e2e_commands.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    calls = [c.split()[2] for c in log.read_text().splitlines()]  # "-m snd.cli <command> ..."
+    assert calls == ["precompute", "distill", "bench", "distill", "bench"], calls
+    assert (work / "data").is_dir() and not (work / "data.hidden").exists()
+    walls = [json.loads(x) for x in (work / "walls.jsonl").read_text().splitlines()]
+    assert [w["name"] for w in walls] == ["precompute_depth", "distill", "bench_distill", "distill_warm_cache", "bench_precompute"]
+    assert all(w["rc"] == 0 for w in walls)
+    assert "error" in json.loads((out / "e2e.json").read_text())  # the recorded commands left no metrics to read
