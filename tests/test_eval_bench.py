@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -93,6 +94,8 @@ def test_bench_eval_measures_and_projects(tmp_path, capsys):
     assert set(s["probe_iters_per_s_alone"]) == {"depth", "normals", "seg"}
     assert s["augment_core_hours"] == round(r["paper"]["augment_core_hours"], 3) and s["workers"] == r["paper"]["workers"]
     assert set(s["augment_items_per_s_per_worker"]) == set(r["paper"]["augment_items_per_s_per_worker"])
+    live = {f"{x['task']}/{x['dataset']}" for x in r["paper"]["rows"] if x["task"] in ("seg", "normals")}
+    assert live <= set(s["loader"]) and all(v["workers_to_keep_up"] >= 1 for v in s["loader"].values())
 
 
 def test_paper_projection_arithmetic_by_hand():
@@ -176,6 +179,13 @@ def test_paper_projection_waits_for_the_loader_where_the_workers_are_slower_than
     assert by["seg", "voc"]["loader_wait_s"] == pytest.approx(640_000 / (0.001 * 4) - gpu_seg)
     assert by["normals", "nyuv2"]["loader_wait_s"] == 0.0  # 300,000 / 400 = 750 s < 37,500 * 8 * sq / 100 + 750
     assert P["augment_core_hours"] == pytest.approx((200 / 10 + 640_000 / 0.001 + 300_000 / 100) / 3600)
+    keep = {(r["task"], r["dataset"]): r["workers_to_keep_up"] for r in P["rows"] if "workers_to_keep_up" in r}
+    gpu_depth = 100 * 2 * crop / 100 + 10 * (crop - 1)
+    gpu_normals = 37_500 * 8 * sq / 100 + 37_500 / 50
+    assert keep == {("depth", "nyuv2"): math.ceil(200 / (10 * gpu_depth)),  # = 1: the GPU is far slower
+                    ("seg", "voc"): math.ceil(640_000 / (0.001 * gpu_seg)),
+                    ("normals", "nyuv2"): math.ceil(300_000 / (100 * gpu_normals))}
+    assert keep["seg", "voc"] > 4 and keep["depth", "nyuv2"] == 1  # waits with 4 workers <=> needs more than 4
     assert P["workers"] == 4 and P["augment_items_per_s_per_worker"] == rates
     plain = paper_projection(rows, hw=(14, 14), extract_rate=100.0, probes=probes, fast_parts=parts, patch=14)
     assert all("loader_wait_s" not in r["extra_s_parts"] for r in plain["rows"]) and plain["augment_core_hours"] == 0

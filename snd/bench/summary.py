@@ -58,7 +58,10 @@ def eval_suite(r: dict) -> dict:
             "paper_goal_hours": Q.get("goal_hours"),
             # the live training sets' CPU side: items/s per worker, the workers used, CPU hours of all live items
             "augment_items_per_s_per_worker": {k: _r(v, 1) for k, v in (Q.get("augment_items_per_s_per_worker") or {}).items()},
-            "workers": Q.get("workers"), "augment_core_hours": _r(Q.get("augment_core_hours"))}
+            "workers": Q.get("workers"), "augment_core_hours": _r(Q.get("augment_core_hours")),
+            "loader": {f"{x['task']}/{x['dataset']}": {"wait_s": _r(x["extra_s_parts"].get("loader_wait_s"), 0),
+                                                       "workers_to_keep_up": x["workers_to_keep_up"]}
+                       for x in Q.get("rows", []) if "workers_to_keep_up" in x}}
 
 
 SUMMARIES: dict[str, Callable[[dict], dict]] = {"precompute": precompute, "distill": distill, "eval": eval_suite}

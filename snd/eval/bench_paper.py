@@ -58,9 +58,11 @@ _LIVE_PARTS = {"depth": ("augmented_live_training_s", "own_size_train_s"), "seg"
 
 
 def _loader_s(task: str, name: str, extra: dict, iters: int, probes: dict, rates: dict | None,
-              workers: int | None) -> tuple[float, float] | None:
-    """(seconds `workers` DataLoader workers need to augment a live row's items, seconds its GPU parts take),
-    or None for a row that is not live (or without a measured rate)."""
+              workers: int | None) -> tuple[float, float, int] | None:
+    """(seconds `workers` DataLoader workers need to augment a live row's items, seconds its GPU parts take,
+    the workers that would keep the GPU fed), or None for a row that is not live (or without a measured rate)."""
+    from snd.bench.loaders import workers_needed
+
     parts = _LIVE_PARTS.get(task)
     if not rates or workers is None or parts is None or parts[0] not in extra:
         return None
@@ -70,7 +72,9 @@ def _loader_s(task: str, name: str, extra: dict, iters: int, probes: dict, rates
     batch = probes[task]["batch"]
     if task == "normals":  # GeoNet's 10 epochs, whatever the fast row's iterations
         iters = normals_spec(GEONET_TRAINVAL, batch).iters
-    return iters * batch / (rate * max(workers, 1)), sum(extra.get(k, 0.0) for k in parts)  # 0: the main process
+    gpu_s = sum(extra.get(k, 0.0) for k in parts)
+    keep_up = workers_needed(rate, iters / gpu_s, batch) if gpu_s > 0 else 1
+    return iters * batch / (rate * max(workers, 1)), gpu_s, keep_up  # workers 0: the main process, as one
 
 
 def paper_projection(rows: list[dict], *, hw: tuple[int, int], extract_rate: float, probes: dict,
@@ -87,8 +91,9 @@ def paper_projection(rows: list[dict], *, hw: tuple[int, int], extract_rate: flo
         seg_iters: training iterations per seg dataset (default: each row's `probe_iters`).
         augment_rates, workers: items/s one worker augments per live set (`snd.bench.loaders.augment_rates`) and
             the DataLoader workers: a live row whose items take the workers longer than the GPU takes for its
-            steps waits for them (`loader_wait_s`, each row as if trained alone with every worker; the
-            suite's `augment_core_hours` is the CPU time all live items take).
+            steps waits for them (`loader_wait_s`, each row as if trained alone with every worker;
+            `workers_to_keep_up`, the workers it would need not to wait; the suite's `augment_core_hours` is
+            the CPU time all live items take).
     """
     def ratio(other: tuple[int, int]) -> float:  # cost at `other` over the cost at the fast size
         return _tokens(other, patch) / _tokens(hw, patch)
@@ -135,6 +140,8 @@ def paper_projection(rows: list[dict], *, hw: tuple[int, int], extract_rate: flo
             core_s += lw[0] * max(workers, 1)
         e = sum(extra.values())
         out_rows.append({"task": task, "dataset": name, "extra_s_parts": extra, "extra_s": e})
+        if lw is not None:  # how many loader workers this row alone would need not to wait
+            out_rows[-1]["workers_to_keep_up"] = lw[2]
         per_task[task] = per_task.get(task, 0.0) + e
     fast = sum(fast_parts[k] for k in ("features_s", "targets_s", "train_s", "eval_s"))
     fast_task = {}
