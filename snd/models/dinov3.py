@@ -23,7 +23,7 @@ from torch import Tensor, nn
 __all__ = ["TEST_MODEL_V3", "CachedRopeDinoV3", "tiny_model_cfg", "use_cached_rope"]
 
 TEST_MODEL_V3 = "snd_test_vit_patch16_dinov3"
-# timm before 1.0.2x takes `get_embed(shape)` only (the GPU machine's timm does); pass dtype where it exists
+# timm 1.0.29 (the GPU machine's) has `get_embed(shape)`, 1.0.31 (requirements.txt) adds `dtype`: pass it where it exists
 _GET_EMBED_DTYPE = "dtype" in inspect.signature(RotaryEmbeddingDinoV3.get_embed).parameters
 
 
