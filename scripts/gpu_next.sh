@@ -43,7 +43,7 @@ for s in $STEPS; do case $s in
   fast-tests)  # (a) fast path vs eager (DINOv3 RoPE, both protocols, resume), operator vs gsplat targets
     step fast-tests 180 300 py -m pytest -q -m gpu tests/test_fast_path_gpu.py -p no:cacheprovider --durations=10 ;;
   distill)  # (b) fast-path it/s per backbone, one call per model so a timeout keeps the others
-    for m in $MODELS; do  # DINOv3: warm-up 109 s on the H200 (DINOv2 46 s), plus its own 576x880 batches
+    for m in $MODELS; do  # DINOv3: warm-up 109 s on the H200 (DINOv2 46 s); more when first (cold compile caches)
       est=70 to=150; [[ $m == *dinov3* ]] && est=140 to=260
       step "distill_$m" $est $to snd bench distill --models "$m" --paths fast --out "$OUT/bench_distill_fast_$m.json"
       summary distill "$OUT/bench_distill_fast_$m.json"
