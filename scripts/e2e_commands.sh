@@ -6,7 +6,9 @@
 # in the same device call (issue #20: default `snd distill` must reach >= 95 % of it).
 # Usage (GPU machine, repo root): OUT=/tmp/out bash scripts/e2e_commands.sh   (or: bash scripts/gpu_session.sh e2e)
 #   env: H, W (584x876: the dataset's frames; the stages run at their defaults), SCENES (4), FRAMES (32), PAIRS (50 per scene), ITERS (2000), BUDGET_S (560: optional
-#   steps are skipped past it), MVSPLAT_CKPT (optional: adds `snd precompute --source mvsplat`), WORK (/tmp/snd-e2e)
+#   steps are skipped past it), MVSPLAT_CKPT (optional: adds `snd precompute --source mvsplat`), WORK (/tmp/snd-e2e),
+#   DEVICE (cuda), MODEL (vit_small_patch14_dinov2), BENCH_ITERS (200), BENCH_PAIRS (64): a CPU dry run at tiny sizes
+#   (DEVICE=cpu MODEL=snd_test_vit_patch14 H=64 W=96 ...) checks the commands before a device call is spent on them
 # Sizes: synth ~40 s (one process per scene), precompute ~200 pairs incl. the ~90 s gsplat build, distill incl.
 # ~100 s compile, bench ~60 s: ~450 s of the 590 s call; then, in the budget left: a second `snd distill`
 # (warm build cache: the start-up a user sees from the second run on) and `snd bench precompute --source mvsplat`.
@@ -17,6 +19,8 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; WORK=${WORK:-/tmp/snd-e2e}; mkdir -p "$OUT" "$WORK"
 H=${H:-584}; W=${W:-876}; SCENES=${SCENES:-4}; FRAMES=${FRAMES:-32}; PAIRS=${PAIRS:-50}; ITERS=${ITERS:-2000}
+DEVICE=${DEVICE:-cuda}; MODEL=${MODEL:-vit_small_patch14_dinov2}; BENCH_ITERS=${BENCH_ITERS:-200}; BENCH_PAIRS=${BENCH_PAIRS:-64}
+DEV=(); [[ $DEVICE == cuda ]] || DEV=(--device "$DEVICE")  # on the GPU, distill and the benches keep their default (auto)
 BUDGET_S=${BUDGET_S:-560}; T0=$EPOCHREALTIME
 # builds start cold whatever ran on this machine before (e.g. `gpu_session.sh next` warmed ~/.cache/snd): a fresh
 # user's build cache, emptied here; one the caller set is used as it is (and never emptied)
@@ -105,25 +109,25 @@ rm -f "$WORK/walls.jsonl"
 rm -rf "$WORK/cache_depth" "$WORK/cache_mvsplat" "$WORK/runs"
 # stage sizes are the defaults (scaffold 576x880 = SnD's MVSplat input, backbone 574x868): the commands as in the README
 t precompute_depth snd precompute --data "$WORK/data" --split all --out "$WORK/cache_depth" --source depth \
-  --pairs-per-scene "$PAIRS" --device cuda
+  --pairs-per-scene "$PAIRS" --device "$DEVICE"
 summarise > /dev/null
 mv "$WORK/data" "$WORK/data.hidden"  # stage two must not need the dataset
-t distill snd distill --shards "$WORK/cache_depth" --run "$WORK/runs/vits" --model vit_small_patch14_dinov2 --init random \
-  --iters "$ITERS"
+t distill snd distill --shards "$WORK/cache_depth" --run "$WORK/runs/vits" --model "$MODEL" --init random \
+  --iters "$ITERS" "${DEV[@]}"
 summarise > /dev/null
-t bench_distill snd bench distill --shards "$WORK/cache_depth" --models vit_small_patch14_dinov2 --paths fast \
-  --iters 200 --warmup 20 --out "$OUT/e2e_bench_distill.json"
+t bench_distill snd bench distill --shards "$WORK/cache_depth" --models "$MODEL" --paths fast \
+  --iters "$BENCH_ITERS" --warmup 20 "${DEV[@]}" --out "$OUT/e2e_bench_distill.json"
 summarise > /dev/null
 if (( $(left) > 60 )); then  # the second run of a user: build caches warm, so it should start in seconds
-  t distill_warm_cache snd distill --shards "$WORK/cache_depth" --run "$WORK/runs/vits_warm" --model vit_small_patch14_dinov2 \
-    --init random --iters 200
+  t distill_warm_cache snd distill --shards "$WORK/cache_depth" --run "$WORK/runs/vits_warm" --model "$MODEL" \
+    --init random --iters "$BENCH_ITERS" "${DEV[@]}"
 else skip distill_warm_cache "budget"; fi
 mv "$WORK/data.hidden" "$WORK/data"
 if [[ -n ${MVSPLAT_CKPT:-} ]] && (( $(left) > 150 )); then
   t precompute_mvsplat snd precompute --data "$WORK/data" --split all --out "$WORK/cache_mvsplat" --source mvsplat \
-    --mvsplat-ckpt "$MVSPLAT_CKPT" --pairs-per-scene "$PAIRS" --device cuda
+    --mvsplat-ckpt "$MVSPLAT_CKPT" --pairs-per-scene "$PAIRS" --device "$DEVICE"
 elif (( $(left) > 150 )); then  # no checkpoint: MVSplat's rate with operators from the bench (random init, same speed)
-  t bench_precompute snd bench precompute --source mvsplat --pairs 64 --workdir "$WORK/bench_pre" \
-    --out "$OUT/e2e_bench_precompute.json"
+  t bench_precompute snd bench precompute --source mvsplat --pairs "$BENCH_PAIRS" --workdir "$WORK/bench_pre" \
+    "${DEV[@]}" --out "$OUT/e2e_bench_precompute.json"
 else skip precompute_mvsplat "budget"; fi
 summarise
