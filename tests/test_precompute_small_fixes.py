@@ -1,10 +1,12 @@
-"""Stage one's small defaults: `--operator-chunk 0` (auto) resolved per device, and `rigid_inverse` on batches."""
+"""Stage one's small defaults: `--operator-chunk 0` and `--batch-pairs 0` (auto) resolved per device, and
+`rigid_inverse` on batches."""
 import pytest
 import torch
 
 from snd.errors import SndError
 from snd.pipeline.config import BenchPrecomputeConfig, PrecomputeConfig
 from snd.stages.precompute.launch import resolve_operator_chunk
+from snd.stages.precompute.settings import resolve_batch_pairs
 from snd.train.distiller import rigid_inverse
 
 
@@ -15,6 +17,24 @@ def test_operator_chunk_auto_is_8_on_cuda_and_1_on_cpu():
     assert resolve_operator_chunk(3, "cpu") == 3 and resolve_operator_chunk(12, "cuda") == 12  # a given chunk is kept
     with pytest.raises(SndError, match="operator-chunk"):
         resolve_operator_chunk(-1, "cpu")
+
+
+def test_batch_pairs_auto_is_8_on_cuda_and_1_on_cpu():
+    assert PrecomputeConfig().batch_pairs == 0 and BenchPrecomputeConfig().batch_pairs == 0  # auto by default
+    assert resolve_batch_pairs(0, "cuda") == 8 and resolve_batch_pairs(0, torch.device("cuda", 1)) == 8
+    assert resolve_batch_pairs(0, "cpu") == 1
+    assert resolve_batch_pairs(0, "auto") == (8 if torch.cuda.is_available() else 1)
+    assert resolve_batch_pairs(4, "cpu") == 4 and resolve_batch_pairs(2, "cuda") == 2  # a given size is kept
+    with pytest.raises(SndError, match="batch-pairs"):
+        resolve_batch_pairs(-1, "cpu")
+
+
+def test_bench_precompute_records_the_batch_it_used(tmp_path):
+    from snd.bench.precompute import bench
+
+    r = bench(BenchPrecomputeConfig(source="depth", height=56, width=84, pairs=2, device="cpu", images="off",
+                                    workdir=tmp_path, out=tmp_path / "b.json"))
+    assert r["batch_pairs"] == 1 and r["operator_chunk"] == 1  # auto on CPU, as used
 
 
 def _random_rigid(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:

@@ -26,6 +26,7 @@ from snd.pipeline.config import BenchPrecomputeConfig, PrecomputeConfig
 from snd.scaffold import ScaffoldSource
 from snd.stages.precompute import LOAD_THREADS, make_source, run
 from snd.stages.precompute.launch import resolve_operator_chunk
+from snd.stages.precompute.settings import resolve_batch_pairs
 
 log = logging.getLogger(__name__)
 console = Console(stderr=True)
@@ -158,7 +159,8 @@ def bench(cfg: BenchPrecomputeConfig) -> dict:
 
     work = Path(cfg.workdir) if cfg.workdir is not None else Path(tempfile.mkdtemp(prefix="snd-bench-precompute-"))
     work.mkdir(parents=True, exist_ok=True)
-    warm = 2 * cfg.batch_pairs
+    bp = resolve_batch_pairs(cfg.batch_pairs, cfg.device)  # 0 = auto: 8 on CUDA, 1 on CPU
+    warm = 2 * bp
     total = warm + cfg.pairs
     per_scene_max = 5 * _BENCH_FRAMES - 50
     scenes = max(2, math.ceil(total / per_scene_max))
@@ -167,7 +169,7 @@ def bench(cfg: BenchPrecomputeConfig) -> dict:
     shutil.rmtree(store, ignore_errors=True)
     pcfg = PrecomputeConfig(data=data, out=store, split="all", source=cfg.source, mvsplat_ckpt=cfg.mvsplat_ckpt,
                             mvsplat_config=cfg.mvsplat_config, height=cfg.height, width=cfg.width,
-                            pairs_per_scene=math.ceil(total / scenes), targets_per_pair=3, batch_pairs=cfg.batch_pairs,
+                            pairs_per_scene=math.ceil(total / scenes), targets_per_pair=3, batch_pairs=bp,
                             precision=cfg.precision, device=cfg.device, compile=cfg.compile, operator=cfg.operator,
                             images=cfg.images, operator_chunk=cfg.operator_chunk)
     source = make_source(pcfg, random_init=cfg.mvsplat_ckpt is None)
@@ -185,7 +187,7 @@ def bench(cfg: BenchPrecomputeConfig) -> dict:
     res: dict[str, Any] = {
         "source": source.describe(), "device": str(source.device),
         "device_name": torch.cuda.get_device_name(source.device) if source.device.type == "cuda" else "cpu",
-        "torch": torch.__version__, "height": cfg.height, "width": cfg.width, "batch_pairs": cfg.batch_pairs,
+        "torch": torch.__version__, "height": cfg.height, "width": cfg.width, "batch_pairs": bp,
         "precision": cfg.precision, "pairs_total": s.pairs, "pairs_timed": timed_pairs, "seconds_timed": span,
         "pairs_per_s": timed_pairs / span if span > 0 else None,
         "pairs_per_s_end_to_end": s.pairs_per_s, "data_wait_s": wait_data,

@@ -5,6 +5,7 @@ import logging
 import queue
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -20,7 +21,7 @@ from snd.scaffold import ScaffoldSource
 from snd.stages.precompute.frames import _loader
 from snd.stages.precompute.launch import _InFlight, _land, _launch, resolve_operator_chunk
 from snd.stages.precompute.report import Summary, console, print_summary, record_run
-from snd.stages.precompute.settings import make_source, operator_spec, resolve_rank, store_header
+from snd.stages.precompute.settings import make_source, operator_spec, resolve_batch_pairs, resolve_rank, store_header
 from snd.stages.precompute.writer import _suppress_full, _Writer
 
 log = logging.getLogger(__name__)
@@ -39,8 +40,7 @@ def run(cfg: PrecomputeConfig, *, source: ScaffoldSource | None = None, progress
     """
     from snd.data import open_dataset
 
-    if cfg.batch_pairs < 1:
-        raise SndError(f"--batch-pairs must be >= 1, got {cfg.batch_pairs}")
+    cfg = replace(cfg, batch_pairs=resolve_batch_pairs(cfg.batch_pairs, cfg.device))  # 0 = auto, as used below
     if cfg.operator_chunk < 0:
         raise SndError(f"--operator-chunk must be >= 1, or 0 for auto (8 on CUDA, 1 on CPU), got {cfg.operator_chunk}")
     rank, world = resolve_rank(cfg.rank, cfg.world_size)
