@@ -15,6 +15,15 @@ from snd.eval.protocol import IMAGENET_MEAN, center_pad
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
+def _augment_on_cpu_and_cuda(ds, n_items: int, n_frames: int, seed: int) -> tuple[dict, dict]:
+    """One batch of `ds`'s worker items (frames reused in turn), augmented by `device_augment` on the CPU and on
+    CUDA from the same draws: (cpu result, cuda result)."""
+    torch.manual_seed(seed)
+    batch = default_collate([ds.worker_item(i % n_frames) for i in range(n_items)])
+    on_gpu = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+    return ds.device_augment(batch), ds.device_augment(on_gpu)
+
+
 class _Frames:
     """A whole-frame source of random uint8 images and depths (0 holes included)."""
 
@@ -90,11 +99,7 @@ def test_depth_worker_refuses_a_frame_of_another_size():
 @pytest.mark.gpu
 @cuda
 def test_depth_device_augment_on_cuda_matches_cpu():
-    ds = _depth_set(10.0)
-    torch.manual_seed(4)
-    batch = default_collate([ds.worker_item(i % 6) for i in range(16)])
-    cpu = ds.device_augment(batch)
-    gpu = ds.device_augment({k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in batch.items()})
+    cpu, gpu = _augment_on_cpu_and_cuda(_depth_set(10.0), 16, 6, seed=4)
     # grid_sample's float32 sample positions may differ in the last bit between devices: a rounded uint8 level
     # can flip by one where a bilinear value sits at .5 (ColorAug's table then maps it up to ~3 levels apart), a
     # nearest tap where a position sits at .5
@@ -185,11 +190,7 @@ def test_seg_device_augment_equals_the_per_item_pipeline_on_a_mixed_batch():
 def test_seg_device_augment_on_cuda_matches_cpu():
     from snd.eval.mmseg import MmsegTrain
 
-    ds = MmsegTrain(_SegSource(), patch=14)
-    torch.manual_seed(6)
-    batch = default_collate([ds.worker_item(i % 5) for i in range(12)])
-    cpu = ds.device_augment(batch)
-    gpu = ds.device_augment({k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in batch.items()})
+    cpu, gpu = _augment_on_cpu_and_cuda(MmsegTrain(_SegSource(), patch=14), 12, 5, seed=6)
     # the same IEEE float32 steps on both devices: equal but where a value rounded to a uint8 level sits at .5 and
     # the devices' last bits differ; a hue one level (2 degrees) off then moves a saturated pixel by up to ~8 levels
     diff = (gpu["image"].cpu() - cpu["image"]).abs()
@@ -241,9 +242,6 @@ def test_geonet_device_augment_equals_augment_geonet_on_a_mixed_batch(geonet):
 @pytest.mark.gpu
 @cuda
 def test_geonet_device_augment_on_cuda_matches_cpu(geonet):
-    torch.manual_seed(8)
-    batch = default_collate([geonet.worker_item(i % 4) for i in range(12)])
-    cpu = geonet.device_augment(batch)
-    gpu = geonet.device_augment({k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in batch.items()})
+    cpu, gpu = _augment_on_cpu_and_cuda(geonet, 12, 4, seed=8)
     assert torch.allclose(gpu["image"].cpu(), cpu["image"], atol=1e-5, rtol=0)  # float32 formulas, no rounding
     assert torch.equal(gpu["normals"].cpu().nan_to_num(), cpu["normals"].nan_to_num())
