@@ -24,7 +24,8 @@ def test_paper_sizes_follow_the_backbones_patch(tmp_path):
     assert padded_hw((480, 640), 14) == (490, 644) and padded_hw((480, 640), 16) == (480, 640)  # 35x46, 30x40
     assert padded_hw((470, 630), 16) == (480, 640) and padded_hw((1, 17), 16) == (16, 32)
     assert paper_val_hw("nyuv2", "normals", 16) == (480, 480) and paper_val_hw("synth", "depth", 16) is None
-    paper, fast = EvalConfig(data_root=tmp_path, protocol="paper"), EvalConfig(data_root=tmp_path, protocol="fast")
+    sized = dict(data_root=tmp_path, img_height=476, img_width=630)  # as `probe_input_sized` sets them for /14
+    paper, fast = EvalConfig(protocol="paper", **sized), EvalConfig(protocol="fast", **sized)
     assert val_hw(paper, "nyuv2", "normals", 14) == (490, 490) and val_hw(paper, "nyuv2", "normals", 16) == (480, 480)
     assert val_hw(fast, "nyuv2", "normals", 16) == (476, 630) and val_hw(paper, "synth", "depth", 16) == (476, 630)
     # correspondence: 480x640 -> 490x644 (rows 5 | 5, columns 2 | 2) for /14; 470x630 -> 480x640 (5 | 5) for /16
@@ -96,7 +97,8 @@ def test_paper_kitti_feeds_the_whole_kb_crop_padded_to_the_patch(tmp_path):
 
     img = write_kitti_frame(tmp_path)
     kb = img[375 - 352 :, 13 : 13 + 1216] / 255.0  # bottom-centred 352x1216
-    paper, fast = EvalConfig(data_root=tmp_path, protocol="paper"), EvalConfig(data_root=tmp_path, protocol="fast")
+    sized = dict(data_root=tmp_path, img_height=476, img_width=630)  # as `probe_input_sized` sets them for /14
+    paper, fast = EvalConfig(protocol="paper", **sized), EvalConfig(protocol="fast", **sized)
     assert val_hw(paper, "kitti", "depth", 14) == (364, 1218) and train_hw(paper, "kitti", "depth", 14) == (364, 1218)
     assert val_hw(paper, "kitti", "depth", 16) == (352, 1216) and train_hw(paper, "kitti", "depth", 16) == (352, 1216)
     assert val_hw(fast, "kitti", "depth", 14) == (476, 630) and train_hw(fast, "kitti", "depth", 14) == (476, 630)
@@ -126,7 +128,8 @@ def test_paper_records_of_the_old_kitti_input_are_not_resumed(tmp_path):
     from snd.pipeline.config import EvalConfig
     from snd.stages.eval_plan import _protocol, _trivial_folder
 
-    paper, fast = EvalConfig(data_root=tmp_path, protocol="paper"), EvalConfig(data_root=tmp_path, protocol="fast")
+    sized = dict(data_root=tmp_path, img_height=476, img_width=630)  # as `probe_input_sized` sets them for /14
+    paper, fast = EvalConfig(protocol="paper", **sized), EvalConfig(protocol="fast", **sized)
     assert _protocol(paper)["paper_rev"] == 4
     assert "paper_rev" not in _protocol(fast)
     # the trivial folder of revision 3 differs from the one every earlier paper run wrote (same fields, no revision)

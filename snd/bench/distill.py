@@ -225,12 +225,14 @@ def _across_ranks(per_rank: list[dict], store: Path | None, img_hw: tuple[int, i
 
 
 def model_sized(cfg: BenchDistillConfig, name: str) -> BenchDistillConfig:
-    """`cfg` at `name`'s input size: a size that is not a multiple of the model's patch is rounded up to the
-    next multiple (the default 574x868, DINOv2's floored 576x880, gives DINOv3 the paper's 576x880), so one
-    call times every family at its own paper-sized input; each model's JSON row records its `img_hw`."""
-    from snd.models.backbone import spec_of
+    """`cfg` at `name`'s input size: by default `snd distill`'s (576x880 floored to the patch), so one call
+    times every family at the input its real runs use; a given size that is not a multiple of the model's
+    patch is rounded up to the next multiple (574x868 -> 576x880 for patch 16). Each model's JSON row
+    records its `img_hw`."""
+    from snd.models.backbone import DISTILL_FRAME_HW, spec_of, with_input_hw
 
     p = spec_of(name).patch
+    cfg = with_input_hw(cfg, p, DISTILL_FRAME_HW)
     h, w = -(-cfg.img_height // p) * p, -(-cfg.img_width // p) * p
     check_sizes(h, w, p)
     return cfg if (h, w) == (cfg.img_height, cfg.img_width) else replace(cfg, img_height=h, img_width=w)
@@ -305,8 +307,9 @@ def _bench_store(cfg: BenchDistillConfig, env, device: torch.device) -> Path | N
     work = Path(cfg.workdir) if cfg.workdir is not None else Path(tempfile.gettempdir()) / "snd-bench-distill"
     if env.is_main:
         work.mkdir(parents=True, exist_ok=True)
+        first = model_sized(cfg, cfg.models[0])  # the store's frames and operators are for the first model's input
         bench_store(work, height=cfg.scaffold_height, width=cfg.scaffold_width, pairs=pairs,
-                    img_hw=(cfg.img_height, cfg.img_width), device=str(device))
+                    img_hw=(first.img_height, first.img_width), device=str(device))
     if env.world_size > 1:
         torch.distributed.barrier()
     return work / "store"

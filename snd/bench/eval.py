@@ -45,12 +45,13 @@ def bench(cfg: BenchEvalConfig) -> dict:
     from snd.eval.probes.rows import budget_bytes
     from snd.pipeline.device import resolve_device
 
-    device = resolve_device(cfg.device)
-    hw = (cfg.img_height, cfg.img_width)
-    net = load_eval_backbone(cfg.model, weights=cfg.weights, init=cfg.init).to(device).eval()
-    from snd.models.backbone import _unwrap, patch_size
+    from snd.models.backbone import PROBE_FRAME_HW, _unwrap, patch_size, with_input_hw
 
+    device = resolve_device(cfg.device)
+    net = load_eval_backbone(cfg.model, weights=cfg.weights, init=cfg.init).to(device).eval()
     p = patch_size(_unwrap(net))
+    cfg = with_input_hw(cfg, p, PROBE_FRAME_HW)  # `snd eval`'s default size for this backbone
+    hw = (cfg.img_height, cfg.img_width)
     grid = (hw[0] // p, hw[1] // p)
     dim = int(net.embed_dim)
     work = Path(cfg.workdir) if cfg.workdir else Path(tempfile.mkdtemp(prefix="snd-bench-eval-"))

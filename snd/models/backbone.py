@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["ALIASES", "HUB_POS_INTERP", "REGISTRY", "SUPPORTED", "VIT_TYPES", "BackboneSpec", "DinoV2ViT",
            "create_backbone", "extract", "normalize", "hub_interpolate_pos_embed", "resolve_name", "patch_size",
-           "embed_dim", "set_input_size", "spec_of"]
+           "embed_dim", "set_input_size", "spec_of", "DISTILL_FRAME_HW", "PROBE_FRAME_HW", "with_input_hw"]
 
 # timm classes snd drives: DINOv2 is a VisionTransformer, DINOv3 an Eva (same forward_features contract).
 VIT_TYPES = (VisionTransformer, Eva)
@@ -194,6 +194,25 @@ def resolve_name(name: str) -> str:
 def spec_of(name: str) -> BackboneSpec:
     """The registry entry of `name` (alias, timm name, or timm name with a `.tag`)."""
     return REGISTRY[resolve_name(name)]
+
+
+# Default backbone inputs: a frame size floored to whole patches of the backbone, so the DINOv2 defaults are
+# the official sizes (574x868 and 476x630 at patch 14) and a DINOv3 run (patch 16: 576x880, 480x640) needs no
+# size flags. Stage two's frame is SnD's MVSplat input; the probes' is the eval datasets' 480x640 frames.
+DISTILL_FRAME_HW = (576, 880)
+PROBE_FRAME_HW = (480, 640)
+
+
+def with_input_hw(cfg, patch: int, frame_hw: tuple[int, int]):
+    """`cfg` (any dataclass config with `img_height`/`img_width`) with each size that is None set to
+    `frame_hw`'s floored to a multiple of `patch`; sizes the user gave are kept (and checked elsewhere)."""
+    from dataclasses import replace
+
+    h, w = cfg.img_height, cfg.img_width
+    if h is not None and w is not None:
+        return cfg
+    return replace(cfg, img_height=h if h is not None else frame_hw[0] // patch * patch,
+                   img_width=w if w is not None else frame_hw[1] // patch * patch)
 
 
 def _download_hint(arch: str) -> str:

@@ -15,7 +15,7 @@ from rich.console import Console
 from snd.errors import SndError
 from snd.pipeline import buildcache
 from snd.pipeline.config import DistillConfig
-from snd.train.loop import TrainSummary, resume_point, train
+from snd.train.loop import TrainSummary, input_sized, resume_point, train
 
 log = logging.getLogger(__name__)
 console = Console(stderr=True)
@@ -35,6 +35,7 @@ def run(cfg: DistillConfig) -> TrainSummary:
     """Train (or resume, if `cfg.run` holds a checkpoint) and return the summary; rank 0 prints it."""
     from snd.models.backbone import spec_of
 
+    cfg = input_sized(cfg)
     check_sizes(cfg.img_height, cfg.img_width, spec_of(cfg.model).patch)
     if not Path(cfg.shards).exists():
         raise SndError(f"scaffold store not found: {cfg.shards}", path=cfg.shards,

@@ -209,3 +209,23 @@ def resolve_eval_workers(value, device: torch.device, cpus: int | None = None) -
     if device.type != "cuda":
         return max(min(2, cpus - 1), 0)
     return max(min(cpus - 2, AUTO_EVAL_WORKERS_CAP), 1)
+
+
+def probe_input_sized(cfg: EvalConfig, patches: list[int]) -> EvalConfig:
+    """`cfg` with the probe input size it leaves to the default (None) set from the backbones' patch (480x640
+    floored to it: 476x630 for DINOv2, 480x640 for DINOv3). One size serves every backbone evaluated (the
+    tables compare them at one input), so a model and a baseline of two patch sizes need the size given."""
+    from math import lcm
+
+    from snd.models.backbone import PROBE_FRAME_HW, with_input_hw
+
+    if cfg.img_height is not None and cfg.img_width is not None:
+        return cfg
+    patches = sorted(set(patches))
+    if len(patches) > 1:
+        m = lcm(*patches)
+        raise SndError(f"--model and --baseline have different patch sizes ({' and '.join(map(str, patches))}), so "
+                       "there is no default probe input size for both",
+                       hint=f"pass --img-height and --img-width as multiples of {m}, e.g. --img-height "
+                            f"{max(1, PROBE_FRAME_HW[0] // m) * m} --img-width {max(1, PROBE_FRAME_HW[1] // m) * m}")
+    return with_input_hw(cfg, patches[0], PROBE_FRAME_HW)

@@ -36,7 +36,7 @@ from snd.pipeline.config import EvalConfig, save_config, to_jsonable
 from snd.stages.eval_corr import _eval_corr
 from snd.stages.eval_outputs import _clean, _figures, _save_samples, _write_json
 from snd.stages.eval_plan import (TASK_TO_DATASET_TASK, _depth_range, _eval_trivial, _plan, _protocol, _splits,
-                                  _trivial_folder, trivial_train_set, val_hw)
+                                  _trivial_folder, probe_input_sized, trivial_train_set, val_hw)
 
 log = logging.getLogger(__name__)
 
@@ -52,19 +52,27 @@ class _Role:
         self.role, self.name, self.weights, self.cfg = role, name, weights, cfg
         self.label = Path(name).name if Path(name).exists() else name
         self._net: torch.nn.Module | None = None
-        self.key = ""
+        self._fingerprint = ""
 
     @property
     def net(self) -> torch.nn.Module:
         if self._net is None:
-            from snd.eval.features import cache_key, load_eval_backbone
+            from snd.eval.features import load_eval_backbone
 
             self._net = load_eval_backbone(self.name, weights=self.weights, init=self.cfg.init, seed=self.cfg.seed)
-            self.key = cache_key(self._net, (self.cfg.img_height, self.cfg.img_width), self.cfg.extract_precision)
         return self._net
 
+    @property
+    def key(self) -> str:
+        """The feature-cache key: weights (hashed once), input size (`cfg`'s, once `probe_input_sized` has set
+        it), precision and patch."""
+        from snd.eval.features import key_from_fingerprint, weights_fingerprint
+
+        self._fingerprint = self._fingerprint or weights_fingerprint(self.net)
+        return key_from_fingerprint(self._fingerprint, (self.cfg.img_height, self.cfg.img_width),
+                                    self.cfg.extract_precision, _patch(self))
+
     def folder(self) -> str:
-        self.net  # noqa: B018 - computes the key
         proto = hashlib.sha256(json.dumps(_protocol(self.cfg), sort_keys=True).encode()).hexdigest()[:8]
         return f"{self.key}-{proto}"
 
@@ -278,6 +286,10 @@ def run(cfg: EvalConfig, tasks: list[str]) -> dict:
                             f"procedural one: snd data synth --out {Path(cfg.data_root) / 'synth'}")
     for n in notes:
         console.print(f"[yellow]not evaluated[/] {n}")
+    roles = [_Role("model", cfg.model, cfg.weights, cfg)]
+    if cfg.baseline:
+        roles.append(_Role("baseline", cfg.baseline, cfg.baseline_weights, cfg))
+    cfg = probe_input_sized(cfg, [_patch(r) for r in roles])
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.json")
     from snd.pipeline.device import resolve_device
@@ -288,9 +300,8 @@ def run(cfg: EvalConfig, tasks: list[str]) -> dict:
     from snd.stages.eval_plan import resolve_eval_workers
 
     cfg = replace(cfg, num_workers=resolve_eval_workers(cfg.num_workers, device))
-    roles = [_Role("model", cfg.model, cfg.weights, cfg)]
-    if cfg.baseline:
-        roles.append(_Role("baseline", cfg.baseline, cfg.baseline_weights, cfg))
+    for role in roles:
+        role.cfg = cfg
     records: list[dict] = []
     tfolder = out / "results" / _trivial_folder(cfg)
     trivial: dict[tuple[str, str], dict] = {}

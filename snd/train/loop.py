@@ -34,7 +34,7 @@ from snd.train.step import StepRunner
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainSummary", "train", "RESUME_MAY_DIFFER", "resume_point"]
+__all__ = ["TrainSummary", "train", "input_sized", "RESUME_MAY_DIFFER", "resume_point"]
 
 # Options that may change between a run and its resume (they do not change the math; `iters` continues a
 # run to a new total with the schedule re-laid, see `_relay_schedule`;
@@ -139,6 +139,15 @@ def _checkpoint_tensors(runner: StepRunner, d: Distiller) -> dict:
     return out
 
 
+def input_sized(cfg: DistillConfig) -> DistillConfig:
+    """`cfg` with the backbone input size it leaves to the default (None) filled in from the model's patch
+    (`snd.models.backbone.with_input_hw`: 574x868 for DINOv2, 576x880 for DINOv3), so the run's config.json
+    records the size it trained at."""
+    from snd.models.backbone import DISTILL_FRAME_HW, spec_of, with_input_hw
+
+    return with_input_hw(cfg, spec_of(cfg.model).patch, DISTILL_FRAME_HW)
+
+
 def train(cfg: DistillConfig, *, stream_factory: StreamFactory | None = None, target_fn: TargetFn | None = None,
           stop_after: int | None = None, progress: bool = True, env: DistEnv | None = None) -> TrainSummary:
     """Run (or resume) the distillation described by `cfg` in `cfg.run`.
@@ -152,6 +161,7 @@ def train(cfg: DistillConfig, *, stream_factory: StreamFactory | None = None, ta
         progress: show a rich progress bar on rank 0.
         env: rank/world size; default from torchrun's environment variables.
     """
+    cfg = input_sized(cfg)
     env = env or dist_env()
     point = resume_point(Path(cfg.run))
     if point is not None:
