@@ -9,12 +9,13 @@ import pytest
 import torch
 
 from snd.cache import manifest as M
-from snd.cache.encode import decode_means_reference, decode_scaffold, encode_scaffold, quat_conj, quat_mul
+from snd.cache.encode import decode_means_reference, decode_scaffold, encode_scaffold, quat_conj
 from snd.cache.reader import CacheReader
 from snd.cache.schema import Encoding, delta_decode, delta_encode, layout
 from snd.cache.writer import SceneWriter
 from snd.data.camera import intrinsics, look_at
 from snd.errors import SndError
+from snd.splat.gaussians import quat_multiply
 
 
 def random_scaffold(B: int, H: int, W: int, *, seed: int, offsets: bool = True):
@@ -91,7 +92,7 @@ def test_quat_frame_change_is_exact():
     q = q / q.norm(dim=-1, keepdim=True)
     r = torch.randn(5, 4, dtype=torch.float64)
     r = r / r.norm(dim=-1, keepdim=True)
-    back = quat_mul(r, quat_mul(quat_conj(r), q))
+    back = quat_multiply(r, quat_multiply(quat_conj(r), q))
     torch.testing.assert_close(back, q)
 
 

@@ -24,18 +24,6 @@ _MIN_OFFSET_RANGE = 1e-3  # px: offsets below this are numerical noise (e.g. the
 _MIN_SCALE_RANGE = 1.0 / 16.0  # octaves: constant scales (depth source) quantise to constant codes
 
 
-def quat_mul(a: Tensor, b: Tensor) -> Tensor:
-    """Hamilton product of quaternions [..., 4] (w, x, y, z)."""
-    aw, ax, ay, az = a.unbind(-1)
-    bw, bx, by, bz = b.unbind(-1)
-    return torch.stack([
-        aw * bw - ax * bx - ay * by - az * bz,
-        aw * bx + ax * bw + ay * bz - az * by,
-        aw * by - ax * bz + ay * bw + az * bx,
-        aw * bz + ax * by - ay * bx + az * bw,
-    ], dim=-1)
-
-
 def quat_conj(q: Tensor) -> Tensor:
     return torch.cat([q[..., :1], -q[..., 1:]], dim=-1)  # (not q * new_tensor(...): a host copy syncs the stream)
 
@@ -162,7 +150,7 @@ def encode_scaffold_device(
 
 
 def quat_left_matrix(q: Tensor) -> Tensor:
-    """[..., 4] quaternion q -> [..., 4, 4] matrix L with L @ p == quat_mul(q, p) (batched frame changes)."""
+    """[..., 4] quaternion q -> [..., 4, 4] matrix L with L @ p == snd.splat.gaussians.quat_multiply(q, p) (batched frame changes)."""
     w, x, y, z = q.unbind(-1)
     return torch.stack([
         torch.stack([w, -x, -y, -z], -1),

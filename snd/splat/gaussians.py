@@ -55,6 +55,18 @@ class PixelGaussians:
         return R @ S2 @ R.transpose(-1, -2)
 
 
+def quat_multiply(a: Tensor, b: Tensor) -> Tensor:
+    """Hamilton product of (w, x, y, z) quaternions [..., 4]."""
+    aw, ax, ay, az = a.unbind(-1)
+    bw, bx, by, bz = b.unbind(-1)
+    return torch.stack([
+        aw * bw - ax * bx - ay * by - az * bz,
+        aw * bx + ax * bw + ay * bz - az * by,
+        aw * by - ax * bz + ay * bw + az * bx,
+        aw * bz + ax * by - ay * bx + az * bw,
+    ], -1)
+
+
 def quat_to_rotmat(q: Tensor) -> Tensor:
     """Quaternions [..., 4] (w, x, y, z; normalised here) -> rotation matrices [..., 3, 3]."""
     q = q / q.norm(dim=-1, keepdim=True).clamp_min(1e-12)

@@ -36,8 +36,6 @@ from torch import Tensor
 
 from snd.splat.gaussians import PixelGaussians
 from snd.splat.operator_build import build_operators
-from snd.splat.protocol import TargetsProtocol
-from snd.splat.upsample import UpsampleMode
 
 __all__ = ["TransferOperator", "apply_operator", "build_operator", "build_operators", "stack_operators"]
 
@@ -95,42 +93,20 @@ def build_operator(
     tgt_w2c: Tensor,  # [4, 4]
     ctx_hw: tuple[int, int],
     out_hw: tuple[int, int],
-    *,
-    upsample: UpsampleMode = "mask",
-    blend: bool = True,
-    blend_weight: float = 0.5,
-    protocol: TargetsProtocol = "official",
-    row_cap: int = 64,
-    inst_cap: int = 128,
-    near: float = 0.01,
-    far: float = 1e10,
-    max_pairs: int = 1 << 24,
-    backend: str = "auto",
+    **knobs,
 ) -> TransferOperator:
-    """The operator equal to ``target_features(feats, ...)`` for any feats [V, C, *ctx_hw] (same knobs).
+    """The operator equal to ``target_features(feats, ...)`` for any feats [V, C, *ctx_hw].
 
-    Args:
-        gaussians, ctx_masks, tgt_mask, tgt_K, tgt_w2c, out_hw, upsample, blend, blend_weight,
-            protocol, near, far: as `snd.splat.target.target_features`.
-        ctx_hw: (h, w) the teacher's patch grid of the context views.
-        row_cap: kept coefficients per target patch of the direct part.
-        inst_cap: kept instance labels of the blending part.
-        max_pairs: memory bound of the torch compositing plan (see `build_plan`).
-        backend: where the (pixel, Gaussian) compositing weights come from: "gsplat" (CUDA; gsplat's own
-            kernels, `snd.splat.contrib`), "torch" (`build_plan`, any device; ~1e-4 from gsplat) or "auto"
-            (gsplat on CUDA when installed).
-
-    One job of `snd.splat.operator_build.build_operators` (stage one builds many at once). Accumulation
-    is in float64 so the result does not depend on the order of atomic adds on GPU.
+    One job of `snd.splat.operator_build.build_operators` (stage one builds many at once), which documents the
+    keyword knobs (upsample, blend, blend_weight, protocol, row_cap, inst_cap, near, far, max_pairs, backend);
+    the positional arguments are one target's, without the batch dimension.
     """
     V, H, W = gaussians.shape
     assert ctx_masks.shape == (V, H, W), f"ctx_masks must be [V, H, W] = {(V, H, W)}, got {tuple(ctx_masks.shape)}"
     assert tgt_mask.dim() == 2, f"tgt_mask must be [Ht, Wt], got {tuple(tgt_mask.shape)}"
     dev = gaussians.means.device
     ops = build_operators([gaussians], ctx_masks[None], tgt_mask[None], tgt_K[None], tgt_w2c[None],
-                          torch.zeros(1, dtype=torch.long, device=dev), ctx_hw, out_hw, upsample=upsample, blend=blend,
-                          blend_weight=blend_weight, protocol=protocol, row_cap=row_cap, inst_cap=inst_cap, near=near,
-                          far=far, max_pairs=max_pairs, backend=backend)
+                          torch.zeros(1, dtype=torch.long, device=dev), ctx_hw, out_hw, **knobs)
     return TransferOperator(**{f.name: getattr(ops, f.name)[0] for f in fields(TransferOperator)})
 
 

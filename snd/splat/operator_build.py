@@ -104,9 +104,24 @@ def build_operators(
     backend: str = "auto",
     chunk: int = 8,
 ):
-    """N jobs' operators as one `TransferOperator` with a leading [N] (see `snd.splat.operator.build_operator`
-    for the knobs; every job uses the same ones). `chunk` jobs are built together (memory ~ chunk x the
-    entries of one render: ~15 M compositing weights for a 576x880 procedural target)."""
+    """N jobs' operators as one `TransferOperator` with a leading [N]; job n's equals
+    ``target_features(feats, ...)`` of target n over pair ``pair[n]`` for any feats [V, C, *ctx_hw].
+
+    Args:
+        gaussians, ctx_masks, tgt_masks, tgt_K, tgt_w2c, out_hw, upsample, blend, blend_weight, protocol,
+            near, far: as `snd.splat.target.target_features` (every job uses the same knobs).
+        ctx_hw: (h, w) the teacher's patch grid of the context views.
+        row_cap: kept coefficients per target patch of the direct part.
+        inst_cap: kept instance labels of the blending part.
+        max_pairs: memory bound of the torch compositing plan (see `build_plan`).
+        backend: where the (pixel, Gaussian) compositing weights come from: "gsplat" (CUDA; gsplat's own
+            kernels, `snd.splat.contrib`), "torch" (`build_plan`, any device; ~1e-4 from gsplat) or "auto"
+            (gsplat on CUDA when installed).
+        chunk: jobs built together (memory ~ chunk x the entries of one render: ~15 M compositing weights
+            for a 576x880 procedural target).
+
+    Accumulation is in float64 so the result does not depend on the order of atomic adds on GPU.
+    """
     from snd.splat.operator import TransferOperator  # the dataclass module imports this one
 
     if upsample not in ("mask", "bilinear"):

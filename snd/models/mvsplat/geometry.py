@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from snd.splat.gaussians import quat_to_rotmat, rotmat_to_quat
+from snd.splat.gaussians import quat_multiply, quat_to_rotmat, rotmat_to_quat
 
 
 def inverse(x: Tensor) -> Tensor:
@@ -128,18 +128,6 @@ def scale_multiplier(K_norm: Tensor, height: int, width: int, multiplier: float 
     """Upstream's pixel-footprint factor: 0.1 * sum(inv(K_norm[:2, :2]) @ (1/W, 1/H)) -> [...]."""
     inv = inverse(K_norm[..., :2, :2].float())  # inv @ (1/W, 1/H), written so no host tensor is copied in
     return multiplier * (inv[..., :, 0] / width + inv[..., :, 1] / height).sum(-1)
-
-
-def quat_multiply(a: Tensor, b: Tensor) -> Tensor:
-    """Hamilton product of (w, x, y, z) quaternions [..., 4]."""
-    aw, ax, ay, az = a.unbind(-1)
-    bw, bx, by, bz = b.unbind(-1)
-    return torch.stack([
-        aw * bw - ax * bx - ay * by - az * bz,
-        aw * bx + ax * bw + ay * bz - az * by,
-        aw * by - ax * bz + ay * bw + az * bx,
-        aw * bz + ax * by - ay * bx + az * bw,
-    ], -1)
 
 
 def world_quats(rot_xyzw: Tensor, c2w: Tensor, eps: float = 1e-8) -> Tensor:
