@@ -5,7 +5,7 @@ import torch
 
 from snd.errors import SndError
 from snd.pipeline.config import BenchPrecomputeConfig, PrecomputeConfig
-from snd.stages.precompute.launch import resolve_operator_chunk
+from snd.stages.precompute.settings import resolve_operator_chunk
 from snd.stages.precompute.settings import resolve_batch_pairs
 from snd.train.distiller import rigid_inverse
 

@@ -25,8 +25,7 @@ from snd.errors import SndError
 from snd.pipeline.config import BenchPrecomputeConfig, PrecomputeConfig
 from snd.scaffold import ScaffoldSource
 from snd.stages.precompute import LOAD_THREADS, make_source, run
-from snd.stages.precompute.launch import resolve_operator_chunk
-from snd.stages.precompute.settings import resolve_batch_pairs
+from snd.stages.precompute.settings import resolve_batch_pairs, resolve_operator_chunk
 
 log = logging.getLogger(__name__)
 console = Console(stderr=True)

@@ -72,18 +72,6 @@ def _launch(source: ScaffoldSource, b: _Batch, enc: Encoding, phases: dict[str, 
     return _InFlight(b, host, ev)
 
 
-AUTO_OPERATOR_CHUNK = {"cuda": 8, "cpu": 1}  # `--operator-chunk 0`: per device type (docs/performance.md)
-
-
-def resolve_operator_chunk(chunk: int, device: torch.device | str) -> int:
-    """`--operator-chunk` as used: the number given, or for 0 (auto) 8 on CUDA and 1 elsewhere. Why: one batched
-    render and sort per chunk pays on the GPU, while on CPU a chunk of 9 measured 20-30 % slower than one target at
-    a time (bigger sorts; docs/performance.md). The operators are the same for every chunk size."""
-    if chunk < 0:
-        raise SndError(f"--operator-chunk must be >= 1, or 0 for auto (8 on CUDA, 1 on CPU), got {chunk}")
-    return chunk or AUTO_OPERATOR_CHUNK.get(torch.device(device).type, 1)
-
-
 def _land(f: _InFlight, enc: Encoding, spec: OperatorSpec | None, phases: dict[str, float],
           dev: torch.device, *, operator_chunk: int = 8) -> dict[str, np.ndarray]:
     """Wait for a launched batch's fields, add the loader's arrays (and the operators); the writer's input."""

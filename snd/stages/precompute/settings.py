@@ -23,24 +23,38 @@ def resolve_rank(cfg_rank: int, cfg_world: int) -> tuple[int, int]:
 
 
 AUTO_BATCH_PAIRS = {"cuda": 8, "cpu": 1}  # `--batch-pairs 0`: per device type
+AUTO_OPERATOR_CHUNK = {"cuda": 8, "cpu": 1}  # `--operator-chunk 0`: per device type (docs/performance.md)
+
+
+def auto_count(value: int, table: dict[str, int], device: "str | torch.device", flag: str) -> int:
+    """A count option as used: the number given, or for 0 (auto) `table`'s entry for the device's type (1 for
+    a type it does not name); a negative number is an error naming `flag`."""
+    import torch
+
+    if value < 0:
+        raise SndError(f"{flag} must be >= 1, or 0 for auto ({table['cuda']} on CUDA, {table['cpu']} on CPU), got {value}")
+    if value:
+        return value
+    name = str(device)
+    try:
+        kind = ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else torch.device(name).type
+    except RuntimeError:  # a bad --device: `resolve_device` reports it when the source is made
+        kind = "cpu"
+    return table.get(kind, 1)
 
 
 def resolve_batch_pairs(batch_pairs: int, device: "str | torch.device") -> int:
     """`--batch-pairs` as used: the number given, or for 0 (auto) 8 on CUDA and 1 elsewhere. Why: on the GPU a
     batch of 8 is ~4 % faster than 4, but its activations at 576x880 take ~23 GiB: on this repo's 24 GiB CPU
     machine a batch of 8 was killed for memory, while one pair per forward peaked at 7.0 GB (docs/mvsplat.md)."""
-    import torch
+    return auto_count(batch_pairs, AUTO_BATCH_PAIRS, device, "--batch-pairs")
 
-    if batch_pairs < 0:
-        raise SndError(f"--batch-pairs must be >= 1, or 0 for auto (8 on CUDA, 1 on CPU), got {batch_pairs}")
-    if batch_pairs:
-        return batch_pairs
-    name = str(device)
-    try:
-        kind = ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else torch.device(name).type
-    except RuntimeError:  # a bad --device: `resolve_device` reports it when the source is made
-        kind = "cpu"
-    return AUTO_BATCH_PAIRS.get(kind, 1)
+
+def resolve_operator_chunk(chunk: int, device: "str | torch.device") -> int:
+    """`--operator-chunk` as used: the number given, or for 0 (auto) 8 on CUDA and 1 elsewhere. Why: one batched
+    render and sort per chunk pays on the GPU, while on CPU a chunk of 9 measured 20-30 % slower than one target at
+    a time (bigger sorts; docs/performance.md). The operators are the same for every chunk size."""
+    return auto_count(chunk, AUTO_OPERATOR_CHUNK, device, "--operator-chunk")
 
 
 PATCH = 14  # DINOv2's patch size, the default of --patch-size (the operators are built for stage two's grids)

@@ -19,9 +19,10 @@ from snd.pipeline import buildcache
 from snd.pipeline.config import PrecomputeConfig
 from snd.scaffold import ScaffoldSource
 from snd.stages.precompute.frames import _loader
-from snd.stages.precompute.launch import _InFlight, _land, _launch, resolve_operator_chunk
+from snd.stages.precompute.launch import _InFlight, _land, _launch
 from snd.stages.precompute.report import Summary, console, print_summary, record_run
-from snd.stages.precompute.settings import make_source, operator_spec, resolve_batch_pairs, resolve_rank, store_header
+from snd.stages.precompute.settings import (make_source, operator_spec, resolve_batch_pairs, resolve_operator_chunk,
+                                             resolve_rank, store_header)
 from snd.stages.precompute.writer import _suppress_full, _Writer
 
 log = logging.getLogger(__name__)
