@@ -85,6 +85,26 @@ def test_a_store_for_another_patch_grid_is_a_clear_error(store16, tmp_path):
     assert operator_decision(v3, hdr)[0]
 
 
+def test_the_named_precompute_flags_build_a_store_that_fits(store16, synth_root, tmp_path):
+    """The mismatch message names `snd precompute` flags; a store built with them serves the run's operators."""
+    import shlex
+
+    from snd.cache.manifest import read_header
+    from snd.train.data import operator_decision
+
+    v2 = DistillConfig(model="snd_test_vit_patch14", img_height=56, img_width=84, upsample="bilinear", blend=False,
+                       shards=store16, run=tmp_path / "r", init="random", device="cpu")
+    use, why = operator_decision(v2, read_header(store16))
+    assert not use
+    flags = shlex.split(why.split("`snd precompute ")[1].rstrip("`"))
+    assert flags[:2] == ["--patch-size", "14"] and "--no-operator-blend" in flags
+    out = tmp_path / "cache14"
+    assert run_cli(["precompute", "--data", str(synth_root), "--out", str(out), "--height", str(HW[0]), "--width",
+                    str(HW[1]), "--pairs-per-scene", "1", "--targets-per-pair", "1", "--device", "cpu", "--source",
+                    "depth", *flags]) == 0
+    assert operator_decision(v2, read_header(out)) == (True, "the store's operators match this run (official protocol)")
+
+
 def test_distill_rejects_sizes_off_the_patch16_grid(store16, tmp_path):
     from snd.stages.distill import run
 

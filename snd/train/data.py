@@ -64,11 +64,19 @@ def operator_decision(cfg: DistillConfig, header: dict, patch: int | None = None
         why = "store vs run: " + ", ".join(f"{k} {a!r} vs {b!r}" for k, (a, b) in diff.items())
         if "protocol" in diff and raw and "protocol" not in raw:
             why += " (the store predates the protocol field: built with the earlier 'snd' rules)"
+        why += f"; a store for this run: `snd precompute {_precompute_flags(cfg, patch)}`"
     if cfg.targets == "operator":
         raise SndError(f"--targets operator: the store's operators do not fit this run ({why})", path=cfg.shards,
-                       hint="use --targets render (or auto), or rebuild the store with `snd precompute` --operator-img-height/"
-                            "--operator-img-width/--operator-upsample/--operator-blend/--targets-protocol matching the run")
+                       hint="use --targets render (or auto), or rebuild the store with the `snd precompute` flags above")
     return False, why
+
+
+def _precompute_flags(cfg: DistillConfig, patch: int) -> str:
+    """The `snd precompute` flags whose operators fit this run (the fix named when a store's do not)."""
+    flags = [f"--patch-size {patch}", f"--operator-img-height {cfg.img_height}", f"--operator-img-width {cfg.img_width}",
+             f"--operator-upsample {cfg.upsample}", "--operator-blend" if cfg.blend else "--no-operator-blend",
+             f"--targets-protocol {cfg.targets_protocol}"]
+    return " ".join(flags)
 
 
 def use_stored_operators(cfg: DistillConfig, header: dict, patch: int | None = None) -> bool:
