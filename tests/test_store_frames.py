@@ -132,6 +132,23 @@ def test_a_v2_store_without_frames_still_trains(stores, tmp_path, caplog):
     assert {r["path"] for r in rows} == {"render"}
 
 
+def test_frames_at_another_size_are_named_once(stores, tmp_path, caplog):
+    """A run at another input size than the store's frames: one note naming both sizes and the fix; none when
+    the sizes match or the dataset is read (--data)."""
+    from snd.train.data import shard_stream_factory
+
+    def notes(**kw) -> list[str]:
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            shard_stream_factory(DistillConfig(shards=stores["lossless"], model="snd_test_vit_patch14", **kw))
+        return [r.message for r in caplog.records if "resized again" in r.message]
+
+    (msg,) = notes(img_height=56, img_width=84)
+    assert "42x70" in msg and "56x84" in msg and "--operator-img-height 56 --operator-img-width 84" in msg
+    assert notes(img_height=IMG[0], img_width=IMG[1]) == []
+    assert notes(img_height=56, img_width=84, data=tmp_path) == []
+
+
 def test_jpeg_frames_decode_close_and_the_batched_path_equals_the_per_frame_one(stores):
     from snd.cache.stream import ShardStream, collate
     from snd.train.data import to_device

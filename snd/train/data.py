@@ -41,10 +41,7 @@ def operator_decision(cfg: DistillConfig, header: dict, patch: int | None = None
 
     if cfg.targets == "render":
         return False, "--targets render"
-    if patch is None:
-        from snd.models.backbone import spec_of
-
-        patch = spec_of(cfg.model).patch
+    patch = patch or _patch_of(cfg)
     raw = header.get("operator")
     spec = OperatorSpec.from_dict(raw) if raw else None
     op = dict(spec.to_dict(), patch=spec.patch) if spec else None
@@ -69,6 +66,12 @@ def operator_decision(cfg: DistillConfig, header: dict, patch: int | None = None
         raise SndError(f"--targets operator: the store's operators do not fit this run ({why})", path=cfg.shards,
                        hint="use --targets render (or auto), or rebuild the store with the `snd precompute` flags above")
     return False, why
+
+
+def _patch_of(cfg: DistillConfig) -> int:
+    from snd.models.backbone import spec_of
+
+    return spec_of(cfg.model).patch
 
 
 def _precompute_flags(cfg: DistillConfig, patch: int) -> str:
@@ -104,9 +107,15 @@ def shard_stream_factory(cfg: DistillConfig) -> StreamFactory:
     header = read_header(cfg.shards)
     use_op = use_stored_operators(cfg, header)
     decode = "device" if _decode_on_device(cfg, header) else "cpu"
-    if header.get("images") is None and cfg.data is None:
+    img = header.get("images")
+    if img is None and cfg.data is None:
         log.warning("note: store %s has no frames (built by an older snd or with --images off); images are read "
                     "from the dataset at %s", cfg.shards, header.get("data_root"))
+    elif cfg.data is None and [img["height"], img["width"]] != [cfg.img_height, cfg.img_width]:
+        log.warning("note: store %s holds frames at %dx%d, resized again to this run's %dx%d (a second resampling "
+                    "the official inputs do not have); pass --data to read the dataset, or build a store for this run "
+                    "(`snd precompute %s`)", cfg.shards, img["height"], img["width"], cfg.img_height, cfg.img_width,
+                    _precompute_flags(cfg, _patch_of(cfg)))
 
     def make(start: int, rank: int, world_size: int) -> IterableDataset:
         from snd.cache.stream import ShardStream
