@@ -61,6 +61,22 @@ def test_doctor_and_cli_start(tmp_path, monkeypatch):
     assert "(set by you;" in dict(doctor.report(tmp_path)["build_caches"])["cache TRITON_CACHE_DIR"]
 
 
+def test_doctor_prints_whole_paths_in_80_columns(tmp_path):
+    """Piped output is 80 columns wide: a missing dataset's paths and download hint fold, never end in "…"."""
+    import io
+
+    from rich.console import Console
+
+    from snd.pipeline import doctor
+
+    root = tmp_path / ("a_long_folder_name_" * 3) / "data"
+    con = Console(file=io.StringIO(), width=80)
+    rows = doctor.print_report(root, console=con)
+    out = con.file.getvalue()
+    assert "…" not in out
+    assert "VOCdevkit" in dict(rows["datasets"])["voc"] and "dataset voc" in out
+
+
 def test_builds_are_announced_and_timed():
     import io
 

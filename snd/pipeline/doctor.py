@@ -75,15 +75,17 @@ def report(data_root: Path = Path("data")) -> dict:
     }
 
 
-def print_report(data_root: Path = Path("data")) -> dict:
+def print_report(data_root: Path = Path("data"), console=None) -> dict:
+    """Print `report` as a table. Long cells fold instead of ending in "…": a missing dataset's file paths
+    and download hint are the point of the row, and piped output is only 80 columns wide."""
     from rich.console import Console
     from rich.table import Table
 
     r = report(data_root)
-    con = Console()
+    con = console or Console()
     t = Table(title="snd doctor", show_lines=False)
-    t.add_column("what")
-    t.add_column("status")
+    t.add_column("what", overflow="fold")
+    t.add_column("status", overflow="fold")
     for k, v in r["versions"].items():
         t.add_row(k, v)
     for g in r["gpus"]:
