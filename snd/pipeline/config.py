@@ -328,3 +328,20 @@ class CacheGcConfig:
     yes: bool = opt(False, "Remove what is listed (default: only list it).")
     keep: list[str] = opt([], "Evaluation caches: weights whose feature caches stay (run dir, checkpoint, export, weights file, backbone name or 16-hex key); repeat the option.")
     json: bool = opt(False, "Print the report as JSON.")
+
+
+@dataclass
+class DoctorConfig:
+    """`snd doctor`: what this machine has, and which weights and datasets are found where."""
+
+    data_root: Path = opt(Path("data"), "Data root to look for the probe datasets in (as `snd eval --data-root`).")
+
+
+@dataclass
+class DemoConfig:
+    """`snd demo`: the whole pipeline on procedural scenes with tiny random-init models, on the CPU."""
+
+    out: Path = opt(Path("demo_out"), "Folder for the demo's data, cache, run and eval results.")
+    scenes: int = opt(3, "Procedural scenes to generate.")
+    iters: int = opt(40, "Distillation steps (tiny random-init ViT on CPU).")
+    seed: int = opt(0, "Seed of everything.")
