@@ -43,7 +43,7 @@ class PrecomputeConfig:
 
     data: Path = opt(Path("data/synth"), "Dataset root: raw ScanNet++ v2, FiT3D/SnD prepared layout, or `snd data synth` output.")
     layout: Literal["auto", "scannetpp", "prepared"] = opt("auto", "Folder layout of --data; auto detects it.")
-    split: str = opt("distill", "Scene list: 'distill' = nvs_sem_train + nvs_sem_val (the paper's 280 only with ScanNet++ v1's lists; v2's are longer, detected and reported), or 'train'/'val'.")
+    split: str = opt("distill", "Scene list: 'distill' = nvs_sem_train + nvs_sem_val (the paper's 280 only with ScanNet++ v1's lists; v2's are longer, detected and reported), 'train'/'val', or 'all' (every scene folder on disk).")
     scenes: Optional[int] = opt(None, "Take the first N scenes of the split (280 = the paper's training set); default all.")
     out: Path = opt(Path("cache"), "Output Zarr store (a folder).")
     source: Literal["depth", "mvsplat"] = opt("depth", "Scaffold source: dataset/mesh depth, or frozen MVSplat (needs --mvsplat-ckpt).")
@@ -57,7 +57,7 @@ class PrecomputeConfig:
     gap_max: int = opt(12, "Largest frame gap between the two context views.")
     pairs_per_scene: int = opt(180, "Context pairs kept per scene (~50k pairs over 280 scenes); 0 = all.")
     targets_per_pair: int = opt(3, "Target views stored per pair (stage two draws one per step).")
-    batch_pairs: int = opt(0, "Pairs per MVSplat forward; 0 = auto: 8 on CUDA (31 pairs/s on an H100, ~4% over 4), 1 on CPU (8 pairs at 576x880 need ~23 GiB).")
+    batch_pairs: int = opt(0, "Pairs per MVSplat forward; 0 = auto: 8 on CUDA (31 pairs/s on an H100, ~5% over 4), 1 on CPU (8 pairs at 576x880 need ~23 GiB).")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = opt("auto", "Network precision: auto = bf16 on CUDA, fp32 on CPU.")
     compile: Literal["auto", "on", "graphs", "off"] = opt("auto", "torch.compile MVSplat's networks (~100 s once); graphs = compiled and replayed as CUDA graphs; auto = graphs on CUDA, off on CPU.")
     device: str = opt("auto", "'auto', 'cpu' or 'cuda[:i]'.")
