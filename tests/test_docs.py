@@ -123,6 +123,8 @@ def test_readme_first_commands_are_what_ci_runs():
     ci = (ROOT / ".ci" / "run").read_text()
     pins = re.search(r"pip install (torch==\S+ torchvision==\S+)", install).group(1)
     assert f"pipq {pins}\n" in ci, "README's torch pins differ from .ci/run's"
+    assert f"pip install {pins}" in (ROOT / "requirements.txt").read_text(), "README's torch pins differ from requirements.txt's"
+    assert f"pip install {pins}" in (ROOT / "docs" / "install.md").read_text(), "README's torch pins differ from docs/install.md's"
     assert "pip install -r requirements.txt -e ." in install and "pipq -r requirements.txt -e .\n" in ci
     assert install.startswith("python3 -m venv .venv && . .venv/bin/activate") and "python3 -m venv .venv" in ci
     assert install.endswith("&& snd demo")
