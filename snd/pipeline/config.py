@@ -138,7 +138,7 @@ class EvalConfig:
     baseline: Optional[str] = opt(None, "A second backbone evaluated the same way, reported side by side with deltas.")
     baseline_weights: Optional[Path] = opt(None, "Weights for --baseline.")
     data_root: Path = opt(Path("data"), "Folder holding the datasets (nyuv2/, scannetpp/, scannet/, kitti/, ade20k/, voc/, scannet1500/, synth/).")
-    datasets: list[str] = opt([], "Datasets to use (default: every one found for the task).")
+    datasets: list[str] = opt([], "Datasets to use, one per option: --datasets nyuv2 --datasets synth (default: every one found for the task).")
     out: Path = opt(Path("eval_out"), "Output folder: results.json, tables (markdown), figures, probe checkpoints.")
     protocol: Literal["paper", "fast"] = opt("paper", "'paper': the official probe protocols (flip-averaged depth scored at the GT's resolution, official crops, OneCycle beta1, mmseg's label rule); 'fast': one cached pass at the probe size (< 2 h per backbone; numbers differ, docs/evaluation.md).")
     feature_cache: bool = opt(True, "Cache frozen-backbone tokens on disk once (fast); --no-feature-cache runs the backbone every probe step with flip/colour augmentation (closer to the official training, slower; the official rules themselves are --protocol paper).")
@@ -220,7 +220,7 @@ class BenchPrecomputeConfig:
 class BenchDistillConfig:
     """`snd bench distill`: stage-two step time per phase, it/s and peak memory."""
 
-    models: list[str] = opt(["vit_small_patch14_dinov2", "vit_base_patch14_dinov2", "vit_small_patch16_dinov3", "vit_base_patch16_dinov3"], "Backbones to time (random init; a size off a model's patch grid is rounded up to it: 574x868 -> 576x880 for patch 16).")
+    models: list[str] = opt(["vit_small_patch14_dinov2", "vit_base_patch14_dinov2", "vit_small_patch16_dinov3", "vit_base_patch16_dinov3"], "Backbones to time, one per option (random init; a size off a model's patch grid is rounded up to it: 574x868 -> 576x880 for patch 16).")
     img_height: int = opt(574, "Backbone input height.")
     img_width: int = opt(868, "Backbone input width.")
     scaffold_height: int = opt(576, "Scaffold (render) height.")
@@ -230,7 +230,7 @@ class BenchDistillConfig:
     warmup: int = opt(10, "Untimed warm-up steps.")
     renderer: Literal["auto", "gsplat", "torch"] = opt("auto", "Splatting backend.")
     targets_protocol: Literal["official", "snd"] = opt("official", "Target/coverage/loss rules timed (as `snd distill --targets-protocol`); time both to see what the official rules cost.")
-    paths: list[str] = opt(["render", "operator", "fast"], "Step paths timed side by side: render / operator (eager) and fast (CUDA graphs; CPU: eager replay).")
+    paths: list[str] = opt(["render", "operator", "fast"], "Step paths timed side by side, one per option: render / operator (eager) and fast (CUDA graphs; CPU: eager replay).")
     compile: Literal["auto", "on", "off"] = opt("auto", "torch.compile teacher and student; auto = in the fast path only (as `snd distill`).")
     data: Literal["auto", "memory", "store"] = opt("auto", "Batches from two in-memory items, or streamed from a scaffold store through the training loader (each rank its disjoint part); auto = store under torchrun or with --shards.")
     shards: Optional[Path] = opt(None, "Store to stream (default: one generated at the bench size in --workdir).")
