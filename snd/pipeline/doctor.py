@@ -16,7 +16,9 @@ import torch
 from snd.pipeline import buildcache
 
 WEIGHT_DIRS = ("$SND_WEIGHTS", "~/.cache/torch/hub/checkpoints", "~/.cache/huggingface/hub", "weights")
-WEIGHT_GLOBS = ("dinov2_*.pth", "*dinov2*.safetensors", "*snd*.pth", "*.ckpt", "models--timm--vit_*dinov2*")
+# every family of the backbone registry (docs/backbones.md), the released SnD files and MVSplat checkpoints
+WEIGHT_GLOBS = ("dinov2_*.pth", "*dinov2*.safetensors", "dinov3_*.pth", "*dinov3*.safetensors", "*snd*.pth", "*.ckpt",
+                "models--timm--vit_*dinov2*", "models--timm--vit_*dinov3*", "models--facebook--dinov3*")
 
 
 def _version(mod: str) -> str:
