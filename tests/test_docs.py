@@ -68,10 +68,19 @@ def test_doc_commands_use_real_options():
     assert not bad, "\n".join(bad)
 
 
+def _help_texts() -> str:
+    """Every option's help text (snd/pipeline/config.py), one per line."""
+    import dataclasses
+
+    from snd.pipeline import config as C
+
+    return "\n".join(f.metadata.get("help", "") for cls in vars(C).values()
+                     if isinstance(cls, type) and dataclasses.is_dataclass(cls) for f in dataclasses.fields(cls))
+
+
 def test_doc_python_names_and_paths_exist():
     bad = []
-    for doc in DOCS:
-        text = doc.read_text()
+    for doc, text in [(d, d.read_text()) for d in DOCS] + [(Path("config.py help"), _help_texts())]:
         for dotted in sorted(set(re.findall(r"\bsnd(?:\.[A-Za-z_]\w*)+", text))):
             parts = dotted.split(".")
             for i in range(len(parts), 0, -1):
@@ -85,7 +94,7 @@ def test_doc_python_names_and_paths_exist():
                     bad.append(f"{doc.name}: {dotted}")
                     break
                 obj = getattr(obj, attr)
-        for path in sorted(set(re.findall(r"(?<![\w/.])((?:snd|tests|scripts|\.ci)/[\w./-]*\w)(?![\w{<*/-])", text))):
+        for path in sorted(set(re.findall(r"(?<![\w/.])((?:snd|tests|scripts|docs|\.ci)/[\w./-]*\w)(?![\w{<*/-])", text))):
             if not (ROOT / path.split("::")[0]).exists():
                 bad.append(f"{doc.name}: no file {path}")
         for test in sorted(set(re.findall(r"(tests/test_\w+\.py)::(\w+)", text))):
