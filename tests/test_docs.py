@@ -151,3 +151,23 @@ def test_every_option_is_a_config_field(name):
 
     options = {p.name for p in cmd.params if p.param_type_name == "option" and p.name != "help"}
     assert options == {f.name for f in fields(cls)}
+
+
+def test_doc_torchrun_lines_parse_with_torchruns_own_parser():
+    """torchrun's argparse classifies every `--option` of its command line, even those meant for the script: an
+    snd option that abbreviates two of its own (`--run`: `--run-path`, `--run_path`) stops it unless `--`
+    comes first. Parse each documented torchrun line with torchrun's real parser."""
+    import shlex
+
+    from torch.distributed.run import get_args_parser
+
+    lines = [line.strip() for doc in DOCS for line in _code_snippets(doc.read_text()) if line.strip().startswith("torchrun ")]
+    assert lines, "docs/distill.md shows a torchrun command"
+    for line in lines:
+        args = shlex.split(line.replace("...", "x"))[1:]
+        try:
+            parsed = get_args_parser().parse_args(args)
+        except SystemExit:
+            pytest.fail(f"torchrun cannot parse: {line}")
+        assert parsed.training_script == "snd.cli"
+        assert [a for a in parsed.training_script_args if a.startswith("--")] == [a for a in args[args.index("snd.cli"):] if a.startswith("--")]
