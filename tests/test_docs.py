@@ -171,3 +171,8 @@ def test_doc_torchrun_lines_parse_with_torchruns_own_parser():
             pytest.fail(f"torchrun cannot parse: {line}")
         assert parsed.training_script == "snd.cli"
         assert [a for a in parsed.training_script_args if a.startswith("--")] == [a for a in args[args.index("snd.cli"):] if a.startswith("--")]
+
+
+def test_readme_links_every_doc_page():
+    readme = (ROOT / "README.md").read_text()
+    assert [p.name for p in sorted((ROOT / "docs").glob("*.md")) if f"](docs/{p.name})" not in readme] == []
