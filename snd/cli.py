@@ -25,7 +25,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-data_app = typer.Typer(help="Datasets: generate procedural ScanNet++-layout scenes, inspect data.", no_args_is_help=True)
+data_app = typer.Typer(help="Datasets: generate procedural ScanNet++-layout scenes (`snd data synth`).", no_args_is_help=True)
 bench_app = typer.Typer(help="Benchmarks (JSON out): precompute, distill, eval; project = the paper-scale projection from their JSONs.", no_args_is_help=True)
 cache_app = typer.Typer(help="Know and keep your caches: info | verify | gc for scaffold stores and evaluation caches.",
                         no_args_is_help=True)
@@ -126,14 +126,14 @@ command_from_config(app, "features", C.FeaturesConfig, _features, extra=[_images
                     help="Dense features of images (npz) and pictures: joint PCA colours, K-means segments, cross-view matches.")
 
 
-@app.command("doctor")
-def doctor(data_root: str = typer.Option("data", help="Data root to look for the probe datasets in.")) -> None:
-    """Print the environment (torch/CUDA, gsplat build, GPUs) and which weights and datasets are found where."""
-    from pathlib import Path
-
+def _doctor(cfg: C.DoctorConfig) -> None:
     from snd.pipeline.doctor import print_report
 
-    print_report(Path(data_root))
+    print_report(cfg.data_root)
+
+
+command_from_config(app, "doctor", C.DoctorConfig, _doctor,
+                    help="Print the environment (torch/CUDA, gsplat build, GPUs) and which weights and datasets are found where.")
 
 
 # ---- caches --------------------------------------------------------------------------------------
@@ -199,19 +199,14 @@ command_from_config(cache_app, "gc", C.CacheGcConfig, _cache_gc, extra=[_path_pa
 
 
 # ---- demo --------------------------------------------------------------------------------------
-@app.command("demo")
-def demo(
-    out: str = typer.Option("demo_out", help="Folder for the demo's data, cache, run and eval results."),
-    scenes: int = typer.Option(3, help="Procedural scenes to generate."),
-    iters: int = typer.Option(40, help="Distillation steps (tiny random-init ViT on CPU)."),
-    seed: int = typer.Option(0, help="Seed of everything."),
-) -> None:
-    """The whole pipeline on built-in procedural data with small models: synth -> precompute -> distill -> eval."""
-    from pathlib import Path
-
+def _demo(cfg: C.DemoConfig) -> None:
     from snd.pipeline.demo import run_demo
 
-    run_demo(Path(out), scenes=scenes, iters=iters, seed=seed)
+    run_demo(cfg.out, scenes=cfg.scenes, iters=cfg.iters, seed=cfg.seed)
+
+
+command_from_config(app, "demo", C.DemoConfig, _demo,
+                    help="The whole pipeline on built-in procedural data with small models: synth -> precompute -> distill -> eval.")
 
 
 # ---- benchmarks --------------------------------------------------------------------------------

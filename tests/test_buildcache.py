@@ -61,6 +61,35 @@ def test_doctor_and_cli_start(tmp_path, monkeypatch):
     assert "(set by you;" in dict(doctor.report(tmp_path)["build_caches"])["cache TRITON_CACHE_DIR"]
 
 
+def test_doctor_prints_whole_paths_in_80_columns(tmp_path):
+    """Piped output is 80 columns wide: a missing dataset's paths and download hint fold, never end in "…"."""
+    import io
+
+    from rich.console import Console
+
+    from snd.pipeline import doctor
+
+    root = tmp_path / ("a_long_folder_name_" * 3) / "data"
+    con = Console(file=io.StringIO(), width=80)
+    rows = doctor.print_report(root, console=con)
+    out = con.file.getvalue()
+    assert "…" not in out
+    assert "VOCdevkit" in dict(rows["datasets"])["voc"] and "dataset voc" in out
+
+
+def test_doctor_finds_weights_of_every_backbone_family(tmp_path, monkeypatch):
+    from snd.pipeline import doctor
+
+    names = ["dinov2_vits14_pretrain.pth", "dinov3_vits16_pretrain_lvd1689m-08c60483.pth", "dinov2_small_snd.pth",
+             "re10k.ckpt", "models--timm--vit_small_patch16_dinov3.lvd1689m", "models--facebook--dinov3-vits16-pretrain-lvd1689m"]
+    for n in names:
+        (tmp_path / n).mkdir() if n.startswith("models--") else (tmp_path / n).write_bytes(b"x")
+    (tmp_path / "notes.txt").write_text("not weights")
+    monkeypatch.setenv("SND_WEIGHTS", str(tmp_path))
+    found = {name for name, where in doctor._weights() if where == str(tmp_path)}
+    assert found == set(names)
+
+
 def test_builds_are_announced_and_timed():
     import io
 

@@ -240,6 +240,16 @@ def test_eval_cache_info_and_gc_keep(tmp_path, monkeypatch):
     sa, sb = keys[ka]["stores"][0], keys[kb]["stores"][0]
     assert (sa["dataset"], sa["store"], sa["rows"], sa["complete"]) == ("toy", "train", 3, True) and sa["mb"] > 0
     assert (sb["store"], sb["rows"], sb["complete"]) == ("val_n2", 2, True)
+    import io
+
+    from rich.console import Console
+
+    from snd.cache.info import print_info
+
+    con = Console(file=io.StringIO(), width=80)  # what a pipe gets: every key whole (`gc --keep` takes it), no "…"
+    print_info(info, con)
+    text = con.file.getvalue()
+    assert "…" not in text and ka in text and kb in text and "toy/val_n2" in text and "MB" in text
     # gc: keys of weights not kept go; by hash recorded in model.json, or (older folders) by recomputing the key
     mj = cache / kb / "model.json"
     mj.write_text(json.dumps({k: v for k, v in json.loads(mj.read_text()).items() if k != "weights_sha256"}))

@@ -154,3 +154,12 @@ def test_random_weights_file_loads_as_the_random_init(tmp_path: Path) -> None:
     got = create_source("mvsplat", device="cpu", ckpt=tmp_path / "r.safetensors", config="re10k").net.state_dict()
     ref = create_source("mvsplat", device="cpu", random_init=True, config="re10k").net.state_dict()
     assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+
+
+def test_resave_usage_names_both_forms(capsys) -> None:
+    from snd.models.mvsplat.resave import main
+
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "SRC.ckpt DST.safetensors" in out and "--random CONFIG DST.safetensors" in out
+    assert main(["only_one_arg"]) == 2 and "--random CONFIG" in capsys.readouterr().err

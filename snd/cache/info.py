@@ -195,9 +195,10 @@ def print_info(info: dict, console) -> None:
     from rich.table import Table
 
     def table(title: str, cols: list[str], rows: list[list[Any]]) -> None:
+        # fold, never "…": piped output is 80 columns, and the key is what `snd cache gc --keep` takes
         t = Table(title=title, title_justify="left")
         for c in cols:
-            t.add_column(c)
+            t.add_column(c, overflow="fold", min_width=16 if c == "key" else None)
         for r in rows:
             t.add_row(*[("-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)) for v in r])
         console.print(t)
@@ -219,15 +220,16 @@ def print_info(info: dict, console) -> None:
             table("incomplete scenes (snd cache gc removes the leftovers)", ["scene", "left"], [list(kv) for kv in sc["incomplete"].items()])
         if info["runs"]:
             cols = ["file", "rank", "world_size", "device_name", "scenes_done", "pairs", "seconds", "pairs_per_s"]
-            table("runs recorded", cols, [[r.get(c) for c in cols] for r in info["runs"]])
+            table("runs recorded", ["file", "rank", "of", "device", "scenes", "pairs", "s", "pairs/s"],
+                  [[r.get(c) for c in cols] for r in info["runs"]])
         console.print("(full precompute config: --json)")
         return
-    rows = [[k["key"], (k["weights_sha256"] or "-")[:12], k["precision"], "x".join(map(str, k["img_hw"] or [])) or None,
-             s["dataset"], s["store"],
+    # seven narrow columns fit 80 (the weights' SHA-256 is in --json; the key names them for `gc --keep`)
+    rows = [[k["key"], k["precision"], "x".join(map(str, k["img_hw"] or [])) or None, f"{s['dataset']}/{s['store']}",
              s["rows"], s["complete"], s["mb"]] for k in info["keys"] for s in (k["stores"] or [{"dataset": "-", "store": "-",
                                                                                              "rows": 0, "complete": "-", "mb": 0.0}])]
     table(f"evaluation cache {info['path']} ({info['disk_mb']:.1f} MB)",
-          ["key", "weights", "precision", "input", "dataset", "store", "rows", "complete", "MB"], rows)
+          ["key", "precision", "input", "store", "rows", "done", "MB"], rows)
     if info["targets"]:
         table("targets (model-independent)", ["dataset", "store", "task", "rows", "complete", "MB"],
               [[s["dataset"], s["store"], s.get("task"), s["rows"], s["complete"], s["mb"]] for s in info["targets"]])

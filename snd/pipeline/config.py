@@ -43,7 +43,7 @@ class PrecomputeConfig:
 
     data: Path = opt(Path("data/synth"), "Dataset root: raw ScanNet++ v2, FiT3D/SnD prepared layout, or `snd data synth` output.")
     layout: Literal["auto", "scannetpp", "prepared"] = opt("auto", "Folder layout of --data; auto detects it.")
-    split: str = opt("distill", "Scene list: 'distill' = nvs_sem_train + nvs_sem_val (the paper's 280 only with ScanNet++ v1's lists; v2's are longer, detected and reported), or 'train'/'val'.")
+    split: str = opt("distill", "Scene list: 'distill' = nvs_sem_train + nvs_sem_val (the paper's 280 only with ScanNet++ v1's lists; v2's are longer, detected and reported), 'train'/'val', or 'all' (every scene folder on disk).")
     scenes: Optional[int] = opt(None, "Take the first N scenes of the split (280 = the paper's training set); default all.")
     out: Path = opt(Path("cache"), "Output Zarr store (a folder).")
     source: Literal["depth", "mvsplat"] = opt("depth", "Scaffold source: dataset/mesh depth, or frozen MVSplat (needs --mvsplat-ckpt).")
@@ -57,7 +57,7 @@ class PrecomputeConfig:
     gap_max: int = opt(12, "Largest frame gap between the two context views.")
     pairs_per_scene: int = opt(180, "Context pairs kept per scene (~50k pairs over 280 scenes); 0 = all.")
     targets_per_pair: int = opt(3, "Target views stored per pair (stage two draws one per step).")
-    batch_pairs: int = opt(0, "Pairs per MVSplat forward; 0 = auto: 8 on CUDA (31 pairs/s on an H100, ~4% over 4), 1 on CPU (8 pairs at 576x880 need ~23 GiB).")
+    batch_pairs: int = opt(0, "Pairs per MVSplat forward; 0 = auto: 8 on CUDA (31 pairs/s on an H100, ~5% over 4), 1 on CPU (8 pairs at 576x880 need ~23 GiB).")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = opt("auto", "Network precision: auto = bf16 on CUDA, fp32 on CPU.")
     compile: Literal["auto", "on", "graphs", "off"] = opt("auto", "torch.compile MVSplat's networks (~100 s once); graphs = compiled and replayed as CUDA graphs; auto = graphs on CUDA, off on CPU.")
     device: str = opt("auto", "'auto', 'cpu' or 'cuda[:i]'.")
@@ -138,7 +138,7 @@ class EvalConfig:
     baseline: Optional[str] = opt(None, "A second backbone evaluated the same way, reported side by side with deltas.")
     baseline_weights: Optional[Path] = opt(None, "Weights for --baseline.")
     data_root: Path = opt(Path("data"), "Folder holding the datasets (nyuv2/, scannetpp/, scannet/, kitti/, ade20k/, voc/, scannet1500/, synth/).")
-    datasets: list[str] = opt([], "Datasets to use (default: every one found for the task).")
+    datasets: list[str] = opt([], "Datasets to use, one per option: --datasets nyuv2 --datasets synth (default: every one found for the task).")
     out: Path = opt(Path("eval_out"), "Output folder: results.json, tables (markdown), figures, probe checkpoints.")
     protocol: Literal["paper", "fast"] = opt("paper", "'paper': the official probe protocols (flip-averaged depth scored at the GT's resolution, official crops, OneCycle beta1, mmseg's label rule); 'fast': one cached pass at the probe size (< 2 h per backbone; numbers differ, docs/evaluation.md).")
     feature_cache: bool = opt(True, "Cache frozen-backbone tokens on disk once (fast); --no-feature-cache runs the backbone every probe step with flip/colour augmentation (closer to the official training, slower; the official rules themselves are --protocol paper).")
@@ -220,7 +220,7 @@ class BenchPrecomputeConfig:
 class BenchDistillConfig:
     """`snd bench distill`: stage-two step time per phase, it/s and peak memory."""
 
-    models: list[str] = opt(["vit_small_patch14_dinov2", "vit_base_patch14_dinov2", "vit_small_patch16_dinov3", "vit_base_patch16_dinov3"], "Backbones to time (random init; a given size off a model's patch grid is rounded up to it: 574x868 -> 576x880 for patch 16).")
+    models: list[str] = opt(["vit_small_patch14_dinov2", "vit_base_patch14_dinov2", "vit_small_patch16_dinov3", "vit_base_patch16_dinov3"], "Backbones to time, one per option (random init; a given size off a model's patch grid is rounded up to it: 574x868 -> 576x880 for patch 16).")
     img_height: Optional[int] = opt(None, "Backbone input height (default: as `snd distill`, 576 floored to each model's patch).")
     img_width: Optional[int] = opt(None, "Backbone input width (default: 880 floored to each model's patch).")
     scaffold_height: int = opt(576, "Scaffold (render) height.")
@@ -230,7 +230,7 @@ class BenchDistillConfig:
     warmup: int = opt(10, "Untimed warm-up steps.")
     renderer: Literal["auto", "gsplat", "torch"] = opt("auto", "Splatting backend.")
     targets_protocol: Literal["official", "snd"] = opt("official", "Target/coverage/loss rules timed (as `snd distill --targets-protocol`); time both to see what the official rules cost.")
-    paths: list[str] = opt(["render", "operator", "fast"], "Step paths timed side by side: render / operator (eager) and fast (CUDA graphs; CPU: eager replay).")
+    paths: list[str] = opt(["render", "operator", "fast"], "Step paths timed side by side, one per option: render / operator (eager) and fast (CUDA graphs; CPU: eager replay).")
     compile: Literal["auto", "on", "off"] = opt("auto", "torch.compile teacher and student; auto = in the fast path only (as `snd distill`).")
     data: Literal["auto", "memory", "store"] = opt("auto", "Batches from two in-memory items, or streamed from a scaffold store through the training loader (each rank its disjoint part); auto = store under torchrun or with --shards.")
     shards: Optional[Path] = opt(None, "Store to stream (default: one generated at the bench size in --workdir).")
@@ -328,3 +328,20 @@ class CacheGcConfig:
     yes: bool = opt(False, "Remove what is listed (default: only list it).")
     keep: list[str] = opt([], "Evaluation caches: weights whose feature caches stay (run dir, checkpoint, export, weights file, backbone name or 16-hex key); repeat the option.")
     json: bool = opt(False, "Print the report as JSON.")
+
+
+@dataclass
+class DoctorConfig:
+    """`snd doctor`: what this machine has, and which weights and datasets are found where."""
+
+    data_root: Path = opt(Path("data"), "Data root to look for the probe datasets in (as `snd eval --data-root`).")
+
+
+@dataclass
+class DemoConfig:
+    """`snd demo`: the whole pipeline on procedural scenes with tiny random-init models, on the CPU."""
+
+    out: Path = opt(Path("demo_out"), "Folder for the demo's data, cache, run and eval results.")
+    scenes: int = opt(3, "Procedural scenes to generate.")
+    iters: int = opt(40, "Distillation steps (tiny random-init ViT on CPU).")
+    seed: int = opt(0, "Seed of everything.")

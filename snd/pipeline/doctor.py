@@ -16,7 +16,9 @@ import torch
 from snd.pipeline import buildcache
 
 WEIGHT_DIRS = ("$SND_WEIGHTS", "~/.cache/torch/hub/checkpoints", "~/.cache/huggingface/hub", "weights")
-WEIGHT_GLOBS = ("dinov2_*.pth", "*dinov2*.safetensors", "*snd*.pth", "*.ckpt", "models--timm--vit_*dinov2*")
+# every family of the backbone registry (docs/backbones.md), the released SnD files and MVSplat checkpoints
+WEIGHT_GLOBS = ("dinov2_*.pth", "*dinov2*.safetensors", "dinov3_*.pth", "*dinov3*.safetensors", "*snd*.pth", "*.ckpt",
+                "models--timm--vit_*dinov2*", "models--timm--vit_*dinov3*", "models--facebook--dinov3*")
 
 
 def _version(mod: str) -> str:
@@ -75,15 +77,17 @@ def report(data_root: Path = Path("data")) -> dict:
     }
 
 
-def print_report(data_root: Path = Path("data")) -> dict:
+def print_report(data_root: Path = Path("data"), console=None) -> dict:
+    """Print `report` as a table. Long cells fold instead of ending in "…": a missing dataset's file paths
+    and download hint are the point of the row, and piped output is only 80 columns wide."""
     from rich.console import Console
     from rich.table import Table
 
     r = report(data_root)
-    con = Console()
+    con = console or Console()
     t = Table(title="snd doctor", show_lines=False)
-    t.add_column("what")
-    t.add_column("status")
+    t.add_column("what", overflow="fold")
+    t.add_column("status", overflow="fold")
     for k, v in r["versions"].items():
         t.add_row(k, v)
     for g in r["gpus"]:

@@ -94,4 +94,5 @@ def command_from_config(
     _cmd.__signature__ = inspect.Signature(extra + params)  # type: ignore[attr-defined]
     _cmd.__name__ = name.replace("-", "_")
     _cmd.__doc__ = help
+    _cmd.snd_config = cls  # type: ignore[attr-defined]  # which config a command parses (tests/test_docs.py)
     app.command(name, help=help)(_cmd)

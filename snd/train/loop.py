@@ -5,7 +5,8 @@ the scheduler state, the data position (items consumed per rank) and each rank's
 networks (base weights from the run folder), restores all of it, opens the stream at the saved position
 and continues with bit-identical losses (tested on CPU).
 
-Multi-process: start with `torchrun --nproc_per_node=N -m snd.cli distill ...` (or call `train` in
+Multi-process: start with `torchrun --nproc_per_node=N -m -- snd.cli distill ...` (the `--` keeps torchrun
+from reading `--run` as its own ambiguous `--run-path`; or call `train` in
 processes that set RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT): each rank streams a disjoint part of the
 items, gradients are averaged by one all-reduce per step, only rank 0 writes logs and checkpoints.
 """

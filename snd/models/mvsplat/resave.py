@@ -45,12 +45,16 @@ def save_random_weights(config: str, dst: "str | Path", seed: int = 0) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    usage = __doc__.split("\n\n")[0].strip()  # both forms, whole sentences
+    if args in (["-h"], ["--help"]):
+        print(usage)
+        return 0
     if len(args) == 3 and args[0] == "--random":
         n = save_random_weights(args[1], args[2])
         print(f"wrote {n} random encoder tensors ({args[1]}) to {args[2]}")
         return 0
-    if len(args) != 2:
-        print(__doc__.strip().splitlines()[0], file=sys.stderr)
+    if len(args) != 2 or args[0].startswith("-"):
+        print(usage, file=sys.stderr)
         return 2
     n = resave_encoder_weights(args[0], args[1])
     print(f"wrote {n} encoder tensors to {args[1]}")

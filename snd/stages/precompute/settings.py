@@ -45,8 +45,9 @@ def auto_count(value: int, table: dict[str, int], device: "str | torch.device", 
 
 def resolve_batch_pairs(batch_pairs: int, device: "str | torch.device") -> int:
     """`--batch-pairs` as used: the number given, or for 0 (auto) 8 on CUDA and 1 elsewhere. Why: on the GPU a
-    batch of 8 is ~4 % faster than 4, but its activations at 576x880 take ~23 GiB: on this repo's 24 GiB CPU
-    machine a batch of 8 was killed for memory, while one pair per forward peaked at 7.0 GB (docs/mvsplat.md)."""
+    batch of 8 is ~5 % faster than 4 (31.2 vs 29.7 pairs/s, docs/bench/*_graphs_b{8,4}_h100.json), but its
+    activations at 576x880 take ~23 GiB: on this repo's 24 GiB CPU machine a batch of 8 was killed for memory,
+    while one pair per forward peaked at 7.0 GB (docs/mvsplat.md)."""
     return auto_count(batch_pairs, AUTO_BATCH_PAIRS, device, "--batch-pairs")
 
 
