@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from snd.errors import SndError
 from snd.pipeline.config import DistillConfig, load_config, save_config, to_jsonable
-from snd.train.checkpoint import (BASE_FILE, CONFIG_FILE, latest_checkpoint, load_checkpoint, rng_state, save_base,
+from snd.train.checkpoint import (BASE_FILE, CONFIG_FILE, checkpoint_step, latest_checkpoint, load_checkpoint, rng_state, save_base,
                                   save_checkpoint, set_rng_state)
 from snd.train.data import BatchIterator, DevicePrefetcher, StreamFactory, resolve_num_workers, shard_stream_factory, store_operators_fit
 from snd.train.distiller import Distiller, TargetFn, build_base_backbone
@@ -84,7 +84,7 @@ def resume_point(run_dir: Path) -> tuple[Path, int, int | None] | None:
     ckpt = latest_checkpoint(Path(run_dir))
     if ckpt is None:
         return None
-    step = int(json.loads(ckpt.with_suffix(".json").read_text())["step"])
+    step = checkpoint_step(ckpt)
     cpath = Path(run_dir) / CONFIG_FILE
     iters = int(load_config(DistillConfig, cpath).iters) if cpath.is_file() else None
     return ckpt, step, iters
@@ -252,11 +252,13 @@ def _train(cfg: DistillConfig, env: DistEnv, device: torch.device, factory: Stre
             steps_since_log += 1
             pending.append((step, loss, lr))
             last = step == cfg.iters
-            if step % log_every == 0 or last or (stop_after is not None and step >= stop_after):
+            ckpt_now = step % cfg.ckpt_every == 0 or last
+            # rows up to a checkpoint are written with it: a resume starts after it and never logs them again
+            if step % log_every == 0 or last or ckpt_now or (stop_after is not None and step >= stop_after):
                 t_now = time.perf_counter()
                 _flush(pending, runner, logger, summary, env, device, steps_since_log / max(t_now - t_log, 1e-9), path)
                 pending, t_log, steps_since_log = [], t_now, 0
-            if step % cfg.ckpt_every == 0 or last:
+            if ckpt_now:
                 position = start_position + (step - start_step) * cfg.batch  # items trained on, per rank
                 summary.checkpoint = _save(run_dir, runner, d, step, position, env, device, cfg)
             if stop_after is not None and step >= stop_after:
