@@ -47,3 +47,14 @@ def test_only_user_fixable_os_errors_become_messages():
 def test_permission_and_kind_refusals_carry_a_fix(code):
     e = user_os_error(OSError(code, "refused", "/x/y"))
     assert e is not None and e.hint and "/x/y" in str(e)
+
+
+def test_a_missing_model_path_is_not_found_not_an_unknown_backbone(tmp_path):
+    """`snd eval --model runs/typo` used to say "unknown backbone 'runs/typo'" and list backbone names."""
+    from snd.eval.features import load_eval_backbone
+
+    for missing in (tmp_path / "runs" / "typo", "dinov2_vits14_pretrain.pth"):
+        with pytest.raises(SndError, match="backbone file or folder not found"):
+            load_eval_backbone(str(missing))
+    with pytest.raises(SndError, match="unknown backbone 'dinov2_vitz14'"):
+        load_eval_backbone("dinov2_vitz14")
