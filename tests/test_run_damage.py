@@ -98,3 +98,12 @@ def test_a_killed_run_keeps_the_metrics_rows_of_its_last_checkpoint(tmp_path):
     assert _steps(tmp_path / "r") == [1, 2, 3]
     train(cfg, stream_factory=_factory(), progress=False)
     assert _steps(tmp_path / "r") == [1, 2, 3, 4, 5, 6]
+
+
+def test_bad_weights_leave_no_run_folder(tmp_path):
+    """A failed start (here: weights that do not fit) used to leave <run>/config.json behind."""
+    torch.save({"cls_token": torch.zeros(1, 1, 8)}, tmp_path / "other.pth")
+    with pytest.raises(SndError):
+        train(_cfg(tmp_path / "r", init="pretrained", weights=tmp_path / "other.pth"), stream_factory=_factory(),
+              progress=False)
+    assert not (tmp_path / "r").exists()

@@ -177,16 +177,14 @@ def _train(cfg: DistillConfig, env: DistEnv, device: torch.device, factory: Stre
     point = resume_point(run_dir)
     ckpt = point[0] if point is not None else None
     continued_from = point[2] if point is not None and point[2] not in (None, cfg.iters) else None
-    if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / CONFIG_FILE)
-
     # networks: the same seed on every rank (identical init, also broadcast below)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     base = build_base_backbone(cfg, run_dir / BASE_FILE if ckpt is not None else None)
-    if env.is_main:
+    if env.is_main:  # only once the weights loaded: a bad --weights leaves no run folder behind
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / CONFIG_FILE)
         save_base(run_dir, base.state_dict())
     d = Distiller(cfg, base).to(device).train()
     if env.is_main:  # which modules the run adapts (the registry's LoRA targets for this family)
