@@ -58,3 +58,14 @@ def test_a_missing_model_path_is_not_found_not_an_unknown_backbone(tmp_path):
             load_eval_backbone(str(missing))
     with pytest.raises(SndError, match="unknown backbone 'dinov2_vitz14'"):
         load_eval_backbone("dinov2_vitz14")
+
+
+def test_a_file_or_folder_of_the_wrong_kind_is_named_as_such(tmp_path, capsys):
+    """`--data notes.txt` said "dataset root does not exist" and `snd features DIR` "image not found"."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("x")
+    assert run_cli(["precompute", "--data", str(notes), "--out", str(tmp_path / "c"), "--device", "cpu"]) == 2
+    assert "dataset root is a file, not a folder" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+    assert run_cli(["features", str(tmp_path), "--model", "snd_test_vit_patch14", "--out", str(tmp_path / "f")]) == 2
+    assert "a folder, not an image" in capsys.readouterr().err
