@@ -55,8 +55,8 @@ _HEADER_HINT = ("the store's header is damaged; manifest.json beside it holds a 
                 "'totals'): restore header.json from it, or use a new --out")
 
 
-def _read_json(path: Path, hint: str = "the store is damaged; delete this file (the scene is then redone) or use a "
-                                       "new --out") -> dict:
+def _read_json(path: Path, hint: str = "the store is damaged; delete this file (the scene is then redone; `snd cache "
+                                       "verify <store> --fix` does it) or use a new --out") -> dict:
     try:
         obj = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -145,8 +145,11 @@ def complete_record(root: Path, scene: str) -> dict | None:
     return _read_json(m)
 
 
-def read_manifest(root: Path) -> dict:
-    """Header + ``scenes: {name: record}`` merged from the markers (the source of truth)."""
+def read_manifest(root: Path, *, damaged: dict[str, str] | None = None) -> dict:
+    """Header + ``scenes: {name: record}`` merged from the markers (the source of truth).
+
+    `damaged`: collect unreadable markers here (scene -> error; `snd cache verify` reports and fixes them)
+    instead of raising."""
     root = Path(root)
     header = read_header(root)
     scenes: dict[str, dict] = {}
@@ -155,12 +158,20 @@ def read_manifest(root: Path) -> dict:
     for fn in names:
         if fn.endswith(".failed.json"):
             name = fn[: -len(".failed.json")]
-            if name not in scenes:
-                scenes[name] = _read_json(mdir / fn)
+            if name in scenes:
+                continue
         elif fn.endswith(".json") and not fn.startswith("."):
             name = fn[: -len(".json")]
-            if (root / name / "zarr.json").exists():
-                scenes[name] = _read_json(mdir / fn)
+            if not (root / name / "zarr.json").exists():
+                continue
+        else:
+            continue
+        try:
+            scenes[name] = _read_json(mdir / fn)
+        except SndError as e:
+            if damaged is None:
+                raise
+            damaged[name] = e.message
     return {**header, "scenes": dict(sorted(scenes.items()))}
 
 
