@@ -107,3 +107,22 @@ def test_bad_weights_leave_no_run_folder(tmp_path):
         train(_cfg(tmp_path / "r", init="pretrained", weights=tmp_path / "other.pth"), stream_factory=_factory(),
               progress=False)
     assert not (tmp_path / "r").exists()
+
+
+def test_a_damaged_base_backbone_is_named_and_its_fix_resumes_exactly(runs, tmp_path):
+    """backbone_base.safetensors cut short was reported with the advice for a user's --weights file."""
+    from snd.train.checkpoint import BASE_FILE, load_backbone_from_run
+
+    run = _copy(runs, tmp_path)
+    base = run / BASE_FILE
+    base.write_bytes(base.read_bytes()[:1000])
+    with pytest.raises(SndError, match="the run's base backbone .* is damaged") as e:
+        load_backbone_from_run(run)
+    assert "pass a DINOv2 .pth" not in str(e.value)
+    cfg = _cfg(run, ckpt_every=2)
+    with pytest.raises(SndError, match="base backbone"):
+        train(cfg, stream_factory=_factory(), progress=False)
+    base.unlink()  # the fix it prints: the resumed run writes it again (same init)
+    resumed = train(cfg, stream_factory=_factory(), progress=False)
+    full = runs[1]
+    assert resumed.start_step == 4 and all(resumed.losses[s] == full.losses[s] for s in (5, 6))

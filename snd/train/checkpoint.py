@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from snd.errors import SndError
 
 __all__ = ["BASE_FILE", "CKPT_DIR", "CONFIG_FILE", "KEEP", "checkpoint_step", "latest_checkpoint", "load_backbone_from_run",
-           "load_checkpoint", "rng_state", "save_base", "save_checkpoint", "set_rng_state", "atomic_write_text"]
+           "load_base", "load_checkpoint", "rng_state", "save_base", "save_checkpoint", "set_rng_state", "atomic_write_text"]
 
 CONFIG_FILE = "config.json"
 BASE_FILE = "backbone_base.safetensors"
@@ -80,6 +80,21 @@ def save_base(run_dir: Path, base_state: dict[str, Tensor]) -> Path:
     if not path.is_file():
         _atomic_save_tensors(base_state, path, metadata={"format": "timm"})
     return path
+
+
+def load_base(model: nn.Module, base_file: Path) -> nn.Module:
+    """Load a run's `backbone_base.safetensors` into `model`; a damaged file is an SndError that says what the
+    file is and how to get it back (not the generic advice for a user's --weights file)."""
+    from snd.models.weights import load_backbone_weights
+
+    try:
+        load_backbone_weights(model, base_file)
+    except SndError as e:
+        raise SndError(f"the run's base backbone {base_file} is damaged: {e.message}", path=base_file,
+                       hint="restore it (it is the run's copy of its --weights, or of its seeded random init); or "
+                            "delete it and resume the run with `snd distill`, the run's settings and the same "
+                            "--weights: the resumed run writes it again") from e
+    return model
 
 
 def save_checkpoint(run_dir: Path, *, step: int, tensors: dict[str, Tensor], meta: dict[str, Any]) -> Path:
@@ -178,7 +193,6 @@ def load_backbone_from_run(path: str | Path, *, which: Literal["student", "teach
     """
     from snd.models.backbone import create_backbone, set_input_size
     from snd.models.lora import apply_lora, merged_copy
-    from snd.models.weights import load_backbone_weights
     from snd.pipeline.config import DistillConfig, load_config
     from snd.train.distiller import lora_spec
 
@@ -194,8 +208,7 @@ def load_backbone_from_run(path: str | Path, *, which: Literal["student", "teach
     base_file = run_dir / BASE_FILE
     if not base_file.is_file():
         raise SndError(f"run {run_dir} lacks {BASE_FILE}", path=base_file)
-    model = create_backbone(cfg.model, init="random")
-    load_backbone_weights(model, base_file)
+    model = load_base(create_backbone(cfg.model, init="random"), base_file)
     model = apply_lora(model, lora_spec(cfg))
     tensors, _ = load_checkpoint(ckpt)
     prefix = "student." if which == "student" else "teacher."
