@@ -41,6 +41,12 @@ def _arch_of_file(path: Path) -> str:
     return arch
 
 
+def looks_like_path(source: str | Path) -> bool:
+    """Whether `source` names a file or folder rather than a backbone (so a missing one is 'not found',
+    not 'unknown backbone')."""
+    return Path(source).suffix in (".pth", ".pt", ".safetensors", ".bin") or "/" in str(source)
+
+
 def load_backbone(source: str | Path, *, weights: str | Path | None = None, which: Literal["student", "teacher"] = "student",
                   device: str | torch.device | None = None) -> nn.Module:
     """A frozen timm ViT (eval mode) from any of:
@@ -72,7 +78,7 @@ def load_backbone(source: str | Path, *, weights: str | Path | None = None, whic
         model = create_backbone(_arch_of_file(p), init="random")
         report = load_backbone_weights(model, p)
     else:
-        if p.suffix in (".pth", ".pt", ".safetensors", ".bin") or "/" in str(source):
+        if looks_like_path(source):
             raise SndError(f"backbone file or folder not found: {p}", path=p,
                            hint="pass an existing weights file, run directory or `snd export` folder")
         model = create_backbone(str(source), weights=weights, init="pretrained")

@@ -1,7 +1,8 @@
 """The `snd` command line: parsing, rich output and exit codes only; the work lives in `snd.stages`.
 
 Exit codes: 0 ok, 1 the job ran but some items failed (e.g. scenes in precompute), 2 bad input
-(an `SndError`: missing file, wrong format, bad option).
+(an `SndError`: missing file, wrong format, bad option; or a file-system refusal the user fixes, such as
+a file where --out should be a folder or a full disk: `snd.errors.user_os_error`).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any  # noqa: F401
 import typer
 from rich.console import Console
 
-from snd.errors import SndError
+from snd.errors import SndError, user_os_error
 from snd.pipeline import config as C
 from snd.pipeline.options import command_from_config
 
@@ -249,7 +250,8 @@ command_from_config(bench_app, "project", C.BenchProjectConfig, _bench_project,
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: SndError -> one red line + exit 2; usage errors are typer's; bugs keep tracebacks.
+    """Console entry point: SndError (and the file-system refusals of `user_os_error`) -> one red line + exit 2;
+    usage errors are typer's; bugs keep tracebacks.
 
     Build caches (torch.compile, Triton, gsplat's JIT build) default to the user's cache folder first
     (`snd.pipeline.buildcache`; variables the user set are kept), so a second run starts in seconds."""
@@ -259,8 +261,21 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv)
     except SndError as e:
-        console.print(f"[bold red]error:[/] {e}")
-        sys.exit(2)
+        _fail(e)
+    except OSError as e:  # a file where a folder should be, no permission, disk full: the user's to fix
+        err = user_os_error(e)
+        if err is None:
+            raise
+        _fail(err)
+
+
+def _fail(e: SndError) -> None:
+    """The one error line (and its fix) on stderr, exit 2."""
+    from rich.markup import escape
+
+    # the text is the user's paths and our words, not markup: "[/data/x]" is no closing tag
+    console.print(f"[bold red]error:[/] {escape(str(e))}")
+    sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -175,6 +175,24 @@ def test_store_refuses_other_settings(tmp_path):
                                 "sampler": {}, "encoding": Encoding(offset=True).to_dict()})
 
 
+def test_garbled_header_names_its_restore(tmp_path):
+    """A garbled header.json was told 'delete this file (the scene is then redone)', which makes the folder no
+    store at all; the copy in manifest.json restores it. A header that is JSON but no object was an AttributeError."""
+    import json
+
+    write_scene(tmp_path, "s0", 2)
+    M.merge_manifest(tmp_path)
+    hpath = M.meta_dir(tmp_path) / "header.json"
+    for garbled in ('{"format": ', "[]"):
+        hpath.write_text(garbled)
+        with pytest.raises(SndError, match="header.json") as e:
+            CacheReader(tmp_path)
+        assert "manifest.json" in str(e.value) and "scene is then redone" not in str(e.value)
+    man = json.loads((tmp_path / "manifest.json").read_text())
+    hpath.write_text(json.dumps({k: v for k, v in man.items() if k not in ("scenes", "totals")}))
+    assert CacheReader(tmp_path).scenes == ["s0"]
+
+
 @pytest.mark.parametrize("array", ["quats", "depth", "tgt_mask"])
 def test_corrupted_chunk_names_scene_and_pair(tmp_path, array):
     write_scene(tmp_path, "sceneB", 5, pps=2)

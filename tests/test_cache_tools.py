@@ -179,6 +179,18 @@ def test_fix_then_rerun_is_byte_identical_to_an_uninterrupted_run(written, store
     assert verify_store(store, progress=False).ok
 
 
+def test_verify_reports_and_fixes_a_garbled_marker(store, capsys):
+    """A garbled completion marker made `snd cache verify` (and --fix) stop with an error instead of naming
+    the scene as bad and removing it so precompute redoes it."""
+    bad, good = CacheReader(store).scenes
+    (M.markers_dir(store) / f"{bad}.json").write_text('{"scene": ')
+    assert run_cli(["cache", "verify", str(store)]) == 1
+    assert f"scene '{bad}': completion marker unreadable" in capsys.readouterr().err.replace("\n", "")
+    assert run_cli(["cache", "verify", str(store), "--fix"]) == 1
+    assert not (store / bad).exists() and CacheReader(store).scenes == [good]
+    assert verify_store(store, progress=False).ok
+
+
 def test_gc_refuses_a_store_being_written_and_never_removes_a_complete_scene(synth_root, tmp_path):
     out = tmp_path / "live"
     seen: list = []

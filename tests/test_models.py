@@ -167,6 +167,18 @@ def test_wrong_model_errors(tmp_path):
         load_backbone_weights(_tiny(), tmp_path / "missing.pth")
 
 
+def test_a_partial_file_of_the_right_model_is_not_called_another_model(tmp_path):
+    """A ViT-S file with one tensor missing used to get the hint 'this file holds a vit_small...: use --model
+    vit_small...', the very --model given; it is a partial/damaged file and the hint must say so."""
+    model = create_backbone("vit_small_patch14_dinov2", init="random", arch_overrides={"depth": 1})
+    sd = model.state_dict()
+    sd.pop("blocks.0.attn.qkv.weight")
+    torch.save(sd, tmp_path / "partial.pth")
+    with pytest.raises(SndError, match="blocks.0.attn.qkv.weight") as e:
+        load_backbone_weights(model, tmp_path / "partial.pth")
+    assert "use --model" not in str(e.value) and "download the weights again" in str(e.value)
+
+
 # ---- LoRA / EMA --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("patch_embed", [True, False])
 def test_only_lora_trainable(patch_embed):

@@ -125,7 +125,7 @@ def test_wrong_model_file(tmp_path: Path) -> None:
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(SndError, match="cannot read") as e:
         load_mvsplat(junk)
-    assert str(junk) in str(e.value)
+    assert str(junk) in str(e.value) and "downloading again" in str(e.value)  # the fix, not only the parse error
 
 
 def test_pickled_objects_refused_with_resave_hint(tmp_path: Path, re10k_sd) -> None:

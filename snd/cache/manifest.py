@@ -51,12 +51,20 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def _read_json(path: Path) -> Any:
+_HEADER_HINT = ("the store's header is damaged; manifest.json beside it holds a copy (every key but 'scenes' and "
+                "'totals'): restore header.json from it, or use a new --out")
+
+
+def _read_json(path: Path, hint: str = "the store is damaged; delete this file (the scene is then redone; `snd cache "
+                                       "verify <store> --fix` does it) or use a new --out") -> dict:
     try:
-        return json.loads(Path(path).read_text())
+        obj = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise SndError(f"cannot read cache metadata {path}: {e}", path=path,
-                       hint="the store is damaged; delete this file (the scene is then redone) or use a new --out") from e
+        raise SndError(f"cannot read cache metadata {path}: {e}", path=path, hint=hint) from e
+    if not isinstance(obj, dict):
+        raise SndError(f"cannot read cache metadata {path}: a JSON {type(obj).__name__}, not an object", path=path,
+                       hint=hint)
+    return obj
 
 
 def check_scene_name(name: str) -> None:
@@ -87,7 +95,7 @@ def init_store(root: Path, header: dict) -> dict:
     with store_lock(root):
         hpath = meta_dir(root) / "header.json"
         if hpath.exists():
-            old = _read_json(hpath)
+            old = _read_json(hpath, _HEADER_HINT)
             diff = [k for k in IDENTITY_KEYS if old.get(k) != header.get(k)]
             if diff:
                 details = "; ".join(f"{k}: store has {old.get(k)!r}, this run {header.get(k)!r}" for k in diff)
@@ -110,7 +118,7 @@ def read_header(root: Path) -> dict:
     if not hpath.exists():
         raise SndError(f"not a scaffold cache (no {META_DIR}/header.json): {root}", path=root,
                        hint="point at the --out folder of `snd precompute`")
-    header = _read_json(hpath)
+    header = _read_json(hpath, _HEADER_HINT)
     if header.get("format") != FORMAT_NAME or header.get("schema_version") not in READABLE_VERSIONS:
         raise SndError(f"cache {root} has format {header.get('format')!r} v{header.get('schema_version')}, "
                        f"this snd reads {FORMAT_NAME!r} v{SCHEMA_VERSION}", path=root,
@@ -137,8 +145,11 @@ def complete_record(root: Path, scene: str) -> dict | None:
     return _read_json(m)
 
 
-def read_manifest(root: Path) -> dict:
-    """Header + ``scenes: {name: record}`` merged from the markers (the source of truth)."""
+def read_manifest(root: Path, *, damaged: dict[str, str] | None = None) -> dict:
+    """Header + ``scenes: {name: record}`` merged from the markers (the source of truth).
+
+    `damaged`: collect unreadable markers here (scene -> error; `snd cache verify` reports and fixes them)
+    instead of raising."""
     root = Path(root)
     header = read_header(root)
     scenes: dict[str, dict] = {}
@@ -147,12 +158,20 @@ def read_manifest(root: Path) -> dict:
     for fn in names:
         if fn.endswith(".failed.json"):
             name = fn[: -len(".failed.json")]
-            if name not in scenes:
-                scenes[name] = _read_json(mdir / fn)
+            if name in scenes:
+                continue
         elif fn.endswith(".json") and not fn.startswith("."):
             name = fn[: -len(".json")]
-            if (root / name / "zarr.json").exists():
-                scenes[name] = _read_json(mdir / fn)
+            if not (root / name / "zarr.json").exists():
+                continue
+        else:
+            continue
+        try:
+            scenes[name] = _read_json(mdir / fn)
+        except SndError as e:
+            if damaged is None:
+                raise
+            damaged[name] = e.message
     return {**header, "scenes": dict(sorted(scenes.items()))}
 
 

@@ -207,10 +207,12 @@ def verify_store(root: str | Path, *, jobs: int = 4, fix: bool = False, progress
         progress: a rich progress bar on stderr.
     """
     root = Path(root)
-    man = M.read_manifest(root)  # raises a clear SndError when `root` is not a scaffold store
+    damaged: dict[str, str] = {}  # scenes whose marker is unreadable: a problem of that scene, --fix redoes it
+    man = M.read_manifest(root, damaged=damaged)  # raises a clear SndError when `root` is not a scaffold store
     guard = exclusive(M.meta_dir(root), f"scaffold store {root}") if fix else contextlib.nullcontext()
     with guard:
         rep = VerifyReport(root)
+        rep.problems += [Problem(name, None, None, f"completion marker unreadable ({why})") for name, why in damaged.items()]
         recs = {n: r for n, r in man["scenes"].items() if r.get("status") == "complete"}
         rep.incomplete = len(set(man["scenes"]) - set(recs))
         blocks: list[_Block] = []

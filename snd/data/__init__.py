@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable, Literal, NoReturn
 
 from snd.data.camera import Camera
 from snd.data.scene import Scene
@@ -64,11 +64,18 @@ register_layout(_Layout("scannetpp", _is_raw, "splits", "data", "raw ScanNet++ v
 register_layout(_Layout("prepared", _is_prepared, "metadata", "scenes", "FiT3D/SnD prepared (scenes/<scene>/images, instance_segmentation, transforms_train.json; metadata/)"))
 
 
+def _no_root(root: Path) -> NoReturn:
+    """The error for a dataset root that is no folder: a missing path, or a file given for the folder."""
+    what = "is a file, not a folder" if root.exists() else "does not exist"
+    raise SndError(f"dataset root {what}: {root}", path=root,
+                   hint="pass the dataset's top folder (or make one: snd data synth --out <folder>)")
+
+
 def detect_layout(root: str | Path) -> str:
     """The layout name of the dataset at `root`, or an `SndError` saying what was looked for."""
     root = Path(root)
     if not root.is_dir():
-        raise SndError(f"dataset root does not exist: {root}", path=root)
+        _no_root(root)
     found = [name for name, lay in sorted(_LAYOUTS.items()) if lay.detect(root)]
     if not found:
         looked = "; ".join(f"{n}: {lay.describe}" for n, lay in sorted(_LAYOUTS.items()))
@@ -224,7 +231,7 @@ def open_dataset(root: str | Path, layout: str = "auto", *, height: int | None =
     elif layout not in _LAYOUTS:
         raise SndError(f"unknown layout {layout!r}", hint=f"choose one of {['auto'] + list_layouts()}")
     elif not root.is_dir():
-        raise SndError(f"dataset root does not exist: {root}", path=root)
+        _no_root(root)
     return Dataset(root, layout, height=height, width=width, cache_dir=cache_dir, image_resize=image_resize)
 
 

@@ -85,10 +85,10 @@ def load_eval_backbone(model: str, *, weights: str | Path | None = None, init: s
         weights, init: passed to `create_backbone` for names.
         seed: seeds the random init (`init="random"`), so a baseline built twice is the same network.
     """
-    p = Path(model)
-    if p.exists():  # a run, a checkpoint, an `snd export` folder or a weights file: the API's one loader
-        from snd.api import load_backbone
+    from snd.api import load_backbone, looks_like_path
 
+    p = Path(model)
+    if p.exists() or looks_like_path(model):  # a run, a checkpoint, an export or a weights file: the API's one loader
         net = load_backbone(p)
     else:
         from snd.models.backbone import create_backbone

@@ -84,7 +84,8 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
             sd = torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any decode failure is a user-fixable bad file
         raise SndError(f"cannot read weights {p}: {type(e).__name__}: {e}", path=p,
-                       hint="pass a DINOv2 .pth (torch.hub layout) or a .safetensors file") from e
+                       hint="pass a DINOv2 .pth (torch.hub layout) or a .safetensors file; if it is one, it is damaged "
+                            "or cut short (compare its size with the source's) and needs downloading again") from e
     for wrapper in ("model", "state_dict", "teacher", "module"):
         if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict) and not isinstance(sd.get(wrapper), Tensor):
             sd = sd[wrapper]
@@ -227,10 +228,14 @@ def guess_arch(sd: dict[str, Tensor]) -> str | None:
     return None if base is None else f"{base}{'_reg4' if 'reg_token' in sd else ''}_dinov2"
 
 
-def _model_hint(sd: dict[str, Tensor]) -> str:
+def _model_hint(sd: dict[str, Tensor], target: dict[str, Tensor]) -> str:
     arch = guess_arch(sd)
     if arch is None or arch.startswith("snd_test"):
         return "pass DINOv2/DINOv3 weights that match --model"
+    if arch == guess_arch(target) and _describe(sd) == _describe(target):
+        # the model's own architecture, yet keys or shapes differ: a partial or damaged file, not a wrong --model
+        return (f"the file looks like a {arch} with tensors missing or misshapen (a partial state dict or a damaged "
+                "download?): download the weights again, or pass the complete file")
     return f"this file holds a {arch}: use --model {arch}, or pass the weights of your --model"
 
 
@@ -297,7 +302,7 @@ def load_backbone_weights(model: nn.Module, path: str | Path) -> LoadReport:
         if unexpected:
             parts.append(f"{len(unexpected)} file keys the model lacks (e.g. {', '.join(unexpected[:5])})")
         raise SndError(f"weights {p} ({layout} layout) do not fit the model: expected {expected}, "
-                       f"found {found}; " + "; ".join(parts), path=p, hint=_model_hint(sd))
+                       f"found {found}; " + "; ".join(parts), path=p, hint=_model_hint(sd, target))
     dtype_sd = {k: v.to(target[k].dtype) for k, v in sd.items()}
     model.load_state_dict(dtype_sd, strict=True)
     report = LoadReport(layout=layout, dropped=dropped, resampled=resampled)

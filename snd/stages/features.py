@@ -39,7 +39,8 @@ def run(cfg: FeaturesConfig, images: list[Path]) -> dict:
     pils = []
     for p in images:
         if not Path(p).is_file():
-            raise SndError(f"image not found: {p}", path=p)
+            raise SndError(f"{'a folder, not an image' if Path(p).is_dir() else 'image not found'}: {p}", path=p,
+                           hint="pass image files (a shell glob works: DIR/*.jpg)" if Path(p).is_dir() else None)
         try:
             pils.append(Image.open(p).convert("RGB"))
         except OSError as e:

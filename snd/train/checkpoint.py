@@ -27,8 +27,8 @@ from torch import Tensor, nn
 
 from snd.errors import SndError
 
-__all__ = ["BASE_FILE", "CKPT_DIR", "CONFIG_FILE", "KEEP", "latest_checkpoint", "load_backbone_from_run",
-           "load_checkpoint", "rng_state", "save_base", "save_checkpoint", "set_rng_state", "atomic_write_text"]
+__all__ = ["BASE_FILE", "CKPT_DIR", "CONFIG_FILE", "KEEP", "checkpoint_step", "latest_checkpoint", "load_backbone_from_run",
+           "load_base", "load_checkpoint", "rng_state", "save_base", "save_checkpoint", "set_rng_state", "atomic_write_text"]
 
 CONFIG_FILE = "config.json"
 BASE_FILE = "backbone_base.safetensors"
@@ -82,6 +82,21 @@ def save_base(run_dir: Path, base_state: dict[str, Tensor]) -> Path:
     return path
 
 
+def load_base(model: nn.Module, base_file: Path) -> nn.Module:
+    """Load a run's `backbone_base.safetensors` into `model`; a damaged file is an SndError that says what the
+    file is and how to get it back (not the generic advice for a user's --weights file)."""
+    from snd.models.weights import load_backbone_weights
+
+    try:
+        load_backbone_weights(model, base_file)
+    except SndError as e:
+        raise SndError(f"the run's base backbone {base_file} is damaged: {e.message}", path=base_file,
+                       hint="restore it (it is the run's copy of its --weights, or of its seeded random init); or "
+                            "delete it and resume the run with `snd distill`, the run's settings and the same "
+                            "--weights: the resumed run writes it again") from e
+    return model
+
+
 def save_checkpoint(run_dir: Path, *, step: int, tensors: dict[str, Tensor], meta: dict[str, Any]) -> Path:
     """Write step_N.{safetensors,json} atomically, then point latest.json at them; keep the last KEEP."""
     ck = Path(run_dir) / CKPT_DIR
@@ -102,7 +117,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     ptr = Path(run_dir) / CKPT_DIR / LATEST
     if not ptr.is_file():
         return None
-    stem = json.loads(ptr.read_text())["stem"]
+    stem = str(_read_run_json(ptr, None, key="stem"))
     path = ptr.parent / f"{stem}.safetensors"
     if not path.is_file() or not path.with_suffix(".json").is_file():
         raise SndError(f"checkpoint {path} named by {ptr} is missing", path=path,
@@ -110,10 +125,50 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return path
 
 
-def load_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """(tensors, meta) of a checkpoint written by `save_checkpoint`."""
+def checkpoint_step(path: Path) -> int:
+    """The step recorded in a checkpoint's JSON (SndError naming the file when it is damaged)."""
     path = Path(path)
-    return load_file(str(path)), json.loads(path.with_suffix(".json").read_text())
+    return int(_read_run_json(path.with_suffix(".json"), path, key="step"))
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """(tensors, meta) of a checkpoint written by `save_checkpoint`; a damaged file is an SndError that
+    names it and says how to go on (checkpoints are written atomically, so only disk faults or copies
+    truncate them)."""
+    path = Path(path)
+    meta = _read_run_json(path.with_suffix(".json"), path)
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for truncated/garbled files
+        raise SndError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e})", path=path,
+                       hint=_damaged_hint(path.parent, path)) from e
+    return tensors, meta
+
+
+def _read_run_json(path: Path, ckpt: Path | None, key: str | None = None) -> Any:
+    """A checkpoint's JSON (`ckpt`'s) or latest.json (`ckpt` None) with `key` present, else an SndError
+    naming the file."""
+    try:
+        obj = json.loads(Path(path).read_text())
+        return obj[key] if key is not None else obj
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SndError(f"checkpoint file {path} is unreadable ({type(e).__name__}: {e})", path=path,
+                       hint=_damaged_hint(Path(path).parent, ckpt)) from e
+
+
+def _damaged_hint(ck: Path, ckpt: Path | None) -> str:
+    """How to go on when `ckpt` (None: the latest.json pointer) in checkpoint folder `ck` is damaged: point
+    latest.json at the newest complete checkpoint before it, if there is one, else restart."""
+    older = [p for p in sorted(ck.glob("step_*.safetensors"))
+             if (ckpt is None or p.stem < ckpt.stem) and p.with_suffix(".json").is_file()]
+    restart = f"delete {ck} to restart the run from step 0 (or pass a new --run)"
+    if not older:
+        return f"restore the file, or {restart}"
+    prev = older[-1]
+    step = prev.stem.split("_")[-1].lstrip("0") or "0"
+    drop = f"delete {ckpt.stem}.* and " if ckpt is not None else ""
+    return (f"restore the file; or resume from checkpoint {prev.stem}: {drop}write "
+            f"{{\"step\": {step}, \"stem\": \"{prev.stem}\"}} to {ck / LATEST}; or {restart}")
 
 
 # ---- a trained backbone for evaluation / export ----------------------------------------------------
@@ -138,7 +193,6 @@ def load_backbone_from_run(path: str | Path, *, which: Literal["student", "teach
     """
     from snd.models.backbone import create_backbone, set_input_size
     from snd.models.lora import apply_lora, merged_copy
-    from snd.models.weights import load_backbone_weights
     from snd.pipeline.config import DistillConfig, load_config
     from snd.train.distiller import lora_spec
 
@@ -154,8 +208,7 @@ def load_backbone_from_run(path: str | Path, *, which: Literal["student", "teach
     base_file = run_dir / BASE_FILE
     if not base_file.is_file():
         raise SndError(f"run {run_dir} lacks {BASE_FILE}", path=base_file)
-    model = create_backbone(cfg.model, init="random")
-    load_backbone_weights(model, base_file)
+    model = load_base(create_backbone(cfg.model, init="random"), base_file)
     model = apply_lora(model, lora_spec(cfg))
     tensors, _ = load_checkpoint(ckpt)
     prefix = "student." if which == "student" else "teacher."

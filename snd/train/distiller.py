@@ -43,11 +43,9 @@ def build_base_backbone(cfg: DistillConfig, base_file: Path | None = None) -> nn
     """The run's base backbone at the weights' native grid: from `base_file` (a run's saved base, so a
     resume needs neither --weights nor the same random draw) or from cfg (weights / random init)."""
     if base_file is not None and base_file.is_file():
-        from snd.models.weights import load_backbone_weights
+        from snd.train.checkpoint import load_base
 
-        model = create_backbone(cfg.model, init="random")
-        load_backbone_weights(model, base_file)
-        return model
+        return load_base(create_backbone(cfg.model, init="random"), base_file)
     return create_backbone(cfg.model, weights=cfg.weights if cfg.init == "pretrained" else None, init=cfg.init)
 
 

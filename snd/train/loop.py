@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from snd.errors import SndError
 from snd.pipeline.config import DistillConfig, load_config, save_config, to_jsonable
-from snd.train.checkpoint import (BASE_FILE, CONFIG_FILE, latest_checkpoint, load_checkpoint, rng_state, save_base,
+from snd.train.checkpoint import (BASE_FILE, CONFIG_FILE, checkpoint_step, latest_checkpoint, load_checkpoint, rng_state, save_base,
                                   save_checkpoint, set_rng_state)
 from snd.train.data import BatchIterator, DevicePrefetcher, StreamFactory, resolve_num_workers, shard_stream_factory, store_operators_fit
 from snd.train.distiller import Distiller, TargetFn, build_base_backbone
@@ -85,7 +85,7 @@ def resume_point(run_dir: Path) -> tuple[Path, int, int | None] | None:
     ckpt = latest_checkpoint(Path(run_dir))
     if ckpt is None:
         return None
-    step = int(json.loads(ckpt.with_suffix(".json").read_text())["step"])
+    step = checkpoint_step(ckpt)
     cpath = Path(run_dir) / CONFIG_FILE
     iters = int(load_config(DistillConfig, cpath).iters) if cpath.is_file() else None
     return ckpt, step, iters
@@ -188,16 +188,14 @@ def _train(cfg: DistillConfig, env: DistEnv, device: torch.device, factory: Stre
     point = resume_point(run_dir)
     ckpt = point[0] if point is not None else None
     continued_from = point[2] if point is not None and point[2] not in (None, cfg.iters) else None
-    if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / CONFIG_FILE)
-
     # networks: the same seed on every rank (identical init, also broadcast below)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     base = build_base_backbone(cfg, run_dir / BASE_FILE if ckpt is not None else None)
-    if env.is_main:
+    if env.is_main:  # only once the weights loaded: a bad --weights leaves no run folder behind
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / CONFIG_FILE)
         save_base(run_dir, base.state_dict())
     d = Distiller(cfg, base).to(device).train()
     if env.is_main:  # which modules the run adapts (the registry's LoRA targets for this family)
@@ -263,11 +261,13 @@ def _train(cfg: DistillConfig, env: DistEnv, device: torch.device, factory: Stre
             steps_since_log += 1
             pending.append((step, loss, lr))
             last = step == cfg.iters
-            if step % log_every == 0 or last or (stop_after is not None and step >= stop_after):
+            ckpt_now = step % cfg.ckpt_every == 0 or last
+            # rows up to a checkpoint are written with it: a resume starts after it and never logs them again
+            if step % log_every == 0 or last or ckpt_now or (stop_after is not None and step >= stop_after):
                 t_now = time.perf_counter()
                 _flush(pending, runner, logger, summary, env, device, steps_since_log / max(t_now - t_log, 1e-9), path)
                 pending, t_log, steps_since_log = [], t_now, 0
-            if step % cfg.ckpt_every == 0 or last:
+            if ckpt_now:
                 position = start_position + (step - start_step) * cfg.batch  # items trained on, per rank
                 summary.checkpoint = _save(run_dir, runner, d, step, position, env, device, cfg)
             if stop_after is not None and step >= stop_after:

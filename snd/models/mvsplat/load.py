@@ -89,6 +89,10 @@ def identify_config(sd: dict[str, Tensor]) -> Optional[str]:
     return None
 
 
+_BAD_FILE_HINT = ("pass MVSplat's Lightning .ckpt (e.g. re10k.ckpt) or an encoder .safetensors; if it is one, it is "
+                  "damaged or cut short (compare its size with the download's) and needs downloading again")
+
+
 def read_state_dict(path: "str | Path") -> dict[str, Tensor]:
     """Read a flat tensor mapping from .ckpt/.pth/.pt (torch, weights_only) or .safetensors.
 
@@ -109,7 +113,7 @@ def read_state_dict(path: "str | Path") -> dict[str, Tensor]:
         blocked = next((ln.strip() for ln in text.splitlines() if "Unsupported global" in ln), None)
         if blocked is None:  # not a pickled-object refusal: the file is corrupt or not a checkpoint
             raise SndError(f"cannot read {p} as a torch checkpoint: {text.splitlines()[0] if text else e!r}",
-                           path=p) from e
+                           path=p, hint=_BAD_FILE_HINT) from e
         blocked = blocked.split(" was not an allowed global")[0].replace("WeightsUnpickler error: ", "")
         raise SndError(
             f"{p} holds Python objects besides tensors, which snd will not unpickle ({blocked})",
@@ -119,7 +123,8 @@ def read_state_dict(path: "str | Path") -> dict[str, Tensor]:
                   "and pass that file instead"),
         ) from e
     except Exception as e:  # noqa: BLE001 - zip/pickle corruption, not a checkpoint at all
-        raise SndError(f"cannot read {p} as a torch checkpoint: {type(e).__name__}: {e}", path=p) from e
+        raise SndError(f"cannot read {p} as a torch checkpoint: {type(e).__name__}: {e}", path=p,
+                       hint=_BAD_FILE_HINT) from e
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
