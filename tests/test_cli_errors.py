@@ -60,6 +60,18 @@ def test_a_missing_model_path_is_not_found_not_an_unknown_backbone(tmp_path):
         load_eval_backbone("dinov2_vitz14")
 
 
+def test_eval_with_a_missing_model_writes_nothing(synth_root, tmp_path):
+    """The backbones load before anything is written (their patch sets the default input size), so a typo in
+    --model leaves no output folder, config.json or cache lock behind."""
+    from snd.pipeline.config import EvalConfig
+    from snd.stages import evaluate
+
+    with pytest.raises(SndError, match="not found"):
+        evaluate.run(EvalConfig(model=str(tmp_path / "typo"), data_root=synth_root, datasets=["synth"],
+                                out=tmp_path / "out", device="cpu"), tasks=["corr"])
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_file_or_folder_of_the_wrong_kind_is_named_as_such(tmp_path, capsys):
     """`--data notes.txt` said "dataset root does not exist" and `snd features DIR` "image not found"."""
     notes = tmp_path / "notes.txt"
