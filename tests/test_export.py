@@ -78,8 +78,9 @@ def test_load_backbone_errors_name_the_file(tmp_path):
         snd.load_backbone(bad)
     with pytest.raises(SndError, match="not found"):
         snd.load_backbone(tmp_path / "nope.pth")
-    with pytest.raises(SndError, match="needs pretrained weights"):
+    with pytest.raises(SndError, match="needs pretrained weights") as e:
         snd.load_backbone("dinov2_vits14")
+    assert "weights=" in e.value.hint and "dinov2_vits14_pretrain.pth" in e.value.hint  # the Python spelling, the file
 
 
 def test_extract_features_inputs_and_sizes():

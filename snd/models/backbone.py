@@ -219,7 +219,8 @@ def _download_hint(arch: str) -> str:
     cfg = timm.models.get_pretrained_cfg(arch + ".lvd142m") if REGISTRY[arch].family == "dinov2" else None
     url = getattr(cfg, "url", "") if cfg is not None else ""
     where = REGISTRY[arch].weights.format(url=url, arch=arch)
-    return f"download {where} and pass the file with --weights; use --init random only for tests and the demo"
+    return (f"download {where} and pass the file with --weights (Python: weights=...); random init, where a "
+            "command offers it (--init random), is only for tests and the demo")
 
 
 def create_backbone(
