@@ -68,7 +68,7 @@ command_from_config(app, "precompute", C.PrecomputeConfig, _precompute,
 def _distill(cfg: C.DistillConfig) -> None:
     from snd.stages.distill import run
 
-    run(cfg)
+    _exit_with(130 if run(cfg).interrupted else 0)  # 130: stopped by Ctrl-C (after saving), as a shell reports it
 
 
 command_from_config(app, "distill", C.DistillConfig, _distill,

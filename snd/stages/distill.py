@@ -58,7 +58,10 @@ def run(cfg: DistillConfig) -> TrainSummary:
         torch.set_float32_matmul_precision(prev)
     if summary.rank == 0:
         buildcache.report_compile(console)
-    if summary.rank == 0 and summary.complete:
+    if summary.rank == 0 and summary.interrupted:
+        console.print(f"[yellow]interrupted[/] at step {summary.step}/{cfg.iters}; checkpoint {summary.checkpoint}. "
+                      "Rerun the same command to resume from it.")
+    elif summary.rank == 0 and summary.complete:
         console.print(f"[green]run {summary.run} is complete[/] at step {summary.step} (--iters {cfg.iters}); "
                       f"checkpoint {summary.checkpoint}. A larger --iters continues it.")
     elif summary.rank == 0:

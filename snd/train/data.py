@@ -179,7 +179,9 @@ class BatchIterator:
 
         kw = dict(num_workers=self.num_workers, pin_memory=self.pin_memory, generator=gen, collate_fn=collate)
         if self.num_workers > 0:
-            kw.update(prefetch_factor=self.prefetch, persistent_workers=False)
+            from snd.train.interrupt import ignore_sigint
+
+            kw.update(prefetch_factor=self.prefetch, persistent_workers=False, worker_init_fn=ignore_sigint)
         loader = DataLoader(self.factory(self.position, self.rank, self.world_size), batch_size=self.batch,
                             drop_last=True, **kw)
         return iter(loader)

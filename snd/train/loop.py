@@ -30,6 +30,7 @@ from snd.train.checkpoint import (BASE_FILE, CONFIG_FILE, checkpoint_step, lates
 from snd.train.data import BatchIterator, DevicePrefetcher, StreamFactory, resolve_num_workers, shard_stream_factory, store_operators_fit
 from snd.train.distiller import Distiller, TargetFn, build_base_backbone
 from snd.train.distributed import DistEnv, all_gather_objects, broadcast_params, dist_env, init_distributed, resolve_device
+from snd.train.interrupt import GracefulInterrupt
 from snd.train.rundir import RunLogger, announce_targets
 from snd.train.step import StepRunner
 
@@ -63,6 +64,7 @@ class TrainSummary:
     param_digest: float = 0.0  # sum of squares of the trainable parameters at the end (ranks must agree)
     complete: bool = False  # the run had already reached --iters: nothing was trained (`checkpoint` = its last)
     continued_from: int | None = None  # the --iters a resumed run was set for, when this call changed it
+    interrupted: bool = False  # stopped by Ctrl-C after saving a checkpoint at `step` (a rerun resumes there)
 
 
 def _check_resume_config(run_dir: Path, cfg: DistillConfig) -> None:
@@ -246,6 +248,7 @@ def _train(cfg: DistillConfig, env: DistEnv, device: torch.device, factory: Stre
     t_start = t_log = time.perf_counter()
     steps_since_log = 0
     stepper, path = None, "?"
+    interrupt = GracefulInterrupt(active=env.world_size == 1).install()  # Ctrl-C: save at a step boundary, stop
     try:
         while step < cfg.iters:
             indices, batch = next(batches)
@@ -261,7 +264,7 @@ def _train(cfg: DistillConfig, env: DistEnv, device: torch.device, factory: Stre
             steps_since_log += 1
             pending.append((step, loss, lr))
             last = step == cfg.iters
-            ckpt_now = step % cfg.ckpt_every == 0 or last
+            ckpt_now = step % cfg.ckpt_every == 0 or last or interrupt.requested
             # rows up to a checkpoint are written with it: a resume starts after it and never logs them again
             if step % log_every == 0 or last or ckpt_now or (stop_after is not None and step >= stop_after):
                 t_now = time.perf_counter()
@@ -270,9 +273,13 @@ def _train(cfg: DistillConfig, env: DistEnv, device: torch.device, factory: Stre
             if ckpt_now:
                 position = start_position + (step - start_step) * cfg.batch  # items trained on, per rank
                 summary.checkpoint = _save(run_dir, runner, d, step, position, env, device, cfg)
+            if interrupt.requested and not last:
+                summary.interrupted = True
+                break
             if stop_after is not None and step >= stop_after:
                 break
     finally:
+        interrupt.restore()
         logger.close()
     summary.step = step
     summary.seconds = time.perf_counter() - t_start
