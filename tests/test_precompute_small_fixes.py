@@ -5,8 +5,7 @@ import torch
 
 from snd.errors import SndError
 from snd.pipeline.config import BenchPrecomputeConfig, PrecomputeConfig
-from snd.stages.precompute.settings import resolve_operator_chunk
-from snd.stages.precompute.settings import resolve_batch_pairs
+from snd.stages.precompute.settings import resolve_batch_pairs, resolve_operator_chunk
 from snd.train.distiller import rigid_inverse
 
 
@@ -17,6 +16,15 @@ def test_operator_chunk_auto_is_8_on_cuda_and_1_on_cpu():
     assert resolve_operator_chunk(3, "cpu") == 3 and resolve_operator_chunk(12, "cuda") == 12  # a given chunk is kept
     with pytest.raises(SndError, match="operator-chunk"):
         resolve_operator_chunk(-1, "cpu")
+
+
+def test_precompute_refuses_a_negative_chunk_before_any_work(tmp_path):
+    """Checked before the dataset is opened (this root does not exist: a later check would name it instead)."""
+    from snd.stages.precompute import run
+
+    with pytest.raises(SndError, match=r"--operator-chunk must be >= 1, or 0 for auto \(8 on CUDA, 1 on CPU\), got -1"):
+        run(PrecomputeConfig(data=tmp_path / "missing", out=tmp_path / "out", operator_chunk=-1), progress=False)
+    assert not (tmp_path / "out").exists()
 
 
 def test_batch_pairs_auto_is_8_on_cuda_and_1_on_cpu():

@@ -42,8 +42,7 @@ def run(cfg: PrecomputeConfig, *, source: ScaffoldSource | None = None, progress
     from snd.data import open_dataset
 
     cfg = replace(cfg, batch_pairs=resolve_batch_pairs(cfg.batch_pairs, cfg.device))  # 0 = auto, as used below
-    if cfg.operator_chunk < 0:
-        raise SndError(f"--operator-chunk must be >= 1, or 0 for auto (8 on CUDA, 1 on CPU), got {cfg.operator_chunk}")
+    resolve_operator_chunk(cfg.operator_chunk, cfg.device)  # a negative chunk fails here, before any work (used below)
     rank, world = resolve_rank(cfg.rank, cfg.world_size)
     ds = open_dataset(cfg.data, cfg.layout, height=cfg.height, width=cfg.width)
     names = ds.scene_names(cfg.split)
