@@ -7,7 +7,7 @@
 # Usage (GPU machine, repo root): bash scripts/gpu_session.sh next   (that builds gsplat first; counts its time)
 #   env: STEPS (default "fast-tests distill ops eval precompute"; any subset/order, e.g. STEPS="eval precompute" for
 #   a second call), BUDGET_S (545: seconds since T_START, which gpu_session.sh sets when it starts; else now),
-#   MODELS (the four below), PRE_PAIRS (64 timed pairs per `snd bench precompute`)
+#   MODELS (the four below), FAST_K (pytest -k for fast-tests), PRE_PAIRS (64 timed pairs per `snd bench precompute`)
 # Estimates (s; from earlier sessions' logs/JSONs, compile included): fast-tests 180 (five 30-step runs, each compiling
 # a small ViT: ~35 s); distill per model 70 (DINOv3 140: its warm-up measured 109 s on the H200); ops 40 + 40 (not measured yet: torch plan 118 ms per 576x880 target)
 # (H200 warm-up 45-49 s for ViT-S/14 and B/14, 61-74 s on the H100; DINOv3 B/16 109 s on the H200); eval-tests 120;
@@ -41,7 +41,9 @@ snd() { py -m snd.cli "$@"; }
 
 for s in $STEPS; do case $s in
   fast-tests)  # (a) fast path vs eager (DINOv3 RoPE, both protocols, resume), operator vs gsplat targets
-    step fast-tests 180 300 py -m pytest -q -m gpu tests/test_fast_path_gpu.py -p no:cacheprovider --durations=10 ;;
+    # FAST_K (a pytest -k filter) runs a subset, e.g. FAST_K=dinov3 (one test, ~60 s) before timing DINOv3
+    k=(); est=180; [[ -n ${FAST_K:-} ]] && k=(-k "$FAST_K") est=60
+    step fast-tests $est 300 py -m pytest -q -m gpu tests/test_fast_path_gpu.py "${k[@]}" -p no:cacheprovider --durations=10 ;;
   distill)  # (b) fast-path it/s per backbone, one call per model so a timeout keeps the others
     for m in $MODELS; do  # DINOv3: warm-up 109 s on the H200 (DINOv2 46 s); more when first (cold compile caches)
       est=70 to=150; [[ $m == *dinov3* ]] && est=140 to=260

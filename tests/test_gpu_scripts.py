@@ -79,3 +79,15 @@ def test_e2e_script_runs_the_readme_commands_in_order(tmp_path):
     assert [w["name"] for w in walls] == ["precompute_depth", "distill", "bench_distill", "distill_warm_cache", "bench_precompute"]
     assert all(w["rc"] == 0 for w in walls)
     assert "error" in json.loads((out / "e2e.json").read_text())  # the recorded commands left no metrics to read
+
+
+def test_gpu_next_fast_tests_filter(tmp_path):
+    """FAST_K narrows the fast-path GPU tests to a pytest -k subset (call 1 runs only the DINOv3 one)."""
+    bin_dir, log = _recording_python(tmp_path)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", OUT=str(tmp_path / "out"), STEPS="fast-tests",
+               FAST_K="dinov3", BUDGET_S="545")
+    env.pop("T_START", None)
+    r = subprocess.run(["bash", "scripts/gpu_next.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    calls = [c for c in log.read_text().splitlines() if c.startswith("-m pytest")]
+    assert calls == [c for c in calls if "tests/test_fast_path_gpu.py -k dinov3" in c] and len(calls) == 1, calls
