@@ -54,14 +54,14 @@ for s in $STEPS; do case $s in
     step ops-tests 40 90 py -m pytest -q -m gpu tests/test_operator_batched.py -p no:cacheprovider
     step ops-profile 40 90 py scripts/gpu_profile_operator.py
     cp "$OUT/next_ops-profile.log" "$OUT/profile_operator_batched.jsonl" 2>/dev/null ;;
-  eval)  # (c) the evaluation GPU tests, then the suite's time; --protocol paper also writes the fast protocol's
+  eval|eval-tests|bench-eval)  # (c) the evaluation GPU tests, then the suite's time; --protocol paper also writes the fast protocol's
     # projection (`projected`: the same measured rates; the protocol only changes the arithmetic), so one run has both
-    step eval-tests 120 200 py -m pytest -q -m gpu tests/test_eval_probe_speed.py tests/test_eval_probes_together.py \
+    [[ $s == bench-eval ]] || step eval-tests 120 200 py -m pytest -q -m gpu tests/test_eval_probe_speed.py tests/test_eval_probes_together.py \
       tests/test_eval_probes_features.py tests/test_evaluate.py tests/test_eval_protocol.py tests/test_eval_mmseg.py \
       tests/test_eval_device_aug.py -p no:cacheprovider
-    step bench-eval 200 320 snd bench eval --model dinov2_vits14 --init random --device cuda --workers 8 --protocol paper \
+    [[ $s == eval-tests ]] || step bench-eval 200 320 snd bench eval --model dinov2_vits14 --init random --device cuda --workers 8 --protocol paper \
       --out "$OUT/bench_eval_paper.json"
-    summary eval "$OUT/bench_eval_paper.json" ;;
+    [[ $s == eval-tests ]] || summary eval "$OUT/bench_eval_paper.json" ;;
   precompute)  # (d) stage one with operators (the default) writing frames, lossless (the default) and JPEG
     est=170
     for codec in lossless jpeg; do
@@ -69,7 +69,7 @@ for s in $STEPS; do case $s in
         --workdir /tmp/snd-bench-pre --out "$OUT/bench_precompute_mvsplat_operators_$codec.json"
       summary precompute "$OUT/bench_precompute_mvsplat_operators_$codec.json"; est=110  # compile cache warm now
     done ;;
-  *) echo "unknown step $s (fast-tests | distill | ops | eval | precompute)"; exit 2 ;;
+  *) echo "unknown step $s (fast-tests | distill | ops | eval | eval-tests | bench-eval | precompute)"; exit 2 ;;
 esac; done
 
 # the paper-scale projection from this call's files (the others: the newest in docs/bench)

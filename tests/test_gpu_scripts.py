@@ -91,3 +91,16 @@ def test_gpu_next_fast_tests_filter(tmp_path):
     assert r.returncode == 0, r.stderr
     calls = [c for c in log.read_text().splitlines() if c.startswith("-m pytest")]
     assert calls == [c for c in calls if "tests/test_fast_path_gpu.py -k dinov3" in c] and len(calls) == 1, calls
+
+
+def test_gpu_next_eval_parts_run_alone(tmp_path):
+    """STEPS=bench-eval times the suite without the evaluation GPU tests (and eval-tests runs only the tests)."""
+    bin_dir, log = _recording_python(tmp_path)
+    for steps, want in (("bench-eval", ["-m snd.cli bench eval"]), ("eval-tests", ["-m pytest"])):
+        log.unlink(missing_ok=True)
+        env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", OUT=str(tmp_path / steps), STEPS=steps, BUDGET_S="545")
+        env.pop("T_START", None)
+        r = subprocess.run(["bash", "scripts/gpu_next.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        calls = [c for c in log.read_text().splitlines() if not c.startswith(("-m snd.cli bench project", "-m snd.bench.summary"))]
+        assert [c[:len(want[0])] for c in calls] == want, calls
