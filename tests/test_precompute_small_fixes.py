@@ -45,6 +45,25 @@ def test_bench_precompute_records_the_batch_it_used(tmp_path):
     assert r["batch_pairs"] == 1 and r["operator_chunk"] == 1  # auto on CPU, as used
 
 
+def test_bench_precompute_records_a_chunk_shrunk_by_gpu_memory(tmp_path, monkeypatch):
+    """`--operator-chunk 3` whose chunks do not fit (simulated OOM above one target): the run completes and the
+    JSON says which chunk was asked for and which one was used."""
+    import snd.splat.operator_build as ob
+    from snd.bench.precompute import bench
+
+    real = ob.contributions
+
+    def tight(gaussians, pair, *a, **k):
+        if pair.numel() > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(gaussians, pair, *a, **k)
+
+    monkeypatch.setattr(ob, "contributions", tight)
+    r = bench(BenchPrecomputeConfig(source="depth", height=56, width=84, pairs=2, device="cpu", images="off",
+                                    operator_chunk=3, workdir=tmp_path, out=tmp_path / "b.json"))
+    assert (r["operator_chunk_asked"], r["operator_chunk"]) == (3, 1) and r["pairs_total"] >= 2
+
+
 def _random_rigid(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     q, r = torch.linalg.qr(torch.randn(*shape, 3, 3, generator=g, dtype=torch.float64))

@@ -25,7 +25,7 @@ from snd.errors import SndError
 from snd.pipeline.config import BenchPrecomputeConfig, PrecomputeConfig
 from snd.scaffold import ScaffoldSource
 from snd.stages.precompute import LOAD_THREADS, make_source, run
-from snd.stages.precompute.settings import resolve_batch_pairs, resolve_operator_chunk
+from snd.stages.precompute.settings import resolve_batch_pairs
 
 log = logging.getLogger(__name__)
 console = Console(stderr=True)
@@ -195,7 +195,8 @@ def bench(cfg: BenchPrecomputeConfig) -> dict:
         "phase_ms_per_pair": _timed_phases(s.phase_log, k0, timed_pairs),
         "peak_mem_gib": torch.cuda.max_memory_allocated(source.device) / 2**30 if source.device.type == "cuda" else None,
         "mb_per_pair": s.mb_per_pair, "images": cfg.images, "operator": cfg.operator,
-        "operator_chunk": resolve_operator_chunk(cfg.operator_chunk, source.device),  # as used (0 = auto resolved)
+        "operator_chunk": s.operator_chunk.size if s.operator_chunk else None,  # as used at the end (auto resolved, shrunk on OOM)
+        "operator_chunk_asked": s.operator_chunk.initial if s.operator_chunk else None,
         "frame_mb_per_pair": s.frame_bytes / 1e6 / max(s.pairs, 1),  # the frames' bytes before Zarr's codecs
         "size_split": scaffold_info(store)["split"],  # MB/pair per part as stored, MB/frame, pairs per frame
         "gaussians_per_pair": gauss, "bytes_per_gaussian": s.bytes / max(s.pairs, 1) / gauss,

@@ -73,7 +73,7 @@ class PrecomputeConfig:
     targets_protocol: Literal["official", "snd"] = opt("official", "Target/coverage rules baked into the operators: 'official' = the official SnD code's, 'snd' = snd's earlier variant (docs/distill.md); stage two must use the same.")
     operator_row_cap: int = opt(64, "Kept context patches per target patch (dropped mass is reported; 0 at the default on procedural scenes).")
     operator_inst_cap: int = opt(128, "Kept instance labels per target view for blending.")
-    operator_chunk: int = opt(0, "Targets whose operators are built together (one batched render and one sort each); 0 = auto: 8 on CUDA, 1 on CPU (where bigger chunks measured slower, docs/performance.md). GPU memory grows with it (a 576x880 target of a procedural scene has ~15 M compositing weights; peak memory is measured by scripts/gpu_profile_operator.py).")
+    operator_chunk: int = opt(0, "Targets whose operators are built together (one batched render and one sort each); 0 = auto: 8 on CUDA, 1 on CPU (where bigger chunks measured slower, docs/performance.md). GPU memory grows with it (a 576x880 target has ~15-40 M compositing weights); a chunk that runs out of GPU memory is retried in halves and the run goes on at the smaller size (same operators).")
     images: Literal["jpeg", "lossless", "off"] = opt("lossless", "Store every frame the pairs use, once, at stage two's input size, so `snd distill` needs no dataset: lossless (bit-identical to the dataset path, the official inputs) or jpeg (3-4x smaller, GPU-decoded, a few grey levels off; docs/cache-format.md); off = stage two reads the dataset.")
     image_quality: int = opt(95, "JPEG quality of the stored frames (95: ~0.2 MB per 574x868 frame, max pixel error 14; docs/cache-format.md).")
 

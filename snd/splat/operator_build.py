@@ -14,6 +14,8 @@ among equal values is unspecified, which only matters when a cap drops mass).
 """
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -25,9 +27,35 @@ from snd.splat.protocol import Rules, TargetsProtocol, rules
 from snd.splat.target import coverage_to_patches
 from snd.splat.upsample import UpsampleMode, source_coords, upsample_weights
 
-__all__ = ["build_operators"]
+__all__ = ["ChunkSize", "build_operators"]
 
 f64 = torch.float64
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ChunkSize:
+    """Jobs built together, halved in place when a chunk runs out of GPU memory.
+
+    Why: a chunk's memory grows with its targets' compositing weights, which depend on the scaffold (a random-init
+    MVSplat's scaffold: ~39 M per 576x880 target, from the size of the float64 array that failed, against ~15 M for
+    the procedural depth scaffold) and
+    on what else holds the GPU (MVSplat's CUDA graphs kept 34 GiB). The default of 8 ran an 80 GB H100 out of
+    memory that way (2026-12-05). The operators are the same for every chunk size, so a chunk that does not fit is
+    retried in halves; the caller keeps the object, so later batches start at the size that fitted."""
+
+    size: int
+    initial: int = 0  # the size asked for (set at construction)
+
+    def __post_init__(self) -> None:
+        self.size = max(1, int(self.size))
+        self.initial = self.initial or self.size
+
+    def shrink(self, failed: int) -> None:
+        self.size = max(1, min(self.size, failed // 2))
+        log.warning("building the transfer operators of %d targets at once ran out of GPU memory; building %d at "
+                    "a time from now on (the same operators; --operator-chunk %d starts there)", failed, self.size,
+                    self.size)
 
 
 def _upsample_taps(ctx_masks: Tensor | None, V: int, h: int, w: int, H: int, W: int, r: Rules,
@@ -102,7 +130,7 @@ def build_operators(
     far: float = 1e10,
     max_pairs: int = 1 << 24,
     backend: str = "auto",
-    chunk: int = 8,
+    chunk: int | ChunkSize = 8,
 ):
     """N jobs' operators as one `TransferOperator` with a leading [N]; job n's equals
     ``target_features(feats, ...)`` of target n over pair ``pair[n]`` for any feats [V, C, *ctx_hw].
@@ -118,7 +146,8 @@ def build_operators(
             kernels, `snd.splat.contrib`), "torch" (`build_plan`, any device; ~1e-4 from gsplat) or "auto"
             (gsplat on CUDA when installed).
         chunk: jobs built together (memory ~ chunk x the entries of one render: ~15 M compositing weights
-            for a 576x880 procedural target).
+            for a 576x880 procedural target), or a `ChunkSize`, which a chunk out of GPU memory halves in place
+            (retried, same result; an int is treated as a fresh ChunkSize for this call).
 
     Accumulation is in float64 so the result does not depend on the order of atomic adds on GPU.
     """
@@ -147,13 +176,26 @@ def build_operators(
     const = dict(ucols=ucols, uw=uw, G=G, J=J, dpix=dpix, dwt=dwt, out_hw=(h2, w2), r=r,
                  blend_w=blend_weight if blend else 0.0, row_cap=int(row_cap), inst_cap=int(inst_cap))
     pair = pair.to(device)
-    step = max(1, int(chunk))
+    size = chunk if isinstance(chunk, ChunkSize) else ChunkSize(chunk)
     parts = []
-    for s in range(0, N, step):
-        sl = slice(s, min(N, s + step))
-        c = contributions(gaussians, pair[sl], tgt_K[sl].to(device, torch.float32), tgt_w2c[sl].to(device, torch.float32),
-                          Ht, Wt, near=near, far=far, backend=backend, max_pairs=max_pairs)
-        parts.append(_assemble(c, tgt_masks[sl].to(device), pair[sl], **const))
+    s = 0
+    while s < N:
+        sl = slice(s, min(N, s + size.size))
+        try:
+            c = contributions(gaussians, pair[sl], tgt_K[sl].to(device, torch.float32),
+                              tgt_w2c[sl].to(device, torch.float32), Ht, Wt, near=near, far=far, backend=backend,
+                              max_pairs=max_pairs)
+            parts.append(_assemble(c, tgt_masks[sl].to(device), pair[sl], **const))
+            s = sl.stop
+            continue
+        except torch.OutOfMemoryError:
+            if sl.stop - sl.start == 1:
+                raise
+        # after the except block, so its traceback no longer holds the failed chunk's tensors
+        c = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        size.shrink(sl.stop - sl.start)
     if not parts:
         P, Kc = h2 * w2, int(inst_cap)
         z = lambda *s, dt=torch.float32: torch.zeros(*s, dtype=dt, device=device)  # noqa: E731

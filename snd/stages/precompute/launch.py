@@ -13,6 +13,7 @@ from snd.cache.schema import Encoding, OperatorSpec
 from snd.errors import SndError
 from snd.pipeline.device import to_host_async
 from snd.scaffold import ScaffoldSource
+from snd.splat.operator_build import ChunkSize
 from snd.stages.precompute.frames import _Batch
 from snd.stages.precompute.operators import _build_operators
 
@@ -73,7 +74,7 @@ def _launch(source: ScaffoldSource, b: _Batch, enc: Encoding, phases: dict[str, 
 
 
 def _land(f: _InFlight, enc: Encoding, spec: OperatorSpec | None, phases: dict[str, float],
-          dev: torch.device, *, operator_chunk: int = 8) -> dict[str, np.ndarray]:
+          dev: torch.device, *, operator_chunk: int | ChunkSize = 8) -> dict[str, np.ndarray]:
     """Wait for a launched batch's fields, add the loader's arrays (and the operators); the writer's input."""
     t0 = time.perf_counter()
     if f.events is not None:

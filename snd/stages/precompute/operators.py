@@ -11,14 +11,16 @@ from snd.cache.opcodec import encode_operator_jobs
 from snd.cache.schema import Encoding, OperatorSpec
 
 if TYPE_CHECKING:
+    from snd.splat.operator_build import ChunkSize
     from snd.stages.precompute.frames import _Batch
     from snd.stages.precompute.launch import _Phases
 
 
 def _build_operators(fields: dict[str, np.ndarray], b: _Batch, enc: Encoding, spec: OperatorSpec,
-                     dev: torch.device, ph: _Phases | None = None, *, chunk: int = 8) -> dict[str, np.ndarray]:
+                     dev: torch.device, ph: _Phases | None = None, *, chunk: int | ChunkSize = 8) -> dict[str, np.ndarray]:
     """Transfer operators of every (pair, target slot) of the batch, built together
-    (`snd.splat.operator_build.build_operators`, `chunk` targets at a time) from the *decoded* stored
+    (`snd.splat.operator_build.build_operators`, `chunk` targets at a time, a `ChunkSize` that shrinks when
+    a chunk runs out of GPU memory) from the *decoded* stored
     scaffold, so that stage two's operator path equals its render path on exactly what the cache holds."""
     from snd.splat.gaussians import PixelGaussians
     from snd.splat.operator import build_operators

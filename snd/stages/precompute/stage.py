@@ -18,6 +18,7 @@ from snd.errors import SndError
 from snd.pipeline import buildcache
 from snd.pipeline.config import PrecomputeConfig
 from snd.scaffold import ScaffoldSource
+from snd.splat.operator_build import ChunkSize
 from snd.stages.precompute.frames import _loader
 from snd.stages.precompute.launch import _InFlight, _land, _launch
 from snd.stages.precompute.report import Summary, console, print_summary, record_run
@@ -107,7 +108,8 @@ def run(cfg: PrecomputeConfig, *, source: ScaffoldSource | None = None, progress
     in_scene: dict[str, int] = {}
     queued_pairs = 0
     dev = torch.device(source.device)
-    operator_chunk = resolve_operator_chunk(cfg.operator_chunk, dev)
+    operator_chunk = ChunkSize(resolve_operator_chunk(cfg.operator_chunk, dev))  # halves itself on GPU OOM
+    summary.operator_chunk = operator_chunk
     pending: _InFlight | None = None
     wait_data = 0.0
 
