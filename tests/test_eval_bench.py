@@ -5,6 +5,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from snd.bench.eval import bench
 from snd.bench.eval_suite import SUITE, plan_training
@@ -55,7 +56,7 @@ def test_bench_eval_measures_and_projects(tmp_path, capsys):
             pr = m["probes"][x["task"]]
             assert x["train_s"] == pytest.approx(x["probe_iters"] / x["iters_per_s_together"])
             assert x["train_s_alone"] == pytest.approx(x["probe_iters"] / pr["train_iters_per_s_alone"][x["residency"]])
-            assert x["targets_s"] == pytest.approx(x["n_train"] / pr["targets_images_per_s"])
+            assert x["targets_s"] == pytest.approx(x["n_train"] / pr["targets_images_per_s"] + pr["targets_startup_s"])
     assert {x.get("residency") for x in rows} >= {"device", "stream"}  # NYUv2 fits 51 MiB, ScanNet++ does not
     # ScanNet++ depth and seg were measured as one shared, streamed source
     assert by[("depth", "scannetpp")]["rows_shared_by"] == 2 and by[("depth", "scannetpp")]["residency"] == "stream"
@@ -202,3 +203,26 @@ def test_augment_rates_measure_every_live_set():
     r = device_augment_rates(0.01, batch=2)
     assert set(r) == set(AUGMENT_FRAMES) and all(v > 0 for v in r.values())
     assert workers_needed(25.0, 100.0, 2) == 8 and workers_needed(1000.0, 1.0, 2) == 1
+
+
+def test_steady_rate_separates_start_up_from_per_item_cost(monkeypatch):
+    """A pass costing 1.5 s of start-up + 4 ms per item: two passes (n/4 and n items) give 250 items/s and
+    1.5 s of start-up, where one pass of 256 items would have reported 256 / 2.524 = 101 items/s."""
+    import snd.bench.eval_measure as em
+
+    clock = [0.0]
+    monkeypatch.setattr(em.time, "perf_counter", lambda: clock[0])
+
+    def cache_pass(k):
+        clock[0] += 1.5 + 0.004 * k
+        return f"store of {k}"
+
+    rate, startup, out = em.steady_rate(cache_pass, 256, torch.device("cpu"))
+    assert rate == pytest.approx(250.0) and startup == pytest.approx(1.5) and out == "store of 256"
+    # a pass too small to split (n // 4 == n) or a second pass no slower than the first: all counted per item
+    assert em.steady_rate(cache_pass, 1, torch.device("cpu"))[:2] == (pytest.approx(1 / 1.504), 0.0)
+
+    def flat(k):  # both passes take 2 s
+        clock[0] += 2.0
+
+    assert em.steady_rate(flat, 8, torch.device("cpu"))[:2] == (pytest.approx(4.0), 0.0)
