@@ -82,16 +82,17 @@ def bench(cfg: BenchEvalConfig) -> dict:
     for e in SUITE:
         row = asdict(e)
         if e.task == "correspondence":
-            row.update(corr_pairs_per_s=corr_rate, features_s=2 * e.n_val / extract_rate + extract_startup, targets_s=0.0, train_s=0.0,
-                       eval_s=e.n_val / corr_rate)
+            row.update(corr_pairs_per_s=corr_rate, features_s=2 * e.n_val / extract_rate + extract_startup,
+                       targets_s=0.0, train_s=0.0, eval_s=e.n_val / corr_rate)
         else:
             pr = probes[e.task]
             feats = 0.0 if e.dataset in feats_done else (e.n_train + e.n_val) / extract_rate + 2 * extract_startup
             feats_done.add(e.dataset)
             wi, wr = rate_of[e.task, e.dataset]
             iters = real_iters(e.task, e.n_train, pr["batch"])
-            row.update(features_s=feats, targets_s=e.n_train / pr["targets_images_per_s"] + pr["targets_startup_s"], probe_iters=iters,
-                       probe_batch=pr["batch"], residency=wr["residency"], wave=wi, rows_shared_by=wr["rows_shared_by"],
+            targets_s = e.n_train / pr["targets_images_per_s"] + pr["targets_startup_s"]
+            row.update(features_s=feats, targets_s=targets_s, probe_iters=iters, probe_batch=pr["batch"],
+                       residency=wr["residency"], wave=wi, rows_shared_by=wr["rows_shared_by"],
                        iters_per_s_together=wr["iters_per_s"], train_s=iters / wr["iters_per_s"],
                        train_s_alone=iters / pr["train_iters_per_s_alone"][wr["residency"]],
                        eval_s=e.n_val / pr["eval_images_per_s"])
@@ -124,8 +125,8 @@ def bench(cfg: BenchEvalConfig) -> dict:
         "goal_hours": 2.0,
         "note": "measured = rates of snd's own code on generated inputs at the real size and batch; projected = "
                 "real dataset sizes / measured rates. Feature and target caching rates are steady rates (two passes "
-                "of different sizes), plus their start-up once per cached split. Features are cached once per dataset (ScanNet++ depth and seg "
-                "share them); targets once per machine (model-independent, so a baseline does not repeat them). "
+                "of different sizes), plus their start-up once per cached split. Features are cached once per "
+                "dataset (ScanNet++ depth and seg share them); targets once per machine (model-independent, so a baseline does not repeat them). "
                 "Training: the suite's probes in the groups and waves snd eval makes, each wave measured running "
                 "together; a wave lasts as long as its slowest probe at the rate measured with all of them running "
                 "(an upper bound). Streamed rows were read from the page cache; decoding real image and label files "

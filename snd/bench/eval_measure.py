@@ -15,7 +15,8 @@ import torch
 
 from snd.bench.eval_suite import PlanGroup
 
-__all__ = ["GeneratedImages", "steady_rate", "measure_extract", "token_error", "measure_probe", "measure_wave", "measure_corr"]
+__all__ = ["GeneratedImages", "steady_rate", "measure_extract", "token_error", "measure_probe", "measure_wave",
+           "measure_corr"]
 
 
 class GeneratedImages(torch.utils.data.Dataset):
@@ -89,8 +90,10 @@ def measure_extract(net, hw, n, device, work: Path, precision: str, workers: int
     kw = dict(dataset_name="bench", split="train", img_hw=hw, batch=EXTRACT_BATCH, device=device, precision=precision,
               num_workers=workers)
     ensure_features(net, GeneratedImages(EXTRACT_BATCH, hw, seed=1), cache_dir=work / f"warm-{precision}", **kw)
-    return steady_rate(lambda k: ensure_features(net, GeneratedImages(k, hw), cache_dir=work / f"features-{precision}-{k}",
-                                                 **kw), n, device)
+    def cache_pass(k: int):
+        return ensure_features(net, GeneratedImages(k, hw), cache_dir=work / f"features-{precision}-{k}", **kw)
+
+    return steady_rate(cache_pass, n, device)
 
 
 def token_error(net, hw, device, precision: str) -> dict:
@@ -169,7 +172,8 @@ def measure_probe(task: str, net, store, n: int, hw, grid, iters: int, device, w
                    device=device, num_workers=workers)
     _sync(device)
     return ({"batch": spec.batch, "train_iters_per_s_alone": rates, "graph": graph, "row_bytes": row_bytes(data),
-             "targets_images_per_s": targets_rate, "targets_startup_s": targets_startup, "eval_images_per_s": n / (time.perf_counter() - t0),
+             "targets_images_per_s": targets_rate, "targets_startup_s": targets_startup,
+             "eval_images_per_s": n / (time.perf_counter() - t0),
              "paper_iters": spec.iters}, targets)
 
 

@@ -17,11 +17,12 @@ if TYPE_CHECKING:
 
 
 def _build_operators(fields: dict[str, np.ndarray], b: _Batch, enc: Encoding, spec: OperatorSpec,
-                     dev: torch.device, ph: _Phases | None = None, *, chunk: int | ChunkSize = 8) -> dict[str, np.ndarray]:
+                     dev: torch.device, ph: _Phases | None = None, *,
+                     chunk: int | ChunkSize = 8) -> dict[str, np.ndarray]:
     """Transfer operators of every (pair, target slot) of the batch, built together
     (`snd.splat.operator_build.build_operators`, `chunk` targets at a time, a `ChunkSize` that shrinks when
-    a chunk runs out of GPU memory) from the *decoded* stored
-    scaffold, so that stage two's operator path equals its render path on exactly what the cache holds."""
+    a chunk runs out of GPU memory) from the *decoded* stored scaffold, so that stage two's operator path
+    equals its render path on exactly what the cache holds."""
     from snd.splat.gaussians import PixelGaussians
     from snd.splat.operator import build_operators
     from snd.train.distiller import rigid_inverse

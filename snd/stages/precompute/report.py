@@ -31,7 +31,7 @@ class Summary:
     batch_times: list[tuple[float, int, float, float]] = field(default_factory=list, repr=False)  # (t_end, pairs, wait_data, wait_write)
     phase_s: dict[str, float] = field(default_factory=dict)  # seconds per phase: main thread (launch, wait_device, operators_*), device (device_*)
     phase_log: list[dict[str, float]] = field(default_factory=list, repr=False)  # phase_s (+ writer_busy) after each batch
-    operator_chunk: ChunkSize | None = None  # the run's `snd.splat.operator_build.ChunkSize` (its size as used at the end)
+    operator_chunk: ChunkSize | None = None  # the run's chunk of operator builds (its size as used at the end)
 
     @property
     def pairs_per_s(self) -> float:
