@@ -41,6 +41,9 @@ def test_bench_eval_measures_and_projects(tmp_path, capsys):
     assert json.loads(out.read_text()) == json.loads(capsys.readouterr().out)
     m = r["measured"]
     assert m["extract_images_per_s"] > 0 and m["corr_pairs_per_s"] > 0
+    # the live forward (paper protocol) at each probe batch, and the projection pricing the live rows with it
+    assert set(m["live_images_per_s"]) == {"2", "8"} and min(m["live_images_per_s"].values()) > 0
+    assert m["live_precision"] == "fp32" and r["paper"]["live_images_per_s"] == m["live_images_per_s"]
     assert set(m["extract"]) == {"fp32", "tf32", "bf16"}
     assert m["extract"]["fp32"]["token_rel_error_vs_fp32"]["max"] == 0.0  # fp32 against itself
     assert m["extract"]["bf16"]["token_rel_error_vs_fp32"]["median"] > 0  # bf16 autocast runs on CPU too
@@ -156,6 +159,36 @@ def test_paper_projection_arithmetic_by_hand():
         assert P["suite_hours_paper"] == pytest.approx((fast_total + sum(extra.values())) / 3600)
         assert P["per_task_hours_fast"]["depth"] == pytest.approx((16.0 + 23.6) / 3600)
         assert P["per_task_hours_paper"]["seg"] == pytest.approx((13.0 + extra["seg"]) / 3600)
+
+def test_paper_projection_live_rows_use_the_measured_live_rate():
+    """With live rates (images/s of the fp32 live forward per probe batch at the fast size), the augmented depth
+    and seg rows and GeoNet's backbone are priced at them; every cached pass keeps the extraction rate
+    (by hand, /14, 1-patch input)."""
+    from snd.eval.bench_paper import paper_projection
+
+    rows = [{"task": "depth", "dataset": "nyuv2", "n_train": 795, "n_val": 654, "features_s": 1.0, "targets_s": 2.0,
+             "train_s": 10.0, "eval_s": 3.0, "probe_iters": 100},
+            {"task": "seg", "dataset": "voc", "n_train": 1464, "n_val": 1449, "features_s": 4.0, "targets_s": 1.0,
+             "train_s": 7.0, "eval_s": 1.0, "probe_iters": 320_000},
+            {"task": "normals", "dataset": "nyuv2", "n_train": 795, "n_val": 654, "features_s": 0.0,
+             "targets_s": 1.0, "train_s": 5.0, "eval_s": 2.0, "probe_iters": 50}]
+    probes = {"normals": {"batch": 8, "train_iters_per_s_alone": {"stream": 50.0}}, "seg": {"batch": 2},
+              "depth": {"batch": 2}}
+    parts = {"features_s": 5.0, "targets_s": 4.0, "train_s": 22.0, "eval_s": 6.0}
+    kw = dict(hw=(14, 14), extract_rate=100.0, probes=probes, fast_parts=parts, patch=14)
+    P = paper_projection(rows, live_rates={2: 40.0, 8: 400.0}, **kw)
+    plain = paper_projection(rows, **kw)
+    by = {(r["task"], r["dataset"]): r["extra_s_parts"] for r in P["rows"]}
+    old = {(r["task"], r["dataset"]): r["extra_s_parts"] for r in plain["rows"]}
+    crop, win, sq, corr = 30 * 39, 37 * 37, 35 * 35, 35 * 46  # 420x546, 518², 490², 490x644 padded inputs
+    assert by["depth", "nyuv2"]["augmented_live_training_s"] == pytest.approx(100 * 2 * crop / 40)
+    assert old["depth", "nyuv2"]["augmented_live_training_s"] == pytest.approx(100 * 2 * crop / 100)
+    assert by["seg", "voc"]["augmented_live_training_s"] == pytest.approx(320_000 * 2 * win / 40)
+    assert by["normals", "nyuv2"]["geonet_live_backbone_s"] == pytest.approx(37_500 * 8 * sq / 400)
+    assert by["depth", "nyuv2"]["flip_features_s"] == pytest.approx(654 * corr / 100)  # cached: extraction rate
+    assert by["seg", "voc"]["sliding_window_test_s"] == old["seg", "voc"]["sliding_window_test_s"]
+    assert P["live_images_per_s"] == {"2": 40.0, "8": 400.0} and plain["live_images_per_s"] is None
+
 
 def test_paper_projection_waits_for_the_loader_where_the_workers_are_slower_than_the_gpu():
     """Live rows with measured augmentation rates: a row waits `loader_wait_s` = items / (rate x workers) minus

@@ -31,7 +31,8 @@ from pathlib import Path
 
 import torch
 
-from snd.bench.eval_measure import measure_corr, measure_extract, measure_probe, measure_wave, token_error
+from snd.bench.eval_measure import (LIVE_PRECISION, measure_corr, measure_extract, measure_live, measure_probe,
+                                    measure_wave, token_error)
 from snd.bench.eval_suite import SUITE, plan_training, real_iters
 from snd.pipeline.config import BenchEvalConfig
 
@@ -74,6 +75,8 @@ def bench(cfg: BenchEvalConfig) -> dict:
     measured_waves = [measure_wave(w, net, store, targets, hw, grid, cfg.probe_iters, device, cfg.workers,
                                     pool=min(cfg.images, 64)) for w in waves]
     corr_rate = measure_corr(dim, grid, cfg.corr_pairs, device, p)
+    live_batches = tuple(sorted({pr["batch"] for pr in probes.values()}))  # the paper protocol's live forwards
+    live = measure_live(net, hw, live_batches, device) if cfg.protocol == "paper" else {}
     measured_s = time.perf_counter() - t_start
 
     # ---- projection ----
@@ -109,6 +112,7 @@ def bench(cfg: BenchEvalConfig) -> dict:
         "torch": torch.__version__,
         "measured": {"img_hw": list(hw), "images": cfg.images, "extract": extract, "extract_images_per_s": extract_rate,
                      "probes": probes, "waves": measured_waves, "corr_pairs_per_s": corr_rate,
+                     "live_images_per_s": {str(b): r for b, r in live.items()}, "live_precision": LIVE_PRECISION,
                      "probe_iters_timed": cfg.probe_iters, "resident_budget_gib": budget / 2**30,
                      "seconds": measured_s},
         "projected": {"rows": rows,
@@ -140,7 +144,7 @@ def bench(cfg: BenchEvalConfig) -> dict:
 
         # the live training sets' CPU side, with the workers `snd eval`'s default gives this machine
         out["paper"] = paper_projection(rows, hw=hw, extract_rate=extract_rate, probes=probes, fast_parts=parts,
-                                        patch=p, augment_rates=augment_rates(1.0, patch=p),
+                                        patch=p, live_rates=live, augment_rates=augment_rates(1.0, patch=p),
                                         workers=resolve_eval_workers("auto", device))
         # the other half of the live sets' augmentation: `device_augment` per batch, on the CPU (one thread, what
         # it would cost a worker) and on the training device (where `snd eval` runs it)

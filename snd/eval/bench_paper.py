@@ -79,7 +79,8 @@ def _loader_s(task: str, name: str, extra: dict, iters: int, probes: dict, rates
 
 def paper_projection(rows: list[dict], *, hw: tuple[int, int], extract_rate: float, probes: dict,
                      fast_parts: dict, patch: int = 14, seg_iters: dict | None = None,
-                     augment_rates: dict | None = None, workers: int | None = None) -> dict:
+                     augment_rates: dict | None = None, workers: int | None = None,
+                     live_rates: dict[int, float] | None = None) -> dict:
     """Extra seconds of the paper protocol per (task, dataset) and the projected suite (one model).
 
     Args:
@@ -94,12 +95,18 @@ def paper_projection(rows: list[dict], *, hw: tuple[int, int], extract_rate: flo
             steps waits for them (`loader_wait_s`, each row as if trained alone with every worker;
             `workers_to_keep_up`, the workers it would need not to wait; the suite's `augment_core_hours` is
             the CPU time all live items take).
+        live_rates: images/s of the live forward (fp32, no cache) at the fast size per probe batch
+            (`snd.bench.eval_measure.measure_live`), for the live rows' backbone; without them (JSONs measured
+            before it) those rows use the extraction rate, as the other paper passes do.
     """
     def ratio(other: tuple[int, int]) -> float:  # cost at `other` over the cost at the fast size
         return _tokens(other, patch) / _tokens(hw, patch)
 
     def rate_at(other: tuple[int, int]) -> float:
         return extract_rate / ratio(other)
+
+    def live_at(other: tuple[int, int], batch: int) -> float:  # the live forward at the probe's batch
+        return (live_rates or {}).get(batch, extract_rate) / ratio(other)
 
     out_rows, per_task, core_s = [], {}, 0.0
     for r in rows:
@@ -113,7 +120,8 @@ def paper_projection(rows: list[dict], *, hw: tuple[int, int], extract_rate: flo
             crop = paper_depth_crop_hw(name, patch)
             if crop is not None:  # live training on the config's crops, the whole frame on val (no caches)
                 extra["val_features_own_size_s"] = r["n_val"] / rate_at(vhw)
-                extra["augmented_live_training_s"] = r["probe_iters"] * probes["depth"]["batch"] / rate_at(crop)
+                extra["augmented_live_training_s"] = r["probe_iters"] * probes["depth"]["batch"] / live_at(
+                    crop, probes["depth"]["batch"])
                 extra["own_size_train_s"] = r["train_s"] * (ratio(crop) - 1)
                 extra["own_size_eval_s"] = r["eval_s"] * (ratio(vhw) - 1)
                 extra["minus_fast_caching_s"] = -(r["features_s"] + r["targets_s"])
@@ -123,13 +131,13 @@ def paper_projection(rows: list[dict], *, hw: tuple[int, int], extract_rate: flo
             spec = normals_spec(GEONET_TRAINVAL, probes["normals"]["batch"])
             extra["test_features_s"] = r["n_val"] / rate_at(test_hw)
             extra["test_eval_size_s"] = r["eval_s"] * (ratio(test_hw) - 1)
-            extra["geonet_live_backbone_s"] = spec.iters * spec.batch / rate_at(train_hw)
+            extra["geonet_live_backbone_s"] = spec.iters * spec.batch / live_at(train_hw, spec.batch)
             extra["geonet_probe_steps_s"] = spec.iters / probes["normals"]["train_iters_per_s_alone"]["stream"]
             extra["minus_fast_training_s"] = -(r["train_s"] + r["targets_s"])  # live GeoNet caches no targets
         elif task == "seg":
             win = padded_hw(CROP, patch)
             extra["sliding_window_test_s"] = r["n_val"] * SEG_WINDOWS / rate_at(win)
-            extra["augmented_live_training_s"] = iters * probes["seg"]["batch"] / rate_at(win)
+            extra["augmented_live_training_s"] = iters * probes["seg"]["batch"] / live_at(win, probes["seg"]["batch"])
             extra["minus_fast_caching_s"] = -(r["features_s"] + r["targets_s"])  # neither split is cached
         elif task == "correspondence":
             corr = padded_hw(PAPER_CORR_HW.get(name, hw), patch)
@@ -160,5 +168,7 @@ def paper_projection(rows: list[dict], *, hw: tuple[int, int], extract_rate: flo
                 "probes, so the suite total uses the waves' time instead: the per-task split is an upper bound "
                 "per task). Rates and probe costs at other input sizes = the measured ones x token-count ratio. "
                 "The live rows (GeoNet normals, seg and depth training) forward at the probe's batch (8 / 2 / 2 images) "
-                "and write no cache, and need the DataLoader workers to augment at the GPU's pace.",
+                "and write no cache (at `live_images_per_s` when measured, else the extraction rate), and need the "
+                "DataLoader workers to augment at the GPU's pace.",
+        "live_images_per_s": {str(b): v for b, v in (live_rates or {}).items()} or None,
     }
