@@ -20,7 +20,20 @@ from snd.train.checkpoint import latest_checkpoint
 from snd.train.loop import train
 from snd.train.synthetic import SyntheticStream
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "sigint_default")
+
+
+@pytest.fixture
+def sigint_default():
+    """Python's own Ctrl-C handler for the test (and what forked workers inherit), whatever started pytest: a
+    runner that starts it with SIGINT ignored (nohup, a background job) would otherwise pass SIG_IGN on."""
+    prev = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, prev)
+
+
+def _sigint_default_in_child() -> None:  # Popen preexec_fn: the CLI starts as from a terminal
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 IMG, SCAFFOLD = (56, 84), (14, 21)
 
@@ -58,6 +71,21 @@ def test_ctrl_c_saves_at_the_step_and_the_rerun_continues_exactly(tmp_path):
     a = load_file(str(tmp_path / "full" / "checkpoints" / "step_0000006.safetensors"))
     b = load_file(str(cfg.run / "checkpoints" / "step_0000006.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_run_started_with_ctrl_c_ignored_keeps_ignoring_it(tmp_path):
+    """Under nohup (SIGINT ignored) the run does not install its handler: a SIGINT changes nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    calls = []
+
+    def target_then_ctrl_c(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return target_features(*a, **k)
+
+    out = train(_cfg(tmp_path / "run"), stream_factory=_stream, target_fn=target_then_ctrl_c, progress=False)
+    assert not out.interrupted and out.step == 6 and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
 
 
 class _Slow(torch.utils.data.IterableDataset):
@@ -110,7 +138,8 @@ def test_terminal_ctrl_c_reaches_loader_workers_too_and_the_cli_exits_130(synth_
            "random", "--img-height", "28", "--img-width", "42", "--head-hidden", "32", "--head-bottleneck", "16",
            "--head-prototypes", "64", "--iters", "100000", "--num-workers", "2", "--log-every", "1", "--ckpt-every",
            "100000", "--device", "cpu", "--renderer", "torch"]
-    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                         preexec_fn=_sigint_default_in_child)
     metrics = run / "metrics.jsonl"
     deadline = time.monotonic() + 240
     while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):

@@ -5,7 +5,8 @@ Why only one process: under torchrun every rank gets the signal at a different p
 rank that stops to save while another waits in the step's all-reduce would hang both; several ranks keep
 Ctrl-C's default (stop at once, resume from the last periodic checkpoint). A second Ctrl-C stops at once.
 DataLoader workers ignore SIGINT (`ignore_sigint`): a terminal's Ctrl-C reaches the whole process group,
-and a worker that died of it would fail the main process before it saves."""
+and a worker that died of it would fail the main process before it saves. A process started with SIGINT
+ignored (`nohup`, a background job of a non-interactive shell) keeps ignoring it: that is what its caller asked."""
 from __future__ import annotations
 
 import signal
@@ -23,7 +24,8 @@ class GracefulInterrupt:
     previous handler is back for a second SIGINT, and after `restore()`."""
 
     def __init__(self, active: bool):
-        self.active = active and threading.current_thread() is threading.main_thread()
+        self.active = (active and threading.current_thread() is threading.main_thread()
+                       and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN)
         self.requested = False
         self._prev = None
 
