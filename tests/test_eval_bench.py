@@ -160,12 +160,10 @@ def test_paper_projection_arithmetic_by_hand():
         assert P["per_task_hours_fast"]["depth"] == pytest.approx((16.0 + 23.6) / 3600)
         assert P["per_task_hours_paper"]["seg"] == pytest.approx((13.0 + extra["seg"]) / 3600)
 
-def test_paper_projection_live_rows_use_the_measured_live_rate():
-    """With live rates (images/s of the fp32 live forward per probe batch at the fast size), the augmented depth
-    and seg rows and GeoNet's backbone are priced at them; every cached pass keeps the extraction rate
-    (by hand, /14, 1-patch input)."""
-    from snd.eval.bench_paper import paper_projection
 
+def _live_rows() -> tuple[list[dict], dict, dict]:
+    """A fast projection's rows, probe rates and parts for one live set of each task (NYUv2 depth, VOC seg,
+    NYUv2 normals), in round numbers for the hand-computed paper projections below."""
     rows = [{"task": "depth", "dataset": "nyuv2", "n_train": 795, "n_val": 654, "features_s": 1.0, "targets_s": 2.0,
              "train_s": 10.0, "eval_s": 3.0, "probe_iters": 100},
             {"task": "seg", "dataset": "voc", "n_train": 1464, "n_val": 1449, "features_s": 4.0, "targets_s": 1.0,
@@ -174,7 +172,16 @@ def test_paper_projection_live_rows_use_the_measured_live_rate():
              "targets_s": 1.0, "train_s": 5.0, "eval_s": 2.0, "probe_iters": 50}]
     probes = {"normals": {"batch": 8, "train_iters_per_s_alone": {"stream": 50.0}}, "seg": {"batch": 2},
               "depth": {"batch": 2}}
-    parts = {"features_s": 5.0, "targets_s": 4.0, "train_s": 22.0, "eval_s": 6.0}
+    return rows, probes, {"features_s": 5.0, "targets_s": 4.0, "train_s": 22.0, "eval_s": 6.0}
+
+
+def test_paper_projection_live_rows_use_the_measured_live_rate():
+    """With live rates (images/s of the fp32 live forward per probe batch at the fast size), the augmented depth
+    and seg rows and GeoNet's backbone are priced at them; every cached pass keeps the extraction rate
+    (by hand, /14, 1-patch input)."""
+    from snd.eval.bench_paper import paper_projection
+
+    rows, probes, parts = _live_rows()
     kw = dict(hw=(14, 14), extract_rate=100.0, probes=probes, fast_parts=parts, patch=14)
     P = paper_projection(rows, live_rates={2: 40.0, 8: 400.0}, **kw)
     plain = paper_projection(rows, **kw)
@@ -195,15 +202,7 @@ def test_paper_projection_waits_for_the_loader_where_the_workers_are_slower_than
     its GPU parts when that is positive; the CPU time of every live item is summed (by hand, /14, 1-patch input)."""
     from snd.eval.bench_paper import paper_projection
 
-    rows = [{"task": "depth", "dataset": "nyuv2", "n_train": 795, "n_val": 654, "features_s": 1.0, "targets_s": 2.0,
-             "train_s": 10.0, "eval_s": 3.0, "probe_iters": 100},
-            {"task": "seg", "dataset": "voc", "n_train": 1464, "n_val": 1449, "features_s": 4.0, "targets_s": 1.0,
-             "train_s": 7.0, "eval_s": 1.0, "probe_iters": 320_000},
-            {"task": "normals", "dataset": "nyuv2", "n_train": 795, "n_val": 654, "features_s": 0.0,
-             "targets_s": 1.0, "train_s": 5.0, "eval_s": 2.0, "probe_iters": 50}]
-    probes = {"normals": {"batch": 8, "train_iters_per_s_alone": {"stream": 50.0}}, "seg": {"batch": 2},
-              "depth": {"batch": 2}}
-    parts = {"features_s": 5.0, "targets_s": 4.0, "train_s": 22.0, "eval_s": 6.0}
+    rows, probes, parts = _live_rows()
     rates = {"depth_nyuv2": 10.0, "seg": 0.001, "normals": 100.0}
     P = paper_projection(rows, hw=(14, 14), extract_rate=100.0, probes=probes, fast_parts=parts, patch=14,
                          augment_rates=rates, workers=4)
