@@ -15,8 +15,8 @@ import torch
 
 from snd.bench.eval_suite import PlanGroup
 
-__all__ = ["GeneratedImages", "steady_rate", "measure_extract", "measure_live", "token_error", "measure_probe", "measure_wave",
-           "measure_corr"]
+__all__ = ["GeneratedImages", "steady_rate", "measure_extract", "measure_live", "token_error", "measure_probe",
+           "measure_wave", "measure_corr"]
 
 
 class GeneratedImages(torch.utils.data.Dataset):
@@ -90,6 +90,7 @@ def measure_extract(net, hw, n, device, work: Path, precision: str, workers: int
     kw = dict(dataset_name="bench", split="train", img_hw=hw, batch=EXTRACT_BATCH, device=device, precision=precision,
               num_workers=workers)
     ensure_features(net, GeneratedImages(EXTRACT_BATCH, hw, seed=1), cache_dir=work / f"warm-{precision}", **kw)
+
     def cache_pass(k: int):
         return ensure_features(net, GeneratedImages(k, hw), cache_dir=work / f"features-{precision}-{k}", **kw)
 
