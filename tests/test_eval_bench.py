@@ -43,7 +43,10 @@ def test_bench_eval_measures_and_projects(tmp_path, capsys):
     assert m["extract_images_per_s"] > 0 and m["corr_pairs_per_s"] > 0
     # the live forward (paper protocol) at each probe batch, and the projection pricing the live rows with it
     assert set(m["live_images_per_s"]) == {"2", "8"} and min(m["live_images_per_s"].values()) > 0
-    assert m["live_precision"] == "fp32" and r["paper"]["live_images_per_s"] == m["live_images_per_s"]
+    # at the suite's --extract-precision (tf32 by default, what `snd eval`'s live rows run), fp32 beside it
+    assert m["live_precision"] == "tf32" and r["paper"]["live_images_per_s"] == m["live_images_per_s"]
+    assert set(m["live_images_per_s_by_precision"]) == {"tf32", "fp32"}
+    assert m["live_images_per_s_by_precision"]["tf32"] == m["live_images_per_s"]
     assert set(m["extract"]) == {"fp32", "tf32", "bf16"}
     assert m["extract"]["fp32"]["token_rel_error_vs_fp32"]["max"] == 0.0  # fp32 against itself
     assert m["extract"]["bf16"]["token_rel_error_vs_fp32"]["median"] > 0  # bf16 autocast runs on CPU too

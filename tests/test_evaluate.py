@@ -225,3 +225,24 @@ def test_paper_seg_trains_live_on_mmseg_crops_and_tests_by_sliding_windows(synth
                              max_images=2, protocol="fast"), tasks=["seg"])
     assert list(feats.rglob("*.zarr")) and fast["records"][0]["status"] == "ok"
     assert rec["metrics"]["aAcc"] != fast["records"][0]["metrics"]["aAcc"]
+
+
+def test_live_rows_forward_at_the_suites_extract_precision(synth_root, tmp_path, monkeypatch):
+    """The paper protocol's live forwards (seg training on mmseg crops, the sliding-window test) run at
+    --extract-precision like the cached rows, not at a fixed fp32: one arithmetic per suite."""
+    from snd.eval import features
+
+    seen = []
+    real = features.extract_tokens
+
+    def spy(model, images01, precision="fp32", **kw):
+        seen.append(precision)
+        return real(model, images01, precision, **kw)
+
+    monkeypatch.setattr(features, "extract_tokens", spy)
+    res = evaluate.run(_cfg(synth_root, tmp_path / "bf16", baseline=None, iters=2, max_images=2,
+                            extract_precision="bf16"), tasks=["seg"])
+    (rec,) = res["records"]
+    assert rec["status"] == "ok" and rec["train_live"] is True
+    # 2 training steps + at least one window batch per test image, every one of them in bf16
+    assert len(seen) >= 2 + 2 and set(seen) == {"bf16"}

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from snd.bench.eval_measure import (LIVE_PRECISION, measure_corr, measure_extract, measure_live, measure_probe,
+from snd.bench.eval_measure import (measure_corr, measure_extract, measure_live, measure_probe,
                                     measure_wave, token_error)
 from snd.bench.eval_suite import SUITE, plan_training, real_iters
 from snd.pipeline.config import BenchEvalConfig
@@ -76,7 +76,10 @@ def bench(cfg: BenchEvalConfig) -> dict:
                                     pool=min(cfg.images, 64)) for w in waves]
     corr_rate = measure_corr(dim, grid, cfg.corr_pairs, device, p)
     live_batches = tuple(sorted({pr["batch"] for pr in probes.values()}))  # the paper protocol's live forwards
-    live = measure_live(net, hw, live_batches, device) if cfg.protocol == "paper" else {}
+    # at the suite's precision (what the live rows run), and fp32 beside it (the official arithmetic's cost)
+    live_by = {prec: measure_live(net, hw, live_batches, device, prec)
+               for prec in dict.fromkeys((cfg.extract_precision, "fp32"))} if cfg.protocol == "paper" else {}
+    live = live_by.get(cfg.extract_precision, {})
     measured_s = time.perf_counter() - t_start
 
     # ---- projection ----
@@ -112,7 +115,8 @@ def bench(cfg: BenchEvalConfig) -> dict:
         "torch": torch.__version__,
         "measured": {"img_hw": list(hw), "images": cfg.images, "extract": extract, "extract_images_per_s": extract_rate,
                      "probes": probes, "waves": measured_waves, "corr_pairs_per_s": corr_rate,
-                     "live_images_per_s": {str(b): r for b, r in live.items()}, "live_precision": LIVE_PRECISION,
+                     "live_images_per_s": {str(b): r for b, r in live.items()}, "live_precision": cfg.extract_precision,
+                     "live_images_per_s_by_precision": {p: {str(b): r for b, r in v.items()} for p, v in live_by.items()},
                      "probe_iters_timed": cfg.probe_iters, "resident_budget_gib": budget / 2**30,
                      "seconds": measured_s},
         "projected": {"rows": rows,

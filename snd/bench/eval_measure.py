@@ -214,11 +214,10 @@ def measure_wave(wave: list[PlanGroup], net, store, targets: dict, hw, grid, ite
     return rows
 
 
-LIVE_PRECISION = "fp32"  # what the live path runs (`snd.eval.probes.data._tokens`: extract_tokens' default)
-
-
-def measure_live(net, hw: tuple[int, int], batches: tuple[int, ...], device, steps: int = 20) -> dict[int, float]:
-    """Images/s of the paper protocol's live forward (`extract_tokens`, fp32, no cache) at each probe batch.
+def measure_live(net, hw: tuple[int, int], batches: tuple[int, ...], device, precision: str,
+                 steps: int = 20) -> dict[int, float]:
+    """Images/s of the paper protocol's live forward (`extract_tokens` at `precision`, which `snd eval` takes from
+    `--extract-precision` for live rows as for cached ones; no cache) at each probe batch.
 
     Why not the extraction rate: the live rows (augmented depth/seg training, GeoNet normals) forward a probe
     batch of 2 or 8 images and keep the tokens on the device, while extraction batches 32 images and spends
@@ -230,11 +229,11 @@ def measure_live(net, hw: tuple[int, int], batches: tuple[int, ...], device, ste
     for b in batches:
         x = torch.rand(b, 3, *hw, device=device)
         for _ in range(3):  # warm-up: cuDNN/cuBLAS plans, the allocator
-            extract_tokens(net, x, LIVE_PRECISION)
+            extract_tokens(net, x, precision)
         _sync(device)
         t0 = time.perf_counter()
         for _ in range(steps):
-            extract_tokens(net, x, LIVE_PRECISION)
+            extract_tokens(net, x, precision)
         _sync(device)
         out[b] = steps * b / (time.perf_counter() - t0)
     return out

@@ -296,7 +296,7 @@ class MmsegTest(torch.utils.data.Dataset):
 
 @torch.no_grad()
 def slide_logits(probe: nn.Module, backbone: nn.Module, image: Tensor, norm: dict[str, Tensor],
-                 crop: tuple[int, int] = CROP, stride: tuple[int, int] = STRIDE) -> Tensor:
+                 crop: tuple[int, int] = CROP, stride: tuple[int, int] = STRIDE, precision: str = "fp32") -> Tensor:
     """mmseg `slide_inference` of a linear probe with the live backbone: image [1, 3, H, W] in [0, 1] ->
     merged logits [1, K, H, W]. Each window is centre-padded to the patch multiple with the mean colour, its
     patch-grid logits resized (bilinear) to the window; windows of one size run as one batch."""
@@ -317,7 +317,7 @@ def slide_logits(probe: nn.Module, backbone: nn.Module, image: Tensor, norm: dic
         wins = torch.cat([image[..., boxes[i][0]:boxes[i][1], boxes[i][2]:boxes[i][3]] for i in idx])
         padded = center_pad(wins, p, mean)
         grid = (padded.shape[-2] // p, padded.shape[-1] // p)
-        out = probe(probe.prepare(extract_tokens(backbone, padded), grid, norm))
+        out = probe(probe.prepare(extract_tokens(backbone, padded, precision), grid, norm))
         out = F.interpolate(out, size=(h, w), mode="bilinear", align_corners=False)
         for k, i in enumerate(idx):
             logits[i] = out[k : k + 1]

@@ -156,7 +156,7 @@ class EvalConfig:
     resident_gib: Optional[float] = opt(None, "Memory budget for --residency auto (default: free GPU memory less 8 GiB; 4 GiB on CPU).")
     probe_graph: Literal["auto", "on", "off"] = opt("auto", "Replay each probe step as a CUDA graph ('auto': on CUDA with cached features).")
     probes_together: int = opt(0, "Probes of one backbone trained at the same time, one CUDA stream each (0: all whose resident rows fit together; 1: one after another). Results do not depend on it.")
-    extract_precision: Literal["fp32", "tf32", "bf16"] = opt("tf32", "Backbone arithmetic for the token cache: 'tf32' (default: per-token error ~3e-4, the order of the cache's own float16 rounding), 'fp32', or 'bf16' autocast (~5e-3). Part of the cache key.")
+    extract_precision: Literal["fp32", "tf32", "bf16"] = opt("tf32", "Backbone arithmetic for the whole suite, token cache and live forwards alike: 'tf32' (default: per-token error ~3e-4, the order of the cache's own float16 rounding), 'fp32', or 'bf16' autocast (~5e-3). Part of the cache key.")
 
 
 def to_jsonable(cfg: Any) -> dict:

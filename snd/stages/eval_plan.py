@@ -66,6 +66,10 @@ def _protocol(cfg: EvalConfig) -> dict:
         # the paper rules' revision (`PAPER_REV`: 3 = the depth sets' whole native frames): a probe half-trained
         # on an older input has the same weight shapes, so only a new folder keeps it from resuming on other data
         proto["paper_rev"] = PAPER_REV
+    if cfg.protocol != "fast" or not cfg.feature_cache:
+        # live rows forward at --extract-precision (records before this field: fp32 whatever the key said), so
+        # a probe half-trained on the old arithmetic is never resumed on the new one
+        proto["live_precision"] = cfg.extract_precision
     return proto
 
 

@@ -229,7 +229,7 @@ def _train_and_evaluate(role: _Role, prepared: list[_Prepared], cfg: EvalConfig,
         got = train_probes([jobs[i] for i in idx], grid=grid, norm=norm, backbone=role.net if n_live else None,
                            augment=live is not None, device=device, seed=cfg.seed, num_workers=workers,
                            residency=cfg.residency, resident_gib=cfg.resident_gib, graph=cfg.probe_graph,
-                           max_together=cfg.probes_together or None)
+                           max_together=cfg.probes_together or None, live_precision=cfg.extract_precision)
         for i, st in zip(idx, got):
             stats[i] = st
     wall = time.perf_counter() - t0
@@ -240,7 +240,8 @@ def _train_and_evaluate(role: _Role, prepared: list[_Prepared], cfg: EvalConfig,
         t1 = time.perf_counter()
         metrics, samples = evaluate_probe(p.probe, p.data_va, grid=p.val_grid, norm=norm,
                                           backbone=role.net if p.data_va.store is None else None, device=device,
-                                          num_workers=cfg.num_workers, protocol=cfg.protocol)
+                                          num_workers=cfg.num_workers, protocol=cfg.protocol,
+                                          precision=cfg.extract_precision)
         out[p.task, p.name] = ({"metrics": {k: _clean(v) for k, v in metrics.items()}, "n_train": len(p.data_tr),
                                 "n_val": len(p.data_va), "iters": p.spec.iters, "batch": p.spec.batch,
                                 "train_loss": _clean(st["loss"]), "train_seconds": st["seconds"],

@@ -120,15 +120,17 @@ def batch_order(n: int, batch: int, seed: int, start_step: int, total_steps: int
         step += 1
 
 
-def _tokens(batch: dict, backbone: nn.Module | None) -> Tensor:
+def _tokens(batch: dict, backbone: nn.Module | None, precision: str = "fp32") -> Tensor:
+    """The batch's cached tokens, or the live backbone's at `precision` (the suite's `--extract-precision`, so
+    live and cached rows of one run share one arithmetic)."""
     if "tokens" in batch:
         return batch["tokens"]
     if backbone is None:
         raise ValueError("a batch without cached tokens needs the backbone (live path)")
     from snd.eval.features import extract_tokens
 
-    return extract_tokens(backbone, batch["image"])
+    return extract_tokens(backbone, batch["image"], precision)
 
 
-def _float_tokens(batch: dict, backbone: nn.Module | None) -> Tensor:
-    return _tokens(batch, backbone).float()
+def _float_tokens(batch: dict, backbone: nn.Module | None, precision: str = "fp32") -> Tensor:
+    return _tokens(batch, backbone, precision).float()

@@ -30,6 +30,7 @@ def evaluate_probe(
     keep: int = 4,
     num_workers: int = 0,
     protocol: str = "fast",
+    precision: str = "fp32",
 ) -> tuple[dict, list[dict]]:
     """Metrics of `probe` on `data` at the label resolution, and the first `keep` predictions (for figures).
 
@@ -40,6 +41,7 @@ def evaluate_probe(
     mmseg's sliding windows with the live backbone (`snd.eval.mmseg.slide_logits`); where the dataset marks validity by raw depth
     (`dataset.zero_normal_is_error`, NYU's Probe3D test) a zero normal at a valid pixel scores 90 degrees
     (`zero_normals_as_90deg`). "fast": one pass, the plain confusion matrix, zero normals skipped.
+    `precision`: the live backbone's arithmetic (`extract_tokens`), as the cached tokens' `--extract-precision`.
 
     Returns:
         (metrics, samples): depth -> per-image means of `DEPTH_METRICS` (GT in (1e-3, max_depth) of the
@@ -72,14 +74,14 @@ def evaluate_probe(
         b = to_device(b, device)
         gt = b[TARGETS[task][0]]
         if slide:
-            logits = slide_logits(probe, backbone, b["image"], norm)
+            logits = slide_logits(probe, backbone, b["image"], norm, precision=precision)
             pred = F.interpolate(logits, size=tuple(gt.shape[-2:]), mode="bilinear", align_corners=False).argmax(1)
             b["image"] = F.interpolate(b["image"], size=tuple(gt.shape[-2:]), mode="bilinear", align_corners=False)
         else:
-            pred = probe.predict(probe.prepare(_float_tokens(b, backbone), grid, norm), tuple(gt.shape[-2:]))
+            pred = probe.predict(probe.prepare(_float_tokens(b, backbone, precision), grid, norm), tuple(gt.shape[-2:]))
         if flip:
             fb = {"tokens": b["tokens_flip"]} if "tokens_flip" in b else {"image": b["image"].flip(-1)}
-            pred = flip_average(pred, probe.predict(probe.prepare(_float_tokens(fb, backbone), grid, norm),
+            pred = flip_average(pred, probe.predict(probe.prepare(_float_tokens(fb, backbone, precision), grid, norm),
                                                     tuple(gt.shape[-2:])))
         if task == "depth":
             acc.update(depth_metrics(pred, gt, min_depth=1e-3, max_depth=probe.max_depth))

@@ -61,7 +61,7 @@ class _Group:
         return lo, hi
 
     def batches(self, device: torch.device, seed: int, num_workers: int, stop_after: int | None,
-                backbone: nn.Module | None, augment: bool) -> Iterator[tuple[int, Callable[[int], tuple[Tensor, Tensor]]]]:
+                backbone: nn.Module | None, augment: bool, precision: str = "fp32") -> Iterator[tuple[int, Callable[[int], tuple[Tensor, Tensor]]]]:
         """(step, fetch) per step, where fetch(k) gives run k's (tokens, target) on the device, issued on the
         current stream (the run's).
 
@@ -103,7 +103,7 @@ class _Group:
                             bb = deferred(bb)
                             if augment:  # the generic live augmentation after the set's own (called once a step)
                                 bb = augment_batch(bb, gen)
-                        return _tokens(bb, backbone), bb[key]
+                        return _tokens(bb, backbone, precision), bb[key]
                 else:
                     def fetch(k, b=b):
                         return b["tokens"].to(device, non_blocking=True), b[f"t{k}"].to(device, non_blocking=True)

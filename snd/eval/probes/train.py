@@ -69,6 +69,7 @@ def train_probes(
     graph: str = "auto",
     log_every: int = 50,
     max_together: int | None = None,
+    live_precision: str = "fp32",
 ) -> list[dict]:
     """Train several probes of one backbone at the same time, each resuming from its checkpoint.
 
@@ -93,6 +94,8 @@ def train_probes(
         graph: "auto" (CUDA graphs on CUDA with cached tokens), "on", "off". The loss is read back only
             every `log_every` steps either way.
         max_together: at most this many probes at a time (None: as many as fit).
+        live_precision: the backbone's arithmetic on the live path (`extract_tokens`; the suite passes its
+            `--extract-precision`, the one its cached tokens were made with).
 
     Returns:
         per job: {"steps", "start_step", "loss" (mean of the last logged window), "seconds", "residency",
@@ -132,12 +135,12 @@ def train_probes(
                 log.info("%s probe: rows %s (%s); %s; wave %d with %d probe(s)", r.job.probe.task, g.where, g.why,
                          "CUDA graph" if r.use_graph else "eager", w_i, together)
         _train_wave(wave, device, seed=seed, num_workers=num_workers, stop_after=stop_after, backbone=backbone,
-                    augment=augment, log_every=log_every)
+                    augment=augment, log_every=log_every, live_precision=live_precision)
     return [r.result() for r in runs]
 
 
 def _train_wave(wave: list[_Group], device: torch.device, *, seed: int, num_workers: int, stop_after: int | None,
-                backbone, augment: bool, log_every: int) -> None:
+                backbone, augment: bool, log_every: int, live_precision: str = "fp32") -> None:
     """Step every group of the wave in turn (one step per group per round) until all its runs finish. With
     several groups, a streamed group whose next batch is not read yet is skipped for that round (the others
     keep the GPU busy); the round blocks only when no group is ready."""
@@ -145,7 +148,7 @@ def _train_wave(wave: list[_Group], device: torch.device, *, seed: int, num_work
     several = len(wave) > 1
     # open every group (load resident rows, start loader workers) before any prefetch thread starts:
     # resident groups first, so no worker process is forked beside a running loader's threads
-    opened = {id(g): g.batches(device, seed, num_workers, stop_after, backbone, augment)
+    opened = {id(g): g.batches(device, seed, num_workers, stop_after, backbone, augment, live_precision)
               for g in sorted(wave, key=lambda g: g.where != "device")}
     active: list[tuple[_Group, Any]] = []
     for g in wave:
