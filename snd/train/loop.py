@@ -12,6 +12,8 @@ items, gradients are averaged by one all-reduce per step, only rank 0 writes log
 """
 from __future__ import annotations
 
+import contextlib
+
 import json
 import logging
 import random
@@ -26,7 +28,7 @@ import torch.distributed as dist
 from snd.errors import SndError
 from snd.pipeline.config import DistillConfig, load_config, save_config, to_jsonable
 from snd.train.checkpoint import (BASE_FILE, CONFIG_FILE, checkpoint_step, latest_checkpoint, load_checkpoint, rng_state, save_base,
-                                  save_checkpoint, set_rng_state)
+                                  CheckpointWriter, set_rng_state)
 from snd.train.data import BatchIterator, DevicePrefetcher, StreamFactory, resolve_num_workers, shard_stream_factory, store_operators_fit
 from snd.train.distiller import Distiller, TargetFn, build_base_backbone
 from snd.train.distributed import DistEnv, all_gather_objects, broadcast_params, dist_env, init_distributed, resolve_device
@@ -249,6 +251,7 @@ def _train(cfg: DistillConfig, env: DistEnv, device: torch.device, factory: Stre
     steps_since_log = 0
     stepper, path = None, "?"
     interrupt = GracefulInterrupt(active=env.world_size == 1).install()  # Ctrl-C: save at a step boundary, stop
+    writer = CheckpointWriter(background=cfg.ckpt_background)
     try:
         while step < cfg.iters:
             indices, batch = next(batches)
@@ -272,12 +275,18 @@ def _train(cfg: DistillConfig, env: DistEnv, device: torch.device, factory: Stre
                 pending, t_log, steps_since_log = [], t_now, 0
             if ckpt_now:
                 position = start_position + (step - start_step) * cfg.batch  # items trained on, per rank
-                summary.checkpoint = _save(run_dir, runner, d, step, position, env, device, cfg)
+                summary.checkpoint = _save(run_dir, runner, d, step, position, env, device, cfg, writer)
             if interrupt.requested and not last:
                 summary.interrupted = True
                 break
             if stop_after is not None and step >= stop_after:
                 break
+    except BaseException:
+        with contextlib.suppress(Exception):  # the write in flight completes; the loop's own error is the one raised
+            writer.wait()
+        raise
+    else:
+        writer.wait()  # the last checkpoint is complete (or its write error raised) before the run returns
     finally:
         interrupt.restore()
         logger.close()
@@ -345,7 +354,7 @@ def _flush(pending, runner: StepRunner, logger: RunLogger, summary: TrainSummary
 
 
 def _save(run_dir: Path, runner: StepRunner, d: Distiller, step: int, position: int, env: DistEnv,
-          device: torch.device, cfg: DistillConfig) -> Path | None:
+          device: torch.device, cfg: DistillConfig, writer: CheckpointWriter) -> Path | None:
     rngs = all_gather_objects(rng_state(device), env.world_size)
     if not env.is_main:
         return None
@@ -353,4 +362,4 @@ def _save(run_dir: Path, runner: StepRunner, d: Distiller, step: int, position: 
             "optimizer_groups": runner.opt.state_dict()["param_groups"],
             "skipped": int(runner.skipped.item()), "ema_updates": runner.ema_updates, "world_size": env.world_size,
             "batch": cfg.batch, "torch": torch.__version__}
-    return save_checkpoint(run_dir, step=step, tensors=_checkpoint_tensors(runner, d), meta=meta)
+    return writer.submit(run_dir, step=step, tensors=_checkpoint_tensors(runner, d), meta=meta)
