@@ -84,3 +84,16 @@ def test_larger_iters_continues_a_finished_run_on_the_new_schedule(tmp_path, cap
     assert got == pytest.approx(want, rel=1e-9)
     assert got != pytest.approx(_one_cycle_lrs(cfg, 8)[4:], rel=1e-3)  # not the old schedule's tail
     assert train(longer, stream_factory=_factory, progress=False).complete  # and now it is complete at 8
+
+
+def test_skipped_steps_are_a_warning_not_only_a_count(tmp_path, capsys, monkeypatch):
+    """A run whose loss or gradient went non-finite says how many steps it skipped, as a warning line."""
+    import snd.stages.distill as D
+
+    monkeypatch.setattr(D, "train", lambda c: TrainSummary(run=c.run, start_step=0, step=40, skipped=3))
+    D.run(_cfg(tmp_path / "run", iters=40, shards=tmp_path))
+    err = _flat(capsys.readouterr().err)
+    assert _flat("warning: 3 of 40 steps had a non-finite loss or gradient and were skipped") in err
+    monkeypatch.setattr(D, "train", lambda c: TrainSummary(run=c.run, start_step=0, step=40))
+    D.run(_cfg(tmp_path / "run", iters=40, shards=tmp_path))
+    assert "warning" not in capsys.readouterr().err

@@ -70,6 +70,12 @@ def run(cfg: DistillConfig) -> TrainSummary:
                       f"(now at {summary.step}/{cfg.iters}) in {summary.seconds:.0f} s, {summary.it_per_s:.2f} it/s, "
                       f"last loss {last if last is not None else float('nan'):.4f}, skipped {summary.skipped}; "
                       f"checkpoint {summary.checkpoint}")
+    ran = summary.step - summary.start_step
+    if summary.rank == 0 and ran and summary.skipped:
+        # counted over the whole run (it is checkpointed); a non-finite loss or gradient left those steps' weights
+        # untouched, so the run trained on fewer items than --iters says
+        console.print(f"[yellow]warning[/]: {summary.skipped} of {summary.step} steps had a non-finite loss or "
+                      "gradient and were skipped (no update); `train/skipped_steps` in TensorBoard shows when")
     return summary
 
 
