@@ -158,3 +158,17 @@ def test_bench_precompute_reports_the_size_split_and_the_summary_reads_it(tmp_pa
     s = summary(json.loads(out.read_text()))
     assert s["mb_per_pair_split"] == {k: round(v, 3) for k, v in sp["mb_per_pair"].items()}
     assert s["operator"] is True and s["source"] == "depth" and s["pairs_per_s_end_to_end"] > 0
+
+
+def test_measured_figures_leave_the_not_yet_measured_list(bench_dir, tmp_path):
+    """A precompute JSON of the batched builder (it records its chunk) and an e2e result (default `snd distill`
+    vs the bench in one call) are reported as measured, with the e2e ratio carried into the projection."""
+    r = project(BenchProjectConfig(bench_dir=bench_dir, out=tmp_path / "a.json"))
+    assert {"batched_operators", "default_distill_vs_bench"} <= set(r["not_yet_measured"]) and r["default_distill_vs_bench"] is None
+    _write(bench_dir, "bench_precompute_mvsplat_operators_b_h100.json", dict(_pre(6.0, 1.0, 80), operator_chunk=4), age=5)
+    _write(bench_dir, "e2e_h100.json", {"distill": {"it_per_s_last_half": 90.0}, "bench_fast": {"it_per_s": 100.0},
+                                        "distill_vs_bench": 0.9, "distill_vs_bench_goal": 0.95}, age=5)
+    r = project(BenchProjectConfig(bench_dir=bench_dir, out=tmp_path / "b.json"))
+    assert not {"batched_operators", "default_distill_vs_bench"} & set(r["not_yet_measured"])
+    e = r["default_distill_vs_bench"]
+    assert (e["ratio"], e["goal"], e["distill_it_per_s"], e["bench_it_per_s"]) == (0.9, 0.95, 90.0, 100.0)

@@ -111,7 +111,7 @@ def _precompute_rate(r: dict, f: str) -> Optional[Figure]:
     return Figure(rate, "pairs/s", f, "pairs_per_s", r.get("device_name"), note,
                   {"warmup_s": warm, "warmup_key": "pairs_total / pairs_per_s_end_to_end - pairs_total / pairs_per_s",
                    "images": frames, "batch_pairs": r.get("batch_pairs"), "mb_per_pair": r.get("mb_per_pair"),
-                   "size_split": r.get("size_split")})
+                   "size_split": r.get("size_split"), "operator_chunk": r.get("operator_chunk")})
 
 
 def _distill(path: str) -> Callable[[str], Getter]:
@@ -208,6 +208,17 @@ def frames_per_pair(frames_per_scene: int, *, pairs_per_scene: int, targets_per_
     return used / kept
 
 
+def _newest_e2e(d: Path) -> Optional[dict]:
+    """The newest `scripts/e2e_commands.sh` result in the bench folder (e2e_*.json with `distill_vs_bench`):
+    the default `snd distill` against `snd bench distill` on the same store, in one device call."""
+    for p in sorted(d.glob("e2e_*.json"), key=lambda p: p.stat().st_mtime, reverse=True) if d.is_dir() else []:
+        r = json.loads(p.read_text())
+        if "distill_vs_bench" in r:
+            return {"ratio": r["distill_vs_bench"], "goal": r.get("distill_vs_bench_goal"), "file": str(p),
+                    "distill_it_per_s": r["distill"]["it_per_s_last_half"], "bench_it_per_s": r["bench_fast"]["it_per_s"]}
+    return None
+
+
 # ---- the projection -------------------------------------------------------------------------------
 def _hours(fig: Figure, work: float) -> Optional[float]:
     return (fig.extra.get("warmup_s", 0.0) + work / fig.value) / 3600 if fig.value else None
@@ -248,13 +259,16 @@ def project(cfg: BenchProjectConfig) -> dict:
         missing["eval_suite"] += " (eval_h uses the fast protocol's hours: `snd bench eval --protocol paper` on the GPU)"
     stand_ins = {k: f.device for k, f in figs.items() if f.value is not None and f.device and TARGET_DEVICE not in f.device
                  and k != "store_size"}
+    e2e = _newest_e2e(d)
     not_yet = {
-        "batched_operators": f"stage one with operators built batched on the GPU (issue 20's goal >= 30 pairs/s): unless "
+        # only the batched builder records the chunk it settled on
+        "batched_operators": None if figs["precompute_operators"].extra.get("operator_chunk") else
+                             f"stage one with operators built batched on the GPU (issue 20's goal >= 30 pairs/s): unless "
                              f"{figs['precompute_operators'].file} was written by that builder, its rate is the per-target one's",
         "precompute_with_frames": "no GPU rate of stage one writing frames yet" if any(
             figs[k].value is not None and figs[k].extra.get("images") in (None, "off") for k in ("precompute_operators", "precompute_no_operator")) else None,
-        "default_distill_vs_bench": "the default `snd distill` streaming a store with frames vs the bench (goal >= 95 %): "
-                                    "`bash scripts/gpu_session.sh e2e`",
+        "default_distill_vs_bench": None if e2e else "the default `snd distill` streaming a store with frames vs the bench "
+                                                     "(goal >= 95 %): `bash scripts/gpu_session.sh e2e`",
     }
     out = {
         "workflow": {"scenes": cfg.scenes, "pairs": P, "steps": S, "model": cfg.model, "eval_protocol": cfg.eval_protocol,
@@ -267,6 +281,7 @@ def project(cfg: BenchProjectConfig) -> dict:
         "missing": missing,
         "stand_ins_not_on_target_device": stand_ins,
         "not_yet_measured": {k: v for k, v in not_yet.items() if v},
+        "default_distill_vs_bench": e2e,
         "note": "hours = warm-up measured in the same JSON + work / steady rate; the eval suite is one model's projected "
                 "hours; disk = (scaffold + operators) per pair + MB per stored frame x frames per pair of the default "
                 "sampler on frames_per_scene-frame scenes (random-init MVSplat: a trained one's fields compress differently)",
