@@ -265,8 +265,8 @@ def project(cfg: BenchProjectConfig) -> dict:
         "batched_operators": None if figs["precompute_operators"].extra.get("operator_chunk") else
                              f"stage one with operators built batched on the GPU (issue 20's goal >= 30 pairs/s): unless "
                              f"{figs['precompute_operators'].file} was written by that builder, its rate is the per-target one's",
-        "precompute_with_frames": "no GPU rate of stage one writing frames yet" if any(
-            figs[k].value is not None and figs[k].extra.get("images") in (None, "off") for k in ("precompute_operators", "precompute_no_operator")) else None,
+        "precompute_with_frames": ", ".join(f"{k}: measured without writing frames" for k in ("precompute_operators", "precompute_no_operator")
+                                            if figs[k].value is not None and figs[k].extra.get("images") in (None, "off")) or None,
         "default_distill_vs_bench": None if e2e else "the default `snd distill` streaming a store with frames vs the bench "
                                                      "(goal >= 95 %): `bash scripts/gpu_session.sh e2e`",
     }
