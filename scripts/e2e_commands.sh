@@ -10,7 +10,8 @@
 #   DEVICE (cuda), MODEL (vit_small_patch14_dinov2), BENCH_ITERS (200), BENCH_PAIRS (64): a CPU dry run at tiny sizes
 #   (DEVICE=cpu MODEL=snd_test_vit_patch14 H=64 W=96 ...) checks the commands before a device call is spent on them
 # Sizes: synth ~40 s (one process per scene), precompute ~200 pairs incl. the ~90 s gsplat build, distill incl.
-# ~100 s compile, bench ~60 s: ~450 s of the 590 s call; then, in the budget left: a second `snd distill`
+# ~100 s compile, bench ~60 s: ~450 s of the 590 s call; then, in the budget left: `scripts/gpu_nan_hunt.py` on
+# the store (which tensor goes non-finite on the steps the first run skipped), a second `snd distill`
 # (warm build cache: the start-up a user sees from the second run on) and `snd bench precompute --source mvsplat`.
 # Not timed: `snd eval all` (`snd bench eval` projects it at the real datasets' sizes; see its JSON).
 # Writes $OUT/e2e.json: wall seconds per command (builds included), precompute pairs/s (end to end, steady) and
@@ -118,6 +119,10 @@ summarise > /dev/null
 t bench_distill snd bench distill --shards "$WORK/cache_depth" --models "$MODEL" --paths fast \
   --iters "$BENCH_ITERS" --warmup 20 "${DEV[@]}" --out "$OUT/e2e_bench_distill.json"
 summarise > /dev/null
+if (( $(left) > 150 )); then  # which tensor goes non-finite on the skipped steps (~10 % in the 2026-12-05 run)
+  t nan_hunt python3 scripts/gpu_nan_hunt.py "$WORK/cache_depth" --items 150 --amp both --model "$MODEL" \
+    --device "$DEVICE" --out "$OUT/e2e_nan_hunt.json"
+else skip nan_hunt "budget"; fi
 if (( $(left) > 60 )); then  # the second run of a user: build caches warm, so it should start in seconds
   t distill_warm_cache snd distill --shards "$WORK/cache_depth" --run "$WORK/runs/vits_warm" --model "$MODEL" \
     --init random --iters "$BENCH_ITERS" "${DEV[@]}"

@@ -23,7 +23,7 @@ def _recording_python(tmp_path: Path) -> tuple[Path, Path]:
     stub = bin_dir / "python3"
     stub.write_text(f"""#!/bin/sh
 case "$1 $2" in
-  "-m snd.cli"|"-m pytest"|"-m snd.bench.summary") echo "$*" >> "{log}"; exit 0;;
+  "-m snd.cli"|"-m pytest"|"-m snd.bench.summary"|scripts/gpu_nan_hunt.py*) echo "$*" >> "{log}"; exit 0;;
 esac
 exec "{sys.executable}" "$@"
 """)
@@ -72,11 +72,14 @@ def test_e2e_script_runs_the_readme_commands_in_order(tmp_path):
     (work / "data").mkdir(parents=True)  # as if synthesised: the script hides it during distill and restores it
     r = subprocess.run(["bash", "scripts/e2e_commands.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    calls = [c.split()[2] for c in log.read_text().splitlines()]  # "-m snd.cli <command> ..."
+    lines = log.read_text().splitlines()
+    calls = [c.split()[2] for c in lines if c.startswith("-m snd.cli")]  # "-m snd.cli <command> ..."
+    assert [c.split()[0] for c in lines if not c.startswith("-m")] == ["scripts/gpu_nan_hunt.py"]
     assert calls == ["precompute", "distill", "bench", "distill", "bench"], calls
     assert (work / "data").is_dir() and not (work / "data.hidden").exists()
     walls = [json.loads(x) for x in (work / "walls.jsonl").read_text().splitlines()]
-    assert [w["name"] for w in walls] == ["precompute_depth", "distill", "bench_distill", "distill_warm_cache", "bench_precompute"]
+    assert [w["name"] for w in walls] == ["precompute_depth", "distill", "bench_distill", "nan_hunt", "distill_warm_cache",
+                                          "bench_precompute"]
     assert all(w["rc"] == 0 for w in walls)
     assert "error" in json.loads((out / "e2e.json").read_text())  # the recorded commands left no metrics to read
 

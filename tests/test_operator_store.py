@@ -157,3 +157,29 @@ def test_fast_path_body_equals_the_eager_step(store, tmp_path):
     assert c.start_step == 3 and [c.losses[s] for s in sorted(c.losses)] == [b.losses[s] for s in range(4, 7)]
     with pytest.raises(SndError, match="--fast on"):
         run(_cfg(store, tmp_path / "bad", fast="on", targets="render"))
+
+
+def test_nan_hunt_script_names_the_first_non_finite_stage(store, monkeypatch):
+    """`scripts/gpu_nan_hunt.py` (the next device call's diagnosis of skipped steps): a clean store has no bad item;
+    an item whose teacher tokens are NaN is counted at that stage, not later ones."""
+    import importlib.util
+
+    from snd.train.step import StepRunner
+
+    spec = importlib.util.spec_from_file_location("nan_hunt", Path(__file__).parents[1] / "scripts" / "gpu_nan_hunt.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    kw = dict(items=3, amp="fp32", device=torch.device("cpu"), model="snd_test_vit_patch14", hw=HW, workers=0)
+    clean = mod.hunt(store, **kw)
+    assert clean["bad"] == 0 and clean["first_bad_stage"] == {} and clean["items"] == 3
+    real, calls = StepRunner.teacher, []
+
+    def teacher(self, batch):
+        calls.append(1)
+        out = real(self, batch)
+        return out * float("nan") if len(calls) == 2 else out
+
+    monkeypatch.setattr(StepRunner, "teacher", teacher)
+    bad = mod.hunt(store, **kw)
+    assert bad["bad"] == 1 and bad["first_bad_stage"] == {"teacher_tokens": 1}
+    assert bad["examples"][0]["stage"] == "teacher_tokens" and bad["examples"][0]["position"] == [1]
