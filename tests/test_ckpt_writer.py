@@ -44,3 +44,11 @@ def test_run_checkpoints_are_the_same_written_in_the_background_or_not(tmp_path)
     assert sa.checkpoint == latest_checkpoint(tmp_path / "True") and sa.checkpoint.is_file()
     assert sa.losses == sb.losses
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_run_resumes_with_the_other_writer(tmp_path):
+    """--ckpt-background does not change the math, so a run may resume with it switched."""
+    full = train(_cfg(tmp_path / "a", ckpt_every=2), stream_factory=_factory(), progress=False)
+    train(_cfg(tmp_path / "b", ckpt_every=2), stream_factory=_factory(), progress=False, stop_after=3)
+    resumed = train(_cfg(tmp_path / "b", ckpt_every=2, ckpt_background=False), stream_factory=_factory(), progress=False)
+    assert resumed.start_step == 2 and all(resumed.losses[s] == full.losses[s] for s in range(3, 7))

@@ -45,7 +45,7 @@ __all__ = ["TrainSummary", "train", "input_sized", "RESUME_MAY_DIFFER", "resume_
 # image_decode moves a JPEG pixel by at most a few levels, like --device; runs from before it lack the key).
 RESUME_MAY_DIFFER = {"run", "shards", "data", "weights", "num_workers", "prefetch", "log_every", "ckpt_every",
                      "device", "compile", "verify_store", "iters",
-                     "image_decode"}
+                     "image_decode", "ckpt_background"}
 
 
 @dataclass
