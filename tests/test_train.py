@@ -17,7 +17,7 @@ from snd.pipeline.config import DistillConfig
 from snd.train.checkpoint import BASE_FILE, latest_checkpoint, load_backbone_from_run
 from snd.train.distiller import lora_spec
 from snd.train.loop import train
-from snd.train.synthetic import SyntheticStream
+from snd.train.synthetic import PoisonedStream, SyntheticStream
 
 IMG = (56, 84)  # 4 x 6 patches
 SCAFFOLD = (14, 21)
@@ -37,19 +37,8 @@ def _factory(distinct=None, nan_at=None):
                             batch_size=1, distinct=distinct)
         if nan_at is None:
             return s
-        return _Poison(s, nan_at)
+        return PoisonedStream(s, nan_at)
     return make
-
-
-class _Poison(torch.utils.data.IterableDataset):
-    def __init__(self, inner, nan_at):
-        self.inner, self.nan_at = inner, nan_at
-
-    def __iter__(self):
-        for item in self.inner:
-            if int(item["index"]) == self.nan_at:
-                item["tgt_image"] = torch.full_like(item["tgt_image"], float("nan"))
-            yield item
 
 
 def test_short_run_lowers_loss(tmp_path):
@@ -132,8 +121,14 @@ def test_ema_cadence_and_frozen_teacher(tmp_path):
 
 
 def test_nan_guard_skips_the_step(tmp_path):
-    s = train(_cfg(tmp_path / "n", iters=4, ema_every=100), stream_factory=_factory(nan_at=1), progress=False)
+    # the poisoned item (stream position 1) is step 2, inside the first logging window of 3 steps
+    s = train(_cfg(tmp_path / "n", iters=4, ema_every=100, log_every=3), stream_factory=_factory(nan_at=1),
+              progress=False)
     assert s.skipped == 1 and math.isnan(s.losses[2]) and all(math.isfinite(s.losses[i]) for i in (1, 3, 4))
+    rows = [json.loads(x) for x in (tmp_path / "n" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["skipped"]) for r in rows] == [(1, 0), (2, 1), (3, 0), (4, 0)]
+    skipped = [json.loads(x) for x in (tmp_path / "n" / "skipped.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["rank"], r["positions"]) for r in skipped] == [(2, 0, [1])]
     t = load_file(str(latest_checkpoint(tmp_path / "n")))
     assert all(torch.isfinite(v).all() for v in t.values())
     steps = {float(v) for k, v in t.items() if k.endswith(".step")}
@@ -189,12 +184,16 @@ def test_two_process_gloo(tmp_path):
     from snd.train.synthetic import spawn_worker
 
     cfg = _cfg(tmp_path / "ddp", iters=3, ema_every=2, ckpt_every=3)
-    mp.spawn(spawn_worker, args=(2, cfg, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    # item 3 (rank 1's second) is poisoned: both ranks skip step 2, and rank 0 records rank 1's item
+    mp.spawn(spawn_worker, args=(2, cfg, _free_port(), str(tmp_path), None, None, 3), nprocs=2, join=True)
     r0 = json.loads((tmp_path / "rank0.json").read_text())
     r1 = json.loads((tmp_path / "rank1.json").read_text())
     assert r0["seen"] == [0, 2, 4] and r1["seen"] == [1, 3, 5], (r0["seen"], r1["seen"])
     assert r0["digest"] == r1["digest"], "parameters must stay identical across ranks"
-    assert r0["losses"] == r1["losses"]  # rank-averaged
+    assert json.dumps(r0["losses"]) == json.dumps(r1["losses"])  # rank-averaged (step 2's is NaN on both)
+    assert r0["skipped"] == r1["skipped"] == 1 and math.isnan(r0["losses"]["2"])
+    rows = [json.loads(x) for x in (tmp_path / "ddp" / "skipped.jsonl").read_text().splitlines()]
+    assert sorted((r["step"], r["rank"], r["positions"]) for r in rows) == [(2, 0, [2]), (2, 1, [3])]
     assert latest_checkpoint(tmp_path / "ddp") is not None
     meta = json.loads(latest_checkpoint(tmp_path / "ddp").with_suffix(".json").read_text())
     assert meta["data_position"] == 3 and len(meta["rng"]) == 2  # items per rank

@@ -16,6 +16,7 @@ from snd.errors import SndError
 from snd.pipeline import buildcache
 from snd.pipeline.config import DistillConfig
 from snd.train.loop import TrainSummary, input_sized, resume_point, train
+from snd.train.rundir import SKIPPED_FILE
 
 log = logging.getLogger(__name__)
 console = Console(stderr=True)
@@ -75,7 +76,9 @@ def run(cfg: DistillConfig) -> TrainSummary:
         # counted over the whole run (it is checkpointed); a non-finite loss or gradient left those steps' weights
         # untouched, so the run trained on fewer items than --iters says
         console.print(f"[yellow]warning[/]: {summary.skipped} of {summary.step} steps had a non-finite loss or "
-                      "gradient and were skipped (no update); `train/skipped_steps` in TensorBoard shows when")
+                      "gradient and were skipped (no update); their items (stream positions, scenes) are in "
+                      f"{summary.run / SKIPPED_FILE}; `python scripts/gpu_nan_hunt.py STORE` says which tensor goes "
+                      "non-finite")
     return summary
 
 

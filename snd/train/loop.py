@@ -243,7 +243,7 @@ def _train(cfg: DistillConfig, env: DistEnv, device: torch.device, factory: Stre
         torch.cuda.reset_peak_memory_stats(device)
 
     summary = TrainSummary(run=run_dir, start_step=step, step=step, rank=env.rank, world_size=env.world_size,
-                           checkpoint=ckpt, continued_from=continued_from)
+                           checkpoint=ckpt, continued_from=continued_from, skipped=int(runner.skipped.item()))
     logger = RunLogger(run_dir, total=cfg.iters, start=step, active=env.is_main, progress=progress)
     log_every = max(int(cfg.log_every), 1)
     pending: list[tuple[int, torch.Tensor, float]] = []
@@ -265,7 +265,8 @@ def _train(cfg: DistillConfig, env: DistEnv, device: torch.device, factory: Stre
             loss = stepper.step(batch, step + 1)
             step += 1
             steps_since_log += 1
-            pending.append((step, loss, lr))
+            # the running skip count after this step (a device copy, read at the next flush): which steps skipped
+            pending.append((step, loss, lr, runner.skipped.clone(), (indices, batch.get("scene"))))
             last = step == cfg.iters
             ckpt_now = step % cfg.ckpt_every == 0 or last or interrupt.requested
             # rows up to a checkpoint are written with it: a resume starts after it and never logs them again
@@ -329,25 +330,36 @@ def step_path(stepper, batch: dict) -> str:
 
 def _flush(pending, runner: StepRunner, logger: RunLogger, summary: TrainSummary, env: DistEnv,
            device: torch.device, it_per_s: float, path: str) -> None:
-    """The one host sync per `log_every` steps: losses (averaged over ranks), skipped count, memory."""
+    """The one host sync per `log_every` steps: losses (averaged over ranks), which steps were skipped, memory.
+
+    A skipped step (non-finite loss or gradient on any rank) is marked in its metrics.jsonl row and its items
+    (every rank's stream positions and scenes) go to skipped.jsonl, so a user can find the pairs behind it
+    (`scripts/gpu_nan_hunt.py` then says which tensor goes non-finite) instead of only a count."""
     if not pending:
         return
     losses = torch.stack([p[1] for p in pending]).float()
     if env.world_size > 1:
         dist.all_reduce(losses)
         losses /= env.world_size
-    values = losses.tolist()
-    skipped = float(runner.skipped.item())
+    values, counts = torch.stack([losses, torch.stack([p[3] for p in pending]).float()]).tolist()
+    before = [float(summary.skipped)] + counts[:-1]
+    bad = [c > b for c, b in zip(counts, before)]
+    summary.skipped = int(counts[-1])
     rows = []
-    for (step, _, lr), loss in zip(pending, values):
+    for (step, _, lr, _, _), loss, b in zip(pending, values, bad):
         summary.losses[step] = loss
         summary.lrs[step] = lr
-        rows.append({"step": step, "loss": loss, "lr": lr, "it_per_s": it_per_s, "path": path})
+        rows.append({"step": step, "loss": loss, "lr": lr, "it_per_s": it_per_s, "path": path, "skipped": int(b)})
     logger.steps(rows)
+    if any(bad):  # the same decision on every rank (the guard uses rank-averaged numbers): a safe collective
+        mine = [{"step": p[0], "rank": env.rank, "positions": list(p[4][0]), "scenes": p[4][1]}
+                for p, b in zip(pending, bad) if b]
+        logger.skipped([r for part in all_gather_objects(mine, env.world_size) for r in part])
     step = pending[-1][0]
     finite = [v for v in values if v == v and abs(v) != float("inf")]
     scalars = {"train/loss": sum(finite) / max(len(finite), 1), "train/lr": pending[-1][2],
-               "train/skipped_steps": skipped, "perf/it_per_s": it_per_s, "train/ema_updates": runner.ema_updates}
+               "train/skipped_steps": float(summary.skipped), "perf/it_per_s": it_per_s,
+               "train/ema_updates": runner.ema_updates}
     if device.type == "cuda":
         scalars["perf/gpu_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     logger.scalars(step, scalars)

@@ -12,10 +12,11 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-__all__ = ["RunLogger", "METRICS_FILE", "TB_DIR", "announce_targets"]
+__all__ = ["RunLogger", "METRICS_FILE", "SKIPPED_FILE", "TB_DIR", "announce_targets"]
 
 log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
+SKIPPED_FILE = "skipped.jsonl"  # one row per skipped step: its items' stream positions and scenes, per rank
 TB_DIR = "tb"
 
 
@@ -48,12 +49,19 @@ class RunLogger:
             self._task = self._progress.add_task("distill", total=total, completed=start, info="")
 
     def steps(self, rows: list[dict]) -> None:
-        """Per-step rows (step, loss, lr, it/s over the last logging window, step path) into metrics.jsonl."""
+        """Per-step rows (step, loss, lr, it/s over the last logging window, step path, skipped 0/1) into metrics.jsonl."""
         if not self.active:
             return
         for r in rows:
             self._metrics.write(json.dumps(r) + "\n")
         self._metrics.flush()
+
+    def skipped(self, rows: list[dict]) -> None:
+        """Rows of skipped steps (step, rank, stream positions, scenes) into skipped.jsonl."""
+        if not self.active or not rows:
+            return
+        with (self.run_dir / SKIPPED_FILE).open("a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if not self.active:

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import IterableDataset, get_worker_info
 
-__all__ = ["SyntheticStream", "synthetic_sample"]
+__all__ = ["PoisonedStream", "SyntheticStream", "synthetic_sample"]
 
 
 def _camera(tx: float, H: int, W: int) -> tuple[Tensor, Tensor]:
@@ -120,9 +120,10 @@ class SyntheticStream(IterableDataset):
 
 
 def spawn_worker(rank: int, world_size: int, cfg, port: int, out_dir: str, distinct: int | None = None,
-                 operator_grid: tuple[int, int] | None = None) -> None:
+                 operator_grid: tuple[int, int] | None = None, nan_at: int | None = None) -> None:
     """Entry of one process of a multi-process CPU run on synthetic items (tests; gloo backend).
 
+    nan_at: the stream position whose target image is all NaN (a step every rank must skip).
     Writes `<out_dir>/rank<r>.json` with the summary's seen indices, losses and parameter digest."""
     import json
     import os
@@ -133,15 +134,29 @@ def spawn_worker(rank: int, world_size: int, cfg, port: int, out_dir: str, disti
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
 
-    def factory(start: int, r: int, ws: int) -> SyntheticStream:
-        return SyntheticStream(img_hw=(cfg.img_height, cfg.img_width), scaffold_hw=(cfg.img_height // 4, cfg.img_width // 4),
-                               seed=cfg.seed, rank=r, world_size=ws, start=start, batch_size=cfg.batch, distinct=distinct,
-                               operator_grid=operator_grid)
+    def factory(start: int, r: int, ws: int):
+        s = SyntheticStream(img_hw=(cfg.img_height, cfg.img_width), scaffold_hw=(cfg.img_height // 4, cfg.img_width // 4),
+                            seed=cfg.seed, rank=r, world_size=ws, start=start, batch_size=cfg.batch, distinct=distinct,
+                            operator_grid=operator_grid)
+        return s if nan_at is None else PoisonedStream(s, nan_at)
 
     s = train(cfg, stream_factory=factory, progress=False, env=DistEnv(rank, world_size, 0))
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump({"seen": s.seen_indices, "losses": s.losses, "digest": s.param_digest, "step": s.step,
                    "skipped": s.skipped}, f)
+
+
+class PoisonedStream(torch.utils.data.IterableDataset):
+    """A stream whose item at stream position `nan_at` has an all-NaN target image."""
+
+    def __init__(self, inner, nan_at: int):
+        self.inner, self.nan_at = inner, nan_at
+
+    def __iter__(self):
+        for item in self.inner:
+            if int(item["index"]) == self.nan_at:
+                item["tgt_image"] = torch.full_like(item["tgt_image"], float("nan"))
+            yield item
 
 
 def with_operator(item: dict, grid: tuple[int, int], *, device: torch.device | str = "cpu", **knobs) -> dict:
