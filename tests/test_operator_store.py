@@ -183,3 +183,38 @@ def test_nan_hunt_script_names_the_first_non_finite_stage(store, monkeypatch):
     bad = mod.hunt(store, **kw)
     assert bad["bad"] == 1 and bad["first_bad_stage"] == {"teacher_tokens": 1}
     assert bad["examples"][0]["stage"] == "teacher_tokens" and bad["examples"][0]["position"] == [1]
+
+
+def test_a_non_finite_operator_leaves_its_target_out_of_the_store(store, synth_root, tmp_path_factory, monkeypatch, caplog):
+    """Stage one never stores an operator with a NaN: the first target of the first pair of each batch gets one
+    (as a faulty builder would make it), is left out with a warning naming it, and the pair's second target moves
+    up into slot 0 with its operator unchanged; the stream then serves one item fewer per batch."""
+    import dataclasses
+
+    import snd.splat.operator as O
+
+    real = O.build_operators
+
+    def poisoned(*a, **kw):
+        ops = real(*a, **kw)
+        vals = ops.vals.clone()
+        vals[0, 0, 0] = float("nan")
+        return dataclasses.replace(ops, vals=vals)
+
+    monkeypatch.setattr(O, "build_operators", poisoned)
+    with caplog.at_level("WARNING"):
+        bad = _build(synth_root, tmp_path_factory)
+    assert "left out of the store" in caplog.text
+    clean_r, bad_r = CacheReader(store), CacheReader(bad)
+    assert clean_r.scenes == bad_r.scenes
+    for name in clean_r.scenes:
+        c, b = clean_r.scene(name).pair(0), bad_r.scene(name).pair(0)
+        assert sum(i >= 0 for i in c.tgt_index) == 2, "the test needs a first pair with two targets"
+        assert list(b.tgt_index) == [c.tgt_index[1], -1]
+        assert torch.equal(b.tgt_K[0], c.tgt_K[1]) and torch.equal(b.tgt_masks[0], c.tgt_masks[1])
+        for k, v in c.operator.items():
+            assert torch.equal(b.operator[k][0], v[1]), k
+            assert not b.operator[k][1].any(), k
+        assert all(torch.isfinite(v.float()).all() for v in b.operator.values())
+    n_clean = len(ShardStream(store, img_hw=HW, seed=0).items)
+    assert len(ShardStream(bad, img_hw=HW, seed=0).items) == n_clean - len(clean_r.scenes)  # one batch per scene
