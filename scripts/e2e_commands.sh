@@ -56,7 +56,8 @@ def figures():
     rows = [json.loads(x) for x in (work / "runs" / "vits" / "metrics.jsonl").read_text().splitlines()]
     half = rows[len(rows) // 2:]
     res["distill"] = {"path": rows[-1].get("path"), "it_per_s_last": rows[-1].get("it_per_s"),
-                      "it_per_s_last_half": len(half) / sum(1 / r["it_per_s"] for r in half)}  # steps / seconds of the last half (rows carry their window's rate)
+                      "it_per_s_last_half": len(half) / sum(1 / r["it_per_s"] for r in half),  # steps / seconds of the last half (rows carry their window's rate)
+                      "skipped_steps": sum(r.get("skipped", 0) for r in rows)}  # their items: e2e_skipped.jsonl
     bench = out / "e2e_bench_distill.json"
     if bench.is_file():
         b = json.loads(bench.read_text())["models"][0]["paths"]["fast"]
@@ -116,6 +117,7 @@ mv "$WORK/data" "$WORK/data.hidden"  # stage two must not need the dataset
 t distill snd distill --shards "$WORK/cache_depth" --run "$WORK/runs/vits" --model "$MODEL" --init random \
   --iters "$ITERS" "${DEV[@]}"
 summarise > /dev/null
+cp "$WORK/runs/vits/skipped.jsonl" "$OUT/e2e_skipped.jsonl" 2>/dev/null  # the skipped steps' items, if any
 t bench_distill snd bench distill --shards "$WORK/cache_depth" --models "$MODEL" --paths fast \
   --iters "$BENCH_ITERS" --warmup 20 "${DEV[@]}" --out "$OUT/e2e_bench_distill.json"
 summarise > /dev/null
