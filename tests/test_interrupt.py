@@ -109,7 +109,9 @@ def test_loader_workers_outlive_a_ctrl_c_meant_for_the_main_process(init, surviv
     if survives:
         assert len([next(it) for _ in range(30)]) == 30
     else:
-        with pytest.raises((RuntimeError, StopIteration)):
+        # how the failure surfaces depends on timing: DataLoader's "worker exited unexpectedly" (RuntimeError), or,
+        # when a worker dies while the main process takes over a tensor it shared, the lost file descriptor (OSError)
+        with pytest.raises((RuntimeError, StopIteration, OSError)):
             for _ in range(79):
                 next(it)
 

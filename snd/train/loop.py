@@ -246,7 +246,7 @@ def _train(cfg: DistillConfig, env: DistEnv, device: torch.device, factory: Stre
                            checkpoint=ckpt, continued_from=continued_from, skipped=int(runner.skipped.item()))
     logger = RunLogger(run_dir, total=cfg.iters, start=step, active=env.is_main, progress=progress)
     log_every = max(int(cfg.log_every), 1)
-    pending: list[tuple[int, torch.Tensor, float]] = []
+    pending: list[tuple[int, torch.Tensor, float, torch.Tensor, tuple]] = []  # step, loss, lr, skip count, items
     t_start = t_log = time.perf_counter()
     steps_since_log = 0
     stepper, path = None, "?"
