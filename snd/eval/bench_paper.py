@@ -95,8 +95,8 @@ def paper_projection(rows: list[dict], *, hw: tuple[int, int], extract_rate: flo
             steps waits for them (`loader_wait_s`, each row as if trained alone with every worker;
             `workers_to_keep_up`, the workers it would need not to wait; the suite's `augment_core_hours` is
             the CPU time all live items take).
-        live_rates: images/s of the live forward (fp32, no cache) at the fast size per probe batch
-            (`snd.bench.eval_measure.measure_live`), for the live rows' backbone; without them (JSONs measured
+        live_rates: images/s of the live forward (at the suite's `--extract-precision`, no cache) at the fast
+            size per probe batch (`snd.bench.eval_measure.measure_live`), for the live rows' backbone; without them (JSONs measured
             before it) those rows use the extraction rate, as the other paper passes do.
     """
     def ratio(other: tuple[int, int]) -> float:  # cost at `other` over the cost at the fast size

@@ -30,7 +30,7 @@ from snd.errors import SndError
 
 __all__ = ["BASE_FILE", "CKPT_DIR", "CONFIG_FILE", "KEEP", "checkpoint_step", "latest_checkpoint", "load_backbone_from_run",
            "load_base", "load_checkpoint", "rng_state", "save_base", "save_checkpoint", "set_rng_state", "atomic_write_text",
-           "CheckpointWriter"]
+           "CheckpointWriter", "checkpoint_path"]
 
 CONFIG_FILE = "config.json"
 BASE_FILE = "backbone_base.safetensors"
@@ -99,11 +99,16 @@ def load_base(model: nn.Module, base_file: Path) -> nn.Module:
     return model
 
 
+def checkpoint_path(run_dir: Path, step: int) -> Path:
+    """Where step `step`'s checkpoint tensors live (its .json beside them)."""
+    return Path(run_dir) / CKPT_DIR / f"step_{step:07d}.safetensors"
+
+
 def save_checkpoint(run_dir: Path, *, step: int, tensors: dict[str, Tensor], meta: dict[str, Any]) -> Path:
     """Write step_N.{safetensors,json} atomically, then point latest.json at them; keep the last KEEP."""
-    ck = Path(run_dir) / CKPT_DIR
+    path = checkpoint_path(run_dir, step)
+    ck, stem = path.parent, path.stem
     ck.mkdir(parents=True, exist_ok=True)
-    stem = f"step_{step:07d}"
     _atomic_save_tensors(tensors, ck / f"{stem}.safetensors")
     atomic_write_text(ck / f"{stem}.json", json.dumps({"step": step, **meta}))
     atomic_write_text(ck / LATEST, json.dumps({"step": step, "stem": stem}))
@@ -111,7 +116,7 @@ def save_checkpoint(run_dir: Path, *, step: int, tensors: dict[str, Tensor], met
     for p in old[: max(len(old) - (KEEP - 1), 0)]:
         p.unlink(missing_ok=True)
         p.with_suffix(".json").unlink(missing_ok=True)
-    return ck / f"{stem}.safetensors"
+    return path
 
 
 class CheckpointWriter:
@@ -135,7 +140,7 @@ class CheckpointWriter:
     def submit(self, run_dir: Path, *, step: int, tensors: dict[str, Tensor], meta: dict[str, Any]) -> Path:
         """Start writing step `step`'s checkpoint; returns the path it will have once complete."""
         self.wait()
-        path = Path(run_dir) / CKPT_DIR / f"step_{step:07d}.safetensors"
+        path = checkpoint_path(run_dir, step)
         if not self.background:
             self.last = save_checkpoint(run_dir, step=step, tensors=tensors, meta=meta)
             return self.last

@@ -13,7 +13,6 @@ items, gradients are averaged by one all-reduce per step, only rank 0 writes log
 from __future__ import annotations
 
 import contextlib
-
 import json
 import logging
 import random
