@@ -50,8 +50,9 @@ for s in $STEPS; do case $s in
       step "distill_$m" $est $to snd bench distill --models "$m" --paths fast --out "$OUT/bench_distill_fast_$m.json"
       summary distill "$OUT/bench_distill_fast_$m.json"
     done ;;
-  ops)  # (b2) the batched operator builder: gsplat batched == one job per call == torch plan, then ms per target by chunk
-    step ops-tests 40 90 py -m pytest -q -m gpu tests/test_operator_batched.py -p no:cacheprovider
+  ops)  # (b2) the batched operator builder: gsplat's list at chosen pixels and its adjoint (backward kernel) == the
+    # full list; gsplat batched == one job per call == torch plan; then ms per target by chunk
+    step ops-tests 40 90 py -m pytest -q -m gpu tests/test_contrib.py tests/test_operator_batched.py -p no:cacheprovider
     step ops-profile 40 90 py scripts/gpu_profile_operator.py
     cp "$OUT/next_ops-profile.log" "$OUT/profile_operator_batched.jsonl" 2>/dev/null ;;
   eval|eval-tests|bench-eval)  # (c) the evaluation GPU tests, then the suite's time; --protocol paper also writes the fast protocol's

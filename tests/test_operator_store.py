@@ -218,3 +218,31 @@ def test_a_non_finite_operator_leaves_its_target_out_of_the_store(store, synth_r
         assert all(torch.isfinite(v.float()).all() for v in b.operator.values())
     n_clean = len(ShardStream(store, img_hw=HW, seed=0).items)
     assert len(ShardStream(bad, img_hw=HW, seed=0).items) == n_clean - len(clean_r.scenes)  # one batch per scene
+
+
+def test_a_store_from_before_the_builder_fix_is_read_with_one_warning(store, tmp_path, caplog):
+    """Stores record the operator builder's revision; one written without it (before the GPU builder's fix) still
+    reads, with one warning per store naming it and the remedy."""
+    import shutil
+
+    import zarr
+
+    import snd.cache.reader as R
+    from snd.cache.schema import OPERATOR_BUILDER
+
+    scene = CacheReader(store).scenes[0]
+    assert dict(zarr.open_group(str(store / scene), mode="r").attrs)["operator_builder"] == OPERATOR_BUILDER
+    with caplog.at_level("WARNING"):
+        CacheReader(store).scene(scene).pair(0)
+    assert "operator builder" not in caplog.text
+    old = tmp_path / "old"
+    shutil.copytree(store, old)
+    for name in CacheReader(old).scenes:
+        del zarr.open_group(str(old / name), mode="r+").attrs["operator_builder"]
+    R._warned.clear()
+    with caplog.at_level("WARNING"):
+        r = CacheReader(old)
+        for name in r.scenes:
+            assert r.scene(name).pair(0).operator["op_vals"].shape[0] == 2
+    assert caplog.text.count("operator builder revision") == 1 and str(old) in caplog.text
+    assert "rebuild the store" in caplog.text

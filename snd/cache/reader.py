@@ -8,6 +8,7 @@ scene's completion marker). Any mismatch raises an `SndError` naming the scene a
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,10 +19,23 @@ from torch import Tensor
 
 from snd.cache import manifest as M
 from snd.cache.encode import decode_scaffold
-from snd.cache.schema import (CHECKSUM_ARRAY, FRAME_CHECKSUM_ARRAY, READABLE_VERSIONS, Encoding, FrameSpec, OperatorSpec,
-                              delta_decode, frame_layout, layout)
+from snd.cache.schema import (CHECKSUM_ARRAY, FRAME_CHECKSUM_ARRAY, OPERATOR_BUILDER, READABLE_VERSIONS, Encoding,
+                              FrameSpec, OperatorSpec, delta_decode, frame_layout, layout)
 from snd.cache.writer import crc32c
 from snd.errors import SndError
+
+_warned: set[str] = set()
+
+
+def _warn_old_builder(root: Path) -> None:
+    """Once per store and process: its operators predate `OPERATOR_BUILDER` (see `snd.cache.schema`)."""
+    if str(root) in _warned:
+        return
+    _warned.add(str(root))
+    logging.getLogger(__name__).warning(
+        "%s: its transfer operators were written before snd's operator builder revision %d; if stage one ran on a "
+        "GPU, every target of a build chunk but the first has a wrong operator (a batched-builder bug fixed on "
+        "2026-12-05; CPU builds are right): rebuild the store with `snd precompute`", root, OPERATOR_BUILDER)
 
 
 def _corrupt(root: Path, scene: str, pair: int | None, what: str) -> SndError:
@@ -72,6 +86,8 @@ class SceneReader:
         self.enc = Encoding.from_dict(attrs["encoding"])
         self.frame_ids: list[str] = list(attrs.get("frame_ids", []))
         self.op = OperatorSpec.from_dict(attrs.get("operator"))
+        if self.op is not None and attrs.get("operator_builder") is None:
+            _warn_old_builder(self.root)
         self.specs = layout(self.height, self.width, self.n_targets, self.enc, self.op)
         self._small = {n: self._read_whole(n) for n, s in self.specs.items() if s.kind == "small"}
         self._crc = self._read_whole(CHECKSUM_ARRAY)

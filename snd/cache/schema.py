@@ -38,6 +38,11 @@ from typing import Literal
 import numpy as np
 
 SCHEMA_VERSION = 3
+# Revision of the operator builder, recorded as the group attribute ``operator_builder`` of stores with
+# operators. 2: the GPU builder's fix of 2026-12-05 (before it, every target of a chunk but the first was built
+# with the first target's projected Gaussians when stage one ran on CUDA, so those operators were wrong; CPU
+# builds were right). A store without the attribute is readable; the reader warns once (`snd.cache.reader`).
+OPERATOR_BUILDER = 2
 READABLE_VERSIONS = (1, 2, 3)  # v1 = v2 without operator arrays; v2 = v3 without frames
 FORMAT_NAME = "snd-scaffold-cache"
 PAIRS_PER_SHARD = 16  # pairs per shard file: ~100 MB files at 576x880, few files per scene

@@ -22,7 +22,8 @@ import google_crc32c
 import numpy as np
 
 from snd.cache import manifest as M
-from snd.cache.schema import (CHECKSUM_ARRAY, FRAME_CHECKSUM_ARRAY, FRAMES_PER_SHARD, PAIRS_PER_SHARD, SCHEMA_VERSION, ArraySpec,
+from snd.cache.schema import (CHECKSUM_ARRAY, FRAME_CHECKSUM_ARRAY, FRAMES_PER_SHARD, OPERATOR_BUILDER, PAIRS_PER_SHARD, SCHEMA_VERSION,
+                              ArraySpec,
                               Encoding, FrameSpec, OperatorSpec, codecs_for, delta_encode, frame_layout, layout)
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,7 @@ class SceneWriter:
             "format": M.FORMAT_NAME, "schema_version": SCHEMA_VERSION, "scene": scene, "height": height,
             "width": width, "n_pairs": n_pairs, "n_targets": n_targets, "encoding": enc.to_dict(),
             "operator": op.to_dict() if op is not None else None,
+            **({"operator_builder": OPERATOR_BUILDER} if op is not None else {}),
             "frames": frames.to_dict() if frames is not None else None,
             "checksum": {"algorithm": "crc32c", "of": "stored bytes of each pair", "arrays": list(self.specs)},
             **attrs,

@@ -1,4 +1,4 @@
-"""Every (render, pixel, Gaussian) compositing weight of a batch of renders, as one flat list.
+"""The compositing weights of a batch of renders: as a flat list at chosen pixels, and as the render's adjoint.
 
 Why a batch: stage one builds three transfer operators per pair (`snd.splat.operator_build`), and each
 needs the full list of compositing weights of its target render. Done one render at a time, the work is
@@ -9,12 +9,25 @@ tagged with its job, which the operator builder aggregates with one sort.
 
 Each job n renders the Gaussians of pair ``pair[n]`` into camera (K[n], w2c[n]). Gaussian indices are
 into that pair's flattened V*H*W scaffold (not into a culled subset), so jobs of one pair share them.
+
+Two ways out, because an operator needs both and listing everything is what made it slow (~39 M weights
+per 576x880 target of a random-init MVSplat scaffold, 145 ms of operators per pair on an H100):
+
+* `pixels`: the full (pixel, Gaussian) list only at the pixels asked for (the ~2 % that the bilinear
+  downsampling reads). gsplat's index rasteriser starts every other pixel at transmittance 0, so it stops
+  there at its first contributing Gaussian and writes nothing, while the asked pixels run exactly as in a
+  full render.
+* `adjoint`: for an image-space field Y [N, H, W, K], the sum over pixels sum_q w_qg Y[q] for every
+  Gaussian g, i.e. the transpose of the render applied to Y. That is the gradient of <render(c), Y> with
+  respect to the colours c, which gsplat's backward kernel computes without listing any pair; the instance
+  part of an operator (per label, a Gaussian's summed weight over the label's pixels) is this with Y = the
+  labels' mean selectors.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -34,7 +47,9 @@ class Contributions:
 
     job, pix, gauss [M] long: render, pixel (y*W + x) and Gaussian (index into the job's pair's V*H*W
     scaffold) of each (pixel, Gaussian) pair that contributes; weight [M] float64: alpha_i T_i;
-    alpha [N, H, W] float32: 1 - final transmittance of each render.
+    alpha [N, H, W] float32: 1 - final transmittance of each render (every pixel, whatever `pixels` was).
+    adjoint [N, G, K] float32 or None: sum_q weight(q, g) * Y[n, q, k] for the field Y the caller's
+    selector returned (G = the pair's V*H*W; Gaussians that are not drawn get 0).
     """
 
     job: Tensor
@@ -42,16 +57,25 @@ class Contributions:
     gauss: Tensor
     weight: Tensor
     alpha: Tensor
+    adjoint: Tensor | None = None
+
+
+Selector = Callable[[Tensor], Tensor]  # alpha [N, H, W] -> Y [N, H, W, K] float32, the field of the adjoint
+GSPLAT_CHANNELS = (1, 2, 3, 4, 5, 8, 9, 16, 17, 32, 33, 64, 65, 128, 129, 256, 257, 512, 513)  # compiled
 
 
 def contributions(gaussians: Sequence[PixelGaussians], pair: Tensor, K: Tensor, w2c: Tensor, height: int, width: int,
                   *, near: float = 0.01, far: float = 1e10, backend: Backend = "auto",
-                  max_pairs: int = 1 << 24) -> Contributions:
+                  max_pairs: int = 1 << 24, pixels: Tensor | None = None,
+                  adjoint: Selector | None = None) -> Contributions:
     """Compositing weights of N jobs: job n draws ``gaussians[pair[n]]`` ([V, H, W] each, equal shapes) into
     the camera K[n] [3, 3], w2c[n] [4, 4] at height x width.
 
-    backend: "gsplat" (CUDA: gsplat's projection, tile intersection and index rasteriser, all jobs in one
-    call each), "torch" (`build_plan`, one job at a time; any device) or "auto".
+    backend: "gsplat" (CUDA: gsplat's projection, tile intersection, index rasteriser and backward kernel,
+    all jobs in one call each), "torch" (`build_plan`, one job at a time; any device) or "auto".
+    pixels: [height*width] bool; when given, the list holds only the pairs at these pixels (all of them).
+    adjoint: called once with every job's alpha; the field Y it returns is pulled back to the Gaussians
+    (`Contributions.adjoint`).
     The same Gaussians are drawn as by `snd.splat.inputs.drawable` (opacity >= 1/255, finite).
     """
     device = gaussians[0].means.device
@@ -61,18 +85,35 @@ def contributions(gaussians: Sequence[PixelGaussians], pair: Tensor, K: Tensor, 
         return Contributions(e, e, e, torch.zeros(0, dtype=torch.float64, device=device),
                              torch.zeros(0, height, width, device=device))
     if resolve_backend(backend, device) == "gsplat":
-        return _contributions_gsplat(gaussians, pair, K, w2c, height, width, near=near, far=far)
-    job, pix, gauss, wt, alpha = [], [], [], [], []
+        return _contributions_gsplat(gaussians, pair, K, w2c, height, width, near=near, far=far, pixels=pixels,
+                                     adjoint=adjoint)
+    job, pix, gauss, wt, alpha, plans = [], [], [], [], [], []
     for n in range(N):
         scene, kept = drawable(gaussians[int(pair[n])], K[n], w2c[n], height, width, near=near, far=far, device=device)
         plan = build_plan(scene, max_pairs=max_pairs)
         q, g = plan.weights.indices()
+        v = plan.weights.values()
+        if pixels is not None:
+            at = pixels.to(device)[q]
+            q, g, v = q[at], g[at], v[at]
         job.append(torch.full_like(q, n))
         pix.append(q)
         gauss.append(kept[g])
-        wt.append(plan.weights.values().to(torch.float64))
+        wt.append(v.to(torch.float64))
         alpha.append(plan.alpha.float())
-    return Contributions(torch.cat(job), torch.cat(pix), torch.cat(gauss), torch.cat(wt), torch.stack(alpha))
+        if adjoint is not None:
+            plans.append((plan, kept))
+    alpha = torch.stack(alpha)
+    adj = None
+    if adjoint is not None:
+        Y = adjoint(alpha)
+        G = gaussians[0].means[..., 0].numel()
+        adj = torch.zeros(N, G, Y.shape[-1], dtype=torch.float32, device=device)
+        for n, (plan, kept) in enumerate(plans):
+            if Y.shape[-1]:
+                yn = Y[n].reshape(height * width, -1).to(plan.weights.dtype)
+                adj[n, kept] = torch.sparse.mm(plan.weights.t(), yn).float()
+    return Contributions(torch.cat(job), torch.cat(pix), torch.cat(gauss), torch.cat(wt), alpha, adj)
 
 
 def _job_scenes(gaussians: Sequence[PixelGaussians], pair: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -89,12 +130,16 @@ def _job_scenes(gaussians: Sequence[PixelGaussians], pair: Tensor) -> tuple[Tens
 
 
 def _contributions_gsplat(gaussians: Sequence[PixelGaussians], pair: Tensor, K: Tensor, w2c: Tensor, height: int,
-                          width: int, *, near: float, far: float, tile_size: int = 16) -> Contributions:
+                          width: int, *, near: float, far: float, pixels: Tensor | None = None,
+                          adjoint: Selector | None = None, tile_size: int = 16) -> Contributions:
     """gsplat's kernels decide which pairs contribute, exactly as its rasteriser does (alpha >= 1/255, stop
-    before T <= 1e-4: ``rasterize_to_indices_in_range`` over the whole depth range, T starting at 1); the
-    weights alpha_i T_i are recomputed in torch (float64 transmittance) as gsplat's pure-torch
-    ``accumulate`` does. Jobs are gsplat's batch dimension ([N, 1 camera])."""
-    from gsplat.cuda._wrapper import (fully_fused_projection, isect_offset_encode, isect_tiles,
+    before T <= 1e-4: ``rasterize_to_indices_in_range`` over the whole depth range, T starting at 1 at the
+    asked pixels and 0 elsewhere); the weights alpha_i T_i are recomputed in torch (float64 transmittance)
+    as gsplat's pure-torch ``accumulate`` does. alpha comes from gsplat's forward kernel (one channel) and
+    the adjoint from its backward kernel, called directly with the field as the output gradient (the
+    public autograd path would also run a K-channel forward whose output nobody needs). Jobs are gsplat's
+    batch dimension ([N, 1 camera])."""
+    from gsplat.cuda._wrapper import (_make_lazy_cuda_func, fully_fused_projection, isect_offset_encode, isect_tiles,
                                       rasterize_to_indices_in_range)
 
     if not gaussians[0].means.is_cuda:
@@ -110,31 +155,54 @@ def _contributions_gsplat(gaussians: Sequence[PixelGaussians], pair: Tensor, K: 
     tw, th = math.ceil(width / tile_size), math.ceil(height / tile_size)
     _, isect_ids, flatten_ids = isect_tiles(means2d, radii, depths, tile_size, tw, th, packed=False)
     offsets = isect_offset_encode(isect_ids, N, tw, th).reshape(N, 1, th, tw)
+    op = opac[:, None].contiguous()
+    geo = (means2d.contiguous(), conics.contiguous())
+    ras = (int(width), int(height), tile_size, offsets.contiguous(), flatten_ids.contiguous())
+    _, alphas, last_ids = _make_lazy_cuda_func("rasterize_to_pixels_3dgs_fwd")(
+        *geo, means2d.new_zeros(N, 1, G, 1), op, None, None, *ras)  # [N, 1, H, W, 1]
+    alpha = alphas.float().reshape(N, height, width)
+    adj = None
+    if adjoint is not None:
+        Y = adjoint(alpha).to(torch.float32)  # [N, H, W, K]
+        Kc = int(Y.shape[-1])
+        adj = torch.zeros(N, G, Kc, device=dev)
+        if Kc:
+            Kp = next(c for c in GSPLAT_CHANNELS if c >= Kc)  # raises StopIteration past 513: the caller caps K
+            Yp = torch.nn.functional.pad(Y, (0, Kp - Kc))[:, None].contiguous()
+            v_colors = _make_lazy_cuda_func("rasterize_to_pixels_3dgs_bwd")(
+                *geo, means2d.new_zeros(N, 1, G, Kp), op, None, None, *ras, alphas, last_ids, Yp,
+                torch.zeros_like(alphas), False)[3]  # [N, 1, G, Kp]
+            adj = v_colors[:, 0, :, :Kc]
     flat = torch.cat([offsets.reshape(-1), offsets.new_tensor([flatten_ids.numel()])])
     longest = int((flat[1:] - flat[:-1]).max()) if flatten_ids.numel() else 0  # a host sync (as `pair.tolist()`)
     n_batches = max(1, -(-longest // (tile_size * tile_size)))
     T0 = torch.ones(N, 1, int(height), int(width), device=dev)
+    if pixels is not None:
+        T0 = T0 * pixels.to(dev, torch.float32).reshape(1, 1, int(height), int(width))
     gid, pix, img = rasterize_to_indices_in_range(0, n_batches, T0, means2d, conics, opac[:, None], int(width),
                                                   int(height), tile_size, offsets, flatten_ids)
-    gid, pix, img = gid.long(), pix.long(), img.long()  # gid: flattened index into [N * G]
+    # gid is the Gaussian's index within its image (the kernel writes ``g % N``), not into the [N * G] batch;
+    # fid is the latter (before this was found, every job of a chunk but the first read job 0's projection)
+    gid, pix, img = gid.long(), pix.long(), img.long()
+    fid = img * G + gid
     # alpha of every pair, as gsplat's accumulate (pixel centres at +0.5)
     px = (pix % width).to(torch.float32) + 0.5
     py = torch.div(pix, width, rounding_mode="floor").to(torch.float32) + 0.5
-    m2, c = means2d.reshape(-1, 2)[gid], conics.reshape(-1, 3)[gid]
+    m2, c = means2d.reshape(-1, 2)[fid], conics.reshape(-1, 3)[fid]
     dx, dy = px - m2[:, 0], py - m2[:, 1]
     sigma = 0.5 * (c[:, 0] * dx * dx + c[:, 2] * dy * dy) + c[:, 1] * dx * dy
-    alpha = (opac.reshape(-1)[gid] * torch.exp(-sigma)).clamp_max(ALPHA_MAX)
+    a = (opac.reshape(-1)[fid] * torch.exp(-sigma)).clamp_max(ALPHA_MAX)
     # front to back within each pixel: gsplat sorts a tile's list by depth (stable on Gaussian index)
     order = torch.sort(depths.reshape(N, G), dim=1, stable=True).indices
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(G, device=dev).expand(N, G).contiguous())
     Q = int(height) * int(width)
     gpix = img * Q + pix  # pixel of the whole batch
-    key = gpix * G + rank.reshape(-1)[gid]
+    key = gpix * G + rank.reshape(-1)[fid]
     # gsplat writes each pixel's hits at the cumulative count of the pixels before it, in its depth-sorted
     # tile order, so the list is normally sorted already; the check (one sync) saves the largest sort
     if key.numel() > 1 and not bool((key[1:] >= key[:-1]).all()):
         srt = torch.sort(key).indices
-        gpix, gid, alpha = gpix[srt], gid[srt], alpha[srt]
-    w, t_final, _ = composite_weights(gpix, alpha.double(), N * Q)
+        gpix, gid, a = gpix[srt], gid[srt], a[srt]
+    w, _, _ = composite_weights(gpix, a.double(), N * Q)
     job = torch.div(gpix, Q, rounding_mode="floor")
-    return Contributions(job, gpix - job * Q, gid % G, w, (1.0 - t_final).to(torch.float32).reshape(N, height, width))
+    return Contributions(job, gpix - job * Q, gid, w, alpha, adj)

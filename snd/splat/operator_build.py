@@ -2,19 +2,29 @@
 
 Why batched: stage one needs three operators per pair for every pair of the dataset. One at a time,
 each is a few hundred small kernels with host syncs between them (`nonzero`, `unique`, `int(...)`), so
-a GPU spends most of the build waiting on Python. Here all jobs of a chunk share every step: their
-compositing weights come from one batched render (`snd.splat.contrib`), and each part of the operator
-is one sort + segmented reduction over the entries of all jobs, keyed by (job, row, column).
+a GPU spends most of the build waiting on Python. Here all jobs of a chunk share every step.
+
+Why not from the full list of compositing weights (what this module did until 2026-12-05): a 576x880
+target of a random-init MVSplat scaffold has ~39 M (pixel, Gaussian) weights, and sorting and reducing them
+cost 145 ms of operators per pair on an H100. Neither part of the operator needs that list:
+
+* the direct part reads the render only at the pixels the bilinear downsampling samples (4 per patch,
+  ~2 % of the pixels), so the list is asked for there only (`snd.splat.contrib`, ``pixels``);
+* the instance part needs, per kept label, each Gaussian's summed weight over the label's pixels divided
+  by their count: the render's adjoint (transpose) applied to the labels' mean selectors, which gsplat's
+  backward kernel computes (``adjoint``); a sparse product with the transposed upsampling taps (one per pair
+  for all its jobs) takes it to the context patches.
 
 The math is `snd.splat.operator`'s (module docstring there); per job the result equals building it
-alone (tested: batched == one by one, and each == `target_features`). The dense [P, J] matrix of the
-one-at-a-time version is never formed: the direct part is aggregated sparsely and its `row_cap` largest
+alone (tested: batched == one by one == the earlier one-target builder, `tests/operator_reference.py`,
+and each == `target_features`). The direct part is aggregated sparsely and its `row_cap` largest
 coefficients per patch row are picked by a segmented sort (ties broken by column; `torch.topk`'s order
 among equal values is unspecified, which only matters when a cap drops mass).
 """
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -145,11 +155,12 @@ def build_operators(
         backend: where the (pixel, Gaussian) compositing weights come from: "gsplat" (CUDA; gsplat's own
             kernels, `snd.splat.contrib`), "torch" (`build_plan`, any device; ~1e-4 from gsplat) or "auto"
             (gsplat on CUDA when installed).
-        chunk: jobs built together (memory ~ chunk x the entries of one render: ~15 M compositing weights
-            for a 576x880 procedural target), or a `ChunkSize`, which a chunk out of GPU memory halves in place
+        chunk: jobs built together (memory ~ chunk x (pixels + Gaussians) x the kept labels, in float32), or a
+            `ChunkSize`, which a chunk out of GPU memory halves in place
             (retried, same result; an int is treated as a fresh ChunkSize for this call).
 
-    Accumulation is in float64 so the result does not depend on the order of atomic adds on GPU.
+    The direct part accumulates in float64; the instance part comes from gsplat's backward kernel (float32,
+    atomic adds: run to run it may differ in the last bits on a GPU) and a float32 sparse product.
     """
     from snd.splat.operator import TransferOperator  # the dataclass module imports this one
 
@@ -173,8 +184,24 @@ def build_operators(
     G, J = V * H * W, V * h * w
     ucols = ucols - torch.div(torch.arange(B * G, device=device), G, rounding_mode="floor")[:, None] * J  # per pair
     dpix, dwt = _downsample_taps(Ht, Wt, h2, w2, device)
-    const = dict(ucols=ucols, uw=uw, G=G, J=J, dpix=dpix, dwt=dwt, out_hw=(h2, w2), r=r,
-                 blend_w=blend_weight if blend else 0.0, row_cap=int(row_cap), inst_cap=int(inst_cap))
+    transposed: dict[int, Tensor] = {}
+
+    def up_t(p: int) -> Tensor:
+        """Pair p's upsampling taps transposed, as a CSR [J, G] float32 (built once per call and pair)."""
+        if p not in transposed:
+            rows = slice(p * G, (p + 1) * G)
+            idx = torch.stack([ucols[rows].reshape(-1), torch.arange(G, device=device).repeat_interleave(4)])
+            coo = torch.sparse_coo_tensor(idx, uw[rows].reshape(-1).float(), (J, G), check_invariants=False)
+            with warnings.catch_warnings():  # "sparse CSR support is in beta": the product below is all we use
+                warnings.simplefilter("ignore", UserWarning)
+                transposed[p] = coo.coalesce().to_sparse_csr()
+        return transposed[p]
+
+    const = dict(ucols=ucols, uw=uw, up_t=up_t, G=G, J=J, dpix=dpix, dwt=dwt, out_hw=(h2, w2), r=r, row_cap=int(row_cap),
+                 inst_cap=int(inst_cap))
+    label_knobs = dict(dpix=dpix, dwt=dwt, r=r, blend_w=blend_weight if blend else 0.0, inst_cap=int(inst_cap))
+    taps = torch.zeros(Ht * Wt, dtype=torch.bool, device=device)
+    taps[dpix.reshape(-1)] = True  # the only pixels whose (pixel, Gaussian) list the direct part reads
     pair = pair.to(device)
     size = chunk if isinstance(chunk, ChunkSize) else ChunkSize(chunk)
     parts = []
@@ -182,10 +209,17 @@ def build_operators(
     while s < N:
         sl = slice(s, min(N, s + size.size))
         try:
+            lb: dict = {}
+            tm = tgt_masks[sl].to(device)
+
+            def field(alpha: Tensor, tm=tm, lb=lb) -> Tensor:
+                lb.update(_labels(tm, alpha, **label_knobs))
+                return lb["Y"]
+
             c = contributions(gaussians, pair[sl], tgt_K[sl].to(device, torch.float32),
                               tgt_w2c[sl].to(device, torch.float32), Ht, Wt, near=near, far=far, backend=backend,
-                              max_pairs=max_pairs)
-            parts.append(_assemble(c, tgt_masks[sl].to(device), pair[sl], **const))
+                              max_pairs=max_pairs, pixels=taps, adjoint=field)
+            parts.append(_assemble(c, lb, pair[sl], **const))
             s = sl.stop
             continue
         except torch.OutOfMemoryError:
@@ -205,28 +239,52 @@ def build_operators(
     return TransferOperator(**{k: torch.cat([p[k] for p in parts]) for k in parts[0]})
 
 
-def _assemble(c, tgt_masks: Tensor, pair_sl: Tensor, *, ucols: Tensor, uw: Tensor, G: int, J: int, dpix: Tensor,
-              dwt: Tensor, out_hw: tuple[int, int], r: Rules, blend_w: float, row_cap: int, inst_cap: int) -> dict:
-    """The operators of one chunk of jobs from their contributions `c` (`snd.splat.contrib.Contributions`)."""
+def _labels(tgt_masks: Tensor, alpha: Tensor, *, dpix: Tensor, dwt: Tensor, r: Rules, blend_w: float,
+            inst_cap: int) -> dict:
+    """Per chunk of jobs, from the renders' alpha: coverage, each pixel's label and blend weight, and the
+    `inst_cap` labels with the most blend weight per job (their slot; -1 for the others), plus Y, the field
+    whose render adjoint is the instance part: Y[n, q, slot(label q)] = 1 / |label q's pixels in the means|
+    for pixels q in the means. Labels are sorted by (job, label), as a per-job `torch.unique`."""
     device = tgt_masks.device
     N, Ht, Wt = tgt_masks.shape
-    Q, P = Ht * Wt, out_hw[0] * out_hw[1]
-    covered = (c.alpha > r.coverage_threshold).reshape(N, Q)
+    Q = Ht * Wt
+    covered = (alpha > r.coverage_threshold).reshape(N, Q)
     in_mean = torch.ones_like(covered) if r.mean_over_all else covered  # pixels the segment means run over
-    grow = pair_sl[c.job] * G + c.gauss  # row of each entry's Gaussian in the upsampling taps
-    gq = c.job * Q + c.pix  # pixel of the chunk
-
-    # labels of every job (sorted by job, then label, as a per-job torch.unique), their pixel counts in
-    # the means and the blend weight of each pixel (only labels with a pixel in the means are blended)
     lab = tgt_masks.reshape(N, Q).long()
     lo = lab.min()
     span = lab.max() - lo + 1
     labels, inv = torch.unique(torch.arange(N, device=device)[:, None] * span + (lab - lo), return_inverse=True)
     inv = inv.reshape(-1)  # [N*Q] label index of each pixel
     lab_job = torch.div(labels, span, rounding_mode="floor")
-    counts = torch.zeros(labels.numel(), dtype=f64, device=device).index_add_(
-        0, inv, in_mean.reshape(-1).to(f64))
-    b_pix = (counts > 0).to(f64)[inv] * blend_w  # [N*Q]
+    counts = torch.zeros(labels.numel(), dtype=f64, device=device).index_add_(0, inv, in_mean.reshape(-1).to(f64))
+    b_pix = (counts > 0).to(f64)[inv] * blend_w  # [N*Q]: only labels with a pixel in the means are blended
+    tap_lab = inv.reshape(N, Q)[:, dpix]  # [N, 4, P]
+    tap_w = dwt[None] * b_pix.reshape(N, Q)[:, dpix]  # [N, 4, P]
+    mass = torch.zeros(labels.numel(), dtype=f64, device=device).index_add_(0, tap_lab.reshape(-1), tap_w.reshape(-1))
+    used = (mass > 0).nonzero().squeeze(1)
+    o, rank = _rank_in_group(lab_job[used], mass[used])
+    slot = torch.full((labels.numel(),), -1, dtype=torch.long, device=device)
+    ok = rank < inst_cap
+    slot[used[o][ok]] = rank[ok]
+    n_slots = int(slot.max()) + 1 if slot.numel() else 0  # a host sync: the field's channel count
+    ps = slot[inv]
+    sel = (in_mean.reshape(-1) & (ps >= 0)).nonzero().squeeze(1)
+    Y = torch.zeros(N * Q, max(n_slots, 0), dtype=torch.float32, device=device)
+    Y[sel, ps[sel]] = (1.0 / counts[inv[sel]]).float()
+    return dict(covered=covered, b_pix=b_pix, tap_lab=tap_lab, tap_w=tap_w, slot=slot,
+                Y=Y.reshape(N, Ht, Wt, -1))
+
+
+def _assemble(c, lb: dict, pair_sl: Tensor, *, ucols: Tensor, uw: Tensor, up_t, G: int, J: int, dpix: Tensor,
+              dwt: Tensor, out_hw: tuple[int, int], r: Rules, row_cap: int, inst_cap: int) -> dict:
+    """The operators of one chunk of jobs from their contributions `c` (`snd.splat.contrib.Contributions`,
+    listed at the downsampling's tap pixels, with the adjoint of `lb["Y"]`) and their labels `lb`."""
+    N, P = lb["tap_w"].shape[0], out_hw[0] * out_hw[1]
+    Q = lb["covered"].shape[1]
+    device = dpix.device
+    b_pix = lb["b_pix"]
+    grow = pair_sl[c.job] * G + c.gauss  # row of each entry's Gaussian in the upsampling taps
+    gq = c.job * Q + c.pix  # pixel of the chunk
 
     # direct part: entries at pixels a patch samples, expanded to their 4 upsampling taps, sent through
     # the 4 downsampling tap slots (each slot maps pixels to patches one to one)
@@ -257,33 +315,28 @@ def _assemble(c, tgt_masks: Tensor, pair_sl: Tensor, *, ucols: Tensor, uw: Tenso
     tot = _per_job_sum(rjob, val.abs(), N)
     dropped_direct = _per_job_sum(rjob[o][~keep], val[o][~keep].abs(), N) / tot.clamp_min(1e-300)
 
-    # instance part: the `inst_cap` labels with the most blend weight per job, then per (label, Gaussian)
-    # the summed weight over the label's pixels in the means, expanded to the upsampling taps
-    tap_lab = inv.reshape(N, Q)[:, dpix]  # [N, 4, P]
-    tap_w = dwt[None] * b_pix.reshape(N, Q)[:, dpix]  # [N, 4, P]
-    mass = torch.zeros(labels.numel(), dtype=f64, device=device).index_add_(0, tap_lab.reshape(-1), tap_w.reshape(-1))
-    used = (mass > 0).nonzero().squeeze(1)
-    o, rank = _rank_in_group(lab_job[used], mass[used])
-    slot = torch.full((labels.numel(),), -1, dtype=torch.long, device=device)
-    ok = rank < inst_cap
-    slot[used[o][ok]] = rank[ok]
-    inst = torch.zeros(N * inst_cap * J, dtype=f64, device=device)
-    lq = inv[gq]
-    k = (in_mean.reshape(-1)[gq] & (slot[lq] >= 0)).nonzero().squeeze(1)
-    if k.numel():
-        ks = c.job[k] * inst_cap + slot[lq[k]]  # the chunk's label row
-        key, agg = _sum_by_key(ks * G + c.gauss[k], c.weight[k] / counts[lq[k]])
-        ks = torch.div(key, G, rounding_mode="floor")
-        gr = pair_sl[torch.div(ks, inst_cap, rounding_mode="floor")] * G + key % G
-        inst.index_add_(0, (ks[:, None] * J + ucols[gr]).reshape(-1), (agg[:, None] * uw[gr]).reshape(-1))
-    tap_slot = slot[tap_lab]  # [N, 4, P]
+    # instance part: per job and kept label, the render's adjoint of the label's mean selector (a
+    # Gaussian's summed weight over the label's pixels in the means, over their count), sent through the
+    # upsampling taps to the context patches
+    inst = torch.zeros(N, inst_cap, J, dtype=torch.float32, device=device)
+    n_slots = c.adjoint.shape[-1]
+    if n_slots:
+        pairs = pair_sl.tolist()
+        for p in sorted(set(pairs)):  # one sparse product per pair for all its jobs' label columns
+            jobs = [n for n in range(N) if pairs[n] == p]
+            A = c.adjoint[jobs].permute(1, 0, 2).reshape(G, len(jobs) * n_slots)  # [G, jobs x slots]
+            out = torch.sparse.mm(up_t(p), A).reshape(J, len(jobs), n_slots)
+            inst[jobs, :n_slots] = out.permute(1, 2, 0)
+    tap_slot = lb["slot"][lb["tap_lab"]]  # [N, 4, P]
     keep_tap = tap_slot >= 0
+    tap_w = lb["tap_w"]
     inst_ids = torch.where(keep_tap, tap_slot, 0).transpose(1, 2).contiguous()  # [N, P, 4]
     inst_w = torch.where(keep_tap, tap_w, 0.0).transpose(1, 2).contiguous()
     dropped_inst = torch.where(keep_tap, 0.0, tap_w.abs()).sum((1, 2)) / tap_w.abs().sum((1, 2)).clamp_min(1e-300)
 
-    valid = coverage_to_patches(covered.reshape(N, Ht, Wt), out_hw, r).reshape(N, P)
+    Ht, Wt = lb["Y"].shape[1:3]
+    valid = coverage_to_patches(lb["covered"].reshape(N, Ht, Wt), out_hw, r).reshape(N, P)
     return dict(cols=cols.reshape(N, P, row_cap), vals=ell.reshape(N, P, row_cap).float(),
-                inst=inst.reshape(N, inst_cap, J).float(), inst_ids=inst_ids, inst_w=inst_w.float(), valid=valid,
+                inst=inst, inst_ids=inst_ids, inst_w=inst_w.float(), valid=valid,
                 dropped_direct=dropped_direct.float().clamp_min(0), dropped_inst=dropped_inst.float().clamp_min(0),
                 max_row_nnz=nnz.max(1).values if P else torch.zeros(N, dtype=torch.long, device=device))
