@@ -36,7 +36,9 @@ def _by_hand_adjoint(c, Y, G):
     return out.reshape(N, G, K)
 
 
-def _check(backend, device):
+def _check(backend, device, rtol):
+    """rtol: of the adjoint against the float64 list (gsplat's backward recomputes T by division in float32:
+    2.4e-4 measured on an H100; the torch plan's weights are the list's own)."""
     g, K, w2c, H, W = _scene(device)
     pair = torch.zeros(2, dtype=torch.long, device=device)
     G = g.means[..., 0].numel()
@@ -63,18 +65,18 @@ def _check(backend, device):
     # the adjoint == the full list summed by hand
     ref = _by_hand_adjoint(full, Y, G)
     assert cut.adjoint.shape == (2, G, 3) and ref.abs().max() > 0.1
-    torch.testing.assert_close(cut.adjoint.double(), ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(cut.adjoint.double(), ref, rtol=rtol, atol=rtol / 10)
     # and it is the render's transpose: <R f, Y> == <f, R^T Y> for random Gaussian features f
     f = torch.randn(G, 3, generator=gen).double().to(device)
     img = torch.zeros(2 * H * W, 3, dtype=torch.float64, device=device)
     img.index_add_(0, full.job * H * W + full.pix, full.weight[:, None] * f[full.gauss])
     lhs = (img * Y.reshape(-1, 3).double()).sum()
     rhs = (cut.adjoint.double() * f[None]).sum()
-    torch.testing.assert_close(rhs, lhs, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(rhs, lhs, rtol=rtol, atol=1e-6)
 
 
 def test_pixels_and_adjoint_torch():
-    _check("torch", "cpu")
+    _check("torch", "cpu", rtol=1e-4)
 
 
 def test_an_empty_field_gives_an_empty_adjoint():
@@ -89,4 +91,4 @@ def test_an_empty_field_gives_an_empty_adjoint():
 def test_pixels_and_adjoint_gsplat():
     """gsplat's index rasteriser started at T=0 off the chosen pixels, and its backward kernel as the adjoint."""
     pytest.importorskip("gsplat")
-    _check("gsplat", "cuda")
+    _check("gsplat", "cuda", rtol=1e-3)

@@ -191,9 +191,9 @@ def build_operators(
         if p not in transposed:
             rows = slice(p * G, (p + 1) * G)
             idx = torch.stack([ucols[rows].reshape(-1), torch.arange(G, device=device).repeat_interleave(4)])
-            coo = torch.sparse_coo_tensor(idx, uw[rows].reshape(-1).float(), (J, G), check_invariants=False)
-            with warnings.catch_warnings():  # "sparse CSR support is in beta": the product below is all we use
+            with warnings.catch_warnings():  # torch's notes on sparse invariant checks and CSR being in beta
                 warnings.simplefilter("ignore", UserWarning)
+                coo = torch.sparse_coo_tensor(idx, uw[rows].reshape(-1).float(), (J, G), check_invariants=False)
                 transposed[p] = coo.coalesce().to_sparse_csr()
         return transposed[p]
 
