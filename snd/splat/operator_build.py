@@ -47,10 +47,10 @@ log = logging.getLogger(__name__)
 class ChunkSize:
     """Jobs built together, halved in place when a chunk runs out of GPU memory.
 
-    Why: a chunk's memory grows with its targets' compositing weights, which depend on the scaffold (a random-init
-    MVSplat's: ~39 M per 576x880 target, judged from the float64 array that failed; the procedural depth
-    scaffold's: ~15 M), and on what else holds the GPU (MVSplat's CUDA graphs kept 34 GiB). The default of 8
-    ran an 80 GB H100 out of memory that way (2026-12-05). The operators are the same for every chunk size,
+    Why: a chunk's memory grows with its targets' pixels, Gaussians and kept labels (the adjoint's [G, K] arrays),
+    and with what else holds the GPU (MVSplat's CUDA graphs kept 34 GiB). When the builder listed every
+    compositing weight (~39 M per 576x880 random-init MVSplat target), the default of 8 ran an 80 GB H100 out of
+    memory (2026-12-05); the adjoint builder fits 8 (peak 22.9 GiB). The operators are the same for every chunk size,
     so a chunk that does not fit is retried in halves; the caller keeps the object, so later batches start at
     the size that fitted."""
 
