@@ -22,9 +22,9 @@ import google_crc32c
 import numpy as np
 
 from snd.cache import manifest as M
-from snd.cache.schema import (CHECKSUM_ARRAY, FRAME_CHECKSUM_ARRAY, FRAMES_PER_SHARD, OPERATOR_BUILDER, PAIRS_PER_SHARD, SCHEMA_VERSION,
-                              ArraySpec,
-                              Encoding, FrameSpec, OperatorSpec, codecs_for, delta_encode, frame_layout, layout)
+from snd.cache.schema import (CHECKSUM_ARRAY, FRAME_CHECKSUM_ARRAY, FRAMES_PER_SHARD, OPERATOR_BUILDER, PAIRS_PER_SHARD,
+                              SCHEMA_VERSION, ArraySpec, Encoding, FrameSpec, OperatorSpec, codecs_for, delta_encode,
+                              frame_layout, layout)
 
 log = logging.getLogger(__name__)
 

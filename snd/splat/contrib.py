@@ -1,7 +1,7 @@
 """The compositing weights of a batch of renders: as a flat list at chosen pixels, and as the render's adjoint.
 
 Why a batch: stage one builds three transfer operators per pair (`snd.splat.operator_build`), and each
-needs the full list of compositing weights of its target render. Done one render at a time, the work is
+needs compositing weights of its target render. Done one render at a time, the work is
 a few hundred small kernels and several host syncs per target (~22 ms on an H100 for a 576x880 render,
 `docs/bench/profile_operator_h100.jsonl`). Here the renders of many (pair, target) jobs go through
 gsplat's kernels in one call each (jobs are gsplat's batch dimension), and the result is one flat list
@@ -167,7 +167,10 @@ def _contributions_gsplat(gaussians: Sequence[PixelGaussians], pair: Tensor, K: 
         Kc = int(Y.shape[-1])
         adj = torch.zeros(N, G, Kc, device=dev)
         if Kc:
-            Kp = next(c for c in GSPLAT_CHANNELS if c >= Kc)  # raises StopIteration past 513: the caller caps K
+            if Kc > GSPLAT_CHANNELS[-1]:
+                raise ValueError(f"the adjoint's field has {Kc} channels; gsplat's kernels take at most "
+                                 f"{GSPLAT_CHANNELS[-1]} (lower the operator's inst_cap)")
+            Kp = next(c for c in GSPLAT_CHANNELS if c >= Kc)
             Yp = torch.nn.functional.pad(Y, (0, Kp - Kc))[:, None].contiguous()
             v_colors = _make_lazy_cuda_func("rasterize_to_pixels_3dgs_bwd")(
                 *geo, means2d.new_zeros(N, 1, G, Kp), op, None, None, *ras, alphas, last_ids, Yp,

@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import warnings
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -275,8 +275,8 @@ def _labels(tgt_masks: Tensor, alpha: Tensor, *, dpix: Tensor, dwt: Tensor, r: R
                 Y=Y.reshape(N, Ht, Wt, -1))
 
 
-def _assemble(c, lb: dict, pair_sl: Tensor, *, ucols: Tensor, uw: Tensor, up_t, G: int, J: int, dpix: Tensor,
-              dwt: Tensor, out_hw: tuple[int, int], r: Rules, row_cap: int, inst_cap: int) -> dict:
+def _assemble(c, lb: dict, pair_sl: Tensor, *, ucols: Tensor, uw: Tensor, up_t: Callable[[int], Tensor], G: int,
+              J: int, dpix: Tensor, dwt: Tensor, out_hw: tuple[int, int], r: Rules, row_cap: int, inst_cap: int) -> dict:
     """The operators of one chunk of jobs from their contributions `c` (`snd.splat.contrib.Contributions`,
     listed at the downsampling's tap pixels, with the adjoint of `lb["Y"]`) and their labels `lb`."""
     N, P = lb["tap_w"].shape[0], out_hw[0] * out_hw[1]
