@@ -88,13 +88,14 @@ def contributions(gaussians: Sequence[PixelGaussians], pair: Tensor, K: Tensor, 
         return _contributions_gsplat(gaussians, pair, K, w2c, height, width, near=near, far=far, pixels=pixels,
                                      adjoint=adjoint)
     job, pix, gauss, wt, alpha, plans = [], [], [], [], [], []
+    pixels = pixels.to(device) if pixels is not None else None
     for n in range(N):
         scene, kept = drawable(gaussians[int(pair[n])], K[n], w2c[n], height, width, near=near, far=far, device=device)
         plan = build_plan(scene, max_pairs=max_pairs)
         q, g = plan.weights.indices()
         v = plan.weights.values()
         if pixels is not None:
-            at = pixels.to(device)[q]
+            at = pixels[q]
             q, g, v = q[at], g[at], v[at]
         job.append(torch.full_like(q, n))
         pix.append(q)

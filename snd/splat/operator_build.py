@@ -269,7 +269,7 @@ def _labels(tgt_masks: Tensor, alpha: Tensor, *, dpix: Tensor, dwt: Tensor, r: R
     n_slots = int(slot.max()) + 1 if slot.numel() else 0  # a host sync: the field's channel count
     ps = slot[inv]
     sel = (in_mean.reshape(-1) & (ps >= 0)).nonzero().squeeze(1)
-    Y = torch.zeros(N * Q, max(n_slots, 0), dtype=torch.float32, device=device)
+    Y = torch.zeros(N * Q, n_slots, dtype=torch.float32, device=device)
     Y[sel, ps[sel]] = (1.0 / counts[inv[sel]]).float()
     return dict(covered=covered, b_pix=b_pix, tap_lab=tap_lab, tap_w=tap_w, slot=slot,
                 Y=Y.reshape(N, Ht, Wt, -1))
