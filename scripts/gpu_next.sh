@@ -52,9 +52,23 @@ for s in $STEPS; do case $s in
     done ;;
   ops)  # (b2) the batched operator builder: gsplat's list at chosen pixels and its adjoint (backward kernel) == the
     # full list; gsplat batched == one job per call == torch plan; then ms per target by chunk
-    step ops-tests 40 90 py -m pytest -q -m gpu tests/test_contrib.py tests/test_operator_batched.py -p no:cacheprovider
+    # (and stage one's operators on their own stream == queued behind the network, tests/test_precompute.py)
+    step ops-tests 60 120 py -m pytest -q -m gpu tests/test_contrib.py tests/test_operator_batched.py tests/test_precompute.py \
+      -p no:cacheprovider
     step ops-profile 40 90 py scripts/gpu_profile_operator.py
     cp "$OUT/next_ops-profile.log" "$OUT/profile_operator_batched.jsonl" 2>/dev/null ;;
+  precompute-ab)  # (d0) stage one with operators, lossless frames: on their own stream (the default) vs queued behind
+    # MVSplat (--no-operator-stream), then the builder profiled on that store's random-init MVSplat scaffold
+    est=170
+    for mode in operator-stream no-operator-stream; do
+      step "precompute_$mode" $est 260 snd bench precompute --source mvsplat --device cuda --images lossless --pairs "$PRE_PAIRS" \
+        --"$mode" --workdir /tmp/snd-bench-pre --out "$OUT/bench_precompute_mvsplat_$mode.json"
+      summary precompute "$OUT/bench_precompute_mvsplat_$mode.json"; est=110  # compile cache warm now
+    done
+    [[ -f $OUT/bench_precompute_mvsplat_operator-stream.json ]] && \
+      cp "$OUT/bench_precompute_mvsplat_operator-stream.json" "$OUT/bench_precompute_mvsplat_operators_lossless.json"
+    step ops-profile-store 60 120 py scripts/gpu_profile_operator.py --store /tmp/snd-bench-pre/cache --tag mvsplat_random_init
+    cp "$OUT/next_ops-profile-store.log" "$OUT/profile_operator_store.jsonl" 2>/dev/null ;;
   eval|eval-tests|bench-eval)  # (c) the evaluation GPU tests, then the suite's time; --protocol paper also writes the fast protocol's
     # projection (`projected`: the same measured rates; the protocol only changes the arithmetic), so one run has both
     [[ $s == bench-eval ]] || step eval-tests 120 200 py -m pytest -q -m gpu tests/test_eval_probe_speed.py tests/test_eval_probes_together.py \
@@ -70,7 +84,7 @@ for s in $STEPS; do case $s in
         --workdir /tmp/snd-bench-pre --out "$OUT/bench_precompute_mvsplat_operators_$codec.json"
       summary precompute "$OUT/bench_precompute_mvsplat_operators_$codec.json"; est=110  # compile cache warm now
     done ;;
-  *) echo "unknown step $s (fast-tests | distill | ops | eval | eval-tests | bench-eval | precompute)"; exit 2 ;;
+  *) echo "unknown step $s (fast-tests | distill | ops | precompute-ab | eval | eval-tests | bench-eval | precompute)"; exit 2 ;;
 esac; done
 
 # the paper-scale projection from this call's files (the others: the newest in docs/bench)

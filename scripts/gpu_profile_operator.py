@@ -1,9 +1,15 @@
-"""Where stage one's operator build spends its GPU time: the batched builder at several chunk sizes.
+"""Where stage one's operator build spends its GPU time, and what one plain render of the same targets costs.
 
-Four synthetic 576x880 pairs, 3 targets each (12 jobs, 41x62 grids). Prints JSON lines: warm wall ms per
-target for each `chunk`, then the top CUDA ops by device time of one chunk-12 build.
-Usage (device): python3 scripts/gpu_profile_operator.py
+Four 576x880 pairs, 3 targets each (12 jobs, 41x62 grids): synthetic (`snd.train.synthetic`, depth-like
+Gaussians) or, with ``--store DIR``, the first four pairs of a stage-one store (e.g. the random-init MVSplat
+scaffold of `snd bench precompute --source mvsplat --workdir W`, DIR = W/cache), decoded as stage two reads them.
+Prints JSON lines: warm wall ms per target of the batched builder for each `chunk`; the "render floor": ms per
+target of gsplat's plain forward `rasterization` (3 channels, the same 12 cameras, one call per pair), which
+any construction of an exact operator must at least match (it visits every (pixel, Gaussian) pair of the
+target); then the top CUDA ops by device time of one chunk-12 build.
+Usage (device): python3 scripts/gpu_profile_operator.py [--store DIR] [--tag NAME]
 """
+import argparse
 import json
 import time
 
@@ -13,32 +19,73 @@ from torch.profiler import ProfilerActivity, profile
 from snd.splat.gaussians import PixelGaussians
 from snd.splat.operator import build_operators
 from snd.train.distiller import rigid_inverse
-from snd.train.synthetic import synthetic_sample
 
+ap = argparse.ArgumentParser()
+ap.add_argument("--store", default=None)
+ap.add_argument("--tag", default="synthetic")
+a = ap.parse_args()
 dev = torch.device("cuda")
-xs = [synthetic_sample(i, img_hw=(574, 868), scaffold_hw=(576, 880)) for i in range(4)]
-gs = [PixelGaussians(x["means"], x["quats"], x["scales"], x["opacities"]).to(device=dev) for x in xs]
-masks = torch.stack([x["ctx_masks"] for x in xs]).to(dev)
-src = [i for i in range(4) for _ in range(3)]  # 3 targets per pair (the same camera: equal cost)
+if a.store:
+    from snd.cache.reader import CacheReader
+
+    r = CacheReader(a.store)
+    ps = [r.scene(r.scenes[0]).pair(i) for i in range(4)]
+    gs = [PixelGaussians(p.means, p.quats, p.scales, p.opacities).to(device=dev) for p in ps]
+    masks = torch.stack([p.ctx_masks for p in ps]).to(dev)
+    tgt = [(p.tgt_masks[t], p.tgt_K[t], p.tgt_c2w[t]) for p in ps for t in range(3)]
+    H, W = ps[0].means.shape[1:3]
+else:
+    from snd.train.synthetic import synthetic_sample
+
+    xs = [synthetic_sample(i, img_hw=(574, 868), scaffold_hw=(576, 880)) for i in range(4)]
+    gs = [PixelGaussians(x["means"], x["quats"], x["scales"], x["opacities"]).to(device=dev) for x in xs]
+    masks = torch.stack([x["ctx_masks"] for x in xs]).to(dev)
+    tgt = [(xs[i]["tgt_mask"], xs[i]["tgt_K"], xs[i]["tgt_c2w"]) for i in range(4) for _ in range(3)]  # same camera
+    H, W = 576, 880
+src = [i for i in range(4) for _ in range(3)]
 pair = torch.tensor(src, device=dev)
-args = (gs, masks, torch.stack([xs[i]["tgt_mask"] for i in src]).to(dev), torch.stack([xs[i]["tgt_K"] for i in src]).to(dev),
-        torch.stack([rigid_inverse(xs[i]["tgt_c2w"]) for i in src]).to(dev), pair, (41, 62), (41, 62))
-for chunk in (1, 3, 6, 12):
+tK = torch.stack([t[1] for t in tgt]).to(dev, torch.float32)
+tw2c = torch.stack([rigid_inverse(t[2].float()) for t in tgt]).to(dev)
+args = (gs, masks, torch.stack([t[0] for t in tgt]).to(dev), tK, tw2c, pair, (41, 62), (41, 62))
+
+
+def timed(fn, reps=3):
     for _ in range(2):
-        build_operators(*args, chunk=chunk)
+        fn()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    for _ in range(3):
-        build_operators(*args, chunk=chunk)
+    for _ in range(reps):
+        fn()
     torch.cuda.synchronize()
-    ms = (time.perf_counter() - t0) / 3 * 1e3
-    print(json.dumps({"chunk": chunk, "ms_per_target": ms / len(src), "ms_per_pair": ms / 4,
-                      "peak_gib": torch.cuda.max_memory_allocated() / 2**30}))
+    return (time.perf_counter() - t0) / reps * 1e3
+
+
+for chunk in (1, 3, 6, 8, 12):
+    ms = timed(lambda: build_operators(*args, chunk=chunk))
+    print(json.dumps({"tag": a.tag, "chunk": chunk, "ms_per_target": ms / len(src), "ms_per_pair": ms / 4,
+                      "peak_gib": torch.cuda.max_memory_allocated() / 2**30}), flush=True)
+
+from gsplat import rasterization  # noqa: E402
+
+
+def render_all():
+    for i, g in enumerate(gs):
+        f = g.flatten()
+        sel = slice(3 * i, 3 * i + 3)
+        n = f[0].shape[0]
+        rasterization(f[0].float(), f[1].float(), f[2].float(), f[3].float(), torch.ones(n, 3, device=dev),
+                      tw2c[sel], tK[sel], W, H, packed=False)
+
+
+ms = timed(render_all)
+f = gs[0].flatten()
+print(json.dumps({"tag": a.tag, "render_floor_ms_per_target": ms / len(src), "gaussians_per_pair": int(f[0].shape[0]),
+                  "what": "gsplat.rasterization forward, 3 channels, 3 cameras per call"}), flush=True)
 with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
     build_operators(*args, chunk=12)
     torch.cuda.synchronize()
 rows = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:15]
 for e in rows:
-    print(json.dumps({"op": e.key[:80], "device_ms": e.device_time_total / 1e3, "cpu_ms": e.cpu_time_total / 1e3,
-                      "calls": e.count}))
+    print(json.dumps({"tag": a.tag, "op": e.key[:80], "device_ms": e.device_time_total / 1e3,
+                      "cpu_ms": e.cpu_time_total / 1e3, "calls": e.count}))

@@ -23,7 +23,7 @@ def _recording_python(tmp_path: Path) -> tuple[Path, Path]:
     stub = bin_dir / "python3"
     stub.write_text(f"""#!/bin/sh
 case "$1 $2" in
-  "-m snd.cli"|"-m pytest"|"-m snd.bench.summary"|scripts/gpu_nan_hunt.py*) echo "$*" >> "{log}"; exit 0;;
+  "-m snd.cli"|"-m pytest"|"-m snd.bench.summary"|scripts/gpu_nan_hunt.py*|scripts/gpu_profile_operator.py*) echo "$*" >> "{log}"; exit 0;;
 esac
 exec "{sys.executable}" "$@"
 """)
@@ -61,6 +61,23 @@ def test_gpu_next_skips_a_step_the_budget_cannot_cover(tmp_path):
     assert steps["eval-tests"]["rc"] == 0  # estimate 120 s fits in 150
     assert "budget" in steps["bench-eval"]["skipped"]  # estimate 200 s does not
     assert not any("bench eval" in c for c in log.read_text().splitlines())
+
+
+def test_gpu_next_precompute_ab_times_both_operator_modes_then_profiles_the_store(tmp_path):
+    bin_dir, log = _recording_python(tmp_path)
+    out = tmp_path / "out"
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", OUT=str(out), STEPS="ops precompute-ab", BUDGET_S="545")
+    env.pop("T_START", None)
+    r = subprocess.run(["bash", "scripts/gpu_next.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    calls = log.read_text().splitlines()
+    pre = [c for c in calls if c.startswith("-m snd.cli bench precompute --source mvsplat")]
+    assert [c.split(" --workdir")[0].split()[-1] for c in pre] == ["--operator-stream", "--no-operator-stream"], pre
+    assert any(c.startswith("-m pytest -q -m gpu tests/test_contrib.py") and "tests/test_precompute.py" in c for c in calls)
+    assert "scripts/gpu_profile_operator.py --store /tmp/snd-bench-pre/cache --tag mvsplat_random_init" in calls, calls
+    steps = [json.loads(x)["step"] for x in (out / "next_steps.jsonl").read_text().splitlines()]
+    assert steps == ["ops-tests", "ops-profile", "precompute_operator-stream", "precompute_no-operator-stream",
+                     "ops-profile-store"], steps
 
 
 def test_e2e_script_runs_the_readme_commands_in_order(tmp_path):

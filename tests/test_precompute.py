@@ -329,3 +329,42 @@ def test_launch_queues_a_batch_without_synchronising(tmp_path, kind):
         for k in r:  # exact for the depth source; a network run twice may differ by a quantisation step
             d = np.abs(got[k].astype(np.float64) - r[k].astype(np.float64))
             assert d.max() <= (0 if kind == "depth" else 1) + 1e-3 * np.abs(r[k]).max(), (k, d.max())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_operators_on_their_own_stream_equal_those_queued_behind_the_network(tmp_path):
+    """`--operator-stream` (the default on CUDA) builds a batch's operators on a second stream while the next
+    batch's scaffold is computed; the stores must hold the same operators as with the builder queued behind it
+    (compared as dense matrices, since near-equal coefficients may swap places in a row; float16 as stored, and
+    the instance part comes from gsplat's atomic backward, hence a float16 step of tolerance)."""
+    from snd.data.synth import generate_dataset
+    from snd.pipeline.config import SynthConfig
+
+    generate_dataset(SynthConfig(out=tmp_path / "d", scenes=1, frames=16, height=128, width=192, objects=3, seed=2))
+    scenes = {}
+    for on in (True, False):
+        out = tmp_path / f"c{int(on)}"
+        cfg = make_cfg(tmp_path / "d", out, height=128, width=192, device="cuda", operator=True, operator_stream=on,
+                       pairs_per_scene=6, batch_pairs=2)
+        s = run(cfg, progress=False)
+        assert s.failed == 0 and s.pairs == 6
+        r = CacheReader(out)
+        scenes[on] = r.scene(r.scenes[0])
+    names = {"op_cols", "op_vals", "op_inst", "op_inst_ids", "op_inst_w", "op_valid", "tgt_index"}
+    for p in range(6):
+        x, y = scenes[True].read_stored(p, names), scenes[False].read_stored(p, names)
+        for k in ("tgt_index", "op_inst_ids", "op_valid"):
+            assert np.array_equal(x[k], y[k]), (p, k)
+        T, P, R = x["op_cols"].shape
+        J = x["op_inst"].shape[-1]
+        dense = []
+        for z in (x, y):
+            m = np.zeros((T, P, J))
+            np.add.at(m, (np.arange(T)[:, None, None], np.arange(P)[None, :, None], z["op_cols"].astype(np.int64)),
+                      z["op_vals"].astype(np.float64))
+            dense.append(m)
+        assert np.abs(dense[0] - dense[1]).max() <= 1e-3 * np.abs(dense[1]).max(), p
+        for k in ("op_inst_w", "op_inst"):
+            d = np.abs(x[k].astype(np.float32) - y[k].astype(np.float32))
+            assert d.max() <= 1e-3 * max(np.abs(y[k]).max(), 1e-3), (p, k, d.max())

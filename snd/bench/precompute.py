@@ -170,7 +170,8 @@ def bench(cfg: BenchPrecomputeConfig) -> dict:
                             mvsplat_config=cfg.mvsplat_config, height=cfg.height, width=cfg.width,
                             pairs_per_scene=math.ceil(total / scenes), targets_per_pair=3, batch_pairs=bp,
                             precision=cfg.precision, device=cfg.device, compile=cfg.compile, operator=cfg.operator,
-                            images=cfg.images, operator_chunk=cfg.operator_chunk)
+                            images=cfg.images, operator_chunk=cfg.operator_chunk,
+                            operator_stream=cfg.operator_stream)
     source = make_source(pcfg, random_init=cfg.mvsplat_ckpt is None)
     s = run(pcfg, source=source, progress=True)
     if s.failed:
@@ -197,6 +198,7 @@ def bench(cfg: BenchPrecomputeConfig) -> dict:
         "mb_per_pair": s.mb_per_pair, "images": cfg.images, "operator": cfg.operator,
         "operator_chunk": s.operator_chunk.size if s.operator_chunk else None,  # as used at the end (auto resolved, shrunk on OOM)
         "operator_chunk_asked": s.operator_chunk.initial if s.operator_chunk else None,
+        "operator_stream": bool(cfg.operator and cfg.operator_stream and source.device.type == "cuda"),
         "frame_mb_per_pair": s.frame_bytes / 1e6 / max(s.pairs, 1),  # the frames' bytes before Zarr's codecs
         "size_split": scaffold_info(store)["split"],  # MB/pair per part as stored, MB/frame, pairs per frame
         "gaussians_per_pair": gauss, "bytes_per_gaussian": s.bytes / max(s.pairs, 1) / gauss,

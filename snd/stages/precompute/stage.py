@@ -110,6 +110,7 @@ def run(cfg: PrecomputeConfig, *, source: ScaffoldSource | None = None, progress
     dev = torch.device(source.device)
     operator_chunk = ChunkSize(resolve_operator_chunk(cfg.operator_chunk, dev))  # halves itself on GPU OOM
     summary.operator_chunk = operator_chunk
+    op_stream = torch.cuda.Stream(dev) if dev.type == "cuda" and cfg.operator and cfg.operator_stream else None
     pending: _InFlight | None = None
     wait_data = 0.0
 
@@ -120,7 +121,7 @@ def run(cfg: PrecomputeConfig, *, source: ScaffoldSource | None = None, progress
         if pending is None:
             return
         f, pending = pending, None
-        fields = _land(f, enc, op_spec, summary.phase_s, dev, operator_chunk=operator_chunk)
+        fields = _land(f, enc, op_spec, summary.phase_s, dev, operator_chunk=operator_chunk, operator_stream=op_stream)
         tw = time.perf_counter()
         writer.q.put(("add", f.batch.scene, fields))
         wait_write = time.perf_counter() - tw
