@@ -11,7 +11,7 @@
 #   (DEVICE=cpu MODEL=snd_test_vit_patch14 H=64 W=96 ...) checks the commands before a device call is spent on them
 # Sizes: synth ~40 s (one process per scene), precompute ~200 pairs incl. the ~90 s gsplat build, distill incl.
 # ~100 s compile, bench ~60 s: ~450 s of the 590 s call; then, in the budget left: `scripts/gpu_nan_hunt.py` on
-# the store (which tensor goes non-finite on the steps the first run skipped), a second `snd distill`
+# the store (NAN_HUNT=1: which tensor goes non-finite on skipped steps), a second `snd distill`
 # (warm build cache: the start-up a user sees from the second run on) and `snd bench precompute --source mvsplat`.
 # Not timed: `snd eval all` (`snd bench eval` projects it at the real datasets' sizes; see its JSON).
 # Writes $OUT/e2e.json: wall seconds per command (builds included), precompute pairs/s (end to end, steady) and
@@ -106,6 +106,8 @@ print(json.dumps(res, indent=1))
 PY
 }
 rm -f "$WORK/walls.jsonl"
+# the host's CPUs: the loader's speed depends on them (the second run, 2026-12-05, was bound by a slower host's loader)
+{ nproc; lscpu 2>/dev/null | grep -E "Model name|^CPU\(s\)|MHz|Thread"; } > "$OUT/e2e_host.txt" 2>&1
 [[ -d $WORK/data ]] || t synth snd data synth --out "$WORK/data" --scenes "$SCENES" --frames "$FRAMES" --height "$H" --width "$W" \
   --fisheye --workers 0
 rm -rf "$WORK/cache_depth" "$WORK/cache_mvsplat" "$WORK/runs"
@@ -121,10 +123,11 @@ cp "$WORK/runs/vits/skipped.jsonl" "$OUT/e2e_skipped.jsonl" 2>/dev/null  # the s
 t bench_distill snd bench distill --shards "$WORK/cache_depth" --models "$MODEL" --paths fast \
   --iters "$BENCH_ITERS" --warmup 20 "${DEV[@]}" --out "$OUT/e2e_bench_distill.json"
 summarise > /dev/null
-if (( $(left) > 150 )); then  # which tensor goes non-finite on the skipped steps (~10 % in the 2026-12-05 run)
+if [[ -n ${NAN_HUNT:-} ]] && (( $(left) > 150 )); then  # which tensor goes non-finite on skipped steps (NAN_HUNT=1;
+  # off by default since the cause of the first run's ~10 % was found: the batched builder's bug, fixed 2026-12-05)
   t nan_hunt python3 scripts/gpu_nan_hunt.py "$WORK/cache_depth" --items 150 --amp both --model "$MODEL" \
     --device "$DEVICE" --out "$OUT/e2e_nan_hunt.json"
-else skip nan_hunt "budget"; fi
+else skip nan_hunt "off (NAN_HUNT=1) or budget"; fi
 if (( $(left) > 60 )); then  # the second run of a user: build caches warm, so it should start in seconds
   t distill_warm_cache snd distill --shards "$WORK/cache_depth" --run "$WORK/runs/vits_warm" --model "$MODEL" \
     --init random --iters "$BENCH_ITERS" "${DEV[@]}"
