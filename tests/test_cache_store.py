@@ -52,6 +52,12 @@ def test_delta_filter_round_trip_wraps():
         np.testing.assert_array_equal(delta_decode(d), a)
     smooth = np.arange(50, dtype=np.uint8)[None].repeat(2, 0)
     assert set(np.unique(delta_encode(smooth)[:, 1:])) == {1}
+    # uint8 decodes through torch (speed): equal to numpy's wrapping cumsum, also for a strided view
+    frame = rng.integers(0, 255, size=(3, 574, 868), endpoint=True).astype(np.uint8)
+    for d in (delta_encode(frame), delta_encode(frame)[:, ::3, 1:]):
+        got = delta_decode(d)
+        assert got.dtype == np.uint8 and got.flags.writeable
+        np.testing.assert_array_equal(got, np.cumsum(d, axis=-1, dtype=np.uint8))
 
 
 @pytest.mark.parametrize("offsets", [True, False])

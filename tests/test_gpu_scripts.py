@@ -23,7 +23,7 @@ def _recording_python(tmp_path: Path) -> tuple[Path, Path]:
     stub = bin_dir / "python3"
     stub.write_text(f"""#!/bin/sh
 case "$1 $2" in
-  "-m snd.cli"|"-m pytest"|"-m snd.bench.summary"|scripts/gpu_nan_hunt.py*|scripts/gpu_profile_operator.py*) echo "$*" >> "{log}"; exit 0;;
+  "-m snd.cli"|"-m pytest"|"-m snd.bench.summary"|scripts/gpu_nan_hunt.py*|scripts/gpu_profile_operator.py*|scripts/loader_rates.py*) echo "$*" >> "{log}"; exit 0;;
 esac
 exec "{sys.executable}" "$@"
 """)
@@ -91,14 +91,14 @@ def test_e2e_script_runs_the_readme_commands_in_order(tmp_path):
     assert r.returncode == 0, r.stderr
     lines = log.read_text().splitlines()
     calls = [c.split()[2] for c in lines if c.startswith("-m snd.cli")]  # "-m snd.cli <command> ..."
-    assert [c.split()[0] for c in lines if not c.startswith("-m")] == []  # the NaN hunt only with NAN_HUNT=1
+    assert [c.split()[0] for c in lines if not c.startswith("-m")] == ["scripts/loader_rates.py"]  # NaN hunt: NAN_HUNT=1
     assert calls == ["precompute", "distill", "bench", "distill", "bench"], calls
     assert (work / "data").is_dir() and not (work / "data.hidden").exists()
     walls = [json.loads(x) for x in (work / "walls.jsonl").read_text().splitlines()]
-    assert [w["name"] for w in walls] == ["precompute_depth", "distill", "bench_distill", "nan_hunt", "distill_warm_cache",
-                                          "bench_precompute"]
+    assert [w["name"] for w in walls] == ["precompute_depth", "distill", "bench_distill", "loader_rates", "nan_hunt",
+                                          "distill_warm_cache", "bench_precompute"]
     assert all(w.get("rc", 0) == 0 for w in walls)
-    assert "off" in walls[3]["skipped"]
+    assert "off" in walls[4]["skipped"]
     assert (out / "e2e_host.txt").read_text().split()[0].isdigit()  # the CPU count first
     assert "error" in json.loads((out / "e2e.json").read_text())  # the recorded commands left no metrics to read
 
