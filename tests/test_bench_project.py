@@ -172,3 +172,18 @@ def test_measured_figures_leave_the_not_yet_measured_list(bench_dir, tmp_path):
     assert not {"batched_operators", "default_distill_vs_bench"} & set(r["not_yet_measured"])
     e = r["default_distill_vs_bench"]
     assert (e["ratio"], e["goal"], e["distill_it_per_s"], e["bench_it_per_s"]) == (0.9, 0.95, 90.0, 100.0)
+
+
+def test_e2e_runs_all_listed_newest_first_and_last_name_within_a_commit(bench_dir, tmp_path):
+    """Every e2e result is listed (host-to-host differences stay visible); the headline is the newest, and among
+    files of equal age the last name (run numbers grow)."""
+    e2e = lambda ratio: {"distill": {"it_per_s_last_half": 100.0 * ratio}, "bench_fast": {"it_per_s": 100.0},  # noqa: E731
+                         "distill_vs_bench": ratio, "distill_vs_bench_goal": 0.95}
+    _write(bench_dir, "e2e_h100.json", e2e(0.8), age=50)
+    _write(bench_dir, "e2e_h100_run3.json", e2e(0.9), age=5)
+    _write(bench_dir, "e2e_h100_run4.json", e2e(0.97), age=5)
+    _write(bench_dir, "e2e_bench_distill_h100_run4.json", {"models": []}, age=1)  # not an e2e result: skipped
+    r = project(BenchProjectConfig(bench_dir=bench_dir, out=tmp_path / "p.json"))
+    e = r["default_distill_vs_bench"]
+    assert e["ratio"] == 0.97 and e["file"].endswith("e2e_h100_run4.json")
+    assert [x["ratio"] for x in e["runs"]] == [0.97, 0.9, 0.8]
