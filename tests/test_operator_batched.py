@@ -78,6 +78,28 @@ def test_batched_equals_one_by_one(scenes, protocol, kw):
         assert (ops.dropped_direct == 0).all() and (ops.dropped_inst == 0).all()
 
 
+def test_patches_sharing_tap_pixels_equal_the_reference(scenes):
+    """Downsampling 48x64 renders to 30x40 (by less than 2) makes neighbouring patches read the same pixel, which
+    the builder handles with one pass per tap slot instead of one lookup per entry."""
+    from snd.splat.operator_build import _downsample_taps
+
+    out_hw = (30, 40)
+    pix, _ = _downsample_taps(48, 64, *out_hw, torch.device("cpu"))
+    assert torch.bincount(pix.reshape(-1)).max() > 1  # the case this test is about
+    ops = build_operators([s["g"] for s in scenes], torch.stack([s["masks"][:2] for s in scenes]),
+                          torch.stack([scenes[p]["masks"][c] for p, c in JOBS]),
+                          torch.stack([scenes[p]["K"][c] for p, c in JOBS]),
+                          torch.stack([scenes[p]["w2c"][c] for p, c in JOBS]),
+                          torch.tensor([p for p, _ in JOBS]), CTX_HW, out_hw, chunk=2, backend="torch")
+    J = 2 * CTX_HW[0] * CTX_HW[1]
+    for n, (p, c) in enumerate(JOBS):
+        s = scenes[p]
+        ref = reference_operator(s["g"], s["masks"][:2], s["masks"][c], s["K"][c], s["w2c"][c], CTX_HW, out_hw)
+        got = TransferOperator(**{k: v[n] for k, v in vars(ops).items()})
+        torch.testing.assert_close(_dense(got, J), _dense(ref, J), atol=1e-7, rtol=1e-6)
+        assert _dense(ref, J).abs().sum() > 1.0 and torch.equal(got.valid, ref.valid)
+
+
 def test_chunking_does_not_change_the_result(scenes):
     one = _build(scenes, chunk=1)
     allj = _build(scenes, chunk=8)

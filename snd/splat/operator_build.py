@@ -197,8 +197,10 @@ def build_operators(
                 transposed[p] = coo.coalesce().to_sparse_csr()
         return transposed[p]
 
-    const = dict(ucols=ucols, uw=uw, up_t=up_t, G=G, J=J, dpix=dpix, dwt=dwt, out_hw=(h2, w2), r=r, row_cap=int(row_cap),
-                 inst_cap=int(inst_cap))
+    # whether a pixel is read by more than one (tap slot, patch): only when downsampling by less than 2
+    shared_taps = bool(torch.bincount(dpix.reshape(-1), minlength=Ht * Wt).max() > 1) if dpix.numel() else False
+    const = dict(ucols=ucols, uw=uw, up_t=up_t, G=G, J=J, dpix=dpix, dwt=dwt, shared_taps=shared_taps, out_hw=(h2, w2),
+                 r=r, row_cap=int(row_cap), inst_cap=int(inst_cap))
     label_knobs = dict(dpix=dpix, dwt=dwt, r=r, blend_w=blend_weight if blend else 0.0, inst_cap=int(inst_cap))
     taps = torch.zeros(Ht * Wt, dtype=torch.bool, device=device)
     taps[dpix.reshape(-1)] = True  # the only pixels whose (pixel, Gaussian) list the direct part reads
@@ -276,7 +278,8 @@ def _labels(tgt_masks: Tensor, alpha: Tensor, *, dpix: Tensor, dwt: Tensor, r: R
 
 
 def _assemble(c, lb: dict, pair_sl: Tensor, *, ucols: Tensor, uw: Tensor, up_t: Callable[[int], Tensor], G: int,
-              J: int, dpix: Tensor, dwt: Tensor, out_hw: tuple[int, int], r: Rules, row_cap: int, inst_cap: int) -> dict:
+              J: int, dpix: Tensor, dwt: Tensor, shared_taps: bool, out_hw: tuple[int, int], r: Rules, row_cap: int,
+              inst_cap: int) -> dict:
     """The operators of one chunk of jobs from their contributions `c` (`snd.splat.contrib.Contributions`,
     listed at the downsampling's tap pixels, with the adjoint of `lb["Y"]`) and their labels `lb`."""
     N, P = lb["tap_w"].shape[0], out_hw[0] * out_hw[1]
@@ -286,21 +289,28 @@ def _assemble(c, lb: dict, pair_sl: Tensor, *, ucols: Tensor, uw: Tensor, up_t: 
     grow = pair_sl[c.job] * G + c.gauss  # row of each entry's Gaussian in the upsampling taps
     gq = c.job * Q + c.pix  # pixel of the chunk
 
-    # direct part: entries at pixels a patch samples, expanded to their 4 upsampling taps, sent through
-    # the 4 downsampling tap slots (each slot maps pixels to patches one to one)
+    # direct part: entries (all at pixels a patch samples: `c` was listed there only) expanded to their 4
+    # upsampling taps and sent through the downsampling taps that read their pixel
+    sj = ucols[grow]  # [M, 4]
+    sv = c.weight[:, None] * uw[grow] * (1.0 - b_pix[gq])[:, None]
     pix2patch = torch.full((4, Q), -1, dtype=torch.long, device=device)
     pix2patch.scatter_(1, dpix, torch.arange(P, device=device).expand(4, P).contiguous())
-    s = ((pix2patch >= 0).any(0)[c.pix]).nonzero().squeeze(1)
-    sj = ucols[grow[s]]  # [S, 4]
-    sv = c.weight[s][:, None] * uw[grow[s]] * (1.0 - b_pix[gq[s]])[:, None]
-    keys, vals = [], []
-    for t in range(4):
-        p = pix2patch[t, c.pix[s]]
-        k = (p >= 0).nonzero().squeeze(1)
-        row = c.job[s][k] * P + p[k]
-        keys.append((row[:, None] * J + sj[k]).reshape(-1))
-        vals.append((dwt[t][p[k]][:, None] * sv[k]).reshape(-1))
-    key, val = _sum_by_key(torch.cat(keys), torch.cat(vals))
+    if shared_taps:  # some pixel is read by two taps (a downsampling by less than 2): one pass per tap slot
+        keys, vals = [], []
+        for t in range(4):
+            p = pix2patch[t, c.pix]
+            k = (p >= 0).nonzero().squeeze(1)
+            row = c.job[k] * P + p[k]
+            keys.append((row[:, None] * J + sj[k]).reshape(-1))
+            vals.append((dwt[t][p[k]][:, None] * sv[k]).reshape(-1))
+        key, val = torch.cat(keys), torch.cat(vals)
+    else:  # each tap pixel is read by exactly one (slot, patch): one lookup per entry, no pass per slot
+        patch = pix2patch.max(0).values  # [Q]: the patch reading each pixel (-1: none)
+        wq = torch.zeros(Q, dtype=dwt.dtype, device=device).scatter_(0, dpix.reshape(-1), dwt.reshape(-1))
+        row = c.job * P + patch[c.pix]
+        key = (row[:, None] * J + sj).reshape(-1)
+        val = (wq[c.pix][:, None] * sv).reshape(-1)
+    key, val = _sum_by_key(key, val)
     nz = (val != 0).nonzero().squeeze(1)  # taps of weight 0 (a zero fallback, full blending) are not entries
     key, val = key[nz], val[nz]
     row = torch.div(key, J, rounding_mode="floor")
