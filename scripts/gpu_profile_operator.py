@@ -7,7 +7,9 @@ Prints JSON lines: warm wall ms per target of the batched builder for each `chun
 target of gsplat's plain forward `rasterization` (3 channels, the same 12 cameras, one call per pair), which
 any construction of an exact operator must at least match (it visits every (pixel, Gaussian) pair of the
 target); then the top CUDA ops by device time of one chunk-12 build.
-Usage (device): python3 scripts/gpu_profile_operator.py [--store DIR] [--tag NAME]
+``--builder FILE`` times another version of `snd/splat/operator_build.py` (e.g. `git show REV:snd/splat/operator_build.py`)
+on the same inputs, for an A/B in one device call; ``--quick`` leaves out the render floor and the kernel profile.
+Usage (device): python3 scripts/gpu_profile_operator.py [--store DIR] [--tag NAME] [--builder FILE] [--chunks 8] [--quick]
 """
 import argparse
 import json
@@ -23,7 +25,19 @@ from snd.train.distiller import rigid_inverse
 ap = argparse.ArgumentParser()
 ap.add_argument("--store", default=None)
 ap.add_argument("--tag", default="synthetic")
+ap.add_argument("--builder", default=None)
+ap.add_argument("--chunks", type=int, nargs="+", default=[1, 3, 6, 8, 12])
+ap.add_argument("--quick", action="store_true")
 a = ap.parse_args()
+if a.builder:  # another version of the builder module, loaded under its own name
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("snd_builder_ab", a.builder)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    build_operators = mod.build_operators  # noqa: F811
 dev = torch.device("cuda")
 if a.store:
     from snd.cache.reader import CacheReader
@@ -61,11 +75,13 @@ def timed(fn, reps=3):
     return (time.perf_counter() - t0) / reps * 1e3
 
 
-for chunk in (1, 3, 6, 8, 12):
+for chunk in a.chunks:
     ms = timed(lambda: build_operators(*args, chunk=chunk))
     print(json.dumps({"tag": a.tag, "chunk": chunk, "ms_per_target": ms / len(src), "ms_per_pair": ms / 4,
                       "peak_gib": torch.cuda.max_memory_allocated() / 2**30}), flush=True)
 
+if a.quick:
+    raise SystemExit(0)
 from gsplat import rasterization  # noqa: E402
 
 

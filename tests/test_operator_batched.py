@@ -180,3 +180,31 @@ def test_chunk_out_of_gpu_memory_is_retried_in_halves(scenes, monkeypatch, caplo
     monkeypatch.setattr(ob, "contributions", lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("one")))
     with pytest.raises(torch.OutOfMemoryError):
         _build(scenes, chunk=ob.ChunkSize(1))
+
+
+def test_direct_rows_keep_the_largest_with_ties_by_column():
+    """`_direct_ell` against a hand-computed selection: repeated keys are summed, a sum of 0 is no entry, each row
+    keeps its `row_cap` largest |values| ranked by |value| then column (a tie at the cut keeps the lower column),
+    the dropped share counts the rest, and a non-finite sum marks its row instead of vanishing."""
+    from snd.splat.operator_build import _direct_ell
+
+    J, P, N, cap = 6, 2, 2, 2
+    entries = {  # (job, patch, column): summed value
+        (0, 0, 4): 3.0, (0, 0, 1): -2.0, (0, 0, 0): 2.0, (0, 0, 5): 2.0, (0, 0, 2): 1.0,  # tie at the cut: 0 kept, 1, 5 not
+        (0, 1, 3): 0.5,  # fewer entries than the cap
+        (1, 0, 2): 1.0, (1, 0, 3): -1.0,  # a tie that fits entirely
+    }
+    key, val = [], []
+    for (n, p, j), v in entries.items():  # each value as two halves: repeated keys must be summed
+        key += [(n * P + p) * J + j] * 2
+        val += [v / 2, v / 2]
+    key += [(1 * P + 1) * J + 0] * 2  # a sum of 0: no entry
+    val += [0.25, -0.25]
+    cols, ell, nnz, dropped = _direct_ell(torch.tensor(key), torch.tensor(val, dtype=torch.float64), N, P, J, cap)
+    assert cols.tolist() == [[4, 0], [3, 0], [2, 3], [0, 0]]
+    assert ell.tolist() == [[3.0, 2.0], [0.5, 0.0], [1.0, -1.0], [0.0, 0.0]]
+    assert nnz.tolist() == [[5, 1], [2, 0]]
+    torch.testing.assert_close(dropped, torch.tensor([5.0 / 10.5, 0.0], dtype=torch.float64))
+    bad = torch.tensor(val + [float("nan")], dtype=torch.float64)
+    _, ell, _, _ = _direct_ell(torch.tensor(key + [(1 * P + 1) * J + 4]), bad, N, P, J, cap)
+    assert torch.isnan(ell[3, 0]) and torch.isfinite(ell[:3]).all()

@@ -277,6 +277,33 @@ def _labels(tgt_masks: Tensor, alpha: Tensor, *, dpix: Tensor, dwt: Tensor, r: R
                 Y=Y.reshape(N, Ht, Wt, -1))
 
 
+def _direct_ell(key: Tensor, val: Tensor, N: int, P: int, J: int, row_cap: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The direct part's ELL rows from its entries (key = row * J + column, repeated keys summed), keeping per row
+    the `row_cap` largest |coefficients|, ties by column (what a stable sort by |value| over columns keeps).
+
+    Sparse on purpose: a dense [N * P, J] float64 matrix (one `index_add_`, then `topk` per row) was measured
+    slower on an H100 (9.5 against 7.6 ms per 576x880 target at chunk 8, 2026-12-05, docs/performance.md).
+    Returns cols [N*P, row_cap] long, vals [N*P, row_cap] float64 (ranked by |value| descending, then column;
+    empty slots 0), nnz [N, P] long and the dropped share of each job's |coefficients| [N]. A non-finite sum
+    stays an entry (stage one drops targets whose operator holds one)."""
+    device = val.device
+    key, val = _sum_by_key(key, val)
+    nz = (val != 0).nonzero().squeeze(1)  # taps of weight 0 (a zero fallback, full blending) are not entries
+    key, val = key[nz], val[nz]
+    row = torch.div(key, J, rounding_mode="floor")
+    rjob = torch.div(row, P, rounding_mode="floor")
+    nnz = torch.bincount(row, minlength=N * P).reshape(N, P)
+    o, rank = _rank_in_group(row, val.abs())
+    keep = rank < row_cap
+    cols = torch.zeros(N * P, row_cap, dtype=torch.long, device=device)
+    ell = torch.zeros(N * P, row_cap, dtype=f64, device=device)
+    cols[row[o][keep], rank[keep]] = key[o][keep] % J
+    ell[row[o][keep], rank[keep]] = val[o][keep]
+    tot = _per_job_sum(rjob, val.abs(), N)
+    dropped = _per_job_sum(rjob[o][~keep], val[o][~keep].abs(), N) / tot.clamp_min(1e-300)
+    return cols, ell, nnz, dropped
+
+
 def _assemble(c, lb: dict, pair_sl: Tensor, *, ucols: Tensor, uw: Tensor, up_t: Callable[[int], Tensor], G: int,
               J: int, dpix: Tensor, dwt: Tensor, shared_taps: bool, out_hw: tuple[int, int], r: Rules, row_cap: int,
               inst_cap: int) -> dict:
@@ -310,20 +337,7 @@ def _assemble(c, lb: dict, pair_sl: Tensor, *, ucols: Tensor, uw: Tensor, up_t: 
         row = c.job * P + patch[c.pix]
         key = (row[:, None] * J + sj).reshape(-1)
         val = (wq[c.pix][:, None] * sv).reshape(-1)
-    key, val = _sum_by_key(key, val)
-    nz = (val != 0).nonzero().squeeze(1)  # taps of weight 0 (a zero fallback, full blending) are not entries
-    key, val = key[nz], val[nz]
-    row = torch.div(key, J, rounding_mode="floor")
-    rjob = torch.div(row, P, rounding_mode="floor")
-    nnz = torch.bincount(row, minlength=N * P).reshape(N, P)
-    o, rank = _rank_in_group(row, val.abs())
-    keep = rank < row_cap
-    cols = torch.zeros(N * P, row_cap, dtype=torch.long, device=device)
-    ell = torch.zeros(N * P, row_cap, dtype=f64, device=device)
-    cols[row[o][keep], rank[keep]] = key[o][keep] % J
-    ell[row[o][keep], rank[keep]] = val[o][keep]
-    tot = _per_job_sum(rjob, val.abs(), N)
-    dropped_direct = _per_job_sum(rjob[o][~keep], val[o][~keep].abs(), N) / tot.clamp_min(1e-300)
+    cols, ell, nnz, dropped_direct = _direct_ell(key, val, N, P, J, row_cap)
 
     # instance part: per job and kept label, the render's adjoint of the label's mean selector (a
     # Gaussian's summed weight over the label's pixels in the means, over their count), sent through the
