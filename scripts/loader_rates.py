@@ -16,7 +16,7 @@ import time
 import torch
 
 from snd.pipeline.config import DistillConfig
-from snd.stages.distill import input_sized
+from snd.train.loop import input_sized
 from snd.train.data import BatchIterator, shard_stream_factory
 
 ap = argparse.ArgumentParser()

@@ -98,6 +98,6 @@ def _land(f: _InFlight, enc: Encoding, spec: OperatorSpec | None, phases: dict[s
     if spec is not None:
         with torch.cuda.stream(operator_stream) if operator_stream is not None else nullcontext():
             ph = _Phases(dev, phases)
-            ph.mark("operators_wait")  # on the main stream: the next batch's network, queued ahead of the operators
+            ph.mark("operators_wait")  # behind MVSplat: the wait for the next batch's network; on their own stream ~0
             fields.update(_build_operators(fields, f.batch, enc, spec, dev, ph, chunk=operator_chunk))
     return fields
