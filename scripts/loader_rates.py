@@ -16,8 +16,8 @@ import time
 import torch
 
 from snd.pipeline.config import DistillConfig
-from snd.train.loop import input_sized
 from snd.train.data import BatchIterator, shard_stream_factory
+from snd.train.loop import input_sized
 
 ap = argparse.ArgumentParser()
 ap.add_argument("store")
