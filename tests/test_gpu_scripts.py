@@ -31,14 +31,19 @@ exec "{sys.executable}" "$@"
     return bin_dir, log
 
 
-def test_gpu_next_runs_every_step_command_with_its_timeout(tmp_path):
-    bin_dir, log = _recording_python(tmp_path)
-    out = tmp_path / "out"
-    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", OUT=str(out), STEPS="distill eval",
-               MODELS="vit_small_patch14_dinov2 vit_small_patch16_dinov3", BUDGET_S="545")
+def _run_next(bin_dir: Path, out: Path, **env_vars: str) -> subprocess.CompletedProcess:
+    """scripts/gpu_next.sh with the recording `python3` first on PATH, $OUT = out and the given variables."""
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", OUT=str(out), **env_vars)
     env.pop("T_START", None)
     r = subprocess.run(["bash", "scripts/gpu_next.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+    return r
+
+
+def test_gpu_next_runs_every_step_command_with_its_timeout(tmp_path):
+    bin_dir, log = _recording_python(tmp_path)
+    out = tmp_path / "out"
+    _run_next(bin_dir, out, STEPS="distill eval", MODELS="vit_small_patch14_dinov2 vit_small_patch16_dinov3", BUDGET_S="545")
     calls = log.read_text().splitlines()
     assert any(c.startswith("-m snd.cli bench distill --models vit_small_patch16_dinov3 --paths fast") for c in calls), calls
     assert any(c.startswith("-m snd.cli bench eval --model dinov2_vits14") and "--protocol paper" in c for c in calls)
@@ -53,10 +58,7 @@ def test_gpu_next_runs_every_step_command_with_its_timeout(tmp_path):
 def test_gpu_next_skips_a_step_the_budget_cannot_cover(tmp_path):
     bin_dir, log = _recording_python(tmp_path)
     out = tmp_path / "out"
-    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", OUT=str(out), STEPS="eval", BUDGET_S="150")
-    env.pop("T_START", None)
-    r = subprocess.run(["bash", "scripts/gpu_next.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
+    _run_next(bin_dir, out, STEPS="eval", BUDGET_S="150")
     steps = {s["step"]: s for s in map(json.loads, (out / "next_steps.jsonl").read_text().splitlines())}
     assert steps["eval-tests"]["rc"] == 0  # estimate 120 s fits in 150
     assert "budget" in steps["bench-eval"]["skipped"]  # estimate 200 s does not
@@ -66,10 +68,7 @@ def test_gpu_next_skips_a_step_the_budget_cannot_cover(tmp_path):
 def test_gpu_next_precompute_ab_times_both_operator_modes_then_profiles_the_store(tmp_path):
     bin_dir, log = _recording_python(tmp_path)
     out = tmp_path / "out"
-    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", OUT=str(out), STEPS="ops precompute-ab", BUDGET_S="545")
-    env.pop("T_START", None)
-    r = subprocess.run(["bash", "scripts/gpu_next.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
+    _run_next(bin_dir, out, STEPS="ops precompute-ab", BUDGET_S="545")
     calls = log.read_text().splitlines()
     pre = [c for c in calls if c.startswith("-m snd.cli bench precompute --source mvsplat")]
     assert [c.split(" --workdir")[0].split()[-1] for c in pre] == ["--operator-stream", "--no-operator-stream"], pre
@@ -106,11 +105,7 @@ def test_e2e_script_runs_the_readme_commands_in_order(tmp_path):
 def test_gpu_next_fast_tests_filter(tmp_path):
     """FAST_K narrows the fast-path GPU tests to a pytest -k subset (call 1 runs only the DINOv3 one)."""
     bin_dir, log = _recording_python(tmp_path)
-    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", OUT=str(tmp_path / "out"), STEPS="fast-tests",
-               FAST_K="dinov3", BUDGET_S="545")
-    env.pop("T_START", None)
-    r = subprocess.run(["bash", "scripts/gpu_next.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
+    _run_next(bin_dir, tmp_path / "out", STEPS="fast-tests", FAST_K="dinov3", BUDGET_S="545")
     calls = [c for c in log.read_text().splitlines() if c.startswith("-m pytest")]
     assert calls == [c for c in calls if "tests/test_fast_path_gpu.py -k dinov3" in c] and len(calls) == 1, calls
 
@@ -120,9 +115,6 @@ def test_gpu_next_eval_parts_run_alone(tmp_path):
     bin_dir, log = _recording_python(tmp_path)
     for steps, want in (("bench-eval", ["-m snd.cli bench eval"]), ("eval-tests", ["-m pytest"])):
         log.unlink(missing_ok=True)
-        env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", OUT=str(tmp_path / steps), STEPS=steps, BUDGET_S="545")
-        env.pop("T_START", None)
-        r = subprocess.run(["bash", "scripts/gpu_next.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-        assert r.returncode == 0, r.stderr
+        _run_next(bin_dir, tmp_path / steps, STEPS=steps, BUDGET_S="545")
         calls = [c for c in log.read_text().splitlines() if not c.startswith(("-m snd.cli bench project", "-m snd.bench.summary"))]
         assert [c[:len(want[0])] for c in calls] == want, calls
