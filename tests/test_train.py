@@ -266,3 +266,38 @@ def test_compiler_failure_falls_back_to_eager_once(caplog):
     with pytest.raises(ValueError, match="bad input"):
         g(-1)
     assert not g.fell_back
+
+
+class _SlowStream(torch.utils.data.IterableDataset):
+    """Each item `delay` seconds late: a loader slower than the step."""
+
+    def __init__(self, inner, delay: float):
+        self.inner, self.delay = inner, delay
+
+    def __iter__(self):
+        import time
+
+        for item in self.inner:
+            time.sleep(self.delay)
+            yield item
+
+
+def test_the_time_blocked_on_the_loader_is_measured_and_named(tmp_path):
+    """With items 0.15 s late and no workers, the loop blocks >= 0.15 s per step on data: metrics.jsonl carries it
+    per logging window, the summary after the first step, and `snd distill`'s note calls the run loader-bound
+    (it stays silent for a run that did not wait, or one too short to judge)."""
+    from dataclasses import replace
+
+    from snd.stages.distill import loader_bound_note
+
+    def make(start, rank, world_size):
+        return _SlowStream(_factory(distinct=2)(start, rank, world_size), 0.15)
+
+    s = train(_cfg(tmp_path / "slow", iters=5, log_every=1), stream_factory=make, progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "slow" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["data_wait_ms"] >= 140 for r in rows), [r["data_wait_ms"] for r in rows]
+    assert s.timed_steps == 4 and s.data_wait_s >= 4 * 0.14 and s.timed_s >= s.data_wait_s and s.num_workers == 0
+    assert loader_bound_note(s) is None  # 4 steps: too few to judge
+    note = loader_bound_note(s, min_steps=4)
+    assert note is not None and "loader bounded this run" in note and "--images jpeg" in note
+    assert loader_bound_note(replace(s, data_wait_s=0.1 * s.timed_s), min_steps=4) is None  # waited 10 %

@@ -71,6 +71,9 @@ def run(cfg: DistillConfig) -> TrainSummary:
                       f"(now at {summary.step}/{cfg.iters}) in {summary.seconds:.0f} s, {summary.it_per_s:.2f} it/s, "
                       f"last loss {last if last is not None else float('nan'):.4f}, skipped {summary.skipped}; "
                       f"checkpoint {summary.checkpoint}")
+    note = loader_bound_note(summary)
+    if summary.rank == 0 and note:
+        console.print(f"[yellow]note[/]: {note}")
     ran = summary.step - summary.start_step
     if summary.rank == 0 and ran and summary.skipped:
         # counted over the whole run (it is checkpointed); a non-finite loss or gradient left those steps' weights
@@ -80,6 +83,27 @@ def run(cfg: DistillConfig) -> TrainSummary:
                       f"{summary.run / SKIPPED_FILE}; `python scripts/gpu_nan_hunt.py STORE` says which tensor goes "
                       "non-finite")
     return summary
+
+
+LOADER_BOUND = 0.5  # share of the step time the host waited for data past which a run is called loader-bound
+
+
+def loader_bound_note(summary: TrainSummary, *, min_steps: int = 20) -> str | None:
+    """A line saying the loader bounded the run, when the host waited for data more than `LOADER_BOUND` of the
+    time after the first step (worker start-up left out), over at least `min_steps` steps; else None.
+
+    Why: a loader-bound run looks like a slow GPU in its it/s alone. The e2e runs of 2026-12-05 on a host with
+    slower CPUs waited 12.9 ms of 14.3 per step (docs/performance.md); the user should be told what to change."""
+    if summary.timed_steps < min_steps or summary.timed_s <= 0:
+        return None
+    share = summary.data_wait_s / summary.timed_s
+    if share <= LOADER_BOUND:
+        return None
+    per_step = summary.data_wait_s / summary.timed_steps * 1e3
+    return (f"the data loader bounded this run: the training loop waited for data {share:.0%} of the time "
+            f"({per_step:.1f} ms per step, {summary.num_workers} loader workers). More --num-workers (if cores are "
+            f"free), or a store built with `snd precompute --images jpeg` (its frames are decoded on the GPU), "
+            f"lowers the loader's cost per item")
 
 
 def _verify_store(store: Path) -> None:

@@ -66,6 +66,12 @@ class TrainSummary:
     complete: bool = False  # the run had already reached --iters: nothing was trained (`checkpoint` = its last)
     continued_from: int | None = None  # the --iters a resumed run was set for, when this call changed it
     interrupted: bool = False  # stopped by Ctrl-C after saving a checkpoint at `step` (a rerun resumes there)
+    num_workers: int = 0  # loader workers used (--num-workers resolved)
+    # after this session's first step (worker start-up and the first batch left out): the host's time blocked on
+    # the loader, the wall time and the steps. Host-side, so an upper bound of what the loader cost the GPU
+    data_wait_s: float = 0.0
+    timed_s: float = 0.0
+    timed_steps: int = 0
 
 
 def _check_resume_config(run_dir: Path, cfg: DistillConfig) -> None:
@@ -223,11 +229,11 @@ def _train(cfg: DistillConfig, env: DistEnv, device: torch.device, factory: Stre
         if env.world_size > 1:
             d.teacher.sync_merged()
 
+    workers = resolve_num_workers(cfg.num_workers, device=device, world_size=env.world_size,
+                                  operators=lambda: store_operators_fit(cfg))
     batches = DevicePrefetcher(
         BatchIterator(factory, batch=cfg.batch, start=position, rank=env.rank, world_size=env.world_size,
-                      num_workers=resolve_num_workers(cfg.num_workers, device=device, world_size=env.world_size,
-                                                      operators=lambda: store_operators_fit(cfg)),
-                      prefetch=cfg.prefetch, pin_memory=device.type == "cuda", seed=cfg.seed),
+                      num_workers=workers, prefetch=cfg.prefetch, pin_memory=device.type == "cuda", seed=cfg.seed),
         device)
     start_step, start_position = step, position
     if ckpt is not None:
@@ -242,18 +248,25 @@ def _train(cfg: DistillConfig, env: DistEnv, device: torch.device, factory: Stre
         torch.cuda.reset_peak_memory_stats(device)
 
     summary = TrainSummary(run=run_dir, start_step=step, step=step, rank=env.rank, world_size=env.world_size,
-                           checkpoint=ckpt, continued_from=continued_from, skipped=int(runner.skipped.item()))
+                           checkpoint=ckpt, continued_from=continued_from, skipped=int(runner.skipped.item()),
+                           num_workers=workers)
     logger = RunLogger(run_dir, total=cfg.iters, start=step, active=env.is_main, progress=progress)
     log_every = max(int(cfg.log_every), 1)
     pending: list[tuple[int, torch.Tensor, float, torch.Tensor, tuple]] = []  # step, loss, lr, skip count, items
     t_start = t_log = time.perf_counter()
-    steps_since_log = 0
+    t_first: float | None = None  # when this session's first step was queued
+    steps_since_log, wait_since_log = 0, 0.0
     stepper, path = None, "?"
     interrupt = GracefulInterrupt(active=env.world_size == 1).install()  # Ctrl-C: save at a step boundary, stop
     writer = CheckpointWriter(background=cfg.ckpt_background)
     try:
         while step < cfg.iters:
+            tw = time.perf_counter()
             indices, batch = next(batches)
+            waited = time.perf_counter() - tw
+            wait_since_log += waited
+            if t_first is not None:
+                summary.data_wait_s += waited
             summary.seen_indices.extend(indices)
             if stepper is None:
                 stepper, fast_why = _choose_stepper(runner, cfg, batch)
@@ -264,6 +277,8 @@ def _train(cfg: DistillConfig, env: DistEnv, device: torch.device, factory: Stre
             loss = stepper.step(batch, step + 1)
             step += 1
             steps_since_log += 1
+            if t_first is None:
+                t_first = time.perf_counter()
             # the running skip count after this step (a device copy, read at the next flush): which steps skipped
             pending.append((step, loss, lr, runner.skipped.clone(), (indices, batch.get("scene"))))
             last = step == cfg.iters
@@ -271,8 +286,9 @@ def _train(cfg: DistillConfig, env: DistEnv, device: torch.device, factory: Stre
             # rows up to a checkpoint are written with it: a resume starts after it and never logs them again
             if step % log_every == 0 or last or ckpt_now or (stop_after is not None and step >= stop_after):
                 t_now = time.perf_counter()
-                _flush(pending, runner, logger, summary, env, device, steps_since_log / max(t_now - t_log, 1e-9), path)
-                pending, t_log, steps_since_log = [], t_now, 0
+                _flush(pending, runner, logger, summary, env, device, steps_since_log / max(t_now - t_log, 1e-9), path,
+                       wait_ms=wait_since_log / max(steps_since_log, 1) * 1e3)
+                pending, t_log, steps_since_log, wait_since_log = [], t_now, 0, 0.0
             if ckpt_now:
                 position = start_position + (step - start_step) * cfg.batch  # items trained on, per rank
                 summary.checkpoint = _save(run_dir, runner, d, step, position, env, device, cfg, writer)
@@ -292,6 +308,9 @@ def _train(cfg: DistillConfig, env: DistEnv, device: torch.device, factory: Stre
         logger.close()
     summary.step = step
     summary.seconds = time.perf_counter() - t_start
+    if t_first is not None:
+        summary.timed_s = time.perf_counter() - t_first
+        summary.timed_steps = step - summary.start_step - 1
     summary.it_per_s = (step - summary.start_step) / max(summary.seconds, 1e-9)
     summary.skipped = int(runner.skipped.item())
     summary.ema_updates = runner.ema_updates
@@ -328,7 +347,7 @@ def step_path(stepper, batch: dict) -> str:
 
 
 def _flush(pending, runner: StepRunner, logger: RunLogger, summary: TrainSummary, env: DistEnv,
-           device: torch.device, it_per_s: float, path: str) -> None:
+           device: torch.device, it_per_s: float, path: str, *, wait_ms: float = 0.0) -> None:
     """The one host sync per `log_every` steps: losses (averaged over ranks), which steps were skipped, memory.
 
     A skipped step (non-finite loss or gradient on any rank) is marked in its metrics.jsonl row and its items
@@ -348,7 +367,8 @@ def _flush(pending, runner: StepRunner, logger: RunLogger, summary: TrainSummary
     for (step, _, lr, _, _), loss, b in zip(pending, values, bad):
         summary.losses[step] = loss
         summary.lrs[step] = lr
-        rows.append({"step": step, "loss": loss, "lr": lr, "it_per_s": it_per_s, "path": path, "skipped": int(b)})
+        rows.append({"step": step, "loss": loss, "lr": lr, "it_per_s": it_per_s, "path": path, "skipped": int(b),
+                     "data_wait_ms": wait_ms})
     logger.steps(rows)
     if any(bad):  # the same decision on every rank (the guard uses rank-averaged numbers): a safe collective
         mine = [{"step": p[0], "rank": env.rank, "positions": list(p[4][0]), "scenes": p[4][1]}
@@ -357,7 +377,7 @@ def _flush(pending, runner: StepRunner, logger: RunLogger, summary: TrainSummary
     step = pending[-1][0]
     finite = [v for v in values if v == v and abs(v) != float("inf")]
     scalars = {"train/loss": sum(finite) / max(len(finite), 1), "train/lr": pending[-1][2],
-               "train/skipped_steps": float(summary.skipped), "perf/it_per_s": it_per_s,
+               "train/skipped_steps": float(summary.skipped), "perf/it_per_s": it_per_s, "perf/data_wait_ms": wait_ms,
                "train/ema_updates": runner.ema_updates}
     if device.type == "cuda":
         scalars["perf/gpu_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30

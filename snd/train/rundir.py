@@ -49,7 +49,8 @@ class RunLogger:
             self._task = self._progress.add_task("distill", total=total, completed=start, info="")
 
     def steps(self, rows: list[dict]) -> None:
-        """Per-step rows (step, loss, lr, it/s over the last logging window, step path, skipped 0/1) into metrics.jsonl."""
+        """Per-step rows (step, loss, lr, it/s and the host's ms per step blocked on the loader over the last logging
+        window, step path, skipped 0/1) into metrics.jsonl."""
         if not self.active:
             return
         for r in rows:
