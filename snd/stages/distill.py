@@ -71,7 +71,8 @@ def run(cfg: DistillConfig) -> TrainSummary:
                       f"(now at {summary.step}/{cfg.iters}) in {summary.seconds:.0f} s, {summary.it_per_s:.2f} it/s, "
                       f"last loss {last if last is not None else float('nan'):.4f}, skipped {summary.skipped}; "
                       f"checkpoint {summary.checkpoint}")
-    note = loader_bound_note(summary)
+    # on a GPU only: a CPU run's steps share the cores with the workers (at most 2 by default), where waiting is expected
+    note = loader_bound_note(summary) if torch.cuda.is_available() and cfg.device != "cpu" else None
     if summary.rank == 0 and note:
         console.print(f"[yellow]note[/]: {note}")
     ran = summary.step - summary.start_step
