@@ -53,7 +53,7 @@ for s in $STEPS; do case $s in
   ops)  # (b2) the batched operator builder: gsplat's list at chosen pixels and its adjoint (backward kernel) == the
     # full list; gsplat batched == one job per call == torch plan; then ms per target by chunk
     # (and stage one's operators on their own stream == queued behind the network, tests/test_precompute.py)
-    step ops-tests 60 120 py -m pytest -q -m gpu tests/test_contrib.py tests/test_operator_batched.py tests/test_precompute.py \
+    step ops-tests 60 120 py -m pytest -q -m gpu tests/test_contrib.py tests/test_operator_batched.py tests/test_precompute.py tests/test_fused.py \
       -p no:cacheprovider
     step ops-profile 40 90 py scripts/gpu_profile_operator.py
     cp "$OUT/next_ops-profile.log" "$OUT/profile_operator_batched.jsonl" 2>/dev/null ;;

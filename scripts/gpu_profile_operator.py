@@ -6,7 +6,8 @@ scaffold of `snd bench precompute --source mvsplat --workdir W`, DIR = W/cache),
 Prints JSON lines: warm wall ms per target of the batched builder for each `chunk`; the "render floor": ms per
 target of gsplat's plain forward `rasterization` (3 channels, the same 12 cameras, one call per pair), which
 any construction of an exact operator must at least match (it visits every (pixel, Gaussian) pair of the
-target); then the top CUDA ops by device time of one chunk-12 build.
+target); the experimental fused alpha + adjoint kernel (`snd.splat.fused`) against gsplat's forward + backward
+pair on the same tile lists; then the top CUDA ops by device time of one chunk-12 build.
 ``--builder FILE`` times another version of `snd/splat/operator_build.py` (e.g. `git show REV:snd/splat/operator_build.py`)
 on the same inputs, for an A/B in one device call; ``--quick`` leaves out the render floor and the kernel profile.
 Usage (device): python3 scripts/gpu_profile_operator.py [--store DIR] [--tag NAME] [--builder FILE] [--chunks 8] [--quick]
@@ -98,6 +99,42 @@ ms = timed(render_all)
 f = gs[0].flatten()
 print(json.dumps({"tag": a.tag, "render_floor_ms_per_target": ms / len(src), "gaussians_per_pair": int(f[0].shape[0]),
                   "what": "gsplat.rasterization forward, 3 channels, 3 cameras per call"}), flush=True)
+# the experimental fused kernel (`snd.splat.fused`) against gsplat's forward + backward pair, which the builder
+# uses for alpha and the instance adjoint: same projection, same tile lists, a 16-label one-hot field
+import math  # noqa: E402
+
+from gsplat.cuda._wrapper import _make_lazy_cuda_func, fully_fused_projection, isect_offset_encode, isect_tiles  # noqa: E402
+
+from snd.splat.contrib import _job_scenes  # noqa: E402
+from snd.splat.fused import alpha_and_adjoint  # noqa: E402
+from snd.splat.render_gsplat import gsplat_K  # noqa: E402
+
+means, quats, scales, opac = _job_scenes(gs, pair)
+N, G = opac.shape
+radii, means2d, depths, conics, _ = fully_fused_projection(
+    means, None, quats, scales, tw2c[:, None].contiguous(), gsplat_K(tK, dev)[:, None].contiguous(), W, H, eps2d=0.3,
+    near_plane=0.01, far_plane=1e10, packed=False, opacities=opac)
+tw_, th_ = math.ceil(W / 16), math.ceil(H / 16)
+_, isect_ids, flatten_ids = isect_tiles(means2d, radii, depths, 16, tw_, th_, packed=False)
+offsets = isect_offset_encode(isect_ids, N, tw_, th_)
+Yf = torch.nn.functional.one_hot(torch.randint(0, 16, (N, H, W), device=dev), 16).float()[:, None].contiguous()
+ras = (int(W), int(H), 16, offsets.contiguous(), flatten_ids.contiguous())
+geo = (means2d.contiguous(), conics.contiguous())
+
+
+def gsplat_pair():
+    _, al, last = _make_lazy_cuda_func("rasterize_to_pixels_3dgs_fwd")(*geo, means2d.new_zeros(N, 1, G, 1),
+                                                                       opac[:, None].contiguous(), None, None, *ras)
+    _make_lazy_cuda_func("rasterize_to_pixels_3dgs_bwd")(*geo, means2d.new_zeros(N, 1, G, 16), opac[:, None].contiguous(),
+                                                        None, None, *ras, al, last, Yf, torch.zeros_like(al), False)
+
+
+flat = torch.cat([offsets.reshape(-1), offsets.new_tensor([flatten_ids.numel()])])
+ms_g = timed(gsplat_pair)
+ms_f = timed(lambda: alpha_and_adjoint(means2d.reshape(-1, 2), conics.reshape(-1, 3), opac.reshape(-1), flat,
+                                       flatten_ids, Yf[:, 0]))
+print(json.dumps({"tag": a.tag, "alpha_adjoint_ms_per_target": {"gsplat_fwd_bwd": ms_g / N, "fused_triton": ms_f / N},
+                  "labels": 16}), flush=True)
 with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
     build_operators(*args, chunk=12)
     torch.cuda.synchronize()
