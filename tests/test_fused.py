@@ -5,7 +5,6 @@ defined); the reference walks every pixel's depth-sorted Gaussians with gsplat's
 """
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -68,7 +67,7 @@ def reference(means, conics, opac, ids_per_image, Y):
 
 
 CHECK = r"""
-import json, sys, torch
+import sys, torch
 sys.path.insert(0, {repo!r})
 from tests.test_fused import scene
 from snd.splat.fused import alpha_and_adjoint
@@ -87,7 +86,7 @@ def test_fused_kernel_equals_brute_force_compositing(tmp_path, block_g=16):
     assert r.returncode == 0, r.stderr[-3000:]
     got = torch.load(out)
     means, conics, opac, offsets, ids, Y = scene(*args)
-    N, G = args[1], args[2]
+    N = args[1]
     tiles = (offsets.numel() - 1) // N
     per_image = [ids[offsets[n * tiles]:offsets[n * tiles + 1]] for n in range(N)]  # each image's depth order
     ref_alpha, ref_A = reference(means, conics, opac, per_image, Y)
