@@ -101,22 +101,15 @@ print(json.dumps({"tag": a.tag, "render_floor_ms_per_target": ms / len(src), "ga
                   "what": "gsplat.rasterization forward, 3 channels, 3 cameras per call"}), flush=True)
 # the experimental fused kernel (`snd.splat.fused`) against gsplat's forward + backward pair, which the builder
 # uses for alpha and the instance adjoint: same projection, same tile lists, a 16-label one-hot field
-import math  # noqa: E402
+from gsplat.cuda._wrapper import _make_lazy_cuda_func  # noqa: E402
 
-from gsplat.cuda._wrapper import _make_lazy_cuda_func, fully_fused_projection, isect_offset_encode, isect_tiles  # noqa: E402
+from snd.splat.fused import alpha_and_adjoint, gsplat_tiles  # noqa: E402
 
-from snd.splat.contrib import _job_scenes  # noqa: E402
-from snd.splat.fused import alpha_and_adjoint  # noqa: E402
-from snd.splat.render_gsplat import gsplat_K  # noqa: E402
-
-means, quats, scales, opac = _job_scenes(gs, pair)
-N, G = opac.shape
-radii, means2d, depths, conics, _ = fully_fused_projection(
-    means, None, quats, scales, tw2c[:, None].contiguous(), gsplat_K(tK, dev)[:, None].contiguous(), W, H, eps2d=0.3,
-    near_plane=0.01, far_plane=1e10, packed=False, opacities=opac)
-tw_, th_ = math.ceil(W / 16), math.ceil(H / 16)
-_, isect_ids, flatten_ids = isect_tiles(means2d, radii, depths, 16, tw_, th_, packed=False)
-offsets = isect_offset_encode(isect_ids, N, tw_, th_)
+m2f, conf, opf, flat, flatten_ids = gsplat_tiles(gs, pair, tK, tw2c, H, W)
+N, G = len(src), opf.numel() // len(src)
+th_, tw_ = -(-H // 16), -(-W // 16)
+means2d, conics, opac = m2f.reshape(N, 1, G, 2), conf.reshape(N, 1, G, 3), opf.reshape(N, G)
+offsets = flat[:-1].reshape(N, 1, th_, tw_)
 Yf = torch.nn.functional.one_hot(torch.randint(0, 16, (N, H, W), device=dev), 16).float()[:, None].contiguous()
 ras = (int(W), int(H), 16, offsets.contiguous(), flatten_ids.contiguous())
 geo = (means2d.contiguous(), conics.contiguous())
@@ -129,10 +122,8 @@ def gsplat_pair():
                                                         None, None, *ras, al, last, Yf, torch.zeros_like(al), False)
 
 
-flat = torch.cat([offsets.reshape(-1), offsets.new_tensor([flatten_ids.numel()])])
 ms_g = timed(gsplat_pair)
-ms_f = timed(lambda: alpha_and_adjoint(means2d.reshape(-1, 2), conics.reshape(-1, 3), opac.reshape(-1), flat,
-                                       flatten_ids, Yf[:, 0]))
+ms_f = timed(lambda: alpha_and_adjoint(m2f, conf, opf, flat, flatten_ids, Yf[:, 0]))
 print(json.dumps({"tag": a.tag, "alpha_adjoint_ms_per_target": {"gsplat_fwd_bwd": ms_g / N, "fused_triton": ms_f / N},
                   "labels": 16}), flush=True)
 with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:

@@ -102,14 +102,9 @@ def test_fused_kernel_equals_brute_force_compositing(tmp_path, block_g=16):
 def test_fused_kernel_matches_gsplats_forward_and_backward_on_the_gpu():
     """On CUDA (compiled, not interpreted): alpha and the adjoint of a procedural scaffold's render equal what
     `snd.splat.contrib` gets from gsplat's forward and backward kernels (float32: 1e-3 of the largest value)."""
-    import math
-
-    from gsplat.cuda._wrapper import fully_fused_projection, isect_offset_encode, isect_tiles
-
-    from snd.splat.contrib import _job_scenes, contributions
-    from snd.splat.fused import alpha_and_adjoint
+    from snd.splat.contrib import contributions
+    from snd.splat.fused import alpha_and_adjoint, gsplat_tiles
     from snd.splat.gaussians import PixelGaussians
-    from snd.splat.render_gsplat import gsplat_K
     from snd.train.distiller import rigid_inverse
     from snd.train.synthetic import synthetic_sample
 
@@ -123,18 +118,8 @@ def test_fused_kernel_matches_gsplats_forward_and_backward_on_the_gpu():
     labels = torch.randint(0, 6, (2, H, W), device=dev, generator=torch.Generator(device=dev).manual_seed(0))
     Y = torch.nn.functional.one_hot(labels, 6).float() / 100.0
     ref = contributions(gs, pair, K, w2c, H, W, backend="gsplat", adjoint=lambda alpha: Y)
-    means, quats, scales, opac = _job_scenes(gs, pair)
-    N, G = opac.shape
-    radii, means2d, depths, conics, _ = fully_fused_projection(
-        means, None, quats, scales, w2c[:, None].contiguous(), gsplat_K(K, dev)[:, None].contiguous(), W, H, eps2d=0.3,
-        near_plane=0.01, far_plane=1e10, packed=False, opacities=opac)
-    tw, th = math.ceil(W / 16), math.ceil(H / 16)
-    _, isect_ids, flatten_ids = isect_tiles(means2d, radii, depths, 16, tw, th, packed=False)
-    offsets = isect_offset_encode(isect_ids, N, tw, th).reshape(-1)
-    offsets = torch.cat([offsets, offsets.new_tensor([flatten_ids.numel()])])
-    alpha, A = alpha_and_adjoint(means2d.reshape(-1, 2), conics.reshape(-1, 3), opac.reshape(-1), offsets,
-                                 flatten_ids, Y)
+    alpha, A = alpha_and_adjoint(*gsplat_tiles(gs, pair, K, w2c, H, W), Y)
     torch.testing.assert_close(alpha, ref.alpha, atol=1e-4, rtol=0)
     scale = ref.adjoint.abs().max()
     assert scale > 0
-    torch.testing.assert_close(A.reshape(N, G, -1) / scale, ref.adjoint / scale, atol=1e-3, rtol=0)
+    torch.testing.assert_close(A.reshape(ref.adjoint.shape) / scale, ref.adjoint / scale, atol=1e-3, rtol=0)

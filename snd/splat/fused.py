@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["alpha_and_adjoint"]
+__all__ = ["alpha_and_adjoint", "gsplat_tiles"]
 
 
 @triton.jit
@@ -99,3 +99,28 @@ def alpha_and_adjoint(means2d: Tensor, conics: Tensor, opacities: Tensor, offset
         offsets.to(torch.int64).contiguous(), flat_ids.to(torch.int64).contiguous(), Yp, A, alpha, H, W, tw, th * tw,
         K=Kp, TILE=tile, BLOCK_G=block_g)
     return alpha, A[:, :K]
+
+
+def gsplat_tiles(gaussians, pair: Tensor, K: Tensor, w2c: Tensor, height: int, width: int, *, near: float = 0.01,
+                 far: float = 1e10, tile: int = 16) -> tuple[Tensor, ...]:
+    """gsplat's projection and depth-sorted tile lists of N jobs (job n draws ``gaussians[pair[n]]`` into camera
+    K[n], w2c[n]), set up as `snd.splat.contrib` sets them up, flattened for `alpha_and_adjoint`:
+    (means2d [N*G, 2], conics [N*G, 3], opacities [N*G], offsets [N*th*tw + 1], flat_ids [M]). CUDA only."""
+    import math
+
+    from gsplat.cuda._wrapper import fully_fused_projection, isect_offset_encode, isect_tiles
+
+    from snd.splat.contrib import _job_scenes
+    from snd.splat.render_gsplat import gsplat_K
+
+    dev = gaussians[0].means.device
+    means, quats, scales, opac = _job_scenes(gaussians, pair)
+    N = opac.shape[0]
+    radii, means2d, depths, conics, _ = fully_fused_projection(
+        means, None, quats, scales, w2c.to(dev, torch.float32)[:, None].contiguous(), gsplat_K(K, dev)[:, None].contiguous(),
+        width, height, eps2d=0.3, near_plane=near, far_plane=far, packed=False, opacities=opac)
+    tw, th = math.ceil(width / tile), math.ceil(height / tile)
+    _, isect_ids, flat_ids = isect_tiles(means2d, radii, depths, tile, tw, th, packed=False)
+    offsets = isect_offset_encode(isect_ids, N, tw, th).reshape(-1)
+    offsets = torch.cat([offsets, offsets.new_tensor([flat_ids.numel()])])
+    return means2d.reshape(-1, 2), conics.reshape(-1, 3), opac.reshape(-1), offsets, flat_ids
