@@ -197,13 +197,21 @@ def build_operators(
                 transposed[p] = coo.coalesce().to_sparse_csr()
         return transposed[p]
 
-    # whether a pixel is read by more than one (tap slot, patch): only when downsampling by less than 2
-    shared_taps = bool(torch.bincount(dpix.reshape(-1), minlength=Ht * Wt).max() > 1) if dpix.numel() else False
-    const = dict(ucols=ucols, uw=uw, up_t=up_t, G=G, J=J, dpix=dpix, dwt=dwt, shared_taps=shared_taps, out_hw=(h2, w2),
-                 r=r, row_cap=int(row_cap), inst_cap=int(inst_cap))
+    # per render pixel, the patch that reads it in each tap slot (-1: none); built once per call
+    P = h2 * w2
+    pix2patch = torch.full((4, Ht * Wt), -1, dtype=torch.long, device=device)
+    pix2patch.scatter_(1, dpix, torch.arange(P, device=device).expand(4, P).contiguous())
+    reads = (pix2patch >= 0).sum(0)
+    taps = reads > 0  # the only pixels whose (pixel, Gaussian) list the direct part reads
+    # a pixel read by one (slot, patch) at most (any downsampling by 2 or more): one lookup per entry gives its
+    # patch and weight; otherwise `_assemble` makes one pass per tap slot
+    lookup = None
+    if not bool(reads.max() > 1):
+        wq = torch.zeros(Ht * Wt, dtype=dwt.dtype, device=device).scatter_(0, dpix.reshape(-1), dwt.reshape(-1))
+        lookup = (pix2patch.max(0).values, wq)
+    const = dict(ucols=ucols, uw=uw, up_t=up_t, G=G, J=J, dpix=dpix, dwt=dwt, pix2patch=pix2patch, lookup=lookup,
+                 out_hw=(h2, w2), r=r, row_cap=int(row_cap), inst_cap=int(inst_cap))
     label_knobs = dict(dpix=dpix, dwt=dwt, r=r, blend_w=blend_weight if blend else 0.0, inst_cap=int(inst_cap))
-    taps = torch.zeros(Ht * Wt, dtype=torch.bool, device=device)
-    taps[dpix.reshape(-1)] = True  # the only pixels whose (pixel, Gaussian) list the direct part reads
     pair = pair.to(device)
     size = chunk if isinstance(chunk, ChunkSize) else ChunkSize(chunk)
     parts = []
@@ -305,8 +313,8 @@ def _direct_ell(key: Tensor, val: Tensor, N: int, P: int, J: int, row_cap: int) 
 
 
 def _assemble(c, lb: dict, pair_sl: Tensor, *, ucols: Tensor, uw: Tensor, up_t: Callable[[int], Tensor], G: int,
-              J: int, dpix: Tensor, dwt: Tensor, shared_taps: bool, out_hw: tuple[int, int], r: Rules, row_cap: int,
-              inst_cap: int) -> dict:
+              J: int, dpix: Tensor, dwt: Tensor, pix2patch: Tensor, lookup: tuple[Tensor, Tensor] | None,
+              out_hw: tuple[int, int], r: Rules, row_cap: int, inst_cap: int) -> dict:
     """The operators of one chunk of jobs from their contributions `c` (`snd.splat.contrib.Contributions`,
     listed at the downsampling's tap pixels, with the adjoint of `lb["Y"]`) and their labels `lb`."""
     N, P = lb["tap_w"].shape[0], out_hw[0] * out_hw[1]
@@ -320,9 +328,7 @@ def _assemble(c, lb: dict, pair_sl: Tensor, *, ucols: Tensor, uw: Tensor, up_t: 
     # upsampling taps and sent through the downsampling taps that read their pixel
     sj = ucols[grow]  # [M, 4]
     sv = c.weight[:, None] * uw[grow] * (1.0 - b_pix[gq])[:, None]
-    pix2patch = torch.full((4, Q), -1, dtype=torch.long, device=device)
-    pix2patch.scatter_(1, dpix, torch.arange(P, device=device).expand(4, P).contiguous())
-    if shared_taps:  # some pixel is read by two taps (a downsampling by less than 2): one pass per tap slot
+    if lookup is None:  # some pixel is read by two taps (a downsampling by less than 2): one pass per tap slot
         keys, vals = [], []
         for t in range(4):
             p = pix2patch[t, c.pix]
@@ -332,8 +338,7 @@ def _assemble(c, lb: dict, pair_sl: Tensor, *, ucols: Tensor, uw: Tensor, up_t: 
             vals.append((dwt[t][p[k]][:, None] * sv[k]).reshape(-1))
         key, val = torch.cat(keys), torch.cat(vals)
     else:  # each tap pixel is read by exactly one (slot, patch): one lookup per entry, no pass per slot
-        patch = pix2patch.max(0).values  # [Q]: the patch reading each pixel (-1: none)
-        wq = torch.zeros(Q, dtype=dwt.dtype, device=device).scatter_(0, dpix.reshape(-1), dwt.reshape(-1))
+        patch, wq = lookup  # [Q]: the patch reading each pixel (-1: none) and its downsampling weight
         row = c.job * P + patch[c.pix]
         key = (row[:, None] * J + sj).reshape(-1)
         val = (wq[c.pix][:, None] * sv).reshape(-1)
