@@ -100,7 +100,7 @@ f = gs[0].flatten()
 print(json.dumps({"tag": a.tag, "render_floor_ms_per_target": ms / len(src), "gaussians_per_pair": int(f[0].shape[0]),
                   "what": "gsplat.rasterization forward, 3 channels, 3 cameras per call"}), flush=True)
 # the experimental fused kernel (`snd.splat.fused`) against gsplat's forward + backward pair, which the builder
-# uses for alpha and the instance adjoint: same projection, same tile lists, a 16-label one-hot field
+# uses for alpha and the instance adjoint: same projection, same tile lists, one-hot fields of 16, 64 and 128 labels
 from gsplat.cuda._wrapper import _make_lazy_cuda_func  # noqa: E402
 
 from snd.splat.fused import alpha_and_adjoint, gsplat_tiles  # noqa: E402
@@ -110,22 +110,30 @@ N, G = len(src), opf.numel() // len(src)
 th_, tw_ = -(-H // 16), -(-W // 16)
 means2d, conics, opac = m2f.reshape(N, 1, G, 2), conf.reshape(N, 1, G, 3), opf.reshape(N, G)
 offsets = flat[:-1].reshape(N, 1, th_, tw_)
-Yf = torch.nn.functional.one_hot(torch.randint(0, 16, (N, H, W), device=dev), 16).float()[:, None].contiguous()
 ras = (int(W), int(H), 16, offsets.contiguous(), flatten_ids.contiguous())
 geo = (means2d.contiguous(), conics.contiguous())
 
 
-def gsplat_pair():
+def gsplat_pair(Yf):
+    k = Yf.shape[-1]
     _, al, last = _make_lazy_cuda_func("rasterize_to_pixels_3dgs_fwd")(*geo, means2d.new_zeros(N, 1, G, 1),
                                                                        opac[:, None].contiguous(), None, None, *ras)
-    _make_lazy_cuda_func("rasterize_to_pixels_3dgs_bwd")(*geo, means2d.new_zeros(N, 1, G, 16), opac[:, None].contiguous(),
+    _make_lazy_cuda_func("rasterize_to_pixels_3dgs_bwd")(*geo, means2d.new_zeros(N, 1, G, k), opac[:, None].contiguous(),
                                                         None, None, *ras, al, last, Yf, torch.zeros_like(al), False)
 
 
-ms_g = timed(gsplat_pair)
-ms_f = timed(lambda: alpha_and_adjoint(m2f, conf, opf, flat, flatten_ids, Yf[:, 0]))
-print(json.dumps({"tag": a.tag, "alpha_adjoint_ms_per_target": {"gsplat_fwd_bwd": ms_g / N, "fused_triton": ms_f / N},
-                  "labels": 16}), flush=True)
+# label counts: 16 as on procedural scenes, 64 and 128 (`inst_cap`) as a cluttered ScanNet++ view may need;
+# block_g: Gaussians per block of the fused kernel (a [pixels x block_g] tile of weights in registers)
+for k in (16, 64, 128):
+    Yf = torch.nn.functional.one_hot(torch.randint(0, k, (N, H, W), device=dev), k).float()[:, None].contiguous()
+    row = {"tag": a.tag, "labels": k, "alpha_adjoint_ms_per_target": {"gsplat_fwd_bwd": timed(lambda: gsplat_pair(Yf)) / N}}
+    for bg in (16, 32, 64):
+        try:
+            ms_f = timed(lambda: alpha_and_adjoint(m2f, conf, opf, flat, flatten_ids, Yf[:, 0], block_g=bg))
+            row["alpha_adjoint_ms_per_target"][f"fused_triton_block{bg}"] = ms_f / N
+        except Exception as e:  # e.g. out of shared memory / registers for a large label count
+            row["alpha_adjoint_ms_per_target"][f"fused_triton_block{bg}"] = f"{type(e).__name__}: {str(e)[:120]}"
+    print(json.dumps(row), flush=True)
 with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
     build_operators(*args, chunk=12)
     torch.cuda.synchronize()
