@@ -8,6 +8,7 @@ creating its iterator never draws from the global RNG (which drives LoRA dropout
 """
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Callable, Iterator
 
@@ -15,6 +16,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
+from snd.cache.packed import unpack
 from snd.errors import SndError
 from snd.pipeline.config import DistillConfig
 
@@ -167,21 +169,27 @@ class BatchIterator:
     that orders several epochs by position continues; one that yields nothing there is an error)."""
 
     def __init__(self, factory: StreamFactory, *, batch: int, start: int, rank: int, world_size: int,
-                 num_workers: int, prefetch: int, pin_memory: bool, seed: int):
+                 num_workers: int, prefetch: int, pin_memory: bool, seed: int, pack: bool = True):
         self.factory, self.batch, self.rank, self.world_size = factory, batch, rank, world_size
+        self.pack = pack  # workers send each batch as one block (`snd.cache.packed`); False: as torch does
         self.num_workers, self.prefetch, self.pin_memory, self.seed = num_workers, prefetch, pin_memory, seed
         self.position = start  # items consumed by this rank (= by every rank)
         self._it: Iterator | None = None
 
     def _open(self) -> Iterator:
         gen = torch.Generator().manual_seed(self.seed)
-        from snd.cache.stream import collate
+        from snd.cache.stream import JPEG_KEYS, collate
 
         kw = dict(num_workers=self.num_workers, pin_memory=self.pin_memory, generator=gen, collate_fn=collate)
         if self.num_workers > 0:
+            from snd.cache.packed import packed_collate
             from snd.train.interrupt import ignore_sigint
 
+            # a worker's batch travels as one shared-memory block (`snd.cache.packed`: receiving ~16 separate
+            # tensors cost the training process 5.2 ms of CPU per item, the loader's ceiling)
             kw.update(prefetch_factor=self.prefetch, persistent_workers=False, worker_init_fn=ignore_sigint)
+            if self.pack:
+                kw["collate_fn"] = functools.partial(packed_collate, collate=collate, listed=JPEG_KEYS)
         loader = DataLoader(self.factory(self.position, self.rank, self.world_size), batch_size=self.batch,
                             drop_last=True, **kw)
         return iter(loader)
@@ -199,7 +207,7 @@ class BatchIterator:
                 raise SndError(f"the stream yielded no items at position {self.position} (rank {self.rank})",
                                hint="is the store empty, or smaller than world_size x batch items?") from None
         self.position += self.batch
-        return out
+        return unpack(out)
 
     def __iter__(self) -> "BatchIterator":
         return self
