@@ -43,7 +43,7 @@ for s in $STEPS; do case $s in
   fast-tests)  # (a) fast path vs eager (DINOv3 RoPE, both protocols, resume), operator vs gsplat targets
     # FAST_K (a pytest -k filter) runs a subset, e.g. FAST_K=dinov3 (one test, ~60 s) before timing DINOv3
     k=(); est=180; [[ -n ${FAST_K:-} ]] && k=(-k "$FAST_K") est=60
-    step fast-tests $est 300 py -m pytest -q -m gpu tests/test_fast_path_gpu.py "${k[@]}" -p no:cacheprovider --durations=10 ;;
+    step fast-tests $est 300 py -m pytest -q -m gpu tests/test_fast_path_gpu.py tests/test_packed.py "${k[@]}" -p no:cacheprovider --durations=10 ;;
   distill)  # (b) fast-path it/s per backbone, one call per model so a timeout keeps the others
     for m in $MODELS; do  # DINOv3: warm-up 109 s on the H200 (DINOv2 46 s); more when first (cold compile caches)
       est=70 to=150; [[ $m == *dinov3* ]] && est=140 to=260

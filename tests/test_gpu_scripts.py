@@ -107,7 +107,7 @@ def test_gpu_next_fast_tests_filter(tmp_path):
     bin_dir, log = _recording_python(tmp_path)
     _run_next(bin_dir, tmp_path / "out", STEPS="fast-tests", FAST_K="dinov3", BUDGET_S="545")
     calls = [c for c in log.read_text().splitlines() if c.startswith("-m pytest")]
-    assert calls == [c for c in calls if "tests/test_fast_path_gpu.py -k dinov3" in c] and len(calls) == 1, calls
+    assert calls == [c for c in calls if "tests/test_fast_path_gpu.py tests/test_packed.py -k dinov3" in c] and len(calls) == 1, calls
 
 
 def test_gpu_next_eval_parts_run_alone(tmp_path):

@@ -1,6 +1,7 @@
 """A worker's batch as one shared-memory block (`snd.cache.packed`): the same batch as `collate`, one storage."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from snd.cache.packed import PackedBatch, packed_collate, unpack
@@ -78,3 +79,25 @@ def test_loader_workers_send_one_block_with_the_same_batches():
         _same(a, b)
         ptrs = {v.untyped_storage().data_ptr() for v in b.values() if isinstance(v, torch.Tensor)}
         assert len(ptrs) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_pinned_packed_batches_reach_the_gpu_unchanged():
+    """With pin_memory (as `snd distill` on CUDA): the block is pinned once, every view is pinned, and
+    `to_device` moves the same values as from an unpinned loader without workers."""
+    from snd.train.data import to_device
+
+    def make(start, rank, world):
+        return SyntheticStream(img_hw=(28, 28), scaffold_hw=(7, 7), rank=rank, world_size=world, start=start, batch_size=2)
+
+    kw = dict(batch=2, start=0, rank=0, world_size=1, prefetch=2, seed=0)
+    plain = BatchIterator(make, num_workers=0, pin_memory=False, **kw)
+    pinned = BatchIterator(make, num_workers=2, pin_memory=True, **kw)
+    dev = torch.device("cuda")
+    for _ in range(2):
+        a, b = next(plain), next(pinned)
+        assert all(v.is_pinned() for v in b.values() if isinstance(v, torch.Tensor))
+        a, b = to_device(a, dev), to_device(b, dev)
+        torch.cuda.synchronize()
+        _same(a, b)
