@@ -321,14 +321,14 @@ def _assemble(c, lb: dict, pair_sl: Tensor, *, ucols: Tensor, uw: Tensor, up_t: 
     Q = lb["covered"].shape[1]
     device = dpix.device
     b_pix = lb["b_pix"]
-    grow = pair_sl[c.job] * G + c.gauss  # row of each entry's Gaussian in the upsampling taps
     gq = c.job * Q + c.pix  # pixel of the chunk
 
-    # direct part: entries (all at pixels a patch samples: `c` was listed there only) expanded to their 4
-    # upsampling taps and sent through the downsampling taps that read their pixel
-    sj = ucols[grow]  # [M, 4]
-    sv = c.weight[:, None] * uw[grow] * (1.0 - b_pix[gq])[:, None]
+    # direct part: entries (all at pixels a patch samples: `c` was listed there only) sent through the
+    # downsampling taps that read their pixel and their Gaussian's 4 upsampling taps
     if lookup is None:  # some pixel is read by two taps (a downsampling by less than 2): one pass per tap slot
+        grow = pair_sl[c.job] * G + c.gauss  # row of each entry's Gaussian in the upsampling taps
+        sj = ucols[grow]  # [M, 4]
+        sv = c.weight[:, None] * uw[grow] * (1.0 - b_pix[gq])[:, None]
         keys, vals = [], []
         for t in range(4):
             p = pix2patch[t, c.pix]
@@ -340,8 +340,14 @@ def _assemble(c, lb: dict, pair_sl: Tensor, *, ucols: Tensor, uw: Tensor, up_t: 
     else:  # each tap pixel is read by exactly one (slot, patch): one lookup per entry, no pass per slot
         patch, wq = lookup  # [Q]: the patch reading each pixel (-1: none) and its downsampling weight
         row = c.job * P + patch[c.pix]
-        key = (row[:, None] * J + sj).reshape(-1)
-        val = (wq[c.pix][:, None] * sv).reshape(-1)
+        # a patch's tap pixels are neighbours and see nearly the same Gaussians: each Gaussian's share of a
+        # patch row is summed first, and only the sums go through its 4 upsampling taps (fewer taps gathered,
+        # fewer keys sorted; the same sums in another order)
+        rg, share = _sum_by_key(row * G + c.gauss, c.weight * wq[c.pix] * (1.0 - b_pix[gq]))
+        row = torch.div(rg, G, rounding_mode="floor")
+        grow = pair_sl[torch.div(row, P, rounding_mode="floor")] * G + (rg - row * G)
+        key = (row[:, None] * J + ucols[grow]).reshape(-1)
+        val = (share[:, None] * uw[grow]).reshape(-1)
     cols, ell, nnz, dropped_direct = _direct_ell(key, val, N, P, J, row_cap)
 
     # instance part: per job and kept label, the render's adjoint of the label's mean selector (a
