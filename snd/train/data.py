@@ -185,10 +185,9 @@ class BatchIterator:
             from snd.cache.packed import packed_collate
             from snd.train.interrupt import ignore_sigint
 
-            # a worker's batch travels as one shared-memory block (`snd.cache.packed`: receiving ~16 separate
-            # tensors cost the training process 5.2 ms of CPU per item, the loader's ceiling)
             kw.update(prefetch_factor=self.prefetch, persistent_workers=False, worker_init_fn=ignore_sigint)
-            if self.pack:
+            if self.pack:  # a worker's batch travels as one shared-memory block (`snd.cache.packed`: receiving
+                # ~16 separate tensors cost the training process 5-6 ms of CPU per item, the loader's ceiling)
                 kw["collate_fn"] = functools.partial(packed_collate, collate=collate, listed=JPEG_KEYS)
         loader = DataLoader(self.factory(self.position, self.rank, self.world_size), batch_size=self.batch,
                             drop_last=True, **kw)
