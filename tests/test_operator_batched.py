@@ -208,3 +208,29 @@ def test_direct_rows_keep_the_largest_with_ties_by_column():
     bad = torch.tensor(val + [float("nan")], dtype=torch.float64)
     _, ell, _, _ = _direct_ell(torch.tensor(key + [(1 * P + 1) * J + 4]), bad, N, P, J, cap)
     assert torch.isnan(ell[3, 0]) and torch.isfinite(ell[:3]).all()
+
+
+@pytest.mark.parametrize("grid", ["corners", "centres"])
+def test_transposed_taps_structure_equals_coalescing_each_pair(grid):
+    """The shared CSR structure plus one `index_add_` of a pair's weights equals that pair's taps transposed and
+    coalesced, for two pairs with different masks (the columns are the masks' business of neither); border
+    pixels whose taps clamp to one patch sum into one entry."""
+    from snd.splat.operator_build import _transposed_structure
+    from snd.splat.upsample import upsample_weights
+
+    V, H, W, h, w = 2, 23, 31, 4, 5
+    J, G = V * h * w, V * H * W
+    for seed in (0, 1):
+        masks = torch.randint(0, 3, (V, H, W), generator=torch.Generator().manual_seed(seed))
+        (y0, y1, x0, x1), wts = upsample_weights(masks, h, w, H, W, fallback="zero", grid=grid)
+        ys, xs = torch.stack([y0, y0, y1, y1]), torch.stack([x0, x1, x0, x1])
+        cols = (ys[:, :, None] * w + xs[:, None, :])[None] + (torch.arange(V) * h * w)[:, None, None, None]
+        cols = cols.permute(0, 2, 3, 1).reshape(G, 4)
+        vals = wts.permute(0, 2, 3, 1).reshape(G, 4).float()
+        crow, col, slot = _transposed_structure(cols, J)
+        got = torch.sparse_csr_tensor(crow, col, torch.zeros(col.numel()).index_add_(0, slot, vals.reshape(-1)), (J, G),
+                                      check_invariants=True)  # a valid CSR: sorted columns per row, no repeats
+        idx = torch.stack([cols.reshape(-1), torch.arange(G).repeat_interleave(4)])
+        want = torch.sparse_coo_tensor(idx, vals.reshape(-1), (J, G), check_invariants=True).coalesce()
+        assert torch.equal(got.to_dense(), want.to_dense())
+        assert col.numel() == want._nnz() < 4 * G  # clamped border taps were merged
