@@ -234,3 +234,18 @@ def test_transposed_taps_structure_equals_coalescing_each_pair(grid):
         want = torch.sparse_coo_tensor(idx, vals.reshape(-1), (J, G), check_invariants=True).coalesce()
         assert torch.equal(got.to_dense(), want.to_dense())
         assert col.numel() == want._nnz() < 4 * G  # clamped border taps were merged
+
+
+def test_dense_unique_equals_torch_unique():
+    """The histogram version of `torch.unique(..., return_inverse=True)` used for a chunk's labels, and its
+    fallback to the sort when the key range is too wide."""
+    from snd.splat.operator_build import _dense_unique
+
+    key = torch.tensor([7, 3, 3, 0, 11, 7, 7, 2])
+    for max_bins in (1 << 26, 4):  # histogram; the sort (12 bins > 4)
+        u, inv = _dense_unique(key, 12, max_bins=max_bins)
+        assert u.tolist() == [0, 2, 3, 7, 11] and inv.tolist() == [3, 2, 2, 0, 4, 3, 3, 1]
+    key = torch.randint(0, 5000, (20000,), generator=torch.Generator().manual_seed(0))
+    want = torch.unique(key, return_inverse=True)
+    for got, ref in zip(_dense_unique(key, 5000), want):
+        assert torch.equal(got, ref)

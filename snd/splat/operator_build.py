@@ -122,6 +122,16 @@ def _sum_by_key(key: Tensor, val: Tensor) -> tuple[Tensor, Tensor]:
     return uk, torch.zeros(uk.numel(), dtype=val.dtype, device=val.device).index_add_(0, inv, val)
 
 
+def _dense_unique(key: Tensor, bins: int, max_bins: int = 1 << 26) -> tuple[Tensor, Tensor]:
+    """`torch.unique(key, return_inverse=True)` for keys in [0, bins): a histogram and a prefix sum instead of a
+    sort of every key (a chunk's labels are N x 576 x 880 pixels, but a few thousand (job, label) values at most).
+    Falls back to the sort when `bins` exceeds `max_bins`."""
+    if bins > max_bins:
+        return torch.unique(key, return_inverse=True)
+    present = torch.bincount(key, minlength=bins) > 0
+    return present.nonzero().squeeze(1), (torch.cumsum(present, 0) - 1)[key]
+
+
 def _rank_in_group(group: Tensor, score: Tensor) -> tuple[Tensor, Tensor]:
     """Order entries by (group ascending, score descending, position ascending): (order, rank within group)."""
     o = torch.sort(score, descending=True, stable=True).indices
@@ -284,8 +294,8 @@ def _labels(tgt_masks: Tensor, alpha: Tensor, *, dpix: Tensor, dwt: Tensor, r: R
     lab = tgt_masks.reshape(N, Q).long()
     lo = lab.min()
     span = lab.max() - lo + 1
-    labels, inv = torch.unique(torch.arange(N, device=device)[:, None] * span + (lab - lo), return_inverse=True)
-    inv = inv.reshape(-1)  # [N*Q] label index of each pixel
+    labels, inv = _dense_unique((torch.arange(N, device=device)[:, None] * span + (lab - lo)).reshape(-1),
+                                int(span) * N)  # [N*Q]: the label index of each pixel
     lab_job = torch.div(labels, span, rounding_mode="floor")
     counts = torch.zeros(labels.numel(), dtype=f64, device=device).index_add_(0, inv, in_mean.reshape(-1).to(f64))
     b_pix = (counts > 0).to(f64)[inv] * blend_w  # [N*Q]: only labels with a pixel in the means are blended
