@@ -196,16 +196,18 @@ def _contributions_gsplat(gaussians: Sequence[PixelGaussians], pair: Tensor, K: 
     dx, dy = px - m2[:, 0], py - m2[:, 1]
     sigma = 0.5 * (c[:, 0] * dx * dx + c[:, 2] * dy * dy) + c[:, 1] * dx * dy
     a = (opac.reshape(-1)[fid] * torch.exp(-sigma)).clamp_max(ALPHA_MAX)
-    # front to back within each pixel: gsplat sorts a tile's list by depth (stable on Gaussian index)
-    order = torch.sort(depths.reshape(N, G), dim=1, stable=True).indices
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(G, device=dev).expand(N, G).contiguous())
+    # front to back within each pixel: gsplat sorts a tile's list by depth (stable on Gaussian index) and writes
+    # each pixel's hits at the cumulative count of the pixels before it, so the list is normally in (pixel,
+    # depth) order already. The check (one sync) reads each entry's depth; only a list out of order pays for
+    # ranking every Gaussian by depth (a sort of all N x G depths) and sorting the entries.
     Q = int(height) * int(width)
     gpix = img * Q + pix  # pixel of the whole batch
-    key = gpix * G + rank.reshape(-1)[fid]
-    # gsplat writes each pixel's hits at the cumulative count of the pixels before it, in its depth-sorted
-    # tile order, so the list is normally sorted already; the check (one sync) saves the largest sort
-    if key.numel() > 1 and not bool((key[1:] >= key[:-1]).all()):
-        srt = torch.sort(key).indices
+    d = depths.reshape(-1)[fid]
+    in_order = (gpix[1:] > gpix[:-1]) | ((gpix[1:] == gpix[:-1]) & (d[1:] >= d[:-1]))
+    if gpix.numel() > 1 and not bool(in_order.all()):
+        order = torch.sort(depths.reshape(N, G), dim=1, stable=True).indices
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(G, device=dev).expand(N, G).contiguous())
+        srt = torch.sort(gpix * G + rank.reshape(-1)[fid]).indices
         gpix, gid, a = gpix[srt], gid[srt], a[srt]
     w, _, _ = composite_weights(gpix, a.double(), N * Q)
     job = torch.div(gpix, Q, rounding_mode="floor")
