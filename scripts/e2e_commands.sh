@@ -124,7 +124,7 @@ t bench_distill snd bench distill --shards "$WORK/cache_depth" --models "$MODEL"
   --iters "$BENCH_ITERS" --warmup 20 "${DEV[@]}" --out "$OUT/e2e_bench_distill.json"
 summarise > /dev/null
 if (( $(left) > 90 )); then  # the loader alone (no training beside it): items/s per worker count on this host
-  t loader_rates python3 scripts/loader_rates.py "$WORK/cache_depth" --workers 1 4 8 12 --items 300
+  t loader_rates python3 scripts/loader_rates.py "$WORK/cache_depth" --workers 1 4 8 12 --items 200 --ab  # packed vs plain
 else skip loader_rates "budget"; fi
 if [[ -n ${NAN_HUNT:-} ]] && (( $(left) > 150 )); then  # which tensor goes non-finite on skipped steps (NAN_HUNT=1;
   # off by default since the cause of the first run's ~10 % was found: the batched builder's bug, fixed 2026-12-05)

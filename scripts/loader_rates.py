@@ -8,7 +8,7 @@ worker CPU time per item (process CPU time of the workers is not visible here, s
 an upper bound) and the training process's own CPU time per item (receiving batches: what capped the loader at
 ~150 items/s before batches travelled as one block, `snd.cache.packed`; `--plain` sends them as torch does, for
 an A/B).
-Usage: python3 scripts/loader_rates.py STORE [--workers 1 4 8 12] [--items 400] [--plain]
+Usage: python3 scripts/loader_rates.py STORE [--workers 1 4 8 12] [--items 400] [--plain | --ab]
 """
 import argparse
 import json
@@ -26,12 +26,13 @@ ap.add_argument("store")
 ap.add_argument("--workers", type=int, nargs="+", default=[1, 4, 8, 12])
 ap.add_argument("--items", type=int, default=400)
 ap.add_argument("--plain", action="store_true", help="workers send tensors one by one (as before snd.cache.packed)")
+ap.add_argument("--ab", action="store_true", help="each worker count packed, then plain (an A/B on this host)")
 a = ap.parse_args()
 cfg = input_sized(DistillConfig(shards=a.store))  # the sizes `snd distill` resolves (the default model)
 factory = shard_stream_factory(cfg)
-for w in a.workers:
+for w, plain in [(w, p) for w in a.workers for p in ((False, True) if a.ab else (a.plain,))]:
     it = BatchIterator(factory, batch=1, start=0, rank=0, world_size=1, num_workers=w, prefetch=cfg.prefetch,
-                       pin_memory=torch.cuda.is_available(), seed=0, pack=not a.plain)
+                       pin_memory=torch.cuda.is_available(), seed=0, pack=not plain)
     for _ in range(max(w, 1) * 2):  # every worker started and through its first items
         next(it)
     t0, c0 = time.perf_counter(), time.process_time()
@@ -39,6 +40,6 @@ for w in a.workers:
         next(it)
     dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     print(json.dumps({"workers": w, "items_per_s": a.items / dt, "worker_ms_per_item_upper": dt * max(w, 1) / a.items * 1e3,
-                      "main_cpu_ms_per_item": cpu / a.items * 1e3, "packed": not a.plain,
+                      "main_cpu_ms_per_item": cpu / a.items * 1e3, "packed": not plain,
                       "cpus": len(os.sched_getaffinity(0)), "items": a.items}), flush=True)
     del it
