@@ -6,7 +6,7 @@
 # `python -m snd.bench.summary`), $OUT/bench_project.json (`snd bench project` with this call's files).
 # Usage (GPU machine, repo root): bash scripts/gpu_session.sh next   (that builds gsplat first; counts its time)
 #   env: STEPS (default "fast-tests distill ops eval precompute"; any subset/order, e.g. STEPS="eval precompute" for
-#   a second call), BUDGET_S (545: seconds since T_START, which gpu_session.sh sets when it starts; else now),
+#   a second call), AB_BUILDER (a file: the ops step also times that builder against this one), BUDGET_S (545: seconds since T_START, which gpu_session.sh sets when it starts; else now),
 #   MODELS (the four below), FAST_K (pytest -k for fast-tests), PRE_PAIRS (64 timed pairs per `snd bench precompute`)
 # Estimates (s; from earlier sessions' logs/JSONs, compile included): fast-tests 180 (five 30-step runs, each compiling
 # a small ViT: ~35 s); distill per model 70 (DINOv3 140: its warm-up measured 109 s on the H200); ops 40 + 40 (measured 31 + 25 s on an H100)
@@ -56,7 +56,15 @@ for s in $STEPS; do case $s in
     step ops-tests 60 120 py -m pytest -q -m gpu tests/test_contrib.py tests/test_operator_batched.py tests/test_precompute.py tests/test_fused.py \
       -p no:cacheprovider
     step ops-profile 40 90 py scripts/gpu_profile_operator.py
-    cp "$OUT/next_ops-profile.log" "$OUT/profile_operator_batched.jsonl" 2>/dev/null ;;
+    cp "$OUT/next_ops-profile.log" "$OUT/profile_operator_batched.jsonl" 2>/dev/null
+    if [[ -n ${AB_BUILDER:-} && -f ${AB_BUILDER:-} ]]; then  # an earlier builder (e.g. `git show REV:snd/splat/operator_build.py
+      # > ab_before.py`, untracked so it travels) against this one, twice each, alternating, chunk 8, same inputs
+      for r in 1 2; do
+        step "ops-ab-before-$r" 20 60 py scripts/gpu_profile_operator.py --builder "$AB_BUILDER" --chunks 8 --quick --tag before
+        step "ops-ab-now-$r" 20 60 py scripts/gpu_profile_operator.py --chunks 8 --quick --tag now
+      done
+      cat "$OUT"/next_ops-ab-*.log > "$OUT/profile_operator_ab.jsonl" 2>/dev/null
+    fi ;;
   precompute-ab)  # (d0) stage one with operators, lossless frames: on their own stream (the default) vs queued behind
     # MVSplat (--no-operator-stream), then the builder profiled on that store's random-init MVSplat scaffold
     est=170

@@ -118,3 +118,15 @@ def test_gpu_next_eval_parts_run_alone(tmp_path):
         _run_next(bin_dir, tmp_path / steps, STEPS=steps, BUDGET_S="545")
         calls = [c for c in log.read_text().splitlines() if not c.startswith(("-m snd.cli bench project", "-m snd.bench.summary"))]
         assert [c[:len(want[0])] for c in calls] == want, calls
+
+
+def test_gpu_next_ops_times_an_earlier_builder_against_this_one(tmp_path):
+    """AB_BUILDER (a builder file): the ops step profiles it and this tree's builder, alternating, chunk 8."""
+    bin_dir, log = _recording_python(tmp_path)
+    before = tmp_path / "ab_before.py"
+    before.write_text("# an earlier operator_build.py\n")
+    _run_next(bin_dir, tmp_path / "out", STEPS="ops", BUDGET_S="545", AB_BUILDER=str(before))
+    prof = [c for c in log.read_text().splitlines() if c.startswith("scripts/gpu_profile_operator.py")]
+    ab = [c for c in prof if "--quick" in c]
+    assert ab == [f"scripts/gpu_profile_operator.py --builder {before} --chunks 8 --quick --tag before",
+                  "scripts/gpu_profile_operator.py --chunks 8 --quick --tag now"] * 2, prof
