@@ -6,10 +6,12 @@
 # `python -m snd.bench.summary`), $OUT/bench_project.json (`snd bench project` with this call's files).
 # Usage (GPU machine, repo root): bash scripts/gpu_session.sh next   (that builds gsplat first; counts its time)
 #   env: STEPS (default "fast-tests distill ops eval precompute"; any subset/order, e.g. STEPS="eval precompute" for
-#   a second call), AB_BUILDER (a file: the ops step also times that builder against this one), BUDGET_S (545: seconds since T_START, which gpu_session.sh sets when it starts; else now),
+#   a second call), AB_BUILDER (a file: the ops step also times that builder against this one),
+#   BUDGET_S (545: seconds since T_START, which gpu_session.sh sets when it starts; else now),
 #   MODELS (the four below), FAST_K (pytest -k for fast-tests), PRE_PAIRS (64 timed pairs per `snd bench precompute`)
 # Estimates (s; from earlier sessions' logs/JSONs, compile included): fast-tests 180 (five 30-step runs, each compiling
-# a small ViT: ~35 s); distill per model 70 (DINOv3 140: its warm-up measured 109 s on the H200); ops 60 + 60 (measured 31 + 25 s on an H100 before the fused kernel joined the profile)
+# a small ViT: ~35 s); distill per model 70 (DINOv3 140: its warm-up measured 109 s on the H200); ops 60 + 60
+# (measured 31 + 25 s on an H100 before the fused kernel joined the profile)
 # (H200 warm-up 45-49 s for ViT-S/14 and B/14, 61-74 s on the H100; DINOv3 B/16 109 s on the H200); eval-tests 120;
 # bench eval 200 (measured 137 s + start); precompute 170 with a cold compile (MVSplat compile 98 s, gsplat
 # ready), 110 warm.

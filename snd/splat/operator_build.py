@@ -122,10 +122,10 @@ def _sum_by_key(key: Tensor, val: Tensor) -> tuple[Tensor, Tensor]:
     return uk, torch.zeros(uk.numel(), dtype=val.dtype, device=val.device).index_add_(0, inv, val)
 
 
-def _dense_unique(key: Tensor, bins: int, max_bins: int = 1 << 26) -> tuple[Tensor, Tensor]:
+def _dense_unique(key: Tensor, bins: int, max_bins: int = 1 << 22) -> tuple[Tensor, Tensor]:
     """`torch.unique(key, return_inverse=True)` for keys in [0, bins): a histogram and a prefix sum instead of a
     sort of every key (a chunk's labels are N x 576 x 880 pixels, but a few thousand (job, label) values at most).
-    Falls back to the sort when `bins` exceeds `max_bins`."""
+    Falls back to the sort when `bins` exceeds `max_bins` (the histogram's memory: 8 bytes a bin)."""
     if bins > max_bins:
         return torch.unique(key, return_inverse=True)
     present = torch.bincount(key, minlength=bins) > 0
