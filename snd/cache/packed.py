@@ -67,26 +67,28 @@ def _view(block: Tensor, dtype: torch.dtype, shape: tuple[int, ...], off: int) -
     return block[off:off + _nbytes(dtype, shape)].view(dtype).view(shape)
 
 
-def _fill(node: Any, views: list[Tensor]) -> Any:
-    if isinstance(node, _Slot):
-        return views[node.i]
+def _map_only(kind: type, fn: Callable[[Any], Any], node: Any) -> Any:
+    """`node` (dicts, lists and tuples of leaves) with every leaf of type `kind` replaced by `fn(leaf)`."""
+    if isinstance(node, kind):
+        return fn(node)
     if isinstance(node, dict):
-        return {k: _fill(v, views) for k, v in node.items()}
+        return {k: _map_only(kind, fn, v) for k, v in node.items()}
     if isinstance(node, (list, tuple)):
-        return type(node)(_fill(v, views) for v in node)
+        return type(node)(_map_only(kind, fn, v) for v in node)
     return node
+
+
+def _fill(skeleton: Any, views: list[Tensor]) -> Any:
+    return _map_only(_Slot, lambda s: views[s.i], skeleton)
 
 
 def _extract(node: Any, found: list[Tensor], base: int) -> Any:
     """`node` with each tensor appended to `found` and replaced by `_Slot(base + its index in found)`."""
-    if isinstance(node, Tensor):
-        found.append(node)
+    def slot(t: Tensor) -> _Slot:
+        found.append(t)
         return _Slot(base + len(found) - 1)
-    if isinstance(node, dict):
-        return {k: _extract(v, found, base) for k, v in node.items()}
-    if isinstance(node, (list, tuple)):
-        return type(node)(_extract(v, found, base) for v in node)
-    return node
+
+    return _map_only(Tensor, slot, node)
 
 
 def packed_collate(samples: list[dict], collate: Callable[[list[dict]], dict], listed: tuple[str, ...] = ()) -> PackedBatch:
