@@ -55,9 +55,9 @@ for s in $STEPS; do case $s in
   ops)  # (b2) the batched operator builder: gsplat's list at chosen pixels and its adjoint (backward kernel) == the
     # full list; gsplat batched == one job per call == torch plan; then ms per target by chunk
     # (and stage one's operators on their own stream == queued behind the network, tests/test_precompute.py)
-    step ops-tests 60 120 py -m pytest -q -m gpu tests/test_contrib.py tests/test_operator_batched.py tests/test_precompute.py tests/test_fused.py \
-      -p no:cacheprovider
-    step ops-profile 60 150 py scripts/gpu_profile_operator.py  # with the fused kernel at 9 settings (a Triton compile each)
+    step ops-tests 100 200 py -m pytest -m gpu tests/test_contrib.py tests/test_operator_batched.py tests/test_precompute.py \
+      -p no:cacheprovider --durations=8
+    step ops-profile 60 150 py scripts/gpu_profile_operator.py
     cp "$OUT/next_ops-profile.log" "$OUT/profile_operator_batched.jsonl" 2>/dev/null
     if [[ -n ${AB_BUILDER:-} && -f ${AB_BUILDER:-} ]]; then  # an earlier builder (e.g. `git show REV:snd/splat/operator_build.py
       # > ab_before.py`, untracked so it travels) against this one, twice each, alternating, chunk 8, same inputs

@@ -6,8 +6,9 @@ scaffold of `snd bench precompute --source mvsplat --workdir W`, DIR = W/cache),
 Prints JSON lines: warm wall ms per target of the batched builder for each `chunk`; the "render floor": ms per
 target of gsplat's plain forward `rasterization` (3 channels, the same 12 cameras, one call per pair), which
 any construction of an exact operator must at least match (it visits every (pixel, Gaussian) pair of the
-target); the experimental fused alpha + adjoint kernel (`snd.splat.fused`) against gsplat's forward + backward
-pair on the same tile lists; then the top CUDA ops by device time of one chunk-12 build.
+target); then the top CUDA ops by device time of one chunk-12 build. (An experimental fused Triton alpha +
+adjoint kernel was timed here against gsplat's forward + backward on 2026-12-05 and removed: slower at every
+setting, docs/performance.md.)
 ``--builder FILE`` times another version of `snd/splat/operator_build.py` (e.g. `git show REV:snd/splat/operator_build.py`)
 on the same inputs, for an A/B in one device call; ``--quick`` leaves out the render floor and the kernel profile.
 Usage (device): python3 scripts/gpu_profile_operator.py [--store DIR] [--tag NAME] [--builder FILE] [--chunks 8] [--quick]
@@ -99,41 +100,6 @@ ms = timed(render_all)
 f = gs[0].flatten()
 print(json.dumps({"tag": a.tag, "render_floor_ms_per_target": ms / len(src), "gaussians_per_pair": int(f[0].shape[0]),
                   "what": "gsplat.rasterization forward, 3 channels, 3 cameras per call"}), flush=True)
-# the experimental fused kernel (`snd.splat.fused`) against gsplat's forward + backward pair, which the builder
-# uses for alpha and the instance adjoint: same projection, same tile lists, one-hot fields of 16, 64 and 128 labels
-from gsplat.cuda._wrapper import _make_lazy_cuda_func  # noqa: E402
-
-from snd.splat.fused import alpha_and_adjoint, gsplat_tiles  # noqa: E402
-
-m2f, conf, opf, flat, flatten_ids = gsplat_tiles(gs, pair, tK, tw2c, H, W)
-N, G = len(src), opf.numel() // len(src)
-th_, tw_ = -(-H // 16), -(-W // 16)
-means2d, conics, opac = m2f.reshape(N, 1, G, 2), conf.reshape(N, 1, G, 3), opf.reshape(N, G)
-offsets = flat[:-1].reshape(N, 1, th_, tw_)
-ras = (int(W), int(H), 16, offsets.contiguous(), flatten_ids.contiguous())
-geo = (means2d.contiguous(), conics.contiguous())
-
-
-def gsplat_pair(Yf):
-    k = Yf.shape[-1]
-    _, al, last = _make_lazy_cuda_func("rasterize_to_pixels_3dgs_fwd")(*geo, means2d.new_zeros(N, 1, G, 1),
-                                                                       opac[:, None].contiguous(), None, None, *ras)
-    _make_lazy_cuda_func("rasterize_to_pixels_3dgs_bwd")(*geo, means2d.new_zeros(N, 1, G, k), opac[:, None].contiguous(),
-                                                        None, None, *ras, al, last, Yf, torch.zeros_like(al), False)
-
-
-# label counts: 16 as on procedural scenes, 64 and 128 (`inst_cap`) as a cluttered ScanNet++ view may need;
-# block_g: Gaussians per block of the fused kernel (a [pixels x block_g] tile of weights in registers)
-for k in (16, 64, 128):
-    Yf = torch.nn.functional.one_hot(torch.randint(0, k, (N, H, W), device=dev), k).float()[:, None].contiguous()
-    row = {"tag": a.tag, "labels": k, "alpha_adjoint_ms_per_target": {"gsplat_fwd_bwd": timed(lambda: gsplat_pair(Yf)) / N}}
-    for bg in (16, 32, 64):
-        try:
-            ms_f = timed(lambda: alpha_and_adjoint(m2f, conf, opf, flat, flatten_ids, Yf[:, 0], block_g=bg))
-            row["alpha_adjoint_ms_per_target"][f"fused_triton_block{bg}"] = ms_f / N
-        except Exception as e:  # e.g. out of shared memory / registers for a large label count
-            row["alpha_adjoint_ms_per_target"][f"fused_triton_block{bg}"] = f"{type(e).__name__}: {str(e)[:120]}"
-    print(json.dumps(row), flush=True)
 with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
     build_operators(*args, chunk=12)
     torch.cuda.synchronize()

@@ -72,7 +72,7 @@ def test_gpu_next_precompute_ab_times_both_operator_modes_then_profiles_the_stor
     calls = log.read_text().splitlines()
     pre = [c for c in calls if c.startswith("-m snd.cli bench precompute --source mvsplat")]
     assert [c.split(" --workdir")[0].split()[-1] for c in pre] == ["--operator-stream", "--no-operator-stream"], pre
-    assert any(c.startswith("-m pytest -q -m gpu tests/test_contrib.py") and "tests/test_precompute.py" in c for c in calls)
+    assert any(c.startswith("-m pytest -m gpu tests/test_contrib.py") and "tests/test_precompute.py" in c for c in calls)
     assert "scripts/gpu_profile_operator.py --store /tmp/snd-bench-pre/cache --tag mvsplat_random_init" in calls, calls
     steps = [json.loads(x)["step"] for x in (out / "next_steps.jsonl").read_text().splitlines()]
     assert steps == ["ops-tests", "ops-profile", "precompute_operator-stream", "precompute_no-operator-stream",
