@@ -77,7 +77,7 @@ def test_info_matches_what_precompute_wrote(written, synth_root, capsys):
     assert info["header"]["operator"]["ctx_hw"] == [8, 12] and info["header"]["sampler"]["pairs_per_scene"] == 2
     names = r.scene(r.scenes[0]).specs
     frames = {"frame_index", "frame_nbytes", "frame_bytes", "frame_crc32c"}  # the default stores JPEG frames
-    assert set(info["arrays"]) == set(names) | {"crc32c"} | frames and info["images_stored"] is True
+    assert set(info["arrays"]) == set(names) | {"crc32c", "op_crc32c"} | frames and info["images_stored"] is True
     assert info["arrays"]["quats"]["row_shape"] == [2, 4, H, W] and info["arrays"]["quats"]["dtype"] == "int8"
     assert sum(a["bytes"] for a in info["arrays"].values()) <= s.bytes
     assert len(info["runs"]) == 1 and info["runs"][0]["pairs"] == 4 and info["runs"][0]["scenes_done"] == 2

@@ -72,7 +72,7 @@ def test_frames_are_stored_once_each_resized_as_stage_two_does(stores, data_copy
             assert torch.equal(sr.frame(i), want)
     assert r.verify_all() > 0
     hdr = json.loads((stores["lossless"] / "_snd" / "header.json").read_text())
-    assert hdr["schema_version"] == 3 and hdr["images"] == {"codec": "lossless", "height": IMG[0], "width": IMG[1], "quality": 95}
+    assert hdr["schema_version"] == 4 and hdr["images"] == {"codec": "lossless", "height": IMG[0], "width": IMG[1], "quality": 95}
 
 
 def test_a_damaged_frame_is_reported_by_scene_and_frame(stores, tmp_path):

@@ -19,8 +19,8 @@ from torch import Tensor
 
 from snd.cache import manifest as M
 from snd.cache.encode import decode_scaffold
-from snd.cache.schema import (CHECKSUM_ARRAY, FRAME_CHECKSUM_ARRAY, OPERATOR_BUILDER, READABLE_VERSIONS, Encoding,
-                              FrameSpec, OperatorSpec, delta_decode, frame_layout, layout)
+from snd.cache.schema import (CHECKSUM_ARRAY, FRAME_CHECKSUM_ARRAY, OP_CHECKSUM_ARRAY, OPERATOR_BUILDER, READABLE_VERSIONS,
+                              Encoding, FrameSpec, OperatorSpec, delta_decode, frame_layout, layout)
 from snd.cache.writer import crc32c
 from snd.errors import SndError
 
@@ -64,6 +64,7 @@ class DecodedPair:
     ctx_index: tuple[int, int]
     tgt_index: tuple[int, ...]  # -1 = no target in that slot
     operator: dict[str, Tensor] | None = None  # op_* arrays [T, ...] as stored (schema v2), or None
+    op_target: int | None = None  # set: `operator` holds only this target slot's arrays, [1, ...]
 
 
 class SceneReader:
@@ -94,6 +95,12 @@ class SceneReader:
         if verify and hashlib.sha256(np.ascontiguousarray(self._crc).tobytes()).hexdigest() != record.get("checksums_sha256"):
             raise _corrupt(root, scene, None, "checksum table does not match the manifest")
         self._cols = {n: i for i, n in enumerate(self.specs)}
+        self._op_crc = self._op_cols = None  # v4: per-target-slot checksums of the operator fields
+        if OP_CHECKSUM_ARRAY in (attrs.get("checksum_ops") or {}).get("table", ""):
+            self._op_crc = self._read_whole(OP_CHECKSUM_ARRAY)
+            if verify and hashlib.sha256(np.ascontiguousarray(self._op_crc).tobytes()).hexdigest() != record.get("op_checksums_sha256"):
+                raise _corrupt(root, scene, None, "operator checksum table does not match the manifest")
+            self._op_cols = {n: i for i, n in enumerate(attrs["checksum_ops"]["arrays"])}
         self._arrays: dict[str, Any] = {}
         self.frames = FrameSpec.from_dict(attrs.get("frames"))  # None: a v1/v2 group (images from the dataset)
         self._frame_row: dict[int, int] = {}
@@ -149,13 +156,21 @@ class SceneReader:
         except Exception as e:  # noqa: BLE001
             raise _corrupt(self.root, self.scene, None, f"array {name!r} unreadable ({type(e).__name__}: {e})") from e
 
-    def read_stored(self, p: int, names: "set[str] | None" = None) -> dict[str, np.ndarray]:
-        """Pair `p`'s arrays as stored (row deltas undone), checksum-verified; `names` limits which are read."""
+    def read_stored(self, p: int, names: "set[str] | None" = None, *, op_target: int | None = None) -> dict[str, np.ndarray]:
+        """Pair `p`'s arrays as stored (row deltas undone), checksum-verified; `names` limits which are read.
+        With `op_target`, the operator arrays (``op_*``) hold only that target slot, [1, ...]: a v4 group
+        reads and checks that slot's chunk alone; an older one reads the pair's whole row and slices it."""
         if not 0 <= p < self.n_pairs:
             raise IndexError(f"scene {self.scene}: pair {p} out of range [0, {self.n_pairs})")
+        if op_target is not None and not 0 <= op_target < self.n_targets:
+            raise IndexError(f"scene {self.scene}: target slot {op_target} out of range [0, {self.n_targets})")
         out = {}
         for name, s in self.specs.items():
             if names is not None and name not in names:
+                continue
+            slot = op_target if name.startswith("op_") else None
+            if slot is not None and self._op_cols is not None and name in self._op_cols:
+                out[name] = self._read_slot(p, name, slot)
                 continue
             if s.kind == "small":
                 a = self._small[name][p]
@@ -166,14 +181,28 @@ class SceneReader:
                     raise _corrupt(self.root, self.scene, p, f"array {name!r} unreadable ({type(e).__name__}: {e})") from e
             if self.verify and crc32c(a) != int(self._crc[p, self._cols[name]]):
                 raise _corrupt(self.root, self.scene, p, f"array {name!r} checksum mismatch")
-            out[name] = delta_decode(a) if s.delta else np.array(a, copy=True)
+            a = delta_decode(a) if s.delta else np.array(a, copy=True)
+            out[name] = a[slot:slot + 1] if slot is not None else a
         return out
 
-    def pair(self, p: int, *, gaussians: bool = True, operator: bool = True, masks: bool | None = None) -> DecodedPair:
+    def _read_slot(self, p: int, name: str, t: int) -> np.ndarray:
+        """Target slot `t` of pair `p` of operator field `name` (v4: its own chunk), checked, [1, ...]."""
+        assert self._op_crc is not None and self._op_cols is not None
+        try:
+            a = self._array(name)[p, t]
+        except Exception as e:  # noqa: BLE001 - codec/crc errors of a damaged chunk
+            raise _corrupt(self.root, self.scene, p, f"array {name!r} target {t} unreadable ({type(e).__name__}: {e})") from e
+        if self.verify and crc32c(a) != int(self._op_crc[p, t, self._op_cols[name]]):
+            raise _corrupt(self.root, self.scene, p, f"array {name!r} target {t} checksum mismatch")
+        return a[None]  # a fresh array from Zarr (operator fields carry no row deltas)
+
+    def pair(self, p: int, *, gaussians: bool = True, operator: bool = True, masks: bool | None = None,
+             op_target: int | None = None) -> DecodedPair:
         """Pair `p` decoded to float32 Gaussians (empty tensors when `gaussians=False`, which skips reading
         and decoding them: stage two's operator path needs none), int64 masks (`masks`, default as
         `gaussians`: the operators already hold what the masks give; empty tensors otherwise) and float32
-        cameras; with `operator` (and a store that has them), the stored operator arrays [T, ...] as tensors."""
+        cameras; with `operator` (and a store that has them), the stored operator arrays [T, ...] as tensors,
+        or with `op_target` only that target slot's, [1, ...] (all a training item needs)."""
         masks = gaussians if masks is None else masks
         names = set(self.specs)
         if not gaussians:
@@ -182,7 +211,7 @@ class SceneReader:
             names -= {"ctx_mask", "tgt_mask"}
         if not operator:
             names -= {n for n in self.specs if n.startswith("op_")}
-        st = self.read_stored(p, names)
+        st = self.read_stored(p, names, op_target=op_target)
         if gaussians:
             K = torch.from_numpy(st["ctx_K"])[None]
             c2w = torch.from_numpy(st["ctx_c2w"])[None]
@@ -198,6 +227,7 @@ class SceneReader:
         f32 = torch.float32
         return DecodedPair(
             scene=self.scene, pair=p, means=means, quats=quats, scales=scales, opacities=opac, operator=ops,
+            op_target=op_target if ops is not None else None,
             ctx_masks=torch.from_numpy(st["ctx_mask"].astype(np.int64)) if masks else torch.zeros(0, dtype=torch.int64),
             tgt_masks=(torch.from_numpy(st["tgt_mask"].astype(np.int64)) if masks
                        else torch.zeros(self.n_targets, 0, dtype=torch.int64)),
@@ -238,6 +268,8 @@ class CacheReader:
             r = SceneReader(self.root, s, self.records[s], verify=True)
             for p in range(r.n_pairs):
                 r.read_stored(p)
+                for t in range(r.n_targets if r._op_cols else 0):  # v4: each target slot against its own checksums
+                    r.read_stored(p, set(r._op_cols), op_target=t)
                 n += 1
             for i in r._frame_row:
                 r.frame_bytes(i)

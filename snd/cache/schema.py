@@ -29,6 +29,12 @@ Stored layout of one scene group (P pairs, T targets per pair, scaffold H x W):
   L), with their own checksum table ``frame_crc32c [F,3] uint32`` (per frame, per array of
   `frame_layout`, of the stored bytes) pinned by ``frames_checksums_sha256`` in the completion marker.
   v1/v2 stores (no frames) stay readable; stage two then reads images from the dataset.
+* v4 stores the same arrays; only the operator fields change how they are cut: one Zarr chunk per pair *and
+  target slot* (`chunk_shape`) instead of per pair, with a second checksum table ``op_crc32c [P,T,A_op]
+  uint32`` (per pair, per target slot, per operator field of `operator_fields`, of that slot's stored
+  bytes) pinned by ``op_checksums_sha256`` in the completion marker. Why: a training item uses one target
+  of its pair, and reading the other two slots' operators cost the loader's workers ~30 % of their time
+  per item (docs/performance.md). v3 stores stay readable; their operators are read whole and sliced.
 """
 from __future__ import annotations
 
@@ -37,13 +43,14 @@ from typing import Literal
 
 import numpy as np
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # Revision of the operator builder, recorded as the group attribute ``operator_builder`` of stores with
 # operators. 2: the GPU builder's fix of 2026-12-05 (before it, every target of a chunk but the first was built
 # with the first target's projected Gaussians when stage one ran on CUDA, so those operators were wrong; CPU
 # builds were right). A store without the attribute is readable; the reader warns once (`snd.cache.reader`).
 OPERATOR_BUILDER = 2
-READABLE_VERSIONS = (1, 2, 3)  # v1 = v2 without operator arrays; v2 = v3 without frames
+READABLE_VERSIONS = (1, 2, 3, 4)  # v1 = v2 without operator arrays; v2 = v3 without frames; v3 = v4 with
+# operators chunked per pair rather than per (pair, target)
 FORMAT_NAME = "snd-scaffold-cache"
 PAIRS_PER_SHARD = 16  # pairs per shard file: ~100 MB files at 576x880, few files per scene
 
@@ -226,6 +233,20 @@ def layout(height: int, width: int, targets: int, enc: Encoding, op: OperatorSpe
 
 CHECKSUM_ARRAY = "crc32c"
 FRAME_CHECKSUM_ARRAY = "frame_crc32c"
+OP_CHECKSUM_ARRAY = "op_crc32c"  # v4: [P, T, len(operator_fields)], one CRC per target slot of each operator field
+
+
+def operator_fields(specs: dict[str, ArraySpec]) -> list[str]:
+    """The operator arrays stored per target slot (v4): the per-pair fields named ``op_*``, in layout order."""
+    return [n for n, s in specs.items() if s.kind == "field" and n.startswith("op_")]
+
+
+def chunk_shape(spec: ArraySpec) -> tuple[int, ...]:
+    """One stored chunk of a per-pair field (leading P axis included): one pair, or for the operator fields
+    (v4) one pair's one target slot, which is all a training item reads."""
+    if spec.kind == "field" and spec.name.startswith("op_"):
+        return (1, 1, *spec.shape[1:])
+    return (1, *spec.shape)
 FRAMES_PER_SHARD = 16  # frames per shard file of frame_bytes
 
 

@@ -171,9 +171,9 @@ class ShardStream(IterableDataset):
         si, p, t = self.item_at(g)
         name = self.scenes[si]
         sr = self._reader.scene(name)
-        d = sr.pair(p, gaussians=self.gaussians, operator=self.operator)
+        d = sr.pair(p, gaussians=self.gaussians, operator=self.operator, op_target=t)  # only this item's target slot
         ti = d.tgt_index[t]
-        ops = {k: v[t] for k, v in d.operator.items()} if d.operator is not None else {}
+        ops = {k: v[0] for k, v in d.operator.items()} if d.operator is not None else {}
         if self._jpeg_on_device(name):
             images: dict[str, Any] = {"ctx_jpeg": [torch.from_numpy(np.array(sr.frame_bytes(i))) for i in d.ctx_index],
                                       "tgt_jpeg": torch.from_numpy(np.array(sr.frame_bytes(ti)))}

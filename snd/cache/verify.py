@@ -9,9 +9,10 @@ Generic by design (arrays are added by later schema versions): it iterates the a
 time), which runs Zarr's per-chunk crc32c codec and the shard index checksums; each row of an array named
 by a checksum description in the group's attributes is compared with its recorded CRC-32C of the stored
 bytes. A description is any attribute ``checksum`` or ``checksum_<name>`` of the form
-``{"algorithm": "crc32c", "arrays": [...], "table": <array>}`` (table defaults to ``crc32c``): row i,
-column j of the table is the CRC of row i of ``arrays[j]``. The ``crc32c`` table itself is pinned by the
-SHA-256 in the scene's completion marker.
+``{"algorithm": "crc32c", "arrays": [...], "table": <array>}`` (table defaults to ``crc32c``): entry
+[i, j] of a 2-D table is the CRC of row i of ``arrays[j]``; entry [i, t, j] of a 3-D one (v4's
+``op_crc32c``) the CRC of row i's slot t. An array may be checked by several tables (v4's operator fields:
+whole rows and slots). Every table is pinned by a SHA-256 in the scene's completion marker.
 
 `--fix` removes each bad scene's marker, then its group, under the exclusive in-use lock, so the same
 `snd precompute` redoes exactly those scenes (and a resumed store is byte-identical to an uninterrupted one).
@@ -30,7 +31,7 @@ import numpy as np
 
 from snd.cache import manifest as M
 from snd.cache.inuse import exclusive
-from snd.cache.schema import CHECKSUM_ARRAY, FRAME_CHECKSUM_ARRAY
+from snd.cache.schema import CHECKSUM_ARRAY, FRAME_CHECKSUM_ARRAY, OP_CHECKSUM_ARRAY
 from snd.cache.writer import crc32c
 
 __all__ = ["Problem", "VerifyReport", "checksum_tables", "verify_store", "remove_scenes"]
@@ -84,7 +85,8 @@ class VerifyReport:
 
 
 # the marker field that pins each checksum table (a damaged table would otherwise excuse damaged rows)
-_PINNED_BY = {CHECKSUM_ARRAY: "checksums_sha256", FRAME_CHECKSUM_ARRAY: "frames_checksums_sha256"}
+_PINNED_BY = {CHECKSUM_ARRAY: "checksums_sha256", FRAME_CHECKSUM_ARRAY: "frames_checksums_sha256",
+              OP_CHECKSUM_ARRAY: "op_checksums_sha256"}
 
 
 def checksum_tables(attrs: dict) -> list[tuple[str, list[str]]]:
@@ -101,14 +103,15 @@ def checksum_tables(attrs: dict) -> list[tuple[str, list[str]]]:
 
 @dataclass
 class _Block:
-    """Rows [lo, hi) of one array of one scene, with their expected CRCs ([hi-lo] uint32 or None)."""
+    """Rows [lo, hi) of one array of one scene, with their expected CRCs: one [hi-lo] (per row) or
+    [hi-lo, T] (per slot of each row) uint32 array per checksum table that covers the array."""
 
     scene: str
     name: str
     arr: Any
     lo: int
     hi: int
-    crcs: np.ndarray | None
+    crcs: list[np.ndarray]
 
 
 def _err(e: BaseException) -> str:
@@ -141,10 +144,17 @@ def _check_block(b: _Block) -> tuple[int, int, list[Problem]]:
             continue
         a = np.asarray(a)
         nbytes += a.nbytes
-        if b.crcs is not None:
-            checked += 1
-            if crc32c(a) != int(b.crcs[k]):
-                problems.append(Problem(b.scene, b.name, b.lo + k, "checksum mismatch (stored bytes differ from those written)"))
+        checked += bool(b.crcs)
+        where = []  # one problem per row, naming what differs: the whole row and/or target slots
+        for tab in b.crcs:
+            if tab.ndim == 2:  # per target slot
+                bad = [t for t in range(tab.shape[1]) if crc32c(a[t]) != int(tab[k, t])]
+                where += [f"target slot(s) {bad}"] if bad else []
+            elif crc32c(a) != int(tab[k]):
+                where.append("the row")
+        if where:
+            problems.append(Problem(b.scene, b.name, b.lo + k,
+                                    f"checksum mismatch in {' and '.join(where)} (stored bytes differ from those written)"))
     return nbytes, checked, problems
 
 
@@ -159,7 +169,7 @@ def _plan_scene(root: Path, scene: str, record: dict, rep: VerifyReport) -> list
     except Exception as e:  # noqa: BLE001
         rep.problems.append(Problem(scene, None, None, f"group {_err(e)}"))
         return []
-    expected: dict[str, tuple[np.ndarray, int]] = {}  # array -> (table, column)
+    expected: dict[str, list[tuple[np.ndarray, int]]] = {}  # array -> [(table, column), ...]
     for table_name, cols in checksum_tables(attrs):
         try:
             table = np.asarray(group[table_name][...])
@@ -170,11 +180,11 @@ def _plan_scene(root: Path, scene: str, record: dict, rep: VerifyReport) -> list
         if pin in record and hashlib.sha256(np.ascontiguousarray(table).tobytes()).hexdigest() != record[pin]:
             rep.problems.append(Problem(scene, table_name, None, "checksum table does not match the scene's marker"))
             continue
-        if table.ndim != 2 or table.shape[1] != len(cols):
-            rep.problems.append(Problem(scene, table_name, None, f"checksum table is {table.shape}, expected [N, {len(cols)}]"))
+        if table.ndim not in (2, 3) or table.shape[-1] != len(cols):
+            rep.problems.append(Problem(scene, table_name, None, f"checksum table is {table.shape}, expected [N, (T,) {len(cols)}]"))
             continue
         for j, c in enumerate(cols):
-            expected[c] = (table, j)
+            expected.setdefault(c, []).append((table, j))
     for c in sorted(set(expected) - set(names)):
         rep.problems.append(Problem(scene, c, None, "array missing from the group"))
     blocks = []
@@ -187,13 +197,15 @@ def _plan_scene(root: Path, scene: str, record: dict, rep: VerifyReport) -> list
         rep.arrays += 1
         n = int(arr.shape[0]) if arr.ndim else 1
         step = int((arr.shards or arr.chunks)[0]) if arr.ndim else 1
-        tab = expected.get(name)
-        if tab is not None and tab[0].shape[0] != n:
-            rep.problems.append(Problem(scene, name, None, f"{n} rows but the checksum table has {tab[0].shape[0]}"))
-            tab = None
+        tabs = []
+        for table, j in expected.get(name, []):
+            if table.shape[0] != n:
+                rep.problems.append(Problem(scene, name, None, f"{n} rows but the checksum table has {table.shape[0]}"))
+            else:
+                tabs.append((table, j))
         for lo in range(0, n, max(step, 1)):
             hi = min(lo + step, n) if arr.ndim else 1
-            blocks.append(_Block(scene, name, arr, lo, hi, tab[0][lo:hi, tab[1]] if tab is not None else None))
+            blocks.append(_Block(scene, name, arr, lo, hi, [table[lo:hi, ..., j] for table, j in tabs]))
     return blocks
 
 

@@ -22,9 +22,9 @@ import google_crc32c
 import numpy as np
 
 from snd.cache import manifest as M
-from snd.cache.schema import (CHECKSUM_ARRAY, FRAME_CHECKSUM_ARRAY, FRAMES_PER_SHARD, OPERATOR_BUILDER, PAIRS_PER_SHARD,
-                              SCHEMA_VERSION, ArraySpec, Encoding, FrameSpec, OperatorSpec, codecs_for, delta_encode,
-                              frame_layout, layout)
+from snd.cache.schema import (CHECKSUM_ARRAY, FRAME_CHECKSUM_ARRAY, FRAMES_PER_SHARD, OP_CHECKSUM_ARRAY, OPERATOR_BUILDER,
+                              PAIRS_PER_SHARD, SCHEMA_VERSION, ArraySpec, Encoding, FrameSpec, OperatorSpec, chunk_shape,
+                              codecs_for, delta_encode, frame_layout, layout, operator_fields)
 
 log = logging.getLogger(__name__)
 
@@ -94,12 +94,14 @@ class SceneWriter:
                 from zarr.codecs import BytesCodec
 
                 self.arrays[name] = self.group.create_array(
-                    name, shape=(n_pairs, *s.shape), dtype=s.dtype, chunks=(1, *s.shape), shards=(self.pps, *s.shape),
+                    name, shape=(n_pairs, *s.shape), dtype=s.dtype, chunks=chunk_shape(s), shards=(self.pps, *s.shape),
                     serializer=BytesCodec(), compressors=codecs_for(s), fill_value=0,
                     config={"write_empty_chunks": True})  # skips a per-chunk emptiness scan; every chunk exists
         self._small: dict[str, list[np.ndarray]] = {n: [] for n, s in self.specs.items() if s.kind == "small"}
         self._pending: dict[str, list[np.ndarray]] = {n: [] for n, s in self.specs.items() if s.kind == "field"}
         self._crc = np.zeros((n_pairs, len(self.specs)), np.uint32)
+        self._ops = operator_fields(self.specs)  # v4: also checked per target slot (`op_crc32c`)
+        self._op_crc = np.zeros((n_pairs, n_targets, len(self._ops)), np.uint32)
         self._writes: list = []  # futures of the shard being written
         self._added = 0  # pairs received
         self._flushed = 0  # pairs written to disk
@@ -118,14 +120,18 @@ class SceneWriter:
         if self._added + B > self.n_pairs:
             raise ValueError(f"scene {self.scene}: {self._added + B} pairs added, declared {self.n_pairs}")
 
-        def prepare(name: str) -> tuple[np.ndarray, list[int]]:
+        def prepare(name: str) -> tuple[np.ndarray, list[int], list[list[int]]]:
             a = to_stored(self.specs[name], fields[name])
             assert len(a) == B, f"{name}: batch of {len(a)} pairs, expected {B}"
-            return a, [crc32c(a[i]) for i in range(B)]
+            per_slot = [[crc32c(a[i, t]) for t in range(a.shape[1])] for i in range(B)] if name in self._ops else []
+            return a, [crc32c(a[i]) for i in range(B)], per_slot
 
         # per array on the pool (deltas and checksums release the GIL), alongside the previous shard's writes
-        for col, (name, (a, crcs)) in enumerate(zip(self.specs, _pool().map(prepare, list(self.specs)))):
-            self._crc[self._added:self._added + B, col] = crcs
+        rows = slice(self._added, self._added + B)
+        for col, (name, (a, crcs, per_slot)) in enumerate(zip(self.specs, _pool().map(prepare, list(self.specs)))):
+            self._crc[rows, col] = crcs
+            if per_slot:
+                self._op_crc[rows, :, self._ops.index(name)] = per_slot
             (self._small if self.specs[name].kind == "small" else self._pending)[name].append(a)
         self._added += B
         self._flush(final=False)
@@ -173,6 +179,13 @@ class SceneWriter:
                                     compressors=[ZstdCodec(level=3), Crc32cCodec()], fill_value=0)[...] = a
         self.group.create_array(CHECKSUM_ARRAY, shape=self._crc.shape, dtype=np.uint32, chunks=self._crc.shape,
                                 serializer=BytesCodec(), compressors=[Crc32cCodec()], fill_value=0)[...] = self._crc
+        op_record = {}
+        if self._ops:
+            self.group.create_array(OP_CHECKSUM_ARRAY, shape=self._op_crc.shape, dtype=np.uint32, chunks=self._op_crc.shape,
+                                    serializer=BytesCodec(), compressors=[Crc32cCodec()], fill_value=0)[...] = self._op_crc
+            self.group.attrs["checksum_ops"] = {"algorithm": "crc32c", "of": "stored bytes of each pair's target slot",
+                                                "arrays": self._ops, "table": OP_CHECKSUM_ARRAY}
+            op_record = {"op_checksums_sha256": hashlib.sha256(self._op_crc.tobytes()).hexdigest()}
         frame_record = self._write_frames() if self.frames is not None else {}
         nbytes = folder_bytes(self.tmp)
         final = self.root / self.scene
@@ -181,7 +194,7 @@ class SceneWriter:
         os.rename(self.tmp, final)
         tgt = np.concatenate(self._small["tgt_index"])
         return {"pairs": self.n_pairs, "items": int((tgt >= 0).sum()), "targets": (tgt >= 0).sum(1).tolist(),
-                "bytes": nbytes, "checksums_sha256": hashlib.sha256(self._crc.tobytes()).hexdigest(), **frame_record}
+                "bytes": nbytes, "checksums_sha256": hashlib.sha256(self._crc.tobytes()).hexdigest(), **op_record, **frame_record}
 
     def _write_frames(self) -> dict:
         """The scene's frames (schema v3): every frame a stored pair uses, once, with their checksum table."""
