@@ -5,7 +5,8 @@
 # decode + undistortion are in stage one's path), plus `snd bench distill --paths fast` streaming the same store
 # in the same device call (issue #20: default `snd distill` must reach >= 95 % of it).
 # Usage (GPU machine, repo root): OUT=/tmp/out bash scripts/e2e_commands.sh   (or: bash scripts/gpu_session.sh e2e)
-#   env: H, W (584x876: the dataset's frames; the stages run at their defaults), SCENES (4), FRAMES (32), PAIRS (50 per scene), ITERS (2000), BUDGET_S (560: optional
+#   env: H, W (584x876: the dataset's frames; the stages run at their defaults), SCENES (4), FRAMES (32), PAIRS (50 per scene), ITERS (2000),
+#   LOADER_WORKERS ("1 4 8 12": the loader-alone worker counts), WARM_RUN (1: time a second `snd distill`), BUDGET_S (560: optional
 #   steps are skipped past it), MVSPLAT_CKPT (optional: adds `snd precompute --source mvsplat`), WORK (/tmp/snd-e2e),
 #   DEVICE (cuda), MODEL (vit_small_patch14_dinov2), BENCH_ITERS (200), BENCH_PAIRS (64): a CPU dry run at tiny sizes
 #   (DEVICE=cpu MODEL=snd_test_vit_patch14 H=64 W=96 ...) checks the commands before a device call is spent on them
@@ -124,17 +125,17 @@ t bench_distill snd bench distill --shards "$WORK/cache_depth" --models "$MODEL"
   --iters "$BENCH_ITERS" --warmup 20 "${DEV[@]}" --out "$OUT/e2e_bench_distill.json"
 summarise > /dev/null
 if (( $(left) > 90 )); then  # the loader alone (no training beside it): items/s per worker count on this host
-  t loader_rates python3 scripts/loader_rates.py "$WORK/cache_depth" --workers 1 4 8 12 --items 200 --ab  # packed vs plain
+  t loader_rates python3 scripts/loader_rates.py "$WORK/cache_depth" --workers ${LOADER_WORKERS:-1 4 8 12} --items 200 --ab  # packed vs plain
 else skip loader_rates "budget"; fi
 if [[ -n ${NAN_HUNT:-} ]] && (( $(left) > 150 )); then  # which tensor goes non-finite on skipped steps (NAN_HUNT=1;
   # off by default since the cause of the first run's ~10 % was found: the batched builder's bug, fixed 2026-12-05)
   t nan_hunt python3 scripts/gpu_nan_hunt.py "$WORK/cache_depth" --items 150 --amp both --model "$MODEL" \
     --device "$DEVICE" --out "$OUT/e2e_nan_hunt.json"
 else skip nan_hunt "off (NAN_HUNT=1) or budget"; fi
-if (( $(left) > 60 )); then  # the second run of a user: build caches warm, so it should start in seconds
+if [[ ${WARM_RUN:-1} == 1 ]] && (( $(left) > 60 )); then  # the second run of a user: build caches warm, so it should start in seconds
   t distill_warm_cache snd distill --shards "$WORK/cache_depth" --run "$WORK/runs/vits_warm" --model "$MODEL" \
     --init random --iters "$BENCH_ITERS" "${DEV[@]}"
-else skip distill_warm_cache "budget"; fi
+else skip distill_warm_cache "WARM_RUN=0 or budget"; fi
 mv "$WORK/data.hidden" "$WORK/data"
 if [[ -n ${MVSPLAT_CKPT:-} ]] && (( $(left) > 150 )); then
   t precompute_mvsplat snd precompute --data "$WORK/data" --split all --out "$WORK/cache_mvsplat" --source mvsplat \
