@@ -14,7 +14,7 @@ from torch import Tensor
 from snd.splat.gaussians import PixelGaussians
 from snd.splat.inputs import drawable
 from snd.splat.operator import TransferOperator
-from snd.splat.operator_build import _downsample_taps, _upsample_taps
+from snd.splat.operator_build import _downsample_taps, _upsample_taps, rank_score
 from snd.splat.protocol import TargetsProtocol, rules
 from snd.splat.render_torch import build_plan
 from snd.splat.target import coverage_to_patches
@@ -116,7 +116,7 @@ def reference_operator(
     tap_w = dwt * b_pix[dpix]  # [4, P]
     lab_mass = torch.zeros(L, dtype=f64, device=device).index_add_(0, tap_lab.reshape(-1), tap_w.reshape(-1))
     used = (lab_mass > 0).nonzero().squeeze(1)
-    order = used[torch.argsort(lab_mass[used], descending=True, stable=True)]
+    order = used[torch.argsort(rank_score(lab_mass[used]), descending=True, stable=True)]  # ties: lower label first
     kept = order[:inst_cap]
     slot = torch.full((L,), -1, dtype=torch.long, device=device)
     slot[kept] = torch.arange(kept.numel(), device=device)

@@ -249,3 +249,21 @@ def test_dense_unique_equals_torch_unique():
     want = torch.unique(key, return_inverse=True)
     for got, ref in zip(_dense_unique(key, 5000), want):
         assert torch.equal(got, ref)
+
+
+def test_label_slots_ignore_summation_noise():
+    """Labels of equal blend mass get their slots by label, whatever the last bits of their summed masses
+    (on a GPU, `index_add_` sums in no fixed order): the same slots for noise either way."""
+    from snd.splat.operator_build import _rank_in_group, rank_score
+
+    group = torch.tensor([0, 0, 0, 1, 1])
+    for eps in (1e-13, -1e-13):
+        mass = torch.tensor([0.7, 0.7 + eps, 0.9, 0.2 + eps, 0.2], dtype=torch.float64)
+        o, rank = _rank_in_group(group, rank_score(mass))
+        slot = torch.empty(5, dtype=torch.long)
+        slot[o] = rank
+        assert slot.tolist() == [1, 2, 0, 0, 1], eps
+    o, rank = _rank_in_group(group, rank_score(torch.tensor([0.7, 0.7 + 1e-3, 0.9, 0.2, 0.3], dtype=torch.float64)))
+    slot = torch.empty(5, dtype=torch.long)
+    slot[o] = rank
+    assert slot.tolist() == [2, 1, 0, 1, 0]  # real differences still rank by mass

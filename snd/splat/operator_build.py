@@ -132,6 +132,16 @@ def _dense_unique(key: Tensor, bins: int, max_bins: int = 1 << 22) -> tuple[Tens
     return present.nonzero().squeeze(1), (torch.cumsum(present, 0) - 1)[key]
 
 
+def rank_score(mass: Tensor) -> Tensor:
+    """A label's blend mass as its slot is ranked by: rounded to 2^-20, so ties go to the lower label.
+
+    Why: on a GPU `index_add_` sums in no fixed order, so two labels of equal mass (e.g. covering as many whole
+    patches) differed in the last bits from run to run and swapped slots: the stored operator was the same map
+    with its instance rows permuted, but not the same bytes (seen on an H200, 2026-12-05). Rounded, the noise
+    (~1e-12 relative) changes a rank only when a mass lies that close to a multiple of 2^-20."""
+    return torch.round(mass * 2.0**20)
+
+
 def _rank_in_group(group: Tensor, score: Tensor) -> tuple[Tensor, Tensor]:
     """Order entries by (group ascending, score descending, position ascending): (order, rank within group)."""
     o = torch.sort(score, descending=True, stable=True).indices
@@ -303,7 +313,7 @@ def _labels(tgt_masks: Tensor, alpha: Tensor, *, dpix: Tensor, dwt: Tensor, r: R
     tap_w = dwt[None] * b_pix.reshape(N, Q)[:, dpix]  # [N, 4, P]
     mass = torch.zeros(labels.numel(), dtype=f64, device=device).index_add_(0, tap_lab.reshape(-1), tap_w.reshape(-1))
     used = (mass > 0).nonzero().squeeze(1)
-    o, rank = _rank_in_group(lab_job[used], mass[used])
+    o, rank = _rank_in_group(lab_job[used], rank_score(mass[used]))
     slot = torch.full((labels.numel(),), -1, dtype=torch.long, device=device)
     ok = rank < inst_cap
     slot[used[o][ok]] = rank[ok]
