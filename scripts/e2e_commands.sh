@@ -121,6 +121,8 @@ t distill snd distill --shards "$WORK/cache_depth" --run "$WORK/runs/vits" --mod
   --iters "$ITERS" "${DEV[@]}"
 summarise > /dev/null
 cp "$WORK/runs/vits/skipped.jsonl" "$OUT/e2e_skipped.jsonl" 2>/dev/null  # the skipped steps' items, if any
+cp "$WORK/runs/vits/metrics.jsonl" "$OUT/e2e_distill_metrics.jsonl" 2>/dev/null  # per-window it/s and data wait (the
+# distill/bench gap: runs 5-6 were no longer loader-bound; which windows are slow, e.g. around the step-1000 checkpoint)
 t bench_distill snd bench distill --shards "$WORK/cache_depth" --models "$MODEL" --paths fast \
   --iters "$BENCH_ITERS" --warmup 20 "${DEV[@]}" --out "$OUT/e2e_bench_distill.json"
 summarise > /dev/null
