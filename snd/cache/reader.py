@@ -96,7 +96,7 @@ class SceneReader:
             raise _corrupt(root, scene, None, "checksum table does not match the manifest")
         self._cols = {n: i for i, n in enumerate(self.specs)}
         self._op_crc = self._op_cols = None  # v4: per-target-slot checksums of the operator fields
-        if OP_CHECKSUM_ARRAY in (attrs.get("checksum_ops") or {}).get("table", ""):
+        if (attrs.get("checksum_ops") or {}).get("table") == OP_CHECKSUM_ARRAY:
             self._op_crc = self._read_whole(OP_CHECKSUM_ARRAY)
             if verify and hashlib.sha256(np.ascontiguousarray(self._op_crc).tobytes()).hexdigest() != record.get("op_checksums_sha256"):
                 raise _corrupt(root, scene, None, "operator checksum table does not match the manifest")

@@ -234,6 +234,7 @@ def layout(height: int, width: int, targets: int, enc: Encoding, op: OperatorSpe
 CHECKSUM_ARRAY = "crc32c"
 FRAME_CHECKSUM_ARRAY = "frame_crc32c"
 OP_CHECKSUM_ARRAY = "op_crc32c"  # v4: [P, T, len(operator_fields)], one CRC per target slot of each operator field
+FRAMES_PER_SHARD = 16  # frames per shard file of frame_bytes
 
 
 def operator_fields(specs: dict[str, ArraySpec]) -> list[str]:
@@ -247,7 +248,6 @@ def chunk_shape(spec: ArraySpec) -> tuple[int, ...]:
     if spec.kind == "field" and spec.name.startswith("op_"):
         return (1, 1, *spec.shape[1:])
     return (1, *spec.shape)
-FRAMES_PER_SHARD = 16  # frames per shard file of frame_bytes
 
 
 def frame_layout(max_bytes: int) -> dict[str, ArraySpec]:
