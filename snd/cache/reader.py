@@ -128,12 +128,8 @@ class SceneReader:
         k = self._frame_row.get(int(index))
         if k is None:
             raise _corrupt(self.root, self.scene, None, f"frame {index} is used by a pair but not stored")
-        try:
-            row = self._array("frame_bytes")[k]
-        except Exception as e:  # noqa: BLE001 - codec/crc errors of a damaged chunk
-            raise _corrupt(self.root, self.scene, None, f"frame {index} unreadable ({type(e).__name__}: {e})") from e
-        if self.verify and crc32c(row) != int(self._frame_crc[k, list(self._frame_specs).index("frame_bytes")]):
-            raise _corrupt(self.root, self.scene, None, f"frame {index}: array 'frame_bytes' checksum mismatch")
+        want = self._frame_crc[k, list(self._frame_specs).index("frame_bytes")]
+        row = self._read_checked("frame_bytes", k, want, None, f"frame {index}: array 'frame_bytes'")
         return row[: int(self._frame_small["frame_nbytes"][k])]
 
     def frame(self, index: int) -> Tensor:
@@ -149,6 +145,21 @@ class SceneReader:
         if arr is None:
             arr = self._arrays[name] = self.group[name]
         return arr
+
+    def _check(self, a: np.ndarray, want, pair: int | None, what: str) -> np.ndarray:
+        """`a` itself if its CRC-32C is the recorded `want` (or `verify` is off); else the damaged-store error."""
+        if self.verify and crc32c(a) != int(want):
+            raise _corrupt(self.root, self.scene, pair, f"{what} checksum mismatch")
+        return a
+
+    def _read_checked(self, name: str, index, want, pair: int | None, what: str) -> np.ndarray:
+        """`name[index]` read from Zarr (a damaged chunk is the damaged-store error) and `_check`ed against `want`;
+        `what` names it in the error, which also names the pair when there is one."""
+        try:
+            a = self._array(name)[index]
+        except Exception as e:  # noqa: BLE001 - codec/crc errors of a damaged chunk
+            raise _corrupt(self.root, self.scene, pair, f"{what} unreadable ({type(e).__name__}: {e})") from e
+        return self._check(a, want, pair, what)
 
     def _read_whole(self, name: str) -> np.ndarray:
         try:
@@ -172,15 +183,11 @@ class SceneReader:
             if slot is not None and self._op_cols is not None and name in self._op_cols:
                 out[name] = self._read_slot(p, name, slot)
                 continue
+            want = self._crc[p, self._cols[name]]
             if s.kind == "small":
-                a = self._small[name][p]
+                a = self._check(self._small[name][p], want, p, f"array {name!r}")
             else:
-                try:
-                    a = self._array(name)[p]
-                except Exception as e:  # noqa: BLE001 - codec/crc errors of a damaged chunk
-                    raise _corrupt(self.root, self.scene, p, f"array {name!r} unreadable ({type(e).__name__}: {e})") from e
-            if self.verify and crc32c(a) != int(self._crc[p, self._cols[name]]):
-                raise _corrupt(self.root, self.scene, p, f"array {name!r} checksum mismatch")
+                a = self._read_checked(name, p, want, p, f"array {name!r}")
             a = delta_decode(a) if s.delta else np.array(a, copy=True)
             out[name] = a[slot:slot + 1] if slot is not None else a
         return out
@@ -188,13 +195,8 @@ class SceneReader:
     def _read_slot(self, p: int, name: str, t: int) -> np.ndarray:
         """Target slot `t` of pair `p` of operator field `name` (v4: its own chunk), checked, [1, ...]."""
         assert self._op_crc is not None and self._op_cols is not None
-        try:
-            a = self._array(name)[p, t]
-        except Exception as e:  # noqa: BLE001 - codec/crc errors of a damaged chunk
-            raise _corrupt(self.root, self.scene, p, f"array {name!r} target {t} unreadable ({type(e).__name__}: {e})") from e
-        if self.verify and crc32c(a) != int(self._op_crc[p, t, self._op_cols[name]]):
-            raise _corrupt(self.root, self.scene, p, f"array {name!r} target {t} checksum mismatch")
-        return a[None]  # a fresh array from Zarr (operator fields carry no row deltas)
+        want = self._op_crc[p, t, self._op_cols[name]]
+        return self._read_checked(name, (p, t), want, p, f"array {name!r} target {t}")[None]  # no row deltas here
 
     def pair(self, p: int, *, gaussians: bool = True, operator: bool = True, masks: bool | None = None,
              op_target: int | None = None) -> DecodedPair:
