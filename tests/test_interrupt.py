@@ -73,6 +73,25 @@ def test_ctrl_c_saves_at_the_step_and_the_rerun_continues_exactly(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_ctrl_c_after_the_checkpoint_decision_still_saves(tmp_path, monkeypatch):
+    """A Ctrl-C that lands after the step decided not to checkpoint (here: during step 3's metrics flush, where a
+    terminal's signal met CI once) stops at the next step boundary, with the checkpoint, never without one."""
+    import snd.train.loop as loop
+
+    flush = loop._flush
+
+    def flush_then_ctrl_c(pending, *a, **k):
+        flush(pending, *a, **k)
+        if pending[-1][0] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(loop, "_flush", flush_then_ctrl_c)
+    cfg = _cfg(tmp_path / "run")
+    stopped = train(cfg, stream_factory=_stream, progress=False)
+    assert stopped.interrupted and stopped.step == 4
+    assert latest_checkpoint(cfg.run).name == "step_0000004.safetensors"
+
+
 def test_a_run_started_with_ctrl_c_ignored_keeps_ignoring_it(tmp_path):
     """Under nohup (SIGINT ignored) the run does not install its handler: a SIGINT changes nothing."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)

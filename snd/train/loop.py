@@ -282,7 +282,10 @@ def _train(cfg: DistillConfig, env: DistEnv, device: torch.device, factory: Stre
             # the running skip count after this step (a device copy, read at the next flush): which steps skipped
             pending.append((step, loss, lr, runner.skipped.clone(), (indices, batch.get("scene"))))
             last = step == cfg.iters
-            ckpt_now = step % cfg.ckpt_every == 0 or last or interrupt.requested
+            # read once per step: a Ctrl-C landing after `ckpt_now` (e.g. during the flush below) would otherwise stop
+            # the run without the checkpoint it promises; it is honoured at the next step boundary instead
+            stop = interrupt.requested
+            ckpt_now = step % cfg.ckpt_every == 0 or last or stop
             # rows up to a checkpoint are written with it: a resume starts after it and never logs them again
             if step % log_every == 0 or last or ckpt_now or (stop_after is not None and step >= stop_after):
                 t_now = time.perf_counter()
@@ -292,7 +295,7 @@ def _train(cfg: DistillConfig, env: DistEnv, device: torch.device, factory: Stre
             if ckpt_now:
                 position = start_position + (step - start_step) * cfg.batch  # items trained on, per rank
                 summary.checkpoint = _save(run_dir, runner, d, step, position, env, device, cfg, writer)
-            if interrupt.requested and not last:
+            if stop and not last:
                 summary.interrupted = True
                 break
             if stop_after is not None and step >= stop_after:
