@@ -52,3 +52,72 @@ def test_a_run_resumes_with_the_other_writer(tmp_path):
     train(_cfg(tmp_path / "b", ckpt_every=2), stream_factory=_factory(), progress=False, stop_after=3)
     resumed = train(_cfg(tmp_path / "b", ckpt_every=2, ckpt_background=False), stream_factory=_factory(), progress=False)
     assert resumed.start_step == 2 and all(resumed.losses[s] == full.losses[s] for s in range(3, 7))
+
+
+@pytest.mark.parametrize("snapshot", ["device", "host"])
+def test_buffers_reused_across_checkpoints_hold_each_submits_values(tmp_path, snapshot):
+    """The device snapshot's buffers live from one checkpoint to the next: the second file must hold the second
+    submit's values (not the first's), and a tensor whose shape changed gets a new buffer."""
+    w = CheckpointWriter(snapshot=snapshot)
+    t = {"a": torch.arange(6.0), "b": torch.full((3,), 7, dtype=torch.int64)}
+    p1 = w.submit(tmp_path, step=1, tensors=t, meta={})
+    first = {k: v.clone() for k, v in t.items()}
+    t["a"].mul_(-2.0)
+    t["b"] = torch.arange(5)  # a new shape
+    p2 = w.submit(tmp_path, step=2, tensors=t, meta={})
+    want2 = {k: v.clone() for k, v in t.items()}
+    t["a"].zero_()
+    w.wait()
+    one, two = load_file(str(p1)), load_file(str(p2))
+    assert all(torch.equal(one[k], first[k]) for k in first)
+    assert all(torch.equal(two[k], want2[k]) for k in want2)
+
+
+def test_no_device_memory_for_the_snapshot_falls_back_to_the_host_copy(tmp_path, monkeypatch):
+    w = CheckpointWriter()
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("no room for the snapshot")
+
+    monkeypatch.setattr(CheckpointWriter, "_buffer", staticmethod(oom))
+    t = {"a": torch.arange(4.0)}
+    with pytest.warns(UserWarning, match="no device memory for the snapshot"):
+        path = w.submit(tmp_path, step=3, tensors=t, meta={})
+    t["a"].add_(1.0)
+    w.wait()
+    assert w.snapshot == "host" and torch.equal(load_file(str(path))["a"], torch.arange(4.0))
+
+
+@pytest.mark.gpu
+def test_cuda_snapshot_is_the_submit_time_state_while_the_stream_keeps_changing_it(tmp_path):
+    """On a GPU the snapshot is a device copy queued behind the step and the host copy runs on the writer's own
+    stream: work queued on the training stream right after `submit` (in-place updates, as the next steps'
+    optimizer does) must not leak into the file, and the file must not miss work queued before it."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(0)
+    t = {f"w{i}": torch.randn(4_000_000, device=dev, generator=g) for i in range(8)}  # 128 MB
+    ref = {k: v.clone() for k, v in t.items()}  # the same updates, applied to a copy, give the expected values
+
+    def queued_updates(tensors):  # ~a second of GPU work ending in in-place changes of every tensor
+        big = torch.ones(4096, 4096, device=dev) / 4096
+        for _ in range(200):
+            big = big @ big
+        for v in tensors.values():
+            v.add_(big[0, 0] * 3.0)
+
+    torch.cuda.synchronize()
+    queued_updates(t)  # not synchronised: still queued when submit takes the snapshot
+    w = CheckpointWriter()
+    path = w.submit(tmp_path, step=1, tensors=t, meta={})
+    for _ in range(50):  # the next steps change every tensor in place, on the training stream
+        for v in t.values():
+            v.mul_(1.5).add_(1.0)
+    w.wait()
+    queued_updates(ref)
+    want = {k: v.cpu() for k, v in ref.items()}
+    got = load_file(str(path))
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert not torch.equal(want["w0"], t["w0"].cpu())  # (the later updates did change the tensors)
+    assert all(b.is_pinned() for b in w._pinned.values()) and w._snap["w0"].is_cuda

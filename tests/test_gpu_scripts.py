@@ -23,7 +23,7 @@ def _recording_python(tmp_path: Path) -> tuple[Path, Path]:
     stub = bin_dir / "python3"
     stub.write_text(f"""#!/bin/sh
 case "$1 $2" in
-  "-m snd.cli"|"-m pytest"|"-m snd.bench.summary"|scripts/gpu_nan_hunt.py*|scripts/gpu_profile_operator.py*|scripts/loader_rates.py*) echo "$*" >> "{log}"; exit 0;;
+  "-m snd.cli"|"-m pytest"|"-m snd.bench.summary"|scripts/gpu_nan_hunt.py*|scripts/gpu_profile_operator.py*|scripts/loader_rates.py*|scripts/checkpoint_stall.py*) echo "$*" >> "{log}"; exit 0;;
 esac
 exec "{sys.executable}" "$@"
 """)
@@ -63,6 +63,17 @@ def test_gpu_next_skips_a_step_the_budget_cannot_cover(tmp_path):
     assert steps["eval-tests"]["rc"] == 0  # estimate 120 s fits in 150
     assert "budget" in steps["bench-eval"]["skipped"]  # estimate 200 s does not
     assert not any("bench eval" in c for c in log.read_text().splitlines())
+
+
+def test_gpu_next_ckpt_times_both_snapshots_then_runs_the_writer_gpu_test(tmp_path):
+    bin_dir, log = _recording_python(tmp_path)
+    out = tmp_path / "out"
+    _run_next(bin_dir, out, STEPS="ckpt", BUDGET_S="545")
+    calls = log.read_text().splitlines()
+    assert calls[:2] == ["scripts/checkpoint_stall.py --device cuda --rounds 3",
+                         "-m pytest -q -m gpu tests/test_ckpt_writer.py -p no:cacheprovider"], calls
+    steps = [json.loads(x) for x in (out / "next_steps.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == ["ckpt-stall", "ckpt-tests"] and all(s["rc"] == 0 for s in steps)
 
 
 def test_gpu_next_precompute_ab_times_both_operator_modes_then_profiles_the_store(tmp_path):
