@@ -74,18 +74,18 @@ def test_ctrl_c_saves_at_the_step_and_the_rerun_continues_exactly(tmp_path):
 
 
 def test_ctrl_c_after_the_checkpoint_decision_still_saves(tmp_path, monkeypatch):
-    """A Ctrl-C that lands after the step decided not to checkpoint (here: during step 3's metrics flush, where a
+    """A Ctrl-C that lands after the step decided not to checkpoint (here: while step 3's logging window closes, where a
     terminal's signal met CI once) stops at the next step boundary, with the checkpoint, never without one."""
-    import snd.train.loop as loop
+    from snd.train.windows import WindowLog
 
-    flush = loop._flush
+    close = WindowLog.close
 
-    def flush_then_ctrl_c(pending, *a, **k):
-        flush(pending, *a, **k)
-        if pending[-1][0] == 3:
+    def close_then_ctrl_c(self, records, **k):
+        close(self, records, **k)
+        if records[-1].step == 3:
             os.kill(os.getpid(), signal.SIGINT)
 
-    monkeypatch.setattr(loop, "_flush", flush_then_ctrl_c)
+    monkeypatch.setattr(WindowLog, "close", close_then_ctrl_c)
     cfg = _cfg(tmp_path / "run")
     stopped = train(cfg, stream_factory=_stream, progress=False)
     assert stopped.interrupted and stopped.step == 4

@@ -232,10 +232,14 @@ def test_two_process_fast_path_equals_one_process_with_twice_the_batch(tmp_path)
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_bf16_steps(tmp_path):
-    cfg = _cfg(tmp_path / "g", iters=4, device="cuda", renderer="auto", amp="auto", ckpt_every=4)
+    cfg = _cfg(tmp_path / "g", iters=7, device="cuda", renderer="auto", amp="auto", ckpt_every=7, log_every=2)
     s = train(cfg, stream_factory=_factory(), progress=False)
-    assert s.step == 4 and s.skipped == 0 and all(math.isfinite(v) for v in s.losses.values())
+    assert s.step == 7 and s.skipped == 0 and all(math.isfinite(v) for v in s.losses.values())
     assert load_backbone_from_run(tmp_path / "g") is not None
+    # windows read back asynchronously (pinned copies, timing events): every row, the summary's losses, a rate each
+    rows = [json.loads(x) for x in (tmp_path / "g" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 8)) and [r["loss"] for r in rows] == [s.losses[i] for i in range(1, 8)]
+    assert all(0 < r["it_per_s"] < 1e6 for r in rows)
 
 
 def test_compiler_failure_falls_back_to_eager_once(caplog):
@@ -301,3 +305,33 @@ def test_the_time_blocked_on_the_loader_is_measured_and_named(tmp_path):
     note = loader_bound_note(s, min_steps=4)
     assert note is not None and "loader bounded this run" in note and "--images jpeg" in note
     assert loader_bound_note(replace(s, data_wait_s=0.1 * s.timed_s), min_steps=4) is None  # waited 10 %
+
+
+def test_windows_are_written_one_late_and_all_before_a_checkpoint(tmp_path, monkeypatch):
+    """Logging windows are read back without a host sync: a window's rows reach metrics.jsonl when the next window
+    closes, but every row up to a checkpoint is written before that checkpoint (a resume never logs them again),
+    and all rows by the end, with the summary's losses."""
+    from snd.train.checkpoint import CheckpointWriter
+    from snd.train.windows import WindowLog
+
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    written = lambda: [json.loads(x)["step"] for x in metrics.read_text().splitlines()] if metrics.is_file() else []  # noqa: E731
+    at_close, at_ckpt = {}, {}
+    close, submit = WindowLog.close, CheckpointWriter.submit
+
+    def close_recording(self, records, **k):
+        at_close[records[-1].step] = written()
+        close(self, records, **k)
+
+    def submit_recording(self, run_dir, *, step, **k):
+        at_ckpt[step] = written()
+        return submit(self, run_dir, step=step, **k)
+
+    monkeypatch.setattr(WindowLog, "close", close_recording)
+    monkeypatch.setattr(CheckpointWriter, "submit", submit_recording)
+    s = train(_cfg(tmp_path / "run", iters=9, log_every=2, ckpt_every=5), stream_factory=_factory(), progress=False)
+    # windows end at 2, 4, 5 (checkpoint), 6, 8, 9 (end); when one closes, the windows before it but the newest are written
+    assert at_close == {2: [], 4: [], 5: [1, 2], 6: [1, 2, 3, 4, 5], 8: [1, 2, 3, 4, 5], 9: [1, 2, 3, 4, 5, 6]}
+    assert at_ckpt == {5: [1, 2, 3, 4, 5], 9: list(range(1, 10))}
+    rows = [json.loads(x) for x in metrics.read_text().splitlines()]
+    assert [r["loss"] for r in rows] == [s.losses[i] for i in range(1, 10)] and all(r["it_per_s"] > 0 for r in rows)

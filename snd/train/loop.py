@@ -34,6 +34,7 @@ from snd.train.distributed import DistEnv, all_gather_objects, broadcast_params,
 from snd.train.interrupt import GracefulInterrupt
 from snd.train.rundir import RunLogger, announce_targets
 from snd.train.step import StepRunner
+from snd.train.windows import StepRecord, WindowLog
 
 log = logging.getLogger(__name__)
 
@@ -252,8 +253,9 @@ def _train(cfg: DistillConfig, env: DistEnv, device: torch.device, factory: Stre
                            num_workers=workers)
     logger = RunLogger(run_dir, total=cfg.iters, start=step, active=env.is_main, progress=progress)
     log_every = max(int(cfg.log_every), 1)
-    pending: list[tuple[int, torch.Tensor, float, torch.Tensor, tuple]] = []  # step, loss, lr, skip count, items
-    t_start = t_log = time.perf_counter()
+    pending: list[StepRecord] = []  # this window's steps
+    windows = WindowLog(logger, env, device, summary, lambda: runner.ema_updates)
+    t_start = time.perf_counter()
     t_first: float | None = None  # when this session's first step was queued
     steps_since_log, wait_since_log = 0, 0.0
     stepper, path = None, "?"
@@ -280,18 +282,18 @@ def _train(cfg: DistillConfig, env: DistEnv, device: torch.device, factory: Stre
             if t_first is None:
                 t_first = time.perf_counter()
             # the running skip count after this step (a device copy, read at the next flush): which steps skipped
-            pending.append((step, loss, lr, runner.skipped.clone(), (indices, batch.get("scene"))))
+            pending.append(StepRecord(step, loss, lr, runner.skipped.clone(), (indices, batch.get("scene"))))
             last = step == cfg.iters
             # read once per step: a Ctrl-C landing after `ckpt_now` (e.g. during the flush below) would otherwise stop
             # the run without the checkpoint it promises; it is honoured at the next step boundary instead
             stop = interrupt.requested
             ckpt_now = step % cfg.ckpt_every == 0 or last or stop
-            # rows up to a checkpoint are written with it: a resume starts after it and never logs them again
-            if step % log_every == 0 or last or ckpt_now or (stop_after is not None and step >= stop_after):
-                t_now = time.perf_counter()
-                _flush(pending, runner, logger, summary, env, device, steps_since_log / max(t_now - t_log, 1e-9), path,
-                       wait_ms=wait_since_log / max(steps_since_log, 1) * 1e3)
-                pending, t_log, steps_since_log, wait_since_log = [], t_now, 0, 0.0
+            ends = last or ckpt_now or (stop_after is not None and step >= stop_after)
+            if step % log_every == 0 or ends:  # the window's read-back is queued; it is written at the next close
+                windows.close(pending, wait_ms=wait_since_log / max(steps_since_log, 1) * 1e3, path=path)
+                pending, steps_since_log, wait_since_log = [], 0, 0.0
+                # rows up to a checkpoint are written with it: a resume starts after it and never logs them again
+                windows.write(all_=ends)
             if ckpt_now:
                 position = start_position + (step - start_step) * cfg.batch  # items trained on, per rank
                 summary.checkpoint = _save(run_dir, runner, d, step, position, env, device, cfg, writer)
@@ -303,6 +305,9 @@ def _train(cfg: DistillConfig, env: DistEnv, device: torch.device, factory: Stre
     except BaseException:
         with contextlib.suppress(Exception):  # the write in flight completes; the loop's own error is the one raised
             writer.wait()
+        if env.world_size == 1:  # windows already closed still reach metrics.jsonl (no collective to hang in)
+            with contextlib.suppress(Exception):
+                windows.write(all_=True)
         raise
     else:
         writer.wait()  # the last checkpoint is complete (or its write error raised) before the run returns
@@ -347,44 +352,6 @@ def step_path(stepper, batch: dict) -> str:
     if isinstance(stepper, GraphStep):
         return "fast"
     return "operator" if any(k.startswith("op_") for k in batch) else "render"
-
-
-def _flush(pending, runner: StepRunner, logger: RunLogger, summary: TrainSummary, env: DistEnv,
-           device: torch.device, it_per_s: float, path: str, *, wait_ms: float = 0.0) -> None:
-    """The one host sync per `log_every` steps: losses (averaged over ranks), which steps were skipped, memory.
-
-    A skipped step (non-finite loss or gradient on any rank) is marked in its metrics.jsonl row and its items
-    (every rank's stream positions and scenes) go to skipped.jsonl, so a user can find the pairs behind it
-    (`scripts/gpu_nan_hunt.py` then says which tensor goes non-finite) instead of only a count."""
-    if not pending:
-        return
-    losses = torch.stack([p[1] for p in pending]).float()
-    if env.world_size > 1:
-        dist.all_reduce(losses)
-        losses /= env.world_size
-    values, counts = torch.stack([losses, torch.stack([p[3] for p in pending]).float()]).tolist()
-    before = [float(summary.skipped)] + counts[:-1]
-    bad = [c > b for c, b in zip(counts, before)]
-    summary.skipped = int(counts[-1])
-    rows = []
-    for (step, _, lr, _, _), loss, b in zip(pending, values, bad):
-        summary.losses[step] = loss
-        summary.lrs[step] = lr
-        rows.append({"step": step, "loss": loss, "lr": lr, "it_per_s": it_per_s, "path": path, "skipped": int(b),
-                     "data_wait_ms": wait_ms})
-    logger.steps(rows)
-    if any(bad):  # the same decision on every rank (the guard uses rank-averaged numbers): a safe collective
-        mine = [{"step": p[0], "rank": env.rank, "positions": list(p[4][0]), "scenes": p[4][1]}
-                for p, b in zip(pending, bad) if b]
-        logger.skipped([r for part in all_gather_objects(mine, env.world_size) for r in part])
-    step = pending[-1][0]
-    finite = [v for v in values if v == v and abs(v) != float("inf")]
-    scalars = {"train/loss": sum(finite) / max(len(finite), 1), "train/lr": pending[-1][2],
-               "train/skipped_steps": float(summary.skipped), "perf/it_per_s": it_per_s, "perf/data_wait_ms": wait_ms,
-               "train/ema_updates": runner.ema_updates}
-    if device.type == "cuda":
-        scalars["perf/gpu_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    logger.scalars(step, scalars)
 
 
 def _save(run_dir: Path, runner: StepRunner, d: Distiller, step: int, position: int, env: DistEnv,

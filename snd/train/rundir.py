@@ -1,7 +1,8 @@
 """Run-directory logging: TensorBoard scalars, a metrics.jsonl for scripts, rich progress with ETA.
 
-Only rank 0 logs (the other ranks get a logger whose methods do nothing). Values reach the logger at
-`log_every` boundaries, where the loop does its one host sync.
+Only rank 0 logs (the other ranks get a logger whose methods do nothing). Values reach the logger one
+`log_every` window late, read back without a host sync (`snd.train.windows`), and all of them before a
+checkpoint and at the end.
 """
 from __future__ import annotations
 
