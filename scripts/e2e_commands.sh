@@ -45,7 +45,7 @@ walls = [json.loads(x) for x in (work / "walls.jsonl").read_text().splitlines()]
 wall = {w["name"]: w.get("wall_s") for w in walls}
 res = {"walls": walls, "not_timed": "snd eval all: `snd bench eval` projects it at the real datasets' sizes (its JSON)",
        "data": "procedural scenes, raw ScanNet++ fisheye layout (JPEG, OPENCV_FISHEYE, undistorted by the reader); "
-               "store frames lossless (the default), decoded on CPU loader workers"}
+               "store frames lossless (the default; v5 stores: the grad filter, undone on the GPU, workers only decompress)"}
 for store in sorted(work.glob("cache_*")):
     runs = [json.loads(p.read_text()) for p in sorted((store / "_snd" / "runs").glob("*.json"))]
     if runs:

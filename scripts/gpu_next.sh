@@ -95,10 +95,10 @@ for s in $STEPS; do case $s in
       summary precompute "$OUT/bench_precompute_mvsplat_operators_$codec.json"; est=110  # compile cache warm now
     done ;;
   ckpt)  # (e) what a checkpoint costs the step loop: the device snapshot (default) against the host copy; then the GPU
-    # tests of the writer and of the loop's asynchronous logging windows (snd.train.windows)
+    # tests of the writer, of the loop's asynchronous logging windows (snd.train.windows) and of the frames' GPU decode
     step ckpt-stall 40 90 py scripts/checkpoint_stall.py --device cuda --rounds 3
     cp "$OUT/next_ckpt-stall.log" "$OUT/checkpoint_stall_gpu.jsonl" 2>/dev/null
-    step ckpt-tests 40 90 py -m pytest -q -m gpu tests/test_ckpt_writer.py tests/test_train.py -p no:cacheprovider ;;
+    step ckpt-tests 40 90 py -m pytest -q -m gpu tests/test_ckpt_writer.py tests/test_train.py tests/test_store_frames.py -p no:cacheprovider ;;
   *) echo "unknown step $s (fast-tests | distill | ops | precompute-ab | eval | eval-tests | bench-eval | precompute | ckpt)"; exit 2 ;;
 esac; done
 

@@ -51,11 +51,16 @@ def bench_dir(tmp_path: Path) -> Path:
     _write(d, "bench_distill_snd_h100.json", _distill({"fast": (999.0, 0.0)}, protocol="snd"), age=10)  # not the default rules
     _write(d, "bench_eval_h200.json", {"device": H200, "projected": {"suite_hours_one_model": 1.5, "suite_hours_with_baseline": 2.5},
                                        "paper": {"suite_hours_paper": 4.0}}, age=50)
-    split = lambda s, o, f, mbf: {"mb_per_pair": {"scaffold": s, "operators": o, "frames": f}, "mb_per_frame": mbf}  # noqa: E731
     _write(d, "store_size_cpu.json", {"device": "cpu", "runs": [
-        {"source": "depth", "operator": False, "images": "jpeg", "split": split(1.0, 0.0, 0.6, 0.2)},
-        {"source": "mvsplat", "operator": True, "images": "lossless", "split": split(6.0, 1.0, 1.5, 0.5)}]}, age=20)
+        {"source": "depth", "operator": False, "images": "jpeg", "split": _split(1.0, 0.0, 0.6, 0.2)},
+        {"source": "mvsplat", "operator": True, "images": "lossless", "split": _split(6.0, 1.0, 1.5, 0.5, "grad")}]}, age=20)
     return d
+
+
+def _split(s: float, o: float, f: float, mbf: float, frame_filter: str | None = None) -> dict:
+    """A size split as `snd.cache.info.size_split` writes it (frame_filter: lossless frames' filter; v4 runs lacked it)."""
+    out = {"mb_per_pair": {"scaffold": s, "operators": o, "frames": f}, "mb_per_frame": mbf}
+    return out | ({"frame_filter": frame_filter} if frame_filter else {})
 
 
 def test_frames_per_pair_analytic_cases():
@@ -95,11 +100,11 @@ def test_projection_hours_and_disk_by_hand(bench_dir, tmp_path, capsys):
 def test_disk_parts_from_the_best_source(bench_dir, tmp_path):
     """Operators' MB/pair: from the size JSON's MVSplat run with operators; without one, the difference of the
     GPU runs with and without operators; a GPU run that wrote frames and split its size gives every part."""
-    split = lambda s, o, f, mbf: {"mb_per_pair": {"scaffold": s, "operators": o, "frames": f}, "mb_per_frame": mbf}  # noqa: E731
+    split = _split
     size = tmp_path / "store_size_noop_cpu.json"
     size.write_text(json.dumps({"device": "cpu", "runs": [
         {"source": "mvsplat", "operator": False, "images": "jpeg", "split": split(6.0, 0.0, 0.6, 0.2)},
-        {"source": "depth", "operator": True, "images": "lossless", "split": split(1.0, 0.3, 1.5, 0.5)}]}))
+        {"source": "depth", "operator": True, "images": "lossless", "split": split(1.0, 0.3, 1.5, 0.5, "grad")}]}))
     pre = _pre(10.0, 8.0, 80) | {"mb_per_pair": 7.25}
     nop = _pre(25.0, 20.0, 100, images=None) | {"mb_per_pair": 6.5}
     (tmp_path / "pre.json").write_text(json.dumps(pre))
@@ -117,12 +122,35 @@ def test_disk_parts_from_the_best_source(bench_dir, tmp_path):
     assert r["disk_parts_from"]["frames"] == {"jpeg": str(tmp_path / "pre.json"), "lossless": str(size)}
 
 
+def test_lossless_frames_of_the_row_filter_are_not_todays_size(bench_dir, tmp_path):
+    """Lossless frames are stored with the v5 grad filter now: a run that recorded no filter (v4's row filter,
+    ~17 % larger) gives no lossless MB/frame, even when newer, nor does a GPU run whose frames were row-filtered;
+    its scaffold and operators still count."""
+    import os
+    import time
+
+    newer = bench_dir / "store_size_row_cpu.json"
+    newer.write_text(json.dumps({"device": "cpu", "runs": [
+        {"source": "mvsplat", "operator": True, "images": "lossless", "split": _split(6.0, 1.0, 1.8, 0.6)}]}))
+    os.utime(newer, (time.time() + 60, time.time() + 60))
+    pre = tmp_path / "pre.json"
+    pre.write_text(json.dumps(_pre(10.0, 8.0, 80) | {"size_split": _split(5.0, 2.0, 1.8, 0.6)}))  # row frames, lossless
+    r = project(BenchProjectConfig(bench_dir=bench_dir, precompute=pre, frames_per_scene=24))
+    assert r["figures"]["frames_lossless"]["file"].endswith("store_size_cpu.json")  # the older file, with grad frames
+    assert r["disk"]["lossless"]["mb_per_pair"] == pytest.approx(5.0 + 2.0 + 0.5 * 24 / 70)
+    assert r["disk_parts_from"]["frames"]["lossless"] == str(bench_dir / "store_size_cpu.json")
+    (bench_dir / "store_size_cpu.json").unlink()
+    newer.unlink()
+    r = project(BenchProjectConfig(bench_dir=bench_dir, precompute=pre, frames_per_scene=24))
+    assert "lossless" not in r["disk"] and "frames_lossless" in r["missing"]
+
+
 def test_missing_figures_are_named_and_totals_left_open(tmp_path, bench_dir):
     empty = tmp_path / "empty"
     empty.mkdir()
     r = project(BenchProjectConfig(bench_dir=empty, eval_protocol="fast"))
     assert set(r["missing"]) == {"precompute_operators", "precompute_no_operator", "distill_fast", "distill_render",
-                                 "eval_suite", "store_size"}
+                                 "eval_suite", "store_size", "frames_lossless", "frames_jpeg"}
     assert r["workflows"]["default"]["total_h"] is None and r["disk"] == {}
     # an explicit file without the figure: the newest file of the folder having it, noted; with none, missing, and
     # the paper protocol falls back to the fast protocol's hours

@@ -71,7 +71,7 @@ def test_gpu_next_ckpt_times_both_snapshots_then_runs_the_writer_gpu_test(tmp_pa
     _run_next(bin_dir, out, STEPS="ckpt", BUDGET_S="545")
     calls = log.read_text().splitlines()
     assert calls[:2] == ["scripts/checkpoint_stall.py --device cuda --rounds 3",
-                         "-m pytest -q -m gpu tests/test_ckpt_writer.py tests/test_train.py -p no:cacheprovider"], calls
+                         "-m pytest -q -m gpu tests/test_ckpt_writer.py tests/test_train.py tests/test_store_frames.py -p no:cacheprovider"], calls
     steps = [json.loads(x) for x in (out / "next_steps.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps] == ["ckpt-stall", "ckpt-tests"] and all(s["rc"] == 0 for s in steps)
 

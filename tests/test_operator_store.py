@@ -48,7 +48,7 @@ def snd_store(synth_root, tmp_path_factory) -> Path:
 def test_stored_operator_equals_rendering_the_stored_scaffold(store, snd_store, protocol):
     store = store if protocol == "official" else snd_store
     hdr = read_header(store)
-    assert hdr["schema_version"] == 4 and hdr["operator"]["ctx_hw"] == list(GRID)
+    assert hdr["schema_version"] == 5 and hdr["operator"]["ctx_hw"] == list(GRID)
     assert hdr["operator"]["protocol"] == protocol
     r = CacheReader(store)
     torch.manual_seed(0)

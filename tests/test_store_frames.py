@@ -72,7 +72,8 @@ def test_frames_are_stored_once_each_resized_as_stage_two_does(stores, data_copy
             assert torch.equal(sr.frame(i), want)
     assert r.verify_all() > 0
     hdr = json.loads((stores["lossless"] / "_snd" / "header.json").read_text())
-    assert hdr["schema_version"] == 4 and hdr["images"] == {"codec": "lossless", "height": IMG[0], "width": IMG[1], "quality": 95}
+    assert hdr["schema_version"] == 5 and hdr["images"] == {"codec": "lossless", "height": IMG[0], "width": IMG[1], "quality": 95,
+                                                           "filter": "grad"}
 
 
 def test_a_damaged_frame_is_reported_by_scene_and_frame(stores, tmp_path):
@@ -172,7 +173,10 @@ def test_jpeg_frames_decode_close_and_the_batched_path_equals_the_per_frame_one(
 
 def test_frame_codecs_round_trip():
     img = torch.randint(0, 256, (3, 14, 28), dtype=torch.uint8)
-    assert torch.equal(decode_frame(encode_frame(img, "lossless"), "lossless", (14, 28)), img)
+    for f in ("row", "grad"):
+        assert torch.equal(decode_frame(encode_frame(img, "lossless", filter=f), "lossless", (14, 28), filter=f), img)
+    with pytest.raises(ValueError, match="filter"):
+        encode_frame(img, "lossless")
     assert decode_frame(encode_frame(img, "jpeg", quality=90), "jpeg", (14, 28)).shape == (3, 14, 28)
     with pytest.raises(ValueError):
         encode_frame(img, "png")  # type: ignore[arg-type]
@@ -200,3 +204,62 @@ def test_gpu_batched_jpeg_decode_matches_cpu(stores):
     gpu = decode_jpeg_batch(blobs, torch.device("cuda")).cpu().int()
     cpu = decode_jpeg_batch(blobs, torch.device("cpu")).int()
     assert gpu.shape == cpu.shape and (gpu - cpu).abs().max() <= 3  # nvjpeg's IDCT/upsampling vs libjpeg's
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_undo_grad_equals_the_cpu_at_the_real_frame_size():
+    """The GPU's uint8 cumulative sums wrap modulo 256 as the CPU's do: a batch of 574x868 residuals of random
+    frames (every partial sum overflows many times) is undone to the same frames on both devices."""
+    from snd.cache.frames import grad_residual, undo_grad
+
+    frames = np.random.default_rng(0).integers(0, 256, (3, 2, 3, 574, 868), dtype=np.uint8)
+    res = torch.from_numpy(grad_residual(frames))
+    assert torch.equal(undo_grad(res.cuda()).cpu(), torch.from_numpy(frames))
+    assert torch.equal(undo_grad(res), torch.from_numpy(frames))
+
+
+def test_grad_frames_travel_encoded_and_v4_row_frames_still_read(stores, data_copy, tmp_path, monkeypatch):
+    """v5 lossless frames (the ``grad`` filter): with decode="device" the loader ships their residual planes and
+    `to_device` undoes the filter for the batch, giving the same images as decoding in the worker. A v4 store
+    (``row`` filter, no ``filter`` key recorded) reads the same frames, decoded in the worker either way."""
+    from snd.cache.schema import FrameSpec
+    from snd.cache.stream import ShardStream, collate
+    from snd.stages.precompute import frames as pre_frames
+    from snd.stages.precompute import settings
+    from snd.stages.precompute import writer as pre_writer
+    from snd.train.data import to_device
+
+    grad = stores["lossless"]
+    cpu = ShardStream(grad, img_hw=IMG, seed=0, batch_size=2)
+    dev = ShardStream(grad, img_hw=IMG, seed=0, batch_size=2, decode="device")
+    s_cpu, s_dev = [cpu.sample(j) for j in range(2)], [dev.sample(j) for j in range(2)]
+    assert s_dev[0]["ctx_grad"].shape == (2, 3, *IMG) and "ctx_images" not in s_dev[0]
+    got, want = to_device(collate(s_dev), torch.device("cpu")), to_device(collate(s_cpu), torch.device("cpu"))
+    assert torch.equal(got["ctx_images"], want["ctx_images"]) and torch.equal(got["tgt_image"], want["tgt_image"])
+
+    real = settings.frame_spec
+    for mod in (settings, pre_frames, pre_writer):  # stage one as it wrote lossless frames before v5
+        monkeypatch.setattr(mod, "frame_spec", lambda cfg: FrameSpec(**{**real(cfg).to_dict(), "filter": "row"}))
+    old = _precompute(data_copy, tmp_path / "v4", "lossless")
+    for meta in [old / "_snd" / "header.json", old / "manifest.json"]:  # as snd wrote v4 stores: no filter recorded
+        if meta.exists():
+            h = json.loads(meta.read_text())
+            h["schema_version"] = 4
+            if h.get("images"):
+                del h["images"]["filter"]
+            meta.write_text(json.dumps(h))
+    for zj in old.glob("*/zarr.json"):
+        z = json.loads(zj.read_text())
+        z["attributes"]["schema_version"] = 4
+        del z["attributes"]["frames"]["filter"]
+        zj.write_text(json.dumps(z))
+    r_old, r_new = CacheReader(old), CacheReader(grad)
+    name = r_new.scenes[0]
+    assert r_old.scene(name).frames.filter == "row" and r_new.scene(name).frames.filter == "grad"
+    rows = sorted(r_new.scene(name)._frame_row)
+    assert all(torch.equal(r_old.scene(name).frame(i), r_new.scene(name).frame(i)) for i in rows)
+    on_disk = lambda root: sum(f.stat().st_size for f in (root / name / "frame_bytes").rglob("*") if f.is_file())  # noqa: E731
+    assert on_disk(old) > on_disk(grad)  # the grad filter's point: fewer compressed bytes
+    v4_dev = ShardStream(old, img_hw=IMG, seed=0, batch_size=2, decode="device").sample(0)
+    assert "ctx_grad" not in v4_dev and torch.equal(v4_dev["ctx_images"], s_cpu[0]["ctx_images"])

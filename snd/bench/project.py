@@ -147,35 +147,50 @@ def _eval_hours(protocol: str) -> Getter:
 
 
 def _size(r: dict, f: str) -> Optional[Figure]:
-    """MVSplat's scaffold MB/pair, its operators' (when a run built them) and MB per stored frame per codec."""
-    runs = r.get("runs", [])
-    mv = [x for x in runs if x.get("source") == "mvsplat"]
+    """MVSplat's scaffold MB/pair and its operators' (when a run built them)."""
+    mv = [x for x in r.get("runs", []) if x.get("source") == "mvsplat"]
     if not mv:
         return None
     ops = [x["split"]["mb_per_pair"]["operators"] for x in mv if x.get("operator")]
-    per_frame = {}
-    for x in runs:
-        if x["split"].get("mb_per_frame"):
-            per_frame.setdefault(x["images"], x["split"]["mb_per_frame"])
     return Figure(mv[0]["split"]["mb_per_pair"]["scaffold"], "MB/pair", f, "runs[source=mvsplat].split.mb_per_pair.scaffold",
-                  r.get("device"), r.get("note", ""), {"operators": ops[0] if ops else None, "mb_per_frame": per_frame})
+                  r.get("device"), r.get("note", ""), {"operators": ops[0] if ops else None})
+
+
+def _frames(codec: str) -> Getter:
+    """MB per stored frame of `codec` as written today (any source: frames do not depend on it)."""
+    def get(r: dict, f: str) -> Optional[Figure]:
+        for i, x in enumerate(r.get("runs", [])):
+            if x.get("images") == codec and x["split"].get("mb_per_frame") and _current_frames(codec, x["split"]):
+                return Figure(x["split"]["mb_per_frame"], "MB/frame", f, f"runs[{i}].split.mb_per_frame", r.get("device"),
+                              "", {"frame_filter": x["split"].get("frame_filter")})
+        return None
+    return get
+
+
+def _current_frames(images: str, split: dict) -> bool:
+    """Whether a run's stored frames are what `snd precompute --images` writes today: JPEG, or lossless with the
+    v5 ``grad`` filter (runs from before recorded no filter: their lossless frames were row-filtered, ~17 % larger)."""
+    return images != "lossless" or split.get("frame_filter") == "grad"
 
 
 def _disk(figs: dict[str, Figure], fpp: float, pairs: int) -> tuple[dict, dict]:
-    """Store size per frame codec at the paper's sampler, and where each part comes from. Parts, best first: a
-    GPU `snd bench precompute` run with operators and frames (all parts of one store); else the size JSON's
-    MVSplat scaffold, its operators when it built them, else the operators' MB/pair as the difference of the
-    GPU runs with and without operators (same source and batch, stores without frames)."""
+    """Store size per frame codec at the paper's sampler, and where each part comes from. Scaffold and operators,
+    best first: a GPU `snd bench precompute` run with operators (one store); else the size JSON's MVSplat scaffold,
+    its operators when it built them, else the operators' MB/pair as the difference of the GPU runs with and
+    without operators (same source and batch, stores without frames). MB per frame: that GPU run's when its frames
+    are stored as today (`_current_frames`), else the newest size JSON's for the codec."""
     pre, nop, sz = figs["precompute_operators"], figs["precompute_no_operator"], figs["store_size"]
-    mbf = dict(sz.extra.get("mb_per_frame", {}))
+    frames = {c: figs[f"frames_{c}"] for c in ("lossless", "jpeg") if figs[f"frames_{c}"].value is not None}
+    mbf, frames_from = {c: f.value for c, f in frames.items()}, {c: f.file for c, f in frames.items()}
     gpu = pre.extra.get("size_split") if pre.value is not None else None
     if gpu and gpu["mb_per_pair"]["operators"] and gpu.get("mb_per_frame"):
         scaffold, ops = gpu["mb_per_pair"]["scaffold"], gpu["mb_per_pair"]["operators"]
-        mbf[pre.extra["images"]] = gpu["mb_per_frame"]
-        src = {"scaffold": pre.file, "operators": pre.file, "frames": {c: pre.file if c == pre.extra["images"] else sz.file for c in mbf}}
+        if _current_frames(pre.extra["images"], gpu):  # its own frames, when stored as `snd precompute` stores them now
+            mbf[pre.extra["images"]], frames_from[pre.extra["images"]] = gpu["mb_per_frame"], pre.file
+        src = {"scaffold": pre.file, "operators": pre.file, "frames": frames_from}
     elif sz.value is not None:
         scaffold, ops = sz.value, sz.extra["operators"]
-        src = {"scaffold": sz.file, "operators": sz.file, "frames": {c: sz.file for c in mbf}}
+        src = {"scaffold": sz.file, "operators": sz.file, "frames": frames_from}
         if ops is None and pre.extra.get("mb_per_pair") and nop.extra.get("mb_per_pair"):
             ops = pre.extra["mb_per_pair"] - nop.extra["mb_per_pair"]
             src["operators"] = f"{pre.file} - {nop.file} (mb_per_pair, {pre.device})"
@@ -244,6 +259,8 @@ def project(cfg: BenchProjectConfig) -> dict:
         "distill_render": _find(f"{cfg.model} render-path it/s", cfg.distill, d, "bench_distill_*.json", _distill("render")(cfg.model)),
         "eval_suite": _find(f"{cfg.eval_protocol}-protocol suite hours", cfg.eval, d, "bench_eval_*.json", _eval_hours(cfg.eval_protocol)),
         "store_size": _find("MVSplat store size", cfg.size, d, "store_size_*.json", _size, rates=False),
+        **{f"frames_{c}": _find(f"MB per {c} frame as stored today", cfg.size, d, "store_size_*.json", _frames(c), rates=False)
+           for c in ("lossless", "jpeg")},
     }
     if cfg.eval_protocol == "paper" and figs["eval_suite"].value is None:  # stand-in: the fast protocol's hours
         figs["eval_suite_fast"] = _find("fast-protocol suite hours", cfg.eval, d, "bench_eval_*.json", _eval_hours("fast"))
@@ -264,7 +281,7 @@ def project(cfg: BenchProjectConfig) -> dict:
     if ev_fig == "eval_suite_fast":
         missing["eval_suite"] += " (eval_h uses the fast protocol's hours: `snd bench eval --protocol paper` on the GPU)"
     stand_ins = {k: f.device for k, f in figs.items() if f.value is not None and f.device and TARGET_DEVICE not in f.device
-                 and k != "store_size"}
+                 and k != "store_size" and not k.startswith("frames_")}
     e2e = _newest_e2e(d)
     not_yet = {
         # only the batched builder records the chunk it settled on

@@ -138,9 +138,12 @@ def size_split(info: dict[str, Any]) -> dict[str, Any]:
         part = "operators" if name.startswith("op_") else "frames" if name.startswith("frame_") else "scaffold"
         parts[part] += a["bytes"] / _MB
     pairs, frames = info["pairs"], info.get("frames", 0)
+    img = info.get("header", {}).get("images") or {}
     return {"mb_per_pair": {k: v / pairs if pairs else None for k, v in parts.items()},
             "frames": frames, "pairs_per_frame": pairs / frames if frames else None,
-            "mb_per_frame": parts["frames"] / frames if frames else None}
+            "mb_per_frame": parts["frames"] / frames if frames else None,
+            # lossless frames' filter (v5 "grad"; "row" before, where the header does not say): it sets their size
+            "frame_filter": (img.get("filter") or "row") if img.get("codec") == "lossless" else None}
 
 
 # ---- evaluation caches ----------------------------------------------------------------------------

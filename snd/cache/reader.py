@@ -137,7 +137,7 @@ class SceneReader:
         from snd.cache.frames import decode_frame
 
         assert self.frames is not None
-        return decode_frame(self.frame_bytes(index), self.frames.codec, self.frames.hw)
+        return decode_frame(self.frame_bytes(index), self.frames.codec, self.frames.hw, filter=self.frames.filter)
 
     def _array(self, name: str):
         """The opened Zarr array `name` (opened once: opening reads its metadata, ~1 ms a time)."""

@@ -43,14 +43,15 @@ from typing import Literal
 
 import numpy as np
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 # Revision of the operator builder, recorded as the group attribute ``operator_builder`` of stores with
 # operators. 2: the GPU builder's fix of 2026-12-05 (before it, every target of a chunk but the first was built
 # with the first target's projected Gaussians when stage one ran on CUDA, so those operators were wrong; CPU
 # builds were right). A store without the attribute is readable; the reader warns once (`snd.cache.reader`).
 OPERATOR_BUILDER = 2
-READABLE_VERSIONS = (1, 2, 3, 4)  # v1 = v2 without operator arrays; v2 = v3 without frames; v3 = v4 with
-# operators chunked per pair rather than per (pair, target)
+READABLE_VERSIONS = (1, 2, 3, 4, 5)  # v1 = v2 without operator arrays; v2 = v3 without frames; v3 = v4 with
+# operators chunked per pair rather than per (pair, target); v4 = v5 with lossless frames row-filtered only (v5 writes
+# the "grad" filter, `FrameSpec.filter`)
 FORMAT_NAME = "snd-scaffold-cache"
 PAIRS_PER_SHARD = 16  # pairs per shard file: ~100 MB files at 576x880, few files per scene
 
@@ -157,19 +158,24 @@ class FrameSpec:
     """How a scene group stores its frames (recorded in the header's ``images`` and each group's ``frames``).
 
     codec: "jpeg" (at `quality`) or "lossless" (`snd.cache.frames`); height, width: the stored size, stage
-    two's backbone input (a run at another size resizes them, see `snd.cache.stream`).
+    two's backbone input (a run at another size resizes them, see `snd.cache.stream`); filter (lossless only):
+    "row" (row deltas; stores up to v4, which do not record it) or "grad" (row and column deltas, then red and
+    blue minus green: 16-34 % fewer bytes, docs/cache-format.md; what v5 writes).
     """
 
     codec: Literal["jpeg", "lossless"]
     height: int
     width: int
     quality: int = 95
+    filter: Literal["row", "grad"] = "row"
 
     def __post_init__(self) -> None:
         if self.codec not in ("jpeg", "lossless"):
             raise ValueError(f"frame codec must be 'jpeg' or 'lossless', got {self.codec!r}")
         if not 1 <= self.quality <= 100:
             raise ValueError(f"JPEG quality must be in [1, 100], got {self.quality}")
+        if self.filter not in ("row", "grad"):
+            raise ValueError(f"lossless frame filter must be 'row' or 'grad', got {self.filter!r}")
 
     @property
     def hw(self) -> tuple[int, int]:
@@ -180,7 +186,7 @@ class FrameSpec:
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "FrameSpec | None":
-        return None if not d else cls(**{k: d[k] for k in ("codec", "height", "width", "quality")})
+        return None if not d else cls(**{k: d[k] for k in ("codec", "height", "width", "quality", "filter") if k in d})
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,9 @@ verifies its checksums (an `SndError` names scene and pair), and takes the conte
 the store's frames (schema v3: stored at the backbone input size by stage one; no dataset access) or, for
 stores without frames and whenever `data_root` is given, from the dataset at the scaffold size, resized
 to `img_hw` with the same `resize_uint8` stage one uses (so lossless frames give bit-identical images).
-With `decode="device"` and JPEG frames the sample carries the JPEG bytes (``ctx_jpeg``, ``tgt_jpeg``)
-instead, decoded on the GPU for the whole batch (`snd.train.data.to_device`).
+With `decode="device"` and frames stored at `img_hw` the sample carries them still encoded, to be decoded on
+the GPU for the whole batch (`snd.train.data.to_device`): JPEG bytes (``ctx_jpeg``, ``tgt_jpeg``) or the
+lossless ``grad`` filter's residual planes (``ctx_grad``, ``tgt_grad``; uint8, the frames' own shape).
 Images stay uint8 [3, Hi, Wi] (`snd.train.data.to_device` makes them float in [0, 1] on the device): a
 quarter of the bytes through the DataLoader's shared memory, the pin-memory thread and PCIe, which is
 what kept the fast path's loader from feeding ~100 steps/s.
@@ -56,8 +57,9 @@ class ShardStream(IterableDataset):
         gaussians: decode the scaffold Gaussians and masks (the render path needs them; the operator path does
             not: its samples carry empty tensors there).
         operator: add the target's stored transfer operator (``op_*`` keys) when the store has them.
-        decode: "cpu" (decode stored frames here, in the worker) or "device" (JPEG frames at `img_hw` travel
-            as bytes, ``ctx_jpeg``/``tgt_jpeg``, for one batched GPU decode; other frames decode here).
+        decode: "cpu" (decode stored frames here, in the worker) or "device" (frames stored at `img_hw` as JPEG
+            or lossless ``grad`` travel encoded, ``ctx_jpeg``/``tgt_jpeg`` or ``ctx_grad``/``tgt_grad``, for one
+            batched decode on the GPU; other frames decode here).
     """
 
     def __init__(self, store_path: str | Path, *, data_root: str | Path | None = None, img_hw: tuple[int, int],
@@ -155,13 +157,16 @@ class ShardStream(IterableDataset):
         img = torch.from_numpy(np.array(scene.image(lookup[fid]), dtype=np.uint8, copy=True)).permute(2, 0, 1)
         return resize_uint8(img, self.img_hw)
 
-    def _jpeg_on_device(self, name: str) -> bool:
-        """Whether this scene's frames travel as JPEG bytes (decoded batched on the GPU)."""
+    def _on_device(self, name: str) -> str | None:
+        """How this scene's frames travel when the GPU decodes them: "jpeg" (bytes), "grad" (residual planes), or
+        None (decoded here)."""
         if not (self.store_images and self.decode == "device"):
-            return False
+            return None
         assert self._reader is not None
         fs = self._reader.scene(name).frames
-        return fs is not None and fs.codec == "jpeg" and fs.hw == self.img_hw
+        if fs is None or fs.hw != self.img_hw:
+            return None
+        return "jpeg" if fs.codec == "jpeg" else "grad" if fs.filter == "grad" else None
 
     def sample(self, j: int) -> dict[str, Any]:
         """The sample at this rank's local position j."""
@@ -174,9 +179,13 @@ class ShardStream(IterableDataset):
         d = sr.pair(p, gaussians=self.gaussians, operator=self.operator, op_target=t)  # only this item's target slot
         ti = d.tgt_index[t]
         ops = {k: v[0] for k, v in d.operator.items()} if d.operator is not None else {}
-        if self._jpeg_on_device(name):
+        travel = self._on_device(name)
+        if travel == "jpeg":
             images: dict[str, Any] = {"ctx_jpeg": [torch.from_numpy(np.array(sr.frame_bytes(i))) for i in d.ctx_index],
                                       "tgt_jpeg": torch.from_numpy(np.array(sr.frame_bytes(ti)))}
+        elif travel == "grad":  # residual planes as stored (one copy out of Zarr's buffer), undone on the GPU
+            planes = lambda i: torch.from_numpy(np.array(sr.frame_bytes(i)).reshape(3, *self.img_hw))  # noqa: E731
+            images = {"ctx_grad": torch.stack([planes(i) for i in d.ctx_index]), "tgt_grad": planes(ti)}
         else:
             images = {"ctx_images": torch.stack([self._image(name, i, sr.frame_ids) for i in d.ctx_index]),
                       "tgt_image": self._image(name, ti, sr.frame_ids)}

@@ -121,7 +121,7 @@ class DistillConfig:
     compile: Literal["auto", "on", "off"] = opt("auto", "torch.compile teacher and student (fused kernels); auto = inside the fast path on CUDA (2x there: docs/performance.md).")
     fast: Literal["auto", "on", "off"] = opt("auto", "Fast path: the whole step captured in CUDA graphs (needs the store's operators); auto = on CUDA when possible. On CPU 'on' runs the same body eagerly.")
     num_workers: str = opt("auto", "DataLoader worker processes reading shards and images; auto = from the CPU count and the step path (snd.train.data.resolve_num_workers).")
-    image_decode: Literal["auto", "cpu", "device"] = opt("auto", "Where stored JPEG frames are decoded: device = nvjpeg on the GPU, whole batch at once (frees loader cores); auto = device on CUDA.")
+    image_decode: Literal["auto", "cpu", "device"] = opt("auto", "Where stored frames are decoded: device = on the GPU, whole batch at once (JPEG by nvjpeg, lossless v5 frames by undoing their filter; frees loader cores); auto = device on CUDA.")
     prefetch: int = opt(4, "Batches prefetched per worker.")
     log_every: int = opt(10, "Steps between logged scalars (one host sync each).")
     ckpt_every: int = opt(1000, "Steps between checkpoints (and at the end).")

@@ -90,13 +90,15 @@ def use_stored_operators(cfg: DistillConfig, header: dict, patch: int | None = N
 
 
 def _decode_on_device(cfg: DistillConfig, header: dict) -> bool:
-    """Stored JPEG frames decoded on the GPU (`--image-decode`); needs CUDA and frames at the run's size."""
+    """Stored frames decoded on the GPU (`--image-decode`): JPEG (nvjpeg) or lossless with the ``grad`` filter
+    (two cumulative sums); needs CUDA and frames at the run's size."""
     img = header.get("images")
-    fits = cfg.data is None and img is not None and img["codec"] == "jpeg" and [img["height"], img["width"]] == [cfg.img_height, cfg.img_width]
+    device_codec = img is not None and (img["codec"] == "jpeg" or img.get("filter") == "grad")
+    fits = cfg.data is None and device_codec and [img["height"], img["width"]] == [cfg.img_height, cfg.img_width]
     cuda = torch.cuda.is_available() and cfg.device != "cpu"
     if cfg.image_decode == "device" and not (fits and cuda):
-        raise SndError("--image-decode device needs CUDA and a store with JPEG frames at the run's --img-height/--img-width",
-                       path=cfg.shards, hint="use --image-decode auto or cpu")
+        raise SndError("--image-decode device needs CUDA and a store with JPEG or v5 lossless frames at the run's "
+                       "--img-height/--img-width", path=cfg.shards, hint="use --image-decode auto or cpu")
     return cfg.image_decode != "cpu" and fits and cuda
 
 
@@ -218,8 +220,15 @@ IMAGE_KEYS = ("ctx_images", "tgt_image")
 def to_device(batch: dict, device: torch.device) -> dict:
     """Tensors to `device` (non-blocking from pinned memory); uint8 images (the shard stream's) become
     float in [0, 1] there; JPEG bytes (``ctx_jpeg``/``tgt_jpeg``) are decoded there, the whole batch in one
-    call (`snd.cache.frames.decode_jpeg_batch`); other values as they are."""
+    call (`snd.cache.frames.decode_jpeg_batch`), and so are lossless residual planes (``ctx_grad``/``tgt_grad``,
+    `snd.cache.frames.undo_grad`); other values as they are."""
     out = {}
+    if "ctx_grad" in batch:  # lossless frames' residual planes: undone here, the whole batch at once
+        from snd.cache.frames import undo_grad
+
+        out["ctx_images"] = undo_grad(batch["ctx_grad"].to(device, non_blocking=True)).float().div_(255.0)
+        out["tgt_image"] = undo_grad(batch["tgt_grad"].to(device, non_blocking=True)).float().div_(255.0)
+        batch = {k: v for k, v in batch.items() if k not in ("ctx_grad", "tgt_grad")}
     if "ctx_jpeg" in batch:
         from snd.cache.frames import decode_jpeg_batch
 

@@ -67,7 +67,7 @@ class _FrameCache:
         stored = None
         if self.fspec is not None:  # stage two's resize, once, here (on the pool: torch releases the GIL)
             small = resize_uint8(torch.from_numpy(np.array(img, copy=True)).permute(2, 0, 1), self.fspec.hw)
-            stored = encode_frame(small.contiguous(), self.fspec.codec, quality=self.fspec.quality)
+            stored = encode_frame(small.contiguous(), self.fspec.codec, quality=self.fspec.quality, filter=self.fspec.filter)
         return _Frame(img, mask.astype(np.int32, copy=False), depth, cam.K, cam.c2w, stored)
 
     def get(self, idx: list[int]) -> dict[int, _Frame]:

@@ -80,7 +80,7 @@ def frame_spec(cfg: PrecomputeConfig) -> FrameSpec | None:
     if not 1 <= cfg.image_quality <= 100:
         raise SndError(f"--image-quality must be in [1, 100], got {cfg.image_quality}")
     ih, iw = backbone_hw(cfg)
-    return FrameSpec(codec=codec, height=ih, width=iw, quality=cfg.image_quality)
+    return FrameSpec(codec=codec, height=ih, width=iw, quality=cfg.image_quality, filter="grad" if codec == "lossless" else "row")
 
 
 def operator_spec(cfg: PrecomputeConfig) -> OperatorSpec | None:
