@@ -28,7 +28,7 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Datasets: generate procedural ScanNet++-layout scenes (`snd data synth`).", no_args_is_help=True)
 bench_app = typer.Typer(help="Benchmarks (JSON out): precompute, distill, eval; project = the paper-scale projection from their JSONs.", no_args_is_help=True)
-cache_app = typer.Typer(help="Know and keep your caches: info | verify | gc for scaffold stores and evaluation caches.",
+cache_app = typer.Typer(help="Know and keep your caches: info | verify | gc for scaffold stores and evaluation caches; add-operators to a scaffold store.",
                         no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(bench_app, name="bench")
@@ -195,6 +195,21 @@ command_from_config(cache_app, "info", C.CacheInfoConfig, _cache_info, extra=[_p
                     help="What a cache holds: settings, scenes complete/incomplete, pairs, MB per pair, runs; or feature caches per backbone key.")
 command_from_config(cache_app, "verify", C.CacheVerifyConfig, _cache_verify, extra=[_path_param],
                     help="Read every chunk of a scaffold store and check every checksum; exit 1 naming each bad scene/pair/array.")
+def _cache_add_operators(cfg: C.CacheAddOperatorsConfig, src: str) -> None:
+    from snd.stages.precompute.add_operators import add_operators
+
+    rep = add_operators(src, cfg)
+    console.print(f"[green]done[/]: {rep['out']}: {rep['scenes_written']} scene(s) written, {rep['scenes_already_complete']} "
+                  f"already complete; {rep['pairs']} pairs in {rep['seconds']:.1f} s on {rep['device']}; "
+                  f"{rep['mb_per_pair']:.2f} MB per pair. Train with: snd distill --shards {rep['out']}")
+
+
+_src_param = inspect.Parameter("src", inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                               default=typer.Argument(..., help="The scaffold store to read (`snd precompute --out`); never modified."),
+                               annotation=str)
+command_from_config(cache_app, "add-operators", C.CacheAddOperatorsConfig, _cache_add_operators, extra=[_src_param],
+                    help="A new store with SRC's arrays and frames plus transfer operators built from SRC alone (no dataset, no MVSplat): "
+                         "the fast path for stores written with --no-operator, by an older builder or for another backbone size.")
 command_from_config(cache_app, "gc", C.CacheGcConfig, _cache_gc, extra=[_path_param],
                     help="List (--yes: remove) incomplete scenes' leftovers, killed runs' temp files, feature caches of weights not kept.")
 

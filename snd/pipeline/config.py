@@ -334,6 +334,25 @@ class CacheGcConfig:
 
 
 @dataclass
+class CacheAddOperatorsConfig:
+    """`snd cache add-operators SRC --out DST`: a new store with SRC's arrays and frames and transfer operators
+    built from what SRC holds (no dataset, no MVSplat). Operator options left unset take SRC's own settings."""
+
+    out: Path = opt(..., "The new store (SRC is never modified); a rerun into the same folder skips complete scenes.")
+    device: str = opt("auto", "Where the operators are built: auto (cuda when present), cuda, cpu.")
+    batch_pairs: int = opt(8, "Pairs read and built together.")
+    operator_chunk: int = opt(0, "Targets built together (as `snd precompute --operator-chunk`; 0 = auto: 8 on CUDA, 1 on CPU).")
+    patch_size: Optional[int] = opt(None, "Stage two's patch size (as `snd precompute --patch-size`); default SRC's.")
+    operator_img_height: Optional[int] = opt(None, "Stage two's input height the operators are built for; default SRC's.")
+    operator_img_width: Optional[int] = opt(None, "Stage two's input width; default SRC's.")
+    operator_upsample: Optional[Literal["mask", "bilinear"]] = opt(None, "Upsampling baked in (as `snd precompute`); default SRC's.")
+    operator_blend: Optional[bool] = opt(None, "Semantic blending baked in (as `snd precompute`); default SRC's.")
+    targets_protocol: Optional[Literal["official", "snd"]] = opt(None, "Target/coverage rules baked in (as `snd precompute`); default SRC's.")
+    operator_row_cap: Optional[int] = opt(None, "Kept context patches per target patch; default SRC's.")
+    operator_inst_cap: Optional[int] = opt(None, "Kept instance labels per target view; default SRC's.")
+
+
+@dataclass
 class DoctorConfig:
     """`snd doctor`: what this machine has, and which weights and datasets are found where."""
 
