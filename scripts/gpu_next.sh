@@ -14,7 +14,7 @@
 # (measured 31 + 25 s on an H100 before the fused kernel joined the profile)
 # (H200 warm-up 45-49 s for ViT-S/14 and B/14, 61-74 s on the H100; DINOv3 B/16 109 s on the H200); eval-tests 120;
 # bench eval 200 (measured 137 s + start); precompute 170 with a cold compile (MVSplat compile 98 s, gsplat
-# ready), 110 warm; ckpt 40 + 40 (CPU: ~25 s for 3 rounds).
+# ready), 110 warm; ckpt 40 + 40 (CPU: ~25 s for 3 rounds); add-ops 60 (after precompute, on its store).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 T0=${T_START:-$EPOCHREALTIME}; BUDGET_S=${BUDGET_S:-545}
@@ -99,7 +99,10 @@ for s in $STEPS; do case $s in
     step ckpt-stall 40 90 py scripts/checkpoint_stall.py --device cuda --rounds 3
     cp "$OUT/next_ckpt-stall.log" "$OUT/checkpoint_stall_gpu.jsonl" 2>/dev/null
     step ckpt-tests 40 90 py -m pytest -q -m gpu tests/test_ckpt_writer.py tests/test_train.py tests/test_store_frames.py -p no:cacheprovider ;;
-  *) echo "unknown step $s (fast-tests | distill | ops | precompute-ab | eval | eval-tests | bench-eval | precompute | ckpt)"; exit 2 ;;
+  add-ops)  # (f) `snd cache add-operators` on the store the precompute step left (MVSplat, random init): pairs/s on the GPU
+    rm -rf /tmp/snd-addops
+    step add-ops 60 200 snd cache add-operators /tmp/snd-bench-pre/cache --out /tmp/snd-addops --device cuda ;;
+  *) echo "unknown step $s (fast-tests | distill | ops | precompute-ab | eval | eval-tests | bench-eval | precompute | ckpt | add-ops)"; exit 2 ;;
 esac; done
 
 # the paper-scale projection from this call's files (the others: the newest in docs/bench)

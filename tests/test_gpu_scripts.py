@@ -74,6 +74,8 @@ def test_gpu_next_ckpt_times_both_snapshots_then_runs_the_writer_gpu_test(tmp_pa
                          "-m pytest -q -m gpu tests/test_ckpt_writer.py tests/test_train.py tests/test_store_frames.py -p no:cacheprovider"], calls
     steps = [json.loads(x) for x in (out / "next_steps.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps] == ["ckpt-stall", "ckpt-tests"] and all(s["rc"] == 0 for s in steps)
+    _run_next(bin_dir, out, STEPS="add-ops", BUDGET_S="545")
+    assert "-m snd.cli cache add-operators /tmp/snd-bench-pre/cache --out /tmp/snd-addops --device cuda" in log.read_text().splitlines()
 
 
 def test_gpu_next_precompute_ab_times_both_operator_modes_then_profiles_the_store(tmp_path):
