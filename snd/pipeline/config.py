@@ -341,6 +341,7 @@ class CacheAddOperatorsConfig:
     out: Path = opt(..., "The new store (SRC is never modified); a rerun into the same folder skips complete scenes.")
     device: str = opt("auto", "Where the operators are built: auto (cuda when present), cuda, cpu.")
     batch_pairs: int = opt(8, "Pairs read and built together.")
+    read_threads: int = opt(4, "Threads reading (and checking) the next batch's pairs while this batch's operators are built.")
     operator_chunk: int = opt(0, "Targets built together (as `snd precompute --operator-chunk`; 0 = auto: 8 on CUDA, 1 on CPU).")
     patch_size: Optional[int] = opt(None, "Stage two's patch size (as `snd precompute --patch-size`); default SRC's.")
     operator_img_height: Optional[int] = opt(None, "Stage two's input height the operators are built for; default SRC's.")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -62,17 +63,26 @@ def _target_header(header: dict, pcfg: PrecomputeConfig, spec: OperatorSpec, src
 
 
 def _scene(sr: SceneReader, out: Path, enc: Encoding, spec: OperatorSpec, dev: Any, chunk: Any, batch_pairs: int,
-           bar: Any) -> dict:
-    """Copy one scene with operators built for `spec` into `out`; returns its marker record."""
+           pool: ThreadPoolExecutor, bar: Any) -> dict:
+    """Copy one scene with operators built for `spec` into `out`; returns its marker record.
+
+    The next batch's pairs are read on `pool` while this one's operators are built: a pair's arrays take ~40 ms to
+    read and check on one CPU thread (576x880, this repo's CPU), more than the GPU needs to build its operators, and
+    Zarr's reads and decompression release the GIL."""
     names = {n for n in sr.specs if not n.startswith("op_")}
     w = SceneWriter(out, sr.scene, n_pairs=sr.n_pairs, n_targets=sr.n_targets, height=sr.height,
                     width=sr.width, enc=enc, attrs={"frame_ids": list(sr.frame_ids)}, op=spec, frames=sr.frames)
+    starts = list(range(0, sr.n_pairs, batch_pairs))
+    read = lambda lo: [pool.submit(sr.read_stored, p, names) for p in range(lo, min(lo + batch_pairs, sr.n_pairs))]  # noqa: E731
     added: set[int] = set()
     try:
-        for lo in range(0, sr.n_pairs, batch_pairs):
-            rows = [sr.read_stored(p, names) for p in range(lo, min(lo + batch_pairs, sr.n_pairs))]
-            fields = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
-            extra = {k: fields[k] for k in ("ctx_mask", "tgt_mask", "ctx_index", "tgt_index", "tgt_K", "tgt_c2w")}
+        ahead = read(starts[0])
+        for k in range(len(starts)):
+            rows = [f.result() for f in ahead]
+            if k + 1 < len(starts):
+                ahead = read(starts[k + 1])
+            fields = {key: np.stack([r[key] for r in rows]) for key in rows[0]}
+            extra = {key: fields[key] for key in ("ctx_mask", "tgt_mask", "ctx_index", "tgt_index", "tgt_K", "tgt_c2w")}
             batch = _Batch(sr.scene, None, None, fields["ctx_K"], fields["ctx_c2w"], extra)  # type: ignore[arg-type]
             fields.update(_build_operators(fields, batch, enc, spec, dev, chunk=chunk))
             if sr.frames is not None:
@@ -83,6 +93,8 @@ def _scene(sr: SceneReader, out: Path, enc: Encoding, spec: OperatorSpec, dev: A
             bar.update(len(rows))
         return w.commit()
     except BaseException:
+        for f in ahead:
+            f.cancel()
         w.abort()
         raise
 
@@ -116,10 +128,11 @@ def add_operators(src: str | Path, cfg: CacheAddOperatorsConfig, *, progress: bo
     todo = [n for n in reader.scenes if M.complete_record(out, n) is None]
     pairs = sum(reader.scene(n).n_pairs for n in todo)
     t0 = time.perf_counter()
-    with tqdm(total=pairs, unit="pair", desc="add-operators", disable=not progress) as bar:
+    with tqdm(total=pairs, unit="pair", desc="add-operators", disable=not progress) as bar, \
+            ThreadPoolExecutor(max_workers=max(1, cfg.read_threads), thread_name_prefix="snd-addops-read") as pool:
         for name in todo:
             clear_stale(out, name)  # a killed attempt's temp group or unmarked final group
-            rec = _scene(reader.scene(name), out, enc, spec, dev, chunk, max(1, cfg.batch_pairs), bar)
+            rec = _scene(reader.scene(name), out, enc, spec, dev, chunk, max(1, cfg.batch_pairs), pool, bar)
             M.write_marker(out, name, rec)
             M.merge_manifest(out)
     seconds = time.perf_counter() - t0
