@@ -263,3 +263,11 @@ def test_grad_frames_travel_encoded_and_v4_row_frames_still_read(stores, data_co
     assert on_disk(old) > on_disk(grad)  # the grad filter's point: fewer compressed bytes
     v4_dev = ShardStream(old, img_hw=IMG, seed=0, batch_size=2, decode="device").sample(0)
     assert "ctx_grad" not in v4_dev and torch.equal(v4_dev["ctx_images"], s_cpu[0]["ctx_images"])
+    # `snd cache add-operators` on the v4 store: a v5 store whose frames are copied as stored, their row filter recorded
+    from snd.pipeline.config import CacheAddOperatorsConfig
+    from snd.stages.precompute.add_operators import add_operators
+
+    add_operators(old, CacheAddOperatorsConfig(out=tmp_path / "v5", device="cpu"), progress=False)
+    r5 = CacheReader(tmp_path / "v5")
+    assert r5.scene(name).frames.filter == "row" and json.loads((tmp_path / "v5" / "_snd" / "header.json").read_text())["images"]["filter"] == "row"
+    assert all(torch.equal(r5.scene(name).frame(i), r_new.scene(name).frame(i)) for i in rows)

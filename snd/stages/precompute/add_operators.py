@@ -48,6 +48,7 @@ def operator_config(header: dict, cfg: CacheAddOperatorsConfig) -> PrecomputeCon
     operator options of `cfg` that are set (None: the source's own setting, else stage one's default)."""
     known = {f.name for f in dataclasses.fields(PrecomputeConfig)}
     base = {k: v for k, v in (header.get("config") or {}).items() if k in known}
+    base.update({k: header["scaffold"][k] for k in ("height", "width") if k in (header.get("scaffold") or {})})  # the stored size
     asked = {k: getattr(cfg, k) for k in OPERATOR_OPTIONS if getattr(cfg, k) is not None}
     return dataclasses.replace(PrecomputeConfig(**base), operator=True, device=cfg.device, **asked)
 
