@@ -123,7 +123,7 @@ class DistillConfig:
     num_workers: str = opt("auto", "DataLoader worker processes reading shards and images; auto = from the CPU count and the step path (snd.train.data.resolve_num_workers).")
     image_decode: Literal["auto", "cpu", "device"] = opt("auto", "Where stored frames are decoded: device = on the GPU, whole batch at once (JPEG by nvjpeg, lossless v5 frames by undoing their filter; frees loader cores); auto = device on CUDA.")
     prefetch: int = opt(4, "Batches prefetched per worker.")
-    log_every: int = opt(10, "Steps between logged scalars (one host sync each).")
+    log_every: int = opt(10, "Steps between logged scalars (read back without a host sync, written one window late).")
     ckpt_every: int = opt(1000, "Steps between checkpoints (and at the end).")
     ckpt_background: bool = opt(True, "Write checkpoints on a background thread while training goes on (the step loop only queues a copy of the tensors on their own device, ~350 MB of GPU memory for ViT-S; the writer thread brings it to the host; files stay atomic). Off: the step loop waits for each write (~0.6-1.9 s for a ViT-S run's 350 MB).")
     seed: int = opt(0, "Seed of init, LoRA dropout and shard shuffling.")
