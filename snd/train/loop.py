@@ -284,7 +284,7 @@ def _train(cfg: DistillConfig, env: DistEnv, device: torch.device, factory: Stre
             # the running skip count after this step (a device copy, read at the next flush): which steps skipped
             pending.append(StepRecord(step, loss, lr, runner.skipped.clone(), (indices, batch.get("scene"))))
             last = step == cfg.iters
-            # read once per step: a Ctrl-C landing after `ckpt_now` (e.g. during the flush below) would otherwise stop
+            # read once per step: a Ctrl-C landing after `ckpt_now` (e.g. while the window below closes) would otherwise stop
             # the run without the checkpoint it promises; it is honoured at the next step boundary instead
             stop = interrupt.requested
             ckpt_now = step % cfg.ckpt_every == 0 or last or stop
