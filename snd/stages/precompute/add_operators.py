@@ -118,7 +118,7 @@ def add_operators(src: str | Path, cfg: CacheAddOperatorsConfig, *, progress: bo
     pcfg = operator_config(header, cfg)
     spec = operator_spec(pcfg)
     assert spec is not None
-    dev = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else "cpu" if cfg.device == "auto" else cfg.device)
+    dev = torch.device(cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     if dev.type == "cuda" and progress:
         from rich.console import Console
 
