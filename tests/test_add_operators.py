@@ -107,6 +107,10 @@ def test_rebuilding_for_another_input_size_replaces_the_operators(stores, tmp_pa
 
 
 def test_bad_input_names_the_folder_and_writes_nothing(stores, tmp_path):
+    if not torch.cuda.is_available():
+        with pytest.raises(SndError, match="CUDA"):
+            add_operators(stores["without"], CacheAddOperatorsConfig(out=tmp_path / "c", device="cuda"), progress=False)
+        assert not (tmp_path / "c").exists()
     with pytest.raises(SndError, match="source store itself"):
         add_operators(stores["without"], CacheAddOperatorsConfig(out=stores["without"], device="cpu"), progress=False)
     with pytest.raises(SndError) as e:

@@ -107,6 +107,7 @@ def add_operators(src: str | Path, cfg: CacheAddOperatorsConfig, *, progress: bo
     from tqdm import tqdm
 
     from snd.pipeline import buildcache
+    from snd.pipeline.device import resolve_device
     from snd.splat.operator_build import ChunkSize
 
     src, out = Path(src), Path(cfg.out)
@@ -118,7 +119,7 @@ def add_operators(src: str | Path, cfg: CacheAddOperatorsConfig, *, progress: bo
     pcfg = operator_config(header, cfg)
     spec = operator_spec(pcfg)
     assert spec is not None
-    dev = torch.device(cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    dev = resolve_device(cfg.device)  # 'auto' -> cuda when present; a bad string or missing CUDA is an SndError
     if dev.type == "cuda" and progress:
         from rich.console import Console
 
