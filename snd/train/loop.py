@@ -281,7 +281,7 @@ def _train(cfg: DistillConfig, env: DistEnv, device: torch.device, factory: Stre
             steps_since_log += 1
             if t_first is None:
                 t_first = time.perf_counter()
-            # the running skip count after this step (a device copy, read at the next flush): which steps skipped
+            # the running skip count after this step (a device copy, read with its window): which steps skipped
             pending.append(StepRecord(step, loss, lr, runner.skipped.clone(), (indices, batch.get("scene"))))
             last = step == cfg.iters
             # read once per step: a Ctrl-C landing after `ckpt_now` (e.g. while the window below closes) would otherwise stop

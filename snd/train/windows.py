@@ -93,6 +93,11 @@ class WindowLog:
             self._write_one(self._open.pop(0))
 
     def _write_one(self, w: _Window) -> None:
+        """Rows, skipped steps and scalars of one window (its read-back complete).
+
+        A skipped step (non-finite loss or gradient on any rank) is marked in its metrics.jsonl row and its items
+        (every rank's stream positions and scenes) go to skipped.jsonl, so a user can find the pairs behind it
+        (`scripts/gpu_nan_hunt.py` then says which tensor goes non-finite) instead of only a count."""
         if w.done is not None:
             w.done.synchronize()
         rate_s = w.host_s
