@@ -41,7 +41,9 @@ def run(cfg: PrecomputeConfig, *, source: ScaffoldSource | None = None, progress
             (tests use it to kill the process mid-scene).
     """
     from snd.data import open_dataset
+    from snd.pipeline.compat import serialize_ast_parse
 
+    serialize_ast_parse()  # the loader threads' np.load / trimesh calls parse ASTs at once (a CPython 3.11 race)
     cfg = replace(cfg, batch_pairs=resolve_batch_pairs(cfg.batch_pairs, cfg.device))  # 0 = auto, as used below
     resolve_operator_chunk(cfg.operator_chunk, cfg.device)  # a negative chunk fails here, before any work (used below)
     rank, world = resolve_rank(cfg.rank, cfg.world_size)
