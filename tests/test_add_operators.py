@@ -24,9 +24,10 @@ IMG = (28, 42)  # stage two's input: 2x3 patches of 14
 def _precompute(synth_root: Path, out: Path, **kw) -> Path:
     from snd.stages.precompute import run
 
-    run(PrecomputeConfig(data=synth_root, out=out, height=HW[0], width=HW[1], pairs_per_scene=2, targets_per_pair=2,
-                         batch_pairs=2, device="cpu", source="depth", operator_img_height=IMG[0], operator_img_width=IMG[1],
-                         **kw), progress=False)
+    s = run(PrecomputeConfig(data=synth_root, out=out, height=HW[0], width=HW[1], pairs_per_scene=2, targets_per_pair=2,
+                             batch_pairs=2, device="cpu", source="depth", operator_img_height=IMG[0], operator_img_width=IMG[1],
+                             **kw), progress=False)
+    assert s.failed == 0, s.failures
     return out
 
 

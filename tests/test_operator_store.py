@@ -28,8 +28,9 @@ def _build(synth_root, tmp_path_factory, **kw) -> Path:
 
     out = tmp_path_factory.mktemp("opstore") / "cache"
     kw = dict(dict(pairs_per_scene=2), **kw)
-    run(PrecomputeConfig(data=synth_root, out=out, height=HW[0], width=HW[1], targets_per_pair=2,
-                         batch_pairs=2, device="cpu", source="depth", **kw), progress=False)
+    s = run(PrecomputeConfig(data=synth_root, out=out, height=HW[0], width=HW[1], targets_per_pair=2,
+                             batch_pairs=2, device="cpu", source="depth", **kw), progress=False)
+    assert s.failed == 0, s.failures
     return out
 
 
