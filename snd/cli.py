@@ -269,10 +269,14 @@ def main(argv: list[str] | None = None) -> None:
     usage errors are typer's; bugs keep tracebacks.
 
     Build caches (torch.compile, Triton, gsplat's JIT build) default to the user's cache folder first
-    (`snd.pipeline.buildcache`; variables the user set are kept), so a second run starts in seconds."""
+    (`snd.pipeline.buildcache`; variables the user set are kept), so a second run starts in seconds. `ast.parse`
+    is serialized for the process (`snd.pipeline.compat`: CPython 3.11/3.12 cannot run it in two threads at once,
+    and stage one's and the evaluation's threads reach it through numpy and trimesh)."""
     from snd.pipeline import buildcache
+    from snd.pipeline.compat import serialize_ast_parse
 
     buildcache.configure()
+    serialize_ast_parse()
     try:
         app(args=argv)
     except SndError as e:
