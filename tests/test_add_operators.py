@@ -96,6 +96,17 @@ def test_a_killed_run_resumes_and_other_settings_are_refused(stores, tmp_path, m
         add_operators(src, CacheAddOperatorsConfig(out=out, device="cpu", targets_protocol="snd"), progress=False)
 
 
+def test_scenes_split_over_ranks_make_the_same_store(stores, tmp_path):
+    """--rank/--world-size split the scenes as stage one does: two ranks (run one after the other here) write the
+    store one process writes."""
+    reps = [add_operators(stores["without"], CacheAddOperatorsConfig(out=tmp_path / "two", device="cpu", rank=r, world_size=2),
+                          progress=False) for r in (0, 1)]
+    assert [(x["rank"], x["scenes_written"]) for x in reps] == [(0, 1), (1, 1)]
+    two, one = list(_pairs(tmp_path / "two")), list(_pairs(stores["with"]))
+    assert [(n, p) for n, p, _ in two] == [(n, p) for n, p, _ in one]
+    assert all(np.array_equal(a[k], b[k]) for (_, _, a), (_, _, b) in zip(two, one) for k in b)
+
+
 def test_rebuilding_for_another_input_size_replaces_the_operators(stores, tmp_path):
     """A store's operators built for one backbone size, rebuilt for another: the new grid, as stage one builds it."""
     rep = add_operators(stores["with"], CacheAddOperatorsConfig(out=tmp_path / "b", device="cpu", operator_img_height=42,

@@ -342,6 +342,8 @@ class CacheAddOperatorsConfig:
     device: str = opt("auto", "Where the operators are built: auto (cuda when present), cuda, cpu.")
     batch_pairs: int = opt(8, "Pairs read and built together.")
     read_threads: int = opt(4, "Threads reading (and checking) the next batch's pairs while this batch's operators are built.")
+    rank: int = opt(0, "This worker's index: scenes are split as `snd precompute` splits them (also read from torchrun's RANK).")
+    world_size: int = opt(1, "Number of workers splitting the scenes (also read from WORLD_SIZE); each builds on its LOCAL_RANK's GPU.")
     operator_chunk: int = opt(0, "Targets built together (as `snd precompute --operator-chunk`; 0 = auto: 8 on CUDA, 1 on CPU).")
     patch_size: Optional[int] = opt(None, "Stage two's patch size (as `snd precompute --patch-size`); default SRC's.")
     operator_img_height: Optional[int] = opt(None, "Stage two's input height the operators are built for; default SRC's.")

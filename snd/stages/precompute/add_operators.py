@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -33,7 +34,7 @@ from snd.errors import SndError
 from snd.pipeline.config import CacheAddOperatorsConfig, PrecomputeConfig, to_jsonable
 from snd.stages.precompute.frames import _Batch
 from snd.stages.precompute.operators import _build_operators
-from snd.stages.precompute.settings import operator_spec, resolve_operator_chunk
+from snd.stages.precompute.settings import operator_spec, resolve_operator_chunk, resolve_rank
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +120,9 @@ def add_operators(src: str | Path, cfg: CacheAddOperatorsConfig, *, progress: bo
     pcfg = operator_config(header, cfg)
     spec = operator_spec(pcfg)
     assert spec is not None
-    dev = resolve_device(cfg.device)  # 'auto' -> cuda when present; a bad string or missing CUDA is an SndError
+    rank, world = resolve_rank(cfg.rank, cfg.world_size)  # scenes[rank::world], as stage one splits them
+    local = int(os.environ.get("LOCAL_RANK", rank)) if world > 1 else None
+    dev = resolve_device(cfg.device, local_rank=local)  # 'auto' -> cuda when present; missing CUDA is an SndError
     if dev.type == "cuda" and progress:
         from rich.console import Console
 
@@ -127,10 +130,12 @@ def add_operators(src: str | Path, cfg: CacheAddOperatorsConfig, *, progress: bo
     chunk = ChunkSize(resolve_operator_chunk(cfg.operator_chunk, dev))
     M.init_store(out, _target_header(header, pcfg, spec, src))
     enc = Encoding.from_dict(header["encoding"])
-    todo = [n for n in reader.scenes if M.complete_record(out, n) is None]
+    mine = reader.scenes[rank::world]
+    todo = [n for n in mine if M.complete_record(out, n) is None]
     pairs = sum(reader.scene(n).n_pairs for n in todo)
     t0 = time.perf_counter()
-    with tqdm(total=pairs, unit="pair", desc="add-operators", disable=not progress) as bar, \
+    desc = "add-operators" if world == 1 else f"add-operators (rank {rank}/{world})"
+    with tqdm(total=pairs, unit="pair", desc=desc, disable=not progress) as bar, \
             ThreadPoolExecutor(max_workers=max(1, cfg.read_threads), thread_name_prefix="snd-addops-read") as pool:
         for name in todo:
             clear_stale(out, name)  # a killed attempt's temp group or unmarked final group
@@ -140,7 +145,8 @@ def add_operators(src: str | Path, cfg: CacheAddOperatorsConfig, *, progress: bo
     seconds = time.perf_counter() - t0
     done = CacheReader(out)
     total_pairs = sum(done.records[n]["pairs"] for n in done.scenes)
-    return {"out": str(out), "scenes_written": len(todo), "scenes_already_complete": len(reader.scenes) - len(todo),
+    return {"out": str(out), "scenes_written": len(todo), "scenes_already_complete": len(mine) - len(todo), "rank": rank,
+            "world_size": world,
             "pairs": pairs, "seconds": seconds, "pairs_per_s": pairs / seconds if seconds > 0 and pairs else None,
             "mb_per_pair": sum(done.records[n]["bytes"] for n in done.scenes) / 1e6 / max(total_pairs, 1),
             "operator": spec.to_dict(), "device": str(dev), "operator_chunk": chunk.size}
