@@ -91,15 +91,11 @@ class SceneReader:
             _warn_old_builder(self.root)
         self.specs = layout(self.height, self.width, self.n_targets, self.enc, self.op)
         self._small = {n: self._read_whole(n) for n, s in self.specs.items() if s.kind == "small"}
-        self._crc = self._read_whole(CHECKSUM_ARRAY)
-        if verify and hashlib.sha256(np.ascontiguousarray(self._crc).tobytes()).hexdigest() != record.get("checksums_sha256"):
-            raise _corrupt(root, scene, None, "checksum table does not match the manifest")
+        self._crc = self._pinned_table(CHECKSUM_ARRAY, record, "checksums_sha256", "checksum table")
         self._cols = {n: i for i, n in enumerate(self.specs)}
         self._op_crc = self._op_cols = None  # v4: per-target-slot checksums of the operator fields
         if (attrs.get("checksum_ops") or {}).get("table") == OP_CHECKSUM_ARRAY:
-            self._op_crc = self._read_whole(OP_CHECKSUM_ARRAY)
-            if verify and hashlib.sha256(np.ascontiguousarray(self._op_crc).tobytes()).hexdigest() != record.get("op_checksums_sha256"):
-                raise _corrupt(root, scene, None, "operator checksum table does not match the manifest")
+            self._op_crc = self._pinned_table(OP_CHECKSUM_ARRAY, record, "op_checksums_sha256", "operator checksum table")
             self._op_cols = {n: i for i, n in enumerate(attrs["checksum_ops"]["arrays"])}
         self._arrays: dict[str, Any] = {}
         self.frames = FrameSpec.from_dict(attrs.get("frames"))  # None: a v1/v2 group (images from the dataset)
@@ -111,15 +107,18 @@ class SceneReader:
         """Read the frame index, lengths and checksum table (verified against the marker and per frame)."""
         fa = self.attrs["frames"]
         self._frame_specs = frame_layout(int(fa["max_bytes"]))
-        self._frame_crc = self._read_whole(FRAME_CHECKSUM_ARRAY)
-        if self.verify and hashlib.sha256(np.ascontiguousarray(self._frame_crc).tobytes()).hexdigest() != record.get("frames_checksums_sha256"):
-            raise _corrupt(self.root, self.scene, None, "frame checksum table does not match the manifest")
+        self._frame_crc = self._pinned_table(FRAME_CHECKSUM_ARRAY, record, "frames_checksums_sha256", "frame checksum table")
         self._frame_small = {n: self._read_whole(n) for n in ("frame_index", "frame_nbytes")}
         if self.verify:
             for col, n in enumerate(self._frame_specs):
                 if n in self._frame_small and any(crc32c(v) != int(c) for v, c in zip(self._frame_small[n], self._frame_crc[:, col])):
                     raise _corrupt(self.root, self.scene, None, f"array {n!r} checksum mismatch")
         self._frame_row = {int(i): k for k, i in enumerate(self._frame_small["frame_index"])}
+
+    @property
+    def stored_frames(self) -> list[int]:
+        """Indices (into `frame_ids`) of the frames this group stores, ascending; empty without frames."""
+        return sorted(self._frame_row)
 
     def frame_bytes(self, index: int) -> np.ndarray:
         """The stored bytes of frame `index` (an index into `frame_ids`, as in ``ctx_index``), checksum-verified."""
@@ -160,6 +159,14 @@ class SceneReader:
         except Exception as e:  # noqa: BLE001 - codec/crc errors of a damaged chunk
             raise _corrupt(self.root, self.scene, pair, f"{what} unreadable ({type(e).__name__}: {e})") from e
         return self._check(a, want, pair, what)
+
+    def _pinned_table(self, name: str, record: dict, pin: str, what: str) -> np.ndarray:
+        """Checksum table `name`, checked (with `verify`) against the SHA-256 its scene's marker records under `pin`:
+        a damaged table would otherwise excuse damaged rows."""
+        table = self._read_whole(name)
+        if self.verify and hashlib.sha256(np.ascontiguousarray(table).tobytes()).hexdigest() != record.get(pin):
+            raise _corrupt(self.root, self.scene, None, f"{what} does not match the manifest")
+        return table
 
     def _read_whole(self, name: str) -> np.ndarray:
         try:
@@ -273,6 +280,6 @@ class CacheReader:
                 for t in range(r.n_targets if r._op_cols else 0):  # v4: each target slot against its own checksums
                     r.read_stored(p, set(r._op_cols), op_target=t)
                 n += 1
-            for i in r._frame_row:
+            for i in r.stored_frames:
                 r.frame_bytes(i)
         return n

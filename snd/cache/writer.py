@@ -171,21 +171,14 @@ class SceneWriter:
         if self._added != self.n_pairs:
             raise ValueError(f"scene {self.scene}: commit after {self._added} of {self.n_pairs} pairs")
         self._flush(final=True)
-        from zarr.codecs import BytesCodec, Crc32cCodec, ZstdCodec
-
         for name, parts in self._small.items():
-            a = np.concatenate(parts)
-            self.group.create_array(name, shape=a.shape, dtype=a.dtype, chunks=a.shape, serializer=BytesCodec(),
-                                    compressors=[ZstdCodec(level=3), Crc32cCodec()], fill_value=0)[...] = a
-        self.group.create_array(CHECKSUM_ARRAY, shape=self._crc.shape, dtype=np.uint32, chunks=self._crc.shape,
-                                serializer=BytesCodec(), compressors=[Crc32cCodec()], fill_value=0)[...] = self._crc
+            self._write_small(name, np.concatenate(parts))
+        checksums_sha256 = self._write_table(CHECKSUM_ARRAY, self._crc)
         op_record = {}
         if self._ops:
-            self.group.create_array(OP_CHECKSUM_ARRAY, shape=self._op_crc.shape, dtype=np.uint32, chunks=self._op_crc.shape,
-                                    serializer=BytesCodec(), compressors=[Crc32cCodec()], fill_value=0)[...] = self._op_crc
+            op_record = {"op_checksums_sha256": self._write_table(OP_CHECKSUM_ARRAY, self._op_crc)}
             self.group.attrs["checksum_ops"] = {"algorithm": "crc32c", "of": "stored bytes of each pair's target slot",
                                                 "arrays": self._ops, "table": OP_CHECKSUM_ARRAY}
-            op_record = {"op_checksums_sha256": hashlib.sha256(self._op_crc.tobytes()).hexdigest()}
         frame_record = self._write_frames() if self.frames is not None else {}
         nbytes = folder_bytes(self.tmp)
         final = self.root / self.scene
@@ -194,11 +187,27 @@ class SceneWriter:
         os.rename(self.tmp, final)
         tgt = np.concatenate(self._small["tgt_index"])
         return {"pairs": self.n_pairs, "items": int((tgt >= 0).sum()), "targets": (tgt >= 0).sum(1).tolist(),
-                "bytes": nbytes, "checksums_sha256": hashlib.sha256(self._crc.tobytes()).hexdigest(), **op_record, **frame_record}
+                "bytes": nbytes, "checksums_sha256": checksums_sha256, **op_record, **frame_record}
+
+    def _write_small(self, name: str, a: np.ndarray) -> None:
+        """A small per-scene array: one zstd chunk, with Zarr's crc32c of the chunk."""
+        from zarr.codecs import BytesCodec, Crc32cCodec, ZstdCodec
+
+        self.group.create_array(name, shape=a.shape, dtype=a.dtype, chunks=a.shape, serializer=BytesCodec(),
+                                compressors=[ZstdCodec(level=3), Crc32cCodec()], fill_value=0)[...] = a
+
+    def _write_table(self, name: str, table: np.ndarray) -> str:
+        """A checksum table (one uncompressed chunk); returns the SHA-256 that pins it in the scene's marker."""
+        from zarr.codecs import BytesCodec, Crc32cCodec
+
+        table = np.ascontiguousarray(table, dtype=np.uint32)
+        self.group.create_array(name, shape=table.shape, dtype=np.uint32, chunks=table.shape, serializer=BytesCodec(),
+                                compressors=[Crc32cCodec()], fill_value=0)[...] = table
+        return hashlib.sha256(table.tobytes()).hexdigest()
 
     def _write_frames(self) -> dict:
         """The scene's frames (schema v3): every frame a stored pair uses, once, with their checksum table."""
-        from zarr.codecs import BytesCodec, Crc32cCodec, ZstdCodec
+        from zarr.codecs import BytesCodec
 
         used = np.concatenate([np.concatenate(self._small["ctx_index"]).reshape(-1),
                                np.concatenate(self._small["tgt_index"]).reshape(-1)])
@@ -223,15 +232,13 @@ class SceneWriter:
                                         serializer=BytesCodec(), compressors=codecs_for(s), fill_value=0,
                                         config={"write_empty_chunks": True})[...] = a
             else:
-                self.group.create_array(name, shape=a.shape, dtype=a.dtype, chunks=a.shape, serializer=BytesCodec(),
-                                        compressors=[ZstdCodec(level=3), Crc32cCodec()], fill_value=0)[...] = a
-        self.group.create_array(FRAME_CHECKSUM_ARRAY, shape=crc.shape, dtype=np.uint32, chunks=crc.shape,
-                                serializer=BytesCodec(), compressors=[Crc32cCodec()], fill_value=0)[...] = crc
+                self._write_small(name, a)
+        frames_sha256 = self._write_table(FRAME_CHECKSUM_ARRAY, crc)
         self.group.attrs["frames"] = {**self.frames.to_dict(), "count": len(used), "max_bytes": int(L),
                                       "checksum": {"algorithm": "crc32c", "of": "stored bytes of each frame",
                                                    "arrays": list(specs), "table": FRAME_CHECKSUM_ARRAY}}
         return {"frames": len(used), "frame_bytes": int(sum(len(b) for b in blobs)),
-                "frames_checksums_sha256": hashlib.sha256(crc.tobytes()).hexdigest()}
+                "frames_checksums_sha256": frames_sha256}
 
     def abort(self) -> None:
         for w in self._writes:  # let a shard in flight finish before its folder goes

@@ -76,7 +76,6 @@ def _scene(sr: SceneReader, out: Path, enc: Encoding, spec: OperatorSpec, dev: A
                     width=sr.width, enc=enc, attrs={"frame_ids": list(sr.frame_ids)}, op=spec, frames=sr.frames)
     starts = list(range(0, sr.n_pairs, batch_pairs))
     read = lambda lo: [pool.submit(sr.read_stored, p, names) for p in range(lo, min(lo + batch_pairs, sr.n_pairs))]  # noqa: E731
-    added: set[int] = set()
     try:
         ahead = read(starts[0])
         for k in range(len(starts)):
@@ -87,10 +86,8 @@ def _scene(sr: SceneReader, out: Path, enc: Encoding, spec: OperatorSpec, dev: A
             extra = {key: fields[key] for key in ("ctx_mask", "tgt_mask", "ctx_index", "tgt_index", "tgt_K", "tgt_c2w")}
             batch = _Batch(sr.scene, None, None, fields["ctx_K"], fields["ctx_c2w"], extra)  # type: ignore[arg-type]
             fields.update(_build_operators(fields, batch, enc, spec, dev, chunk=chunk))
-            if sr.frames is not None:
-                used = {int(i) for i in np.concatenate([fields["ctx_index"].ravel(), fields["tgt_index"].ravel()]) if i >= 0}
-                fields["frames"] = {i: sr.frame_bytes(i) for i in sorted(used - added)}
-                added |= used
+            if sr.frames is not None and k == 0:  # SRC's frames as stored, once (the writer keeps them until commit)
+                fields["frames"] = {i: sr.frame_bytes(i) for i in sr.stored_frames}
             w.add(fields)
             bar.update(len(rows))
         return w.commit()
@@ -104,7 +101,6 @@ def _scene(sr: SceneReader, out: Path, enc: Encoding, spec: OperatorSpec, dev: A
 def add_operators(src: str | Path, cfg: CacheAddOperatorsConfig, *, progress: bool = True) -> dict:
     """Write `cfg.out`: the store `src` with transfer operators built for the asked settings. Returns a summary
     (scenes written / already complete, pairs, seconds, pairs/s, MB per pair of DST)."""
-    import torch
     from tqdm import tqdm
 
     from snd.pipeline import buildcache
