@@ -8,7 +8,8 @@
 #   env: STEPS (default "fast-tests distill ops eval precompute"; any subset/order, e.g. STEPS="eval precompute" for
 #   a second call), AB_BUILDER (a file: the ops step also times that builder against this one),
 #   BUDGET_S (545: seconds since T_START, which gpu_session.sh sets when it starts; else now),
-#   MODELS (the four below), FAST_K (pytest -k for fast-tests), PRE_PAIRS (64 timed pairs per `snd bench precompute`)
+#   MODELS (the four below), FAST_K (pytest -k for fast-tests), PRE_PAIRS (64 timed pairs per `snd bench precompute`),
+#   PRE_CODECS ("lossless jpeg": the frame codecs the precompute step times)
 # Estimates (s; from earlier sessions' logs/JSONs, compile included): fast-tests 180 (five 30-step runs, each compiling
 # a small ViT: ~35 s); distill per model 70 (DINOv3 140: its warm-up measured 109 s on the H200); ops 60 + 60
 # (measured 31 + 25 s on an H100 before the fused kernel joined the profile)
@@ -89,7 +90,7 @@ for s in $STEPS; do case $s in
     [[ $s == eval-tests ]] || summary eval "$OUT/bench_eval_paper.json" ;;
   precompute)  # (d) stage one with operators (the default) writing frames, lossless (the default) and JPEG
     est=170
-    for codec in lossless jpeg; do
+    for codec in ${PRE_CODECS:-lossless jpeg}; do
       step "precompute_$codec" $est 260 snd bench precompute --source mvsplat --device cuda --images $codec --pairs "$PRE_PAIRS" \
         --workdir /tmp/snd-bench-pre --out "$OUT/bench_precompute_mvsplat_operators_$codec.json"
       summary precompute "$OUT/bench_precompute_mvsplat_operators_$codec.json"; est=110  # compile cache warm now
@@ -99,10 +100,29 @@ for s in $STEPS; do case $s in
     step ckpt-stall 40 90 py scripts/checkpoint_stall.py --device cuda --rounds 3
     cp "$OUT/next_ckpt-stall.log" "$OUT/checkpoint_stall_gpu.jsonl" 2>/dev/null
     step ckpt-tests 40 90 py -m pytest -q -m gpu tests/test_ckpt_writer.py tests/test_train.py tests/test_store_frames.py -p no:cacheprovider ;;
+  slot)  # (g) snd's slot adjoint kernel (the instance part without gsplat's K-channel backward): its GPU tests, then
+    # the builder with it against gsplat's backward, alternating, synthetic pairs, chunk 12
+    step slot-tests 60 150 py -m pytest -q -m gpu tests/test_contrib.py tests/test_operator_batched.py -p no:cacheprovider
+    # a kernel that fails its tests must not take the later steps down with it: they then use gsplat's backward
+    tail -1 "$OUT/next_steps.jsonl" | grep -q '"rc": 0,' || export SND_SLOT_ADJOINT=off
+    for r in 1 2; do
+      step "slot-ab-off-$r" 20 60 py scripts/gpu_profile_operator.py --chunks 12 --quick --adjoint off --tag gsplat_backward
+      step "slot-ab-auto-$r" 20 60 py scripts/gpu_profile_operator.py --chunks 12 --quick --tag slot_kernel
+    done
+    cat "$OUT"/next_slot-ab-*.log > "$OUT/profile_operator_slot_ab.jsonl" 2>/dev/null ;;
+  slot-store)  # (g2) the same A/B on the stored random-init MVSplat scaffold the precompute step left
+    step slot-store-off 30 90 py scripts/gpu_profile_operator.py --store /tmp/snd-bench-pre/cache --chunks 12 --quick \
+      --adjoint off --tag mvsplat_gsplat_backward
+    step slot-store-auto 30 90 py scripts/gpu_profile_operator.py --store /tmp/snd-bench-pre/cache --chunks 12 --quick \
+      --tag mvsplat_slot_kernel
+    cat "$OUT"/next_slot-store-*.log > "$OUT/profile_operator_store_slot_ab.jsonl" 2>/dev/null
+    # then, budget left, the kernel's top CUDA ops in a 12-target build (synthetic pairs)
+    step slot-profile 30 90 py scripts/gpu_profile_operator.py --chunks 12 --tag slot_kernel
+    cp "$OUT/next_slot-profile.log" "$OUT/profile_operator_slot.jsonl" 2>/dev/null ;;
   add-ops)  # (f) `snd cache add-operators` on the store the precompute step left (MVSplat, random init): pairs/s on the GPU
     rm -rf /tmp/snd-addops
     step add-ops 60 200 snd cache add-operators /tmp/snd-bench-pre/cache --out /tmp/snd-addops --device cuda ;;
-  *) echo "unknown step $s (fast-tests | distill | ops | precompute-ab | eval | eval-tests | bench-eval | precompute | ckpt | add-ops)"; exit 2 ;;
+  *) echo "unknown step $s (fast-tests | distill | ops | precompute-ab | eval | eval-tests | bench-eval | precompute | ckpt | add-ops | slot | slot-store)"; exit 2 ;;
 esac; done
 
 # the paper-scale projection from this call's files (the others: the newest in docs/bench)

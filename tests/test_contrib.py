@@ -3,11 +3,13 @@ the adjoint is the transpose of the render (checked against the full list summed
 <render(f), Y> = <f, adjoint(Y)> for random f, which holds for the transpose and nothing else)."""
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
 
-from snd.splat.contrib import contributions
+from snd.splat.contrib import SlotField, contributions
 from snd.splat.from_depth import gaussians_from_depth
 from tests.test_splat_target import _planes_scene
 
@@ -92,3 +94,84 @@ def test_pixels_and_adjoint_gsplat():
     """gsplat's index rasteriser started at T=0 off the chosen pixels, and its backward kernel as the adjoint."""
     pytest.importorskip("gsplat")
     _check("gsplat", "cuda", rtol=1e-3)
+
+
+def _slot_field(N, H, W, K, seed=0):
+    """A field with one channel per pixel in labelled blocks (as the builder's label selectors are), a few pixels
+    in no slot."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    ys, xs = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
+    slot = ((ys // 7) * 3 + xs // 9) % K
+    slot = torch.stack([(slot + n) % K for n in range(N)])
+    slot[torch.rand(N, H, W, generator=gen) < 0.1] = -1
+    value = torch.where(slot >= 0, torch.rand(N, H, W, generator=gen) + 0.5, torch.zeros(()))
+    return SlotField(slot, value, K)
+
+
+def test_slot_field_dense_by_hand():
+    f = SlotField(torch.tensor([[[0, -1], [2, 2]]]), torch.tensor([[[0.5, 9.0], [1.5, 2.5]]]), 3)
+    Y = f.dense()
+    assert Y.shape == (1, 2, 2, 3)
+    assert Y[0].reshape(4, 3).tolist() == [[0.5, 0, 0], [0, 0, 0], [0, 0, 1.5], [0, 0, 2.5]]
+
+
+def test_torch_backend_takes_a_slot_field():
+    """The torch plan's adjoint of a SlotField == that of its dense field (the builder hands a SlotField)."""
+    g, K, w2c, H, W = _scene()
+    pair = torch.zeros(2, dtype=torch.long)
+    f = _slot_field(2, H, W, 5)
+    a = contributions([g], pair, K, w2c, H, W, backend="torch", adjoint=lambda al: f).adjoint
+    b = contributions([g], pair, K, w2c, H, W, backend="torch", adjoint=lambda al: f.dense()).adjoint
+    assert a.abs().max() > 0.1 and torch.equal(a, b)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (no GPU needed to build)")
+def test_slot_kernel_builds_with_nvcc_and_a_broken_source_is_a_clear_error(tmp_path, monkeypatch):
+    """The CUDA source compiles (for sm_90, on any machine with nvcc) to a library exporting the entry point the
+    loader calls; a source nvcc rejects raises KernelUnavailable with nvcc's message, and leaves no file."""
+    import ctypes
+
+    from snd.splat import slot_adjoint as sa
+
+    out = sa.library_path((9, 0), tmp_path)
+    sa._build(out, (9, 0))
+    assert out.is_file() and hasattr(ctypes.CDLL(str(out)), "snd_slot_adjoint")
+    bad = tmp_path / "bad.cu"
+    bad.write_text("__global__ void k( { }\n")
+    monkeypatch.setattr(sa, "SOURCE", bad)
+    target = sa.library_path((9, 0), tmp_path)
+    assert target != out  # named by the source's hash: an edited source is rebuilt
+    with pytest.raises(sa.KernelUnavailable, match="nvcc failed"):
+        sa._build(target, (9, 0))
+    assert sorted(p.name for p in (tmp_path / "kernels").iterdir()) == [out.name]
+
+
+def test_no_nvcc_is_a_clear_error(tmp_path, monkeypatch):
+    from snd.splat import slot_adjoint as sa
+
+    monkeypatch.setattr(sa, "_nvcc", lambda: None)
+    with pytest.raises(sa.KernelUnavailable, match="nvcc not found"):
+        sa._build(sa.library_path((9, 0), tmp_path), (9, 0))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kernel", ["auto", "off"])
+def test_slot_adjoint_gsplat_equals_the_list(kernel, monkeypatch):
+    """snd's slot kernel ("auto") and gsplat's backward kernel on the dense field ("off") both give the adjoint of
+    a one-channel-per-pixel field == the full list summed by hand (float64), and agree with each other."""
+    pytest.importorskip("gsplat")
+    import snd.splat.contrib as ct
+
+    monkeypatch.setitem(ct._KERNEL, "use", kernel)
+    g, K, w2c, H, W = _scene("cuda")
+    pair = torch.zeros(2, dtype=torch.long, device="cuda")
+    G = g.means[..., 0].numel()
+    f = _slot_field(2, H, W, 5)
+    f = SlotField(f.slot.cuda(), f.value.cuda(), f.channels)
+    full = contributions([g], pair, K, w2c, H, W, backend="gsplat")
+    cut = contributions([g], pair, K, w2c, H, W, backend="gsplat", adjoint=lambda a: f)
+    ref = _by_hand_adjoint(full, f.dense(), G)
+    assert cut.adjoint.shape == (2, G, 5) and ref.abs().max() > 0.1
+    torch.testing.assert_close(cut.adjoint.double(), ref, rtol=1e-3, atol=1e-4)
+    assert ct._KERNEL["use"] == kernel  # "auto" did not fall back

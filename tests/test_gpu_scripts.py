@@ -143,3 +143,18 @@ def test_gpu_next_ops_times_an_earlier_builder_against_this_one(tmp_path):
     ab = [c for c in prof if "--quick" in c]
     assert ab == [f"scripts/gpu_profile_operator.py --builder {before} --chunks 8 --quick --tag before",
                   "scripts/gpu_profile_operator.py --chunks 8 --quick --tag now"] * 2, prof
+
+
+def test_gpu_next_slot_times_the_kernel_against_gsplat_backward(tmp_path):
+    """STEPS="slot slot-store": the kernel's GPU tests, then the builder A/B alternating (gsplat's backward first),
+    on synthetic pairs and on the stored MVSplat scaffold, then the kernel's full profile."""
+    bin_dir, log = _recording_python(tmp_path)
+    out = tmp_path / "out"
+    _run_next(bin_dir, out, STEPS="slot slot-store", BUDGET_S="545")
+    calls = [c for c in log.read_text().splitlines() if "gpu_profile_operator" in c]
+    assert [("--adjoint off" in c, "--store" in c) for c in calls] == [
+        (True, False), (False, False), (True, False), (False, False), (True, True), (False, True), (False, False)]
+    assert any(c.startswith("-m pytest -q -m gpu tests/test_contrib.py tests/test_operator_batched.py")
+               for c in log.read_text().splitlines())
+    steps = [json.loads(s) for s in (out / "next_steps.jsonl").read_text().splitlines()]
+    assert all(s["rc"] == 0 for s in steps), steps

@@ -267,3 +267,34 @@ def test_label_slots_ignore_summation_noise():
     slot = torch.empty(5, dtype=torch.long)
     slot[o] = rank
     assert slot.tolist() == [2, 1, 0, 1, 0]  # real differences still rank by mass
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_slot_kernel_and_gsplat_backward_give_the_same_operators(monkeypatch):
+    """The instance part from snd's slot kernel (the default) == from gsplat's backward kernel on the dense field
+    (SND_SLOT_ADJOINT=off), at the real size; every other field is the same bytes (the kernel changes nothing else)."""
+    import snd.splat.contrib as ct
+    from snd.splat.gaussians import PixelGaussians
+    from snd.train.distiller import rigid_inverse
+    from snd.train.synthetic import synthetic_sample
+
+    dev = torch.device("cuda")
+    xs = [synthetic_sample(i, img_hw=(574, 868), scaffold_hw=(576, 880)) for i in range(2)]
+    gs = [PixelGaussians(x["means"], x["quats"], x["scales"], x["opacities"]).to(device=dev) for x in xs]
+    masks = torch.stack([x["ctx_masks"] for x in xs]).to(dev)
+    src, pair = [1, 0, 0], torch.tensor([0, 1, 0], device=dev)
+    args = (gs, masks, torch.stack([xs[i]["tgt_mask"] for i in src]).to(dev),
+            torch.stack([xs[i]["tgt_K"] for i in src]).to(dev),
+            torch.stack([rigid_inverse(xs[i]["tgt_c2w"]) for i in src]).to(dev), pair, (41, 62), (41, 62))
+    got = {}
+    for use in ("auto", "off"):
+        monkeypatch.setitem(ct._KERNEL, "use", use)
+        got[use] = build_operators(*args, backend="gsplat", chunk=3)
+        assert ct._KERNEL["use"] == use  # "auto" built and ran the kernel (no fallback)
+    assert got["auto"].inst.abs().max() > 0
+    for k, v in vars(got["off"]).items():
+        if k == "inst":
+            assert (got["auto"].inst - v).norm() / v.norm() < 1e-5, k
+        else:
+            assert torch.equal(getattr(got["auto"], k), v), k

@@ -21,11 +21,15 @@ per 576x880 target of a random-init MVSplat scaffold, 145 ms of operators per pa
   Gaussian g, i.e. the transpose of the render applied to Y. That is the gradient of <render(c), Y> with
   respect to the colours c, which gsplat's backward kernel computes without listing any pair; the instance
   part of an operator (per label, a Gaussian's summed weight over the label's pixels) is this with Y = the
-  labels' mean selectors.
+  labels' mean selectors. Such a field has one channel set per pixel (its label's slot); given as a
+  `SlotField`, gsplat's backend computes it with snd's own kernel (`snd.splat.slot_adjoint`) instead of
+  gsplat's backward kernel, which works on all K channels of every pair.
 """
 from __future__ import annotations
 
+import logging
 import math
+import os
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -38,7 +42,8 @@ from snd.splat.render import Backend, resolve_backend
 from snd.splat.render_gsplat import gsplat_K
 from snd.splat.render_torch import ALPHA_MAX, build_plan, composite_weights
 
-__all__ = ["Contributions", "contributions"]
+__all__ = ["Contributions", "SlotField", "contributions"]
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -60,7 +65,26 @@ class Contributions:
     adjoint: Tensor | None = None
 
 
-Selector = Callable[[Tensor], Tensor]  # alpha [N, H, W] -> Y [N, H, W, K] float32, the field of the adjoint
+@dataclass
+class SlotField:
+    """A field Y [N, H, W, channels] with at most one channel set per pixel: Y[n, y, x, slot] = value at that
+    pixel's slot, 0 elsewhere (slot -1: the pixel is 0 in every channel)."""
+
+    slot: Tensor  # [N, H, W] long or int
+    value: Tensor  # [N, H, W] float32
+    channels: int
+
+    def dense(self) -> Tensor:
+        """Y as a dense [N, H, W, channels] float32 tensor."""
+        Y = torch.zeros(*self.slot.shape, self.channels, dtype=torch.float32, device=self.slot.device)
+        on = (self.slot >= 0) & (self.slot < self.channels)
+        Y[on, self.slot[on].long()] = self.value[on].float()
+        return Y
+
+
+# alpha [N, H, W] -> Y [N, H, W, K] float32 (dense or as a SlotField), the field of the adjoint
+Selector = Callable[[Tensor], "Tensor | SlotField"]
+_KERNEL = {"use": os.environ.get("SND_SLOT_ADJOINT", "auto"), "warned": False}  # auto | off (gsplat's backward)
 GSPLAT_CHANNELS = (1, 2, 3, 4, 5, 8, 9, 16, 17, 32, 33, 64, 65, 128, 129, 256, 257, 512, 513)  # compiled
 
 
@@ -108,6 +132,7 @@ def contributions(gaussians: Sequence[PixelGaussians], pair: Tensor, K: Tensor, 
     adj = None
     if adjoint is not None:
         Y = adjoint(alpha)
+        Y = Y.dense() if isinstance(Y, SlotField) else Y
         G = gaussians[0].means[..., 0].numel()
         adj = torch.zeros(N, G, Y.shape[-1], dtype=torch.float32, device=device)
         for n, (plan, kept) in enumerate(plans):
@@ -137,9 +162,9 @@ def _contributions_gsplat(gaussians: Sequence[PixelGaussians], pair: Tensor, K: 
     before T <= 1e-4: ``rasterize_to_indices_in_range`` over the whole depth range, T starting at 1 at the
     asked pixels and 0 elsewhere); the weights alpha_i T_i are recomputed in torch (float64 transmittance)
     as gsplat's pure-torch ``accumulate`` does. alpha comes from gsplat's forward kernel (one channel) and
-    the adjoint from its backward kernel, called directly with the field as the output gradient (the
-    public autograd path would also run a K-channel forward whose output nobody needs). Jobs are gsplat's
-    batch dimension ([N, 1 camera])."""
+    the adjoint from snd's slot kernel for a `SlotField`, else from gsplat's backward kernel called directly
+    with the field as the output gradient (the public autograd path would also run a K-channel forward whose
+    output nobody needs). Jobs are gsplat's batch dimension ([N, 1 camera])."""
     from gsplat.cuda._wrapper import (_make_lazy_cuda_func, fully_fused_projection, isect_offset_encode, isect_tiles,
                                       rasterize_to_indices_in_range)
 
@@ -164,19 +189,8 @@ def _contributions_gsplat(gaussians: Sequence[PixelGaussians], pair: Tensor, K: 
     alpha = alphas.float().reshape(N, height, width)
     adj = None
     if adjoint is not None:
-        Y = adjoint(alpha).to(torch.float32)  # [N, H, W, K]
-        Kc = int(Y.shape[-1])
-        adj = torch.zeros(N, G, Kc, device=dev)
-        if Kc:
-            if Kc > GSPLAT_CHANNELS[-1]:
-                raise ValueError(f"the adjoint's field has {Kc} channels; gsplat's kernels take at most "
-                                 f"{GSPLAT_CHANNELS[-1]} (lower the operator's inst_cap)")
-            Kp = next(c for c in GSPLAT_CHANNELS if c >= Kc)
-            Yp = torch.nn.functional.pad(Y, (0, Kp - Kc))[:, None].contiguous()
-            v_colors = _make_lazy_cuda_func("rasterize_to_pixels_3dgs_bwd")(
-                *geo, means2d.new_zeros(N, 1, G, Kp), op, None, None, *ras, alphas, last_ids, Yp,
-                torch.zeros_like(alphas), False)[3]  # [N, 1, G, Kp]
-            adj = v_colors[:, 0, :, :Kc]
+        Y = adjoint(alpha)
+        adj = _adjoint_gsplat(Y, geo, op, ras, alphas, last_ids, N, G, dev)
     flat = torch.cat([offsets.reshape(-1), offsets.new_tensor([flatten_ids.numel()])])
     longest = int((flat[1:] - flat[:-1]).max()) if flatten_ids.numel() else 0  # a host sync (as `pair.tolist()`)
     n_batches = max(1, -(-longest // (tile_size * tile_size)))
@@ -212,3 +226,36 @@ def _contributions_gsplat(gaussians: Sequence[PixelGaussians], pair: Tensor, K: 
     w, _, _ = composite_weights(gpix, a.double(), N * Q)
     job = torch.div(gpix, Q, rounding_mode="floor")
     return Contributions(job, gpix - job * Q, gid, w, alpha, adj)
+
+
+def _adjoint_gsplat(Y: "Tensor | SlotField", geo: tuple, op: Tensor, ras: tuple, alphas: Tensor, last_ids: Tensor,
+                    N: int, G: int, dev: torch.device) -> Tensor:
+    """The adjoint [N, G, K] of Y on the GPU: snd's slot kernel for a `SlotField` (unless SND_SLOT_ADJOINT=off
+    or it cannot build here: then once a warning), else gsplat's backward kernel on the dense field."""
+    from gsplat.cuda._wrapper import _make_lazy_cuda_func
+
+    if isinstance(Y, SlotField) and Y.channels and _KERNEL["use"] != "off":
+        from snd.splat.slot_adjoint import KernelUnavailable, slot_adjoint
+
+        width, height, tile_size, offsets, flatten_ids = ras
+        try:
+            out = slot_adjoint(geo[0], geo[1], op, offsets, flatten_ids, Y.slot, Y.value, Y.channels, width, height,
+                               tile_size)
+            return out.reshape(N, G, Y.channels)
+        except KernelUnavailable as e:
+            _KERNEL["use"] = "off"
+            log.warning("snd's slot adjoint kernel is unavailable (%s); using gsplat's backward kernel, which does "
+                        "the same work on every channel (slower operators, the same result)", e)
+    Y = (Y.dense() if isinstance(Y, SlotField) else Y).to(torch.float32)  # [N, H, W, K]
+    Kc = int(Y.shape[-1])
+    if not Kc:
+        return torch.zeros(N, G, 0, device=dev)
+    if Kc > GSPLAT_CHANNELS[-1]:
+        raise ValueError(f"the adjoint's field has {Kc} channels; gsplat's kernels take at most "
+                         f"{GSPLAT_CHANNELS[-1]} (lower the operator's inst_cap)")
+    Kp = next(c for c in GSPLAT_CHANNELS if c >= Kc)
+    Yp = torch.nn.functional.pad(Y, (0, Kp - Kc))[:, None].contiguous()
+    v_colors = _make_lazy_cuda_func("rasterize_to_pixels_3dgs_bwd")(
+        *geo, geo[0].new_zeros(N, 1, G, Kp), op, None, None, *ras, alphas, last_ids, Yp,
+        torch.zeros_like(alphas), False)[3]  # [N, 1, G, Kp]
+    return v_colors[:, 0, :, :Kc]

@@ -31,7 +31,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from snd.splat.contrib import contributions
+from snd.splat.contrib import SlotField, contributions
 from snd.splat.gaussians import PixelGaussians
 from snd.splat.protocol import Rules, TargetsProtocol, rules
 from snd.splat.target import coverage_to_patches
@@ -263,9 +263,9 @@ def build_operators(
             lb: dict = {}
             tm = tgt_masks[sl].to(device)
 
-            def field(alpha: Tensor, tm=tm, lb=lb) -> Tensor:
+            def field(alpha: Tensor, tm=tm, lb=lb) -> SlotField:
                 lb.update(_labels(tm, alpha, **label_knobs))
-                return lb["Y"]
+                return lb["field"]
 
             c = contributions(gaussians, pair[sl], tgt_K[sl].to(device, torch.float32),
                               tgt_w2c[sl].to(device, torch.float32), Ht, Wt, near=near, far=far, backend=backend,
@@ -293,9 +293,10 @@ def build_operators(
 def _labels(tgt_masks: Tensor, alpha: Tensor, *, dpix: Tensor, dwt: Tensor, r: Rules, blend_w: float,
             inst_cap: int) -> dict:
     """Per chunk of jobs, from the renders' alpha: coverage, each pixel's label and blend weight, and the
-    `inst_cap` labels with the most blend weight per job (their slot; -1 for the others), plus Y, the field
-    whose render adjoint is the instance part: Y[n, q, slot(label q)] = 1 / |label q's pixels in the means|
-    for pixels q in the means. Labels are sorted by (job, label), as a per-job `torch.unique`."""
+    `inst_cap` labels with the most blend weight per job (their slot; -1 for the others), plus the field
+    whose render adjoint is the instance part, one channel per pixel (a `SlotField`):
+    Y[n, q, slot(label q)] = 1 / |label q's pixels in the means| for pixels q in the means. Labels are sorted
+    by (job, label), as a per-job `torch.unique`."""
     device = tgt_masks.device
     N, Ht, Wt = tgt_masks.shape
     Q = Ht * Wt
@@ -318,12 +319,10 @@ def _labels(tgt_masks: Tensor, alpha: Tensor, *, dpix: Tensor, dwt: Tensor, r: R
     ok = rank < inst_cap
     slot[used[o][ok]] = rank[ok]
     n_slots = int(slot.max()) + 1 if slot.numel() else 0  # a host sync: the field's channel count
-    ps = slot[inv]
-    sel = (in_mean.reshape(-1) & (ps >= 0)).nonzero().squeeze(1)
-    Y = torch.zeros(N * Q, n_slots, dtype=torch.float32, device=device)
-    Y[sel, ps[sel]] = (1.0 / counts[inv[sel]]).float()
-    return dict(covered=covered, b_pix=b_pix, tap_lab=tap_lab, tap_w=tap_w, slot=slot,
-                Y=Y.reshape(N, Ht, Wt, -1))
+    ps = torch.where(in_mean.reshape(-1), slot[inv], -1)
+    value = torch.where(ps >= 0, 1.0 / counts[inv].clamp_min(1), 0.0).float()
+    field = SlotField(ps.reshape(N, Ht, Wt), value.reshape(N, Ht, Wt), n_slots)
+    return dict(covered=covered, b_pix=b_pix, tap_lab=tap_lab, tap_w=tap_w, slot=slot, field=field)
 
 
 def _direct_ell(key: Tensor, val: Tensor, N: int, P: int, J: int, row_cap: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -357,7 +356,7 @@ def _assemble(c, lb: dict, pair_sl: Tensor, *, ucols: Tensor, uw: Tensor, up_t: 
               J: int, dpix: Tensor, dwt: Tensor, pix2patch: Tensor, lookup: tuple[Tensor, Tensor] | None,
               out_hw: tuple[int, int], r: Rules, row_cap: int, inst_cap: int) -> dict:
     """The operators of one chunk of jobs from their contributions `c` (`snd.splat.contrib.Contributions`,
-    listed at the downsampling's tap pixels, with the adjoint of `lb["Y"]`) and their labels `lb`."""
+    listed at the downsampling's tap pixels, with the adjoint of `lb["field"]`) and their labels `lb`."""
     N, P = lb["tap_w"].shape[0], out_hw[0] * out_hw[1]
     Q = lb["covered"].shape[1]
     device = dpix.device
@@ -410,7 +409,7 @@ def _assemble(c, lb: dict, pair_sl: Tensor, *, ucols: Tensor, uw: Tensor, up_t: 
     inst_w = torch.where(keep_tap, tap_w, 0.0).transpose(1, 2).contiguous()
     dropped_inst = torch.where(keep_tap, 0.0, tap_w.abs()).sum((1, 2)) / tap_w.abs().sum((1, 2)).clamp_min(1e-300)
 
-    Ht, Wt = lb["Y"].shape[1:3]
+    Ht, Wt = lb["field"].slot.shape[1:3]
     valid = coverage_to_patches(lb["covered"].reshape(N, Ht, Wt), out_hw, r).reshape(N, P)
     return dict(cols=cols.reshape(N, P, row_cap), vals=ell.reshape(N, P, row_cap).float(),
                 inst=inst, inst_ids=inst_ids, inst_w=inst_w.float(), valid=valid,
