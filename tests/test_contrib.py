@@ -147,11 +147,19 @@ def test_slot_kernel_builds_with_nvcc_and_a_broken_source_is_a_clear_error(tmp_p
 
 
 def test_no_nvcc_is_a_clear_error(tmp_path, monkeypatch):
+    from snd.pipeline import doctor
     from snd.splat import slot_adjoint as sa
 
     monkeypatch.setattr(sa, "_nvcc", lambda: None)
     with pytest.raises(sa.KernelUnavailable, match="nvcc not found"):
         sa._build(sa.library_path((9, 0), tmp_path), (9, 0))
+    monkeypatch.setattr(sa.torch.cuda, "is_available", lambda: True)  # what `snd doctor` says on a GPU machine
+    monkeypatch.setattr(sa.torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    assert "nvcc not found: operators use gsplat's backward kernel" in doctor.report(tmp_path)["slot_kernel"]
+    monkeypatch.setenv("SND_CACHE_DIR", str(tmp_path / "cache"))
+    sa.library_path((9, 0)).parent.mkdir(parents=True)
+    sa.library_path((9, 0)).write_bytes(b"")
+    assert sa.status().startswith("built for this GPU")
 
 
 @pytest.mark.gpu

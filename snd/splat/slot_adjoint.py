@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["KernelUnavailable", "slot_adjoint", "library_path"]
+__all__ = ["KernelUnavailable", "slot_adjoint", "library_path", "status"]
 
 SOURCE = Path(__file__).with_name("csrc") / "slot_adjoint.cu"
 log = logging.getLogger(__name__)
@@ -56,6 +56,20 @@ def library_path(capability: tuple[int, int], root: Path | None = None) -> Path:
     digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
     major, minor = capability
     return (root or cache_root()) / "kernels" / f"slot_adjoint-{digest}-sm{major}{minor}.so"
+
+
+def status(root: Path | None = None) -> str:
+    """One line for `snd doctor`: built, buildable, or why the operators fall back to gsplat's backward kernel.
+    From files only (nothing is built here)."""
+    nvcc = _nvcc()
+    if not torch.cuda.is_available():
+        return "needs CUDA (on the CPU the torch plan builds the operators)"
+    built = library_path(torch.cuda.get_device_capability(), root)
+    if built.is_file():
+        return f"built for this GPU (in {built.parent})"
+    if nvcc is None:
+        return "nvcc not found: operators use gsplat's backward kernel (the same result, slower)"
+    return f"not built yet: the first operator build compiles it with {nvcc} (a few seconds)"
 
 
 def _build(out: Path, capability: tuple[int, int]) -> None:
