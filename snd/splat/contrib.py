@@ -84,7 +84,7 @@ class SlotField:
 
 # alpha [N, H, W] -> Y [N, H, W, K] float32 (dense or as a SlotField), the field of the adjoint
 Selector = Callable[[Tensor], "Tensor | SlotField"]
-_KERNEL = {"use": os.environ.get("SND_SLOT_ADJOINT", "auto"), "warned": False}  # auto | off (gsplat's backward)
+_KERNEL = {"use": os.environ.get("SND_SLOT_ADJOINT", "auto")}  # auto | off (gsplat's backward)
 GSPLAT_CHANNELS = (1, 2, 3, 4, 5, 8, 9, 16, 17, 32, 33, 64, 65, 128, 129, 256, 257, 512, 513)  # compiled
 
 
