@@ -10,10 +10,10 @@ target); then the top CUDA ops by device time of one chunk-12 build. (An experim
 adjoint kernel was timed here against gsplat's forward + backward on 2026-12-05 and removed: slower at every
 setting, docs/performance.md.)
 ``--builder FILE`` times another version of `snd/splat/operator_build.py` (e.g. `git show REV:snd/splat/operator_build.py`)
-on the same inputs, for an A/B in one device call; ``--quick`` leaves out the render floor and the kernel profile; ``--adjoint off`` builds the instance part with
-gsplat's backward kernel instead of snd's slot kernel (`snd.splat.slot_adjoint`), for an A/B.
+on the same inputs, for an A/B in one device call; ``--quick`` leaves out the render floor and the kernel profile; ``--adjoint on`` builds the instance part with
+snd's slot kernel (`snd.splat.slot_adjoint`) instead of gsplat's backward kernel, for an A/B.
 Usage (device): python3 scripts/gpu_profile_operator.py [--store DIR] [--tag NAME] [--builder FILE] [--chunks 8] [--quick]
-[--adjoint auto|off]
+[--adjoint on|off]
 """
 import argparse
 import json
@@ -32,7 +32,7 @@ ap.add_argument("--tag", default="synthetic")
 ap.add_argument("--builder", default=None)
 ap.add_argument("--chunks", type=int, nargs="+", default=[1, 3, 6, 8, 12])
 ap.add_argument("--quick", action="store_true")
-ap.add_argument("--adjoint", choices=["auto", "off"], default="auto")
+ap.add_argument("--adjoint", choices=["on", "off"], default="off")
 a = ap.parse_args()
 import snd.splat.contrib  # noqa: E402
 

@@ -159,14 +159,16 @@ def test_no_nvcc_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("SND_CACHE_DIR", str(tmp_path / "cache"))
     sa.library_path((9, 0)).parent.mkdir(parents=True)
     sa.library_path((9, 0)).write_bytes(b"")
-    assert sa.status().startswith("built for this GPU")
+    assert sa.status() == f"off: gsplat's backward kernel is used (SND_SLOT_ADJOINT=on opts in); built for this GPU (in {sa.library_path((9, 0)).parent})"
+    monkeypatch.setenv("SND_SLOT_ADJOINT", "on")
+    assert sa.status().startswith("on (SND_SLOT_ADJOINT=on); built for this GPU")
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("kernel", ["auto", "off"])
+@pytest.mark.parametrize("kernel", ["on", "off"])
 def test_slot_adjoint_gsplat_equals_the_list(kernel, monkeypatch):
-    """snd's slot kernel ("auto") and gsplat's backward kernel on the dense field ("off") both give the adjoint of
+    """snd's slot kernel ("on") and gsplat's backward kernel on the dense field ("off") both give the adjoint of
     a one-channel-per-pixel field == the full list summed by hand (float64), and agree with each other."""
     pytest.importorskip("gsplat")
     import snd.splat.contrib as ct
@@ -182,4 +184,4 @@ def test_slot_adjoint_gsplat_equals_the_list(kernel, monkeypatch):
     ref = _by_hand_adjoint(full, f.dense(), G)
     assert cut.adjoint.shape == (2, G, 5) and ref.abs().max() > 0.1
     torch.testing.assert_close(cut.adjoint.double(), ref, rtol=1e-3, atol=1e-4)
-    assert ct._KERNEL["use"] == kernel  # "auto" did not fall back
+    assert ct._KERNEL["use"] == kernel  # "on" did not fall back

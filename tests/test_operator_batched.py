@@ -272,8 +272,8 @@ def test_label_slots_ignore_summation_noise():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_slot_kernel_and_gsplat_backward_give_the_same_operators(monkeypatch):
-    """The instance part from snd's slot kernel (the default) == from gsplat's backward kernel on the dense field
-    (SND_SLOT_ADJOINT=off), at the real size; every other field is the same bytes (the kernel changes nothing else)."""
+    """The instance part from snd's slot kernel (SND_SLOT_ADJOINT=on) == from gsplat's backward kernel on the dense
+    field (off, the default), at the real size; every other field is the same bytes (the kernel changes nothing else)."""
     import snd.splat.contrib as ct
     from snd.splat.gaussians import PixelGaussians
     from snd.train.distiller import rigid_inverse
@@ -288,13 +288,13 @@ def test_slot_kernel_and_gsplat_backward_give_the_same_operators(monkeypatch):
             torch.stack([xs[i]["tgt_K"] for i in src]).to(dev),
             torch.stack([rigid_inverse(xs[i]["tgt_c2w"]) for i in src]).to(dev), pair, (41, 62), (41, 62))
     got = {}
-    for use in ("auto", "off"):
+    for use in ("on", "off"):
         monkeypatch.setitem(ct._KERNEL, "use", use)
         got[use] = build_operators(*args, backend="gsplat", chunk=3)
-        assert ct._KERNEL["use"] == use  # "auto" built and ran the kernel (no fallback)
-    assert got["auto"].inst.abs().max() > 0
+        assert ct._KERNEL["use"] == use  # "on" built and ran the kernel (no fallback)
+    assert got["on"].inst.abs().max() > 0
     for k, v in vars(got["off"]).items():
         if k == "inst":
-            assert (got["auto"].inst - v).norm() / v.norm() < 1e-5, k
+            assert (got["on"].inst - v).norm() / v.norm() < 1e-5, k
         else:
-            assert torch.equal(getattr(got["auto"], k), v), k
+            assert torch.equal(getattr(got["on"], k), v), k

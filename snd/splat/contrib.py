@@ -22,8 +22,9 @@ per 576x880 target of a random-init MVSplat scaffold, 145 ms of operators per pa
   respect to the colours c, which gsplat's backward kernel computes without listing any pair; the instance
   part of an operator (per label, a Gaussian's summed weight over the label's pixels) is this with Y = the
   labels' mean selectors. Such a field has one channel set per pixel (its label's slot); given as a
-  `SlotField`, gsplat's backend computes it with snd's own kernel (`snd.splat.slot_adjoint`) instead of
-  gsplat's backward kernel, which works on all K channels of every pair.
+  `SlotField` with ``SND_SLOT_ADJOINT=on``, gsplat's backend computes it with snd's own kernel
+  (`snd.splat.slot_adjoint`) instead of gsplat's backward kernel, which works on all K channels of every pair.
+  Opt-in: the kernel matches the list on an H200 but has not been timed against gsplat's backward yet.
 """
 from __future__ import annotations
 
@@ -84,7 +85,8 @@ class SlotField:
 
 # alpha [N, H, W] -> Y [N, H, W, K] float32 (dense or as a SlotField), the field of the adjoint
 Selector = Callable[[Tensor], "Tensor | SlotField"]
-_KERNEL = {"use": os.environ.get("SND_SLOT_ADJOINT", "auto")}  # auto | off (gsplat's backward)
+# on: snd's slot kernel; off (the default until it is timed against gsplat's backward on a GPU): gsplat's backward
+_KERNEL = {"use": os.environ.get("SND_SLOT_ADJOINT", "off")}
 GSPLAT_CHANNELS = (1, 2, 3, 4, 5, 8, 9, 16, 17, 32, 33, 64, 65, 128, 129, 256, 257, 512, 513)  # compiled
 
 
@@ -162,7 +164,7 @@ def _contributions_gsplat(gaussians: Sequence[PixelGaussians], pair: Tensor, K: 
     before T <= 1e-4: ``rasterize_to_indices_in_range`` over the whole depth range, T starting at 1 at the
     asked pixels and 0 elsewhere); the weights alpha_i T_i are recomputed in torch (float64 transmittance)
     as gsplat's pure-torch ``accumulate`` does. alpha comes from gsplat's forward kernel (one channel) and
-    the adjoint from snd's slot kernel for a `SlotField`, else from gsplat's backward kernel called directly
+    the adjoint from snd's slot kernel for a `SlotField` (SND_SLOT_ADJOINT=on), else from gsplat's backward kernel called directly
     with the field as the output gradient (the public autograd path would also run a K-channel forward whose
     output nobody needs). Jobs are gsplat's batch dimension ([N, 1 camera])."""
     from gsplat.cuda._wrapper import (_make_lazy_cuda_func, fully_fused_projection, isect_offset_encode, isect_tiles,
@@ -230,11 +232,11 @@ def _contributions_gsplat(gaussians: Sequence[PixelGaussians], pair: Tensor, K: 
 
 def _adjoint_gsplat(Y: "Tensor | SlotField", geo: tuple, op: Tensor, ras: tuple, alphas: Tensor, last_ids: Tensor,
                     N: int, G: int, dev: torch.device) -> Tensor:
-    """The adjoint [N, G, K] of Y on the GPU: snd's slot kernel for a `SlotField` (unless SND_SLOT_ADJOINT=off
-    or it cannot build here: then once a warning), else gsplat's backward kernel on the dense field."""
+    """The adjoint [N, G, K] of Y on the GPU: snd's slot kernel for a `SlotField` with SND_SLOT_ADJOINT=on (if it
+    cannot build here: once a warning, then as off), else gsplat's backward kernel on the dense field."""
     from gsplat.cuda._wrapper import _make_lazy_cuda_func
 
-    if isinstance(Y, SlotField) and Y.channels and _KERNEL["use"] != "off":
+    if isinstance(Y, SlotField) and Y.channels and _KERNEL["use"] == "on":
         from snd.splat.slot_adjoint import KernelUnavailable, slot_adjoint
 
         width, height, tile_size, offsets, flatten_ids = ras
@@ -244,8 +246,8 @@ def _adjoint_gsplat(Y: "Tensor | SlotField", geo: tuple, op: Tensor, ras: tuple,
             return out.reshape(N, G, Y.channels)
         except KernelUnavailable as e:
             _KERNEL["use"] = "off"
-            log.warning("snd's slot adjoint kernel is unavailable (%s); using gsplat's backward kernel, which does "
-                        "the same work on every channel (slower operators, the same result)", e)
+            log.warning("snd's slot adjoint kernel is unavailable (%s); using gsplat's backward kernel (the same "
+                        "operators)", e)
     Y = (Y.dense() if isinstance(Y, SlotField) else Y).to(torch.float32)  # [N, H, W, K]
     Kc = int(Y.shape[-1])
     if not Kc:

@@ -9,7 +9,9 @@ its one slot only (its header says how). gsplat has no such kernel, so this is t
 writes; it is plain CUDA with a C entry point, built with nvcc in seconds into snd's build cache
 (``<cache>/kernels``, `snd.pipeline.buildcache.cache_root`) and called through ctypes on torch's stream.
 
-`slot_adjoint` raises `KernelUnavailable` when it cannot build (no nvcc, a failed build); the caller
+Opt-in (``SND_SLOT_ADJOINT=on``): on an H200 it gives the adjoint of the by-hand list (GPU test), but it has
+not been timed against gsplat's backward kernel yet (`scripts/gpu_next.sh` step ``slot``), so gsplat's stays the
+default. `slot_adjoint` raises `KernelUnavailable` when it cannot build (no nvcc, a failed build); the caller
 (`snd.splat.contrib`) then falls back to gsplat's backward kernel and says so once.
 """
 from __future__ import annotations
@@ -62,13 +64,19 @@ def status(root: Path | None = None) -> str:
     """One line for `snd doctor`: built, buildable, or why the operators fall back to gsplat's backward kernel.
     From files only (nothing is built here)."""
     nvcc = _nvcc()
+    on = os.environ.get("SND_SLOT_ADJOINT", "off") == "on"
+    head = "on (SND_SLOT_ADJOINT=on)" if on else "off: gsplat's backward kernel is used (SND_SLOT_ADJOINT=on opts in)"
+    return f"{head}; {_where(nvcc, root)}"
+
+
+def _where(nvcc: str | None, root: Path | None) -> str:
     if not torch.cuda.is_available():
         return "needs CUDA (on the CPU the torch plan builds the operators)"
     built = library_path(torch.cuda.get_device_capability(), root)
     if built.is_file():
         return f"built for this GPU (in {built.parent})"
     if nvcc is None:
-        return "nvcc not found: operators use gsplat's backward kernel (the same result, slower)"
+        return "nvcc not found: operators use gsplat's backward kernel (the same result)"
     return f"not built yet: the first operator build compiles it with {nvcc} (a few seconds)"
 
 
