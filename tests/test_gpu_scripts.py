@@ -158,3 +158,29 @@ def test_gpu_next_slot_times_the_kernel_against_gsplat_backward(tmp_path):
                for c in log.read_text().splitlines())
     steps = [json.loads(s) for s in (out / "next_steps.jsonl").read_text().splitlines()]
     assert all(s["rc"] == 0 for s in steps), steps
+
+
+def test_e2e_summary_of_run_7_names_the_window_after_the_checkpoint(tmp_path):
+    """The e2e summary (the Python inside `summarise`) on run 7's recorded windows (H200, docs/bench): the last half
+    at 0.968 of the bench, the window after the step-1000 checkpoint named, and 0.995 without it."""
+    src = (REPO / "scripts" / "e2e_commands.sh").read_text()
+    code = src.split("python3 - \"$WORK\" \"$OUT\" \"$ITERS\" <<'PY'\n", 1)[1].split("\nPY\n", 1)[0]
+    work, out = tmp_path / "work", tmp_path / "out"
+    (work / "runs" / "vits").mkdir(parents=True)
+    out.mkdir()
+    windows = [json.loads(x) for x in (REPO / "docs" / "bench" / "e2e_distill_windows_h200_run7.jsonl").read_text().splitlines()]
+    rows = [dict(w, step=w["step"] - 9 + k) for w in windows for k in range(10)]  # a row per step, its window's rate
+    (work / "runs" / "vits" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (work / "runs" / "vits" / "config.json").write_text(json.dumps({"ckpt_every": 1000, "log_every": 10}))
+    (work / "walls.jsonl").write_text(json.dumps({"name": "distill", "rc": 0, "wall_s": 114.84}) + "\n")
+    (out / "e2e_bench_distill.json").write_text((REPO / "docs" / "bench" / "e2e_bench_distill_h200_run7.json").read_text())
+    (tmp_path / "summary.py").write_text(code)
+    r = subprocess.run([sys.executable, str(tmp_path / "summary.py"), str(work), str(out), "2000"], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    res = json.loads((out / "e2e.json").read_text())
+    assert "error" not in res, res.get("error")
+    assert abs(res["distill_vs_bench"] - 0.968) < 1e-3
+    assert list(res["distill"]["windows_after_checkpoints"]) == ["1000"]
+    assert abs(res["distill"]["windows_after_checkpoints"]["1000"] - 30.86) < 0.01
+    assert abs(res["distill_vs_bench_without_checkpoint_windows"] - 0.995) < 1e-3
