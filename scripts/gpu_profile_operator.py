@@ -10,8 +10,9 @@ target); then the top CUDA ops by device time of one chunk-12 build. (An experim
 adjoint kernel was timed here against gsplat's forward + backward on 2026-12-05 and removed: slower at every
 setting, docs/performance.md.)
 ``--builder FILE`` times another version of `snd/splat/operator_build.py` (e.g. `git show REV:snd/splat/operator_build.py`)
-on the same inputs, for an A/B in one device call; ``--quick`` leaves out the render floor and the kernel profile; ``--adjoint on`` builds the instance part with
-snd's slot kernel (`snd.splat.slot_adjoint`) instead of gsplat's backward kernel, for an A/B.
+on the same inputs, for an A/B in one device call; ``--quick`` leaves out the render floor and the kernel profile;
+``--adjoint on`` builds the instance part with snd's slot kernel (`snd.splat.slot_adjoint`) instead of gsplat's
+backward kernel, for an A/B.
 Usage (device): python3 scripts/gpu_profile_operator.py [--store DIR] [--tag NAME] [--builder FILE] [--chunks 8] [--quick]
 [--adjoint on|off]
 """
@@ -85,7 +86,8 @@ def timed(fn, reps=3):
 
 for chunk in a.chunks:
     ms = timed(lambda: build_operators(*args, chunk=chunk))
-    print(json.dumps({"tag": a.tag, "adjoint": snd.splat.contrib._KERNEL["use"], "chunk": chunk, "ms_per_target": ms / len(src), "ms_per_pair": ms / 4,
+    print(json.dumps({"tag": a.tag, "adjoint": snd.splat.contrib._KERNEL["use"], "chunk": chunk,
+                      "ms_per_target": ms / len(src), "ms_per_pair": ms / 4,
                       "peak_gib": torch.cuda.max_memory_allocated() / 2**30}), flush=True)
 
 if a.quick:
