@@ -63,8 +63,9 @@ def figures():
     # the logging window right after each checkpoint (run 7: the one slow window of the last half, 2026-12-05)
     cfg = json.loads((work / "runs" / "vits" / "config.json").read_text())
     every, log = int(cfg.get("ckpt_every", 1000)), int(cfg.get("log_every", 10))
-    after = [r for r in half if r["step"] > every and (r["step"] - 1) % every < log]
-    res["distill"]["windows_after_checkpoints"] = {str((r["step"] - 1) // every * every): r["it_per_s"] for r in after}
+    is_after = lambda r: r["step"] > every and (r["step"] - 1) % every < log  # noqa: E731
+    res["distill"]["windows_after_checkpoints"] = {str((r["step"] - 1) // every * every): r["it_per_s"] for r in rows if is_after(r)}
+    after = [r for r in half if is_after(r)]
     rest = [r for r in half if r not in after]
     res["distill"]["it_per_s_last_half_without_them"] = len(rest) / sum(1 / r["it_per_s"] for r in rest) if rest else None
     bench = out / "e2e_bench_distill.json"
