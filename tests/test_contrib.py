@@ -150,6 +150,10 @@ def test_no_nvcc_is_a_clear_error(tmp_path, monkeypatch):
     from snd.pipeline import doctor
     from snd.splat import slot_adjoint as sa
 
+    if shutil.which("nvcc"):  # an unwritable cache folder is the same kind of error (a file where the folder should be)
+        (tmp_path / "ro").write_text("")
+        with pytest.raises(sa.KernelUnavailable, match="cannot write to"):
+            sa._build(tmp_path / "ro" / "kernels" / "k.so", (9, 0))
     monkeypatch.setattr(sa, "_nvcc", lambda: None)
     with pytest.raises(sa.KernelUnavailable, match="nvcc not found"):
         sa._build(sa.library_path((9, 0), tmp_path), (9, 0))

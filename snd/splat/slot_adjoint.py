@@ -84,11 +84,13 @@ def _build(out: Path, capability: tuple[int, int]) -> None:
     nvcc = _nvcc()
     if nvcc is None:
         raise KernelUnavailable("nvcc not found (set CUDA_HOME or put nvcc on PATH; gsplat's JIT build needs it too)")
-    out.parent.mkdir(parents=True, exist_ok=True)
     arch = f"{capability[0]}{capability[1]}"
-    # a temporary name, then a rename: a concurrent rank or a kill never leaves a half-written library
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-    os.close(fd)
+    try:  # a temporary name, then a rename: a concurrent rank or a kill never leaves a half-written library
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+        os.close(fd)
+    except OSError as e:
+        raise KernelUnavailable(f"cannot write to {out.parent}: {e} (set SND_CACHE_DIR to a writable folder)") from e
     cmd = [nvcc, "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC",
            "-gencode", f"arch=compute_{arch},code=sm_{arch}", "-o", tmp, str(SOURCE)]
     log.info("building snd's slot adjoint kernel for sm_%s into %s (first use only, a few seconds)", arch, out)
