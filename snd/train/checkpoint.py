@@ -134,7 +134,9 @@ class CheckpointWriter:
     the file. The old way (``snapshot="host"``) copied to new pageable host memory on the training thread:
     on an H200 run the last half of 2,000 steps took ~0.4 s longer than at its last window's rate, with the
     step-1000 checkpoint the one difference: the gap left between `snd distill` and the bench
-    (docs/performance.md, "Runs 5 and 6"). The device snapshot costs the tensors' size in device memory for
+    (docs/performance.md, "Runs 5 and 6"). Measured on an H200 since: `submit` takes ~1 ms, and the steps after a
+    checkpoint lose ~5 ms, except after a run's first, when the writer thread allocates the pinned buffers
+    (~0.23 s once; docs/performance.md, "Run 7"). The device snapshot costs the tensors' size in device memory for
     the run (~350 MB for ViT-S); when that allocation fails the writer falls back to the host copy, once
     announced. safetensors' `save_file` releases the GIL while it writes (measured: a probe thread never
     waited more than ~4 ms during a 350 MB write), so the step loop's Python keeps running.
