@@ -35,9 +35,9 @@ ap.add_argument("--chunks", type=int, nargs="+", default=[1, 3, 6, 8, 12])
 ap.add_argument("--quick", action="store_true")
 ap.add_argument("--adjoint", choices=["on", "off"], default="off")
 a = ap.parse_args()
-import snd.splat.contrib  # noqa: E402
+import snd.splat.slot_adjoint  # noqa: E402
 
-snd.splat.contrib._KERNEL["use"] = a.adjoint
+snd.splat.slot_adjoint.USE["use"] = a.adjoint
 if a.builder:  # another version of the builder module, loaded under its own name
     import importlib.util
     import sys
@@ -86,7 +86,7 @@ def timed(fn, reps=3):
 
 for chunk in a.chunks:
     ms = timed(lambda: build_operators(*args, chunk=chunk))
-    print(json.dumps({"tag": a.tag, "adjoint": snd.splat.contrib._KERNEL["use"], "chunk": chunk,
+    print(json.dumps({"tag": a.tag, "adjoint": snd.splat.slot_adjoint.USE["use"], "chunk": chunk,
                       "ms_per_target": ms / len(src), "ms_per_pair": ms / 4,
                       "peak_gib": torch.cuda.max_memory_allocated() / 2**30}), flush=True)
 

@@ -175,9 +175,9 @@ def test_slot_adjoint_gsplat_equals_the_list(kernel, monkeypatch):
     """snd's slot kernel ("on") and gsplat's backward kernel on the dense field ("off") both give the adjoint of
     a one-channel-per-pixel field == the full list summed by hand (float64)."""
     pytest.importorskip("gsplat")
-    import snd.splat.contrib as ct
+    import snd.splat.slot_adjoint as sa
 
-    monkeypatch.setitem(ct._KERNEL, "use", kernel)
+    monkeypatch.setitem(sa.USE, "use", kernel)
     g, K, w2c, H, W = _scene("cuda")
     pair = torch.zeros(2, dtype=torch.long, device="cuda")
     G = g.means[..., 0].numel()
@@ -188,4 +188,4 @@ def test_slot_adjoint_gsplat_equals_the_list(kernel, monkeypatch):
     ref = _by_hand_adjoint(full, f.dense(), G)
     assert cut.adjoint.shape == (2, G, 5) and ref.abs().max() > 0.1
     torch.testing.assert_close(cut.adjoint.double(), ref, rtol=1e-3, atol=1e-4)
-    assert ct._KERNEL["use"] == kernel  # "on" did not fall back
+    assert sa.USE["use"] == kernel  # "on" did not fall back

@@ -274,7 +274,7 @@ def test_label_slots_ignore_summation_noise():
 def test_slot_kernel_and_gsplat_backward_give_the_same_operators(monkeypatch):
     """The instance part from snd's slot kernel (SND_SLOT_ADJOINT=on) == from gsplat's backward kernel on the dense
     field (off, the default), at the real size; every other field is the same bytes (the kernel changes nothing else)."""
-    import snd.splat.contrib as ct
+    import snd.splat.slot_adjoint as sa
     from snd.splat.gaussians import PixelGaussians
     from snd.train.distiller import rigid_inverse
     from snd.train.synthetic import synthetic_sample
@@ -289,9 +289,9 @@ def test_slot_kernel_and_gsplat_backward_give_the_same_operators(monkeypatch):
             torch.stack([rigid_inverse(xs[i]["tgt_c2w"]) for i in src]).to(dev), pair, (41, 62), (41, 62))
     got = {}
     for use in ("on", "off"):
-        monkeypatch.setitem(ct._KERNEL, "use", use)
+        monkeypatch.setitem(sa.USE, "use", use)
         got[use] = build_operators(*args, backend="gsplat", chunk=3)
-        assert ct._KERNEL["use"] == use  # "on" built and ran the kernel (no fallback)
+        assert sa.USE["use"] == use  # "on" built and ran the kernel (no fallback)
     assert got["on"].inst.abs().max() > 0
     for k, v in vars(got["off"]).items():
         if k == "inst":

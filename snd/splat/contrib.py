@@ -30,13 +30,13 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 
+from snd.splat import slot_adjoint as slot_kernel
 from snd.splat.gaussians import PixelGaussians
 from snd.splat.inputs import drawable, drawable_mask
 from snd.splat.render import Backend, resolve_backend
@@ -85,8 +85,6 @@ class SlotField:
 
 # alpha [N, H, W] -> Y [N, H, W, K] float32 (dense or as a SlotField), the field of the adjoint
 Selector = Callable[[Tensor], "Tensor | SlotField"]
-# on: snd's slot kernel; off (the default until it is timed against gsplat's backward on a GPU): gsplat's backward
-_KERNEL = {"use": os.environ.get("SND_SLOT_ADJOINT", "off")}
 GSPLAT_CHANNELS = (1, 2, 3, 4, 5, 8, 9, 16, 17, 32, 33, 64, 65, 128, 129, 256, 257, 512, 513)  # compiled
 
 
@@ -236,16 +234,14 @@ def _adjoint_gsplat(Y: "Tensor | SlotField", geo: tuple, op: Tensor, ras: tuple,
     cannot build here: once a warning, then as off), else gsplat's backward kernel on the dense field."""
     from gsplat.cuda._wrapper import _make_lazy_cuda_func
 
-    if isinstance(Y, SlotField) and Y.channels and _KERNEL["use"] == "on":
-        from snd.splat.slot_adjoint import KernelUnavailable, slot_adjoint
-
+    if isinstance(Y, SlotField) and Y.channels and slot_kernel.enabled():
         width, height, tile_size, offsets, flatten_ids = ras
         try:
-            out = slot_adjoint(geo[0], geo[1], op, offsets, flatten_ids, Y.slot, Y.value, Y.channels, width, height,
-                               tile_size)
+            out = slot_kernel.slot_adjoint(geo[0], geo[1], op, offsets, flatten_ids, Y.slot, Y.value, Y.channels, width,
+                                           height, tile_size)
             return out.reshape(N, G, Y.channels)
-        except KernelUnavailable as e:
-            _KERNEL["use"] = "off"
+        except slot_kernel.KernelUnavailable as e:
+            slot_kernel.USE["use"] = "off"
             log.warning("snd's slot adjoint kernel is unavailable (%s); using gsplat's backward kernel (the same "
                         "operators)", e)
     Y = (Y.dense() if isinstance(Y, SlotField) else Y).to(torch.float32)  # [N, H, W, K]

@@ -29,12 +29,22 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["KernelUnavailable", "slot_adjoint", "library_path", "status"]
+__all__ = ["KernelUnavailable", "USE", "enabled", "slot_adjoint", "library_path", "status"]
 
 SOURCE = Path(__file__).with_name("csrc") / "slot_adjoint.cu"
 log = logging.getLogger(__name__)
 _LOCK = threading.Lock()
 _LIBS: dict[tuple[int, int], ctypes.CDLL] = {}
+
+
+# "on"/"off" when set by code (tests, the profile script's A/B, a failed build); None: SND_SLOT_ADJOINT decides
+USE: dict[str, str | None] = {"use": None}
+
+
+def enabled() -> bool:
+    """Whether the operator builder uses this kernel: the setting in `USE`, else ``SND_SLOT_ADJOINT=on`` (read each
+    time, so `snd doctor` and the builder never disagree)."""
+    return (USE["use"] or os.environ.get("SND_SLOT_ADJOINT", "off")) == "on"
 
 
 class KernelUnavailable(RuntimeError):
@@ -64,8 +74,7 @@ def status(root: Path | None = None) -> str:
     """One line for `snd doctor`: built, buildable, or why the operators fall back to gsplat's backward kernel.
     From files only (nothing is built here)."""
     nvcc = _nvcc()
-    on = os.environ.get("SND_SLOT_ADJOINT", "off") == "on"
-    head = "on (SND_SLOT_ADJOINT=on)" if on else "off: gsplat's backward kernel is used (SND_SLOT_ADJOINT=on opts in)"
+    head = "on (SND_SLOT_ADJOINT=on)" if enabled() else "off: gsplat's backward kernel is used (SND_SLOT_ADJOINT=on opts in)"
     return f"{head}; {_where(nvcc, root)}"
 
 
