@@ -100,29 +100,23 @@ for s in $STEPS; do case $s in
     step ckpt-stall 40 90 py scripts/checkpoint_stall.py --device cuda --rounds 3
     cp "$OUT/next_ckpt-stall.log" "$OUT/checkpoint_stall_gpu.jsonl" 2>/dev/null
     step ckpt-tests 40 90 py -m pytest -q -m gpu tests/test_ckpt_writer.py tests/test_train.py tests/test_store_frames.py -p no:cacheprovider ;;
-  slot)  # (g) snd's slot adjoint kernel (the instance part without gsplat's K-channel backward): its GPU tests, then
-    # the builder with it against gsplat's backward, alternating, synthetic pairs, chunk 12
-    step slot-tests 60 150 py -m pytest -q -m gpu tests/test_contrib.py tests/test_operator_batched.py -p no:cacheprovider
-    # the A/B still runs after a failed test (the default stays gsplat's backward), but says so
-    tail -1 "$OUT/next_steps.jsonl" | grep -q '"rc": 0,' || echo "slot-tests failed: the kernel's timings below mean little" >&2
-    for r in 1 2; do
-      step "slot-ab-off-$r" 20 60 py scripts/gpu_profile_operator.py --chunks 12 --quick --adjoint off --tag gsplat_backward
-      step "slot-ab-on-$r" 20 60 py scripts/gpu_profile_operator.py --chunks 12 --quick --adjoint on --tag slot_kernel
-    done
-    cat "$OUT"/next_slot-ab-*.log > "$OUT/profile_operator_slot_ab.jsonl" 2>/dev/null ;;
-  slot-store)  # (g2) the same A/B on the stored random-init MVSplat scaffold the precompute step left
-    step slot-store-off 30 90 py scripts/gpu_profile_operator.py --store /tmp/snd-bench-pre/cache --chunks 12 --quick \
-      --adjoint off --tag mvsplat_gsplat_backward
-    step slot-store-on 30 90 py scripts/gpu_profile_operator.py --store /tmp/snd-bench-pre/cache --chunks 12 --quick \
-      --adjoint on --tag mvsplat_slot_kernel
-    cat "$OUT"/next_slot-store-*.log > "$OUT/profile_operator_store_slot_ab.jsonl" 2>/dev/null
-    # then, budget left, the kernel's top CUDA ops in a 12-target build (synthetic pairs)
-    step slot-profile 30 90 py scripts/gpu_profile_operator.py --chunks 12 --adjoint on --tag slot_kernel
-    cp "$OUT/next_slot-profile.log" "$OUT/profile_operator_slot.jsonl" 2>/dev/null ;;
+  kernels)  # (g) snd's two operator kernels (snd.splat.kernels: the slot adjoint, the direct rows): their GPU tests,
+    # then the builder under each on/off config, alternating in one process (synthetic pairs, chunk 12), with the
+    # direct kernel's rows checked against the torch glue's
+    step kernels-tests 70 170 py -m pytest -q -m gpu tests/test_contrib.py tests/test_operator_batched.py -p no:cacheprovider
+    # the A/B still runs after a failed test (the defaults stay off), but says so
+    tail -1 "$OUT/next_steps.jsonl" | grep -q '"rc": 0,' || echo "kernels-tests failed: the kernels' timings below mean little" >&2
+    step kernels-ab 60 120 py scripts/gpu_profile_operator.py --chunks 12 --quick --direct on --tag synthetic \
+      --ab off/off on/off off/on on/on --rounds 2
+    cp "$OUT/next_kernels-ab.log" "$OUT/profile_operator_kernels_ab.jsonl" 2>/dev/null ;;
+  kernels-store)  # (g2) the same A/B on the stored random-init MVSplat scaffold the precompute step left
+    step kernels-store 60 120 py scripts/gpu_profile_operator.py --store /tmp/snd-bench-pre/cache --chunks 12 --quick \
+      --direct on --tag mvsplat_store --ab off/off on/off off/on on/on --rounds 2
+    cp "$OUT/next_kernels-store.log" "$OUT/profile_operator_store_kernels_ab.jsonl" 2>/dev/null ;;
   add-ops)  # (f) `snd cache add-operators` on the store the precompute step left (MVSplat, random init): pairs/s on the GPU
     rm -rf /tmp/snd-addops
     step add-ops 60 200 snd cache add-operators /tmp/snd-bench-pre/cache --out /tmp/snd-addops --device cuda ;;
-  *) echo "unknown step $s (fast-tests | distill | ops | precompute-ab | eval | eval-tests | bench-eval | precompute | ckpt | add-ops | slot | slot-store)"; exit 2 ;;
+  *) echo "unknown step $s (fast-tests | distill | ops | precompute-ab | eval | eval-tests | bench-eval | precompute | ckpt | add-ops | kernels | kernels-store)"; exit 2 ;;
 esac; done
 
 # the paper-scale projection from this call's files (the others: the newest in docs/bench)

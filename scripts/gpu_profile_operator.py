@@ -11,10 +11,12 @@ adjoint kernel was timed here against gsplat's forward + backward on 2026-12-05 
 setting, docs/performance.md.)
 ``--builder FILE`` times another version of `snd/splat/operator_build.py` (e.g. `git show REV:snd/splat/operator_build.py`)
 on the same inputs, for an A/B in one device call; ``--quick`` leaves out the render floor and the kernel profile;
-``--adjoint on`` builds the instance part with snd's slot kernel (`snd.splat.slot_adjoint`) instead of gsplat's
-backward kernel, for an A/B.
+``--adjoint on`` builds the instance part with snd's slot kernel and ``--direct on`` the direct part with snd's
+direct-rows kernel (`snd.splat.kernels`) instead of gsplat's backward kernel / the torch glue; ``--ab off/off on/on
+...`` (slot/direct per config) times chunk 12 under each config in turn, ``--rounds`` times, in this one process;
+with ``--direct on`` the kernel's rows are also checked against the glue's at chunk 12 (``direct_check``).
 Usage (device): python3 scripts/gpu_profile_operator.py [--store DIR] [--tag NAME] [--builder FILE] [--chunks 8] [--quick]
-[--adjoint on|off]
+[--adjoint on|off] [--direct on|off] [--ab off/off on/off off/on on/on --rounds 2]
 """
 import argparse
 import json
@@ -34,10 +36,13 @@ ap.add_argument("--builder", default=None)
 ap.add_argument("--chunks", type=int, nargs="+", default=[1, 3, 6, 8, 12])
 ap.add_argument("--quick", action="store_true")
 ap.add_argument("--adjoint", choices=["on", "off"], default="off")
+ap.add_argument("--direct", choices=["on", "off"], default="off")
+ap.add_argument("--ab", nargs="*", default=[])
+ap.add_argument("--rounds", type=int, default=2)
 a = ap.parse_args()
-import snd.splat.slot_adjoint  # noqa: E402
+from snd.splat import kernels  # noqa: E402
 
-snd.splat.slot_adjoint.USE["use"] = a.adjoint
+kernels.USE.update(slot=a.adjoint, direct=a.direct)
 if a.builder:  # another version of the builder module, loaded under its own name
     import importlib.util
     import sys
@@ -86,10 +91,37 @@ def timed(fn, reps=3):
 
 for chunk in a.chunks:
     ms = timed(lambda: build_operators(*args, chunk=chunk))
-    print(json.dumps({"tag": a.tag, "adjoint": snd.splat.slot_adjoint.USE["use"], "chunk": chunk,
+    print(json.dumps({"tag": a.tag, "adjoint": kernels.USE["slot"], "direct": kernels.USE["direct"], "chunk": chunk,
                       "ms_per_target": ms / len(src), "ms_per_pair": ms / 4,
                       "peak_gib": torch.cuda.max_memory_allocated() / 2**30}), flush=True)
 
+for r in range(a.rounds if a.ab else 0):  # the configs alternate, so drift of the machine hits them alike
+    for cfg in a.ab:
+        slot_on, direct_on = cfg.split("/")
+        kernels.USE.update(slot=slot_on, direct=direct_on)
+        ms = timed(lambda: build_operators(*args, chunk=12))
+        print(json.dumps({"tag": a.tag, "round": r, "adjoint": slot_on, "direct": direct_on, "chunk": 12,
+                          "ms_per_target": ms / len(src), "peak_gib": torch.cuda.max_memory_allocated() / 2**30}),
+              flush=True)
+kernels.USE.update(slot=a.adjoint, direct=a.direct)
+if a.direct == "on":  # the kernel's rows against the torch glue's, same inputs, chunk 12
+    from snd.splat.operator import apply_operator  # noqa: E402
+
+    got = build_operators(*args, chunk=12)
+    kernels.USE["direct"] = "off"
+    ref = build_operators(*args, chunk=12)
+    kernels.USE["direct"] = "on"
+    feats = torch.randn(len(src), 2, 64, 41, 62, device=dev)
+    x, vx = apply_operator(got, feats, (41, 62))
+    y, vy = apply_operator(ref, feats, (41, 62))
+    print(json.dumps({"tag": a.tag, "direct_check": {
+        "cols_equal_share": (got.cols == ref.cols).float().mean().item(),
+        "vals_max_abs_diff": (got.vals - ref.vals).abs().max().item(),
+        "max_row_nnz_equal": bool(torch.equal(got.max_row_nnz, ref.max_row_nnz)),
+        "max_row_nnz": ref.max_row_nnz.tolist(),
+        "dropped_direct": ref.dropped_direct.tolist(),
+        "dropped_direct_max_diff": (got.dropped_direct - ref.dropped_direct).abs().max().item(),
+        "targets_rel_diff": ((x - y).norm() / y.norm()).item(), "valid_equal": bool(torch.equal(vx, vy))}}), flush=True)
 if a.quick:
     raise SystemExit(0)
 from gsplat import rasterization  # noqa: E402

@@ -131,11 +131,11 @@ def test_slot_kernel_builds_with_nvcc_and_a_broken_source_is_a_clear_error(tmp_p
     loader calls; a source nvcc rejects raises KernelUnavailable with nvcc's message, and leaves no file."""
     import ctypes
 
-    from snd.splat import slot_adjoint as sa
+    from snd.splat import kernels as sa
 
     out = sa.library_path((9, 0), tmp_path)
     sa._build(out, (9, 0))
-    assert out.is_file() and hasattr(ctypes.CDLL(str(out)), "snd_slot_adjoint")
+    assert out.is_file() and all(hasattr(ctypes.CDLL(str(out)), f) for f in ("snd_slot_adjoint", "snd_direct_rows"))
     bad = tmp_path / "bad.cu"
     bad.write_text("__global__ void k( { }\n")
     monkeypatch.setattr(sa, "SOURCE", bad)
@@ -148,7 +148,7 @@ def test_slot_kernel_builds_with_nvcc_and_a_broken_source_is_a_clear_error(tmp_p
 
 def test_no_nvcc_is_a_clear_error(tmp_path, monkeypatch):
     from snd.pipeline import doctor
-    from snd.splat import slot_adjoint as sa
+    from snd.splat import kernels as sa
 
     if shutil.which("nvcc"):  # an unwritable cache folder is the same kind of error (a file where the folder should be)
         (tmp_path / "ro").write_text("")
@@ -163,9 +163,12 @@ def test_no_nvcc_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("SND_CACHE_DIR", str(tmp_path / "cache"))
     sa.library_path((9, 0)).parent.mkdir(parents=True)
     sa.library_path((9, 0)).write_bytes(b"")
-    assert sa.status() == f"off: gsplat's backward kernel is used (SND_SLOT_ADJOINT=on opts in); built for this GPU (in {sa.library_path((9, 0)).parent})"
+    assert sa.status() == ("off: gsplat's backward kernel and the torch glue are used (SND_SLOT_ADJOINT=on / "
+                           f"SND_DIRECT_KERNEL=on opt in); built for this GPU (in {sa.library_path((9, 0)).parent})")
     monkeypatch.setenv("SND_SLOT_ADJOINT", "on")
-    assert sa.status().startswith("on (SND_SLOT_ADJOINT=on); built for this GPU")
+    assert sa.status().startswith("on: slot (SND_SLOT_ADJOINT=on); built for this GPU")
+    monkeypatch.setenv("SND_DIRECT_KERNEL", "on")
+    assert sa.status().startswith("on: slot (SND_SLOT_ADJOINT=on), direct (SND_DIRECT_KERNEL=on); built")
 
 
 @pytest.mark.gpu
@@ -175,9 +178,9 @@ def test_slot_adjoint_gsplat_equals_the_list(kernel, monkeypatch):
     """snd's slot kernel ("on") and gsplat's backward kernel on the dense field ("off") both give the adjoint of
     a one-channel-per-pixel field == the full list summed by hand (float64)."""
     pytest.importorskip("gsplat")
-    import snd.splat.slot_adjoint as sa
+    import snd.splat.kernels as sa
 
-    monkeypatch.setitem(sa.USE, "use", kernel)
+    monkeypatch.setitem(sa.USE, "slot", kernel)
     g, K, w2c, H, W = _scene("cuda")
     pair = torch.zeros(2, dtype=torch.long, device="cuda")
     G = g.means[..., 0].numel()
@@ -188,4 +191,4 @@ def test_slot_adjoint_gsplat_equals_the_list(kernel, monkeypatch):
     ref = _by_hand_adjoint(full, f.dense(), G)
     assert cut.adjoint.shape == (2, G, 5) and ref.abs().max() > 0.1
     torch.testing.assert_close(cut.adjoint.double(), ref, rtol=1e-3, atol=1e-4)
-    assert sa.USE["use"] == kernel  # "on" did not fall back
+    assert sa.USE["slot"] == kernel  # "on" did not fall back

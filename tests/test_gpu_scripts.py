@@ -145,18 +145,19 @@ def test_gpu_next_ops_times_an_earlier_builder_against_this_one(tmp_path):
                   "scripts/gpu_profile_operator.py --chunks 8 --quick --tag now"] * 2, prof
 
 
-def test_gpu_next_slot_times_the_kernel_against_gsplat_backward(tmp_path):
-    """STEPS="slot slot-store": the kernel's GPU tests, then the builder A/B alternating (gsplat's backward first),
-    on synthetic pairs and on the stored MVSplat scaffold, then the kernel's full profile."""
+def test_gpu_next_kernels_time_every_config_on_synthetic_pairs_and_the_store(tmp_path):
+    """STEPS="kernels kernels-store": the kernels' GPU tests, then one A/B process per input (synthetic pairs, then the
+    stored MVSplat scaffold) timing the four slot/direct configs alternately, the direct rows checked."""
     bin_dir, log = _recording_python(tmp_path)
     out = tmp_path / "out"
-    _run_next(bin_dir, out, STEPS="slot slot-store", BUDGET_S="545")
+    _run_next(bin_dir, out, STEPS="kernels kernels-store", BUDGET_S="545")
     calls = [c for c in log.read_text().splitlines() if "gpu_profile_operator" in c]
-    assert [("--adjoint off" in c, "--store" in c) for c in calls] == [
-        (True, False), (False, False), (True, False), (False, False), (True, True), (False, True), (False, False)]
+    assert [("--store" in c) for c in calls] == [False, True]
+    assert all("--ab off/off on/off off/on on/on --rounds 2" in c and "--direct on" in c for c in calls), calls
     assert any(c.startswith("-m pytest -q -m gpu tests/test_contrib.py tests/test_operator_batched.py")
                for c in log.read_text().splitlines())
     steps = [json.loads(s) for s in (out / "next_steps.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == ["kernels-tests", "kernels-ab", "kernels-store"]
     assert all(s["rc"] == 0 for s in steps), steps
 
 

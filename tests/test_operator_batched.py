@@ -274,7 +274,7 @@ def test_label_slots_ignore_summation_noise():
 def test_slot_kernel_and_gsplat_backward_give_the_same_operators(monkeypatch):
     """The instance part from snd's slot kernel (SND_SLOT_ADJOINT=on) == from gsplat's backward kernel on the dense
     field (off, the default), at the real size; every other field is the same bytes (the kernel changes nothing else)."""
-    import snd.splat.slot_adjoint as sa
+    import snd.splat.kernels as sa
     from snd.splat.gaussians import PixelGaussians
     from snd.train.distiller import rigid_inverse
     from snd.train.synthetic import synthetic_sample
@@ -289,12 +289,89 @@ def test_slot_kernel_and_gsplat_backward_give_the_same_operators(monkeypatch):
             torch.stack([rigid_inverse(xs[i]["tgt_c2w"]) for i in src]).to(dev), pair, (41, 62), (41, 62))
     got = {}
     for use in ("on", "off"):
-        monkeypatch.setitem(sa.USE, "use", use)
+        monkeypatch.setitem(sa.USE, "slot", use)
         got[use] = build_operators(*args, backend="gsplat", chunk=3)
-        assert sa.USE["use"] == use  # "on" built and ran the kernel (no fallback)
+        assert sa.USE["slot"] == use  # "on" built and ran the kernel (no fallback)
     assert got["on"].inst.abs().max() > 0
     for k, v in vars(got["off"]).items():
         if k == "inst":
             assert (got["on"].inst - v).norm() / v.norm() < 1e-5, k
         else:
             assert torch.equal(getattr(got["on"], k), v), k
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("out_hw,kw", [(OUT_HW, dict()), (OUT_HW, dict(row_cap=3, inst_cap=2)),
+                                       (OUT_HW, dict(upsample="bilinear", blend_weight=1.0)), ((30, 40), dict())])
+def test_direct_kernel_and_torch_glue_give_the_same_operators(scenes, out_hw, kw, monkeypatch):
+    """The direct part from snd's direct-rows kernel (SND_DIRECT_KERNEL=on: per patch, its 4 tap pixels walked and
+    summed in a table) == from gsplat's list aggregated in torch (off, the default): the kept coefficients, the row
+    counts and the dropped shares, with the caps binding (row_cap=3), with nothing left unblended (blend_weight 1),
+    and for patches that share tap pixels (30x40 from 48x64); the other fields are the same bytes."""
+    import snd.splat.kernels as sa
+
+    dev = torch.device("cuda")
+    args = ([s["g"].to(device=dev) for s in scenes], torch.stack([s["masks"][:2] for s in scenes]).to(dev),
+            torch.stack([scenes[p]["masks"][c] for p, c in JOBS]).to(dev),
+            torch.stack([scenes[p]["K"][c] for p, c in JOBS]).to(dev),
+            torch.stack([scenes[p]["w2c"][c] for p, c in JOBS]).to(dev),
+            torch.tensor([p for p, _ in JOBS], device=dev), CTX_HW, out_hw)
+    got = {}
+    for use in ("on", "off"):
+        monkeypatch.setitem(sa.USE, "direct", use)
+        got[use] = build_operators(*args, chunk=2, backend="gsplat", **kw)
+        assert sa.USE["direct"] == use  # "on" built and ran the kernel (no fallback)
+    on, off = got["on"], got["off"]
+    J = 2 * CTX_HW[0] * CTX_HW[1]
+    for n in range(len(JOBS)):
+        a = TransferOperator(**{k: v[n].cpu() for k, v in vars(on).items()})
+        b = TransferOperator(**{k: v[n].cpu() for k, v in vars(off).items()})
+        torch.testing.assert_close(_dense(a, J), _dense(b, J), atol=1e-7, rtol=1e-6)
+    assert torch.equal(on.max_row_nnz, off.max_row_nnz)
+    torch.testing.assert_close(on.dropped_direct, off.dropped_direct, atol=1e-6, rtol=1e-5)
+    if kw.get("blend_weight") == 1.0:  # fully blended: no direct coefficient at all, from either path
+        assert off.vals.abs().max() == 0 and on.vals.abs().max() == 0
+    else:
+        assert off.vals.abs().max() > 0.05
+    if "row_cap" in kw:
+        assert (off.dropped_direct > 0).all()
+    for k in ("inst", "inst_ids", "inst_w", "valid", "dropped_inst"):
+        assert torch.equal(getattr(on, k), getattr(off, k)), k
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_direct_kernel_at_the_real_size_and_a_table_too_small(monkeypatch):
+    """At 576x880 (synthetic pairs, 3 jobs) the kernel's operators == the torch glue's; and with tables of 8 slots,
+    rows that overflow are rebuilt with the next size and give the same operators."""
+    import snd.splat.kernels as sa
+    from snd.splat.gaussians import PixelGaussians
+    from snd.train.distiller import rigid_inverse
+    from snd.train.synthetic import synthetic_sample
+
+    dev = torch.device("cuda")
+    xs = [synthetic_sample(i, img_hw=(574, 868), scaffold_hw=(576, 880)) for i in range(2)]
+    gs = [PixelGaussians(x["means"], x["quats"], x["scales"], x["opacities"]).to(device=dev) for x in xs]
+    masks = torch.stack([x["ctx_masks"] for x in xs]).to(dev)
+    src, pair = [1, 0, 0], torch.tensor([0, 1, 0], device=dev)
+    args = (gs, masks, torch.stack([xs[i]["tgt_mask"] for i in src]).to(dev),
+            torch.stack([xs[i]["tgt_K"] for i in src]).to(dev),
+            torch.stack([rigid_inverse(xs[i]["tgt_c2w"]) for i in src]).to(dev), pair, (41, 62), (41, 62))
+    got = {}
+    for name, use, cap in (("glue", "off", None), ("kernel", "on", None), ("small", "on", (8, 2048))):
+        monkeypatch.setitem(sa.USE, "direct", use)
+        if cap:
+            monkeypatch.setattr(sa, "DIRECT_CAPACITY", cap)
+        got[name] = build_operators(*args, backend="gsplat", chunk=3)
+    ref = got["glue"]
+    feats = torch.randn(3, 2, 32, 41, 62, device=dev)
+    y, vy = apply_operator(ref, feats, (41, 62))
+    assert ref.vals.abs().max() > 0 and int(ref.max_row_nnz.max()) > 8
+    for name in ("kernel", "small"):
+        op = got[name]
+        x, vx = apply_operator(op, feats, (41, 62))
+        assert torch.equal(vx, vy) and (x - y).norm() / y.norm() < 1e-6, name
+        assert torch.equal(op.max_row_nnz, ref.max_row_nnz), name
+        assert (op.cols == ref.cols).float().mean() > 0.999, name
+        torch.testing.assert_close(op.dropped_direct, ref.dropped_direct, atol=1e-6, rtol=1e-5)

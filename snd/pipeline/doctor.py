@@ -42,7 +42,7 @@ def _gsplat_status() -> str:
 
 
 def _slot_kernel_status() -> str:
-    from snd.splat.slot_adjoint import status
+    from snd.splat.kernels import status
 
     try:
         return status()

@@ -23,7 +23,7 @@ per 576x880 target of a random-init MVSplat scaffold, 145 ms of operators per pa
   part of an operator (per label, a Gaussian's summed weight over the label's pixels) is this with Y = the
   labels' mean selectors. Such a field has one channel set per pixel (its label's slot); given as a
   `SlotField` with ``SND_SLOT_ADJOINT=on``, gsplat's backend computes it with snd's own kernel
-  (`snd.splat.slot_adjoint`) instead of gsplat's backward kernel, which works on all K channels of every pair.
+  (`snd.splat.kernels`) instead of gsplat's backward kernel, which works on all K channels of every pair.
   Opt-in: the kernel matches the list on an H200 but has not been timed against gsplat's backward yet.
 """
 from __future__ import annotations
@@ -36,7 +36,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from snd.splat import slot_adjoint as slot_kernel
+from snd.splat import kernels
 from snd.splat.gaussians import PixelGaussians
 from snd.splat.inputs import drawable, drawable_mask
 from snd.splat.render import Backend, resolve_backend
@@ -56,6 +56,8 @@ class Contributions:
     alpha [N, H, W] float32: 1 - final transmittance of each render (every pixel, whatever `pixels` was).
     adjoint [N, G, K] float32 or None: sum_q weight(q, g) * Y[n, q, k] for the field Y the caller's
     selector returned (G = the pair's V*H*W; Gaussians that are not drawn get 0).
+    direct: the direct part's rows from snd's kernel (`snd.splat.kernels.direct_rows`: cols, vals, nnz, abs) when
+    the caller asked for them and the kernel ran; the list (job .. weight) is then empty.
     """
 
     job: Tensor
@@ -64,6 +66,7 @@ class Contributions:
     weight: Tensor
     alpha: Tensor
     adjoint: Tensor | None = None
+    direct: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
 
 
 @dataclass
@@ -85,13 +88,16 @@ class SlotField:
 
 # alpha [N, H, W] -> Y [N, H, W, K] float32 (dense or as a SlotField), the field of the adjoint
 Selector = Callable[[Tensor], "Tensor | SlotField"]
+# () -> the inputs of `kernels.direct_rows` besides the renders (tap_pix, tap_coef, pair, ucols, uw, row_cap),
+# asked for after the adjoint's selector (the coefficients depend on the labels it computed)
+DirectRequest = Callable[[], dict]
 GSPLAT_CHANNELS = (1, 2, 3, 4, 5, 8, 9, 16, 17, 32, 33, 64, 65, 128, 129, 256, 257, 512, 513)  # compiled
 
 
 def contributions(gaussians: Sequence[PixelGaussians], pair: Tensor, K: Tensor, w2c: Tensor, height: int, width: int,
                   *, near: float = 0.01, far: float = 1e10, backend: Backend = "auto",
                   max_pairs: int = 1 << 24, pixels: Tensor | None = None,
-                  adjoint: Selector | None = None) -> Contributions:
+                  adjoint: Selector | None = None, direct: DirectRequest | None = None) -> Contributions:
     """Compositing weights of N jobs: job n draws ``gaussians[pair[n]]`` ([V, H, W] each, equal shapes) into
     the camera K[n] [3, 3], w2c[n] [4, 4] at height x width.
 
@@ -100,6 +106,9 @@ def contributions(gaussians: Sequence[PixelGaussians], pair: Tensor, K: Tensor, 
     pixels: [height*width] bool; when given, the list holds only the pairs at these pixels (all of them).
     adjoint: called once with every job's alpha; the field Y it returns is pulled back to the Gaussians
     (`Contributions.adjoint`).
+    direct: with the gsplat backend and ``SND_DIRECT_KERNEL=on``, called once after ``adjoint``; snd's kernel then
+    computes the direct part's rows from its inputs (`Contributions.direct`) instead of listing the pairs. Ignored
+    otherwise (the list is returned and the caller aggregates it).
     The same Gaussians are drawn as by `snd.splat.inputs.drawable` (opacity >= 1/255, finite).
     """
     device = gaussians[0].means.device
@@ -110,7 +119,7 @@ def contributions(gaussians: Sequence[PixelGaussians], pair: Tensor, K: Tensor, 
                              torch.zeros(0, height, width, device=device))
     if resolve_backend(backend, device) == "gsplat":
         return _contributions_gsplat(gaussians, pair, K, w2c, height, width, near=near, far=far, pixels=pixels,
-                                     adjoint=adjoint)
+                                     adjoint=adjoint, direct=direct)
     job, pix, gauss, wt, alpha, plans = [], [], [], [], [], []
     pixels = pixels.to(device) if pixels is not None else None
     for n in range(N):
@@ -157,7 +166,8 @@ def _job_scenes(gaussians: Sequence[PixelGaussians], pair: Tensor) -> tuple[Tens
 
 def _contributions_gsplat(gaussians: Sequence[PixelGaussians], pair: Tensor, K: Tensor, w2c: Tensor, height: int,
                           width: int, *, near: float, far: float, pixels: Tensor | None = None,
-                          adjoint: Selector | None = None, tile_size: int = 16) -> Contributions:
+                          adjoint: Selector | None = None, direct: DirectRequest | None = None,
+                          tile_size: int = 16) -> Contributions:
     """gsplat's kernels decide which pairs contribute, exactly as its rasteriser does (alpha >= 1/255, stop
     before T <= 1e-4: ``rasterize_to_indices_in_range`` over the whole depth range, T starting at 1 at the
     asked pixels and 0 elsewhere); the weights alpha_i T_i are recomputed in torch (float64 transmittance)
@@ -191,6 +201,11 @@ def _contributions_gsplat(gaussians: Sequence[PixelGaussians], pair: Tensor, K: 
     if adjoint is not None:
         Y = adjoint(alpha)
         adj = _adjoint_gsplat(Y, geo, op, ras, alphas, last_ids, N, G, dev)
+    if direct is not None and kernels.enabled("direct"):
+        rows = _direct_kernel(direct(), geo, op, ras)
+        if rows is not None:
+            e = torch.zeros(0, dtype=torch.long, device=dev)
+            return Contributions(e, e, e, torch.zeros(0, dtype=torch.float64, device=dev), alpha, adj, rows)
     flat = torch.cat([offsets.reshape(-1), offsets.new_tensor([flatten_ids.numel()])])
     longest = int((flat[1:] - flat[:-1]).max()) if flatten_ids.numel() else 0  # a host sync (as `pair.tolist()`)
     n_batches = max(1, -(-longest // (tile_size * tile_size)))
@@ -234,14 +249,14 @@ def _adjoint_gsplat(Y: "Tensor | SlotField", geo: tuple, op: Tensor, ras: tuple,
     cannot build here: once a warning, then as off), else gsplat's backward kernel on the dense field."""
     from gsplat.cuda._wrapper import _make_lazy_cuda_func
 
-    if isinstance(Y, SlotField) and Y.channels and slot_kernel.enabled():
+    if isinstance(Y, SlotField) and Y.channels and kernels.enabled("slot"):
         width, height, tile_size, offsets, flatten_ids = ras
         try:
-            out = slot_kernel.slot_adjoint(geo[0], geo[1], op, offsets, flatten_ids, Y.slot, Y.value, Y.channels, width,
+            out = kernels.slot_adjoint(geo[0], geo[1], op, offsets, flatten_ids, Y.slot, Y.value, Y.channels, width,
                                            height, tile_size)
             return out.reshape(N, G, Y.channels)
-        except slot_kernel.KernelUnavailable as e:
-            slot_kernel.USE["use"] = "off"
+        except kernels.KernelUnavailable as e:
+            kernels.USE["slot"] = "off"
             log.warning("snd's slot adjoint kernel is unavailable (%s); using gsplat's backward kernel (the same "
                         "operators)", e)
     Y = (Y.dense() if isinstance(Y, SlotField) else Y).to(torch.float32)  # [N, H, W, K]
@@ -257,3 +272,16 @@ def _adjoint_gsplat(Y: "Tensor | SlotField", geo: tuple, op: Tensor, ras: tuple,
         *geo, geo[0].new_zeros(N, 1, G, Kp), op, None, None, *ras, alphas, last_ids, Yp,
         torch.zeros_like(alphas), False)[3]  # [N, 1, G, Kp]
     return v_colors[:, 0, :, :Kc]
+
+
+def _direct_kernel(req: dict, geo: tuple, op: Tensor, ras: tuple) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+    """The direct rows from snd's kernel, or None (the caller lists the pairs instead): a row too wide for its
+    table, or the kernel unavailable here (then once a warning and the torch glue from now on)."""
+    width, height, tile_size, offsets, flatten_ids = ras
+    try:
+        return kernels.direct_rows(geo[0], geo[1], op, offsets, flatten_ids, width, height, tile_size, **req)
+    except kernels.KernelUnavailable as e:
+        kernels.USE["direct"] = "off"
+        log.warning("snd's direct-rows kernel is unavailable (%s); aggregating gsplat's list in torch (the same "
+                    "operators)", e)
+        return None

@@ -267,9 +267,14 @@ def build_operators(
                 lb.update(_labels(tm, alpha, **label_knobs))
                 return lb["field"]
 
+            def direct(lb=lb, sl=sl) -> dict:  # snd's direct-rows kernel's inputs (SND_DIRECT_KERNEL=on)
+                n = lb["b_pix"].numel() // (Ht * Wt)
+                coef = dwt[None] * (1.0 - lb["b_pix"].reshape(n, Ht * Wt)[:, dpix])  # [n, 4, P]
+                return dict(tap_pix=dpix, tap_coef=coef, pair=pair[sl], ucols=ucols, uw=uw, row_cap=int(row_cap))
+
             c = contributions(gaussians, pair[sl], tgt_K[sl].to(device, torch.float32),
                               tgt_w2c[sl].to(device, torch.float32), Ht, Wt, near=near, far=far, backend=backend,
-                              max_pairs=max_pairs, pixels=taps, adjoint=field)
+                              max_pairs=max_pairs, pixels=taps, adjoint=field, direct=direct)
             parts.append(_assemble(c, lb, pair[sl], **const))
             s = sl.stop
             continue
@@ -360,6 +365,45 @@ def _assemble(c, lb: dict, pair_sl: Tensor, *, ucols: Tensor, uw: Tensor, up_t: 
     N, P = lb["tap_w"].shape[0], out_hw[0] * out_hw[1]
     Q = lb["covered"].shape[1]
     device = dpix.device
+    if c.direct is not None:  # snd's kernel summed and capped the rows already
+        cols, ell, nnz, sums = c.direct
+        dropped_direct = sums[..., 1].sum(1) / sums[..., 0].sum(1).clamp_min(1e-300)
+    else:
+        cols, ell, nnz, dropped_direct = _direct_glue(c, lb, pair_sl, N=N, P=P, Q=Q, ucols=ucols, uw=uw, G=G, J=J,
+                                                      dwt=dwt, pix2patch=pix2patch, lookup=lookup, row_cap=row_cap)
+
+    # instance part: per job and kept label, the render's adjoint of the label's mean selector (a
+    # Gaussian's summed weight over the label's pixels in the means, over their count), sent through the
+    # upsampling taps to the context patches
+    inst = torch.zeros(N, inst_cap, J, dtype=torch.float32, device=device)
+    n_slots = c.adjoint.shape[-1]
+    if n_slots:
+        pairs = pair_sl.tolist()
+        for p in sorted(set(pairs)):  # one sparse product per pair for all its jobs' label columns
+            jobs = [n for n in range(N) if pairs[n] == p]
+            A = c.adjoint[jobs].permute(1, 0, 2).reshape(G, len(jobs) * n_slots)  # [G, jobs x slots]
+            out = torch.sparse.mm(up_t(p), A).reshape(J, len(jobs), n_slots)
+            inst[jobs, :n_slots] = out.permute(1, 2, 0)
+    tap_slot = lb["slot"][lb["tap_lab"]]  # [N, 4, P]
+    keep_tap = tap_slot >= 0
+    tap_w = lb["tap_w"]
+    inst_ids = torch.where(keep_tap, tap_slot, 0).transpose(1, 2).contiguous()  # [N, P, 4]
+    inst_w = torch.where(keep_tap, tap_w, 0.0).transpose(1, 2).contiguous()
+    dropped_inst = torch.where(keep_tap, 0.0, tap_w.abs()).sum((1, 2)) / tap_w.abs().sum((1, 2)).clamp_min(1e-300)
+
+    Ht, Wt = lb["field"].slot.shape[1:3]
+    valid = coverage_to_patches(lb["covered"].reshape(N, Ht, Wt), out_hw, r).reshape(N, P)
+    return dict(cols=cols.reshape(N, P, row_cap), vals=ell.reshape(N, P, row_cap).float(),
+                inst=inst, inst_ids=inst_ids, inst_w=inst_w.float(), valid=valid,
+                dropped_direct=dropped_direct.float().clamp_min(0), dropped_inst=dropped_inst.float().clamp_min(0),
+                max_row_nnz=nnz.max(1).values if P else torch.zeros(N, dtype=torch.long, device=device))
+
+
+def _direct_glue(c, lb: dict, pair_sl: Tensor, *, N: int, P: int, Q: int, ucols: Tensor, uw: Tensor, G: int, J: int,
+                 dwt: Tensor, pix2patch: Tensor, lookup: tuple[Tensor, Tensor] | None,
+                 row_cap: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The direct part's rows (`_direct_ell`) from the pairs listed in `c`, in torch: the default path (snd's kernel,
+    ``SND_DIRECT_KERNEL=on``, computes the same rows without the list)."""
     b_pix = lb["b_pix"]
     gq = c.job * Q + c.pix  # pixel of the chunk
 
@@ -388,30 +432,4 @@ def _assemble(c, lb: dict, pair_sl: Tensor, *, ucols: Tensor, uw: Tensor, up_t: 
         grow = pair_sl[torch.div(row, P, rounding_mode="floor")] * G + (rg - row * G)
         key = (row[:, None] * J + ucols[grow]).reshape(-1)
         val = (share[:, None] * uw[grow]).reshape(-1)
-    cols, ell, nnz, dropped_direct = _direct_ell(key, val, N, P, J, row_cap)
-
-    # instance part: per job and kept label, the render's adjoint of the label's mean selector (a
-    # Gaussian's summed weight over the label's pixels in the means, over their count), sent through the
-    # upsampling taps to the context patches
-    inst = torch.zeros(N, inst_cap, J, dtype=torch.float32, device=device)
-    n_slots = c.adjoint.shape[-1]
-    if n_slots:
-        pairs = pair_sl.tolist()
-        for p in sorted(set(pairs)):  # one sparse product per pair for all its jobs' label columns
-            jobs = [n for n in range(N) if pairs[n] == p]
-            A = c.adjoint[jobs].permute(1, 0, 2).reshape(G, len(jobs) * n_slots)  # [G, jobs x slots]
-            out = torch.sparse.mm(up_t(p), A).reshape(J, len(jobs), n_slots)
-            inst[jobs, :n_slots] = out.permute(1, 2, 0)
-    tap_slot = lb["slot"][lb["tap_lab"]]  # [N, 4, P]
-    keep_tap = tap_slot >= 0
-    tap_w = lb["tap_w"]
-    inst_ids = torch.where(keep_tap, tap_slot, 0).transpose(1, 2).contiguous()  # [N, P, 4]
-    inst_w = torch.where(keep_tap, tap_w, 0.0).transpose(1, 2).contiguous()
-    dropped_inst = torch.where(keep_tap, 0.0, tap_w.abs()).sum((1, 2)) / tap_w.abs().sum((1, 2)).clamp_min(1e-300)
-
-    Ht, Wt = lb["field"].slot.shape[1:3]
-    valid = coverage_to_patches(lb["covered"].reshape(N, Ht, Wt), out_hw, r).reshape(N, P)
-    return dict(cols=cols.reshape(N, P, row_cap), vals=ell.reshape(N, P, row_cap).float(),
-                inst=inst, inst_ids=inst_ids, inst_w=inst_w.float(), valid=valid,
-                dropped_direct=dropped_direct.float().clamp_min(0), dropped_inst=dropped_inst.float().clamp_min(0),
-                max_row_nnz=nnz.max(1).values if P else torch.zeros(N, dtype=torch.long, device=device))
+    return _direct_ell(key, val, N, P, J, row_cap)
