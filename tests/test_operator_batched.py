@@ -186,7 +186,7 @@ def test_direct_rows_keep_the_largest_with_ties_by_column():
     """`_direct_ell` against a hand-computed selection: repeated keys are summed, a sum of 0 is no entry, each row
     keeps its `row_cap` largest |values| ranked by |value| then column (a tie at the cut keeps the lower column),
     the dropped share counts the rest, and a non-finite sum marks its row instead of vanishing."""
-    from snd.splat.operator_build import _direct_ell
+    from snd.splat.operator_rows import _direct_ell
 
     J, P, N, cap = 6, 2, 2, 2
     entries = {  # (job, patch, column): summed value
@@ -254,7 +254,8 @@ def test_dense_unique_equals_torch_unique():
 def test_label_slots_ignore_summation_noise():
     """Labels of equal blend mass get their slots by label, whatever the last bits of their summed masses
     (on a GPU, `index_add_` sums in no fixed order): the same slots for noise either way."""
-    from snd.splat.operator_build import _rank_in_group, rank_score
+    from snd.splat.operator_build import rank_score
+    from snd.splat.operator_rows import _rank_in_group
 
     group = torch.tensor([0, 0, 0, 1, 1])
     for eps in (1e-13, -1e-13):

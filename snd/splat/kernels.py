@@ -182,7 +182,7 @@ DIRECT_CAPACITY = (2048, 8192)
 def direct_rows(means2d: Tensor, conics: Tensor, opacities: Tensor, tile_offsets: Tensor, flatten_ids: Tensor,
                 width: int, height: int, tile_size: int, tap_pix: Tensor, tap_coef: Tensor, pair: Tensor,
                 ucols: Tensor, uw: Tensor, row_cap: int) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
-    """The direct part's rows of I jobs (`snd.splat.operator_build._direct_ell`'s outputs) in one kernel.
+    """The direct part's rows of I jobs (`snd.splat.operator_rows._direct_ell`'s outputs) in one kernel.
 
     means2d .. flatten_ids: gsplat's projection and tile intersection of the I renders (as `slot_adjoint`);
     tap_pix [4, P] the downsampling's tap pixels (y * width + x), tap_coef [I, 4, P] float64 each tap's weight
