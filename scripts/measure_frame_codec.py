@@ -31,8 +31,6 @@ def main() -> None:
     ap.add_argument("images", nargs="+")
     ap.add_argument("--hw", type=int, nargs=2, default=[574, 868])
     a = ap.parse_args()
-    from torchvision.io import decode_jpeg
-
     from snd.cache.frames import decode_frame, encode_frame, resize_uint8
     from snd.models.backbone import create_backbone
 

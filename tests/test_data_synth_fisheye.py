@@ -1,7 +1,6 @@
 """`snd data synth --fisheye`: raw ScanNet++ fisheye frames rendered along their true rays, checked against
 the pinhole frame rendered directly with the toolkit's camera (independent of the reader's undistortion)."""
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

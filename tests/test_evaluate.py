@@ -178,8 +178,6 @@ def test_paper_nyu_depth_trains_on_crops_of_the_nyucrop_frame_and_tests_the_whol
     """NYU depth under the paper protocol end to end (/14): training runs the backbone live on 416x544 crops of the
     NYUCrop region padded to 420x546 (30x39 patches), test and flipped-test tokens of the whole 480x640 frame padded
     to 490x644 (35x46) in a store of their own; the trivial constant is fit on the native 427x565 training map."""
-    import numpy as np
-
     from tests.test_eval_protocol_sizes import _nyu_480x640
 
     t = _nyu_480x640(tmp_path / "data")

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from torch.utils.data import IterableDataset, default_collate
+from torch.utils.data import IterableDataset
 
 from snd.pipeline.config import DistillConfig
 

@@ -7,12 +7,17 @@ import hashlib
 import json
 import time
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from snd.errors import SndError
 from snd.eval.protocol import PAPER_REV
 from snd.pipeline.config import EvalConfig
 from snd.stages.eval_outputs import _clean
+
+if TYPE_CHECKING:  # annotations only: torch is imported where it is used
+    import torch
 
 # `snd eval` task names -> the dataset registry's task names
 TASK_TO_DATASET_TASK = {"depth": "depth", "normals": "normals", "seg": "seg", "corr": "correspondence"}

@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from snd.errors import SndError
 from snd.pipeline.config import FeaturesConfig

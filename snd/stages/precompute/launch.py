@@ -11,7 +11,6 @@ import torch
 
 from snd.cache.encode import encode_scaffold_device, fields_to_numpy
 from snd.cache.schema import Encoding, OperatorSpec
-from snd.errors import SndError
 from snd.pipeline.device import to_host_async
 from snd.scaffold import ScaffoldSource
 from snd.splat.operator_build import ChunkSize

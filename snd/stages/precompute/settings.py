@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from snd.cache.schema import Encoding, FrameSpec, OperatorSpec
 from snd.errors import SndError
 from snd.pipeline.config import BenchPrecomputeConfig, PrecomputeConfig, to_jsonable
 from snd.scaffold import ScaffoldSource, create_source
+
+if TYPE_CHECKING:  # annotations only: torch is imported where it is used
+    import torch
 
 
 def resolve_rank(cfg_rank: int, cfg_world: int) -> tuple[int, int]:
