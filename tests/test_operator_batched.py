@@ -376,3 +376,25 @@ def test_direct_kernel_at_the_real_size_and_a_table_too_small(monkeypatch):
         assert torch.equal(op.max_row_nnz, ref.max_row_nnz), name
         assert (op.cols == ref.cols).float().mean() > 0.999, name
         torch.testing.assert_close(op.dropped_direct, ref.dropped_direct, atol=1e-6, rtol=1e-5)
+
+
+def test_transposed_structure_is_cached_per_grid(scenes, monkeypatch):
+    """The builder keeps the transposed taps' structure of the grids it saw: a second call with the same grids
+    reuses it (no new sort), one with the other sampling grid builds its own, and the operators equal those
+    built with the cache empty."""
+    import snd.splat.operator_build as ob
+
+    monkeypatch.setattr(ob, "_STRUCTURES", {})
+    built = []
+    real = ob._transposed_structure
+    monkeypatch.setattr(ob, "_transposed_structure", lambda cols, J: built.append(J) or real(cols, J))
+    first = _build(scenes, chunk=2)
+    again = _build(scenes, chunk=2)
+    assert len(built) == 1 and len(ob._STRUCTURES) == 1
+    other = _build(scenes, chunk=2, protocol="snd")  # the centres grid: other patch columns per pixel
+    assert len(built) == 2 and len(ob._STRUCTURES) == 2
+    ob._STRUCTURES.clear()
+    fresh = _build(scenes, chunk=2, protocol="snd")
+    for k, v in vars(first).items():
+        assert torch.equal(v, getattr(again, k)), k
+        assert torch.equal(getattr(other, k), getattr(fresh, k)), k
