@@ -159,16 +159,20 @@ def test_no_nvcc_is_a_clear_error(tmp_path, monkeypatch):
         sa._build(sa.library_path((9, 0), tmp_path), (9, 0))
     monkeypatch.setattr(sa.torch.cuda, "is_available", lambda: True)  # what `snd doctor` says on a GPU machine
     monkeypatch.setattr(sa.torch.cuda, "get_device_capability", lambda *a: (9, 0))
-    assert "nvcc not found: operators use gsplat's backward kernel" in doctor.report(tmp_path)["slot_kernel"]
+    assert "nvcc not found: operators use gsplat's backward kernel" in doctor.report(tmp_path)["operator_kernels"]
     monkeypatch.setenv("SND_CACHE_DIR", str(tmp_path / "cache"))
     sa.library_path((9, 0)).parent.mkdir(parents=True)
     sa.library_path((9, 0)).write_bytes(b"")
-    assert sa.status() == ("off: gsplat's backward kernel and the torch glue are used (SND_SLOT_ADJOINT=on / "
-                           f"SND_DIRECT_KERNEL=on opt in); built for this GPU (in {sa.library_path((9, 0)).parent})")
-    monkeypatch.setenv("SND_SLOT_ADJOINT", "on")
-    assert sa.status().startswith("on: slot (SND_SLOT_ADJOINT=on); built for this GPU")
-    monkeypatch.setenv("SND_DIRECT_KERNEL", "on")
-    assert sa.status().startswith("on: slot (SND_SLOT_ADJOINT=on), direct (SND_DIRECT_KERNEL=on); built")
+    monkeypatch.delenv("SND_SLOT_ADJOINT", raising=False)
+    monkeypatch.delenv("SND_DIRECT_KERNEL", raising=False)
+    assert sa.status() == f"on: slot adjoint and direct rows; built for this GPU (in {sa.library_path((9, 0)).parent})"
+    monkeypatch.setenv("SND_DIRECT_KERNEL", "off")
+    assert sa.status().startswith("off: direct (SND_DIRECT_KERNEL=off) (gsplat's backward kernel / the torch "
+                                  "aggregation instead); built for this GPU")
+    monkeypatch.setenv("SND_SLOT_ADJOINT", "off")
+    assert sa.status().startswith("off: slot (SND_SLOT_ADJOINT=off), direct (SND_DIRECT_KERNEL=off)")
+    monkeypatch.setitem(sa.USE, "slot", "on")  # code's setting wins over the variable
+    assert sa.enabled("slot") and not sa.enabled("direct")
 
 
 @pytest.mark.gpu

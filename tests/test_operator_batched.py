@@ -337,7 +337,9 @@ def test_direct_kernel_and_torch_glue_give_the_same_operators(scenes, out_hw, kw
         assert off.vals.abs().max() > 0.05
     if "row_cap" in kw:
         assert (off.dropped_direct > 0).all()
-    for k in ("inst", "inst_ids", "inst_w", "valid", "dropped_inst"):
+    # the instance part comes from atomic adds (gsplat's backward or snd's slot kernel): equal up to their order
+    assert (on.inst - off.inst).norm() <= 1e-5 * off.inst.norm()
+    for k in ("inst_ids", "inst_w", "valid", "dropped_inst"):
         assert torch.equal(getattr(on, k), getattr(off, k)), k
 
 

@@ -24,6 +24,7 @@ from snd.cache.schema import Encoding
 from snd.errors import SndError
 from snd.pipeline.config import BenchPrecomputeConfig, PrecomputeConfig
 from snd.scaffold import ScaffoldSource
+from snd.splat import kernels
 from snd.stages.precompute import LOAD_THREADS, make_source, run
 from snd.stages.precompute.settings import resolve_batch_pairs
 
@@ -199,6 +200,8 @@ def bench(cfg: BenchPrecomputeConfig) -> dict:
         "operator_chunk": s.operator_chunk.size if s.operator_chunk else None,  # as used at the end (auto resolved, shrunk on OOM)
         "operator_chunk_asked": s.operator_chunk.initial if s.operator_chunk else None,
         "operator_stream": bool(cfg.operator and cfg.operator_stream and source.device.type == "cuda"),
+        # snd's CUDA kernels for the operators (snd.splat.kernels) as this run used them; "off" after a failed build
+        "operator_kernels": {k: kernels.enabled(k) for k in kernels.ENV} if source.device.type == "cuda" else None,
         "frame_mb_per_pair": s.frame_bytes / 1e6 / max(s.pairs, 1),  # the frames' bytes before Zarr's codecs
         "size_split": scaffold_info(store)["split"],  # MB/pair per part as stored, MB/frame, pairs per frame
         "gaussians_per_pair": gauss, "bytes_per_gaussian": s.bytes / max(s.pairs, 1) / gauss,

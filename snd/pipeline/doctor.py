@@ -41,7 +41,7 @@ def _gsplat_status() -> str:
         else "installed; needs CUDA"
 
 
-def _slot_kernel_status() -> str:
+def _operator_kernels_status() -> str:
     from snd.splat.kernels import status
 
     try:
@@ -80,7 +80,7 @@ def report(data_root: Path = Path("data")) -> dict:
                      "trimesh": _version("trimesh"), "embreex": _version("embreex")},
         "gpus": gpus or ["none: stage one/two run on CPU (tests and the demo only)"],
         "gsplat": _gsplat_status(),
-        "slot_kernel": _slot_kernel_status(),
+        "operator_kernels": _operator_kernels_status(),
         "build_caches": buildcache.report(),
         "weights": _weights(),
         "datasets": _datasets(Path(data_root)),
@@ -103,7 +103,7 @@ def print_report(data_root: Path = Path("data"), console=None) -> dict:
     for g in r["gpus"]:
         t.add_row("gpu", g)
     t.add_row("gsplat", r["gsplat"])
-    t.add_row("snd slot kernel", r["slot_kernel"])
+    t.add_row("snd operator kernels", r["operator_kernels"])
     for name, status in r["build_caches"]:
         t.add_row(name, status)
     for name, where in r["weights"] or [("weights", "none found in " + ", ".join(WEIGHT_DIRS) + " (pass --weights)")]:

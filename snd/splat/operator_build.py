@@ -11,15 +11,16 @@ cost 145 ms of operators per pair on an H100. Neither part of the operator needs
 * the direct part reads the render only at the pixels the bilinear downsampling samples (4 per patch,
   ~2 % of the pixels), so the list is asked for there only (`snd.splat.contrib`, ``pixels``);
 * the instance part needs, per kept label, each Gaussian's summed weight over the label's pixels divided
-  by their count: the render's adjoint (transpose) applied to the labels' mean selectors, which gsplat's
-  backward kernel computes (``adjoint``); a sparse product with the transposed upsampling taps (one per pair
+  by their count: the render's adjoint (transpose) applied to the labels' mean selectors, which snd's slot kernel
+  (or gsplat's backward kernel) computes (``adjoint``); a sparse product with the transposed upsampling taps (one per pair
   for all its jobs) takes it to the context patches.
 
 The math is `snd.splat.operator`'s (module docstring there); per job the result equals building it
 alone (tested: batched == one by one == the earlier one-target builder, `tests/operator_reference.py`,
 and each == `target_features`). The direct part is aggregated sparsely and its `row_cap` largest
-coefficients per patch row are picked by a segmented sort (ties broken by column; `torch.topk`'s order
-among equal values is unspecified, which only matters when a cap drops mass).
+coefficients per patch row are kept, ties broken by column (`torch.topk`'s order among equal values is
+unspecified, which only matters when a cap drops mass): on CUDA by snd's direct-rows kernel (`snd.splat.kernels`),
+otherwise from the list by a segmented sort (`snd.splat.operator_rows`).
 """
 from __future__ import annotations
 
@@ -192,8 +193,8 @@ def build_operators(
             `ChunkSize`, which a chunk out of GPU memory halves in place
             (retried, same result; an int is treated as a fresh ChunkSize for this call).
 
-    The direct part accumulates in float64; the instance part comes from gsplat's backward kernel (float32,
-    atomic adds: run to run it may differ in the last bits on a GPU) and a float32 sparse product.
+    The direct part accumulates in float64; the instance part comes from snd's slot kernel or gsplat's backward
+    kernel (float32, atomic adds: run to run it may differ in the last bits on a GPU) and a float32 sparse product.
     """
     from snd.splat.operator import TransferOperator  # the dataclass module imports this one
 
@@ -262,7 +263,7 @@ def build_operators(
                 lb.update(_labels(tm, alpha, **label_knobs))
                 return lb["field"]
 
-            def direct(lb=lb, sl=sl) -> dict:  # snd's direct-rows kernel's inputs (SND_DIRECT_KERNEL=on)
+            def direct(lb=lb, sl=sl) -> dict:  # snd's direct-rows kernel's inputs (the default on CUDA)
                 n = lb["b_pix"].numel() // (Ht * Wt)
                 coef = dwt[None] * (1.0 - lb["b_pix"].reshape(n, Ht * Wt)[:, dpix])  # [n, 4, P]
                 return dict(tap_pix=dpix, tap_coef=coef, pair=pair[sl], ucols=ucols, uw=uw, row_cap=int(row_cap))

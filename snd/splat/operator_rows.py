@@ -1,8 +1,9 @@
-"""The direct part of transfer operators from gsplat's list of (tap pixel, Gaussian) weights, in torch.
+"""The direct part of transfer operators from a list of (tap pixel, Gaussian) weights, in torch.
 
-Why a module of its own: this is the default path of `snd.splat.operator_build` for the direct part, and the one
-that snd's direct-rows kernel (`snd.splat.kernels.direct_rows`, ``SND_DIRECT_KERNEL=on``) replaces; both give each
-patch row's `row_cap` largest coefficients, ties by column, with the row's count and the dropped share.
+Why a module of its own: this is the path of `snd.splat.operator_build` for the direct part on the CPU (the torch
+plan's list) and with ``SND_DIRECT_KERNEL=off`` on CUDA; snd's direct-rows kernel (`snd.splat.kernels.direct_rows`,
+the default on CUDA) computes the same rows without the list. Both give each patch row's `row_cap` largest
+coefficients, ties by column, with the row's count and the dropped share.
 """
 from __future__ import annotations
 
@@ -63,8 +64,8 @@ def _direct_ell(key: Tensor, val: Tensor, N: int, P: int, J: int, row_cap: int) 
 def _direct_glue(c, lb: dict, pair_sl: Tensor, *, N: int, P: int, Q: int, ucols: Tensor, uw: Tensor, G: int, J: int,
                  dwt: Tensor, pix2patch: Tensor, lookup: tuple[Tensor, Tensor] | None,
                  row_cap: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The direct part's rows (`_direct_ell`) from the pairs listed in `c`, in torch: the default path (snd's kernel,
-    ``SND_DIRECT_KERNEL=on``, computes the same rows without the list)."""
+    """The direct part's rows (`_direct_ell`) from the pairs listed in `c`, in torch (on CUDA snd's kernel computes
+    the same rows without the list, unless ``SND_DIRECT_KERNEL=off``)."""
     b_pix = lb["b_pix"]
     gq = c.job * Q + c.pix  # pixel of the chunk
 
