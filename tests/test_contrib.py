@@ -173,6 +173,9 @@ def test_no_nvcc_is_a_clear_error(tmp_path, monkeypatch):
     assert sa.status().startswith("off: slot (SND_SLOT_ADJOINT=off), direct (SND_DIRECT_KERNEL=off)")
     monkeypatch.setitem(sa.USE, "slot", "on")  # code's setting wins over the variable
     assert sa.enabled("slot") and not sa.enabled("direct")
+    for value, on in (("0", False), ("False", False), ("no", False), ("1", True), ("on", True)):
+        monkeypatch.setenv("SND_DIRECT_KERNEL", value)
+        assert sa.enabled("direct") is on, value
 
 
 @pytest.mark.gpu

@@ -23,7 +23,8 @@ per 576x880 target of a random-init MVSplat scaffold, 145 ms of operators per pa
   part of an operator (per label, a Gaussian's summed weight over the label's pixels) is this with Y = the
   labels' mean selectors. Such a field has one channel set per pixel (its label's slot); given as a
   `SlotField`, gsplat's backend computes it with snd's own slot kernel (`snd.splat.kernels`; ``SND_SLOT_ADJOINT=off``
-  goes back to gsplat's backward kernel, which works on all K channels of every pair: 1.7x slower on an H100).
+  goes back to gsplat's backward kernel, which works on all K channels of every pair: the builder then takes
+  1.4-1.7x as long on an H100).
 * `direct`: snd's direct-rows kernel sums the list's weights per target patch itself (``SND_DIRECT_KERNEL=off``:
   the list is returned and `snd.splat.operator_rows` aggregates it in torch).
 """
@@ -107,9 +108,9 @@ def contributions(gaussians: Sequence[PixelGaussians], pair: Tensor, K: Tensor, 
     pixels: [height*width] bool; when given, the list holds only the pairs at these pixels (all of them).
     adjoint: called once with every job's alpha; the field Y it returns is pulled back to the Gaussians
     (`Contributions.adjoint`).
-    direct: with the gsplat backend (and ``SND_DIRECT_KERNEL`` not "off"), called once after ``adjoint``; snd's kernel then
-    computes the direct part's rows from its inputs (`Contributions.direct`) instead of listing the pairs. Ignored
-    otherwise (the list is returned and the caller aggregates it).
+    direct: with the gsplat backend (and ``SND_DIRECT_KERNEL`` not "off"), called once after ``adjoint``; snd's
+    kernel then computes the direct part's rows from its inputs (`Contributions.direct`) instead of listing the
+    pairs. Ignored otherwise (the list is returned and the caller aggregates it).
     The same Gaussians are drawn as by `snd.splat.inputs.drawable` (opacity >= 1/255, finite).
     """
     device = gaussians[0].means.device
@@ -173,8 +174,8 @@ def _contributions_gsplat(gaussians: Sequence[PixelGaussians], pair: Tensor, K: 
     before T <= 1e-4: ``rasterize_to_indices_in_range`` over the whole depth range, T starting at 1 at the
     asked pixels and 0 elsewhere); the weights alpha_i T_i are recomputed in torch (float64 transmittance)
     as gsplat's pure-torch ``accumulate`` does. alpha comes from gsplat's forward kernel (one channel) and
-    the adjoint from snd's slot kernel for a `SlotField` (unless SND_SLOT_ADJOINT=off), else from gsplat's backward kernel called directly
-    with the field as the output gradient (the public autograd path would also run a K-channel forward whose
+    the adjoint from snd's slot kernel for a `SlotField` (unless SND_SLOT_ADJOINT=off), else from gsplat's
+    backward kernel called directly with the field as the output gradient (the public autograd path would also run a K-channel forward whose
     output nobody needs). Jobs are gsplat's batch dimension ([N, 1 camera])."""
     from gsplat.cuda._wrapper import (_make_lazy_cuda_func, fully_fused_projection, isect_offset_encode, isect_tiles,
                                       rasterize_to_indices_in_range)
@@ -254,7 +255,7 @@ def _adjoint_gsplat(Y: "Tensor | SlotField", geo: tuple, op: Tensor, ras: tuple,
         width, height, tile_size, offsets, flatten_ids = ras
         try:
             out = kernels.slot_adjoint(geo[0], geo[1], op, offsets, flatten_ids, Y.slot, Y.value, Y.channels, width,
-                                           height, tile_size)
+                                       height, tile_size)
             return out.reshape(N, G, Y.channels)
         except kernels.KernelUnavailable as e:
             kernels.USE["slot"] = "off"

@@ -49,11 +49,14 @@ USE: dict[str, str | None] = {"slot": None, "direct": None}
 ENV = {"slot": "SND_SLOT_ADJOINT", "direct": "SND_DIRECT_KERNEL"}
 
 
-def enabled(kernel: str = "slot") -> bool:
+OFF = ("off", "0", "false", "no")
+
+
+def enabled(kernel: str) -> bool:
     """Whether the operator builder uses this kernel ("slot" or "direct") on CUDA: the setting in `USE`, else its
-    variable (``SND_SLOT_ADJOINT`` / ``SND_DIRECT_KERNEL``; "on" unless it says "off"), read each time, so `snd
-    doctor` and the builder never disagree."""
-    return (USE[kernel] or os.environ.get(ENV[kernel], "on")) != "off"
+    variable (``SND_SLOT_ADJOINT`` / ``SND_DIRECT_KERNEL``; on unless it says off, 0, false or no), read each time,
+    so `snd doctor` and the builder never disagree."""
+    return (USE[kernel] or os.environ.get(ENV[kernel], "on")).strip().lower() not in OFF
 
 
 class KernelUnavailable(RuntimeError):
