@@ -273,21 +273,11 @@ def test_label_slots_ignore_summation_noise():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_slot_kernel_and_gsplat_backward_give_the_same_operators(monkeypatch):
-    """The instance part from snd's slot kernel (SND_SLOT_ADJOINT=on) == from gsplat's backward kernel on the dense
-    field (off, the default), at the real size; every other field is the same bytes (the kernel changes nothing else)."""
+    """The instance part from snd's slot kernel (the default) == from gsplat's backward kernel on the dense field
+    (SND_SLOT_ADJOINT=off), at the real size; every other field is the same bytes (the kernel changes nothing else)."""
     import snd.splat.kernels as sa
-    from snd.splat.gaussians import PixelGaussians
-    from snd.train.distiller import rigid_inverse
-    from snd.train.synthetic import synthetic_sample
-
     dev = torch.device("cuda")
-    xs = [synthetic_sample(i, img_hw=(574, 868), scaffold_hw=(576, 880)) for i in range(2)]
-    gs = [PixelGaussians(x["means"], x["quats"], x["scales"], x["opacities"]).to(device=dev) for x in xs]
-    masks = torch.stack([x["ctx_masks"] for x in xs]).to(dev)
-    src, pair = [1, 0, 0], torch.tensor([0, 1, 0], device=dev)
-    args = (gs, masks, torch.stack([xs[i]["tgt_mask"] for i in src]).to(dev),
-            torch.stack([xs[i]["tgt_K"] for i in src]).to(dev),
-            torch.stack([rigid_inverse(xs[i]["tgt_c2w"]) for i in src]).to(dev), pair, (41, 62), (41, 62))
+    args = _real_size_jobs(dev)
     got = {}
     for use in ("on", "off"):
         monkeypatch.setitem(sa.USE, "slot", use)
@@ -306,8 +296,8 @@ def test_slot_kernel_and_gsplat_backward_give_the_same_operators(monkeypatch):
 @pytest.mark.parametrize("out_hw,kw", [(OUT_HW, dict()), (OUT_HW, dict(row_cap=3, inst_cap=2)),
                                        (OUT_HW, dict(upsample="bilinear", blend_weight=1.0)), ((30, 40), dict())])
 def test_direct_kernel_and_torch_glue_give_the_same_operators(scenes, out_hw, kw, monkeypatch):
-    """The direct part from snd's direct-rows kernel (SND_DIRECT_KERNEL=on: per patch, its 4 tap pixels walked and
-    summed in a table) == from gsplat's list aggregated in torch (off, the default): the kept coefficients, the row
+    """The direct part from snd's direct-rows kernel (the default: per patch, its 4 tap pixels walked and summed in
+    a table) == from gsplat's list aggregated in torch (SND_DIRECT_KERNEL=off): the kept coefficients, the row
     counts and the dropped shares, with the caps binding (row_cap=3), with nothing left unblended (blend_weight 1),
     and for patches that share tap pixels (30x40 from 48x64); the other fields are the same bytes."""
     import snd.splat.kernels as sa
@@ -349,18 +339,8 @@ def test_direct_kernel_at_the_real_size_and_a_table_too_small(monkeypatch):
     """At 576x880 (synthetic pairs, 3 jobs) the kernel's operators == the torch glue's; and with tables of 8 slots,
     rows that overflow are rebuilt with the next size and give the same operators."""
     import snd.splat.kernels as sa
-    from snd.splat.gaussians import PixelGaussians
-    from snd.train.distiller import rigid_inverse
-    from snd.train.synthetic import synthetic_sample
-
     dev = torch.device("cuda")
-    xs = [synthetic_sample(i, img_hw=(574, 868), scaffold_hw=(576, 880)) for i in range(2)]
-    gs = [PixelGaussians(x["means"], x["quats"], x["scales"], x["opacities"]).to(device=dev) for x in xs]
-    masks = torch.stack([x["ctx_masks"] for x in xs]).to(dev)
-    src, pair = [1, 0, 0], torch.tensor([0, 1, 0], device=dev)
-    args = (gs, masks, torch.stack([xs[i]["tgt_mask"] for i in src]).to(dev),
-            torch.stack([xs[i]["tgt_K"] for i in src]).to(dev),
-            torch.stack([rigid_inverse(xs[i]["tgt_c2w"]) for i in src]).to(dev), pair, (41, 62), (41, 62))
+    args = _real_size_jobs(dev)
     got = {}
     for name, use, cap in (("glue", "off", None), ("kernel", "on", None), ("small", "on", (8, 2048))):
         monkeypatch.setitem(sa.USE, "direct", use)
@@ -400,3 +380,18 @@ def test_transposed_structure_is_cached_per_grid(scenes, monkeypatch):
     for k, v in vars(first).items():
         assert torch.equal(v, getattr(again, k)), k
         assert torch.equal(getattr(other, k), getattr(fresh, k)), k
+
+
+def _real_size_jobs(dev: torch.device) -> tuple:
+    """`build_operators`' arguments for 3 jobs over 2 synthetic 576x880 pairs at the 41x62 grid, on `dev`."""
+    from snd.splat.gaussians import PixelGaussians
+    from snd.train.distiller import rigid_inverse
+    from snd.train.synthetic import synthetic_sample
+
+    xs = [synthetic_sample(i, img_hw=(574, 868), scaffold_hw=(576, 880)) for i in range(2)]
+    gs = [PixelGaussians(x["means"], x["quats"], x["scales"], x["opacities"]).to(device=dev) for x in xs]
+    masks = torch.stack([x["ctx_masks"] for x in xs]).to(dev)
+    src, pair = [1, 0, 0], torch.tensor([0, 1, 0], device=dev)
+    return (gs, masks, torch.stack([xs[i]["tgt_mask"] for i in src]).to(dev),
+            torch.stack([xs[i]["tgt_K"] for i in src]).to(dev),
+            torch.stack([rigid_inverse(xs[i]["tgt_c2w"]) for i in src]).to(dev), pair, (41, 62), (41, 62))
