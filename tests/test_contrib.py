@@ -199,3 +199,17 @@ def test_slot_adjoint_gsplat_equals_the_list(kernel, monkeypatch):
     assert cut.adjoint.shape == (2, G, 5) and ref.abs().max() > 0.1
     torch.testing.assert_close(cut.adjoint.double(), ref, rtol=1e-3, atol=1e-4)
     assert sa.USE["slot"] == kernel  # "on" did not fall back
+
+
+def test_direct_table_sizes_fit_the_gpus_shared_memory(monkeypatch):
+    """The direct-rows kernel's larger table (8,192 slots, 192 KiB) is tried only where a block may hold it: on an
+    H100 (227 KiB per block) both sizes, on an A100 (163 KiB) the first only (a row past it goes to the torch path
+    instead of a failed launch)."""
+    from types import SimpleNamespace
+
+    from snd.splat import kernels as sa
+
+    for optin, want in ((232448, [2048, 8192]), (166912, [2048]), (0, [])):
+        props = SimpleNamespace(shared_memory_per_block_optin=optin, shared_memory_per_block=49152 if optin else 0)
+        monkeypatch.setattr(sa.torch.cuda, "get_device_properties", lambda *a, p=props: p)
+        assert sa._capacities(None) == want, optin

@@ -181,8 +181,16 @@ def slot_adjoint(means2d: Tensor, conics: Tensor, opacities: Tensor, tile_offset
 
 
 # table slots per row of `direct_rows` (a power of 2; 24 bytes each in shared memory): a row with more distinct
-# columns than fit is rebuilt with 4x the slots, up to what one block's shared memory holds (227 KiB on Hopper)
+# columns than fit is rebuilt with 4x the slots, if one block's shared memory holds them (227 KiB on Hopper, 163 on
+# an A100: there the second size is skipped and such a chunk goes to the torch path)
 DIRECT_CAPACITY = (2048, 8192)
+SLOT_BYTES = 24
+
+
+def _capacities(dev: torch.device) -> list[int]:
+    props = torch.cuda.get_device_properties(dev)
+    limit = getattr(props, "shared_memory_per_block_optin", 0) or props.shared_memory_per_block
+    return [c for c in DIRECT_CAPACITY if c * SLOT_BYTES + 64 <= limit]
 
 
 def direct_rows(means2d: Tensor, conics: Tensor, opacities: Tensor, tile_offsets: Tensor, flatten_ids: Tensor,
@@ -219,7 +227,7 @@ def direct_rows(means2d: Tensor, conics: Tensor, opacities: Tensor, tile_offsets
     m, c, o, off, fid, tp, tc, pr, uc, uv = keep
     stream = torch.cuda.current_stream(dev).cuda_stream
     index = dev.index if dev.index is not None else torch.cuda.current_device()
-    for capacity in DIRECT_CAPACITY:
+    for capacity in _capacities(dev):
         overflow = torch.zeros(1, dtype=torch.int32, device=dev)
         err = lib.snd_direct_rows(index, I, int(fid.numel()), G, m.data_ptr(), c.data_ptr(), o.data_ptr(), int(width),
                                   int(height), int(tile_size), tw, th, off.data_ptr(), fid.data_ptr(), P, tp.data_ptr(),
