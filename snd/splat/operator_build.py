@@ -12,8 +12,8 @@ cost 145 ms of operators per pair on an H100. Neither part of the operator needs
   ~2 % of the pixels), so the list is asked for there only (`snd.splat.contrib`, ``pixels``);
 * the instance part needs, per kept label, each Gaussian's summed weight over the label's pixels divided
   by their count: the render's adjoint (transpose) applied to the labels' mean selectors, which snd's slot kernel
-  (or gsplat's backward kernel) computes (``adjoint``); a sparse product with the transposed upsampling taps (one per pair
-  for all its jobs) takes it to the context patches.
+  (or gsplat's backward kernel) computes (``adjoint``); a sparse product with the transposed upsampling taps (one
+  per pair for all its jobs) takes it to the context patches.
 
 The math is `snd.splat.operator`'s (module docstring there); per job the result equals building it
 alone (tested: batched == one by one == the earlier one-target builder, `tests/operator_reference.py`,
