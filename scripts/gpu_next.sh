@@ -104,7 +104,7 @@ for s in $STEPS; do case $s in
     # then the builder under each on/off config, alternating in one process (synthetic pairs, chunk 12), with the
     # direct kernel's rows checked against the torch glue's
     step kernels-tests 70 170 py -m pytest -q -m gpu tests/test_contrib.py tests/test_operator_batched.py -p no:cacheprovider
-    # the A/B still runs after a failed test (the defaults stay off), but says so
+    # the A/B still runs after a failed test, but says so
     tail -1 "$OUT/next_steps.jsonl" | grep -q '"rc": 0,' || echo "kernels-tests failed: the kernels' timings below mean little" >&2
     step kernels-ab 60 120 py scripts/gpu_profile_operator.py --chunks 12 --quick --direct on --tag synthetic \
       --ab off/off on/off off/on on/on --rounds 2
