@@ -7,7 +7,7 @@
 //
 // 1. slot_adjoint: the render's adjoint for a field with one non-zero channel per pixel,
 //    out[g, slot(q)] += w(q, g) * value(q) over every pixel q with slot(q) >= 0, w(q, g) = alpha_g(q) T_g(q).
-//    Why not gsplat's backward kernel with a K-channel field (what the builder does by default): that kernel works
+//    Why not gsplat's backward kernel with a K-channel field (the path with SND_SLOT_ADJOINT=off): that kernel works
 //    on every channel of every (pixel, Gaussian) pair, K times the work for a field whose pixels each have one
 //    channel set, and it recovers T by division from the final alpha. Here each thread walks its pixel (T as the
 //    forward pass has it), pixels outside every slot are done at once, and the lanes of a warp that hit the same
