@@ -213,3 +213,26 @@ def test_direct_table_sizes_fit_the_gpus_shared_memory(monkeypatch):
         props = SimpleNamespace(shared_memory_per_block_optin=optin, shared_memory_per_block=49152 if optin else 0)
         monkeypatch.setattr(sa.torch.cuda, "get_device_properties", lambda *a, p=props: p)
         assert sa._capacities(None) == want, optin
+
+
+def test_direct_kernel_that_cannot_build_falls_back_once_with_a_warning(monkeypatch, caplog):
+    """When snd's direct-rows kernel cannot build (no nvcc, a failed build), `contrib` returns None so that the list
+    is made and aggregated in torch, turns the kernel off for the process (no second attempt) and says so once."""
+    from snd.splat import contrib
+    from snd.splat import kernels as sa
+
+    calls = []
+
+    def broken(*a, **k):
+        calls.append(1)
+        raise sa.KernelUnavailable("nvcc not found")
+
+    monkeypatch.setattr(sa, "direct_rows", broken)
+    monkeypatch.setitem(sa.USE, "direct", None)
+    assert sa.enabled("direct")
+    ras = (8, 8, 16, torch.zeros(1, 1, 1, 1), torch.zeros(0))
+    with caplog.at_level("WARNING", logger="snd.splat.kernels"):
+        assert contrib._direct_kernel({}, (None, None), None, ras) is None
+    assert calls == [1] and not sa.enabled("direct") and sa.USE["direct"] == "off"
+    assert [r.getMessage() for r in caplog.records] == [
+        "snd's direct kernel is unavailable (nvcc not found); aggregating gsplat's list in torch (the same operators)"]

@@ -30,7 +30,6 @@ per 576x880 target of a random-init MVSplat scaffold, 145 ms of operators per pa
 """
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -46,7 +45,6 @@ from snd.splat.render_gsplat import gsplat_K
 from snd.splat.render_torch import ALPHA_MAX, build_plan, composite_weights
 
 __all__ = ["Contributions", "SlotField", "contributions"]
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -258,9 +256,7 @@ def _adjoint_gsplat(Y: "Tensor | SlotField", geo: tuple, op: Tensor, ras: tuple,
                                        height, tile_size)
             return out.reshape(N, G, Y.channels)
         except kernels.KernelUnavailable as e:
-            kernels.USE["slot"] = "off"
-            log.warning("snd's slot adjoint kernel is unavailable (%s); using gsplat's backward kernel (the same "
-                        "operators)", e)
+            kernels.fall_back("slot", e, "using gsplat's backward kernel")
     Y = (Y.dense() if isinstance(Y, SlotField) else Y).to(torch.float32)  # [N, H, W, K]
     Kc = int(Y.shape[-1])
     if not Kc:
@@ -283,7 +279,5 @@ def _direct_kernel(req: dict, geo: tuple, op: Tensor, ras: tuple) -> tuple[Tenso
     try:
         return kernels.direct_rows(geo[0], geo[1], op, offsets, flatten_ids, width, height, tile_size, **req)
     except kernels.KernelUnavailable as e:
-        kernels.USE["direct"] = "off"
-        log.warning("snd's direct-rows kernel is unavailable (%s); aggregating gsplat's list in torch (the same "
-                    "operators)", e)
+        kernels.fall_back("direct", e, "aggregating gsplat's list in torch")
         return None

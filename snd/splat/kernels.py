@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["KernelUnavailable", "USE", "enabled", "direct_rows", "slot_adjoint", "library_path", "status"]
+__all__ = ["KernelUnavailable", "USE", "enabled", "direct_rows", "fall_back", "slot_adjoint", "library_path", "status"]
 
 SOURCE = Path(__file__).with_name("csrc") / "operator_kernels.cu"
 log = logging.getLogger(__name__)
@@ -148,6 +148,34 @@ def _library(device: torch.device) -> ctypes.CDLL:
         return _LIBS[cap]
 
 
+def _renders(means2d: Tensor, conics: Tensor, opacities: Tensor, tile_offsets: Tensor,
+             flatten_ids: Tensor) -> tuple[int, int, int, int, list[Tensor]]:
+    """Both kernels' view of gsplat's projection and tile intersection of I images: (I, G, tile rows, tile columns,
+    [means2d, conics, opacities, tile_offsets, flatten_ids] in the dtypes and layout the kernels read)."""
+    I, G = int(opacities.shape[0]), int(opacities.shape[-1])
+    if means2d.shape[:1] + means2d.shape[-2:] != (I, G, 2) or conics.shape[-2:] != (G, 3):
+        raise ValueError(f"means2d/conics must be [I, 1, G, 2/3], got {tuple(means2d.shape)} / {tuple(conics.shape)}")
+    th, tw = int(tile_offsets.shape[-2]), int(tile_offsets.shape[-1])
+    return I, G, th, tw, [means2d.float().contiguous(), conics.float().contiguous(), opacities.float().contiguous(),
+                          tile_offsets.int().contiguous(), flatten_ids.int().contiguous()]
+
+
+def _launch(dev: torch.device, name: str, *args) -> None:
+    """Call entry point `name` of the library for `dev` with its device index first and torch's current stream last;
+    a CUDA error from the launch is a RuntimeError naming the kernel."""
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    err = getattr(_library(dev), name)(index, *args, torch.cuda.current_stream(dev).cuda_stream)
+    if err != 0:
+        raise RuntimeError(f"snd's {name.removeprefix('snd_')} kernel failed to launch (CUDA error {err})")
+
+
+def fall_back(kernel: str, err: KernelUnavailable, instead: str) -> None:
+    """Turn `kernel` off for this process after it could not build or load here, and say once what runs instead
+    (the same operators)."""
+    USE[kernel] = "off"
+    log.warning("snd's %s kernel is unavailable (%s); %s (the same operators)", kernel, err, instead)
+
+
 def slot_adjoint(means2d: Tensor, conics: Tensor, opacities: Tensor, tile_offsets: Tensor, flatten_ids: Tensor,
                  slot: Tensor, value: Tensor, channels: int, width: int, height: int, tile_size: int) -> Tensor:
     """sum_q w(q, g) value(q) [slot(q) == k] for every Gaussian g and slot k: [I * G, channels] float32.
@@ -156,27 +184,16 @@ def slot_adjoint(means2d: Tensor, conics: Tensor, opacities: Tensor, tile_offset
     flatten_ids [n] int32 are gsplat's projection and tile intersection of I images (one camera each);
     slot [I, H, W] int (-1: the pixel adds nothing) and value [I, H, W] float32 describe the field."""
     dev = means2d.device
-    I, G = int(opacities.shape[0]), int(opacities.shape[-1])
-    th, tw = int(tile_offsets.shape[-2]), int(tile_offsets.shape[-1])
+    I, G, th, tw, (m, c, o, off, fid) = _renders(means2d, conics, opacities, tile_offsets, flatten_ids)
     out = torch.zeros(I * G, int(channels), dtype=torch.float32, device=dev)
     if channels == 0 or flatten_ids.numel() == 0:
         return out
-    if means2d.shape[:1] + means2d.shape[-2:] != (I, G, 2) or conics.shape[-2:] != (G, 3):
-        raise ValueError(f"means2d/conics must be [I, 1, G, 2/3], got {tuple(means2d.shape)} / {tuple(conics.shape)}")
     if slot.shape != (I, height, width) or value.shape != (I, height, width):
         raise ValueError(f"slot and value must be [I={I}, {height}, {width}], got {tuple(slot.shape)} / {tuple(value.shape)}")
-    lib = _library(dev)
-    args = [means2d.float().contiguous(), conics.float().contiguous(), opacities.float().contiguous(),
-            tile_offsets.int().contiguous(), flatten_ids.int().contiguous(), slot.int().contiguous(),
-            value.float().contiguous()]
-    m, c, o, off, fid, sl, val = args
-    stream = torch.cuda.current_stream(dev).cuda_stream
-    index = dev.index if dev.index is not None else torch.cuda.current_device()
-    err = lib.snd_slot_adjoint(index, I, int(fid.numel()), m.data_ptr(), c.data_ptr(), o.data_ptr(), int(width),
-                               int(height), int(tile_size), tw, th, off.data_ptr(), fid.data_ptr(), sl.data_ptr(),
-                               val.data_ptr(), int(channels), out.data_ptr(), stream)
-    if err != 0:
-        raise RuntimeError(f"snd's slot_adjoint kernel failed to launch (CUDA error {err})")
+    sl, val = slot.int().contiguous(), value.float().contiguous()
+    _launch(dev, "snd_slot_adjoint", I, int(fid.numel()), m.data_ptr(), c.data_ptr(), o.data_ptr(), int(width),
+            int(height), int(tile_size), tw, th, off.data_ptr(), fid.data_ptr(), sl.data_ptr(), val.data_ptr(),
+            int(channels), out.data_ptr())
     return out
 
 
@@ -205,9 +222,8 @@ def direct_rows(means2d: Tensor, conics: Tensor, opacities: Tensor, tile_offsets
     float64, nnz [I, P] long, abs [I, P, 2] float64: each row's sum of |value| and the part dropped by the cap), or
     None when some row has more distinct columns than the largest table holds (the caller uses the torch glue)."""
     dev = means2d.device
-    I, G = int(opacities.shape[0]), int(opacities.shape[-1])
+    I, G, th, tw, (m, c, o, off, fid) = _renders(means2d, conics, opacities, tile_offsets, flatten_ids)
     P = int(tap_pix.shape[1])
-    th, tw = int(tile_offsets.shape[-2]), int(tile_offsets.shape[-1])
     if tap_pix.shape != (4, P) or tap_coef.shape != (I, 4, P) or pair.shape != (I,):
         raise ValueError(f"tap_pix [4, P], tap_coef [I={I}, 4, P] and pair [I] expected, got {tuple(tap_pix.shape)}, "
                          f"{tuple(tap_coef.shape)}, {tuple(pair.shape)}")
@@ -219,26 +235,17 @@ def direct_rows(means2d: Tensor, conics: Tensor, opacities: Tensor, tile_offsets
     sums = torch.zeros(I * P, 2, dtype=torch.float64, device=dev)
     if I == 0 or P == 0:
         return cols, vals, nnz.reshape(I, P), sums.reshape(I, P, 2)
-    lib = _library(dev)
-    keep = [means2d.float().contiguous(), conics.float().contiguous(), opacities.float().contiguous(),
-            tile_offsets.int().contiguous(), flatten_ids.int().contiguous(), tap_pix.int().contiguous(),
-            tap_coef.double().contiguous(), pair.int().contiguous(), ucols.long().contiguous(),
-            uw.double().contiguous()]
-    m, c, o, off, fid, tp, tc, pr, uc, uv = keep
-    stream = torch.cuda.current_stream(dev).cuda_stream
-    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    tp, tc, pr = tap_pix.int().contiguous(), tap_coef.double().contiguous(), pair.int().contiguous()
+    uc, uv = ucols.long().contiguous(), uw.double().contiguous()
     for capacity in _capacities(dev):
         overflow = torch.zeros(1, dtype=torch.int32, device=dev)
-        err = lib.snd_direct_rows(index, I, int(fid.numel()), G, m.data_ptr(), c.data_ptr(), o.data_ptr(), int(width),
-                                  int(height), int(tile_size), tw, th, off.data_ptr(), fid.data_ptr(), P, tp.data_ptr(),
-                                  tc.data_ptr(), pr.data_ptr(), uc.data_ptr(), uv.data_ptr(), capacity, int(row_cap),
-                                  cols.data_ptr(), vals.data_ptr(), nnz.data_ptr(), sums.data_ptr(),
-                                  overflow.data_ptr(), stream)
-        if err != 0:
-            raise RuntimeError(f"snd's direct_rows kernel failed to launch (CUDA error {err})")
-        if not bool(overflow.item()):  # a host sync, as the torch glue's own
+        _launch(dev, "snd_direct_rows", I, int(fid.numel()), G, m.data_ptr(), c.data_ptr(), o.data_ptr(), int(width),
+                int(height), int(tile_size), tw, th, off.data_ptr(), fid.data_ptr(), P, tp.data_ptr(), tc.data_ptr(),
+                pr.data_ptr(), uc.data_ptr(), uv.data_ptr(), capacity, int(row_cap), cols.data_ptr(), vals.data_ptr(),
+                nnz.data_ptr(), sums.data_ptr(), overflow.data_ptr())
+        full = int(overflow.item())  # a host sync, as the torch glue's own
+        if not full:
             return cols, vals, nnz.reshape(I, P), sums.reshape(I, P, 2)
-        log.info("%d operator rows hold more than %d distinct columns; rebuilding with a larger table",
-                 int(overflow.item()), capacity)
+        log.info("%d operator rows hold more than %d distinct columns; rebuilding with a larger table", full, capacity)
         cols.zero_(), vals.zero_()
     return None

@@ -219,14 +219,12 @@ def build_operators(
     ucols = ucols - torch.div(torch.arange(B * G, device=device), G, rounding_mode="floor")[:, None] * J  # per pair
     dpix, dwt = _downsample_taps(Ht, Wt, h2, w2, device)
     transposed: dict[int, Tensor] = {}
-    structure: list[tuple[Tensor, Tensor, Tensor]] = []
 
     def up_t(p: int) -> Tensor:
         """Pair p's upsampling taps transposed, as a CSR [J, G] float32 (built once per call and pair)."""
         if p not in transposed:
-            if not structure:  # every pair's taps have the same columns (`_transposed_structure`)
-                structure.append(_cached_structure((V, H, W, h, w, r.grid, str(device)), ucols[:G], J))
-            crow, col, slot = structure[0]
+            # every pair's taps have the same columns (`_transposed_structure`), as have every call's with these grids
+            crow, col, slot = _cached_structure((V, H, W, h, w, r.grid, str(device)), ucols[:G], J)
             vals = torch.zeros(col.numel(), dtype=torch.float32, device=device)
             vals.index_add_(0, slot, uw[p * G:(p + 1) * G].reshape(-1).float())
             with warnings.catch_warnings():  # torch's note on CSR being in beta
@@ -264,8 +262,7 @@ def build_operators(
                 return lb["field"]
 
             def direct(lb=lb, sl=sl) -> dict:  # snd's direct-rows kernel's inputs (the default on CUDA)
-                n = lb["b_pix"].numel() // (Ht * Wt)
-                coef = dwt[None] * (1.0 - lb["b_pix"].reshape(n, Ht * Wt)[:, dpix])  # [n, 4, P]
+                coef = dwt[None] * (1.0 - lb["b_pix"].reshape(sl.stop - sl.start, Ht * Wt)[:, dpix])  # [n, 4, P]
                 return dict(tap_pix=dpix, tap_coef=coef, pair=pair[sl], ucols=ucols, uw=uw, row_cap=int(row_cap))
 
             c = contributions(gaussians, pair[sl], tgt_K[sl].to(device, torch.float32),
