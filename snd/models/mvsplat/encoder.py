@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from snd.errors import SndError
 from snd.splat.gaussians import PixelGaussians
 
+from . import corr_kernel as corr_kernels
 from .backbone import BackboneMultiview
 from .config import MVSplatConfig, resolve_config
 from .depth import DepthPredictorMultiView
@@ -80,13 +81,16 @@ class MVSplatEncoder(nn.Module):
 
     Args:
         cfg: architecture (a preset name or a `MVSplatConfig`).
+        corr_kernel: the cost volume's correlation through snd's fused Triton kernel on CUDA (the same values up to
+            the order of a sum; `corr_kernel`); None: on unless ``SND_CORR_KERNEL=off``. No effect on the CPU.
     """
 
-    def __init__(self, cfg: "MVSplatConfig | str" = "scannetpp"):
+    def __init__(self, cfg: "MVSplatConfig | str" = "scannetpp", *, corr_kernel: Optional[bool] = None):
         super().__init__()
         self.cfg = resolve_config(cfg)
         self.backbone = BackboneMultiview(self.cfg.d_feature, self.cfg.downscale_factor)
         self.depth_predictor = DepthPredictorMultiView(self.cfg)
+        self.depth_predictor.corr_kernel = corr_kernels.enabled() if corr_kernel is None else bool(corr_kernel)
         self.channels_last = False
         self._compiled = None
 
