@@ -187,6 +187,7 @@ def test_bench_precompute_reports_the_size_split_and_the_summary_reads_it(tmp_pa
     assert s["mb_per_pair_split"] == {k: round(v, 3) for k, v in sp["mb_per_pair"].items()}
     assert s["operator"] is True and s["source"] == "depth" and s["pairs_per_s_end_to_end"] > 0
     assert r["operator_kernels"] is None and s["operator_kernels"] is None  # CPU: snd's CUDA kernels do not run
+    assert r["mvsplat_corr_kernel"] is None and s["mvsplat_corr_kernel"] is None  # no MVSplat here
 
 
 def test_measured_figures_leave_the_not_yet_measured_list(bench_dir, tmp_path):

@@ -98,6 +98,10 @@ def test_switch_and_cpu_fallback(monkeypatch) -> None:
         assert corr_kernel.enabled() is on
         assert MVSplatEncoder("re10k").depth_predictor.corr_kernel is on
     assert MVSplatEncoder("re10k", corr_kernel=False).depth_predictor.corr_kernel is False
+    assert corr_kernel.status().startswith("on ")
+    monkeypatch.setenv("SND_CORR_KERNEL", "off")
+    from snd.pipeline import doctor
+    assert doctor.report()["mvsplat_corr_kernel"].startswith("off (SND_CORR_KERNEL=off)")
     g = torch.Generator().manual_seed(3)
     fr, fs = torch.randn(2, 8, 4, 6, generator=g), torch.randn(2, 8, 4, 6, generator=g)
     grid = torch.rand(2, 3, 4, 6, 2, generator=g) * 2 - 1

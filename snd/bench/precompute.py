@@ -149,6 +149,16 @@ def _timed_phases(log_: list[dict[str, float]], k0: int, pairs: int) -> dict[str
     return {k: 1e3 * (b[k] - a.get(k, 0.0)) / pairs for k in b}
 
 
+def _corr_kernel_used(source: ScaffoldSource) -> bool | None:
+    """Whether MVSplat's cost volume ran through snd's Triton kernel (None: no MVSplat, or not on CUDA)."""
+    from snd.models.mvsplat import corr_kernel
+
+    enc = getattr(source, "encoder", None)
+    if enc is None or source.device.type != "cuda":
+        return None
+    return bool(enc.depth_predictor.corr_kernel and corr_kernel.available())
+
+
 def bench(cfg: BenchPrecomputeConfig) -> dict:
     """Stage-one throughput (pairs/s), device waits on I/O, MB/pair and the PSNR loss of the encoding.
 
@@ -202,6 +212,8 @@ def bench(cfg: BenchPrecomputeConfig) -> dict:
         "operator_stream": bool(cfg.operator and cfg.operator_stream and source.device.type == "cuda"),
         # snd's CUDA kernels for the operators (snd.splat.kernels) as this run used them; "off" after a failed build
         "operator_kernels": {k: kernels.enabled(k) for k in kernels.ENV} if source.device.type == "cuda" else None,
+        # MVSplat's cost volume through snd's Triton kernel (snd.models.mvsplat.corr_kernel)
+        "mvsplat_corr_kernel": _corr_kernel_used(source),
         "frame_mb_per_pair": s.frame_bytes / 1e6 / max(s.pairs, 1),  # the frames' bytes before Zarr's codecs
         "size_split": scaffold_info(store)["split"],  # MB/pair per part as stored, MB/frame, pairs per frame
         "gaussians_per_pair": gauss, "bytes_per_gaussian": s.bytes / max(s.pairs, 1) / gauss,

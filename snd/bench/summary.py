@@ -25,7 +25,8 @@ def precompute(r: dict) -> dict:
     """`snd bench precompute`: steady and end-to-end pairs/s, ms per pair per phase, MB/pair and its split."""
     sp = r.get("size_split") or {}
     return {"device": r["device_name"], "source": r["source"]["name"], "operator": r.get("operator"), "images": r.get("images"),
-            "operator_kernels": r.get("operator_kernels"), "batch_pairs": r["batch_pairs"], "pairs_timed": r["pairs_timed"], "pairs_per_s": _r(r["pairs_per_s"]),
+            "operator_kernels": r.get("operator_kernels"), "mvsplat_corr_kernel": r.get("mvsplat_corr_kernel"),
+            "batch_pairs": r["batch_pairs"], "pairs_timed": r["pairs_timed"], "pairs_per_s": _r(r["pairs_per_s"]),
             "pairs_per_s_end_to_end": _r(r["pairs_per_s_end_to_end"]), "data_wait_frac": _r(r["data_wait_frac"]),
             "phase_ms_per_pair": {k: _r(v, 2) for k, v in r["phase_ms_per_pair"].items()},
             "mb_per_pair": _r(r["mb_per_pair"]), "mb_per_pair_split": {k: _r(v) for k, v in (sp.get("mb_per_pair") or {}).items()},

@@ -50,6 +50,15 @@ def _operator_kernels_status() -> str:
         return f"unknown ({type(e).__name__}: {e})"
 
 
+def _corr_kernel_status() -> str:
+    from snd.models.mvsplat.corr_kernel import status
+
+    try:
+        return status()
+    except Exception as e:  # noqa: BLE001 - report, never fail
+        return f"unknown ({type(e).__name__}: {e})"
+
+
 def _weights() -> list[tuple[str, str]]:
     rows = []
     for d in WEIGHT_DIRS:
@@ -81,6 +90,7 @@ def report(data_root: Path = Path("data")) -> dict:
         "gpus": gpus or ["none: stage one/two run on CPU (tests and the demo only)"],
         "gsplat": _gsplat_status(),
         "operator_kernels": _operator_kernels_status(),
+        "mvsplat_corr_kernel": _corr_kernel_status(),
         "build_caches": buildcache.report(),
         "weights": _weights(),
         "datasets": _datasets(Path(data_root)),
@@ -104,6 +114,7 @@ def print_report(data_root: Path = Path("data"), console=None) -> dict:
         t.add_row("gpu", g)
     t.add_row("gsplat", r["gsplat"])
     t.add_row("snd operator kernels", r["operator_kernels"])
+    t.add_row("MVSplat correlation kernel", r["mvsplat_corr_kernel"])
     for name, status in r["build_caches"]:
         t.add_row(name, status)
     for name, where in r["weights"] or [("weights", "none found in " + ", ".join(WEIGHT_DIRS) + " (pass --weights)")]:

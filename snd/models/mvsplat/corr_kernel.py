@@ -26,7 +26,7 @@ try:  # torch's Linux wheels bring Triton; elsewhere the torch path is used
 except ImportError:  # pragma: no cover - depends on the platform
     triton = None
 
-__all__ = ["available", "enabled", "correlation", "launch"]
+__all__ = ["available", "enabled", "correlation", "launch", "status"]
 
 OFF = ("off", "0", "false", "no")
 BLOCK_P = 32  # reference pixels per program: 32 x C fp32 features stay in registers across the D candidates
@@ -39,6 +39,16 @@ def enabled() -> bool:
 
 def available() -> bool:
     return triton is not None
+
+
+def status() -> str:
+    """One line for `snd doctor`."""
+    if triton is None:
+        return "Triton not installed: MVSplat's cost volume uses grid_sample (the same values, slower on a GPU)"
+    if not enabled():
+        return "off (SND_CORR_KERNEL=off): MVSplat's cost volume uses grid_sample"
+    where = "on CUDA" if torch.cuda.is_available() else "on CUDA only (here the CPU uses grid_sample)"
+    return f"on {where.removeprefix('on ')} (Triton {triton.__version__}, compiled on first use)"
 
 
 if triton is not None:
