@@ -88,6 +88,15 @@ for s in $STEPS; do case $s in
     [[ $s == eval-tests ]] || step bench-eval 200 320 snd bench eval --model dinov2_vits14 --init random --device cuda --workers 8 --protocol paper \
       --out "$OUT/bench_eval_paper.json"
     [[ $s == eval-tests ]] || summary eval "$OUT/bench_eval_paper.json" ;;
+  precompute-corr)  # (d1) MVSplat's GPU tests (the correlation kernel, aligned convolutions), then stage one with the
+    # correlation kernel on (the default) and off (SND_CORR_KERNEL=off), lossless frames, on the same machine
+    step corr-tests 60 120 py -m pytest -q -m gpu tests/test_mvsplat_corr_kernel.py tests/test_mvsplat_forward.py \
+      -k "not compiled_matches" -p no:cacheprovider
+    for k in on off; do
+      SND_CORR_KERNEL=$k step "precompute_corr_$k" 170 260 snd bench precompute --source mvsplat --device cuda --images lossless \
+        --pairs "$PRE_PAIRS" --workdir "/tmp/snd-bench-pre-corr-$k" --out "$OUT/bench_precompute_mvsplat_corr_$k.json"
+      summary precompute "$OUT/bench_precompute_mvsplat_corr_$k.json"
+    done ;;
   precompute)  # (d) stage one with operators (the default) writing frames, lossless (the default) and JPEG
     est=170
     for codec in ${PRE_CODECS:-lossless jpeg}; do

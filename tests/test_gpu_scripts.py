@@ -23,7 +23,7 @@ def _recording_python(tmp_path: Path) -> tuple[Path, Path]:
     stub = bin_dir / "python3"
     stub.write_text(f"""#!/bin/sh
 case "$1 $2" in
-  "-m snd.cli"|"-m pytest"|"-m snd.bench.summary"|scripts/gpu_nan_hunt.py*|scripts/gpu_profile_operator.py*|scripts/loader_rates.py*|scripts/checkpoint_stall.py*) echo "$*" >> "{log}"; exit 0;;
+  "-m snd.cli"|"-m pytest"|"-m snd.bench.summary"|scripts/gpu_nan_hunt.py*|scripts/gpu_profile_operator.py*|scripts/loader_rates.py*|scripts/checkpoint_stall.py*) echo "$*${{SND_CORR_KERNEL:+ [SND_CORR_KERNEL=$SND_CORR_KERNEL]}}" >> "{log}"; exit 0;;
 esac
 exec "{sys.executable}" "$@"
 """)
@@ -90,6 +90,19 @@ def test_gpu_next_precompute_ab_times_both_operator_modes_then_profiles_the_stor
     steps = [json.loads(x)["step"] for x in (out / "next_steps.jsonl").read_text().splitlines()]
     assert steps == ["ops-tests", "ops-profile", "precompute_operator-stream", "precompute_no-operator-stream",
                      "ops-profile-store"], steps
+
+
+def test_gpu_next_precompute_corr_runs_mvsplat_tests_then_stage_one_with_and_without_the_kernel(tmp_path):
+    bin_dir, log = _recording_python(tmp_path)
+    out = tmp_path / "out"
+    _run_next(bin_dir, out, STEPS="precompute-corr", BUDGET_S="545")
+    calls = log.read_text().splitlines()
+    assert calls[0].startswith("-m pytest -q -m gpu tests/test_mvsplat_corr_kernel.py tests/test_mvsplat_forward.py")
+    pre = [c for c in calls if c.startswith("-m snd.cli bench precompute --source mvsplat")]
+    assert [c.rsplit(" ", 1)[-1] for c in pre] == ["[SND_CORR_KERNEL=on]", "[SND_CORR_KERNEL=off]"], pre
+    assert all("--images lossless --pairs 64" in c for c in pre) and "bench_precompute_mvsplat_corr_off.json" in pre[1]
+    steps = [json.loads(x)["step"] for x in (out / "next_steps.jsonl").read_text().splitlines()]
+    assert steps == ["corr-tests", "precompute_corr_on", "precompute_corr_off"], steps
 
 
 def test_e2e_script_runs_the_readme_commands_in_order(tmp_path):
