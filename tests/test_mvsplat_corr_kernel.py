@@ -123,8 +123,11 @@ def _sweep(B: int, h: int, w: int, D: int = 128, C: int = 128):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_kernel_equals_torch_path_at_the_real_size() -> None:
-    """576x880 images: 144x220 features, 128 channels, 128 candidates; eager and inside torch.compile (on the same
-    grid: compiled, the grid's own arithmetic rounds differently, 3e-4 on this sweep with either path)."""
+    """576x880 images: 144x220 features, 128 channels, 128 candidates; eager, and inside torch.compile on a given
+    grid (compiled, the sweep's own grid arithmetic rounds differently: 3e-4 on this sweep with either path).
+
+    Measured on an H100: eager on the sweep 9.5e-7 of the largest value (1e-5 asked); compiled on a random grid
+    1.2e-5 (docs/bench/corr_gpu_tests_h100.log), hence 5e-5 there; a wrong weight or corner is O(1)."""
     args = _sweep(2, 144, 220)
     ref, _ = plane_sweep_correlation(*args, 128)
     fused, _ = plane_sweep_correlation(*args, 128, kernel=True)
@@ -133,8 +136,12 @@ def test_gpu_kernel_equals_torch_path_at_the_real_size() -> None:
     feats = args[0].reshape(4, 128, 144, 220)
     grid = torch.rand(4, 128, 144, 220, 2, device="cuda") * 2.2 - 1.1
     ref = correlation_volume(feats, feats.flip(0), grid)
+    eager = correlation_volume(feats, feats.flip(0), grid, kernel=True)
     compiled = torch.compile(lambda a, b, g: correlation_volume(a, b, g, kernel=True), dynamic=False)
-    assert float((compiled(feats, feats.flip(0), grid) - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
+    out = compiled(feats, feats.flip(0), grid)
+    scale = float(ref.abs().max())
+    assert float((out - ref).abs().max()) <= 5e-5 * scale
+    assert float((out - eager).abs().max()) <= 5e-5 * scale
 
 
 @pytest.mark.gpu

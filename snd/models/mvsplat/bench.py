@@ -21,8 +21,9 @@ STAGES = {
     "costvolume_unet": "depth_predictor.corr_refine_net",  # incl. its in/out convs
     "depth_head": "depth_predictor.depth_head_lowres",
     "upsampler": "depth_predictor.upsampler",
-    "refine_unet": "depth_predictor.refine_unet",
-    "to_gaussians.0": "depth_predictor.to_gaussians.0",
+    # the U-Net proper: on CUDA the refinement's first convolution and `to_gaussians.0` run as `depth.conv_aligned`
+    # (zero-padded channels, not a module call), so they count in "other"
+    "refine_unet": "depth_predictor.refine_unet.3",
     "to_disparity": "depth_predictor.to_disparity",
 }
 
