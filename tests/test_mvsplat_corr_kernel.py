@@ -98,6 +98,12 @@ def test_switch_and_cpu_fallback(monkeypatch) -> None:
         assert corr_kernel.enabled() is on
         assert MVSplatEncoder("re10k").depth_predictor.corr_kernel is on
     assert MVSplatEncoder("re10k", corr_kernel=False).depth_predictor.corr_kernel is False
+    monkeypatch.setattr(corr_kernel.torch.cuda, "is_available", lambda: True)  # a Pascal GPU: Triton cannot compile
+    monkeypatch.setattr(corr_kernel.torch.cuda, "get_device_capability", lambda *a: (6, 1))
+    assert not corr_kernel.enabled() and "older than Triton supports" in corr_kernel.status()
+    monkeypatch.setattr(corr_kernel.torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    assert corr_kernel.enabled()
+    monkeypatch.undo()
     assert corr_kernel.status().startswith("on ")
     monkeypatch.setenv("SND_CORR_KERNEL", "off")
     from snd.pipeline import doctor

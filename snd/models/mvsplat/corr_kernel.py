@@ -33,8 +33,11 @@ BLOCK_P = 32  # reference pixels per program: 32 x C fp32 features stay in regis
 
 
 def enabled() -> bool:
-    """Whether MVSplat on CUDA uses the kernel (``SND_CORR_KERNEL``, on unless off/0/false/no) and Triton is here."""
-    return triton is not None and os.environ.get("SND_CORR_KERNEL", "on").strip().lower() not in OFF
+    """Whether MVSplat on CUDA uses the kernel: ``SND_CORR_KERNEL`` on (unless off/0/false/no), Triton here, and
+    the GPU one Triton compiles for (compute capability 7.0 or newer, as torch.compile's own rule)."""
+    if triton is None or os.environ.get("SND_CORR_KERNEL", "on").strip().lower() in OFF:
+        return False
+    return not torch.cuda.is_available() or torch.cuda.get_device_capability() >= (7, 0)
 
 
 def available() -> bool:
@@ -46,7 +49,9 @@ def status() -> str:
     if triton is None:
         return "Triton not installed: MVSplat's cost volume uses grid_sample (the same values, slower on a GPU)"
     if not enabled():
-        return "off (SND_CORR_KERNEL=off): MVSplat's cost volume uses grid_sample"
+        why = "SND_CORR_KERNEL=off" if os.environ.get("SND_CORR_KERNEL", "on").strip().lower() in OFF else \
+            "this GPU is older than Triton supports"
+        return f"off ({why}): MVSplat's cost volume uses grid_sample"
     where = "on CUDA" if torch.cuda.is_available() else "on CUDA only (here the CPU uses grid_sample)"
     return f"on {where.removeprefix('on ')} (Triton {triton.__version__}, compiled on first use)"
 
