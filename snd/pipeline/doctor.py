@@ -41,20 +41,10 @@ def _gsplat_status() -> str:
         else "installed; needs CUDA"
 
 
-def _operator_kernels_status() -> str:
-    from snd.splat.kernels import status
-
+def _kernel_status(module: str) -> str:
+    """`status()` of one of snd's kernel modules (the operators' CUDA kernels, MVSplat's correlation kernel)."""
     try:
-        return status()
-    except Exception as e:  # noqa: BLE001 - report, never fail
-        return f"unknown ({type(e).__name__}: {e})"
-
-
-def _corr_kernel_status() -> str:
-    from snd.models.mvsplat.corr_kernel import status
-
-    try:
-        return status()
+        return importlib.import_module(module).status()
     except Exception as e:  # noqa: BLE001 - report, never fail
         return f"unknown ({type(e).__name__}: {e})"
 
@@ -89,8 +79,8 @@ def report(data_root: Path = Path("data")) -> dict:
                      "trimesh": _version("trimesh"), "embreex": _version("embreex")},
         "gpus": gpus or ["none: stage one/two run on CPU (tests and the demo only)"],
         "gsplat": _gsplat_status(),
-        "operator_kernels": _operator_kernels_status(),
-        "mvsplat_corr_kernel": _corr_kernel_status(),
+        "operator_kernels": _kernel_status("snd.splat.kernels"),
+        "mvsplat_corr_kernel": _kernel_status("snd.models.mvsplat.corr_kernel"),
         "build_caches": buildcache.report(),
         "weights": _weights(),
         "datasets": _datasets(Path(data_root)),

@@ -52,8 +52,8 @@ def status() -> str:
         why = "SND_CORR_KERNEL=off" if os.environ.get("SND_CORR_KERNEL", "on").strip().lower() in OFF else \
             "this GPU is older than Triton supports"
         return f"off ({why}): MVSplat's cost volume uses grid_sample"
-    where = "on CUDA" if torch.cuda.is_available() else "on CUDA only (here the CPU uses grid_sample)"
-    return f"on {where.removeprefix('on ')} (Triton {triton.__version__}, compiled on first use)"
+    where = "" if torch.cuda.is_available() else "; CUDA only, the CPU uses grid_sample"
+    return f"on (Triton {triton.__version__}, compiled on first use{where})"
 
 
 if triton is not None:
