@@ -97,6 +97,10 @@ for s in $STEPS; do case $s in
         --pairs "$PRE_PAIRS" --workdir "/tmp/snd-bench-pre-corr-$k" --out "$OUT/bench_precompute_mvsplat_corr_$k.json"
       summary precompute "$OUT/bench_precompute_mvsplat_corr_$k.json"
     done ;;
+  mvsplat-profile)  # (d2) MVSplat's compiled networks by kind of kernel with the correlation kernel on and off (two
+    # compiles, ~130 s each on an H100), and the kernel alone at 9 launch shapes
+    step mvsplat-profile 300 420 py scripts/gpu_profile_mvsplat.py --what corr compiled --corr-kernel on off
+    grep '^{' "$OUT/next_mvsplat-profile.log" > "$OUT/profile_mvsplat.jsonl" 2>/dev/null ;;
   precompute)  # (d) stage one with operators (the default) writing frames, lossless (the default) and JPEG
     est=170
     for codec in ${PRE_CODECS:-lossless jpeg}; do

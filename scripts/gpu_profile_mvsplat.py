@@ -94,6 +94,20 @@ def compiled_profile(B: int, H: int, W: int, iters: int, corr_kernel: bool) -> d
             "top": [[n[:160], round(v, 3), count[n] // iters] for n, v in top]}
 
 
+def _grid_of(feats, K, c2w, near, far):
+    """The sweep's sampling grid as `plane_sweep_correlation` builds it (captured from its grid_sample call)."""
+    from snd.models.mvsplat.depth import plane_sweep_correlation
+    seen = []
+    real = torch.nn.functional.grid_sample
+    torch.nn.functional.grid_sample = lambda x, g, **kw: (seen.append(g), real(x, g, **kw))[1]
+    try:
+        plane_sweep_correlation(feats, K, c2w, near, far, 128, chunk_bytes=1 << 62)
+    finally:
+        torch.nn.functional.grid_sample = real
+    B2, _, h, w = seen[0].shape[0], None, feats.shape[-2], feats.shape[-1]
+    return seen[0].reshape(B2, -1, h, w, 2).contiguous()
+
+
 def corr_alone(B: int, H: int, W: int, iters: int) -> dict:
     from snd.models.mvsplat.depth import plane_sweep_correlation
     dev = torch.device("cuda")
@@ -109,7 +123,22 @@ def corr_alone(B: int, H: int, W: int, iters: int) -> dict:
     a = plane_sweep_correlation(feats, K, c2w, near, far, 128)[0]
     b = comp(feats, K, c2w, near, far, 128)[0]
     k = plane_sweep_correlation(feats, K, c2w, near, far, 128, kernel=True)[0]
-    return {"what": "corr", "batch_pairs": B, "eager_ms_per_batch": round(eager, 2), "compiled_ms_per_batch": round(compiled, 2),
+    # the kernel alone at other launch shapes (pixels per program x warps), on the sweep's own grid
+    from snd.models.mvsplat import corr_kernel
+    grid = _grid_of(feats, K, c2w, near, far)
+    f = feats.reshape(2 * B, 128, h, w)
+    ref = f.float().permute(0, 2, 3, 1).contiguous()
+    src = f.reshape(B, 2, 128, h, w).flip(1).reshape(2 * B, 128, h, w).float().permute(0, 2, 3, 1).contiguous()
+    out = torch.empty(2 * B, 128, h, w, device=dev)
+    shapes = {}
+    for blk in (16, 32, 64):
+        for nw in (2, 4, 8):
+            run = lambda blk=blk, nw=nw: corr_kernel.launch(corr_kernel._corr_kernel, ref, src, grid, out,  # noqa: E731
+                                                            block=blk, num_warps=nw)
+            run()
+            shapes[f"{blk}x{nw}"] = round(_time(run, iters), 2)
+            assert float((out - a).abs().max()) <= 1e-5 * float(a.abs().max()), (blk, nw)
+    return {"kernel_alone_ms_per_batch_by_block_x_warps": shapes,"what": "corr", "batch_pairs": B, "eager_ms_per_batch": round(eager, 2), "compiled_ms_per_batch": round(compiled, 2),
             "kernel_ms_per_batch": round(kernel, 2), "max_abs_diff_compiled": float((a - b).abs().max()),
             "max_abs_diff_kernel": float((a - k).abs().max()), "max_abs": float(a.abs().max())}
 

@@ -23,7 +23,7 @@ def _recording_python(tmp_path: Path) -> tuple[Path, Path]:
     stub = bin_dir / "python3"
     stub.write_text(f"""#!/bin/sh
 case "$1 $2" in
-  "-m snd.cli"|"-m pytest"|"-m snd.bench.summary"|scripts/gpu_nan_hunt.py*|scripts/gpu_profile_operator.py*|scripts/loader_rates.py*|scripts/checkpoint_stall.py*) echo "$*${{SND_CORR_KERNEL:+ [SND_CORR_KERNEL=$SND_CORR_KERNEL]}}" >> "{log}"; exit 0;;
+  "-m snd.cli"|"-m pytest"|"-m snd.bench.summary"|scripts/gpu_nan_hunt.py*|scripts/gpu_profile_operator.py*|scripts/gpu_profile_mvsplat.py*|scripts/loader_rates.py*|scripts/checkpoint_stall.py*) echo "$*${{SND_CORR_KERNEL:+ [SND_CORR_KERNEL=$SND_CORR_KERNEL]}}" >> "{log}"; exit 0;;
 esac
 exec "{sys.executable}" "$@"
 """)
@@ -103,6 +103,8 @@ def test_gpu_next_precompute_corr_runs_mvsplat_tests_then_stage_one_with_and_wit
     assert all("--images lossless --pairs 64" in c for c in pre) and "bench_precompute_mvsplat_corr_off.json" in pre[1]
     steps = [json.loads(x)["step"] for x in (out / "next_steps.jsonl").read_text().splitlines()]
     assert steps == ["corr-tests", "precompute_corr_on", "precompute_corr_off"], steps
+    _run_next(bin_dir, out, STEPS="mvsplat-profile", BUDGET_S="545")
+    assert "scripts/gpu_profile_mvsplat.py --what corr compiled --corr-kernel on off" in log.read_text().splitlines()
 
 
 def test_e2e_script_runs_the_readme_commands_in_order(tmp_path):

@@ -116,13 +116,15 @@ def _check(ref: Tensor, src: Tensor, grid: Tensor) -> tuple[int, int, int, int, 
     return N, D, h, w, C
 
 
-def launch(kernel, ref: Tensor, src: Tensor, grid: Tensor, out: Tensor) -> Tensor:
+def launch(kernel, ref: Tensor, src: Tensor, grid: Tensor, out: Tensor, *, block: int = BLOCK_P,
+           num_warps: int = 4) -> Tensor:
     """Run `kernel` (the Triton function, or torch's `wrap_triton` of it inside the custom op) into out [N, D, h, w].
-    ref/src [N, h, w, C] float32 contiguous, grid [N, D, h, w, 2] float32 contiguous."""
+    ref/src [N, h, w, C] float32 contiguous, grid [N, D, h, w, 2] float32 contiguous. `block` and `num_warps` are
+    the launch shape (the profile script sweeps them; the op uses the defaults)."""
     N, D, h, w, C = _check(ref, src, grid)
     # w - 1 and h - 1 as floats from here: torch.compile's analysis of the kernel sees ints as Python ints
-    kernel[(triton.cdiv(h * w, BLOCK_P), N)](ref, src, grid, out, D, h, w, float(w - 1), float(h - 1), math.sqrt(C),
-                                             C=C, BLOCK=BLOCK_P, num_warps=4)
+    kernel[(triton.cdiv(h * w, block), N)](ref, src, grid, out, D, h, w, float(w - 1), float(h - 1), math.sqrt(C),
+                                           C=C, BLOCK=block, num_warps=num_warps)
     return out
 
 
