@@ -8,8 +8,9 @@ back once: 39 of MVSplat's 197 ms per batch of 8 pairs on an H200 (cuDNN's sampl
 registers, walks the D candidates, gathers the 4 source corners per pixel and writes only the [N, D, h, w] result.
 
 The arithmetic is `grid_sample`'s (bilinear, zeros padding, align_corners=True: the same corner weights and the
-same in-bounds rule) in fp32 on the same fp32 inputs, so the result equals the reference up to the order of the
-channel sum (tests: the kernel under Triton's interpreter on the CPU, and on the GPU, against the torch path).
+same in-bounds rule) in fp32 on the same fp32 inputs, so the result equals the reference up to fp32 rounding (the
+channel sum's order; cuDNN's sampler, the torch path on CUDA, may round the coordinates differently). Tests: the
+kernel under Triton's interpreter on the CPU against the torch path, hand values and float64, and on the GPU.
 ``SND_CORR_KERNEL=off`` (or 0/false/no) keeps the torch path on CUDA too.
 """
 from __future__ import annotations

@@ -82,7 +82,7 @@ class MVSplatEncoder(nn.Module):
     Args:
         cfg: architecture (a preset name or a `MVSplatConfig`).
         corr_kernel: the cost volume's correlation through snd's fused Triton kernel on CUDA (the same values up to
-            the order of a sum; `corr_kernel`); None: on unless ``SND_CORR_KERNEL=off``. No effect on the CPU.
+            fp32 rounding; `corr_kernel`); None: on unless ``SND_CORR_KERNEL=off``. No effect on the CPU.
     """
 
     def __init__(self, cfg: "MVSplatConfig | str" = "scannetpp", *, corr_kernel: Optional[bool] = None):
