@@ -94,22 +94,8 @@ def compiled_profile(B: int, H: int, W: int, iters: int, corr_kernel: bool) -> d
             "top": [[n[:160], round(v, 3), count[n] // iters] for n, v in top]}
 
 
-def _grid_of(feats, K, c2w, near, far):
-    """The sweep's sampling grid as `plane_sweep_correlation` builds it (captured from its grid_sample call)."""
-    from snd.models.mvsplat.depth import plane_sweep_correlation
-    seen = []
-    real = torch.nn.functional.grid_sample
-    torch.nn.functional.grid_sample = lambda x, g, **kw: (seen.append(g), real(x, g, **kw))[1]
-    try:
-        plane_sweep_correlation(feats, K, c2w, near, far, 128, chunk_bytes=1 << 62)
-    finally:
-        torch.nn.functional.grid_sample = real
-    B2, _, h, w = seen[0].shape[0], None, feats.shape[-2], feats.shape[-1]
-    return seen[0].reshape(B2, -1, h, w, 2).contiguous()
-
-
 def corr_alone(B: int, H: int, W: int, iters: int) -> dict:
-    from snd.models.mvsplat.depth import plane_sweep_correlation
+    from snd.models.mvsplat.depth import plane_sweep_correlation, plane_sweep_grids
     dev = torch.device("cuda")
     h, w = H // 4, W // 4
     feats = torch.randn(B, 2, 128, h, w, device=dev, dtype=torch.bfloat16)
@@ -125,7 +111,7 @@ def corr_alone(B: int, H: int, W: int, iters: int) -> dict:
     k = plane_sweep_correlation(feats, K, c2w, near, far, 128, kernel=True)[0]
     # the kernel alone at other launch shapes (pixels per program x warps), on the sweep's own grid
     from snd.models.mvsplat import corr_kernel
-    grid = _grid_of(feats, K, c2w, near, far)
+    grid = plane_sweep_grids(K, c2w, near, far, 128, h, w)[0]
     f = feats.reshape(2 * B, 128, h, w)
     ref = f.float().permute(0, 2, 3, 1).contiguous()
     src = f.reshape(B, 2, 128, h, w).flip(1).reshape(2 * B, 128, h, w).float().permute(0, 2, 3, 1).contiguous()

@@ -22,7 +22,7 @@ _INTERPRETED = r"""
 import json, math, sys
 import numpy as np, torch
 from snd.models.mvsplat import corr_kernel as ck
-from snd.models.mvsplat.depth import correlation_volume, plane_sweep_correlation
+from snd.models.mvsplat.depth import correlation_volume, plane_sweep_correlation, plane_sweep_grids
 
 g = torch.Generator().manual_seed(0)
 out = {}
@@ -51,19 +51,11 @@ c2w[:, 1, 0, 3] = 0.4
 c2w[:, 1, 2, 3] = 0.1
 near, far = torch.full((B, 2), 0.5), torch.full((B, 2), 20.0)
 ref, _ = plane_sweep_correlation(feats, K, c2w, near, far, D)
-captured = {}
-real = torch.nn.functional.grid_sample
-def spy(src, grid, **kw):
-    captured.setdefault("grid", grid)
-    return real(src, grid, **kw)
-torch.nn.functional.grid_sample = spy
-plane_sweep_correlation(feats, K, c2w, near, far, D)
-torch.nn.functional.grid_sample = real
-grid = captured["grid"].reshape(B * 2, D, h, w, 2)
+grid = plane_sweep_grids(K, c2w, near, far, D, h, w)[0]
 f = feats.reshape(B * 2, C, h, w)
 res = torch.empty(B * 2, D, h, w)
 ck.launch(ck._corr_kernel, f.permute(0, 2, 3, 1).contiguous(), f.reshape(B, 2, C, h, w).flip(1).reshape(B * 2, C, h, w)
-          .permute(0, 2, 3, 1).contiguous(), grid.contiguous(), res)
+          .permute(0, 2, 3, 1).contiguous(), grid, res)
 out["sweep"] = dict(max_diff=float((res - ref).abs().max()), scale=float(ref.abs().max()),
                     inside=float((ref != 0).float().mean()))
 # 3. accuracy: both fp32 paths against grid_sample in float64 on the same (fp32) grid, 128 channels

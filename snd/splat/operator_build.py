@@ -363,4 +363,3 @@ def _assemble(c, lb: dict, pair_sl: Tensor, *, ucols: Tensor, uw: Tensor, up_t: 
                 inst=inst, inst_ids=inst_ids, inst_w=inst_w.float(), valid=valid,
                 dropped_direct=dropped_direct.float().clamp_min(0), dropped_inst=dropped_inst.float().clamp_min(0),
                 max_row_nnz=nnz.max(1).values if P else torch.zeros(N, dtype=torch.long, device=device))
-

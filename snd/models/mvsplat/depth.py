@@ -67,22 +67,18 @@ def correlation_volume(feat_ref: Tensor, feat_src: Tensor, grid: Tensor, *, chun
     return torch.cat(out, 1) / math.sqrt(C)
 
 
-def plane_sweep_correlation(feats: Tensor, K_norm: Tensor, c2w: Tensor, near: Tensor, far: Tensor, num: int, *,
-                            chunk_bytes: int = WARP_CHUNK_BYTES, kernel: bool = False) -> tuple[Tensor, Tensor]:
-    """Two-view plane-sweep cost volume (fp32, autocast off).
+def plane_sweep_grids(K_norm: Tensor, c2w: Tensor, near: Tensor, far: Tensor, num: int, h: int, w: int
+                      ) -> tuple[Tensor, Tensor]:
+    """The two-view plane sweep's sampling grids (fp32): view v's pixels at each candidate depth, in view 1 - v.
 
     Args:
-        feats: [B, 2, C, h, w] per-view features; view v is matched against view 1 - v.
         K_norm: [B, 2, 3, 3] normalised intrinsics.  c2w: [B, 2, 4, 4].  near, far: [B, 2].
-        num: depth candidates, uniform in inverse depth between 1/far and 1/near.
-        kernel: use the fused CUDA kernel (`correlation_volume`).
+        num: depth candidates, uniform in inverse depth between 1/far and 1/near.  h, w: the feature size.
     Returns:
-        (correlation [B*2, num, h, w], candidate disparities [B*2, num]), (b v)-ordered.
+        (grid [B*2, num, h, w, 2] for `correlation_volume`, candidate disparities [B*2, num]), (b v)-ordered.
     """
-    B, V, C, h, w = feats.shape
-    assert V == 2, f"the cost volume is implemented for 2 context views, got {V}"
-    N = B * V
-    with torch.autocast(device_type=feats.device.type, enabled=False):
+    N = K_norm.shape[0] * 2
+    with torch.autocast(device_type=K_norm.device.type, enabled=False):
         Kf = K_norm.float().clone()  # upstream: normalised K times the feature size
         Kf[..., 0, :] *= w
         Kf[..., 1, :] *= h
@@ -90,6 +86,25 @@ def plane_sweep_correlation(feats: Tensor, K_norm: Tensor, c2w: Tensor, near: Te
         disp = inverse_depth_candidates(near, far, num).reshape(N, num)
         grid = plane_sweep_grid(Kf.reshape(N, 3, 3), Kf.flip(1).reshape(N, 3, 3), ref_to_src.reshape(N, 4, 4),
                                 disp, h, w)
+    return grid, disp
+
+
+def plane_sweep_correlation(feats: Tensor, K_norm: Tensor, c2w: Tensor, near: Tensor, far: Tensor, num: int, *,
+                            chunk_bytes: int = WARP_CHUNK_BYTES, kernel: bool = False) -> tuple[Tensor, Tensor]:
+    """Two-view plane-sweep cost volume (fp32, autocast off).
+
+    Args:
+        feats: [B, 2, C, h, w] per-view features; view v is matched against view 1 - v.
+        K_norm, c2w, near, far, num: as `plane_sweep_grids`.
+        kernel: use the fused CUDA kernel (`correlation_volume`).
+    Returns:
+        (correlation [B*2, num, h, w], candidate disparities [B*2, num]), (b v)-ordered.
+    """
+    B, V, C, h, w = feats.shape
+    assert V == 2, f"the cost volume is implemented for 2 context views, got {V}"
+    N = B * V
+    grid, disp = plane_sweep_grids(K_norm, c2w, near, far, num, h, w)
+    with torch.autocast(device_type=feats.device.type, enabled=False):
         corr = correlation_volume(feats.reshape(N, C, h, w), feats.flip(1).reshape(N, C, h, w), grid,
                                   chunk_bytes=chunk_bytes, kernel=kernel)
     return corr, disp
@@ -199,4 +214,4 @@ class DepthPredictorMultiView(nn.Module):
 
 
 __all__ = ["DepthPredictorMultiView", "DepthPrediction", "conv_aligned", "correlation_volume", "plane_sweep_correlation",
-           "WARP_CHUNK_BYTES"]
+           "plane_sweep_grids", "WARP_CHUNK_BYTES"]
