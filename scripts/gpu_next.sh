@@ -97,6 +97,12 @@ for s in $STEPS; do case $s in
         --pairs "$PRE_PAIRS" --workdir "/tmp/snd-bench-pre-corr-$k" --out "$OUT/bench_precompute_mvsplat_corr_$k.json"
       summary precompute "$OUT/bench_precompute_mvsplat_corr_$k.json"
     done ;;
+  pipeline-ab)  # (d0b) stage one's pipeline variants over one compiled source (scripts/gpu_precompute_ab.py):
+    # the operator thread against the main thread, bigger operator chunks, and --no-operator as the ceiling;
+    # two timed rounds, then one traced run each for the GPU's busy fraction (AB_VARIANTS picks)
+    step pipeline-ab 240 420 py scripts/gpu_precompute_ab.py --pairs "${AB_PAIRS:-96}" --rounds 2 --busy \
+      --variants ${AB_VARIANTS:-thread inline chunk12 operator_chunk=24 no-operator}
+    grep '^{' "$OUT/next_pipeline-ab.log" > "$OUT/pipeline_ab.jsonl" 2>/dev/null ;;
   mvsplat-profile)  # (d2) MVSplat's compiled networks by kind of kernel with the correlation kernel on and off (two
     # compiles, ~130 s each on an H100), and the kernel alone at 9 launch shapes
     step mvsplat-profile 300 420 py scripts/gpu_profile_mvsplat.py --what corr compiled --corr-kernel on off
@@ -129,7 +135,7 @@ for s in $STEPS; do case $s in
   add-ops)  # (f) `snd cache add-operators` on the store the precompute step left (MVSplat, random init): pairs/s on the GPU
     rm -rf /tmp/snd-addops
     step add-ops 60 200 snd cache add-operators /tmp/snd-bench-pre/cache --out /tmp/snd-addops --device cuda ;;
-  *) echo "unknown step $s (fast-tests | distill | ops | precompute-ab | eval | eval-tests | bench-eval | precompute | ckpt | add-ops | kernels | kernels-store)"; exit 2 ;;
+  *) echo "unknown step $s (fast-tests | distill | ops | precompute-ab | pipeline-ab | precompute-corr | mvsplat-profile | eval | eval-tests | bench-eval | precompute | ckpt | add-ops | kernels | kernels-store)"; exit 2 ;;
 esac; done
 
 # the paper-scale projection from this call's files (the others: the newest in docs/bench)

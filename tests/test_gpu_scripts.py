@@ -23,7 +23,7 @@ def _recording_python(tmp_path: Path) -> tuple[Path, Path]:
     stub = bin_dir / "python3"
     stub.write_text(f"""#!/bin/sh
 case "$1 $2" in
-  "-m snd.cli"|"-m pytest"|"-m snd.bench.summary"|scripts/gpu_nan_hunt.py*|scripts/gpu_profile_operator.py*|scripts/gpu_profile_mvsplat.py*|scripts/loader_rates.py*|scripts/checkpoint_stall.py*) echo "$*${{SND_CORR_KERNEL:+ [SND_CORR_KERNEL=$SND_CORR_KERNEL]}}" >> "{log}"; exit 0;;
+  "-m snd.cli"|"-m pytest"|"-m snd.bench.summary"|scripts/gpu_nan_hunt.py*|scripts/gpu_profile_operator.py*|scripts/gpu_profile_mvsplat.py*|scripts/gpu_precompute_ab.py*|scripts/loader_rates.py*|scripts/checkpoint_stall.py*) echo "$*${{SND_CORR_KERNEL:+ [SND_CORR_KERNEL=$SND_CORR_KERNEL]}}" >> "{log}"; exit 0;;
 esac
 exec "{sys.executable}" "$@"
 """)
@@ -106,6 +106,20 @@ def test_gpu_next_precompute_corr_runs_mvsplat_tests_then_stage_one_with_and_wit
     _run_next(bin_dir, out, STEPS="mvsplat-profile", BUDGET_S="545")
     assert "scripts/gpu_profile_mvsplat.py --what corr compiled --corr-kernel on off" in log.read_text().splitlines()
 
+
+
+def test_gpu_next_pipeline_ab_alternates_the_variants_over_one_source(tmp_path):
+    bin_dir, log = _recording_python(tmp_path)
+    out = tmp_path / "out"
+    _run_next(bin_dir, out, STEPS="pipeline-ab", BUDGET_S="545")
+
+    def ab_calls() -> list[str]:
+        return [c for c in log.read_text().splitlines() if c.startswith("scripts/gpu_precompute_ab.py")]
+
+    assert ab_calls() == ["scripts/gpu_precompute_ab.py --pairs 96 --rounds 2 --busy --variants thread inline chunk12 "
+                          "operator_chunk=24 no-operator"]
+    _run_next(bin_dir, out, STEPS="pipeline-ab", BUDGET_S="545", AB_VARIANTS="thread inline", AB_PAIRS="8")
+    assert ab_calls()[-1] == "scripts/gpu_precompute_ab.py --pairs 8 --rounds 2 --busy --variants thread inline"
 
 def test_e2e_script_runs_the_readme_commands_in_order(tmp_path):
     """`scripts/e2e_commands.sh` (the real commands timed): each command reaches snd, the dataset is hidden

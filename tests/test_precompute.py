@@ -169,6 +169,41 @@ def test_cached_scaffold_psnr_loss_below_0p1_db(synth_root, kind):
     assert _psnr(got, ref) > 40, _psnr(got, ref)
 
 
+
+def test_operators_on_the_main_thread_give_the_same_store(baseline, synth_root, tmp_path):
+    """The operator stage on a thread of its own (the default) and inline on the main thread (the pipeline
+    before 2026-12-06, `--no-operator-thread`) write byte-identical scene groups: same batches, same order."""
+    out = tmp_path / "inline"
+    s = run(make_cfg(synth_root, out, operator_thread=False), progress=False)
+    assert (s.scenes_done, s.failed, s.pairs) == (2, 0, 8)
+    names = CacheReader(baseline).scenes
+    assert CacheReader(out).scenes == names
+    for n in names:
+        assert store_files(out, n) == store_files(baseline, n), n
+    assert M.read_manifest(out)["scenes"] == M.read_manifest(baseline)["scenes"]
+
+
+@pytest.mark.parametrize("threaded", [True, False])
+def test_an_operator_error_stops_the_run_with_that_error(synth_root, tmp_path, monkeypatch, threaded):
+    """A builder that fails (a bug, not a bad scene) stops stage one with its own exception, in the main thread,
+    threaded or not; no scene is committed with a batch missing, and the run does not hang on a full queue."""
+    from snd.stages.precompute import operators as mod
+
+    real, calls = mod._build_operators, []
+
+    def fails_second(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("builder bug")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(mod, "_build_operators", fails_second)
+    out = tmp_path / "err"
+    with pytest.raises(RuntimeError, match="builder bug"):
+        run(make_cfg(synth_root, out, batch_pairs=1, operator_thread=threaded), progress=False)
+    assert CacheReader(out).scenes == []  # the store exists (begun before the first batch), with no scene in it
+    assert len(calls) == 2  # nothing was built after the failure
+
 KILL_SCRIPT = textwrap.dedent("""
     import os, signal, sys
     from pathlib import Path
@@ -309,7 +344,7 @@ def test_launch_queues_a_batch_without_synchronising(tmp_path, kind):
     src = create_source(kind, device="cuda", random_init=True, compile="off")
     enc = Encoding(offset=src.has_offset)
     dev = torch.device("cuda")
-    ref = [_land(_launch(src, b, enc, {}), enc, None, {}, dev) for b in batches]  # also warms up lazy inits
+    ref = [_land(_launch(src, b, enc, {}), enc, {}) for b in batches]  # also warms up lazy inits
     torch.cuda.synchronize()
     import warnings
 
@@ -324,7 +359,7 @@ def test_launch_queues_a_batch_without_synchronising(tmp_path, kind):
     syncs = [f"{w.filename}:{w.lineno}" for w in caught if "called a synchronizing CUDA operation" in str(w.message)]
     assert not syncs, syncs
     for f, r in zip((first, second), ref):
-        got = _land(f, enc, None, {}, dev)
+        got = _land(f, enc, {})
         assert set(got) == set(r)
         for k in r:  # exact for the depth source; a network run twice may differ by a quantisation step
             d = np.abs(got[k].astype(np.float64) - r[k].astype(np.float64))

@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import tempfile
+import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -153,38 +154,76 @@ def _corr_kernel_used(source: ScaffoldSource) -> bool | None:
     """Whether MVSplat's cost volume ran through snd's Triton kernel (None: no MVSplat, or not on CUDA)."""
     from snd.models.mvsplat import corr_kernel
 
-    enc = getattr(source, "encoder", None)
-    if enc is None or source.device.type != "cuda":
+    net = getattr(source, "net", None)  # MVSplatScaffold's encoder (compiled or not: attributes reach the module)
+    if net is None or source.device.type != "cuda":
         return None
-    return bool(enc.depth_predictor.corr_kernel and corr_kernel.available())
+    return bool(net.depth_predictor.corr_kernel and corr_kernel.available())
 
 
-def bench(cfg: BenchPrecomputeConfig) -> dict:
-    """Stage-one throughput (pairs/s), device waits on I/O, MB/pair and the PSNR loss of the encoding.
-
-    Generates procedural scenes at the bench size (cached in the workdir), runs the real precompute
-    pipeline (loader, source, quantiser, writer) and times it after two warm-up batches.
-    """
-    import shutil
-
+def prepare(cfg: BenchPrecomputeConfig) -> tuple[PrecomputeConfig, ScaffoldSource]:
+    """The generated dataset (cached in the work folder), the stage's config and its scaffold source: what
+    `measure` runs, once or (scripts/gpu_precompute_ab.py) several times over one compiled source."""
     work = Path(cfg.workdir) if cfg.workdir is not None else Path(tempfile.mkdtemp(prefix="snd-bench-precompute-"))
     work.mkdir(parents=True, exist_ok=True)
     bp = resolve_batch_pairs(cfg.batch_pairs, cfg.device)  # 0 = auto: 8 on CUDA, 1 on CPU
-    warm = 2 * bp
-    total = warm + cfg.pairs
+    total = 2 * bp + cfg.pairs  # two warm-up batches
     per_scene_max = 5 * _BENCH_FRAMES - 50
     scenes = max(2, math.ceil(total / per_scene_max))
     data = _bench_dataset(work, cfg, scenes)
-    store = work / "cache"
-    shutil.rmtree(store, ignore_errors=True)
-    pcfg = PrecomputeConfig(data=data, out=store, split="all", source=cfg.source, mvsplat_ckpt=cfg.mvsplat_ckpt,
+    pcfg = PrecomputeConfig(data=data, out=work / "cache", split="all", source=cfg.source, mvsplat_ckpt=cfg.mvsplat_ckpt,
                             mvsplat_config=cfg.mvsplat_config, height=cfg.height, width=cfg.width,
                             pairs_per_scene=math.ceil(total / scenes), targets_per_pair=3, batch_pairs=bp,
                             precision=cfg.precision, device=cfg.device, compile=cfg.compile, operator=cfg.operator,
                             images=cfg.images, operator_chunk=cfg.operator_chunk,
-                            operator_stream=cfg.operator_stream)
-    source = make_source(pcfg, random_init=cfg.mvsplat_ckpt is None)
-    s = run(pcfg, source=source, progress=True)
+                            operator_stream=cfg.operator_stream, operator_thread=cfg.operator_thread)
+    return pcfg, make_source(pcfg, random_init=cfg.mvsplat_ckpt is None)
+
+
+def _busy(prof, t0_ns: int, t1_ns: int) -> dict:
+    """Fraction of [t0, t1] (unix ns, the profiler's clock) in which the GPU ran a kernel: all streams
+    together (the union of their intervals), and each stream alone."""
+    spans: dict[int, list[tuple[int, int]]] = {}
+    for e in prof.profiler.kineto_results.events():
+        if e.device_type() == torch.autograd.DeviceType.CUDA and e.activity_type() == "kernel":
+            lo, hi = max(e.start_ns(), t0_ns), min(e.end_ns(), t1_ns)
+            if hi > lo:
+                spans.setdefault(e.device_resource_id(), []).append((lo, hi))
+
+    def union(iv: list[tuple[int, int]]) -> int:
+        tot, end = 0, -1
+        for lo, hi in sorted(iv):
+            if hi > end:
+                tot += hi - max(lo, end)
+                end = hi
+        return tot
+
+    win = max(t1_ns - t0_ns, 1)
+    return {"fraction": union([x for v in spans.values() for x in v]) / win, "window_s": win / 1e9,
+            "per_stream": {str(k): union(v) / win for k, v in sorted(spans.items(), key=lambda kv: -union(kv[1]))}}
+
+
+def measure(cfg: BenchPrecomputeConfig, pcfg: PrecomputeConfig, source: ScaffoldSource) -> dict:
+    """One timed run of stage one into a fresh store at `pcfg.out` (the figures of `bench`, without the PSNR).
+
+    With `cfg.gpu_busy` on CUDA the run is traced (kernels only, through CUPTI) and the result says how much of
+    the timed window the GPU was busy: near 1, stage one is device-bound; well below, a host thread limits it."""
+    import shutil
+
+    store = Path(pcfg.out)
+    shutil.rmtree(store, ignore_errors=True)
+    marks: list[int] = []  # unix ns of each batch handed to the writer (the profiler's clock)
+    cuda = source.device.type == "cuda"
+    prof = None
+    if cfg.gpu_busy and cuda:
+        from torch.profiler import ProfilerActivity, profile
+
+        prof = profile(activities=[ProfilerActivity.CUDA])
+        prof.start()
+    try:
+        s = run(pcfg, source=source, progress=True, on_batch=lambda scene, n: marks.append(time.time_ns()))
+    finally:
+        if prof is not None:
+            prof.stop()
     if s.failed:
         raise SndError(f"bench precompute: {s.failed} scene(s) failed: {s.failures}")
     bt = s.batch_times
@@ -194,24 +233,29 @@ def bench(cfg: BenchPrecomputeConfig) -> dict:
     timed_pairs = sum(b[1] for b in timed)
     wait_data = sum(b[2] for b in timed)
     wait_write = sum(b[3] for b in timed)
-    gauss = 2 * cfg.height * cfg.width
+    gauss = 2 * pcfg.height * pcfg.width
     res: dict[str, Any] = {
         "source": source.describe(), "device": str(source.device),
-        "device_name": torch.cuda.get_device_name(source.device) if source.device.type == "cuda" else "cpu",
-        "torch": torch.__version__, "height": cfg.height, "width": cfg.width, "batch_pairs": bp,
+        "device_name": torch.cuda.get_device_name(source.device) if cuda else "cpu",
+        "torch": torch.__version__, "height": pcfg.height, "width": pcfg.width, "batch_pairs": pcfg.batch_pairs,
         "precision": cfg.precision, "pairs_total": s.pairs, "pairs_timed": timed_pairs, "seconds_timed": span,
         "pairs_per_s": timed_pairs / span if span > 0 else None,
         "pairs_per_s_end_to_end": s.pairs_per_s, "data_wait_s": wait_data,
         "data_wait_frac": wait_data / span if span > 0 else None,
         "gpu_waited_on_io": bool(span > 0 and wait_data / span > 0.02), "write_wait_s": wait_write,
+        # seconds per pair each thread spent per phase: main (launch, wait_device), operator stage (operators_*),
+        # writer (writer_busy), device (device_*, from events); with the operator thread they overlap
         "phase_ms_per_pair": _timed_phases(s.phase_log, k0, timed_pairs),
-        "peak_mem_gib": torch.cuda.max_memory_allocated(source.device) / 2**30 if source.device.type == "cuda" else None,
-        "mb_per_pair": s.mb_per_pair, "images": cfg.images, "operator": cfg.operator,
+        # the GPU's busy fraction over the timed batches (--gpu-busy; None when not traced)
+        "gpu_busy": _busy(prof, marks[k0], marks[-1]) if prof is not None and len(marks) > k0 + 1 else None,
+        "peak_mem_gib": torch.cuda.max_memory_allocated(source.device) / 2**30 if cuda else None,
+        "mb_per_pair": s.mb_per_pair, "images": pcfg.images, "operator": pcfg.operator,
         "operator_chunk": s.operator_chunk.size if s.operator_chunk else None,  # as used at the end (auto resolved, shrunk on OOM)
         "operator_chunk_asked": s.operator_chunk.initial if s.operator_chunk else None,
-        "operator_stream": bool(cfg.operator and cfg.operator_stream and source.device.type == "cuda"),
+        "operator_stream": bool(pcfg.operator and pcfg.operator_stream and cuda),
+        "operator_thread": bool(pcfg.operator_thread),
         # snd's CUDA kernels for the operators (snd.splat.kernels) as this run used them; "off" after a failed build
-        "operator_kernels": {k: kernels.enabled(k) for k in kernels.ENV} if source.device.type == "cuda" else None,
+        "operator_kernels": {k: kernels.enabled(k) for k in kernels.ENV} if cuda else None,
         # MVSplat's cost volume through snd's Triton kernel (snd.models.mvsplat.corr_kernel)
         "mvsplat_corr_kernel": _corr_kernel_used(source),
         "frame_mb_per_pair": s.frame_bytes / 1e6 / max(s.pairs, 1),  # the frames' bytes before Zarr's codecs
@@ -220,6 +264,18 @@ def bench(cfg: BenchPrecomputeConfig) -> dict:
         "projected_gb_at_50k_pairs": s.mb_per_pair * PAPER_PAIRS / 1e3, "goal": {"pairs_per_s": 30, "mb_per_pair": 8},
         "store": str(store),
     }
+    return res
+
+
+def bench(cfg: BenchPrecomputeConfig) -> dict:
+    """Stage-one throughput (pairs/s), device waits on I/O, MB/pair and the PSNR loss of the encoding.
+
+    Generates procedural scenes at the bench size (cached in the workdir), runs the real precompute
+    pipeline (loader, source, quantiser, operator stage, writer) and times it after two warm-up batches.
+    """
+    pcfg, source = prepare(cfg)
+    res = measure(cfg, pcfg, source)
+    store = Path(pcfg.out)
     try:
         res["psnr"] = _bench_psnr(store, source, Encoding(offset=source.has_offset))
     except Exception as e:  # noqa: BLE001 - the throughput numbers stand without the render check

@@ -1,37 +1,18 @@
 """The main (device) thread's two halves: launch a batch (predict + quantise + copy to host, no wait)
-and land it (wait, numpy, operators), so the device never idles while the host finishes the previous one."""
+and land it (wait, numpy), so the device never idles while the host finishes the previous one."""
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from snd.cache.encode import encode_scaffold_device, fields_to_numpy
-from snd.cache.schema import Encoding, OperatorSpec
+from snd.cache.schema import Encoding
 from snd.pipeline.device import to_host_async
 from snd.scaffold import ScaffoldSource
-from snd.splat.operator_build import ChunkSize
 from snd.stages.precompute.frames import _Batch
-from snd.stages.precompute.operators import _build_operators
-
-
-class _Phases:
-    """Seconds the main thread spends per phase (the current stream synced at each boundary: every phase ends
-    in a device-to-host copy anyway, so the syncs cost nothing and the split is exact). Only the current
-    stream: a device-wide sync would also wait for MVSplat's next batch on the other stream."""
-
-    def __init__(self, device: torch.device, into: dict[str, float]):
-        self.device, self.into, self.t = device, into, time.perf_counter()
-
-    def mark(self, name: str) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()
-        now = time.perf_counter()
-        self.into[name] = self.into.get(name, 0.0) + now - self.t
-        self.t = now
 
 
 @dataclass
@@ -74,16 +55,9 @@ def _launch(source: ScaffoldSource, b: _Batch, enc: Encoding, phases: dict[str, 
     return _InFlight(b, host, ev)
 
 
-def _land(f: _InFlight, enc: Encoding, spec: OperatorSpec | None, phases: dict[str, float],
-          dev: torch.device, *, operator_chunk: int | ChunkSize = 8,
-          operator_stream: torch.cuda.Stream | None = None) -> dict[str, np.ndarray]:
-    """Wait for a launched batch's fields, add the loader's arrays (and the operators); the writer's input.
-
-    operator_stream: a CUDA stream to build the operators on. Why: by now the next batch's MVSplat is queued
-    on the main stream; built behind it, the operators' first host sync waits for that whole network, and the
-    device then runs the two one after the other with gaps at each of the builder's syncs. On a stream of their
-    own (they read only host arrays, so nothing crosses streams) the device interleaves both, and the builder's
-    syncs wait for its own kernels only."""
+def _land(f: _InFlight, enc: Encoding, phases: dict[str, float]) -> dict[str, np.ndarray]:
+    """Wait for a launched batch's fields and add the loader's arrays: the operator stage's input
+    (`snd.stages.precompute.operators.OperatorStage`, which adds the operators and hands the batch on)."""
     t0 = time.perf_counter()
     if f.events is not None:
         ev = f.events
@@ -94,9 +68,4 @@ def _land(f: _InFlight, enc: Encoding, spec: OperatorSpec | None, phases: dict[s
     phases["wait_device"] = phases.get("wait_device", 0.0) + time.perf_counter() - t0
     fields = fields_to_numpy(f.host, enc)
     fields.update(f.batch.extra)
-    if spec is not None:
-        with torch.cuda.stream(operator_stream) if operator_stream is not None else nullcontext():
-            ph = _Phases(dev, phases)
-            ph.mark("operators_wait")  # behind MVSplat: the wait for the next batch's network; on their own stream ~0
-            fields.update(_build_operators(fields, f.batch, enc, spec, dev, ph, chunk=operator_chunk))
     return fields

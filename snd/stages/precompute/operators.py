@@ -1,9 +1,14 @@
-"""The transfer operators of a landed batch (`snd.splat.operator`), built from the decoded stored scaffold."""
+"""The transfer operators of a landed batch (`snd.splat.operator`), built from the decoded stored scaffold, on
+a thread of their own between the main (device) thread and the writer."""
 from __future__ import annotations
 
 import logging
+import queue
+import threading
+import time
+from contextlib import nullcontext
 from dataclasses import fields as dc_fields
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -16,11 +21,26 @@ if TYPE_CHECKING:
     from snd.splat.operator import TransferOperator
     from snd.splat.operator_build import ChunkSize
     from snd.stages.precompute.frames import _Batch
-    from snd.stages.precompute.launch import _Phases
 
 log = logging.getLogger(__name__)
 FP16_MAX = 65504.0  # coefficients are stored as float16: a larger one would be read back as inf
 TARGET_KEYS = ("tgt_index", "tgt_mask", "tgt_K", "tgt_c2w")  # the [B, T, ...] per-target arrays of a batch
+
+
+class _Phases:
+    """Seconds the operator stage spends per phase (the current stream synced at each boundary: every phase ends
+    in a device-to-host copy anyway, so the syncs cost nothing and the split is exact). Only the current
+    stream: a device-wide sync would also wait for MVSplat's next batch on the other stream."""
+
+    def __init__(self, device: torch.device, into: dict[str, float]):
+        self.device, self.into, self.t = device, into, time.perf_counter()
+
+    def mark(self, name: str) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        now = time.perf_counter()
+        self.into[name] = self.into.get(name, 0.0) + now - self.t
+        self.t = now
 
 
 def _build_operators(fields: dict[str, np.ndarray], b: _Batch, enc: Encoding, spec: OperatorSpec,
@@ -91,3 +111,77 @@ def _drop_nonfinite(ops: TransferOperator, bi: np.ndarray, ti: np.ndarray, ex: d
         for k in TARGET_KEYS:
             targets[k][b, new_ti[n]] = ex[k][b, t]
     return ops, bi, new_ti, targets
+
+
+class OperatorStage(threading.Thread):
+    """Adds the operators to each landed batch and hands it to the writer; scene events (start, commit, abort)
+    pass through in order, so the writer sees every batch of a scene before its commit.
+
+    Why a thread of its own (`threaded`, the default): the builder's host code and its syncs take longer than
+    MVSplat's launch. Run on the main thread they kept it from queueing the next batch's network, and the
+    device idled (18.5 pairs/s on an H200 with the main thread busy all the time, docs/performance.md). Here the
+    main thread only launches and lands; the builder works on the batch before, on its own CUDA stream.
+    Unthreaded, `submit` does the same work inline (the earlier pipeline, kept for A/B timings).
+
+    on_added(scene, n_pairs, info): called after a batch went to the writer (progress, timings, tests' hooks).
+    An exception here (a builder bug, a hook's error) stops the stage; `submit` and `finish` raise it in the
+    main thread."""
+
+    def __init__(self, writer_q: queue.Queue, enc: Encoding, spec: OperatorSpec | None, dev: torch.device,
+                 phases: dict[str, float], *, chunk: int | ChunkSize, stream: torch.cuda.Stream | None,
+                 on_added: Callable[[str, int, dict], None], threaded: bool = True, maxsize: int = 1):
+        super().__init__(name="snd-operators", daemon=True)
+        self.writer_q, self.enc, self.spec, self.dev, self.phases = writer_q, enc, spec, dev, phases
+        self.chunk, self.stream, self.on_added, self.threaded = chunk, stream, on_added, threaded
+        self.q: queue.Queue = queue.Queue(maxsize=maxsize)
+        self.error: BaseException | None = None
+
+    def submit(self, op: tuple) -> None:
+        """("add", scene, batch, fields, info) or a writer event; blocks while the stage is a batch behind."""
+        if not self.threaded:
+            self._do(op)
+            return
+        while True:
+            self._raise()
+            try:
+                self.q.put(op, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def finish(self) -> None:
+        """Wait until everything submitted went to the writer; raise the stage's error if it failed."""
+        if self.threaded and self.is_alive():
+            self.submit(("stop",))
+            self.join()
+        self._raise()
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def run(self) -> None:
+        while True:
+            op = self.q.get()
+            if op[0] == "stop":
+                return
+            try:
+                self._do(op)
+            except BaseException as e:  # noqa: BLE001 - handed to the main thread, which raises it
+                self.error = e
+                return
+
+    def _do(self, op: tuple) -> None:
+        if op[0] != "add":
+            self.writer_q.put(op)
+            return
+        _, scene, batch, fields, info = op
+        if self.spec is not None:
+            with torch.cuda.stream(self.stream) if self.stream is not None else nullcontext():
+                ph = _Phases(self.dev, self.phases)
+                ph.mark("operators_wait")  # the stream's earlier work (0 on a stream of their own)
+                fields.update(_build_operators(fields, batch, self.enc, self.spec, self.dev, ph, chunk=self.chunk))
+        tw = time.perf_counter()
+        self.writer_q.put(("add", scene, fields))
+        info["wait_write"] = time.perf_counter() - tw
+        self.on_added(scene, len(batch.ctx_K), info)

@@ -21,6 +21,7 @@ from snd.scaffold import ScaffoldSource
 from snd.splat.operator_build import ChunkSize
 from snd.stages.precompute.frames import _loader
 from snd.stages.precompute.launch import _InFlight, _land, _launch
+from snd.stages.precompute.operators import OperatorStage
 from snd.stages.precompute.report import Summary, console, print_summary, record_run
 from snd.stages.precompute.settings import (make_source, operator_spec, resolve_batch_pairs, resolve_operator_chunk,
                                              resolve_rank, store_header)
@@ -102,11 +103,6 @@ def run(cfg: PrecomputeConfig, *, source: ScaffoldSource | None = None, progress
     est = cfg.pairs_per_scene * len(jobs) if cfg.pairs_per_scene else None
     t_scenes = prog.add_task(f"scenes (rank {rank}/{world})", total=len(jobs), info="")
     t_pairs = prog.add_task("pairs", total=est, info="")
-    # shared for the whole run (`snd cache gc` / `verify --fix` refuse meanwhile); taken right before the threads
-    # that touch the store start, so only those starts lie between it and the `finally` that releases it
-    busy = hold_in_use(M.meta_dir(out))
-    loader.start()
-    writer.start()
     in_scene: dict[str, int] = {}
     queued_pairs = 0
     dev = torch.device(source.device)
@@ -116,28 +112,39 @@ def run(cfg: PrecomputeConfig, *, source: ScaffoldSource | None = None, progress
     pending: _InFlight | None = None
     wait_data = 0.0
 
-    def land() -> None:
-        """Hand the in-flight batch to the writer (called after the next batch is launched, or before any
-        scene event so the writer sees every scene's batches before its commit)."""
-        nonlocal pending, queued_pairs
-        if pending is None:
-            return
-        f, pending = pending, None
-        fields = _land(f, enc, op_spec, summary.phase_s, dev, operator_chunk=operator_chunk, operator_stream=op_stream)
-        tw = time.perf_counter()
-        writer.q.put(("add", f.batch.scene, fields))
-        wait_write = time.perf_counter() - tw
-        summary.wait_write_s += wait_write
-        n = len(f.batch.ctx_K)
-        in_scene[f.batch.scene] += n
+    def added(scene: str, n: int, info: dict) -> None:
+        """A batch went to the writer (in the operator stage's thread): progress and the timing record."""
+        nonlocal queued_pairs
+        summary.wait_write_s += info["wait_write"]
+        in_scene[scene] += n
         queued_pairs += n
-        summary.batch_times.append((time.perf_counter() - t0, n, wait_data, wait_write))
+        summary.batch_times.append((time.perf_counter() - t0, n, info["wait_data"], info["wait_write"]))
         summary.phase_log.append(dict(summary.phase_s, writer_busy=writer.busy_s))
         el = time.perf_counter() - t0
         prog.update(t_pairs, advance=n, info=f"{queued_pairs / max(el, 1e-9):.1f} pairs/s, "
                                             f"{summary.bytes / 1e6:.0f} MB written")
         if on_batch is not None:
-            on_batch(f.batch.scene, in_scene[f.batch.scene])
+            on_batch(scene, in_scene[scene])
+
+    ops = OperatorStage(writer.q, enc, op_spec, dev, summary.phase_s, chunk=operator_chunk, stream=op_stream,
+                        on_added=added, threaded=cfg.operator_thread)
+    # shared for the whole run (`snd cache gc` / `verify --fix` refuse meanwhile); taken right before the threads
+    # that touch the store start, so only those starts lie between it and the `finally` that releases it
+    busy = hold_in_use(M.meta_dir(out))
+    loader.start()
+    writer.start()
+    if ops.threaded:
+        ops.start()
+
+    def land() -> None:
+        """Hand the in-flight batch to the operator stage (called after the next batch is launched, or before
+        any scene event, so the writer sees every scene's batches before its commit)."""
+        nonlocal pending
+        if pending is None:
+            return
+        f, pending = pending, None
+        fields = _land(f, enc, summary.phase_s)
+        ops.submit(("add", f.batch.scene, f.batch, fields, {"wait_data": wait_data}))
 
     try:
         with prog:
@@ -161,7 +168,7 @@ def run(cfg: PrecomputeConfig, *, source: ScaffoldSource | None = None, progress
                     continue
                 if kind == "start":
                     in_scene[msg[1]] = 0
-                    writer.q.put(("start", msg[1], len(msg[2]), msg[3]))
+                    ops.submit(("start", msg[1], len(msg[2]), msg[3]))
                     if est is not None and len(msg[2]) < cfg.pairs_per_scene:
                         est -= cfg.pairs_per_scene - len(msg[2])
                         prog.update(t_pairs, total=est)
@@ -169,18 +176,22 @@ def run(cfg: PrecomputeConfig, *, source: ScaffoldSource | None = None, progress
                 if kind == "fail":
                     name = msg[1]
                     if msg[3]:
-                        writer.q.put(("abort", name))
+                        ops.submit(("abort", name))
                     on_fail(name, msg[2])
                     prog.advance(t_scenes)
                     continue
                 if kind == "end":
-                    writer.q.put(("commit", msg[1]))
+                    ops.submit(("commit", msg[1]))
                     prog.advance(t_scenes)
                     continue
+            ops.finish()
             writer.q.put(("stop",))
             writer.join()
     finally:
         stop.set()
+        if ops.is_alive():  # after an error in the main thread: the stage drops what it holds
+            with _suppress_full():
+                ops.q.put_nowait(("stop",))
         if writer.is_alive():
             with _suppress_full():
                 writer.q.put_nowait(("stop",))

@@ -1,0 +1,70 @@
+"""Stage one's pipeline variants, alternated over ONE compiled MVSplat source (issue 20: >= 30 pairs/s).
+
+`snd bench precompute` compiles MVSplat for every run (~70 s on an H200 even with inductor's caches warm), so an
+A/B of two pipeline settings costs two compiles and lands on whatever the GPU's clocks did in between. Here the
+dataset and the source are made once (`snd.bench.precompute.prepare`) and `measure` runs stage one into a fresh
+store per variant, the variants alternating for `--rounds` rounds; a last round per variant traces the GPU
+(`--busy`) for its busy fraction, all streams and each stream (tracing slows launches a little, so the traced
+runs are not the timed ones).
+
+`python scripts/gpu_precompute_ab.py [--pairs 96] [--rounds 2] [--variants thread inline] [--busy]`
+prints one JSON line per run: variant, round, pairs/s over the timed batches, ms per pair per phase, busy.
+Variants: thread (the default pipeline), inline (`--no-operator-thread`: operators on the main thread),
+no-operator (`--no-operator`: MVSplat and the store alone), chunk12 (thread, `--operator-chunk 12`),
+or KEY=VALUE[,KEY=VALUE] overrides of `snd.pipeline.config.PrecomputeConfig` (ints, or 0/1 for flags).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields, replace
+
+from snd.bench.precompute import measure, prepare
+from snd.pipeline.config import BenchPrecomputeConfig, PrecomputeConfig
+
+PRESETS = {"thread": {"operator_thread": True}, "inline": {"operator_thread": False},
+           "no-operator": {"operator": False}, "chunk12": {"operator_thread": True, "operator_chunk": 12}}
+KEEP = ("pairs_per_s", "pairs_timed", "seconds_timed", "phase_ms_per_pair", "gpu_busy", "peak_mem_gib", "mb_per_pair",
+        "operator_chunk", "operator_thread", "operator_kernels", "mvsplat_corr_kernel", "device_name")
+
+
+def overrides(spec: str) -> dict:
+    """A preset's overrides, or KEY=VALUE pairs (checked against PrecomputeConfig's fields)."""
+    if spec in PRESETS:
+        return PRESETS[spec]
+    names = {f.name: f for f in fields(PrecomputeConfig)}
+    out = {}
+    for kv in spec.split(","):
+        k, _, v = kv.partition("=")
+        if k not in names or not v:
+            sys.exit(f"unknown variant {spec!r}: a preset ({', '.join(PRESETS)}) or KEY=VALUE of PrecomputeConfig")
+        out[k] = bool(int(v)) if names[k].type in ("bool", bool) else int(v)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--pairs", type=int, default=96, help="timed pairs per run (after two warm-up batches)")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--variants", nargs="+", default=["thread", "inline"])
+    ap.add_argument("--busy", action="store_true", help="one more run per variant, traced: the GPU's busy fraction")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--source", default="mvsplat")
+    ap.add_argument("--height", type=int, default=576)
+    ap.add_argument("--width", type=int, default=880)
+    ap.add_argument("--workdir", default="/tmp/snd-bench-pre-ab")
+    a = ap.parse_args(argv)
+    cfg = BenchPrecomputeConfig(source=a.source, device=a.device, pairs=a.pairs, height=a.height, width=a.width,
+                                workdir=a.workdir, images="lossless")
+    pcfg, source = prepare(cfg)
+    runs = [(r, v, False) for r in range(a.rounds) for v in a.variants]
+    runs += [(a.rounds, v, True) for v in a.variants] if a.busy else []
+    for r, v, traced in runs:
+        p = replace(pcfg, out=pcfg.out.with_name(f"cache-{v.replace('=', '-').replace(',', '_')}"), **overrides(v))
+        res = measure(replace(cfg, gpu_busy=traced), p, source)
+        print(json.dumps({"variant": v, "round": r, "traced": traced, **{k: res.get(k) for k in KEEP}}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""`snd bench precompute`'s GPU-busy measure and scripts/gpu_precompute_ab.py's variants, on hand-made inputs."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from snd.bench.precompute import _busy
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class _Event:
+    def __init__(self, start: int, end: int, stream: int, kind: str = "kernel", cuda: bool = True):
+        self.s, self.e, self.stream, self.kind, self.cuda = start, end, stream, kind, cuda
+
+    def device_type(self):
+        return torch.autograd.DeviceType.CUDA if self.cuda else torch.autograd.DeviceType.CPU
+
+    def activity_type(self) -> str:
+        return self.kind
+
+    def start_ns(self) -> int:
+        return self.s
+
+    def end_ns(self) -> int:
+        return self.e
+
+    def device_resource_id(self) -> int:
+        return self.stream
+
+
+class _Prof:
+    """What `_busy` reads of a torch.profiler run: kineto's events."""
+
+    def __init__(self, events):
+        self.profiler = type("P", (), {"kineto_results": type("K", (), {"events": lambda _self: events})()})()
+
+
+def test_busy_is_the_union_of_kernel_intervals_in_the_window():
+    ev = [_Event(0, 10, 7), _Event(5, 15, 7), _Event(20, 30, 8), _Event(8, 12, 8),
+          _Event(0, 40, 7, kind="gpu_memcpy"), _Event(0, 40, 1, cuda=False)]  # a copy and a CPU op do not count
+    b = _busy(_Prof(ev), 0, 40)
+    assert b["fraction"] == pytest.approx(25 / 40)  # [0, 15] and [20, 30]
+    assert b["per_stream"] == {"7": pytest.approx(15 / 40), "8": pytest.approx(14 / 40)}  # [8, 12] + [20, 30]
+    assert list(b["per_stream"]) == ["7", "8"] and b["window_s"] == pytest.approx(40e-9)
+    c = _busy(_Prof(ev), 10, 25)  # clipped to the window: [10, 15] and [20, 25]
+    assert c["fraction"] == pytest.approx(10 / 15)
+    assert _busy(_Prof([]), 0, 10)["fraction"] == 0
+
+
+def test_ab_script_variants():
+    spec = importlib.util.spec_from_file_location("ab", REPO / "scripts/gpu_precompute_ab.py")
+    ab = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ab)
+    assert ab.overrides("inline") == {"operator_thread": False}
+    assert ab.overrides("operator_chunk=24,operator_thread=0") == {"operator_chunk": 24, "operator_thread": False}
+    for bad in ("nope", "operator_chunk", "not_a_field=1"):
+        with pytest.raises(SystemExit, match="unknown variant"):
+            ab.overrides(bad)
