@@ -1,4 +1,4 @@
-"""`snd precompute`: the three threads (loader, main, writer) wired together over this rank's scenes."""
+"""`snd precompute`: the four threads (loader, main, operators, writer) wired together over this rank's scenes."""
 from __future__ import annotations
 
 import logging
