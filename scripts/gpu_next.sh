@@ -101,7 +101,7 @@ for s in $STEPS; do case $s in
     # the operator thread against the main thread, bigger operator chunks, and --no-operator as the ceiling;
     # two timed rounds, then one traced run each for the GPU's busy fraction (AB_VARIANTS picks)
     step pipeline-ab 240 420 py scripts/gpu_precompute_ab.py --pairs "${AB_PAIRS:-96}" --rounds 2 --busy \
-      --variants ${AB_VARIANTS:-thread inline chunk12 operator_chunk=24 no-operator}
+      --variants ${AB_VARIANTS:-thread low-priority chunk8 inline no-operator}
     grep '^{' "$OUT/next_pipeline-ab.log" > "$OUT/pipeline_ab.jsonl" 2>/dev/null ;;
   mvsplat-profile)  # (d2) MVSplat's compiled networks by kind of kernel with the correlation kernel on and off (two
     # compiles, ~130 s each on an H100), and the kernel alone at 9 launch shapes

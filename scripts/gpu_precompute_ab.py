@@ -10,7 +10,8 @@ runs are not the timed ones).
 `python scripts/gpu_precompute_ab.py [--pairs 96] [--rounds 2] [--variants thread inline] [--busy]`
 prints one JSON line per run: variant, round, pairs/s over the timed batches, ms per pair per phase, busy.
 Variants: thread (the default pipeline), inline (`--no-operator-thread`: operators on the main thread),
-no-operator (`--no-operator`: MVSplat and the store alone), chunk12 (thread, `--operator-chunk 12`),
+no-operator (`--no-operator`: MVSplat and the store alone), chunk8 / chunk12 (`--operator-chunk 8/12`),
+low-priority (`--no-operator-priority`: the operators' stream at MVSplat's priority),
 or KEY=VALUE[,KEY=VALUE] overrides of `snd.pipeline.config.PrecomputeConfig` (ints, or 0/1 for flags).
 """
 from __future__ import annotations
@@ -24,9 +25,10 @@ from snd.bench.precompute import measure, prepare
 from snd.pipeline.config import BenchPrecomputeConfig, PrecomputeConfig
 
 PRESETS = {"thread": {"operator_thread": True}, "inline": {"operator_thread": False},
-           "no-operator": {"operator": False}, "chunk12": {"operator_thread": True, "operator_chunk": 12}}
+           "no-operator": {"operator": False}, "chunk8": {"operator_chunk": 8}, "chunk12": {"operator_chunk": 12},
+           "low-priority": {"operator_priority": False}}
 KEEP = ("pairs_per_s", "pairs_timed", "seconds_timed", "phase_ms_per_pair", "gpu_busy", "peak_mem_gib", "mb_per_pair",
-        "operator_chunk", "operator_thread", "operator_kernels", "mvsplat_corr_kernel", "device_name")
+        "operator_chunk", "operator_thread", "operator_priority", "operator_kernels", "mvsplat_corr_kernel", "device_name")
 
 
 def overrides(spec: str) -> dict:

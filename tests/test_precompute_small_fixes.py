@@ -11,7 +11,7 @@ from snd.train.distiller import rigid_inverse
 
 def test_operator_chunk_auto_is_8_on_cuda_and_1_on_cpu():
     assert PrecomputeConfig().operator_chunk == 0 and BenchPrecomputeConfig().operator_chunk == 0  # auto by default
-    assert resolve_operator_chunk(0, "cuda") == 8 and resolve_operator_chunk(0, torch.device("cuda", 1)) == 8
+    assert resolve_operator_chunk(0, "cuda") == 24 and resolve_operator_chunk(0, torch.device("cuda", 1)) == 24
     assert resolve_operator_chunk(0, "cpu") == 1 and resolve_operator_chunk(0, torch.device("cpu")) == 1
     assert resolve_operator_chunk(3, "cpu") == 3 and resolve_operator_chunk(12, "cuda") == 12  # a given chunk is kept
     with pytest.raises(SndError, match="operator-chunk"):
@@ -22,7 +22,7 @@ def test_precompute_refuses_a_negative_chunk_before_any_work(tmp_path):
     """Checked before the dataset is opened (this root does not exist: a later check would name it instead)."""
     from snd.stages.precompute import run
 
-    with pytest.raises(SndError, match=r"--operator-chunk must be >= 1, or 0 for auto \(8 on CUDA, 1 on CPU\), got -1"):
+    with pytest.raises(SndError, match=r"--operator-chunk must be >= 1, or 0 for auto \(24 on CUDA, 1 on CPU\), got -1"):
         run(PrecomputeConfig(data=tmp_path / "missing", out=tmp_path / "out", operator_chunk=-1), progress=False)
     assert not (tmp_path / "out").exists()
 

@@ -175,16 +175,21 @@ def prepare(cfg: BenchPrecomputeConfig) -> tuple[PrecomputeConfig, ScaffoldSourc
                             pairs_per_scene=math.ceil(total / scenes), targets_per_pair=3, batch_pairs=bp,
                             precision=cfg.precision, device=cfg.device, compile=cfg.compile, operator=cfg.operator,
                             images=cfg.images, operator_chunk=cfg.operator_chunk,
-                            operator_stream=cfg.operator_stream, operator_thread=cfg.operator_thread)
+                            operator_stream=cfg.operator_stream, operator_thread=cfg.operator_thread,
+                            operator_priority=cfg.operator_priority)
     return pcfg, make_source(pcfg, random_init=cfg.mvsplat_ckpt is None)
 
 
 def _busy(prof, t0_ns: int, t1_ns: int) -> dict:
     """Fraction of [t0, t1] (unix ns, the profiler's clock) in which the GPU ran a kernel: all streams
     together (the union of their intervals), and each stream alone."""
+    def kernel(e) -> bool:  # torch 2.11's events have no activity_type(): copies and memsets are told by name
+        kind = getattr(e, "activity_type", None)
+        return kind() == "kernel" if kind is not None else not e.name().startswith(("Memcpy", "Memset"))
+
     spans: dict[int, list[tuple[int, int]]] = {}
     for e in prof.profiler.kineto_results.events():
-        if e.device_type() == torch.autograd.DeviceType.CUDA and e.activity_type() == "kernel":
+        if e.device_type() == torch.autograd.DeviceType.CUDA and kernel(e):
             lo, hi = max(e.start_ns(), t0_ns), min(e.end_ns(), t1_ns)
             if hi > lo:
                 spans.setdefault(e.device_resource_id(), []).append((lo, hi))
@@ -254,6 +259,7 @@ def measure(cfg: BenchPrecomputeConfig, pcfg: PrecomputeConfig, source: Scaffold
         "operator_chunk_asked": s.operator_chunk.initial if s.operator_chunk else None,
         "operator_stream": bool(pcfg.operator and pcfg.operator_stream and cuda),
         "operator_thread": bool(pcfg.operator_thread),
+        "operator_priority": bool(pcfg.operator and pcfg.operator_stream and pcfg.operator_priority and cuda),
         # snd's CUDA kernels for the operators (snd.splat.kernels) as this run used them; "off" after a failed build
         "operator_kernels": {k: kernels.enabled(k) for k in kernels.ENV} if cuda else None,
         # MVSplat's cost volume through snd's Triton kernel (snd.models.mvsplat.corr_kernel)

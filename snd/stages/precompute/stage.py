@@ -108,7 +108,9 @@ def run(cfg: PrecomputeConfig, *, source: ScaffoldSource | None = None, progress
     dev = torch.device(source.device)
     operator_chunk = ChunkSize(resolve_operator_chunk(cfg.operator_chunk, dev))  # halves itself on GPU OOM
     summary.operator_chunk = operator_chunk
-    op_stream = torch.cuda.Stream(dev) if dev.type == "cuda" and cfg.operator and cfg.operator_stream else None
+    op_stream = None
+    if dev.type == "cuda" and cfg.operator and cfg.operator_stream:  # high priority: the builder's syncs wait less
+        op_stream = torch.cuda.Stream(dev, priority=-1 if cfg.operator_priority else 0)
     pending: _InFlight | None = None
     wait_data = 0.0
 
