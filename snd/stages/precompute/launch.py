@@ -24,6 +24,9 @@ class _InFlight:
     batch: _Batch
     host: dict[str, torch.Tensor]  # stored fields on the host (pinned on CUDA; filled when `events[2]` fires)
     events: list | None  # CUDA events: queued, predicted, copied (None on CPU, where everything is done)
+    # the same fields where the quantiser left them: the operator stage decodes these, so the scaffold does not
+    # go back to the device from pageable numpy (~80 MB per batch at 576x880; 7.5 ms per pair of that thread)
+    device_fields: dict[str, torch.Tensor] | None = None
 
 
 def _launch(source: ScaffoldSource, b: _Batch, enc: Encoding, phases: dict[str, float]) -> _InFlight:
@@ -52,7 +55,7 @@ def _launch(source: ScaffoldSource, b: _Batch, enc: Encoding, phases: dict[str, 
     if ev:
         ev[2].record()
     phases["launch"] = phases.get("launch", 0.0) + time.perf_counter() - t0
-    return _InFlight(b, host, ev)
+    return _InFlight(b, host, ev, fields)
 
 
 def _land(f: _InFlight, enc: Encoding, phases: dict[str, float]) -> dict[str, np.ndarray]:

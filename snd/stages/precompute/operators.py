@@ -44,19 +44,21 @@ class _Phases:
 
 
 def _build_operators(fields: dict[str, np.ndarray], b: _Batch, enc: Encoding, spec: OperatorSpec,
-                     dev: torch.device, ph: _Phases | None = None, *,
-                     chunk: int | ChunkSize = 8) -> dict[str, np.ndarray]:
+                     dev: torch.device, ph: _Phases | None = None, *, chunk: int | ChunkSize = 8,
+                     device_fields: dict[str, torch.Tensor] | None = None) -> dict[str, np.ndarray]:
     """Transfer operators of every (pair, target slot) of the batch, built together
     (`snd.splat.operator_build.build_operators`, `chunk` targets at a time, a `ChunkSize` that shrinks when
     a chunk runs out of GPU memory) from the *decoded* stored scaffold, so that stage two's operator path
-    equals its render path on exactly what the cache holds."""
+    equals its render path on exactly what the cache holds. `device_fields`: the same stored fields already
+    on `dev` (stage one's quantiser output), decoded instead of `fields`' copies (the same integers)."""
     from snd.splat.gaussians import PixelGaussians
     from snd.splat.operator import build_operators
     from snd.train.distiller import rigid_inverse
 
     K = torch.from_numpy(b.ctx_K).to(dev)
     c2w = torch.from_numpy(b.ctx_c2w).to(dev)
-    dec = {k: v for k, v in fields.items() if k in ("depth", "offset", "quats", "scales", "opacity", "offset_range", "scale_range")}
+    src = device_fields if device_fields is not None else fields
+    dec = {k: v for k, v in src.items() if k in ("depth", "offset", "quats", "scales", "opacity", "offset_range", "scale_range")}
     means, quats, scales, opac = decode_scaffold(dec, K, c2w, enc=enc, device=dev)
     if ph is not None:
         ph.mark("operators_decode")
@@ -137,7 +139,8 @@ class OperatorStage(threading.Thread):
         self.error: BaseException | None = None
 
     def submit(self, op: tuple) -> None:
-        """("add", scene, batch, fields, info) or a writer event; blocks while the stage is a batch behind."""
+        """("add", scene, batch, fields, info, device_fields) or a writer event; blocks while the stage is a batch
+        behind."""
         if not self.threaded:
             self._do(op)
             return
@@ -175,12 +178,16 @@ class OperatorStage(threading.Thread):
         if op[0] != "add":
             self.writer_q.put(op)
             return
-        _, scene, batch, fields, info = op
+        _, scene, batch, fields, info, device_fields = op
         if self.spec is not None:
             with torch.cuda.stream(self.stream) if self.stream is not None else nullcontext():
+                if self.stream is not None and device_fields is not None:
+                    for t in device_fields.values():  # made on the main stream: not reused there before this
+                        t.record_stream(self.stream)  # stream's kernels that read them have run
                 ph = _Phases(self.dev, self.phases)
                 ph.mark("operators_wait")  # the stream's earlier work (0 on a stream of their own)
-                fields.update(_build_operators(fields, batch, self.enc, self.spec, self.dev, ph, chunk=self.chunk))
+                fields.update(_build_operators(fields, batch, self.enc, self.spec, self.dev, ph, chunk=self.chunk,
+                                               device_fields=device_fields))
         tw = time.perf_counter()
         self.writer_q.put(("add", scene, fields))
         info["wait_write"] = time.perf_counter() - tw

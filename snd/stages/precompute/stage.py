@@ -146,7 +146,7 @@ def run(cfg: PrecomputeConfig, *, source: ScaffoldSource | None = None, progress
             return
         f, pending = pending, None
         fields = _land(f, enc, summary.phase_s)
-        ops.submit(("add", f.batch.scene, f.batch, fields, {"wait_data": wait_data}))
+        ops.submit(("add", f.batch.scene, f.batch, fields, {"wait_data": wait_data}, f.device_fields))
 
     try:
         with prog:
