@@ -120,10 +120,16 @@ class OperatorStage(threading.Thread):
     pass through in order, so the writer sees every batch of a scene before its commit.
 
     Why a thread of its own (`threaded`, the default): the builder's host code and its syncs take longer than
-    MVSplat's launch. Run on the main thread they kept it from queueing the next batch's network, and the
-    device idled (18.5 pairs/s on an H200 with the main thread busy all the time, docs/performance.md). Here the
-    main thread only launches and lands; the builder works on the batch before, on its own CUDA stream.
-    Unthreaded, `submit` does the same work inline (the earlier pipeline, kept for A/B timings).
+    MVSplat's launch. On the main thread they kept it from queueing the next batch's network (at chunk 8 its
+    phases added up to the whole period, 18.5 pairs/s on an H200, docs/performance.md). Here the main thread only
+    launches and lands; the builder works on the batch before, on its own CUDA stream. Measured on an H100: a
+    little faster at chunk 8 (18.2 / 19.4 against 16.6 / 18.8 pairs/s), level at today's whole-batch chunk (27.4
+    both). Unthreaded (`--no-operator-thread`), `submit` does the same work inline; the stores are identical.
+
+    The stream of their own (`--operator-stream`): queued behind the next batch's MVSplat on the main stream, the
+    builder's first host sync would wait for that whole network. The only device data crossing the two streams is
+    the quantiser's output (`device_fields`), which `record_stream` keeps from being reused on the main stream
+    before the operators' kernels have read it.
 
     on_added(scene, n_pairs, info): called after a batch went to the writer (progress, timings, tests' hooks).
     An exception here (a builder bug, a hook's error) stops the stage; `submit` and `finish` raise it in the
