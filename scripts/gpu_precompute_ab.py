@@ -11,7 +11,8 @@ runs are not the timed ones).
 prints one JSON line per run: variant, round, pairs/s over the timed batches, ms per pair per phase, busy.
 Variants: thread (the default pipeline), inline (`--no-operator-thread`: operators on the main thread),
 no-operator (`--no-operator`: MVSplat and the store alone), chunk8 / chunk12 (`--operator-chunk 8/12`),
-low-priority (`--no-operator-priority`: the operators' stream at MVSplat's priority),
+low-priority (`--no-operator-priority`: the operators' stream at MVSplat's priority), workers2
+(`--operator-workers 2`: two builder threads, two streams),
 or KEY=VALUE[,KEY=VALUE] overrides of `snd.pipeline.config.PrecomputeConfig` (ints, or 0/1 for flags).
 """
 from __future__ import annotations
@@ -26,9 +27,9 @@ from snd.pipeline.config import BenchPrecomputeConfig, PrecomputeConfig
 
 PRESETS = {"thread": {"operator_thread": True}, "inline": {"operator_thread": False},
            "no-operator": {"operator": False}, "chunk8": {"operator_chunk": 8}, "chunk12": {"operator_chunk": 12},
-           "low-priority": {"operator_priority": False}}
+           "low-priority": {"operator_priority": False}, "workers2": {"operator_workers": 2}}
 KEEP = ("pairs_per_s", "pairs_timed", "seconds_timed", "phase_ms_per_pair", "gpu_busy", "peak_mem_gib", "mb_per_pair",
-        "operator_chunk", "operator_thread", "operator_priority", "operator_kernels", "mvsplat_corr_kernel", "device_name")
+        "operator_chunk", "operator_thread", "operator_workers", "operator_priority", "operator_kernels", "mvsplat_corr_kernel", "device_name")
 
 
 def overrides(spec: str) -> dict:

@@ -73,3 +73,78 @@ def test_ab_script_variants():
     for bad in ("nope", "operator_chunk", "not_a_field=1"):
         with pytest.raises(SystemExit, match="unknown variant"):
             ab.overrides(bad)
+
+
+def test_operator_workers_build_at_once_and_hand_on_in_submission_order(monkeypatch):
+    """`--operator-workers N`: batches are built by N threads at once (a slow first batch does not hold the
+    others), yet the writer gets every item in the order submitted, scene events included."""
+    import queue
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from snd.cache.schema import Encoding
+    from snd.stages.precompute import operators as mod
+
+    delays = [0.3, 0.0, 0.2, 0.0, 0.1, 0.0]
+    active, peak, lock = [0], [0], threading.Lock()
+
+    def build(fields, batch, *a, **kw):
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        time.sleep(delays[fields["k"]])
+        with lock:
+            active[0] -= 1
+        return {"built": fields["k"]}
+
+    monkeypatch.setattr(mod, "_build_operators", build)
+    for workers, threaded in ((3, True), (1, True), (3, False)):
+        wq: queue.Queue = queue.Queue()
+        added: list = []
+        peak[0] = 0
+        st = mod.OperatorStage(wq, Encoding(), object(), torch.device("cpu"), {}, chunk=1, streams=None,
+                               on_added=lambda scene, n, info: added.append((scene, n)), threaded=threaded,
+                               workers=workers)
+        st.start()
+        st.submit(("start", "A", 6, []))
+        for k in range(6):
+            st.submit(("add", "AB"[k // 3], SimpleNamespace(ctx_K=[0, 0]), {"k": k}, {"wait_data": 0.0}, None))
+            if k == 2:
+                st.submit(("commit", "A"))
+                st.submit(("start", "B", 3, []))
+        st.submit(("commit", "B"))
+        st.finish()
+        items = [wq.get_nowait() for _ in range(wq.qsize())]
+        assert [i[0] for i in items] == ["start", "add", "add", "add", "commit", "start", "add", "add", "add", "commit"]
+        assert [i[2]["built"] for i in items if i[0] == "add"] == list(range(6))
+        assert added == [("A", 2)] * 3 + [("B", 2)] * 3
+        if workers == 3 and threaded:
+            assert peak[0] >= 2  # the first batch's 0.3 s did not hold the others
+        else:
+            assert peak[0] == 1
+
+
+def test_an_operator_worker_error_reaches_the_main_thread(monkeypatch):
+    import queue
+    from types import SimpleNamespace
+
+    from snd.cache.schema import Encoding
+    from snd.stages.precompute import operators as mod
+
+    def build(fields, batch, *a, **kw):
+        if fields["k"] == 1:
+            raise RuntimeError("builder bug")
+        return {}
+
+    monkeypatch.setattr(mod, "_build_operators", build)
+    st = mod.OperatorStage(queue.Queue(), Encoding(), object(), torch.device("cpu"), {}, chunk=1, streams=None,
+                           on_added=lambda *a: None, workers=2)
+    st.start()
+    with pytest.raises(RuntimeError, match="builder bug"):
+        for k in range(50):  # the error surfaces at a later submit or at finish
+            st.submit(("add", "A", SimpleNamespace(ctx_K=[0]), {"k": k}, {"wait_data": 0.0}, None))
+        st.finish()
+    with pytest.raises(ValueError, match="workers must be >= 1"):
+        mod.OperatorStage(queue.Queue(), Encoding(), None, torch.device("cpu"), {}, chunk=1, streams=None,
+                          on_added=lambda *a: None, workers=0)

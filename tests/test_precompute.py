@@ -183,8 +183,19 @@ def test_operators_on_the_main_thread_give_the_same_store(baseline, synth_root, 
     assert M.read_manifest(out)["scenes"] == M.read_manifest(baseline)["scenes"]
 
 
-@pytest.mark.parametrize("threaded", [True, False])
-def test_an_operator_error_stops_the_run_with_that_error(synth_root, tmp_path, monkeypatch, threaded):
+
+def test_two_operator_workers_give_the_same_store(baseline, synth_root, tmp_path):
+    """`--operator-workers 2` builds successive batches at once; the writer still gets them in order (one pair a
+    batch here, so four batches per scene interleave), so the scene groups are byte-identical."""
+    out = tmp_path / "workers2"
+    s = run(make_cfg(synth_root, out, operator_workers=2, batch_pairs=1), progress=False)
+    assert (s.scenes_done, s.failed, s.pairs) == (2, 0, 8)
+    for n in CacheReader(baseline).scenes:
+        assert store_files(out, n) == store_files(baseline, n), n
+
+
+@pytest.mark.parametrize("threaded,workers", [(True, 1), (False, 1), (True, 2)])
+def test_an_operator_error_stops_the_run_with_that_error(synth_root, tmp_path, monkeypatch, threaded, workers):
     """A builder that fails (a bug, not a bad scene) stops stage one with its own exception, in the main thread,
     threaded or not; no scene is committed with a batch missing, and the run does not hang on a full queue."""
     from snd.stages.precompute import operators as mod
@@ -200,9 +211,43 @@ def test_an_operator_error_stops_the_run_with_that_error(synth_root, tmp_path, m
     monkeypatch.setattr(mod, "_build_operators", fails_second)
     out = tmp_path / "err"
     with pytest.raises(RuntimeError, match="builder bug"):
-        run(make_cfg(synth_root, out, batch_pairs=1, operator_thread=threaded), progress=False)
+        run(make_cfg(synth_root, out, batch_pairs=1, operator_thread=threaded, operator_workers=workers), progress=False)
     assert CacheReader(out).scenes == []  # the store exists (begun before the first batch), with no scene in it
-    assert len(calls) == 2  # nothing was built after the failure
+    assert 2 <= len(calls) <= 1 + workers  # after the failure, at most the batch a second worker had begun
+
+
+ERROR_SCRIPT = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    import torch
+    from snd.pipeline.config import PrecomputeConfig
+    from snd.stages.precompute import operators, run
+    real, calls = operators._build_operators, []
+    def fails_second(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            time.sleep(0.5)  # the other worker is inside the next batch's build by now
+            raise RuntimeError("builder bug")
+        if len(calls) == 3:  # a build still running when the error reaches the main thread
+            x = torch.randn(1000, 1000)
+            t = time.time()
+            while time.time() - t < 1:
+                x = torch.tanh(x @ x)
+        return real(*a, **kw)
+    operators._build_operators = fails_second
+    run(PrecomputeConfig(data=Path(sys.argv[1]), out=Path(sys.argv[2]), height=112, width=168, pairs_per_scene=4,
+                         targets_per_pair=2, batch_pairs=1, device="cpu", source="depth", seed=0, operator_workers=2),
+        progress=False)
+""")
+
+
+def test_an_operator_error_exits_with_its_message_not_an_abort(synth_root, tmp_path):
+    """With two operator workers, a builder error ends the process with its message and status 1, while the
+    other worker is still inside a build (`OperatorStage.stop_now` lets it finish unseen and joins it)."""
+    proc = subprocess.run([sys.executable, "-c", ERROR_SCRIPT, str(synth_root), str(tmp_path / "c")], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])
+    assert "RuntimeError: builder bug" in proc.stderr and "terminate called" not in proc.stderr
 
 KILL_SCRIPT = textwrap.dedent("""
     import os, signal, sys

@@ -176,7 +176,7 @@ def prepare(cfg: BenchPrecomputeConfig) -> tuple[PrecomputeConfig, ScaffoldSourc
                             precision=cfg.precision, device=cfg.device, compile=cfg.compile, operator=cfg.operator,
                             images=cfg.images, operator_chunk=cfg.operator_chunk,
                             operator_stream=cfg.operator_stream, operator_thread=cfg.operator_thread,
-                            operator_priority=cfg.operator_priority)
+                            operator_priority=cfg.operator_priority, operator_workers=cfg.operator_workers)
     return pcfg, make_source(pcfg, random_init=cfg.mvsplat_ckpt is None)
 
 
@@ -259,6 +259,7 @@ def measure(cfg: BenchPrecomputeConfig, pcfg: PrecomputeConfig, source: Scaffold
         "operator_chunk_asked": s.operator_chunk.initial if s.operator_chunk else None,
         "operator_stream": bool(pcfg.operator and pcfg.operator_stream and cuda),
         "operator_thread": bool(pcfg.operator_thread),
+        "operator_workers": pcfg.operator_workers if pcfg.operator_thread else 1,
         "operator_priority": bool(pcfg.operator and pcfg.operator_stream and pcfg.operator_priority and cuda),
         # snd's CUDA kernels for the operators (snd.splat.kernels) as this run used them; "off" after a failed build
         "operator_kernels": {k: kernels.enabled(k) for k in kernels.ENV} if cuda else None,

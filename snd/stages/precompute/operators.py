@@ -2,11 +2,11 @@
 a thread of their own between the main (device) thread and the writer."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
 import time
-from contextlib import nullcontext
 from dataclasses import fields as dc_fields
 from typing import TYPE_CHECKING, Callable
 
@@ -32,6 +32,8 @@ class _Phases:
     in a device-to-host copy anyway, so the syncs cost nothing and the split is exact). Only the current
     stream: a device-wide sync would also wait for MVSplat's next batch on the other stream."""
 
+    lock = threading.Lock()  # several operator workers add into one dict
+
     def __init__(self, device: torch.device, into: dict[str, float]):
         self.device, self.into, self.t = device, into, time.perf_counter()
 
@@ -39,7 +41,8 @@ class _Phases:
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
         now = time.perf_counter()
-        self.into[name] = self.into.get(name, 0.0) + now - self.t
+        with self.lock:
+            self.into[name] = self.into.get(name, 0.0) + now - self.t
         self.t = now
 
 
@@ -115,7 +118,7 @@ def _drop_nonfinite(ops: TransferOperator, bi: np.ndarray, ti: np.ndarray, ex: d
     return ops, bi, new_ti, targets
 
 
-class OperatorStage(threading.Thread):
+class OperatorStage:
     """Adds the operators to each landed batch and hands it to the writer; scene events (start, commit, abort)
     pass through in order, so the writer sees every batch of a scene before its commit.
 
@@ -131,70 +134,138 @@ class OperatorStage(threading.Thread):
     the quantiser's output (`device_fields`), which `record_stream` keeps from being reused on the main stream
     before the operators' kernels have read it.
 
-    on_added(scene, n_pairs, info): called after a batch went to the writer (progress, timings, tests' hooks).
-    An exception here (a builder bug, a hook's error) stops the stage; `submit` and `finish` raise it in the
-    main thread."""
+    `workers` > 1 (`--operator-workers`): that many threads, each on a stream of its own (`streams`), build
+    successive batches at once, and whichever finishes hands on every finished item in submission order. Why:
+    the one builder thread is stage one's critical path, and most of its time is neither its kernels nor Python
+    but waits at its host syncs, while the GPU has idle gaps (docs/performance.md); a second builder fills them.
+
+    on_added(scene, n_pairs, info): called after a batch went to the writer (progress, timings, tests' hooks), in
+    submission order, from a worker's thread. An exception in a worker (a builder bug, a hook's error) stops the
+    stage; `submit` and `finish` raise it in the main thread."""
 
     def __init__(self, writer_q: queue.Queue, enc: Encoding, spec: OperatorSpec | None, dev: torch.device,
-                 phases: dict[str, float], *, chunk: int | ChunkSize, stream: torch.cuda.Stream | None,
-                 on_added: Callable[[str, int, dict], None], threaded: bool = True, maxsize: int = 1):
-        super().__init__(name="snd-operators", daemon=True)
+                 phases: dict[str, float], *, chunk: int | ChunkSize, streams: list[torch.cuda.Stream] | None,
+                 on_added: Callable[[str, int, dict], None], threaded: bool = True, workers: int = 1):
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
         self.writer_q, self.enc, self.spec, self.dev, self.phases = writer_q, enc, spec, dev, phases
-        self.chunk, self.stream, self.on_added, self.threaded = chunk, stream, on_added, threaded
-        self.q: queue.Queue = queue.Queue(maxsize=maxsize)
+        self.chunk, self.on_added, self.threaded = chunk, on_added, threaded
+        self.workers = workers if threaded else 1
+        self.streams = list(streams) if streams else [None] * self.workers
+        assert len(self.streams) == self.workers, "one stream per worker"
+        self.q: queue.Queue = queue.Queue(maxsize=self.workers)  # one batch waiting per worker
         self.error: BaseException | None = None
+        self.threads = [threading.Thread(target=self._work, args=(self.streams[i],), name=f"snd-operators-{i}",
+                                         daemon=True) for i in range(self.workers)] if threaded else []
+        self._lock = threading.Lock()  # the emission of finished items, in order
+        self._ready: dict[int, tuple] = {}
+        self._next = 0  # the next item to hand on
+        self._seq = 0  # the next item submitted
+        self._stopping = False
+
+    def start(self) -> None:
+        for t in self.threads:
+            t.start()
+
+    def alive(self) -> bool:
+        return any(t.is_alive() for t in self.threads)
 
     def submit(self, op: tuple) -> None:
-        """("add", scene, batch, fields, info, device_fields) or a writer event; blocks while the stage is a batch
-        behind."""
+        """("add", scene, batch, fields, info, device_fields) or a writer event; blocks while every worker has a
+        batch waiting."""
+        seq, self._seq = self._seq, self._seq + 1
         if not self.threaded:
-            self._do(op)
+            self._emit(seq, self._do(op, self.streams[0]))
             return
         while True:
             self._raise()
             try:
-                self.q.put(op, timeout=0.1)
+                self.q.put((seq, op), timeout=0.1)
                 return
             except queue.Full:
                 continue
 
     def finish(self) -> None:
         """Wait until everything submitted went to the writer; raise the stage's error if it failed."""
-        if self.threaded and self.is_alive():
-            self.submit(("stop",))
-            self.join()
+        if self.alive():
+            for _ in self.threads:
+                self._put_stop()
+            for t in self.threads:
+                t.join()
         self._raise()
+
+    def stop_now(self, timeout: float = 300.0) -> None:
+        """After an error (or at the end, where it finds the workers gone): drop what is queued, let each worker
+        finish the batch it holds without handing it on, and join them. Why join: a worker killed inside a torch
+        call at interpreter exit aborts the process ("terminate called without an active exception") instead of
+        letting the error's message and exit status through (seen once at the end of a pytest run, before this join;
+        not reproduced in a plain process)."""
+        self._stopping = True
+        while True:
+            try:
+                self.q.get_nowait()
+            except queue.Empty:
+                break
+        for _ in self.threads:  # the main thread is the only producer: after the drain these fit
+            with contextlib.suppress(queue.Full):
+                self.q.put_nowait((-1, ("stop",)))
+        for t in self.threads:
+            t.join(timeout)
+
+    def _put_stop(self) -> None:
+        while True:
+            self._raise()
+            try:
+                self.q.put((-1, ("stop",)), timeout=0.1)
+                return
+            except queue.Full:
+                continue
 
     def _raise(self) -> None:
         if self.error is not None:
             raise self.error
 
-    def run(self) -> None:
+    def _work(self, stream: torch.cuda.Stream | None) -> None:
         while True:
-            op = self.q.get()
-            if op[0] == "stop":
+            seq, op = self.q.get()
+            if op[0] == "stop" or self.error is not None or self._stopping:
                 return
             try:
-                self._do(op)
+                self._emit(seq, self._do(op, stream))
             except BaseException as e:  # noqa: BLE001 - handed to the main thread, which raises it
                 self.error = e
                 return
 
-    def _do(self, op: tuple) -> None:
+    def _do(self, op: tuple, stream: torch.cuda.Stream | None) -> tuple:
+        """An item as the writer gets it (the operators added to a batch's fields; events as they are)."""
         if op[0] != "add":
-            self.writer_q.put(op)
-            return
+            return op
         _, scene, batch, fields, info, device_fields = op
         if self.spec is not None:
-            with torch.cuda.stream(self.stream) if self.stream is not None else nullcontext():
-                if self.stream is not None and device_fields is not None:
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                if stream is not None and device_fields is not None:
                     for t in device_fields.values():  # made on the main stream: not reused there before this
-                        t.record_stream(self.stream)  # stream's kernels that read them have run
+                        t.record_stream(stream)  # stream's kernels that read them have run
                 ph = _Phases(self.dev, self.phases)
                 ph.mark("operators_wait")  # the stream's earlier work (0 on a stream of their own)
                 fields.update(_build_operators(fields, batch, self.enc, self.spec, self.dev, ph, chunk=self.chunk,
                                                device_fields=device_fields))
-        tw = time.perf_counter()
-        self.writer_q.put(("add", scene, fields))
-        info["wait_write"] = time.perf_counter() - tw
-        self.on_added(scene, len(batch.ctx_K), info)
+        return ("add", scene, fields, batch, info)
+
+    def _emit(self, seq: int, item: tuple) -> None:
+        """Hand on every finished item from the next in submission order (by the worker that completes the run)."""
+        with self._lock:
+            if self._stopping:
+                return
+            self._ready[seq] = item
+            while self._next in self._ready:
+                it = self._ready.pop(self._next)
+                self._next += 1
+                if it[0] != "add":
+                    self.writer_q.put(it)
+                    continue
+                _, scene, fields, batch, info = it
+                tw = time.perf_counter()
+                self.writer_q.put(("add", scene, fields))
+                info["wait_write"] = time.perf_counter() - tw
+                self.on_added(scene, len(batch.ctx_K), info)

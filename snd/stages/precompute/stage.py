@@ -108,9 +108,10 @@ def run(cfg: PrecomputeConfig, *, source: ScaffoldSource | None = None, progress
     dev = torch.device(source.device)
     operator_chunk = ChunkSize(resolve_operator_chunk(cfg.operator_chunk, dev))  # halves itself on GPU OOM
     summary.operator_chunk = operator_chunk
-    op_stream = None
-    if dev.type == "cuda" and cfg.operator and cfg.operator_stream:  # high priority: the builder's syncs wait less
-        op_stream = torch.cuda.Stream(dev, priority=-1 if cfg.operator_priority else 0)
+    workers = cfg.operator_workers if cfg.operator_thread else 1
+    op_streams = None  # one per operator worker; high priority: the builder's syncs wait less
+    if dev.type == "cuda" and cfg.operator and cfg.operator_stream:
+        op_streams = [torch.cuda.Stream(dev, priority=-1 if cfg.operator_priority else 0) for _ in range(workers)]
     pending: _InFlight | None = None
     wait_data = 0.0
 
@@ -128,15 +129,14 @@ def run(cfg: PrecomputeConfig, *, source: ScaffoldSource | None = None, progress
         if on_batch is not None:
             on_batch(scene, in_scene[scene])
 
-    ops = OperatorStage(writer.q, enc, op_spec, dev, summary.phase_s, chunk=operator_chunk, stream=op_stream,
-                        on_added=added, threaded=cfg.operator_thread)
+    ops = OperatorStage(writer.q, enc, op_spec, dev, summary.phase_s, chunk=operator_chunk, streams=op_streams,
+                        on_added=added, threaded=cfg.operator_thread, workers=workers)
     # shared for the whole run (`snd cache gc` / `verify --fix` refuse meanwhile); taken right before the threads
     # that touch the store start, so only those starts lie between it and the `finally` that releases it
     busy = hold_in_use(M.meta_dir(out))
     loader.start()
     writer.start()
-    if ops.threaded:
-        ops.start()
+    ops.start()
 
     def land() -> None:
         """Hand the in-flight batch to the operator stage (called after the next batch is launched, or before
@@ -191,9 +191,7 @@ def run(cfg: PrecomputeConfig, *, source: ScaffoldSource | None = None, progress
             writer.join()
     finally:
         stop.set()
-        if ops.is_alive():  # after an error in the main thread: the stage drops what it holds
-            with _suppress_full():
-                ops.q.put_nowait(("stop",))
+        ops.stop_now()  # after an error in the main thread: the stage drops what it holds
         if writer.is_alive():
             with _suppress_full():
                 writer.q.put_nowait(("stop",))
