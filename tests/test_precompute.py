@@ -388,7 +388,6 @@ def test_launch_queues_a_batch_without_synchronising(tmp_path, kind):
                       K, c2w, {}) for _ in range(2)]
     src = create_source(kind, device="cuda", random_init=True, compile="off")
     enc = Encoding(offset=src.has_offset)
-    dev = torch.device("cuda")
     ref = [_land(_launch(src, b, enc, {}), enc, {}) for b in batches]  # also warms up lazy inits
     torch.cuda.synchronize()
     import warnings
