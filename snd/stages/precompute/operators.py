@@ -136,8 +136,9 @@ class OperatorStage:
 
     `workers` > 1 (`--operator-workers`): that many threads, each on a stream of its own (`streams`), build
     successive batches at once, and whichever finishes hands on every finished item in submission order. Why:
-    the one builder thread is stage one's critical path, and most of its time is neither its kernels nor Python
-    but waits at its host syncs, while the GPU has idle gaps (docs/performance.md); a second builder fills them.
+    the one builder thread is stage one's critical path (its phases take ~34 ms per pair, its kernels ~6-8; the
+    rest is Python and waits at its host syncs) while the GPU idles 4-6 ms per pair (docs/performance.md). A
+    second builder may fill those gaps or only contend for the GIL: not yet timed on a GPU, so the default is 1.
 
     on_added(scene, n_pairs, info): called after a batch went to the writer (progress, timings, tests' hooks), in
     submission order, from a worker's thread. An exception in a worker (a builder bug, a hook's error) stops the
