@@ -126,7 +126,6 @@ def test_switch_and_cpu_fallback(monkeypatch) -> None:
         corr_kernel._check(torch.zeros(1, 2, 2, 6), torch.zeros(1, 2, 2, 6), torch.zeros(1, 1, 2, 2, 2))
 
 
-
 def test_bench_records_whether_the_kernel_ran(monkeypatch) -> None:
     """`snd bench precompute`'s `mvsplat_corr_kernel`: read from the MVSplat source's encoder (it recorded None
     for every run of session 21's kernel A/B: it looked for an attribute the source does not have)."""
@@ -143,6 +142,7 @@ def test_bench_records_whether_the_kernel_ran(monkeypatch) -> None:
     monkeypatch.setattr(corr_kernel, "available", lambda: False)  # no Triton: the flag alone does not run it
     monkeypatch.setattr(src.net.depth_predictor, "corr_kernel", True)
     assert _corr_kernel_used(src) is False
+
 
 # -- GPU -------------------------------------------------------------------------------------------
 def _sweep(B: int, h: int, w: int, D: int = 128, C: int = 128):

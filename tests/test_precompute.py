@@ -169,7 +169,6 @@ def test_cached_scaffold_psnr_loss_below_0p1_db(synth_root, kind):
     assert _psnr(got, ref) > 40, _psnr(got, ref)
 
 
-
 def test_operators_on_the_main_thread_give_the_same_store(baseline, synth_root, tmp_path):
     """The operator stage on a thread of its own (the default) and inline on the main thread (the pipeline
     before 2026-12-06, `--no-operator-thread`) write byte-identical scene groups: same batches, same order."""
@@ -181,7 +180,6 @@ def test_operators_on_the_main_thread_give_the_same_store(baseline, synth_root, 
     for n in names:
         assert store_files(out, n) == store_files(baseline, n), n
     assert M.read_manifest(out)["scenes"] == M.read_manifest(baseline)["scenes"]
-
 
 
 def test_two_operator_workers_give_the_same_store(baseline, synth_root, tmp_path):
@@ -241,13 +239,14 @@ ERROR_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_an_operator_error_exits_with_its_message_not_an_abort(synth_root, tmp_path):
+def test_an_operator_error_exits_with_its_message_and_status_1(synth_root, tmp_path):
     """With two operator workers, a builder error ends the process with its message and status 1, while the
     other worker is still inside a build (`OperatorStage.stop_now` lets it finish unseen and joins it)."""
     proc = subprocess.run([sys.executable, "-c", ERROR_SCRIPT, str(synth_root), str(tmp_path / "c")], capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])
     assert "RuntimeError: builder bug" in proc.stderr and "terminate called" not in proc.stderr
+
 
 KILL_SCRIPT = textwrap.dedent("""
     import os, signal, sys
