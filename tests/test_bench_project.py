@@ -188,6 +188,9 @@ def test_bench_precompute_reports_the_size_split_and_the_summary_reads_it(tmp_pa
     assert s["operator"] is True and s["source"] == "depth" and s["pairs_per_s_end_to_end"] > 0
     assert r["operator_kernels"] is None and s["operator_kernels"] is None  # CPU: snd's CUDA kernels do not run
     assert r["mvsplat_corr_kernel"] is None and s["mvsplat_corr_kernel"] is None  # no MVSplat here
+    # the pipeline as run: CPU chunk 1, one operator thread, no CUDA stream (so no priority), no trace
+    assert (s["operator_chunk"], s["operator_thread"], s["operator_workers"], s["operator_priority"]) == (1, True, 1, False)
+    assert r["gpu_busy"] is None and s["gpu_busy"] is None
 
 
 def test_measured_figures_leave_the_not_yet_measured_list(bench_dir, tmp_path):

@@ -26,6 +26,9 @@ def precompute(r: dict) -> dict:
     sp = r.get("size_split") or {}
     return {"device": r["device_name"], "source": r["source"]["name"], "operator": r.get("operator"), "images": r.get("images"),
             "operator_kernels": r.get("operator_kernels"), "mvsplat_corr_kernel": r.get("mvsplat_corr_kernel"),
+            "operator_chunk": r.get("operator_chunk"), "operator_thread": r.get("operator_thread"),
+            "operator_workers": r.get("operator_workers"), "operator_priority": r.get("operator_priority"),
+            "gpu_busy": _r((r.get("gpu_busy") or {}).get("fraction")),
             "batch_pairs": r["batch_pairs"], "pairs_timed": r["pairs_timed"], "pairs_per_s": _r(r["pairs_per_s"]),
             "pairs_per_s_end_to_end": _r(r["pairs_per_s_end_to_end"]), "data_wait_frac": _r(r["data_wait_frac"]),
             "phase_ms_per_pair": {k: _r(v, 2) for k, v in r["phase_ms_per_pair"].items()},
