@@ -124,9 +124,10 @@ def corr_alone(B: int, H: int, W: int, iters: int) -> dict:
             run()
             shapes[f"{blk}x{nw}"] = round(_time(run, iters), 2)
             assert float((out - a).abs().max()) <= 1e-5 * float(a.abs().max()), (blk, nw)
-    return {"kernel_alone_ms_per_batch_by_block_x_warps": shapes,"what": "corr", "batch_pairs": B, "eager_ms_per_batch": round(eager, 2), "compiled_ms_per_batch": round(compiled, 2),
-            "kernel_ms_per_batch": round(kernel, 2), "max_abs_diff_compiled": float((a - b).abs().max()),
-            "max_abs_diff_kernel": float((a - k).abs().max()), "max_abs": float(a.abs().max())}
+    return {"what": "corr", "batch_pairs": B, "eager_ms_per_batch": round(eager, 2), "compiled_ms_per_batch": round(compiled, 2),
+            "kernel_ms_per_batch": round(kernel, 2), "kernel_alone_ms_per_batch_by_block_x_warps": shapes,
+            "max_abs_diff_compiled": float((a - b).abs().max()), "max_abs_diff_kernel": float((a - k).abs().max()),
+            "max_abs": float(a.abs().max())}
 
 
 def conv_padding(B: int, H: int, W: int, iters: int) -> dict:

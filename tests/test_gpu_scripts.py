@@ -40,6 +40,11 @@ def _run_next(bin_dir: Path, out: Path, **env_vars: str) -> subprocess.Completed
     return r
 
 
+def _steps(out: Path) -> list[dict]:
+    """The step records scripts/gpu_next.sh wrote ($OUT/next_steps.jsonl), in order."""
+    return [json.loads(x) for x in (out / "next_steps.jsonl").read_text().splitlines()]
+
+
 def test_gpu_next_runs_every_step_command_with_its_timeout(tmp_path):
     bin_dir, log = _recording_python(tmp_path)
     out = tmp_path / "out"
@@ -48,7 +53,7 @@ def test_gpu_next_runs_every_step_command_with_its_timeout(tmp_path):
     assert any(c.startswith("-m snd.cli bench distill --models vit_small_patch16_dinov3 --paths fast") for c in calls), calls
     assert any(c.startswith("-m snd.cli bench eval --model dinov2_vits14") and "--protocol paper" in c for c in calls)
     assert any(c.startswith("-m pytest -q -m gpu tests/test_eval_probe_speed.py") for c in calls)
-    steps = {s["step"]: s for s in map(json.loads, (out / "next_steps.jsonl").read_text().splitlines())}
+    steps = {s["step"]: s for s in _steps(out)}
     assert set(steps) == {"distill_vit_small_patch14_dinov2", "distill_vit_small_patch16_dinov3", "eval-tests", "bench-eval"}
     assert all(s["rc"] == 0 for s in steps.values()), steps  # rc 127 was the bug: `timeout snd ...`
     assert steps["distill_vit_small_patch14_dinov2"]["timeout_s"] == 150
@@ -59,7 +64,7 @@ def test_gpu_next_skips_a_step_the_budget_cannot_cover(tmp_path):
     bin_dir, log = _recording_python(tmp_path)
     out = tmp_path / "out"
     _run_next(bin_dir, out, STEPS="eval", BUDGET_S="150")
-    steps = {s["step"]: s for s in map(json.loads, (out / "next_steps.jsonl").read_text().splitlines())}
+    steps = {s["step"]: s for s in _steps(out)}
     assert steps["eval-tests"]["rc"] == 0  # estimate 120 s fits in 150
     assert "budget" in steps["bench-eval"]["skipped"]  # estimate 200 s does not
     assert not any("bench eval" in c for c in log.read_text().splitlines())
@@ -72,7 +77,7 @@ def test_gpu_next_ckpt_times_both_snapshots_then_runs_the_writer_gpu_test(tmp_pa
     calls = log.read_text().splitlines()
     assert calls[:2] == ["scripts/checkpoint_stall.py --device cuda --rounds 3",
                          "-m pytest -q -m gpu tests/test_ckpt_writer.py tests/test_train.py tests/test_store_frames.py -p no:cacheprovider"], calls
-    steps = [json.loads(x) for x in (out / "next_steps.jsonl").read_text().splitlines()]
+    steps = _steps(out)
     assert [s["step"] for s in steps] == ["ckpt-stall", "ckpt-tests"] and all(s["rc"] == 0 for s in steps)
     _run_next(bin_dir, out, STEPS="add-ops", BUDGET_S="545")
     assert "-m snd.cli cache add-operators /tmp/snd-bench-pre/cache --out /tmp/snd-addops --device cuda" in log.read_text().splitlines()
@@ -87,7 +92,7 @@ def test_gpu_next_precompute_ab_times_both_operator_modes_then_profiles_the_stor
     assert [c.split(" --workdir")[0].split()[-1] for c in pre] == ["--operator-stream", "--no-operator-stream"], pre
     assert any(c.startswith("-m pytest -m gpu tests/test_contrib.py") and "tests/test_precompute.py" in c for c in calls)
     assert "scripts/gpu_profile_operator.py --store /tmp/snd-bench-pre/cache --tag mvsplat_random_init" in calls, calls
-    steps = [json.loads(x)["step"] for x in (out / "next_steps.jsonl").read_text().splitlines()]
+    steps = [s["step"] for s in _steps(out)]
     assert steps == ["ops-tests", "ops-profile", "precompute_operator-stream", "precompute_no-operator-stream",
                      "ops-profile-store"], steps
 
@@ -101,11 +106,10 @@ def test_gpu_next_precompute_corr_runs_mvsplat_tests_then_stage_one_with_and_wit
     pre = [c for c in calls if c.startswith("-m snd.cli bench precompute --source mvsplat")]
     assert [c.rsplit(" ", 1)[-1] for c in pre] == ["[SND_CORR_KERNEL=on]", "[SND_CORR_KERNEL=off]"], pre
     assert all("--images lossless --pairs 64" in c for c in pre) and "bench_precompute_mvsplat_corr_off.json" in pre[1]
-    steps = [json.loads(x)["step"] for x in (out / "next_steps.jsonl").read_text().splitlines()]
+    steps = [s["step"] for s in _steps(out)]
     assert steps == ["corr-tests", "precompute_corr_on", "precompute_corr_off"], steps
     _run_next(bin_dir, out, STEPS="mvsplat-profile", BUDGET_S="545")
     assert "scripts/gpu_profile_mvsplat.py --what corr compiled --corr-kernel on off" in log.read_text().splitlines()
-
 
 
 def test_gpu_next_pipeline_ab_alternates_the_variants_over_one_source(tmp_path):
@@ -120,6 +124,7 @@ def test_gpu_next_pipeline_ab_alternates_the_variants_over_one_source(tmp_path):
                           "no-operator"]
     _run_next(bin_dir, out, STEPS="pipeline-ab", BUDGET_S="545", AB_VARIANTS="thread inline", AB_PAIRS="8")
     assert ab_calls()[-1] == "scripts/gpu_precompute_ab.py --pairs 8 --rounds 2 --busy --variants thread inline"
+
 
 def test_e2e_script_runs_the_readme_commands_in_order(tmp_path):
     """`scripts/e2e_commands.sh` (the real commands timed): each command reaches snd, the dataset is hidden
@@ -185,7 +190,7 @@ def test_gpu_next_kernels_time_every_config_on_synthetic_pairs_and_the_store(tmp
     assert all("--ab off/off on/off off/on on/on --rounds 2" in c and "--direct on" in c for c in calls), calls
     assert any(c.startswith("-m pytest -q -m gpu tests/test_contrib.py tests/test_operator_batched.py")
                for c in log.read_text().splitlines())
-    steps = [json.loads(s) for s in (out / "next_steps.jsonl").read_text().splitlines()]
+    steps = _steps(out)
     assert [s["step"] for s in steps] == ["kernels-tests", "kernels-ab", "kernels-store"]
     assert all(s["rc"] == 0 for s in steps), steps
 

@@ -36,7 +36,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["KernelUnavailable", "USE", "enabled", "direct_rows", "fall_back", "slot_adjoint", "library_path", "status"]
+__all__ = ["KernelUnavailable", "USE", "enabled", "direct_rows", "fall_back", "slot_adjoint", "library_path", "status",
+           "switched_on"]
 
 SOURCE = Path(__file__).with_name("csrc") / "operator_kernels.cu"
 log = logging.getLogger(__name__)
@@ -52,11 +53,17 @@ ENV = {"slot": "SND_SLOT_ADJOINT", "direct": "SND_DIRECT_KERNEL"}
 OFF = ("off", "0", "false", "no")
 
 
+def switched_on(value: str) -> bool:
+    """The value of one of snd's kernel switches (a `USE` setting, ``SND_SLOT_ADJOINT`` / ``SND_DIRECT_KERNEL``, and
+    MVSplat's ``SND_CORR_KERNEL``): on unless it says off, 0, false or no (any case, spaces ignored)."""
+    return value.strip().lower() not in OFF
+
+
 def enabled(kernel: str) -> bool:
     """Whether the operator builder uses this kernel ("slot" or "direct") on CUDA: the setting in `USE`, else its
-    variable (``SND_SLOT_ADJOINT`` / ``SND_DIRECT_KERNEL``; on unless it says off, 0, false or no), read each time,
-    so `snd doctor` and the builder never disagree."""
-    return (USE[kernel] or os.environ.get(ENV[kernel], "on")).strip().lower() not in OFF
+    variable (``SND_SLOT_ADJOINT`` / ``SND_DIRECT_KERNEL``, on by default; `switched_on`), read each time, so
+    `snd doctor` and the builder never disagree."""
+    return switched_on(USE[kernel] or os.environ.get(ENV[kernel], "on"))
 
 
 class KernelUnavailable(RuntimeError):
@@ -87,8 +94,8 @@ def status(root: Path | None = None) -> str:
     From files only (nothing is built here)."""
     nvcc = _nvcc()
     off = [f"{k} ({ENV[k]}=off)" for k in ENV if not enabled(k)]
-    head = "on: slot adjoint and direct rows" if not off else (
-        f"off: {', '.join(off)}" + (" (gsplat's backward kernel / the torch aggregation instead)"))
+    head = "on: slot adjoint and direct rows" if not off else \
+        f"off: {', '.join(off)} (gsplat's backward kernel / the torch aggregation instead)"
     return f"{head}; {_where(nvcc, root)}"
 
 

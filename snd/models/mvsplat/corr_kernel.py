@@ -21,6 +21,8 @@ import os
 import torch
 from torch import Tensor
 
+from snd.splat.kernels import switched_on
+
 try:  # torch's Linux wheels bring Triton; elsewhere the torch path is used
     import triton
     import triton.language as tl
@@ -29,16 +31,20 @@ except ImportError:  # pragma: no cover - depends on the platform
 
 __all__ = ["available", "enabled", "correlation", "launch", "status"]
 
-OFF = ("off", "0", "false", "no")
 BLOCK_P = 32  # reference pixels per program: 32 x C fp32 features stay in registers across the D candidates
 
 
 def enabled() -> bool:
     """Whether MVSplat on CUDA uses the kernel: ``SND_CORR_KERNEL`` on (unless off/0/false/no), Triton here, and
     the GPU one Triton compiles for (compute capability 7.0 or newer, as torch.compile's own rule)."""
-    if triton is None or os.environ.get("SND_CORR_KERNEL", "on").strip().lower() in OFF:
+    if triton is None or not _switch():
         return False
     return not torch.cuda.is_available() or torch.cuda.get_device_capability() >= (7, 0)
+
+
+def _switch() -> bool:
+    """``SND_CORR_KERNEL`` (on by default), read each time, as snd's operator kernels read theirs."""
+    return switched_on(os.environ.get("SND_CORR_KERNEL", "on"))
 
 
 def available() -> bool:
@@ -50,8 +56,7 @@ def status() -> str:
     if triton is None:
         return "Triton not installed: MVSplat's cost volume uses grid_sample (the same values, slower on a GPU)"
     if not enabled():
-        why = "SND_CORR_KERNEL=off" if os.environ.get("SND_CORR_KERNEL", "on").strip().lower() in OFF else \
-            "this GPU is older than Triton supports"
+        why = "SND_CORR_KERNEL=off" if not _switch() else "this GPU is older than Triton supports"
         return f"off ({why}): MVSplat's cost volume uses grid_sample"
     where = "" if torch.cuda.is_available() else "; CUDA only, the CPU uses grid_sample"
     return f"on (Triton {triton.__version__}, compiled on first use{where})"
