@@ -103,7 +103,7 @@ def test_operator_workers_build_at_once_and_hand_on_in_submission_order(monkeypa
         wq: queue.Queue = queue.Queue()
         added: list = []
         peak[0] = 0
-        st = mod.OperatorStage(wq, Encoding(), object(), torch.device("cpu"), {}, chunk=1, streams=None,
+        st = mod.OperatorStage(wq, Encoding(), object(), torch.device("cpu"), {}, chunk=1, stream_priority=None,
                                on_added=lambda scene, n, info: added.append((scene, n)), threaded=threaded,
                                workers=workers)
         st.start()
@@ -138,7 +138,7 @@ def test_an_operator_worker_error_reaches_the_main_thread(monkeypatch):
         return {}
 
     monkeypatch.setattr(mod, "_build_operators", build)
-    st = mod.OperatorStage(queue.Queue(), Encoding(), object(), torch.device("cpu"), {}, chunk=1, streams=None,
+    st = mod.OperatorStage(queue.Queue(), Encoding(), object(), torch.device("cpu"), {}, chunk=1, stream_priority=None,
                            on_added=lambda *a: None, workers=2)
     st.start()
     with pytest.raises(RuntimeError, match="builder bug"):
@@ -146,5 +146,5 @@ def test_an_operator_worker_error_reaches_the_main_thread(monkeypatch):
             st.submit(("add", "A", SimpleNamespace(ctx_K=[0]), {"k": k}, {"wait_data": 0.0}, None))
         st.finish()
     with pytest.raises(ValueError, match="workers must be >= 1"):
-        mod.OperatorStage(queue.Queue(), Encoding(), None, torch.device("cpu"), {}, chunk=1, streams=None,
+        mod.OperatorStage(queue.Queue(), Encoding(), None, torch.device("cpu"), {}, chunk=1, stream_priority=None,
                           on_added=lambda *a: None, workers=0)

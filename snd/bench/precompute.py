@@ -259,7 +259,7 @@ def measure(cfg: BenchPrecomputeConfig, pcfg: PrecomputeConfig, source: Scaffold
         "operator_chunk_asked": s.operator_chunk.initial if s.operator_chunk else None,
         "operator_stream": bool(pcfg.operator and pcfg.operator_stream and cuda),
         "operator_thread": bool(pcfg.operator_thread),
-        "operator_workers": pcfg.operator_workers if pcfg.operator_thread else 1,
+        "operator_workers": s.operator_workers,
         "operator_priority": bool(pcfg.operator and pcfg.operator_stream and pcfg.operator_priority and cuda),
         # snd's CUDA kernels for the operators (snd.splat.kernels) as this run used them; "off" after a failed build
         "operator_kernels": {k: kernels.enabled(k) for k in kernels.ENV} if cuda else None,

@@ -134,7 +134,7 @@ class OperatorStage:
     the quantiser's output (`device_fields`), which `record_stream` keeps from being reused on the main stream
     before the operators' kernels have read it.
 
-    `workers` > 1 (`--operator-workers`): that many threads, each on a stream of its own (`streams`), build
+    `workers` > 1 (`--operator-workers`): that many threads, each on a stream of its own, build
     successive batches at once, and whichever finishes hands on every finished item in submission order. Why:
     the one builder thread is stage one's critical path (its phases take ~34 ms per pair, its kernels ~6-8; the
     rest is Python and waits at its host syncs) while the GPU idles 4-6 ms per pair (docs/performance.md). A
@@ -145,15 +145,16 @@ class OperatorStage:
     stage; `submit` and `finish` raise it in the main thread."""
 
     def __init__(self, writer_q: queue.Queue, enc: Encoding, spec: OperatorSpec | None, dev: torch.device,
-                 phases: dict[str, float], *, chunk: int | ChunkSize, streams: list[torch.cuda.Stream] | None,
+                 phases: dict[str, float], *, chunk: int | ChunkSize, stream_priority: int | None,
                  on_added: Callable[[str, int, dict], None], threaded: bool = True, workers: int = 1):
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         self.writer_q, self.enc, self.spec, self.dev, self.phases = writer_q, enc, spec, dev, phases
         self.chunk, self.on_added, self.threaded = chunk, on_added, threaded
         self.workers = workers if threaded else 1
-        self.streams = list(streams) if streams else [None] * self.workers
-        assert len(self.streams) == self.workers, "one stream per worker"
+        # a CUDA stream per worker at `stream_priority` (lower is higher; None: the current stream, as on the CPU)
+        self.streams = [torch.cuda.Stream(dev, priority=stream_priority) if stream_priority is not None else None
+                        for _ in range(self.workers)]
         self.q: queue.Queue = queue.Queue(maxsize=self.workers)  # one batch waiting per worker
         self.error: BaseException | None = None
         self.threads = [threading.Thread(target=self._work, args=(self.streams[i],), name=f"snd-operators-{i}",
@@ -178,19 +179,13 @@ class OperatorStage:
         if not self.threaded:
             self._emit(seq, self._do(op, self.streams[0]))
             return
-        while True:
-            self._raise()
-            try:
-                self.q.put((seq, op), timeout=0.1)
-                return
-            except queue.Full:
-                continue
+        self._put((seq, op))
 
     def finish(self) -> None:
         """Wait until everything submitted went to the writer; raise the stage's error if it failed."""
         if self.alive():
             for _ in self.threads:
-                self._put_stop()
+                self._put((-1, ("stop",)))
             for t in self.threads:
                 t.join()
         self._raise()
@@ -213,11 +208,12 @@ class OperatorStage:
         for t in self.threads:
             t.join(timeout)
 
-    def _put_stop(self) -> None:
+    def _put(self, item: tuple) -> None:
+        """Queue `item` for the workers, raising their error instead of waiting on a queue no one empties."""
         while True:
             self._raise()
             try:
-                self.q.put((-1, ("stop",)), timeout=0.1)
+                self.q.put(item, timeout=0.1)
                 return
             except queue.Full:
                 continue

@@ -32,6 +32,7 @@ class Summary:
     phase_s: dict[str, float] = field(default_factory=dict)  # seconds per phase: main thread (launch, wait_device, operators_*), device (device_*)
     phase_log: list[dict[str, float]] = field(default_factory=list, repr=False)  # phase_s (+ writer_busy) after each batch
     operator_chunk: ChunkSize | None = None  # the run's chunk of operator builds (its size as used at the end)
+    operator_workers: int = 1  # operator threads as run (1 also when they run inline on the main thread)
 
     @property
     def pairs_per_s(self) -> float:

@@ -108,10 +108,8 @@ def run(cfg: PrecomputeConfig, *, source: ScaffoldSource | None = None, progress
     dev = torch.device(source.device)
     operator_chunk = ChunkSize(resolve_operator_chunk(cfg.operator_chunk, dev))  # halves itself on GPU OOM
     summary.operator_chunk = operator_chunk
-    workers = cfg.operator_workers if cfg.operator_thread else 1
-    op_streams = None  # one per operator worker; high priority: the builder's syncs wait less
-    if dev.type == "cuda" and cfg.operator and cfg.operator_stream:
-        op_streams = [torch.cuda.Stream(dev, priority=-1 if cfg.operator_priority else 0) for _ in range(workers)]
+    own_stream = dev.type == "cuda" and cfg.operator and cfg.operator_stream  # high priority: the syncs wait less
+    priority = (-1 if cfg.operator_priority else 0) if own_stream else None
     pending: _InFlight | None = None
     wait_data = 0.0
 
@@ -129,8 +127,9 @@ def run(cfg: PrecomputeConfig, *, source: ScaffoldSource | None = None, progress
         if on_batch is not None:
             on_batch(scene, in_scene[scene])
 
-    ops = OperatorStage(writer.q, enc, op_spec, dev, summary.phase_s, chunk=operator_chunk, streams=op_streams,
-                        on_added=added, threaded=cfg.operator_thread, workers=workers)
+    ops = OperatorStage(writer.q, enc, op_spec, dev, summary.phase_s, chunk=operator_chunk, stream_priority=priority,
+                        on_added=added, threaded=cfg.operator_thread, workers=cfg.operator_workers)
+    summary.operator_workers = ops.workers
     # shared for the whole run (`snd cache gc` / `verify --fix` refuse meanwhile); taken right before the threads
     # that touch the store start, so only those starts lie between it and the `finally` that releases it
     busy = hold_in_use(M.meta_dir(out))
