@@ -395,3 +395,14 @@ def _real_size_jobs(dev: torch.device) -> tuple:
     return (gs, masks, torch.stack([xs[i]["tgt_mask"] for i in src]).to(dev),
             torch.stack([xs[i]["tgt_K"] for i in src]).to(dev),
             torch.stack([rigid_inverse(xs[i]["tgt_c2w"]) for i in src]).to(dev), pair, (41, 62), (41, 62))
+
+
+def test_job_index_is_a_slice_for_consecutive_jobs_and_indexes_alike():
+    """`_assemble` indexes a pair's jobs by a slice when they are consecutive (no blocking copy of a list to the GPU)."""
+    from snd.splat.operator_build import _job_index
+
+    x = torch.arange(24.0).reshape(6, 4)
+    assert _job_index([2, 3, 4], x.device) == slice(2, 5)
+    for jobs in ([2, 3, 4], [0, 2, 5], [4]):
+        torch.testing.assert_close(x[_job_index(jobs, x.device)], x[jobs])
+    assert isinstance(_job_index([0, 2], x.device), torch.Tensor)

@@ -247,6 +247,7 @@ def build_operators(
     const = dict(ucols=ucols, uw=uw, up_t=up_t, G=G, J=J, dpix=dpix, dwt=dwt, pix2patch=pix2patch, lookup=lookup,
                  out_hw=(h2, w2), r=r, row_cap=int(row_cap), inst_cap=int(inst_cap))
     label_knobs = dict(dpix=dpix, dwt=dwt, r=r, blend_w=blend_weight if blend else 0.0, inst_cap=int(inst_cap))
+    pair_host = pair.cpu()  # the jobs' pairs as the host reads them (a caller's host tensor: no sync per chunk)
     pair = pair.to(device)
     size = chunk if isinstance(chunk, ChunkSize) else ChunkSize(chunk)
     parts = []
@@ -265,10 +266,10 @@ def build_operators(
                 coef = dwt[None] * (1.0 - lb["b_pix"].reshape(sl.stop - sl.start, Ht * Wt)[:, dpix])  # [n, 4, P]
                 return dict(tap_pix=dpix, tap_coef=coef, pair=pair[sl], ucols=ucols, uw=uw, row_cap=int(row_cap))
 
-            c = contributions(gaussians, pair[sl], tgt_K[sl].to(device, torch.float32),
+            c = contributions(gaussians, pair_host[sl], tgt_K[sl].to(device, torch.float32),
                               tgt_w2c[sl].to(device, torch.float32), Ht, Wt, near=near, far=far, backend=backend,
                               max_pairs=max_pairs, pixels=taps, adjoint=field, direct=direct)
-            parts.append(_assemble(c, lb, pair[sl], **const))
+            parts.append(_assemble(c, lb, pair[sl], pair_host[sl].tolist(), **const))
             s = sl.stop
             continue
         except torch.OutOfMemoryError:
@@ -311,11 +312,11 @@ def _labels(tgt_masks: Tensor, alpha: Tensor, *, dpix: Tensor, dwt: Tensor, r: R
     tap_lab = inv.reshape(N, Q)[:, dpix]  # [N, 4, P]
     tap_w = dwt[None] * b_pix.reshape(N, Q)[:, dpix]  # [N, 4, P]
     mass = torch.zeros(labels.numel(), dtype=f64, device=device).index_add_(0, tap_lab.reshape(-1), tap_w.reshape(-1))
-    used = (mass > 0).nonzero().squeeze(1)
-    o, rank = _rank_in_group(lab_job[used], rank_score(mass[used]))
-    slot = torch.full((labels.numel(),), -1, dtype=torch.long, device=device)
-    ok = rank < inst_cap
-    slot[used[o][ok]] = rank[ok]
+    # ranked per job among its labels with mass (the others in a group of their own, N, and given no slot): no
+    # `nonzero` of the used ones, which would wait for the GPU
+    used = mass > 0
+    o, rank = _rank_in_group(torch.where(used, lab_job, N), rank_score(mass))
+    slot = torch.empty_like(o).scatter_(0, o, torch.where(used[o] & (rank < inst_cap), rank, -1))
     n_slots = int(slot.max()) + 1 if slot.numel() else 0  # a host sync: the field's channel count
     ps = torch.where(in_mean.reshape(-1), slot[inv], -1)
     value = torch.where(ps >= 0, 1.0 / counts[inv].clamp_min(1), 0.0).float()
@@ -323,11 +324,21 @@ def _labels(tgt_masks: Tensor, alpha: Tensor, *, dpix: Tensor, dwt: Tensor, r: R
     return dict(covered=covered, b_pix=b_pix, tap_lab=tap_lab, tap_w=tap_w, slot=slot, field=field)
 
 
-def _assemble(c, lb: dict, pair_sl: Tensor, *, ucols: Tensor, uw: Tensor, up_t: Callable[[int], Tensor], G: int,
+def _job_index(jobs: list[int], device: torch.device) -> slice | Tensor:
+    """Jobs [n, ...] as an index: a slice when they are consecutive (stage one's jobs are, pair by pair), else a
+    tensor copied without waiting. Why: a Python list as an index is copied to the GPU with a blocking copy, which
+    waits for every kernel queued on the stream (two such waits per pair and chunk, in the middle of the build)."""
+    if jobs == list(range(jobs[0], jobs[-1] + 1)):
+        return slice(jobs[0], jobs[-1] + 1)
+    return torch.tensor(jobs, dtype=torch.long).to(device, non_blocking=True)
+
+
+def _assemble(c, lb: dict, pair_sl: Tensor, pairs: list[int], *, ucols: Tensor, uw: Tensor, up_t: Callable[[int], Tensor], G: int,
               J: int, dpix: Tensor, dwt: Tensor, pix2patch: Tensor, lookup: tuple[Tensor, Tensor] | None,
               out_hw: tuple[int, int], r: Rules, row_cap: int, inst_cap: int) -> dict:
     """The operators of one chunk of jobs from their contributions `c` (`snd.splat.contrib.Contributions`,
-    listed at the downsampling's tap pixels, with the adjoint of `lb["field"]`) and their labels `lb`."""
+    listed at the downsampling's tap pixels, with the adjoint of `lb["field"]`) and their labels `lb`; `pairs` is
+    `pair_sl` as a list."""
     N, P = lb["tap_w"].shape[0], out_hw[0] * out_hw[1]
     Q = lb["covered"].shape[1]
     device = dpix.device
@@ -344,11 +355,10 @@ def _assemble(c, lb: dict, pair_sl: Tensor, *, ucols: Tensor, uw: Tensor, up_t: 
     inst = torch.zeros(N, inst_cap, J, dtype=torch.float32, device=device)
     n_slots = c.adjoint.shape[-1]
     if n_slots:
-        pairs = pair_sl.tolist()
         for p in sorted(set(pairs)):  # one sparse product per pair for all its jobs' label columns
-            jobs = [n for n in range(N) if pairs[n] == p]
-            A = c.adjoint[jobs].permute(1, 0, 2).reshape(G, len(jobs) * n_slots)  # [G, jobs x slots]
-            out = torch.sparse.mm(up_t(p), A).reshape(J, len(jobs), n_slots)
+            jobs = _job_index([n for n in range(N) if pairs[n] == p], device)
+            A = c.adjoint[jobs].permute(1, 0, 2).reshape(G, -1)  # [G, jobs x slots]
+            out = torch.sparse.mm(up_t(p), A).reshape(J, -1, n_slots)
             inst[jobs, :n_slots] = out.permute(1, 2, 0)
     tap_slot = lb["slot"][lb["tap_lab"]]  # [N, 4, P]
     keep_tap = tap_slot >= 0

@@ -58,8 +58,9 @@ def _build_operators(fields: dict[str, np.ndarray], b: _Batch, enc: Encoding, sp
     from snd.splat.operator import build_operators
     from snd.train.distiller import rigid_inverse
 
-    K = torch.from_numpy(b.ctx_K).to(dev)
-    c2w = torch.from_numpy(b.ctx_c2w).to(dev)
+    # host arrays go up without waiting (`non_blocking`): a blocking copy waits for every kernel on the stream
+    up = lambda a, dtype=None: torch.from_numpy(a).to(dev, dtype, non_blocking=True)  # noqa: E731
+    K, c2w = up(b.ctx_K), up(b.ctx_c2w)
     src = device_fields if device_fields is not None else fields
     dec = {k: v for k, v in src.items() if k in ("depth", "offset", "quats", "scales", "opacity", "offset_range", "scale_range")}
     means, quats, scales, opac = decode_scaffold(dec, K, c2w, enc=enc, device=dev)
@@ -70,11 +71,11 @@ def _build_operators(fields: dict[str, np.ndarray], b: _Batch, enc: Encoding, sp
     bi, ti = np.nonzero(ex["tgt_index"] >= 0)  # the jobs: (pair, target slot) with a target
     ops = build_operators(
         [PixelGaussians(means[i], quats[i], scales[i], opac[i]) for i in range(B)],
-        torch.from_numpy(ex["ctx_mask"].astype(np.int64)).to(dev),
-        torch.from_numpy(ex["tgt_mask"][bi, ti].astype(np.int64)).to(dev),
-        torch.from_numpy(ex["tgt_K"][bi, ti]).to(dev, torch.float32),
-        rigid_inverse(torch.from_numpy(ex["tgt_c2w"][bi, ti]).to(dev, torch.float32)),  # [J, 4, 4], one call
-        torch.from_numpy(bi).to(dev), spec.ctx_hw, spec.out_hw, upsample=spec.upsample, blend=spec.blend,
+        up(ex["ctx_mask"].astype(np.int64)),
+        up(ex["tgt_mask"][bi, ti].astype(np.int64)),
+        up(ex["tgt_K"][bi, ti], torch.float32),
+        rigid_inverse(up(ex["tgt_c2w"][bi, ti], torch.float32)),  # [J, 4, 4], one call
+        torch.from_numpy(bi), spec.ctx_hw, spec.out_hw, upsample=spec.upsample, blend=spec.blend,
         blend_weight=spec.blend_weight, protocol=spec.protocol, row_cap=spec.row_cap, inst_cap=spec.inst_cap,
         chunk=chunk)
     if ph is not None:
