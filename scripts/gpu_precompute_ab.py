@@ -14,10 +14,15 @@ no-operator (`--no-operator`: MVSplat and the store alone), chunk8 / chunk12 (`-
 low-priority (`--no-operator-priority`: the operators' stream at MVSplat's priority), workers2
 (`--operator-workers 2`: two builder threads, two streams),
 or KEY=VALUE[,KEY=VALUE] overrides of `snd.pipeline.config.PrecomputeConfig` (ints, or 0/1 for flags).
+``--builder FILE`` adds the variant ``builder-file``: the defaults with another version of
+`snd/splat/operator_build.py` (e.g. `git show REV:snd/splat/operator_build.py > ab_before.py`) building the operators,
+so a change to the builder is timed in the pipeline against the one before, in one process.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
 import json
 import sys
 from dataclasses import fields, replace
@@ -34,6 +39,8 @@ KEEP = ("pairs_per_s", "pairs_timed", "seconds_timed", "phase_ms_per_pair", "gpu
 
 def overrides(spec: str) -> dict:
     """A preset's overrides, or KEY=VALUE pairs (checked against PrecomputeConfig's fields)."""
+    if spec == "builder-file":
+        return {}
     if spec in PRESETS:
         return PRESETS[spec]
     names = {f.name: f for f in fields(PrecomputeConfig)}
@@ -44,6 +51,29 @@ def overrides(spec: str) -> dict:
             sys.exit(f"unknown variant {spec!r}: a preset ({', '.join(PRESETS)}) or KEY=VALUE of PrecomputeConfig")
         out[k] = bool(int(v)) if names[k].type in ("bool", bool) else int(v)
     return out
+
+
+@contextlib.contextmanager
+def builder(path: str | None):
+    """Stage one's operators built by `build_operators` of the module at `path` for the duration (stage one looks
+    it up in `snd.splat.operator` at each batch)."""
+    import snd.splat.operator as op
+
+    if not path:
+        sys.exit("the variant builder-file needs --builder FILE")
+    spec = importlib.util.spec_from_file_location("snd_builder_ab", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # its dataclasses look their module up there
+    spec.loader.exec_module(mod)
+
+    def build(*args, chunk=8, **kw):  # stage one's ChunkSize is our module's class: the other gets its size
+        return mod.build_operators(*args, chunk=getattr(chunk, "size", chunk), **kw)
+
+    keep, op.build_operators = op.build_operators, build
+    try:
+        yield
+    finally:
+        op.build_operators = keep
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -57,7 +87,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--height", type=int, default=576)
     ap.add_argument("--width", type=int, default=880)
     ap.add_argument("--workdir", default="/tmp/snd-bench-pre-ab")
+    ap.add_argument("--builder", default=None, help="another operator_build.py: adds the variant builder-file")
     a = ap.parse_args(argv)
+    if a.builder and "builder-file" not in a.variants:
+        a.variants.append("builder-file")
     cfg = BenchPrecomputeConfig(source=a.source, device=a.device, pairs=a.pairs, height=a.height, width=a.width,
                                 workdir=a.workdir, images="lossless")
     pcfg, source = prepare(cfg)
@@ -65,7 +98,8 @@ def main(argv: list[str] | None = None) -> None:
     runs += [(a.rounds, v, True) for v in a.variants] if a.busy else []
     for r, v, traced in runs:
         p = replace(pcfg, out=pcfg.out.with_name(f"cache-{v.replace('=', '-').replace(',', '_')}"), **overrides(v))
-        res = measure(replace(cfg, gpu_busy=traced), p, source)
+        with builder(a.builder) if v == "builder-file" else contextlib.nullcontext():
+            res = measure(replace(cfg, gpu_busy=traced), p, source)
         print(json.dumps({"variant": v, "round": r, "traced": traced, **{k: res.get(k) for k in KEEP}}), flush=True)
 
 

@@ -6,7 +6,7 @@ scaffold of `snd bench precompute --source mvsplat --workdir W`, DIR = W/cache),
 Prints JSON lines: warm wall ms per target of the batched builder for each `chunk`; the "render floor": ms per
 target of gsplat's plain forward `rasterization` (3 channels, the same 12 cameras, one call per pair), which
 any construction of an exact operator must at least match (it visits every (pixel, Gaussian) pair of the
-target); then the top CUDA ops by device time of one chunk-12 build. (An experimental fused Triton alpha +
+target); then the top CUDA kernels and the top torch ops by device time of one build (``--profile-chunk``, 12). (An experimental fused Triton alpha +
 adjoint kernel was timed here against gsplat's forward + backward on 2026-12-05 and removed: slower at every
 setting, docs/performance.md.)
 ``--builder FILE`` times another version of `snd/splat/operator_build.py` (e.g. `git show REV:snd/splat/operator_build.py`)
@@ -23,6 +23,7 @@ import json
 import time
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from snd.splat.gaussians import PixelGaussians
@@ -39,6 +40,7 @@ ap.add_argument("--adjoint", choices=["on", "off"], default="on")
 ap.add_argument("--direct", choices=["on", "off"], default="on")
 ap.add_argument("--ab", nargs="*", default=[])
 ap.add_argument("--rounds", type=int, default=2)
+ap.add_argument("--profile-chunk", type=int, default=12, help="the chunk of the profiled build (stage one's: 24)")
 a = ap.parse_args()
 from snd.splat import kernels  # noqa: E402
 
@@ -141,9 +143,15 @@ f = gs[0].flatten()
 print(json.dumps({"tag": a.tag, "render_floor_ms_per_target": ms / len(src), "gaussians_per_pair": int(f[0].shape[0]),
                   "what": "gsplat.rasterization forward, 3 channels, 3 cameras per call"}), flush=True)
 with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-    build_operators(*args, chunk=12)
+    build_operators(*args, chunk=a.profile_chunk)
     torch.cuda.synchronize()
-rows = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:15]
-for e in rows:
-    print(json.dumps({"tag": a.tag, "op": e.key[:80], "device_ms": e.device_time_total / 1e3,
-                      "cpu_ms": e.cpu_time_total / 1e3, "calls": e.count}))
+avg = prof.key_averages()
+# kernels (device events) apart from the torch ops that launch them: an op's device time includes its kernels'
+kern = [e for e in avg if e.device_type == DeviceType.CUDA]
+ops = [e for e in avg if e.device_type != DeviceType.CUDA]
+print(json.dumps({"tag": a.tag, "chunk": a.profile_chunk, "kernels_device_ms": round(sum(e.device_time_total for e in kern) / 1e3, 3),
+                  "kernel_launches": sum(e.count for e in kern)}))
+for kind, rows in (("kernel", kern), ("op", ops)):
+    for e in sorted(rows, key=lambda e: -e.device_time_total)[:20]:
+        print(json.dumps({"tag": a.tag, kind: e.key[:100], "device_ms": round(e.device_time_total / 1e3, 3),
+                          "cpu_ms": round(e.cpu_time_total / 1e3, 3), "calls": e.count}))

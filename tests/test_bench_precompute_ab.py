@@ -73,6 +73,15 @@ def test_ab_script_variants():
     for bad in ("nope", "operator_chunk", "not_a_field=1"):
         with pytest.raises(SystemExit, match="unknown variant"):
             ab.overrides(bad)
+    # builder-file: the defaults, with another module's build_operators where stage one looks it up, then restored
+    import snd.splat.operator as op
+
+    assert ab.overrides("builder-file") == {}
+    ours = op.build_operators
+    with ab.builder(str(REPO / "snd/splat/operator_build.py")):  # a second copy of ours
+        assert op.build_operators is not ours
+        assert op.build_operators.__code__.co_filename.endswith("gpu_precompute_ab.py")  # the script's wrapper
+    assert op.build_operators is ours
 
 
 def test_operator_workers_build_at_once_and_hand_on_in_submission_order(monkeypatch):
