@@ -237,18 +237,24 @@ def test_transposed_taps_structure_equals_coalescing_each_pair(grid):
 
 
 def test_dense_unique_equals_torch_unique():
-    """The histogram version of `torch.unique(..., return_inverse=True)` used for a chunk's labels, and its
-    fallback to the sort when the key range is too wide."""
+    """The histogram version of `torch.unique(..., return_inverse=True)` used for a chunk's labels, with each unique
+    value's count of flagged keys, and its fallback to the sort when the key range is too wide."""
     from snd.splat.operator_build import _dense_unique
 
     key = torch.tensor([7, 3, 3, 0, 11, 7, 7, 2])
-    for max_bins in (1 << 26, 4):  # histogram; the sort (12 bins > 4)
-        u, inv = _dense_unique(key, 12, max_bins=max_bins)
+    flag = torch.tensor([1, 1, 0, 0, 1, 1, 0, 0], dtype=torch.bool)
+    for max_bins in (1 << 26, 4):  # histogram; the sort (2 x 12 bins > 4)
+        u, inv, n = _dense_unique(key, 12, flag, max_bins=max_bins)
         assert u.tolist() == [0, 2, 3, 7, 11] and inv.tolist() == [3, 2, 2, 0, 4, 3, 3, 1]
-    key = torch.randint(0, 5000, (20000,), generator=torch.Generator().manual_seed(0))
+        assert n.tolist() == [0, 0, 1, 2, 1]  # by hand: 0 and 2 unflagged, one 3 of two, two 7s of three, the 11
+    g = torch.Generator().manual_seed(0)
+    key = torch.randint(0, 5000, (20000,), generator=g)
+    flag = torch.rand(20000, generator=g) < 0.3
     want = torch.unique(key, return_inverse=True)
-    for got, ref in zip(_dense_unique(key, 5000), want):
-        assert torch.equal(got, ref)
+    for max_bins in (1 << 26, 16):
+        u, inv, n = _dense_unique(key, 5000, flag, max_bins=max_bins)
+        assert torch.equal(u, want[0]) and torch.equal(inv, want[1])
+        assert torch.equal(n, torch.stack([(flag & (key == v)).sum() for v in u]))
 
 
 def test_label_slots_ignore_summation_noise():

@@ -133,14 +133,22 @@ def _downsample_taps(Ht: int, Wt: int, h2: int, w2: int, device: torch.device) -
     return torch.stack(pix), torch.stack(wt)
 
 
-def _dense_unique(key: Tensor, bins: int, max_bins: int = 1 << 22) -> tuple[Tensor, Tensor]:
-    """`torch.unique(key, return_inverse=True)` for keys in [0, bins): a histogram and a prefix sum instead of a
-    sort of every key (a chunk's labels are N x 576 x 880 pixels, but a few thousand (job, label) values at most).
-    Falls back to the sort when `bins` exceeds `max_bins` (the histogram's memory: 8 bytes a bin)."""
-    if bins > max_bins:
-        return torch.unique(key, return_inverse=True)
-    present = torch.bincount(key, minlength=bins) > 0
-    return present.nonzero().squeeze(1), (torch.cumsum(present, 0) - 1)[key]
+def _dense_unique(key: Tensor, bins: int, flag: Tensor, max_bins: int = 1 << 22) -> tuple[Tensor, Tensor, Tensor]:
+    """`torch.unique(key, return_inverse=True)` for keys in [0, bins), and how many keys of each unique value have
+    `flag` (bool, key's shape) set: a histogram and a prefix sum instead of a sort of every key (a chunk's labels are
+    N x 576 x 880 pixels, but a few thousand (job, label) values at most).
+
+    Why the counts here: the histogram of (key, flag) gives them with the unique values at no extra cost, where
+    `index_add_` of the flags (what `_labels` did) sent millions of float64 atomics to those few thousand addresses:
+    5.8 of a 12-target chunk's 43 ms of kernels on an H100 (`docs/bench/profile_operator_store_kernels_h100.jsonl`).
+    Falls back to the sort when the histogram's 2 x `bins` exceed `max_bins` (its memory: 8 bytes a bin)."""
+    if 2 * bins > max_bins:
+        uniq, inv = torch.unique(key, return_inverse=True)
+        return uniq, inv, torch.zeros(uniq.numel(), dtype=torch.long, device=key.device).index_add_(0, inv, flag.long())
+    hist = torch.bincount(key * 2 + flag.long(), minlength=2 * bins).reshape(bins, 2)  # [bins, (unflagged, flagged)]
+    present = hist.sum(1) > 0
+    uniq = present.nonzero().squeeze(1)
+    return uniq, (torch.cumsum(present, 0) - 1)[key], hist[uniq, 1]
 
 
 def rank_score(mass: Tensor) -> Tensor:
@@ -304,10 +312,11 @@ def _labels(tgt_masks: Tensor, alpha: Tensor, *, dpix: Tensor, dwt: Tensor, r: R
     lab = tgt_masks.reshape(N, Q).long()
     lo = lab.min()
     span = lab.max() - lo + 1
-    labels, inv = _dense_unique((torch.arange(N, device=device)[:, None] * span + (lab - lo)).reshape(-1),
-                                int(span) * N)  # [N*Q]: the label index of each pixel
+    # [N*Q]: the label index of each pixel; per label, its pixels in the means
+    labels, inv, counts = _dense_unique((torch.arange(N, device=device)[:, None] * span + (lab - lo)).reshape(-1),
+                                        int(span) * N, in_mean.reshape(-1))
     lab_job = torch.div(labels, span, rounding_mode="floor")
-    counts = torch.zeros(labels.numel(), dtype=f64, device=device).index_add_(0, inv, in_mean.reshape(-1).to(f64))
+    counts = counts.to(f64)
     b_pix = (counts > 0).to(f64)[inv] * blend_w  # [N*Q]: only labels with a pixel in the means are blended
     tap_lab = inv.reshape(N, Q)[:, dpix]  # [N, 4, P]
     tap_w = dwt[None] * b_pix.reshape(N, Q)[:, dpix]  # [N, 4, P]
