@@ -31,7 +31,11 @@ except ImportError:  # pragma: no cover - depends on the platform
 
 __all__ = ["available", "enabled", "correlation", "launch", "status"]
 
-BLOCK_P = 32  # reference pixels per program: 32 x C fp32 features stay in registers across the D candidates
+# reference pixels per program (their C fp32 features stay in registers across the D candidates) and warps: the
+# fastest of the profile script's 9 shapes at stage one's size (batch 8 pairs, 576x880, C = 128, D = 128), alone on
+# an H100: 16 x 4 9.7 ms per batch (16 x 8 9.6), against 22.5 for 32 x 4, the first choice
+# (`docs/bench/profile_corr_shapes_h100.jsonl`)
+BLOCK_P, NUM_WARPS = 16, 4
 
 
 def enabled() -> bool:
@@ -123,7 +127,7 @@ def _check(ref: Tensor, src: Tensor, grid: Tensor) -> tuple[int, int, int, int, 
 
 
 def launch(kernel, ref: Tensor, src: Tensor, grid: Tensor, out: Tensor, *, block: int = BLOCK_P,
-           num_warps: int = 4) -> Tensor:
+           num_warps: int = NUM_WARPS) -> Tensor:
     """Run `kernel` (the Triton function, or torch's `wrap_triton` of it inside the custom op) into out [N, D, h, w].
     ref/src [N, h, w, C] float32 contiguous, grid [N, D, h, w, 2] float32 contiguous. `block` and `num_warps` are
     the launch shape (the profile script sweeps them; the op uses the defaults)."""
