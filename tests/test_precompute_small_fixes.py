@@ -1,11 +1,12 @@
-"""Stage one's small defaults: `--operator-chunk 0` and `--batch-pairs 0` (auto) resolved per device, and
+"""Stage one's small defaults: `--operator-chunk 0`, `--operator-workers 0` and `--batch-pairs 0` (auto) resolved per
+device, and
 `rigid_inverse` on batches."""
 import pytest
 import torch
 
 from snd.errors import SndError
 from snd.pipeline.config import BenchPrecomputeConfig, PrecomputeConfig
-from snd.stages.precompute.settings import resolve_batch_pairs, resolve_operator_chunk
+from snd.stages.precompute.settings import resolve_batch_pairs, resolve_operator_chunk, resolve_operator_workers
 from snd.train.distiller import rigid_inverse
 
 
@@ -16,6 +17,14 @@ def test_operator_chunk_auto_is_8_on_cuda_and_1_on_cpu():
     assert resolve_operator_chunk(3, "cpu") == 3 and resolve_operator_chunk(12, "cuda") == 12  # a given chunk is kept
     with pytest.raises(SndError, match="operator-chunk"):
         resolve_operator_chunk(-1, "cpu")
+
+
+def test_operator_workers_auto_is_2_on_cuda_and_1_on_cpu():
+    assert PrecomputeConfig().operator_workers == 0 and BenchPrecomputeConfig().operator_workers == 0  # auto by default
+    assert resolve_operator_workers(0, "cuda") == 2 and resolve_operator_workers(0, torch.device("cuda", 1)) == 2
+    assert resolve_operator_workers(0, "cpu") == 1 and resolve_operator_workers(3, "cpu") == 3
+    with pytest.raises(SndError, match=r"--operator-workers must be >= 1, or 0 for auto \(2 on CUDA, 1 on CPU\), got -2"):
+        resolve_operator_workers(-2, "cuda")
 
 
 def test_precompute_refuses_a_negative_chunk_before_any_work(tmp_path):

@@ -27,6 +27,7 @@ def resolve_rank(cfg_rank: int, cfg_world: int) -> tuple[int, int]:
 
 AUTO_BATCH_PAIRS = {"cuda": 8, "cpu": 1}  # `--batch-pairs 0`: per device type
 AUTO_OPERATOR_CHUNK = {"cuda": 24, "cpu": 1}  # `--operator-chunk 0`: per device type (docs/performance.md)
+AUTO_OPERATOR_WORKERS = {"cuda": 2, "cpu": 1}  # `--operator-workers 0`: per device type (docs/performance.md)
 
 
 def auto_count(value: int, table: dict[str, int], device: "str | torch.device", flag: str) -> int:
@@ -60,6 +61,14 @@ def resolve_operator_chunk(chunk: int, device: "str | torch.device") -> int:
     Why: one batched render and sort per chunk pays on the GPU, while on CPU a chunk of 9 measured 20-30 % slower
     than one target at a time (bigger sorts; docs/performance.md). The operators are the same for every chunk size."""
     return auto_count(chunk, AUTO_OPERATOR_CHUNK, device, "--operator-chunk")
+
+
+def resolve_operator_workers(workers: int, device: "str | torch.device") -> int:
+    """`--operator-workers` as used: the number given, or for 0 (auto) 2 on CUDA and 1 elsewhere. Why two on the GPU:
+    one builder thread spends most of its time in Python and at host syncs while the GPU could run another batch's
+    kernels; on an H100 two ran stage one at 28.1 and 24.9 pairs/s against one's 20.9 and 19.8, alternating in one
+    process (`docs/bench/pipeline_ab3_h100.jsonl`). On a CPU the builders' torch ops already use every core."""
+    return auto_count(workers, AUTO_OPERATOR_WORKERS, device, "--operator-workers")
 
 
 PATCH = 14  # DINOv2's patch size, the default of --patch-size (the operators are built for stage two's grids)

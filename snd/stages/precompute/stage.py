@@ -24,7 +24,7 @@ from snd.stages.precompute.launch import _InFlight, _land, _launch
 from snd.stages.precompute.operators import OperatorStage
 from snd.stages.precompute.report import Summary, console, print_summary, record_run
 from snd.stages.precompute.settings import (make_source, operator_spec, resolve_batch_pairs, resolve_operator_chunk,
-                                             resolve_rank, store_header)
+                                             resolve_operator_workers, resolve_rank, store_header)
 from snd.stages.precompute.writer import _suppress_full, _Writer
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,7 @@ def run(cfg: PrecomputeConfig, *, source: ScaffoldSource | None = None, progress
     serialize_ast_parse()  # the loader threads' np.load / trimesh calls parse ASTs at once (a CPython 3.11 race)
     cfg = replace(cfg, batch_pairs=resolve_batch_pairs(cfg.batch_pairs, cfg.device))  # 0 = auto, as used below
     resolve_operator_chunk(cfg.operator_chunk, cfg.device)  # a negative chunk fails here, before any work (used below)
+    resolve_operator_workers(cfg.operator_workers, cfg.device)  # so does a negative worker count
     rank, world = resolve_rank(cfg.rank, cfg.world_size)
     ds = open_dataset(cfg.data, cfg.layout, height=cfg.height, width=cfg.width)
     names = ds.scene_names(cfg.split)
@@ -128,7 +129,8 @@ def run(cfg: PrecomputeConfig, *, source: ScaffoldSource | None = None, progress
             on_batch(scene, in_scene[scene])
 
     ops = OperatorStage(writer.q, enc, op_spec, dev, summary.phase_s, chunk=operator_chunk, stream_priority=priority,
-                        on_added=added, threaded=cfg.operator_thread, workers=cfg.operator_workers)
+                        on_added=added, threaded=cfg.operator_thread,
+                        workers=resolve_operator_workers(cfg.operator_workers, dev))
     summary.operator_workers = ops.workers
     # shared for the whole run (`snd cache gc` / `verify --fix` refuse meanwhile); taken right before the threads
     # that touch the store start, so only those starts lie between it and the `finally` that releases it
