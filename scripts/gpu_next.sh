@@ -98,10 +98,11 @@ for s in $STEPS; do case $s in
       summary precompute "$OUT/bench_precompute_mvsplat_corr_$k.json"
     done ;;
   pipeline-ab)  # (d0b) stage one's pipeline variants over one compiled source (scripts/gpu_precompute_ab.py):
-    # the operator thread against two and against the main thread, chunk 8 against 24, --no-operator as the ceiling;
-    # two timed rounds, then one traced run each for the GPU's busy fraction (AB_VARIANTS picks)
+    # the default (two operator threads on CUDA) against one and against the main thread, chunk 8 against 24,
+    # --no-operator as the ceiling; two timed rounds (ABBA), then one traced run each for the GPU's busy fraction
+    # (AB_VARIANTS picks)
     step pipeline-ab 240 420 py scripts/gpu_precompute_ab.py --pairs "${AB_PAIRS:-96}" --rounds 2 --busy \
-      --variants ${AB_VARIANTS:-thread workers2 inline chunk8 no-operator}
+      --variants ${AB_VARIANTS:-thread workers1 inline chunk8 no-operator}
     grep '^{' "$OUT/next_pipeline-ab.log" > "$OUT/pipeline_ab.jsonl" 2>/dev/null ;;
   mvsplat-profile)  # (d2) MVSplat's compiled networks by kind of kernel with the correlation kernel on and off (two
     # compiles, ~130 s each on an H100), and the kernel alone at 9 launch shapes

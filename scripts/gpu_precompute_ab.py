@@ -9,10 +9,13 @@ runs are not the timed ones).
 
 `python scripts/gpu_precompute_ab.py [--pairs 96] [--rounds 2] [--variants thread inline] [--busy]`
 prints one JSON line per run: variant, round, pairs/s over the timed batches, ms per pair per phase, busy.
-Variants: thread (the default pipeline), inline (`--no-operator-thread`: operators on the main thread),
+Runs go in ABBA order (the variants reversed every other round), so a drift of the machine over the call (disk
+write-back of earlier runs' stores, clocks) does not favour the variants that run later in a round: on 2026-12-06 an
+H100 ran all three variants faster in the order they ran, in both rounds (`docs/bench/pipeline_ab4_h100.jsonl`).
+Variants: thread (the default pipeline: on CUDA two builder threads), inline (`--no-operator-thread`: operators on the main thread),
 no-operator (`--no-operator`: MVSplat and the store alone), chunk8 / chunk12 (`--operator-chunk 8/12`),
-low-priority (`--no-operator-priority`: the operators' stream at MVSplat's priority), workers2
-(`--operator-workers 2`: two builder threads, two streams),
+low-priority (`--no-operator-priority`: the operators' stream at MVSplat's priority), workers1 / workers2
+(`--operator-workers 1/2`: builder threads, a stream each),
 or KEY=VALUE[,KEY=VALUE] overrides of `snd.pipeline.config.PrecomputeConfig` (ints, or 0/1 for flags).
 ``--builder FILE`` adds the variant ``builder-file``: the defaults with another version of
 `snd/splat/operator_build.py` (e.g. `git show REV:snd/splat/operator_build.py > ab_before.py`) building the operators,
@@ -32,7 +35,8 @@ from snd.pipeline.config import BenchPrecomputeConfig, PrecomputeConfig
 
 PRESETS = {"thread": {"operator_thread": True}, "inline": {"operator_thread": False},
            "no-operator": {"operator": False}, "chunk8": {"operator_chunk": 8}, "chunk12": {"operator_chunk": 12},
-           "low-priority": {"operator_priority": False}, "workers2": {"operator_workers": 2}}
+           "low-priority": {"operator_priority": False}, "workers1": {"operator_workers": 1},
+           "workers2": {"operator_workers": 2}}
 KEEP = ("pairs_per_s", "pairs_timed", "seconds_timed", "phase_ms_per_pair", "gpu_busy", "peak_mem_gib", "mb_per_pair",
         "operator_chunk", "operator_thread", "operator_workers", "operator_priority", "operator_kernels", "mvsplat_corr_kernel", "device_name")
 
@@ -76,6 +80,12 @@ def builder(path: str | None):
         op.build_operators = keep
 
 
+def schedule(variants: list[str], rounds: int, busy: bool) -> list[tuple[int, str, bool]]:
+    """(round, variant, traced) of every run: the timed rounds in ABBA order, then one traced run per variant."""
+    runs = [(r, v, False) for r in range(rounds) for v in (variants if r % 2 == 0 else variants[::-1])]
+    return runs + ([(rounds, v, True) for v in variants] if busy else [])
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--pairs", type=int, default=96, help="timed pairs per run (after two warm-up batches)")
@@ -94,9 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = BenchPrecomputeConfig(source=a.source, device=a.device, pairs=a.pairs, height=a.height, width=a.width,
                                 workdir=a.workdir, images="lossless")
     pcfg, source = prepare(cfg)
-    runs = [(r, v, False) for r in range(a.rounds) for v in a.variants]
-    runs += [(a.rounds, v, True) for v in a.variants] if a.busy else []
-    for r, v, traced in runs:
+    for r, v, traced in schedule(a.variants, a.rounds, a.busy):
         p = replace(pcfg, out=pcfg.out.with_name(f"cache-{v.replace('=', '-').replace(',', '_')}"), **overrides(v))
         with builder(a.builder) if v == "builder-file" else contextlib.nullcontext():
             res = measure(replace(cfg, gpu_busy=traced), p, source)

@@ -73,6 +73,10 @@ def test_ab_script_variants():
     for bad in ("nope", "operator_chunk", "not_a_field=1"):
         with pytest.raises(SystemExit, match="unknown variant"):
             ab.overrides(bad)
+    assert ab.overrides("workers1") == {"operator_workers": 1}
+    assert ab.schedule(["a", "b", "c"], 2, True) == [(0, "a", False), (0, "b", False), (0, "c", False),
+                                                      (1, "c", False), (1, "b", False), (1, "a", False),
+                                                      (2, "a", True), (2, "b", True), (2, "c", True)]
     # builder-file: the defaults, with another module's build_operators where stage one looks it up, then restored
     import snd.splat.operator as op
 

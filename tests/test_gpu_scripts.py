@@ -120,7 +120,7 @@ def test_gpu_next_pipeline_ab_alternates_the_variants_over_one_source(tmp_path):
     def ab_calls() -> list[str]:
         return [c for c in log.read_text().splitlines() if c.startswith("scripts/gpu_precompute_ab.py")]
 
-    assert ab_calls() == ["scripts/gpu_precompute_ab.py --pairs 96 --rounds 2 --busy --variants thread workers2 inline chunk8 "
+    assert ab_calls() == ["scripts/gpu_precompute_ab.py --pairs 96 --rounds 2 --busy --variants thread workers1 inline chunk8 "
                           "no-operator"]
     _run_next(bin_dir, out, STEPS="pipeline-ab", BUDGET_S="545", AB_VARIANTS="thread inline", AB_PAIRS="8")
     assert ab_calls()[-1] == "scripts/gpu_precompute_ab.py --pairs 8 --rounds 2 --busy --variants thread inline"
