@@ -17,6 +17,9 @@ no-operator (`--no-operator`: MVSplat and the store alone), chunk8 / chunk12 (`-
 low-priority (`--no-operator-priority`: the operators' stream at MVSplat's priority), workers1 / workers2
 (`--operator-workers 1/2`: builder threads, a stream each),
 or KEY=VALUE[,KEY=VALUE] overrides of `snd.pipeline.config.PrecomputeConfig` (ints, or 0/1 for flags).
+``switch=SECONDS`` runs the defaults under `sys.setswitchinterval(SECONDS)` (Python's GIL hand-over interval, 5 ms by
+default): on the 2-core CPU machine the shard writer beside a spinning Python thread took 370 ms per pair at 5 ms and
+190 at 1 ms (`scripts/writer_rates.py`), and stage one's writer shares the GIL with the main and operator threads.
 ``--builder FILE`` adds the variant ``builder-file``: the defaults with another version of
 `snd/splat/operator_build.py` (e.g. `git show REV:snd/splat/operator_build.py > ab_before.py`) building the operators,
 so a change to the builder is timed in the pipeline against the one before, in one process.
@@ -43,7 +46,7 @@ KEEP = ("pairs_per_s", "pairs_timed", "seconds_timed", "phase_ms_per_pair", "gpu
 
 def overrides(spec: str) -> dict:
     """A preset's overrides, or KEY=VALUE pairs (checked against PrecomputeConfig's fields)."""
-    if spec == "builder-file":
+    if spec == "builder-file" or spec.startswith("switch="):
         return {}
     if spec in PRESETS:
         return PRESETS[spec]
@@ -55,6 +58,17 @@ def overrides(spec: str) -> dict:
             sys.exit(f"unknown variant {spec!r}: a preset ({', '.join(PRESETS)}) or KEY=VALUE of PrecomputeConfig")
         out[k] = bool(int(v)) if names[k].type in ("bool", bool) else int(v)
     return out
+
+
+@contextlib.contextmanager
+def switch(spec: str):
+    """The run under `sys.setswitchinterval` of the variant ``switch=SECONDS``, restored after."""
+    keep = sys.getswitchinterval()
+    sys.setswitchinterval(float(spec.partition("=")[2]))
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(keep)
 
 
 @contextlib.contextmanager
@@ -106,7 +120,8 @@ def main(argv: list[str] | None = None) -> None:
     pcfg, source = prepare(cfg)
     for r, v, traced in schedule(a.variants, a.rounds, a.busy):
         p = replace(pcfg, out=pcfg.out.with_name(f"cache-{v.replace('=', '-').replace(',', '_')}"), **overrides(v))
-        with builder(a.builder) if v == "builder-file" else contextlib.nullcontext():
+        ctx = builder(a.builder) if v == "builder-file" else switch(v) if v.startswith("switch=") else None
+        with ctx or contextlib.nullcontext():
             res = measure(replace(cfg, gpu_busy=traced), p, source)
         print(json.dumps({"variant": v, "round": r, "traced": traced, **{k: res.get(k) for k in KEEP}}), flush=True)
 

@@ -74,6 +74,13 @@ def test_ab_script_variants():
         with pytest.raises(SystemExit, match="unknown variant"):
             ab.overrides(bad)
     assert ab.overrides("workers1") == {"operator_workers": 1}
+    import sys
+
+    keep = sys.getswitchinterval()
+    assert ab.overrides("switch=0.001") == {}
+    with ab.switch("switch=0.001"):
+        assert sys.getswitchinterval() == pytest.approx(0.001)
+    assert sys.getswitchinterval() == keep
     assert ab.schedule(["a", "b", "c"], 2, True) == [(0, "a", False), (0, "b", False), (0, "c", False),
                                                       (1, "c", False), (1, "b", False), (1, "a", False),
                                                       (2, "a", True), (2, "b", True), (2, "c", True)]
@@ -161,3 +168,23 @@ def test_an_operator_worker_error_reaches_the_main_thread(monkeypatch):
     with pytest.raises(ValueError, match="workers must be >= 1"):
         mod.OperatorStage(queue.Queue(), Encoding(), None, torch.device("cpu"), {}, chunk=1, stream_priority=None,
                           on_added=lambda *a: None, workers=0)
+
+
+def test_writer_rates_script_writes_and_times_a_store(tmp_path, capsys):
+    """scripts/writer_rates.py at a small size: every pair written (twice: alone and beside the spinning thread), and
+    Python's switch interval restored after."""
+    import json
+    import sys
+
+    spec = importlib.util.spec_from_file_location("writer_rates", REPO / "scripts/writer_rates.py")
+    wr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(wr)
+    out = tmp_path / "w.json"
+    wr.main(["--height", "28", "--width", "42", "--batches", "2", "--batch-pairs", "3", "--switch-interval", "0.002",
+             "--out", str(out)])
+    r = json.loads(out.read_text())
+    assert r == json.loads(capsys.readouterr().out.strip().splitlines()[-1]) and r["switch_interval_s"] == 0.002
+    assert r["pairs"] == r["beside_a_spinning_thread"]["pairs"] == 6
+    assert r["mb_per_pair"] > 0 and r["mb_per_pair"] == r["beside_a_spinning_thread"]["mb_per_pair"]  # same bytes
+    assert r["add_ms_per_pair"] > 0 and 0 < r["python_thread_share"]
+    assert sys.getswitchinterval() == pytest.approx(0.005)
