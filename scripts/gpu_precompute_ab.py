@@ -12,14 +12,15 @@ prints one JSON line per run: variant, round, pairs/s over the timed batches, ms
 Runs go in ABBA order (the variants reversed every other round), so a drift of the machine over the call (disk
 write-back of earlier runs' stores, clocks) does not favour the variants that run later in a round: on 2026-12-06 an
 H100 ran all three variants faster in the order they ran, in both rounds (`docs/bench/pipeline_ab4_h100.jsonl`).
-Variants: thread (the default pipeline: on CUDA two builder threads), inline (`--no-operator-thread`: operators on the main thread),
-no-operator (`--no-operator`: MVSplat and the store alone), chunk8 / chunk12 (`--operator-chunk 8/12`),
+Variants: thread (the default pipeline: on CUDA two builder threads), inline (`--no-operator-thread`: operators on
+the main thread), no-operator (`--no-operator`: MVSplat and the store alone), chunk8 / chunk12
+(`--operator-chunk 8/12`),
 low-priority (`--no-operator-priority`: the operators' stream at MVSplat's priority), workers1 / workers2
 (`--operator-workers 1/2`: builder threads, a stream each),
 or KEY=VALUE[,KEY=VALUE] overrides of `snd.pipeline.config.PrecomputeConfig` (ints, or 0/1 for flags).
 ``switch=SECONDS`` runs the defaults under `sys.setswitchinterval(SECONDS)` (Python's GIL hand-over interval, 5 ms by
-default): on the 2-core CPU machine the shard writer beside a spinning Python thread took 370 ms per pair at 5 ms and
-190 at 1 ms (`scripts/writer_rates.py`), and stage one's writer shares the GIL with the main and operator threads.
+default): on the 2-core CPU machine the shard writer beside a spinning Python thread took 402 ms per pair at 5 ms and
+214 at 1 ms (`scripts/writer_rates.py`), and stage one's writer shares the GIL with the main and operator threads.
 ``--builder FILE`` adds the variant ``builder-file``: the defaults with another version of
 `snd/splat/operator_build.py` (e.g. `git show REV:snd/splat/operator_build.py > ab_before.py`) building the operators,
 so a change to the builder is timed in the pipeline against the one before, in one process.

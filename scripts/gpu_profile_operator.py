@@ -6,9 +6,9 @@ scaffold of `snd bench precompute --source mvsplat --workdir W`, DIR = W/cache),
 Prints JSON lines: warm wall ms per target of the batched builder for each `chunk`; the "render floor": ms per
 target of gsplat's plain forward `rasterization` (3 channels, the same 12 cameras, one call per pair), which
 any construction of an exact operator must at least match (it visits every (pixel, Gaussian) pair of the
-target); then the top CUDA kernels and the top torch ops by device time of one build (``--profile-chunk``, 12). (An experimental fused Triton alpha +
-adjoint kernel was timed here against gsplat's forward + backward on 2026-12-05 and removed: slower at every
-setting, docs/performance.md.)
+target); then the top CUDA kernels and the top torch ops by device time of one build (``--profile-chunk``, 12).
+(An experimental fused Triton alpha + adjoint kernel was timed here against gsplat's forward + backward on
+2026-12-05 and removed: slower at every setting, docs/performance.md.)
 ``--builder FILE`` times another version of `snd/splat/operator_build.py` (e.g. `git show REV:snd/splat/operator_build.py`)
 on the same inputs, for an A/B in one device call; ``--quick`` leaves out the render floor and the kernel profile;
 ``--adjoint on`` builds the instance part with snd's slot kernel and ``--direct on`` the direct part with snd's
@@ -149,7 +149,8 @@ avg = prof.key_averages()
 # kernels (device events) apart from the torch ops that launch them: an op's device time includes its kernels'
 kern = [e for e in avg if e.device_type == DeviceType.CUDA]
 ops = [e for e in avg if e.device_type != DeviceType.CUDA]
-print(json.dumps({"tag": a.tag, "chunk": a.profile_chunk, "kernels_device_ms": round(sum(e.device_time_total for e in kern) / 1e3, 3),
+print(json.dumps({"tag": a.tag, "chunk": a.profile_chunk,
+                  "kernels_device_ms": round(sum(e.device_time_total for e in kern) / 1e3, 3),
                   "kernel_launches": sum(e.count for e in kern)}))
 for kind, rows in (("kernel", kern), ("op", ops)):
     for e in sorted(rows, key=lambda e: -e.device_time_total)[:20]:

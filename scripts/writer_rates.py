@@ -62,7 +62,8 @@ def write(root: Path, specs: dict, fields: list[dict], H: int, W: int, T: int, e
     M.write_marker(root, "scene0", w.commit())
     t_commit = time.perf_counter() - t
     return {"pairs": n, "add_ms_per_pair": t_add / n * 1e3, "commit_ms_per_pair": t_commit / n * 1e3,
-            "wall_ms_per_pair": (time.perf_counter() - t0) / n * 1e3, "mb_per_pair": folder_bytes(root / "scene0") / n / 1e6}
+            "wall_ms_per_pair": (time.perf_counter() - t0) / n * 1e3,
+            "mb_per_pair": folder_bytes(root / "scene0") / n / 1e6}
 
 
 def spins_per_s(fn) -> tuple[float, object]:

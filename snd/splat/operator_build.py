@@ -342,9 +342,10 @@ def _job_index(jobs: list[int], device: torch.device) -> slice | Tensor:
     return torch.tensor(jobs, dtype=torch.long).to(device, non_blocking=True)
 
 
-def _assemble(c, lb: dict, pair_sl: Tensor, pairs: list[int], *, ucols: Tensor, uw: Tensor, up_t: Callable[[int], Tensor], G: int,
-              J: int, dpix: Tensor, dwt: Tensor, pix2patch: Tensor, lookup: tuple[Tensor, Tensor] | None,
-              out_hw: tuple[int, int], r: Rules, row_cap: int, inst_cap: int) -> dict:
+def _assemble(c, lb: dict, pair_sl: Tensor, pairs: list[int], *, ucols: Tensor, uw: Tensor,
+              up_t: Callable[[int], Tensor], G: int, J: int, dpix: Tensor, dwt: Tensor, pix2patch: Tensor,
+              lookup: tuple[Tensor, Tensor] | None, out_hw: tuple[int, int], r: Rules, row_cap: int,
+              inst_cap: int) -> dict:
     """The operators of one chunk of jobs from their contributions `c` (`snd.splat.contrib.Contributions`,
     listed at the downsampling's tap pixels, with the adjoint of `lb["field"]`) and their labels `lb`; `pairs` is
     `pair_sl` as a list."""

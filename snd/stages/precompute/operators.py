@@ -140,7 +140,7 @@ class OperatorStage:
     the one builder thread is stage one's critical path (its phases take ~34 ms per pair, its kernels ~6-8; the
     rest is Python and waits at its host syncs) while the GPU idles 4-6 ms per pair (docs/performance.md). A
     second builder fills those gaps: on an H100, 28.1 and 24.9 pairs/s against one builder's 20.9 and 19.8, so
-    stage one's auto is 2 on CUDA (`settings.resolve_operator_workers`).
+    stage one's auto is 2 on CUDA (`settings.resolve_operator_workers`, which also gives the figures against it).
 
     on_added(scene, n_pairs, info): called after a batch went to the writer (progress, timings, tests' hooks), in
     submission order, from a worker's thread. An exception in a worker (a builder bug, a hook's error) stops the

@@ -67,7 +67,9 @@ def resolve_operator_workers(workers: int, device: "str | torch.device") -> int:
     """`--operator-workers` as used: the number given, or for 0 (auto) 2 on CUDA and 1 elsewhere. Why two on the GPU:
     one builder thread spends most of its time in Python and at host syncs while the GPU could run another batch's
     kernels; on an H100 two ran stage one at 28.1 and 24.9 pairs/s against one's 20.9 and 19.8, alternating in one
-    process (`docs/bench/pipeline_ab3_h100.jsonl`). On a CPU the builders' torch ops already use every core."""
+    process (`docs/bench/pipeline_ab3_h100.jsonl`). On another H100, whose shard writer was the limit, two ran 16.3
+    and 18.2 against 17.1 and 19.3, in an order that favoured the later runs (`pipeline_ab4_h100.jsonl`): to be
+    timed again. On a CPU the builders' torch ops already use every core."""
     return auto_count(workers, AUTO_OPERATOR_WORKERS, device, "--operator-workers")
 
 
