@@ -19,8 +19,11 @@ low-priority (`--no-operator-priority`: the operators' stream at MVSplat's prior
 (`--operator-workers 1/2`: builder threads, a stream each),
 or KEY=VALUE[,KEY=VALUE] overrides of `snd.pipeline.config.PrecomputeConfig` (ints, or 0/1 for flags).
 ``switch=SECONDS`` runs the defaults under `sys.setswitchinterval(SECONDS)` (Python's GIL hand-over interval, 5 ms by
-default): on the 2-core CPU machine the shard writer beside a spinning Python thread took 402 ms per pair at 5 ms and
-214 at 1 ms (`scripts/writer_rates.py`), and stage one's writer shares the GIL with the main and operator threads.
+default): on the 2-core CPU machine the shard writer beside a spinning Python thread took 392 ms per pair at 5 ms and
+178 at 1 ms (`scripts/writer_rates.py`), and stage one's writer shares the GIL with the main and operator threads.
+``zarrs`` runs the defaults with zarrs-python's codec pipeline writing the store (`zarrs.ZarrsCodecPipeline`: Rust
+encodes a shard's chunks outside Python; `pip install zarrs`, on the device a wheel in `.whl/`): on the CPU machine
+it cut the writer beside a spinning thread from 392 to 277 ms per pair (`scripts/writer_rates.py --pipeline`).
 ``--builder FILE`` adds the variant ``builder-file``: the defaults with another version of
 `snd/splat/operator_build.py` (e.g. `git show REV:snd/splat/operator_build.py > ab_before.py`) building the operators,
 so a change to the builder is timed in the pipeline against the one before, in one process.
@@ -47,7 +50,7 @@ KEEP = ("pairs_per_s", "pairs_timed", "seconds_timed", "phase_ms_per_pair", "gpu
 
 def overrides(spec: str) -> dict:
     """A preset's overrides, or KEY=VALUE pairs (checked against PrecomputeConfig's fields)."""
-    if spec == "builder-file" or spec.startswith("switch="):
+    if spec in ("builder-file", "zarrs") or spec.startswith("switch="):
         return {}
     if spec in PRESETS:
         return PRESETS[spec]
@@ -70,6 +73,14 @@ def switch(spec: str):
         yield
     finally:
         sys.setswitchinterval(keep)
+
+
+def zarr_pipeline(path: str):
+    """The run with zarr's codec pipeline at `path` (zarr's config, restored after); the store's arrays are opened
+    in the run, so they use it."""
+    import zarr
+
+    return zarr.config.set({"codec_pipeline.path": path})
 
 
 @contextlib.contextmanager
@@ -121,7 +132,8 @@ def main(argv: list[str] | None = None) -> None:
     pcfg, source = prepare(cfg)
     for r, v, traced in schedule(a.variants, a.rounds, a.busy):
         p = replace(pcfg, out=pcfg.out.with_name(f"cache-{v.replace('=', '-').replace(',', '_')}"), **overrides(v))
-        ctx = builder(a.builder) if v == "builder-file" else switch(v) if v.startswith("switch=") else None
+        ctx = (builder(a.builder) if v == "builder-file" else switch(v) if v.startswith("switch=")
+               else zarr_pipeline("zarrs.ZarrsCodecPipeline") if v == "zarrs" else None)
         with ctx or contextlib.nullcontext():
             res = measure(replace(cfg, gpu_busy=traced), p, source)
         print(json.dumps({"variant": v, "round": r, "traced": traced, **{k: res.get(k) for k in KEEP}}), flush=True)

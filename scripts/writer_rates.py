@@ -9,8 +9,10 @@ baseline tell the share of the GIL the writer and its pool leave to other thread
 
 Values are drawn smooth (random walks in each dtype's range), so they compress somewhat like a scaffold; the absolute
 MB per pair is not the store's (`scripts/measure_store_size.py` is).
-`python scripts/writer_rates.py [--batches 6] [--batch-pairs 8] [--switch-interval S ...] [--out FILE]` prints one JSON
-line per switch interval (`sys.setswitchinterval`, Python's GIL hand-over interval; 0.005 is Python's default).
+`python scripts/writer_rates.py [--batches 6] [--batch-pairs 8] [--switch-interval S ...] [--pipeline zarr zarrs]
+[--out FILE]` prints one JSON line per switch interval (`sys.setswitchinterval`, Python's GIL hand-over interval; 0.005
+is Python's default) and codec pipeline: zarr's own (`BatchedCodecPipeline`, the default) or zarrs-python's Rust one
+(`zarrs.ZarrsCodecPipeline`, `pip install zarrs`), which encodes a shard's chunks outside Python.
 """
 from __future__ import annotations
 
@@ -24,10 +26,15 @@ import time
 from pathlib import Path
 
 import numpy as np
+import zarr
 
 from snd.cache import manifest as M
 from snd.cache.schema import Encoding, OperatorSpec, layout
 from snd.cache.writer import SceneWriter, folder_bytes
+
+
+# zarr's codec pipelines by name: its own, and zarrs-python's (Rust; an optional package)
+PIPELINES = {"zarr": "zarr.core.codec_pipeline.BatchedCodecPipeline", "zarrs": "zarrs.ZarrsCodecPipeline"}
 
 
 def batch(specs: dict, B: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -93,6 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--height", type=int, default=576)
     ap.add_argument("--width", type=int, default=880)
     ap.add_argument("--switch-interval", type=float, nargs="+", default=[0.005])
+    ap.add_argument("--pipeline", nargs="+", choices=sorted(PIPELINES), default=["zarr"])
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     H, W, T = a.height, a.width, 3
@@ -103,18 +111,19 @@ def main(argv: list[str] | None = None) -> None:
     fields = [batch(specs, a.batch_pairs, rng) for _ in range(a.batches)]
     lines = []
     keep = sys.getswitchinterval()
-    for si in a.switch_interval:
+    for pipe, si in [(p, si) for p in a.pipeline for si in a.switch_interval]:
         tmp = Path(tempfile.mkdtemp(prefix="snd-writer-"))
         sys.setswitchinterval(si)
         try:
-            plain = write(tmp / "a", specs, fields, H, W, T, enc, op)
-            idle, _ = spins_per_s(lambda: time.sleep(max(0.5, plain["wall_ms_per_pair"] * plain["pairs"] / 1e3)))
-            busy, spun = spins_per_s(lambda: write(tmp / "b", specs, fields, H, W, T, enc, op))
+            with zarr.config.set({"codec_pipeline.path": PIPELINES[pipe]}):
+                plain = write(tmp / "a", specs, fields, H, W, T, enc, op)
+                idle, _ = spins_per_s(lambda: time.sleep(max(0.5, plain["wall_ms_per_pair"] * plain["pairs"] / 1e3)))
+                busy, spun = spins_per_s(lambda: write(tmp / "b", specs, fields, H, W, T, enc, op))
         finally:
             sys.setswitchinterval(keep)
             shutil.rmtree(tmp, ignore_errors=True)
         lines.append(json.dumps({
-            "what": "writer_rates", "switch_interval_s": si, "height": H, "width": W, "targets": T,
+            "what": "writer_rates", "pipeline": pipe, "switch_interval_s": si, "height": H, "width": W, "targets": T,
             "batch_pairs": a.batch_pairs, **plain, "beside_a_spinning_thread": spun,
             "python_thread_share": busy / idle if idle else None,  # 1: the writer left the GIL alone; 0: held it all
             "note": "SceneWriter alone on this host; smooth random values, no frames"}))

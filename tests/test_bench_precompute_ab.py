@@ -81,6 +81,13 @@ def test_ab_script_variants():
     with ab.switch("switch=0.001"):
         assert sys.getswitchinterval() == pytest.approx(0.001)
     assert sys.getswitchinterval() == keep
+    import zarr
+
+    default = zarr.config.get("codec_pipeline.path")
+    assert ab.overrides("zarrs") == {}
+    with ab.zarr_pipeline("zarrs.ZarrsCodecPipeline"):
+        assert zarr.config.get("codec_pipeline.path") == "zarrs.ZarrsCodecPipeline"
+    assert zarr.config.get("codec_pipeline.path") == default
     assert ab.schedule(["a", "b", "c"], 2, True) == [(0, "a", False), (0, "b", False), (0, "c", False),
                                                       (1, "c", False), (1, "b", False), (1, "a", False),
                                                       (2, "a", True), (2, "b", True), (2, "c", True)]

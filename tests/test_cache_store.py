@@ -167,6 +167,22 @@ def test_writer_reader_round_trip(tmp_path):
     assert not any((M.tmp_dir(tmp_path)).iterdir())
 
 
+def test_a_store_written_through_zarrs_reads_back_the_same(tmp_path):
+    """zarrs-python's codec pipeline (an option the benchmarks time for the writer, `scripts/writer_rates.py`) writes
+    shards that zarr's own pipeline reads back to the same stored values and checksums."""
+    pytest.importorskip("zarrs")
+    import zarr
+
+    enc = Encoding(offset=True)
+    with zarr.config.set({"codec_pipeline.path": "zarrs.ZarrsCodecPipeline"}):
+        ref = write_scene(tmp_path, "sceneA", 5, enc=enc)
+    s = CacheReader(tmp_path).scene("sceneA")  # zarr's own pipeline from here
+    for p in range(5):
+        st = s.read_stored(p)  # checks each pair's crc32c against the table
+        for k in layout(8, 11, 2, enc):
+            np.testing.assert_array_equal(st[k], ref[k][p], err_msg=k)
+
+
 def test_unmarked_scene_is_not_complete(tmp_path):
     write_scene(tmp_path, "s0", 2)
     (M.markers_dir(tmp_path) / "s0.json").unlink()
