@@ -188,6 +188,8 @@ def test_two_operator_workers_give_the_same_store(baseline, synth_root, tmp_path
     out = tmp_path / "workers2"
     s = run(make_cfg(synth_root, out, operator_workers=2, batch_pairs=1), progress=False)
     assert (s.scenes_done, s.failed, s.pairs) == (2, 0, 8)
+    # as run: two workers, and no streams of their own on the CPU (the defaults ask for them on CUDA only)
+    assert (s.operator_workers, s.operator_stream, s.operator_priority) == (2, False, False)
     for n in CacheReader(baseline).scenes:
         assert store_files(out, n) == store_files(baseline, n), n
 
@@ -427,6 +429,7 @@ def test_operators_on_their_own_stream_equal_those_queued_behind_the_network(tmp
                        pairs_per_scene=6, batch_pairs=2)
         s = run(cfg, progress=False)
         assert s.failed == 0 and s.pairs == 6
+        assert (s.operator_stream, s.operator_priority) == (on, on)  # as run (priority on by default)
         r = CacheReader(out)
         scenes[on] = r.scene(r.scenes[0])
     names = {"op_cols", "op_vals", "op_inst", "op_inst_ids", "op_inst_w", "op_valid", "tgt_index"}

@@ -257,10 +257,10 @@ def measure(cfg: BenchPrecomputeConfig, pcfg: PrecomputeConfig, source: Scaffold
         "mb_per_pair": s.mb_per_pair, "images": pcfg.images, "operator": pcfg.operator,
         "operator_chunk": s.operator_chunk.size if s.operator_chunk else None,  # as used at the end (auto resolved, shrunk on OOM)
         "operator_chunk_asked": s.operator_chunk.initial if s.operator_chunk else None,
-        "operator_stream": bool(pcfg.operator and pcfg.operator_stream and cuda),
+        "operator_stream": s.operator_stream,
         "operator_thread": bool(pcfg.operator_thread),
         "operator_workers": s.operator_workers,
-        "operator_priority": bool(pcfg.operator and pcfg.operator_stream and pcfg.operator_priority and cuda),
+        "operator_priority": s.operator_priority,
         # snd's CUDA kernels for the operators (snd.splat.kernels) as this run used them; "off" after a failed build
         "operator_kernels": {k: kernels.enabled(k) for k in kernels.ENV} if cuda else None,
         # MVSplat's cost volume through snd's Triton kernel (snd.models.mvsplat.corr_kernel)

@@ -29,10 +29,12 @@ class Summary:
     wait_data_s: float = 0.0  # main (device) thread blocked on the loader queue
     wait_write_s: float = 0.0  # main thread blocked on a full writer queue
     batch_times: list[tuple[float, int, float, float]] = field(default_factory=list, repr=False)  # (t_end, pairs, wait_data, wait_write)
-    phase_s: dict[str, float] = field(default_factory=dict)  # seconds per phase: main thread (launch, wait_device, operators_*), device (device_*)
+    phase_s: dict[str, float] = field(default_factory=dict)  # seconds per phase: main thread (launch, wait_device), operator stage (operators_*), device (device_*)
     phase_log: list[dict[str, float]] = field(default_factory=list, repr=False)  # phase_s (+ writer_busy) after each batch
     operator_chunk: ChunkSize | None = None  # the run's chunk of operator builds (its size as used at the end)
     operator_workers: int = 1  # operator threads as run (1 also when they run inline on the main thread)
+    operator_stream: bool = False  # the operators ran on CUDA streams of their own, as run
+    operator_priority: bool = False  # ... at a higher priority than MVSplat's, as run
 
     @property
     def pairs_per_s(self) -> float:

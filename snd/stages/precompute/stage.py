@@ -132,6 +132,7 @@ def run(cfg: PrecomputeConfig, *, source: ScaffoldSource | None = None, progress
                         on_added=added, threaded=cfg.operator_thread,
                         workers=resolve_operator_workers(cfg.operator_workers, dev))
     summary.operator_workers = ops.workers
+    summary.operator_stream, summary.operator_priority = bool(own_stream), bool(own_stream and cfg.operator_priority)
     # shared for the whole run (`snd cache gc` / `verify --fix` refuse meanwhile); taken right before the threads
     # that touch the store start, so only those starts lie between it and the `finally` that releases it
     busy = hold_in_use(M.meta_dir(out))
