@@ -83,6 +83,15 @@ def zarr_pipeline(path: str):
     return zarr.config.set({"codec_pipeline.path": path})
 
 
+def builder_module(path: str):
+    """Another version of `snd/splat/operator_build.py` (the file at `path`), loaded under its own name."""
+    spec = importlib.util.spec_from_file_location("snd_builder_ab", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # its dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
 @contextlib.contextmanager
 def builder(path: str | None):
     """Stage one's operators built by `build_operators` of the module at `path` for the duration (stage one looks
@@ -91,10 +100,7 @@ def builder(path: str | None):
 
     if not path:
         sys.exit("the variant builder-file needs --builder FILE")
-    spec = importlib.util.spec_from_file_location("snd_builder_ab", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # its dataclasses look their module up there
-    spec.loader.exec_module(mod)
+    mod = builder_module(path)
 
     def build(*args, chunk=8, **kw):  # stage one's ChunkSize is our module's class: the other gets its size
         return mod.build_operators(*args, chunk=getattr(chunk, "size", chunk), **kw)

@@ -46,14 +46,9 @@ from snd.splat import kernels  # noqa: E402
 
 kernels.USE.update(slot=a.adjoint, direct=a.direct)
 if a.builder:  # another version of the builder module, loaded under its own name
-    import importlib.util
-    import sys
+    from gpu_precompute_ab import builder_module  # this script's folder is on sys.path
 
-    spec = importlib.util.spec_from_file_location("snd_builder_ab", a.builder)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    build_operators = mod.build_operators  # noqa: F811
+    build_operators = builder_module(a.builder).build_operators  # noqa: F811
 dev = torch.device("cuda")
 if a.store:
     from snd.cache.reader import CacheReader
