@@ -12,12 +12,16 @@ MB per pair is not the store's (`scripts/measure_store_size.py` is).
 `python scripts/writer_rates.py [--batches 6] [--batch-pairs 8] [--switch-interval S ...] [--pipeline zarr zarrs]
 [--out FILE]` prints one JSON line per switch interval (`sys.setswitchinterval`, Python's GIL hand-over interval; 0.005
 is Python's default) and codec pipeline: zarr's own (`BatchedCodecPipeline`, the default) or zarrs-python's Rust one
-(`zarrs.ZarrsCodecPipeline`, `pip install zarrs`), which encodes a shard's chunks outside Python.
+(`zarrs.ZarrsCodecPipeline`, `pip install zarrs`), which encodes a shard's chunks outside Python. `--writer process`
+times stage one's `_WriterProcess` instead of `SceneWriter` in this thread: the batches go down its queue and pipe to
+a child process (started and warmed up with a one-pair scene before the clock starts), and a pair's time runs from
+the first batch queued to the commit reported back; the spinning thread then shares no GIL with the writer.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -73,6 +77,44 @@ def write(root: Path, specs: dict, fields: list[dict], H: int, W: int, T: int, e
             "mb_per_pair": folder_bytes(root / "scene0") / n / 1e6}
 
 
+def write_process(root: Path, specs: dict, fields: list[dict], H: int, W: int, T: int, enc: Encoding) -> dict:
+    """The same scene written through stage one's writer process (`snd.stages.precompute.writer._WriterProcess`)."""
+    from snd.pipeline.config import PrecomputeConfig
+    from snd.stages.precompute.writer import _WriterProcess
+
+    n = sum(len(f["depth"]) for f in fields)
+    M.init_store(root, {"dataset": {"root": "x"}, "source": {"name": "bench"}, "scaffold": [H, W], "sampler": {},
+                        "encoding": enc.to_dict()})
+    cfg = PrecomputeConfig(data=root, out=root, height=H, width=W, targets_per_pair=T, images="off")
+    done: dict[str, object] = {}
+    ev = threading.Event()
+
+    def finished(name: str, rec: object) -> None:
+        done[name] = rec
+        ev.set()
+
+    w = _WriterProcess(root, cfg, enc, finished, finished)
+    w.start()
+    try:
+        for scene, parts in (("warmup", [{k: v[:1] for k, v in fields[0].items()}]), ("scene0", fields)):
+            ev.clear()
+            t0 = time.perf_counter()
+            w.q.put(("start", scene, sum(len(f["depth"]) for f in parts), []))
+            for f in parts:
+                w.q.put(("add", scene, f))
+            t_add = time.perf_counter() - t0
+            w.q.put(("commit", scene))
+            ev.wait()
+            wall = time.perf_counter() - t0
+            if not isinstance(done[scene], dict):
+                raise RuntimeError(f"the writer process failed: {done[scene]}")
+    finally:
+        w.q.put(("stop",))
+        w.join()
+    return {"pairs": n, "add_ms_per_pair": t_add / n * 1e3, "commit_ms_per_pair": None,
+            "wall_ms_per_pair": wall / n * 1e3, "mb_per_pair": folder_bytes(root / "scene0") / n / 1e6}
+
+
 def spins_per_s(fn) -> tuple[float, object]:
     """Run fn() while a Python thread counts loop iterations: (iterations per second, fn's result)."""
     stop = threading.Event()
@@ -101,6 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--width", type=int, default=880)
     ap.add_argument("--switch-interval", type=float, nargs="+", default=[0.005])
     ap.add_argument("--pipeline", nargs="+", choices=sorted(PIPELINES), default=["zarr"])
+    ap.add_argument("--writer", nargs="+", choices=["thread", "process"], default=["thread"])
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     H, W, T = a.height, a.width, 3
@@ -111,19 +154,23 @@ def main(argv: list[str] | None = None) -> None:
     fields = [batch(specs, a.batch_pairs, rng) for _ in range(a.batches)]
     lines = []
     keep = sys.getswitchinterval()
-    for pipe, si in [(p, si) for p in a.pipeline for si in a.switch_interval]:
+    for how, pipe, si in [(h, p, si) for h in a.writer for p in a.pipeline for si in a.switch_interval]:
+        go = (lambda root: write(root, specs, fields, H, W, T, enc, op)) if how == "thread" else \
+            (lambda root: write_process(root, specs, fields, H, W, T, enc))
         tmp = Path(tempfile.mkdtemp(prefix="snd-writer-"))
         sys.setswitchinterval(si)
         try:
+            os.environ["ZARR_CODEC_PIPELINE__PATH"] = PIPELINES[pipe]  # a writer process reads it when it imports zarr
             with zarr.config.set({"codec_pipeline.path": PIPELINES[pipe]}):
-                plain = write(tmp / "a", specs, fields, H, W, T, enc, op)
+                plain = go(tmp / "a")
                 idle, _ = spins_per_s(lambda: time.sleep(max(0.5, plain["wall_ms_per_pair"] * plain["pairs"] / 1e3)))
-                busy, spun = spins_per_s(lambda: write(tmp / "b", specs, fields, H, W, T, enc, op))
+                busy, spun = spins_per_s(lambda: go(tmp / "b"))
         finally:
             sys.setswitchinterval(keep)
+            os.environ.pop("ZARR_CODEC_PIPELINE__PATH", None)
             shutil.rmtree(tmp, ignore_errors=True)
         lines.append(json.dumps({
-            "what": "writer_rates", "pipeline": pipe, "switch_interval_s": si, "height": H, "width": W, "targets": T,
+            "what": "writer_rates", "writer": how, "pipeline": pipe, "switch_interval_s": si, "height": H, "width": W, "targets": T,
             "batch_pairs": a.batch_pairs, **plain, "beside_a_spinning_thread": spun,
             "python_thread_share": busy / idle if idle else None,  # 1: the writer left the GIL alone; 0: held it all
             "note": "SceneWriter alone on this host; smooth random values, no frames"}))

@@ -74,6 +74,8 @@ def test_ab_script_variants():
         with pytest.raises(SystemExit, match="unknown variant"):
             ab.overrides(bad)
     assert ab.overrides("workers1") == {"operator_workers": 1}
+    assert ab.overrides("process") == ab.overrides("writer=process") == ab.overrides("process-zarrs") == {"writer": "process"}
+    import os
     import sys
 
     keep = sys.getswitchinterval()
@@ -85,9 +87,11 @@ def test_ab_script_variants():
 
     default = zarr.config.get("codec_pipeline.path")
     assert ab.overrides("zarrs") == {}
+    env = os.environ.get("ZARR_CODEC_PIPELINE__PATH")
     with ab.zarr_pipeline("zarrs.ZarrsCodecPipeline"):
         assert zarr.config.get("codec_pipeline.path") == "zarrs.ZarrsCodecPipeline"
-    assert zarr.config.get("codec_pipeline.path") == default
+        assert os.environ["ZARR_CODEC_PIPELINE__PATH"] == "zarrs.ZarrsCodecPipeline"  # what a writer process reads
+    assert zarr.config.get("codec_pipeline.path") == default and os.environ.get("ZARR_CODEC_PIPELINE__PATH") == env
     assert ab.schedule(["a", "b", "c"], 2, True) == [(0, "a", False), (0, "b", False), (0, "c", False),
                                                       (1, "c", False), (1, "b", False), (1, "a", False),
                                                       (2, "a", True), (2, "b", True), (2, "c", True)]
@@ -178,8 +182,8 @@ def test_an_operator_worker_error_reaches_the_main_thread(monkeypatch):
 
 
 def test_writer_rates_script_writes_and_times_a_store(tmp_path, capsys):
-    """scripts/writer_rates.py at a small size: every pair written (twice: alone and beside the spinning thread), and
-    Python's switch interval restored after."""
+    """scripts/writer_rates.py at a small size: every pair written (twice: alone and beside the spinning thread), by
+    the thread and by the writer process, the same bytes; Python's switch interval restored after."""
     import json
     import sys
 
@@ -188,10 +192,13 @@ def test_writer_rates_script_writes_and_times_a_store(tmp_path, capsys):
     spec.loader.exec_module(wr)
     out = tmp_path / "w.json"
     wr.main(["--height", "28", "--width", "42", "--batches", "2", "--batch-pairs", "3", "--switch-interval", "0.002",
-             "--out", str(out)])
-    r = json.loads(out.read_text())
-    assert r == json.loads(capsys.readouterr().out.strip().splitlines()[-1]) and r["switch_interval_s"] == 0.002
-    assert r["pairs"] == r["beside_a_spinning_thread"]["pairs"] == 6
-    assert r["mb_per_pair"] > 0 and r["mb_per_pair"] == r["beside_a_spinning_thread"]["mb_per_pair"]  # same bytes
-    assert r["add_ms_per_pair"] > 0 and 0 < r["python_thread_share"]
+             "--writer", "thread", "process", "--out", str(out)])
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert lines == [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()[-2:]]
+    assert [r["writer"] for r in lines] == ["thread", "process"]
+    for r in lines:
+        assert r["switch_interval_s"] == 0.002 and r["pairs"] == r["beside_a_spinning_thread"]["pairs"] == 6
+        assert r["mb_per_pair"] > 0 and r["mb_per_pair"] == r["beside_a_spinning_thread"]["mb_per_pair"]  # same bytes
+        assert r["add_ms_per_pair"] > 0 and 0 < r["python_thread_share"]
+    assert lines[0]["mb_per_pair"] == lines[1]["mb_per_pair"]
     assert sys.getswitchinterval() == pytest.approx(0.005)

@@ -176,7 +176,8 @@ def prepare(cfg: BenchPrecomputeConfig) -> tuple[PrecomputeConfig, ScaffoldSourc
                             precision=cfg.precision, device=cfg.device, compile=cfg.compile, operator=cfg.operator,
                             images=cfg.images, operator_chunk=cfg.operator_chunk,
                             operator_stream=cfg.operator_stream, operator_thread=cfg.operator_thread,
-                            operator_priority=cfg.operator_priority, operator_workers=cfg.operator_workers)
+                            operator_priority=cfg.operator_priority, operator_workers=cfg.operator_workers,
+                            writer=cfg.writer)
     return pcfg, make_source(pcfg, random_init=cfg.mvsplat_ckpt is None)
 
 
@@ -261,6 +262,7 @@ def measure(cfg: BenchPrecomputeConfig, pcfg: PrecomputeConfig, source: Scaffold
         "operator_thread": bool(pcfg.operator_thread),
         "operator_workers": s.operator_workers,
         "operator_priority": s.operator_priority,
+        "writer": s.writer,  # "thread" or "process", as run
         # snd's CUDA kernels for the operators (snd.splat.kernels) as this run used them; "off" after a failed build
         "operator_kernels": {k: kernels.enabled(k) for k in kernels.ENV} if cuda else None,
         # MVSplat's cost volume through snd's Triton kernel (snd.models.mvsplat.corr_kernel)

@@ -35,6 +35,7 @@ class Summary:
     operator_workers: int = 1  # operator threads as run (1 also when they run inline on the main thread)
     operator_stream: bool = False  # the operators ran on CUDA streams of their own, as run
     operator_priority: bool = False  # ... at a higher priority than MVSplat's, as run
+    writer: str = "thread"  # where the shard writer ran ("thread" or "process")
 
     @property
     def pairs_per_s(self) -> float:

@@ -28,23 +28,28 @@ def resolve_rank(cfg_rank: int, cfg_world: int) -> tuple[int, int]:
 AUTO_BATCH_PAIRS = {"cuda": 8, "cpu": 1}  # `--batch-pairs 0`: per device type
 AUTO_OPERATOR_CHUNK = {"cuda": 24, "cpu": 1}  # `--operator-chunk 0`: per device type (docs/performance.md)
 AUTO_OPERATOR_WORKERS = {"cuda": 2, "cpu": 1}  # `--operator-workers 0`: per device type (docs/performance.md)
+AUTO_WRITER = {"cuda": "thread", "cpu": "thread"}  # `--writer auto`: per device type (docs/performance.md)
 
 
 def auto_count(value: int, table: dict[str, int], device: "str | torch.device", flag: str) -> int:
     """A count option as used: the number given, or for 0 (auto) `table`'s entry for the device's type (1 for
     a type it does not name); a negative number is an error naming `flag`."""
-    import torch
-
     if value < 0:
         raise SndError(f"{flag} must be >= 1, or 0 for auto ({table['cuda']} on CUDA, {table['cpu']} on CPU), got {value}")
     if value:
         return value
+    return table.get(device_kind(device), 1)
+
+
+def device_kind(device: "str | torch.device") -> str:
+    """"cuda" or "cpu" (or another torch device type) for a --device value, "auto" included."""
+    import torch
+
     name = str(device)
     try:
-        kind = ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else torch.device(name).type
+        return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else torch.device(name).type
     except RuntimeError:  # a bad --device: `resolve_device` reports it when the source is made
-        kind = "cpu"
-    return table.get(kind, 1)
+        return "cpu"
 
 
 def resolve_batch_pairs(batch_pairs: int, device: "str | torch.device") -> int:
@@ -71,6 +76,16 @@ def resolve_operator_workers(workers: int, device: "str | torch.device") -> int:
     and 18.2 against 17.1 and 19.3, in an order that favoured the later runs (`pipeline_ab4_h100.jsonl`): to be
     timed again. On a CPU the builders' torch ops already use every core."""
     return auto_count(workers, AUTO_OPERATOR_WORKERS, device, "--operator-workers")
+
+
+def resolve_writer(writer: str, device: "str | torch.device") -> str:
+    """`--writer` as used: "thread" or "process", or for "auto" `AUTO_WRITER`'s entry for the device type. Why a
+    process can pay on CUDA: the shard writer's zarr work is mostly GIL-holding Python (`writer.py`), which there
+    competes with the threads that launch MVSplat and the operators' kernels; on the CPU the spawn costs ~2-3 s
+    per run and the cores are busy anyway."""
+    if writer not in ("auto", "thread", "process"):
+        raise SndError(f"--writer must be auto, thread or process, got {writer!r}")
+    return AUTO_WRITER.get(device_kind(device), "thread") if writer == "auto" else writer
 
 
 PATCH = 14  # DINOv2's patch size, the default of --patch-size (the operators are built for stage two's grids)

@@ -24,8 +24,8 @@ from snd.stages.precompute.launch import _InFlight, _land, _launch
 from snd.stages.precompute.operators import OperatorStage
 from snd.stages.precompute.report import Summary, console, print_summary, record_run
 from snd.stages.precompute.settings import (make_source, operator_spec, resolve_batch_pairs, resolve_operator_chunk,
-                                             resolve_operator_workers, resolve_rank, store_header)
-from snd.stages.precompute.writer import _suppress_full, _Writer
+                                             resolve_operator_workers, resolve_rank, resolve_writer, store_header)
+from snd.stages.precompute.writer import _suppress_full, make_writer
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ def run(cfg: PrecomputeConfig, *, source: ScaffoldSource | None = None, progress
     cfg = replace(cfg, batch_pairs=resolve_batch_pairs(cfg.batch_pairs, cfg.device))  # 0 = auto, as used below
     resolve_operator_chunk(cfg.operator_chunk, cfg.device)  # a negative chunk fails here, before any work (used below)
     resolve_operator_workers(cfg.operator_workers, cfg.device)  # so does a negative worker count
+    resolve_writer(cfg.writer, cfg.device)  # and an unknown --writer
     rank, world = resolve_rank(cfg.rank, cfg.world_size)
     ds = open_dataset(cfg.data, cfg.layout, height=cfg.height, width=cfg.width)
     names = ds.scene_names(cfg.split)
@@ -96,7 +97,8 @@ def run(cfg: PrecomputeConfig, *, source: ScaffoldSource | None = None, progress
     lq: queue.Queue = queue.Queue(maxsize=2)
     stop = threading.Event()
     loader = threading.Thread(target=_loader, args=(jobs, ds, cfg, source, out, lq, stop), name="snd-loader", daemon=True)
-    writer = _Writer(out, cfg, enc, on_commit, on_fail)
+    summary.writer = resolve_writer(cfg.writer, cfg.device)
+    writer = make_writer(summary.writer, out, cfg, enc, on_commit, on_fail)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     prog = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),

@@ -1,0 +1,131 @@
+"""`--writer process`: stage one's shard writer in a child process writes the same store as the thread, a
+kill -9 of the parent leaves nothing behind that a rerun does not redo (the child exits by itself), and a
+child that dies fails its open scenes with a message instead of hanging the run."""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from snd.cache import manifest as M
+from snd.cache.reader import CacheReader
+from snd.errors import SndError
+from snd.pipeline.config import PrecomputeConfig
+from snd.stages.precompute import run
+from snd.stages.precompute.settings import resolve_writer
+
+
+def make_cfg(data: Path, out: Path, **kw) -> PrecomputeConfig:
+    base = dict(data=data, out=out, height=112, width=168, pairs_per_scene=4, targets_per_pair=2, batch_pairs=2,
+                device="cpu", source="depth", seed=0)
+    return PrecomputeConfig(**{**base, **kw})
+
+
+def store_files(root: Path, scene: str) -> dict[str, bytes]:
+    d = root / scene
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def thread_store(synth_root, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("thread") / "cache"
+    s = run(make_cfg(synth_root, out, writer="thread"), progress=False)
+    assert (s.scenes_done, s.failed, s.writer) == (2, 0, "thread")
+    return out
+
+
+def test_the_process_writer_writes_the_thread_writers_store(thread_store, synth_root, tmp_path):
+    out = tmp_path / "process"
+    s = run(make_cfg(synth_root, out, writer="process"), progress=False)
+    assert (s.scenes_done, s.failed, s.pairs, s.writer) == (2, 0, 8, "process")
+    names = CacheReader(thread_store).scenes
+    assert CacheReader(out).scenes == names and CacheReader(out).verify_all() == 8
+    for n in names:
+        assert store_files(out, n) == store_files(thread_store, n), n
+    assert M.read_manifest(out)["scenes"] == M.read_manifest(thread_store)["scenes"]
+    # the callbacks ran in this process: the summary counts what the child wrote
+    assert s.bytes == sum(r["bytes"] for r in M.read_manifest(out)["scenes"].values()) and s.bytes > 0
+    assert not mp.active_children()  # the child was joined
+
+
+def test_writer_auto_is_the_thread_on_cpu_and_a_bad_value_is_refused():
+    assert resolve_writer("auto", "cpu") == "thread"
+    assert resolve_writer("process", "cpu") == "process"
+    with pytest.raises(SndError, match="--writer must be"):
+        resolve_writer("fork", "cpu")
+
+
+KILL_SCRIPT = textwrap.dedent("""
+    import multiprocessing as mp, os, signal, sys
+    from pathlib import Path
+    from snd.pipeline.config import PrecomputeConfig
+    from snd.stages.precompute import run
+    data, out = Path(sys.argv[1]), Path(sys.argv[2])
+    seen = []
+    def on_batch(scene, n):
+        if scene not in seen:
+            seen.append(scene)
+        if len(seen) == 2 and n >= 2:  # mid-way through the second scene
+            print("child", *[p.pid for p in mp.active_children()], flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+    run(PrecomputeConfig(data=data, out=out, height=112, width=168, pairs_per_scene=4, targets_per_pair=2,
+                         batch_pairs=2, device="cpu", source="depth", seed=0, writer="process"), progress=False,
+        on_batch=on_batch)
+""")
+
+
+def _gone(pid: int) -> bool:
+    """The process has exited (a zombie counts: nothing may reap orphans in a container)."""
+    try:
+        state = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+    return "\nState:\tZ" in state or "\nState:\tX" in state
+
+
+def test_kill_9_of_the_parent_then_resume_gives_the_same_store(thread_store, synth_root, tmp_path):
+    out = tmp_path / "killed"
+    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(synth_root), str(out)], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    pids = [int(x) for x in proc.stdout.split("child", 1)[1].split()]
+    assert len(pids) == 1
+    t = time.monotonic()
+    while not _gone(pids[0]) and time.monotonic() - t < 30:  # the child sees the pipe close and exits
+        time.sleep(0.1)
+    assert _gone(pids[0])
+    assert len(CacheReader(out).scenes) <= 1  # the scene in flight is not complete
+    s = run(make_cfg(synth_root, out, writer="process"), progress=False)
+    assert s.failed == 0 and s.scenes_done + s.scenes_skipped == 2
+    for n in CacheReader(thread_store).scenes:
+        assert store_files(out, n) == store_files(thread_store, n), n
+    assert not list(M.tmp_dir(out).iterdir())
+
+
+def test_a_dead_writer_process_fails_its_scenes_without_hanging(synth_root, tmp_path):
+    out = tmp_path / "dead"
+    killed = []
+
+    def on_batch(scene: str, n: int) -> None:
+        if not killed:  # the first batch: the child dies before the scene's commit
+            killed.extend(p.pid for p in mp.active_children())
+            for pid in killed:
+                os.kill(pid, signal.SIGKILL)
+
+    s = run(make_cfg(synth_root, out, writer="process"), progress=False, on_batch=on_batch)
+    assert len(killed) == 1
+    assert s.scenes_done == 0 and s.failed == 2, s
+    assert all("writer process died" in m and "rerun" in m for m in s.failures.values()), s.failures
+    man = M.read_manifest(out)
+    assert {r["status"] for r in man["scenes"].values()} == {"failed"}
+    assert not CacheReader(out).scenes
+    # a rerun redoes both
+    s2 = run(make_cfg(synth_root, out, writer="process"), progress=False)
+    assert (s2.scenes_done, s2.failed) == (2, 0)
