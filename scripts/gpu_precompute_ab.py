@@ -22,10 +22,9 @@ process with a GIL of its own), or KEY=VALUE[,KEY=VALUE] overrides of `snd.pipel
 ``switch=SECONDS`` runs the defaults under `sys.setswitchinterval(SECONDS)` (Python's GIL hand-over interval, 5 ms by
 default): on the 2-core CPU machine the shard writer beside a spinning Python thread took 392 ms per pair at 5 ms and
 178 at 1 ms (`scripts/writer_rates.py`), and stage one's writer shares the GIL with the main and operator threads.
-``zarrs`` runs the defaults with zarrs-python's codec pipeline writing the store (`zarrs.ZarrsCodecPipeline`: Rust
-encodes a shard's chunks outside Python; `pip install zarrs`, on the device a wheel in `.whl/`): on the CPU machine
-it cut the writer beside a spinning thread from 392 to 277 ms per pair (`scripts/writer_rates.py --pipeline`);
-``process-zarrs`` the same in the writer process.
+``zarrs`` (`--writer-codecs zarrs`: zarrs-python's Rust codec pipeline encodes the shards; on the device a wheel in
+`.whl/`), ``process-zarrs`` (both: the defaults on CUDA since 2026-12-06) and ``old-writer`` (a thread with zarr's own
+pipeline: the defaults before) pick the shard writer.
 ``--builder FILE`` adds the variant ``builder-file``: the defaults with another version of
 `snd/splat/operator_build.py` (e.g. `git show REV:snd/splat/operator_build.py > ab_before.py`) building the operators,
 so a change to the builder is timed in the pipeline against the one before, in one process.
@@ -36,7 +35,6 @@ import argparse
 import contextlib
 import importlib.util
 import json
-import os
 import sys
 from dataclasses import fields, replace
 
@@ -46,17 +44,17 @@ from snd.pipeline.config import BenchPrecomputeConfig, PrecomputeConfig
 PRESETS = {"thread": {"operator_thread": True}, "inline": {"operator_thread": False},
            "no-operator": {"operator": False}, "chunk8": {"operator_chunk": 8}, "chunk12": {"operator_chunk": 12},
            "low-priority": {"operator_priority": False}, "workers1": {"operator_workers": 1},
-           "workers2": {"operator_workers": 2}, "process": {"writer": "process"}}
+           "workers2": {"operator_workers": 2}, "process": {"writer": "process"}, "zarrs": {"writer_codecs": "zarrs"},
+           "process-zarrs": {"writer": "process", "writer_codecs": "zarrs"},
+           "old-writer": {"writer": "thread", "writer_codecs": "zarr"}}
 KEEP = ("pairs_per_s", "pairs_timed", "seconds_timed", "phase_ms_per_pair", "gpu_busy", "peak_mem_gib", "mb_per_pair",
         "operator_chunk", "operator_thread", "operator_workers", "operator_priority", "operator_kernels", "mvsplat_corr_kernel", "writer", "device_name")
 
 
 def overrides(spec: str) -> dict:
     """A preset's overrides, or KEY=VALUE pairs (checked against PrecomputeConfig's fields)."""
-    if spec in ("builder-file", "zarrs") or spec.startswith("switch="):
+    if spec == "builder-file" or spec.startswith("switch="):
         return {}
-    if spec == "process-zarrs":
-        return {"writer": "process"}
     if spec in PRESETS:
         return PRESETS[spec]
     names = {f.name: f for f in fields(PrecomputeConfig)}
@@ -78,24 +76,6 @@ def switch(spec: str):
         yield
     finally:
         sys.setswitchinterval(keep)
-
-
-def zarr_pipeline(path: str):
-    """The run with zarr's codec pipeline at `path` (zarr's config, restored after); the store's arrays are opened
-    in the run, so they use it. Also in the environment, for a writer process (zarr reads it when imported there)."""
-    import zarr
-
-    @contextlib.contextmanager
-    def both():
-        keep = os.environ.get("ZARR_CODEC_PIPELINE__PATH")
-        os.environ["ZARR_CODEC_PIPELINE__PATH"] = path
-        try:
-            with zarr.config.set({"codec_pipeline.path": path}):
-                yield
-        finally:
-            os.environ.pop("ZARR_CODEC_PIPELINE__PATH") if keep is None else os.environ.__setitem__("ZARR_CODEC_PIPELINE__PATH", keep)
-
-    return both()
 
 
 def builder_module(path: str):
@@ -154,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     for r, v, traced in schedule(a.variants, a.rounds, a.busy):
         p = replace(pcfg, out=pcfg.out.with_name(f"cache-{v.replace('=', '-').replace(',', '_')}"), **overrides(v))
         ctx = (builder(a.builder) if v == "builder-file" else switch(v) if v.startswith("switch=")
-               else zarr_pipeline("zarrs.ZarrsCodecPipeline") if v in ("zarrs", "process-zarrs") else None)
+               else None)
         with ctx or contextlib.nullcontext():
             res = measure(replace(cfg, gpu_busy=traced), p, source)
         print(json.dumps({"variant": v, "round": r, "traced": traced, **{k: res.get(k) for k in KEEP}}), flush=True)

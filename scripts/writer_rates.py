@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -30,15 +29,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import zarr
 
 from snd.cache import manifest as M
 from snd.cache.schema import Encoding, OperatorSpec, layout
-from snd.cache.writer import SceneWriter, folder_bytes
+from snd.cache.writer import CODEC_PIPELINES, SceneWriter, folder_bytes
 
-
-# zarr's codec pipelines by name: its own, and zarrs-python's (Rust; an optional package)
-PIPELINES = {"zarr": "zarr.core.codec_pipeline.BatchedCodecPipeline", "zarrs": "zarrs.ZarrsCodecPipeline"}
 
 
 def batch(specs: dict, B: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -58,12 +53,14 @@ def batch(specs: dict, B: int, rng: np.random.Generator) -> dict[str, np.ndarray
     return out
 
 
-def write(root: Path, specs: dict, fields: list[dict], H: int, W: int, T: int, enc: Encoding, op: OperatorSpec) -> dict:
+def write(root: Path, specs: dict, fields: list[dict], H: int, W: int, T: int, enc: Encoding, op: OperatorSpec,
+          codecs: str) -> dict:
     n = sum(len(f["depth"]) for f in fields)
     M.init_store(root, {"dataset": {"root": "x"}, "source": {"name": "bench"}, "scaffold": [H, W], "sampler": {},
                         "encoding": enc.to_dict()})
     t0 = time.perf_counter()
-    w = SceneWriter(root, "scene0", n_pairs=n, n_targets=T, height=H, width=W, enc=enc, attrs={"frame_ids": []}, op=op)
+    w = SceneWriter(root, "scene0", n_pairs=n, n_targets=T, height=H, width=W, enc=enc, attrs={"frame_ids": []}, op=op,
+                    codecs=codecs)
     t_add = 0.0
     for f in fields:
         t = time.perf_counter()
@@ -77,7 +74,7 @@ def write(root: Path, specs: dict, fields: list[dict], H: int, W: int, T: int, e
             "mb_per_pair": folder_bytes(root / "scene0") / n / 1e6}
 
 
-def write_process(root: Path, specs: dict, fields: list[dict], H: int, W: int, T: int, enc: Encoding) -> dict:
+def write_process(root: Path, fields: list[dict], H: int, W: int, T: int, enc: Encoding, codecs: str) -> dict:
     """The same scene written through stage one's writer process (`snd.stages.precompute.writer._WriterProcess`)."""
     from snd.pipeline.config import PrecomputeConfig
     from snd.stages.precompute.writer import _WriterProcess
@@ -85,7 +82,8 @@ def write_process(root: Path, specs: dict, fields: list[dict], H: int, W: int, T
     n = sum(len(f["depth"]) for f in fields)
     M.init_store(root, {"dataset": {"root": "x"}, "source": {"name": "bench"}, "scaffold": [H, W], "sampler": {},
                         "encoding": enc.to_dict()})
-    cfg = PrecomputeConfig(data=root, out=root, height=H, width=W, targets_per_pair=T, images="off")
+    cfg = PrecomputeConfig(data=root, out=root, height=H, width=W, targets_per_pair=T, images="off",
+                           writer_codecs=codecs)
     done: dict[str, object] = {}
     ev = threading.Event()
 
@@ -142,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--height", type=int, default=576)
     ap.add_argument("--width", type=int, default=880)
     ap.add_argument("--switch-interval", type=float, nargs="+", default=[0.005])
-    ap.add_argument("--pipeline", nargs="+", choices=sorted(PIPELINES), default=["zarr"])
+    ap.add_argument("--pipeline", nargs="+", choices=sorted(CODEC_PIPELINES), default=["zarr"])
     ap.add_argument("--writer", nargs="+", choices=["thread", "process"], default=["thread"])
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
@@ -155,19 +153,16 @@ def main(argv: list[str] | None = None) -> None:
     lines = []
     keep = sys.getswitchinterval()
     for how, pipe, si in [(h, p, si) for h in a.writer for p in a.pipeline for si in a.switch_interval]:
-        go = (lambda root: write(root, specs, fields, H, W, T, enc, op)) if how == "thread" else \
-            (lambda root: write_process(root, specs, fields, H, W, T, enc))
+        go = (lambda root: write(root, specs, fields, H, W, T, enc, op, pipe)) if how == "thread" else \
+            (lambda root: write_process(root, fields, H, W, T, enc, pipe))
         tmp = Path(tempfile.mkdtemp(prefix="snd-writer-"))
         sys.setswitchinterval(si)
         try:
-            os.environ["ZARR_CODEC_PIPELINE__PATH"] = PIPELINES[pipe]  # a writer process reads it when it imports zarr
-            with zarr.config.set({"codec_pipeline.path": PIPELINES[pipe]}):
-                plain = go(tmp / "a")
-                idle, _ = spins_per_s(lambda: time.sleep(max(0.5, plain["wall_ms_per_pair"] * plain["pairs"] / 1e3)))
-                busy, spun = spins_per_s(lambda: go(tmp / "b"))
+            plain = go(tmp / "a")
+            idle, _ = spins_per_s(lambda: time.sleep(max(0.5, plain["wall_ms_per_pair"] * plain["pairs"] / 1e3)))
+            busy, spun = spins_per_s(lambda: go(tmp / "b"))
         finally:
             sys.setswitchinterval(keep)
-            os.environ.pop("ZARR_CODEC_PIPELINE__PATH", None)
             shutil.rmtree(tmp, ignore_errors=True)
         lines.append(json.dumps({
             "what": "writer_rates", "writer": how, "pipeline": pipe, "switch_interval_s": si, "height": H, "width": W, "targets": T,

@@ -74,8 +74,10 @@ def test_ab_script_variants():
         with pytest.raises(SystemExit, match="unknown variant"):
             ab.overrides(bad)
     assert ab.overrides("workers1") == {"operator_workers": 1}
-    assert ab.overrides("process") == ab.overrides("writer=process") == ab.overrides("process-zarrs") == {"writer": "process"}
-    import os
+    assert ab.overrides("process") == ab.overrides("writer=process") == {"writer": "process"}
+    assert ab.overrides("process-zarrs") == ab.overrides("writer=process,writer_codecs=zarrs") == {
+        "writer": "process", "writer_codecs": "zarrs"}
+    assert ab.overrides("old-writer") == {"writer": "thread", "writer_codecs": "zarr"}
     import sys
 
     keep = sys.getswitchinterval()
@@ -83,15 +85,6 @@ def test_ab_script_variants():
     with ab.switch("switch=0.001"):
         assert sys.getswitchinterval() == pytest.approx(0.001)
     assert sys.getswitchinterval() == keep
-    import zarr
-
-    default = zarr.config.get("codec_pipeline.path")
-    assert ab.overrides("zarrs") == {}
-    env = os.environ.get("ZARR_CODEC_PIPELINE__PATH")
-    with ab.zarr_pipeline("zarrs.ZarrsCodecPipeline"):
-        assert zarr.config.get("codec_pipeline.path") == "zarrs.ZarrsCodecPipeline"
-        assert os.environ["ZARR_CODEC_PIPELINE__PATH"] == "zarrs.ZarrsCodecPipeline"  # what a writer process reads
-    assert zarr.config.get("codec_pipeline.path") == default and os.environ.get("ZARR_CODEC_PIPELINE__PATH") == env
     assert ab.schedule(["a", "b", "c"], 2, True) == [(0, "a", False), (0, "b", False), (0, "c", False),
                                                       (1, "c", False), (1, "b", False), (1, "a", False),
                                                       (2, "a", True), (2, "b", True), (2, "c", True)]

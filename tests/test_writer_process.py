@@ -3,6 +3,7 @@ kill -9 of the parent leaves nothing behind that a rerun does not redo (the chil
 child that dies fails its open scenes with a message instead of hanging the run."""
 from __future__ import annotations
 
+import importlib.util
 import multiprocessing as mp
 import os
 import signal
@@ -12,6 +13,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from snd.cache import manifest as M
@@ -19,7 +21,7 @@ from snd.cache.reader import CacheReader
 from snd.errors import SndError
 from snd.pipeline.config import PrecomputeConfig
 from snd.stages.precompute import run
-from snd.stages.precompute.settings import resolve_writer
+from snd.stages.precompute.settings import resolve_writer, resolve_writer_codecs
 
 
 def make_cfg(data: Path, out: Path, **kw) -> PrecomputeConfig:
@@ -36,14 +38,14 @@ def store_files(root: Path, scene: str) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def thread_store(synth_root, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("thread") / "cache"
-    s = run(make_cfg(synth_root, out, writer="thread"), progress=False)
-    assert (s.scenes_done, s.failed, s.writer) == (2, 0, "thread")
+    s = run(make_cfg(synth_root, out, writer="thread", writer_codecs="zarr"), progress=False)
+    assert (s.scenes_done, s.failed, s.writer, s.writer_codecs) == (2, 0, "thread", "zarr")
     return out
 
 
 def test_the_process_writer_writes_the_thread_writers_store(thread_store, synth_root, tmp_path):
     out = tmp_path / "process"
-    s = run(make_cfg(synth_root, out, writer="process"), progress=False)
+    s = run(make_cfg(synth_root, out, writer="process", writer_codecs="zarr"), progress=False)
     assert (s.scenes_done, s.failed, s.pairs, s.writer) == (2, 0, 8, "process")
     names = CacheReader(thread_store).scenes
     assert CacheReader(out).scenes == names and CacheReader(out).verify_all() == 8
@@ -55,11 +57,43 @@ def test_the_process_writer_writes_the_thread_writers_store(thread_store, synth_
     assert not mp.active_children()  # the child was joined
 
 
-def test_writer_auto_is_the_thread_on_cpu_and_a_bad_value_is_refused():
-    assert resolve_writer("auto", "cpu") == "thread"
+def test_zarrs_codecs_store_the_same_values_and_checksums(thread_store, synth_root, tmp_path):
+    """zarrs-python's codec pipeline (the default of the writer process where installed): the store reads back to the
+    same values as zarr's own pipeline wrote, with the same checksum tables (of the stored, uncompressed bytes), and
+    a second run writes the same bytes (zarrs on several threads lays a shard's chunks out in the order they finish)."""
+    pytest.importorskip("zarrs")
+    out = tmp_path / "zarrs"
+    for o in (out, tmp_path / "again"):
+        s = run(make_cfg(synth_root, o, writer="process"), progress=False)  # auto: zarrs in the process
+        assert (s.scenes_done, s.failed, s.writer_codecs) == (2, 0, "zarrs")
+    for n in CacheReader(out).scenes:
+        assert store_files(out, n) == store_files(tmp_path / "again", n), n
+    a, b = CacheReader(thread_store), CacheReader(out)
+    assert b.verify_all() == 8 and a.scenes == b.scenes
+    keys = ("checksums_sha256", "op_checksums_sha256", "frames_checksums_sha256", "pairs", "frames", "frame_bytes")
+    for n in a.scenes:
+        ra, rb = M.read_manifest(thread_store)["scenes"][n], M.read_manifest(out)["scenes"][n]
+        assert {k: ra.get(k) for k in keys} == {k: rb.get(k) for k in keys} and ra["checksums_sha256"]
+        sa, sb = a.scene(n), b.scene(n)
+        for p in range(sa.n_pairs):
+            xa, xb = sa.read_stored(p), sb.read_stored(p)
+            assert xa.keys() == xb.keys()
+            for k in xa:
+                np.testing.assert_array_equal(xa[k], xb[k], err_msg=f"{n} pair {p} {k}")
+
+
+def test_writer_auto_and_bad_values():
+    assert resolve_writer("auto", "cpu") == "thread" and resolve_writer("auto", "cuda") == "process"
     assert resolve_writer("process", "cpu") == "process"
     with pytest.raises(SndError, match="--writer must be"):
         resolve_writer("fork", "cpu")
+    with pytest.raises(SndError, match="--writer-codecs must be"):
+        resolve_writer_codecs("blosc", "process")
+    with pytest.raises(SndError, match="needs --writer process"):
+        resolve_writer_codecs("zarrs", "thread")
+    have = importlib.util.find_spec("zarrs") is not None
+    assert resolve_writer_codecs("auto", "process") == ("zarrs" if have else "zarr")
+    assert resolve_writer_codecs("auto", "thread") == resolve_writer_codecs("zarr", "process") == "zarr"
 
 
 KILL_SCRIPT = textwrap.dedent("""
@@ -76,7 +110,8 @@ KILL_SCRIPT = textwrap.dedent("""
             print("child", *[p.pid for p in mp.active_children()], flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
     run(PrecomputeConfig(data=data, out=out, height=112, width=168, pairs_per_scene=4, targets_per_pair=2,
-                         batch_pairs=2, device="cpu", source="depth", seed=0, writer="process"), progress=False,
+                         batch_pairs=2, device="cpu", source="depth", seed=0, writer="process",
+                         writer_codecs="zarr"), progress=False,
         on_batch=on_batch)
 """)
 
@@ -102,7 +137,7 @@ def test_kill_9_of_the_parent_then_resume_gives_the_same_store(thread_store, syn
         time.sleep(0.1)
     assert _gone(pids[0])
     assert len(CacheReader(out).scenes) <= 1  # the scene in flight is not complete
-    s = run(make_cfg(synth_root, out, writer="process"), progress=False)
+    s = run(make_cfg(synth_root, out, writer="process", writer_codecs="zarr"), progress=False)
     assert s.failed == 0 and s.scenes_done + s.scenes_skipped == 2
     for n in CacheReader(thread_store).scenes:
         assert store_files(out, n) == store_files(thread_store, n), n

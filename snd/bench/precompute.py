@@ -177,7 +177,7 @@ def prepare(cfg: BenchPrecomputeConfig) -> tuple[PrecomputeConfig, ScaffoldSourc
                             images=cfg.images, operator_chunk=cfg.operator_chunk,
                             operator_stream=cfg.operator_stream, operator_thread=cfg.operator_thread,
                             operator_priority=cfg.operator_priority, operator_workers=cfg.operator_workers,
-                            writer=cfg.writer)
+                            writer=cfg.writer, writer_codecs=cfg.writer_codecs)
     return pcfg, make_source(pcfg, random_init=cfg.mvsplat_ckpt is None)
 
 
@@ -263,6 +263,7 @@ def measure(cfg: BenchPrecomputeConfig, pcfg: PrecomputeConfig, source: Scaffold
         "operator_workers": s.operator_workers,
         "operator_priority": s.operator_priority,
         "writer": s.writer,  # "thread" or "process", as run
+        "writer_codecs": s.writer_codecs,  # "zarr" or "zarrs", as run
         # snd's CUDA kernels for the operators (snd.splat.kernels) as this run used them; "off" after a failed build
         "operator_kernels": {k: kernels.enabled(k) for k in kernels.ENV} if cuda else None,
         # MVSplat's cost volume through snd's Triton kernel (snd.models.mvsplat.corr_kernel)

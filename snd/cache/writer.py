@@ -10,6 +10,7 @@ held in memory.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -27,6 +28,22 @@ from snd.cache.schema import (CHECKSUM_ARRAY, FRAME_CHECKSUM_ARRAY, FRAMES_PER_S
                               codecs_for, delta_encode, frame_layout, layout, operator_fields)
 
 log = logging.getLogger(__name__)
+
+
+# zarr codec pipelines a writer can encode its shards with, by name: zarr-python's own, and zarrs-python's (the zarrs
+# Rust crate: a shard's chunks are encoded outside Python). Both write the same Zarr v3 format; the stored values and
+# checksums are identical, the compressed bytes may differ a little (their Blosc/Zstd builds differ).
+CODEC_PIPELINES = {"zarr": "zarr.core.codec_pipeline.BatchedCodecPipeline", "zarrs": "zarrs.ZarrsCodecPipeline"}
+
+
+def codec_pipeline(name: str):
+    """A context in which new zarr arrays bind the codec pipeline `name` (zarr binds it when an array object is made,
+    so the writer's arrays keep it; the setting is zarr's global config, restored on exit)."""
+    import zarr
+
+    if name == "zarr":
+        return contextlib.nullcontext()
+    return zarr.config.set({"codec_pipeline.path": CODEC_PIPELINES[name]})
 
 
 def crc32c(a: np.ndarray) -> int:
@@ -67,7 +84,7 @@ class SceneWriter:
 
     def __init__(self, root: Path, scene: str, *, n_pairs: int, n_targets: int, height: int, width: int,
                  enc: Encoding, attrs: dict, pairs_per_shard: int = PAIRS_PER_SHARD, op: OperatorSpec | None = None,
-                 frames: FrameSpec | None = None):
+                 frames: FrameSpec | None = None, codecs: str = "zarr"):
         import zarr
 
         M.check_scene_name(scene)
@@ -75,7 +92,7 @@ class SceneWriter:
             raise ValueError(f"scene {scene}: need at least one pair, got {n_pairs}")
         self.root, self.scene, self.n_pairs = Path(root), scene, n_pairs
         self.specs = layout(height, width, n_targets, enc, op)
-        self.enc = enc
+        self.enc, self.codecs = enc, codecs
         self.tmp = M.tmp_dir(self.root) / f"{scene}.{uuid.uuid4().hex[:12]}"
         self.tmp.parent.mkdir(parents=True, exist_ok=True)
         self.group = zarr.open_group(store=str(self.tmp), mode="w", zarr_format=3, attributes={
@@ -89,14 +106,15 @@ class SceneWriter:
         })
         self.pps = min(pairs_per_shard, n_pairs)
         self.arrays = {}
-        for name, s in self.specs.items():
-            if s.kind == "field":
-                from zarr.codecs import BytesCodec
+        from zarr.codecs import BytesCodec
 
-                self.arrays[name] = self.group.create_array(
-                    name, shape=(n_pairs, *s.shape), dtype=s.dtype, chunks=chunk_shape(s), shards=(self.pps, *s.shape),
-                    serializer=BytesCodec(), compressors=codecs_for(s), fill_value=0,
-                    config={"write_empty_chunks": True})  # skips a per-chunk emptiness scan; every chunk exists
+        with codec_pipeline(codecs):
+            for name, s in self.specs.items():
+                if s.kind == "field":
+                    self.arrays[name] = self.group.create_array(
+                        name, shape=(n_pairs, *s.shape), dtype=s.dtype, chunks=chunk_shape(s), shards=(self.pps, *s.shape),
+                        serializer=BytesCodec(), compressors=codecs_for(s), fill_value=0,
+                        config={"write_empty_chunks": True})  # skips a per-chunk emptiness scan; every chunk exists
         self._small: dict[str, list[np.ndarray]] = {n: [] for n, s in self.specs.items() if s.kind == "small"}
         self._pending: dict[str, list[np.ndarray]] = {n: [] for n, s in self.specs.items() if s.kind == "field"}
         self._crc = np.zeros((n_pairs, len(self.specs)), np.uint32)
@@ -171,15 +189,16 @@ class SceneWriter:
         if self._added != self.n_pairs:
             raise ValueError(f"scene {self.scene}: commit after {self._added} of {self.n_pairs} pairs")
         self._flush(final=True)
-        for name, parts in self._small.items():
-            self._write_small(name, np.concatenate(parts))
-        checksums_sha256 = self._write_table(CHECKSUM_ARRAY, self._crc)
-        op_record = {}
-        if self._ops:
-            op_record = {"op_checksums_sha256": self._write_table(OP_CHECKSUM_ARRAY, self._op_crc)}
-            self.group.attrs["checksum_ops"] = {"algorithm": "crc32c", "of": "stored bytes of each pair's target slot",
-                                                "arrays": self._ops, "table": OP_CHECKSUM_ARRAY}
-        frame_record = self._write_frames() if self.frames is not None else {}
+        with codec_pipeline(self.codecs):
+            for name, parts in self._small.items():
+                self._write_small(name, np.concatenate(parts))
+            checksums_sha256 = self._write_table(CHECKSUM_ARRAY, self._crc)
+            op_record = {}
+            if self._ops:
+                op_record = {"op_checksums_sha256": self._write_table(OP_CHECKSUM_ARRAY, self._op_crc)}
+                self.group.attrs["checksum_ops"] = {"algorithm": "crc32c", "of": "stored bytes of each pair's target slot",
+                                                    "arrays": self._ops, "table": OP_CHECKSUM_ARRAY}
+            frame_record = self._write_frames() if self.frames is not None else {}
         nbytes = folder_bytes(self.tmp)
         final = self.root / self.scene
         if final.exists():  # a renamed group whose marker never got written (killed in between): redo it

@@ -36,6 +36,7 @@ class Summary:
     operator_stream: bool = False  # the operators ran on CUDA streams of their own, as run
     operator_priority: bool = False  # ... at a higher priority than MVSplat's, as run
     writer: str = "thread"  # where the shard writer ran ("thread" or "process")
+    writer_codecs: str = "zarr"  # the codec pipeline that encoded the shards ("zarr" or "zarrs")
 
     @property
     def pairs_per_s(self) -> float:
@@ -67,7 +68,7 @@ def record_run(out: Path, s: Summary, rank: int, world: int, device: torch.devic
         "scenes": scenes, "scenes_done": s.scenes_done, "scenes_skipped": s.scenes_skipped, "failed": s.failed,
         "pairs": s.pairs, "bytes": s.bytes, "seconds": s.seconds, "pairs_per_s": s.pairs_per_s,
         "steady_pairs_per_s": s.steady_pairs_per_s, "wait_data_s": s.wait_data_s, "wait_write_s": s.wait_write_s,
-        "phase_s": s.phase_s})
+        "writer": s.writer, "writer_codecs": s.writer_codecs, "phase_s": s.phase_s})
     return path
 
 

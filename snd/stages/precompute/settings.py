@@ -2,6 +2,7 @@
 the scaffold source."""
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -10,6 +11,8 @@ from snd.cache.schema import Encoding, FrameSpec, OperatorSpec
 from snd.errors import SndError
 from snd.pipeline.config import BenchPrecomputeConfig, PrecomputeConfig, to_jsonable
 from snd.scaffold import ScaffoldSource, create_source
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # annotations only: torch is imported where it is used
     import torch
@@ -28,7 +31,7 @@ def resolve_rank(cfg_rank: int, cfg_world: int) -> tuple[int, int]:
 AUTO_BATCH_PAIRS = {"cuda": 8, "cpu": 1}  # `--batch-pairs 0`: per device type
 AUTO_OPERATOR_CHUNK = {"cuda": 24, "cpu": 1}  # `--operator-chunk 0`: per device type (docs/performance.md)
 AUTO_OPERATOR_WORKERS = {"cuda": 2, "cpu": 1}  # `--operator-workers 0`: per device type (docs/performance.md)
-AUTO_WRITER = {"cuda": "thread", "cpu": "thread"}  # `--writer auto`: per device type (docs/performance.md)
+AUTO_WRITER = {"cuda": "process", "cpu": "thread"}  # `--writer auto`: per device type (docs/performance.md)
 
 
 def auto_count(value: int, table: dict[str, int], device: "str | torch.device", flag: str) -> int:
@@ -82,10 +85,35 @@ def resolve_writer(writer: str, device: "str | torch.device") -> str:
     """`--writer` as used: "thread" or "process", or for "auto" `AUTO_WRITER`'s entry for the device type. Why a
     process can pay on CUDA: the shard writer's zarr work is mostly GIL-holding Python (`writer.py`), which there
     competes with the threads that launch MVSplat and the operators' kernels; on the CPU the spawn costs ~2-3 s
-    per run and the cores are busy anyway."""
+    per run, the pickled copy ~40 ms per pair, and the cores are busy anyway (`docs/bench/writer_rates_process_cpu.jsonl`)."""
     if writer not in ("auto", "thread", "process"):
         raise SndError(f"--writer must be auto, thread or process, got {writer!r}")
     return AUTO_WRITER.get(device_kind(device), "thread") if writer == "auto" else writer
+
+
+def resolve_writer_codecs(codecs: str, writer: str) -> str:
+    """`--writer-codecs` as used: "zarr" or "zarrs"; "auto" = zarrs for the writer process when zarrs-python is
+    installed (a requirement; without it a note says what it costs), zarr for the writer thread. Why zarrs: on an H100
+    whose shard writer was stage one's limit, zarrs ran it at 29.2 and 30.1 pairs/s against 21.1 and 19.8
+    (`docs/bench/pipeline_ab5_h100.jsonl`). Why only in the process: zarrs encodes a shard's chunks on several threads
+    and lays them out in the order they finish, so the bytes differ run to run; with one thread they do not (tested),
+    and its thread count is process-wide zarr config (`threading.max_workers`, which also sizes zarr's own pool), so
+    only a process of its own can pin it."""
+    import importlib.util
+
+    if codecs not in ("auto", "zarr", "zarrs"):
+        raise SndError(f"--writer-codecs must be auto, zarr or zarrs, got {codecs!r}")
+    if codecs == "zarrs" and writer != "process":
+        raise SndError("--writer-codecs zarrs needs --writer process (zarrs' thread count is a process-wide setting)")
+    if codecs == "zarr" or writer != "process":
+        return "zarr"
+    if importlib.util.find_spec("zarrs") is not None:
+        return "zarrs"
+    if codecs == "zarrs":
+        raise SndError("--writer-codecs zarrs needs zarrs-python: pip install zarrs (or --writer-codecs zarr)")
+    log.warning("zarrs-python is not installed: the shards are encoded by zarr's own codec pipeline, slower "
+                "(pip install zarrs; docs/performance.md)")
+    return "zarr"
 
 
 PATCH = 14  # DINOv2's patch size, the default of --patch-size (the operators are built for stage two's grids)

@@ -24,7 +24,8 @@ from snd.stages.precompute.launch import _InFlight, _land, _launch
 from snd.stages.precompute.operators import OperatorStage
 from snd.stages.precompute.report import Summary, console, print_summary, record_run
 from snd.stages.precompute.settings import (make_source, operator_spec, resolve_batch_pairs, resolve_operator_chunk,
-                                             resolve_operator_workers, resolve_rank, resolve_writer, store_header)
+                                             resolve_operator_workers, resolve_rank, resolve_writer, resolve_writer_codecs,
+                                             store_header)
 from snd.stages.precompute.writer import _suppress_full, make_writer
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,8 @@ def run(cfg: PrecomputeConfig, *, source: ScaffoldSource | None = None, progress
     cfg = replace(cfg, batch_pairs=resolve_batch_pairs(cfg.batch_pairs, cfg.device))  # 0 = auto, as used below
     resolve_operator_chunk(cfg.operator_chunk, cfg.device)  # a negative chunk fails here, before any work (used below)
     resolve_operator_workers(cfg.operator_workers, cfg.device)  # so does a negative worker count
-    resolve_writer(cfg.writer, cfg.device)  # and an unknown --writer
+    cfg = replace(cfg, writer=resolve_writer(cfg.writer, cfg.device))  # as used (the writer gets the config) ...
+    cfg = replace(cfg, writer_codecs=resolve_writer_codecs(cfg.writer_codecs, cfg.writer))  # ... an unknown one fails
     rank, world = resolve_rank(cfg.rank, cfg.world_size)
     ds = open_dataset(cfg.data, cfg.layout, height=cfg.height, width=cfg.width)
     names = ds.scene_names(cfg.split)
@@ -97,8 +99,8 @@ def run(cfg: PrecomputeConfig, *, source: ScaffoldSource | None = None, progress
     lq: queue.Queue = queue.Queue(maxsize=2)
     stop = threading.Event()
     loader = threading.Thread(target=_loader, args=(jobs, ds, cfg, source, out, lq, stop), name="snd-loader", daemon=True)
-    summary.writer = resolve_writer(cfg.writer, cfg.device)
-    writer = make_writer(summary.writer, out, cfg, enc, on_commit, on_fail)
+    summary.writer, summary.writer_codecs = cfg.writer, cfg.writer_codecs
+    writer = make_writer(cfg.writer, out, cfg, enc, on_commit, on_fail)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     prog = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),

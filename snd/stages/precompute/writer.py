@@ -35,6 +35,7 @@ class _Writer(threading.Thread):
         super().__init__(name="snd-writer", daemon=True)
         self.q: queue.Queue = queue.Queue(maxsize=maxsize)
         self.out, self.cfg, self.enc = out, cfg, enc
+        self.codecs = "zarr" if cfg.writer_codecs == "auto" else cfg.writer_codecs  # stage one resolves "auto" first
         self.on_commit, self.on_fail = on_commit, on_fail
         self.writers: dict[str, SceneWriter] = {}
         self.bad: set[str] = set()
@@ -67,7 +68,7 @@ class _Writer(threading.Thread):
                 self.writers[name] = SceneWriter(
                     self.out, name, n_pairs=n_pairs, n_targets=self.cfg.targets_per_pair, height=self.cfg.height,
                     width=self.cfg.width, enc=self.enc, attrs={"frame_ids": frame_ids}, op=operator_spec(self.cfg),
-                    frames=frame_spec(self.cfg))
+                    frames=frame_spec(self.cfg), codecs=self.codecs)
             elif kind == "add":
                 self.writers[name].add(op[2])
             elif kind == "commit":
@@ -90,7 +91,13 @@ class _Writer(threading.Thread):
 
 def _serve(ops, events, out: Path, cfg: PrecomputeConfig, enc: Encoding) -> None:
     """The child process of `_WriterProcess`: a `_Writer` run op by op, its commits, failures and busy time sent
-    back. The parent gone (a kill) closes the pipe: the scenes in the making are removed, as after a killed thread."""
+    back. The parent gone (a kill) closes the pipe: the scenes in the making are removed, as after a killed thread.
+    With zarrs, one encoding thread per call (`settings.resolve_writer_codecs`: the same bytes every run); the
+    writer's pool still encodes the arrays of a shard at once."""
+    if cfg.writer_codecs == "zarrs":
+        import zarr
+
+        zarr.config.set({"threading.max_workers": 1})  # this process only: it writes and never reads
     w = _Writer(out, cfg, enc, lambda n, rec: events.send(("commit", n, rec)), lambda n, msg: events.send(("fail", n, msg)))
     while True:
         try:
