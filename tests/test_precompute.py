@@ -21,23 +21,8 @@ from snd.cache import manifest as M
 from snd.cache.encode import decode_scaffold, encode_scaffold
 from snd.cache.reader import CacheReader
 from snd.cache.schema import Encoding
-from snd.pipeline.config import PrecomputeConfig
 from snd.stages.precompute import run
-
-H, W = 112, 168
-
-
-def make_cfg(data: Path, out: Path, **kw) -> PrecomputeConfig:
-    base = dict(data=data, out=out, height=H, width=W, pairs_per_scene=4, targets_per_pair=2, batch_pairs=2,
-                device="cpu", source="depth", seed=0)
-    base.update(kw)
-    return PrecomputeConfig(**base)
-
-
-def store_files(root: Path, scene: str) -> dict[str, bytes]:
-    d = root / scene
-    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
-
+from tests._stage_one import H, W, kill_mid_second_scene, make_cfg, store_files
 
 @pytest.fixture(scope="module")
 def baseline(synth_root, tmp_path_factory) -> Path:
@@ -250,27 +235,9 @@ def test_an_operator_error_exits_with_its_message_and_status_1(synth_root, tmp_p
     assert "RuntimeError: builder bug" in proc.stderr and "terminate called" not in proc.stderr
 
 
-KILL_SCRIPT = textwrap.dedent("""
-    import os, signal, sys
-    from pathlib import Path
-    from snd.pipeline.config import PrecomputeConfig
-    from snd.stages.precompute import run
-    data, out = Path(sys.argv[1]), Path(sys.argv[2])
-    seen = []
-    def on_batch(scene, n):
-        if scene not in seen:
-            seen.append(scene)
-        if len(seen) == 2 and n >= 2:  # mid-way through the second scene
-            os.kill(os.getpid(), signal.SIGKILL)
-    run(PrecomputeConfig(data=data, out=out, height=112, width=168, pairs_per_scene=4, targets_per_pair=2,
-                         batch_pairs=2, device="cpu", source="depth", seed=0), progress=False, on_batch=on_batch)
-""")
-
-
 def test_kill_9_then_resume_gives_byte_identical_shards(baseline, synth_root, tmp_path):
     out = tmp_path / "killed"
-    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(synth_root), str(out)], capture_output=True, text=True,
-                          timeout=300)
+    proc, _ = kill_mid_second_scene(synth_root, out)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     names = CacheReader(baseline).scenes
     assert len(CacheReader(out).scenes) <= 1  # the scene in flight is not complete

@@ -7,9 +7,6 @@ import importlib.util
 import multiprocessing as mp
 import os
 import signal
-import subprocess
-import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -19,20 +16,9 @@ import pytest
 from snd.cache import manifest as M
 from snd.cache.reader import CacheReader
 from snd.errors import SndError
-from snd.pipeline.config import PrecomputeConfig
 from snd.stages.precompute import run
 from snd.stages.precompute.settings import resolve_writer, resolve_writer_codecs
-
-
-def make_cfg(data: Path, out: Path, **kw) -> PrecomputeConfig:
-    base = dict(data=data, out=out, height=112, width=168, pairs_per_scene=4, targets_per_pair=2, batch_pairs=2,
-                device="cpu", source="depth", seed=0)
-    return PrecomputeConfig(**{**base, **kw})
-
-
-def store_files(root: Path, scene: str) -> dict[str, bytes]:
-    d = root / scene
-    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+from tests._stage_one import kill_mid_second_scene, make_cfg, store_files
 
 
 @pytest.fixture(scope="module")
@@ -96,26 +82,6 @@ def test_writer_auto_and_bad_values():
     assert resolve_writer_codecs("auto", "thread") == resolve_writer_codecs("zarr", "process") == "zarr"
 
 
-KILL_SCRIPT = textwrap.dedent("""
-    import multiprocessing as mp, os, signal, sys
-    from pathlib import Path
-    from snd.pipeline.config import PrecomputeConfig
-    from snd.stages.precompute import run
-    data, out = Path(sys.argv[1]), Path(sys.argv[2])
-    seen = []
-    def on_batch(scene, n):
-        if scene not in seen:
-            seen.append(scene)
-        if len(seen) == 2 and n >= 2:  # mid-way through the second scene
-            print("child", *[p.pid for p in mp.active_children()], flush=True)
-            os.kill(os.getpid(), signal.SIGKILL)
-    run(PrecomputeConfig(data=data, out=out, height=112, width=168, pairs_per_scene=4, targets_per_pair=2,
-                         batch_pairs=2, device="cpu", source="depth", seed=0, writer="process",
-                         writer_codecs="zarr"), progress=False,
-        on_batch=on_batch)
-""")
-
-
 def _gone(pid: int) -> bool:
     """The process has exited (a zombie counts: nothing may reap orphans in a container)."""
     try:
@@ -127,10 +93,8 @@ def _gone(pid: int) -> bool:
 
 def test_kill_9_of_the_parent_then_resume_gives_the_same_store(thread_store, synth_root, tmp_path):
     out = tmp_path / "killed"
-    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(synth_root), str(out)], capture_output=True,
-                          text=True, timeout=300)
+    proc, pids = kill_mid_second_scene(synth_root, out, writer="process", writer_codecs="zarr")
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-    pids = [int(x) for x in proc.stdout.split("child", 1)[1].split()]
     assert len(pids) == 1
     t = time.monotonic()
     while not _gone(pids[0]) and time.monotonic() - t < 30:  # the child sees the pipe close and exits
