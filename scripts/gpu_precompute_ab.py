@@ -16,15 +16,14 @@ Variants: thread (the default pipeline: on CUDA two builder threads), inline (`-
 the main thread), no-operator (`--no-operator`: MVSplat and the store alone), chunk8 / chunk12
 (`--operator-chunk 8/12`),
 low-priority (`--no-operator-priority`: the operators' stream at MVSplat's priority), workers1 / workers2
-(`--operator-workers 1/2`: builder threads, a stream each), process (`--writer process`: the shard writer in a child
-process with a GIL of its own), or KEY=VALUE[,KEY=VALUE] overrides of `snd.pipeline.config.PrecomputeConfig` (ints,
+(`--operator-workers 1/2`: builder threads, a stream each), or KEY=VALUE[,KEY=VALUE] overrides of `snd.pipeline.config.PrecomputeConfig` (ints,
 0/1 for flags, else strings).
 ``switch=SECONDS`` runs the defaults under `sys.setswitchinterval(SECONDS)` (Python's GIL hand-over interval, 5 ms by
 default): on the 2-core CPU machine the shard writer beside a spinning Python thread took 392 ms per pair at 5 ms and
 178 at 1 ms (`scripts/writer_rates.py`), and stage one's writer shares the GIL with the main and operator threads.
-``zarrs`` (`--writer-codecs zarrs`: zarrs-python's Rust codec pipeline encodes the shards; on the device a wheel in
-`.whl/`), ``process-zarrs`` (both: the defaults on CUDA since 2026-12-06) and ``old-writer`` (a thread with zarr's own
-pipeline: the defaults before) pick the shard writer.
+``process`` (`--writer process`: the shard writer in a child process), ``old-writer`` (`--writer thread`: the writer
+thread, the default on CUDA before 2026-12-06), ``zarrs`` (the writer thread with `--writer-codecs zarrs`, zarrs-python's
+Rust codec pipeline; on the device a wheel in `.whl/`) and ``process-zarrs`` (both) pick the shard writer.
 ``--builder FILE`` adds the variant ``builder-file``: the defaults with another version of
 `snd/splat/operator_build.py` (e.g. `git show REV:snd/splat/operator_build.py > ab_before.py`) building the operators,
 so a change to the builder is timed in the pipeline against the one before, in one process.
@@ -44,9 +43,9 @@ from snd.pipeline.config import BenchPrecomputeConfig, PrecomputeConfig
 PRESETS = {"thread": {"operator_thread": True}, "inline": {"operator_thread": False},
            "no-operator": {"operator": False}, "chunk8": {"operator_chunk": 8}, "chunk12": {"operator_chunk": 12},
            "low-priority": {"operator_priority": False}, "workers1": {"operator_workers": 1},
-           "workers2": {"operator_workers": 2}, "process": {"writer": "process"}, "zarrs": {"writer_codecs": "zarrs"},
-           "process-zarrs": {"writer": "process", "writer_codecs": "zarrs"},
-           "old-writer": {"writer": "thread", "writer_codecs": "zarr"}}
+           "workers2": {"operator_workers": 2}, "process": {"writer": "process"},
+           "zarrs": {"writer": "thread", "writer_codecs": "zarrs"}, "process-zarrs": {"writer": "process", "writer_codecs": "zarrs"},
+           "old-writer": {"writer": "thread"}}
 KEEP = ("pairs_per_s", "pairs_timed", "seconds_timed", "phase_ms_per_pair", "gpu_busy", "peak_mem_gib", "mb_per_pair",
         "operator_chunk", "operator_thread", "operator_workers", "operator_priority", "operator_kernels", "mvsplat_corr_kernel", "writer", "device_name")
 

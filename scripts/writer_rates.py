@@ -13,7 +13,7 @@ MB per pair is not the store's (`scripts/measure_store_size.py` is).
 [--out FILE]` prints one JSON line per switch interval (`sys.setswitchinterval`, Python's GIL hand-over interval; 0.005
 is Python's default) and codec pipeline: zarr's own (`BatchedCodecPipeline`, the default) or zarrs-python's Rust one
 (`zarrs.ZarrsCodecPipeline`, `pip install zarrs`), which encodes a shard's chunks outside Python. `--writer process`
-times stage one's `_WriterProcess` instead of `SceneWriter` in this thread: the batches go down its queue and pipe to
+times stage one's `_WriterProcess` instead of `SceneWriter` in this thread: the batches go down its queue and spill files to
 a child process (started and warmed up with a one-pair scene before the clock starts), and a pair's time runs from
 the first batch queued to the commit reported back; the spinning thread then shares no GIL with the writer.
 """
@@ -75,9 +75,9 @@ def write(root: Path, specs: dict, fields: list[dict], H: int, W: int, T: int, e
 
 
 def write_process(root: Path, fields: list[dict], H: int, W: int, T: int, enc: Encoding, codecs: str) -> dict:
-    """The same scene written through stage one's writer process (`snd.stages.precompute.writer._WriterProcess`)."""
+    """The same scene written through stage one's writer process (`snd.stages.precompute.writer_process._WriterProcess`)."""
     from snd.pipeline.config import PrecomputeConfig
-    from snd.stages.precompute.writer import _WriterProcess
+    from snd.stages.precompute.writer_process import _WriterProcess
 
     n = sum(len(f["depth"]) for f in fields)
     M.init_store(root, {"dataset": {"root": "x"}, "source": {"name": "bench"}, "scaffold": [H, W], "sampler": {},

@@ -38,16 +38,19 @@ _SCRIPT = textwrap.dedent("""
             seen.append(scene)
         if len(seen) == 2 and n >= 2:  # mid-way through the second scene
             print("children", *[p.pid for p in mp.active_children()], flush=True)  # a writer process, if any
+            print("spill", *Path("/dev/shm").glob("snd-writer-*"), flush=True)  # ... and its spill folder
             os.kill(os.getpid(), signal.SIGKILL)
     run(PrecomputeConfig(data=data, out=out, height=112, width=168, pairs_per_scene=4, targets_per_pair=2,
                          batch_pairs=2, device="cpu", source="depth", seed=0, **extra), progress=False, on_batch=on_batch)
 """)
 
 
-def kill_mid_second_scene(data: Path, out: Path, **cfg) -> tuple[subprocess.CompletedProcess, list[int]]:
-    """Run stage one (the tests' small config, plus `cfg`) until SIGKILL; returns the process and the pids of the
-    child processes it had when it was killed."""
+def kill_mid_second_scene(data: Path, out: Path, **cfg) -> tuple[subprocess.CompletedProcess, list[int], list[Path]]:
+    """Run stage one (the tests' small config, plus `cfg`) until SIGKILL; returns the process, the pids of the child
+    processes it had when it was killed and the writer's spill folders in /dev/shm then."""
     proc = subprocess.run([sys.executable, "-c", _SCRIPT, str(data), str(out), json.dumps(cfg)], capture_output=True,
                           text=True, timeout=300)
-    line = next((x for x in proc.stdout.splitlines() if x.startswith("children")), "children")
-    return proc, [int(x) for x in line.split()[1:]]
+    def words(tag: str) -> list[str]:
+        return next((x for x in proc.stdout.splitlines() if x.startswith(tag)), tag).split()[1:]
+
+    return proc, [int(x) for x in words("children")], [Path(x) for x in words("spill")]

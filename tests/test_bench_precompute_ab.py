@@ -77,7 +77,8 @@ def test_ab_script_variants():
     assert ab.overrides("process") == ab.overrides("writer=process") == {"writer": "process"}
     assert ab.overrides("process-zarrs") == ab.overrides("writer=process,writer_codecs=zarrs") == {
         "writer": "process", "writer_codecs": "zarrs"}
-    assert ab.overrides("old-writer") == {"writer": "thread", "writer_codecs": "zarr"}
+    assert ab.overrides("old-writer") == {"writer": "thread"}
+    assert ab.overrides("zarrs") == {"writer": "thread", "writer_codecs": "zarrs"}
     import sys
 
     keep = sys.getswitchinterval()

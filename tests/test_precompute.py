@@ -237,7 +237,7 @@ def test_an_operator_error_exits_with_its_message_and_status_1(synth_root, tmp_p
 
 def test_kill_9_then_resume_gives_byte_identical_shards(baseline, synth_root, tmp_path):
     out = tmp_path / "killed"
-    proc, _ = kill_mid_second_scene(synth_root, out)
+    proc, _, _ = kill_mid_second_scene(synth_root, out)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     names = CacheReader(baseline).scenes
     assert len(CacheReader(out).scenes) <= 1  # the scene in flight is not complete

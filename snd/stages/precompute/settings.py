@@ -2,7 +2,6 @@
 the scaffold source."""
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -11,8 +10,6 @@ from snd.cache.schema import Encoding, FrameSpec, OperatorSpec
 from snd.errors import SndError
 from snd.pipeline.config import BenchPrecomputeConfig, PrecomputeConfig, to_jsonable
 from snd.scaffold import ScaffoldSource, create_source
-
-log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # annotations only: torch is imported where it is used
     import torch
@@ -91,29 +88,20 @@ def resolve_writer(writer: str, device: "str | torch.device") -> str:
     return AUTO_WRITER.get(device_kind(device), "thread") if writer == "auto" else writer
 
 
-def resolve_writer_codecs(codecs: str, writer: str) -> str:
-    """`--writer-codecs` as used: "zarr" or "zarrs"; "auto" = zarrs for the writer process when zarrs-python is
-    installed (a requirement; without it a note says what it costs), zarr for the writer thread. Why zarrs: on an H100
-    whose shard writer was stage one's limit, zarrs ran it at 29.2 and 30.1 pairs/s against 21.1 and 19.8
-    (`docs/bench/pipeline_ab5_h100.jsonl`). Why only in the process: zarrs encodes a shard's chunks on several threads
-    and lays them out in the order they finish, so the bytes differ run to run; with one thread they do not (tested),
-    and its thread count is process-wide zarr config (`threading.max_workers`, which also sizes zarr's own pool), so
-    only a process of its own can pin it."""
+def resolve_writer_codecs(codecs: str) -> str:
+    """`--writer-codecs`, checked: "zarr" (the default) or "zarrs" (zarrs-python installed). Why zarrs is not the
+    default: it encodes a shard's inner chunks on several threads and lays them out in the order they finish, so its
+    shard files differ from run to run (values and checksums do not); pinned to one thread per call it writes the same
+    bytes but was 7x slower than zarr's own pipeline in stage one's writer process (147 against 22 ms per pair, H100,
+    `docs/bench/pipeline_ab6_h100.jsonl`). In a writer thread on a host whose writer was the limit it ran stage one at
+    29.2 and 30.1 pairs/s against 21.1 and 19.8 (`pipeline_ab5_h100.jsonl`)."""
     import importlib.util
 
-    if codecs not in ("auto", "zarr", "zarrs"):
-        raise SndError(f"--writer-codecs must be auto, zarr or zarrs, got {codecs!r}")
-    if codecs == "zarrs" and writer != "process":
-        raise SndError("--writer-codecs zarrs needs --writer process (zarrs' thread count is a process-wide setting)")
-    if codecs == "zarr" or writer != "process":
-        return "zarr"
-    if importlib.util.find_spec("zarrs") is not None:
-        return "zarrs"
-    if codecs == "zarrs":
+    if codecs not in ("zarr", "zarrs"):
+        raise SndError(f"--writer-codecs must be zarr or zarrs, got {codecs!r}")
+    if codecs == "zarrs" and importlib.util.find_spec("zarrs") is None:
         raise SndError("--writer-codecs zarrs needs zarrs-python: pip install zarrs (or --writer-codecs zarr)")
-    log.warning("zarrs-python is not installed: the shards are encoded by zarr's own codec pipeline, slower "
-                "(pip install zarrs; docs/performance.md)")
-    return "zarr"
+    return codecs
 
 
 PATCH = 14  # DINOv2's patch size, the default of --patch-size (the operators are built for stage two's grids)

@@ -26,7 +26,8 @@ from snd.stages.precompute.report import Summary, console, print_summary, record
 from snd.stages.precompute.settings import (make_source, operator_spec, resolve_batch_pairs, resolve_operator_chunk,
                                              resolve_operator_workers, resolve_rank, resolve_writer, resolve_writer_codecs,
                                              store_header)
-from snd.stages.precompute.writer import _suppress_full, make_writer
+from snd.stages.precompute.writer import _suppress_full
+from snd.stages.precompute.writer_process import make_writer
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ def run(cfg: PrecomputeConfig, *, source: ScaffoldSource | None = None, progress
     resolve_operator_chunk(cfg.operator_chunk, cfg.device)  # a negative chunk fails here, before any work (used below)
     resolve_operator_workers(cfg.operator_workers, cfg.device)  # so does a negative worker count
     cfg = replace(cfg, writer=resolve_writer(cfg.writer, cfg.device))  # as used (the writer gets the config) ...
-    cfg = replace(cfg, writer_codecs=resolve_writer_codecs(cfg.writer_codecs, cfg.writer))  # ... an unknown one fails
+    resolve_writer_codecs(cfg.writer_codecs)  # zarrs asked for and not installed: fail now
     rank, world = resolve_rank(cfg.rank, cfg.world_size)
     ds = open_dataset(cfg.data, cfg.layout, height=cfg.height, width=cfg.width)
     names = ds.scene_names(cfg.split)
