@@ -33,12 +33,13 @@ _SCRIPT = textwrap.dedent("""
     from snd.stages.precompute import run
     data, out, extra = Path(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3])
     seen = []
+    before = set(Path("/dev/shm").glob("snd-writer-*"))  # other runs' (a test that failed earlier)
     def on_batch(scene, n):
         if scene not in seen:
             seen.append(scene)
         if len(seen) == 2 and n >= 2:  # mid-way through the second scene
             print("children", *[p.pid for p in mp.active_children()], flush=True)  # a writer process, if any
-            print("spill", *Path("/dev/shm").glob("snd-writer-*"), flush=True)  # ... and its spill folder
+            print("spill", *(set(Path("/dev/shm").glob("snd-writer-*")) - before), flush=True)  # ... and its spill folder
             os.kill(os.getpid(), signal.SIGKILL)
     run(PrecomputeConfig(data=data, out=out, height=112, width=168, pairs_per_scene=4, targets_per_pair=2,
                          batch_pairs=2, device="cpu", source="depth", seed=0, **extra), progress=False, on_batch=on_batch)

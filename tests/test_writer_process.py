@@ -15,6 +15,7 @@ import pytest
 
 from snd.cache import manifest as M
 from snd.cache.reader import CacheReader
+from snd.cache.schema import Encoding
 from snd.errors import SndError
 from snd.stages.precompute import run
 from snd.stages.precompute.settings import resolve_writer, resolve_writer_codecs
@@ -144,3 +145,37 @@ def test_a_batch_crosses_to_the_writer_process_through_a_spill_file_unchanged(tm
     for k in ("depth", "op_cols", "empty"):
         assert back[k].dtype == fields[k].dtype and np.array_equal(back[k], fields[k]), k
     assert back["frames"].keys() == {3, 7} and all(np.array_equal(back["frames"][i], fields["frames"][i]) for i in (3, 7))
+
+
+def test_a_full_dev_shm_moves_the_spill_folder_to_disk_then_fails_the_scene(tmp_path, monkeypatch):
+    """/dev/shm may be a container's 64 MB: a batch that does not fit moves the spill folder to disk for the rest of
+    the run; if the disk fails too, the scene fails with a message naming the file (the run goes on)."""
+    import errno
+
+    import snd.stages.precompute.writer_process as wp
+
+    if not Path("/dev/shm").is_dir():
+        pytest.skip("no /dev/shm")
+    monkeypatch.setattr(wp, "SHM_FREE_MIN", 0)
+    failed = []
+    w = wp._WriterProcess(tmp_path, make_cfg(tmp_path, tmp_path), Encoding(), lambda *a: None, lambda *a: failed.append(a))
+    real = wp.spill
+    fails = {"left": 1}
+
+    def flaky(fields, path):
+        if fails["left"]:
+            fails["left"] -= 1
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(fields, path)
+
+    monkeypatch.setattr(wp, "spill", flaky)
+    shm = w._spill
+    assert shm.parent == Path("/dev/shm")
+    op = w._spilled(("add", "s0", {"depth": np.ones((1, 2), np.float16)}))
+    assert op[0] == "add_spilled" and Path(op[-1]).parent == w._spill and w._spill.parent != Path("/dev/shm")
+    assert wp.unspill(op[2], op[3], Path(op[-1]))["depth"].tolist() == [[1.0, 1.0]] and not failed
+    fails["left"] = 2
+    assert w._spilled(("add", "s1", {"depth": np.ones((1, 2), np.float16)})) is None
+    assert len(failed) == 1 and failed[0][0] == "s1" and "could not hand a batch" in failed[0][1]
+    w._clean()
+    assert not shm.exists() and not w._spill.exists()

@@ -29,10 +29,15 @@ from snd.pipeline.config import PrecomputeConfig
 from snd.stages.precompute.writer import _Writer
 
 
-def _spill_dir() -> Path:
-    """A private folder for this run's spill files: in RAM (/dev/shm) where the system has one."""
+SHM_FREE_MIN = 2 << 30  # /dev/shm is used only with this much free: ~3 batches in flight, 56 MB each at 576x880
+
+
+def _spill_dir(ram: bool = True) -> Path:
+    """A private folder for this run's spill files: in RAM (/dev/shm) where the system has one with room (a container's
+    default is 64 MB), else in the temp folder (on disk, through the page cache)."""
     shm = Path("/dev/shm")
-    return Path(tempfile.mkdtemp(prefix="snd-writer-", dir=shm if shm.is_dir() and os.access(shm, os.W_OK) else None))
+    ok = ram and shm.is_dir() and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free >= SHM_FREE_MIN
+    return Path(tempfile.mkdtemp(prefix="snd-writer-", dir=shm if ok else None))
 
 
 def spill(fields: dict, path: Path) -> tuple[dict, list]:
@@ -115,6 +120,7 @@ class _WriterProcess:
         ops_r, self._ops = ctx.Pipe(duplex=False)
         self._events, ev_w = ctx.Pipe(duplex=False)
         self._spill = _spill_dir()
+        self._old_spills: list[Path] = []  # a /dev/shm folder left for disk when RAM ran out
         self.proc = ctx.Process(target=_serve, args=(ops_r, ev_w, Path(out), cfg, enc, self._spill), name="snd-writer",
                                 daemon=True)
         self._child_ends = (ops_r, ev_w)
@@ -139,12 +145,11 @@ class _WriterProcess:
                 with self._lock:
                     self._open.add(op[1])
             if not self._dead.is_set():
+                if op[0] == "add":
+                    op = self._spilled(op)
                 try:
-                    if op[0] == "add":
-                        path = self._spill / f"{self._n}.bin"
-                        self._n += 1
-                        op = ("add_spilled", op[1], *spill(op[2], path), str(path))
-                    self._ops.send(op)
+                    if op is not None:
+                        self._ops.send(op)
                 except (BrokenPipeError, OSError):
                     self._died()
             if self._dead.is_set() and op[0] == "start":
@@ -152,15 +157,35 @@ class _WriterProcess:
             if op[0] == "stop":
                 return
 
+    def _spilled(self, op: tuple) -> tuple | None:
+        """The "add" op as sent: its arrays in a spill file. If RAM runs out, the spill folder moves to disk for
+        the rest of the run; if that fails too, the scene fails here (its commit then fails in the child too)."""
+        for attempt in range(2):
+            path = self._spill / f"{self._n}.bin"
+            self._n += 1
+            try:
+                return ("add_spilled", op[1], *spill(op[2], path), str(path))
+            except OSError as e:
+                path.unlink(missing_ok=True)
+                if attempt == 0 and self._spill.parent == Path("/dev/shm"):
+                    self._old_spills.append(self._spill)
+                    self._spill = _spill_dir(ram=False)
+                    continue
+                self.on_fail(op[1], f"could not hand a batch to the writer process through {path}: {e}")
+                return None
+        return None
+
     def _listen(self) -> None:
         while True:
             try:
                 ev = self._events.recv()
             except (EOFError, OSError):
                 self._died()
+                self._clean()
                 return
             if ev[0] == "stopped":
                 self.busy_s = ev[1]
+                self._clean()
                 return
             if ev[0] == "busy":
                 self.busy_s = ev[1]
@@ -182,7 +207,14 @@ class _WriterProcess:
         for t in self._threads:
             t.join(timeout)
         self.proc.join(timeout)
-        shutil.rmtree(self._spill, ignore_errors=True)  # what a dead child left unread
+        self._clean()
+
+    def _clean(self) -> None:
+        """Remove the spill folders (what a dead child left unread); the child stopped or is gone. Also called by
+        the listening thread when the child reports its stop, so an error in stage one (which joins nothing) leaves no
+        RAM behind."""
+        for d in (*self._old_spills, self._spill):
+            shutil.rmtree(d, ignore_errors=True)
 
     def is_alive(self) -> bool:
         return any(t.is_alive() for t in self._threads)
