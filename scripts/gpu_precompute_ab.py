@@ -16,8 +16,8 @@ Variants: thread (the default pipeline: on CUDA two builder threads), inline (`-
 the main thread), no-operator (`--no-operator`: MVSplat and the store alone), chunk8 / chunk12
 (`--operator-chunk 8/12`),
 low-priority (`--no-operator-priority`: the operators' stream at MVSplat's priority), workers1 / workers2
-(`--operator-workers 1/2`: builder threads, a stream each), or KEY=VALUE[,KEY=VALUE] overrides of `snd.pipeline.config.PrecomputeConfig` (ints,
-0/1 for flags, else strings).
+(`--operator-workers 1/2`: builder threads, a stream each), or KEY=VALUE[,KEY=VALUE] overrides of
+`snd.pipeline.config.PrecomputeConfig` (ints, 0/1 for flags, else strings).
 ``switch=SECONDS`` runs the defaults under `sys.setswitchinterval(SECONDS)` (Python's GIL hand-over interval, 5 ms by
 default): on the 2-core CPU machine the shard writer beside a spinning Python thread took 392 ms per pair at 5 ms and
 178 at 1 ms (`scripts/writer_rates.py`), and stage one's writer shares the GIL with the main and operator threads.
@@ -132,8 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     pcfg, source = prepare(cfg)
     for r, v, traced in schedule(a.variants, a.rounds, a.busy):
         p = replace(pcfg, out=pcfg.out.with_name(f"cache-{v.replace('=', '-').replace(',', '_')}"), **overrides(v))
-        ctx = (builder(a.builder) if v == "builder-file" else switch(v) if v.startswith("switch=")
-               else None)
+        ctx = builder(a.builder) if v == "builder-file" else switch(v) if v.startswith("switch=") else None
         with ctx or contextlib.nullcontext():
             res = measure(replace(cfg, gpu_busy=traced), p, source)
         print(json.dumps({"variant": v, "round": r, "traced": traced, **{k: res.get(k) for k in KEEP}}), flush=True)

@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
             "what": "writer_rates", "writer": how, "pipeline": pipe, "switch_interval_s": si, "height": H, "width": W, "targets": T,
             "batch_pairs": a.batch_pairs, **plain, "beside_a_spinning_thread": spun,
             "python_thread_share": busy / idle if idle else None,  # 1: the writer left the GIL alone; 0: held it all
-            "note": "SceneWriter alone on this host; smooth random values, no frames"}))
+            "note": f"the {how} writer alone on this host; smooth random values, no frames"}))
         print(lines[-1], flush=True)
     if a.out:
         Path(a.out).write_text("".join(x + "\n" for x in lines))

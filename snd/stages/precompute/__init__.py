@@ -4,15 +4,16 @@ Four threads keep the device busy: a *loader* reads frames (images, masks, depth
 decodes in parallel, an LRU keeps frames shared by neighbouring pairs) one batch ahead into a bounded
 queue; the *main* thread runs the scaffold source and quantises on the device; the *operator stage* builds
 the transfer operators of the batch before, on its own CUDA stream; a *writer* compresses and writes shards,
-commits scenes atomically and records them in the manifest. Time the main thread spends blocked on the
+commits scenes atomically and records them in the manifest (on CUDA in a child process, so zarr's Python does not
+share the GIL with the threads launching GPU work). Time the main thread spends blocked on the
 loader queue is reported ("the device waited on I/O").
 
 Scenes are split over ranks (``names[rank::world_size]``, from --rank/--world-size or torchrun's RANK /
 WORLD_SIZE); a scene that fails (missing file, bad image) is reported by name and the run goes on.
 
 Modules: `settings` (rank, operator spec, header, source), `frames` (loader thread), `launch` (device
-thread: launch/land), `operators` (transfer operators of a batch; their thread), `writer` (writer thread), `report`
-(summary), `stage` (`run`: the wiring).
+thread: launch/land), `operators` (transfer operators of a batch; their thread), `writer` (writer thread), `writer_process`
+(the writer in a child process), `report` (summary), `stage` (`run`: the wiring).
 """
 from __future__ import annotations
 

@@ -84,7 +84,7 @@ def resolve_writer(writer: str, device: "str | torch.device") -> str:
     competes with the threads that launch MVSplat and the operators' kernels; on an H100 the process took the main
     thread's launch from 16-19 to 13-15 ms per pair and ran stage one at 32.9 and 29.7 pairs/s against the thread's
     28.3 and 30.1, and `snd bench precompute` at 32.6 (`docs/bench/pipeline_ab7_h100.jsonl`). On the CPU the spawn
-    costs ~2-3 s per run and the spill copy ~20 ms per pair, while both cores are busy anyway
+    costs ~2-3 s per run and the spill copy ~20-30 ms per pair, while both cores are busy anyway
     (`docs/bench/writer_rates_process_cpu.jsonl`)."""
     if writer not in ("auto", "thread", "process"):
         raise SndError(f"--writer must be auto, thread or process, got {writer!r}")

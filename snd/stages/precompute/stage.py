@@ -1,4 +1,5 @@
-"""`snd precompute`: the four threads (loader, main, operators, writer) wired together over this rank's scenes."""
+"""`snd precompute`: the four threads (loader, main, operators, writer; the writer a process on CUDA) wired together
+over this rank's scenes."""
 from __future__ import annotations
 
 import logging
@@ -50,7 +51,7 @@ def run(cfg: PrecomputeConfig, *, source: ScaffoldSource | None = None, progress
     cfg = replace(cfg, batch_pairs=resolve_batch_pairs(cfg.batch_pairs, cfg.device))  # 0 = auto, as used below
     resolve_operator_chunk(cfg.operator_chunk, cfg.device)  # a negative chunk fails here, before any work (used below)
     resolve_operator_workers(cfg.operator_workers, cfg.device)  # so does a negative worker count
-    cfg = replace(cfg, writer=resolve_writer(cfg.writer, cfg.device))  # as used (the writer gets the config) ...
+    cfg = replace(cfg, writer=resolve_writer(cfg.writer, cfg.device))  # as used: the writer process gets the config
     resolve_writer_codecs(cfg.writer_codecs)  # zarrs asked for and not installed: fail now
     rank, world = resolve_rank(cfg.rank, cfg.world_size)
     ds = open_dataset(cfg.data, cfg.layout, height=cfg.height, width=cfg.width)
