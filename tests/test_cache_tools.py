@@ -18,15 +18,14 @@ from snd.errors import SndError
 from snd.pipeline.config import PrecomputeConfig
 from snd.stages.precompute import run as precompute
 from tests._cli import run_cli
+from tests._stage_one import H, W
+from tests._stage_one import make_cfg as stage_one_cfg
 
-H, W = 112, 168
 
 
 def make_cfg(data: Path, out: Path, **kw) -> PrecomputeConfig:
-    base = dict(data=data, out=out, height=H, width=W, pairs_per_scene=2, targets_per_pair=2, batch_pairs=2,
-                device="cpu", source="depth", seed=0)  # operators on (the default): every kind of array is stored
-    base.update(kw)
-    return PrecomputeConfig(**base)
+    """Stage one's test config at two pairs per scene (operators on, the default: every kind of array is stored)."""
+    return stage_one_cfg(data, out, **{"pairs_per_scene": 2, **kw})
 
 
 @pytest.fixture(scope="module")

@@ -154,7 +154,7 @@ def test_a_full_dev_shm_moves_the_spill_folder_to_disk_then_fails_the_scene(tmp_
 
     import snd.stages.precompute.writer_process as wp
 
-    if not Path("/dev/shm").is_dir():
+    if not wp.SHM.is_dir():
         pytest.skip("no /dev/shm")
     monkeypatch.setattr(wp, "SHM_FREE_MIN", 0)
     failed = []
@@ -170,9 +170,9 @@ def test_a_full_dev_shm_moves_the_spill_folder_to_disk_then_fails_the_scene(tmp_
 
     monkeypatch.setattr(wp, "spill", flaky)
     shm = w._spill
-    assert shm.parent == Path("/dev/shm")
+    assert shm.parent == wp.SHM
     op = w._spilled(("add", "s0", {"depth": np.ones((1, 2), np.float16)}))
-    assert op[0] == "add_spilled" and Path(op[-1]).parent == w._spill and w._spill.parent != Path("/dev/shm")
+    assert op[0] == "add_spilled" and Path(op[-1]).parent == w._spill and w._spill.parent != wp.SHM
     assert wp.unspill(op[2], op[3], Path(op[-1]))["depth"].tolist() == [[1.0, 1.0]] and not failed
     fails["left"] = 2
     assert w._spilled(("add", "s1", {"depth": np.ones((1, 2), np.float16)})) is None

@@ -29,15 +29,15 @@ from snd.pipeline.config import PrecomputeConfig
 from snd.stages.precompute.writer import _Writer
 
 
+SHM = Path("/dev/shm")
 SHM_FREE_MIN = 2 << 30  # /dev/shm is used only with this much free: ~3 batches in flight, 56 MB each at 576x880
 
 
 def _spill_dir(ram: bool = True) -> Path:
     """A private folder for this run's spill files: in RAM (/dev/shm) where the system has one with room (a container's
     default is 64 MB), else in the temp folder (on disk, through the page cache)."""
-    shm = Path("/dev/shm")
-    ok = ram and shm.is_dir() and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free >= SHM_FREE_MIN
-    return Path(tempfile.mkdtemp(prefix="snd-writer-", dir=shm if ok else None))
+    ok = ram and SHM.is_dir() and os.access(SHM, os.W_OK) and shutil.disk_usage(SHM).free >= SHM_FREE_MIN
+    return Path(tempfile.mkdtemp(prefix="snd-writer-", dir=SHM if ok else None))
 
 
 def spill(fields: dict, path: Path) -> tuple[dict, list]:
@@ -85,21 +85,24 @@ def unspill(rest: dict, index: list, path: Path) -> dict:
 def _serve(ops, events, out: Path, cfg: PrecomputeConfig, enc: Encoding, spill_dir: Path) -> None:
     """The child process: a `_Writer` run op by op, its commits, failures and busy time sent back. The parent gone (a
     kill) closes the pipe: the scenes in the making are removed, as after a killed thread, and so is the spill folder
-    (in RAM: nobody else would free it)."""
+    (in RAM: nobody else would free it), and the disk folder the parent moved to if RAM ran out."""
     w = _Writer(out, cfg, enc, lambda n, rec: events.send(("commit", n, rec)), lambda n, msg: events.send(("fail", n, msg)))
+    spill_dirs = {spill_dir}
     while True:
         try:
             op = ops.recv()
         except (EOFError, OSError):
             for sw in w.writers.values():
                 sw.abort()
-            shutil.rmtree(spill_dir, ignore_errors=True)
+            for d in spill_dirs:
+                shutil.rmtree(d, ignore_errors=True)
             return
         if op[0] == "stop":
             events.send(("stopped", w.busy_s))
             return
         if op[0] == "add_spilled":
             _, scene, rest, index, path = op
+            spill_dirs.add(Path(path).parent)
             op = ("add", scene, unspill(rest, index, Path(path)))
         w.step(op)
         events.send(("busy", w.busy_s))
@@ -160,20 +163,18 @@ class _WriterProcess:
     def _spilled(self, op: tuple) -> tuple | None:
         """The "add" op as sent: its arrays in a spill file. If RAM runs out, the spill folder moves to disk for
         the rest of the run; if that fails too, the scene fails here (its commit then fails in the child too)."""
-        for attempt in range(2):
+        for retry in (True, False):
             path = self._spill / f"{self._n}.bin"
             self._n += 1
             try:
                 return ("add_spilled", op[1], *spill(op[2], path), str(path))
             except OSError as e:
                 path.unlink(missing_ok=True)
-                if attempt == 0 and self._spill.parent == Path("/dev/shm"):
-                    self._old_spills.append(self._spill)
-                    self._spill = _spill_dir(ram=False)
-                    continue
-                self.on_fail(op[1], f"could not hand a batch to the writer process through {path}: {e}")
-                return None
-        return None
+                if not (retry and self._spill.parent == SHM):
+                    self.on_fail(op[1], f"could not hand a batch to the writer process through {path}: {e}")
+                    return None
+                self._old_spills.append(self._spill)
+                self._spill = _spill_dir(ram=False)
 
     def _listen(self) -> None:
         while True:
